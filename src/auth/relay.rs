@@ -1,0 +1,186 @@
+//! The auth relay: a client's login is answered by PostgreSQL itself, over a
+//! temporary connection that carries the client's own `StartupMessage`.
+//!
+//! Invariant: the temporary connection never outlives this function, whatever
+//! happens (success, failure, the client hanging up); and nothing from it
+//! but authentication traffic and `ParameterStatus` reaches the client: its
+//! `BackendKeyData` is dropped (the gateway issues its own) and it is closed
+//! before the client's first query.
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+
+use super::codes;
+use crate::config::BackendConfig;
+use crate::pool::conn::{BackendError, ServerConn};
+use crate::protocol::frame::Reader;
+use crate::protocol::messages::{self, write_frame, ErrorFields, PgError};
+use crate::protocol::sqlstate;
+use crate::protocol::startup::StartupMessage;
+use crate::session::client::{ClientConn, ClientError};
+
+/// How a relayed login ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// PostgreSQL accepted the client; `AuthenticationOk` and the
+    /// `ParameterStatus` messages have been relayed to it.
+    Authenticated,
+    /// PostgreSQL refused; its `ErrorResponse` has been relayed verbatim.
+    Refused(ErrorFields),
+    /// The client hung up before the exchange finished (psql does this to
+    /// prompt for a password). Normal traffic, not an error.
+    ClientGone,
+}
+
+/// Why the relay could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Gateway(PgError),
+}
+
+impl From<BackendError> for RelayError {
+    fn from(e: BackendError) -> Self {
+        RelayError::Gateway(PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("pgwarden cannot authenticate you with PostgreSQL: {e}"),
+        ))
+    }
+}
+
+/// Relays the login of `startup` between `client` and a temporary backend
+/// connection, then closes that connection.
+pub async fn relay(
+    client: &mut ClientConn,
+    startup: &StartupMessage,
+    backend: &BackendConfig,
+) -> Result<Outcome, RelayError> {
+    let timeout = Duration::from_millis(backend.connect_timeout_ms);
+    let mut server = ServerConn::connect(&backend.address(), timeout).await?;
+    let outcome = exchange(client, &mut server, startup).await;
+    server.close().await;
+    outcome
+}
+
+async fn exchange(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    startup: &StartupMessage,
+) -> Result<Outcome, RelayError> {
+    server.write_all(&startup.raw).await?;
+    loop {
+        let frame = server.read_frame().await?;
+        match frame[0] {
+            b'R' => {
+                let code = Reader::new(&frame[5..], "Authentication")
+                    .i32()
+                    .map_err(BackendError::from)?;
+                if let Some(outcome) = relay_auth_request(client, server, code, &frame).await? {
+                    return Ok(outcome);
+                }
+            }
+            b'E' => {
+                let fields =
+                    messages::parse_error_fields(&frame[5..]).map_err(BackendError::from)?;
+                client.write_all(&frame).await?;
+                return Ok(Outcome::Refused(fields));
+            }
+            // The gateway issues its own key; the temporary backend's is useless.
+            b'K' => {}
+            b'Z' => return Ok(Outcome::Authenticated),
+            b'S' | b'N' | b'v' => client.write_all(&frame).await?,
+            other => {
+                return Err(BackendError::Protocol(
+                    crate::protocol::ProtocolError::UnexpectedMessage(other as char),
+                )
+                .into())
+            }
+        }
+    }
+}
+
+/// Relays one authentication request and, where the protocol expects one,
+/// the client's answer. `Some` when the relay is over.
+async fn relay_auth_request(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+    code: i32,
+    frame: &[u8],
+) -> Result<Option<Outcome>, RelayError> {
+    match code {
+        codes::OK | codes::SASL_FINAL => {
+            client.write_all(frame).await?;
+            Ok(None)
+        }
+        codes::CLEARTEXT | codes::MD5 | codes::SASL_CONTINUE => {
+            client.write_all(frame).await?;
+            relay_client_answer(client, server).await
+        }
+        codes::SASL => {
+            client.write_all(&without_channel_binding(&frame[9..])).await?;
+            relay_client_answer(client, server).await
+        }
+        other => Err(RelayError::Gateway(PgError::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            format!("authentication method (request code {other}) cannot be relayed by pgwarden"),
+        ))),
+    }
+}
+
+async fn relay_client_answer(
+    client: &mut ClientConn,
+    server: &mut ServerConn,
+) -> Result<Option<Outcome>, RelayError> {
+    let answer = match client.read_frame().await {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Ok(Some(Outcome::ClientGone)),
+        Err(ClientError::Io(_)) => return Ok(Some(Outcome::ClientGone)),
+        Err(e) => return Err(e.into()),
+    };
+    if answer[0] != b'p' {
+        return Err(RelayError::Gateway(PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!(
+                "expected a password or SASL response, got message type {:?}",
+                answer[0] as char
+            ),
+        )));
+    }
+    server.write_all(&answer).await?;
+    Ok(None)
+}
+
+/// Rebuilds `AuthenticationSASL` without `-PLUS` mechanisms: channel binding
+/// ties the client's TLS session to the server's, which a gateway that
+/// terminates TLS cannot relay.
+fn without_channel_binding(mechanisms: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    write_frame(&mut out, b'R', |b| {
+        b.put_i32(codes::SASL);
+        for m in super::service::mechanisms(mechanisms) {
+            if !m.ends_with(b"-PLUS") {
+                b.put_slice(m);
+                b.put_u8(0);
+            }
+        }
+        b.put_u8(0);
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plus_mechanisms_are_removed() {
+        let frame = without_channel_binding(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        assert_eq!(&frame[5..9], &10i32.to_be_bytes());
+        assert_eq!(&frame[9..], b"SCRAM-SHA-256\0\0");
+        let len = i32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
+        assert_eq!(len + 1, frame.len());
+    }
+}

@@ -1,0 +1,322 @@
+//! `pgwarden.toml`: the gateway's configuration, with defaults and
+//! environment overrides.
+//!
+//! Invariant: a `Config` that `load` returned is complete and valid. Every key
+//! has a default except the service credentials, unknown keys are an error
+//! naming the key, and relative paths are already resolved against the
+//! directory of the config file, so nothing downstream re-validates.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variable that overrides `[backend] service_password`.
+pub const SERVICE_PASSWORD_ENV: &str = "PGWARDEN_SERVICE_PASSWORD";
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// PEM certificate chain; when set (with `tls_key`), clients may use TLS.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest frame a client may send, in bytes; larger gets FATAL 08P01.
+    pub max_message_size: usize,
+    /// How long a client may take to finish startup and authentication.
+    pub login_timeout_ms: u64,
+    /// How long a graceful shutdown waits for in-flight transactions.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:6432".parse().expect("valid default address"),
+            tls_cert: None,
+            tls_key: None,
+            max_message_size: 256 * 1024 * 1024,
+            login_timeout_ms: 60_000,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    #[serde(default = "default_backend_host")]
+    pub host: String,
+    #[serde(default = "default_backend_port")]
+    pub port: u16,
+    pub service_user: String,
+    #[serde(default)]
+    pub service_password: Option<String>,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_backend_host() -> String {
+    "127.0.0.1".to_string()
+}
+fn default_backend_port() -> u16 {
+    5432
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+impl BackendConfig {
+    /// `host:port` as a string that `TcpStream::connect` resolves.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// When a server connection is returned to the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Bound at the first message of a transaction, released at `ReadyForQuery` `I`.
+    Transaction,
+    /// Bound from the first statement until the client disconnects.
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub mode: PoolMode,
+    /// Server connections per database.
+    pub size: usize,
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::Transaction,
+            size: 20,
+            acquire_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Whether identity is re-checked before a server connection is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    Off,
+    Transaction,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    pub policy_dir: PathBuf,
+    pub client_user_setting: String,
+    pub verify: VerifyMode,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            policy_dir: PathBuf::from("policies"),
+            client_user_setting: "app.client_user".to_string(),
+            verify: VerifyMode::Off,
+        }
+    }
+}
+
+/// What "stored" means before a statement is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync before forwarding, one fsync shared by all records that arrived meanwhile.
+    Group,
+    /// One fsync per record.
+    Sync,
+    /// In memory before forwarding, on disk within `flush_interval_ms`.
+    Async,
+}
+
+/// What happens to statements when the audit store cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    pub store: PathBuf,
+    pub durability: Durability,
+    pub flush_interval_ms: u64,
+    pub on_failure: OnFailure,
+    pub log_parameters: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            store: PathBuf::from("pgwarden-audit"),
+            durability: Durability::Group,
+            flush_interval_ms: 5,
+            on_failure: OnFailure::Deny,
+            log_parameters: false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, validates and resolves `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let env_password = std::env::var(SERVICE_PASSWORD_ENV).ok();
+        Config::parse(&text, path, env_password)
+    }
+
+    /// Parses `text` as if read from `path` (for relative paths and messages).
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env_password: Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        if let Some(password) = env_password {
+            config.backend.service_password = Some(password);
+        }
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.resolve_paths(&base);
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.identity.policy_dir);
+        resolve(&mut self.audit.store);
+        if let Some(p) = self.server.tls_cert.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = self.server.tls_key.as_mut() {
+            resolve(p);
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.backend.service_user.is_empty() {
+            return Err("[backend] service_user must not be empty".into());
+        }
+        if self.pool.size == 0 {
+            return Err("[pool] size must be at least 1".into());
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err("[server] tls_cert and tls_key must be set together".into());
+        }
+        if self.server.max_message_size < 1024 {
+            return Err("[server] max_message_size must be at least 1024".into());
+        }
+        if self.identity.client_user_setting.is_empty()
+            || !self.identity.client_user_setting.contains('.')
+        {
+            return Err(
+                "[identity] client_user_setting must be a custom setting name like \"app.client_user\""
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/pgwarden/pgwarden.toml"), None)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let c = parse("[backend]\nservice_user = \"svc\"\n").unwrap();
+        assert_eq!(c.pool.mode, PoolMode::Transaction);
+        assert_eq!(c.pool.size, 20);
+        assert_eq!(c.audit.durability, Durability::Group);
+        assert_eq!(c.identity.client_user_setting, "app.client_user");
+        assert_eq!(c.audit.store, PathBuf::from("/etc/pgwarden/pgwarden-audit"));
+        assert_eq!(c.identity.policy_dir, PathBuf::from("/etc/pgwarden/policies"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[backend]\nservice_user = \"svc\"\n[pool]\nsizee = 3\n").unwrap_err();
+        assert!(err.to_string().contains("sizee"), "{err}");
+    }
+
+    #[test]
+    fn env_password_overrides_file() {
+        let c = Config::parse(
+            "[backend]\nservice_user = \"svc\"\nservice_password = \"file\"\n",
+            Path::new("x.toml"),
+            Some("env".into()),
+        )
+        .unwrap();
+        assert_eq!(c.backend.service_password.as_deref(), Some("env"));
+    }
+
+    #[test]
+    fn missing_service_user_is_an_error() {
+        assert!(parse("[backend]\nhost = \"h\"\n").is_err());
+        assert!(parse("[backend]\nservice_user = \"s\"\n[pool]\nsize = 0\n").is_err());
+    }
+}

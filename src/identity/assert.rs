@@ -1,0 +1,120 @@
+//! The identity assertion: before any client message runs on a freshly
+//! bound server connection, the connection is switched to the client's
+//! mapped role and tagged with the client's name.
+//!
+//! Invariant: the client's messages are only forwarded after the assertion's
+//! own `ReadyForQuery` arrived with no error, and after the values the
+//! backend reports back were checked to be exactly the ones asked for. The
+//! values travel as bind parameters, never spliced into SQL, and the
+//! function is schema-qualified so a client-created `set_config` earlier on
+//! the search path cannot stand in for the real one.
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+use postgres_protocol::IsNull;
+
+use crate::pool::conn::{BackendError, ServerConn};
+use crate::protocol::frame::Reader;
+use crate::protocol::messages::{self, PgError};
+use crate::protocol::sqlstate;
+
+const ASSERT_SQL: &str =
+    "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config($2, $3, false)";
+
+/// Who a server connection must act as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assertion<'a> {
+    pub role: &'a str,
+    pub setting: &'a str,
+    pub client_user: &'a str,
+}
+
+impl Assertion<'_> {
+    /// Appends the assertion's messages (Parse/Bind/Execute/Sync) to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        frontend::parse("", ASSERT_SQL, std::iter::empty(), out).expect("no NUL in constant SQL");
+        let values = [self.role, self.setting, self.client_user];
+        let bound = frontend::bind(
+            "",
+            "",
+            std::iter::once(0),
+            values,
+            |v, buf| {
+                buf.extend_from_slice(v.as_bytes());
+                Ok(IsNull::No)
+            },
+            std::iter::once(0),
+            out,
+        );
+        // Names come from the startup packet, already checked for NUL-free UTF-8.
+        bound.unwrap_or_else(|_| unreachable!("text parameters always serialize"));
+        frontend::execute("", 0, out).expect("unnamed portal");
+        frontend::sync(out);
+    }
+
+    /// Runs the assertion on `conn` and waits for its outcome.
+    pub async fn apply(&self, conn: &mut ServerConn) -> Result<(), PgError> {
+        let mut out = BytesMut::with_capacity(256);
+        self.encode(&mut out);
+        let result = async {
+            conn.write_all(&out).await?;
+            self.check_reply(conn).await
+        }
+        .await;
+        result.map_err(|e| self.failure(e))
+    }
+
+    async fn check_reply(&self, conn: &mut ServerConn) -> Result<(), BackendError> {
+        let mut confirmed = false;
+        let mut error = None;
+        loop {
+            let frame = conn.read_frame().await?;
+            match frame[0] {
+                b'D' => confirmed = self.row_matches(&frame[5..])?,
+                b'E' if error.is_none() => {
+                    error = Some(messages::parse_error_fields(&frame[5..])?)
+                }
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        if let Some(fields) = error {
+            return Err(BackendError::Server(fields));
+        }
+        if !confirmed {
+            return Err(BackendError::Auth(
+                "the backend did not confirm the role and client name".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn row_matches(&self, body: &[u8]) -> Result<bool, BackendError> {
+        let mut r = Reader::new(body, "DataRow");
+        if r.i16()? != 2 {
+            return Ok(false);
+        }
+        let mut column = || -> Result<Option<&[u8]>, BackendError> {
+            let len = r.i32()?;
+            Ok(if len < 0 { None } else { Some(r.bytes(len as usize)?) })
+        };
+        let role = column()?;
+        let user = column()?;
+        Ok(role == Some(self.role.as_bytes()) && user == Some(self.client_user.as_bytes()))
+    }
+
+    fn failure(&self, e: BackendError) -> PgError {
+        let why = match &e {
+            BackendError::Server(fields) => format!("{} (SQLSTATE {})", fields.message, fields.code),
+            other => other.to_string(),
+        };
+        PgError::error(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!(
+                "pgwarden could not switch to role \"{}\" for user \"{}\"; the statement was not run",
+                self.role, self.client_user
+            ),
+        )
+        .with_detail(why)
+    }
+}

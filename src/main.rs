@@ -1,0 +1,141 @@
+//! The `pgwarden` command line: parses arguments and calls into the library.
+//! Exit status: 0 success, 1 failure, 2 usage or configuration error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use pgwarden::config::Config;
+use pgwarden::server::Gateway;
+
+#[derive(Parser)]
+#[command(name = "pgwarden", version, about = "PostgreSQL gateway with per-client identity and a tamper-evident audit log")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(short = 'c', long = "config", default_value = "pgwarden.toml")]
+        config: PathBuf,
+    },
+    /// Policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate the policy files.
+    Check {
+        #[arg(short = 'c', long = "config", default_value = "pgwarden.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let code = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Policy {
+            command: PolicyCommand::Check { config },
+        } => policy_check(&config),
+    };
+    ExitCode::from(code)
+}
+
+fn load_config(path: &std::path::Path) -> Result<Config, u8> {
+    Config::load(path).map_err(|e| {
+        eprintln!("pgwarden: {e}");
+        2
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGWARDEN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn serve(path: &std::path::Path) -> u8 {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgwarden: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(async {
+        let gateway = match Gateway::build(config) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("pgwarden: {e}");
+                return 2;
+            }
+        };
+        let listener = match gateway.listen().await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("pgwarden: {e}");
+                return 1;
+            }
+        };
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgwarden serving");
+        gateway.serve(listener, shutdown_signal()).await;
+        0
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn policy_check(path: &std::path::Path) -> u8 {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match pgwarden::identity::policy::Policy::load_dir(&config.identity.policy_dir) {
+        Ok(policy) => {
+            println!(
+                "{}: {} rule(s) OK",
+                config.identity.policy_dir.display(),
+                policy.rules().len()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("pgwarden: {e}");
+            2
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! One raw connection to the PostgreSQL backend: a socket plus its read
+//! buffer, used both for pooled service-user connections and for the
+//! temporary connection of an auth relay.
+//!
+//! Invariant: the read buffer is owned here, so `read_frame` and `fill` are
+//! cancel-safe inside `select!`: bytes that arrived are never lost.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::frame::{split_frame, ProtocolError};
+use crate::protocol::messages::{self, ErrorFields};
+
+/// Largest frame read whole from the backend outside of row relaying.
+const MAX_BACKEND_FRAME: usize = 1 << 30;
+
+/// Why talking to the backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot reach PostgreSQL at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to PostgreSQL at {0}")]
+    ConnectTimeout(String),
+    #[error("connection to PostgreSQL lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("PostgreSQL closed the connection")]
+    Closed,
+    #[error("protocol error from PostgreSQL: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("PostgreSQL: {} {}", .0.code, .0.message)]
+    Server(ErrorFields),
+    #[error("authentication as the service user failed: {0}")]
+    Auth(String),
+}
+
+/// A connection to the backend and what pgwarden knows about it.
+#[derive(Debug)]
+pub struct ServerConn {
+    stream: TcpStream,
+    /// Bytes read from the backend and not yet consumed.
+    pub rbuf: BytesMut,
+    /// The backend's process id and cancel secret (from `BackendKeyData`).
+    pub pid: i32,
+    pub secret: i32,
+    /// `ParameterStatus` values the backend reported at login.
+    pub params: Vec<(String, String)>,
+    broken: bool,
+}
+
+impl ServerConn {
+    /// Opens a TCP connection to the backend within `timeout`.
+    pub async fn connect(addr: &str, timeout: Duration) -> Result<ServerConn, BackendError> {
+        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Err(_) => return Err(BackendError::ConnectTimeout(addr.to_string())),
+            Ok(Err(source)) => {
+                return Err(BackendError::Connect {
+                    addr: addr.to_string(),
+                    source,
+                })
+            }
+            Ok(Ok(s)) => s,
+        };
+        stream.set_nodelay(true)?;
+        Ok(ServerConn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            broken: false,
+        })
+    }
+
+    /// Reads more bytes into the buffer; an orderly close is an error here
+    /// because the gateway never expects the backend to hang up first.
+    pub async fn fill(&mut self) -> Result<usize, BackendError> {
+        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            self.broken = true;
+            return Err(BackendError::Closed);
+        }
+        Ok(n)
+    }
+
+    /// Reads one whole frame.
+    pub async fn read_frame(&mut self) -> Result<BytesMut, BackendError> {
+        loop {
+            if let Some(frame) = split_frame(&mut self.rbuf, MAX_BACKEND_FRAME)? {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        if let Err(e) = self.stream.write_all(bytes).await {
+            self.broken = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Reads frames until `ReadyForQuery`, returning its status byte. The
+    /// first `ErrorResponse` seen is returned as `Server` after the
+    /// `ReadyForQuery`, so the connection is left in a known state.
+    pub async fn drain_until_ready(&mut self) -> Result<u8, BackendError> {
+        let mut error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame[0] {
+                b'Z' if frame.len() == 6 => {
+                    return match error {
+                        Some(e) => Err(BackendError::Server(e)),
+                        None => Ok(frame[5]),
+                    }
+                }
+                b'E' if error.is_none() => {
+                    error = Some(messages::parse_error_fields(&frame[5..])?);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Marks the connection as unfit for reuse; the pool will discard it.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
+    /// False once an I/O error was seen, the connection was marked broken,
+    /// or the backend sent anything (or closed) while the connection sat
+    /// idle: an idle server connection has nothing to say unless it is
+    /// going away.
+    pub fn is_healthy(&mut self) -> bool {
+        if self.broken || !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            _ => {
+                self.broken = true;
+                false
+            }
+        }
+    }
+
+    /// Sends `Terminate` and closes, ignoring errors: used for connections
+    /// that are done, so there is nobody to report a failure to.
+    pub async fn close(mut self) {
+        let mut out = BytesMut::new();
+        messages::terminate(&mut out);
+        let _ = self.stream.write_all(&out).await;
+        let _ = self.stream.shutdown().await;
+    }
+
+    /// The socket, for the relay loop to read and write directly.
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}

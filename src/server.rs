@@ -1,0 +1,139 @@
+//! The gateway process: building the shared state from a `Config`, the
+//! accept loop, and graceful shutdown.
+//!
+//! Invariant: on shutdown no new client is accepted, idle clients get FATAL
+//! 57P01 at once, clients inside a transaction finish it first (up to
+//! `shutdown_timeout_ms`), and the audit log is closed with its chain head
+//! only after every session has ended.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::audit::Auditor;
+use crate::config::Config;
+use crate::identity::guard::Guard;
+use crate::identity::policy::Policy;
+use crate::pool::Pools;
+use crate::session::cancel::CancelRegistry;
+use crate::session::{self, Shared};
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("policies: {0}")]
+    Policy(#[from] crate::identity::policy::PolicyError),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("audit store: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A gateway ready to serve.
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    /// Loads policies, TLS material and the audit store named by `config`.
+    pub fn build(config: Config) -> Result<Gateway, StartError> {
+        let policy = Policy::load_dir(&config.identity.policy_dir)?;
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key).map_err(StartError::Tls)?),
+            _ => None,
+        };
+        let auditor = if config.audit.enabled {
+            Auditor::open(&config.audit)?
+        } else {
+            Auditor::disabled()
+        };
+        let shared = Shared {
+            pools: Pools::new(config.backend.clone(), config.pool.clone()),
+            guard: Guard::new(&config.identity.client_user_setting),
+            policy: RwLock::new(Arc::new(policy)),
+            auditor,
+            cancels: CancelRegistry::default(),
+            tls,
+            config: Arc::new(config),
+        };
+        Ok(Gateway {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// Binds the configured listen address.
+    pub async fn listen(&self) -> Result<TcpListener, StartError> {
+        let addr = self.shared.config.server.listen;
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })
+    }
+
+    /// Shared state, for tests and the admin side.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Re-reads the policy directory; on error the old policy stays.
+    pub fn reload_policy(&self) -> Result<(), crate::identity::policy::PolicyError> {
+        let policy = Policy::load_dir(&self.shared.config.identity.policy_dir)?;
+        *self.shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        Ok(())
+    }
+
+    /// Serves clients from `listener` until `shutdown` completes, then
+    /// drains sessions and closes the audit log.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut sessions = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let shared = self.shared.clone();
+                        sessions.spawn(session::serve(shared, tcp, peer, stop_rx.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            }
+        }
+        drop(listener);
+        tracing::info!(sessions = sessions.len(), "shutting down");
+        let _ = stop_tx.send(true);
+        let deadline = Duration::from_millis(self.shared.config.server.shutdown_timeout_ms);
+        let drained = tokio::time::timeout(deadline, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(remaining = sessions.len(), "shutdown deadline passed; closing remaining sessions");
+            sessions.shutdown().await;
+        }
+        self.shared.pools.close();
+        match self.shared.auditor.shutdown().await {
+            Ok(head) if !head.is_empty() => tracing::info!(chain_head = %head, "audit log closed"),
+            Ok(_) => {}
+            Err(e) => tracing::error!("closing the audit log failed: {e}"),
+        }
+    }
+}
+
+/// A TLS acceptor, for the TLS module's users.
+pub type Acceptor = TlsAcceptor;

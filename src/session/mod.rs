@@ -1,0 +1,276 @@
+//! One task per client: negotiation, login (policy lookup and auth relay),
+//! then the query phase.
+//!
+//! Invariant: a client reaches the query phase only after PostgreSQL itself
+//! accepted its credentials and a policy mapped it to a role; every way out
+//! of a session (refusal, failure, disconnect) leaves an audit record.
+
+pub mod cancel;
+pub mod client;
+mod relay;
+pub mod startup;
+mod tracker;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::audit::{Auditor, Event, Kind, Status};
+use crate::auth::relay::{self as auth_relay, Outcome as AuthOutcome, RelayError};
+use crate::config::Config;
+use crate::identity::guard::Guard;
+use crate::identity::policy::Policy;
+use crate::pool::Pools;
+use crate::protocol::frame::ProtocolError;
+use crate::protocol::messages::{self, PgError};
+use crate::protocol::sqlstate;
+use crate::protocol::startup::{self as startup_packet, StartupMessage};
+use cancel::CancelRegistry;
+use client::{ClientConn, ClientError};
+use relay::{End, QueryLoop};
+use startup::FirstPacket;
+
+/// Everything sessions share.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub policy: RwLock<Arc<Policy>>,
+    pub pools: Pools,
+    pub auditor: Auditor,
+    pub guard: Guard,
+    pub cancels: CancelRegistry,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Shared {
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Who a logged-in client is: what every audit record of the session carries.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub session_id: String,
+    pub client_user: String,
+    pub database: String,
+    pub role: String,
+    pub client_addr: String,
+    pub application_name: Option<String>,
+}
+
+impl Identity {
+    /// An audit event of `kind` carrying this identity.
+    pub fn event(&self, kind: Kind) -> Event {
+        let mut ev = Event::new(kind);
+        ev.session_id = Some(self.session_id.clone());
+        ev.client_user = Some(self.client_user.clone());
+        ev.role = Some(self.role.clone());
+        ev.database = Some(self.database.clone());
+        ev.client_addr = Some(self.client_addr.clone());
+        ev.application_name = self.application_name.clone();
+        ev
+    }
+}
+
+fn new_session_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Serves one accepted connection to the end.
+pub async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let login_timeout = Duration::from_millis(shared.config.server.login_timeout_ms);
+    let max = shared.config.server.max_message_size;
+    let login = async {
+        match startup::negotiate(tcp, shared.tls.as_ref(), max).await? {
+            FirstPacket::Gone => Ok(None),
+            FirstPacket::Cancel { pid, secret } => {
+                forward_cancel(&shared, pid, secret).await;
+                Ok(None)
+            }
+            FirstPacket::Startup(client, startup) => login(&shared, client, startup, peer).await,
+        }
+    };
+    let logged_in = match tokio::time::timeout(login_timeout, login).await {
+        Err(_) => {
+            tracing::debug!(%peer, "login timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, "connection ended during login: {e}");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(s))) => s,
+    };
+    let (client, ident, key) = logged_in;
+    let (pid, secret, slot) = key;
+    tracing::info!(session = %ident.session_id, user = %ident.client_user, role = %ident.role, database = %ident.database, "session started");
+    let end = QueryLoop::new(&shared, &ident, client, slot, shutdown).run().await;
+    shared.cancels.unregister(pid, secret);
+    let mut ev = ident.event(Kind::SessionEnd);
+    if let End::Fatal(e) = &end {
+        ev.status = Some(Status::Error);
+        ev.sqlstate = Some(e.code.code().to_string());
+        ev.message = Some(e.message.clone());
+    }
+    shared.auditor.append_nowait(ev).await;
+    tracing::info!(session = %ident.session_id, "session ended: {end:?}");
+}
+
+type LoggedIn = (ClientConn, Identity, (i32, i32, Arc<cancel::CancelSlot>));
+
+/// Why a login attempt failed in a way the client must be told about.
+#[derive(Debug, thiserror::Error)]
+enum LoginError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+async fn login(
+    shared: &Shared,
+    mut client: ClientConn,
+    startup: StartupMessage,
+    peer: SocketAddr,
+) -> Result<Option<LoggedIn>, LoginError> {
+    let mut ident = Identity {
+        session_id: new_session_id(),
+        client_user: String::new(),
+        database: String::new(),
+        role: String::new(),
+        client_addr: peer.to_string(),
+        application_name: startup.get("application_name").map(str::to_string),
+    };
+    if let Err(e) = check_startup(&startup) {
+        client.send_error(&e).await;
+        return Ok(None);
+    }
+    ident.client_user = startup.get("user").unwrap_or_default().to_string();
+    ident.database = match startup.get("database") {
+        Some(db) if !db.is_empty() => db.to_string(),
+        _ => ident.client_user.clone(),
+    };
+    let Some(role) = shared.policy().resolve(&ident.client_user, &ident.database) else {
+        let message = format!(
+            "no role mapping for user \"{}\" on database \"{}\"",
+            ident.client_user, ident.database
+        );
+        let mut ev = ident.event(Kind::Denied);
+        ev.role = None;
+        ev.status = Some(Status::Error);
+        ev.sqlstate = Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION.code().into());
+        ev.message = Some(message.clone());
+        shared.auditor.append_nowait(ev).await;
+        client
+            .send_error(&PgError::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, message))
+            .await;
+        return Ok(None);
+    };
+    ident.role = role;
+    match auth_relay::relay(&mut client, &startup, &shared.config.backend).await {
+        Ok(AuthOutcome::Authenticated) => {}
+        Ok(AuthOutcome::ClientGone) => {
+            tracing::debug!(user = %ident.client_user, "client hung up during authentication");
+            return Ok(None);
+        }
+        Ok(AuthOutcome::Refused(fields)) => {
+            let mut ev = ident.event(Kind::AuthFailed);
+            ev.status = Some(Status::Error);
+            ev.sqlstate = Some(fields.code);
+            ev.message = Some(fields.message);
+            shared.auditor.append_nowait(ev).await;
+            return Ok(None);
+        }
+        Err(RelayError::Gateway(e)) => {
+            tracing::warn!(user = %ident.client_user, "authentication relay failed: {e}");
+            client.send_error(&e).await;
+            return Ok(None);
+        }
+        Err(RelayError::Client(ClientError::Protocol(e))) => {
+            client.send_error(&protocol_fatal(&e)).await;
+            return Ok(None);
+        }
+        Err(RelayError::Client(e)) => return Err(e.into()),
+    }
+    let (pid, secret, slot) = shared.cancels.register(&ident.session_id);
+    let mut out = BytesMut::new();
+    messages::backend_key_data(&mut out, pid, secret);
+    messages::ready_for_query(&mut out, b'I');
+    if let Err(e) = client.write_all(&out).await {
+        shared.cancels.unregister(pid, secret);
+        return Err(e.into());
+    }
+    shared.auditor.append_nowait(ident.event(Kind::SessionStart)).await;
+    Ok(Some((client, ident, (pid, secret, slot))))
+}
+
+/// The FATAL a client gets for bytes that are not the protocol.
+pub fn protocol_fatal(e: &ProtocolError) -> PgError {
+    let code = match e {
+        ProtocolError::UnsupportedVersion { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
+        _ => sqlstate::PROTOCOL_VIOLATION,
+    };
+    PgError::fatal(code, e.to_string())
+}
+
+/// Refuses startup packets the gateway cannot serve, before any backend work.
+fn check_startup(startup: &StartupMessage) -> Result<(), PgError> {
+    match startup.get("user") {
+        Some(u) if !u.is_empty() => {}
+        _ => {
+            return Err(PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "no PostgreSQL user name specified in startup packet",
+            ))
+        }
+    }
+    if let Some(r) = startup.get("replication") {
+        if !matches!(r.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") {
+            return Err(PgError::fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "replication connections are not supported by pgwarden",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Forwards a `CancelRequest` carrying a key we issued to the backend its
+/// client is bound to; unknown keys are dropped silently, as PostgreSQL does.
+async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
+    let Some(slot) = shared.cancels.lookup(pid, secret) else {
+        tracing::debug!("cancel request with an unknown key ignored");
+        return;
+    };
+    let Some(backend) = slot.backend() else {
+        return;
+    };
+    let mut ev = Event::new(Kind::Cancel);
+    ev.session_id = Some(slot.session_id.clone());
+    ev.backend_pid = Some(backend.pid);
+    shared.auditor.append_nowait(ev).await;
+    let addr = shared.config.backend.address();
+    let packet = startup_packet::cancel_request(backend.pid, backend.secret);
+    let result = async {
+        let mut s = TcpStream::connect(&addr).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut s, &packet).await?;
+        // PostgreSQL closes the cancel connection itself; wait for that so
+        // the request is processed before we return.
+        let mut sink = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;
+        Ok::<_, std::io::Error>(())
+    };
+    if let Err(e) = result.await {
+        tracing::warn!("could not forward a cancel request: {e}");
+    }
+}

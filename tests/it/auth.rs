@@ -1,0 +1,111 @@
+//! Login relay: SCRAM, MD5 and cleartext users, wrong passwords, unmapped
+//! users, and clients that hang up in the middle of a login.
+
+use crate::support::{self, cluster, start_gateway, Opts};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scram_md5_and_cleartext_users_log_in() {
+    let gw = start_gateway(Opts::default()).await;
+    for user in ["alice", "md5_user", "clear_user"] {
+        let client = gw.connect(user).await;
+        assert_eq!(support::one(&client, "SELECT current_setting('app.client_user')").await, user);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_password_gets_the_backends_fatal_28p01() {
+    let gw = start_gateway(Opts::default()).await;
+    for user in ["alice", "md5_user", "clear_user"] {
+        let url = gw.url(user, "not-the-password");
+        let err = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.err().expect("login must fail");
+        assert_eq!(support::sqlstate(&err), "28P01", "{user}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psql_logs_in_through_the_gateway() {
+    let gw = start_gateway(Opts::default()).await;
+    let out = gw.psql("alice", &["-c", "SELECT current_user, session_user"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "analyst|pgwarden_svc");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unmapped_user_gets_fatal_28000() {
+    let gw = start_gateway(Opts::default()).await;
+    let err = gw.try_connect("carol").await.err().expect("carol has no mapping");
+    assert_eq!(support::sqlstate(&err), "28000");
+    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(message.contains("no role mapping for user \"carol\""), "{message}");
+}
+
+/// Counts backend sessions of `user` (the temporary auth connections).
+fn backends_of(user: &str) -> i64 {
+    cluster()
+        .psql("postgres", &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_hanging_up_mid_login_leaves_nothing_behind() {
+    let gw = start_gateway(Opts::default()).await;
+    for _ in 0..5 {
+        // What psql does: start up, read the password request, hang up.
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&startup_packet("bob")).await.unwrap();
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], b'R');
+        assert_eq!(i32::from_be_bytes([head[5], head[6], head[7], head[8]]), 10, "SASL requested");
+        drop(s);
+    }
+    // The temporary connections are closed by the gateway.
+    let mut remaining = backends_of("bob");
+    for _ in 0..50 {
+        if remaining == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        remaining = backends_of("bob");
+    }
+    assert_eq!(remaining, 0, "temporary auth connections leaked");
+    // And the gateway still serves.
+    let client = gw.connect("bob").await;
+    assert_eq!(support::one(&client, "SELECT 1").await, "1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn temporary_auth_connection_is_closed_after_login() {
+    let gw = start_gateway(Opts::default()).await;
+    let client = gw.connect("clear_user").await;
+    // Before any query, no backend runs as clear_user: the auth connection is gone
+    // and the pool logs in as the service user.
+    let mut n = backends_of("clear_user");
+    for _ in 0..50 {
+        if n == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        n = backends_of("clear_user");
+    }
+    assert_eq!(n, 0);
+    assert_eq!(support::one(&client, "SELECT session_user").await, "pgwarden_svc");
+}
+
+pub fn startup_packet(user: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&196608i32.to_be_bytes());
+    for (k, v) in [("user", user), ("database", "app")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}

@@ -1,0 +1,92 @@
+//! The identity assertion: every bind of a server connection switches it to
+//! the client's mapped role and name, and a failed assertion runs nothing.
+
+use crate::support::{self, cluster, start_gateway, Opts};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_run_as_mapped_role_tagged_with_client() {
+    let gw = start_gateway(Opts::default()).await;
+    let client = gw.connect("alice").await;
+    let row = client
+        .query_one("SELECT current_user::text, session_user::text, current_setting('app.client_user')", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "analyst");
+    assert_eq!(row.get::<_, String>(1), "pgwarden_svc");
+    assert_eq!(row.get::<_, String>(2), "alice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_assertion_runs_nothing_and_drops_the_connection() {
+    let gw = start_gateway(Opts::default()).await;
+    let pg = cluster();
+    let marker = format!("ghost_{}", rand::random::<u32>());
+    let client = gw.connect("ghost_user").await;
+    let err = client
+        .batch_execute(&format!("INSERT INTO items VALUES (-1, '{marker}', NULL)"))
+        .await
+        .expect_err("role does not exist");
+    assert_eq!(support::sqlstate(&err), "42501");
+    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(message.contains("could not switch to role"), "{message}");
+    assert_eq!(pg.psql("app", &format!("SELECT count(*) FROM items WHERE owner = '{marker}'")), "0");
+    // Extended protocol too.
+    let err = client.query("SELECT 1", &[]).await.expect_err("still no role");
+    assert_eq!(support::sqlstate(&err), "42501");
+    // The session stays usable for its error handling, and the pool holds no
+    // connection that saw the failure.
+    let total: usize = gw.shared.pools.status().iter().map(|(_, s)| s.size).sum();
+    assert_eq!(total, 0, "the server connection was discarded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_clients_on_one_connection_each_see_only_themselves() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let bob = gw.connect("bob").await;
+    let sql = "SELECT current_user::text || '/' || current_setting('app.client_user') || '/' || pg_backend_pid()";
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..1000 {
+        let (a, b) = if i % 2 == 0 {
+            let a = support::one(&alice, sql).await;
+            let b = support::one(&bob, sql).await;
+            (a, b)
+        } else {
+            // Interleave transactions: alice's open while bob waits, then swap.
+            let a = alice.query_one(sql, &[]).await.unwrap().get::<_, String>(0);
+            let b = bob.query_one(sql, &[]).await.unwrap().get::<_, String>(0);
+            (a, b)
+        };
+        assert!(a.starts_with("analyst/alice/"), "iteration {i}: {a}");
+        assert!(b.starts_with("engineer/bob/"), "iteration {i}: {b}");
+        pids.insert(a.rsplit('/').next().unwrap().to_string());
+        pids.insert(b.rsplit('/').next().unwrap().to_string());
+    }
+    assert_eq!(pids.len(), 1, "one server connection served both clients");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_clients_on_a_small_pool_keep_their_identity() {
+    let gw = start_gateway(Opts {
+        pool_size: 2,
+        ..Opts::default()
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for (user, role) in [("alice", "analyst"), ("bob", "engineer"), ("alice", "analyst"), ("bob", "engineer")] {
+        let client = gw.connect(user).await;
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..200 {
+                let who = support::one(&client, "SELECT current_user || '/' || current_setting('app.client_user')").await;
+                assert_eq!(who, format!("{role}/{user}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

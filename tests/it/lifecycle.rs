@@ -1,0 +1,157 @@
+//! The gateway process: graceful shutdown, TLS to clients, and the binary.
+
+use std::time::Duration;
+
+use crate::support::{self, start_gateway, Opts};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_finishes_transactions_and_fatals_idle_clients() {
+    let gw = start_gateway(Opts::default()).await;
+    let idle = gw.connect("alice").await;
+    let busy = gw.connect("bob").await;
+    let id: i32 = 3_000_000 + rand::random::<u16>() as i32;
+    busy.batch_execute("BEGIN").await.unwrap();
+    busy.execute("INSERT INTO items VALUES ($1, 'shutdown', NULL)", &[&id]).await.unwrap();
+    let addr = gw.addr;
+    let stopping = tokio::spawn(gw.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // New clients are no longer accepted.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err() || stopping.is_finished() == false);
+    // The idle client was told why it goes away.
+    let err = idle.simple_query("SELECT 1").await.expect_err("idle client is disconnected");
+    assert!(err.is_closed() || support::sqlstate(&err) == "57P01", "{err}");
+    // The transaction in flight completes.
+    busy.execute("UPDATE items SET owner = 'done' WHERE id = $1", &[&id]).await.unwrap();
+    busy.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stopping).await.unwrap().unwrap();
+    assert_eq!(
+        support::cluster().psql("app", &format!("SELECT owner FROM items WHERE id = {id}")),
+        "done"
+    );
+    support::cluster().psql("app", &format!("DELETE FROM items WHERE id = {id}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_client_gets_fatal_57p01_on_shutdown() {
+    use tokio::io::AsyncReadExt;
+    let gw = start_gateway(Opts::default()).await;
+    let mut raw = crate::raw::RawClient::login(gw.addr).await;
+    let stop = tokio::spawn(gw.stop());
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.stream.read_to_end(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(buf[0], b'E');
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.contains("57P01") && text.contains("FATAL"), "{text}");
+    stop.await.unwrap();
+}
+
+fn write_test_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = dir.join("server.crt");
+    let key = dir.join("server.key");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psql_with_sslmode_require_uses_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    let gw = start_gateway(Opts {
+        tls: Some(write_test_cert(certs.path())),
+        ..Opts::default()
+    })
+    .await;
+    let out = std::process::Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=alice dbname=app sslmode=require",
+            gw.port()
+        ))
+        .args(["-X", "-At", "-c", "SELECT current_user", "-c", "\\conninfo"])
+        .env("PGPASSWORD", support::password_of("alice"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("analyst"), "{stdout}");
+    assert!(stdout.contains("SSL connection"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_certificate_ssl_request_gets_n() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = start_gateway(Opts::default()).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut req = 8i32.to_be_bytes().to_vec();
+    req.extend_from_slice(&80877103i32.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    // psql with sslmode=require refuses to go on; sslmode=prefer falls back.
+    let out = std::process::Command::new("psql")
+        .arg(format!("host=127.0.0.1 port={} user=alice dbname=app sslmode=prefer", gw.port()))
+        .args(["-X", "-At", "-c", "SELECT 1"])
+        .env("PGPASSWORD", support::password_of("alice"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binary_serves_and_exits_0_on_sigterm() {
+    let pg = support::cluster();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/a.toml"), support::TEST_POLICY).unwrap();
+    let port = support::cluster::free_port();
+    std::fs::write(
+        dir.path().join("pgwarden.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\n[audit]\nenabled = false\n",
+            pg.port
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["serve", "-c"])
+        .arg(dir.path().join("pgwarden.toml"))
+        .env("PGWARDEN_SERVICE_PASSWORD", support::cluster::SERVICE_PASSWORD)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut ok = false;
+    for _ in 0..100 {
+        let out = std::process::Command::new("psql")
+            .arg(format!("host=127.0.0.1 port={port} user=alice dbname=app"))
+            .args(["-X", "-At", "-c", "SELECT current_setting('app.client_user')"])
+            .env("PGPASSWORD", support::password_of("alice"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice");
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the binary never served");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgwarden.toml");
+    std::fs::write(&path, "[backend]\nservice_user = \"x\"\n[pool]\nsizee = 1\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["serve", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sizee"));
+}

@@ -1,0 +1,113 @@
+//! The service-user pool: MD5 and SCRAM service logins, pool limits,
+//! acquire timeouts, transaction versus session pooling, broken connections.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{self, cluster, start_gateway, Opts};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn service_user_logs_in_with_md5() {
+    let gw = start_gateway(Opts {
+        service_user: "pgwarden_svc_md5",
+        ..Opts::default()
+    })
+    .await;
+    let client = gw.connect("alice").await;
+    assert_eq!(support::one(&client, "SELECT session_user").await, "pgwarden_svc_md5");
+    assert_eq!(support::one(&client, "SELECT current_user").await, "analyst");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_mode_releases_at_idle_and_serves_the_next_client() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 500,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let bob = gw.connect("bob").await;
+    alice.batch_execute("BEGIN").await.unwrap();
+    let pid = support::one(&alice, "SELECT pg_backend_pid()").await;
+    // Alice holds the only connection inside her transaction: bob times out with 53300.
+    let started = Instant::now();
+    let err = bob.simple_query("SELECT 1").await.expect_err("pool exhausted");
+    assert_eq!(support::sqlstate(&err), "53300", "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(450));
+    // ...and his session survives the error.
+    alice.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(support::one(&bob, "SELECT pg_backend_pid()").await, pid);
+    // Alice is unaffected by bob's timeout.
+    assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_mode_keeps_the_connection_until_disconnect() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        mode: "session",
+        acquire_timeout_ms: 300,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    alice.batch_execute("SET application_name = 'kept'").await.unwrap();
+    let bob = gw.connect("bob").await;
+    let err = bob.simple_query("SELECT 1").await.expect_err("alice owns the connection");
+    assert_eq!(support::sqlstate(&err), "53300");
+    assert_eq!(support::one(&alice, "SHOW application_name").await, "kept");
+    drop(alice);
+    // Once alice leaves, bob gets the connection, reset and re-asserted.
+    let mut got = None;
+    for _ in 0..50 {
+        match bob.simple_query("SELECT current_user || '/' || current_setting('application_name')").await {
+            Ok(rows) => {
+                got = rows.into_iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                });
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let got = got.expect("bob got the connection");
+    assert!(got.starts_with("engineer/"), "{got}");
+    assert!(!got.ends_with("kept"), "session state leaked: {got}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_server_connections_are_replaced() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let client = gw.connect("alice").await;
+    let pid = support::one(&client, "SELECT pg_backend_pid()").await;
+    cluster().psql("postgres", &format!("SELECT pg_terminate_backend({pid})"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The idle connection was killed; the next transaction gets a fresh one.
+    let new_pid = support::one(&client, "SELECT pg_backend_pid()").await;
+    assert_ne!(pid, new_pid);
+    assert_eq!(support::one(&client, "SELECT current_user").await, "analyst");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_killed_mid_transaction_fails_only_that_client() {
+    let gw = start_gateway(Opts {
+        pool_size: 2,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let bob = gw.connect("bob").await;
+    alice.batch_execute("BEGIN").await.unwrap();
+    let pid = support::one(&alice, "SELECT pg_backend_pid()").await;
+    cluster().psql("postgres", &format!("SELECT pg_terminate_backend({pid})"));
+    let err = alice.simple_query("SELECT 1").await.expect_err("its server is gone");
+    assert!(err.code().is_some() || err.is_closed(), "{err}");
+    assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
+    let alice = gw.connect("alice").await;
+    assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+}

@@ -1,0 +1,233 @@
+//! Raw protocol bytes against the gateway: malformed and hostile input gets
+//! the right error (or a close) and never disturbs anyone else.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth::startup_packet;
+use crate::support::{self, start_gateway, Opts};
+
+/// A hand-driven client logged in as the cleartext user.
+pub struct RawClient {
+    pub stream: TcpStream,
+}
+
+impl RawClient {
+    pub async fn login(addr: SocketAddr) -> RawClient {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&startup_packet("clear_user")).await.unwrap();
+        let mut c = RawClient { stream };
+        let (tag, body) = c.read_message().await;
+        assert_eq!((tag, &body[..]), (b'R', &3i32.to_be_bytes()[..]), "cleartext requested");
+        let mut pw = support::password_of("clear_user").as_bytes().to_vec();
+        pw.push(0);
+        c.send(b'p', &pw).await;
+        loop {
+            let (tag, _) = c.read_message().await;
+            if tag == b'Z' {
+                return c;
+            }
+            assert_ne!(tag, b'E', "login failed");
+        }
+    }
+
+    pub async fn send(&mut self, tag: u8, body: &[u8]) {
+        let mut out = vec![tag];
+        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        out.extend_from_slice(body);
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    pub async fn read_message(&mut self) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(10), self.stream.read_exact(&mut head))
+            .await
+            .expect("message in time")
+            .expect("message");
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        self.stream.read_exact(&mut body).await.unwrap();
+        (head[0], body)
+    }
+
+    /// Reads until ReadyForQuery, returning the message tags seen and the
+    /// SQLSTATE of the first error.
+    pub async fn until_ready(&mut self) -> (Vec<u8>, Option<String>, u8) {
+        let mut tags = Vec::new();
+        let mut code = None;
+        loop {
+            let (tag, body) = self.read_message().await;
+            tags.push(tag);
+            if tag == b'E' && code.is_none() {
+                code = Some(error_code(&body));
+            }
+            if tag == b'Z' {
+                return (tags, code, body[0]);
+            }
+        }
+    }
+}
+
+pub fn error_code(body: &[u8]) -> String {
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let field = body[i];
+        let end = body[i + 1..].iter().position(|&b| b == 0).unwrap() + i + 1;
+        if field == b'C' {
+            return String::from_utf8_lossy(&body[i + 1..end]).into_owned();
+        }
+        i = end + 1;
+    }
+    String::new()
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// Reads whatever the gateway sends until it closes; returns it.
+async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("gateway closes");
+    buf
+}
+
+async fn still_serves(addr: SocketAddr) {
+    let mut c = RawClient::login(addr).await;
+    c.send(b'Q', &cstr("SELECT 1")).await;
+    let (tags, code, status) = c.until_ready().await;
+    assert_eq!(code, None, "{tags:?}");
+    assert_eq!(status, b'I');
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_first_packets_are_refused_and_others_unaffected() {
+    let gw = start_gateway(Opts::default()).await;
+    let mut cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("1 GB declared startup length", vec![0x40, 0, 0, 0, 0, 3, 0, 0], Some("08P01")),
+        ("negative length", vec![0xff, 0xff, 0xff, 0xf0, 0, 3, 0, 0], Some("08P01")),
+        ("length below 8", vec![0, 0, 0, 4], Some("08P01")),
+        ("protocol 2.0", {
+            let mut p = 16i32.to_be_bytes().to_vec();
+            p.extend_from_slice(&0x0002_0000i32.to_be_bytes());
+            p.extend_from_slice(b"user\0x\0\0\0");
+            p.truncate(16);
+            p
+        }, Some("0A000")),
+        ("unknown version 9.9", {
+            let mut p = 8i32.to_be_bytes().to_vec();
+            p.extend_from_slice(&0x0009_0009i32.to_be_bytes());
+            p
+        }, Some("0A000")),
+        ("startup without user", {
+            let body = b"database\0app\0\0";
+            let mut p = ((8 + body.len()) as i32).to_be_bytes().to_vec();
+            p.extend_from_slice(&196608i32.to_be_bytes());
+            p.extend_from_slice(body);
+            p
+        }, Some("28000")),
+        ("cancel with an unknown key", {
+            let mut p = 16i32.to_be_bytes().to_vec();
+            p.extend_from_slice(&80877102i32.to_be_bytes());
+            p.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+            p
+        }, None),
+    ];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for n in 0..20 {
+        let mut junk = Vec::new();
+        for _ in 0..(n * 7 + 3) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            junk.push(seed as u8);
+        }
+        cases.push(("random bytes", junk, None));
+    }
+    for (what, bytes, code) in cases {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&bytes).await.unwrap();
+        s.shutdown().await.ok();
+        let reply = read_to_close(&mut s).await;
+        if let Some(code) = code {
+            assert_eq!(reply.first(), Some(&b'E'), "{what}: {reply:?}");
+            assert_eq!(error_code(&reply[5..]), code, "{what}");
+        }
+    }
+    still_serves(gw.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_messages_after_login() {
+    let gw = start_gateway(Opts {
+        server_extra: "max_message_size = 1048576\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    // An oversized declared length: FATAL 08P01 without allocating it.
+    let mut c = RawClient::login(gw.addr).await;
+    c.stream.write_all(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).await.unwrap();
+    let (tag, body) = c.read_message().await;
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_string()));
+    // An unknown message type.
+    let mut c = RawClient::login(gw.addr).await;
+    c.send(b'?', b"").await;
+    let (tag, body) = c.read_message().await;
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_string()));
+    // A length below 4.
+    let mut c = RawClient::login(gw.addr).await;
+    c.stream.write_all(&[b'Q', 0, 0, 0, 2]).await.unwrap();
+    let (tag, body) = c.read_message().await;
+    assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_string()));
+    // A truncated message, then a hang-up: nothing to answer, nothing breaks.
+    let mut c = RawClient::login(gw.addr).await;
+    c.stream.write_all(&[b'Q', 0, 0, 0, 100, b'S']).await.unwrap();
+    drop(c);
+    still_serves(gw.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn extended_protocol_by_hand_with_flush() {
+    let gw = start_gateway(Opts::default()).await;
+    let mut c = RawClient::login(gw.addr).await;
+    // Parse + Bind + Execute + Flush: results arrive without a Sync.
+    let mut parse = cstr("");
+    parse.extend(cstr("SELECT 7"));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    c.send(b'P', &parse).await;
+    let mut bind = cstr("");
+    bind.extend(cstr(""));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    c.send(b'B', &bind).await;
+    let mut exec = cstr("");
+    exec.extend_from_slice(&0i32.to_be_bytes());
+    c.send(b'E', &exec).await;
+    c.send(b'H', b"").await;
+    let mut tags = Vec::new();
+    for _ in 0..4 {
+        tags.push(c.read_message().await.0);
+    }
+    assert_eq!(tags, b"12DC");
+    c.send(b'S', b"").await;
+    let (tag, body) = c.read_message().await;
+    assert_eq!((tag, body[0]), (b'Z', b'I'));
+    // An error in the middle of a pipeline: the rest up to Sync is skipped.
+    let mut bad = cstr("");
+    bad.extend(cstr("SELECT 1/0"));
+    bad.extend_from_slice(&0i16.to_be_bytes());
+    for p in [&parse, &bad, &parse] {
+        c.send(b'P', p).await;
+        c.send(b'B', &bind).await;
+        c.send(b'E', &exec).await;
+    }
+    c.send(b'S', b"").await;
+    let (tags, code, status) = c.until_ready().await;
+    assert_eq!(tags, b"12DC1EZ", "constant folding fails 1/0 at Bind");
+    assert_eq!(code.as_deref(), Some("22012"));
+    assert_eq!(status, b'I');
+}

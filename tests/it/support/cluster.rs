@@ -1,0 +1,200 @@
+//! A throwaway PostgreSQL 15 cluster for the whole test binary.
+//!
+//! Started once (initdb in a temp directory, a free port, fsync off), with
+//! SCRAM, MD5 and cleartext users, the NOINHERIT service users and the
+//! mapped roles. When run as root, PostgreSQL runs as the `postgres` OS user.
+//! A detached watchdog stops the cluster and removes its directory when the
+//! test process exits, however it exits.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+pub const SERVICE_USER: &str = "pgwarden_svc";
+pub const SERVICE_PASSWORD: &str = "svc-secret";
+pub const SERVICE_MD5_USER: &str = "pgwarden_svc_md5";
+
+/// Login users: (name, password, how pg_hba authenticates them).
+pub const USERS: &[(&str, &str)] = &[
+    ("alice", "alice-pw"),
+    ("bob", "bob-pw"),
+    ("md5_user", "md5-pw"),
+    ("clear_user", "clear-pw"),
+    ("carol", "carol-pw"),
+    ("ghost_user", "ghost-pw"),
+];
+
+pub struct Cluster {
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={user} password={password} dbname={db}", self.port)
+    }
+
+    /// Runs SQL as the superuser through psql, panicking with its output on failure.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql failed: {}\n{}",
+            sql,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+/// The shared cluster, started on first use.
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(start)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A command for a PostgreSQL server binary, as the postgres OS user if root.
+fn pg_command(bin: &str) -> Command {
+    let path = format!("{PG_BIN}/{bin}");
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", &path]);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(mut cmd: Command, what: &str) {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start() -> Cluster {
+    let dir = PathBuf::from(format!(
+        "/tmp/pgwarden-test-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    if is_root() {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.args(["postgres:postgres", dir.to_str().unwrap()]);
+                c
+            },
+            "chown",
+        );
+    }
+    let data = dir.join("data");
+    let mut initdb = pg_command("initdb");
+    initdb.args(["-D", data.to_str().unwrap(), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C"]);
+    run(initdb, "initdb");
+    let port = free_port();
+    write_as_postgres(&data.join("pg_hba.conf"), HBA);
+    let conf = format!(
+        "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 400\nshared_buffers = 64MB\nlog_min_messages = warning\n",
+        dir.display()
+    );
+    let existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+    write_as_postgres(&data.join("postgresql.conf"), &format!("{existing}\n{conf}"));
+    spawn_watchdog(&dir, &data);
+    let mut pg_ctl = pg_command("pg_ctl");
+    pg_ctl.args(["-D", data.to_str().unwrap(), "-l", dir.join("log").to_str().unwrap(), "-w", "-t", "60", "start"]);
+    run(pg_ctl, "pg_ctl start");
+    let cluster = Cluster { port, dir };
+    cluster.psql("postgres", &setup_sql());
+    cluster.psql("postgres", "CREATE DATABASE app");
+    cluster.psql("app", APP_SQL);
+    cluster
+}
+
+fn write_as_postgres(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    if is_root() {
+        let mut c = Command::new("chown");
+        c.args(["postgres:postgres", path.to_str().unwrap()]);
+        run(c, "chown");
+    }
+}
+
+/// Stops the cluster and removes its directory once this process is gone.
+fn spawn_watchdog(dir: &Path, data: &Path) {
+    let stop = if is_root() {
+        format!("runuser -u postgres -- {PG_BIN}/pg_ctl -D {} -m immediate stop", data.display())
+    } else {
+        format!("{PG_BIN}/pg_ctl -D {} -m immediate stop", data.display())
+    };
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf {dir}",
+        pid = std::process::id(),
+        dir = dir.display()
+    );
+    Command::new("setsid")
+        .args(["sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn watchdog");
+}
+
+const HBA: &str = "\
+local all all trust
+host all postgres 127.0.0.1/32 trust
+host all md5_user 127.0.0.1/32 md5
+host all pgwarden_svc_md5 127.0.0.1/32 md5
+host all clear_user 127.0.0.1/32 password
+host all all 127.0.0.1/32 scram-sha-256
+";
+
+fn setup_sql() -> String {
+    let mut sql = String::from(
+        "CREATE ROLE analyst NOLOGIN; CREATE ROLE engineer NOLOGIN;
+         SET password_encryption = 'scram-sha-256';
+         CREATE ROLE pgwarden_svc LOGIN NOINHERIT PASSWORD 'svc-secret';
+         GRANT analyst, engineer TO pgwarden_svc;\n",
+    );
+    for (user, password) in USERS {
+        let enc = if *user == "md5_user" { "md5" } else { "scram-sha-256" };
+        sql.push_str(&format!(
+            "SET password_encryption = '{enc}'; CREATE ROLE {user} LOGIN PASSWORD '{password}';\n"
+        ));
+    }
+    sql.push_str(
+        "SET password_encryption = 'md5';
+         CREATE ROLE pgwarden_svc_md5 LOGIN NOINHERIT PASSWORD 'svc-secret';
+         GRANT analyst, engineer TO pgwarden_svc_md5;",
+    );
+    sql
+}
+
+const APP_SQL: &str = "
+GRANT CREATE, USAGE ON SCHEMA public TO analyst, engineer;
+CREATE TABLE items (id int PRIMARY KEY, owner text, payload bytea);
+GRANT SELECT, INSERT, UPDATE, DELETE ON items TO analyst, engineer;
+CREATE TABLE guard_t (id int, role text);
+GRANT SELECT, INSERT, UPDATE, DELETE ON guard_t TO analyst, engineer;
+";

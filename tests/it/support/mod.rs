@@ -1,0 +1,231 @@
+//! Test support: the shared throwaway PostgreSQL cluster, an in-process
+//! gateway on port 0, and small client helpers.
+
+pub mod cluster;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use pgwarden::config::Config;
+use pgwarden::server::Gateway;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use cluster::cluster;
+
+/// The policy every test gateway loads unless a test writes its own.
+pub const TEST_POLICY: &str = r#"
+[[map]]
+clients = ["alice"]
+role = "analyst"
+
+[[map]]
+clients = ["bob"]
+role = "engineer"
+
+[[map]]
+clients = ["md5_user", "clear_user"]
+role = "analyst"
+
+[[map]]
+clients = ["ghost_user"]
+role = "ghost_role_that_does_not_exist"
+"#;
+
+/// How a test gateway is configured.
+#[derive(Clone)]
+pub struct Opts {
+    pub pool_size: usize,
+    pub mode: &'static str,
+    pub acquire_timeout_ms: u64,
+    pub audit: bool,
+    pub service_user: &'static str,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub policy: &'static str,
+    /// Extra TOML appended to the `[server]` table.
+    pub server_extra: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            pool_size: 4,
+            mode: "transaction",
+            acquire_timeout_ms: 5000,
+            audit: false,
+            service_user: cluster::SERVICE_USER,
+            tls: None,
+            policy: TEST_POLICY,
+            server_extra: String::new(),
+        }
+    }
+}
+
+/// A gateway running inside the test process.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    pub shared: std::sync::Arc<pgwarden::session::Shared>,
+}
+
+impl TestGateway {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// A libpq-style connection string for `user` through the gateway.
+    pub fn url(&self, user: &str, password: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=app",
+            self.port()
+        )
+    }
+
+    pub async fn connect(&self, user: &str) -> tokio_postgres::Client {
+        self.try_connect(user).await.unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+    }
+
+    pub async fn try_connect(&self, user: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let password = password_of(user);
+        let (client, conn) = tokio_postgres::connect(&self.url(user, password), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// Stops the gateway gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    /// Runs psql through the gateway.
+    pub fn psql(&self, user: &str, args: &[&str]) -> Output {
+        Command::new("psql")
+            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &self.port().to_string(), "-U", user, "-d", "app"])
+            .args(args)
+            .env("PGPASSWORD", password_of(user))
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("run psql")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn password_of(user: &str) -> &'static str {
+    cluster::USERS
+        .iter()
+        .find(|(u, _)| *u == user)
+        .map(|(_, p)| *p)
+        .unwrap_or("wrong")
+}
+
+/// Logs of the gateway under test go to stderr when PGWARDEN_TEST_LOG is set
+/// (an EnvFilter, e.g. `debug`).
+fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("PGWARDEN_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// Starts a gateway against the shared cluster.
+pub async fn start_gateway(opts: Opts) -> TestGateway {
+    init_logging();
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(policies.join("10-test.toml"), opts.policy).unwrap();
+    let tls = match &opts.tls {
+        Some((cert, key)) => format!("tls_cert = {:?}\ntls_key = {:?}\n", cert, key),
+        None => String::new(),
+    };
+    let text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+shutdown_timeout_ms = 10000
+{tls}{extra}
+[backend]
+host = "127.0.0.1"
+port = {port}
+service_user = "{svc}"
+service_password = "{pw}"
+
+[pool]
+mode = "{mode}"
+size = {size}
+acquire_timeout_ms = {acquire}
+
+[identity]
+policy_dir = "policies"
+
+[audit]
+enabled = {audit}
+store = "audit"
+"#,
+        extra = opts.server_extra,
+        port = pg.port,
+        svc = opts.service_user,
+        pw = cluster::SERVICE_PASSWORD,
+        mode = opts.mode,
+        size = opts.pool_size,
+        acquire = opts.acquire_timeout_ms,
+        audit = opts.audit,
+    );
+    let path = dir.path().join("pgwarden.toml");
+    std::fs::write(&path, &text).unwrap();
+    let config = Config::parse(&text, &path, None).expect("test config");
+    let gateway = Gateway::build(config).expect("gateway builds");
+    let shared = gateway.shared().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(gateway.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    TestGateway {
+        addr,
+        dir,
+        stop: Some(stop),
+        task: Some(task),
+        shared,
+    }
+}
+
+/// Reads the first column of the first row as text.
+pub async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    for msg in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
+            return row.get(0).unwrap_or("NULL").to_string();
+        }
+    }
+    panic!("{sql}: no rows");
+}
+
+/// The SQLSTATE of a failed statement.
+pub fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no sqlstate: {e}"))
+}

@@ -315,6 +315,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_the_repository_parses() {
+        let text = include_str!("../pgwarden.example.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.server.listen.port(), 6432);
+        assert_eq!(c.audit.flush_interval_ms, 5);
+    }
+
+    #[test]
     fn missing_service_user_is_an_error() {
         assert!(parse("[backend]\nhost = \"h\"\n").is_err());
         assert!(parse("[backend]\nservice_user = \"s\"\n[pool]\nsize = 0\n").is_err());

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""pgbench through pgwarden, PgBouncer and straight to PostgreSQL, in one run.
+
+Starts a throwaway PostgreSQL 15 (initdb in a temp dir, free port), PgBouncer
+(if installed; transaction mode, same pool size) and pgwarden (the release
+binary; transaction mode, identity assertion on) in each requested audit mode,
+then runs pgbench against every target, interleaved, for several rounds, and
+prints the median TPS, mean and p99 latency and the ratios.
+
+    python3 benches/pgbench_compare.py --clients 20 --duration 10 --rounds 3
+
+Not part of CI (it measures, it does not assert). `--smoke` runs it tiny.
+"""
+import argparse, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IS_ROOT = os.geteuid() == 0
+PASSWORD = "bench-pw"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_postgres(cmd):
+    return ["runuser", "-u", "postgres", "--"] + cmd if IS_ROOT else cmd
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def psql(port, sql, db="postgres"):
+    return run(["psql", "-X", "-q", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", db, "-c", sql]).stdout
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+class Cluster:
+    def __init__(self, tmp, pool_size):
+        self.dir = os.path.join(tmp, "pg")
+        os.makedirs(self.dir)
+        if IS_ROOT:
+            shutil.chown(tmp, "postgres", "postgres")
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.port = free_port()
+        data = os.path.join(self.dir, "data")
+        run(as_postgres([f"{PG_BIN}/initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C"]))
+        with open(os.path.join(data, "pg_hba.conf"), "w") as f:
+            f.write("local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n")
+        with open(os.path.join(data, "postgresql.conf"), "a") as f:
+            f.write(f"port = {self.port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{self.dir}'\n"
+                    "max_connections = 500\nshared_buffers = 256MB\nsynchronous_commit = off\n")
+        if IS_ROOT:
+            for p in ("pg_hba.conf", "postgresql.conf"):
+                shutil.chown(os.path.join(data, p), "postgres", "postgres")
+        self.data = data
+        run(as_postgres([f"{PG_BIN}/pg_ctl", "-D", data, "-l", os.path.join(self.dir, "log"), "-w", "start"]))
+        psql(self.port, f"""
+            CREATE ROLE bench_role NOLOGIN;
+            CREATE ROLE pgwarden_svc LOGIN NOINHERIT PASSWORD '{PASSWORD}';
+            GRANT bench_role TO pgwarden_svc;
+            CREATE ROLE bench LOGIN PASSWORD '{PASSWORD}';
+            GRANT bench_role TO bench;""")
+        run(["pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "postgres"])
+        psql(self.port, "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO bench_role, bench;")
+
+    def stop(self):
+        subprocess.run(as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"]), capture_output=True)
+
+
+def start_pgwarden(tmp, pg_port, pool_size, audit):
+    d = os.path.join(tmp, f"pgwarden-{audit}")
+    os.makedirs(os.path.join(d, "policies"))
+    with open(os.path.join(d, "policies", "bench.toml"), "w") as f:
+        f.write('[[map]]\nclients = ["bench"]\nrole = "bench_role"\n')
+    port = free_port()
+    enabled = "false" if audit == "off" else "true"
+    durability = "group" if audit == "off" else audit
+    with open(os.path.join(d, "pgwarden.toml"), "w") as f:
+        f.write(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
+                f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\n'
+                f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n')
+    binary = os.path.join(ROOT, "target", "release", "pgwarden")
+    proc = subprocess.Popen([binary, "serve", "-c", os.path.join(d, "pgwarden.toml")],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"),
+                            env=dict(os.environ, PGWARDEN_LOG="warn"))
+    wait_port(port)
+    return proc, port
+
+
+def start_pgbouncer(tmp, pg_port, pool_size):
+    if not shutil.which("pgbouncer"):
+        return None, None
+    d = os.path.join(tmp, "pgbouncer")
+    os.makedirs(d)
+    port = free_port()
+    secret = psql(pg_port, "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'").strip()
+    with open(os.path.join(d, "users.txt"), "w") as f:
+        f.write(f'"bench" "{secret}"\n')
+    with open(os.path.join(d, "pgbouncer.ini"), "w") as f:
+        f.write(f"[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n"
+                f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\n"
+                f"auth_file = {d}/users.txt\npool_mode = transaction\ndefault_pool_size = {pool_size}\n"
+                f"max_client_conn = 2000\nunix_socket_dir =\nlogfile = {d}/log\n")
+    if IS_ROOT:
+        shutil.chown(d, "postgres", "postgres")
+        for p in os.listdir(d):
+            shutil.chown(os.path.join(d, p), "postgres", "postgres")
+    proc = subprocess.Popen(as_postgres(["pgbouncer", os.path.join(d, "pgbouncer.ini")]),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc, port
+
+
+def pgbench(port, clients, duration, args):
+    cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "bench", "-c", str(clients),
+           "-j", str(min(clients, 2)), "-T", str(duration), "-r", "--log", "--log-prefix", "/tmp/pgbench_log"] + args + ["postgres"]
+    logdir = tempfile.mkdtemp()
+    cmd[cmd.index("/tmp/pgbench_log")] = os.path.join(logdir, "log")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PGPASSWORD=PASSWORD))
+    if out.returncode != 0:
+        return {"tps": 0.0, "avg_ms": 0.0, "p99_ms": 0.0, "failed": True, "err": out.stderr.strip()[-300:]}
+    tps = float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
+    lat = [int(line.split()[2]) for name in os.listdir(logdir) for line in open(os.path.join(logdir, name))]
+    shutil.rmtree(logdir)
+    lat.sort()
+    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
+    return {"tps": tps, "avg_ms": statistics.mean(lat) / 1000 if lat else 0,
+            "p99_ms": lat[int(len(lat) * 0.99) - 1] / 1000 if lat else 0,
+            "failed": bool(failed and int(failed.group(1)) > 0)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", default="1,20,200")
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pool-size", type=int, default=20)
+    ap.add_argument("--audit", default="off,async,group", help="pgwarden audit modes to run")
+    ap.add_argument("--workloads", default="select", help="comma list: select,select-extended,select-prepared,tpcb,connect")
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args()
+    if a.smoke:
+        a.clients, a.duration, a.rounds = "2", 1, 1
+    workloads = {"select": ["-S"], "select-extended": ["-S", "-M", "extended"], "select-prepared": ["-S", "-M", "prepared"],
+                 "tpcb": [], "connect": ["-S", "-C"]}
+    tmp = tempfile.mkdtemp(prefix="pgwarden-bench-")
+    procs = []
+    pg = None
+    try:
+        pg = Cluster(tmp, a.pool_size)
+        targets = [("postgres", pg.port)]
+        bouncer, bport = start_pgbouncer(tmp, pg.port, a.pool_size)
+        if bouncer:
+            procs.append(bouncer)
+            targets.append(("pgbouncer", bport))
+        for mode in a.audit.split(","):
+            proc, port = start_pgwarden(tmp, pg.port, a.pool_size, mode)
+            procs.append(proc)
+            targets.append((f"pgwarden/{mode}", port))
+        results = {}
+        for wl in a.workloads.split(","):
+            for clients in [int(c) for c in a.clients.split(",")]:
+                for r in range(a.rounds):
+                    for name, port in targets:
+                        res = pgbench(port, clients, a.duration, workloads[wl])
+                        results.setdefault((wl, clients, name), []).append(res)
+        print(f"\n{'workload':16} {'clients':>7} {'target':18} {'tps':>10} {'avg ms':>8} {'p99 ms':>8} {'/pgbouncer':>10} {'/postgres':>9}")
+        for wl in a.workloads.split(","):
+            for clients in [int(c) for c in a.clients.split(",")]:
+                med = {}
+                for name, _ in targets:
+                    rs = results[(wl, clients, name)]
+                    med[name] = {k: statistics.median([r[k] for r in rs]) for k in ("tps", "avg_ms", "p99_ms")}
+                    med[name]["failed"] = any(r["failed"] for r in rs)
+                for name, _ in targets:
+                    m = med[name]
+                    vs_b = f"{m['tps'] / med['pgbouncer']['tps']:.2f}" if "pgbouncer" in med and med["pgbouncer"]["tps"] else "-"
+                    vs_p = f"{m['tps'] / med['postgres']['tps']:.2f}" if med["postgres"]["tps"] else "-"
+                    flag = " FAILED" if m["failed"] else ""
+                    print(f"{wl:16} {clients:>7} {name:18} {m['tps']:>10.0f} {m['avg_ms']:>8.3f} {m['p99_ms']:>8.3f} {vs_b:>10} {vs_p:>9}{flag}")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if pg:
+            pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

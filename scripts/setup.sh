@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what building and testing pgwarden needs on a fresh Debian 12
+# machine with a Rust toolchain: PostgreSQL 15 (server binaries for the
+# throwaway test clusters, psql and pgbench as real clients).
+# Idempotent: does nothing where everything is present.
+set -euo pipefail
+need=()
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
+[ -x /usr/lib/postgresql/15/bin/pgbench ] || need+=(postgresql-contrib)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "setup: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# PostgreSQL refuses to run as root; the tests run it as this OS user then.
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+fi

@@ -294,7 +294,10 @@ mod tests {
         assert_eq!(c.audit.durability, Durability::Group);
         assert_eq!(c.identity.client_user_setting, "app.client_user");
         assert_eq!(c.audit.store, PathBuf::from("/etc/pgwarden/pgwarden-audit"));
-        assert_eq!(c.identity.policy_dir, PathBuf::from("/etc/pgwarden/policies"));
+        assert_eq!(
+            c.identity.policy_dir,
+            PathBuf::from("/etc/pgwarden/policies")
+        );
     }
 
     #[test]

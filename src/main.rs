@@ -10,7 +10,11 @@ use pgwarden::config::Config;
 use pgwarden::server::Gateway;
 
 #[derive(Parser)]
-#[command(name = "pgwarden", version, about = "PostgreSQL gateway with per-client identity and a tamper-evident audit log")]
+#[command(
+    name = "pgwarden",
+    version,
+    about = "PostgreSQL gateway with per-client identity and a tamper-evident audit log"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,7 +70,10 @@ fn load_config(path: &std::path::Path) -> Result<Config, u8> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGWARDEN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn serve(path: &std::path::Path) -> u8 {
@@ -75,7 +82,10 @@ fn serve(path: &std::path::Path) -> u8 {
         Err(code) => return code,
     };
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pgwarden: cannot start the runtime: {e}");

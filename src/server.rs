@@ -50,7 +50,9 @@ impl Gateway {
     pub fn build(config: Config) -> Result<Gateway, StartError> {
         let policy = Policy::load_dir(&config.identity.policy_dir)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key).map_err(StartError::Tls)?),
+            (Some(cert), Some(key)) => {
+                Some(crate::tls::acceptor(cert, key).map_err(StartError::Tls)?)
+            }
             _ => None,
         };
         let auditor = if config.audit.enabled {
@@ -88,7 +90,11 @@ impl Gateway {
     /// Re-reads the policy directory; on error the old policy stays.
     pub fn reload_policy(&self) -> Result<(), crate::identity::policy::PolicyError> {
         let policy = Policy::load_dir(&self.shared.config.identity.policy_dir)?;
-        *self.shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        *self
+            .shared
+            .policy
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         Ok(())
     }
 
@@ -123,7 +129,10 @@ impl Gateway {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(remaining = sessions.len(), "shutdown deadline passed; closing remaining sessions");
+            tracing::warn!(
+                remaining = sessions.len(),
+                "shutdown deadline passed; closing remaining sessions"
+            );
             sessions.shutdown().await;
         }
         self.shared.pools.close();

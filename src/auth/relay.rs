@@ -120,7 +120,9 @@ async fn relay_auth_request(
             relay_client_answer(client, server).await
         }
         codes::SASL => {
-            client.write_all(&without_channel_binding(&frame[9..])).await?;
+            client
+                .write_all(&without_channel_binding(&frame[9..]))
+                .await?;
             relay_client_answer(client, server).await
         }
         other => Err(RelayError::Gateway(PgError::fatal(

@@ -53,7 +53,9 @@ async fn authenticate(conn: &mut ServerConn, who: &ServiceLogin<'_>) -> Result<(
             b'E' => return Err(BackendError::Server(messages::parse_error_fields(body)?)),
             b'R' => {}
             b'v' | b'N' => continue,
-            other => return Err(crate::protocol::ProtocolError::UnexpectedMessage(other as char).into()),
+            other => {
+                return Err(crate::protocol::ProtocolError::UnexpectedMessage(other as char).into())
+            }
         }
         let mut r = Reader::new(body, "Authentication");
         let code = r.i32()?;
@@ -81,18 +83,25 @@ async fn authenticate(conn: &mut ServerConn, who: &ServiceLogin<'_>) -> Result<(
                         "PostgreSQL offered no SASL mechanism pgwarden supports".into(),
                     ));
                 }
-                let s = sasl::ScramSha256::new(password.as_bytes(), sasl::ChannelBinding::unsupported());
+                let s = sasl::ScramSha256::new(
+                    password.as_bytes(),
+                    sasl::ChannelBinding::unsupported(),
+                );
                 frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)?;
                 scram = Some(s);
             }
             codes::SASL_CONTINUE => {
-                let s = scram.as_mut().ok_or_else(|| BackendError::Auth("unexpected SASLContinue".into()))?;
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| BackendError::Auth("unexpected SASLContinue".into()))?;
                 s.update(r.bytes(r.remaining())?)
                     .map_err(|e| BackendError::Auth(e.to_string()))?;
                 frontend::sasl_response(s.message(), &mut out)?;
             }
             codes::SASL_FINAL => {
-                let s = scram.as_mut().ok_or_else(|| BackendError::Auth("unexpected SASLFinal".into()))?;
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| BackendError::Auth("unexpected SASLFinal".into()))?;
                 s.finish(r.bytes(r.remaining())?)
                     .map_err(|e| BackendError::Auth(format!("server signature rejected: {e}")))?;
                 continue;
@@ -127,7 +136,11 @@ async fn finish_startup(conn: &mut ServerConn) -> Result<(), BackendError> {
                 conn.secret = r.i32()?;
             }
             b'Z' => return Ok(()),
-            b'E' => return Err(BackendError::Server(messages::parse_error_fields(&frame[5..])?)),
+            b'E' => {
+                return Err(BackendError::Server(messages::parse_error_fields(
+                    &frame[5..],
+                )?))
+            }
             _ => {}
         }
     }

@@ -71,9 +71,7 @@ impl Assertion<'_> {
             let frame = conn.read_frame().await?;
             match frame[0] {
                 b'D' => confirmed = self.row_matches(&frame[5..])?,
-                b'E' if error.is_none() => {
-                    error = Some(messages::parse_error_fields(&frame[5..])?)
-                }
+                b'E' if error.is_none() => error = Some(messages::parse_error_fields(&frame[5..])?),
                 b'Z' => break,
                 _ => {}
             }
@@ -96,7 +94,11 @@ impl Assertion<'_> {
         }
         let mut column = || -> Result<Option<&[u8]>, BackendError> {
             let len = r.i32()?;
-            Ok(if len < 0 { None } else { Some(r.bytes(len as usize)?) })
+            Ok(if len < 0 {
+                None
+            } else {
+                Some(r.bytes(len as usize)?)
+            })
         };
         let role = column()?;
         let user = column()?;
@@ -105,7 +107,9 @@ impl Assertion<'_> {
 
     fn failure(&self, e: BackendError) -> PgError {
         let why = match &e {
-            BackendError::Server(fields) => format!("{} (SQLSTATE {})", fields.message, fields.code),
+            BackendError::Server(fields) => {
+                format!("{} (SQLSTATE {})", fields.message, fields.code)
+            }
             other => other.to_string(),
         };
         PgError::error(

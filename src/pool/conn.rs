@@ -50,6 +50,8 @@ pub struct ServerConn {
     pub secret: i32,
     /// `ParameterStatus` values the backend reported at login.
     pub params: Vec<(String, String)>,
+    /// Client statements this connection holds under their shared names.
+    pub statements: super::statements::StatementCache,
     broken: bool,
 }
 
@@ -73,6 +75,7 @@ impl ServerConn {
             pid: 0,
             secret: 0,
             params: Vec::new(),
+            statements: Default::default(),
             broken: false,
         })
     }

@@ -7,6 +7,7 @@
 //! mid-transaction is destroyed with [`discard`], never returned.
 
 pub mod conn;
+pub mod statements;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,7 +51,10 @@ impl managed::Manager for ServerManager {
         if conn.is_healthy() {
             Ok(())
         } else {
-            tracing::debug!(backend_pid = conn.pid, "discarding a closed server connection");
+            tracing::debug!(
+                backend_pid = conn.pid,
+                "discarding a closed server connection"
+            );
             Err(RecycleError::message("server connection is closed"))
         }
     }
@@ -112,13 +116,18 @@ impl Pools {
             )),
             recycle: Some(Duration::from_secs(1)),
         };
-        pool.timeout_get(&timeouts).await.map_err(|e| acquire_error(e, &self.config))
+        pool.timeout_get(&timeouts)
+            .await
+            .map_err(|e| acquire_error(e, &self.config))
     }
 
     /// Idle and total connections per database, for metrics and tests.
     pub fn status(&self) -> Vec<(String, deadpool::Status)> {
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools.iter().map(|(db, p)| (db.clone(), p.status())).collect()
+        pools
+            .iter()
+            .map(|(db, p)| (db.clone(), p.status()))
+            .collect()
     }
 
     /// Closes every pool: idle connections are dropped, checked-out ones are
@@ -142,12 +151,13 @@ fn acquire_error(e: PoolError<BackendError>, config: &PoolConfig) -> PgError {
         ),
         PoolError::Backend(BackendError::Server(fields)) => PgError::error(
             sqlstate::CONNECTION_FAILURE,
-            format!("pgwarden cannot open a server connection: {}", fields.message),
+            format!(
+                "pgwarden cannot open a server connection: {}",
+                fields.message
+            ),
         )
         .with_detail(format!("PostgreSQL reported SQLSTATE {}", fields.code)),
-        PoolError::Closed => {
-            PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgwarden is shutting down")
-        }
+        PoolError::Closed => PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgwarden is shutting down"),
         other => PgError::error(
             sqlstate::CONNECTION_FAILURE,
             format!("pgwarden cannot open a server connection: {other}"),

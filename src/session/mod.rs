@@ -7,6 +7,7 @@
 
 pub mod cancel;
 pub mod client;
+mod prepared;
 mod relay;
 pub mod startup;
 mod tracker;
@@ -48,7 +49,10 @@ pub struct Shared {
 
 impl Shared {
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -116,7 +120,9 @@ pub async fn serve(
     let (client, ident, key) = logged_in;
     let (pid, secret, slot) = key;
     tracing::info!(session = %ident.session_id, user = %ident.client_user, role = %ident.role, database = %ident.database, "session started");
-    let end = QueryLoop::new(&shared, &ident, client, slot, shutdown).run().await;
+    let end = QueryLoop::new(&shared, &ident, client, slot, shutdown)
+        .run()
+        .await;
     shared.cancels.unregister(pid, secret);
     let mut ev = ident.event(Kind::SessionEnd);
     if let End::Fatal(e) = &end {
@@ -172,7 +178,10 @@ async fn login(
         ev.message = Some(message.clone());
         shared.auditor.append_nowait(ev).await;
         client
-            .send_error(&PgError::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, message))
+            .send_error(&PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                message,
+            ))
             .await;
         return Ok(None);
     };
@@ -210,7 +219,10 @@ async fn login(
         shared.cancels.unregister(pid, secret);
         return Err(e.into());
     }
-    shared.auditor.append_nowait(ident.event(Kind::SessionStart)).await;
+    shared
+        .auditor
+        .append_nowait(ident.event(Kind::SessionStart))
+        .await;
     Ok(Some((client, ident, (pid, secret, slot))))
 }
 
@@ -235,7 +247,10 @@ fn check_startup(startup: &StartupMessage) -> Result<(), PgError> {
         }
     }
     if let Some(r) = startup.get("replication") {
-        if !matches!(r.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") {
+        if !matches!(
+            r.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        ) {
             return Err(PgError::fatal(
                 sqlstate::FEATURE_NOT_SUPPORTED,
                 "replication connections are not supported by pgwarden",

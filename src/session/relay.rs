@@ -22,12 +22,13 @@ use tokio::sync::watch;
 
 use super::cancel::{BackendKey, CancelSlot};
 use super::client::{ClientConn, ClientError};
-use super::tracker::{Outcome, Pending, Resolved, Tracker};
+use super::prepared;
+use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
 use super::{Identity, Shared};
 use crate::audit::{Event, Kind, Status};
 use crate::config::{OnFailure, PoolMode};
 use crate::identity::assert::Assertion;
-use crate::pool::{self, PooledConn};
+use crate::pool::{self, statements, PooledConn};
 use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
@@ -95,11 +96,15 @@ pub struct QueryLoop<'a> {
     discard_until_sync: bool,
     /// The next `Sync` is answered by the gateway (the error was local).
     local_sync: bool,
+    /// The server is in copy-in (`CopyInResponse` seen, client has not sent
+    /// `CopyDone`/`CopyFail` yet).
+    copy_in: bool,
     client_passthrough: usize,
     server_passthrough: usize,
     to_server: BytesMut,
     to_client: BytesMut,
-    statements: std::collections::HashMap<Bytes, Bytes>,
+    /// The client's prepared statements by client name ("" = unnamed).
+    statements: std::collections::HashMap<Bytes, prepared::Statement>,
     portals: std::collections::HashMap<Bytes, Portal>,
     resolved: Vec<Resolved>,
     shutdown: watch::Receiver<bool>,
@@ -133,6 +138,7 @@ impl<'a> QueryLoop<'a> {
             unsynced: false,
             discard_until_sync: false,
             local_sync: false,
+            copy_in: false,
             client_passthrough: 0,
             server_passthrough: 0,
             to_server: BytesMut::with_capacity(8 * 1024),
@@ -152,6 +158,7 @@ impl<'a> QueryLoop<'a> {
             || (self.tracker.is_empty()
                 && !self.unsynced
                 && self.tx_status == b'I'
+                && !self.copy_in
                 && self.client_passthrough == 0)
     }
 
@@ -208,12 +215,15 @@ impl<'a> QueryLoop<'a> {
                 if n == 0 {
                     break;
                 }
-                self.to_server.extend_from_slice(&self.client.rbuf.split_to(n));
+                self.to_server
+                    .extend_from_slice(&self.client.rbuf.split_to(n));
                 self.client_passthrough -= n;
                 continue;
             }
             let max = self.client.max_message_size;
-            let Some(header) = FrameHeader::peek(&self.client.rbuf, max).map_err(|e| End::Fatal(protocol_error(e)))? else {
+            let Some(header) = FrameHeader::peek(&self.client.rbuf, max)
+                .map_err(|e| End::Fatal(protocol_error(e)))?
+            else {
                 break;
             };
             if header.tag == b'd'
@@ -222,34 +232,48 @@ impl<'a> QueryLoop<'a> {
                 && self.client.rbuf.len() < header.total
             {
                 let n = self.client.rbuf.len();
-                self.to_server.extend_from_slice(&self.client.rbuf.split_to(n));
+                self.to_server
+                    .extend_from_slice(&self.client.rbuf.split_to(n));
                 self.client_passthrough = header.total - n;
                 continue;
             }
-            let Some(frame) = split_frame(&mut self.client.rbuf, max).map_err(|e| End::Fatal(protocol_error(e)))? else {
+            let Some(frame) = split_frame(&mut self.client.rbuf, max)
+                .map_err(|e| End::Fatal(protocol_error(e)))?
+            else {
                 break;
             };
             self.on_client_frame(frame.freeze()).await?;
         }
         self.flush_client().await?;
+        self.record_results().await;
         self.flush_server().await
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
         let tag = frame[0];
+        tracing::trace!(tag = %(tag as char), len = frame.len(), "client frame");
         if self.discard_until_sync && tag != b'S' {
             return Ok(());
         }
-        match tag {
+        let result = match tag {
             b'X' => Err(End::ClientGone),
             b'Q' => self.on_query(frame).await,
             b'P' => self.on_parse(frame).await,
             b'B' => self.on_bind(frame).await,
             b'E' => self.on_execute(frame).await,
+            b'S' if self.copy_in => {
+                // Ignored by the server during copy-in: nothing to await.
+                self.to_server.extend_from_slice(&frame);
+                Ok(())
+            }
             b'S' => self.on_sync(frame).await,
+            b'D' => self.on_describe(frame).await,
+            b'C' => self.on_close(frame).await,
             b'F' => self.on_function_call(frame).await,
-            b'D' | b'C' => {
-                self.forward_extended(frame, Flow::Extended).await
+            b'c' | b'f' if self.copy_in => {
+                self.copy_in = false;
+                self.to_server.extend_from_slice(&frame);
+                Ok(())
             }
             b'H' | b'd' | b'c' | b'f' => {
                 // Flush has nothing to flush, and copy messages outside COPY
@@ -261,9 +285,12 @@ impl<'a> QueryLoop<'a> {
             }
             other => Err(End::Fatal(PgError::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
-                format!("invalid frontend message type {}", other),
+                format!("invalid frontend message type {other}"),
             ))),
-        }
+        };
+        self.tracker
+            .emit_synthetic(self.tx_status, &mut self.to_client);
+        result
     }
 
     async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
@@ -271,6 +298,11 @@ impl<'a> QueryLoop<'a> {
         if let Err(v) = self.shared.guard.check(sql) {
             let error = self.blocked(sql, &v.to_string()).await;
             return self.refuse(Flow::Simple, error).await;
+        }
+        if let Some(dealloc) = prepared::parse_deallocate(sql) {
+            if self.deallocate(dealloc).await {
+                return Ok(());
+            }
         }
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Simple, e).await;
@@ -284,34 +316,196 @@ impl<'a> QueryLoop<'a> {
         Ok(())
     }
 
+    /// `DEALLOCATE` of protocol-level statements is answered by the gateway:
+    /// the client's names go, the shared server-side statements stay for
+    /// others. Returns false when the server must answer (a name the gateway
+    /// does not map, i.e. an SQL-level `PREPARE`, or `ALL` inside a
+    /// transaction, where SQL-level statements may exist).
+    async fn deallocate(&mut self, what: prepared::Deallocate) -> bool {
+        let tag = match what {
+            prepared::Deallocate::All => {
+                self.statements.retain(|name, _| name.is_empty());
+                if self.server.is_some() {
+                    return false;
+                }
+                "DEALLOCATE ALL"
+            }
+            prepared::Deallocate::Name(name) => {
+                if !self
+                    .statements
+                    .get(&name[..])
+                    .is_some_and(|s| s.shared.is_some())
+                {
+                    return false;
+                }
+                self.statements.remove(&name[..]);
+                "DEALLOCATE"
+            }
+        };
+        if let Ok(Some(pending)) = self.audit_statement(tag.as_bytes(), None).await {
+            self.resolved.push(Resolved {
+                pending,
+                outcome: Outcome::Ok {
+                    tag: Some(tag.to_string()),
+                    rows: None,
+                },
+            });
+        }
+        self.tracker.synth_query(tag);
+        true
+    }
+
     async fn on_parse(&mut self, frame: Bytes) -> Result<(), End> {
-        let parse = messages::parse_parse(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        let parse =
+            messages::parse_parse(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
         if let Err(v) = self.shared.guard.check(parse.query) {
             let query = parse.query;
             let error = self.blocked(query, &v.to_string()).await;
             return self.refuse(Flow::Extended, error).await;
         }
-        if self.auditing {
-            let name = frame.slice_ref(parse.name);
-            let sql = frame.slice_ref(parse.query);
-            self.statements.insert(name, sql);
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
         }
-        self.forward_extended(frame, Flow::Extended).await
+        let name = frame.slice_ref(parse.name);
+        let sql = frame.slice_ref(parse.query);
+        self.unsynced = true;
+        if name.is_empty() {
+            self.statements
+                .insert(name, prepared::Statement::unnamed(sql));
+            self.to_server.extend_from_slice(&frame);
+            self.tracker.parse(false, None);
+            return Ok(());
+        }
+        let rest = frame.slice(5 + parse.name.len() + 1..);
+        let key = statements::key(&rest);
+        self.statements.insert(
+            name,
+            prepared::Statement {
+                sql,
+                shared: Some((key, rest.clone())),
+            },
+        );
+        let server = self.server.as_mut().expect("bound above");
+        if server.statements.touch(key) {
+            self.tracker.synth_parse();
+        } else {
+            self.prepare_on_server(key, &rest, false);
+        }
+        Ok(())
+    }
+
+    /// Sends `Parse` of a shared statement to the bound server (closing the
+    /// one the cache evicts to make room). `injected`: the client did not
+    /// ask for this Parse, so its answer is not relayed.
+    fn prepare_on_server(&mut self, key: u128, rest: &[u8], injected: bool) {
+        let server = self.server.as_mut().expect("caller binds");
+        if let Some(evicted) = server.statements.insert(key) {
+            prepared::statement_message(
+                &mut self.to_server,
+                b'C',
+                &statements::server_name(evicted),
+            );
+            self.tracker.close(true);
+        }
+        prepared::parse(&mut self.to_server, &statements::server_name(key), rest);
+        self.tracker.parse(injected, Some(key));
+    }
+
+    /// The server name of a client's named statement, prepared on the bound
+    /// server first if needed; `None` for unnamed or unknown names (relayed
+    /// as they are, so the server reports unknown ones itself).
+    fn server_statement(&mut self, name: &[u8]) -> Option<String> {
+        if name.is_empty() {
+            return None;
+        }
+        let (key, rest) = self.statements.get(name)?.shared.clone()?;
+        let server = self.server.as_mut().expect("caller binds");
+        if !server.statements.touch(key) {
+            self.prepare_on_server(key, &rest, true);
+        }
+        Some(statements::server_name(key))
     }
 
     async fn on_bind(&mut self, frame: Bytes) -> Result<(), End> {
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
         if self.auditing {
-            let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-            let sql = self.statements.get(bind.statement).cloned().unwrap_or_default();
+            let sql = self
+                .statements
+                .get(bind.statement)
+                .map(|s| s.sql.clone())
+                .unwrap_or_default();
             let params = if self.shared.config.audit.log_parameters {
-                Some(bind.params_for_audit().map_err(|e| End::Fatal(protocol_error(e)))?)
+                Some(
+                    bind.params_for_audit()
+                        .map_err(|e| End::Fatal(protocol_error(e)))?,
+                )
             } else {
                 None
             };
-            let portal = frame.slice_ref(bind.portal);
-            self.portals.insert(portal, Portal { sql, params });
+            self.portals
+                .insert(frame.slice_ref(bind.portal), Portal { sql, params });
         }
-        self.forward_extended(frame, Flow::Extended).await
+        match self.server_statement(bind.statement) {
+            Some(name) => {
+                let rest = 5 + bind.portal.len() + 1 + bind.statement.len() + 1;
+                prepared::bind(&mut self.to_server, bind.portal, &name, &frame[rest..]);
+            }
+            None => self.to_server.extend_from_slice(&frame),
+        }
+        self.tracker.bind();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    async fn on_describe(&mut self, frame: Bytes) -> Result<(), End> {
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..])
+            .map_err(|e| End::Fatal(protocol_error(e)))?;
+        let server_name = if kind == b'S' {
+            self.server_statement(name)
+        } else {
+            None
+        };
+        match server_name {
+            Some(server_name) => {
+                prepared::statement_message(&mut self.to_server, b'D', &server_name)
+            }
+            None => self.to_server.extend_from_slice(&frame),
+        }
+        self.tracker.describe();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    async fn on_close(&mut self, frame: Bytes) -> Result<(), End> {
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..])
+            .map_err(|e| End::Fatal(protocol_error(e)))?;
+        if kind == b'S'
+            && self
+                .statements
+                .get(name)
+                .is_some_and(|s| s.shared.is_some())
+        {
+            // The client's name goes; the shared statement stays on the server.
+            self.statements.remove(name);
+            self.tracker.synth_close();
+            return Ok(());
+        }
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        if kind == b'S' {
+            self.statements.remove(name);
+        }
+        self.to_server.extend_from_slice(&frame);
+        self.tracker.close(false);
+        self.unsynced = true;
+        Ok(())
     }
 
     async fn on_execute(&mut self, frame: Bytes) -> Result<(), End> {
@@ -320,7 +514,8 @@ impl<'a> QueryLoop<'a> {
         }
         let mut pending = None;
         if self.auditing {
-            let name = messages::parse_execute(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+            let name =
+                messages::parse_execute(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
             let (sql, params) = match self.portals.get(name) {
                 Some(p) => (p.sql.clone(), p.params.clone()),
                 None => (Bytes::new(), None),
@@ -356,7 +551,10 @@ impl<'a> QueryLoop<'a> {
         let text = format!("FunctionCall oid={oid}");
         if oid == SET_CONFIG_OID {
             let error = self
-                .blocked(text.as_bytes(), "set_config through FunctionCall is not allowed through pgwarden")
+                .blocked(
+                    text.as_bytes(),
+                    "set_config through FunctionCall is not allowed through pgwarden",
+                )
                 .await;
             return self.refuse(Flow::Simple, error).await;
         }
@@ -369,15 +567,6 @@ impl<'a> QueryLoop<'a> {
         };
         self.to_server.extend_from_slice(&frame);
         self.tracker.query(pending, None);
-        Ok(())
-    }
-
-    async fn forward_extended(&mut self, frame: Bytes, flow: Flow) -> Result<(), End> {
-        if let Err(e) = self.bind_server().await {
-            return self.refuse(flow, e).await;
-        }
-        self.to_server.extend_from_slice(&frame);
-        self.unsynced = true;
         Ok(())
     }
 
@@ -446,7 +635,9 @@ impl<'a> QueryLoop<'a> {
                 started: Instant::now(),
             })),
             Err(e) if self.shared.auditor.on_failure() == OnFailure::Allow => {
-                tracing::error!("audit store failed, statement allowed by on_failure = \"allow\": {e}");
+                tracing::error!(
+                    "audit store failed, statement allowed by on_failure = \"allow\": {e}"
+                );
                 Ok(None)
             }
             Err(e) => {
@@ -557,35 +748,41 @@ impl<'a> QueryLoop<'a> {
     }
 
     fn on_server_frame(&mut self, frame: BytesMut) {
-        match frame[0] {
+        let tag = frame[0];
+        tracing::trace!(tag = %(tag as char), len = frame.len(), "server frame");
+        match tag {
             b'Z' if frame.len() == 6 => {
                 self.tx_status = frame[5];
-                self.tracker.on_ready(&mut self.resolved);
+                self.copy_in = false;
             }
-            b'E' => {
-                let fields = messages::parse_error_fields(&frame[5..]).unwrap_or_default();
-                let (resolved, substitute) = self.tracker.on_error(&fields);
-                self.resolved.extend(resolved);
-                if matches!(fields.severity.as_str(), "FATAL" | "PANIC") {
-                    if let Some(server) = self.server.as_mut() {
-                        server.mark_broken();
-                    }
-                }
-                if let Some(error) = substitute {
-                    error.encode(&mut self.to_client);
-                    return;
-                }
-            }
-            b'C' => {
-                let (tag, rows) = messages::parse_command_complete(&frame[5..]).unwrap_or_default();
-                self.resolved.extend(self.tracker.on_complete(Some(tag), rows));
-            }
-            b'I' | b's' => self.resolved.extend(self.tracker.on_complete(None, None)),
-            // Key data is the gateway's business, never a server connection's.
-            b'K' => return,
+            b'G' => self.copy_in = true,
             _ => {}
         }
-        self.to_client.extend_from_slice(&frame);
+        if tag == b'E' {
+            let fatal = messages::parse_error_fields(&frame[5..])
+                .is_ok_and(|f| matches!(f.severity.as_str(), "FATAL" | "PANIC"));
+            if fatal {
+                if let Some(server) = self.server.as_mut() {
+                    server.mark_broken();
+                }
+            }
+        }
+        let mut cache = CacheEffects::default();
+        let route = self
+            .tracker
+            .on_server(tag, &frame[5..], &mut self.resolved, &mut cache);
+        if let Some(server) = self.server.as_mut() {
+            for key in cache.not_prepared {
+                server.statements.remove(key);
+            }
+        }
+        match route {
+            Route::Forward => self.to_client.extend_from_slice(&frame),
+            Route::Drop => {}
+            Route::Replace(error) => error.encode(&mut self.to_client),
+        }
+        self.tracker
+            .emit_synthetic(self.tx_status, &mut self.to_client);
     }
 
     async fn record_results(&mut self) {
@@ -625,7 +822,7 @@ impl<'a> QueryLoop<'a> {
     fn release(&mut self) {
         if let Some(conn) = self.server.take() {
             self.cancel.unbind();
-            self.statements.retain(|name, _| !name.is_empty());
+            self.statements.remove(&b""[..]);
             drop(conn);
         }
     }
@@ -634,7 +831,8 @@ impl<'a> QueryLoop<'a> {
     /// as unknown, it is destroyed, and the client session ends.
     async fn server_lost(&mut self, why: &str) -> End {
         tracing::warn!(session = %self.ident.session_id, "server connection lost: {why}");
-        self.abandon_server("server connection lost before the statement completed").await;
+        self.abandon_server("server connection lost before the statement completed")
+            .await;
         End::Fatal(PgError::fatal(
             sqlstate::CONNECTION_FAILURE,
             "pgwarden lost its connection to PostgreSQL; your transaction, if any, was rolled back",
@@ -684,6 +882,7 @@ impl<'a> QueryLoop<'a> {
         };
         let mut out = BytesMut::new();
         messages::query(&mut out, "DISCARD ALL");
+        server.statements.clear();
         let ok = match server.write_all(&out).await {
             Ok(()) => server.drain_until_ready().await.is_ok(),
             Err(_) => false,

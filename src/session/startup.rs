@@ -17,7 +17,10 @@ use crate::protocol::startup::{split_startup, StartupMessage, StartupPacket};
 /// What a new connection turned out to be.
 pub enum FirstPacket {
     Startup(ClientConn, StartupMessage),
-    Cancel { pid: i32, secret: i32 },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
     /// The client hung up before sending a startup message.
     Gone,
 }
@@ -69,7 +72,9 @@ async fn negotiate_inner(
                     .into()),
                 };
             }
-            StartupPacket::Cancel { pid, secret } => return Ok(FirstPacket::Cancel { pid, secret }),
+            StartupPacket::Cancel { pid, secret } => {
+                return Ok(FirstPacket::Cancel { pid, secret })
+            }
             StartupPacket::Startup(m) => {
                 let conn = ClientConn::new(ClientStream::Plain(tcp), buf, max_message_size);
                 return Ok(FirstPacket::Startup(conn, m));

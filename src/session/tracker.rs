@@ -1,17 +1,24 @@
-//! What the server still owes the client: the queue of forwarded messages
-//! that end in a response the gateway must see (a statement's completion, a
-//! `ReadyForQuery`), in the order the server will answer them.
+//! What the server still owes the client: one entry per forwarded (or
+//! answered-by-the-gateway) message that produces a response, in the order
+//! the responses come back. Every server message is routed through it.
 //!
-//! Invariant: the queue is empty exactly when every forwarded `Query`,
-//! `FunctionCall` and `Sync` has had its `ReadyForQuery`; only then may a
-//! server connection be released. Each audited statement leaves the queue
-//! with exactly one outcome, also when the server skipped it after an
-//! earlier error in the same pipeline.
+//! Invariants:
+//! - the queue is empty exactly when every forwarded `Query`, `FunctionCall`
+//!   and `Sync` has had its `ReadyForQuery` and every gateway-made answer
+//!   has been sent; only then may a server connection be released;
+//! - answers the gateway makes itself (a `ParseComplete` for a statement the
+//!   server connection already has, a `CloseComplete` for a client-side
+//!   close, a refused statement's error) are emitted exactly when they reach
+//!   the front, so the client sees responses in the order of its messages;
+//! - after an error the server skips to `Sync`; so does the queue, and each
+//!   skipped audited statement leaves with `NotExecuted`.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use crate::protocol::messages::{ErrorFields, PgError};
+use bytes::{BufMut, BytesMut};
+
+use crate::protocol::messages::{self, ErrorFields, PgError};
 
 /// An audited statement waiting for its outcome.
 #[derive(Debug, Clone)]
@@ -43,25 +50,72 @@ pub struct Resolved {
     pub outcome: Outcome,
 }
 
+/// What the relay does with a server message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Forward,
+    /// An answer to a message the gateway injected: the client never asked.
+    Drop,
+    /// The answer to a refused statement's stand-in: the client sees this.
+    Replace(PgError),
+}
+
+/// Side effects on the server connection's statement cache.
+#[derive(Debug, Default)]
+pub struct CacheEffects {
+    /// Statements whose `Parse` failed or was skipped: not on the server.
+    pub not_prepared: Vec<u128>,
+}
+
 #[derive(Debug)]
 enum Expect {
+    /// `ParseComplete` expected. `injected`: the gateway sent this Parse
+    /// (the answer is dropped). `key`: the server-side statement it creates.
+    Parse {
+        injected: bool,
+        key: Option<u128>,
+    },
+    /// The gateway answers `ParseComplete` itself: the statement exists.
+    SynthParse,
+    Bind,
+    /// `Describe`: ends at `RowDescription` or `NoData`.
+    Describe,
+    Execute {
+        pending: Option<Pending>,
+    },
+    /// `CloseComplete` expected; `injected` as for `Parse`.
+    Close {
+        injected: bool,
+    },
+    /// The gateway answers `CloseComplete` itself (client-side close).
+    SynthClose,
+    /// A `Parse` refused by the gateway and replaced by one that fails.
+    BlockedParse {
+        error: PgError,
+    },
+    Sync,
     /// A simple `Query` or `FunctionCall`: ends at `ReadyForQuery`.
     Query {
         pending: Option<Pending>,
-        /// Set when the guard replaced the client's query: the server's
-        /// error for the replacement is swapped for this one.
         blocked: Option<PgError>,
         tag: Option<String>,
         rows: Option<u64>,
         error: Option<ErrorFields>,
     },
-    /// An `Execute`: ends at `CommandComplete`, `EmptyQueryResponse`,
-    /// `PortalSuspended` or `ErrorResponse`.
-    Execute { pending: Option<Pending> },
-    /// A `Parse` the guard replaced: ends at the replacement's error.
-    BlockedParse { error: PgError },
-    /// A `Sync`: ends at `ReadyForQuery`.
-    Sync,
+    /// A simple query the gateway answers itself: `CommandComplete` with
+    /// this tag, then `ReadyForQuery` with the current status.
+    SynthQuery {
+        tag: &'static str,
+    },
+}
+
+impl Expect {
+    fn is_synthetic(&self) -> bool {
+        matches!(
+            self,
+            Expect::SynthParse | Expect::SynthClose | Expect::SynthQuery { .. }
+        )
+    }
 }
 
 /// The queue itself.
@@ -75,6 +129,33 @@ impl Tracker {
         self.queue.is_empty()
     }
 
+    pub fn parse(&mut self, injected: bool, key: Option<u128>) {
+        self.queue.push_back(Expect::Parse { injected, key });
+    }
+    pub fn synth_parse(&mut self) {
+        self.queue.push_back(Expect::SynthParse);
+    }
+    pub fn bind(&mut self) {
+        self.queue.push_back(Expect::Bind);
+    }
+    pub fn describe(&mut self) {
+        self.queue.push_back(Expect::Describe);
+    }
+    pub fn execute(&mut self, pending: Option<Pending>) {
+        self.queue.push_back(Expect::Execute { pending });
+    }
+    pub fn close(&mut self, injected: bool) {
+        self.queue.push_back(Expect::Close { injected });
+    }
+    pub fn synth_close(&mut self) {
+        self.queue.push_back(Expect::SynthClose);
+    }
+    pub fn blocked_parse(&mut self, error: PgError) {
+        self.queue.push_back(Expect::BlockedParse { error });
+    }
+    pub fn sync(&mut self) {
+        self.queue.push_back(Expect::Sync);
+    }
     pub fn query(&mut self, pending: Option<Pending>, blocked: Option<PgError>) {
         self.queue.push_back(Expect::Query {
             pending,
@@ -84,79 +165,191 @@ impl Tracker {
             error: None,
         });
     }
-
-    pub fn execute(&mut self, pending: Option<Pending>) {
-        self.queue.push_back(Expect::Execute { pending });
+    pub fn synth_query(&mut self, tag: &'static str) {
+        self.queue.push_back(Expect::SynthQuery { tag });
     }
 
-    pub fn blocked_parse(&mut self, error: PgError) {
-        self.queue.push_back(Expect::BlockedParse { error });
-    }
-
-    pub fn sync(&mut self) {
-        self.queue.push_back(Expect::Sync);
-    }
-
-    /// `CommandComplete` (with its tag) or `EmptyQueryResponse` /
-    /// `PortalSuspended` (without).
-    pub fn on_complete(&mut self, tag: Option<String>, rows: Option<u64>) -> Option<Resolved> {
-        match self.queue.front_mut()? {
-            Expect::Query {
-                tag: t, rows: r, ..
-            } => {
-                *t = tag;
-                *r = rows;
-                None
+    /// Writes the answers of gateway-made entries now at the front.
+    pub fn emit_synthetic(&mut self, tx_status: u8, out: &mut BytesMut) {
+        while self.queue.front().is_some_and(Expect::is_synthetic) {
+            match self.queue.pop_front() {
+                Some(Expect::SynthParse) => messages::write_frame(out, b'1', |_| {}),
+                Some(Expect::SynthClose) => messages::write_frame(out, b'3', |_| {}),
+                Some(Expect::SynthQuery { tag }) => {
+                    messages::write_frame(out, b'C', |b| {
+                        b.put_slice(tag.as_bytes());
+                        b.put_u8(0);
+                    });
+                    messages::ready_for_query(out, tx_status);
+                }
+                _ => unreachable!("front was synthetic"),
             }
-            Expect::Execute { .. } => match self.queue.pop_front() {
-                Some(Expect::Execute { pending }) => pending.map(|pending| Resolved {
-                    pending,
-                    outcome: Outcome::Ok { tag, rows },
-                }),
-                _ => None,
-            },
-            _ => None,
         }
     }
 
-    /// `ErrorResponse`. Returns the statement it ended (if audited) and, when
-    /// the error answers a guard replacement, the error the client must see
-    /// instead.
-    pub fn on_error(&mut self, fields: &ErrorFields) -> (Option<Resolved>, Option<PgError>) {
+    /// Routes one server message (`tag`, `body`), resolving what it ends.
+    pub fn on_server(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        resolved: &mut Vec<Resolved>,
+        cache: &mut CacheEffects,
+    ) -> Route {
+        match tag {
+            b'1' => match self.pop_if(|e| matches!(e, Expect::Parse { .. })) {
+                Some(Expect::Parse { injected: true, .. }) => Route::Drop,
+                _ => Route::Forward,
+            },
+            b'2' => {
+                self.pop_if(|e| matches!(e, Expect::Bind));
+                Route::Forward
+            }
+            b'T' | b'n' => {
+                self.pop_if(|e| matches!(e, Expect::Describe));
+                Route::Forward
+            }
+            b'3' => match self.pop_if(|e| matches!(e, Expect::Close { .. })) {
+                Some(Expect::Close { injected: true }) => Route::Drop,
+                _ => Route::Forward,
+            },
+            b'C' | b'I' | b's' => {
+                let (tag, rows) = if tag == b'C' {
+                    let (t, r) = messages::parse_command_complete(body).unwrap_or_default();
+                    (Some(t), r)
+                } else {
+                    (None, None)
+                };
+                self.on_complete(tag, rows, resolved);
+                Route::Forward
+            }
+            b'E' => self.on_error(body, resolved, cache),
+            b'Z' => {
+                self.on_ready(resolved);
+                Route::Forward
+            }
+            b'G' => {
+                self.on_copy_in();
+                Route::Forward
+            }
+            b'K' => Route::Drop,
+            _ => Route::Forward,
+        }
+    }
+
+    /// `CopyInResponse`: PostgreSQL ignores `Sync` during copy-in, so a
+    /// `Sync` the client pipelined behind the COPY (libpq and tokio-postgres
+    /// do) will never be answered. Drop such entries; the relay stops
+    /// queueing Syncs until the client ends the copy.
+    fn on_copy_in(&mut self) {
+        let mut i = 1;
+        while i < self.queue.len() {
+            if matches!(self.queue[i], Expect::Sync) {
+                self.queue.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn pop_if(&mut self, pred: impl Fn(&Expect) -> bool) -> Option<Expect> {
+        if self.queue.front().is_some_and(pred) {
+            self.queue.pop_front()
+        } else {
+            None
+        }
+    }
+
+    fn on_complete(
+        &mut self,
+        tag: Option<String>,
+        rows: Option<u64>,
+        resolved: &mut Vec<Resolved>,
+    ) {
+        match self.queue.front_mut() {
+            Some(Expect::Query {
+                tag: t, rows: r, ..
+            }) => {
+                *t = tag;
+                *r = rows;
+            }
+            Some(Expect::Execute { .. }) => {
+                if let Some(Expect::Execute {
+                    pending: Some(pending),
+                }) = self.queue.pop_front()
+                {
+                    resolved.push(Resolved {
+                        pending,
+                        outcome: Outcome::Ok { tag, rows },
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_error(
+        &mut self,
+        body: &[u8],
+        resolved: &mut Vec<Resolved>,
+        cache: &mut CacheEffects,
+    ) -> Route {
+        let fields = messages::parse_error_fields(body).unwrap_or_default();
+        let mut route = Route::Forward;
         match self.queue.front_mut() {
             Some(Expect::Query { blocked, error, .. }) => {
                 if let Some(b) = blocked.take() {
-                    return (None, Some(b));
+                    return Route::Replace(b);
                 }
-                if error.is_none() {
-                    *error = Some(fields.clone());
-                }
-                (None, None)
+                error.get_or_insert(fields);
+                return Route::Forward;
             }
-            Some(Expect::Execute { .. }) => match self.queue.pop_front() {
-                Some(Expect::Execute { pending }) => (
-                    pending.map(|pending| Resolved {
-                        pending,
-                        outcome: Outcome::Error {
-                            code: fields.code.clone(),
-                            message: fields.message.clone(),
-                        },
-                    }),
-                    None,
-                ),
-                _ => (None, None),
-            },
-            Some(Expect::BlockedParse { .. }) => match self.queue.pop_front() {
-                Some(Expect::BlockedParse { error }) => (None, Some(error)),
-                _ => (None, None),
-            },
-            Some(Expect::Sync) | None => (None, None),
+            // An error at Sync (a failed implicit commit) or outside any request.
+            Some(Expect::Sync) | None => return Route::Forward,
+            Some(_) => {}
+        }
+        // An extended-protocol message failed: it and everything up to the
+        // next Sync is over.
+        let failed = self.queue.pop_front();
+        match failed {
+            Some(Expect::Execute {
+                pending: Some(pending),
+            }) => resolved.push(Resolved {
+                pending,
+                outcome: Outcome::Error {
+                    code: fields.code.clone(),
+                    message: fields.message.clone(),
+                },
+            }),
+            Some(Expect::Parse { key: Some(key), .. }) => cache.not_prepared.push(key),
+            Some(Expect::BlockedParse { error }) => route = Route::Replace(error),
+            _ => {}
+        }
+        self.skip_to_sync(resolved, cache);
+        route
+    }
+
+    fn skip_to_sync(&mut self, resolved: &mut Vec<Resolved>, cache: &mut CacheEffects) {
+        while let Some(front) = self.queue.front() {
+            if matches!(
+                front,
+                Expect::Sync | Expect::Query { .. } | Expect::SynthQuery { .. }
+            ) {
+                return;
+            }
+            match self.queue.pop_front() {
+                Some(Expect::Execute {
+                    pending: Some(pending),
+                }) => resolved.push(Resolved {
+                    pending,
+                    outcome: Outcome::NotExecuted,
+                }),
+                Some(Expect::Parse { key: Some(key), .. }) => cache.not_prepared.push(key),
+                _ => {}
+            }
         }
     }
 
-    /// `ReadyForQuery`: ends the first `Query` or `Sync` in the queue and
-    /// everything before it that the server skipped.
-    pub fn on_ready(&mut self, resolved: &mut Vec<Resolved>) {
+    fn on_ready(&mut self, resolved: &mut Vec<Resolved>) {
         while let Some(expect) = self.queue.pop_front() {
             match expect {
                 Expect::Query {
@@ -179,11 +372,13 @@ impl Tracker {
                     return;
                 }
                 Expect::Sync => return,
-                Expect::Execute { pending } => resolved.extend(pending.map(|pending| Resolved {
+                Expect::Execute {
+                    pending: Some(pending),
+                } => resolved.push(Resolved {
                     pending,
                     outcome: Outcome::NotExecuted,
-                })),
-                Expect::BlockedParse { .. } => {}
+                }),
+                _ => {}
             }
         }
     }
@@ -212,68 +407,142 @@ mod tests {
         })
     }
 
-    fn err(code: &str) -> ErrorFields {
-        ErrorFields {
-            severity: "ERROR".into(),
-            code: code.into(),
-            message: "boom".into(),
-        }
+    fn error_body(code: &str) -> Vec<u8> {
+        format!("SERROR\0C{code}\0Mboom\0\0").into_bytes()
+    }
+
+    fn route(t: &mut Tracker, tag: u8, body: &[u8], resolved: &mut Vec<Resolved>) -> Route {
+        t.on_server(tag, body, resolved, &mut CacheEffects::default())
     }
 
     #[test]
     fn pipeline_error_skips_rest_until_sync() {
         let mut t = Tracker::default();
-        t.execute(p(1));
-        t.execute(p(2));
-        t.execute(p(3));
+        let mut r = Vec::new();
+        for seq in 1..=3 {
+            t.parse(false, None);
+            t.bind();
+            t.execute(p(seq));
+        }
         t.sync();
         t.execute(p(4));
         t.sync();
-        let r = t.on_complete(Some("SELECT 1".into()), Some(1)).unwrap();
-        assert_eq!(r.pending.seq, 1);
-        let (r, sub) = t.on_error(&err("22012"));
-        assert_eq!(r.unwrap().pending.seq, 2);
-        assert!(sub.is_none());
-        let mut resolved = Vec::new();
-        t.on_ready(&mut resolved);
-        assert_eq!(resolved.len(), 1);
-        assert_eq!(resolved[0].pending.seq, 3);
-        assert_eq!(resolved[0].outcome, Outcome::NotExecuted);
+        for tag in [b'1', b'2'] {
+            assert_eq!(route(&mut t, tag, b"", &mut r), Route::Forward);
+        }
+        route(&mut t, b'C', b"SELECT 1\0", &mut r);
+        assert_eq!(r.pop().unwrap().pending.seq, 1);
+        route(&mut t, b'1', b"", &mut r);
+        route(&mut t, b'2', b"", &mut r);
+        route(&mut t, b'E', &error_body("22012"), &mut r);
+        assert_eq!(r.len(), 2);
+        assert!(matches!(&r[0].outcome, Outcome::Error { code, .. } if code == "22012"));
+        assert_eq!(r[1].pending.seq, 3);
+        assert_eq!(r[1].outcome, Outcome::NotExecuted);
+        r.clear();
+        route(&mut t, b'Z', b"I", &mut r);
         assert!(!t.is_empty());
-        assert_eq!(t.on_complete(None, None).unwrap().pending.seq, 4);
-        t.on_ready(&mut resolved);
+        route(&mut t, b'C', b"SELECT 1\0", &mut r);
+        assert_eq!(r[0].pending.seq, 4);
+        route(&mut t, b'Z', b"I", &mut r);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn syncs_sent_into_a_copy_in_are_not_awaited() {
+        let mut t = Tracker::default();
+        let mut r = Vec::new();
+        t.bind();
+        t.execute(p(1));
+        t.sync();
+        route(&mut t, b'2', b"", &mut r);
+        route(&mut t, b'G', b"\0\0\0", &mut r);
+        // The client ends the copy and syncs again; only that Sync is answered.
+        t.sync();
+        route(&mut t, b'C', b"COPY 3\0", &mut r);
+        assert_eq!(
+            r[0].outcome,
+            Outcome::Ok {
+                tag: Some("COPY 3".into()),
+                rows: Some(3)
+            }
+        );
+        route(&mut t, b'Z', b"T", &mut r);
         assert!(t.is_empty());
     }
 
     #[test]
     fn multi_statement_query_keeps_last_tag_and_first_error() {
         let mut t = Tracker::default();
+        let mut r = Vec::new();
         t.query(p(7), None);
-        assert!(t.on_complete(Some("INSERT 0 2".into()), Some(2)).is_none());
-        let (r, _) = t.on_error(&err("23505"));
-        assert!(r.is_none());
-        let mut resolved = Vec::new();
-        t.on_ready(&mut resolved);
-        assert!(matches!(&resolved[0].outcome, Outcome::Error { code, .. } if code == "23505"));
+        route(&mut t, b'C', b"INSERT 0 2\0", &mut r);
+        route(&mut t, b'E', &error_body("23505"), &mut r);
+        assert!(r.is_empty());
+        route(&mut t, b'Z', b"I", &mut r);
+        assert!(matches!(&r[0].outcome, Outcome::Error { code, .. } if code == "23505"));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn synthetic_answers_wait_for_their_turn() {
+        let mut t = Tracker::default();
+        let mut out = BytesMut::new();
+        t.parse(false, Some(1));
+        t.synth_parse();
+        t.bind();
+        t.sync();
+        t.emit_synthetic(b'I', &mut out);
+        assert!(out.is_empty(), "the first Parse is still owed");
+        route(&mut t, b'1', b"", &mut Vec::new());
+        t.emit_synthetic(b'I', &mut out);
+        assert_eq!(&out[..], b"1\0\0\0\x04");
+        route(&mut t, b'2', b"", &mut Vec::new());
+        route(&mut t, b'Z', b"I", &mut Vec::new());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn injected_messages_answers_are_dropped_and_failed_parses_uncached() {
+        let mut t = Tracker::default();
+        let mut cache = CacheEffects::default();
+        t.parse(true, Some(9));
+        t.bind();
+        t.parse(false, Some(10));
+        t.sync();
+        assert_eq!(
+            t.on_server(b'1', b"", &mut Vec::new(), &mut cache),
+            Route::Drop
+        );
+        assert_eq!(
+            t.on_server(b'E', &error_body("42P01"), &mut Vec::new(), &mut cache),
+            Route::Forward
+        );
+        assert_eq!(cache.not_prepared, vec![10]);
     }
 
     #[test]
     fn blocked_statements_get_their_substitute_error() {
         let mut t = Tracker::default();
+        let mut r = Vec::new();
         let guard = PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, "no");
         t.query(None, Some(guard.clone()));
-        assert_eq!(t.on_error(&err("42601")).1, Some(guard.clone()));
-        let mut resolved = Vec::new();
-        t.on_ready(&mut resolved);
-        assert!(resolved.is_empty() && t.is_empty());
+        assert_eq!(
+            route(&mut t, b'E', &error_body("42601"), &mut r),
+            Route::Replace(guard.clone())
+        );
+        route(&mut t, b'Z', b"I", &mut r);
+        assert!(r.is_empty() && t.is_empty());
 
         t.execute(p(1));
         t.blocked_parse(guard.clone());
         t.sync();
-        t.on_complete(Some("SELECT 1".into()), Some(1));
-        assert_eq!(t.on_error(&err("42601")).1, Some(guard));
-        t.on_ready(&mut resolved);
+        route(&mut t, b'C', b"SELECT 1\0", &mut r);
+        assert_eq!(
+            route(&mut t, b'E', &error_body("42601"), &mut r),
+            Route::Replace(guard)
+        );
+        route(&mut t, b'Z', b"I", &mut r);
         assert!(t.is_empty());
     }
 }

@@ -10,7 +10,10 @@ async fn scram_md5_and_cleartext_users_log_in() {
     let gw = start_gateway(Opts::default()).await;
     for user in ["alice", "md5_user", "clear_user"] {
         let client = gw.connect(user).await;
-        assert_eq!(support::one(&client, "SELECT current_setting('app.client_user')").await, user);
+        assert_eq!(
+            support::one(&client, "SELECT current_setting('app.client_user')").await,
+            user
+        );
     }
 }
 
@@ -19,7 +22,10 @@ async fn wrong_password_gets_the_backends_fatal_28p01() {
     let gw = start_gateway(Opts::default()).await;
     for user in ["alice", "md5_user", "clear_user"] {
         let url = gw.url(user, "not-the-password");
-        let err = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.err().expect("login must fail");
+        let err = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("login must fail");
         assert_eq!(support::sqlstate(&err), "28P01", "{user}: {err}");
     }
 }
@@ -28,23 +34,43 @@ async fn wrong_password_gets_the_backends_fatal_28p01() {
 async fn psql_logs_in_through_the_gateway() {
     let gw = start_gateway(Opts::default()).await;
     let out = gw.psql("alice", &["-c", "SELECT current_user, session_user"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "analyst|pgwarden_svc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "analyst|pgwarden_svc"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unmapped_user_gets_fatal_28000() {
     let gw = start_gateway(Opts::default()).await;
-    let err = gw.try_connect("carol").await.err().expect("carol has no mapping");
+    let err = gw
+        .try_connect("carol")
+        .await
+        .err()
+        .expect("carol has no mapping");
     assert_eq!(support::sqlstate(&err), "28000");
-    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
-    assert!(message.contains("no role mapping for user \"carol\""), "{message}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("no role mapping for user \"carol\""),
+        "{message}"
+    );
 }
 
 /// Counts backend sessions of `user` (the temporary auth connections).
 fn backends_of(user: &str) -> i64 {
     cluster()
-        .psql("postgres", &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"))
+        .psql(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}'"),
+        )
         .parse()
         .unwrap()
 }
@@ -59,7 +85,11 @@ async fn client_hanging_up_mid_login_leaves_nothing_behind() {
         let mut head = [0u8; 9];
         s.read_exact(&mut head).await.unwrap();
         assert_eq!(head[0], b'R');
-        assert_eq!(i32::from_be_bytes([head[5], head[6], head[7], head[8]]), 10, "SASL requested");
+        assert_eq!(
+            i32::from_be_bytes([head[5], head[6], head[7], head[8]]),
+            10,
+            "SASL requested"
+        );
         drop(s);
     }
     // The temporary connections are closed by the gateway.
@@ -92,7 +122,10 @@ async fn temporary_auth_connection_is_closed_after_login() {
         n = backends_of("clear_user");
     }
     assert_eq!(n, 0);
-    assert_eq!(support::one(&client, "SELECT session_user").await, "pgwarden_svc");
+    assert_eq!(
+        support::one(&client, "SELECT session_user").await,
+        "pgwarden_svc"
+    );
 }
 
 pub fn startup_packet(user: &str) -> Vec<u8> {

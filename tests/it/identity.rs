@@ -8,7 +8,10 @@ async fn statements_run_as_mapped_role_tagged_with_client() {
     let gw = start_gateway(Opts::default()).await;
     let client = gw.connect("alice").await;
     let row = client
-        .query_one("SELECT current_user::text, session_user::text, current_setting('app.client_user')", &[])
+        .query_one(
+            "SELECT current_user::text, session_user::text, current_setting('app.client_user')",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "analyst");
@@ -27,11 +30,23 @@ async fn failed_assertion_runs_nothing_and_drops_the_connection() {
         .await
         .expect_err("role does not exist");
     assert_eq!(support::sqlstate(&err), "42501");
-    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
     assert!(message.contains("could not switch to role"), "{message}");
-    assert_eq!(pg.psql("app", &format!("SELECT count(*) FROM items WHERE owner = '{marker}'")), "0");
+    assert_eq!(
+        pg.psql(
+            "app",
+            &format!("SELECT count(*) FROM items WHERE owner = '{marker}'")
+        ),
+        "0"
+    );
     // Extended protocol too.
-    let err = client.query("SELECT 1", &[]).await.expect_err("still no role");
+    let err = client
+        .query("SELECT 1", &[])
+        .await
+        .expect_err("still no role");
     assert_eq!(support::sqlstate(&err), "42501");
     // The session stays usable for its error handling, and the pool holds no
     // connection that saw the failure.
@@ -77,12 +92,30 @@ async fn concurrent_clients_on_a_small_pool_keep_their_identity() {
     })
     .await;
     let mut tasks = Vec::new();
-    for (user, role) in [("alice", "analyst"), ("bob", "engineer"), ("alice", "analyst"), ("bob", "engineer")] {
+    for (user, role) in [
+        ("alice", "analyst"),
+        ("bob", "engineer"),
+        ("alice", "analyst"),
+        ("bob", "engineer"),
+    ] {
         let client = gw.connect(user).await;
         tasks.push(tokio::spawn(async move {
             for _ in 0..200 {
-                let who = support::one(&client, "SELECT current_user || '/' || current_setting('app.client_user')").await;
+                let who = support::one(
+                    &client,
+                    "SELECT current_user || '/' || current_setting('app.client_user')",
+                )
+                .await;
                 assert_eq!(who, format!("{role}/{user}"));
+                let tx = client
+                    .query_one(
+                        "SELECT current_user::text, current_setting('app.client_user')",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(tx.get::<_, String>(0), role);
+                assert_eq!(tx.get::<_, String>(1), user);
             }
         }));
     }

@@ -11,19 +11,32 @@ async fn shutdown_finishes_transactions_and_fatals_idle_clients() {
     let busy = gw.connect("bob").await;
     let id: i32 = 3_000_000 + rand::random::<u16>() as i32;
     busy.batch_execute("BEGIN").await.unwrap();
-    busy.execute("INSERT INTO items VALUES ($1, 'shutdown', NULL)", &[&id]).await.unwrap();
+    busy.execute("INSERT INTO items VALUES ($1, 'shutdown', NULL)", &[&id])
+        .await
+        .unwrap();
     let addr = gw.addr;
     let stopping = tokio::spawn(gw.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     // New clients are no longer accepted.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err() || stopping.is_finished() == false);
     // The idle client was told why it goes away.
-    let err = idle.simple_query("SELECT 1").await.expect_err("idle client is disconnected");
-    assert!(err.is_closed() || support::sqlstate(&err) == "57P01", "{err}");
+    let err = idle
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("idle client is disconnected");
+    assert!(
+        err.is_closed() || support::sqlstate(&err) == "57P01",
+        "{err}"
+    );
     // The transaction in flight completes.
-    busy.execute("UPDATE items SET owner = 'done' WHERE id = $1", &[&id]).await.unwrap();
+    busy.execute("UPDATE items SET owner = 'done' WHERE id = $1", &[&id])
+        .await
+        .unwrap();
     busy.batch_execute("COMMIT").await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), stopping).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         support::cluster().psql("app", &format!("SELECT owner FROM items WHERE id = {id}")),
         "done"
@@ -38,7 +51,10 @@ async fn idle_client_gets_fatal_57p01_on_shutdown() {
     let mut raw = crate::raw::RawClient::login(gw.addr).await;
     let stop = tokio::spawn(gw.stop());
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), raw.stream.read_to_end(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), raw.stream.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(buf[0], b'E');
     let text = String::from_utf8_lossy(&buf);
     assert!(text.contains("57P01") && text.contains("FATAL"), "{text}");
@@ -46,7 +62,9 @@ async fn idle_client_gets_fatal_57p01_on_shutdown() {
 }
 
 fn write_test_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
     let cert = dir.join("server.crt");
     let key = dir.join("server.key");
     std::fs::write(&cert, ck.cert.pem()).unwrap();
@@ -72,7 +90,11 @@ async fn psql_with_sslmode_require_uses_tls() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.starts_with("analyst"), "{stdout}");
     assert!(stdout.contains("SSL connection"), "{stdout}");
 }
@@ -90,12 +112,19 @@ async fn without_a_certificate_ssl_request_gets_n() {
     assert_eq!(&answer, b"N");
     // psql with sslmode=require refuses to go on; sslmode=prefer falls back.
     let out = std::process::Command::new("psql")
-        .arg(format!("host=127.0.0.1 port={} user=alice dbname=app sslmode=prefer", gw.port()))
+        .arg(format!(
+            "host=127.0.0.1 port={} user=alice dbname=app sslmode=prefer",
+            gw.port()
+        ))
         .args(["-X", "-At", "-c", "SELECT 1"])
         .env("PGPASSWORD", support::password_of("alice"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -116,7 +145,10 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
         .args(["serve", "-c"])
         .arg(dir.path().join("pgwarden.toml"))
-        .env("PGWARDEN_SERVICE_PASSWORD", support::cluster::SERVICE_PASSWORD)
+        .env(
+            "PGWARDEN_SERVICE_PASSWORD",
+            support::cluster::SERVICE_PASSWORD,
+        )
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -124,7 +156,12 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
     for _ in 0..100 {
         let out = std::process::Command::new("psql")
             .arg(format!("host=127.0.0.1 port={port} user=alice dbname=app"))
-            .args(["-X", "-At", "-c", "SELECT current_setting('app.client_user')"])
+            .args([
+                "-X",
+                "-At",
+                "-c",
+                "SELECT current_setting('app.client_user')",
+            ])
             .env("PGPASSWORD", support::password_of("alice"))
             .output()
             .unwrap();
@@ -138,7 +175,9 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
     assert!(ok, "the binary never served");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -146,7 +185,11 @@ async fn the_binary_serves_and_exits_0_on_sigterm() {
 fn bad_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pgwarden.toml");
-    std::fs::write(&path, "[backend]\nservice_user = \"x\"\n[pool]\nsizee = 1\n").unwrap();
+    std::fs::write(
+        &path,
+        "[backend]\nservice_user = \"x\"\n[pool]\nsizee = 1\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
         .args(["serve", "-c"])
         .arg(&path)

@@ -5,7 +5,8 @@ mod support;
 
 mod auth;
 mod identity;
+mod lifecycle;
 mod pool;
+mod prepared;
 mod protocol;
 mod raw;
-mod lifecycle;

@@ -13,8 +13,14 @@ async fn service_user_logs_in_with_md5() {
     })
     .await;
     let client = gw.connect("alice").await;
-    assert_eq!(support::one(&client, "SELECT session_user").await, "pgwarden_svc_md5");
-    assert_eq!(support::one(&client, "SELECT current_user").await, "analyst");
+    assert_eq!(
+        support::one(&client, "SELECT session_user").await,
+        "pgwarden_svc_md5"
+    );
+    assert_eq!(
+        support::one(&client, "SELECT current_user").await,
+        "analyst"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -31,7 +37,10 @@ async fn transaction_mode_releases_at_idle_and_serves_the_next_client() {
     let pid = support::one(&alice, "SELECT pg_backend_pid()").await;
     // Alice holds the only connection inside her transaction: bob times out with 53300.
     let started = Instant::now();
-    let err = bob.simple_query("SELECT 1").await.expect_err("pool exhausted");
+    let err = bob
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("pool exhausted");
     assert_eq!(support::sqlstate(&err), "53300", "{err}");
     assert!(started.elapsed() >= Duration::from_millis(450));
     // ...and his session survives the error.
@@ -51,16 +60,25 @@ async fn session_mode_keeps_the_connection_until_disconnect() {
     })
     .await;
     let alice = gw.connect("alice").await;
-    alice.batch_execute("SET application_name = 'kept'").await.unwrap();
+    alice
+        .batch_execute("SET application_name = 'kept'")
+        .await
+        .unwrap();
     let bob = gw.connect("bob").await;
-    let err = bob.simple_query("SELECT 1").await.expect_err("alice owns the connection");
+    let err = bob
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("alice owns the connection");
     assert_eq!(support::sqlstate(&err), "53300");
     assert_eq!(support::one(&alice, "SHOW application_name").await, "kept");
     drop(alice);
     // Once alice leaves, bob gets the connection, reset and re-asserted.
     let mut got = None;
     for _ in 0..50 {
-        match bob.simple_query("SELECT current_user || '/' || current_setting('application_name')").await {
+        match bob
+            .simple_query("SELECT current_user || '/' || current_setting('application_name')")
+            .await
+        {
             Ok(rows) => {
                 got = rows.into_iter().find_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
@@ -90,7 +108,10 @@ async fn broken_server_connections_are_replaced() {
     // The idle connection was killed; the next transaction gets a fresh one.
     let new_pid = support::one(&client, "SELECT pg_backend_pid()").await;
     assert_ne!(pid, new_pid);
-    assert_eq!(support::one(&client, "SELECT current_user").await, "analyst");
+    assert_eq!(
+        support::one(&client, "SELECT current_user").await,
+        "analyst"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -105,7 +126,10 @@ async fn connection_killed_mid_transaction_fails_only_that_client() {
     alice.batch_execute("BEGIN").await.unwrap();
     let pid = support::one(&alice, "SELECT pg_backend_pid()").await;
     cluster().psql("postgres", &format!("SELECT pg_terminate_backend({pid})"));
-    let err = alice.simple_query("SELECT 1").await.expect_err("its server is gone");
+    let err = alice
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("its server is gone");
     assert!(err.code().is_some() || err.is_closed(), "{err}");
     assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
     let alice = gw.connect("alice").await;

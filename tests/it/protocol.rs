@@ -28,7 +28,10 @@ async fn multi_statement_simple_query() {
         .unwrap();
     assert_eq!(tags(&msgs), vec![0, 3, 3, 0]);
     // An error stops the rest of the string, and the session goes on.
-    let err = c.simple_query("SELECT 1; SELECT 1/0; SELECT 3").await.unwrap_err();
+    let err = c
+        .simple_query("SELECT 1; SELECT 1/0; SELECT 3")
+        .await
+        .unwrap_err();
     assert_eq!(support::sqlstate(&err), "22012");
     assert_eq!(support::one(&c, "SELECT 42").await, "42");
     // An empty query gets EmptyQueryResponse and ReadyForQuery.
@@ -46,7 +49,8 @@ async fn extended_protocol_pipelines() {
     let stmt = c.prepare("SELECT $1::int * 2").await.unwrap();
     // tokio-postgres pipelines concurrent requests on one connection.
     let values: Vec<i32> = (0..20).collect();
-    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> = values.iter().map(|i| [i as _]).collect();
+    let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> =
+        values.iter().map(|i| [i as _]).collect();
     let futures: Vec<_> = params.iter().map(|p| c.query_one(&stmt, p)).collect();
     let results = futures_util::future::join_all(futures).await;
     for (i, r) in results.into_iter().enumerate() {
@@ -74,30 +78,48 @@ async fn transactions_and_failed_transaction_state() {
     let c = gw.connect("alice").await;
     let id: i32 = 1_000_000 + rand::random::<u16>() as i32;
     c.batch_execute("BEGIN").await.unwrap();
-    c.execute("INSERT INTO items VALUES ($1, 'tx', NULL)", &[&id]).await.unwrap();
+    c.execute("INSERT INTO items VALUES ($1, 'tx', NULL)", &[&id])
+        .await
+        .unwrap();
     let err = c.batch_execute("SELECT 1/0").await.unwrap_err();
     assert_eq!(support::sqlstate(&err), "22012");
     // In a failed transaction everything is refused until ROLLBACK.
     let err = c.batch_execute("SELECT 1").await.unwrap_err();
     assert_eq!(support::sqlstate(&err), "25P02");
     c.batch_execute("ROLLBACK").await.unwrap();
-    let n: i64 = c.query_one("SELECT count(*) FROM items WHERE id = $1", &[&id]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
     // COMMIT keeps the row.
     c.batch_execute("BEGIN").await.unwrap();
-    c.execute("INSERT INTO items VALUES ($1, 'tx', NULL)", &[&id]).await.unwrap();
+    c.execute("INSERT INTO items VALUES ($1, 'tx', NULL)", &[&id])
+        .await
+        .unwrap();
     c.batch_execute("COMMIT").await.unwrap();
-    let n: i64 = c.query_one("SELECT count(*) FROM items WHERE id = $1", &[&id]).await.unwrap().get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
-    c.execute("DELETE FROM items WHERE id = $1", &[&id]).await.unwrap();
+    c.execute("DELETE FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn copy_in_and_out() {
     let gw = start_gateway(Opts::default()).await;
     let c = gw.connect("alice").await;
-    c.batch_execute("CREATE TEMP TABLE cp(id int, t text)").await.ok();
-    c.batch_execute("BEGIN; CREATE TEMP TABLE cp2(id int, t text)").await.unwrap();
+    c.batch_execute("CREATE TEMP TABLE cp(id int, t text)")
+        .await
+        .ok();
+    c.batch_execute("BEGIN; CREATE TEMP TABLE cp2(id int, t text)")
+        .await
+        .unwrap();
     let sink = c.copy_in("COPY cp2 FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     let mut data = String::new();
@@ -122,7 +144,20 @@ async fn psql_copy_from_stdin_and_to_stdout() {
     let gw = start_gateway(Opts::default()).await;
     let script = "BEGIN;\nCREATE TEMP TABLE pc(a int, b text);\nCOPY pc FROM STDIN;\n1\tone\n2\ttwo\n\\.\nCOPY pc TO STDOUT;\nCOMMIT;\n";
     let mut child = std::process::Command::new("psql")
-        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &gw.port().to_string(), "-U", "alice", "-d", "app", "-v", "ON_ERROR_STOP=1"])
+        .args([
+            "-X",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &gw.port().to_string(),
+            "-U",
+            "alice",
+            "-d",
+            "app",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
         .env("PGPASSWORD", support::password_of("alice"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -130,10 +165,23 @@ async fn psql_copy_from_stdin_and_to_stdout() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1\tone\n2\ttwo"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1\tone\n2\ttwo"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -142,21 +190,34 @@ async fn fifty_megabyte_bytea_round_trips() {
     let c = gw.connect("alice").await;
     let big: Vec<u8> = (0..50 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let id: i32 = 2_000_000 + rand::random::<u16>() as i32;
-    c.execute("INSERT INTO items VALUES ($1, 'big', $2)", &[&id, &big]).await.unwrap();
-    let row = c.query_one("SELECT payload FROM items WHERE id = $1", &[&id]).await.unwrap();
+    c.execute("INSERT INTO items VALUES ($1, 'big', $2)", &[&id, &big])
+        .await
+        .unwrap();
+    let row = c
+        .query_one("SELECT payload FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap();
     let back: Vec<u8> = row.get(0);
     assert!(back == big, "payload differs");
     // And as text through the simple protocol (about 100 MB of hex).
-    let len = support::one(&c, &format!("SELECT length(payload::text) FROM items WHERE id = {id}")).await;
+    let len = support::one(
+        &c,
+        &format!("SELECT length(payload::text) FROM items WHERE id = {id}"),
+    )
+    .await;
     assert_eq!(len, (2 + 2 * big.len()).to_string());
-    c.execute("DELETE FROM items WHERE id = $1", &[&id]).await.unwrap();
+    c.execute("DELETE FROM items WHERE id = $1", &[&id])
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn notices_are_relayed() {
     let gw = start_gateway(Opts::default()).await;
     let url = gw.url("alice", support::password_of("alice"));
-    let (client, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (client, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -170,7 +231,10 @@ async fn notices_are_relayed() {
         .batch_execute("DO $$ BEGIN RAISE NOTICE 'hello from %', current_user; END $$")
         .await
         .unwrap();
-    let notice = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    let notice = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(notice, "hello from analyst");
 }
 
@@ -180,7 +244,8 @@ async fn cancel_request_stops_pg_sleep() {
     let c = gw.connect("alice").await;
     let token = c.cancel_token();
     let started = Instant::now();
-    let sleeper = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    let sleeper =
+        tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(500)).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let err = sleeper.await.unwrap().expect_err("cancelled");
@@ -192,7 +257,19 @@ async fn cancel_request_stops_pg_sleep() {
 async fn psql_cancel_with_sigint() {
     let gw = start_gateway(Opts::default()).await;
     let child = std::process::Command::new("psql")
-        .args(["-X", "-h", "127.0.0.1", "-p", &gw.port().to_string(), "-U", "alice", "-d", "app", "-c", "SELECT pg_sleep(30)"])
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &gw.port().to_string(),
+            "-U",
+            "alice",
+            "-d",
+            "app",
+            "-c",
+            "SELECT pg_sleep(30)",
+        ])
         .env("PGPASSWORD", support::password_of("alice"))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -202,8 +279,13 @@ async fn psql_cancel_with_sigint() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("canceling statement due to user request"), "{stderr}");
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
 }

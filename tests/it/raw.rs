@@ -18,10 +18,17 @@ pub struct RawClient {
 impl RawClient {
     pub async fn login(addr: SocketAddr) -> RawClient {
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(&startup_packet("clear_user")).await.unwrap();
+        stream
+            .write_all(&startup_packet("clear_user"))
+            .await
+            .unwrap();
         let mut c = RawClient { stream };
         let (tag, body) = c.read_message().await;
-        assert_eq!((tag, &body[..]), (b'R', &3i32.to_be_bytes()[..]), "cleartext requested");
+        assert_eq!(
+            (tag, &body[..]),
+            (b'R', &3i32.to_be_bytes()[..]),
+            "cleartext requested"
+        );
         let mut pw = support::password_of("clear_user").as_bytes().to_vec();
         pw.push(0);
         c.send(b'p', &pw).await;
@@ -93,7 +100,9 @@ fn cstr(s: &str) -> Vec<u8> {
 /// Reads whatever the gateway sends until it closes; returns it.
 async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("gateway closes");
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("gateway closes");
     buf
 }
 
@@ -109,34 +118,58 @@ async fn still_serves(addr: SocketAddr) {
 async fn hostile_first_packets_are_refused_and_others_unaffected() {
     let gw = start_gateway(Opts::default()).await;
     let mut cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
-        ("1 GB declared startup length", vec![0x40, 0, 0, 0, 0, 3, 0, 0], Some("08P01")),
-        ("negative length", vec![0xff, 0xff, 0xff, 0xf0, 0, 3, 0, 0], Some("08P01")),
+        (
+            "1 GB declared startup length",
+            vec![0x40, 0, 0, 0, 0, 3, 0, 0],
+            Some("08P01"),
+        ),
+        (
+            "negative length",
+            vec![0xff, 0xff, 0xff, 0xf0, 0, 3, 0, 0],
+            Some("08P01"),
+        ),
         ("length below 8", vec![0, 0, 0, 4], Some("08P01")),
-        ("protocol 2.0", {
-            let mut p = 16i32.to_be_bytes().to_vec();
-            p.extend_from_slice(&0x0002_0000i32.to_be_bytes());
-            p.extend_from_slice(b"user\0x\0\0\0");
-            p.truncate(16);
-            p
-        }, Some("0A000")),
-        ("unknown version 9.9", {
-            let mut p = 8i32.to_be_bytes().to_vec();
-            p.extend_from_slice(&0x0009_0009i32.to_be_bytes());
-            p
-        }, Some("0A000")),
-        ("startup without user", {
-            let body = b"database\0app\0\0";
-            let mut p = ((8 + body.len()) as i32).to_be_bytes().to_vec();
-            p.extend_from_slice(&196608i32.to_be_bytes());
-            p.extend_from_slice(body);
-            p
-        }, Some("28000")),
-        ("cancel with an unknown key", {
-            let mut p = 16i32.to_be_bytes().to_vec();
-            p.extend_from_slice(&80877102i32.to_be_bytes());
-            p.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
-            p
-        }, None),
+        (
+            "protocol 2.0",
+            {
+                let mut p = 16i32.to_be_bytes().to_vec();
+                p.extend_from_slice(&0x0002_0000i32.to_be_bytes());
+                p.extend_from_slice(b"user\0x\0\0\0");
+                p.truncate(16);
+                p
+            },
+            Some("0A000"),
+        ),
+        (
+            "unknown version 9.9",
+            {
+                let mut p = 8i32.to_be_bytes().to_vec();
+                p.extend_from_slice(&0x0009_0009i32.to_be_bytes());
+                p
+            },
+            Some("0A000"),
+        ),
+        (
+            "startup without user",
+            {
+                let body = b"database\0app\0\0";
+                let mut p = ((8 + body.len()) as i32).to_be_bytes().to_vec();
+                p.extend_from_slice(&196608i32.to_be_bytes());
+                p.extend_from_slice(body);
+                p
+            },
+            Some("28000"),
+        ),
+        (
+            "cancel with an unknown key",
+            {
+                let mut p = 16i32.to_be_bytes().to_vec();
+                p.extend_from_slice(&80877102i32.to_be_bytes());
+                p.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+                p
+            },
+            None,
+        ),
     ];
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     for n in 0..20 {
@@ -171,7 +204,10 @@ async fn bad_messages_after_login() {
     .await;
     // An oversized declared length: FATAL 08P01 without allocating it.
     let mut c = RawClient::login(gw.addr).await;
-    c.stream.write_all(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).await.unwrap();
+    c.stream
+        .write_all(&[b'Q', 0x7f, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     let (tag, body) = c.read_message().await;
     assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_string()));
     // An unknown message type.
@@ -186,7 +222,10 @@ async fn bad_messages_after_login() {
     assert_eq!((tag, error_code(&body)), (b'E', "08P01".to_string()));
     // A truncated message, then a hang-up: nothing to answer, nothing breaks.
     let mut c = RawClient::login(gw.addr).await;
-    c.stream.write_all(&[b'Q', 0, 0, 0, 100, b'S']).await.unwrap();
+    c.stream
+        .write_all(&[b'Q', 0, 0, 0, 100, b'S'])
+        .await
+        .unwrap();
     drop(c);
     still_serves(gw.addr).await;
 }
@@ -230,4 +269,36 @@ async fn extended_protocol_by_hand_with_flush() {
     assert_eq!(tags, b"12DC1EZ", "constant folding fails 1/0 at Bind");
     assert_eq!(code.as_deref(), Some("22012"));
     assert_eq!(status, b'I');
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_and_flush_during_copy_in_are_not_awaited() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 2000,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    c.send(b'Q', &cstr("BEGIN; CREATE TEMP TABLE rc(a int)"))
+        .await;
+    c.until_ready().await;
+    c.send(b'Q', &cstr("COPY rc FROM STDIN")).await;
+    let (tag, _) = c.read_message().await;
+    assert_eq!(tag, b'G');
+    c.send(b'd', b"1\n2\n").await;
+    c.send(b'S', b"").await;
+    c.send(b'H', b"").await;
+    c.send(b'd', b"3\n").await;
+    c.send(b'c', b"").await;
+    let (tags, code, status) = c.until_ready().await;
+    assert_eq!((tags, code, status), (b"CZ".to_vec(), None, b'T'));
+    c.send(b'Q', &cstr("SELECT count(*) FROM rc")).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!((tags, code), (b"TDCZ".to_vec(), None));
+    c.send(b'Q', &cstr("COMMIT")).await;
+    let (_, _, status) = c.until_ready().await;
+    assert_eq!(status, b'I');
+    // The only server connection was released: another client gets it.
+    still_serves(gw.addr).await;
 }

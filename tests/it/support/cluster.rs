@@ -33,14 +33,34 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn url(&self, user: &str, password: &str, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user={user} password={password} dbname={db}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
+            self.port
+        )
     }
 
     /// Runs SQL as the superuser through psql, panicking with its output on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", "127.0.0.1"])
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql])
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-h",
+                "127.0.0.1",
+            ])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
             .output()
             .expect("run psql");
         assert!(
@@ -78,7 +98,10 @@ fn pg_command(bin: &str) -> Command {
 }
 
 fn run(mut cmd: Command, what: &str) {
-    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(
         out.status.success(),
         "{what} failed:\n{}\n{}",
@@ -88,7 +111,11 @@ fn run(mut cmd: Command, what: &str) {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start() -> Cluster {
@@ -110,7 +137,18 @@ fn start() -> Cluster {
     }
     let data = dir.join("data");
     let mut initdb = pg_command("initdb");
-    initdb.args(["-D", data.to_str().unwrap(), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C"]);
+    initdb.args([
+        "-D",
+        data.to_str().unwrap(),
+        "-U",
+        "postgres",
+        "-A",
+        "trust",
+        "--no-sync",
+        "-E",
+        "UTF8",
+        "--locale=C",
+    ]);
     run(initdb, "initdb");
     let port = free_port();
     write_as_postgres(&data.join("pg_hba.conf"), HBA);
@@ -119,10 +157,22 @@ fn start() -> Cluster {
         dir.display()
     );
     let existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-    write_as_postgres(&data.join("postgresql.conf"), &format!("{existing}\n{conf}"));
+    write_as_postgres(
+        &data.join("postgresql.conf"),
+        &format!("{existing}\n{conf}"),
+    );
     spawn_watchdog(&dir, &data);
     let mut pg_ctl = pg_command("pg_ctl");
-    pg_ctl.args(["-D", data.to_str().unwrap(), "-l", dir.join("log").to_str().unwrap(), "-w", "-t", "60", "start"]);
+    pg_ctl.args([
+        "-D",
+        data.to_str().unwrap(),
+        "-l",
+        dir.join("log").to_str().unwrap(),
+        "-w",
+        "-t",
+        "60",
+        "start",
+    ]);
     run(pg_ctl, "pg_ctl start");
     let cluster = Cluster { port, dir };
     cluster.psql("postgres", &setup_sql());
@@ -143,7 +193,10 @@ fn write_as_postgres(path: &Path, text: &str) {
 /// Stops the cluster and removes its directory once this process is gone.
 fn spawn_watchdog(dir: &Path, data: &Path) {
     let stop = if is_root() {
-        format!("runuser -u postgres -- {PG_BIN}/pg_ctl -D {} -m immediate stop", data.display())
+        format!(
+            "runuser -u postgres -- {PG_BIN}/pg_ctl -D {} -m immediate stop",
+            data.display()
+        )
     } else {
         format!("{PG_BIN}/pg_ctl -D {} -m immediate stop", data.display())
     };
@@ -178,7 +231,11 @@ fn setup_sql() -> String {
          GRANT analyst, engineer TO pgwarden_svc;\n",
     );
     for (user, password) in USERS {
-        let enc = if *user == "md5_user" { "md5" } else { "scram-sha-256" };
+        let enc = if *user == "md5_user" {
+            "md5"
+        } else {
+            "scram-sha-256"
+        };
         sql.push_str(&format!(
             "SET password_encryption = '{enc}'; CREATE ROLE {user} LOGIN PASSWORD '{password}';\n"
         ));

@@ -85,12 +85,18 @@ impl TestGateway {
     }
 
     pub async fn connect(&self, user: &str) -> tokio_postgres::Client {
-        self.try_connect(user).await.unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+        self.try_connect(user)
+            .await
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
     }
 
-    pub async fn try_connect(&self, user: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    pub async fn try_connect(
+        &self,
+        user: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         let password = password_of(user);
-        let (client, conn) = tokio_postgres::connect(&self.url(user, password), tokio_postgres::NoTls).await?;
+        let (client, conn) =
+            tokio_postgres::connect(&self.url(user, password), tokio_postgres::NoTls).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -110,7 +116,18 @@ impl TestGateway {
     /// Runs psql through the gateway.
     pub fn psql(&self, user: &str, args: &[&str]) -> Output {
         Command::new("psql")
-            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &self.port().to_string(), "-U", user, "-d", "app"])
+            .args([
+                "-X",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port().to_string(),
+                "-U",
+                user,
+                "-d",
+                "app",
+            ])
             .args(args)
             .env("PGPASSWORD", password_of(user))
             .env("PGCONNECT_TIMEOUT", "10")
@@ -216,7 +233,10 @@ store = "audit"
 
 /// Reads the first column of the first row as text.
 pub async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
-    let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let rows = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
     for msg in rows {
         if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
             return row.get(0).unwrap_or("NULL").to_string();
@@ -227,5 +247,7 @@ pub async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
 
 /// The SQLSTATE of a failed statement.
 pub fn sqlstate(e: &tokio_postgres::Error) -> String {
-    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("no sqlstate: {e}"))
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no sqlstate: {e}"))
 }

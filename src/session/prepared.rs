@@ -1,0 +1,163 @@
+//! Client-side prepared statements in transaction pooling: the client's names
+//! map to shared server-side names (see `pool::statements`), and the messages
+//! that name a statement are rewritten on their way to the server.
+//!
+//! Invariant: a client's named statement is only ever executed under the
+//! server name derived from the exact `Parse` body the client sent.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::protocol::messages::write_frame;
+
+/// What the gateway remembers of one client statement.
+#[derive(Debug, Clone)]
+pub struct Statement {
+    /// Query text, for the audit log.
+    pub sql: Bytes,
+    /// For named statements: the shared key and the `Parse` body after the
+    /// name (query, parameter types), to prepare it on another connection.
+    pub shared: Option<(u128, Bytes)>,
+}
+
+/// `Parse` of `rest` (query and parameter types) under `name`.
+pub fn parse(out: &mut BytesMut, name: &str, rest: &[u8]) {
+    write_frame(out, b'P', |b| {
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+        b.put_slice(rest);
+    });
+}
+
+/// `Bind` with the statement name replaced.
+pub fn bind(out: &mut BytesMut, portal: &[u8], statement: &str, rest: &[u8]) {
+    write_frame(out, b'B', |b| {
+        b.put_slice(portal);
+        b.put_u8(0);
+        b.put_slice(statement.as_bytes());
+        b.put_u8(0);
+        b.put_slice(rest);
+    });
+}
+
+/// `Describe` or `Close` (`tag`) of statement `name`.
+pub fn statement_message(out: &mut BytesMut, tag: u8, name: &str) {
+    write_frame(out, tag, |b| {
+        b.put_u8(b'S');
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+    });
+}
+
+/// A simple-query `DEALLOCATE` the gateway answers itself.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Deallocate {
+    Name(Vec<u8>),
+    All,
+}
+
+/// Recognizes `DEALLOCATE [PREPARE] {name | ALL} [;]`, nothing else.
+pub fn parse_deallocate(sql: &[u8]) -> Option<Deallocate> {
+    let text = std::str::from_utf8(sql).ok()?.trim();
+    let text = text.strip_suffix(';').unwrap_or(text).trim_end();
+    let (word, rest) = split_word(text)?;
+    if !word.eq_ignore_ascii_case("deallocate") {
+        return None;
+    }
+    let (mut word, mut rest) = split_word(rest)?;
+    if word.eq_ignore_ascii_case("prepare") {
+        (word, rest) = split_word(rest)?;
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    if word.eq_ignore_ascii_case("all") {
+        return Some(Deallocate::All);
+    }
+    if let Some(quoted) = word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+        if quoted.is_empty() {
+            return None;
+        }
+        return Some(Deallocate::Name(quoted.replace("\"\"", "\"").into_bytes()));
+    }
+    if word
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
+    {
+        return Some(Deallocate::Name(word.to_ascii_lowercase().into_bytes()));
+    }
+    None
+}
+
+/// The first whitespace-separated word (a quoted identifier counts as one
+/// word) and the rest, trimmed.
+fn split_word(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start();
+    if s.is_empty() {
+        return None;
+    }
+    let end = if let Some(stripped) = s.strip_prefix('"') {
+        let mut i = 0;
+        let b = stripped.as_bytes();
+        loop {
+            if i >= b.len() {
+                return None;
+            }
+            if b[i] == b'"' {
+                if b.get(i + 1) == Some(&b'"') {
+                    i += 2;
+                    continue;
+                }
+                break i + 2;
+            }
+            i += 1;
+        }
+    } else {
+        s.find(|c: char| c.is_whitespace()).unwrap_or(s.len())
+    };
+    Some((&s[..end], s[end..].trim_start()))
+}
+
+impl Statement {
+    pub fn unnamed(sql: Bytes) -> Statement {
+        Statement { sql, shared: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deallocate_forms() {
+        assert_eq!(
+            parse_deallocate(b"DEALLOCATE s1"),
+            Some(Deallocate::Name(b"s1".to_vec()))
+        );
+        assert_eq!(
+            parse_deallocate(b"  deallocate prepare S1 ; "),
+            Some(Deallocate::Name(b"s1".to_vec()))
+        );
+        assert_eq!(
+            parse_deallocate(b"DEALLOCATE \"Q\"\"x\""),
+            Some(Deallocate::Name(b"Q\"x".to_vec()))
+        );
+        assert_eq!(parse_deallocate(b"DEALLOCATE ALL"), Some(Deallocate::All));
+        assert_eq!(
+            parse_deallocate(b"DEALLOCATE PREPARE ALL;"),
+            Some(Deallocate::All)
+        );
+        assert_eq!(parse_deallocate(b"DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(parse_deallocate(b"SELECT 1"), None);
+        assert_eq!(parse_deallocate(b"DEALLOCATE"), None);
+        assert_eq!(parse_deallocate(b"DEALLOCATE /* c */ x"), None);
+    }
+
+    #[test]
+    fn rewritten_bind_keeps_parameters() {
+        let mut out = BytesMut::new();
+        bind(&mut out, b"p", "pgwarden_x", b"\0\0\0\0\0\0");
+        assert_eq!(&out[5..], b"p\0pgwarden_x\0\0\0\0\0\0\0");
+        let len = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+        assert_eq!(len + 1, out.len());
+    }
+}

@@ -1,0 +1,107 @@
+//! Named prepared statements in transaction pooling: a statement prepared on
+//! one server connection runs when the client is bound to another; clients
+//! share server-side statements; Close and DEALLOCATE behave as expected.
+
+use crate::support::{self, start_gateway, Opts};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_follow_the_client_across_connections() {
+    let gw = start_gateway(Opts {
+        pool_size: 2,
+        ..Opts::default()
+    })
+    .await;
+    let a = gw.connect("alice").await;
+    let b = gw.connect("bob").await;
+    // Hold one connection in a transaction so statements land on both.
+    let stmt = a
+        .prepare("SELECT $1::int + 1, pg_backend_pid()")
+        .await
+        .unwrap();
+    b.batch_execute("BEGIN").await.unwrap();
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..50 {
+        if i == 25 {
+            b.batch_execute("COMMIT").await.unwrap();
+        }
+        let row = a.query_one(&stmt, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i + 1);
+        pids.insert(row.get::<_, i32>(1));
+    }
+    // Statements prepared by many concurrent clients on a small pool.
+    let mut tasks = Vec::new();
+    for user in ["alice", "bob", "alice", "bob", "alice"] {
+        let c = gw.connect(user).await;
+        tasks.push(tokio::spawn(async move {
+            let s = c
+                .prepare("SELECT current_setting('app.client_user')")
+                .await
+                .unwrap();
+            for _ in 0..100 {
+                let who: String = c.query_one(&s, &[]).await.unwrap().get(0);
+                assert_eq!(who, user);
+                // tokio-postgres also prepares a fresh named statement per call.
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM items WHERE id < $1", &[&0i32])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(n, 0);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn close_and_deallocate_forget_the_clients_name() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    let s = c.prepare("SELECT 1").await.unwrap();
+    c.query_one(&s, &[]).await.unwrap();
+    drop(s); // tokio-postgres sends Close for the statement
+    c.query_one("SELECT 2", &[]).await.unwrap();
+    // SQL-level DEALLOCATE of a protocol-level name.
+    let raw_name = {
+        let mut raw = crate::raw::RawClient::login(gw.addr).await;
+        let mut parse = b"mystmt\0SELECT 41 + 1\0".to_vec();
+        parse.extend_from_slice(&0i16.to_be_bytes());
+        raw.send(b'P', &parse).await;
+        raw.send(b'S', b"").await;
+        let (tags, code, _) = raw.until_ready().await;
+        assert_eq!((tags, code), (b"1Z".to_vec(), None));
+        raw.send(b'Q', b"DEALLOCATE mystmt\0").await;
+        let (tags, code, status) = raw.until_ready().await;
+        assert_eq!((tags, code, status), (b"CZ".to_vec(), None, b'I'));
+        // Now the name is unknown to the client's session: Bind fails with 26000.
+        raw.send(b'B', b"\0mystmt\0\0\0\0\0\0\0").await;
+        raw.send(b'S', b"").await;
+        let (_, code, _) = raw.until_ready().await;
+        code
+    };
+    assert_eq!(raw_name.as_deref(), Some("26000"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parse_errors_reach_the_right_client() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let a = gw.connect("alice").await;
+    let b = gw.connect("bob").await;
+    let err = a.prepare("SELEC broken").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42601");
+    let ok = b.prepare("SELECT 1").await;
+    assert!(ok.is_ok());
+    // The same text prepared again after a failure still fails properly.
+    let err = b.prepare("SELEC broken").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42601");
+}

@@ -52,6 +52,9 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// Client statements this connection holds under their shared names.
     pub statements: super::statements::StatementCache,
+    /// The (role, client user) the last successful identity assertion set,
+    /// `None` when unknown (new, reset, or the assertion failed).
+    pub identity: Option<(String, String)>,
     broken: bool,
 }
 
@@ -76,6 +79,7 @@ impl ServerConn {
             secret: 0,
             params: Vec::new(),
             statements: Default::default(),
+            identity: None,
             broken: false,
         })
     }

@@ -658,15 +658,23 @@ impl<'a> QueryLoop<'a> {
             return Ok(());
         }
         let mut conn = self.shared.pools.acquire(&self.ident.database).await?;
-        let assertion = Assertion {
-            role: &self.ident.role,
-            setting: &self.shared.config.identity.client_user_setting,
-            client_user: &self.ident.client_user,
-        };
-        if let Err(e) = assertion.apply(&mut conn).await {
-            tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
-            pool::discard(conn);
-            return Err(e);
+        let carries_identity = conn
+            .identity
+            .as_ref()
+            .is_some_and(|(role, user)| *role == self.ident.role && *user == self.ident.client_user);
+        if !carries_identity {
+            conn.identity = None;
+            let assertion = Assertion {
+                role: &self.ident.role,
+                setting: &self.shared.config.identity.client_user_setting,
+                client_user: &self.ident.client_user,
+            };
+            if let Err(e) = assertion.apply(&mut conn).await {
+                tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
+                pool::discard(conn);
+                return Err(e);
+            }
+            conn.identity = Some((self.ident.role.clone(), self.ident.client_user.clone()));
         }
         self.cancel.bind(BackendKey {
             pid: conn.pid,
@@ -883,6 +891,7 @@ impl<'a> QueryLoop<'a> {
         let mut out = BytesMut::new();
         messages::query(&mut out, "DISCARD ALL");
         server.statements.clear();
+        server.identity = None;
         let ok = match server.write_all(&out).await {
             Ok(()) => server.drain_until_ready().await.is_ok(),
             Err(_) => false,

@@ -122,3 +122,71 @@ impl Assertion<'_> {
         .with_detail(why)
     }
 }
+
+/// What a `verify = "transaction"` check found on a server connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Intact,
+    /// The connection no longer carries the identity that was asserted.
+    Violated {
+        found_role: String,
+        found_user: String,
+    },
+}
+
+impl Assertion<'_> {
+    /// Confirms the connection still carries this identity: `current_user`
+    /// is the role and the client-user setting is the client. Runs as a
+    /// simple query so no client statement (named or unnamed) is disturbed.
+    pub async fn verify(&self, conn: &mut ServerConn) -> Result<Verdict, BackendError> {
+        let sql = format!(
+            "SELECT current_user, pg_catalog.current_setting('{}', true)",
+            self.setting.replace('\'', "''")
+        );
+        let mut out = BytesMut::new();
+        messages::query(&mut out, &sql);
+        conn.write_all(&out).await?;
+        let mut found = None;
+        let mut error = None;
+        loop {
+            let frame = conn.read_frame().await?;
+            match frame[0] {
+                b'D' => found = Some(two_text_columns(&frame[5..])?),
+                b'E' if error.is_none() => error = Some(messages::parse_error_fields(&frame[5..])?),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        if let Some(fields) = error {
+            return Err(BackendError::Server(fields));
+        }
+        let (found_role, found_user) = found.unwrap_or_default();
+        if found_role == self.role && found_user == self.client_user {
+            Ok(Verdict::Intact)
+        } else {
+            Ok(Verdict::Violated {
+                found_role,
+                found_user,
+            })
+        }
+    }
+}
+
+/// The two columns of a `DataRow` as text (NULL as empty).
+fn two_text_columns(body: &[u8]) -> Result<(String, String), BackendError> {
+    let mut r = Reader::new(body, "DataRow");
+    if r.i16()? != 2 {
+        return Ok(Default::default());
+    }
+    let mut column = || -> Result<String, BackendError> {
+        let len = r.i32()?;
+        Ok(if len < 0 {
+            String::new()
+        } else {
+            String::from_utf8_lossy(r.bytes(len as usize)?).into_owned()
+        })
+    };
+    let role = column()?;
+    let user = column()?;
+    Ok((role, user))
+}

@@ -26,8 +26,8 @@ use super::prepared;
 use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
 use super::{Identity, Shared};
 use crate::audit::{Event, Kind, Status};
-use crate::config::{OnFailure, PoolMode};
-use crate::identity::assert::Assertion;
+use crate::config::{OnFailure, PoolMode, VerifyMode};
+use crate::identity::assert::{Assertion, Verdict};
 use crate::pool::{self, statements, PooledConn};
 use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
 use crate::protocol::messages::{self, PgError};
@@ -96,6 +96,8 @@ pub struct QueryLoop<'a> {
     discard_until_sync: bool,
     /// The next `Sync` is answered by the gateway (the error was local).
     local_sync: bool,
+    /// `verify = "transaction"` and client messages ran since the last check.
+    needs_verify: bool,
     /// The server is in copy-in (`CopyInResponse` seen, client has not sent
     /// `CopyDone`/`CopyFail` yet).
     copy_in: bool,
@@ -139,6 +141,7 @@ impl<'a> QueryLoop<'a> {
             discard_until_sync: false,
             local_sync: false,
             copy_in: false,
+            needs_verify: false,
             client_passthrough: 0,
             server_passthrough: 0,
             to_server: BytesMut::with_capacity(8 * 1024),
@@ -654,14 +657,14 @@ impl<'a> QueryLoop<'a> {
     /// Binds a server connection if none is bound: acquires one and asserts
     /// the client's identity on it.
     async fn bind_server(&mut self) -> Result<(), PgError> {
+        self.needs_verify = self.shared.config.identity.verify == VerifyMode::Transaction;
         if self.server.is_some() {
             return Ok(());
         }
         let mut conn = self.shared.pools.acquire(&self.ident.database).await?;
-        let carries_identity = conn
-            .identity
-            .as_ref()
-            .is_some_and(|(role, user)| *role == self.ident.role && *user == self.ident.client_user);
+        let carries_identity = conn.identity.as_ref().is_some_and(|(role, user)| {
+            *role == self.ident.role && *user == self.ident.client_user
+        });
         if !carries_identity {
             conn.identity = None;
             let assertion = Assertion {
@@ -749,6 +752,9 @@ impl<'a> QueryLoop<'a> {
         }
         self.flush_client().await?;
         self.record_results().await;
+        if self.idle() && self.tx_status == b'I' && self.needs_verify {
+            self.verify_identity().await?;
+        }
         if self.mode == PoolMode::Transaction && self.idle() {
             self.release();
         }
@@ -827,6 +833,52 @@ impl<'a> QueryLoop<'a> {
         ev
     }
 
+    /// `verify = "transaction"`: at the end of a transaction, before the
+    /// connection can go to anyone else, confirm it still carries this
+    /// client's identity. A mismatch ends the session with FATAL 42501 and
+    /// destroys the connection.
+    async fn verify_identity(&mut self) -> Result<(), End> {
+        self.needs_verify = false;
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let assertion = Assertion {
+            role: &self.ident.role,
+            setting: &self.shared.config.identity.client_user_setting,
+            client_user: &self.ident.client_user,
+        };
+        let (found_role, found_user) = match assertion.verify(server).await {
+            Ok(Verdict::Intact) => return Ok(()),
+            Ok(Verdict::Violated {
+                found_role,
+                found_user,
+            }) => (found_role, found_user),
+            Err(e) => {
+                return Err(self
+                    .server_lost(&format!("identity verification failed: {e}"))
+                    .await)
+            }
+        };
+        let message = format!(
+            "identity changed during the transaction: expected role \"{}\" and client \"{}\", found role \"{found_role}\" and client \"{found_user}\"",
+            self.ident.role, self.ident.client_user
+        );
+        tracing::error!(session = %self.ident.session_id, "{message}");
+        if self.auditing {
+            let mut ev = self.ident.event(Kind::IdentityViolation);
+            ev.status = Some(Status::Error);
+            ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
+            ev.message = Some(message.clone());
+            ev.backend_pid = Some(server.pid);
+            self.shared.auditor.append_nowait(ev).await;
+        }
+        self.abandon_server("identity violation").await;
+        Err(End::Fatal(PgError::fatal(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            message,
+        )))
+    }
+
     fn release(&mut self) {
         if let Some(conn) = self.server.take() {
             self.cancel.unbind();
@@ -873,6 +925,9 @@ impl<'a> QueryLoop<'a> {
         if !self.idle() {
             self.abandon_server("client disconnected before the statement completed")
                 .await;
+            return;
+        }
+        if self.needs_verify && self.verify_identity().await.is_err() {
             return;
         }
         if self.mode == PoolMode::Session {

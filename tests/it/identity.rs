@@ -123,3 +123,50 @@ async fn concurrent_clients_on_a_small_pool_keep_their_identity() {
         t.await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_transaction_catches_identity_changed_inside_a_function() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        verify: true,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+    // The function switches role inside the statement; the statement's own
+    // result reaches the client, then the check at commit ends the session.
+    let res = alice.simple_query("SELECT sneaky_switch()").await;
+    let follow_up = alice.simple_query("SELECT current_user").await;
+    let err = match (res, follow_up) {
+        (Err(e), _) | (_, Err(e)) => e,
+        (Ok(_), Ok(rows)) => panic!("session survived an identity violation: {rows:?}"),
+    };
+    assert!(
+        err.code().map(|c| c.code()) == Some("42501") || err.is_closed(),
+        "{err:?}"
+    );
+    // The tainted server connection was destroyed: bob gets a clean one.
+    let bob = gw.connect("bob").await;
+    assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
+    let alice = gw.connect("alice").await;
+    assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_transaction_passes_ordinary_work() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        verify: true,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    for _ in 0..20 {
+        assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+        alice
+            .batch_execute("BEGIN; SELECT 1; COMMIT")
+            .await
+            .unwrap();
+    }
+}

@@ -253,5 +253,11 @@ GRANT CREATE, USAGE ON SCHEMA public TO analyst, engineer;
 CREATE TABLE items (id int PRIMARY KEY, owner text, payload bytea);
 GRANT SELECT, INSERT, UPDATE, DELETE ON items TO analyst, engineer;
 CREATE TABLE guard_t (id int, role text);
+-- A function the DBA created that changes identity from inside: no static
+-- guard can see it; verify = transaction catches it.
+CREATE FUNCTION sneaky_switch() RETURNS text LANGUAGE sql
+  AS $$ SELECT pg_catalog.set_config('role', 'engineer', false) $$;
+REVOKE ALL ON FUNCTION sneaky_switch() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION sneaky_switch() TO analyst;
 GRANT SELECT, INSERT, UPDATE, DELETE ON guard_t TO analyst, engineer;
 ";

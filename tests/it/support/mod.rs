@@ -45,6 +45,8 @@ pub struct Opts {
     pub policy: &'static str,
     /// Extra TOML appended to the `[server]` table.
     pub server_extra: String,
+    /// `[identity] verify = "transaction"`.
+    pub verify: bool,
 }
 
 impl Default for Opts {
@@ -58,6 +60,7 @@ impl Default for Opts {
             tls: None,
             policy: TEST_POLICY,
             server_extra: String::new(),
+            verify: false,
         }
     }
 }
@@ -197,6 +200,7 @@ acquire_timeout_ms = {acquire}
 
 [identity]
 policy_dir = "policies"
+verify = "{verify}"
 
 [audit]
 enabled = {audit}
@@ -210,6 +214,7 @@ store = "audit"
         size = opts.pool_size,
         acquire = opts.acquire_timeout_ms,
         audit = opts.audit,
+        verify = if opts.verify { "transaction" } else { "off" },
     );
     let path = dir.path().join("pgwarden.toml");
     std::fs::write(&path, &text).unwrap();

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod identity;
+pub mod migrate;
 pub mod pool;
 pub mod protocol;
 pub mod server;

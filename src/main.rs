@@ -27,6 +27,14 @@ enum Command {
         #[arg(short = 'c', long = "config", default_value = "pgwarden.toml")]
         config: PathBuf,
     },
+    /// Apply the database-side migrations and prepare the service user.
+    Migrate {
+        #[arg(short = 'c', long = "config", default_value = "pgwarden.toml")]
+        config: PathBuf,
+        /// A superuser (or database owner) connection URL, e.g. postgres://postgres@host/db.
+        #[arg(long = "admin-url")]
+        admin_url: String,
+    },
     /// Policy tools.
     Policy {
         #[command(subcommand)]
@@ -56,6 +64,7 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { config },
         } => policy_check(&config),
+        Command::Migrate { config, admin_url } => migrate(&config, &admin_url),
     };
     ExitCode::from(code)
 }
@@ -146,6 +155,50 @@ fn policy_check(path: &std::path::Path) -> u8 {
         Err(e) => {
             eprintln!("pgwarden: {e}");
             2
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("pgwarden: cannot start the runtime: {e}");
+            1
+        })
+}
+
+fn migrate(path: &std::path::Path, admin_url: &str) -> u8 {
+    let config = match load_config(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    match runtime.block_on(pgwarden::migrate::run(&config, admin_url)) {
+        Ok(report) => {
+            println!(
+                "migrations applied; pgwarden.client_user() reads {}",
+                config.identity.client_user_setting
+            );
+            for role in &report.granted {
+                println!("granted {role} to {}", config.backend.service_user);
+            }
+            for role in &report.missing_roles {
+                println!("warning: role {role} does not exist");
+            }
+            if report.missing_roles.is_empty() {
+                0
+            } else {
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("pgwarden: {e}");
+            1
         }
     }
 }

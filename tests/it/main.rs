@@ -6,6 +6,7 @@ mod support;
 mod auth;
 mod identity;
 mod lifecycle;
+mod migrate;
 mod pool;
 mod prepared;
 mod protocol;

@@ -1,0 +1,118 @@
+//! `pgwarden migrate`: applies the SQL migrations in `migrations/` (embedded
+//! with sqlx) and prepares the service user, over an administrator
+//! connection.
+//!
+//! Invariant: running it again changes nothing; it never grants the service
+//! user a privilege of its own, only membership in the roles the policies
+//! name, and it makes the service user `NOINHERIT` so that membership gives
+//! nothing until pgwarden switches to a role.
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::Row;
+
+use crate::config::Config;
+use crate::identity::policy::Policy;
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot connect with --admin-url: {0}")]
+    Connect(sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("policies: {0}")]
+    Policy(#[from] crate::identity::policy::PolicyError),
+}
+
+/// What a migration did, for the operator.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub granted: Vec<String>,
+    pub missing_roles: Vec<String>,
+}
+
+/// Applies migrations and sets up the service user.
+pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(admin_url)
+        .await
+        .map_err(MigrateError::Connect)?;
+    sqlx::migrate!("./migrations").run(&pool).await?;
+
+    exec_formatted(
+        &pool,
+        "CREATE OR REPLACE FUNCTION pgwarden.client_user() RETURNS text \
+         LANGUAGE sql STABLE PARALLEL SAFE \
+         AS $$ SELECT nullif(pg_catalog.current_setting(%L, true), '') $$",
+        &[&config.identity.client_user_setting],
+    )
+    .await?;
+
+    let service = &config.backend.service_user;
+    let exists: bool = sqlx::query("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(service)
+        .fetch_one(&pool)
+        .await?
+        .get(0);
+    let mut report = Report::default();
+    if !exists {
+        report.missing_roles.push(service.clone());
+        return Ok(report);
+    }
+    exec_formatted(&pool, "ALTER ROLE %I NOINHERIT", &[service]).await?;
+
+    let policy = Policy::load_dir(&config.identity.policy_dir)?;
+    let mut roles: Vec<&str> = policy
+        .rules()
+        .iter()
+        .map(|r| r.role.as_str())
+        .filter(|r| !r.contains("{user}"))
+        .collect();
+    roles.sort();
+    roles.dedup();
+    for role in roles {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1), \
+             pg_has_role($2, $1, 'MEMBER') AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+        )
+        .bind(role)
+        .bind(service)
+        .fetch_one(&pool)
+        .await;
+        let (exists, member): (bool, bool) = match row {
+            Ok(r) => (r.get(0), r.get(1)),
+            Err(_) => (false, false),
+        };
+        if !exists {
+            report.missing_roles.push(role.to_string());
+        } else if !member {
+            exec_formatted(&pool, "GRANT %I TO %I", &[role, service]).await?;
+            report.granted.push(role.to_string());
+        }
+    }
+    pool.close().await;
+    Ok(report)
+}
+
+/// Runs `format(template, args...)` on the server, so identifiers are quoted
+/// by PostgreSQL's own `%I`, then executes the result.
+async fn exec_formatted(
+    pool: &sqlx::PgPool,
+    template: &str,
+    args: &[&str],
+) -> Result<(), sqlx::Error> {
+    let placeholders: Vec<String> = (2..args.len() + 2).map(|i| format!("${i}")).collect();
+    // Only `$n` placeholders are spliced here; every value is bound.
+    let select = format!("SELECT format($1, {})", placeholders.join(", "));
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(select)).bind(template);
+    for a in args {
+        q = q.bind(*a);
+    }
+    let sql: String = q.fetch_one(pool).await?.get(0);
+    // `sql` was built by PostgreSQL's format() with %I/%L quoting.
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+    Ok(())
+}

@@ -1,104 +1,69 @@
-//! TEMPORARY stand-in for the audit module (being written separately):
-//! same API, records nothing.
-use crate::config::{AuditConfig, OnFailure};
+//! The audit trail: every event the gateway handles becomes one record in an
+//! embedded sled store, chained by SHA-256 so that editing, removing or
+//! reordering a record is detectable, plus the offline commands that export,
+//! verify and summarize the store.
+//!
+//! Invariant: seqs are contiguous from 1 and never reused; record `n`'s
+//! `prev_hash` is record `n-1`'s `hash`; a statement's `query` record is
+//! stored before [`Auditor::append`] returns, so before the gateway forwards
+//! the statement.
+//!
+//! Layout: [`record`] (fields and canonical bytes), [`chain`] (hashing),
+//! [`store`] (sled and the `Store` trait), [`writer`] (the thread that owns
+//! the store), [`auditor`] (the handle sessions use), [`export`], [`join`],
+//! [`verify`], [`stats`] and [`cli`] (the offline commands).
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    SessionStart,
-    AuthFailed,
-    Denied,
-    Query,
-    Result,
-    GuardBlocked,
-    IdentityViolation,
-    Cancel,
-    SessionEnd,
-    GatewayStart,
-    GatewayStop,
-}
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Ok,
-    Error,
-    Unknown,
-}
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub kind: Kind,
-    pub session_id: Option<String>,
-    pub client_user: Option<String>,
-    pub role: Option<String>,
-    pub database: Option<String>,
-    pub client_addr: Option<String>,
-    pub application_name: Option<String>,
-    pub statement: Option<String>,
-    pub params: Option<Vec<Option<String>>>,
-    pub status: Option<Status>,
-    pub sqlstate: Option<String>,
-    pub message: Option<String>,
-    pub command_tag: Option<String>,
-    pub rows: Option<u64>,
-    pub duration_us: Option<u64>,
-    pub backend_pid: Option<i32>,
-    pub ref_seq: Option<u64>,
-}
-impl Event {
-    pub fn new(kind: Kind) -> Event {
-        Event {
-            kind,
-            session_id: None,
-            client_user: None,
-            role: None,
-            database: None,
-            client_addr: None,
-            application_name: None,
-            statement: None,
-            params: None,
-            status: None,
-            sqlstate: None,
-            message: None,
-            command_tag: None,
-            rows: None,
-            duration_us: None,
-            backend_pid: None,
-            ref_seq: None,
-        }
-    }
-}
+use std::path::PathBuf;
+
+pub mod auditor;
+pub mod chain;
+pub mod cli;
+pub mod export;
+pub mod join;
+pub mod record;
+pub mod stats;
+pub mod store;
+pub mod verify;
+pub(crate) mod writer;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod testutil;
+
+pub use auditor::{AuditCounters, Auditor};
+pub use chain::GENESIS_HASH;
+pub use record::{Event, Kind, Record, Status};
+pub use store::{MemoryControl, MemoryStore, SledStore, Store, StoreReader};
+
+/// Why the audit trail could not be opened, written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("audit store: {0}")]
-    Store(String),
-}
-#[derive(Clone)]
-pub struct Auditor {
-    on_failure: OnFailure,
-}
-impl Auditor {
-    pub fn open(cfg: &AuditConfig) -> Result<Auditor, AuditError> {
-        Ok(Auditor {
-            on_failure: cfg.on_failure,
-        })
-    }
-    pub fn disabled() -> Auditor {
-        Auditor {
-            on_failure: OnFailure::Allow,
-        }
-    }
-    pub fn enabled(&self) -> bool {
-        false
-    }
-    pub fn on_failure(&self) -> OnFailure {
-        self.on_failure
-    }
-    pub async fn append(&self, _ev: Event) -> Result<u64, AuditError> {
-        Ok(0)
-    }
-    pub async fn append_nowait(&self, _ev: Event) {}
-    pub async fn shutdown(&self) -> Result<String, AuditError> {
-        Ok(String::new())
-    }
-    pub fn queue_depth(&self) -> usize {
-        0
-    }
+    /// sled's file lock is held: a gateway (or an audit command) has the store open.
+    #[error("audit store {} is locked by another process (is a gateway running?)", path.display())]
+    Locked { path: PathBuf },
+    /// The offline commands never create a store.
+    #[error("no audit store at {}", path.display())]
+    NotFound { path: PathBuf },
+    #[error("cannot open audit store {}: {message}", path.display())]
+    Open { path: PathBuf, message: String },
+    /// A stored record that cannot be used (the writer refuses to extend it).
+    #[error("audit store is damaged at seq {seq}: {message}")]
+    Corrupt { seq: u64, message: String },
+    /// The store refused a write or an fsync; statements must not be forwarded
+    /// unless `on_failure = "allow"`.
+    #[error("audit store write failed: {0}")]
+    Write(String),
+    #[error("audit store read failed: {0}")]
+    Read(String),
+    /// The writer was shut down (or died): nothing more can be appended.
+    #[error("audit writer is stopped")]
+    Closed,
+    /// Writing an export (or another output) failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -1,0 +1,65 @@
+//! Micro-benchmark of the statement guard: nanoseconds per `Guard::check`.
+//!
+//! Run with `cargo bench --bench guard`. Plain `std::time` timing, best of
+//! several rounds, so it needs no benchmark framework.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use pgwarden::identity::Guard;
+
+fn one_kb_select() -> String {
+    let mut sql = String::from("SELECT a.id, a.name, a.created_at");
+    let mut i = 0;
+    while sql.len() < 900 {
+        sql.push_str(&format!(", coalesce(b.col_{i}, 0) AS c{i}"));
+        i += 1;
+    }
+    sql.push_str(" FROM accounts a JOIN branches b ON b.id = a.branch_id WHERE a.id = $1 ORDER BY a.id LIMIT 10");
+    sql
+}
+
+fn ns_per_check(guard: &Guard, sql: &[u8]) -> f64 {
+    let expected = guard.check(sql).is_ok();
+    let iters: u32 = if sql.len() > 500 { 100_000 } else { 400_000 };
+    let mut best = f64::MAX;
+    for _ in 0..7 {
+        let start = Instant::now();
+        for _ in 0..iters {
+            assert_eq!(black_box(guard).check(black_box(sql)).is_ok(), expected);
+        }
+        best = best.min(start.elapsed().as_nanos() as f64 / f64::from(iters));
+    }
+    best
+}
+
+fn main() {
+    let guard = Guard::new("app.client_user");
+    let big = one_kb_select();
+    let big_slow = big.replace("LIMIT 10", "OFFSET 5 LIMIT 10");
+    let cases: Vec<(&str, String)> = vec![
+        ("pgbench SELECT (fast path)", "SELECT abalance FROM pgbench_accounts WHERE aid = $1;".into()),
+        ("pgbench UPDATE ... SET (lexed)", "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2;".into()),
+        ("1 KB SELECT (fast path)", big),
+        ("1 KB SELECT with OFFSET (lexed)", big_slow),
+        ("SET search_path", "SET search_path TO app, public".into()),
+        (
+            "multi-statement pgbench transaction",
+            "BEGIN; UPDATE pgbench_accounts SET abalance = abalance + -4021 WHERE aid = 48213; \
+             SELECT abalance FROM pgbench_accounts WHERE aid = 48213; \
+             UPDATE pgbench_tellers SET tbalance = tbalance + -4021 WHERE tid = 7; \
+             INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (7, 1, 48213, -4021, CURRENT_TIMESTAMP); END;"
+                .into(),
+        ),
+        (
+            "DO block",
+            "DO $$BEGIN UPDATE guard_t SET role = 'x' WHERE id = 1; RAISE NOTICE 'done %', 1; END$$".into(),
+        ),
+        ("refused SET ROLE", "SET ROLE other_role".into()),
+    ];
+    println!("{:<40} {:>6} {:>10}", "case", "bytes", "ns/check");
+    for (name, sql) in &cases {
+        let ns = ns_per_check(&guard, sql.as_bytes());
+        println!("{name:<40} {:>6} {ns:>10.1}", sql.len());
+    }
+}

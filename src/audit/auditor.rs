@@ -1,0 +1,434 @@
+//! [`Auditor`]: the handle every session holds to append audit records.
+//!
+//! Invariant: all appends go through one bounded queue to one writer thread,
+//! so the order records are stored in is the order appends were queued, and
+//! back-pressure (a full queue) makes appenders wait instead of losing
+//! records. After [`Auditor::shutdown`] every append fails with
+//! [`AuditError::Closed`] (or is logged and counted when nobody waits).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::record::{Event, Kind};
+use super::store::{SledStore, Store};
+use super::writer::{Counters, Msg, Writer};
+use super::AuditError;
+use crate::config::{AuditConfig, Durability, OnFailure};
+
+/// Records that may wait for the writer before appenders wait too.
+const QUEUE_CAPACITY: usize = 8192;
+
+/// Cheap to clone; shared by all sessions.
+#[derive(Clone)]
+pub struct Auditor {
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Msg>,
+    on_failure: OnFailure,
+    counters: Arc<Counters>,
+    /// The final chain head, once shut down (makes shutdown idempotent).
+    stopped: Mutex<Option<String>>,
+}
+
+/// A snapshot of the writer's counters, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AuditCounters {
+    /// Records stored and acknowledged.
+    pub appended: u64,
+    /// Records whose append failed (returned `Err`, or logged for `append_nowait`).
+    pub failed: u64,
+    /// fsyncs done; with `group`, far fewer than `appended` under load.
+    pub syncs: u64,
+}
+
+impl Auditor {
+    /// Opens (creates) the sled store at `cfg.store`, continues its chain,
+    /// appends and fsyncs `gateway_start`, and starts the writer thread.
+    /// Fails with [`AuditError::Locked`] if another process holds the store.
+    /// `cfg.enabled == false` gives [`Auditor::disabled`].
+    pub fn open(cfg: &AuditConfig) -> Result<Auditor, AuditError> {
+        if !cfg.enabled {
+            return Ok(Auditor::disabled());
+        }
+        let store = SledStore::open(&cfg.store)?;
+        Auditor::with_store(Box::new(store), cfg)
+    }
+
+    /// Like [`Auditor::open`] on any [`Store`] (tests inject failing stores);
+    /// `cfg.store` and `cfg.enabled` are ignored.
+    pub fn with_store(store: Box<dyn Store>, cfg: &AuditConfig) -> Result<Auditor, AuditError> {
+        let counters = Arc::new(Counters::default());
+        let interval = Duration::from_millis(cfg.flush_interval_ms.max(1));
+        let mut writer = Writer::recover(store, cfg.durability, interval, counters.clone())?;
+        let mut start = Event::new(Kind::GatewayStart);
+        start.message = Some(format!(
+            "pgwarden {} durability {}",
+            env!("CARGO_PKG_VERSION"),
+            durability_name(cfg.durability)
+        ));
+        writer.append_now(start)?;
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        std::thread::Builder::new()
+            .name("pgwarden-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Write(format!("cannot start the audit writer thread: {e}")))?;
+        Ok(Auditor {
+            inner: Some(Arc::new(Inner {
+                tx,
+                on_failure: cfg.on_failure,
+                counters,
+                stopped: Mutex::new(None),
+            })),
+        })
+    }
+
+    /// An auditor that records nothing: appends return `Ok(0)`.
+    pub fn disabled() -> Auditor {
+        Auditor { inner: None }
+    }
+
+    /// Whether records are being written.
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// What the gateway does with a statement whose record cannot be stored
+    /// (`Allow` when disabled: nothing can fail).
+    pub fn on_failure(&self) -> OnFailure {
+        self.inner
+            .as_ref()
+            .map_or(OnFailure::Allow, |i| i.on_failure)
+    }
+
+    /// Write-ahead append: returns the record's seq once it is stored as
+    /// `durability` defines (see [`super::writer`]). Waits while the queue
+    /// is full. `Err` if the store cannot be written or the writer stopped.
+    /// Cancel-safe in the sense that matters: if this future is dropped, the
+    /// record is still stored once queued, and nothing else is affected.
+    pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
+        let Some(inner) = &self.inner else {
+            return Ok(0);
+        };
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Append {
+            event,
+            reply: Some(tx),
+        };
+        inner.tx.send(msg).await.map_err(|_| AuditError::Closed)?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Same ordering and chaining as [`Auditor::append`] without waiting for
+    /// the store (for `result`, `session_end`, ...). Waits only while the
+    /// queue is full. Failures are logged with `tracing::error!` and counted
+    /// in [`AuditCounters::failed`].
+    pub async fn append_nowait(&self, event: Event) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let kind = event.kind;
+        let msg = Msg::Append { event, reply: None };
+        if inner.tx.send(msg).await.is_err() {
+            inner.counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                kind = kind.as_str(),
+                "audit writer is stopped; record not stored"
+            );
+        }
+    }
+
+    /// Appends `gateway_stop` (its `message` is `chain head <hex>`, the hash
+    /// of the record before it), fsyncs, stops the writer and releases the
+    /// store. Returns the final chain head: the hash of `gateway_stop`
+    /// itself, the value to pin elsewhere. Idempotent; a disabled auditor
+    /// returns an empty string.
+    pub async fn shutdown(&self) -> Result<String, AuditError> {
+        let Some(inner) = &self.inner else {
+            return Ok(String::new());
+        };
+        let mut stopped = inner.stopped.lock().await;
+        if let Some(head) = stopped.as_ref() {
+            return Ok(head.clone());
+        }
+        let (tx, rx) = oneshot::channel();
+        inner
+            .tx
+            .send(Msg::Shutdown { reply: tx })
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        let head = rx.await.map_err(|_| AuditError::Closed)??;
+        *stopped = Some(head.clone());
+        Ok(head)
+    }
+
+    /// Number of records waiting in the writer queue (for metrics).
+    pub fn queue_depth(&self) -> usize {
+        self.inner
+            .as_ref()
+            .map_or(0, |i| i.tx.max_capacity() - i.tx.capacity())
+    }
+
+    /// The writer's counters so far (zeros when disabled).
+    pub fn counters(&self) -> AuditCounters {
+        self.inner
+            .as_ref()
+            .map_or_else(AuditCounters::default, |i| AuditCounters {
+                appended: i.counters.appended.load(Ordering::Relaxed),
+                failed: i.counters.failed.load(Ordering::Relaxed),
+                syncs: i.counters.syncs.load(Ordering::Relaxed),
+            })
+    }
+}
+
+fn durability_name(d: Durability) -> &'static str {
+    match d {
+        Durability::Group => "group",
+        Durability::Sync => "sync",
+        Durability::Async => "async",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use crate::audit::record::{Event, Kind, Record};
+    use crate::audit::store::MemoryStore;
+    use crate::audit::{AuditError, Auditor};
+    use crate::config::{AuditConfig, Durability};
+
+    fn cfg(durability: Durability) -> AuditConfig {
+        AuditConfig {
+            durability,
+            flush_interval_ms: 20,
+            ..AuditConfig::default()
+        }
+    }
+
+    fn open(store: &MemoryStore, durability: Durability) -> Auditor {
+        let copy = MemoryStore {
+            records: store.records.clone(),
+            control: store.control.clone(),
+        };
+        Auditor::with_store(Box::new(copy), &cfg(durability)).unwrap()
+    }
+
+    fn stored(store: &MemoryStore) -> Vec<Record> {
+        let records = store.records.lock().unwrap();
+        records
+            .iter()
+            .map(|(seq, v)| {
+                let r = Record::from_stored_bytes(v).unwrap();
+                assert_eq!(r.seq, *seq);
+                r
+            })
+            .collect()
+    }
+
+    async fn concurrent_appends(auditor: &Auditor, n: usize) -> Vec<u64> {
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let a = auditor.clone();
+                tokio::spawn(async move {
+                    let mut ev = Event::new(Kind::Query);
+                    ev.statement = Some(format!("select {i}"));
+                    a.append(ev).await.unwrap()
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        seqs
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_shares_one_fsync_among_queued_records() {
+        let store = MemoryStore::default();
+        store.control.sync_delay_us.store(3_000, Ordering::SeqCst);
+        let auditor = open(&store, Durability::Group);
+        let seqs = concurrent_appends(&auditor, 200).await;
+        assert_eq!(seqs, (2..=201).collect::<Vec<u64>>());
+        let syncs = store.control.syncs.load(Ordering::SeqCst);
+        // gateway_start's own fsync, then batches: far fewer than 200.
+        assert!(syncs <= 20, "{syncs} fsyncs for 200 records");
+        assert_eq!(auditor.counters().syncs, syncs);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sync_mode_fsyncs_every_record() {
+        let store = MemoryStore::default();
+        let auditor = open(&store, Durability::Sync);
+        concurrent_appends(&auditor, 50).await;
+        assert_eq!(store.control.syncs.load(Ordering::SeqCst), 51);
+    }
+
+    /// Polls `cond` every 5 ms for up to 5 s (timing under a loaded machine).
+    async fn eventually(cond: impl Fn() -> bool) -> bool {
+        for _ in 0..1000 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_mode_answers_first_and_fsyncs_within_the_interval() {
+        let store = MemoryStore::default();
+        let copy = MemoryStore {
+            records: store.records.clone(),
+            control: store.control.clone(),
+        };
+        let cfg = AuditConfig {
+            flush_interval_ms: 300,
+            ..cfg(Durability::Async)
+        };
+        let auditor = Auditor::with_store(Box::new(copy), &cfg).unwrap();
+        let start = std::time::Instant::now();
+        let seq = auditor.append(Event::new(Kind::Query)).await.unwrap();
+        assert_eq!(seq, 2);
+        let durable = || store.control.durable.load(Ordering::SeqCst);
+        if start.elapsed() < Duration::from_millis(250) {
+            assert_eq!(durable(), 1, "answered before the fsync");
+        }
+        assert!(
+            eventually(|| durable() == 2).await,
+            "fsynced after the interval"
+        );
+        assert!(start.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn insert_failure_is_an_error_and_the_seq_is_not_skipped() {
+        let store = MemoryStore::default();
+        let auditor = open(&store, Durability::Group);
+        store.control.fail_inserts.store(true, Ordering::SeqCst);
+        let err = auditor.append(Event::new(Kind::Query)).await.unwrap_err();
+        assert!(matches!(err, AuditError::Write(_)), "{err}");
+        auditor.append_nowait(Event::new(Kind::Result)).await;
+        // Queue order: this one is answered after the nowait record was tried.
+        assert!(auditor.append(Event::new(Kind::Query)).await.is_err());
+        store.control.fail_inserts.store(false, Ordering::SeqCst);
+        assert_eq!(auditor.append(Event::new(Kind::Query)).await.unwrap(), 2);
+        let c = auditor.counters();
+        assert_eq!((c.appended, c.failed), (2, 3));
+        let records = stored(&store);
+        assert_eq!(records[1].prev_hash, records[0].hash);
+    }
+
+    #[tokio::test]
+    async fn fsync_failure_is_an_error_in_group_and_sync_modes() {
+        for durability in [Durability::Group, Durability::Sync] {
+            let store = MemoryStore::default();
+            let auditor = open(&store, durability);
+            store.control.fail_syncs.store(true, Ordering::SeqCst);
+            assert!(auditor.append(Event::new(Kind::Query)).await.is_err());
+            store.control.fail_syncs.store(false, Ordering::SeqCst);
+            // The record is in the chain (stored but not confirmed durable).
+            assert_eq!(auditor.append(Event::new(Kind::Query)).await.unwrap(), 3);
+        }
+    }
+
+    #[tokio::test]
+    async fn async_mode_fails_closed_after_a_failed_background_fsync() {
+        let store = MemoryStore::default();
+        let auditor = open(&store, Durability::Async);
+        store.control.fail_syncs.store(true, Ordering::SeqCst);
+        assert!(auditor.append(Event::new(Kind::Query)).await.is_ok());
+        assert!(eventually(|| auditor.counters().failed >= 1).await);
+        assert!(auditor.append(Event::new(Kind::Query)).await.is_err());
+        store.control.fail_syncs.store(false, Ordering::SeqCst);
+        assert!(auditor.append(Event::new(Kind::Query)).await.is_ok());
+        assert_eq!(store.control.durable.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn a_failed_store_is_reopened_and_the_chain_goes_on_from_its_durable_tail() {
+        let store = MemoryStore::default();
+        let auditor = open(&store, Durability::Group);
+        assert_eq!(auditor.append(Event::new(Kind::Query)).await.unwrap(), 2);
+        store.control.fail_syncs.store(true, Ordering::SeqCst);
+        assert!(auditor.append(Event::new(Kind::Query)).await.is_err());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        store.control.fail_syncs.store(false, Ordering::SeqCst);
+        // Seq 3 never reached the disk: the reopened store goes on after 2.
+        assert_eq!(auditor.append(Event::new(Kind::Query)).await.unwrap(), 3);
+        assert_eq!(store.control.reopens.load(Ordering::SeqCst), 1);
+        let records = stored(&store);
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2].prev_hash, records[1].hash);
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_idempotent_and_later_appends_fail() {
+        let store = MemoryStore::default();
+        let auditor = open(&store, Durability::Group);
+        auditor.append(Event::new(Kind::Query)).await.unwrap();
+        let head = auditor.shutdown().await.unwrap();
+        assert_eq!(auditor.shutdown().await.unwrap(), head);
+        assert!(matches!(
+            auditor.append(Event::new(Kind::Query)).await,
+            Err(AuditError::Closed)
+        ));
+        auditor.append_nowait(Event::new(Kind::Query)).await;
+        assert_eq!(auditor.counters().failed, 1);
+        let records = stored(&store);
+        let stop = records.last().unwrap();
+        assert_eq!(stop.kind, Kind::GatewayStop);
+        assert_eq!(stop.hash, head);
+        assert_eq!(
+            stop.message.as_deref(),
+            Some(format!("chain head {}", records[1].hash).as_str())
+        );
+    }
+
+    #[tokio::test]
+    async fn reopening_continues_seq_and_chain() {
+        let store = MemoryStore::default();
+        let first = open(&store, Durability::Group);
+        first.append(Event::new(Kind::Query)).await.unwrap();
+        let head = first.shutdown().await.unwrap();
+        let second = open(&store, Durability::Group);
+        assert_eq!(second.append(Event::new(Kind::Query)).await.unwrap(), 5);
+        let records = stored(&store);
+        assert_eq!(records[3].kind, Kind::GatewayStart);
+        assert_eq!(records[3].prev_hash, head);
+    }
+
+    #[test]
+    fn a_damaged_tail_is_refused() {
+        let store = MemoryStore::default();
+        store
+            .records
+            .lock()
+            .unwrap()
+            .insert(1, b"{\"seq\":1}".to_vec());
+        let err = Auditor::with_store(Box::new(store), &cfg(Durability::Group))
+            .err()
+            .unwrap();
+        assert!(matches!(err, AuditError::Corrupt { seq: 1, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn disabled_auditor_is_a_no_op() {
+        let auditor = Auditor::open(&AuditConfig {
+            enabled: false,
+            ..AuditConfig::default()
+        })
+        .unwrap();
+        assert!(!auditor.enabled());
+        assert_eq!(auditor.append(Event::new(Kind::Query)).await.unwrap(), 0);
+        assert_eq!(auditor.queue_depth(), 0);
+        assert_eq!(auditor.shutdown().await.unwrap(), "");
+    }
+}

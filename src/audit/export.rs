@@ -1,0 +1,421 @@
+//! `audit export`: streams the store as JSON lines or CSV, joined (one line
+//! per statement, see [`super::join`]) or raw (one line per record, exactly
+//! as stored), with filters.
+//!
+//! Invariant: the export streams. It holds one record at a time (raw) or the
+//! join window (bounded by [`ExportOptions::max_window_bytes`]) plus sled's
+//! page cache (bounded when the store is opened by [`StoreReader`]), so its
+//! memory does not grow with the store.
+//!
+//! Columns, in this order, in both formats: [`FIELDS`]. JSON lines use the
+//! canonical encoding of [`super::record`] (absent = `null`); a raw JSON line
+//! is the stored value itself. CSV is RFC 4180 with a header row; an absent
+//! value is an empty field (CSV cannot tell it from an empty string: use
+//! JSON lines when that matters), `params` is its JSON array text.
+
+use std::io::Write;
+
+use time::OffsetDateTime;
+
+use super::join::{Joiner, Line};
+use super::record::{parse_ts, write_json_value, Kind, Record, Value, FIELDS};
+use super::store::{decode, StoreReader};
+use super::AuditError;
+
+/// Default bound of the join window.
+pub const DEFAULT_MAX_WINDOW_BYTES: usize = 16 * 1024 * 1024;
+
+/// Output format of `audit export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON object per line.
+    #[default]
+    Jsonl,
+    /// RFC 4180 CSV with a header row.
+    Csv,
+}
+
+/// Which lines to write. In a joined export the filters apply to the
+/// statement's `query` record (its `ts`, user, database).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Lines with `ts >= since` (inclusive).
+    pub since: Option<OffsetDateTime>,
+    /// Lines with `ts < until` (exclusive).
+    pub until: Option<OffsetDateTime>,
+    /// Lines whose `client_user` is this.
+    pub user: Option<String>,
+    /// Lines whose `database` is this.
+    pub database: Option<String>,
+    /// Lines of this kind.
+    pub kind: Option<Kind>,
+}
+
+impl Filter {
+    /// Whether `record` is to be written. A `ts` that does not parse matches
+    /// no time filter (it is still written when there is none).
+    pub fn matches(&self, record: &Record) -> bool {
+        if self.kind.is_some_and(|k| k != record.kind) {
+            return false;
+        }
+        if self
+            .user
+            .as_ref()
+            .is_some_and(|u| record.client_user.as_ref() != Some(u))
+        {
+            return false;
+        }
+        if self
+            .database
+            .as_ref()
+            .is_some_and(|d| record.database.as_ref() != Some(d))
+        {
+            return false;
+        }
+        if self.since.is_none() && self.until.is_none() {
+            return true;
+        }
+        let Ok(ts) = parse_ts(&record.ts) else {
+            return false;
+        };
+        self.since.is_none_or(|s| ts >= s) && self.until.is_none_or(|u| ts < u)
+    }
+}
+
+/// Everything `export` needs besides the store and the output.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub format: Format,
+    /// One line per record, exactly as stored, instead of one per statement.
+    pub raw: bool,
+    pub filter: Filter,
+    /// Bound of the join window (see [`super::join`]).
+    pub max_window_bytes: usize,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            format: Format::Jsonl,
+            raw: false,
+            filter: Filter::default(),
+            max_window_bytes: DEFAULT_MAX_WINDOW_BYTES,
+        }
+    }
+}
+
+/// What an export did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExportSummary {
+    /// Records read from the store.
+    pub records: u64,
+    /// Lines written (after filters; the CSV header not counted).
+    pub lines: u64,
+}
+
+/// Streams `reader` to `out` as `options` say.
+pub fn export<W: Write>(
+    reader: &StoreReader,
+    options: &ExportOptions,
+    out: W,
+) -> Result<ExportSummary, AuditError> {
+    let mut sink = Sink::new(options.format, out)?;
+    let mut summary = ExportSummary::default();
+    let mut emit = |line: Line| -> Result<(), AuditError> {
+        let (record, raw) = match &line {
+            Line::AsStored(record, raw) => (record, Some(raw.as_ref())),
+            Line::Joined(record) => (record, None),
+        };
+        if options.filter.matches(record) {
+            sink.write(record, raw)?;
+            summary.lines += 1;
+        }
+        Ok(())
+    };
+    let mut joiner = (!options.raw).then(|| Joiner::new(reader, options.max_window_bytes));
+    for entry in reader.scan_from(1) {
+        let (seq, raw) = entry?;
+        let record = decode(seq, &raw)?;
+        summary.records += 1;
+        match joiner.as_mut() {
+            Some(joiner) => joiner.push(record, raw, &mut emit)?,
+            None => emit(Line::AsStored(record, raw))?,
+        }
+    }
+    if let Some(joiner) = joiner {
+        joiner.finish(&mut emit)?;
+    }
+    sink.finish()?;
+    Ok(summary)
+}
+
+fn out_err(source: std::io::Error) -> AuditError {
+    AuditError::Io {
+        context: "cannot write the export".into(),
+        source,
+    }
+}
+
+fn csv_err(e: csv::Error) -> AuditError {
+    let source = match e.into_kind() {
+        csv::ErrorKind::Io(io) => io,
+        other => std::io::Error::other(format!("{other:?}")),
+    };
+    out_err(source)
+}
+
+enum Sink<W: Write> {
+    Jsonl(std::io::BufWriter<W>),
+    Csv(Box<csv::Writer<W>>),
+}
+
+impl<W: Write> Sink<W> {
+    fn new(format: Format, out: W) -> Result<Sink<W>, AuditError> {
+        Ok(match format {
+            Format::Jsonl => Sink::Jsonl(std::io::BufWriter::with_capacity(256 * 1024, out)),
+            Format::Csv => {
+                let mut w = csv::WriterBuilder::new()
+                    .buffer_capacity(256 * 1024)
+                    .from_writer(out);
+                w.write_record(FIELDS).map_err(csv_err)?;
+                Sink::Csv(Box::new(w))
+            }
+        })
+    }
+
+    /// Writes one line; `raw` (the stored value) is written as is in JSON.
+    fn write(&mut self, record: &Record, raw: Option<&[u8]>) -> Result<(), AuditError> {
+        match self {
+            Sink::Jsonl(w) => match raw {
+                Some(bytes) => w.write_all(bytes),
+                None => w.write_all(&record.to_stored_bytes()),
+            }
+            .and_then(|()| w.write_all(b"\n"))
+            .map_err(out_err),
+            Sink::Csv(w) => {
+                let mut fields: Vec<String> = Vec::with_capacity(FIELDS.len());
+                for value in record.values() {
+                    fields.push(csv_field(&value));
+                }
+                w.write_record(&fields).map_err(csv_err)
+            }
+        }
+    }
+
+    fn finish(self) -> Result<(), AuditError> {
+        match self {
+            Sink::Jsonl(mut w) => w.flush().map_err(out_err),
+            Sink::Csv(mut w) => w.flush().map_err(out_err),
+        }
+    }
+}
+
+fn csv_field(value: &Value<'_>) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::Str(s) => (*s).to_string(),
+        Value::UInt(n) => n.to_string(),
+        Value::Int(n) => n.to_string(),
+        Value::List(_) => {
+            let mut s = String::new();
+            write_json_value(&mut s, value);
+            s
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::{Event, Status};
+    use crate::audit::testutil::{build_store, query, result, sample_store};
+    use serde_json::Value as Json;
+
+    fn run(dir: &std::path::Path, options: &ExportOptions) -> String {
+        let reader = StoreReader::open(dir).unwrap();
+        let mut out = Vec::new();
+        export(&reader, options, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn json_lines(dir: &std::path::Path, options: &ExportOptions) -> Vec<Json> {
+        run(dir, options)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn seqs(lines: &[Json]) -> Vec<u64> {
+        lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect()
+    }
+
+    fn sample() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        sample_store(dir.path());
+        dir
+    }
+
+    fn filtered(filter: Filter, raw: bool) -> ExportOptions {
+        ExportOptions {
+            raw,
+            filter,
+            ..ExportOptions::default()
+        }
+    }
+
+    #[test]
+    fn joined_export_folds_results_into_their_queries() {
+        let dir = sample();
+        let lines = json_lines(dir.path(), &ExportOptions::default());
+        assert_eq!(seqs(&lines), vec![1, 2, 3, 4, 7, 8, 9, 10, 12]);
+        let q3 = &lines[2];
+        assert_eq!(q3["statement"], "select 1");
+        assert_eq!(q3["status"], "ok");
+        assert_eq!(q3["command_tag"], "SELECT 1");
+        assert_eq!(q3["rows"], 1);
+        assert_eq!(q3["duration_us"], 42);
+        assert_eq!(q3["ref_seq"], 6);
+        assert_eq!(q3["ts"], "2026-11-27T10:00:02.000000Z");
+        let q4 = &lines[3];
+        assert_eq!(q4["status"], "error");
+        assert_eq!(q4["sqlstate"], "42P01");
+        assert_eq!(q4["message"], "relation \"nope\" does not exist");
+        let q7 = &lines[4];
+        assert_eq!(q7["status"], "unknown");
+        assert_eq!(q7["ref_seq"], Json::Null);
+        assert_eq!(q7["command_tag"], Json::Null);
+        // Every column is present, absent ones as null.
+        let keys: Vec<&str> = lines[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut expected: Vec<&str> = FIELDS.to_vec();
+        expected.sort_unstable();
+        let mut keys_sorted = keys.clone();
+        keys_sorted.sort_unstable();
+        assert_eq!(keys_sorted, expected);
+    }
+
+    #[test]
+    fn raw_export_is_the_stored_records() {
+        let dir = sample();
+        let text = run(dir.path(), &filtered(Filter::default(), true));
+        let reader = StoreReader::open(dir.path()).unwrap();
+        let stored: Vec<String> = reader
+            .scan_from(1)
+            .map(|e| String::from_utf8(e.unwrap().1.to_vec()).unwrap())
+            .collect();
+        assert_eq!(text.lines().collect::<Vec<_>>(), stored);
+        assert_eq!(stored.len(), 12);
+    }
+
+    #[test]
+    fn csv_has_a_header_and_quotes_per_rfc_4180() {
+        let dir = sample();
+        let options = ExportOptions {
+            format: Format::Csv,
+            ..ExportOptions::default()
+        };
+        let text = run(dir.path(), &options);
+        assert!(text.starts_with("seq,ts,kind,session_id,client_user,role,database,"));
+        assert!(text.contains("\"select 'a,\"\"b\"\"'\n, 2\""), "{text}");
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+        assert_eq!(header, FIELDS);
+        let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 9);
+        let bob = &rows[7];
+        assert_eq!(&bob[0], "10");
+        assert_eq!(&bob[9], "select 'a,\"b\"'\n, 2");
+        assert_eq!(&bob[10], "[\"x\",null]");
+        assert_eq!(&bob[11], "ok");
+        assert_eq!(&bob[12], "", "absent sqlstate is an empty field");
+    }
+
+    #[test]
+    fn filters_select_lines() {
+        let dir = sample();
+        let ts = |s| Some(crate::audit::record::parse_ts(s).unwrap());
+        let by_user = Filter {
+            user: Some("bob".into()),
+            ..Filter::default()
+        };
+        assert_eq!(
+            seqs(&json_lines(dir.path(), &filtered(by_user, false))),
+            vec![9, 10]
+        );
+        let by_db = Filter {
+            database: Some("app".into()),
+            kind: Some(Kind::Query),
+            ..Filter::default()
+        };
+        assert_eq!(
+            seqs(&json_lines(dir.path(), &filtered(by_db, false))),
+            vec![3, 4, 7]
+        );
+        let since = Filter {
+            since: ts("2026-11-27T11:00:00Z"),
+            ..Filter::default()
+        };
+        assert_eq!(
+            seqs(&json_lines(dir.path(), &filtered(since, false))),
+            vec![9, 10, 12]
+        );
+        let until = Filter {
+            until: ts("2026-11-27T12:00:03+02:00"),
+            ..Filter::default()
+        };
+        assert_eq!(
+            seqs(&json_lines(dir.path(), &filtered(until, false))),
+            vec![1, 2, 3]
+        );
+        let results = Filter {
+            kind: Some(Kind::Result),
+            ..Filter::default()
+        };
+        assert_eq!(
+            seqs(&json_lines(dir.path(), &filtered(results, true))),
+            vec![5, 6, 11]
+        );
+    }
+
+    #[test]
+    fn a_tiny_window_gives_the_same_join_by_lookups() {
+        let dir = sample();
+        let normal = run(dir.path(), &ExportOptions::default());
+        let tiny = ExportOptions {
+            max_window_bytes: 1,
+            ..ExportOptions::default()
+        };
+        assert_eq!(run(dir.path(), &tiny), normal);
+    }
+
+    #[test]
+    fn open_queries_at_the_end_and_orphan_results_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ts = "2026-11-27T10:00:00.000000Z";
+        build_store(
+            dir.path(),
+            vec![
+                (ts, Event::new(Kind::GatewayStart)),
+                (ts, query("a", "d", "select 1")),
+                (ts, result("a", "d", 99, Status::Ok, Some("SELECT 1"))),
+                (ts, query("a", "d", "select 2")),
+                (ts, result("a", "d", 4, Status::Ok, Some("SELECT 1"))),
+            ],
+        );
+        for max_window_bytes in [1, DEFAULT_MAX_WINDOW_BYTES] {
+            let options = ExportOptions {
+                max_window_bytes,
+                ..ExportOptions::default()
+            };
+            let lines = json_lines(dir.path(), &options);
+            assert_eq!(seqs(&lines), vec![1, 2, 3, 4]);
+            assert_eq!(lines[1]["status"], "unknown");
+            assert_eq!(lines[2]["kind"], "result", "orphan result kept as stored");
+            assert_eq!(lines[3]["ref_seq"], 5);
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! Audit records: what the gateway reports ([`Event`]), what the store keeps
+//! ([`Record`]), and the one canonical byte encoding of a record.
+//!
+//! Invariant: a stored value is exactly [`Record::to_stored_bytes`] of the
+//! record it decodes to, and its hash covers [`Record::canonical_bytes`].
+//! Both are produced by the hand-written encoder below, never by a generic
+//! serializer, so the bytes stay the same whatever serde_json version reads
+//! them later.
+//!
+//! # Canonical bytes (what an auditor re-implements)
+//!
+//! The canonical bytes of a record are a compact UTF-8 JSON object with
+//! exactly these keys, in this order, separated by `,` with no whitespace:
+//!
+//! `seq, ts, kind, session_id, client_user, role, database, client_addr,
+//! application_name, statement, params, status, sqlstate, message,
+//! command_tag, rows, duration_us, backend_pid, ref_seq, prev_hash`
+//!
+//! Each member is `"key":value`. An absent value is `null`. Numbers (`seq`,
+//! `rows`, `duration_us`, `ref_seq`, `backend_pid`) are plain decimal
+//! integers (a `-` only for a negative `backend_pid`). `params` is a JSON
+//! array of strings or `null`s. Every other value is a JSON string: `"` and
+//! `\` are escaped as `\"` and `\\`; U+0008, U+0009, U+000A, U+000C, U+000D
+//! as `\b`, `\t`, `\n`, `\f`, `\r`; any other character below U+0020 as
+//! `\u00xx` (lowercase hex); every other character, including non-ASCII and
+//! `/`, is written as its UTF-8 bytes. `ts` is RFC 3339 UTC with exactly six
+//! fractional digits and a `Z` (`2026-11-27T12:00:00.123456Z`); `kind` and
+//! `status` are the snake_case names; `prev_hash` is 64 lowercase hex digits.
+//!
+//! `hash = lowercase_hex(SHA-256(raw 32 bytes of prev_hash || canonical bytes))`.
+//! The first record's `prev_hash` is 64 zeros.
+//!
+//! The stored value (and a `--raw` JSON line) is the canonical bytes with
+//! `,"hash":"<hash>"` inserted before the final `}`.
+
+use std::fmt::Write as _;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// What happened. Serialized as the snake_case name (`session_start`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    SessionStart,
+    AuthFailed,
+    Denied,
+    Query,
+    Result,
+    GuardBlocked,
+    IdentityViolation,
+    Cancel,
+    SessionEnd,
+    GatewayStart,
+    GatewayStop,
+}
+
+impl Kind {
+    /// Every kind, in declaration order (for help texts and stats).
+    pub const ALL: [Kind; 11] = [
+        Kind::SessionStart,
+        Kind::AuthFailed,
+        Kind::Denied,
+        Kind::Query,
+        Kind::Result,
+        Kind::GuardBlocked,
+        Kind::IdentityViolation,
+        Kind::Cancel,
+        Kind::SessionEnd,
+        Kind::GatewayStart,
+        Kind::GatewayStop,
+    ];
+
+    /// The name used in records, exports and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::SessionStart => "session_start",
+            Kind::AuthFailed => "auth_failed",
+            Kind::Denied => "denied",
+            Kind::Query => "query",
+            Kind::Result => "result",
+            Kind::GuardBlocked => "guard_blocked",
+            Kind::IdentityViolation => "identity_violation",
+            Kind::Cancel => "cancel",
+            Kind::SessionEnd => "session_end",
+            Kind::GatewayStart => "gateway_start",
+            Kind::GatewayStop => "gateway_stop",
+        }
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Kind, String> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+                format!("unknown record kind {s:?} (one of {})", names.join(", "))
+            })
+    }
+}
+
+/// Outcome of a statement. Serialized as `ok`, `error` or `unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    Error,
+    /// The statement never reported completion (e.g. the gateway died).
+    Unknown,
+}
+
+impl Status {
+    /// The name used in records and exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+            Status::Unknown => "unknown",
+        }
+    }
+}
+
+/// What the gateway fills in; `seq`, `ts`, `prev_hash` and `hash` are
+/// assigned by the writer so that chain order is seq order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: Kind,
+    pub session_id: Option<String>,
+    pub client_user: Option<String>,
+    pub role: Option<String>,
+    pub database: Option<String>,
+    pub client_addr: Option<String>,
+    pub application_name: Option<String>,
+    pub statement: Option<String>,
+    /// Bound parameters (text as text, binary as hex); only with `log_parameters`.
+    pub params: Option<Vec<Option<String>>>,
+    pub status: Option<Status>,
+    pub sqlstate: Option<String>,
+    pub message: Option<String>,
+    pub command_tag: Option<String>,
+    pub rows: Option<u64>,
+    pub duration_us: Option<u64>,
+    pub backend_pid: Option<i32>,
+    /// On a `result`: the `seq` of its `query`.
+    pub ref_seq: Option<u64>,
+}
+
+impl Event {
+    /// An event of `kind` with every other field absent.
+    pub fn new(kind: Kind) -> Event {
+        Event {
+            kind,
+            session_id: None,
+            client_user: None,
+            role: None,
+            database: None,
+            client_addr: None,
+            application_name: None,
+            statement: None,
+            params: None,
+            status: None,
+            sqlstate: None,
+            message: None,
+            command_tag: None,
+            rows: None,
+            duration_us: None,
+            backend_pid: None,
+            ref_seq: None,
+        }
+    }
+}
+
+/// One stored audit record: an [`Event`] plus its place in the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub seq: u64,
+    /// RFC 3339 UTC with microseconds, as written by [`format_ts`].
+    pub ts: String,
+    pub kind: Kind,
+    pub session_id: Option<String>,
+    pub client_user: Option<String>,
+    pub role: Option<String>,
+    pub database: Option<String>,
+    pub client_addr: Option<String>,
+    pub application_name: Option<String>,
+    pub statement: Option<String>,
+    pub params: Option<Vec<Option<String>>>,
+    pub status: Option<Status>,
+    pub sqlstate: Option<String>,
+    pub message: Option<String>,
+    pub command_tag: Option<String>,
+    pub rows: Option<u64>,
+    pub duration_us: Option<u64>,
+    pub backend_pid: Option<i32>,
+    pub ref_seq: Option<u64>,
+    /// Hex hash of the record before this one (64 zeros for seq 1).
+    pub prev_hash: String,
+    /// Hex SHA-256 over `prev_hash` bytes and [`Record::canonical_bytes`].
+    pub hash: String,
+}
+
+/// Column names of records and exports, in canonical order (`hash` last).
+pub const FIELDS: [&str; 21] = [
+    "seq",
+    "ts",
+    "kind",
+    "session_id",
+    "client_user",
+    "role",
+    "database",
+    "client_addr",
+    "application_name",
+    "statement",
+    "params",
+    "status",
+    "sqlstate",
+    "message",
+    "command_tag",
+    "rows",
+    "duration_us",
+    "backend_pid",
+    "ref_seq",
+    "prev_hash",
+    "hash",
+];
+
+/// One field value, as the encoders see it.
+pub enum Value<'a> {
+    Null,
+    Str(&'a str),
+    UInt(u64),
+    Int(i64),
+    List(&'a [Option<String>]),
+}
+
+impl Record {
+    /// Builds the record for `event` at `seq`, without its hash yet.
+    pub fn from_event(event: Event, seq: u64, ts: String, prev_hash: String) -> Record {
+        Record {
+            seq,
+            ts,
+            kind: event.kind,
+            session_id: event.session_id,
+            client_user: event.client_user,
+            role: event.role,
+            database: event.database,
+            client_addr: event.client_addr,
+            application_name: event.application_name,
+            statement: event.statement,
+            params: event.params,
+            status: event.status,
+            sqlstate: event.sqlstate,
+            message: event.message,
+            command_tag: event.command_tag,
+            rows: event.rows,
+            duration_us: event.duration_us,
+            backend_pid: event.backend_pid,
+            ref_seq: event.ref_seq,
+            prev_hash,
+            hash: String::new(),
+        }
+    }
+
+    /// The values of [`FIELDS`], in the same order.
+    pub fn values(&self) -> [Value<'_>; 21] {
+        fn s(v: &Option<String>) -> Value<'_> {
+            v.as_deref().map_or(Value::Null, Value::Str)
+        }
+        fn u(v: Option<u64>) -> Value<'static> {
+            v.map_or(Value::Null, Value::UInt)
+        }
+        [
+            Value::UInt(self.seq),
+            Value::Str(&self.ts),
+            Value::Str(self.kind.as_str()),
+            s(&self.session_id),
+            s(&self.client_user),
+            s(&self.role),
+            s(&self.database),
+            s(&self.client_addr),
+            s(&self.application_name),
+            s(&self.statement),
+            self.params.as_deref().map_or(Value::Null, Value::List),
+            self.status
+                .map_or(Value::Null, |st| Value::Str(st.as_str())),
+            s(&self.sqlstate),
+            s(&self.message),
+            s(&self.command_tag),
+            u(self.rows),
+            u(self.duration_us),
+            self.backend_pid
+                .map_or(Value::Null, |p| Value::Int(i64::from(p))),
+            u(self.ref_seq),
+            Value::Str(&self.prev_hash),
+            Value::Str(&self.hash),
+        ]
+    }
+
+    /// The bytes the hash covers: every field but `hash` (see module docs).
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        self.canonical_string().into_bytes()
+    }
+
+    /// [`Record::canonical_bytes`] as the `String` they are built in.
+    pub fn canonical_string(&self) -> String {
+        let mut out = String::with_capacity(512);
+        out.push('{');
+        let values = self.values();
+        let without_hash = FIELDS.len() - 1;
+        for (i, (name, value)) in FIELDS.iter().zip(values).take(without_hash).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(name);
+            out.push_str("\":");
+            write_json_value(&mut out, &value);
+        }
+        out.push('}');
+        out
+    }
+
+    /// The stored value: the canonical bytes plus `hash`, one JSON object.
+    pub fn to_stored_bytes(&self) -> Vec<u8> {
+        Record::stored_from_canonical(self.canonical_string(), &self.hash)
+    }
+
+    /// The stored value from already computed canonical bytes (saves the
+    /// writer a second encoding): `,"hash":"<hash>"` before the final `}`.
+    pub fn stored_from_canonical(canonical: String, hash: &str) -> Vec<u8> {
+        let mut out = canonical;
+        out.pop();
+        out.push_str(",\"hash\":");
+        write_json_string(&mut out, hash);
+        out.push('}');
+        out.into_bytes()
+    }
+
+    /// Decodes a stored value; unknown keys are an error.
+    pub fn from_stored_bytes(bytes: &[u8]) -> Result<Record, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// Appends `value` as canonical JSON (see module docs).
+pub fn write_json_value(out: &mut String, value: &Value<'_>) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Str(s) => write_json_string(out, s),
+        Value::UInt(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Value::Int(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Value::List(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                match item {
+                    Some(s) => write_json_string(out, s),
+                    None => out.push_str("null"),
+                }
+            }
+            out.push(']');
+        }
+    }
+}
+
+/// Appends `s` as a JSON string with the canonical escapes. Every byte that
+/// needs escaping is ASCII, so scanning bytes never splits a character.
+pub fn write_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            0x0c => "\\f",
+            b'\r' => "\\r",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{:04x}", b);
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// Format of `ts`: RFC 3339 UTC with exactly six fractional digits.
+const TS_FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+);
+
+/// `t` in the record timestamp format (converted to UTC).
+pub fn format_ts(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(TS_FORMAT)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".to_string())
+}
+
+/// Parses any RFC 3339 timestamp (records' `ts` and `--since`/`--until`).
+pub fn parse_ts(s: &str) -> Result<OffsetDateTime, time::error::Parse> {
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        let mut ev = Event::new(Kind::Query);
+        ev.client_user = Some("alice".into());
+        ev.statement = Some("select '\"q\"'\n\t\\ \u{1} é/".into());
+        ev.params = Some(vec![Some("1".into()), None]);
+        ev.backend_pid = Some(-5);
+        let mut r = Record::from_event(ev, 7, "2026-11-27T12:00:00.123456Z".into(), "0".repeat(64));
+        r.hash = "ab".repeat(32);
+        r
+    }
+
+    #[test]
+    fn stored_bytes_round_trip_and_match_serde_json() {
+        let r = sample();
+        let bytes = r.to_stored_bytes();
+        let back = Record::from_stored_bytes(&bytes).unwrap();
+        assert_eq!(back, r);
+        // The hand-written escapes agree with serde_json's compact output.
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(serde_json::to_string(&v["statement"]).unwrap(), {
+            let mut s = String::new();
+            write_json_string(&mut s, r.statement.as_deref().unwrap());
+            s
+        });
+    }
+
+    #[test]
+    fn string_escapes_agree_with_serde_json_for_every_ascii_char() {
+        let all: String = (0u8..0x80)
+            .map(char::from)
+            .chain("é€😀\u{2028}".chars())
+            .collect();
+        for c in all.chars() {
+            let text = format!("a{c}b");
+            let mut ours = String::new();
+            write_json_string(&mut ours, &text);
+            assert_eq!(ours, serde_json::to_string(&text).unwrap(), "char {:?}", c);
+        }
+    }
+
+    #[test]
+    fn canonical_bytes_are_exact() {
+        let mut r = Record::from_event(
+            Event::new(Kind::GatewayStart),
+            1,
+            "2026-11-27T12:00:00.000001Z".into(),
+            "0".repeat(64),
+        );
+        r.hash = "f".repeat(64);
+        let expected = format!(
+            "{{\"seq\":1,\"ts\":\"2026-11-27T12:00:00.000001Z\",\"kind\":\"gateway_start\",\
+             \"session_id\":null,\"client_user\":null,\"role\":null,\"database\":null,\
+             \"client_addr\":null,\"application_name\":null,\"statement\":null,\"params\":null,\
+             \"status\":null,\"sqlstate\":null,\"message\":null,\"command_tag\":null,\"rows\":null,\
+             \"duration_us\":null,\"backend_pid\":null,\"ref_seq\":null,\"prev_hash\":\"{}\"}}",
+            "0".repeat(64)
+        );
+        assert_eq!(String::from_utf8(r.canonical_bytes()).unwrap(), expected);
+        let stored = String::from_utf8(r.to_stored_bytes()).unwrap();
+        assert_eq!(
+            stored,
+            format!(
+                "{},\"hash\":\"{}\"}}",
+                &expected[..expected.len() - 1],
+                "f".repeat(64)
+            )
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let mut bytes = sample().to_stored_bytes();
+        bytes.pop();
+        bytes.extend_from_slice(b",\"extra\":1}");
+        assert!(Record::from_stored_bytes(&bytes).is_err());
+    }
+
+    #[test]
+    fn timestamps_have_microseconds() {
+        let t = time::macros::datetime!(2026-11-27 12:00:00.1234567 +02:00);
+        assert_eq!(format_ts(t), "2026-11-27T10:00:00.123456Z");
+        assert_eq!(
+            parse_ts("2026-11-27T10:00:00.123456Z").unwrap(),
+            t.replace_nanosecond(123_456_000).unwrap()
+        );
+        assert!(parse_ts("yesterday").is_err());
+    }
+
+    #[test]
+    fn kinds_parse_by_name() {
+        for k in Kind::ALL {
+            assert_eq!(k.as_str().parse::<Kind>().unwrap(), k);
+            assert_eq!(
+                serde_json::to_string(&k).unwrap(),
+                format!("\"{}\"", k.as_str())
+            );
+        }
+        assert!("querry".parse::<Kind>().unwrap_err().contains("query"));
+    }
+}

@@ -1,0 +1,354 @@
+//! Where records live: the [`Store`] trait the writer appends through, its
+//! sled implementation, an in-memory one for tests, and the read side used by
+//! the offline commands.
+//!
+//! Invariant: keys are big-endian `seq`s and values are stored records; after
+//! [`Store::sync`] returns `Ok`, every earlier insert is on disk (fsynced).
+//!
+//! sled 0.34 facts this module is built around (measured, see the tests):
+//! - `Db::flush` on Linux ends in `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`,
+//!   which neither flushes the disk's write cache nor the file's metadata,
+//!   and sled never fsyncs the blob files it writes for pages over 128 KiB
+//!   (a leaf holds up to 17 records, so any record over about 7 KiB can end
+//!   up in one). [`SledStore::sync`] therefore follows the flush with an
+//!   `fdatasync` of the `db` file and an fsync of new blob files.
+//! - The exclusive lock is `flock` on `<store>/db`, per open file
+//!   description: a second open fails even inside the same process, with an
+//!   `Io(Other)` error whose only marker is its text. We probe the lock
+//!   ourselves to report [`AuditError::Locked`] reliably.
+//! - There is no read-only mode: the offline commands take the same lock
+//!   and sled may rewrite its own snapshot files on open.
+//! - After one I/O error (a full disk), every later write of that `Db`
+//!   fails, even once there is space again: [`Store::reopen`] starts over.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::record::Record;
+use super::AuditError;
+
+/// Page cache of the gateway's store: appends only touch the tail.
+const WRITER_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+/// Page cache of the offline commands: bounds their memory on any store size.
+const READER_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The writer's view of a store. Implementations need not be thread-safe:
+/// the writer thread owns its store.
+pub trait Store: Send + 'static {
+    /// The last stored `(seq, value)`, to continue the chain after a restart.
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, AuditError>;
+    /// Stores `value` under `seq` (durable only after [`Store::sync`]).
+    fn insert(&mut self, seq: u64, value: &[u8]) -> Result<(), AuditError>;
+    /// Makes every earlier insert durable (fsync).
+    fn sync(&mut self) -> Result<(), AuditError>;
+    /// Starts over from what is durable after a failure; the writer then
+    /// re-reads [`Store::last`]. The default keeps the store as it is.
+    fn reopen(&mut self) -> Result<(), AuditError> {
+        Ok(())
+    }
+}
+
+/// The key of `seq`: 8 bytes big-endian, so key order is seq order.
+pub fn key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
+}
+
+/// How long an open retries a held lock before reporting `Locked`: a lock can
+/// be held for a moment by a process that is exiting, or by a child that was
+/// forked (inheriting the descriptor) and has not yet exec'd.
+const LOCK_RETRY: Duration = Duration::from_millis(500);
+
+/// Opens the sled database at `path`, turning a held lock into `Locked`.
+fn open_db(path: &Path, cache_bytes: u64) -> Result<sled::Db, AuditError> {
+    let deadline = Instant::now() + LOCK_RETRY;
+    loop {
+        let result = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open();
+        let error = match result {
+            Ok(db) => return Ok(db),
+            Err(e) => e,
+        };
+        if !is_locked(path) {
+            return Err(AuditError::Open {
+                path: path.to_path_buf(),
+                message: error.to_string(),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(AuditError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether some open file description holds sled's `flock` on `<path>/db`.
+pub fn is_locked(path: &Path) -> bool {
+    let Ok(file) = File::open(path.join("db")) else {
+        return false;
+    };
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is a valid descriptor owned by `file` for this whole block.
+    let rc = unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) };
+    if rc == 0 {
+        // SAFETY: as above; we release the lock we just took.
+        unsafe { libc::flock(fd, libc::LOCK_UN) };
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+fn write_err(e: impl std::fmt::Display) -> AuditError {
+    AuditError::Write(e.to_string())
+}
+
+/// The gateway's sled store.
+pub struct SledStore {
+    path: PathBuf,
+    /// `None` only between dropping a failed database and reopening it.
+    open: Option<OpenDb>,
+    /// Blob files already fsynced (pruned to what exists at each sync).
+    synced_blobs: HashSet<OsString>,
+}
+
+struct OpenDb {
+    db: sled::Db,
+    /// Our own descriptor of sled's log file, for a real `fdatasync`.
+    data_file: File,
+}
+
+impl OpenDb {
+    fn open(path: &Path) -> Result<OpenDb, AuditError> {
+        let db = open_db(path, WRITER_CACHE_BYTES)?;
+        let open_err = |e: std::io::Error| AuditError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let data_file = File::open(path.join("db")).map_err(open_err)?;
+        // Make the store's directory entries durable once.
+        File::open(path)
+            .and_then(|d| d.sync_all())
+            .map_err(open_err)?;
+        Ok(OpenDb { db, data_file })
+    }
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<SledStore, AuditError> {
+        Ok(SledStore {
+            path: path.to_path_buf(),
+            open: Some(OpenDb::open(path)?),
+            synced_blobs: HashSet::new(),
+        })
+    }
+
+    fn db(&self) -> Result<&OpenDb, AuditError> {
+        self.open
+            .as_ref()
+            .ok_or_else(|| AuditError::Write("the audit store is not open".into()))
+    }
+
+    /// fsyncs blob files sled wrote since the last sync, then their directory.
+    fn sync_new_blobs(&mut self) -> std::io::Result<()> {
+        let dir = self.path.join("blobs");
+        let mut present = HashSet::new();
+        let mut new_files = false;
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name();
+            if !self.synced_blobs.contains(&name) {
+                match File::open(dir.join(&name)) {
+                    Ok(f) => f.sync_all()?,
+                    // sled garbage-collected it meanwhile.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new_files = true;
+            }
+            present.insert(name);
+        }
+        self.synced_blobs = present;
+        if new_files {
+            File::open(&dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+impl Store for SledStore {
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, AuditError> {
+        match self.db()?.db.last() {
+            Ok(None) => Ok(None),
+            Ok(Some((k, v))) => {
+                let seq = seq_of(&k).ok_or_else(|| AuditError::Corrupt {
+                    seq: 0,
+                    message: format!("last key is {} bytes, not 8", k.len()),
+                })?;
+                Ok(Some((seq, v.to_vec())))
+            }
+            Err(e) => Err(AuditError::Read(e.to_string())),
+        }
+    }
+
+    fn insert(&mut self, seq: u64, value: &[u8]) -> Result<(), AuditError> {
+        self.db()?
+            .db
+            .insert(key(seq), value)
+            .map(|_| ())
+            .map_err(write_err)
+    }
+
+    fn sync(&mut self) -> Result<(), AuditError> {
+        let open = self.db()?;
+        open.db.flush().map_err(write_err)?;
+        open.data_file.sync_data().map_err(write_err)?;
+        self.sync_new_blobs().map_err(write_err)
+    }
+
+    /// sled 0.34 keeps failing after one I/O error (its error is sticky), so
+    /// recovering from e.g. a full disk takes a fresh open: what was fsynced
+    /// is there, what was not is gone.
+    fn reopen(&mut self) -> Result<(), AuditError> {
+        // The old database must be gone (its lock released) before reopening.
+        self.open = None;
+        self.synced_blobs.clear();
+        self.open = Some(OpenDb::open(&self.path)?);
+        Ok(())
+    }
+}
+
+/// Switches and counters shared between a [`MemoryStore`] and its test.
+#[derive(Debug, Default)]
+pub struct MemoryControl {
+    /// When set, `insert` fails.
+    pub fail_inserts: AtomicBool,
+    /// When set, `sync` fails.
+    pub fail_syncs: AtomicBool,
+    /// Microseconds each `sync` sleeps, to model a disk.
+    pub sync_delay_us: AtomicU64,
+    /// Number of successful `sync` calls.
+    pub syncs: AtomicU64,
+    /// Highest seq that is "on disk" (synced).
+    pub durable: AtomicU64,
+    /// Number of `reopen` calls.
+    pub reopens: AtomicU64,
+}
+
+/// An in-memory [`Store`] whose failures and fsync cost a test controls, so
+/// the writer's error paths and group commit can be exercised without a disk.
+/// Like a real store, `reopen` forgets what was never synced.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    /// Stored values by seq.
+    pub records: Arc<Mutex<BTreeMap<u64, Vec<u8>>>>,
+    /// Failure switches and counters.
+    pub control: Arc<MemoryControl>,
+}
+
+impl Store for MemoryStore {
+    fn last(&self) -> Result<Option<(u64, Vec<u8>)>, AuditError> {
+        let records = self
+            .records
+            .lock()
+            .map_err(|e| AuditError::Read(e.to_string()))?;
+        Ok(records.iter().next_back().map(|(k, v)| (*k, v.clone())))
+    }
+
+    fn insert(&mut self, seq: u64, value: &[u8]) -> Result<(), AuditError> {
+        if self.control.fail_inserts.load(Ordering::SeqCst) {
+            return Err(AuditError::Write("injected insert failure".into()));
+        }
+        let mut records = self.records.lock().map_err(write_err)?;
+        records.insert(seq, value.to_vec());
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), AuditError> {
+        let delay = self.control.sync_delay_us.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
+        if self.control.fail_syncs.load(Ordering::SeqCst) {
+            return Err(AuditError::Write("injected fsync failure".into()));
+        }
+        let records = self.records.lock().map_err(write_err)?;
+        let last = records.keys().next_back().copied().unwrap_or(0);
+        self.control.durable.store(last, Ordering::SeqCst);
+        self.control.syncs.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn reopen(&mut self) -> Result<(), AuditError> {
+        let durable = self.control.durable.load(Ordering::SeqCst);
+        let mut records = self.records.lock().map_err(write_err)?;
+        records.split_off(&(durable + 1));
+        self.control.reopens.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Read access for the offline commands (export, verify, stats).
+pub struct StoreReader {
+    db: sled::Db,
+}
+
+/// One entry as read: its key's seq and the raw stored value.
+pub type RawEntry = (u64, sled::IVec);
+
+impl StoreReader {
+    /// Opens an existing store; a directory without a store is `NotFound`
+    /// rather than silently becoming an empty store.
+    pub fn open(path: &Path) -> Result<StoreReader, AuditError> {
+        if !path.join("db").is_file() {
+            return Err(AuditError::NotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(StoreReader {
+            db: open_db(path, READER_CACHE_BYTES)?,
+        })
+    }
+
+    /// Entries with seq >= `from`, in seq order. A key that is not 8 bytes is
+    /// reported as `Corrupt`.
+    pub fn scan_from(&self, from: u64) -> impl Iterator<Item = Result<RawEntry, AuditError>> + '_ {
+        self.db.range(key(from)..).map(|item| {
+            let (k, v) = item.map_err(|e| AuditError::Read(e.to_string()))?;
+            let seq = seq_of(&k).ok_or_else(|| AuditError::Corrupt {
+                seq: 0,
+                message: format!("a key of {} bytes is not a seq", k.len()),
+            })?;
+            Ok((seq, v))
+        })
+    }
+
+    /// The record stored under `seq`, if any.
+    pub fn get(&self, seq: u64) -> Result<Option<Record>, AuditError> {
+        let value = self
+            .db
+            .get(key(seq))
+            .map_err(|e| AuditError::Read(e.to_string()))?;
+        value.map(|v| decode(seq, &v)).transpose()
+    }
+}
+
+/// Decodes the value stored under `seq`.
+pub fn decode(seq: u64, value: &[u8]) -> Result<Record, AuditError> {
+    Record::from_stored_bytes(value).map_err(|e| AuditError::Corrupt {
+        seq,
+        message: format!("cannot decode record: {e}"),
+    })
+}

@@ -1,0 +1,227 @@
+//! `audit verify`: walks the hash chain and names the first record that
+//! does not match.
+//!
+//! Invariant: a store is reported intact only if its keys are exactly
+//! 1..=n, every value is the canonical stored form of a record whose `seq`
+//! is its key, whose `prev_hash` is the previous record's `hash` (64 zeros
+//! for seq 1) and whose `hash` recomputes (see [`super::record`]), and every
+//! `gateway_stop` names the chain head before it. So any changed, removed
+//! (gap) or reordered record is found, at the lowest seq where it shows.
+//! Removing records from the end leaves a valid shorter chain: compare the
+//! printed head with one pinned elsewhere (the gateway logs it at shutdown).
+
+use std::fmt;
+
+use super::chain::{compute_hash, GENESIS_HASH};
+use super::record::{Kind, Record};
+use super::store::StoreReader;
+use super::AuditError;
+
+/// An intact chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intact {
+    /// Number of records (= the last seq).
+    pub records: u64,
+    /// Hash of the last record (64 zeros for an empty store).
+    pub head: String,
+}
+
+/// The first record that does not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRecord {
+    pub seq: u64,
+    pub reason: String,
+}
+
+impl fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "chain broken at seq {}: {}", self.seq, self.reason)
+    }
+}
+
+/// Walks the whole store. `Err` only when it cannot be read at all;
+/// tampering is `Ok(Err(BadRecord))`.
+pub fn verify(reader: &StoreReader) -> Result<Result<Intact, BadRecord>, AuditError> {
+    let mut expected = 1u64;
+    let mut head = GENESIS_HASH.to_string();
+    for entry in reader.scan_from(0) {
+        let (seq, raw) = match entry {
+            Ok(entry) => entry,
+            Err(AuditError::Corrupt { message, .. }) => {
+                return Ok(Err(bad(expected, message)));
+            }
+            Err(e) => return Err(e),
+        };
+        if seq != expected {
+            let reason = if seq == 0 {
+                "a record is stored under key 0".to_string()
+            } else {
+                format!("record {expected} is missing (the next stored record is {seq})")
+            };
+            return Ok(Err(bad(expected, reason)));
+        }
+        let record = match Record::from_stored_bytes(&raw) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(bad(seq, format!("record cannot be decoded ({e})")))),
+        };
+        if let Some(reason) = check(&record, seq, &head, &raw) {
+            return Ok(Err(bad(seq, reason)));
+        }
+        head = record.hash;
+        expected += 1;
+    }
+    Ok(Ok(Intact {
+        records: expected - 1,
+        head,
+    }))
+}
+
+fn bad(seq: u64, reason: impl Into<String>) -> BadRecord {
+    BadRecord {
+        seq,
+        reason: reason.into(),
+    }
+}
+
+/// Why the record stored under `seq` does not verify, if it does not.
+fn check(record: &Record, seq: u64, head: &str, raw: &[u8]) -> Option<String> {
+    if record.seq != seq {
+        return Some(format!(
+            "the record stored here has seq {} (records were moved or reordered)",
+            record.seq
+        ));
+    }
+    if record.prev_hash != head {
+        return Some(format!(
+            "prev_hash does not match the hash of record {} (a record was replaced, removed or reordered)",
+            seq - 1
+        ));
+    }
+    if compute_hash(record) != record.hash {
+        return Some("hash does not match the record's contents (the record was changed)".into());
+    }
+    if record.to_stored_bytes() != raw {
+        return Some("the record is not in canonical form (it was changed)".into());
+    }
+    if record.kind == Kind::GatewayStop {
+        let expected = format!("chain head {}", record.prev_hash);
+        if record.message.as_deref() != Some(expected.as_str()) {
+            return Some(format!("gateway_stop does not say \"{expected}\""));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::store::key;
+    use crate::audit::testutil::{sample_store, tamper};
+
+    fn run(dir: &std::path::Path) -> Result<Intact, BadRecord> {
+        verify(&StoreReader::open(dir).unwrap()).unwrap()
+    }
+
+    fn edited(edit: impl FnOnce(&sled::Db)) -> BadRecord {
+        let dir = tempfile::tempdir().unwrap();
+        sample_store(dir.path());
+        tamper(dir.path(), edit);
+        run(dir.path()).unwrap_err()
+    }
+
+    fn replace_text(db: &sled::Db, seq: u64, from: &str, to: &str) {
+        let value = db.get(key(seq)).unwrap().unwrap();
+        let text = String::from_utf8(value.to_vec()).unwrap().replace(from, to);
+        db.insert(key(seq), text.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn an_intact_store_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let head = sample_store(dir.path());
+        let intact = run(dir.path()).unwrap();
+        assert_eq!(intact, Intact { records: 12, head });
+    }
+
+    #[test]
+    fn an_empty_store_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::audit::testutil::build_store(dir.path(), vec![]);
+        assert_eq!(run(dir.path()).unwrap().head, GENESIS_HASH);
+    }
+
+    #[test]
+    fn a_changed_record_is_named() {
+        let bad = edited(|db| replace_text(db, 10, "select", "delete"));
+        assert_eq!(bad.seq, 10, "{bad}");
+        assert!(bad.reason.contains("changed"), "{bad}");
+    }
+
+    #[test]
+    fn a_changed_record_with_a_recomputed_hash_shows_at_the_next_seq() {
+        let bad = edited(|db| {
+            let raw = db.get(key(3)).unwrap().unwrap();
+            let mut r = Record::from_stored_bytes(&raw).unwrap();
+            r.statement = Some("select 2".into());
+            r.hash = compute_hash(&r);
+            db.insert(key(3), r.to_stored_bytes()).unwrap();
+        });
+        assert_eq!(bad.seq, 4, "{bad}");
+        assert!(bad.reason.contains("prev_hash"), "{bad}");
+    }
+
+    #[test]
+    fn a_removed_record_is_named() {
+        let bad = edited(|db| {
+            db.remove(key(5)).unwrap();
+        });
+        assert_eq!(bad.seq, 5, "{bad}");
+        assert!(bad.reason.contains("missing"), "{bad}");
+    }
+
+    #[test]
+    fn swapped_records_are_named() {
+        let bad = edited(|db| {
+            let a = db.get(key(6)).unwrap().unwrap();
+            let b = db.get(key(9)).unwrap().unwrap();
+            db.insert(key(6), b).unwrap();
+            db.insert(key(9), a).unwrap();
+        });
+        assert_eq!(bad.seq, 6, "{bad}");
+        assert!(bad.reason.contains("reordered"), "{bad}");
+    }
+
+    #[test]
+    fn non_canonical_bytes_are_a_change() {
+        let bad = edited(|db| replace_text(db, 2, "\"seq\":2,", "\"seq\": 2,"));
+        assert_eq!(bad.seq, 2, "{bad}");
+    }
+
+    #[test]
+    fn garbage_and_bad_keys_are_named() {
+        let bad = edited(|db| {
+            db.insert(key(7), b"not json".to_vec()).unwrap();
+        });
+        assert_eq!(bad.seq, 7, "{bad}");
+        let bad = edited(|db| {
+            db.insert(b"zz", b"x".to_vec()).unwrap();
+        });
+        assert_eq!(bad.seq, 13, "{bad}");
+    }
+
+    #[test]
+    fn gateway_stop_must_name_the_head_before_it() {
+        // Rewrite the last record consistently except for its message: only
+        // the gateway_stop check can catch it.
+        let bad = edited(|db| {
+            let raw = db.get(key(12)).unwrap().unwrap();
+            let mut r = Record::from_stored_bytes(&raw).unwrap();
+            assert_eq!(r.kind, Kind::GatewayStop);
+            r.message = Some(format!("chain head {}", "1".repeat(64)));
+            r.hash = compute_hash(&r);
+            db.insert(key(12), r.to_stored_bytes()).unwrap();
+        });
+        assert_eq!(bad.seq, 12, "{bad}");
+        assert!(bad.reason.contains("gateway_stop"), "{bad}");
+    }
+}

@@ -1,0 +1,354 @@
+//! The writer: one OS thread that owns the store, assigns seqs, extends the
+//! hash chain and decides when records are durable.
+//!
+//! Invariant: records are sealed, inserted and acknowledged in the order
+//! they left the queue, so seq order = chain order = queue order, and a
+//! waiter hears `Ok(seq)` only once its record is "stored" as the durability
+//! mode defines it:
+//! - `group`: every record of a batch (all that queued up while the previous
+//!   fsync ran) is inserted, then one fsync, then all waiters are answered;
+//! - `sync`: insert, fsync, answer, one record at a time;
+//! - `async`: insert and answer at once; fsync at the latest
+//!   `flush_interval_ms` after the first unsynced record. After a failed
+//!   background fsync the writer behaves like `group` until an fsync
+//!   succeeds, so callers see the failure (fail closed) instead of `Ok`.
+//!
+//! No record is dropped silently: every failure is answered to its waiter,
+//! or logged with `tracing::error!` and counted when nobody waits. After a
+//! failure the writer reopens the store (at most once per second) and
+//! continues the chain after its last durable record, so a full disk that
+//! gets space again heals without a restart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::chain::{compute_hash, Chain};
+use super::record::{format_ts, Event, Kind};
+use super::store::{decode, Store};
+use super::AuditError;
+use crate::config::Durability;
+
+/// Most records committed with one fsync; bounds the wait of the first one.
+const MAX_BATCH: usize = 4096;
+/// After a store failure, how often the writer tries to reopen the store.
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where an append's outcome goes: a waiting `append`, or nobody.
+pub type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
+
+/// What the [`super::Auditor`] sends to the writer thread.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "Append is nearly every message; boxing it would add an allocation per record"
+)]
+pub enum Msg {
+    /// Store `event`; answer on `reply` when stored.
+    Append { event: Event, reply: Reply },
+    /// Append `gateway_stop`, sync, release the store, answer the head.
+    Shutdown {
+        reply: oneshot::Sender<Result<String, AuditError>>,
+    },
+}
+
+/// Counters shared with the [`super::Auditor`] (for metrics and tests).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Records stored and acknowledged.
+    pub appended: AtomicU64,
+    /// Records whose append failed (answered `Err`, or logged when nobody waited).
+    pub failed: AtomicU64,
+    /// fsyncs that succeeded.
+    pub syncs: AtomicU64,
+}
+
+/// The writer's state; lives on its own thread once [`Writer::run`] starts.
+pub struct Writer {
+    store: Box<dyn Store>,
+    chain: Chain,
+    durability: Durability,
+    flush_interval: Duration,
+    counters: Arc<Counters>,
+    /// Async mode: when the oldest unsynced record was inserted.
+    unsynced_since: Option<Instant>,
+    /// Async mode: the last background fsync failed.
+    degraded: bool,
+    /// When the store last failed (or a reopen failed); `None` when healthy.
+    broken_at: Option<Instant>,
+}
+
+/// The chain continuing after `store`'s last record, whose own hash is
+/// re-checked (a damaged tail is refused, not extended).
+fn chain_of(store: &dyn Store) -> Result<Chain, AuditError> {
+    let Some((seq, value)) = store.last()? else {
+        return Ok(Chain::empty());
+    };
+    let last = decode(seq, &value)?;
+    if last.seq != seq || compute_hash(&last) != last.hash {
+        return Err(AuditError::Corrupt {
+            seq,
+            message: "the last record does not match its hash; run `pgwarden audit verify`".into(),
+        });
+    }
+    Ok(Chain::after(&last))
+}
+
+impl Writer {
+    /// Takes over `store` and continues its chain after its last record.
+    pub fn recover(
+        store: Box<dyn Store>,
+        durability: Durability,
+        flush_interval: Duration,
+        counters: Arc<Counters>,
+    ) -> Result<Writer, AuditError> {
+        let chain = chain_of(&*store)?;
+        Ok(Writer {
+            store,
+            chain,
+            durability,
+            flush_interval,
+            counters,
+            unsynced_since: None,
+            degraded: false,
+            broken_at: None,
+        })
+    }
+
+    /// After a failure, at most once per [`REOPEN_INTERVAL`]: reopens the
+    /// store and continues after its last durable record. Records that were
+    /// inserted but never fsynced are gone with the old store; in `group`
+    /// and `sync` mode none of them was acknowledged.
+    fn heal(&mut self) {
+        let Some(at) = self.broken_at else {
+            return;
+        };
+        if at.elapsed() < REOPEN_INTERVAL {
+            return;
+        }
+        let reopened = self.store.reopen().and_then(|()| chain_of(&*self.store));
+        match reopened {
+            Ok(chain) => {
+                tracing::warn!(
+                    next_seq = chain.next_seq,
+                    dropped = self.chain.next_seq.saturating_sub(chain.next_seq),
+                    "audit store reopened after a failure"
+                );
+                self.chain = chain;
+                self.broken_at = None;
+                self.unsynced_since = None;
+                self.degraded = false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit store still cannot be reopened");
+                self.broken_at = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Stores `event` and fsyncs before returning (startup records).
+    pub fn append_now(&mut self, event: Event) -> Result<u64, AuditError> {
+        let seq = self.insert(event)?;
+        self.sync()?;
+        self.counters.appended.fetch_add(1, Ordering::Relaxed);
+        Ok(seq)
+    }
+
+    /// Serves `rx` until shutdown or until every sender is gone.
+    pub fn run(self, rx: mpsc::Receiver<Msg>) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build();
+        match runtime {
+            Ok(rt) => rt.block_on(self.serve(rx)),
+            Err(e) => tracing::error!(error = %e, "audit writer cannot start its timer runtime"),
+        }
+    }
+
+    async fn serve(mut self, mut rx: mpsc::Receiver<Msg>) {
+        loop {
+            let first = match self.unsynced_since {
+                Some(since) => {
+                    match tokio::time::timeout_at(since + self.flush_interval, rx.recv()).await {
+                        Ok(msg) => msg,
+                        Err(_elapsed) => {
+                            self.background_sync();
+                            continue;
+                        }
+                    }
+                }
+                None => rx.recv().await,
+            };
+            let Some(first) = first else {
+                // Every Auditor is gone without a shutdown: make it durable.
+                if self.unsynced_since.is_some() {
+                    self.background_sync();
+                }
+                return;
+            };
+            let mut batch = Vec::new();
+            let mut shutdown = None;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Append { event, reply } => batch.push((event, reply)),
+                    Msg::Shutdown { reply } => {
+                        shutdown = Some(reply);
+                        break;
+                    }
+                }
+                if batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            self.commit(batch);
+            if let Some(reply) = shutdown {
+                self.stop(reply, rx);
+                return;
+            }
+        }
+    }
+
+    /// Stores a batch and answers it according to the durability mode.
+    fn commit(&mut self, batch: Vec<(Event, Reply)>) {
+        self.heal();
+        let mut waiting_for_sync = Vec::new();
+        for (event, reply) in batch {
+            let seq = match self.insert(event) {
+                Ok(seq) => seq,
+                Err(e) => {
+                    self.answer(reply, Err(e));
+                    continue;
+                }
+            };
+            match self.durability {
+                Durability::Sync => {
+                    let result = self.sync().map(|()| seq);
+                    self.answer(reply, result);
+                }
+                Durability::Group => waiting_for_sync.push((seq, reply)),
+                Durability::Async if self.degraded => waiting_for_sync.push((seq, reply)),
+                Durability::Async => {
+                    self.unsynced_since.get_or_insert_with(Instant::now);
+                    self.answer(reply, Ok(seq));
+                }
+            }
+        }
+        if !waiting_for_sync.is_empty() {
+            let synced = self.sync();
+            if synced.is_ok() {
+                self.degraded = false;
+            }
+            for (seq, reply) in waiting_for_sync {
+                let result = match &synced {
+                    Ok(()) => Ok(seq),
+                    Err(AuditError::Write(message)) => Err(AuditError::Write(message.clone())),
+                    Err(e) => Err(AuditError::Write(e.to_string())),
+                };
+                self.answer(reply, result);
+            }
+        }
+        if let Some(since) = self.unsynced_since {
+            if since.elapsed() >= self.flush_interval {
+                self.background_sync();
+            }
+        }
+    }
+
+    /// Seals `event` as the next record and inserts it; the chain advances
+    /// only if the insert succeeded, so a failed seq is reused, never skipped.
+    fn insert(&mut self, event: Event) -> Result<u64, AuditError> {
+        let sealed = self.chain.seal(event, format_ts(OffsetDateTime::now_utc()));
+        if let Err(e) = self.store.insert(sealed.record.seq, &sealed.bytes) {
+            self.broken_at.get_or_insert_with(Instant::now);
+            return Err(e);
+        }
+        self.chain.advance(&sealed.record);
+        Ok(sealed.record.seq)
+    }
+
+    fn sync(&mut self) -> Result<(), AuditError> {
+        if let Err(e) = self.store.sync() {
+            self.broken_at.get_or_insert_with(Instant::now);
+            return Err(e);
+        }
+        // A store that fsyncs again needs no reopening.
+        self.broken_at = None;
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        self.unsynced_since = None;
+        Ok(())
+    }
+
+    /// The async mode's timed fsync; nobody waits for it, so a failure is
+    /// logged, and the writer stays degraded until an fsync succeeds.
+    fn background_sync(&mut self) {
+        self.heal();
+        if self.unsynced_since.is_none() {
+            // Reopening dropped what was unsynced: nothing left to fsync.
+            return;
+        }
+        match self.sync() {
+            Ok(()) => self.degraded = false,
+            Err(e) => {
+                tracing::error!(error = %e, "audit store fsync failed; acknowledged records are not yet on disk");
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.degraded = true;
+                // Retry at the next interval, not in a tight loop.
+                self.unsynced_since = Some(Instant::now());
+            }
+        }
+    }
+
+    fn answer(&self, reply: Reply, result: Result<u64, AuditError>) {
+        match &result {
+            Ok(_) => self.counters.appended.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.counters.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        match reply {
+            Some(tx) => {
+                // A waiter that went away (cancelled) needs no answer; its
+                // record is stored all the same.
+                let _ = tx.send(result);
+            }
+            None => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "audit record could not be stored");
+                }
+            }
+        }
+    }
+
+    /// Appends `gateway_stop` with the head before it, fsyncs, refuses what
+    /// is still queued, releases the store, then answers the final head.
+    fn stop(
+        mut self,
+        reply: oneshot::Sender<Result<String, AuditError>>,
+        mut rx: mpsc::Receiver<Msg>,
+    ) {
+        let mut event = Event::new(Kind::GatewayStop);
+        event.message = Some(format!("chain head {}", self.chain.head));
+        let result = self
+            .insert(event)
+            .and_then(|_| self.sync())
+            .map(|()| self.chain.head.clone());
+        match &result {
+            Ok(_) => self.counters.appended.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.counters.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        rx.close();
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Msg::Append { reply, .. } => self.answer(reply, Err(AuditError::Closed)),
+                Msg::Shutdown { reply } => {
+                    let _ = reply.send(Err(AuditError::Closed));
+                }
+            }
+        }
+        // Dropping the store releases sled's lock before anyone hears "stopped".
+        drop(self);
+        let _ = reply.send(result);
+    }
+}

@@ -1,0 +1,361 @@
+//! The guard's rules over one lexed text: which statements start where, and
+//! what each kind of statement may not do.
+//!
+//! Invariant: every position where PostgreSQL could start a statement is
+//! treated as one (after `;` at top level; inside PL/pgSQL and SQL bodies
+//! also after `BEGIN`, `THEN`, `ELSE`, `LOOP`, `DECLARE`, `EXCEPTION` and a
+//! `>>` label), and `SET`/`RESET`/`DISCARD`/`DO` are judged only there, so
+//! `UPDATE t SET role = ...` is not mistaken for the SET command. Calls of
+//! `set_config` and of the functions that run SQL from a string are judged
+//! wherever they occur. Every refusal is a [`Violation`].
+
+use super::bodies::{body, body_string, do_block, language_name, refuse_dynamic_execute, within};
+use super::guard::{Check, DynamicSql, Tokens, Violation};
+use super::lexer::{Kind, StrKind};
+
+/// Functions that parse and run SQL given to them as text.
+const SQL_RUNNERS: [&str; 5] = [
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+];
+
+/// Where a SET or RESET appears, which decides what it may name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Clause {
+    /// The SET/RESET command itself.
+    Command,
+    /// A function or procedure's `SET` clause: applies whenever it is called.
+    Routine,
+    /// `ALTER ROLE/DATABASE/SYSTEM ... SET`: applies to later sessions.
+    Default,
+}
+
+impl Clause {
+    fn suffix(self) -> &'static str {
+        match self {
+            Clause::Command => "",
+            Clause::Routine => " in a function definition",
+            Clause::Default => " as a role or database default",
+        }
+    }
+}
+
+/// Entry point: all rules over the tokens of one text.
+pub(crate) fn check_tokens(
+    c: &mut Check,
+    t: &Tokens,
+    depth: usize,
+    body: bool,
+) -> Result<(), Violation> {
+    let has_execute = body && (0..t.len()).any(|i| t.word(i, "execute"));
+    for i in 0..t.len() {
+        match t.toks[i].kind {
+            Kind::Word | Kind::QuotedIdent | Kind::UnicodeIdent => check_ident_use(c, t, i, depth)?,
+            Kind::Str(kind) if body && kind != StrKind::Bits => {
+                body_string(c, t, i, depth, has_execute)?
+            }
+            _ => {}
+        }
+    }
+    if body && has_execute && c.guard.dynamic_sql() == DynamicSql::Refuse {
+        refuse_dynamic_execute(t)?;
+    }
+    let mut at_start = true;
+    for i in 0..t.len() {
+        if at_start {
+            statement(c, t, i, depth)?;
+        }
+        at_start = t.punct(i, ";") || (body && starts_body_statement(t, i));
+    }
+    Ok(())
+}
+
+fn starts_body_statement(t: &Tokens, i: usize) -> bool {
+    ["begin", "then", "else", "loop", "declare", "exception"]
+        .iter()
+        .any(|kw| t.word(i, kw))
+        || t.punct(i, ">>")
+}
+
+/// Rules for an identifier anywhere: `set_config` and the SQL runners.
+fn check_ident_use(c: &mut Check, t: &Tokens, i: usize, depth: usize) -> Result<(), Violation> {
+    let tok = &t.toks[i];
+    if tok.kind == Kind::Word && !matches!(tok.text(t.src)[0] | 0x20, b's' | b'q' | b't') {
+        return Ok(());
+    }
+    let Some((name, next)) = t.ident(i) else {
+        return Ok(());
+    };
+    if name.eq_ignore_ascii_case(b"set_config") {
+        return set_config_call(c, t, next);
+    }
+    if let Some(runner) = SQL_RUNNERS
+        .iter()
+        .find(|r| name.eq_ignore_ascii_case(r.as_bytes()))
+    {
+        if t.punct(next, "(") {
+            return sql_runner_call(c, t, runner, next, depth);
+        }
+    }
+    Ok(())
+}
+
+/// `set_config(<name>, ...)`: the name must be a string constant naming an
+/// unprotected setting.
+fn set_config_call(c: &mut Check, t: &Tokens, open: usize) -> Result<(), Violation> {
+    if !t.punct(open, "(") {
+        return Err(Violation::new(
+            "a reference to set_config that is not a plain call",
+        ));
+    }
+    match t.string(open + 1) {
+        Some((value, next)) if t.punct(next, ",") || t.punct(next, ")") => {
+            match c.guard.protected_name(&value, false) {
+                Some(what) => Err(Violation::new(format!("set_config() of {what}"))),
+                None => Ok(()),
+            }
+        }
+        _ => Err(Violation::new(
+            "set_config() with a setting name that is not a string constant",
+        )),
+    }
+}
+
+/// `query_to_xml('<sql>', ...)` and friends: every argument must be a
+/// constant, and string constants are checked as SQL.
+fn sql_runner_call(
+    c: &mut Check,
+    t: &Tokens,
+    runner: &str,
+    open: usize,
+    depth: usize,
+) -> Result<(), Violation> {
+    let refuse = || Violation::new(format!("{runner}() with SQL that is not a string constant"));
+    let close = t.matching_paren(open).ok_or_else(refuse)?;
+    let mut j = open + 1;
+    while j < close {
+        if let Some((value, next)) = t.string(j) {
+            c.sql(&value, depth + 1, false)
+                .map_err(|v| Violation::new(format!("{} in SQL passed to {runner}()", v.what)))?;
+            j = next;
+        } else if constant_or_comma(t, j) {
+            j += 1;
+        } else if t.punct(j, "::") && t.ident(j + 1).is_some() {
+            j += 2;
+        } else {
+            return Err(refuse());
+        }
+    }
+    Ok(())
+}
+
+fn constant_or_comma(t: &Tokens, j: usize) -> bool {
+    t.punct(j, ",")
+        || matches!(t.toks[j].kind, Kind::Number | Kind::Str(StrKind::Bits))
+        || ["true", "false", "null"].iter().any(|w| t.word(j, w))
+}
+
+/// Dispatch on the first word of a statement starting at `i`.
+pub(super) fn statement(
+    c: &mut Check,
+    t: &Tokens,
+    i: usize,
+    depth: usize,
+) -> Result<(), Violation> {
+    if t.toks.get(i).is_none_or(|tok| tok.kind != Kind::Word) {
+        return Ok(());
+    }
+    let first = t.toks[i].text(t.src)[0] | 0x20;
+    if !matches!(first, b's' | b'r' | b'd' | b'c' | b'a') {
+        return Ok(());
+    }
+    let end = t.statement_end(i);
+    if t.word(i, "set") {
+        set(c, t, i + 1, end, Clause::Command)
+    } else if t.word(i, "reset") {
+        reset(c, t, i + 1, end, Clause::Command)
+    } else if t.word(i, "discard") {
+        match t.name(i + 1, end) {
+            Some((name, _, _)) if name.eq_ignore_ascii_case(b"all") => {
+                Err(Violation::new("DISCARD ALL"))
+            }
+            _ => Ok(()),
+        }
+    } else if t.word(i, "do") {
+        do_block(c, t, i + 1, end, depth)
+    } else if t.word(i, "create") {
+        create(c, t, i + 1, end, depth)
+    } else if t.word(i, "alter") {
+        alter(c, t, i + 1, end)
+    } else {
+        Ok(())
+    }
+}
+
+/// `SET [SESSION|LOCAL] ...` from `i` (the token after SET).
+fn set(
+    c: &mut Check,
+    t: &Tokens,
+    mut i: usize,
+    end: usize,
+    clause: Clause,
+) -> Result<(), Violation> {
+    while i < end {
+        if t.word(i, "session") {
+            if t.word(i + 1, "authorization") {
+                return Err(Violation::new(format!(
+                    "SET SESSION AUTHORIZATION{}",
+                    clause.suffix()
+                )));
+            }
+            if t.word(i + 1, "characteristics") {
+                return Ok(());
+            }
+        } else if !t.word(i, "local") {
+            break;
+        }
+        i += 1;
+    }
+    match t.name(i, end) {
+        Some((name, overlong, _)) => match c.guard.protected_name(&name, overlong) {
+            Some(what) => Err(Violation::new(format!("SET {what}{}", clause.suffix()))),
+            None => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
+/// `RESET ...` from `i` (the token after RESET).
+fn reset(c: &mut Check, t: &Tokens, i: usize, end: usize, clause: Clause) -> Result<(), Violation> {
+    if t.word(i, "session") && t.word(i + 1, "authorization") {
+        return Err(Violation::new(format!(
+            "RESET SESSION AUTHORIZATION{}",
+            clause.suffix()
+        )));
+    }
+    let Some((name, overlong, _)) = t.name(i, end) else {
+        return Ok(());
+    };
+    if name.eq_ignore_ascii_case(b"all") {
+        // In ALTER ROLE/FUNCTION, RESET ALL only drops stored defaults.
+        return match clause {
+            Clause::Command => Err(Violation::new("RESET ALL")),
+            _ => Ok(()),
+        };
+    }
+    match c.guard.protected_name(&name, overlong) {
+        Some(what) => Err(Violation::new(format!("RESET {what}{}", clause.suffix()))),
+        None => Ok(()),
+    }
+}
+
+/// `CREATE ...` from `i` (the token after CREATE).
+fn create(c: &mut Check, t: &Tokens, i: usize, end: usize, depth: usize) -> Result<(), Violation> {
+    names_set_config(t, i, end)?;
+    let mut j = i;
+    if t.word(j, "or") && t.word(j + 1, "replace") {
+        j += 2;
+    }
+    if t.word(j, "function") || t.word(j, "procedure") {
+        routine(c, t, j + 1, end, depth)?;
+    }
+    Ok(())
+}
+
+/// `ALTER ...` from `i`: SET/RESET clauses of functions, roles, databases.
+fn alter(c: &mut Check, t: &Tokens, i: usize, end: usize) -> Result<(), Violation> {
+    names_set_config(t, i, end)?;
+    let clause = if ["function", "procedure", "routine"]
+        .iter()
+        .any(|w| t.word(i, w))
+    {
+        Clause::Routine
+    } else if ["role", "user", "database", "system"]
+        .iter()
+        .any(|w| t.word(i, w))
+    {
+        Clause::Default
+    } else {
+        return Ok(());
+    };
+    let mut parens = 0usize;
+    for j in i + 1..end {
+        if t.punct(j, "(") {
+            parens += 1;
+        } else if t.punct(j, ")") {
+            parens = parens.saturating_sub(1);
+        } else if parens == 0 && t.word(j, "set") {
+            set(c, t, j + 1, end, clause)?;
+        } else if parens == 0 && t.word(j, "reset") {
+            reset(c, t, j + 1, end, clause)?;
+        }
+    }
+    Ok(())
+}
+
+/// In CREATE/ALTER, a string constant that names `set_config` could make it
+/// a support function (`CREATE AGGREGATE ... SFUNC = 'set_config'`).
+fn names_set_config(t: &Tokens, i: usize, end: usize) -> Result<(), Violation> {
+    for j in i..end {
+        let Some((value, _)) = t.string(j) else {
+            continue;
+        };
+        let squeezed: Vec<u8> = value
+            .iter()
+            .filter(|b| !b.is_ascii_whitespace() && **b != b'"')
+            .map(u8::to_ascii_lowercase)
+            .collect();
+        let name = squeezed.strip_prefix(b"pg_catalog.").unwrap_or(&squeezed);
+        if name == b"set_config" || name.starts_with(b"set_config(") {
+            return Err(Violation::new(
+                "a reference to set_config that is not a plain call",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `CREATE [OR REPLACE] FUNCTION|PROCEDURE` after the keyword: SET clauses,
+/// the body after AS, and a `BEGIN ATOMIC` body's first statement.
+fn routine(c: &mut Check, t: &Tokens, i: usize, end: usize, depth: usize) -> Result<(), Violation> {
+    let mut parens = 0usize;
+    let mut language: Option<Vec<u8>> = None;
+    let mut bodies = Vec::new();
+    let mut j = i;
+    while j < end {
+        if t.punct(j, "(") || t.punct(j, "[") {
+            parens += 1;
+        } else if t.punct(j, ")") || t.punct(j, "]") {
+            parens = parens.saturating_sub(1);
+        } else if parens > 0 {
+            // Argument lists and RETURNS TABLE (...) hold no clauses.
+        } else if t.word(j, "language") {
+            language = language_name(t, j + 1);
+        } else if t.word(j, "as") {
+            if let Some((value, next)) = t.string(j + 1) {
+                bodies.push(value);
+                if t.punct(next, ",") {
+                    if let Some((link, _)) = t.string(next + 1) {
+                        bodies.push(link);
+                    }
+                }
+            }
+        } else if t.word(j, "set") {
+            set(c, t, j + 1, end, Clause::Routine)?;
+        } else if t.word(j, "reset") {
+            reset(c, t, j + 1, end, Clause::Routine)?;
+        } else if t.word(j, "begin") && t.word(j + 1, "atomic") {
+            statement(c, t, j + 2, depth)?;
+            break;
+        }
+        j += 1;
+    }
+    for b in bodies {
+        body(c, &b, language.as_deref(), depth)
+            .map_err(|v| within(v, " inside a function body", depth))?;
+    }
+    Ok(())
+}

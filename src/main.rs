@@ -27,6 +27,11 @@ enum Command {
         #[arg(short = 'c', long = "config", default_value = "pgwarden.toml")]
         config: PathBuf,
     },
+    /// Offline audit-log tools (work on the store directory).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Apply the database-side migrations and prepare the service user.
     Migrate {
         #[arg(short = 'c', long = "config", default_value = "pgwarden.toml")]
@@ -40,6 +45,16 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Export records as JSON lines or CSV, one line per statement with its outcome.
+    Export(pgwarden::audit::cli::ExportArgs),
+    /// Walk the hash chain; exit 1 naming the first record that does not match.
+    Verify(pgwarden::audit::cli::VerifyArgs),
+    /// Counts by kind, user and database, first and last timestamps, chain head.
+    Stats(pgwarden::audit::cli::StatsArgs),
 }
 
 #[derive(Subcommand)]
@@ -65,6 +80,15 @@ fn main() -> ExitCode {
             command: PolicyCommand::Check { config },
         } => policy_check(&config),
         Command::Migrate { config, admin_url } => migrate(&config, &admin_url),
+        Command::Audit { command } => {
+            use pgwarden::audit::cli;
+            let code = match command {
+                AuditCommand::Export(args) => cli::export(&args),
+                AuditCommand::Verify(args) => cli::verify(&args),
+                AuditCommand::Stats(args) => cli::stats(&args),
+            };
+            code.clamp(0, 255) as u8
+        }
     };
     ExitCode::from(code)
 }

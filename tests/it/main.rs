@@ -4,6 +4,7 @@
 mod support;
 
 mod auth;
+mod guard;
 mod identity;
 mod lifecycle;
 mod migrate;

@@ -78,6 +78,25 @@ impl RawClient {
     }
 }
 
+impl RawClient {
+    /// Reads until ReadyForQuery; the first column of the first DataRow.
+    pub async fn first_value_until_ready(&mut self) -> Option<String> {
+        let mut value = None;
+        loop {
+            let (tag, body) = self.read_message().await;
+            if tag == b'D' && value.is_none() {
+                let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]);
+                if len >= 0 {
+                    value = Some(String::from_utf8_lossy(&body[6..6 + len as usize]).into_owned());
+                }
+            }
+            if tag == b'Z' {
+                return value;
+            }
+        }
+    }
+}
+
 pub fn error_code(body: &[u8]) -> String {
     let mut i = 0;
     while i < body.len() && body[i] != 0 {

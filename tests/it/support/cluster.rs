@@ -225,10 +225,10 @@ host all all 127.0.0.1/32 scram-sha-256
 
 fn setup_sql() -> String {
     let mut sql = String::from(
-        "CREATE ROLE analyst NOLOGIN; CREATE ROLE engineer NOLOGIN;
+        "CREATE ROLE analyst NOLOGIN; CREATE ROLE engineer NOLOGIN; CREATE ROLE other_role NOLOGIN;
          SET password_encryption = 'scram-sha-256';
          CREATE ROLE pgwarden_svc LOGIN NOINHERIT PASSWORD 'svc-secret';
-         GRANT analyst, engineer TO pgwarden_svc;\n",
+         GRANT analyst, engineer, other_role TO pgwarden_svc;\n",
     );
     for (user, password) in USERS {
         let enc = if *user == "md5_user" {
@@ -243,7 +243,7 @@ fn setup_sql() -> String {
     sql.push_str(
         "SET password_encryption = 'md5';
          CREATE ROLE pgwarden_svc_md5 LOGIN NOINHERIT PASSWORD 'svc-secret';
-         GRANT analyst, engineer TO pgwarden_svc_md5;",
+         GRANT analyst, engineer, other_role TO pgwarden_svc_md5;",
     );
     sql
 }

@@ -1,0 +1,127 @@
+//! The statement guard end to end: every escape in the adversarial table is
+//! refused with 42501 through the gateway (simple and extended protocol),
+//! leaves the identity as it was and the session usable; every legitimate
+//! look-alike runs.
+
+use pgwarden::identity::guard_cases::{ESCAPES, LEGITIMATE, STAGED_ESCAPES};
+
+use crate::raw::RawClient;
+use crate::support::{self, start_gateway, Opts};
+
+const WHO: &str = "SELECT current_user || '/' || current_setting('app.client_user') || '/' || coalesce(current_setting('app.seen_role', true), '')";
+
+async fn identity(c: &tokio_postgres::Client) -> String {
+    support::one(c, WHO).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_escape_is_refused_and_identity_is_unchanged() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    assert_eq!(identity(&c).await, "analyst/alice/");
+    for escape in ESCAPES {
+        let err = c.simple_query(escape).await.expect_err(escape);
+        assert_eq!(support::sqlstate(&err), "42501", "simple: {escape}: {err:?}");
+        let _ = c.simple_query("ROLLBACK").await;
+        assert_eq!(identity(&c).await, "analyst/alice/", "after simple: {escape}");
+
+        let err = c.query(*escape, &[]).await.expect_err(escape);
+        assert_eq!(support::sqlstate(&err), "42501", "extended: {escape}: {err:?}");
+        let _ = c.simple_query("ROLLBACK").await;
+        assert_eq!(identity(&c).await, "analyst/alice/", "after extended: {escape}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusal_inside_a_transaction_aborts_it_like_postgres_would() {
+    let gw = start_gateway(Opts::default()).await;
+    let c = gw.connect("alice").await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let err = c.simple_query("RESET ROLE").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42501");
+    let err = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "25P02", "the transaction is aborted");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(identity(&c).await, "analyst/alice/");
+    // In a pipeline, the refused Parse fails its Sync group only.
+    let (a, b, d) = tokio::join!(
+        c.query_one("SELECT 1::int", &[]),
+        c.query("SET ROLE other_role", &[]),
+        c.query_one("SELECT 3::int", &[]),
+    );
+    assert_eq!(a.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(support::sqlstate(&b.unwrap_err()), "42501");
+    assert_eq!(d.unwrap().get::<_, i32>(0), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_legitimate_look_alike_runs() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    for sql in LEGITIMATE {
+        if let Err(e) = c.simple_query(sql).await {
+            panic!("legitimate SQL refused or failed: {sql}: {e:?}");
+        }
+        let _ = c.simple_query("ROLLBACK").await;
+        assert_eq!(identity(&c).await, "analyst/alice/", "after: {sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn staged_escapes_are_refused() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    for (setup, payload) in STAGED_ESCAPES {
+        let mut c = RawClient::login(gw.addr).await;
+        let mut q = setup.as_bytes().to_vec();
+        q.push(0);
+        c.send(b'Q', &q).await;
+        let (_, code, _) = c.until_ready().await;
+        assert_eq!(code, None, "setup {setup}");
+        let mut q = payload.to_vec();
+        q.push(0);
+        c.send(b'Q', &q).await;
+        let (_, code, _) = c.until_ready().await;
+        assert_eq!(code.as_deref(), Some("42501"), "payload after {setup}");
+        let mut q = WHO.as_bytes().to_vec();
+        q.push(0);
+        c.send(b'Q', &q).await;
+        let row = c.first_value_until_ready().await;
+        assert_eq!(row.as_deref(), Some("analyst/clear_user/"), "after {setup}");
+        c.send(b'Q', b"RESET client_encoding; RESET standard_conforming_strings\0").await;
+        c.until_ready().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn function_call_of_set_config_is_refused() {
+    let gw = start_gateway(Opts::default()).await;
+    let mut c = RawClient::login(gw.addr).await;
+    // FunctionCall: oid 2078 (set_config), no format codes, 3 text args, text result.
+    let mut body = 2078i32.to_be_bytes().to_vec();
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&3i16.to_be_bytes());
+    for arg in ["role", "other_role", "false"] {
+        body.extend_from_slice(&(arg.len() as i32).to_be_bytes());
+        body.extend_from_slice(arg.as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    c.send(b'F', &body).await;
+    let (_, code, status) = c.until_ready().await;
+    assert_eq!((code.as_deref(), status), (Some("42501"), b'I'));
+    let mut q = WHO.as_bytes().to_vec();
+    q.push(0);
+    c.send(b'Q', &q).await;
+    assert_eq!(c.first_value_until_ready().await.as_deref(), Some("analyst/clear_user/"));
+}

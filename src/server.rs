@@ -48,17 +48,23 @@ pub struct Gateway {
 impl Gateway {
     /// Loads policies, TLS material and the audit store named by `config`.
     pub fn build(config: Config) -> Result<Gateway, StartError> {
+        let auditor = if config.audit.enabled {
+            Auditor::open(&config.audit)?
+        } else {
+            Auditor::disabled()
+        };
+        Gateway::build_with_auditor(config, auditor)
+    }
+
+    /// As [`Gateway::build`], with an audit log opened by the caller (tests
+    /// use a store that can be made to fail).
+    pub fn build_with_auditor(config: Config, auditor: Auditor) -> Result<Gateway, StartError> {
         let policy = Policy::load_dir(&config.identity.policy_dir)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
             (Some(cert), Some(key)) => {
                 Some(crate::tls::acceptor(cert, key).map_err(StartError::Tls)?)
             }
             _ => None,
-        };
-        let auditor = if config.audit.enabled {
-            Auditor::open(&config.audit)?
-        } else {
-            Auditor::disabled()
         };
         let shared = Shared {
             pools: Pools::new(config.backend.clone(), config.pool.clone()),

@@ -25,14 +25,30 @@ async fn every_escape_is_refused_and_identity_is_unchanged() {
     assert_eq!(identity(&c).await, "analyst/alice/");
     for escape in ESCAPES {
         let err = c.simple_query(escape).await.expect_err(escape);
-        assert_eq!(support::sqlstate(&err), "42501", "simple: {escape}: {err:?}");
+        assert_eq!(
+            support::sqlstate(&err),
+            "42501",
+            "simple: {escape}: {err:?}"
+        );
         let _ = c.simple_query("ROLLBACK").await;
-        assert_eq!(identity(&c).await, "analyst/alice/", "after simple: {escape}");
+        assert_eq!(
+            identity(&c).await,
+            "analyst/alice/",
+            "after simple: {escape}"
+        );
 
         let err = c.query(*escape, &[]).await.expect_err(escape);
-        assert_eq!(support::sqlstate(&err), "42501", "extended: {escape}: {err:?}");
+        assert_eq!(
+            support::sqlstate(&err),
+            "42501",
+            "extended: {escape}: {err:?}"
+        );
         let _ = c.simple_query("ROLLBACK").await;
-        assert_eq!(identity(&c).await, "analyst/alice/", "after extended: {escape}");
+        assert_eq!(
+            identity(&c).await,
+            "analyst/alice/",
+            "after extended: {escape}"
+        );
     }
 }
 
@@ -44,7 +60,11 @@ async fn refusal_inside_a_transaction_aborts_it_like_postgres_would() {
     let err = c.simple_query("RESET ROLE").await.unwrap_err();
     assert_eq!(support::sqlstate(&err), "42501");
     let err = c.simple_query("SELECT 1").await.unwrap_err();
-    assert_eq!(support::sqlstate(&err), "25P02", "the transaction is aborted");
+    assert_eq!(
+        support::sqlstate(&err),
+        "25P02",
+        "the transaction is aborted"
+    );
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(identity(&c).await, "analyst/alice/");
     // In a pipeline, the refused Parse fails its Sync group only.
@@ -99,7 +119,11 @@ async fn staged_escapes_are_refused() {
         c.send(b'Q', &q).await;
         let row = c.first_value_until_ready().await;
         assert_eq!(row.as_deref(), Some("analyst/clear_user/"), "after {setup}");
-        c.send(b'Q', b"RESET client_encoding; RESET standard_conforming_strings\0").await;
+        c.send(
+            b'Q',
+            b"RESET client_encoding; RESET standard_conforming_strings\0",
+        )
+        .await;
         c.until_ready().await;
     }
 }
@@ -123,5 +147,8 @@ async fn function_call_of_set_config_is_refused() {
     let mut q = WHO.as_bytes().to_vec();
     q.push(0);
     c.send(b'Q', &q).await;
-    assert_eq!(c.first_value_until_ready().await.as_deref(), Some("analyst/clear_user/"));
+    assert_eq!(
+        c.first_value_until_ready().await.as_deref(),
+        Some("analyst/clear_user/")
+    );
 }

@@ -15,7 +15,7 @@ async fn shutdown_finishes_transactions_and_fatals_idle_clients() {
         .await
         .unwrap();
     let addr = gw.addr;
-    let stopping = tokio::spawn(gw.stop());
+    let stopping = tokio::spawn(async move { drop(gw.stop().await) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // New clients are no longer accepted.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err() || stopping.is_finished() == false);
@@ -49,7 +49,7 @@ async fn idle_client_gets_fatal_57p01_on_shutdown() {
     use tokio::io::AsyncReadExt;
     let gw = start_gateway(Opts::default()).await;
     let mut raw = crate::raw::RawClient::login(gw.addr).await;
-    let stop = tokio::spawn(gw.stop());
+    let stop = tokio::spawn(async move { drop(gw.stop().await) });
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), raw.stream.read_to_end(&mut buf))
         .await

@@ -47,6 +47,10 @@ pub struct Opts {
     pub server_extra: String,
     /// `[identity] verify = "transaction"`.
     pub verify: bool,
+    /// Extra TOML appended to the `[audit]` table.
+    pub audit_extra: String,
+    /// Use an in-memory audit store whose failures the test controls.
+    pub memory_store: Option<std::sync::Arc<pgwarden::audit::MemoryControl>>,
 }
 
 impl Default for Opts {
@@ -61,6 +65,8 @@ impl Default for Opts {
             policy: TEST_POLICY,
             server_extra: String::new(),
             verify: false,
+            audit_extra: String::new(),
+            memory_store: None,
         }
     }
 }
@@ -106,14 +112,17 @@ impl TestGateway {
         Ok(client)
     }
 
-    /// Stops the gateway gracefully and waits for it.
-    pub async fn stop(mut self) {
+    /// Stops the gateway gracefully and waits for it; returns its directory
+    /// (config, policies, audit store), which lives as long as the caller
+    /// keeps it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
     /// Runs psql through the gateway.
@@ -205,7 +214,9 @@ verify = "{verify}"
 [audit]
 enabled = {audit}
 store = "audit"
+{audit_extra}
 "#,
+        audit_extra = opts.audit_extra,
         extra = opts.server_extra,
         port = pg.port,
         svc = opts.service_user,
@@ -219,7 +230,18 @@ store = "audit"
     let path = dir.path().join("pgwarden.toml");
     std::fs::write(&path, &text).unwrap();
     let config = Config::parse(&text, &path, None).expect("test config");
-    let gateway = Gateway::build(config).expect("gateway builds");
+    let gateway = match &opts.memory_store {
+        None => Gateway::build(config).expect("gateway builds"),
+        Some(control) => {
+            let store = pgwarden::audit::MemoryStore {
+                records: Default::default(),
+                control: control.clone(),
+            };
+            let auditor =
+                pgwarden::audit::Auditor::with_store(Box::new(store), &config.audit).unwrap();
+            Gateway::build_with_auditor(config, auditor).expect("gateway builds")
+        }
+    };
     let shared = gateway.shared().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

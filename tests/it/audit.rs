@@ -1,0 +1,334 @@
+//! The audit trail end to end: a known workload through the gateway, then
+//! the exported records checked one by one; durability under kill -9; and
+//! fail-closed behaviour when the store cannot be written.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use serde_json::Value;
+
+use crate::support::{self, cluster, start_gateway, Opts};
+
+fn pgwarden(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn export(store: &Path, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["audit", "export", "--store", store.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = pgwarden(&args);
+    assert!(
+        out.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn s(v: &Value, k: &str) -> String {
+    v[k].as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v[k].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_known_workload_is_exported_statement_by_statement() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "log_parameters = true\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let c = gw.connect("alice").await;
+    c.simple_query("SELECT 1").await.unwrap();
+    c.simple_query("CREATE TEMP TABLE w(x int); INSERT INTO w VALUES (1), (2)")
+        .await
+        .unwrap();
+    c.simple_query("SELECT 1/0").await.unwrap_err();
+    let row = c.query_one("SELECT $1::int + 1", &[&41i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    c.batch_execute("BEGIN; CREATE TEMP TABLE cw(x int)")
+        .await
+        .unwrap();
+    let sink = c.copy_in("COPY cw FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from_static(b"1\n2\n3\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 3);
+    c.batch_execute("COMMIT").await.unwrap();
+    c.simple_query("SET ROLE other_role").await.unwrap_err();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+
+    let verify = pgwarden(&["audit", "verify", "--store", store.to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    let records = export(&store, &[]);
+    let kinds: Vec<String> = records.iter().map(|r| s(r, "kind")).collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("gateway_start"));
+    assert_eq!(kinds.last().map(String::as_str), Some("gateway_stop"));
+    assert!(kinds.contains(&"session_start".to_string()));
+    assert!(kinds.contains(&"session_end".to_string()));
+    assert!(
+        !kinds.contains(&"result".to_string()),
+        "results are joined into their queries"
+    );
+    for r in records
+        .iter()
+        .filter(|r| s(r, "kind") != "gateway_start" && s(r, "kind") != "gateway_stop")
+    {
+        assert_eq!(s(r, "client_user"), "alice", "{r}");
+        assert_eq!(s(r, "role"), "analyst", "{r}");
+        assert_eq!(s(r, "database"), "app", "{r}");
+        assert!(s(r, "client_addr").starts_with("127.0.0.1:"), "{r}");
+        assert!(r["session_id"].is_string(), "{r}");
+    }
+    let queries: Vec<&Value> = records.iter().filter(|r| s(r, "kind") == "query").collect();
+    let find = |text: &str| -> &Value {
+        queries
+            .iter()
+            .find(|q| s(q, "statement") == text)
+            .unwrap_or_else(|| panic!("no query record for {text}: {queries:#?}"))
+    };
+    let q = find("SELECT 1");
+    assert_eq!(
+        (s(q, "status"), s(q, "command_tag"), q["rows"].as_u64()),
+        ("ok".into(), "SELECT 1".into(), Some(1))
+    );
+    assert!(q["duration_us"].is_u64());
+    let q = find("CREATE TEMP TABLE w(x int); INSERT INTO w VALUES (1), (2)");
+    assert_eq!(
+        (s(q, "status"), s(q, "command_tag")),
+        ("ok".into(), "INSERT 0 2".into())
+    );
+    let q = find("SELECT 1/0");
+    assert_eq!(
+        (s(q, "status"), s(q, "sqlstate")),
+        ("error".into(), "22012".into())
+    );
+    assert_eq!(s(q, "message"), "division by zero");
+    let q = find("SELECT $1::int + 1");
+    assert_eq!(s(q, "status"), "ok");
+    // tokio-postgres binds an int4 in binary: exported as hex.
+    assert_eq!(q["params"], serde_json::json!(["\\x00000029"]));
+    let q = find("COPY cw FROM STDIN");
+    assert_eq!(
+        (s(q, "status"), s(q, "command_tag")),
+        ("ok".into(), "COPY 3".into())
+    );
+    let blocked = records
+        .iter()
+        .find(|r| s(r, "kind") == "guard_blocked")
+        .expect("guard_blocked record");
+    assert_eq!(s(blocked, "statement"), "SET ROLE other_role");
+    assert_eq!(s(blocked, "sqlstate"), "42501");
+    // Raw export: every record, seq contiguous from 1, results included.
+    let raw = export(&store, &["--raw"]);
+    for (i, r) in raw.iter().enumerate() {
+        assert_eq!(r["seq"].as_u64(), Some(i as u64 + 1));
+    }
+    assert!(raw.iter().any(|r| s(r, "kind") == "result"));
+    // CSV has a header row and the same statements.
+    let out = pgwarden(&[
+        "audit",
+        "export",
+        "--store",
+        store.to_str().unwrap(),
+        "--format",
+        "csv",
+        "--kind",
+        "query",
+    ]);
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        csv.starts_with("seq,ts,kind,session_id,client_user,role,database"),
+        "{csv}"
+    );
+    assert!(csv.contains("SELECT 1/0"));
+    let stats = pgwarden(&["audit", "stats", "--store", store.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("alice"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_failures_and_denials_are_recorded() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let _ = tokio_postgres::connect(&gw.url("alice", "wrong"), tokio_postgres::NoTls).await;
+    let _ = gw.try_connect("carol").await;
+    let _dir = gw.stop().await;
+    let records = export(&store, &[]);
+    let failed = records
+        .iter()
+        .find(|r| s(r, "kind") == "auth_failed")
+        .expect("auth_failed");
+    assert_eq!(
+        (s(failed, "client_user"), s(failed, "sqlstate")),
+        ("alice".into(), "28P01".into())
+    );
+    let denied = records
+        .iter()
+        .find(|r| s(r, "kind") == "denied")
+        .expect("denied");
+    assert_eq!(
+        (s(denied, "client_user"), s(denied, "sqlstate")),
+        ("carol".into(), "28000".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unwritable_store_refuses_statements_unless_allowed() {
+    let control = Arc::new(pgwarden::audit::MemoryControl::default());
+    let gw = start_gateway(Opts {
+        audit: true,
+        memory_store: Some(control.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    let marker = 4_000_000 + rand::random::<u16>() as i32;
+    control.fail_inserts.store(true, Ordering::SeqCst);
+    let err = c
+        .simple_query(&format!(
+            "INSERT INTO items VALUES ({marker}, 'unaudited', NULL)"
+        ))
+        .await
+        .expect_err("fail closed");
+    assert_eq!(support::sqlstate(&err), "58030");
+    let err = c
+        .query("SELECT 1", &[])
+        .await
+        .expect_err("fail closed, extended");
+    assert_eq!(support::sqlstate(&err), "58030");
+    assert_eq!(
+        cluster().psql(
+            "app",
+            &format!("SELECT count(*) FROM items WHERE id = {marker}")
+        ),
+        "0"
+    );
+    // The store heals: statements run again.
+    control.fail_inserts.store(false, Ordering::SeqCst);
+    assert_eq!(support::one(&c, "SELECT 7").await, "7");
+
+    let control = Arc::new(pgwarden::audit::MemoryControl::default());
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "on_failure = \"allow\"\n".into(),
+        memory_store: Some(control.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    control.fail_inserts.store(true, Ordering::SeqCst);
+    assert_eq!(support::one(&c, "SELECT 8").await, "8");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_no_acknowledged_statement() {
+    for durability in ["group", "sync"] {
+        kill_9_run(durability).await;
+    }
+}
+
+async fn kill_9_run(durability: &str) {
+    let pg = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/a.toml"), support::TEST_POLICY).unwrap();
+    let port = support::cluster::free_port();
+    std::fs::write(
+        dir.path().join("pgwarden.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\nservice_password = \"{}\"\n[audit]\nstore = \"audit\"\ndurability = \"{durability}\"\n",
+            pg.port,
+            support::cluster::SERVICE_PASSWORD
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["serve", "-c"])
+        .arg(dir.path().join("pgwarden.toml"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("host=127.0.0.1 port={port} user=alice password=alice-pw dbname=app");
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            clients.push(c);
+            if clients.len() == 4 {
+                break;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(clients.len(), 4, "gateway did not come up");
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tag = rand::random::<u32>();
+    let mut tasks = Vec::new();
+    for (w, c) in clients.into_iter().enumerate() {
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0.. {
+                let sql = format!("SELECT 'k9-{tag}-{w}-{i}'");
+                if c.simple_query(&sql).await.is_err() {
+                    break;
+                }
+                acked.lock().unwrap().push(sql);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // SAFETY: killing our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 20,
+        "{durability}: too little load: {}",
+        acked.len()
+    );
+    let store = dir.path().join("audit");
+    let verify = pgwarden(&["audit", "verify", "--store", store.to_str().unwrap()]);
+    assert!(
+        verify.status.success(),
+        "{durability}: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let stored: std::collections::HashSet<String> = export(&store, &["--raw", "--kind", "query"])
+        .iter()
+        .map(|r| s(r, "statement"))
+        .collect();
+    for sql in &acked {
+        assert!(
+            stored.contains(sql),
+            "{durability}: acknowledged but not in the audit log: {sql}"
+        );
+    }
+}

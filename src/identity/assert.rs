@@ -18,22 +18,43 @@ use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
 
-const ASSERT_SQL: &str =
-    "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config($2, $3, false)";
+/// The assertion statement for `extra` additional settings.
+fn assert_sql(extra: usize) -> String {
+    let mut sql = String::from(
+        "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config($2, $3, false)",
+    );
+    for i in 0..extra {
+        let n = 4 + 2 * i;
+        sql.push_str(&format!(", pg_catalog.set_config(${n}, ${}, false)", n + 1));
+    }
+    sql
+}
 
-/// Who a server connection must act as.
+/// Who a server connection must act as, and the client's own settings
+/// (startup parameters and tracked changes) that travel with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assertion<'a> {
     pub role: &'a str,
     pub setting: &'a str,
     pub client_user: &'a str,
+    pub settings: &'a [(String, String)],
 }
 
 impl Assertion<'_> {
     /// Appends the assertion's messages (Parse/Bind/Execute/Sync) to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
-        frontend::parse("", ASSERT_SQL, std::iter::empty(), out).expect("no NUL in constant SQL");
-        let values = [self.role, self.setting, self.client_user];
+        frontend::parse(
+            "",
+            &assert_sql(self.settings.len()),
+            std::iter::empty(),
+            out,
+        )
+        .expect("no NUL in generated SQL");
+        let mut values = vec![self.role, self.setting, self.client_user];
+        for (name, value) in self.settings {
+            values.push(name);
+            values.push(value);
+        }
         let bound = frontend::bind(
             "",
             "",
@@ -89,7 +110,7 @@ impl Assertion<'_> {
 
     fn row_matches(&self, body: &[u8]) -> Result<bool, BackendError> {
         let mut r = Reader::new(body, "DataRow");
-        if r.i16()? != 2 {
+        if r.i16()? as usize != 2 + self.settings.len() {
             return Ok(false);
         }
         let mut column = || -> Result<Option<&[u8]>, BackendError> {

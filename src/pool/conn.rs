@@ -55,6 +55,11 @@ pub struct ServerConn {
     /// The (role, client user) the last successful identity assertion set,
     /// `None` when unknown (new, reset, or the assertion failed).
     pub identity: Option<(String, String)>,
+    /// The client settings the last assertion applied.
+    pub applied: Option<std::sync::Arc<Vec<(String, String)>>>,
+    /// The session that may have left state here (settings, temp objects,
+    /// cursors...); another session gets the connection only after a reset.
+    pub dirty_by: Option<String>,
     broken: bool,
 }
 
@@ -80,6 +85,8 @@ impl ServerConn {
             params: Vec::new(),
             statements: Default::default(),
             identity: None,
+            applied: None,
+            dirty_by: None,
             broken: false,
         })
     }

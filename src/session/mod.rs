@@ -10,6 +10,7 @@ pub mod client;
 mod prepared;
 mod relay;
 pub mod startup;
+pub mod state;
 mod tracker;
 
 use std::net::SocketAddr;
@@ -65,6 +66,8 @@ pub struct Identity {
     pub role: String,
     pub client_addr: String,
     pub application_name: Option<String>,
+    /// Settings applied to every server connection that serves this client.
+    pub settings: Vec<(String, String)>,
 }
 
 impl Identity {
@@ -156,6 +159,7 @@ async fn login(
         role: String::new(),
         client_addr: peer.to_string(),
         application_name: startup.get("application_name").map(str::to_string),
+        settings: Vec::new(),
     };
     if let Err(e) = check_startup(&startup) {
         client.send_error(&e).await;
@@ -186,6 +190,11 @@ async fn login(
         return Ok(None);
     };
     ident.role = role;
+    ident.settings = state::startup_settings(
+        &startup.params,
+        &ident.client_user,
+        &shared.config.identity.client_user_setting,
+    );
     match auth_relay::relay(&mut client, &startup, &shared.config.backend).await {
         Ok(AuthOutcome::Authenticated) => {}
         Ok(AuthOutcome::ClientGone) => {

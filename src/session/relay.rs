@@ -96,6 +96,8 @@ pub struct QueryLoop<'a> {
     discard_until_sync: bool,
     /// The next `Sync` is answered by the gateway (the error was local).
     local_sync: bool,
+    /// The client's settings, carried to every server connection.
+    settings: Arc<Vec<(String, String)>>,
     /// `verify = "transaction"` and client messages ran since the last check.
     needs_verify: bool,
     /// The server is in copy-in (`CopyInResponse` seen, client has not sent
@@ -142,6 +144,7 @@ impl<'a> QueryLoop<'a> {
             local_sync: false,
             copy_in: false,
             needs_verify: false,
+            settings: Arc::new(ident.settings.clone()),
             client_passthrough: 0,
             server_passthrough: 0,
             to_server: BytesMut::with_capacity(8 * 1024),
@@ -314,9 +317,20 @@ impl<'a> QueryLoop<'a> {
             Ok(p) => p,
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
+        self.note_state(sql);
         self.to_server.extend_from_slice(&frame);
         self.tracker.query(pending, None);
         Ok(())
+    }
+
+    /// Marks the bound connection as holding this session's state when
+    /// `sql` may leave some behind.
+    fn note_state(&mut self, sql: &[u8]) {
+        if let Some(server) = self.server.as_mut() {
+            if server.dirty_by.is_none() && super::state::may_leave_state(sql) {
+                server.dirty_by = Some(self.ident.session_id.clone());
+            }
+        }
     }
 
     /// `DEALLOCATE` of protocol-level statements is answered by the gateway:
@@ -369,6 +383,7 @@ impl<'a> QueryLoop<'a> {
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
+        self.note_state(parse.query);
         let name = frame.slice_ref(parse.name);
         let sql = frame.slice_ref(parse.query);
         self.unsynced = true;
@@ -662,15 +677,32 @@ impl<'a> QueryLoop<'a> {
             return Ok(());
         }
         let mut conn = self.shared.pools.acquire(&self.ident.database).await?;
+        if conn
+            .dirty_by
+            .as_ref()
+            .is_some_and(|owner| *owner != self.ident.session_id)
+        {
+            if let Err(e) = reset_state(&mut conn).await {
+                tracing::warn!("resetting a server connection failed: {e}");
+                pool::discard(conn);
+                return Err(PgError::error(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgwarden could not reset a server connection; please retry",
+                ));
+            }
+        }
         let carries_identity = conn.identity.as_ref().is_some_and(|(role, user)| {
             *role == self.ident.role && *user == self.ident.client_user
         });
-        if !carries_identity {
+        let carries_settings = conn.applied.as_ref().is_some_and(|a| **a == *self.settings);
+        if !carries_identity || !carries_settings {
             conn.identity = None;
+            conn.applied = None;
             let assertion = Assertion {
                 role: &self.ident.role,
                 setting: &self.shared.config.identity.client_user_setting,
                 client_user: &self.ident.client_user,
+                settings: &self.settings,
             };
             if let Err(e) = assertion.apply(&mut conn).await {
                 tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
@@ -678,6 +710,7 @@ impl<'a> QueryLoop<'a> {
                 return Err(e);
             }
             conn.identity = Some((self.ident.role.clone(), self.ident.client_user.clone()));
+            conn.applied = Some(self.settings.clone());
         }
         self.cancel.bind(BackendKey {
             pid: conn.pid,
@@ -770,6 +803,7 @@ impl<'a> QueryLoop<'a> {
                 self.copy_in = false;
             }
             b'G' => self.copy_in = true,
+            b'S' => self.on_parameter_status(&frame[5..]),
             _ => {}
         }
         if tag == b'E' {
@@ -797,6 +831,28 @@ impl<'a> QueryLoop<'a> {
         }
         self.tracker
             .emit_synthetic(self.tx_status, &mut self.to_client);
+    }
+
+    /// A setting changed on the server while this client was bound: the
+    /// connection now holds this session's state, and a tracked setting
+    /// follows the client to its next connection.
+    fn on_parameter_status(&mut self, body: &[u8]) {
+        let mut r = crate::protocol::frame::Reader::new(body, "ParameterStatus");
+        let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) else {
+            return;
+        };
+        let (name, value) = (
+            String::from_utf8_lossy(name),
+            String::from_utf8_lossy(value),
+        );
+        let settings = Arc::make_mut(&mut self.settings);
+        super::state::track(settings, &name, &value, &self.ident.client_user);
+        if let Some(server) = self.server.as_mut() {
+            server
+                .dirty_by
+                .get_or_insert_with(|| self.ident.session_id.clone());
+            server.applied = Some(self.settings.clone());
+        }
     }
 
     async fn record_results(&mut self) {
@@ -846,6 +902,7 @@ impl<'a> QueryLoop<'a> {
             role: &self.ident.role,
             setting: &self.shared.config.identity.client_user_setting,
             client_user: &self.ident.client_user,
+            settings: &[],
         };
         let (found_role, found_user) = match assertion.verify(server).await {
             Ok(Verdict::Intact) => return Ok(()),
@@ -947,6 +1004,8 @@ impl<'a> QueryLoop<'a> {
         messages::query(&mut out, "DISCARD ALL");
         server.statements.clear();
         server.identity = None;
+        server.applied = None;
+        server.dirty_by = None;
         let ok = match server.write_all(&out).await {
             Ok(()) => server.drain_until_ready().await.is_ok(),
             Err(_) => false,
@@ -955,4 +1014,20 @@ impl<'a> QueryLoop<'a> {
             self.abandon_server("reset failed").await;
         }
     }
+}
+
+/// Clears what another session may have left on a server connection: its
+/// settings, cursors, LISTENs, advisory locks, temp objects and SQL-level
+/// prepared statements (and with them the shared statements: the cache is
+/// emptied). The identity is asserted afresh afterwards.
+async fn reset_state(conn: &mut PooledConn) -> Result<(), pool::conn::BackendError> {
+    let mut out = BytesMut::new();
+    messages::query(&mut out, super::state::RESET_SQL);
+    conn.write_all(&out).await?;
+    conn.statements.clear();
+    conn.identity = None;
+    conn.applied = None;
+    conn.drain_until_ready().await?;
+    conn.dirty_by = None;
+    Ok(())
 }

@@ -13,3 +13,4 @@ mod pool;
 mod prepared;
 mod protocol;
 mod raw;
+mod state;

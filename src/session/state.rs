@@ -1,0 +1,287 @@
+//! Session state in transaction pooling: which statements can leave state on
+//! a server connection that the next client would inherit, and the settings
+//! each client carries from connection to connection.
+//!
+//! Invariant (with the bind sequence in `relay`): a server connection that a
+//! client may have changed (settings, temp objects, cursors, LISTEN,
+//! advisory locks, SQL-level prepared statements) is reset before it serves
+//! a different client; a client's own startup and reported parameters are
+//! applied to every connection that serves it.
+
+use crate::identity::lexer::{tokens, Kind};
+
+/// Reportable parameters a client may change with SET; their new values
+/// arrive as `ParameterStatus` and follow the client to its next connection.
+pub const TRACKED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+];
+
+/// Startup parameters applied to server connections, besides `options`.
+const STARTUP: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "search_path",
+    "extra_float_digits",
+    "standard_conforming_strings",
+];
+
+/// Settings no client may carry onto a server connection: they are the
+/// identity itself.
+fn forbidden(name: &str, client_user_setting: &str) -> bool {
+    name.eq_ignore_ascii_case("role")
+        || name.eq_ignore_ascii_case("session_authorization")
+        || name.eq_ignore_ascii_case(client_user_setting)
+}
+
+/// The settings a client asked for at startup, as (name, value), with
+/// `application_name` decorated with the client's name so that
+/// `pg_stat_activity` and `log_line_prefix` carry the real identity.
+pub fn startup_settings(
+    params: &[(String, String)],
+    client_user: &str,
+    client_user_setting: &str,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (name, value) in params {
+        if let Some(canonical) = STARTUP.iter().find(|s| s.eq_ignore_ascii_case(name)) {
+            out.push((canonical.to_string(), value.clone()));
+        } else if name == "options" {
+            for (k, v) in parse_options(value) {
+                if !forbidden(&k, client_user_setting) {
+                    out.push((k, v));
+                }
+            }
+        }
+    }
+    set_application_name(&mut out, None, client_user);
+    out
+}
+
+/// Records a new application name (`None` keeps the current one) in its
+/// decorated form `name [client]`.
+pub fn set_application_name(
+    settings: &mut Vec<(String, String)>,
+    name: Option<&str>,
+    client_user: &str,
+) {
+    let base = match name {
+        Some(n) => n.to_string(),
+        None => settings
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+    };
+    let decorated = if base.is_empty() {
+        format!("[{client_user}]")
+    } else {
+        format!("{base} [{client_user}]")
+    };
+    settings.retain(|(k, _)| k != "application_name");
+    settings.push(("application_name".into(), decorated));
+}
+
+/// Records a reported parameter change; returns whether it is tracked.
+pub fn track(
+    settings: &mut Vec<(String, String)>,
+    name: &str,
+    value: &str,
+    client_user: &str,
+) -> bool {
+    let Some(canonical) = TRACKED.iter().find(|t| t.eq_ignore_ascii_case(name)) else {
+        return false;
+    };
+    if *canonical == "application_name" {
+        // Our own decorated value comes back too; keep it as it is.
+        if !value.ends_with(&format!("[{client_user}]")) {
+            set_application_name(settings, Some(value), client_user);
+        }
+        return true;
+    }
+    match settings.iter_mut().find(|(k, _)| k == canonical) {
+        Some((_, v)) => *v = value.to_string(),
+        None => settings.push((canonical.to_string(), value.to_string())),
+    }
+    true
+}
+
+/// `-c name=value` and `--name=value` pairs of the `options` parameter,
+/// with PostgreSQL's backslash escaping of spaces.
+pub fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let pair = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            Some(rest.to_string())
+        } else {
+            w.strip_prefix("--").map(str::to_string)
+        };
+        if let Some((k, v)) = pair.as_deref().and_then(|p| p.split_once('=')) {
+            out.push((k.replace('-', "_"), v.to_string()));
+        }
+    }
+    out
+}
+
+/// Words that, at the start of a statement, leave session state behind.
+const STATEFUL_COMMANDS: &[&[u8]] = &[
+    b"set", b"reset", b"discard", b"listen", b"prepare", b"declare", b"load",
+];
+/// Words that leave session state wherever they appear.
+const STATEFUL_WORDS: &[&[u8]] = &[b"set_config", b"pg_temp", b"temp", b"temporary", b"hold"];
+
+/// Whether `sql` may leave state on the server connection that outlives
+/// the transaction. Conservative: a `false` is reliable for what the text
+/// shows (functions may still change settings; those changes are reported
+/// as `ParameterStatus` when reportable). Fast for statements without the
+/// letters that every such statement contains.
+pub fn may_leave_state(sql: &[u8]) -> bool {
+    if !quick_scan(sql) {
+        return false;
+    }
+    let toks = tokens(sql);
+    let mut at_start = true;
+    for t in &toks {
+        if t.is_punct(sql, b";") {
+            at_start = true;
+            continue;
+        }
+        if t.kind == Kind::Word {
+            let w = t.text(sql);
+            if at_start && STATEFUL_COMMANDS.iter().any(|k| w.eq_ignore_ascii_case(k)) {
+                return true;
+            }
+            if STATEFUL_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))
+                || w.len() > 12 && w[..12].eq_ignore_ascii_case(b"pg_advisory_")
+            {
+                return true;
+            }
+        }
+        at_start = false;
+    }
+    false
+}
+
+/// Case-insensitive search for the letter pairs every stateful word has.
+fn quick_scan(sql: &[u8]) -> bool {
+    const NEEDLES: &[&[u8]] = &[
+        b"set", b"disc", b"listen", b"prep", b"decl", b"load", b"temp", b"hold", b"advis",
+    ];
+    sql.windows(3).enumerate().any(|(i, w)| {
+        NEEDLES.iter().any(|n| {
+            w[0].eq_ignore_ascii_case(&n[0])
+                && w[1].eq_ignore_ascii_case(&n[1])
+                && w[2].eq_ignore_ascii_case(&n[2])
+                && sql.len() >= i + n.len()
+                && sql[i..i + n.len()].eq_ignore_ascii_case(n)
+        })
+    })
+}
+
+/// The statement that clears what a client may have left behind.
+pub const RESET_SQL: &str = "RESET ALL; CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DEALLOCATE ALL";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stateful_statements_are_recognised() {
+        for sql in [
+            "SET search_path = x",
+            "select 1; reset statement_timeout",
+            "CREATE TEMP TABLE t(x int)",
+            "create temporary table t(x int)",
+            "SELECT set_config('search_path', 'x', false)",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "LISTEN chan",
+            "PREPARE p AS SELECT 1",
+            "SELECT pg_advisory_lock(1)",
+            "DISCARD PLANS",
+        ] {
+            assert!(may_leave_state(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 1",
+            "INSERT INTO t VALUES ('set role')",
+            "SELECT 'temp'",
+            "SELECT pg_advisory_xact_lock(1)",
+        ] {
+            let expected = sql.contains("advisory_xact");
+            assert_eq!(may_leave_state(sql.as_bytes()), expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn options_and_startup_settings() {
+        assert_eq!(
+            parse_options("-c statement_timeout=5s --work-mem=64MB -csearch_path=a\\ b"),
+            vec![
+                ("statement_timeout".into(), "5s".into()),
+                ("work_mem".into(), "64MB".into()),
+                ("search_path".into(), "a b".into())
+            ]
+        );
+        let s = startup_settings(
+            &[
+                ("user".into(), "alice".into()),
+                ("application_name".into(), "psql".into()),
+                ("TimeZone".into(), "UTC".into()),
+                (
+                    "options".into(),
+                    "-c role=admin -c app.client_user=bob -c work_mem=1MB".into(),
+                ),
+            ],
+            "alice",
+            "app.client_user",
+        );
+        assert!(s.contains(&("TimeZone".into(), "UTC".into())));
+        assert!(s.contains(&("work_mem".into(), "1MB".into())));
+        assert!(s.contains(&("application_name".into(), "psql [alice]".into())));
+        assert!(!s.iter().any(|(k, _)| k == "role" || k == "app.client_user"));
+    }
+
+    #[test]
+    fn tracked_application_name_is_decorated_once() {
+        let mut s = startup_settings(&[], "alice", "app.client_user");
+        assert!(track(&mut s, "application_name", "etl", "alice"));
+        assert!(track(&mut s, "application_name", "etl [alice]", "alice"));
+        assert_eq!(
+            s,
+            vec![("application_name".to_string(), "etl [alice]".to_string())]
+        );
+        assert!(!track(&mut s, "server_version", "15", "alice"));
+    }
+}

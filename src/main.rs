@@ -141,9 +141,29 @@ fn serve(path: &std::path::Path) -> u8 {
             }
         };
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgwarden serving");
+        spawn_reload_on_sighup(gateway.shared().clone());
         gateway.serve(listener, shutdown_signal()).await;
         0
     })
+}
+
+/// SIGHUP re-reads the policies; a bad file keeps the policy in force.
+fn spawn_reload_on_sighup(shared: std::sync::Arc<pgwarden::session::Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; policy reload disabled");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match shared.reload_policy() {
+                Ok(rules) => tracing::info!(rules, "policies reloaded"),
+                Err(e) => {
+                    tracing::error!("policy reload failed, keeping the policies in force: {e}")
+                }
+            }
+        }
+    });
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -167,18 +187,36 @@ fn policy_check(path: &std::path::Path) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match pgwarden::identity::policy::Policy::load_dir(&config.identity.policy_dir) {
-        Ok(policy) => {
-            println!(
-                "{}: {} rule(s) OK",
-                config.identity.policy_dir.display(),
-                policy.rules().len()
-            );
-            0
-        }
+    let policy = match pgwarden::identity::policy::Policy::load_dir(&config.identity.policy_dir) {
+        Ok(policy) => policy,
         Err(e) => {
             eprintln!("pgwarden: {e}");
-            2
+            return 2;
+        }
+    };
+    println!(
+        "{}: {} rule(s) parse",
+        config.identity.policy_dir.display(),
+        policy.rules().len()
+    );
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    match runtime.block_on(pgwarden::migrate::check_roles(&config, &policy)) {
+        Err(e) => {
+            println!("backend not reachable as the service user ({e}); role checks skipped");
+            0
+        }
+        Ok(problems) if problems.is_empty() => {
+            println!("every mapped role exists and the service user can assume it");
+            0
+        }
+        Ok(problems) => {
+            for p in &problems {
+                println!("problem: {p}");
+            }
+            1
         }
     }
 }

@@ -116,3 +116,75 @@ async fn exec_formatted(
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
     Ok(())
 }
+
+/// A mapped role the service user cannot switch to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleProblem {
+    Missing(String),
+    NotMember { role: String, service_user: String },
+}
+
+impl std::fmt::Display for RoleProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RoleProblem::Missing(role) => write!(f, "role \"{role}\" does not exist"),
+            RoleProblem::NotMember { role, service_user } => write!(
+                f,
+                "service user \"{service_user}\" cannot SET ROLE \"{role}\" (not a member; GRANT \"{role}\" TO \"{service_user}\")"
+            ),
+        }
+    }
+}
+
+/// Checks, logged in as the service user, that every role the policies name
+/// (other than `{user}` templates, which depend on the client) exists and
+/// can be assumed.
+pub async fn check_roles(
+    config: &Config,
+    policy: &Policy,
+) -> Result<Vec<RoleProblem>, sqlx::Error> {
+    let backend = &config.backend;
+    let mut options = sqlx::postgres::PgConnectOptions::new()
+        .host(&backend.host)
+        .port(backend.port)
+        .username(&backend.service_user)
+        .database("postgres")
+        .application_name("pgwarden policy check");
+    if let Some(password) = &backend.service_password {
+        options = options.password(password);
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_millis(backend.connect_timeout_ms))
+        .connect_with(options)
+        .await?;
+    let mut roles: Vec<&str> = policy
+        .rules()
+        .iter()
+        .map(|r| r.role.as_str())
+        .filter(|r| !r.contains("{user}"))
+        .collect();
+    roles.sort();
+    roles.dedup();
+    let mut problems = Vec::new();
+    for role in roles {
+        let row = sqlx::query(
+            "SELECT r.oid IS NOT NULL, coalesce(pg_has_role(current_user, r.oid, 'MEMBER'), false) \
+             FROM (SELECT 1) one LEFT JOIN pg_roles r ON r.rolname = $1",
+        )
+        .bind(role)
+        .fetch_one(&pool)
+        .await?;
+        let (exists, member): (bool, bool) = (row.get(0), row.get(1));
+        if !exists {
+            problems.push(RoleProblem::Missing(role.to_string()));
+        } else if !member {
+            problems.push(RoleProblem::NotMember {
+                role: role.to_string(),
+                service_user: backend.service_user.clone(),
+            });
+        }
+    }
+    pool.close().await;
+    Ok(problems)
+}

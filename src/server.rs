@@ -93,17 +93,6 @@ impl Gateway {
         &self.shared
     }
 
-    /// Re-reads the policy directory; on error the old policy stays.
-    pub fn reload_policy(&self) -> Result<(), crate::identity::policy::PolicyError> {
-        let policy = Policy::load_dir(&self.shared.config.identity.policy_dir)?;
-        *self
-            .shared
-            .policy
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
-        Ok(())
-    }
-
     /// Serves clients from `listener` until `shutdown` completes, then
     /// drains sessions and closes the audit log.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {

@@ -55,6 +55,16 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+
+    /// Re-reads the policy directory (SIGHUP). On error the policy in force
+    /// stays, and the error says why. Sessions already logged in keep their
+    /// role; new logins use the new policy.
+    pub fn reload_policy(&self) -> Result<usize, crate::identity::policy::PolicyError> {
+        let policy = Policy::load_dir(&self.config.identity.policy_dir)?;
+        let rules = policy.rules().len();
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+        Ok(rules)
+    }
 }
 
 /// Who a logged-in client is: what every audit record of the session carries.

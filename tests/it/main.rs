@@ -9,6 +9,7 @@ mod guard;
 mod identity;
 mod lifecycle;
 mod migrate;
+mod policy;
 mod pool;
 mod prepared;
 mod protocol;

@@ -348,10 +348,10 @@ impl<'a> QueryLoop<'a> {
                 "DEALLOCATE ALL"
             }
             prepared::Deallocate::Name(name) => {
-                if !self
+                if self
                     .statements
                     .get(&name[..])
-                    .is_some_and(|s| s.shared.is_some())
+                    .is_none_or(|s| s.shared.is_none())
                 {
                     return false;
                 }
@@ -748,10 +748,7 @@ impl<'a> QueryLoop<'a> {
     // ----- server to client -------------------------------------------------
 
     async fn on_server_data(&mut self) -> Result<(), End> {
-        loop {
-            let Some(server) = self.server.as_mut() else {
-                break;
-            };
+        while let Some(server) = self.server.as_mut() {
             let rbuf = &mut server.rbuf;
             if self.server_passthrough > 0 {
                 let n = self.server_passthrough.min(rbuf.len());

@@ -48,11 +48,9 @@ async fn psql_logs_in_through_the_gateway() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unmapped_user_gets_fatal_28000() {
     let gw = start_gateway(Opts::default()).await;
-    let err = gw
-        .try_connect("carol")
-        .await
-        .err()
-        .expect("carol has no mapping");
+    let Err(err) = gw.try_connect("carol").await else {
+        panic!("carol has no mapping");
+    };
     assert_eq!(support::sqlstate(&err), "28000");
     let message = err
         .as_db_error()

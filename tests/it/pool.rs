@@ -8,7 +8,7 @@ use crate::support::{self, cluster, start_gateway, Opts};
 #[tokio::test(flavor = "multi_thread")]
 async fn service_user_logs_in_with_md5() {
     let gw = start_gateway(Opts {
-        service_user: "pgwarden_svc_md5",
+        service_user: crate::support::cluster::SERVICE_MD5_USER,
         ..Opts::default()
     })
     .await;

@@ -28,17 +28,9 @@ pub const USERS: &[(&str, &str)] = &[
 
 pub struct Cluster {
     pub port: u16,
-    pub dir: PathBuf,
 }
 
 impl Cluster {
-    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={user} password={password} dbname={db}",
-            self.port
-        )
-    }
-
     /// Runs SQL as the superuser through psql, panicking with its output on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new("psql")
@@ -174,7 +166,7 @@ fn start() -> Cluster {
         "start",
     ]);
     run(pg_ctl, "pg_ctl start");
-    let cluster = Cluster { port, dir };
+    let cluster = Cluster { port };
     cluster.psql("postgres", &setup_sql());
     cluster.psql("postgres", "CREATE DATABASE app");
     cluster.psql("app", APP_SQL);
@@ -205,6 +197,8 @@ fn spawn_watchdog(dir: &Path, data: &Path) {
         pid = std::process::id(),
         dir = dir.display()
     );
+    // Deliberately never waited for: it must outlive this process.
+    #[allow(clippy::zombie_processes)]
     Command::new("setsid")
         .args(["sh", "-c", &script])
         .stdin(Stdio::null())

@@ -217,8 +217,11 @@ fn main() {
         child(Path::new(&argv[i + 1]), &argv[i + 2]);
         return;
     }
-    let secs = env_or("AUDIT_BENCH_SECS", 5);
-    let records = env_or("AUDIT_BENCH_RECORDS", 1_000_000);
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
+    // binary without it: a smoke run of the same code with tiny sizes.
+    let smoke = !argv.iter().any(|a| a == "--bench");
+    let secs = env_or("AUDIT_BENCH_SECS", if smoke { 1 } else { 5 });
+    let records = env_or("AUDIT_BENCH_RECORDS", if smoke { 2_000 } else { 1_000_000 });
     let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use super::cancel::{BackendKey, CancelSlot};
 use super::client::{ClientConn, ClientError};
 use super::prepared;
+use super::state::Effect;
 use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
 use super::{Identity, Shared};
 use crate::audit::{Event, Kind, Status};
@@ -96,6 +97,9 @@ pub struct QueryLoop<'a> {
     discard_until_sync: bool,
     /// The next `Sync` is answered by the gateway (the error was local).
     local_sync: bool,
+    /// The client created connection-bound objects (temp tables, LISTEN,
+    /// session advisory locks...): it keeps its server connection.
+    pinned: bool,
     /// The client's settings, carried to every server connection.
     settings: Arc<Vec<(String, String)>>,
     /// `verify = "transaction"` and client messages ran since the last check.
@@ -145,6 +149,7 @@ impl<'a> QueryLoop<'a> {
             copy_in: false,
             needs_verify: false,
             settings: Arc::new(ident.settings.clone()),
+            pinned: false,
             client_passthrough: 0,
             server_passthrough: 0,
             to_server: BytesMut::with_capacity(8 * 1024),
@@ -324,11 +329,27 @@ impl<'a> QueryLoop<'a> {
     }
 
     /// Marks the bound connection as holding this session's state when
-    /// `sql` may leave some behind.
+    /// `sql` may leave some behind, and pins the client to it when `sql`
+    /// creates objects the client will look for on it again.
     fn note_state(&mut self, sql: &[u8]) {
-        if let Some(server) = self.server.as_mut() {
-            if server.dirty_by.is_none() && super::state::may_leave_state(sql) {
-                server.dirty_by = Some(self.ident.session_id.clone());
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        match super::state::effect(sql) {
+            Effect::None => {}
+            Effect::Settings => {
+                server
+                    .dirty_by
+                    .get_or_insert_with(|| self.ident.session_id.clone());
+            }
+            Effect::Pin => {
+                server
+                    .dirty_by
+                    .get_or_insert_with(|| self.ident.session_id.clone());
+                if !self.pinned && self.mode == PoolMode::Transaction {
+                    tracing::info!(session = %self.ident.session_id, "client pinned to its server connection until it disconnects");
+                }
+                self.pinned = true;
             }
         }
     }
@@ -785,7 +806,7 @@ impl<'a> QueryLoop<'a> {
         if self.idle() && self.tx_status == b'I' && self.needs_verify {
             self.verify_identity().await?;
         }
-        if self.mode == PoolMode::Transaction && self.idle() {
+        if self.mode == PoolMode::Transaction && !self.pinned && self.idle() {
             self.release();
         }
         Ok(())

@@ -154,24 +154,48 @@ pub fn parse_options(options: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Words that, at the start of a statement, leave session state behind.
-const STATEFUL_COMMANDS: &[&[u8]] = &[
-    b"set", b"reset", b"discard", b"listen", b"prepare", b"declare", b"load",
-];
-/// Words that leave session state wherever they appear.
-const STATEFUL_WORDS: &[&[u8]] = &[b"set_config", b"pg_temp", b"temp", b"temporary", b"hold"];
+/// What a statement may leave behind on its server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Effect {
+    /// Nothing that outlives the transaction.
+    None,
+    /// Settings: reset before another client gets the connection; the
+    /// reportable ones follow the client (see [`track`]).
+    Settings,
+    /// Objects that live on the connection and that the client will look
+    /// for again (temp tables, LISTEN, session advisory locks, WITH HOLD
+    /// cursors, SQL-level prepared statements, loaded libraries): the client
+    /// is pinned to this server connection until it disconnects.
+    Pin,
+}
 
-/// Whether `sql` may leave state on the server connection that outlives
-/// the transaction. Conservative: a `false` is reliable for what the text
-/// shows (functions may still change settings; those changes are reported
-/// as `ParameterStatus` when reportable). Fast for statements without the
-/// letters that every such statement contains.
-pub fn may_leave_state(sql: &[u8]) -> bool {
+/// Commands that, at the start of a statement, change settings.
+const SETTING_COMMANDS: &[&[u8]] = &[b"set", b"reset", b"discard"];
+/// Commands that, at the start of a statement, create connection-bound objects.
+const PINNING_COMMANDS: &[&[u8]] = &[b"listen", b"prepare", b"load"];
+/// Words that create connection-bound objects wherever they appear.
+const PINNING_WORDS: &[&[u8]] = &[b"pg_temp", b"temp", b"temporary", b"hold"];
+/// Session-level advisory lock functions (the `_xact_` ones end with the
+/// transaction and pin nothing).
+const SESSION_LOCKS: &[&[u8]] = &[
+    b"pg_advisory_lock",
+    b"pg_advisory_lock_shared",
+    b"pg_try_advisory_lock",
+    b"pg_try_advisory_lock_shared",
+];
+
+/// What `sql` may leave on the server connection beyond its transaction.
+/// Conservative on what the text shows; functions may still change
+/// settings, which the server reports (when reportable) as
+/// `ParameterStatus`. Fast for statements without the letters every such
+/// statement contains.
+pub fn effect(sql: &[u8]) -> Effect {
     if !quick_scan(sql) {
-        return false;
+        return Effect::None;
     }
     let toks = tokens(sql);
     let mut at_start = true;
+    let mut effect = Effect::None;
     for t in &toks {
         if t.is_punct(sql, b";") {
             at_start = true;
@@ -179,18 +203,17 @@ pub fn may_leave_state(sql: &[u8]) -> bool {
         }
         if t.kind == Kind::Word {
             let w = t.text(sql);
-            if at_start && STATEFUL_COMMANDS.iter().any(|k| w.eq_ignore_ascii_case(k)) {
-                return true;
+            let is = |list: &[&[u8]]| list.iter().any(|k| w.eq_ignore_ascii_case(k));
+            if (at_start && is(PINNING_COMMANDS)) || is(PINNING_WORDS) || is(SESSION_LOCKS) {
+                return Effect::Pin;
             }
-            if STATEFUL_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k))
-                || w.len() > 12 && w[..12].eq_ignore_ascii_case(b"pg_advisory_")
-            {
-                return true;
+            if (at_start && is(SETTING_COMMANDS)) || w.eq_ignore_ascii_case(b"set_config") {
+                effect = Effect::Settings;
             }
         }
         at_start = false;
     }
-    false
+    effect
 }
 
 /// Case-insensitive search for the letter pairs every stateful word has.
@@ -217,20 +240,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stateful_statements_are_recognised() {
+    fn statements_are_classified_by_what_they_leave_behind() {
         for sql in [
             "SET search_path = x",
             "select 1; reset statement_timeout",
+            "SELECT set_config('search_path', 'x', false)",
+            "DISCARD PLANS",
+        ] {
+            assert_eq!(effect(sql.as_bytes()), Effect::Settings, "{sql}");
+        }
+        for sql in [
             "CREATE TEMP TABLE t(x int)",
             "create temporary table t(x int)",
-            "SELECT set_config('search_path', 'x', false)",
+            "SET search_path = x; CREATE TABLE pg_temp.t(x int)",
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "LISTEN chan",
             "PREPARE p AS SELECT 1",
             "SELECT pg_advisory_lock(1)",
-            "DISCARD PLANS",
+            "SELECT pg_try_advisory_lock_shared(1, 2)",
         ] {
-            assert!(may_leave_state(sql.as_bytes()), "{sql}");
+            assert_eq!(effect(sql.as_bytes()), Effect::Pin, "{sql}");
         }
         for sql in [
             "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
@@ -238,9 +267,9 @@ mod tests {
             "INSERT INTO t VALUES ('set role')",
             "SELECT 'temp'",
             "SELECT pg_advisory_xact_lock(1)",
+            "DECLARE c CURSOR FOR SELECT 1",
         ] {
-            let expected = sql.contains("advisory_xact");
-            assert_eq!(may_leave_state(sql.as_bytes()), expected, "{sql}");
+            assert_eq!(effect(sql.as_bytes()), Effect::None, "{sql}");
         }
     }
 

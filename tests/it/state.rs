@@ -46,6 +46,10 @@ async fn state_left_by_one_client_never_reaches_the_next() {
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
+    // Temp tables, LISTEN, advisory locks and PREPARE pin alice to the only
+    // connection until she leaves; then it is reset for the next client.
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let bob = gw.connect("bob").await;
     assert_eq!(
         support::one(&bob, "SELECT pg_backend_pid()").await,
@@ -148,4 +152,70 @@ async fn a_clients_settings_follow_it_to_every_connection() {
         support::one(&alice, "SHOW statement_timeout").await,
         "4321ms"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn temp_tables_and_listen_pin_the_client_to_its_connection() {
+    use futures_util::StreamExt;
+    let gw = start_gateway(Opts {
+        pool_size: 2,
+        acquire_timeout_ms: 3000,
+        ..Opts::default()
+    })
+    .await;
+    let url = gw.url("alice", support::password_of("alice"));
+    let (alice, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut notes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(msg)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    alice
+        .batch_execute("CREATE TEMP TABLE scratch(x int)")
+        .await
+        .unwrap();
+    alice.batch_execute("LISTEN pinned_channel").await.unwrap();
+    let bob = gw.connect("bob").await;
+    for i in 0..20 {
+        alice
+            .batch_execute(&format!("INSERT INTO scratch VALUES ({i})"))
+            .await
+            .unwrap();
+        // Bob keeps working on the other connection meanwhile.
+        assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
+    }
+    assert_eq!(
+        support::one(&alice, "SELECT count(*) FROM scratch").await,
+        "20"
+    );
+    bob.batch_execute("NOTIFY pinned_channel, 'hello alice'")
+        .await
+        .unwrap();
+    let note = tokio::time::timeout(std::time::Duration::from_secs(5), notes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(note, "hello alice");
+    // When alice leaves, her connection is reset before anyone else uses it.
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let carol_like = gw.connect("md5_user").await;
+    let b = gw.connect("bob").await;
+    b.batch_execute("BEGIN").await.unwrap();
+    support::one(&b, "SELECT 1").await;
+    assert_eq!(
+        support::one(&carol_like, "SELECT to_regclass('pg_temp.scratch') IS NULL").await,
+        "t"
+    );
+    assert_eq!(
+        support::one(&carol_like, "SELECT count(*) FROM pg_listening_channels()").await,
+        "0"
+    );
+    b.batch_execute("COMMIT").await.unwrap();
 }

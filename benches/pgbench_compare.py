@@ -81,8 +81,11 @@ class Cluster:
         subprocess.run(as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"]), capture_output=True)
 
 
-def start_pgwarden(tmp, pg_port, pool_size, audit):
-    d = os.path.join(tmp, f"pgwarden-{audit}")
+def start_pgwarden(tmp, pg_port, pool_size, variant):
+    """variant: an audit mode (off, async, group, sync), optionally "+verify"."""
+    audit, _, extra = variant.partition("+")
+    verify = "transaction" if extra == "verify" else "off"
+    d = os.path.join(tmp, f"pgwarden-{variant}")
     os.makedirs(os.path.join(d, "policies"))
     with open(os.path.join(d, "policies", "bench.toml"), "w") as f:
         f.write('[[map]]\nclients = ["bench"]\nrole = "bench_role"\n')
@@ -91,7 +94,7 @@ def start_pgwarden(tmp, pg_port, pool_size, audit):
     durability = "group" if audit == "off" else audit
     with open(os.path.join(d, "pgwarden.toml"), "w") as f:
         f.write(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
-                f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\n'
+                f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\n[identity]\nverify = "{verify}"\n'
                 f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n')
     binary = os.path.join(ROOT, "target", "release", "pgwarden")
     proc = subprocess.Popen([binary, "serve", "-c", os.path.join(d, "pgwarden.toml")],
@@ -144,12 +147,14 @@ def pgbench(port, clients, duration, args):
 
 
 def main():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the cleanup in finally
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", default="1,20,200")
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pool-size", type=int, default=20)
-    ap.add_argument("--audit", default="off,async,group", help="pgwarden audit modes to run")
+    ap.add_argument("--audit", default="off,async,group",
+                    help="pgwarden variants: audit modes off|async|group|sync, each optionally +verify")
     ap.add_argument("--workloads", default="select", help="comma list: select,select-extended,select-prepared,tpcb,connect")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()

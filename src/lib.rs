@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod identity;
 pub mod migrate;
 pub mod pool;

@@ -27,6 +27,9 @@ enum Command {
         #[arg(short = 'c', long = "config", default_value = "pgwarden.toml")]
         config: PathBuf,
     },
+    /// Start a throwaway PostgreSQL with two demo users and row-level
+    /// security, and pgwarden in front of it; Ctrl-C removes everything.
+    Demo,
     /// Offline audit-log tools (work on the store directory).
     Audit {
         #[command(subcommand)]
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             command: PolicyCommand::Check { config },
         } => policy_check(&config),
         Command::Migrate { config, admin_url } => migrate(&config, &admin_url),
+        Command::Demo => demo(),
         Command::Audit { command } => {
             use pgwarden::audit::cli;
             let code = match command {
@@ -260,6 +264,20 @@ fn migrate(path: &std::path::Path, admin_url: &str) -> u8 {
         }
         Err(e) => {
             eprintln!("pgwarden: {e}");
+            1
+        }
+    }
+}
+
+fn demo() -> u8 {
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    match runtime.block_on(pgwarden::demo::run_demo()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pgwarden demo: {e}");
             1
         }
     }

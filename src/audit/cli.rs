@@ -73,6 +73,26 @@ pub struct ExportArgs {
     pub output: Option<PathBuf>,
 }
 
+impl ExportArgs {
+    /// A plain joined JSON-lines export of `store` to stdout.
+    pub fn for_store(store: &std::path::Path) -> ExportArgs {
+        ExportArgs {
+            store: StoreArgs {
+                store: Some(store.to_path_buf()),
+                config: None,
+            },
+            format: Format::Jsonl,
+            raw: false,
+            since: None,
+            until: None,
+            user: None,
+            database: None,
+            kind: None,
+            output: None,
+        }
+    }
+}
+
 /// `pgwarden audit verify`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct VerifyArgs {

@@ -198,3 +198,61 @@ fn bad_config_exits_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("sizee"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_serves_two_users_with_rls_and_cleans_up() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .arg("demo")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut port, mut dir) = (None, None);
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+            port = rest.split(',').next().map(str::to_string);
+        }
+        if let Some(rest) = line.strip_prefix("The audit log is ") {
+            dir = rest.split("/audit").next().map(std::path::PathBuf::from);
+        }
+        let done = line.starts_with("Press Ctrl-C");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let (port, dir) = (port.expect("port printed"), dir.expect("store printed"));
+    assert!(dir.exists(), "{seen:?}");
+    let out = std::process::Command::new("psql")
+        .arg(format!("host=127.0.0.1 port={port} user=alice dbname=demo"))
+        .args([
+            "-X",
+            "-At",
+            "-c",
+            "SELECT current_user, pgwarden.client_user(), count(*) FROM tickets GROUP BY 1, 2",
+        ])
+        .env("PGPASSWORD", "alice-demo")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "analyst|alice|2",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("\"kind\":\"query\"") && l.contains("tickets")),
+        "{rest:?}"
+    );
+    assert!(!dir.exists(), "demo directory left behind");
+}

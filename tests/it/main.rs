@@ -5,6 +5,7 @@ mod support;
 
 mod audit;
 mod auth;
+mod drivers;
 mod guard;
 mod identity;
 mod lifecycle;

@@ -1,0 +1,380 @@
+//! The driver matrix: real client libraries run end to end through the
+//! gateway in transaction pooling, always with a pool (2) smaller than the
+//! number of connections they open, each checking its identity
+//! (`current_user`, `app.client_user`) and doing real work.
+//!
+//! psycopg 3, asyncpg, node-postgres and JDBC run the scripts in
+//! `tests/drivers/`, installed by `tests/drivers/install.sh` (which
+//! `scripts/setup.sh` calls); psql and pgbench run as they are. A driver whose
+//! runtime is missing FAILS its test and says how to install it: a silently
+//! skipped driver would hide exactly the regressions this matrix exists for.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::support::{self, start_gateway, Opts, TestGateway};
+
+const SETUP_HINT: &str = "run `bash scripts/setup.sh` (it installs the driver runtimes \
+                          through tests/drivers/install.sh)";
+
+/// A driver script that takes longer than this is stuck (the gateway lost a
+/// message, a pool slot leaked...): it is killed and the test fails.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The JDBC driver Debian's `libpostgresql-jdbc-java` installs.
+const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+fn drivers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+/// The role `TEST_POLICY` maps a client to.
+fn role_of(user: &str) -> &'static str {
+    match user {
+        "alice" | "md5_user" | "clear_user" => "analyst",
+        "bob" => "engineer",
+        other => panic!("no role known for test user {other}"),
+    }
+}
+
+/// Panics with the setup hint unless `path` exists.
+fn require_file(path: &Path, what: &str) {
+    assert!(
+        path.exists(),
+        "{what} is missing ({} not found): {SETUP_HINT}",
+        path.display()
+    );
+}
+
+/// Panics with the setup hint unless `program` runs.
+fn require_program(program: &str, version_arg: &str) {
+    let ok = Command::new(program)
+        .arg(version_arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "`{program}` is not installed or does not run: {SETUP_HINT}"
+    );
+}
+
+/// The Python interpreter of the drivers' venv.
+fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("PGWARDEN_DRIVERS_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/drivers-venv"));
+    let python = venv.join("bin/python");
+    require_file(&python, "the drivers' Python venv");
+    python
+}
+
+/// Points `cmd` at the gateway as `user`, with `other` as the optional
+/// second client of the concurrent phases (see tests/drivers/python/common.py).
+fn gateway_env(cmd: &mut Command, gw: &TestGateway, user: &str, other: Option<&str>) {
+    for var in [
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGOPTIONS",
+        "PGAPPNAME",
+        "PGSSLMODE",
+        "PGPASSFILE",
+        "PGTZ",
+        "PGDATESTYLE",
+        "PGCLIENTENCODING",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("PGHOST", "127.0.0.1")
+        .env("PGPORT", gw.port().to_string())
+        .env("PGDATABASE", "app")
+        .env("PGUSER", user)
+        .env("PGPASSWORD", support::password_of(user))
+        .env("PGWARDEN_EXPECT_ROLE", role_of(user))
+        .env("PGCONNECT_TIMEOUT", "10");
+    if let Some(other) = other {
+        cmd.env("PGWARDEN_OTHER_USER", other)
+            .env("PGWARDEN_OTHER_PASSWORD", support::password_of(other))
+            .env("PGWARDEN_OTHER_ROLE", role_of(other));
+    }
+}
+
+/// Runs `cmd` to completion (killed after `SCRIPT_TIMEOUT`) and returns its
+/// stdout; panics with everything it printed if it fails. Output goes to
+/// files so that a killed process still shows how far it got.
+async fn run(what: &str, mut cmd: Command) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    cmd.stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    let started = Instant::now();
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}. {SETUP_HINT}"));
+    let status = match tokio::time::timeout(SCRIPT_TIMEOUT, child.wait()).await {
+        Ok(status) => Some(status.unwrap()),
+        Err(_) => {
+            let _ = child.kill().await;
+            None
+        }
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let verdict = match status {
+        Some(s) if s.success() => {
+            println!("{what}: ok in {:.1?}\n{stdout}", started.elapsed());
+            return stdout;
+        }
+        Some(s) => format!("failed ({s})"),
+        None => format!("did not finish within {SCRIPT_TIMEOUT:?} and was killed"),
+    };
+    panic!("{what} {verdict}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
+}
+
+async fn small_pool() -> TestGateway {
+    start_gateway(Opts {
+        pool_size: 2,
+        ..Opts::default()
+    })
+    .await
+}
+
+async fn python_driver(script: &str, user: &str, other: &str) {
+    let python = venv_python();
+    let gw = small_pool().await;
+    let mut cmd = Command::new(python);
+    cmd.arg(drivers_dir().join("python").join(script))
+        .current_dir(drivers_dir().join("python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    gateway_env(&mut cmd, &gw, user, Some(other));
+    let out = run(script, cmd).await;
+    assert!(out.contains("PASS"), "{script} did not report PASS:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_psycopg3() {
+    python_driver("psycopg_suite.py", "alice", "bob").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_asyncpg() {
+    python_driver("asyncpg_suite.py", "alice", "md5_user").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_node_postgres() {
+    require_program("node", "--version");
+    let node = drivers_dir().join("node");
+    require_file(&node.join("node_modules/pg"), "node-postgres (npm `pg`)");
+    let gw = small_pool().await;
+    let mut cmd = Command::new("node");
+    cmd.arg(node.join("pg_suite.js")).current_dir(&node);
+    gateway_env(&mut cmd, &gw, "alice", Some("clear_user"));
+    let out = run("node-postgres", cmd).await;
+    assert!(
+        out.contains("PASS"),
+        "pg_suite.js did not report PASS:\n{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_jdbc() {
+    require_program("javac", "-version");
+    require_program("java", "-version");
+    require_file(
+        Path::new(JDBC_JAR),
+        "the JDBC driver (libpostgresql-jdbc-java)",
+    );
+    let classes = tempfile::tempdir().unwrap();
+    let mut javac = Command::new("javac");
+    javac
+        .args(["-nowarn", "-cp", JDBC_JAR, "-d"])
+        .arg(classes.path())
+        .arg(drivers_dir().join("java/JdbcSuite.java"));
+    run("javac JdbcSuite.java", javac).await;
+    let gw = small_pool().await;
+    let mut java = Command::new("java");
+    java.args(["-XX:TieredStopAtLevel=1", "-cp"])
+        .arg(format!("{}:{JDBC_JAR}", classes.path().display()))
+        .arg("JdbcSuite");
+    gateway_env(&mut java, &gw, "alice", Some("bob"));
+    let out = run("JDBC", java).await;
+    assert!(
+        out.contains("PASS"),
+        "JdbcSuite did not report PASS:\n{out}"
+    );
+}
+
+/// psql through the gateway: the catalog queries behind `\d`, `\copy` in
+/// and out, from several concurrent sessions of two users.
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_psql() {
+    require_program("psql", "--version");
+    let gw = small_pool().await;
+    let sessions = [("alice", 1), ("bob", 2), ("alice", 3), ("bob", 4)];
+    let dir = tempfile::tempdir().unwrap();
+    let runs = sessions.iter().map(|&(user, n)| {
+        let script = dir.path().join(format!("s{n}.sql"));
+        std::fs::write(&script, psql_script(n)).unwrap();
+        let mut cmd = Command::new("psql");
+        cmd.args(["-X", "-v", "ON_ERROR_STOP=1", "-f"]).arg(&script);
+        gateway_env(&mut cmd, &gw, user, None);
+        async move {
+            (
+                user,
+                n,
+                run(&format!("psql session {n} ({user})"), cmd).await,
+            )
+        }
+    });
+    for (user, n, out) in futures_util::future::join_all(runs).await {
+        let rows = psql_rows(&out);
+        for want in [
+            &["id", "integer", "", "not null", ""][..],
+            &["owner", "text", "", "", ""],
+            &["payload", "bytea", "", "", ""],
+            &[role_of(user), user],
+        ] {
+            assert!(
+                rows.iter().any(|r| r == want),
+                "psql session {n} ({user}): no row {want:?}:\n{out}"
+            );
+        }
+        for want in [
+            "Table \"public.items\"",
+            "\"items_pkey\" PRIMARY KEY, btree (id)",
+            &format!("1\tone\t{user}\n2\ttwo\t{user}\n3\tthree\t{user}\n"),
+            &format!("Table \"public.drv_psql_{n}\""),
+        ] {
+            assert!(
+                out.contains(want),
+                "psql session {n} ({user}): output lacks {want:?}:\n{out}"
+            );
+        }
+    }
+}
+
+/// The cells of psql's aligned output, one trimmed vector per table row.
+fn psql_rows(out: &str) -> Vec<Vec<&str>> {
+    out.lines()
+        .filter(|l| l.contains('|'))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect()
+}
+
+fn psql_script(n: u32) -> String {
+    format!(
+        "\\d items
+DROP TABLE IF EXISTS drv_psql_{n};
+CREATE TABLE drv_psql_{n} (id int PRIMARY KEY, owner text);
+\\copy drv_psql_{n} from stdin
+1\tone
+2\ttwo
+3\tthree
+\\.
+\\copy (SELECT id, owner, current_setting('app.client_user') FROM drv_psql_{n} ORDER BY id) to stdout
+SELECT current_user AS role, current_setting('app.client_user') AS client;
+\\d drv_psql_{n}
+DROP TABLE drv_psql_{n};
+"
+    )
+}
+
+/// Creates the `bench` database with `pgbench -i -s 1` directly against the
+/// cluster (as the superuser: initializing needs DDL the mapped roles lack)
+/// and lets analyst run the built-in scripts on it.
+fn bench_database() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let pg = support::cluster();
+        pg.psql("postgres", "CREATE DATABASE bench");
+        let out = Command::new("pgbench")
+            .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-U", "postgres"])
+            .args(["-p", &pg.port.to_string(), "bench"])
+            .output()
+            .expect("run pgbench -i");
+        assert!(
+            out.status.success(),
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.psql(
+            "bench",
+            "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO analyst",
+        );
+    });
+}
+
+/// A short pgbench run through a pool of 2 with 4 clients: the TPC-B-like
+/// built-in script plus a script that fails the run (1/0 aborts the client)
+/// if a transaction ever runs under another identity.
+async fn pgbench(protocol: &str, connect_per_transaction: bool) {
+    require_program("pgbench", "--version");
+    let user = "alice";
+    let gw = small_pool().await;
+    tokio::task::spawn_blocking(bench_database).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let identity = dir.path().join("identity.sql");
+    std::fs::write(
+        &identity,
+        format!(
+            "SELECT CASE WHEN current_user = '{}' AND current_setting('app.client_user') = '{user}' \
+             THEN 1 ELSE 1 / 0 END;\n",
+            role_of(user)
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("pgbench");
+    cmd.args(["-n", "-T", "2", "-c", "4", "-j", "2", "-M", protocol])
+        .args(["-b", "tpcb-like@4", "-f"])
+        .arg(format!("{}@1", identity.display()));
+    if connect_per_transaction {
+        cmd.arg("-C");
+    }
+    gateway_env(&mut cmd, &gw, user, None);
+    cmd.env("PGDATABASE", "bench");
+    let what = format!(
+        "pgbench -M {protocol}{}",
+        if connect_per_transaction { " -C" } else { "" }
+    );
+    let out = run(&what, cmd).await;
+    assert!(
+        out.contains("number of failed transactions: 0 (0.000%)"),
+        "{what}: failed transactions:\n{out}"
+    );
+    let processed: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no transaction count:\n{out}"));
+    assert!(processed > 0, "{what}: no transaction ran:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_pgbench_simple() {
+    pgbench("simple", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_pgbench_extended() {
+    pgbench("extended", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_pgbench_prepared() {
+    pgbench("prepared", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_pgbench_connect_per_transaction() {
+    pgbench("prepared", true).await;
+}

@@ -135,3 +135,41 @@ async fn connection_killed_mid_transaction_fails_only_that_client() {
     let alice = gw.connect("alice").await;
     assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_database_gets_its_own_pool() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let app = gw.connect("alice").await;
+    let url = format!(
+        "host=127.0.0.1 port={} user=alice password={} dbname=postgres",
+        gw.port(),
+        support::password_of("alice")
+    );
+    let (other, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Both hold their database's only connection at the same time.
+    app.batch_execute("BEGIN").await.unwrap();
+    other.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(support::one(&app, "SELECT current_database()").await, "app");
+    assert_eq!(
+        support::one(&other, "SELECT current_database()").await,
+        "postgres"
+    );
+    app.batch_execute("COMMIT").await.unwrap();
+    other.batch_execute("COMMIT").await.unwrap();
+    let mut dbs: Vec<String> = gw
+        .shared
+        .pools
+        .status()
+        .into_iter()
+        .map(|(db, _)| db)
+        .collect();
+    dbs.sort();
+    assert_eq!(dbs, vec!["app", "postgres"]);
+}

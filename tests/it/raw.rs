@@ -299,23 +299,26 @@ async fn sync_and_flush_during_copy_in_are_not_awaited() {
     })
     .await;
     let mut c = RawClient::login(gw.addr).await;
-    c.send(b'Q', &cstr("BEGIN; CREATE TEMP TABLE rc(a int)"))
-        .await;
+    c.send(b'Q', &cstr("BEGIN")).await;
     c.until_ready().await;
-    c.send(b'Q', &cstr("COPY rc FROM STDIN")).await;
+    c.send(b'Q', &cstr("COPY guard_t (id) FROM STDIN")).await;
     let (tag, _) = c.read_message().await;
     assert_eq!(tag, b'G');
-    c.send(b'd', b"1\n2\n").await;
+    c.send(b'd', b"-71\n-72\n").await;
     c.send(b'S', b"").await;
     c.send(b'H', b"").await;
-    c.send(b'd', b"3\n").await;
+    c.send(b'd', b"-73\n").await;
     c.send(b'c', b"").await;
     let (tags, code, status) = c.until_ready().await;
     assert_eq!((tags, code, status), (b"CZ".to_vec(), None, b'T'));
-    c.send(b'Q', &cstr("SELECT count(*) FROM rc")).await;
+    c.send(
+        b'Q',
+        &cstr("SELECT count(*) FROM guard_t WHERE id IN (-71, -72, -73)"),
+    )
+    .await;
     let (tags, code, _) = c.until_ready().await;
     assert_eq!((tags, code), (b"TDCZ".to_vec(), None));
-    c.send(b'Q', &cstr("COMMIT")).await;
+    c.send(b'Q', &cstr("ROLLBACK")).await;
     let (_, _, status) = c.until_ready().await;
     assert_eq!(status, b'I');
     // The only server connection was released: another client gets it.

@@ -65,27 +65,8 @@ pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateErro
     exec_formatted(&pool, "ALTER ROLE %I NOINHERIT", &[service]).await?;
 
     let policy = Policy::load_dir(&config.identity.policy_dir)?;
-    let mut roles: Vec<&str> = policy
-        .rules()
-        .iter()
-        .map(|r| r.role.as_str())
-        .filter(|r| !r.contains("{user}"))
-        .collect();
-    roles.sort();
-    roles.dedup();
-    for role in roles {
-        let row = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1), \
-             pg_has_role($2, $1, 'MEMBER') AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
-        )
-        .bind(role)
-        .bind(service)
-        .fetch_one(&pool)
-        .await;
-        let (exists, member): (bool, bool) = match row {
-            Ok(r) => (r.get(0), r.get(1)),
-            Err(_) => (false, false),
-        };
+    for role in concrete_roles(&policy) {
+        let (exists, member) = role_status(&pool, role, service).await?;
         if !exists {
             report.missing_roles.push(role.to_string());
         } else if !member {
@@ -158,6 +139,24 @@ pub async fn check_roles(
         .acquire_timeout(std::time::Duration::from_millis(backend.connect_timeout_ms))
         .connect_with(options)
         .await?;
+    let mut problems = Vec::new();
+    for role in concrete_roles(policy) {
+        match role_status(&pool, role, &backend.service_user).await? {
+            (false, _) => problems.push(RoleProblem::Missing(role.to_string())),
+            (true, false) => problems.push(RoleProblem::NotMember {
+                role: role.to_string(),
+                service_user: backend.service_user.clone(),
+            }),
+            (true, true) => {}
+        }
+    }
+    pool.close().await;
+    Ok(problems)
+}
+
+/// The roles the policies name, without `{user}` templates (those depend on
+/// the client), sorted and deduplicated.
+fn concrete_roles(policy: &Policy) -> Vec<&str> {
     let mut roles: Vec<&str> = policy
         .rules()
         .iter()
@@ -166,25 +165,22 @@ pub async fn check_roles(
         .collect();
     roles.sort();
     roles.dedup();
-    let mut problems = Vec::new();
-    for role in roles {
-        let row = sqlx::query(
-            "SELECT r.oid IS NOT NULL, coalesce(pg_has_role(current_user, r.oid, 'MEMBER'), false) \
-             FROM (SELECT 1) one LEFT JOIN pg_roles r ON r.rolname = $1",
-        )
-        .bind(role)
-        .fetch_one(&pool)
-        .await?;
-        let (exists, member): (bool, bool) = (row.get(0), row.get(1));
-        if !exists {
-            problems.push(RoleProblem::Missing(role.to_string()));
-        } else if !member {
-            problems.push(RoleProblem::NotMember {
-                role: role.to_string(),
-                service_user: backend.service_user.clone(),
-            });
-        }
-    }
-    pool.close().await;
-    Ok(problems)
+    roles
+}
+
+/// Whether `role` exists, and whether `member` can `SET ROLE` to it.
+async fn role_status(
+    pool: &sqlx::PgPool,
+    role: &str,
+    member: &str,
+) -> Result<(bool, bool), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT r.oid IS NOT NULL, coalesce(pg_has_role($2, r.oid, 'MEMBER'), false) \
+         FROM (SELECT 1) one LEFT JOIN pg_roles r ON r.rolname = $1",
+    )
+    .bind(role)
+    .bind(member)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.get(0), row.get(1)))
 }

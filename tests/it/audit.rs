@@ -252,40 +252,23 @@ async fn kill_9_loses_no_acknowledged_statement() {
 }
 
 async fn kill_9_run(durability: &str) {
-    let pg = cluster();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/a.toml"), support::TEST_POLICY).unwrap();
-    let port = support::cluster::free_port();
-    std::fs::write(
-        dir.path().join("pgwarden.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\nservice_password = \"{}\"\n[audit]\nstore = \"audit\"\ndurability = \"{durability}\"\n",
-            pg.port,
-            support::cluster::SERVICE_PASSWORD
-        ),
+    let gw = support::BinaryGateway::start(
+        support::TEST_POLICY,
+        &format!("[audit]\nstore = \"audit\"\ndurability = \"{durability}\"\n"),
     )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
-        .args(["serve", "-c"])
-        .arg(dir.path().join("pgwarden.toml"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("host=127.0.0.1 port={port} user=alice password=alice-pw dbname=app");
+    .await;
+    let url = format!(
+        "host=127.0.0.1 port={} user=alice password=alice-pw dbname=app",
+        gw.port
+    );
     let mut clients = Vec::new();
-    for _ in 0..50 {
-        if let Ok((c, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
-            tokio::spawn(conn);
-            clients.push(c);
-            if clients.len() == 4 {
-                break;
-            }
-        } else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    for _ in 0..4 {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        clients.push(c);
     }
-    assert_eq!(clients.len(), 4, "gateway did not come up");
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let tag = rand::random::<u32>();
     let mut tasks = Vec::new();
@@ -302,9 +285,8 @@ async fn kill_9_run(durability: &str) {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    // SAFETY: killing our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
+    gw.signal(libc::SIGKILL);
+    let (_, dir) = gw.wait().await;
     for t in tasks {
         t.await.unwrap();
     }

@@ -129,56 +129,30 @@ async fn without_a_certificate_ssl_request_gets_n() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_binary_serves_and_exits_0_on_sigterm() {
-    let pg = support::cluster();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("policies")).unwrap();
-    std::fs::write(dir.path().join("policies/a.toml"), support::TEST_POLICY).unwrap();
-    let port = support::cluster::free_port();
-    std::fs::write(
-        dir.path().join("pgwarden.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\n[audit]\nenabled = false\n",
-            pg.port
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
-        .args(["serve", "-c"])
-        .arg(dir.path().join("pgwarden.toml"))
-        .env(
-            "PGWARDEN_SERVICE_PASSWORD",
-            support::cluster::SERVICE_PASSWORD,
-        )
-        .stderr(std::process::Stdio::null())
-        .spawn()
+    let gw =
+        support::BinaryGateway::start(support::TEST_POLICY, "[audit]\nenabled = false\n").await;
+    let out = std::process::Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=alice dbname=app",
+            gw.port
+        ))
+        .args([
+            "-X",
+            "-At",
+            "-c",
+            "SELECT current_setting('app.client_user')",
+        ])
+        .env("PGPASSWORD", support::password_of("alice"))
+        .output()
         .unwrap();
-    let mut ok = false;
-    for _ in 0..100 {
-        let out = std::process::Command::new("psql")
-            .arg(format!("host=127.0.0.1 port={port} user=alice dbname=app"))
-            .args([
-                "-X",
-                "-At",
-                "-c",
-                "SELECT current_setting('app.client_user')",
-            ])
-            .env("PGPASSWORD", support::password_of("alice"))
-            .output()
-            .unwrap();
-        if out.status.success() {
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice");
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ok, "the binary never served");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "alice",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait().await.0, Some(0));
 }
 
 #[test]

@@ -64,31 +64,12 @@ async fn policy_check_reports_missing_roles_and_bad_files() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_policies_and_keeps_them_when_bad() {
-    let pg = support::cluster();
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    std::fs::write(
-        policies.join("a.toml"),
+    let gw = support::BinaryGateway::start(
         "[[map]]\nclients = [\"alice\"]\nrole = \"analyst\"\n",
+        "[audit]\nenabled = false\n",
     )
-    .unwrap();
-    let port = support::cluster::free_port();
-    std::fs::write(
-        dir.path().join("pgwarden.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\nservice_password = \"{}\"\n[audit]\nenabled = false\n",
-            pg.port,
-            support::cluster::SERVICE_PASSWORD
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
-        .args(["serve", "-c"])
-        .arg(dir.path().join("pgwarden.toml"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    .await;
+    let (port, policies) = (gw.port, gw.dir.path().join("policies"));
     let who = |expect_ok: bool| {
         let out = Command::new("psql")
             .arg(format!("host=127.0.0.1 port={port} user=alice dbname=app"))
@@ -104,31 +85,18 @@ async fn sighup_reloads_policies_and_keeps_them_when_bad() {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    let mut up = false;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up);
     assert_eq!(who(true), "analyst");
-    let hup = |pid: u32| {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
-    };
     std::fs::write(
         policies.join("a.toml"),
         "[[map]]\nclients = [\"alice\"]\nrole = \"engineer\"\n",
     )
     .unwrap();
-    hup(child.id());
+    gw.signal(libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(who(true), "engineer");
     // A broken file: the reload is refused and the policy in force stays.
     std::fs::write(policies.join("a.toml"), "[[map]]\nclients = \"alice\"\n").unwrap();
-    hup(child.id());
+    gw.signal(libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(who(true), "engineer");
     // Removing the mapping takes effect for new logins.
@@ -137,13 +105,9 @@ async fn sighup_reloads_policies_and_keeps_them_when_bad() {
         "[[map]]\nclients = [\"bob\"]\nrole = \"engineer\"\n",
     )
     .unwrap();
-    hup(child.id());
+    gw.signal(libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     who(false);
-    // SAFETY: as above.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait().await.0, Some(0));
 }

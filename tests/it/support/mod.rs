@@ -278,3 +278,80 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
         .map(|c| c.code().to_string())
         .unwrap_or_else(|| format!("no sqlstate: {e}"))
 }
+
+/// The `pgwarden serve` binary running as a child process; killed on drop
+/// if a test ends without waiting for it.
+pub struct BinaryGateway {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl BinaryGateway {
+    /// Starts `pgwarden serve` with `policy` and `extra` TOML tables after
+    /// `[server]` and `[backend]` (the service password comes from the
+    /// environment, as an operator would pass it), and waits until it listens.
+    pub async fn start(policy: &str, extra: &str) -> BinaryGateway {
+        let pg = cluster();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        std::fs::write(dir.path().join("policies/a.toml"), policy).unwrap();
+        let port = cluster::free_port();
+        std::fs::write(
+            dir.path().join("pgwarden.toml"),
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\n{extra}",
+                pg.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+            .args(["serve", "-c"])
+            .arg(dir.path().join("pgwarden.toml"))
+            .env("PGWARDEN_SERVICE_PASSWORD", cluster::SERVICE_PASSWORD)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let gw = BinaryGateway {
+            child: Some(child),
+            port,
+            dir,
+        };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return gw;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("pgwarden serve never listened on {port}");
+    }
+
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    /// Waits for the process to exit: its exit code, and its directory.
+    pub async fn wait(mut self) -> (Option<i32>, tempfile::TempDir) {
+        let mut child = self.child.take().expect("running");
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (status.code(), dir)
+    }
+}
+
+impl Drop for BinaryGateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -104,6 +104,18 @@ def start_pgwarden(tmp, pg_port, pool_size, variant):
     return proc, port
 
 
+def bouncer_pid(proc):
+    """PgBouncer runs under runuser when we are root: find the real process."""
+    for _ in range(20):
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if out:
+            return int(out[0])
+        if not IS_ROOT:
+            return proc.pid
+        time.sleep(0.1)
+    return proc.pid
+
+
 def start_pgbouncer(tmp, pg_port, pool_size):
     if not shutil.which("pgbouncer"):
         return None, None
@@ -128,20 +140,70 @@ def start_pgbouncer(tmp, pg_port, pool_size):
     return proc, port
 
 
-def pgbench(port, clients, duration, args):
+def cpu_seconds(pid):
+    """utime + stime of a process (and its reaped children), in seconds."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def raise_nofile():
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def idle_clients_rss(pid, port, n):
+    """RSS of the gateway before and while `n` logged-in clients sit idle."""
+    before = rss_kib(pid)
+    script = tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False)
+    script.write("\\sleep 8 s\n")
+    script.close()
+    cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "bench", "-c", str(n), "-j", "2",
+           "-t", "1", "-f", script.name, "postgres"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PGPASSWORD=PASSWORD), preexec_fn=raise_nofile)
+    peak = before
+    end = time.time() + 30
+    while proc.poll() is None and time.time() < end:
+        peak = max(peak, rss_kib(pid))
+        time.sleep(0.5)
+    proc.wait()
+    os.unlink(script.name)
+    return before, peak
+
+
+def pgbench(port, clients, duration, args, pid=None):
     cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "bench", "-c", str(clients),
            "-j", str(min(clients, 2)), "-T", str(duration), "-r", "--log", "--log-prefix", "/tmp/pgbench_log"] + args + ["postgres"]
     logdir = tempfile.mkdtemp()
     cmd[cmd.index("/tmp/pgbench_log")] = os.path.join(logdir, "log")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PGPASSWORD=PASSWORD))
+    cpu_before = cpu_seconds(pid)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PGPASSWORD=PASSWORD),
+                         preexec_fn=raise_nofile)
+    cpu = cpu_seconds(pid) - cpu_before
     if out.returncode != 0:
-        return {"tps": 0.0, "avg_ms": 0.0, "p99_ms": 0.0, "failed": True, "err": out.stderr.strip()[-300:]}
+        return {"tps": 0.0, "cpu_us": 0.0, "avg_ms": 0.0, "p99_ms": 0.0, "failed": True,
+                "err": out.stderr.strip()[-300:]}
     tps = float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
     lat = [int(line.split()[2]) for name in os.listdir(logdir) for line in open(os.path.join(logdir, name))]
     shutil.rmtree(logdir)
     lat.sort()
     failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
-    return {"tps": tps, "avg_ms": statistics.mean(lat) / 1000 if lat else 0,
+    txns = int(re.search(r"number of transactions actually processed: (\d+)", out.stdout).group(1))
+    return {"tps": tps, "cpu_us": cpu * 1e6 / txns if pid and txns else 0.0,
+            "avg_ms": statistics.mean(lat) / 1000 if lat else 0,
             "p99_ms": lat[int(len(lat) * 0.99) - 1] / 1000 if lat else 0,
             "failed": bool(failed and int(failed.group(1)) > 0)}
 
@@ -157,11 +219,13 @@ def main():
                     help="pgwarden variants: audit modes off|async|group|sync, each optionally +verify")
     ap.add_argument("--workloads", default="select", help="comma list: select,select-extended,select-prepared,tpcb,connect")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--idle-clients", type=int, default=1000, help="measure gateway RSS with this many idle clients (0: skip)")
     a = ap.parse_args()
     if a.smoke:
-        a.clients, a.duration, a.rounds = "2", 1, 1
+        a.clients, a.duration, a.rounds, a.idle_clients = "2", 1, 1, 10
     workloads = {"select": ["-S"], "select-extended": ["-S", "-M", "extended"], "select-prepared": ["-S", "-M", "prepared"],
                  "tpcb": [], "connect": ["-S", "-C"]}
+    pids = {}
     tmp = tempfile.mkdtemp(prefix="pgwarden-bench-")
     procs = []
     pg = None
@@ -172,31 +236,43 @@ def main():
         if bouncer:
             procs.append(bouncer)
             targets.append(("pgbouncer", bport))
+            pids["pgbouncer"] = bouncer_pid(bouncer)
         for mode in a.audit.split(","):
             proc, port = start_pgwarden(tmp, pg.port, a.pool_size, mode)
             procs.append(proc)
             targets.append((f"pgwarden/{mode}", port))
+            pids[f"pgwarden/{mode}"] = proc.pid
         results = {}
         for wl in a.workloads.split(","):
             for clients in [int(c) for c in a.clients.split(",")]:
                 for r in range(a.rounds):
                     for name, port in targets:
-                        res = pgbench(port, clients, a.duration, workloads[wl])
+                        res = pgbench(port, clients, a.duration, workloads[wl], pids.get(name))
                         results.setdefault((wl, clients, name), []).append(res)
-        print(f"\n{'workload':16} {'clients':>7} {'target':18} {'tps':>10} {'avg ms':>8} {'p99 ms':>8} {'/pgbouncer':>10} {'/postgres':>9}")
+        print(f"\n{'workload':16} {'clients':>7} {'target':18} {'tps':>10} {'avg ms':>8} {'p99 ms':>8} {'cpu us/tx':>9} {'/pgbouncer':>10} {'/postgres':>9}")
         for wl in a.workloads.split(","):
             for clients in [int(c) for c in a.clients.split(",")]:
                 med = {}
                 for name, _ in targets:
                     rs = results[(wl, clients, name)]
-                    med[name] = {k: statistics.median([r[k] for r in rs]) for k in ("tps", "avg_ms", "p99_ms")}
+                    med[name] = {k: statistics.median([r[k] for r in rs]) for k in ("tps", "avg_ms", "p99_ms", "cpu_us")}
                     med[name]["failed"] = any(r["failed"] for r in rs)
                 for name, _ in targets:
                     m = med[name]
                     vs_b = f"{m['tps'] / med['pgbouncer']['tps']:.2f}" if "pgbouncer" in med and med["pgbouncer"]["tps"] else "-"
                     vs_p = f"{m['tps'] / med['postgres']['tps']:.2f}" if med["postgres"]["tps"] else "-"
                     flag = " FAILED" if m["failed"] else ""
-                    print(f"{wl:16} {clients:>7} {name:18} {m['tps']:>10.0f} {m['avg_ms']:>8.3f} {m['p99_ms']:>8.3f} {vs_b:>10} {vs_p:>9}{flag}")
+                    cpu = f"{m['cpu_us']:.1f}" if m["cpu_us"] else "-"
+                    print(f"{wl:16} {clients:>7} {name:18} {m['tps']:>10.0f} {m['avg_ms']:>8.3f} {m['p99_ms']:>8.3f} {cpu:>9} {vs_b:>10} {vs_p:>9}{flag}")
+        if a.idle_clients:
+            print(f"\nRSS with {a.idle_clients} idle clients (KiB): before -> peak, per client")
+            for name, port in targets:
+                if name in pids:
+                    if not os.path.exists(f"/proc/{pids[name]}/status"):
+                        print(f"  {name:18} is no longer running")
+                        continue
+                    before, peak = idle_clients_rss(pids[name], port, a.idle_clients)
+                    print(f"  {name:18} {before:>8} -> {peak:>8}   {(peak - before) / a.idle_clients:.1f} KiB/client")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

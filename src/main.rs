@@ -119,6 +119,7 @@ fn serve(path: &std::path::Path) -> u8 {
         Err(code) => return code,
     };
     init_logging();
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -149,6 +150,24 @@ fn serve(path: &std::path::Path) -> u8 {
         gateway.serve(listener, shutdown_signal()).await;
         0
     })
+}
+
+/// Every client holds a socket: raise the soft open-files limit to the hard
+/// one (commonly 1024 -> 1048576), as PgBouncer does, so 1,000 clients fit.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("could not raise the open-files limit");
+            }
+        }
+    }
 }
 
 /// SIGHUP re-reads the policies; a bad file keeps the policy in force.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing pgwarden needs on a fresh Debian 12
 # machine with a Rust toolchain: PostgreSQL 15 (server binaries for the
-# throwaway test clusters, psql and pgbench as real clients).
+# throwaway test clusters, psql and pgbench as real clients), and the client
+# drivers of the driver-matrix tests (tests/drivers/install.sh).
 # Idempotent: does nothing where everything is present.
 set -euo pipefail
 need=()
@@ -18,3 +19,6 @@ fi
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 fi
+# The client drivers that the driver-matrix tests (tests/it/drivers.rs) run
+# through the gateway: psycopg 3, asyncpg, node-postgres, PostgreSQL JDBC.
+bash "$(dirname "$0")/../tests/drivers/install.sh"

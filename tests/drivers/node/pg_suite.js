@@ -9,14 +9,17 @@
 // pool running many queries at once. Exits non-zero on the first failure.
 //
 // Environment: PGHOST PGPORT PGUSER PGPASSWORD PGDATABASE,
-// PGWARDEN_EXPECT_ROLE, optional PGWARDEN_OTHER_USER / _PASSWORD / _ROLE.
+// PGWARDEN_EXPECT_ROLE, optional PGWARDEN_OTHER_USER / _PASSWORD / _ROLE,
+// PGWARDEN_RUN (unique among concurrent runs: names the table and id range).
 'use strict';
 
 const assert = require('node:assert/strict');
 const { Client, Pool } = require('pg');
 
-const TABLE = 'drv_node';
-const ITEMS_BASE = 12_000_000; // this driver's id range in the shared items table
+// This run's own table and id range in the shared items table.
+const RUN = Number(process.env.PGWARDEN_RUN || '0');
+const TABLE = `drv_node_${RUN}`;
+const ITEMS_BASE = 12_000_000 + RUN * 10_000;
 
 function env(name) {
   const v = process.env[name];

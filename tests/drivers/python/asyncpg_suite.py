@@ -2,17 +2,21 @@
 
 asyncpg runs every query as a named prepared statement (its statement
 cache), including its type-introspection queries, so everything here crosses
-server connections as named statements. Covers: identity, fetch / fetchrow /
-fetchval, executemany, prepare() reuse, type introspection (an enum, a jsonb
-codec), a transaction with a savepoint, errors, copy_records_to_table /
-copy_to_table / copy_from_query, and asyncio.gather over more connections
-than the gateway's pool, mixing two identities. Exits non-zero on the first
-failure.
+server connections as named statements. Covers: identity, fetch /
+fetchrow / fetchval, executemany, prepare() reuse, type introspection (an
+enum, a jsonb codec), a transaction with a savepoint, errors,
+copy_records_to_table / copy_to_table / copy_from_query, cursors (portals
+with row limits), asyncio.gather over more connections than the gateway's
+pool mixing two identities, and a Pool. Exits non-zero on the first failure.
+
+PGWARDEN_ASYNCPG_POOL_RESET=default gives the Pool asyncpg's own reset on
+release (it ends with RESET ALL, which pgwarden refuses).
 """
 
 import asyncio
 import io
 import json
+import os
 
 import asyncpg
 
@@ -24,11 +28,14 @@ from common import (
     gateway,
     identities,
     run_main,
+    run_number,
     step,
 )
 
-TABLE = "drv_asyncpg"
-ITEMS_BASE = 11_000_000  # this driver's id range in the shared items table
+# This run's own table and id range in the shared items table.
+TABLE = f"drv_asyncpg_{run_number()}"
+MOOD = f"drv_asyncpg_mood_{run_number()}"
+ITEMS_BASE = 11_000_000 + run_number() * 10_000
 CONNECTIONS = 6
 ROUNDS = 30
 
@@ -75,18 +82,18 @@ async def prepared(conn, ident):
 
 
 async def introspection(conn):
-    await conn.execute("DROP TYPE IF EXISTS drv_asyncpg_mood")
-    await conn.execute("CREATE TYPE drv_asyncpg_mood AS ENUM ('sad', 'happy')")
-    got = await conn.fetchval("SELECT $1::drv_asyncpg_mood", "happy")
+    await conn.execute(f"DROP TYPE IF EXISTS {MOOD}")
+    await conn.execute(f"CREATE TYPE {MOOD} AS ENUM ('sad', 'happy')")
+    got = await conn.fetchval(f"SELECT $1::{MOOD}", "happy")
     expect_eq(got, "happy", "enum through introspection")
-    got = await conn.fetch("SELECT unnest(enum_range(NULL::drv_asyncpg_mood)) AS m")
+    got = await conn.fetch(f"SELECT unnest(enum_range(NULL::{MOOD})) AS m")
     expect_eq([r["m"] for r in got], ["sad", "happy"], "enum array")
     await conn.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
     )
     got = await conn.fetchval("SELECT $1::jsonb -> 'a'", {"a": [1, 2]})
     expect_eq(got, [1, 2], "jsonb codec")
-    await conn.execute("DROP TYPE drv_asyncpg_mood")
+    await conn.execute(f"DROP TYPE {MOOD}")
     step("type introspection (enum) and a custom jsonb codec")
 
 
@@ -167,6 +174,59 @@ async def copy(conn):
     step("copy_records_to_table, copy_to_table, copy_from_query, copy_from_table")
 
 
+async def cursors(conn):
+    # Cursors need a transaction; asyncpg runs them as a named portal with a
+    # row limit per Execute (PortalSuspended in between).
+    async with conn.transaction():
+        got = [r[0] async for r in conn.cursor("SELECT g FROM generate_series(1, $1) g", 500, prefetch=37)]
+        expect_eq(got, list(range(1, 501)), "iterated cursor")
+        cur = await conn.cursor("SELECT g FROM generate_series(1, 100) g ORDER BY g")
+        expect_eq([r[0] for r in await cur.fetch(5)], [1, 2, 3, 4, 5], "cursor fetch")
+        expect_eq(await cur.forward(10), 10, "cursor forward")
+        expect_eq(tuple(await cur.fetchrow()), (16,), "cursor fetchrow")
+    step("cursors inside a transaction (portals with row limits)")
+
+
+async def reset_without_reset_all(conn):
+    """asyncpg's default pool reset minus `RESET ALL`, which pgwarden
+    refuses (it would drop the client-user setting); the gateway resets a
+    server connection before another client gets it anyway."""
+    query = "\n".join(
+        line for line in conn.get_reset_query().splitlines() if line.strip() != "RESET ALL;"
+    )
+    if query.strip():
+        await conn.execute(query)
+
+
+async def pool(ident):
+    """An asyncpg Pool larger than the gateway's. PGWARDEN_ASYNCPG_POOL_RESET
+    = "default" keeps asyncpg's own reset on release (RESET ALL included)."""
+    host, port, db = gateway()
+    default_reset = os.environ.get("PGWARDEN_ASYNCPG_POOL_RESET") == "default"
+    app = "drv-asyncpg-pool"
+    async with asyncpg.create_pool(
+        host=host,
+        port=port,
+        database=db,
+        user=ident.user,
+        password=ident.password,
+        server_settings={"application_name": app},
+        min_size=1,
+        max_size=5,
+        reset=None if default_reset else reset_without_reset_all,
+    ) as p:
+
+        async def task(i):
+            async with p.acquire() as conn:
+                await check_identity(conn, ident, app)
+                expect_eq(await conn.fetchval("SELECT $1::int + 1", i), i + 1, "pooled query")
+            expect_eq(await p.fetchval("SELECT current_setting('app.client_user')"), ident.user, "pool.fetchval")
+
+        await asyncio.wait_for(asyncio.gather(*(task(i) for i in range(40))), timeout=60)
+    reset = "asyncpg's default reset" if default_reset else "reset without RESET ALL"
+    step(f"create_pool(max_size=5), 40 concurrent acquires, {reset}")
+
+
 async def worker(n, ident):
     app = f"drv-asyncpg-{n}"
     base = ITEMS_BASE + n * 1000
@@ -222,7 +282,9 @@ async def amain():
         await setup_table(conn)
         await executemany_and_transactions(conn)
         await copy(conn)
+        await cursors(conn)
         await concurrent()
+        await pool(ident)
         await check_identity(conn, ident, "drv-asyncpg")
         await conn.execute(f"DROP TABLE {TABLE}")
     finally:

@@ -6,6 +6,9 @@ Environment (set by tests/it/drivers.rs):
   PGWARDEN_EXPECT_ROLE                        the role PGUSER is mapped to
   PGWARDEN_OTHER_USER / _PASSWORD / _ROLE     optional second client, mixed
                                               into the concurrent phase
+  PGWARDEN_RUN                                a number unique among the runs
+                                              sharing the cluster: it names
+                                              this run's table and id range
 """
 
 import os
@@ -33,6 +36,11 @@ def env(name):
 def gateway():
     """(host, port, database) of the gateway under test."""
     return env("PGHOST"), int(env("PGPORT")), env("PGDATABASE")
+
+
+def run_number():
+    """This run's number (PGWARDEN_RUN, default 0)."""
+    return int(os.environ.get("PGWARDEN_RUN", "0"))
 
 
 def identities():

@@ -4,13 +4,19 @@ Every query is prepared server-side (prepare_threshold=0), so each one is a
 named statement that must survive the client moving between server
 connections. Covers: identity, prepared-statement eviction (psycopg's own
 DEALLOCATE), server-side cursors inside a transaction, COPY in and out (text
-and binary), pipeline mode (including an error in a pipeline), an error in a
-transaction then rollback, savepoints, and several threads with their own
-connections (more than the gateway's pool) each checking its identity and
-its own TimeZone many times. Exits non-zero on the first failure.
+and binary), pipeline mode, an error in a transaction then rollback,
+savepoints, cancel, and several threads with their own connections (more
+than the gateway's pool) each checking its identity and its own TimeZone
+many times. Exits non-zero on the first failure.
+
+PGWARDEN_PSYCOPG_DEALLOCATE_ALL=1 adds the paths after which psycopg sends
+DEALLOCATE ALL inside a transaction or through the extended protocol: a
+failed savepoint, DROP in a transaction, an error in pipeline mode.
 """
 
+import os
 import threading
+import time
 
 import psycopg
 from psycopg import errors
@@ -23,11 +29,13 @@ from common import (
     gateway,
     identities,
     run_main,
+    run_number,
     step,
 )
 
-TABLE = "drv_psycopg"
-ITEMS_BASE = 10_000_000  # this driver's id range in the shared items table
+# This run's own table and id range in the shared items table.
+TABLE = f"drv_psycopg_{run_number()}"
+ITEMS_BASE = 10_000_000 + run_number() * 10_000
 THREADS = 6
 ROUNDS = 30
 
@@ -59,8 +67,8 @@ def prepared_statements(conn):
     for i in range(20):
         n = conn.execute(
             "SELECT count(*) FROM pg_prepared_statements"
-            " WHERE statement LIKE %s AND %s::int >= 0",
-            (f"%{marker}%", i),
+            f" WHERE statement LIKE '%%{marker}%%' AND %s::int >= 0",
+            (i,),
         ).fetchone()[0]
         check(n >= 1, f"query {i} is not a server-side prepared statement")
     # A small client-side cache: psycopg DEALLOCATEs what it evicts, and the
@@ -151,8 +159,48 @@ def pipeline(conn):
         " WHERE id >= 2000 AND id < 3000"
     ).fetchone()
     expect_eq(counts, (50, 90), "pipeline writes")
-    # An error in a pipeline: the failed statement raises, its transaction
-    # is rolled back, and the connection works afterwards.
+    step("pipeline mode: executemany, results, transaction")
+
+
+def still_prepared(conn, ident, what):
+    """Statements prepared before `what` still run, on this connection and
+    on a new one (the same server connection when the pool has one)."""
+    for _ in range(3):
+        check_identity(conn, ident, "drv-psycopg")
+        expect_eq(conn.execute("SELECT 1").fetchone(), (1,), f"SELECT 1 after {what}")
+        with connect(ident, "drv-psycopg-after") as other:
+            check_identity(other, ident, "drv-psycopg-after")
+            expect_eq(other.execute("SELECT 1").fetchone(), (1,), f"another client after {what}")
+
+
+def deallocate_all_paths(conn, ident):
+    """The paths after which psycopg, holding prepared statements, sends
+    DEALLOCATE ALL inside a transaction (after a command tagged ROLLBACK,
+    DROP or ALTER: here ROLLBACK TO SAVEPOINT and DROP TABLE) or through the
+    extended protocol (after an error in pipeline mode)."""
+    still_prepared(conn, ident, "nothing")
+    # A savepoint whose block fails: ROLLBACK TO SAVEPOINT, then DEALLOCATE
+    # ALL inside the outer transaction.
+    with conn.transaction():
+        conn.execute(f"INSERT INTO {TABLE} (id, owner) VALUES (4101, 'kept')")
+        try:
+            with conn.transaction():
+                conn.execute(f"INSERT INTO {TABLE} (id, owner) VALUES (4101, 'dup')")
+        except errors.UniqueViolation:
+            pass
+        conn.execute(f"INSERT INTO {TABLE} (id, owner) VALUES (4102, 'kept')")
+    expect_eq(
+        conn.execute(f"SELECT count(*) FROM {TABLE} WHERE id IN (4101, 4102)").fetchone()[0],
+        2,
+        "savepoint",
+    )
+    still_prepared(conn, ident, "a failed savepoint")
+    # DROP inside a transaction.
+    with conn.transaction():
+        conn.execute(f"CREATE TABLE {TABLE}_x (x int)")
+        conn.execute(f"DROP TABLE {TABLE}_x")
+    still_prepared(conn, ident, "DROP TABLE in a transaction")
+    # An error in a pipeline: ROLLBACK and DEALLOCATE ALL via Parse/Bind/Execute.
     try:
         with conn.pipeline():
             with conn.transaction():
@@ -167,7 +215,8 @@ def pipeline(conn):
         0,
         "rolled-back pipeline insert",
     )
-    step("pipeline mode: executemany, results, transaction, error")
+    still_prepared(conn, ident, "an error in pipeline mode")
+    step("DEALLOCATE ALL in a transaction / in pipeline mode; prepared statements still run")
 
 
 def errors_and_rollback(conn, ident):
@@ -183,15 +232,12 @@ def errors_and_rollback(conn, ident):
     expect_eq(
         conn.execute(f"SELECT count(*) FROM {TABLE} WHERE id = 4000").fetchone()[0], 0, "rollback"
     )
-    # A savepoint: the inner block fails, the outer one commits.
+    # A savepoint that commits. (One whose block fails makes psycopg send
+    # DEALLOCATE ALL inside the transaction: see deallocate_all_paths.)
     with conn.transaction():
         conn.execute(f"INSERT INTO {TABLE} (id, owner) VALUES (4001, 'kept')")
-        try:
-            with conn.transaction():
-                conn.execute(f"INSERT INTO {TABLE} (id, owner) VALUES (4001, 'dup')")
-        except errors.UniqueViolation:
-            pass
-        conn.execute(f"INSERT INTO {TABLE} (id, owner) VALUES (4002, 'kept')")
+        with conn.transaction():
+            conn.execute(f"INSERT INTO {TABLE} (id, owner) VALUES (4002, 'kept')")
     expect_eq(
         conn.execute(f"SELECT count(*) FROM {TABLE} WHERE owner = 'kept'").fetchone()[0],
         2,
@@ -220,6 +266,35 @@ def errors_and_rollback(conn, ident):
     got = conn.execute(f"SELECT id FROM {TABLE} WHERE id IN (4003, 4004)").fetchall()
     expect_eq(got, [(4004,)], "rollback then commit")
     step("errors in transactions, rollback, savepoint")
+
+
+def cancel(ident):
+    # A cancel request carries the gateway's key; the gateway forwards it to
+    # whichever server connection runs the statement.
+    app = "drv-psycopg-cancel"
+    with connect(ident, app) as conn:
+        outcome = []
+
+        def sleeper():
+            started = time.monotonic()
+            try:
+                conn.execute("SELECT pg_sleep(30)")
+                outcome.append("pg_sleep was not cancelled")
+            except errors.QueryCanceled:
+                outcome.append(time.monotonic() - started)
+            except Exception as e:  # noqa: BLE001 - reported below
+                outcome.append(f"{type(e).__name__}: {e}")
+
+        t = threading.Thread(target=sleeper)
+        t.start()
+        time.sleep(0.5)
+        conn.cancel_safe(timeout=10)
+        t.join(timeout=20)
+        check(not t.is_alive(), "cancelled statement still running after 20 s")
+        check(isinstance(outcome[0], float), str(outcome[0]))
+        check(outcome[0] < 10, f"cancel took {outcome[0]:.1f} s")
+        check_identity(conn, ident, app)
+    step("cancel_safe() stops pg_sleep; the connection stays usable")
 
 
 def worker(n, ident, failures):
@@ -279,6 +354,9 @@ def main():
         copy(conn)
         pipeline(conn)
         errors_and_rollback(conn, ident)
+        if os.environ.get("PGWARDEN_PSYCOPG_DEALLOCATE_ALL") == "1":
+            deallocate_all_paths(conn, ident)
+        cancel(ident)
         concurrent()
         check_identity(conn, ident, "drv-psycopg")
         conn.execute(f"DROP TABLE {TABLE}")

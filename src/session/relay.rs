@@ -470,6 +470,9 @@ impl<'a> QueryLoop<'a> {
             return self.refuse(Flow::Extended, e).await;
         }
         let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        if let Err(e) = self.check_unnamed(bind.statement) {
+            return self.refuse(Flow::Extended, e).await;
+        }
         if self.auditing {
             let sql = self
                 .statements
@@ -505,6 +508,11 @@ impl<'a> QueryLoop<'a> {
         }
         let (kind, name) = messages::parse_close_or_describe(&frame[5..])
             .map_err(|e| End::Fatal(protocol_error(e)))?;
+        if kind == b'S' {
+            if let Err(e) = self.check_unnamed(name) {
+                return self.refuse(Flow::Extended, e).await;
+            }
+        }
         let server_name = if kind == b'S' {
             self.server_statement(name)
         } else {
@@ -518,6 +526,21 @@ impl<'a> QueryLoop<'a> {
         }
         self.tracker.describe();
         self.unsynced = true;
+        Ok(())
+    }
+
+    /// The unnamed statement lives on the server connection, which in
+    /// transaction pooling may have served another client since this one's
+    /// `Parse`: using it without a `Parse` in the same binding would run
+    /// someone else's statement. Refused as PostgreSQL refuses a missing one.
+    fn check_unnamed(&self, statement: &[u8]) -> Result<(), PgError> {
+        if statement.is_empty() && !self.statements.contains_key(&b""[..]) {
+            return Err(PgError::error(
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
+                "unnamed prepared statement does not exist",
+            )
+            .with_detail("in transaction pooling the unnamed statement lasts only until the end of the transaction"));
+        }
         Ok(())
     }
 

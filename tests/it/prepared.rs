@@ -105,3 +105,37 @@ async fn parse_errors_reach_the_right_client() {
     let err = b.prepare("SELEC broken").await.unwrap_err();
     assert_eq!(support::sqlstate(&err), "42601");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unnamed_statement_of_another_transaction_is_never_reused() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    // Client A leaves an unnamed statement on the only server connection.
+    let mut a = crate::raw::RawClient::login(gw.addr).await;
+    let mut parse = b"\0SELECT 'written by a'\0".to_vec();
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    a.send(b'P', &parse).await;
+    a.send(b'S', b"").await;
+    assert_eq!(a.until_ready().await.1, None);
+    // Client B binds the unnamed statement without parsing it: on a direct
+    // connection that statement would not exist, and B must not run A's SQL.
+    let mut b = crate::raw::RawClient::login(gw.addr).await;
+    b.send(b'B', b"\0\0\0\0\0\0\0\0").await;
+    b.send(b'E', b"\0\0\0\0\0").await;
+    b.send(b'S', b"").await;
+    let (tags, code, status) = b.until_ready().await;
+    assert_eq!(
+        (tags, code.as_deref(), status),
+        (b"EZ".to_vec(), Some("26000"), b'I')
+    );
+    // Within one transaction the unnamed statement works as usual.
+    b.send(b'P', &parse).await;
+    b.send(b'B', b"\0\0\0\0\0\0\0\0").await;
+    b.send(b'E', b"\0\0\0\0\0").await;
+    b.send(b'S', b"").await;
+    let (tags, code, _) = b.until_ready().await;
+    assert_eq!((tags, code), (b"12DCZ".to_vec(), None));
+}

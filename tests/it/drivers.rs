@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,10 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The JDBC driver Debian's `libpostgresql-jdbc-java` installs.
 const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+/// Runs of the same driver may overlap (a test and its ignored variant):
+/// each gets a number (`PGWARDEN_RUN`) that names its own table and id range.
+static NEXT_RUN: AtomicU32 = AtomicU32::new(1);
 
 fn drivers_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
@@ -90,10 +95,7 @@ fn gateway_env(cmd: &mut Command, gw: &TestGateway, user: &str, other: Option<&s
     ] {
         cmd.env_remove(var);
     }
-    // Runs of the same driver may overlap (a test and its ignored variant):
-    // each gets its own table and id range.
-    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let run = NEXT_RUN.fetch_add(1, Ordering::Relaxed);
     cmd.env("PGWARDEN_RUN", run.to_string())
         .env("PGHOST", "127.0.0.1")
         .env("PGPORT", gw.port().to_string())
@@ -470,6 +472,22 @@ async fn pgbench(protocol: &str, connect_per_transaction: bool) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{what}: no transaction count:\n{out}"));
     assert!(processed > 0, "{what}: no transaction ran:\n{out}");
+    // The identity script is the second one; it must have run too.
+    let identity_runs: u64 = out
+        .split("SQL script 2:")
+        .nth(1)
+        .and_then(|s| {
+            s.lines()
+                .filter(|l| l.contains(" transactions ("))
+                .find_map(|l| l.trim().strip_prefix("- "))
+        })
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: no statistics for the identity script:\n{out}"));
+    assert!(
+        identity_runs > 0,
+        "{what}: the identity script never ran:\n{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

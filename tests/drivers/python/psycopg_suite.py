@@ -287,9 +287,13 @@ def cancel(ident):
 
         t = threading.Thread(target=sleeper)
         t.start()
-        time.sleep(0.5)
-        conn.cancel_safe(timeout=10)
-        t.join(timeout=20)
+        # A cancel that arrives before the statement runs (it may wait for
+        # a server connection) is dropped: repeat until it takes effect.
+        deadline = time.monotonic() + 20
+        while t.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.3)
+            conn.cancel_safe(timeout=10)
+            t.join(timeout=0.5)
         check(not t.is_alive(), "cancelled statement still running after 20 s")
         check(isinstance(outcome[0], float), str(outcome[0]))
         check(outcome[0] < 10, f"cancel took {outcome[0]:.1f} s")

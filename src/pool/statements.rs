@@ -33,6 +33,7 @@ pub fn server_name(key: u128) -> String {
 pub struct StatementCache {
     last_used: HashMap<u128, u64>,
     clock: u64,
+    uncertain: bool,
 }
 
 impl StatementCache {
@@ -75,6 +76,21 @@ impl StatementCache {
 
     pub fn clear(&mut self) {
         self.last_used.clear();
+        self.uncertain = false;
+    }
+
+    /// A client statement may have deallocated some of our statements
+    /// behind our back (`DEALLOCATE` reached the server). Forget them all;
+    /// until the connection is reset, every `Parse` of a shared statement is
+    /// preceded by a `Close` of the same name (closing a statement that does
+    /// not exist is not an error), so a survivor cannot make it fail.
+    pub fn mark_uncertain(&mut self) {
+        self.last_used.clear();
+        self.uncertain = true;
+    }
+
+    pub fn is_uncertain(&self) -> bool {
+        self.uncertain
     }
 
     pub fn len(&self) -> usize {

@@ -102,6 +102,9 @@ pub struct QueryLoop<'a> {
     pinned: bool,
     /// The client's settings, carried to every server connection.
     settings: Arc<Vec<(String, String)>>,
+    /// The client set `application_name`; the bound connection shows it
+    /// without the client's name until the gateway re-applies it.
+    retag_application_name: bool,
     /// `verify = "transaction"` and client messages ran since the last check.
     needs_verify: bool,
     /// The server is in copy-in (`CopyInResponse` seen, client has not sent
@@ -150,6 +153,7 @@ impl<'a> QueryLoop<'a> {
             needs_verify: false,
             settings: Arc::new(ident.settings.clone()),
             pinned: false,
+            retag_application_name: false,
             client_passthrough: 0,
             server_passthrough: 0,
             to_server: BytesMut::with_capacity(8 * 1024),
@@ -335,6 +339,9 @@ impl<'a> QueryLoop<'a> {
         let Some(server) = self.server.as_mut() else {
             return;
         };
+        if super::state::deallocates(sql) {
+            server.statements.mark_uncertain();
+        }
         match super::state::effect(sql) {
             Effect::None => {}
             Effect::Settings => {
@@ -438,6 +445,10 @@ impl<'a> QueryLoop<'a> {
     /// ask for this Parse, so its answer is not relayed.
     fn prepare_on_server(&mut self, key: u128, rest: &[u8], injected: bool) {
         let server = self.server.as_mut().expect("caller binds");
+        if server.statements.is_uncertain() {
+            prepared::statement_message(&mut self.to_server, b'C', &statements::server_name(key));
+            self.tracker.close(true);
+        }
         if let Some(evicted) = server.statements.insert(key) {
             prepared::statement_message(
                 &mut self.to_server,
@@ -826,6 +837,10 @@ impl<'a> QueryLoop<'a> {
         }
         self.flush_client().await?;
         self.record_results().await;
+        if self.retag_application_name && self.tracker.is_empty() && !self.copy_in {
+            self.retag_application_name();
+            self.flush_server().await?;
+        }
         if self.idle() && self.tx_status == b'I' && self.needs_verify {
             self.verify_identity().await?;
         }
@@ -888,12 +903,31 @@ impl<'a> QueryLoop<'a> {
         );
         let settings = Arc::make_mut(&mut self.settings);
         super::state::track(settings, &name, &value, &self.ident.client_user);
+        if name.eq_ignore_ascii_case("application_name")
+            && !value.ends_with(&format!("[{}]", self.ident.client_user))
+        {
+            self.retag_application_name = true;
+        }
         if let Some(server) = self.server.as_mut() {
             server
                 .dirty_by
                 .get_or_insert_with(|| self.ident.session_id.clone());
             server.applied = Some(self.settings.clone());
         }
+    }
+
+    /// Re-applies the client's (tagged) application name on the bound
+    /// connection, so `pg_stat_activity` and the server log keep showing
+    /// who it is; the answers are the gateway's and never reach the client.
+    fn retag_application_name(&mut self) {
+        self.retag_application_name = false;
+        let Some((_, name)) = self.settings.iter().find(|(k, _)| k == "application_name") else {
+            return;
+        };
+        let literal = name.replace('\\', "\\\\").replace('\'', "''");
+        let sql = format!("SELECT pg_catalog.set_config('application_name', E'{literal}', false)");
+        messages::query(&mut self.to_server, &sql);
+        self.tracker.injected();
     }
 
     async fn record_results(&mut self) {

@@ -216,6 +216,30 @@ pub fn effect(sql: &[u8]) -> Effect {
     effect
 }
 
+/// Whether `sql` may deallocate prepared statements on the server
+/// (`DEALLOCATE` at the start of any statement): the server may then lack
+/// shared statements the gateway believes it holds.
+pub fn deallocates(sql: &[u8]) -> bool {
+    if !sql
+        .windows(10)
+        .any(|w| w.eq_ignore_ascii_case(b"deallocate"))
+    {
+        return false;
+    }
+    let mut at_start = true;
+    for t in tokens(sql) {
+        if t.is_punct(sql, b";") {
+            at_start = true;
+            continue;
+        }
+        if at_start && t.is_word(sql, b"deallocate") {
+            return true;
+        }
+        at_start = false;
+    }
+    false
+}
+
 /// Case-insensitive search for the letter pairs every stateful word has.
 fn quick_scan(sql: &[u8]) -> bool {
     const NEEDLES: &[&[u8]] = &[
@@ -271,6 +295,14 @@ mod tests {
         ] {
             assert_eq!(effect(sql.as_bytes()), Effect::None, "{sql}");
         }
+    }
+
+    #[test]
+    fn deallocate_anywhere_at_statement_start() {
+        assert!(deallocates(b"DEALLOCATE ALL"));
+        assert!(deallocates(b"select 1; deallocate prepare pgwarden_x"));
+        assert!(!deallocates(b"SELECT 'deallocate all'"));
+        assert!(!deallocates(b"SELECT 1"));
     }
 
     #[test]

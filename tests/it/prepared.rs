@@ -139,3 +139,62 @@ async fn unnamed_statement_of_another_transaction_is_never_reused() {
     let (tags, code, _) = b.until_ready().await;
     assert_eq!((tags, code), (b"12DCZ".to_vec(), None));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sqlx_pool_larger_than_the_gateway_pool() {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use sqlx::Row;
+    let gw = start_gateway(Opts {
+        pool_size: 2,
+        ..Opts::default()
+    })
+    .await;
+    let options = PgConnectOptions::new()
+        .host("127.0.0.1")
+        .port(gw.port())
+        .username("bob")
+        .password(support::password_of("bob"))
+        .database("app");
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..6i32 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40i32 {
+                // sqlx prepares every query as a named statement and caches it.
+                let row = sqlx::query(
+                    "SELECT $1::int4 * 2, current_user::text, current_setting('app.client_user')",
+                )
+                .bind(task * 1000 + i)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                assert_eq!(row.get::<i32, _>(0), (task * 1000 + i) * 2);
+                assert_eq!(row.get::<String, _>(1), "engineer");
+                assert_eq!(row.get::<String, _>(2), "bob");
+            }
+            let mut tx = pool.begin().await.unwrap();
+            let id = 5_000_000 + task * 1000 + rand::random::<u8>() as i32;
+            sqlx::query("INSERT INTO items (id, owner) VALUES ($1, 'sqlx')")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            let n: i64 = sqlx::query("SELECT count(*) FROM items WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, 0);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

@@ -1,0 +1,274 @@
+//! The server connection's life within a session: binding it (reset of
+//! another session's state, identity assertion), what the client leaves on
+//! it, verification, release, loss and the end of the session.
+//!
+//! Invariant: a server connection serves this client only after it carries
+//! this client's identity and settings, and goes back to the pool only idle
+//! and, for another client, reset.
+
+use super::*;
+
+impl QueryLoop<'_> {
+    /// Marks the bound connection as holding this session's state when
+    /// `sql` may leave some behind, and pins the client to it when `sql`
+    /// creates objects the client will look for on it again.
+    pub(super) fn note_state(&mut self, sql: &[u8]) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if crate::session::state::deallocates(sql) {
+            server.statements.mark_uncertain();
+        }
+        match crate::session::state::effect(sql) {
+            Effect::None => {}
+            Effect::Settings => {
+                server
+                    .dirty_by
+                    .get_or_insert_with(|| self.ident.session_id.clone());
+            }
+            Effect::Pin => {
+                server
+                    .dirty_by
+                    .get_or_insert_with(|| self.ident.session_id.clone());
+                if !self.pinned && self.mode == PoolMode::Transaction {
+                    tracing::info!(session = %self.ident.session_id, "client pinned to its server connection until it disconnects");
+                }
+                self.pinned = true;
+            }
+        }
+    }
+
+    /// Binds a server connection if none is bound: acquires one and asserts
+    /// the client's identity on it.
+    pub(super) async fn bind_server(&mut self) -> Result<(), PgError> {
+        self.needs_verify = self.shared.config.identity.verify == VerifyMode::Transaction;
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let mut conn = self.shared.pools.acquire(&self.ident.database).await?;
+        if conn
+            .dirty_by
+            .as_ref()
+            .is_some_and(|owner| *owner != self.ident.session_id)
+        {
+            if let Err(e) = reset_state(&mut conn).await {
+                tracing::warn!("resetting a server connection failed: {e}");
+                pool::discard(conn);
+                return Err(PgError::error(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgwarden could not reset a server connection; please retry",
+                ));
+            }
+        }
+        let carries_identity = conn.identity.as_ref().is_some_and(|(role, user)| {
+            *role == self.ident.role && *user == self.ident.client_user
+        });
+        let carries_settings = conn.applied.as_ref().is_some_and(|a| **a == *self.settings);
+        if !carries_identity || !carries_settings {
+            conn.identity = None;
+            conn.applied = None;
+            let assertion = Assertion {
+                role: &self.ident.role,
+                setting: &self.shared.config.identity.client_user_setting,
+                client_user: &self.ident.client_user,
+                settings: &self.settings,
+            };
+            if let Err(e) = assertion.apply(&mut conn).await {
+                tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
+                pool::discard(conn);
+                return Err(e);
+            }
+            conn.identity = Some((self.ident.role.clone(), self.ident.client_user.clone()));
+            conn.applied = Some(self.settings.clone());
+        }
+        self.cancel.bind(BackendKey {
+            pid: conn.pid,
+            secret: conn.secret,
+        });
+        self.server = Some(conn);
+        Ok(())
+    }
+
+    /// A setting changed on the server while this client was bound: the
+    /// connection now holds this session's state, and a tracked setting
+    /// follows the client to its next connection.
+    pub(super) fn on_parameter_status(&mut self, body: &[u8]) {
+        let mut r = crate::protocol::frame::Reader::new(body, "ParameterStatus");
+        let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) else {
+            return;
+        };
+        let (name, value) = (
+            String::from_utf8_lossy(name),
+            String::from_utf8_lossy(value),
+        );
+        let settings = Arc::make_mut(&mut self.settings);
+        crate::session::state::track(settings, &name, &value, &self.ident.client_user);
+        if name.eq_ignore_ascii_case("application_name")
+            && !value.ends_with(&format!("[{}]", self.ident.client_user))
+        {
+            self.retag_application_name = true;
+        }
+        if let Some(server) = self.server.as_mut() {
+            server
+                .dirty_by
+                .get_or_insert_with(|| self.ident.session_id.clone());
+            server.applied = Some(self.settings.clone());
+        }
+    }
+
+    /// Re-applies the client's (tagged) application name on the bound
+    /// connection, so `pg_stat_activity` and the server log keep showing
+    /// who it is; the answers are the gateway's and never reach the client.
+    pub(super) fn retag_application_name(&mut self) {
+        self.retag_application_name = false;
+        let Some((_, name)) = self.settings.iter().find(|(k, _)| k == "application_name") else {
+            return;
+        };
+        let literal = name.replace('\\', "\\\\").replace('\'', "''");
+        let sql = format!("SELECT pg_catalog.set_config('application_name', E'{literal}', false)");
+        messages::query(&mut self.to_server, &sql);
+        self.tracker.injected();
+    }
+
+    /// `verify = "transaction"`: at the end of a transaction, before the
+    /// connection can go to anyone else, confirm it still carries this
+    /// client's identity. A mismatch ends the session with FATAL 42501 and
+    /// destroys the connection.
+    pub(super) async fn verify_identity(&mut self) -> Result<(), End> {
+        self.needs_verify = false;
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let assertion = Assertion {
+            role: &self.ident.role,
+            setting: &self.shared.config.identity.client_user_setting,
+            client_user: &self.ident.client_user,
+            settings: &[],
+        };
+        let (found_role, found_user) = match assertion.verify(server).await {
+            Ok(Verdict::Intact) => return Ok(()),
+            Ok(Verdict::Violated {
+                found_role,
+                found_user,
+            }) => (found_role, found_user),
+            Err(e) => {
+                return Err(self
+                    .server_lost(&format!("identity verification failed: {e}"))
+                    .await)
+            }
+        };
+        let message = format!(
+            "identity changed during the transaction: expected role \"{}\" and client \"{}\", found role \"{found_role}\" and client \"{found_user}\"",
+            self.ident.role, self.ident.client_user
+        );
+        tracing::error!(session = %self.ident.session_id, "{message}");
+        if self.auditing {
+            let mut ev = self.ident.event(Kind::IdentityViolation);
+            ev.status = Some(Status::Error);
+            ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
+            ev.message = Some(message.clone());
+            ev.backend_pid = Some(server.pid);
+            self.shared.auditor.append_nowait(ev).await;
+        }
+        self.abandon_server("identity violation").await;
+        Err(End::Fatal(PgError::fatal(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            message,
+        )))
+    }
+
+    pub(super) fn release(&mut self) {
+        if let Some(conn) = self.server.take() {
+            self.cancel.unbind();
+            self.statements.remove(&b""[..]);
+            drop(conn);
+        }
+    }
+
+    /// The server connection failed: its in-flight statements are recorded
+    /// as unknown, it is destroyed, and the client session ends.
+    pub(super) async fn server_lost(&mut self, why: &str) -> End {
+        tracing::warn!(session = %self.ident.session_id, "server connection lost: {why}");
+        self.abandon_server("server connection lost before the statement completed")
+            .await;
+        End::Fatal(PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            "pgwarden lost its connection to PostgreSQL; your transaction, if any, was rolled back",
+        ))
+    }
+
+    pub(super) async fn abandon_server(&mut self, why: &str) {
+        for pending in self.tracker.drain() {
+            let mut ev = self.result_event(pending, Outcome::NotExecuted);
+            ev.status = Some(Status::Unknown);
+            ev.message = Some(why.to_string());
+            self.shared.auditor.append_nowait(ev).await;
+        }
+        if let Some(conn) = self.server.take() {
+            self.cancel.unbind();
+            pool::discard(conn);
+        }
+    }
+
+    /// Leaves the server connection in a state fit for the next client, or
+    /// destroys it.
+    pub(super) async fn finish(&mut self, end: &End) {
+        if let End::Fatal(error) = end {
+            self.to_client.clear();
+            self.client.send_error(error).await;
+        }
+        if self.server.is_none() {
+            return;
+        }
+        if !self.idle() {
+            self.abandon_server("client disconnected before the statement completed")
+                .await;
+            return;
+        }
+        if self.needs_verify && self.verify_identity().await.is_err() {
+            return;
+        }
+        if self.mode == PoolMode::Session {
+            self.reset_session().await;
+        }
+        self.release();
+    }
+
+    /// Session pooling hands the connection to another client next: clear
+    /// everything this one set (settings, prepared statements, temp tables,
+    /// role); the next bind asserts the next identity.
+    pub(super) async fn reset_session(&mut self) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let mut out = BytesMut::new();
+        messages::query(&mut out, "DISCARD ALL");
+        server.statements.clear();
+        server.identity = None;
+        server.applied = None;
+        server.dirty_by = None;
+        let ok = match server.write_all(&out).await {
+            Ok(()) => server.drain_until_ready().await.is_ok(),
+            Err(_) => false,
+        };
+        if !ok {
+            self.abandon_server("reset failed").await;
+        }
+    }
+}
+
+/// Clears what another session may have left on a server connection: its
+/// settings, cursors, LISTENs, advisory locks, temp objects and SQL-level
+/// prepared statements (and with them the shared statements: the cache is
+/// emptied). The identity is asserted afresh afterwards.
+async fn reset_state(conn: &mut PooledConn) -> Result<(), pool::conn::BackendError> {
+    let mut out = BytesMut::new();
+    messages::query(&mut out, crate::session::state::RESET_SQL);
+    conn.write_all(&out).await?;
+    conn.statements.clear();
+    conn.identity = None;
+    conn.applied = None;
+    conn.drain_until_ready().await?;
+    conn.dirty_by = None;
+    Ok(())
+}

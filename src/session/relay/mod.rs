@@ -1,0 +1,461 @@
+//! The query phase of one client: relays frames between the client and a
+//! server connection bound for the duration of a transaction (or of the
+//! session), decoding only what identity, audit and transaction tracking
+//! need.
+//!
+//! Invariants:
+//! - a server connection is bound (and the identity assertion has succeeded
+//!   on it) before any client message is forwarded to it;
+//! - it is released only when every forwarded `Query`/`Sync` has had its
+//!   `ReadyForQuery`, the last one said `I`, and nothing unsynced is in flight;
+//! - a statement's `query` audit record is stored before the statement is
+//!   forwarded;
+//! - a statement the gateway refuses while a transaction is open is replaced
+//!   by one that fails on the server, so the server's transaction state and
+//!   the order of responses stay exactly what PostgreSQL would produce.
+
+mod binding;
+mod queries;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+
+use super::cancel::{BackendKey, CancelSlot};
+use super::client::{ClientConn, ClientError};
+use super::prepared;
+use super::state::Effect;
+use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
+use super::{Identity, Shared};
+use crate::audit::{Event, Kind, Status};
+use crate::config::{OnFailure, PoolMode, VerifyMode};
+use crate::identity::assert::{Assertion, Verdict};
+use crate::pool::{self, statements, PooledConn};
+use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
+use crate::protocol::messages::{self, PgError};
+use crate::protocol::sqlstate;
+
+/// Text sent in place of a refused statement: it fails at parse time, so the
+/// server aborts exactly as it would for a refused statement of its own.
+const REFUSED_SQL: &str = "pgwarden refused this statement";
+/// OID of `set_config(text, text, boolean)`, reachable through `FunctionCall`.
+const SET_CONFIG_OID: i32 = 2078;
+/// Larger row and copy frames are streamed through instead of buffered whole.
+const STREAM_THRESHOLD: usize = 64 * 1024;
+const MAX_SERVER_FRAME: usize = 1 << 30;
+
+/// Why the query phase ended.
+#[derive(Debug)]
+pub enum End {
+    /// The client sent `Terminate` or hung up.
+    ClientGone,
+    /// The gateway closes the session with this FATAL error.
+    Fatal(PgError),
+}
+
+impl From<ClientError> for End {
+    fn from(e: ClientError) -> End {
+        match e {
+            ClientError::Io(_) => End::ClientGone,
+            ClientError::Protocol(p) => End::Fatal(protocol_error(p)),
+        }
+    }
+}
+
+fn protocol_error(p: ProtocolError) -> PgError {
+    PgError::fatal(sqlstate::PROTOCOL_VIOLATION, p.to_string())
+}
+
+/// Which kind of client message a refusal answers.
+#[derive(Clone, Copy)]
+enum Flow {
+    /// `Query` or `FunctionCall`: one error, then `ReadyForQuery`.
+    Simple,
+    /// Extended protocol: one error, then everything up to `Sync` is skipped.
+    Extended,
+}
+
+struct Portal {
+    sql: Bytes,
+    params: Option<Vec<Option<String>>>,
+}
+
+/// The state of one client's query phase.
+pub struct QueryLoop<'a> {
+    shared: &'a Shared,
+    ident: &'a Identity,
+    mode: PoolMode,
+    auditing: bool,
+    client: ClientConn,
+    server: Option<PooledConn>,
+    cancel: Arc<CancelSlot>,
+    tracker: Tracker,
+    /// Transaction status from the last `ReadyForQuery`.
+    tx_status: u8,
+    /// Extended-protocol messages were forwarded since the last `Sync`.
+    unsynced: bool,
+    /// Skipping client messages until `Sync`, as the server does after an error.
+    discard_until_sync: bool,
+    /// The next `Sync` is answered by the gateway (the error was local).
+    local_sync: bool,
+    /// The client created connection-bound objects (temp tables, LISTEN,
+    /// session advisory locks...): it keeps its server connection.
+    pinned: bool,
+    /// The client's settings, carried to every server connection.
+    settings: Arc<Vec<(String, String)>>,
+    /// The client set `application_name`; the bound connection shows it
+    /// without the client's name until the gateway re-applies it.
+    retag_application_name: bool,
+    /// `verify = "transaction"` and client messages ran since the last check.
+    needs_verify: bool,
+    /// The server is in copy-in (`CopyInResponse` seen, client has not sent
+    /// `CopyDone`/`CopyFail` yet).
+    copy_in: bool,
+    client_passthrough: usize,
+    server_passthrough: usize,
+    to_server: BytesMut,
+    to_client: BytesMut,
+    /// The client's prepared statements by client name ("" = unnamed).
+    statements: std::collections::HashMap<Bytes, prepared::Statement>,
+    portals: std::collections::HashMap<Bytes, Portal>,
+    resolved: Vec<Resolved>,
+    shutdown: watch::Receiver<bool>,
+    shutting_down: bool,
+}
+
+enum Wake {
+    Client(Result<usize, ClientError>),
+    Server(Result<usize, pool::conn::BackendError>),
+    Shutdown,
+}
+
+impl<'a> QueryLoop<'a> {
+    pub fn new(
+        shared: &'a Shared,
+        ident: &'a Identity,
+        client: ClientConn,
+        cancel: Arc<CancelSlot>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        QueryLoop {
+            shared,
+            ident,
+            mode: shared.config.pool.mode,
+            auditing: shared.auditor.enabled(),
+            client,
+            server: None,
+            cancel,
+            tracker: Tracker::default(),
+            tx_status: b'I',
+            unsynced: false,
+            discard_until_sync: false,
+            local_sync: false,
+            copy_in: false,
+            needs_verify: false,
+            settings: Arc::new(ident.settings.clone()),
+            pinned: false,
+            retag_application_name: false,
+            client_passthrough: 0,
+            server_passthrough: 0,
+            to_server: BytesMut::with_capacity(8 * 1024),
+            to_client: BytesMut::with_capacity(16 * 1024),
+            statements: Default::default(),
+            portals: Default::default(),
+            resolved: Vec::new(),
+            shutdown,
+            shutting_down: false,
+        }
+    }
+
+    /// True when no transaction or message exchange is in progress, so the
+    /// session may be ended (shutdown) without losing work.
+    fn idle(&self) -> bool {
+        self.server.is_none()
+            || (self.tracker.is_empty()
+                && !self.unsynced
+                && self.tx_status == b'I'
+                && !self.copy_in
+                && self.client_passthrough == 0)
+    }
+
+    /// Runs until the client leaves or the session must end.
+    pub async fn run(mut self) -> End {
+        let end = self.relay().await;
+        self.finish(&end).await;
+        end
+    }
+
+    async fn relay(&mut self) -> End {
+        loop {
+            self.shutting_down |= *self.shutdown.borrow();
+            if self.shutting_down && self.idle() {
+                return End::Fatal(PgError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection due to administrator command",
+                ));
+            }
+            let idle = self.idle();
+            let wake = {
+                let client = &mut self.client;
+                let server = &mut self.server;
+                let shutdown = &mut self.shutdown;
+                tokio::select! {
+                    r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
+                    r = client.fill() => Wake::Client(r),
+                    r = shutdown.changed(), if idle && !self.shutting_down => {
+                        if r.is_err() { self.shutting_down = true; }
+                        Wake::Shutdown
+                    }
+                }
+            };
+            let step = match wake {
+                Wake::Client(Ok(0)) => Err(End::ClientGone),
+                Wake::Client(Ok(_)) => self.on_client_data().await,
+                Wake::Client(Err(e)) => Err(e.into()),
+                Wake::Server(Ok(_)) => self.on_server_data().await,
+                Wake::Server(Err(e)) => Err(self.server_lost(&e.to_string()).await),
+                Wake::Shutdown => Ok(()),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    // ----- client to server -------------------------------------------------
+
+    async fn on_client_data(&mut self) -> Result<(), End> {
+        loop {
+            if self.client_passthrough > 0 {
+                let n = self.client_passthrough.min(self.client.rbuf.len());
+                if n == 0 {
+                    break;
+                }
+                self.to_server
+                    .extend_from_slice(&self.client.rbuf.split_to(n));
+                self.client_passthrough -= n;
+                continue;
+            }
+            let max = self.client.max_message_size;
+            let Some(header) = FrameHeader::peek(&self.client.rbuf, max)
+                .map_err(|e| End::Fatal(protocol_error(e)))?
+            else {
+                break;
+            };
+            if header.tag == b'd'
+                && self.server.is_some()
+                && header.total > STREAM_THRESHOLD
+                && self.client.rbuf.len() < header.total
+            {
+                let n = self.client.rbuf.len();
+                self.to_server
+                    .extend_from_slice(&self.client.rbuf.split_to(n));
+                self.client_passthrough = header.total - n;
+                continue;
+            }
+            let Some(frame) = split_frame(&mut self.client.rbuf, max)
+                .map_err(|e| End::Fatal(protocol_error(e)))?
+            else {
+                break;
+            };
+            self.on_client_frame(frame.freeze()).await?;
+        }
+        self.flush_client().await?;
+        self.record_results().await;
+        self.flush_server().await
+    }
+
+    async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
+        let tag = frame[0];
+        tracing::trace!(tag = %(tag as char), len = frame.len(), "client frame");
+        if self.discard_until_sync && tag != b'S' {
+            return Ok(());
+        }
+        let result = match tag {
+            b'X' => Err(End::ClientGone),
+            b'Q' => self.on_query(frame).await,
+            b'P' => self.on_parse(frame).await,
+            b'B' => self.on_bind(frame).await,
+            b'E' => self.on_execute(frame).await,
+            b'S' if self.copy_in => {
+                // Ignored by the server during copy-in: nothing to await.
+                self.to_server.extend_from_slice(&frame);
+                Ok(())
+            }
+            b'S' => self.on_sync(frame).await,
+            b'D' => self.on_describe(frame).await,
+            b'C' => self.on_close(frame).await,
+            b'F' => self.on_function_call(frame).await,
+            b'c' | b'f' if self.copy_in => {
+                self.copy_in = false;
+                self.to_server.extend_from_slice(&frame);
+                Ok(())
+            }
+            b'H' | b'd' | b'c' | b'f' => {
+                // Flush has nothing to flush, and copy messages outside COPY
+                // are ignored by PostgreSQL, when no server is bound.
+                if self.server.is_some() {
+                    self.to_server.extend_from_slice(&frame);
+                }
+                Ok(())
+            }
+            other => Err(End::Fatal(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("invalid frontend message type {other}"),
+            ))),
+        };
+        self.tracker
+            .emit_synthetic(self.tx_status, &mut self.to_client);
+        result
+    }
+
+    async fn flush_server(&mut self) -> Result<(), End> {
+        if self.to_server.is_empty() {
+            return Ok(());
+        }
+        let Some(server) = self.server.as_mut() else {
+            self.to_server.clear();
+            return Ok(());
+        };
+        if let Err(e) = server.write_all(&self.to_server).await {
+            self.to_server.clear();
+            return Err(self.server_lost(&e.to_string()).await);
+        }
+        self.to_server.clear();
+        Ok(())
+    }
+
+    async fn flush_client(&mut self) -> Result<(), End> {
+        if self.to_client.is_empty() {
+            return Ok(());
+        }
+        let result = self.client.write_all(&self.to_client).await;
+        self.to_client.clear();
+        result.map_err(End::from)
+    }
+
+    // ----- server to client -------------------------------------------------
+
+    async fn on_server_data(&mut self) -> Result<(), End> {
+        while let Some(server) = self.server.as_mut() {
+            let rbuf = &mut server.rbuf;
+            if self.server_passthrough > 0 {
+                let n = self.server_passthrough.min(rbuf.len());
+                if n == 0 {
+                    break;
+                }
+                self.to_client.extend_from_slice(&rbuf.split_to(n));
+                self.server_passthrough -= n;
+                continue;
+            }
+            let header = match FrameHeader::peek(rbuf, MAX_SERVER_FRAME) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return Err(self.server_lost(&e.to_string()).await),
+            };
+            if matches!(header.tag, b'D' | b'd')
+                && header.total > STREAM_THRESHOLD
+                && rbuf.len() < header.total
+            {
+                let n = rbuf.len();
+                self.to_client.extend_from_slice(&rbuf.split_to(n));
+                self.server_passthrough = header.total - n;
+                continue;
+            }
+            let frame = match split_frame(rbuf, MAX_SERVER_FRAME) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => return Err(self.server_lost(&e.to_string()).await),
+            };
+            self.on_server_frame(frame);
+        }
+        self.flush_client().await?;
+        self.record_results().await;
+        if self.retag_application_name && self.tracker.is_empty() && !self.copy_in {
+            self.retag_application_name();
+            self.flush_server().await?;
+        }
+        if self.idle() && self.tx_status == b'I' && self.needs_verify {
+            self.verify_identity().await?;
+        }
+        if self.mode == PoolMode::Transaction && !self.pinned && self.idle() {
+            self.release();
+        }
+        Ok(())
+    }
+
+    fn on_server_frame(&mut self, frame: BytesMut) {
+        let tag = frame[0];
+        tracing::trace!(tag = %(tag as char), len = frame.len(), "server frame");
+        match tag {
+            b'Z' if frame.len() == 6 => {
+                self.tx_status = frame[5];
+                self.copy_in = false;
+            }
+            b'G' => self.copy_in = true,
+            b'S' => self.on_parameter_status(&frame[5..]),
+            _ => {}
+        }
+        if tag == b'E' {
+            let fatal = messages::parse_error_fields(&frame[5..])
+                .is_ok_and(|f| matches!(f.severity.as_str(), "FATAL" | "PANIC"));
+            if fatal {
+                if let Some(server) = self.server.as_mut() {
+                    server.mark_broken();
+                }
+            }
+        }
+        let mut cache = CacheEffects::default();
+        let route = self
+            .tracker
+            .on_server(tag, &frame[5..], &mut self.resolved, &mut cache);
+        if let Some(server) = self.server.as_mut() {
+            for key in cache.not_prepared {
+                server.statements.remove(key);
+            }
+        }
+        match route {
+            Route::Forward => self.to_client.extend_from_slice(&frame),
+            Route::Drop => {}
+            Route::Replace(error) => error.encode(&mut self.to_client),
+        }
+        self.tracker
+            .emit_synthetic(self.tx_status, &mut self.to_client);
+    }
+
+    async fn record_results(&mut self) {
+        if self.resolved.is_empty() {
+            return;
+        }
+        for r in std::mem::take(&mut self.resolved) {
+            let ev = self.result_event(r.pending, r.outcome);
+            self.shared.auditor.append_nowait(ev).await;
+        }
+    }
+
+    fn result_event(&self, pending: Pending, outcome: Outcome) -> Event {
+        let mut ev = self.ident.event(Kind::Result);
+        ev.ref_seq = Some(pending.seq);
+        ev.duration_us = Some(pending.started.elapsed().as_micros() as u64);
+        ev.backend_pid = self.server.as_ref().map(|s| s.pid);
+        match outcome {
+            Outcome::Ok { tag, rows } => {
+                ev.status = Some(Status::Ok);
+                ev.command_tag = tag;
+                ev.rows = rows;
+            }
+            Outcome::Error { code, message } => {
+                ev.status = Some(Status::Error);
+                ev.sqlstate = Some(code);
+                ev.message = Some(message);
+            }
+            Outcome::NotExecuted => {
+                ev.status = Some(Status::Error);
+                ev.message = Some("not executed: an earlier message of the pipeline failed".into());
+            }
+        }
+        ev
+    }
+}

@@ -1,0 +1,397 @@
+//! Client messages that carry statements: the simple and extended query
+//! protocols, prepared-statement mapping, and the gateway's refusals.
+//!
+//! Invariant: a message is forwarded only after the statement guard passed
+//! it and its `query` audit record is stored; a refused message is answered
+//! in the position PostgreSQL would have answered it.
+
+use super::*;
+
+impl QueryLoop<'_> {
+    pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
+        let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        if let Err(v) = self.shared.guard.check(sql) {
+            let error = self.blocked(sql, &v.to_string()).await;
+            return self.refuse(Flow::Simple, error).await;
+        }
+        if let Some(dealloc) = prepared::parse_deallocate(sql) {
+            if self.deallocate(dealloc).await {
+                return Ok(());
+            }
+        }
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Simple, e).await;
+        }
+        let pending = match self.audit_statement(sql, None).await {
+            Ok(p) => p,
+            Err(e) => return self.refuse(Flow::Simple, e).await,
+        };
+        self.note_state(sql);
+        self.to_server.extend_from_slice(&frame);
+        self.tracker.query(pending, None);
+        Ok(())
+    }
+
+    /// `DEALLOCATE` of protocol-level statements is answered by the gateway:
+    /// the client's names go, the shared server-side statements stay for
+    /// others. Returns false when the server must answer (a name the gateway
+    /// does not map, i.e. an SQL-level `PREPARE`, or `ALL` inside a
+    /// transaction, where SQL-level statements may exist).
+    pub(super) async fn deallocate(&mut self, what: prepared::Deallocate) -> bool {
+        let tag = match what {
+            prepared::Deallocate::All => {
+                self.statements.retain(|name, _| name.is_empty());
+                if self.server.is_some() {
+                    return false;
+                }
+                "DEALLOCATE ALL"
+            }
+            prepared::Deallocate::Name(name) => {
+                if self
+                    .statements
+                    .get(&name[..])
+                    .is_none_or(|s| s.shared.is_none())
+                {
+                    return false;
+                }
+                self.statements.remove(&name[..]);
+                "DEALLOCATE"
+            }
+        };
+        if let Ok(Some(pending)) = self.audit_statement(tag.as_bytes(), None).await {
+            self.resolved.push(Resolved {
+                pending,
+                outcome: Outcome::Ok {
+                    tag: Some(tag.to_string()),
+                    rows: None,
+                },
+            });
+        }
+        self.tracker.synth_query(tag);
+        true
+    }
+
+    pub(super) async fn on_parse(&mut self, frame: Bytes) -> Result<(), End> {
+        let parse =
+            messages::parse_parse(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        if let Err(v) = self.shared.guard.check(parse.query) {
+            let query = parse.query;
+            let error = self.blocked(query, &v.to_string()).await;
+            return self.refuse(Flow::Extended, error).await;
+        }
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        self.note_state(parse.query);
+        let name = frame.slice_ref(parse.name);
+        let sql = frame.slice_ref(parse.query);
+        self.unsynced = true;
+        if name.is_empty() {
+            self.statements
+                .insert(name, prepared::Statement::unnamed(sql));
+            self.to_server.extend_from_slice(&frame);
+            self.tracker.parse(false, None);
+            return Ok(());
+        }
+        let rest = frame.slice(5 + parse.name.len() + 1..);
+        let key = statements::key(&rest);
+        self.statements.insert(
+            name,
+            prepared::Statement {
+                sql,
+                shared: Some((key, rest.clone())),
+            },
+        );
+        let server = self.server.as_mut().expect("bound above");
+        if server.statements.touch(key) {
+            self.tracker.synth_parse();
+        } else {
+            self.prepare_on_server(key, &rest, false);
+        }
+        Ok(())
+    }
+
+    /// Sends `Parse` of a shared statement to the bound server (closing the
+    /// one the cache evicts to make room). `injected`: the client did not
+    /// ask for this Parse, so its answer is not relayed.
+    pub(super) fn prepare_on_server(&mut self, key: u128, rest: &[u8], injected: bool) {
+        let server = self.server.as_mut().expect("caller binds");
+        if server.statements.is_uncertain() {
+            prepared::statement_message(&mut self.to_server, b'C', &statements::server_name(key));
+            self.tracker.close(true);
+        }
+        if let Some(evicted) = server.statements.insert(key) {
+            prepared::statement_message(
+                &mut self.to_server,
+                b'C',
+                &statements::server_name(evicted),
+            );
+            self.tracker.close(true);
+        }
+        prepared::parse(&mut self.to_server, &statements::server_name(key), rest);
+        self.tracker.parse(injected, Some(key));
+    }
+
+    /// The server name of a client's named statement, prepared on the bound
+    /// server first if needed; `None` for unnamed or unknown names (relayed
+    /// as they are, so the server reports unknown ones itself).
+    pub(super) fn server_statement(&mut self, name: &[u8]) -> Option<String> {
+        if name.is_empty() {
+            return None;
+        }
+        let (key, rest) = self.statements.get(name)?.shared.clone()?;
+        let server = self.server.as_mut().expect("caller binds");
+        if !server.statements.touch(key) {
+            self.prepare_on_server(key, &rest, true);
+        }
+        Some(statements::server_name(key))
+    }
+
+    pub(super) async fn on_bind(&mut self, frame: Bytes) -> Result<(), End> {
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        if let Err(e) = self.check_unnamed(bind.statement) {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        if self.auditing {
+            let sql = self
+                .statements
+                .get(bind.statement)
+                .map(|s| s.sql.clone())
+                .unwrap_or_default();
+            let params = if self.shared.config.audit.log_parameters {
+                Some(
+                    bind.params_for_audit()
+                        .map_err(|e| End::Fatal(protocol_error(e)))?,
+                )
+            } else {
+                None
+            };
+            self.portals
+                .insert(frame.slice_ref(bind.portal), Portal { sql, params });
+        }
+        match self.server_statement(bind.statement) {
+            Some(name) => {
+                let rest = 5 + bind.portal.len() + 1 + bind.statement.len() + 1;
+                prepared::bind(&mut self.to_server, bind.portal, &name, &frame[rest..]);
+            }
+            None => self.to_server.extend_from_slice(&frame),
+        }
+        self.tracker.bind();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    pub(super) async fn on_describe(&mut self, frame: Bytes) -> Result<(), End> {
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..])
+            .map_err(|e| End::Fatal(protocol_error(e)))?;
+        if kind == b'S' {
+            if let Err(e) = self.check_unnamed(name) {
+                return self.refuse(Flow::Extended, e).await;
+            }
+        }
+        let server_name = if kind == b'S' {
+            self.server_statement(name)
+        } else {
+            None
+        };
+        match server_name {
+            Some(server_name) => {
+                prepared::statement_message(&mut self.to_server, b'D', &server_name)
+            }
+            None => self.to_server.extend_from_slice(&frame),
+        }
+        self.tracker.describe();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// The unnamed statement lives on the server connection, which in
+    /// transaction pooling may have served another client since this one's
+    /// `Parse`: using it without a `Parse` in the same binding would run
+    /// someone else's statement. Refused as PostgreSQL refuses a missing one.
+    pub(super) fn check_unnamed(&self, statement: &[u8]) -> Result<(), PgError> {
+        if statement.is_empty() && !self.statements.contains_key(&b""[..]) {
+            return Err(PgError::error(
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
+                "unnamed prepared statement does not exist",
+            )
+            .with_detail("in transaction pooling the unnamed statement lasts only until the end of the transaction"));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn on_close(&mut self, frame: Bytes) -> Result<(), End> {
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..])
+            .map_err(|e| End::Fatal(protocol_error(e)))?;
+        if kind == b'S'
+            && self
+                .statements
+                .get(name)
+                .is_some_and(|s| s.shared.is_some())
+        {
+            // The client's name goes; the shared statement stays on the server.
+            self.statements.remove(name);
+            self.tracker.synth_close();
+            return Ok(());
+        }
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        if kind == b'S' {
+            self.statements.remove(name);
+        }
+        self.to_server.extend_from_slice(&frame);
+        self.tracker.close(false);
+        self.unsynced = true;
+        Ok(())
+    }
+
+    pub(super) async fn on_execute(&mut self, frame: Bytes) -> Result<(), End> {
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Extended, e).await;
+        }
+        let mut pending = None;
+        if self.auditing {
+            let name =
+                messages::parse_execute(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+            let (sql, params) = match self.portals.get(name) {
+                Some(p) => (p.sql.clone(), p.params.clone()),
+                None => (Bytes::new(), None),
+            };
+            pending = match self.audit_statement(&sql, params).await {
+                Ok(p) => p,
+                Err(e) => return self.refuse(Flow::Extended, e).await,
+            };
+        }
+        self.to_server.extend_from_slice(&frame);
+        self.tracker.execute(pending);
+        self.unsynced = true;
+        Ok(())
+    }
+
+    pub(super) async fn on_sync(&mut self, frame: Bytes) -> Result<(), End> {
+        self.discard_until_sync = false;
+        if self.local_sync || (self.server.is_none() && self.tracker.is_empty()) {
+            self.local_sync = false;
+            messages::ready_for_query(&mut self.to_client, self.tx_status);
+            return Ok(());
+        }
+        self.to_server.extend_from_slice(&frame);
+        self.tracker.sync();
+        self.unsynced = false;
+        Ok(())
+    }
+
+    pub(super) async fn on_function_call(&mut self, frame: Bytes) -> Result<(), End> {
+        let oid = crate::protocol::frame::Reader::new(&frame[5..], "FunctionCall")
+            .i32()
+            .map_err(|e| End::Fatal(protocol_error(e)))?;
+        let text = format!("FunctionCall oid={oid}");
+        if oid == SET_CONFIG_OID {
+            let error = self
+                .blocked(
+                    text.as_bytes(),
+                    "set_config through FunctionCall is not allowed through pgwarden",
+                )
+                .await;
+            return self.refuse(Flow::Simple, error).await;
+        }
+        if let Err(e) = self.bind_server().await {
+            return self.refuse(Flow::Simple, e).await;
+        }
+        let pending = match self.audit_statement(text.as_bytes(), None).await {
+            Ok(p) => p,
+            Err(e) => return self.refuse(Flow::Simple, e).await,
+        };
+        self.to_server.extend_from_slice(&frame);
+        self.tracker.query(pending, None);
+        Ok(())
+    }
+
+    /// Answers a client message with `error` instead of running it. With a
+    /// server bound (a transaction is open) the statement is replaced by one
+    /// that fails, so the server aborts the transaction as PostgreSQL would;
+    /// otherwise the gateway answers by itself.
+    pub(super) async fn refuse(&mut self, flow: Flow, error: PgError) -> Result<(), End> {
+        if error.is_fatal() {
+            return Err(End::Fatal(error));
+        }
+        match (flow, self.server.is_some()) {
+            (Flow::Simple, true) => {
+                messages::query(&mut self.to_server, REFUSED_SQL);
+                self.tracker.query(None, Some(error));
+            }
+            (Flow::Simple, false) => {
+                error.encode(&mut self.to_client);
+                messages::ready_for_query(&mut self.to_client, self.tx_status);
+            }
+            (Flow::Extended, true) => {
+                messages::parse(&mut self.to_server, REFUSED_SQL);
+                self.tracker.blocked_parse(error);
+                self.unsynced = true;
+                self.discard_until_sync = true;
+            }
+            (Flow::Extended, false) => {
+                error.encode(&mut self.to_client);
+                self.discard_until_sync = true;
+                self.local_sync = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a guard refusal and builds the client's error.
+    pub(super) async fn blocked(&mut self, sql: &[u8], why: &str) -> PgError {
+        tracing::info!(session = %self.ident.session_id, user = %self.ident.client_user, "statement guard: {why}");
+        if self.auditing {
+            let mut ev = self.ident.event(Kind::GuardBlocked);
+            ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
+            ev.status = Some(Status::Error);
+            ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
+            ev.message = Some(why.to_string());
+            self.shared.auditor.append_nowait(ev).await;
+        }
+        PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, why.to_string())
+    }
+
+    /// Writes a statement's `query` record ahead of forwarding it.
+    pub(super) async fn audit_statement(
+        &mut self,
+        sql: &[u8],
+        params: Option<Vec<Option<String>>>,
+    ) -> Result<Option<Pending>, PgError> {
+        if !self.auditing {
+            return Ok(None);
+        }
+        let mut ev = self.ident.event(Kind::Query);
+        ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
+        ev.params = params;
+        ev.backend_pid = self.server.as_ref().map(|s| s.pid);
+        match self.shared.auditor.append(ev).await {
+            Ok(seq) => Ok(Some(Pending {
+                seq,
+                started: Instant::now(),
+            })),
+            Err(e) if self.shared.auditor.on_failure() == OnFailure::Allow => {
+                tracing::error!(
+                    "audit store failed, statement allowed by on_failure = \"allow\": {e}"
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::error!("audit store failed, statement refused: {e}");
+                Err(PgError::error(
+                    sqlstate::IO_ERROR,
+                    "pgwarden cannot write its audit log; the statement was not run",
+                )
+                .with_detail(e.to_string()))
+            }
+        }
+    }
+}

@@ -160,12 +160,8 @@ impl Assertion<'_> {
     /// is the role and the client-user setting is the client. Runs as a
     /// simple query so no client statement (named or unnamed) is disturbed.
     pub async fn verify(&self, conn: &mut ServerConn) -> Result<Verdict, BackendError> {
-        let sql = format!(
-            "SELECT current_user, pg_catalog.current_setting('{}', true)",
-            self.setting.replace('\'', "''")
-        );
         let mut out = BytesMut::new();
-        messages::query(&mut out, &sql);
+        messages::query(&mut out, &verify_sql(self.setting));
         conn.write_all(&out).await?;
         let mut found = None;
         let mut error = None;
@@ -181,20 +177,33 @@ impl Assertion<'_> {
         if let Some(fields) = error {
             return Err(BackendError::Server(fields));
         }
-        let (found_role, found_user) = found.unwrap_or_default();
+        Ok(self.judge(found.unwrap_or_default()))
+    }
+
+    /// The verdict on what a verification query returned.
+    pub fn judge(&self, (found_role, found_user): (String, String)) -> Verdict {
         if found_role == self.role && found_user == self.client_user {
-            Ok(Verdict::Intact)
+            Verdict::Intact
         } else {
-            Ok(Verdict::Violated {
+            Verdict::Violated {
                 found_role,
                 found_user,
-            })
+            }
         }
     }
 }
 
+/// The verification query: `current_user` and the client-user setting. The
+/// setting name is the operator's configuration, quoted as a literal.
+pub fn verify_sql(setting: &str) -> String {
+    format!(
+        "SELECT current_user, pg_catalog.current_setting('{}', true)",
+        setting.replace('\'', "''")
+    )
+}
+
 /// The two columns of a `DataRow` as text (NULL as empty).
-fn two_text_columns(body: &[u8]) -> Result<(String, String), BackendError> {
+pub fn two_text_columns(body: &[u8]) -> Result<(String, String), BackendError> {
     let mut r = Reader::new(body, "DataRow");
     if r.i16()? != 2 {
         return Ok(Default::default());

@@ -170,3 +170,27 @@ async fn verify_transaction_passes_ordinary_work() {
             .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_catches_a_switch_inside_an_explicit_transaction_at_commit() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        verify: true,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    alice.batch_execute("BEGIN").await.unwrap();
+    // Inside the transaction the switched role is visible, as PostgreSQL allows...
+    let inside = support::one(&alice, "SELECT sneaky_switch(), current_user").await;
+    assert_eq!(inside, "engineer");
+    // ...and the extended-protocol COMMIT is followed by the pipelined check.
+    let commit = alice.execute("COMMIT", &[]).await;
+    let follow_up = alice.simple_query("SELECT current_user").await;
+    assert!(
+        commit.is_err() || follow_up.is_err(),
+        "session survived an identity violation"
+    );
+    let bob = gw.connect("bob").await;
+    assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
+}

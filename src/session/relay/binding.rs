@@ -130,33 +130,60 @@ impl QueryLoop<'_> {
         self.tracker.injected();
     }
 
-    /// `verify = "transaction"`: at the end of a transaction, before the
-    /// connection can go to anyone else, confirm it still carries this
-    /// client's identity. A mismatch ends the session with FATAL 42501 and
-    /// destroys the connection.
-    pub(super) async fn verify_identity(&mut self) -> Result<(), End> {
-        self.needs_verify = false;
-        let Some(server) = self.server.as_mut() else {
-            return Ok(());
-        };
-        let assertion = Assertion {
+    /// The identity this client's connections must carry.
+    pub(super) fn assertion(&self) -> Assertion<'_> {
+        Assertion {
             role: &self.ident.role,
             setting: &self.shared.config.identity.client_user_setting,
             client_user: &self.ident.client_user,
             settings: &[],
+        }
+    }
+
+    /// `verify = "transaction"`: queues the verification query right behind
+    /// a client message that may end its transaction, so it costs no round
+    /// trip; its answers are read by the tracker, never relayed.
+    pub(super) fn pipeline_verify(&mut self, may_end_transaction: bool) {
+        if !self.needs_verify || !may_end_transaction {
+            return;
+        }
+        self.needs_verify = false;
+        let sql =
+            crate::identity::assert::verify_sql(&self.shared.config.identity.client_user_setting);
+        messages::query(&mut self.to_server, &sql);
+        self.tracker.verify();
+    }
+
+    /// `verify = "transaction"`, when nothing was pipelined: at the end of a
+    /// transaction, before the connection can go to anyone else, confirm it
+    /// still carries this client's identity (one round trip).
+    pub(super) async fn verify_identity(&mut self) -> Result<(), End> {
+        self.needs_verify = false;
+        let Some(mut server) = self.server.take() else {
+            return Ok(());
         };
-        let (found_role, found_user) = match assertion.verify(server).await {
-            Ok(Verdict::Intact) => return Ok(()),
+        let verdict = self.assertion().verify(&mut server).await;
+        self.server = Some(server);
+        match verdict {
+            Ok(Verdict::Intact) => Ok(()),
             Ok(Verdict::Violated {
                 found_role,
                 found_user,
-            }) => (found_role, found_user),
-            Err(e) => {
-                return Err(self
-                    .server_lost(&format!("identity verification failed: {e}"))
-                    .await)
-            }
-        };
+            }) => Err(self.identity_violation(found_role, found_user).await),
+            Err(e) => Err(self
+                .server_lost(&format!("identity verification failed: {e}"))
+                .await),
+        }
+    }
+
+    /// The connection no longer carries the client's identity: the session
+    /// ends with FATAL 42501, the connection is destroyed, and the audit log
+    /// gets an `identity_violation` record.
+    pub(super) async fn identity_violation(
+        &mut self,
+        found_role: String,
+        found_user: String,
+    ) -> End {
         let message = format!(
             "identity changed during the transaction: expected role \"{}\" and client \"{}\", found role \"{found_role}\" and client \"{found_user}\"",
             self.ident.role, self.ident.client_user
@@ -167,14 +194,11 @@ impl QueryLoop<'_> {
             ev.status = Some(Status::Error);
             ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
             ev.message = Some(message.clone());
-            ev.backend_pid = Some(server.pid);
+            ev.backend_pid = self.server.as_ref().map(|s| s.pid);
             self.shared.auditor.append_nowait(ev).await;
         }
         self.abandon_server("identity violation").await;
-        Err(End::Fatal(PgError::fatal(
-            sqlstate::INSUFFICIENT_PRIVILEGE,
-            message,
-        )))
+        End::Fatal(PgError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, message))
     }
 
     pub(super) fn release(&mut self) {

@@ -110,6 +110,10 @@ pub struct QueryLoop<'a> {
     retag_application_name: bool,
     /// `verify = "transaction"` and client messages ran since the last check.
     needs_verify: bool,
+    /// A `Parse` since the last `Sync` may end a transaction.
+    group_may_end: bool,
+    /// A pipelined verification found another identity: (role, client).
+    violation: Option<(String, String)>,
     /// The server is in copy-in (`CopyInResponse` seen, client has not sent
     /// `CopyDone`/`CopyFail` yet).
     copy_in: bool,
@@ -154,6 +158,8 @@ impl<'a> QueryLoop<'a> {
             local_sync: false,
             copy_in: false,
             needs_verify: false,
+            group_may_end: false,
+            violation: None,
             settings: Arc::new(ident.settings.clone()),
             pinned: false,
             retag_application_name: false,
@@ -373,6 +379,9 @@ impl<'a> QueryLoop<'a> {
         }
         self.flush_client().await?;
         self.record_results().await;
+        if let Some((found_role, found_user)) = self.violation.take() {
+            return Err(self.identity_violation(found_role, found_user).await);
+        }
         if self.retag_application_name && self.tracker.is_empty() && !self.copy_in {
             self.retag_application_name();
             self.flush_server().await?;
@@ -415,6 +424,20 @@ impl<'a> QueryLoop<'a> {
             for key in cache.not_prepared {
                 server.statements.remove(key);
             }
+        }
+        match cache.verified {
+            Some(Some(found)) => {
+                if let Verdict::Violated {
+                    found_role,
+                    found_user,
+                } = self.assertion().judge(found)
+                {
+                    self.violation = Some((found_role, found_user));
+                }
+            }
+            // It could not run (a failed transaction): check again at release.
+            Some(None) => self.needs_verify = true,
+            None => {}
         }
         match route {
             Route::Forward => self.to_client.extend_from_slice(&frame),

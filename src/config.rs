@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub max_message_size: usize,
     /// How long a client may take to finish startup and authentication.
     pub login_timeout_ms: u64,
+    /// Clients served at once; more get FATAL 53300.
+    pub max_client_connections: usize,
     /// How long a graceful shutdown waits for in-flight transactions.
     pub shutdown_timeout_ms: u64,
 }
@@ -66,6 +68,7 @@ impl Default for ServerConfig {
             tls_key: None,
             max_message_size: 256 * 1024 * 1024,
             login_timeout_ms: 60_000,
+            max_client_connections: 5_000,
             shutdown_timeout_ms: 30_000,
         }
     }

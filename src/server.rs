@@ -73,6 +73,9 @@ impl Gateway {
             auditor,
             cancels: CancelRegistry::default(),
             tls,
+            client_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.server.max_client_connections,
+            )),
             config: Arc::new(config),
         };
         Ok(Gateway {

@@ -46,6 +46,8 @@ pub struct Shared {
     pub guard: Guard,
     pub cancels: CancelRegistry,
     pub tls: Option<TlsAcceptor>,
+    /// One permit per client served (`max_client_connections`).
+    pub client_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -108,11 +110,22 @@ pub async fn serve(
     let _ = tcp.set_nodelay(true);
     let login_timeout = Duration::from_millis(shared.config.server.login_timeout_ms);
     let max = shared.config.server.max_message_size;
+    // Held for the whole session; cancel requests are served even when full.
+    let client_slot = shared.client_slots.clone().try_acquire_owned();
     let login = async {
         match startup::negotiate(tcp, shared.tls.as_ref(), max).await? {
             FirstPacket::Gone => Ok(None),
             FirstPacket::Cancel { pid, secret } => {
                 forward_cancel(&shared, pid, secret).await;
+                Ok(None)
+            }
+            FirstPacket::Startup(mut client, _) if client_slot.is_err() => {
+                tracing::warn!(%peer, "max_client_connections reached; client refused");
+                let e = PgError::fatal(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    "sorry, too many clients already",
+                );
+                client.send_error(&e).await;
                 Ok(None)
             }
             FirstPacket::Startup(client, startup) => login(&shared, client, startup, peer).await,

@@ -230,3 +230,39 @@ async fn demo_serves_two_users_with_rls_and_cleans_up() {
     );
     assert!(!dir.exists(), "demo directory left behind");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_beyond_max_client_connections_get_fatal_53300() {
+    let gw = start_gateway(Opts {
+        server_extra: "max_client_connections = 2\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let a = gw.connect("alice").await;
+    let b = gw.connect("bob").await;
+    let Err(err) = gw.try_connect("alice").await else {
+        panic!("a third client was accepted");
+    };
+    assert_eq!(support::sqlstate(&err), "53300");
+    // Cancel requests are still served while full.
+    let token = a.cancel_token();
+    let sleeper =
+        tokio::spawn(async move { a.simple_query("SELECT pg_sleep(20)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    assert_eq!(
+        support::sqlstate(&sleeper.await.unwrap().unwrap_err()),
+        "57014"
+    );
+    // A slot frees when a client leaves.
+    drop(b);
+    let mut admitted = false;
+    for _ in 0..50 {
+        if gw.try_connect("bob").await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(admitted);
+}

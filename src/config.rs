@@ -56,6 +56,14 @@ pub struct ServerConfig {
     pub login_timeout_ms: u64,
     /// Clients served at once; more get FATAL 53300.
     pub max_client_connections: usize,
+    /// A client idle outside a transaction this long is closed (FATAL
+    /// 57P05); 0 = never.
+    pub client_idle_timeout_ms: u64,
+    /// A client idle inside a transaction this long is closed (FATAL 25P03)
+    /// and its server connection rolled back and freed; 0 = never.
+    pub idle_in_transaction_timeout_ms: u64,
+    /// A statement running this long is cancelled (ERROR 57014); 0 = never.
+    pub query_timeout_ms: u64,
     /// How long a graceful shutdown waits for in-flight transactions.
     pub shutdown_timeout_ms: u64,
 }
@@ -69,6 +77,9 @@ impl Default for ServerConfig {
             max_message_size: 256 * 1024 * 1024,
             login_timeout_ms: 60_000,
             max_client_connections: 5_000,
+            client_idle_timeout_ms: 0,
+            idle_in_transaction_timeout_ms: 0,
+            query_timeout_ms: 0,
             shutdown_timeout_ms: 30_000,
         }
     }

@@ -22,6 +22,7 @@ pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
 pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
 pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
 pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
+pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
 pub const QUERY_CANCELED: SqlState = SqlState("57014");
 pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
 pub const INTERNAL_ERROR: SqlState = SqlState("XX000");

@@ -306,6 +306,12 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     ev.session_id = Some(slot.session_id.clone());
     ev.backend_pid = Some(backend.pid);
     shared.auditor.append_nowait(ev).await;
+    cancel_backend(shared, backend).await;
+}
+
+/// Sends a `CancelRequest` for `backend` to PostgreSQL and waits until it
+/// was taken (PostgreSQL closes the connection).
+pub(crate) async fn cancel_backend(shared: &Shared, backend: cancel::BackendKey) {
     let addr = shared.config.backend.address();
     let packet = startup_packet::cancel_request(backend.pid, backend.secret);
     let result = async {

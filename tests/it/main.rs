@@ -9,6 +9,7 @@ mod drivers;
 mod guard;
 mod identity;
 mod lifecycle;
+mod limits;
 mod migrate;
 mod policy;
 mod pool;

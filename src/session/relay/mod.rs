@@ -18,7 +18,7 @@ mod binding;
 mod queries;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -114,6 +114,12 @@ pub struct QueryLoop<'a> {
     group_may_end: bool,
     /// A pipelined verification found another identity: (role, client).
     violation: Option<(String, String)>,
+    /// When the client last sent anything, and when the server was last
+    /// given work it has not finished (for the timeouts).
+    last_client_activity: Instant,
+    query_started: Option<Instant>,
+    /// The query timeout fired and a cancel was sent for this request.
+    cancel_sent: bool,
     /// The server is in copy-in (`CopyInResponse` seen, client has not sent
     /// `CopyDone`/`CopyFail` yet).
     copy_in: bool,
@@ -133,6 +139,14 @@ enum Wake {
     Client(Result<usize, ClientError>),
     Server(Result<usize, pool::conn::BackendError>),
     Shutdown,
+    Timer,
+}
+
+/// Which timeout, if any, the relay is waiting on.
+enum Timeout {
+    ClientIdle,
+    IdleInTransaction,
+    Query,
 }
 
 impl<'a> QueryLoop<'a> {
@@ -160,6 +174,9 @@ impl<'a> QueryLoop<'a> {
             needs_verify: false,
             group_may_end: false,
             violation: None,
+            last_client_activity: Instant::now(),
+            query_started: None,
+            cancel_sent: false,
             settings: Arc::new(ident.settings.clone()),
             pinned: false,
             retag_application_name: false,
@@ -203,6 +220,10 @@ impl<'a> QueryLoop<'a> {
                 ));
             }
             let idle = self.idle();
+            let timer = self.next_timeout();
+            let deadline = timer
+                .as_ref()
+                .map(|(_, at)| tokio::time::Instant::from_std(*at));
             let wake = {
                 let client = &mut self.client;
                 let server = &mut self.server;
@@ -214,8 +235,12 @@ impl<'a> QueryLoop<'a> {
                         if r.is_err() { self.shutting_down = true; }
                         Wake::Shutdown
                     }
+                    _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Wake::Timer,
                 }
             };
+            if matches!(wake, Wake::Client(Ok(n)) if n > 0) {
+                self.last_client_activity = Instant::now();
+            }
             let step = match wake {
                 Wake::Client(Ok(0)) => Err(End::ClientGone),
                 Wake::Client(Ok(_)) => self.on_client_data().await,
@@ -223,9 +248,60 @@ impl<'a> QueryLoop<'a> {
                 Wake::Server(Ok(_)) => self.on_server_data().await,
                 Wake::Server(Err(e)) => Err(self.server_lost(&e.to_string()).await),
                 Wake::Shutdown => Ok(()),
+                Wake::Timer => match timer {
+                    Some((which, _)) => self.on_timeout(which).await,
+                    None => Ok(()),
+                },
             };
             if let Err(end) = step {
                 return end;
+            }
+        }
+    }
+
+    /// The next timeout that applies in the current state, if configured.
+    fn next_timeout(&self) -> Option<(Timeout, Instant)> {
+        let server = &self.shared.config.server;
+        let after = |ms: u64, from: Instant| (ms > 0).then(|| from + Duration::from_millis(ms));
+        if !self.tracker.is_empty() {
+            // The server is working for the client.
+            let started = self.query_started?;
+            if self.cancel_sent {
+                return None;
+            }
+            return after(server.query_timeout_ms, started).map(|at| (Timeout::Query, at));
+        }
+        if self.server.is_some() && self.tx_status != b'I' {
+            return after(
+                server.idle_in_transaction_timeout_ms,
+                self.last_client_activity,
+            )
+            .map(|at| (Timeout::IdleInTransaction, at));
+        }
+        after(server.client_idle_timeout_ms, self.last_client_activity)
+            .map(|at| (Timeout::ClientIdle, at))
+    }
+
+    async fn on_timeout(&mut self, which: Timeout) -> Result<(), End> {
+        match which {
+            Timeout::ClientIdle => Err(End::Fatal(PgError::fatal(
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                "terminating connection due to client_idle_timeout",
+            ))),
+            Timeout::IdleInTransaction => {
+                self.abandon_server("idle in transaction timeout").await;
+                Err(End::Fatal(PgError::fatal(
+                    sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                    "terminating connection due to idle_in_transaction_timeout; the transaction was rolled back",
+                )))
+            }
+            Timeout::Query => {
+                self.cancel_sent = true;
+                if let Some(backend) = self.cancel.backend() {
+                    tracing::info!(session = %self.ident.session_id, "query_timeout: cancelling the running statement");
+                    super::cancel_backend(&self.shared, backend).await;
+                }
+                Ok(())
             }
         }
     }
@@ -321,6 +397,10 @@ impl<'a> QueryLoop<'a> {
         if self.to_server.is_empty() {
             return Ok(());
         }
+        if self.query_started.is_none() {
+            self.query_started = Some(Instant::now());
+            self.cancel_sent = false;
+        }
         let Some(server) = self.server.as_mut() else {
             self.to_server.clear();
             return Ok(());
@@ -379,6 +459,9 @@ impl<'a> QueryLoop<'a> {
         }
         self.flush_client().await?;
         self.record_results().await;
+        if self.tracker.is_empty() {
+            self.query_started = None;
+        }
         if let Some((found_role, found_user)) = self.violation.take() {
             return Err(self.identity_violation(found_role, found_user).await);
         }

@@ -1,0 +1,86 @@
+//! Timeouts: idle clients, idle transactions, long statements.
+
+use std::time::{Duration, Instant};
+
+use crate::support::{self, cluster, start_gateway, Opts};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_clients_are_closed_after_client_idle_timeout() {
+    let gw = start_gateway(Opts {
+        server_extra: "client_idle_timeout_ms = 300\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    assert_eq!(support::one(&c, "SELECT 1").await, "1");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let err = c
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("closed while idle");
+    assert!(
+        err.is_closed() || support::sqlstate(&err) == "57P05",
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_transactions_are_rolled_back_and_their_connection_freed() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 3000,
+        server_extra: "idle_in_transaction_timeout_ms = 300\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let marker = 6_000_000 + rand::random::<u16>() as i32;
+    let alice = gw.connect("alice").await;
+    alice.batch_execute("BEGIN").await.unwrap();
+    alice
+        .batch_execute(&format!(
+            "INSERT INTO items VALUES ({marker}, 'idle', NULL)"
+        ))
+        .await
+        .unwrap();
+    let bob = gw.connect("bob").await;
+    let started = Instant::now();
+    // Bob waits for the only connection; alice's idle transaction is cut.
+    assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let err = alice
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("alice was closed");
+    assert!(
+        err.is_closed() || support::sqlstate(&err) == "25P03",
+        "{err:?}"
+    );
+    assert_eq!(
+        cluster().psql(
+            "app",
+            &format!("SELECT count(*) FROM items WHERE id = {marker}")
+        ),
+        "0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_statements_are_cancelled_after_query_timeout() {
+    let gw = start_gateway(Opts {
+        server_extra: "query_timeout_ms = 300\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    let started = Instant::now();
+    let err = c
+        .simple_query("SELECT pg_sleep(10)")
+        .await
+        .expect_err("cancelled");
+    assert_eq!(support::sqlstate(&err), "57014");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The session goes on, and short statements are untouched.
+    for _ in 0..5 {
+        assert_eq!(support::one(&c, "SELECT 2").await, "2");
+    }
+}

@@ -299,7 +299,7 @@ impl<'a> QueryLoop<'a> {
                 self.cancel_sent = true;
                 if let Some(backend) = self.cancel.backend() {
                     tracing::info!(session = %self.ident.session_id, "query_timeout: cancelling the running statement");
-                    super::cancel_backend(&self.shared, backend).await;
+                    super::cancel_backend(self.shared, backend).await;
                 }
                 Ok(())
             }

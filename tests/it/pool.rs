@@ -177,3 +177,47 @@ async fn each_database_gets_its_own_pool() {
     dbs.sort();
     assert_eq!(dbs, vec!["app", "postgres"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_vanishing_mid_transaction_never_hands_it_to_another() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 3000,
+        ..Opts::default()
+    })
+    .await;
+    let marker = 7_000_000 + rand::random::<u16>() as i32;
+    {
+        let mut raw = crate::raw::RawClient::login(gw.addr).await;
+        raw.send(b'Q', b"BEGIN\0").await;
+        raw.until_ready().await;
+        raw.send(
+            b'Q',
+            format!("INSERT INTO items VALUES ({marker}, 'vanished', NULL)\0").as_bytes(),
+        )
+        .await;
+        let (_, code, status) = raw.until_ready().await;
+        assert_eq!((code, status), (None, b'T'));
+        // The client disappears without Terminate, inside its transaction.
+    }
+    let bob = gw.connect("bob").await;
+    assert_eq!(
+        support::one(
+            &bob,
+            "SELECT current_user || '/' || (SELECT count(*) FROM items WHERE id = 0)"
+        )
+        .await,
+        "engineer/0"
+    );
+    // Not in alice's transaction: bob's BEGIN opens a fresh one, and the row is gone.
+    bob.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        support::one(
+            &bob,
+            &format!("SELECT count(*) FROM items WHERE id = {marker}")
+        )
+        .await,
+        "0"
+    );
+    bob.batch_execute("COMMIT").await.unwrap();
+}

@@ -104,13 +104,16 @@ fn load_config(path: &std::path::Path) -> Result<Config, u8> {
     })
 }
 
-fn init_logging() {
+fn init_logging(log: &pgwarden::config::LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGWARDEN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match log.format {
+        pgwarden::config::LogFormat::Json => builder.json().init(),
+        pgwarden::config::LogFormat::Text => builder.init(),
+    }
 }
 
 fn serve(path: &std::path::Path) -> u8 {
@@ -118,7 +121,7 @@ fn serve(path: &std::path::Path) -> u8 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging();
+    init_logging(&config.log);
     raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -266,3 +266,60 @@ async fn clients_beyond_max_client_connections_get_fatal_53300() {
     }
     assert!(admitted);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_per_line() {
+    let pg = support::cluster();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/a.toml"), support::TEST_POLICY).unwrap();
+    let port = support::cluster::free_port();
+    let config = dir.path().join("pgwarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\nservice_password = \"{}\"\n[audit]\nenabled = false\n[log]\nformat = \"json\"\n",
+            pg.port,
+            support::cluster::SERVICE_PASSWORD
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["serve", "-c"])
+        .arg(&config)
+        .env_remove("PGWARDEN_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut served = false;
+    for _ in 0..100 {
+        let out = std::process::Command::new("psql")
+            .arg(format!("host=127.0.0.1 port={port} user=alice dbname=app"))
+            .args(["-X", "-At", "-c", "SELECT 1"])
+            .env("PGPASSWORD", support::password_of("alice"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(served);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["fields"]["message"] == "session started" && v["fields"]["user"] == "alice"),
+        "{stderr}"
+    );
+}

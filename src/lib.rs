@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod identity;
+pub mod metrics;
 pub mod migrate;
 pub mod pool;
 pub mod protocol;

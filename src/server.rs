@@ -73,6 +73,7 @@ impl Gateway {
             auditor,
             cancels: CancelRegistry::default(),
             tls,
+            metrics: Default::default(),
             client_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.max_client_connections,
             )),
@@ -99,6 +100,16 @@ impl Gateway {
     /// Serves clients from `listener` until `shutdown` completes, then
     /// drains sessions and closes the audit log.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let admin = match self.shared.config.admin.listen {
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, self.shared.clone()))),
+                Err(e) => {
+                    tracing::error!("cannot listen for metrics on {addr}: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
@@ -132,6 +143,9 @@ impl Gateway {
                 "shutdown deadline passed; closing remaining sessions"
             );
             sessions.shutdown().await;
+        }
+        if let Some(admin) = admin {
+            admin.abort();
         }
         self.shared.pools.close();
         match self.shared.auditor.shutdown().await {

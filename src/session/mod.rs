@@ -48,6 +48,7 @@ pub struct Shared {
     pub tls: Option<TlsAcceptor>,
     /// One permit per client served (`max_client_connections`).
     pub client_slots: Arc<tokio::sync::Semaphore>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -146,10 +147,12 @@ pub async fn serve(
     let (client, ident, key) = logged_in;
     let (pid, secret, slot) = key;
     tracing::info!(session = %ident.session_id, user = %ident.client_user, role = %ident.role, database = %ident.database, "session started");
+    crate::metrics::Metrics::inc(&shared.metrics.clients);
     let end = QueryLoop::new(&shared, &ident, client, slot, shutdown)
         .run()
         .await;
     shared.cancels.unregister(pid, secret);
+    crate::metrics::Metrics::dec(&shared.metrics.clients);
     let mut ev = ident.event(Kind::SessionEnd);
     if let End::Fatal(e) = &end {
         ev.status = Some(Status::Error);
@@ -198,6 +201,7 @@ async fn login(
             "no role mapping for user \"{}\" on database \"{}\"",
             ident.client_user, ident.database
         );
+        crate::metrics::Metrics::inc(&shared.metrics.denied);
         let mut ev = ident.event(Kind::Denied);
         ev.role = None;
         ev.status = Some(Status::Error);
@@ -225,6 +229,7 @@ async fn login(
             return Ok(None);
         }
         Ok(AuthOutcome::Refused(fields)) => {
+            crate::metrics::Metrics::inc(&shared.metrics.auth_failures);
             let mut ev = ident.event(Kind::AuthFailed);
             ev.status = Some(Status::Error);
             ev.sqlstate = Some(fields.code);

@@ -323,3 +323,59 @@ async fn json_logs_are_one_object_per_line() {
         "{stderr}"
     );
 }
+
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_metrics_count_what_happened() {
+    let admin = support::cluster::free_port();
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    for _ in 0..3 {
+        support::one(&alice, "SELECT 1").await;
+    }
+    alice.simple_query("RESET ROLE").await.unwrap_err();
+    let _ = tokio_postgres::connect(&gw.url("bob", "wrong"), tokio_postgres::NoTls).await;
+    let _ = gw.try_connect("carol").await;
+    let body = scrape(admin).await;
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    for line in [
+        "pgwarden_clients 1",
+        "pgwarden_guard_blocks_total 1",
+        "pgwarden_auth_failures_total 1",
+        "pgwarden_denied_total 1",
+        "pgwarden_server_connections{database=\"app\",state=\"idle\"} 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line}:\n{body}");
+    }
+    drop(alice);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = scrape(admin).await;
+    assert!(body.lines().any(|l| l == "pgwarden_clients 0"), "{body}");
+    assert!(
+        body.lines()
+            .any(|l| l == "pgwarden_statements_total{client_user=\"alice\"} 4"),
+        "{body}"
+    );
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("pgwarden_audit_appended_total ") && !l.ends_with(" 0")),
+        "{body}"
+    );
+}

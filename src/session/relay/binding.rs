@@ -45,7 +45,16 @@ impl QueryLoop<'_> {
         if self.server.is_some() {
             return Ok(());
         }
-        let mut conn = self.shared.pools.acquire(&self.ident.database).await?;
+        crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
+        let mut conn = match self.shared.pools.acquire(&self.ident.database).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                if e.code == sqlstate::TOO_MANY_CONNECTIONS {
+                    crate::metrics::Metrics::inc(&self.shared.metrics.pool_timeouts);
+                }
+                return Err(e);
+            }
+        };
         if conn
             .dirty_by
             .as_ref()
@@ -189,6 +198,7 @@ impl QueryLoop<'_> {
             self.ident.role, self.ident.client_user
         );
         tracing::error!(session = %self.ident.session_id, "{message}");
+        crate::metrics::Metrics::inc(&self.shared.metrics.identity_violations);
         if self.auditing {
             let mut ev = self.ident.event(Kind::IdentityViolation);
             ev.status = Some(Status::Error);

@@ -120,6 +120,8 @@ pub struct QueryLoop<'a> {
     query_started: Option<Instant>,
     /// The query timeout fired and a cancel was sent for this request.
     cancel_sent: bool,
+    /// (transactions, statements) not yet added to the shared metrics.
+    counts: (u64, u64),
     /// The server is in copy-in (`CopyInResponse` seen, client has not sent
     /// `CopyDone`/`CopyFail` yet).
     copy_in: bool,
@@ -177,6 +179,7 @@ impl<'a> QueryLoop<'a> {
             last_client_activity: Instant::now(),
             query_started: None,
             cancel_sent: false,
+            counts: (0, 0),
             settings: Arc::new(ident.settings.clone()),
             pinned: false,
             retag_application_name: false,
@@ -207,7 +210,15 @@ impl<'a> QueryLoop<'a> {
     pub async fn run(mut self) -> End {
         let end = self.relay().await;
         self.finish(&end).await;
+        self.flush_counts();
         end
+    }
+
+    fn flush_counts(&mut self) {
+        let (tx, st) = std::mem::take(&mut self.counts);
+        self.shared
+            .metrics
+            .add_user_counts(&self.ident.client_user, tx, st);
     }
 
     async fn relay(&mut self) -> End {
@@ -354,6 +365,9 @@ impl<'a> QueryLoop<'a> {
         tracing::trace!(tag = %(tag as char), len = frame.len(), "client frame");
         if self.discard_until_sync && tag != b'S' {
             return Ok(());
+        }
+        if matches!(tag, b'Q' | b'E' | b'F') {
+            self.counts.1 += 1;
         }
         let result = match tag {
             b'X' => Err(End::ClientGone),
@@ -521,6 +535,12 @@ impl<'a> QueryLoop<'a> {
             // It could not run (a failed transaction): check again at release.
             Some(None) => self.needs_verify = true,
             None => {}
+        }
+        if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {
+            self.counts.0 += 1;
+            if self.counts.0 + self.counts.1 >= 256 {
+                self.flush_counts();
+            }
         }
         match route {
             Route::Forward => self.to_client.extend_from_slice(&frame),

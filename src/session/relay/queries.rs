@@ -362,6 +362,7 @@ impl QueryLoop<'_> {
             ev.message = Some(why.to_string());
             self.shared.auditor.append_nowait(ev).await;
         }
+        crate::metrics::Metrics::inc(&self.shared.metrics.guard_blocks);
         PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, why.to_string())
     }
 
@@ -378,7 +379,10 @@ impl QueryLoop<'_> {
         ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
         ev.params = params;
         ev.backend_pid = self.server.as_ref().map(|s| s.pid);
-        match self.shared.auditor.append(ev).await {
+        let started = Instant::now();
+        let appended = self.shared.auditor.append(ev).await;
+        self.shared.metrics.audit_append(started.elapsed());
+        match appended {
             Ok(seq) => Ok(Some(Pending {
                 seq,
                 started: Instant::now(),

@@ -12,3 +12,83 @@ pub mod startup;
 
 pub use frame::{FrameHeader, ProtocolError};
 pub use messages::PgError;
+
+/// Randomized robustness checks of every decoder that reads bytes a client
+/// (or server) chose: no input may make them panic or allocate what a
+/// length field merely announces.
+#[cfg(test)]
+mod fuzz {
+    use bytes::BytesMut;
+
+    use super::{frame, messages, startup};
+
+    /// A small deterministic generator (xorshift64*), so failures reproduce.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn bytes(&mut self, max: usize) -> Vec<u8> {
+            let len = (self.next() as usize) % (max + 1);
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// Mostly-valid inputs find more paths than pure noise: a plausible
+    /// header followed by random bytes.
+    fn shaped(rng: &mut Rng) -> Vec<u8> {
+        let mut v = Vec::new();
+        let body = rng.bytes(64);
+        match rng.next() % 3 {
+            0 => {
+                v.push(b"QPBEDSCHXFdcfpZ"[(rng.next() % 15) as usize]);
+                v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+            }
+            1 => {
+                v.extend_from_slice(&((body.len() + 8) as i32).to_be_bytes());
+                let codes = [196608i32, 80877103, 80877104, 80877102, 131072];
+                v.extend_from_slice(&codes[(rng.next() % 5) as usize].to_be_bytes());
+            }
+            _ => {}
+        }
+        v.extend_from_slice(&body);
+        v
+    }
+
+    #[test]
+    fn decoders_never_panic_on_random_input() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..200_000 {
+            let input = if rng.next() % 2 == 0 {
+                shaped(&mut rng)
+            } else {
+                rng.bytes(64)
+            };
+            let mut buf = BytesMut::from(&input[..]);
+            while let Ok(Some(f)) = frame::split_frame(&mut buf, 1 << 20) {
+                let body = &f[5..];
+                let _ = messages::parse_error_fields(body);
+                let _ = messages::parse_command_complete(body);
+                let _ = messages::parse_parse(body);
+                if let Ok(b) = messages::parse_bind(body) {
+                    let _ = b.params_for_audit();
+                }
+                let _ = messages::parse_execute(body);
+                let _ = messages::parse_close_or_describe(body);
+                let _ = messages::parse_query(body);
+            }
+            assert!(
+                buf.capacity() <= (1 << 20) + 64,
+                "reserved more than the limit"
+            );
+            let mut buf = BytesMut::from(&input[..]);
+            while let Ok(Some(_)) = startup::split_startup(&mut buf) {}
+            assert!(buf.capacity() <= startup::MAX_STARTUP_PACKET + 64);
+        }
+    }
+}

@@ -84,3 +84,61 @@ async fn long_statements_are_cancelled_after_query_timeout() {
         assert_eq!(support::one(&c, "SELECT 2").await, "2");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_never_finish_login_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let gw = start_gateway(Opts {
+        server_extra: "login_timeout_ms = 300\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the gateway closes a silent client");
+    assert_eq!(
+        support::one(&gw.connect("alice").await, "SELECT 1").await,
+        "1"
+    );
+}
+
+/// Forwards 127.0.0.1:`port` to the test cluster once started.
+async fn proxy_to_cluster(listener: tokio::net::TcpListener) {
+    let target = cluster().port;
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_postgres_gives_08006_and_recovers() {
+    let port = crate::support::cluster::free_port();
+    let gw = start_gateway(Opts {
+        backend_port: Some(port),
+        ..Opts::default()
+    })
+    .await;
+    // PostgreSQL is not there: the gateway serves and says so.
+    let Err(err) = gw.try_connect("alice").await else {
+        panic!("login succeeded without a backend");
+    };
+    assert_eq!(support::sqlstate(&err), "08006", "{err:?}");
+    // It comes back: new logins and the pool work without restarting pgwarden.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tokio::spawn(proxy_to_cluster(listener));
+    let c = gw.connect("alice").await;
+    assert_eq!(support::one(&c, "SELECT current_user").await, "analyst");
+}

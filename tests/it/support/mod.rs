@@ -51,6 +51,8 @@ pub struct Opts {
     pub audit_extra: String,
     /// Use an in-memory audit store whose failures the test controls.
     pub memory_store: Option<std::sync::Arc<pgwarden::audit::MemoryControl>>,
+    /// Point the gateway at this port instead of the cluster's.
+    pub backend_port: Option<u16>,
 }
 
 impl Default for Opts {
@@ -67,6 +69,7 @@ impl Default for Opts {
             verify: false,
             audit_extra: String::new(),
             memory_store: None,
+            backend_port: None,
         }
     }
 }
@@ -218,7 +221,7 @@ store = "audit"
 "#,
         audit_extra = opts.audit_extra,
         extra = opts.server_extra,
-        port = pg.port,
+        port = opts.backend_port.unwrap_or(pg.port),
         svc = opts.service_user,
         pw = cluster::SERVICE_PASSWORD,
         mode = opts.mode,

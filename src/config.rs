@@ -135,6 +135,11 @@ pub struct BackendConfig {
     pub service_password: Option<String>,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Logins relayed to PostgreSQL at once (each holds a temporary backend
+    /// connection); more wait their turn, so a burst of clients cannot
+    /// exhaust PostgreSQL's `max_connections`.
+    #[serde(default = "default_max_auth_connections")]
+    pub max_auth_connections: usize,
 }
 
 fn default_backend_host() -> String {
@@ -142,6 +147,9 @@ fn default_backend_host() -> String {
 }
 fn default_backend_port() -> u16 {
     5432
+}
+fn default_max_auth_connections() -> usize {
+    16
 }
 fn default_connect_timeout_ms() -> u64 {
     5_000
@@ -308,6 +316,9 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         if self.backend.service_user.is_empty() {
             return Err("[backend] service_user must not be empty".into());
+        }
+        if self.backend.max_auth_connections == 0 {
+            return Err("[backend] max_auth_connections must be at least 1".into());
         }
         if self.pool.size == 0 {
             return Err("[pool] size must be at least 1".into());

@@ -74,6 +74,7 @@ impl Gateway {
             cancels: CancelRegistry::default(),
             tls,
             metrics: Default::default(),
+            auth_slots: tokio::sync::Semaphore::new(config.backend.max_auth_connections),
             client_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.max_client_connections,
             )),

@@ -195,7 +195,7 @@ impl Assertion<'_> {
 
 /// The verification query: `current_user` and the client-user setting. The
 /// setting name is the operator's configuration, quoted as a literal.
-pub fn verify_sql(setting: &str) -> String {
+fn verify_sql(setting: &str) -> String {
     format!(
         "SELECT current_user, pg_catalog.current_setting('{}', true)",
         setting.replace('\'', "''")
@@ -203,7 +203,7 @@ pub fn verify_sql(setting: &str) -> String {
 }
 
 /// The two columns of a `DataRow` as text (NULL as empty).
-pub fn two_text_columns(body: &[u8]) -> Result<(String, String), BackendError> {
+fn two_text_columns(body: &[u8]) -> Result<(String, String), BackendError> {
     let mut r = Reader::new(body, "DataRow");
     if r.i16()? != 2 {
         return Ok(Default::default());

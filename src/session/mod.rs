@@ -48,6 +48,8 @@ pub struct Shared {
     pub tls: Option<TlsAcceptor>,
     /// One permit per client served (`max_client_connections`).
     pub client_slots: Arc<tokio::sync::Semaphore>,
+    /// One permit per login being relayed (`max_auth_connections`).
+    pub auth_slots: tokio::sync::Semaphore,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -222,7 +224,14 @@ async fn login(
         &ident.client_user,
         &shared.config.identity.client_user_setting,
     );
-    match auth_relay::relay(&mut client, &startup, &shared.config.backend).await {
+    let relayed = {
+        // Closed only when the gateway stops; then the login cannot proceed.
+        let Ok(_permit) = shared.auth_slots.acquire().await else {
+            return Ok(None);
+        };
+        auth_relay::relay(&mut client, &startup, &shared.config.backend).await
+    };
+    match relayed {
         Ok(AuthOutcome::Authenticated) => {}
         Ok(AuthOutcome::ClientGone) => {
             tracing::debug!(user = %ident.client_user, "client hung up during authentication");

@@ -240,29 +240,6 @@ pub fn deallocates(sql: &[u8]) -> bool {
     false
 }
 
-/// Whether `sql` may end an explicit transaction (`COMMIT`, `END`,
-/// `ROLLBACK`, `ABORT` at the start of a statement): the point where
-/// `verify = "transaction"` checks identity.
-pub fn ends_transaction(sql: &[u8]) -> bool {
-    const WORDS: &[&[u8]] = &[b"commit", b"end", b"rollback", b"abort"];
-    let lower_has = |w: &[u8]| sql.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w));
-    if !WORDS.iter().any(|w| lower_has(w)) {
-        return false;
-    }
-    let mut at_start = true;
-    for t in tokens(sql) {
-        if t.is_punct(sql, b";") {
-            at_start = true;
-            continue;
-        }
-        if at_start && WORDS.iter().any(|w| t.is_word(sql, w)) {
-            return true;
-        }
-        at_start = false;
-    }
-    false
-}
-
 /// Case-insensitive search for the letter pairs every stateful word has.
 fn quick_scan(sql: &[u8]) -> bool {
     const NEEDLES: &[&[u8]] = &[
@@ -318,15 +295,6 @@ mod tests {
         ] {
             assert_eq!(effect(sql.as_bytes()), Effect::None, "{sql}");
         }
-    }
-
-    #[test]
-    fn transaction_ends_are_found_at_statement_start() {
-        assert!(ends_transaction(b"COMMIT"));
-        assert!(ends_transaction(b"insert into t values (1); end"));
-        assert!(ends_transaction(b"ROLLBACK TO SAVEPOINT a"));
-        assert!(!ends_transaction(b"SELECT 'commit'"));
-        assert!(!ends_transaction(b"SELECT pending FROM t"));
     }
 
     #[test]

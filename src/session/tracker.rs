@@ -65,9 +65,6 @@ pub enum Route {
 pub struct CacheEffects {
     /// Statements whose `Parse` failed or was skipped: not on the server.
     pub not_prepared: Vec<u128>,
-    /// A pipelined identity verification finished: the (role, client) it
-    /// read, or `None` when it could not run (e.g. in a failed transaction).
-    pub verified: Option<Option<(String, String)>>,
 }
 
 #[derive(Debug)]
@@ -113,12 +110,6 @@ enum Expect {
     /// A simple query the gateway sent on its own behalf: everything up to
     /// and including its `ReadyForQuery` is the gateway's, not the client's.
     Injected,
-    /// The gateway's identity verification query, pipelined behind a
-    /// client's transaction; like `Injected`, plus its row is read.
-    Verify {
-        row: Option<(String, String)>,
-        failed: bool,
-    },
 }
 
 impl Expect {
@@ -183,12 +174,6 @@ impl Tracker {
     pub fn injected(&mut self) {
         self.queue.push_back(Expect::Injected);
     }
-    pub fn verify(&mut self) {
-        self.queue.push_back(Expect::Verify {
-            row: None,
-            failed: false,
-        });
-    }
 
     /// Writes the answers of gateway-made entries now at the front.
     pub fn emit_synthetic(&mut self, tx_status: u8, out: &mut BytesMut) {
@@ -216,27 +201,11 @@ impl Tracker {
         resolved: &mut Vec<Resolved>,
         cache: &mut CacheEffects,
     ) -> Route {
-        match self.queue.front_mut() {
-            Some(Expect::Injected) => {
-                if tag == b'Z' {
-                    self.queue.pop_front();
-                }
-                return Route::Drop;
+        if matches!(self.queue.front(), Some(Expect::Injected)) {
+            if tag == b'Z' {
+                self.queue.pop_front();
             }
-            Some(Expect::Verify { row, failed }) => {
-                match tag {
-                    b'D' => *row = crate::identity::assert::two_text_columns(body).ok(),
-                    b'E' => *failed = true,
-                    b'Z' => {
-                        if let Some(Expect::Verify { row, failed }) = self.queue.pop_front() {
-                            cache.verified = Some(if failed { None } else { row });
-                        }
-                    }
-                    _ => {}
-                }
-                return Route::Drop;
-            }
-            _ => {}
+            return Route::Drop;
         }
         match tag {
             b'1' => match self.pop_if(|e| matches!(e, Expect::Parse { .. })) {
@@ -527,33 +496,6 @@ mod tests {
         assert_eq!(route(&mut t, b'C', b"SELECT 1\0", &mut r), Route::Forward);
         assert_eq!(route(&mut t, b'Z', b"T", &mut r), Route::Forward);
         assert_eq!(r.len(), 1);
-        assert!(t.is_empty());
-    }
-
-    #[test]
-    fn pipelined_verification_reports_its_row() {
-        let mut t = Tracker::default();
-        let mut cache = CacheEffects::default();
-        t.query(p(1), None);
-        t.verify();
-        t.on_server(b'C', b"SELECT 1\0", &mut Vec::new(), &mut cache);
-        t.on_server(b'Z', b"I", &mut Vec::new(), &mut cache);
-        assert!(cache.verified.is_none());
-        let row = b"\0\x02\0\0\0\x07analyst\0\0\0\x05alice";
-        for tag in [b'T', b'D', b'C'] {
-            assert_eq!(
-                t.on_server(tag, row, &mut Vec::new(), &mut cache),
-                Route::Drop
-            );
-        }
-        assert_eq!(
-            t.on_server(b'Z', b"I", &mut Vec::new(), &mut cache),
-            Route::Drop
-        );
-        assert_eq!(
-            cache.verified,
-            Some(Some(("analyst".into(), "alice".into())))
-        );
         assert!(t.is_empty());
     }
 

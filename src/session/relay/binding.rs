@@ -149,23 +149,9 @@ impl QueryLoop<'_> {
         }
     }
 
-    /// `verify = "transaction"`: queues the verification query right behind
-    /// a client message that may end its transaction, so it costs no round
-    /// trip; its answers are read by the tracker, never relayed.
-    pub(super) fn pipeline_verify(&mut self, may_end_transaction: bool) {
-        if !self.needs_verify || !may_end_transaction {
-            return;
-        }
-        self.needs_verify = false;
-        let sql =
-            crate::identity::assert::verify_sql(&self.shared.config.identity.client_user_setting);
-        messages::query(&mut self.to_server, &sql);
-        self.tracker.verify();
-    }
-
-    /// `verify = "transaction"`, when nothing was pipelined: at the end of a
-    /// transaction, before the connection can go to anyone else, confirm it
-    /// still carries this client's identity (one round trip).
+    /// `verify = "transaction"`: at the end of a transaction, before the
+    /// connection can go to anyone else, confirm it still carries this
+    /// client's identity. One round trip.
     pub(super) async fn verify_identity(&mut self) -> Result<(), End> {
         self.needs_verify = false;
         let Some(mut server) = self.server.take() else {

@@ -110,10 +110,6 @@ pub struct QueryLoop<'a> {
     retag_application_name: bool,
     /// `verify = "transaction"` and client messages ran since the last check.
     needs_verify: bool,
-    /// A `Parse` since the last `Sync` may end a transaction.
-    group_may_end: bool,
-    /// A pipelined verification found another identity: (role, client).
-    violation: Option<(String, String)>,
     /// When the client last sent anything, and when the server was last
     /// given work it has not finished (for the timeouts).
     last_client_activity: Instant,
@@ -174,8 +170,6 @@ impl<'a> QueryLoop<'a> {
             local_sync: false,
             copy_in: false,
             needs_verify: false,
-            group_may_end: false,
-            violation: None,
             last_client_activity: Instant::now(),
             query_started: None,
             cancel_sent: false,
@@ -476,9 +470,6 @@ impl<'a> QueryLoop<'a> {
         if self.tracker.is_empty() {
             self.query_started = None;
         }
-        if let Some((found_role, found_user)) = self.violation.take() {
-            return Err(self.identity_violation(found_role, found_user).await);
-        }
         if self.retag_application_name && self.tracker.is_empty() && !self.copy_in {
             self.retag_application_name();
             self.flush_server().await?;
@@ -521,20 +512,6 @@ impl<'a> QueryLoop<'a> {
             for key in cache.not_prepared {
                 server.statements.remove(key);
             }
-        }
-        match cache.verified {
-            Some(Some(found)) => {
-                if let Verdict::Violated {
-                    found_role,
-                    found_user,
-                } = self.assertion().judge(found)
-                {
-                    self.violation = Some((found_role, found_user));
-                }
-            }
-            // It could not run (a failed transaction): check again at release.
-            Some(None) => self.needs_verify = true,
-            None => {}
         }
         if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {
             self.counts.0 += 1;

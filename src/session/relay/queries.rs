@@ -29,8 +29,6 @@ impl QueryLoop<'_> {
         self.note_state(sql);
         self.to_server.extend_from_slice(&frame);
         self.tracker.query(pending, None);
-        let may_end = self.tx_status == b'I' || crate::session::state::ends_transaction(sql);
-        self.pipeline_verify(may_end);
         Ok(())
     }
 
@@ -85,7 +83,6 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         self.note_state(parse.query);
-        self.group_may_end |= crate::session::state::ends_transaction(parse.query);
         let name = frame.slice_ref(parse.name);
         let sql = frame.slice_ref(parse.query);
         self.unsynced = true;
@@ -288,8 +285,6 @@ impl QueryLoop<'_> {
         self.to_server.extend_from_slice(&frame);
         self.tracker.sync();
         self.unsynced = false;
-        let may_end = self.tx_status == b'I' || std::mem::take(&mut self.group_may_end);
-        self.pipeline_verify(may_end);
         Ok(())
     }
 

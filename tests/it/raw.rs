@@ -324,3 +324,33 @@ async fn sync_and_flush_during_copy_in_are_not_awaited() {
     // The only server connection was released: another client gets it.
     still_serves(gw.addr).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_stalling_inside_a_message_holds_nothing() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 2000,
+        ..Opts::default()
+    })
+    .await;
+    // Half a Query: a header announcing a 96-byte body, 3 bytes of it, then silence.
+    let mut staller = RawClient::login(gw.addr).await;
+    staller
+        .stream
+        .write_all(&[b'Q', 0, 0, 0, 100, b'S', b'E', b'L'])
+        .await
+        .unwrap();
+    // Everyone else is served, on the only server connection, at once.
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        still_serves(gw.addr).await;
+    }
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The rest of the message arrives late: the statement still runs.
+    let mut rest = b"ECT 1".to_vec();
+    rest.resize(96 - 3 - 1, b' ');
+    rest.push(0);
+    staller.stream.write_all(&rest).await.unwrap();
+    let (tags, code, status) = staller.until_ready().await;
+    assert_eq!((code, status), (None, b'I'), "{tags:?}");
+}

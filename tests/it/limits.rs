@@ -200,3 +200,55 @@ async fn a_thousand_clients_at_once_on_a_pool_of_ten() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restart_under_load_fails_in_flight_work_and_heals() {
+    let pg = tokio::task::spawn_blocking(crate::support::cluster::start_private)
+        .await
+        .unwrap();
+    let gw = start_gateway(Opts {
+        pool_size: 4,
+        backend_port: Some(pg.port),
+        ..Opts::default()
+    })
+    .await;
+    let idle = gw.connect("alice").await;
+    assert_eq!(support::one(&idle, "SELECT 1").await, "1");
+    let busy = gw.connect("bob").await;
+    let in_flight =
+        tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart();
+        pg
+    })
+    .await
+    .unwrap();
+    // The statement in flight gets an error, not a hang.
+    let err = tokio::time::timeout(Duration::from_secs(10), in_flight)
+        .await
+        .expect("in-flight work does not hang")
+        .unwrap()
+        .expect_err("its server went away");
+    assert!(err.code().is_some() || err.is_closed(), "{err:?}");
+    // The idle client's next transaction succeeds within a few seconds.
+    let started = Instant::now();
+    let mut healed = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        if let Ok(rows) = idle.simple_query("SELECT current_user").await {
+            healed = rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("analyst")));
+            if healed {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(healed, "the pool did not heal");
+    // New clients log in and work.
+    let fresh = gw.connect("bob").await;
+    assert_eq!(
+        support::one(&fresh, "SELECT current_user").await,
+        "engineer"
+    );
+    drop(pg);
+}

@@ -28,6 +28,7 @@ pub const USERS: &[(&str, &str)] = &[
 
 pub struct Cluster {
     pub port: u16,
+    data: PathBuf,
 }
 
 impl Cluster {
@@ -110,6 +111,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A cluster of the test's own, for tests that stop or restart PostgreSQL;
+/// removed when the test process exits, like the shared one.
+pub fn start_private() -> Cluster {
+    start()
+}
+
+impl Cluster {
+    /// Restarts PostgreSQL (fast shutdown: sessions are terminated) and
+    /// waits until it accepts connections again.
+    pub fn restart(&self) {
+        let mut pg_ctl = pg_command("pg_ctl");
+        pg_ctl.args([
+            "-D",
+            self.data.to_str().unwrap(),
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            "60",
+            "restart",
+        ]);
+        pg_ctl.stdout(Stdio::null()).stderr(Stdio::null());
+        run(pg_ctl, "pg_ctl restart");
+    }
+}
+
 fn start() -> Cluster {
     let dir = PathBuf::from(format!(
         "/tmp/pgwarden-test-{}-{:08x}",
@@ -166,7 +193,7 @@ fn start() -> Cluster {
         "start",
     ]);
     run(pg_ctl, "pg_ctl start");
-    let cluster = Cluster { port };
+    let cluster = Cluster { port, data };
     cluster.psql("postgres", &setup_sql());
     cluster.psql("postgres", "CREATE DATABASE app");
     cluster.psql("app", APP_SQL);

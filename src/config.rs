@@ -140,6 +140,17 @@ pub struct BackendConfig {
     /// exhaust PostgreSQL's `max_connections`.
     #[serde(default = "default_max_auth_connections")]
     pub max_auth_connections: usize,
+    /// TLS for pgwarden's own connections to PostgreSQL (the auth relay and
+    /// the pool), as libpq's sslmode.
+    #[serde(default = "default_backend_tls")]
+    pub tls: crate::tls::BackendTlsMode,
+    /// PEM CA certificates for `tls = "verify-full"`.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+fn default_backend_tls() -> crate::tls::BackendTlsMode {
+    crate::tls::BackendTlsMode::Disable
 }
 
 fn default_backend_host() -> String {
@@ -309,6 +320,9 @@ impl Config {
             resolve(p);
         }
         if let Some(p) = self.server.tls_key.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = self.backend.tls_ca_file.as_mut() {
             resolve(p);
         }
     }

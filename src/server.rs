@@ -66,8 +66,18 @@ impl Gateway {
             }
             _ => None,
         };
+        let backend_tls = crate::tls::backend_connector(
+            config.backend.tls,
+            config.backend.tls_ca_file.as_deref(),
+        )
+        .map_err(StartError::Tls)?;
         let shared = Shared {
-            pools: Pools::new(config.backend.clone(), config.pool.clone()),
+            pools: Pools::new(
+                config.backend.clone(),
+                config.pool.clone(),
+                backend_tls.clone(),
+            ),
+            backend_tls,
             guard: Guard::new(&config.identity.client_user_setting),
             policy: RwLock::new(Arc::new(policy)),
             auditor,

@@ -1,4 +1,5 @@
-//! TLS for clients: a rustls acceptor from PEM files.
+//! TLS: a rustls acceptor for clients from PEM files, and the connector
+//! pgwarden uses towards PostgreSQL (`[backend] tls`).
 //!
 //! Uses the `ring` provider explicitly so no process-wide default provider
 //! has to be installed (and `aws-lc-rs`, which needs cmake, is not pulled in).
@@ -28,4 +29,112 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
         .with_single_cert(certs, key)
         .map_err(|e| format!("certificate and key do not match: {e}"))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// How pgwarden's own connections to PostgreSQL use TLS, as libpq's
+/// `sslmode` of the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendTlsMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, without certificate checks.
+    Prefer,
+    /// TLS or nothing, without certificate checks.
+    Require,
+    /// TLS, certificate chained to `tls_ca_file`, name matching `host`.
+    VerifyFull,
+}
+
+/// A ready TLS client configuration for the backend.
+#[derive(Clone)]
+pub struct BackendTls {
+    pub mode: BackendTlsMode,
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+/// Builds the backend connector; `None` for `disable`.
+pub fn backend_connector(
+    mode: BackendTlsMode,
+    ca_file: Option<&Path>,
+) -> Result<Option<BackendTls>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = match mode {
+        BackendTlsMode::Disable => return Ok(None),
+        BackendTlsMode::Prefer | BackendTlsMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider)))
+            .with_no_client_auth(),
+        BackendTlsMode::VerifyFull => {
+            let ca = ca_file.ok_or("[backend] tls = \"verify-full\" needs tls_ca_file")?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?
+            {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad CA certificate in {}: {e}", ca.display()))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Some(BackendTls {
+        mode,
+        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+    }))
+}
+
+/// `prefer`/`require`: encryption without authentication of the server, as
+/// libpq does for those modes. Signatures are still checked, so the session
+/// is bound to whatever key the server presented.
+#[derive(Debug)]
+struct NoCertificateCheck(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoCertificateCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -7,8 +7,6 @@
 //! `BackendKeyData` is dropped (the gateway issues its own) and it is closed
 //! before the client's first query.
 
-use std::time::Duration;
-
 use bytes::{BufMut, BytesMut};
 
 use super::codes;
@@ -57,9 +55,9 @@ pub async fn relay(
     client: &mut ClientConn,
     startup: &StartupMessage,
     backend: &BackendConfig,
+    tls: Option<&crate::tls::BackendTls>,
 ) -> Result<Outcome, RelayError> {
-    let timeout = Duration::from_millis(backend.connect_timeout_ms);
-    let mut server = ServerConn::connect(&backend.address(), timeout).await?;
+    let mut server = ServerConn::connect(backend, tls).await?;
     let outcome = exchange(client, &mut server, startup).await;
     server.close().await;
     outcome

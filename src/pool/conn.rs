@@ -8,8 +8,17 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use postgres_protocol::message::frontend;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::BackendConfig;
+use crate::tls::{BackendTls, BackendTlsMode};
 
 use crate::protocol::frame::{split_frame, ProtocolError};
 use crate::protocol::messages::{self, ErrorFields};
@@ -37,12 +46,14 @@ pub enum BackendError {
     Server(ErrorFields),
     #[error("authentication as the service user failed: {0}")]
     Auth(String),
+    #[error("TLS to PostgreSQL: {0}")]
+    Tls(String),
 }
 
 /// A connection to the backend and what pgwarden knows about it.
 #[derive(Debug)]
 pub struct ServerConn {
-    stream: TcpStream,
+    stream: BackendStream,
     /// Bytes read from the backend and not yet consumed.
     pub rbuf: BytesMut,
     /// The backend's process id and cancel secret (from `BackendKeyData`).
@@ -64,19 +75,53 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    /// Opens a TCP connection to the backend within `timeout`.
-    pub async fn connect(addr: &str, timeout: Duration) -> Result<ServerConn, BackendError> {
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Err(_) => return Err(BackendError::ConnectTimeout(addr.to_string())),
-            Ok(Err(source)) => {
-                return Err(BackendError::Connect {
-                    addr: addr.to_string(),
-                    source,
-                })
+    /// Opens a connection to the backend within the connect timeout,
+    /// negotiating TLS as `tls` says (an `SSLRequest`, then the handshake).
+    pub async fn connect(
+        backend: &BackendConfig,
+        tls: Option<&BackendTls>,
+    ) -> Result<ServerConn, BackendError> {
+        let addr = backend.address();
+        let timeout = Duration::from_millis(backend.connect_timeout_ms);
+        let open = async {
+            let mut tcp =
+                TcpStream::connect(&addr)
+                    .await
+                    .map_err(|source| BackendError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+            tcp.set_nodelay(true)?;
+            let Some(tls) = tls else {
+                return Ok(BackendStream::Plain(tcp));
+            };
+            let mut request = BytesMut::new();
+            frontend::ssl_request(&mut request);
+            tcp.write_all(&request).await?;
+            let mut answer = [0u8; 1];
+            tcp.read_exact(&mut answer).await?;
+            match (answer[0], tls.mode) {
+                (b'S', _) => {
+                    let name = ServerName::try_from(backend.host.clone())
+                        .map_err(|e| BackendError::Tls(format!("bad host name for TLS: {e}")))?;
+                    let stream = tls
+                        .connector
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| BackendError::Tls(e.to_string()))?;
+                    Ok(BackendStream::Tls(Box::new(stream)))
+                }
+                (b'N', BackendTlsMode::Prefer) => Ok(BackendStream::Plain(tcp)),
+                (b'N', _) => Err(BackendError::Tls("PostgreSQL does not offer TLS".into())),
+                (other, _) => Err(BackendError::Tls(format!(
+                    "unexpected answer {other:#04x} to SSLRequest"
+                ))),
             }
-            Ok(Ok(s)) => s,
         };
-        stream.set_nodelay(true)?;
+        let stream = match tokio::time::timeout(timeout, open).await {
+            Err(_) => return Err(BackendError::ConnectTimeout(addr)),
+            Ok(result) => result?,
+        };
         Ok(ServerConn {
             stream,
             rbuf: BytesMut::with_capacity(16 * 1024),
@@ -156,7 +201,13 @@ impl ServerConn {
             return false;
         }
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
+        // With TLS this reads the raw socket: anything there (an alert, a
+        // record) means the connection is going away, and it is discarded.
+        let tcp = match &self.stream {
+            BackendStream::Plain(s) => s,
+            BackendStream::Tls(s) => s.get_ref().0,
+        };
+        match tcp.try_read(&mut probe) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
             _ => {
                 self.broken = true;
@@ -173,9 +224,51 @@ impl ServerConn {
         let _ = self.stream.write_all(&out).await;
         let _ = self.stream.shutdown().await;
     }
+}
 
-    /// The socket, for the relay loop to read and write directly.
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
+/// A backend byte stream, with or without TLS.
+#[derive(Debug)]
+enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }

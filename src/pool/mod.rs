@@ -19,11 +19,13 @@ use crate::auth::service::{self, ServiceLogin};
 use crate::config::{BackendConfig, PoolConfig};
 use crate::protocol::messages::PgError;
 use crate::protocol::sqlstate;
+use crate::tls::BackendTls;
 use conn::{BackendError, ServerConn};
 
 /// Creates and recycles service-user connections to one database.
 pub struct ServerManager {
     backend: Arc<BackendConfig>,
+    tls: Option<BackendTls>,
     database: String,
 }
 
@@ -33,7 +35,7 @@ impl managed::Manager for ServerManager {
 
     async fn create(&self) -> Result<ServerConn, BackendError> {
         let timeout = Duration::from_millis(self.backend.connect_timeout_ms);
-        let mut conn = ServerConn::connect(&self.backend.address(), timeout).await?;
+        let mut conn = ServerConn::connect(&self.backend, self.tls.as_ref()).await?;
         let who = ServiceLogin {
             user: &self.backend.service_user,
             password: self.backend.service_password.as_deref(),
@@ -74,14 +76,16 @@ pub fn discard(conn: PooledConn) {
 /// One pool per database, created on first use.
 pub struct Pools {
     backend: Arc<BackendConfig>,
+    tls: Option<BackendTls>,
     config: PoolConfig,
     pools: Mutex<HashMap<String, managed::Pool<ServerManager>>>,
 }
 
 impl Pools {
-    pub fn new(backend: BackendConfig, config: PoolConfig) -> Pools {
+    pub fn new(backend: BackendConfig, config: PoolConfig, tls: Option<BackendTls>) -> Pools {
         Pools {
             backend: Arc::new(backend),
+            tls,
             config,
             pools: Mutex::new(HashMap::new()),
         }
@@ -94,6 +98,7 @@ impl Pools {
         }
         let manager = ServerManager {
             backend: self.backend.clone(),
+            tls: self.tls.clone(),
             database: database.to_string(),
         };
         let pool = managed::Pool::builder(manager)

@@ -46,6 +46,8 @@ pub struct Shared {
     pub guard: Guard,
     pub cancels: CancelRegistry,
     pub tls: Option<TlsAcceptor>,
+    /// TLS towards PostgreSQL (`[backend] tls`), for the auth relay.
+    pub backend_tls: Option<crate::tls::BackendTls>,
     /// One permit per client served (`max_client_connections`).
     pub client_slots: Arc<tokio::sync::Semaphore>,
     /// One permit per login being relayed (`max_auth_connections`).
@@ -229,7 +231,13 @@ async fn login(
         let Ok(_permit) = shared.auth_slots.acquire().await else {
             return Ok(None);
         };
-        auth_relay::relay(&mut client, &startup, &shared.config.backend).await
+        auth_relay::relay(
+            &mut client,
+            &startup,
+            &shared.config.backend,
+            shared.backend_tls.as_ref(),
+        )
+        .await
     };
     match relayed {
         Ok(AuthOutcome::Authenticated) => {}

@@ -379,3 +379,53 @@ async fn prometheus_metrics_count_what_happened() {
         "{body}"
     );
 }
+
+/// Whether the server connection serving `user` uses TLS, as PostgreSQL
+/// itself reports it (read as superuser: pg_stat_ssl hides other roles').
+async fn backend_ssl(
+    gw: &support::TestGateway,
+    user: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let c = gw.try_connect(user).await?;
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
+    Ok(support::cluster().psql(
+        "postgres",
+        &format!("SELECT ssl::text FROM pg_stat_ssl WHERE pid = {pid}"),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_tls_modes() {
+    let ca = support::cluster().ca_file.clone();
+    // disable (the default): plain TCP to PostgreSQL.
+    let gw = start_gateway(Opts::default()).await;
+    assert_eq!(backend_ssl(&gw, "alice").await.unwrap(), "false");
+    // require: TLS for the pool and the auth relay (SCRAM, MD5, cleartext).
+    let gw = start_gateway(Opts {
+        backend_extra: "tls = \"require\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    for user in ["alice", "md5_user", "clear_user"] {
+        assert_eq!(backend_ssl(&gw, user).await.unwrap(), "true", "{user}");
+    }
+    // verify-full against the server's CA.
+    let gw = start_gateway(Opts {
+        backend_extra: format!("tls = \"verify-full\"\ntls_ca_file = {ca:?}\n"),
+        ..Opts::default()
+    })
+    .await;
+    assert_eq!(backend_ssl(&gw, "alice").await.unwrap(), "true");
+    // verify-full against another CA: no login, a clear 08006.
+    let certs = tempfile::tempdir().unwrap();
+    let (other_ca, _) = write_test_cert(certs.path());
+    let gw = start_gateway(Opts {
+        backend_extra: format!("tls = \"verify-full\"\ntls_ca_file = {other_ca:?}\n"),
+        ..Opts::default()
+    })
+    .await;
+    let err = backend_ssl(&gw, "alice")
+        .await
+        .expect_err("untrusted server certificate");
+    assert_eq!(support::sqlstate(&err), "08006", "{err:?}");
+}

@@ -29,6 +29,8 @@ pub const USERS: &[(&str, &str)] = &[
 pub struct Cluster {
     pub port: u16,
     data: PathBuf,
+    /// The server's self-signed certificate (PostgreSQL runs with ssl = on).
+    pub ca_file: PathBuf,
 }
 
 impl Cluster {
@@ -175,6 +177,18 @@ fn start() -> Cluster {
         "port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 400\nshared_buffers = 64MB\nlog_min_messages = warning\n",
         dir.display()
     );
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    write_as_postgres(&data.join("server.crt"), &cert.cert.pem());
+    write_as_postgres(&data.join("server.key"), &cert.signing_key.serialize_pem());
+    std::fs::set_permissions(
+        data.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let conf =
+        format!("{conf}ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
     let existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
     write_as_postgres(
         &data.join("postgresql.conf"),
@@ -193,7 +207,12 @@ fn start() -> Cluster {
         "start",
     ]);
     run(pg_ctl, "pg_ctl start");
-    let cluster = Cluster { port, data };
+    let ca_file = data.join("server.crt");
+    let cluster = Cluster {
+        port,
+        data,
+        ca_file,
+    };
     cluster.psql("postgres", &setup_sql());
     cluster.psql("postgres", "CREATE DATABASE app");
     cluster.psql("app", APP_SQL);

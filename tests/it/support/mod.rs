@@ -53,6 +53,8 @@ pub struct Opts {
     pub memory_store: Option<std::sync::Arc<pgwarden::audit::MemoryControl>>,
     /// Point the gateway at this port instead of the cluster's.
     pub backend_port: Option<u16>,
+    /// Extra TOML appended to the `[backend]` table.
+    pub backend_extra: String,
 }
 
 impl Default for Opts {
@@ -70,6 +72,7 @@ impl Default for Opts {
             audit_extra: String::new(),
             memory_store: None,
             backend_port: None,
+            backend_extra: String::new(),
         }
     }
 }
@@ -204,6 +207,7 @@ host = "127.0.0.1"
 port = {port}
 service_user = "{svc}"
 service_password = "{pw}"
+{backend_extra}
 
 [pool]
 mode = "{mode}"
@@ -222,6 +226,7 @@ store = "audit"
         audit_extra = opts.audit_extra,
         extra = opts.server_extra,
         port = opts.backend_port.unwrap_or(pg.port),
+        backend_extra = opts.backend_extra,
         svc = opts.service_user,
         pw = cluster::SERVICE_PASSWORD,
         mode = opts.mode,

@@ -149,7 +149,7 @@ fn serve(path: &std::path::Path) -> u8 {
             }
         };
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgwarden serving");
-        spawn_reload_on_sighup(gateway.shared().clone());
+        spawn_reload_on_sighup(gateway.shared().clone(), path.to_path_buf());
         gateway.serve(listener, shutdown_signal()).await;
         0
     })
@@ -174,8 +174,9 @@ fn raise_fd_limit() {
     }
 }
 
-/// SIGHUP re-reads the policies; a bad file keeps the policy in force.
-fn spawn_reload_on_sighup(shared: std::sync::Arc<pgwarden::session::Shared>) {
+/// SIGHUP re-reads the configuration and the policies; anything invalid
+/// keeps what is in force.
+fn spawn_reload_on_sighup(shared: std::sync::Arc<pgwarden::session::Shared>, path: PathBuf) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; policy reload disabled");
@@ -183,11 +184,17 @@ fn spawn_reload_on_sighup(shared: std::sync::Arc<pgwarden::session::Shared>) {
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            match shared.reload_policy() {
-                Ok(rules) => tracing::info!(rules, "policies reloaded"),
-                Err(e) => {
-                    tracing::error!("policy reload failed, keeping the policies in force: {e}")
+            match shared.reload(&path) {
+                Ok(restart) if restart.is_empty() => {
+                    tracing::info!("configuration and policies reloaded")
                 }
+                Ok(restart) => tracing::warn!(
+                    "configuration and policies reloaded; changed keys that need a restart: {}",
+                    restart.join(", ")
+                ),
+                Err(e) => tracing::error!(
+                    "reload failed, keeping the configuration and policies in force: {e}"
+                ),
             }
         }
     });

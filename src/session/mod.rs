@@ -37,6 +37,28 @@ use client::{ClientConn, ClientError};
 use relay::{End, QueryLoop};
 use startup::FirstPacket;
 
+/// The settings SIGHUP can change for running sessions too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Live {
+    pub client_idle_timeout_ms: u64,
+    pub idle_in_transaction_timeout_ms: u64,
+    pub query_timeout_ms: u64,
+    pub verify: crate::config::VerifyMode,
+    pub log_parameters: bool,
+}
+
+impl Live {
+    pub fn from_config(config: &Config) -> Live {
+        Live {
+            client_idle_timeout_ms: config.server.client_idle_timeout_ms,
+            idle_in_transaction_timeout_ms: config.server.idle_in_transaction_timeout_ms,
+            query_timeout_ms: config.server.query_timeout_ms,
+            verify: config.identity.verify,
+            log_parameters: config.audit.log_parameters,
+        }
+    }
+}
+
 /// Everything sessions share.
 pub struct Shared {
     pub config: Arc<Config>,
@@ -53,6 +75,8 @@ pub struct Shared {
     /// One permit per login being relayed (`max_auth_connections`).
     pub auth_slots: tokio::sync::Semaphore,
     pub metrics: crate::metrics::Metrics,
+    /// Reloadable settings (SIGHUP); `config` keeps the ones that need a restart.
+    pub live: RwLock<Arc<Live>>,
 }
 
 impl Shared {
@@ -63,14 +87,51 @@ impl Shared {
             .clone()
     }
 
-    /// Re-reads the policy directory (SIGHUP). On error the policy in force
-    /// stays, and the error says why. Sessions already logged in keep their
-    /// role; new logins use the new policy.
-    pub fn reload_policy(&self) -> Result<usize, crate::identity::policy::PolicyError> {
-        let policy = Policy::load_dir(&self.config.identity.policy_dir)?;
-        let rules = policy.rules().len();
+    /// The reloadable settings in force.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// SIGHUP: re-reads the config file and the policies. On any error
+    /// nothing changes and the error says why. The timeouts, `verify` and
+    /// `log_parameters` apply at once, to running sessions too; new logins
+    /// use the new policy (sessions keep their role). Returns the keys that
+    /// changed but need a restart.
+    pub fn reload(&self, path: &std::path::Path) -> Result<Vec<&'static str>, String> {
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let policy = Policy::load_dir(&config.identity.policy_dir).map_err(|e| e.to_string())?;
+        let old = &self.config;
+        let mut restart = Vec::new();
+        let mut check = |changed: bool, key: &'static str| {
+            if changed {
+                restart.push(key);
+            }
+        };
+        check(old.server.listen != config.server.listen, "server.listen");
+        check(
+            old.server.tls_cert != config.server.tls_cert,
+            "server.tls_cert",
+        );
+        check(
+            old.backend.address() != config.backend.address(),
+            "backend host/port",
+        );
+        check(
+            old.backend.service_user != config.backend.service_user,
+            "backend.service_user",
+        );
+        check(old.pool.size != config.pool.size, "pool.size");
+        check(old.pool.mode != config.pool.mode, "pool.mode");
+        check(old.audit.store != config.audit.store, "audit.store");
+        check(
+            old.audit.durability != config.audit.durability,
+            "audit.durability",
+        );
+        check(old.audit.enabled != config.audit.enabled, "audit.enabled");
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
-        Ok(rules)
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(Live::from_config(&config));
+        Ok(restart)
     }
 }
 

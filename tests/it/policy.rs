@@ -111,3 +111,48 @@ async fn sighup_reloads_policies_and_keeps_them_when_bad() {
     gw.signal(libc::SIGTERM);
     assert_eq!(gw.wait().await.0, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_reloadable_settings_to_running_sessions() {
+    let gw =
+        support::BinaryGateway::start(support::TEST_POLICY, "[audit]\nenabled = false\n").await;
+    let url = format!(
+        "host=127.0.0.1 port={} user=alice password={} dbname=app",
+        gw.port,
+        support::password_of("alice")
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.simple_query("SELECT pg_sleep(0.5)").await.unwrap();
+    let config = gw.dir.path().join("pgwarden.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[server]\n", "[server]\nquery_timeout_ms = 300\n"),
+    )
+    .unwrap();
+    gw.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The same, still connected client now has its statements cut at 300 ms.
+    let started = std::time::Instant::now();
+    let err = client
+        .simple_query("SELECT pg_sleep(10)")
+        .await
+        .expect_err("timed out");
+    assert_eq!(support::sqlstate(&err), "57014");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(support::one(&client, "SELECT 1").await, "1");
+    // An invalid file changes nothing.
+    std::fs::write(&config, "[server]\nlisten = 42\n").unwrap();
+    gw.signal(libc::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = client
+        .simple_query("SELECT pg_sleep(10)")
+        .await
+        .expect_err("still timed out");
+    assert_eq!(support::sqlstate(&err), "57014");
+    gw.signal(libc::SIGTERM);
+    assert_eq!(gw.wait().await.0, Some(0));
+}

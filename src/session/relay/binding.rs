@@ -41,7 +41,7 @@ impl QueryLoop<'_> {
     /// Binds a server connection if none is bound: acquires one and asserts
     /// the client's identity on it.
     pub(super) async fn bind_server(&mut self) -> Result<(), PgError> {
-        self.needs_verify = self.shared.config.identity.verify == VerifyMode::Transaction;
+        self.needs_verify = self.shared.live().verify == VerifyMode::Transaction;
         if self.server.is_some() {
             return Ok(());
         }

@@ -266,7 +266,7 @@ impl<'a> QueryLoop<'a> {
 
     /// The next timeout that applies in the current state, if configured.
     fn next_timeout(&self) -> Option<(Timeout, Instant)> {
-        let server = &self.shared.config.server;
+        let server = self.shared.live();
         let after = |ms: u64, from: Instant| (ms > 0).then(|| from + Duration::from_millis(ms));
         if !self.tracker.is_empty() {
             // The server is working for the client.

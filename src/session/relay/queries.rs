@@ -161,7 +161,7 @@ impl QueryLoop<'_> {
                 .get(bind.statement)
                 .map(|s| s.sql.clone())
                 .unwrap_or_default();
-            let params = if self.shared.config.audit.log_parameters {
+            let params = if self.shared.live().log_parameters {
                 Some(
                     bind.params_for_audit()
                         .map_err(|e| End::Fatal(protocol_error(e)))?,

@@ -141,7 +141,18 @@ pub fn sample_store(dir: &Path) -> String {
 /// Opens the store with plain sled (as an attacker would) and lets `edit`
 /// change it.
 pub fn tamper(dir: &Path, edit: impl FnOnce(&sled::Db)) {
-    let db = sled::open(dir).expect("open for tampering");
+    // Another test forking a child at the wrong moment can hold the lock
+    // for an instant (the child inherits the descriptor until it execs).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let db = loop {
+        match sled::open(dir) {
+            Ok(db) => break db,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("open for tampering: {e:?}"),
+        }
+    };
     edit(&db);
     db.flush().expect("flush tampering");
 }

@@ -92,3 +92,69 @@ mod fuzz {
         }
     }
 }
+
+/// Property tests (proptest) of the frame decoder and the startup parser:
+/// any bytes, split anywhere, give the same frames as the whole input, never
+/// a panic, and never a reservation beyond the limits.
+#[cfg(test)]
+mod properties {
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    use super::{frame, startup};
+
+    fn frames(input: &[u8], cut: usize) -> Result<Vec<Vec<u8>>, frame::ProtocolError> {
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let (a, b) = input.split_at(cut.min(input.len()));
+        for chunk in [a, b] {
+            buf.extend_from_slice(chunk);
+            while let Some(f) = frame::split_frame(&mut buf, 4096)? {
+                out.push(f.to_vec());
+            }
+            assert!(buf.capacity() <= 4096 + 2 * input.len() + 64);
+        }
+        Ok(out)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn frame_decoding_does_not_depend_on_how_bytes_arrive(
+            input in proptest::collection::vec(any::<u8>(), 0..512),
+            cut in 0usize..512,
+        ) {
+            let whole = frames(&input, input.len());
+            let split = frames(&input, cut);
+            prop_assert_eq!(whole, split);
+        }
+
+        #[test]
+        fn well_formed_frames_round_trip(
+            tag in any::<u8>(),
+            bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..8),
+        ) {
+            let mut input = Vec::new();
+            for body in &bodies {
+                input.push(tag);
+                input.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+                input.extend_from_slice(body);
+            }
+            let got = frames(&input, input.len() / 2).unwrap();
+            prop_assert_eq!(got.len(), bodies.len());
+            for (frame, body) in got.iter().zip(&bodies) {
+                prop_assert_eq!(&frame[5..], &body[..]);
+            }
+        }
+
+        #[test]
+        fn startup_parsing_never_panics_or_over_reserves(
+            input in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut buf = BytesMut::from(&input[..]);
+            while let Ok(Some(_)) = startup::split_startup(&mut buf) {}
+            prop_assert!(buf.capacity() <= startup::MAX_STARTUP_PACKET + 256);
+        }
+    }
+}

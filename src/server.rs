@@ -14,7 +14,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
 use crate::audit::Auditor;
 use crate::config::Config;
@@ -167,6 +166,3 @@ impl Gateway {
         }
     }
 }
-
-/// A TLS acceptor, for the TLS module's users.
-pub type Acceptor = TlsAcceptor;

@@ -230,19 +230,12 @@ pub async fn serve(
 
 type LoggedIn = (ClientConn, Identity, (i32, i32, Arc<cancel::CancelSlot>));
 
-/// Why a login attempt failed in a way the client must be told about.
-#[derive(Debug, thiserror::Error)]
-enum LoginError {
-    #[error(transparent)]
-    Client(#[from] ClientError),
-}
-
 async fn login(
     shared: &Shared,
     mut client: ClientConn,
     startup: StartupMessage,
     peer: SocketAddr,
-) -> Result<Option<LoggedIn>, LoginError> {
+) -> Result<Option<LoggedIn>, ClientError> {
     let mut ident = Identity {
         session_id: new_session_id(),
         client_user: String::new(),
@@ -324,7 +317,7 @@ async fn login(
             client.send_error(&protocol_fatal(&e)).await;
             return Ok(None);
         }
-        Err(RelayError::Client(e)) => return Err(e.into()),
+        Err(RelayError::Client(e)) => return Err(e),
     }
     let (pid, secret, slot) = shared.cancels.register(&ident.session_id);
     let mut out = BytesMut::new();
@@ -332,7 +325,7 @@ async fn login(
     messages::ready_for_query(&mut out, b'I');
     if let Err(e) = client.write_all(&out).await {
         shared.cancels.unregister(pid, secret);
-        return Err(e.into());
+        return Err(e);
     }
     shared
         .auditor

@@ -6,7 +6,7 @@
 //! records. After [`Auditor::shutdown`] every append fails with
 //! [`AuditError::Closed`] (or is logged and counted when nobody waits).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,9 @@ pub struct Auditor {
 struct Inner {
     tx: mpsc::Sender<Msg>,
     on_failure: OnFailure,
+    durability: Durability,
+    /// The next ticket handed out by [`Auditor::ticket`].
+    next_ticket: AtomicU64,
     counters: Arc<Counters>,
     /// The final chain head, once shut down (makes shutdown idempotent).
     stopped: Mutex<Option<String>>,
@@ -81,6 +84,8 @@ impl Auditor {
             inner: Some(Arc::new(Inner {
                 tx,
                 on_failure: cfg.on_failure,
+                durability: cfg.durability,
+                next_ticket: AtomicU64::new(1),
                 counters,
                 stopped: Mutex::new(None),
             })),
@@ -121,6 +126,35 @@ impl Auditor {
         };
         inner.tx.send(msg).await.map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// A ticket for a `query` event ([`super::Link::Query`]), whose `result`
+    /// then names it ([`super::Link::Result`]) instead of the query's seq:
+    /// the writer fills in `ref_seq`, so the appender need not wait for it.
+    pub fn ticket(&self) -> u64 {
+        self.inner
+            .as_ref()
+            .map_or(0, |i| i.next_ticket.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Write-ahead append of a statement's record, as far as the durability
+    /// mode asks before the statement may be forwarded: `group` and `sync`
+    /// wait for [`Auditor::append`]; `async` only queues it (the writer
+    /// stores it within a millisecond and fsyncs it within
+    /// `flush_interval_ms` of queueing), unless the store is failing, when
+    /// it waits for the verdict like the others so that a broken store
+    /// refuses statements. `Err` means the statement must not be forwarded
+    /// (unless `on_failure = "allow"`).
+    pub async fn append_ahead(&self, event: Event) -> Result<(), AuditError> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        if inner.durability == Durability::Async && !inner.counters.failing.load(Ordering::Relaxed)
+        {
+            let msg = Msg::Append { event, reply: None };
+            return inner.tx.send(msg).await.map_err(|_| AuditError::Closed);
+        }
+        self.append(event).await.map(|_| ())
     }
 
     /// Same ordering and chaining as [`Auditor::append`] without waiting for
@@ -198,7 +232,7 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
-    use crate::audit::record::{Event, Kind, Record};
+    use crate::audit::record::{Event, Kind, Link, Record};
     use crate::audit::store::MemoryStore;
     use crate::audit::{AuditError, Auditor};
     use crate::config::{AuditConfig, Durability};
@@ -306,6 +340,72 @@ mod tests {
             "fsynced after the interval"
         );
         assert!(start.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn results_find_their_query_by_ticket_in_every_mode() {
+        for durability in [Durability::Async, Durability::Group, Durability::Sync] {
+            let store = MemoryStore::default();
+            let auditor = open(&store, durability);
+            let tickets: Vec<u64> = (0..3).map(|_| auditor.ticket()).collect();
+            for (i, ticket) in tickets.iter().enumerate() {
+                let mut ev = Event::new(Kind::Query);
+                ev.statement = Some(format!("select {i}"));
+                ev.link = Link::Query(*ticket);
+                auditor.append_ahead(ev).await.unwrap();
+            }
+            // Results in another order than their queries.
+            for (i, ticket) in tickets.iter().enumerate().rev() {
+                let mut ev = Event::new(Kind::Result);
+                ev.message = Some(format!("done {i}"));
+                ev.link = Link::Result(*ticket);
+                auditor.append_nowait(ev).await;
+            }
+            assert!(
+                eventually(|| stored(&store).len() == 7).await,
+                "{durability:?}"
+            );
+            let records = stored(&store);
+            for r in records.iter().filter(|r| r.kind == Kind::Result) {
+                let i = r.message.as_deref().unwrap().trim_start_matches("done ");
+                let query = &records[r.ref_seq.expect("ref_seq") as usize - 1];
+                assert_eq!(
+                    query.statement.as_deref(),
+                    Some(format!("select {i}").as_str())
+                );
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_appends_ahead_queue_only_while_the_store_is_healthy() {
+        let store = MemoryStore::default();
+        let auditor = open(&store, Durability::Async);
+        store.control.fail_inserts.store(true, Ordering::SeqCst);
+        // Queued without waiting: the failure is not known yet.
+        assert!(auditor.append_ahead(Event::new(Kind::Query)).await.is_ok());
+        assert!(eventually(|| auditor.counters().failed >= 1).await);
+        // Now appends wait for their verdict: the statement is refused.
+        let err = auditor
+            .append_ahead(Event::new(Kind::Query))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AuditError::Write(_)), "{err}");
+        store.control.fail_inserts.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(auditor.append_ahead(Event::new(Kind::Query)).await.is_ok());
+        assert!(
+            eventually(|| !auditor
+                .inner
+                .as_ref()
+                .unwrap()
+                .counters
+                .failing
+                .load(Ordering::Relaxed))
+            .await
+        );
+        assert!(auditor.append_ahead(Event::new(Kind::Query)).await.is_ok());
+        assert!(eventually(|| stored(&store).len() == 3).await);
     }
 
     #[tokio::test]

@@ -5,8 +5,8 @@
 //!
 //! Invariant: seqs are contiguous from 1 and never reused; record `n`'s
 //! `prev_hash` is record `n-1`'s `hash`; a statement's `query` record is
-//! stored before [`Auditor::append`] returns, so before the gateway forwards
-//! the statement.
+//! stored as its durability mode defines before [`Auditor::append_ahead`]
+//! returns, so before the gateway forwards the statement.
 //!
 //! Layout: [`record`] (fields and canonical bytes), [`chain`] (hashing),
 //! [`store`] (sled and the `Store` trait), [`writer`] (the thread that owns
@@ -33,7 +33,7 @@ mod testutil;
 
 pub use auditor::{AuditCounters, Auditor};
 pub use chain::GENESIS_HASH;
-pub use record::{Event, Kind, Record, Status};
+pub use record::{Event, Kind, Link, Record, Status};
 pub use store::{MemoryControl, MemoryStore, SledStore, Store, StoreReader};
 
 /// Why the audit trail could not be opened, written or read.

@@ -148,6 +148,21 @@ pub struct Event {
     pub backend_pid: Option<i32>,
     /// On a `result`: the `seq` of its `query`.
     pub ref_seq: Option<u64>,
+    /// Not stored: lets a `result` find its `query`'s seq in the writer when
+    /// the appender did not wait to learn it.
+    pub link: Link,
+}
+
+/// A ticket that ties a `result` to its `query` inside the writer, so an
+/// appender need not wait for the query's seq (see [`super::Auditor::ticket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Link {
+    #[default]
+    None,
+    /// A `query`: the writer remembers its seq under this ticket.
+    Query(u64),
+    /// A `result`: its `ref_seq` is the seq remembered under this ticket.
+    Result(u64),
 }
 
 impl Event {
@@ -171,6 +186,7 @@ impl Event {
             duration_us: None,
             backend_pid: None,
             ref_seq: None,
+            link: Link::None,
         }
     }
 }

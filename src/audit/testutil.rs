@@ -65,17 +65,28 @@ pub fn result(
 /// would stamp "now"), returning the chain head. A `gateway_stop` without a
 /// message gets the writer's `chain head <hex>`.
 pub fn build_store(dir: &Path, events: Vec<(&str, Event)>) -> String {
+    build_store_in_runs(dir, events, 1)
+}
+
+/// [`build_store`] storing `run` records per sled value, as the writer's
+/// [`Store::insert_run`] does (the last run may be shorter).
+pub fn build_store_in_runs(dir: &Path, events: Vec<(&str, Event)>, run: usize) -> String {
     let mut store = SledStore::open(dir).expect("open store");
     let mut chain = Chain::empty();
+    let mut sealed = Vec::new();
     for (ts, mut event) in events {
         if event.kind == Kind::GatewayStop && event.message.is_none() {
             event.message = Some(format!("chain head {}", chain.head));
         }
-        let sealed = chain.seal(event, ts.to_string());
+        let s = chain.seal(event, ts.to_string());
+        chain.advance(&s.record);
+        sealed.push(s);
+    }
+    for group in sealed.chunks(run) {
+        let values: Vec<&[u8]> = group.iter().map(|s| s.bytes.as_slice()).collect();
         store
-            .insert(sealed.record.seq, &sealed.bytes)
+            .insert_run(group[0].record.seq, &values)
             .expect("insert");
-        chain.advance(&sealed.record);
     }
     store.sync().expect("sync");
     chain.head
@@ -87,9 +98,14 @@ pub fn build_store(dir: &Path, events: Vec<(&str, Event)>) -> String {
 /// 9 session_start bob, 10 query bob with a comma/quote/newline, 11 result,
 /// 12 gateway_stop.
 pub fn sample_store(dir: &Path) -> String {
+    sample_store_in_runs(dir, 1)
+}
+
+/// [`sample_store`] with `run` records per sled value.
+pub fn sample_store_in_runs(dir: &Path, run: usize) -> String {
     let mut q10 = query("bob", "sales", "select 'a,\"b\"'\n, 2");
     q10.params = Some(vec![Some("x".into()), None]);
-    build_store(
+    build_store_in_runs(
         dir,
         vec![
             (
@@ -135,6 +151,7 @@ pub fn sample_store(dir: &Path) -> String {
             ),
             ("2026-11-27T12:00:00.000000Z", Event::new(Kind::GatewayStop)),
         ],
+        run,
     )
 }
 

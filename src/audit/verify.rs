@@ -224,4 +224,99 @@ mod tests {
         assert_eq!(bad.seq, 12, "{bad}");
         assert!(bad.reason.contains("gateway_stop"), "{bad}");
     }
+
+    /// Runs of 5: seqs 1-5, 6-10 and 11-12 each share one sled value.
+    fn edited_runs(edit: impl FnOnce(&sled::Db)) -> BadRecord {
+        let dir = tempfile::tempdir().unwrap();
+        crate::audit::testutil::sample_store_in_runs(dir.path(), 5);
+        tamper(dir.path(), edit);
+        run(dir.path()).unwrap_err()
+    }
+
+    /// Unpacks the run stored under `first`, lets `edit` change its records
+    /// and stores it back.
+    fn edit_run(db: &sled::Db, first: u64, edit: impl FnOnce(&mut Vec<Vec<u8>>)) {
+        let value = db.get(key(first)).unwrap().unwrap();
+        let mut records: Vec<Vec<u8>> = crate::audit::store::unpack(first, value)
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v.to_vec())
+            .collect();
+        edit(&mut records);
+        let values: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+        db.insert(key(first), crate::audit::store::encode_run(&values))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_store_of_runs_verifies_and_reads_like_one_of_single_records() {
+        let singles = tempfile::tempdir().unwrap();
+        let runs = tempfile::tempdir().unwrap();
+        let head = sample_store(singles.path());
+        assert_eq!(
+            crate::audit::testutil::sample_store_in_runs(runs.path(), 5),
+            head
+        );
+        assert_eq!(run(runs.path()).unwrap(), Intact { records: 12, head });
+        let a = StoreReader::open(singles.path()).unwrap();
+        let b = StoreReader::open(runs.path()).unwrap();
+        for from in [0, 1, 4, 6, 7, 12, 13] {
+            let left: Vec<_> = a.scan_from(from).map(|e| e.unwrap()).collect();
+            let right: Vec<_> = b.scan_from(from).map(|e| e.unwrap()).collect();
+            assert_eq!(left, right, "scan from {from}");
+        }
+        for seq in 0..=13 {
+            assert_eq!(a.get(seq).unwrap(), b.get(seq).unwrap(), "get {seq}");
+        }
+    }
+
+    #[test]
+    fn a_changed_record_inside_a_run_is_named() {
+        let bad = edited_runs(|db| {
+            edit_run(db, 6, |records| {
+                let text = String::from_utf8(records[1].clone()).unwrap();
+                records[1] = text.replace("pg_sleep", "pg_slept").into_bytes();
+            })
+        });
+        assert_eq!(bad.seq, 7, "{bad}");
+        assert!(bad.reason.contains("changed"), "{bad}");
+    }
+
+    #[test]
+    fn a_record_removed_from_inside_a_run_is_named() {
+        let bad = edited_runs(|db| edit_run(db, 6, |records| drop(records.remove(1))));
+        assert_eq!(bad.seq, 7, "{bad}");
+    }
+
+    #[test]
+    fn records_swapped_inside_a_run_are_named() {
+        let bad = edited_runs(|db| edit_run(db, 1, |records| records.swap(2, 3)));
+        assert_eq!(bad.seq, 3, "{bad}");
+        assert!(bad.reason.contains("reordered"), "{bad}");
+    }
+
+    #[test]
+    fn a_removed_run_is_named() {
+        let bad = edited_runs(|db| {
+            db.remove(key(6)).unwrap();
+        });
+        assert_eq!(bad.seq, 6, "{bad}");
+        assert!(bad.reason.contains("missing"), "{bad}");
+    }
+
+    #[test]
+    fn a_cut_run_is_named() {
+        let bad = edited_runs(|db| {
+            let value = db.get(key(6)).unwrap().unwrap();
+            db.insert(key(6), &value[..value.len() - 10]).unwrap();
+        });
+        assert_eq!(bad.seq, 6, "{bad}");
+        assert!(bad.reason.contains("cut"), "{bad}");
+    }
+
+    #[test]
+    fn a_run_whose_records_were_all_removed_is_named() {
+        let bad = edited_runs(|db| edit_run(db, 6, Vec::clear));
+        assert_eq!(bad.seq, 6, "{bad}");
+    }
 }

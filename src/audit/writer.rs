@@ -8,10 +8,16 @@
 //! - `group`: every record of a batch (all that queued up while the previous
 //!   fsync ran) is inserted, then one fsync, then all waiters are answered;
 //! - `sync`: insert, fsync, answer, one record at a time;
-//! - `async`: insert and answer at once; fsync at the latest
-//!   `flush_interval_ms` after the first unsynced record. After a failed
-//!   background fsync the writer behaves like `group` until an fsync
+//! - `async`: appenders only queue their record ([`super::Auditor::append_ahead`]);
+//!   the writer lets records gather for up to a millisecond, inserts them
+//!   and fsyncs at the latest `flush_interval_ms` after the first unsynced
+//!   record arrived. After a failed insert or fsync, appenders wait for
+//!   their verdict and the writer behaves like `group` until an fsync
 //!   succeeds, so callers see the failure (fail closed) instead of `Ok`.
+//!
+//! The records of one commit are stored in runs (see [`super::store`]), and
+//! a `result` whose appender did not wait for its query's seq names the
+//! query by ticket ([`super::Link`]); the writer fills in `ref_seq`.
 //!
 //! No record is dropped silently: every failure is answered to its waiter,
 //! or logged with `tracing::error!` and counted when nobody waits. After a
@@ -19,7 +25,8 @@
 //! continues the chain after its last durable record, so a full disk that
 //! gets space again heals without a restart.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,13 +35,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::chain::{compute_hash, Chain};
-use super::record::{format_ts, Event, Kind};
-use super::store::{decode, Store};
+use super::record::{format_ts, Event, Kind, Link};
+use super::store::{decode, Store, RUN_BYTES};
 use super::AuditError;
 use crate::config::Durability;
 
 /// Most records committed with one fsync; bounds the wait of the first one.
 const MAX_BATCH: usize = 4096;
+/// `async`: how long the writer lets records gather before storing them
+/// (at most half of `flush_interval_ms`).
+const ASYNC_GATHER: Duration = Duration::from_millis(1);
 /// After a store failure, how often the writer tries to reopen the store.
 const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -64,6 +74,9 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// fsyncs that succeeded.
     pub syncs: AtomicU64,
+    /// The last insert or fsync failed and none has succeeded since: `async`
+    /// appenders wait for their record's verdict instead of only queueing it.
+    pub failing: AtomicBool,
 }
 
 /// The writer's state; lives on its own thread once [`Writer::run`] starts.
@@ -79,6 +92,8 @@ pub struct Writer {
     degraded: bool,
     /// When the store last failed (or a reopen failed); `None` when healthy.
     broken_at: Option<Instant>,
+    /// Seqs of stored `query` records by ticket, until their `result` comes.
+    links: HashMap<u64, u64>,
 }
 
 /// The chain continuing after `store`'s last record, whose own hash is
@@ -115,6 +130,7 @@ impl Writer {
             unsynced_since: None,
             degraded: false,
             broken_at: None,
+            links: HashMap::new(),
         })
     }
 
@@ -138,6 +154,8 @@ impl Writer {
                     "audit store reopened after a failure"
                 );
                 self.chain = chain;
+                // Records that were not fsynced are gone: so are their tickets.
+                self.links.clear();
                 self.broken_at = None;
                 self.unsynced_since = None;
                 self.degraded = false;
@@ -189,6 +207,13 @@ impl Writer {
                 }
                 return;
             };
+            if self.durability == Durability::Async && !self.degraded {
+                // Nobody waits for an async record: let a busy gateway's
+                // records gather, so the writer wakes once per batch. The
+                // fsync deadline counts from now, when the first arrived.
+                self.unsynced_since.get_or_insert_with(Instant::now);
+                std::thread::sleep(ASYNC_GATHER.min(self.flush_interval / 2));
+            }
             let mut batch = Vec::new();
             let mut shutdown = None;
             let mut next = Some(first);
@@ -212,28 +237,66 @@ impl Writer {
         }
     }
 
-    /// Stores a batch and answers it according to the durability mode.
+    /// Stores a batch and answers it according to the durability mode. The
+    /// records go to the store in runs of about [`RUN_BYTES`] (one record
+    /// per run with `sync`), each stored all or nothing.
     fn commit(&mut self, batch: Vec<(Event, Reply)>) {
         self.heal();
+        let ts = format_ts(OffsetDateTime::now_utc());
+        let run_records = match self.durability {
+            Durability::Sync => 1,
+            Durability::Group | Durability::Async => usize::MAX,
+        };
         let mut waiting_for_sync = Vec::new();
-        for (event, reply) in batch {
-            let seq = match self.insert(event) {
-                Ok(seq) => seq,
-                Err(e) => {
-                    self.answer(reply, Err(e));
-                    continue;
+        let mut batch = batch.into_iter().peekable();
+        while batch.peek().is_some() {
+            let mut chain = self.chain.clone();
+            let mut values = Vec::new();
+            let mut replies = Vec::new();
+            let mut tickets = Vec::new();
+            let mut size = 0;
+            while size < RUN_BYTES && replies.len() < run_records {
+                let Some((mut event, reply)) = batch.next() else {
+                    break;
+                };
+                if let Link::Result(ticket) = event.link {
+                    event.ref_seq = event.ref_seq.or_else(|| self.redeem(ticket));
                 }
-            };
-            match self.durability {
-                Durability::Sync => {
-                    let result = self.sync().map(|()| seq);
-                    self.answer(reply, result);
+                let link = event.link;
+                let sealed = chain.seal(event, ts.clone());
+                chain.advance(&sealed.record);
+                if let Link::Query(ticket) = link {
+                    self.links.insert(ticket, sealed.record.seq);
+                    tickets.push(ticket);
                 }
-                Durability::Group => waiting_for_sync.push((seq, reply)),
-                Durability::Async if self.degraded => waiting_for_sync.push((seq, reply)),
-                Durability::Async => {
-                    self.unsynced_since.get_or_insert_with(Instant::now);
-                    self.answer(reply, Ok(seq));
+                size += sealed.bytes.len();
+                replies.push((sealed.record.seq, reply));
+                values.push(sealed.bytes);
+            }
+            let run: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+            if let Err(e) = self.store.insert_run(self.chain.next_seq, &run) {
+                self.broke();
+                for ticket in tickets {
+                    self.links.remove(&ticket);
+                }
+                for (_, reply) in replies {
+                    self.answer(reply, Err(AuditError::Write(e.to_string())));
+                }
+                continue;
+            }
+            self.chain = chain;
+            for (seq, reply) in replies {
+                match self.durability {
+                    Durability::Sync => {
+                        let result = self.sync().map(|()| seq);
+                        self.answer(reply, result);
+                    }
+                    Durability::Group => waiting_for_sync.push((seq, reply)),
+                    Durability::Async if self.degraded => waiting_for_sync.push((seq, reply)),
+                    Durability::Async => {
+                        self.unsynced_since.get_or_insert_with(Instant::now);
+                        self.answer(reply, Ok(seq));
+                    }
                 }
             }
         }
@@ -258,12 +321,31 @@ impl Writer {
         }
     }
 
+    /// The seq of the `query` that took `ticket`, forgetting it: each
+    /// result redeems its ticket once.
+    fn redeem(&mut self, ticket: u64) -> Option<u64> {
+        let seq = self.links.remove(&ticket);
+        if seq.is_none() {
+            tracing::warn!(
+                ticket,
+                "audit result whose query record was not stored; ref_seq left null"
+            );
+        }
+        seq
+    }
+
+    /// Notes a failed insert or fsync: appenders stop trusting the queue.
+    fn broke(&mut self) {
+        self.broken_at.get_or_insert_with(Instant::now);
+        self.counters.failing.store(true, Ordering::Relaxed);
+    }
+
     /// Seals `event` as the next record and inserts it; the chain advances
     /// only if the insert succeeded, so a failed seq is reused, never skipped.
     fn insert(&mut self, event: Event) -> Result<u64, AuditError> {
         let sealed = self.chain.seal(event, format_ts(OffsetDateTime::now_utc()));
         if let Err(e) = self.store.insert(sealed.record.seq, &sealed.bytes) {
-            self.broken_at.get_or_insert_with(Instant::now);
+            self.broke();
             return Err(e);
         }
         self.chain.advance(&sealed.record);
@@ -272,11 +354,12 @@ impl Writer {
 
     fn sync(&mut self) -> Result<(), AuditError> {
         if let Err(e) = self.store.sync() {
-            self.broken_at.get_or_insert_with(Instant::now);
+            self.broke();
             return Err(e);
         }
         // A store that fsyncs again needs no reopening.
         self.broken_at = None;
+        self.counters.failing.store(false, Ordering::Relaxed);
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         self.unsynced_since = None;
         Ok(())
@@ -295,6 +378,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "audit store fsync failed; acknowledged records are not yet on disk");
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                self.counters.failing.store(true, Ordering::Relaxed);
                 self.degraded = true;
                 // Retry at the next interval, not in a tight loop.
                 self.unsynced_since = Some(Instant::now());

@@ -23,8 +23,8 @@ use crate::protocol::messages::{self, ErrorFields, PgError};
 /// An audited statement waiting for its outcome.
 #[derive(Debug, Clone)]
 pub struct Pending {
-    /// The `seq` of its `query` audit record.
-    pub seq: u64,
+    /// The ticket of its `query` audit record ([`crate::audit::Link`]).
+    pub ticket: u64,
     pub started: Instant,
 }
 
@@ -412,9 +412,9 @@ mod tests {
     use super::*;
     use crate::protocol::sqlstate;
 
-    fn p(seq: u64) -> Option<Pending> {
+    fn p(ticket: u64) -> Option<Pending> {
         Some(Pending {
-            seq,
+            ticket,
             started: Instant::now(),
         })
     }
@@ -443,19 +443,19 @@ mod tests {
             assert_eq!(route(&mut t, tag, b"", &mut r), Route::Forward);
         }
         route(&mut t, b'C', b"SELECT 1\0", &mut r);
-        assert_eq!(r.pop().unwrap().pending.seq, 1);
+        assert_eq!(r.pop().unwrap().pending.ticket, 1);
         route(&mut t, b'1', b"", &mut r);
         route(&mut t, b'2', b"", &mut r);
         route(&mut t, b'E', &error_body("22012"), &mut r);
         assert_eq!(r.len(), 2);
         assert!(matches!(&r[0].outcome, Outcome::Error { code, .. } if code == "22012"));
-        assert_eq!(r[1].pending.seq, 3);
+        assert_eq!(r[1].pending.ticket, 3);
         assert_eq!(r[1].outcome, Outcome::NotExecuted);
         r.clear();
         route(&mut t, b'Z', b"I", &mut r);
         assert!(!t.is_empty());
         route(&mut t, b'C', b"SELECT 1\0", &mut r);
-        assert_eq!(r[0].pending.seq, 4);
+        assert_eq!(r[0].pending.ticket, 4);
         route(&mut t, b'Z', b"I", &mut r);
         assert!(t.is_empty());
     }

@@ -29,7 +29,7 @@ use super::prepared;
 use super::state::Effect;
 use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
 use super::{Identity, Shared};
-use crate::audit::{Event, Kind, Status};
+use crate::audit::{Event, Kind, Link, Status};
 use crate::config::{OnFailure, PoolMode, VerifyMode};
 use crate::identity::assert::{Assertion, Verdict};
 use crate::pool::{self, statements, PooledConn};
@@ -540,7 +540,7 @@ impl<'a> QueryLoop<'a> {
 
     fn result_event(&self, pending: Pending, outcome: Outcome) -> Event {
         let mut ev = self.ident.event(Kind::Result);
-        ev.ref_seq = Some(pending.seq);
+        ev.link = Link::Result(pending.ticket);
         ev.duration_us = Some(pending.started.elapsed().as_micros() as u64);
         ev.backend_pid = self.server.as_ref().map(|s| s.pid);
         match outcome {

@@ -370,16 +370,18 @@ impl QueryLoop<'_> {
         if !self.auditing {
             return Ok(None);
         }
+        let ticket = self.shared.auditor.ticket();
         let mut ev = self.ident.event(Kind::Query);
         ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
         ev.params = params;
         ev.backend_pid = self.server.as_ref().map(|s| s.pid);
+        ev.link = Link::Query(ticket);
         let started = Instant::now();
-        let appended = self.shared.auditor.append(ev).await;
+        let appended = self.shared.auditor.append_ahead(ev).await;
         self.shared.metrics.audit_append(started.elapsed());
         match appended {
-            Ok(seq) => Ok(Some(Pending {
-                seq,
+            Ok(()) => Ok(Some(Pending {
+                ticket,
                 started: Instant::now(),
             })),
             Err(e) if self.shared.auditor.on_failure() == OnFailure::Allow => {

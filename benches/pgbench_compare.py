@@ -81,12 +81,13 @@ class Cluster:
         subprocess.run(as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"]), capture_output=True)
 
 
-def start_pgwarden(tmp, pg_port, pool_size, variant):
-    """variant: an audit mode (off, async, group, sync), optionally "+verify"."""
+def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary=None):
+    """variant: an audit mode (off, async, group, sync), optionally "+verify".
+    `wrapper` is a command that runs the binary (e.g. valgrind)."""
     audit, _, extra = variant.partition("+")
     verify = "transaction" if extra == "verify" else "off"
     d = os.path.join(tmp, f"pgwarden-{variant}")
-    os.makedirs(os.path.join(d, "policies"))
+    os.makedirs(os.path.join(d, "policies"), exist_ok=True)
     with open(os.path.join(d, "policies", "bench.toml"), "w") as f:
         f.write('[[map]]\nclients = ["bench"]\nrole = "bench_role"\n')
     port = free_port()
@@ -96,11 +97,16 @@ def start_pgwarden(tmp, pg_port, pool_size, variant):
         f.write(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
                 f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\n[identity]\nverify = "{verify}"\n'
                 f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n')
-    binary = os.path.join(ROOT, "target", "release", "pgwarden")
-    proc = subprocess.Popen([binary, "serve", "-c", os.path.join(d, "pgwarden.toml")],
+    binary = binary or os.path.join(ROOT, "target", "release", "pgwarden")
+    proc = subprocess.Popen([*wrapper, binary, "serve", "-c", os.path.join(d, "pgwarden.toml")],
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"),
                             env=dict(os.environ, PGWARDEN_LOG="warn"))
-    wait_port(port)
+    try:
+        wait_port(port, wait)
+    except RuntimeError:
+        proc.kill()
+        with open(os.path.join(d, "log")) as log:
+            sys.exit(f"pgwarden ({variant}) did not start:\n{log.read()[-2000:]}")
     return proc, port
 
 

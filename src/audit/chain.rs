@@ -29,7 +29,10 @@ fn hash_canonical(prev_hash: &str, canonical: &[u8]) -> String {
         Err(_) => hasher.update(prev_hash.as_bytes()),
     }
     hasher.update(canonical);
-    hex::encode(hasher.finalize())
+    let mut hex = [0u8; 64];
+    // 32 bytes always fit 64 hex digits; the digits are ASCII.
+    hex::encode_to_slice(hasher.finalize(), &mut hex).expect("64 hex digits");
+    String::from_utf8_lossy(&hex).into_owned()
 }
 
 /// A record ready to store: the record and its stored bytes.

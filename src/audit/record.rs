@@ -396,6 +396,13 @@ pub fn write_json_value(out: &mut String, value: &Value<'_>) {
 pub fn write_json_string(out: &mut String, s: &str) {
     out.push('"');
     let bytes = s.as_bytes();
+    // Most values need no escape at all: one plain scan, one copy.
+    let needs_escape = |b: &u8| *b < 0x20 || *b == b'"' || *b == b'\\';
+    if !bytes.iter().any(needs_escape) {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape = match b {

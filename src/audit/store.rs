@@ -3,17 +3,19 @@
 //! the offline commands.
 //!
 //! Invariant: keys are big-endian `seq`s, in seq order. A value is either one
-//! stored record (a JSON object) or a *run*: [`RUN_TAG`] followed by
-//! consecutive records, each as a 4-byte big-endian length and its bytes,
-//! stored under the seq of the first. After [`Store::sync`] returns `Ok`,
+//! stored record (a JSON object) or a *run* of consecutive records stored
+//! under the seq of the first ([`encode_run`]: LZ4-compressed, since the
+//! records of a session repeat most of their bytes). After [`Store::sync`] returns `Ok`,
 //! every earlier insert is on disk (fsynced).
 //!
 //! Why runs: sled 0.34 splits a leaf every 17 entries whatever their size,
-//! and each insert costs 10-25 µs of tree work and copying (measured under
+//! each insert costs 10-25 µs of tree work, and every byte is copied several
+//! times (into the node, into the log, again at each split; measured under
 //! pgbench: more CPU than the relay itself). The writer packs the records of
-//! one commit into runs of at most [`RUN_BYTES`], so that cost is paid per
-//! run; a run stays small enough that a leaf of 17 of them stays under the
-//! 128 KiB at which sled moves a page to a blob file.
+//! one commit into runs of about [`RUN_BYTES`], so the per-insert cost is
+//! paid per run, and compresses them, which cuts the bytes sled handles
+//! about fivefold; a compressed run stays small enough that a leaf of 17
+//! stays under the 128 KiB at which sled moves a page to a blob file.
 //!
 //! sled 0.34 facts this module is built around (measured, see the tests):
 //! - `Db::flush` on Linux ends in `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)`,
@@ -50,8 +52,9 @@ const READER_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// First byte of a value holding a run of records (a record starts with `{`).
 pub const RUN_TAG: u8 = 0x01;
-/// The writer closes a run before it would grow past this many bytes.
-pub const RUN_BYTES: usize = 7 * 1024;
+/// The writer closes a run once its records reach this many bytes
+/// (uncompressed).
+pub const RUN_BYTES: usize = 16 * 1024;
 
 /// The writer's view of a store. Implementations need not be thread-safe:
 /// the writer thread owns its store.
@@ -88,21 +91,28 @@ fn seq_of(key: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
 }
 
-/// The stored value of a run: [`RUN_TAG`], then each record's length and bytes.
+/// The stored value of a run: [`RUN_TAG`], then an LZ4 block (its
+/// uncompressed size first, 4 bytes little-endian) of each record's length
+/// (4 bytes big-endian) and bytes.
 pub fn encode_run(values: &[&[u8]]) -> Vec<u8> {
-    let size = values.iter().map(|v| v.len() + 4).sum::<usize>() + 1;
-    let mut out = Vec::with_capacity(size);
-    out.push(RUN_TAG);
+    let size = values.iter().map(|v| v.len() + 4).sum::<usize>();
+    let mut body = Vec::with_capacity(size);
     for value in values {
         // A record never reaches 4 GiB: statements are bounded by max_message_size.
-        out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-        out.extend_from_slice(value);
+        body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        body.extend_from_slice(value);
     }
+    let mut out = vec![RUN_TAG];
+    out.extend_from_slice(&lz4_flex::compress_prepend_size(&body));
     out
 }
 
+/// Largest uncompressed run a reader accepts (a damaged size must not make
+/// it allocate without bound).
+const MAX_RUN_BYTES: usize = 1 << 30;
+
 /// The records in the value stored under `first_seq`: the value itself, or
-/// the records of a run (sub-slices sharing its buffer).
+/// the records of a run (sub-slices sharing one buffer).
 pub fn unpack(first_seq: u64, value: sled::IVec) -> Result<Vec<RawEntry>, AuditError> {
     if value.first() != Some(&RUN_TAG) {
         return Ok(vec![(first_seq, value)]);
@@ -111,22 +121,32 @@ pub fn unpack(first_seq: u64, value: sled::IVec) -> Result<Vec<RawEntry>, AuditE
         seq: first_seq,
         message,
     };
+    let compressed = &value[1..];
+    let declared = compressed
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    if declared.is_none_or(|n| n > MAX_RUN_BYTES) {
+        return Err(corrupt("the run stored here has no valid size".into()));
+    }
+    let body = lz4_flex::decompress_size_prepended(compressed)
+        .map_err(|e| corrupt(format!("the run stored here is cut or damaged ({e})")))?;
+    let body = sled::IVec::from(body);
     let mut entries = Vec::new();
-    let mut at = 1;
-    while at < value.len() {
-        let Some(len) = value.get(at..at + 4) else {
+    let mut at = 0;
+    while at < body.len() {
+        let Some(len) = body.get(at..at + 4) else {
             return Err(corrupt(format!(
                 "the run stored here is cut inside a length at byte {at}"
             )));
         };
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
         let start = at + 4;
-        if value.len() - start < len {
+        if body.len() - start < len {
             return Err(corrupt(format!(
                 "the run stored here is cut inside a record at byte {start}"
             )));
         }
-        entries.push((first_seq + entries.len() as u64, value.subslice(start, len)));
+        entries.push((first_seq + entries.len() as u64, body.subslice(start, len)));
         at = start + len;
     }
     if entries.is_empty() {

@@ -315,6 +315,18 @@ mod tests {
     }
 
     #[test]
+    fn a_run_claiming_a_huge_size_is_named_without_allocating_it() {
+        let bad = edited_runs(|db| {
+            let mut value = vec![crate::audit::store::RUN_TAG];
+            value.extend_from_slice(&u32::MAX.to_le_bytes());
+            value.extend_from_slice(&[0; 16]);
+            db.insert(key(6), value).unwrap();
+        });
+        assert_eq!(bad.seq, 6, "{bad}");
+        assert!(bad.reason.contains("size"), "{bad}");
+    }
+
+    #[test]
     fn a_run_whose_records_were_all_removed_is_named() {
         let bad = edited_runs(|db| edit_run(db, 6, Vec::clear));
         assert_eq!(bad.seq, 6, "{bad}");

@@ -57,6 +57,10 @@ pub enum Deallocate {
 
 /// Recognizes `DEALLOCATE [PREPARE] {name | ALL} [;]`, nothing else.
 pub fn parse_deallocate(sql: &[u8]) -> Option<Deallocate> {
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    if !crate::session::state::starts_with_ci(&sql[start..], b"deallocate") {
+        return None;
+    }
     let text = std::str::from_utf8(sql).ok()?.trim();
     let text = text.strip_suffix(';').unwrap_or(text).trim_end();
     let (word, rest) = split_word(text)?;

@@ -220,10 +220,7 @@ pub fn effect(sql: &[u8]) -> Effect {
 /// (`DEALLOCATE` at the start of any statement): the server may then lack
 /// shared statements the gateway believes it holds.
 pub fn deallocates(sql: &[u8]) -> bool {
-    if !sql
-        .windows(10)
-        .any(|w| w.eq_ignore_ascii_case(b"deallocate"))
-    {
+    if !contains_ci(sql, b"deallocate") {
         return false;
     }
     let mut at_start = true;
@@ -240,20 +237,49 @@ pub fn deallocates(sql: &[u8]) -> bool {
     false
 }
 
-/// Case-insensitive search for the letter pairs every stateful word has.
+/// Whether `sql` may leave anything on its server connection ([`effect`])
+/// or deallocate statements ([`deallocates`]): false for most statements,
+/// which need no closer look.
+pub fn may_leave_state(sql: &[u8]) -> bool {
+    quick_scan(sql)
+}
+
+/// Case-insensitive search for the beginnings every stateful word (and
+/// `deallocate`) has. One match on each pair of bytes, so it costs a few
+/// instructions per byte.
 fn quick_scan(sql: &[u8]) -> bool {
-    const NEEDLES: &[&[u8]] = &[
-        b"set", b"disc", b"listen", b"prep", b"decl", b"load", b"temp", b"hold", b"advis",
-    ];
-    sql.windows(3).enumerate().any(|(i, w)| {
-        NEEDLES.iter().any(|n| {
-            w[0].eq_ignore_ascii_case(&n[0])
-                && w[1].eq_ignore_ascii_case(&n[1])
-                && w[2].eq_ignore_ascii_case(&n[2])
-                && sql.len() >= i + n.len()
-                && sql[i..i + n.len()].eq_ignore_ascii_case(n)
-        })
+    sql.windows(2).enumerate().any(|(i, pair)| {
+        // `| 0x20` lowercases letters; a non-letter never becomes a letter.
+        let needle: &[u8] = match [pair[0] | 0x20, pair[1] | 0x20] {
+            [b's', b'e'] => b"set",
+            [b'd', b'i'] => b"disc",
+            [b'l', b'i'] => b"listen",
+            [b'p', b'r'] => b"prep",
+            [b'd', b'e'] => {
+                return starts_with_ci(&sql[i..], b"decl")
+                    || starts_with_ci(&sql[i..], b"deallocate");
+            }
+            [b'l', b'o'] => b"load",
+            [b't', b'e'] => b"temp",
+            [b'h', b'o'] => b"hold",
+            [b'a', b'd'] => b"advis",
+            _ => return false,
+        };
+        starts_with_ci(&sql[i..], needle)
     })
+}
+
+/// Whether `sql` contains `word` (lowercase ASCII letters, at least two),
+/// ignoring ASCII case.
+fn contains_ci(sql: &[u8], word: &[u8]) -> bool {
+    sql.windows(2).enumerate().any(|(i, pair)| {
+        pair[0] | 0x20 == word[0] && pair[1] | 0x20 == word[1] && starts_with_ci(&sql[i..], word)
+    })
+}
+
+/// Whether `sql` starts with `word` (lowercase ASCII), ignoring ASCII case.
+pub fn starts_with_ci(sql: &[u8], word: &[u8]) -> bool {
+    sql.len() >= word.len() && sql[..word.len()].eq_ignore_ascii_case(word)
 }
 
 /// The statement that clears what a client may have left behind.
@@ -303,6 +329,43 @@ mod tests {
         assert!(deallocates(b"select 1; deallocate prepare pgwarden_x"));
         assert!(!deallocates(b"SELECT 'deallocate all'"));
         assert!(!deallocates(b"SELECT 1"));
+    }
+
+    proptest::proptest! {
+        /// The fast pre-filters find exactly what a plain case-insensitive
+        /// search of every window finds, on any bytes (including non-ASCII
+        /// and the punctuation that `| 0x20` maps near letters).
+        #[test]
+        fn prefilters_agree_with_a_plain_search(
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            word in proptest::sample::select(vec![
+                "set", "disc", "listen", "prep", "decl", "load", "temp", "hold", "advis",
+                "deallocate", "sel", "xyz",
+            ]),
+            upper in proptest::collection::vec(proptest::prelude::any::<bool>(), 10),
+            at in 0usize..40,
+        ) {
+            let mut sql = noise.clone();
+            let cased: Vec<u8> = word
+                .bytes()
+                .zip(upper.iter().cycle())
+                .map(|(b, up)| if *up { b.to_ascii_uppercase() } else { b })
+                .collect();
+            let at = at.min(sql.len());
+            sql.splice(at..at, cased);
+            let plain = |w: &[u8]| sql.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w));
+            let needles: [&[u8]; 9] = [
+                b"set", b"disc", b"listen", b"prep", b"decl", b"load", b"temp", b"hold", b"advis",
+            ];
+            proptest::prop_assert_eq!(
+                quick_scan(&sql),
+                needles.iter().any(|n| plain(n)) || plain(b"deallocate")
+            );
+            proptest::prop_assert_eq!(contains_ci(&sql, b"deallocate"), plain(b"deallocate"));
+            proptest::prop_assert_eq!(contains_ci(&noise, b"deallocate"), {
+                noise.windows(10).any(|x| x.eq_ignore_ascii_case(b"deallocate"))
+            });
+        }
     }
 
     #[test]

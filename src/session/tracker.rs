@@ -225,7 +225,17 @@ impl Tracker {
                 _ => Route::Forward,
             },
             b'C' | b'I' | b's' => {
-                let (tag, rows) = if tag == b'C' {
+                // Only an audited statement's outcome needs the tag.
+                let audited = matches!(
+                    self.queue.front(),
+                    Some(
+                        Expect::Query {
+                            pending: Some(_),
+                            ..
+                        } | Expect::Execute { pending: Some(_) }
+                    )
+                );
+                let (tag, rows) = if tag == b'C' && audited {
                     let (t, r) = messages::parse_command_complete(body).unwrap_or_default();
                     (Some(t), r)
                 } else {

@@ -16,6 +16,9 @@ impl QueryLoop<'_> {
         let Some(server) = self.server.as_mut() else {
             return;
         };
+        if !crate::session::state::may_leave_state(sql) {
+            return;
+        }
         if crate::session::state::deallocates(sql) {
             server.statements.mark_uncertain();
         }

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Instructions per transaction in the gateway, counted by callgrind.
+
+Starts a throwaway PostgreSQL 15 and pgwarden (release build) under
+`valgrind --tool=callgrind`, warms up, zeroes the counters, runs a fixed
+number of pgbench transactions, dumps, and prints instructions per
+transaction for the whole process and for the heaviest functions
+(inclusive). Instruction counts do not depend on machine load, so two builds
+can be compared on a busy machine; the profile guides optimisations, it is
+not a throughput figure.
+
+    python3 benches/callgrind_per_tx.py --audit off --transactions 2000
+    python3 benches/callgrind_per_tx.py --audit async -- -S -M extended
+
+Not part of CI.
+"""
+import argparse, glob, os, re, shutil, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pgbench_compare as bench  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--audit", default="off", help="off|async|group|sync, optionally +verify")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--transactions", type=int, default=1000, help="per client")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--keep", help="copy the callgrind output file here")
+    ap.add_argument("pgbench_args", nargs="*", default=["-S"])
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="pgwarden-callgrind-")
+    pg = None
+    proc = None
+    try:
+        pg = bench.Cluster(tmp, 8)
+        out = os.path.join(tmp, "callgrind.out")
+        os.environ["PGWARDEN_WRAPPER"] = f"valgrind --tool=callgrind --callgrind-out-file={out}"
+        proc, port = bench.start_pgwarden(tmp, pg.port, 8, a.audit, wrapper=os.environ["PGWARDEN_WRAPPER"].split(), wait=120)
+        # Warm up: logins, pools, caches.
+        run_pgbench(port, a.clients, 50, a.pgbench_args)
+        subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
+        txns = run_pgbench(port, a.clients, a.transactions, a.pgbench_args)
+        subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
+        time.sleep(1)
+        dumps = sorted(glob.glob(out + "*"), key=os.path.getmtime)
+        dump = [d for d in dumps if d != out][-1] if len(dumps) > 1 else dumps[-1]
+        if a.keep:
+            shutil.copy(dump, a.keep)
+        report(dump, txns, a.top)
+    finally:
+        if proc:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if pg:
+            pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_pgbench(port, clients, per_client, args):
+    cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "bench", "-c", str(clients),
+           "-j", str(min(clients, 2)), "-t", str(per_client)] + args + ["postgres"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PGPASSWORD=bench.PASSWORD))
+    if res.returncode != 0:
+        sys.exit(f"pgbench failed: {res.stderr[-500:]}")
+    return int(re.search(r"number of transactions actually processed: (\d+)", res.stdout).group(1))
+
+
+def report(dump, txns, top):
+    total = 0
+    for line in open(dump):
+        if line.startswith("summary:") or line.startswith("totals:"):
+            total = int(line.split()[1])
+    print(f"{txns} transactions, {total} instructions: {total / txns:,.0f} instructions per transaction")
+    ann = subprocess.run(["callgrind_annotate", "--inclusive=yes", f"--threshold=100", dump],
+                         capture_output=True, text=True).stdout
+    print(f"\n{'instr/tx':>10}  {'%':>5}  function (inclusive)")
+    shown = 0
+    for line in ann.splitlines():
+        m = re.match(r"\s*([\d,]+) \(\s*([\d.]+)%\)\s+(?:\S+:)?(.*)", line)
+        if not m:
+            continue
+        n = int(m.group(1).replace(",", ""))
+        name = re.sub(r"\s*\[.*\]$", "", m.group(3))
+        print(f"{n / txns:>10,.0f}  {m.group(2):>5}  {name[:110]}")
+        shown += 1
+        if shown >= top:
+            break
+
+
+if __name__ == "__main__":
+    main()

@@ -40,13 +40,13 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::record::Record;
 use super::AuditError;
 
 /// Page cache of the gateway's store: appends only touch the tail.
-const WRITER_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const WRITER_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// Page cache of the offline commands: bounds their memory on any store size.
 const READER_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
@@ -54,7 +54,7 @@ const READER_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 pub const RUN_TAG: u8 = 0x01;
 /// The writer closes a run once its records reach this many bytes
 /// (uncompressed).
-pub const RUN_BYTES: usize = 16 * 1024;
+pub const RUN_BYTES: usize = 8 * 1024;
 
 /// The writer's view of a store. Implementations need not be thread-safe:
 /// the writer thread owns its store.
@@ -214,6 +214,9 @@ pub struct SledStore {
     open: Option<OpenDb>,
     /// Blob files already fsynced (pruned to what exists at each sync).
     synced_blobs: HashSet<OsString>,
+    /// The blob directory's modification time and when it was last scanned:
+    /// see [`SledStore::sync_new_blobs`].
+    blobs_scanned: Option<(SystemTime, SystemTime)>,
 }
 
 struct OpenDb {
@@ -245,6 +248,7 @@ impl SledStore {
             path: path.to_path_buf(),
             open: Some(OpenDb::open(path)?),
             synced_blobs: HashSet::new(),
+            blobs_scanned: None,
         })
     }
 
@@ -255,8 +259,21 @@ impl SledStore {
     }
 
     /// fsyncs blob files sled wrote since the last sync, then their directory.
+    /// Skips the scan while the directory's mtime is the one seen at the last
+    /// scan and was already over a second old then: timestamps are coarse, so
+    /// a file added in the same tick as the last change could otherwise hide.
     fn sync_new_blobs(&mut self) -> std::io::Result<()> {
         let dir = self.path.join("blobs");
+        let modified = std::fs::metadata(&dir)?.modified()?;
+        if let Some((seen, scanned_at)) = self.blobs_scanned {
+            let settled = scanned_at
+                .duration_since(seen)
+                .is_ok_and(|age| age > Duration::from_secs(1));
+            if seen == modified && settled {
+                return Ok(());
+            }
+        }
+        let scanned_at = SystemTime::now();
         let mut present = HashSet::new();
         let mut new_files = false;
         for entry in std::fs::read_dir(&dir)? {
@@ -276,6 +293,7 @@ impl SledStore {
         if new_files {
             File::open(&dir)?.sync_all()?;
         }
+        self.blobs_scanned = Some((modified, scanned_at));
         Ok(())
     }
 }
@@ -326,6 +344,7 @@ impl Store for SledStore {
         // The old database must be gone (its lock released) before reopening.
         self.open = None;
         self.synced_blobs.clear();
+        self.blobs_scanned = None;
         self.open = Some(OpenDb::open(&self.path)?);
         Ok(())
     }

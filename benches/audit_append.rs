@@ -1,5 +1,7 @@
-//! Audit store benchmark: sustained append rate and `append` latency per
-//! durability mode with 50 concurrent appenders, the disk's fdatasync floor,
+//! Audit store benchmark: sustained append rate (until stored and fsynced)
+//! and the wait before a statement may be forwarded (`append_ahead`: the
+//! fsync in `group`/`sync`, only the queue in `async`) per durability mode
+//! with 50 concurrent appenders, the disk's fdatasync floor,
 //! and export/verify rates (and peak memory) over 1,000,000 records.
 //!
 //! Run: `cargo bench -j 1 --bench audit_append` (release). Set
@@ -111,7 +113,7 @@ fn bench_append(
                     let mut n = 0u64;
                     while Instant::now() < stop_at {
                         let t = Instant::now();
-                        a.append(query_event(task, n)).await.expect("append");
+                        a.append_ahead(query_event(task, n)).await.expect("append");
                         latencies.push(t.elapsed());
                         n += 1;
                     }
@@ -123,9 +125,10 @@ fn bench_append(
         for t in tasks {
             all.extend(t.await.expect("task"));
         }
-        let secs = start.elapsed().as_secs_f64();
         let syncs = auditor.counters().syncs;
+        // Until everything queued is stored and fsynced (async queues ahead).
         auditor.shutdown().await.expect("shutdown");
+        let secs = start.elapsed().as_secs_f64();
         all.sort();
         AppendResult {
             records: all.len() as u64,

@@ -7,7 +7,9 @@ number of pgbench transactions, dumps, and prints instructions per
 transaction for the whole process and for the heaviest functions
 (inclusive). Instruction counts do not depend on machine load, so two builds
 can be compared on a busy machine; the profile guides optimisations, it is
-not a throughput figure.
+not a throughput figure. Kernel time (the sockets, fsync) is not counted, and
+valgrind hides the CPU's SHA extensions, so with audit on the hash chain's
+share is overstated: use `perf record` for the audit modes.
 
     python3 benches/callgrind_per_tx.py --audit off --transactions 2000
     python3 benches/callgrind_per_tx.py --audit async -- -S -M extended

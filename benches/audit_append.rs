@@ -30,8 +30,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 
 fn query_event(task: usize, n: u64) -> Event {
     let mut ev = Event::new(Kind::Query);
-    ev.session_id = Some(format!("{task:08x}-5d1c-4c1e-9a57-{n:012x}"));
-    ev.client_user = Some(format!("user{}", task % 7));
+    ev.session_id = Some(format!("{task:08x}-5d1c-4c1e-9a57-{n:012x}").into());
+    ev.client_user = Some(format!("user{}", task % 7).into());
     ev.role = Some("analyst".into());
     ev.database = Some("cloudfront_data".into());
     ev.client_addr = Some("127.0.0.1:54321".into());

@@ -61,14 +61,14 @@ impl Filter {
         if self
             .user
             .as_ref()
-            .is_some_and(|u| record.client_user.as_ref() != Some(u))
+            .is_some_and(|u| record.client_user.as_deref() != Some(u.as_str()))
         {
             return false;
         }
         if self
             .database
             .as_ref()
-            .is_some_and(|d| record.database.as_ref() != Some(d))
+            .is_some_and(|d| record.database.as_deref() != Some(d.as_str()))
         {
             return false;
         }

@@ -35,6 +35,7 @@
 
 use std::fmt::Write as _;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -130,12 +131,12 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub kind: Kind,
-    pub session_id: Option<String>,
-    pub client_user: Option<String>,
-    pub role: Option<String>,
-    pub database: Option<String>,
-    pub client_addr: Option<String>,
-    pub application_name: Option<String>,
+    pub session_id: Option<Arc<str>>,
+    pub client_user: Option<Arc<str>>,
+    pub role: Option<Arc<str>>,
+    pub database: Option<Arc<str>>,
+    pub client_addr: Option<Arc<str>>,
+    pub application_name: Option<Arc<str>>,
     pub statement: Option<String>,
     /// Bound parameters (text as text, binary as hex); only with `log_parameters`.
     pub params: Option<Vec<Option<String>>>,
@@ -199,12 +200,12 @@ pub struct Record {
     /// RFC 3339 UTC with microseconds, as written by [`format_ts`].
     pub ts: String,
     pub kind: Kind,
-    pub session_id: Option<String>,
-    pub client_user: Option<String>,
-    pub role: Option<String>,
-    pub database: Option<String>,
-    pub client_addr: Option<String>,
-    pub application_name: Option<String>,
+    pub session_id: Option<Arc<str>>,
+    pub client_user: Option<Arc<str>>,
+    pub role: Option<Arc<str>>,
+    pub database: Option<Arc<str>>,
+    pub client_addr: Option<Arc<str>>,
+    pub application_name: Option<Arc<str>>,
     pub statement: Option<String>,
     pub params: Option<Vec<Option<String>>>,
     pub status: Option<Status>,
@@ -285,8 +286,8 @@ impl Record {
 
     /// The values of [`FIELDS`], in the same order.
     pub fn values(&self) -> [Value<'_>; 21] {
-        fn s(v: &Option<String>) -> Value<'_> {
-            v.as_deref().map_or(Value::Null, Value::Str)
+        fn s<T: AsRef<str>>(v: &Option<T>) -> Value<'_> {
+            v.as_ref().map_or(Value::Null, |v| Value::Str(v.as_ref()))
         }
         fn u(v: Option<u64>) -> Value<'static> {
             v.map_or(Value::Null, Value::UInt)

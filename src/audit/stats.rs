@@ -49,10 +49,10 @@ pub fn collect(reader: &StoreReader) -> Result<Stats, AuditError> {
         stats.last_seq = seq;
         *stats.by_kind.entry(record.kind).or_default() += 1;
         if let Some(user) = record.client_user {
-            *stats.by_user.entry(user).or_default() += 1;
+            *stats.by_user.entry(user.to_string()).or_default() += 1;
         }
         if let Some(db) = record.database {
-            *stats.by_database.entry(db).or_default() += 1;
+            *stats.by_database.entry(db.to_string()).or_default() += 1;
         }
         if stats.first_ts.is_none() {
             stats.first_ts = Some(record.ts.clone());

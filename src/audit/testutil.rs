@@ -24,9 +24,9 @@ pub fn config(dir: &Path, durability: Durability) -> AuditConfig {
 /// An event with a session's identity fields filled in.
 pub fn session_event(kind: Kind, user: &str, database: &str) -> Event {
     let mut ev = Event::new(kind);
-    ev.session_id = Some(format!("s-{user}"));
+    ev.session_id = Some(format!("s-{user}").into());
     ev.client_user = Some(user.into());
-    ev.role = Some(format!("role_{user}"));
+    ev.role = Some(format!("role_{user}").into());
     ev.database = Some(database.into());
     ev.client_addr = Some("127.0.0.1:50000".into());
     ev.application_name = Some("psql".into());

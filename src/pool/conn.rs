@@ -65,12 +65,12 @@ pub struct ServerConn {
     pub statements: super::statements::StatementCache,
     /// The (role, client user) the last successful identity assertion set,
     /// `None` when unknown (new, reset, or the assertion failed).
-    pub identity: Option<(String, String)>,
+    pub identity: Option<(std::sync::Arc<str>, std::sync::Arc<str>)>,
     /// The client settings the last assertion applied.
     pub applied: Option<std::sync::Arc<Vec<(String, String)>>>,
     /// The session that may have left state here (settings, temp objects,
     /// cursors...); another session gets the connection only after a reset.
-    pub dirty_by: Option<String>,
+    pub dirty_by: Option<std::sync::Arc<str>>,
     broken: bool,
 }
 

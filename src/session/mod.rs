@@ -138,12 +138,13 @@ impl Shared {
 /// Who a logged-in client is: what every audit record of the session carries.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub session_id: String,
-    pub client_user: String,
-    pub database: String,
-    pub role: String,
-    pub client_addr: String,
-    pub application_name: Option<String>,
+    // Shared (`Arc`) so that each audit event takes them without copying.
+    pub session_id: Arc<str>,
+    pub client_user: Arc<str>,
+    pub database: Arc<str>,
+    pub role: Arc<str>,
+    pub client_addr: Arc<str>,
+    pub application_name: Option<Arc<str>>,
     /// Settings applied to every server connection that serves this client.
     pub settings: Vec<(String, String)>,
 }
@@ -237,21 +238,21 @@ async fn login(
     peer: SocketAddr,
 ) -> Result<Option<LoggedIn>, ClientError> {
     let mut ident = Identity {
-        session_id: new_session_id(),
-        client_user: String::new(),
-        database: String::new(),
-        role: String::new(),
-        client_addr: peer.to_string(),
-        application_name: startup.get("application_name").map(str::to_string),
+        session_id: new_session_id().into(),
+        client_user: "".into(),
+        database: "".into(),
+        role: "".into(),
+        client_addr: peer.to_string().into(),
+        application_name: startup.get("application_name").map(Arc::from),
         settings: Vec::new(),
     };
     if let Err(e) = check_startup(&startup) {
         client.send_error(&e).await;
         return Ok(None);
     }
-    ident.client_user = startup.get("user").unwrap_or_default().to_string();
+    ident.client_user = startup.get("user").unwrap_or_default().into();
     ident.database = match startup.get("database") {
-        Some(db) if !db.is_empty() => db.to_string(),
+        Some(db) if !db.is_empty() => db.into(),
         _ => ident.client_user.clone(),
     };
     let Some(role) = shared.policy().resolve(&ident.client_user, &ident.database) else {
@@ -274,7 +275,7 @@ async fn login(
             .await;
         return Ok(None);
     };
-    ident.role = role;
+    ident.role = role.into();
     ident.settings = state::startup_settings(
         &startup.params,
         &ident.client_user,
@@ -379,7 +380,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
         return;
     };
     let mut ev = Event::new(Kind::Cancel);
-    ev.session_id = Some(slot.session_id.clone());
+    ev.session_id = Some(slot.session_id.as_str().into());
     ev.backend_pid = Some(backend.pid);
     shared.auditor.append_nowait(ev).await;
     cancel_backend(shared, backend).await;

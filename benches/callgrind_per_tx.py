@@ -51,15 +51,8 @@ def main():
             shutil.copy(dump, a.keep)
         report(dump, txns, a.top)
     finally:
-        if proc:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if pg:
-            pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        # valgrind needs time to write its last dump.
+        bench.cleanup([proc] if proc else [], pg, tmp, timeout=60)
 
 
 def run_pgbench(port, clients, per_client, args):

@@ -282,16 +282,21 @@ def main():
                     before, peak = idle_clients_rss(pids[name], port, a.idle_clients)
                     print(f"  {name:18} {before:>8} -> {peak:>8}   {(peak - before) / a.idle_clients:.1f} KiB/client")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if pg:
-            pg.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        cleanup(procs, pg, tmp)
+
+
+def cleanup(procs, pg, tmp, timeout=10):
+    """Stops the gateways (SIGTERM, then SIGKILL after `timeout` s), the cluster, and removes `tmp`."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if pg:
+        pg.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

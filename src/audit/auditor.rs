@@ -20,6 +20,10 @@ use crate::config::{AuditConfig, Durability, OnFailure};
 
 /// Records that may wait for the writer before appenders wait too.
 const QUEUE_CAPACITY: usize = 8192;
+/// `async`: while more records than this wait for the writer, statements
+/// wait for their own record to be stored, so a writer that falls behind
+/// cannot leave more than this many queued records to lose in a crash.
+const ASYNC_BACKLOG: usize = 1024;
 
 /// Cheap to clone; shared by all sessions.
 #[derive(Clone)]
@@ -143,13 +147,17 @@ impl Auditor {
     /// stores it within a millisecond and fsyncs it within
     /// `flush_interval_ms` of queueing), unless the store is failing, when
     /// it waits for the verdict like the others so that a broken store
-    /// refuses statements. `Err` means the statement must not be forwarded
-    /// (unless `on_failure = "allow"`).
+    /// refuses statements, or the writer lags [`ASYNC_BACKLOG`] records
+    /// behind, when it waits for its record to be stored. `Err` means the
+    /// statement must not be forwarded (unless `on_failure = "allow"`).
     pub async fn append_ahead(&self, event: Event) -> Result<(), AuditError> {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
-        if inner.durability == Durability::Async && !inner.counters.failing.load(Ordering::Relaxed)
+        let backlog = inner.tx.max_capacity() - inner.tx.capacity();
+        if inner.durability == Durability::Async
+            && !inner.counters.failing.load(Ordering::Relaxed)
+            && backlog < ASYNC_BACKLOG
         {
             let msg = Msg::Append { event, reply: None };
             return inner.tx.send(msg).await.map_err(|_| AuditError::Closed);
@@ -406,6 +414,33 @@ mod tests {
         );
         assert!(auditor.append_ahead(Event::new(Kind::Query)).await.is_ok());
         assert!(eventually(|| stored(&store).len() == 3).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_appends_wait_once_the_writer_lags_far_behind() {
+        let store = MemoryStore::default();
+        let auditor = open(&store, Durability::Async);
+        // The first record makes the writer fsync 20 ms later; that fsync
+        // takes 600 ms, and the writer stores nothing meanwhile.
+        auditor.append_ahead(Event::new(Kind::Query)).await.unwrap();
+        store.control.sync_delay_us.store(600_000, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for _ in 0..1500 {
+            let (a, done) = (auditor.clone(), done.clone());
+            tokio::spawn(async move {
+                a.append_ahead(Event::new(Kind::Query)).await.unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let queued_only = done.load(Ordering::SeqCst);
+        assert!(
+            (super::ASYNC_BACKLOG - 10..=super::ASYNC_BACKLOG + 10).contains(&queued_only),
+            "{queued_only} appends returned while the writer was stuck"
+        );
+        store.control.sync_delay_us.store(0, Ordering::SeqCst);
+        assert!(eventually(|| done.load(Ordering::SeqCst) == 1500).await);
     }
 
     #[tokio::test]

@@ -246,12 +246,22 @@ async fn an_unwritable_store_refuses_statements_unless_allowed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_loses_no_acknowledged_statement() {
-    for durability in ["group", "sync"] {
-        kill_9_run(durability).await;
+    // `async` may lose what was queued within `flush_interval_ms` (5 ms,
+    // plus an fsync, in a debug build under load) of the crash: everything
+    // acknowledged well before it must be there, and the chain must verify.
+    for (durability, grace) in [
+        ("group", Duration::ZERO),
+        ("sync", Duration::ZERO),
+        ("async", Duration::from_millis(250)),
+    ] {
+        kill_9_run(durability, grace).await;
     }
 }
 
-async fn kill_9_run(durability: &str) {
+/// Runs load through the real binary, kills it with SIGKILL, and checks that
+/// every statement acknowledged more than `grace` before the kill is in the
+/// audit log and the chain verifies.
+async fn kill_9_run(durability: &str, grace: Duration) {
     let gw = support::BinaryGateway::start(
         support::TEST_POLICY,
         &format!("[audit]\nstore = \"audit\"\ndurability = \"{durability}\"\n"),
@@ -280,11 +290,12 @@ async fn kill_9_run(durability: &str) {
                 if c.simple_query(&sql).await.is_err() {
                     break;
                 }
-                acked.lock().unwrap().push(sql);
+                acked.lock().unwrap().push((sql, std::time::Instant::now()));
             }
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed_at = std::time::Instant::now();
     gw.signal(libc::SIGKILL);
     let (_, dir) = gw.wait().await;
     for t in tasks {
@@ -307,10 +318,20 @@ async fn kill_9_run(durability: &str) {
         .iter()
         .map(|r| s(r, "statement"))
         .collect();
-    for sql in &acked {
+    let mut within_grace = 0;
+    for (sql, at) in &acked {
+        if killed_at.saturating_duration_since(*at) < grace {
+            within_grace += usize::from(!stored.contains(sql));
+            continue;
+        }
         assert!(
             stored.contains(sql),
-            "{durability}: acknowledged but not in the audit log: {sql}"
+            "{durability}: acknowledged {:?} before the kill but not in the audit log: {sql}",
+            killed_at.saturating_duration_since(*at)
         );
     }
+    eprintln!(
+        "{durability}: {} statements acknowledged, {within_grace} of the last {grace:?} not stored",
+        acked.len()
+    );
 }

@@ -219,7 +219,9 @@ fn pattern_at(sql: &[u8], i: usize) -> bool {
     }
 }
 
-fn starts_with_ci(hay: &[u8], lower: &[u8]) -> bool {
+/// Whether `hay` starts with `lower` (letters in lowercase), ignoring the
+/// case of ASCII letters.
+pub(crate) fn starts_with_ci(hay: &[u8], lower: &[u8]) -> bool {
     hay.len() >= lower.len()
         && hay.iter().zip(lower).all(|(&h, &l)| {
             if l.is_ascii_alphabetic() {

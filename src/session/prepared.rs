@@ -58,7 +58,7 @@ pub enum Deallocate {
 /// Recognizes `DEALLOCATE [PREPARE] {name | ALL} [;]`, nothing else.
 pub fn parse_deallocate(sql: &[u8]) -> Option<Deallocate> {
     let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
-    if !crate::session::state::starts_with_ci(&sql[start..], b"deallocate") {
+    if !crate::identity::guard::starts_with_ci(&sql[start..], b"deallocate") {
         return None;
     }
     let text = std::str::from_utf8(sql).ok()?.trim();

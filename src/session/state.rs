@@ -8,6 +8,7 @@
 //! a different client; a client's own startup and reported parameters are
 //! applied to every connection that serves it.
 
+use crate::identity::guard::starts_with_ci;
 use crate::identity::lexer::{tokens, Kind};
 
 /// Reportable parameters a client may change with SET; their new values
@@ -190,7 +191,7 @@ const SESSION_LOCKS: &[&[u8]] = &[
 /// `ParameterStatus`. Fast for statements without the letters every such
 /// statement contains.
 pub fn effect(sql: &[u8]) -> Effect {
-    if !quick_scan(sql) {
+    if !may_leave_state(sql) {
         return Effect::None;
     }
     let toks = tokens(sql);
@@ -239,15 +240,10 @@ pub fn deallocates(sql: &[u8]) -> bool {
 
 /// Whether `sql` may leave anything on its server connection ([`effect`])
 /// or deallocate statements ([`deallocates`]): false for most statements,
-/// which need no closer look.
+/// which need no closer look. A case-insensitive search for the beginnings
+/// every stateful word (and `deallocate`) has, one match on each pair of
+/// bytes, so it costs a few instructions per byte.
 pub fn may_leave_state(sql: &[u8]) -> bool {
-    quick_scan(sql)
-}
-
-/// Case-insensitive search for the beginnings every stateful word (and
-/// `deallocate`) has. One match on each pair of bytes, so it costs a few
-/// instructions per byte.
-fn quick_scan(sql: &[u8]) -> bool {
     sql.windows(2).enumerate().any(|(i, pair)| {
         // `| 0x20` lowercases letters; a non-letter never becomes a letter.
         let needle: &[u8] = match [pair[0] | 0x20, pair[1] | 0x20] {
@@ -275,11 +271,6 @@ fn contains_ci(sql: &[u8], word: &[u8]) -> bool {
     sql.windows(2).enumerate().any(|(i, pair)| {
         pair[0] | 0x20 == word[0] && pair[1] | 0x20 == word[1] && starts_with_ci(&sql[i..], word)
     })
-}
-
-/// Whether `sql` starts with `word` (lowercase ASCII), ignoring ASCII case.
-pub fn starts_with_ci(sql: &[u8], word: &[u8]) -> bool {
-    sql.len() >= word.len() && sql[..word.len()].eq_ignore_ascii_case(word)
 }
 
 /// The statement that clears what a client may have left behind.
@@ -358,7 +349,7 @@ mod tests {
                 b"set", b"disc", b"listen", b"prep", b"decl", b"load", b"temp", b"hold", b"advis",
             ];
             proptest::prop_assert_eq!(
-                quick_scan(&sql),
+                may_leave_state(&sql),
                 needles.iter().any(|n| plain(n)) || plain(b"deallocate")
             );
             proptest::prop_assert_eq!(contains_ci(&sql, b"deallocate"), plain(b"deallocate"));

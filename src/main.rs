@@ -150,8 +150,15 @@ fn serve(path: &std::path::Path) -> u8 {
         };
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgwarden serving");
         spawn_reload_on_sighup(gateway.shared().clone(), path.to_path_buf());
-        gateway.serve(listener, shutdown_signal()).await;
-        0
+        // On a worker thread, a spawned session starts on the accepting
+        // worker without waking another thread (`block_on` runs on none).
+        match tokio::spawn(gateway.serve(listener, shutdown_signal())).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("pgwarden: the accept loop failed: {e}");
+                1
+            }
+        }
     })
 }
 

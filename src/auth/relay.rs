@@ -1,11 +1,17 @@
 //! The auth relay: a client's login is answered by PostgreSQL itself, over a
 //! temporary connection that carries the client's own `StartupMessage`.
 //!
-//! Invariant: the temporary connection never outlives this function, whatever
-//! happens (success, failure, the client hanging up); and nothing from it
-//! but authentication traffic and `ParameterStatus` reaches the client: its
-//! `BackendKeyData` is dropped (the gateway issues its own) and it is closed
-//! before the client's first query.
+//! Invariant: the temporary connection is closed as soon as the exchange
+//! ends, whatever happens (success, failure, the client hanging up), and is
+//! never used for anything else; nothing from it but authentication traffic
+//! and `ParameterStatus` reaches the client: its `BackendKeyData` is dropped
+//! (the gateway issues its own).
+//!
+//! Frames for the client are gathered and written once before the gateway
+//! waits for the client's answer, and after a successful login they are left
+//! in the caller's buffer, so the whole greeting (`AuthenticationOk`, every
+//! `ParameterStatus`, the gateway's `BackendKeyData` and `ReadyForQuery`)
+//! reaches the client in one write instead of one per frame.
 
 use bytes::{BufMut, BytesMut};
 
@@ -22,7 +28,7 @@ use crate::session::client::{ClientConn, ClientError};
 #[derive(Debug)]
 pub enum Outcome {
     /// PostgreSQL accepted the client; `AuthenticationOk` and the
-    /// `ParameterStatus` messages have been relayed to it.
+    /// `ParameterStatus` messages wait in the caller's `greeting` buffer.
     Authenticated,
     /// PostgreSQL refused; its `ErrorResponse` has been relayed verbatim.
     Refused(ErrorFields),
@@ -50,16 +56,21 @@ impl From<BackendError> for RelayError {
 }
 
 /// Relays the login of `startup` between `client` and a temporary backend
-/// connection, then closes that connection.
+/// connection, then closes that connection. On [`Outcome::Authenticated`]
+/// the frames still owed to the client are in `greeting`, for the caller to
+/// send with its own `BackendKeyData` and `ReadyForQuery`.
 pub async fn relay(
     client: &mut ClientConn,
     startup: &StartupMessage,
     backend: &BackendConfig,
     tls: Option<&crate::tls::BackendTls>,
+    greeting: &mut BytesMut,
 ) -> Result<Outcome, RelayError> {
     let mut server = ServerConn::connect(backend, tls).await?;
-    let outcome = exchange(client, &mut server, startup).await;
-    server.close().await;
+    let outcome = exchange(client, &mut server, startup, greeting).await;
+    // Terminate costs the temporary backend's wake-up on this core; the
+    // client's answer need not wait for it, and nothing else uses `server`.
+    tokio::spawn(server.close());
     outcome
 }
 
@@ -67,6 +78,7 @@ async fn exchange(
     client: &mut ClientConn,
     server: &mut ServerConn,
     startup: &StartupMessage,
+    out: &mut BytesMut,
 ) -> Result<Outcome, RelayError> {
     server.write_all(&startup.raw).await?;
     loop {
@@ -76,20 +88,23 @@ async fn exchange(
                 let code = Reader::new(&frame[5..], "Authentication")
                     .i32()
                     .map_err(BackendError::from)?;
-                if let Some(outcome) = relay_auth_request(client, server, code, &frame).await? {
+                if let Some(outcome) = relay_auth_request(client, server, code, &frame, out).await?
+                {
                     return Ok(outcome);
                 }
             }
             b'E' => {
                 let fields =
                     messages::parse_error_fields(&frame[5..]).map_err(BackendError::from)?;
-                client.write_all(&frame).await?;
+                out.extend_from_slice(&frame);
+                client.write_all(out).await?;
+                out.clear();
                 return Ok(Outcome::Refused(fields));
             }
             // The gateway issues its own key; the temporary backend's is useless.
             b'K' => {}
             b'Z' => return Ok(Outcome::Authenticated),
-            b'S' | b'N' | b'v' => client.write_all(&frame).await?,
+            b'S' | b'N' | b'v' => out.extend_from_slice(&frame),
             other => {
                 return Err(BackendError::Protocol(
                     crate::protocol::ProtocolError::UnexpectedMessage(other as char),
@@ -107,21 +122,20 @@ async fn relay_auth_request(
     server: &mut ServerConn,
     code: i32,
     frame: &[u8],
+    out: &mut BytesMut,
 ) -> Result<Option<Outcome>, RelayError> {
     match code {
         codes::OK | codes::SASL_FINAL => {
-            client.write_all(frame).await?;
+            out.extend_from_slice(frame);
             Ok(None)
         }
         codes::CLEARTEXT | codes::MD5 | codes::SASL_CONTINUE => {
-            client.write_all(frame).await?;
-            relay_client_answer(client, server).await
+            out.extend_from_slice(frame);
+            relay_client_answer(client, server, out).await
         }
         codes::SASL => {
-            client
-                .write_all(&without_channel_binding(&frame[9..]))
-                .await?;
-            relay_client_answer(client, server).await
+            out.extend_from_slice(&without_channel_binding(&frame[9..]));
+            relay_client_answer(client, server, out).await
         }
         other => Err(RelayError::Gateway(PgError::fatal(
             sqlstate::FEATURE_NOT_SUPPORTED,
@@ -130,10 +144,14 @@ async fn relay_auth_request(
     }
 }
 
+/// Sends what `out` holds, then relays the client's answer.
 async fn relay_client_answer(
     client: &mut ClientConn,
     server: &mut ServerConn,
+    out: &mut BytesMut,
 ) -> Result<Option<Outcome>, RelayError> {
+    client.write_all(out).await?;
+    out.clear();
     let answer = match client.read_frame().await {
         Ok(Some(frame)) => frame,
         Ok(None) => return Ok(Some(Outcome::ClientGone)),

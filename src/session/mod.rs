@@ -281,6 +281,7 @@ async fn login(
         &ident.client_user,
         &shared.config.identity.client_user_setting,
     );
+    let mut greeting = BytesMut::new();
     let relayed = {
         // Closed only when the gateway stops; then the login cannot proceed.
         let Ok(_permit) = shared.auth_slots.acquire().await else {
@@ -291,6 +292,7 @@ async fn login(
             &startup,
             &shared.config.backend,
             shared.backend_tls.as_ref(),
+            &mut greeting,
         )
         .await
     };
@@ -321,10 +323,9 @@ async fn login(
         Err(RelayError::Client(e)) => return Err(e),
     }
     let (pid, secret, slot) = shared.cancels.register(&ident.session_id);
-    let mut out = BytesMut::new();
-    messages::backend_key_data(&mut out, pid, secret);
-    messages::ready_for_query(&mut out, b'I');
-    if let Err(e) = client.write_all(&out).await {
+    messages::backend_key_data(&mut greeting, pid, secret);
+    messages::ready_for_query(&mut greeting, b'I');
+    if let Err(e) = client.write_all(&greeting).await {
         shared.cancels.unregister(pid, secret);
         return Err(e);
     }

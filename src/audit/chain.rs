@@ -32,7 +32,9 @@ fn hash_canonical(prev_hash: &str, canonical: &[u8]) -> String {
     let mut hex = [0u8; 64];
     // 32 bytes always fit 64 hex digits; the digits are ASCII.
     hex::encode_to_slice(hasher.finalize(), &mut hex).expect("64 hex digits");
-    std::str::from_utf8(&hex).expect("hex digits are ASCII").to_owned()
+    std::str::from_utf8(&hex)
+        .expect("hex digits are ASCII")
+        .to_owned()
 }
 
 /// A record ready to store: the record and its stored bytes.

@@ -113,6 +113,9 @@ async fn a_known_workload_is_exported_statement_by_statement() {
         ("ok".into(), "SELECT 1".into(), Some(1))
     );
     assert!(q["duration_us"].is_u64());
+    // Stored before a connection was taken, the query names its backend
+    // through its result.
+    assert!(q["backend_pid"].is_i64(), "{q}");
     let q = find("CREATE TEMP TABLE w(x int); INSERT INTO w VALUES (1), (2)");
     assert_eq!(
         (s(q, "status"), s(q, "command_tag")),
@@ -194,6 +197,77 @@ async fn auth_failures_and_denials_are_recorded() {
         (s(denied, "client_user"), s(denied, "sqlstate")),
         ("carol".into(), "28000".into())
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_that_gets_no_server_connection_is_logged_with_its_error() {
+    // Between transactions the record is stored before a connection is
+    // taken; when none comes, the statement's result says why.
+    let gw = start_gateway(Opts {
+        audit: true,
+        pool_size: 1,
+        acquire_timeout_ms: 500,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let alice = gw.connect("alice").await;
+    let bob = gw.connect("bob").await;
+    alice.batch_execute("BEGIN").await.unwrap();
+    let err = bob
+        .simple_query("SELECT 'bob waited'")
+        .await
+        .expect_err("the only connection is in alice's transaction");
+    assert_eq!(support::sqlstate(&err), "53300", "{err}");
+    alice.batch_execute("COMMIT").await.unwrap();
+    drop((alice, bob));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+    let records = export(&store, &[]);
+    let q = records
+        .iter()
+        .find(|r| s(r, "kind") == "query" && s(r, "statement") == "SELECT 'bob waited'")
+        .unwrap_or_else(|| panic!("bob's statement is not in the log: {records:#?}"));
+    assert_eq!(
+        (s(q, "client_user"), s(q, "status"), s(q, "sqlstate")),
+        ("bob".into(), "error".into(), "53300".into()),
+        "{q}"
+    );
+    assert!(
+        q["backend_pid"].is_null(),
+        "it never reached a backend: {q}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_pooled_connection_waits_for_an_audit_fsync_between_transactions() {
+    // With `group`, a record waits for an fsync. A statement that starts a
+    // transaction must wait for it before it takes a server connection, or a
+    // pool of N serves at most N fsync waits at a time.
+    let admin = support::cluster::free_port();
+    let control = Arc::new(pgwarden::audit::MemoryControl::default());
+    let gw = start_gateway(Opts {
+        audit: true,
+        pool_size: 1,
+        memory_store: Some(control.clone()),
+        audit_extra: format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    assert_eq!(support::one(&alice, "SELECT 1").await, "1");
+    control.sync_delay_us.store(3_000_000, Ordering::SeqCst);
+    let waiting = tokio::spawn(async move { support::one(&alice, "SELECT 2").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body = support::scrape_metrics(admin).await;
+    control.sync_delay_us.store(0, Ordering::SeqCst);
+    for line in [
+        "pgwarden_server_connections{database=\"app\",state=\"active\"} 0",
+        "pgwarden_server_connections{database=\"app\",state=\"idle\"} 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line}:\n{body}");
+    }
+    assert_eq!(waiting.await.unwrap(), "2");
 }
 
 #[tokio::test(flavor = "multi_thread")]

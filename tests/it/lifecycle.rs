@@ -324,19 +324,6 @@ async fn json_logs_are_one_object_per_line() {
     );
 }
 
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_metrics_count_what_happened() {
     let admin = support::cluster::free_port();
@@ -353,7 +340,7 @@ async fn prometheus_metrics_count_what_happened() {
     alice.simple_query("RESET ROLE").await.unwrap_err();
     let _ = tokio_postgres::connect(&gw.url("bob", "wrong"), tokio_postgres::NoTls).await;
     let _ = gw.try_connect("carol").await;
-    let body = scrape(admin).await;
+    let body = support::scrape_metrics(admin).await;
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     for line in [
         "pgwarden_clients 1",
@@ -366,7 +353,7 @@ async fn prometheus_metrics_count_what_happened() {
     }
     drop(alice);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let body = scrape(admin).await;
+    let body = support::scrape_metrics(admin).await;
     assert!(body.lines().any(|l| l == "pgwarden_clients 0"), "{body}");
     assert!(
         body.lines()

@@ -19,10 +19,7 @@ impl QueryLoop<'_> {
                 return Ok(());
             }
         }
-        if let Err(e) = self.bind_server().await {
-            return self.refuse(Flow::Simple, e).await;
-        }
-        let pending = match self.audit_statement(sql, None).await {
+        let pending = match self.audit_and_bind(sql, None).await {
             Ok(p) => p,
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
@@ -253,22 +250,20 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn on_execute(&mut self, frame: Bytes) -> Result<(), End> {
-        if let Err(e) = self.bind_server().await {
-            return self.refuse(Flow::Extended, e).await;
-        }
-        let mut pending = None;
-        if self.auditing {
+        let (sql, params) = if self.auditing {
             let name =
                 messages::parse_execute(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-            let (sql, params) = match self.portals.get(name) {
+            match self.portals.get(name) {
                 Some(p) => (p.sql.clone(), p.params.clone()),
                 None => (Bytes::new(), None),
-            };
-            pending = match self.audit_statement(&sql, params).await {
-                Ok(p) => p,
-                Err(e) => return self.refuse(Flow::Extended, e).await,
-            };
-        }
+            }
+        } else {
+            (Bytes::new(), None)
+        };
+        let pending = match self.audit_and_bind(&sql, params).await {
+            Ok(p) => p,
+            Err(e) => return self.refuse(Flow::Extended, e).await,
+        };
         self.to_server.extend_from_slice(&frame);
         self.tracker.execute(pending);
         self.unsynced = true;
@@ -302,10 +297,7 @@ impl QueryLoop<'_> {
                 .await;
             return self.refuse(Flow::Simple, error).await;
         }
-        if let Err(e) = self.bind_server().await {
-            return self.refuse(Flow::Simple, e).await;
-        }
-        let pending = match self.audit_statement(text.as_bytes(), None).await {
+        let pending = match self.audit_and_bind(text.as_bytes(), None).await {
             Ok(p) => p,
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
@@ -359,6 +351,34 @@ impl QueryLoop<'_> {
         }
         crate::metrics::Metrics::inc(&self.shared.metrics.guard_blocks);
         PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, why.to_string())
+    }
+
+    /// Stores a statement's `query` record, then binds a server connection
+    /// for it. The record comes first so that, between transactions, no
+    /// pooled connection idles while the record waits for its fsync (with
+    /// `group`, a pool of 20 would otherwise serve at most 20 fsync waits at
+    /// a time). Such a record has no `backend_pid`; its `result` has it, and
+    /// `export` joins it in. If no connection can be had, the statement's
+    /// `result` records the error it got.
+    pub(super) async fn audit_and_bind(
+        &mut self,
+        sql: &[u8],
+        params: Option<Vec<Option<String>>>,
+    ) -> Result<Option<Pending>, PgError> {
+        let pending = self.audit_statement(sql, params).await?;
+        if let Err(e) = self.bind_server().await {
+            if let Some(pending) = pending {
+                self.resolved.push(Resolved {
+                    pending,
+                    outcome: Outcome::Error {
+                        code: e.code.code().to_string(),
+                        message: e.message.clone(),
+                    },
+                });
+            }
+            return Err(e);
+        }
+        Ok(pending)
     }
 
     /// Writes a statement's `query` record ahead of forwarding it.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::SinkExt;
 use serde_json::Value;
+use tokio_postgres::types::Type;
 
 use crate::support::{self, cluster, start_gateway, Opts};
 
@@ -219,7 +220,23 @@ async fn a_statement_that_gets_no_server_connection_is_logged_with_its_error() {
         .await
         .expect_err("the only connection is in alice's transaction");
     assert_eq!(support::sqlstate(&err), "53300", "{err}");
+    // Parse/Bind/Describe/Execute/Sync in one batch: its record is written
+    // ahead of the batch.
+    let err = bob
+        .query_typed("SELECT 'bob extended' || $1::text", &[(&"!", Type::TEXT)])
+        .await
+        .expect_err("the only connection is in alice's transaction");
+    assert_eq!(support::sqlstate(&err), "53300", "{err}");
     alice.batch_execute("COMMIT").await.unwrap();
+    // A batch the guard refuses is not written ahead as a query.
+    let err = bob
+        .query_typed(
+            "SELECT set_config('role', $1, false)",
+            &[(&"postgres", Type::TEXT)],
+        )
+        .await
+        .expect_err("guard");
+    assert_eq!(support::sqlstate(&err), "42501", "{err}");
     drop((alice, bob));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _dir = gw.stop().await;
@@ -236,6 +253,30 @@ async fn a_statement_that_gets_no_server_connection_is_logged_with_its_error() {
     assert!(
         q["backend_pid"].is_null(),
         "it never reached a backend: {q}"
+    );
+    let q = records
+        .iter()
+        .find(|r| {
+            s(r, "kind") == "query" && s(r, "statement") == "SELECT 'bob extended' || $1::text"
+        })
+        .unwrap_or_else(|| panic!("bob's extended statement is not in the log: {records:#?}"));
+    assert_eq!(
+        (s(q, "status"), s(q, "sqlstate")),
+        ("error".into(), "53300".into()),
+        "{q}"
+    );
+    let blocked = "SELECT set_config('role', $1, false)";
+    assert!(
+        !records
+            .iter()
+            .any(|r| s(r, "kind") == "query" && s(r, "statement") == blocked),
+        "a refused statement was logged as a query: {records:#?}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| s(r, "kind") == "guard_blocked" && s(r, "statement") == blocked),
+        "{records:#?}"
     );
 }
 
@@ -254,20 +295,44 @@ async fn no_pooled_connection_waits_for_an_audit_fsync_between_transactions() {
         ..Opts::default()
     })
     .await;
-    let alice = gw.connect("alice").await;
+    let alice = Arc::new(gw.connect("alice").await);
     assert_eq!(support::one(&alice, "SELECT 1").await, "1");
-    control.sync_delay_us.store(3_000_000, Ordering::SeqCst);
-    let waiting = tokio::spawn(async move { support::one(&alice, "SELECT 2").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let body = support::scrape_metrics(admin).await;
-    control.sync_delay_us.store(0, Ordering::SeqCst);
-    for line in [
-        "pgwarden_server_connections{database=\"app\",state=\"active\"} 0",
-        "pgwarden_server_connections{database=\"app\",state=\"idle\"} 1",
-    ] {
-        assert!(body.lines().any(|l| l == line), "missing {line}:\n{body}");
+    let prepared = alice.prepare("SELECT $1::int + 1").await.unwrap();
+    // A simple Query; Parse/Bind/Describe/Execute/Sync in one batch; and
+    // Bind/Execute/Sync of a prepared statement.
+    for way in ["simple", "batch", "prepared"] {
+        control.sync_delay_us.store(2_000_000, Ordering::SeqCst);
+        let (c, stmt) = (alice.clone(), prepared.clone());
+        let waiting = tokio::spawn(async move {
+            match way {
+                "simple" => support::one(&c, "SELECT 2").await,
+                "batch" => c
+                    .query_typed_one("SELECT $1::text", &[(&"2", Type::TEXT)])
+                    .await
+                    .unwrap()
+                    .get(0),
+                _ => c
+                    .query_one(&stmt, &[&1i32])
+                    .await
+                    .unwrap()
+                    .get::<_, i32>(0)
+                    .to_string(),
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let body = support::scrape_metrics(admin).await;
+        control.sync_delay_us.store(0, Ordering::SeqCst);
+        for line in [
+            "pgwarden_server_connections{database=\"app\",state=\"active\"} 0",
+            "pgwarden_server_connections{database=\"app\",state=\"idle\"} 1",
+        ] {
+            assert!(
+                body.lines().any(|l| l == line),
+                "{way}: missing {line}:\n{body}"
+            );
+        }
+        assert_eq!(waiting.await.unwrap(), "2", "{way}");
     }
-    assert_eq!(waiting.await.unwrap(), "2");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -42,8 +42,19 @@ impl QueryLoop<'_> {
     }
 
     /// Binds a server connection if none is bound: acquires one and asserts
-    /// the client's identity on it.
+    /// the client's identity on it. If none can be bound, a statement whose
+    /// record was written ahead of the batch gets that error as its result.
     pub(super) async fn bind_server(&mut self) -> Result<(), PgError> {
+        let bound = self.bind_server_now().await;
+        if let Err(e) = &bound {
+            if let Some(Ok(pending)) = self.pre_audited.take() {
+                self.unrun(pending, e);
+            }
+        }
+        bound
+    }
+
+    async fn bind_server_now(&mut self) -> Result<(), PgError> {
         self.needs_verify = self.shared.live().verify == VerifyMode::Transaction;
         if self.server.is_some() {
             return Ok(());

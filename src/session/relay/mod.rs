@@ -154,6 +154,10 @@ pub struct QueryLoop<'a> {
     /// The client's prepared statements by client name ("" = unnamed).
     statements: NameMap<prepared::Statement>,
     portals: NameMap<Portal>,
+    /// The `query` record of the first `Execute` of a batch, stored before
+    /// the batch took a server connection ([`QueryLoop::audit_ahead`]): taken
+    /// by that `Execute`, or settled at `Sync` if it never ran.
+    pre_audited: Option<Result<Pending, PgError>>,
     resolved: Vec<Resolved>,
     shutdown: watch::Receiver<bool>,
     shutting_down: bool,
@@ -209,6 +213,7 @@ impl<'a> QueryLoop<'a> {
             to_client: BytesMut::new(),
             statements: Default::default(),
             portals: Default::default(),
+            pre_audited: None,
             resolved: Vec::new(),
             shutdown,
             shutting_down: false,
@@ -340,6 +345,14 @@ impl<'a> QueryLoop<'a> {
     // ----- client to server -------------------------------------------------
 
     async fn on_client_data(&mut self) -> Result<(), End> {
+        if self.server.is_none()
+            && self.auditing
+            && self.pre_audited.is_none()
+            && !self.discard_until_sync
+            && self.client_passthrough == 0
+        {
+            self.audit_ahead().await;
+        }
         loop {
             if self.client_passthrough > 0 {
                 let n = self.client_passthrough.min(self.client.rbuf.len());

@@ -7,6 +7,9 @@
 
 use super::*;
 
+/// A statement as its `query` record shows it: text and audited parameters.
+type Audited = (Bytes, Option<Vec<Option<String>>>);
+
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
         let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
@@ -250,19 +253,32 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn on_execute(&mut self, frame: Bytes) -> Result<(), End> {
-        let (sql, params) = if self.auditing {
-            let name =
-                messages::parse_execute(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-            match self.portals.get(name) {
-                Some(p) => (p.sql.clone(), p.params.clone()),
-                None => (Bytes::new(), None),
+        let pending = match self.pre_audited.take() {
+            // Its record was written before the batch took a connection.
+            Some(Ok(pending)) => match self.bind_server().await {
+                Ok(()) => Some(pending),
+                Err(e) => {
+                    self.unrun(pending, &e);
+                    return self.refuse(Flow::Extended, e).await;
+                }
+            },
+            Some(Err(e)) => return self.refuse(Flow::Extended, e).await,
+            None => {
+                let (sql, params) = if self.auditing {
+                    let name = messages::parse_execute(&frame[5..])
+                        .map_err(|e| End::Fatal(protocol_error(e)))?;
+                    match self.portals.get(name) {
+                        Some(p) => (p.sql.clone(), p.params.clone()),
+                        None => (Bytes::new(), None),
+                    }
+                } else {
+                    (Bytes::new(), None)
+                };
+                match self.audit_and_bind(&sql, params).await {
+                    Ok(p) => p,
+                    Err(e) => return self.refuse(Flow::Extended, e).await,
+                }
             }
-        } else {
-            (Bytes::new(), None)
-        };
-        let pending = match self.audit_and_bind(&sql, params).await {
-            Ok(p) => p,
-            Err(e) => return self.refuse(Flow::Extended, e).await,
         };
         self.to_server.extend_from_slice(&frame);
         self.tracker.execute(pending);
@@ -272,6 +288,13 @@ impl QueryLoop<'_> {
 
     pub(super) async fn on_sync(&mut self, frame: Bytes) -> Result<(), End> {
         self.discard_until_sync = false;
+        if let Some(Ok(pending)) = self.pre_audited.take() {
+            // An error earlier in the batch discarded its `Execute`.
+            self.resolved.push(Resolved {
+                pending,
+                outcome: Outcome::NotExecuted,
+            });
+        }
         if self.local_sync || (self.server.is_none() && self.tracker.is_empty()) {
             self.local_sync = false;
             messages::ready_for_query(&mut self.to_client, self.tx_status);
@@ -368,17 +391,104 @@ impl QueryLoop<'_> {
         let pending = self.audit_statement(sql, params).await?;
         if let Err(e) = self.bind_server().await {
             if let Some(pending) = pending {
-                self.resolved.push(Resolved {
-                    pending,
-                    outcome: Outcome::Error {
-                        code: e.code.code().to_string(),
-                        message: e.message.clone(),
-                    },
-                });
+                self.unrun(pending, &e);
             }
             return Err(e);
         }
         Ok(pending)
+    }
+
+    /// Records that the statement of `pending` never reached a server
+    /// because no connection could be bound (`error`).
+    pub(super) fn unrun(&mut self, pending: Pending, error: &PgError) {
+        self.resolved.push(Resolved {
+            pending,
+            outcome: Outcome::Error {
+                code: error.code.code().to_string(),
+                message: error.message.clone(),
+            },
+        });
+    }
+
+    /// Between transactions, stores the `query` record of the first
+    /// `Execute` of the client's buffered batch before the batch's `Parse`
+    /// or `Bind` takes a server connection, so that no pooled connection
+    /// idles through the record's fsync ([`Self::audit_and_bind`] does the
+    /// same for a simple `Query`). The record is the one `on_execute` would
+    /// write; it is left to `on_execute` when the batch is not a plain run
+    /// of `Parse`/`Bind`/`Describe`/`Flush` up to that `Execute`, is not all
+    /// buffered yet, or holds a statement the guard refuses.
+    pub(super) async fn audit_ahead(&mut self) {
+        let Some((sql, params)) = self.first_execute_ahead() else {
+            return;
+        };
+        self.pre_audited = match self.audit_statement(&sql, params).await {
+            Ok(Some(pending)) => Some(Ok(pending)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        };
+    }
+
+    /// The statement text and audited parameters the first buffered
+    /// `Execute` will have, from the `Parse` and `Bind` messages before it
+    /// and the session's statements and portals (as `on_bind` and
+    /// `on_execute` resolve them).
+    fn first_execute_ahead(&self) -> Option<Audited> {
+        let buf = &self.client.rbuf[..];
+        let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
+        let mut bound: Vec<(&[u8], Audited)> = Vec::new();
+        let mut at = 0;
+        while buf.len() >= at + 5 {
+            let len = u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]);
+            let end = (at + 1).checked_add(len as usize)?;
+            if len < 4 || end > buf.len() {
+                return None;
+            }
+            let body = &buf[at + 5..end];
+            match buf[at] {
+                b'P' => {
+                    let parse = messages::parse_parse(body).ok()?;
+                    self.shared.guard.check(parse.query).ok()?;
+                    parsed.push((parse.name, parse.query));
+                }
+                b'B' => {
+                    let bind = messages::parse_bind(body).ok()?;
+                    let sql = match parsed
+                        .iter()
+                        .rev()
+                        .find(|(name, _)| *name == bind.statement)
+                    {
+                        Some((_, query)) => Bytes::copy_from_slice(query),
+                        None => self
+                            .statements
+                            .get(bind.statement)
+                            .map(|s| s.sql.clone())
+                            .unwrap_or_default(),
+                    };
+                    let params = if self.shared.live().log_parameters {
+                        Some(bind.params_for_audit().ok()?)
+                    } else {
+                        None
+                    };
+                    bound.push((bind.portal, (sql, params)));
+                }
+                b'D' | b'H' => {}
+                b'E' => {
+                    let name = messages::parse_execute(body).ok()?;
+                    return Some(match bound.into_iter().rev().find(|(p, _)| *p == name) {
+                        Some((_, audited)) => audited,
+                        None => self
+                            .portals
+                            .get(name)
+                            .map(|p| (p.sql.clone(), p.params.clone()))
+                            .unwrap_or_default(),
+                    });
+                }
+                _ => return None,
+            }
+            at = end;
+        }
+        None
     }
 
     /// Writes a statement's `query` record ahead of forwarding it.

@@ -253,3 +253,20 @@ async fn postgres_restart_under_load_fails_in_flight_work_and_heals() {
     );
     drop(pg);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_statement_in_a_transaction_is_not_idle_time() {
+    // The idle-in-transaction clock starts when the server has answered,
+    // not when the client's last message arrived: a statement that runs
+    // longer than the timeout must not get its session cut right after.
+    let gw = start_gateway(Opts {
+        server_extra: "idle_in_transaction_timeout_ms = 1000\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    alice.batch_execute("BEGIN").await.unwrap();
+    alice.batch_execute("SELECT pg_sleep(1.5)").await.unwrap();
+    assert_eq!(support::one(&alice, "SELECT 1").await, "1");
+    alice.batch_execute("COMMIT").await.unwrap();
+}

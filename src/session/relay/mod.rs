@@ -136,9 +136,10 @@ pub struct QueryLoop<'a> {
     retag_application_name: bool,
     /// `verify = "transaction"` and client messages ran since the last check.
     needs_verify: bool,
-    /// When the client last sent anything, and when the server was last
-    /// given work it has not finished (for the timeouts).
-    last_client_activity: Instant,
+    /// When the session last moved: the client sent something, or the
+    /// server finished the client's work. The idle timeouts count from here
+    /// (as PostgreSQL's idle timeouts count from its last `ReadyForQuery`).
+    last_activity: Instant,
     query_started: Option<Instant>,
     /// The query timeout fired and a cancel was sent for this request.
     cancel_sent: bool,
@@ -200,7 +201,7 @@ impl<'a> QueryLoop<'a> {
             local_sync: false,
             copy_in: false,
             needs_verify: false,
-            last_client_activity: Instant::now(),
+            last_activity: Instant::now(),
             query_started: None,
             cancel_sent: false,
             counts: (0, 0),
@@ -275,7 +276,7 @@ impl<'a> QueryLoop<'a> {
                 }
             };
             if matches!(wake, Wake::Client(Ok(n)) if n > 0) {
-                self.last_client_activity = Instant::now();
+                self.last_activity = Instant::now();
             }
             let step = match wake {
                 Wake::Client(Ok(0)) => Err(End::ClientGone),
@@ -308,14 +309,10 @@ impl<'a> QueryLoop<'a> {
             return after(server.query_timeout_ms, started).map(|at| (Timeout::Query, at));
         }
         if self.server.is_some() && self.tx_status != b'I' {
-            return after(
-                server.idle_in_transaction_timeout_ms,
-                self.last_client_activity,
-            )
-            .map(|at| (Timeout::IdleInTransaction, at));
+            return after(server.idle_in_transaction_timeout_ms, self.last_activity)
+                .map(|at| (Timeout::IdleInTransaction, at));
         }
-        after(server.client_idle_timeout_ms, self.last_client_activity)
-            .map(|at| (Timeout::ClientIdle, at))
+        after(server.client_idle_timeout_ms, self.last_activity).map(|at| (Timeout::ClientIdle, at))
     }
 
     async fn on_timeout(&mut self, which: Timeout) -> Result<(), End> {
@@ -472,6 +469,7 @@ impl<'a> QueryLoop<'a> {
     // ----- server to client -------------------------------------------------
 
     async fn on_server_data(&mut self) -> Result<(), End> {
+        let was_busy = !self.tracker.is_empty();
         while let Some(server) = self.server.as_mut() {
             let rbuf = &mut server.rbuf;
             if self.server_passthrough > 0 {
@@ -508,6 +506,9 @@ impl<'a> QueryLoop<'a> {
         self.record_results().await;
         if self.tracker.is_empty() {
             self.query_started = None;
+            if was_busy {
+                self.last_activity = Instant::now();
+            }
         }
         if self.retag_application_name && self.tracker.is_empty() && !self.copy_in {
             self.retag_application_name();

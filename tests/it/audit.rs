@@ -475,3 +475,45 @@ async fn kill_9_run(durability: &str, grace: Duration) {
         acked.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_recorded_ahead_matches_the_same_batch_inside_a_transaction() {
+    // Outside a transaction the first Execute's record is built by reading
+    // the batch ahead; inside one it is built as the messages are handled.
+    // Both must log the same statement and parameters.
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "log_parameters = true\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let c = gw.connect("alice").await;
+    let sql = "SELECT $1::text || $2::int || 'ahead'";
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+        [(&"x\u{e9}", Type::TEXT), (&7i32, Type::INT4)];
+    let prepared = c.prepare(sql).await.unwrap();
+    for in_transaction in [false, true] {
+        if in_transaction {
+            c.batch_execute("BEGIN").await.unwrap();
+        }
+        c.query_typed(sql, &params).await.unwrap();
+        c.query(&prepared, &[&"x\u{e9}", &7i32]).await.unwrap();
+        if in_transaction {
+            c.batch_execute("COMMIT").await.unwrap();
+        }
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+    let logged: Vec<(String, String, String)> = export(&store, &[])
+        .iter()
+        .filter(|r| s(r, "kind") == "query" && s(r, "statement") == sql)
+        .map(|r| (s(r, "params"), s(r, "status"), s(r, "rows")))
+        .collect();
+    assert_eq!(logged.len(), 4, "{logged:?}");
+    assert!(logged.iter().all(|l| *l == logged[0]), "{logged:?}");
+    assert_eq!(logged[0].1, "ok");
+    // tokio-postgres binds both in binary: exported as hex.
+    assert_eq!(logged[0].0, r#"["\\x78c3a9","\\x00000007"]"#, "{logged:?}");
+}

@@ -9,10 +9,12 @@ transaction for the whole process and for the heaviest functions
 can be compared on a busy machine; the profile guides optimisations, it is
 not a throughput figure. Kernel time (the sockets, fsync) is not counted, and
 valgrind hides the CPU's SHA extensions, so with audit on the hash chain's
-share is overstated: use `perf record` for the audit modes.
+share is overstated: use `perf record` for the audit modes (with audit on,
+the gateway may also not finish starting under valgrind within the
+2-minute wait: sled's IO threads run very slowly there).
 
     python3 benches/callgrind_per_tx.py --audit off --transactions 2000
-    python3 benches/callgrind_per_tx.py --audit async -- -S -M extended
+    python3 benches/callgrind_per_tx.py --audit off -- -S -M extended
 
 Not part of CI.
 """

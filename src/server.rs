@@ -84,7 +84,9 @@ impl Gateway {
             tls,
             metrics: Default::default(),
             live: RwLock::new(Arc::new(crate::session::Live::from_config(&config))),
-            auth_slots: tokio::sync::Semaphore::new(config.backend.max_auth_connections),
+            auth_slots: Arc::new(tokio::sync::Semaphore::new(
+                config.backend.max_auth_connections,
+            )),
             client_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.max_client_connections,
             )),

@@ -14,6 +14,7 @@
 //! reaches the client in one write instead of one per frame.
 
 use bytes::{BufMut, BytesMut};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::codes;
 use crate::config::BackendConfig;
@@ -58,19 +59,24 @@ impl From<BackendError> for RelayError {
 /// Relays the login of `startup` between `client` and a temporary backend
 /// connection, then closes that connection. On [`Outcome::Authenticated`]
 /// the frames still owed to the client are in `greeting`, for the caller to
-/// send with its own `BackendKeyData` and `ReadyForQuery`.
+/// send with its own `BackendKeyData` and `ReadyForQuery`. `slot` (one of
+/// `max_auth_connections`) is held until the connection is closed.
 pub async fn relay(
     client: &mut ClientConn,
     startup: &StartupMessage,
     backend: &BackendConfig,
     tls: Option<&crate::tls::BackendTls>,
     greeting: &mut BytesMut,
+    slot: OwnedSemaphorePermit,
 ) -> Result<Outcome, RelayError> {
     let mut server = ServerConn::connect(backend, tls).await?;
     let outcome = exchange(client, &mut server, startup, greeting).await;
     // Terminate costs the temporary backend's wake-up on this core; the
     // client's answer need not wait for it, and nothing else uses `server`.
-    tokio::spawn(server.close());
+    tokio::spawn(async move {
+        server.close().await;
+        drop(slot);
+    });
     outcome
 }
 

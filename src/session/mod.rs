@@ -73,7 +73,7 @@ pub struct Shared {
     /// One permit per client served (`max_client_connections`).
     pub client_slots: Arc<tokio::sync::Semaphore>,
     /// One permit per login being relayed (`max_auth_connections`).
-    pub auth_slots: tokio::sync::Semaphore,
+    pub auth_slots: Arc<tokio::sync::Semaphore>,
     pub metrics: crate::metrics::Metrics,
     /// Reloadable settings (SIGHUP); `config` keeps the ones that need a restart.
     pub live: RwLock<Arc<Live>>,
@@ -282,20 +282,19 @@ async fn login(
         &shared.config.identity.client_user_setting,
     );
     let mut greeting = BytesMut::new();
-    let relayed = {
-        // Closed only when the gateway stops; then the login cannot proceed.
-        let Ok(_permit) = shared.auth_slots.acquire().await else {
-            return Ok(None);
-        };
-        auth_relay::relay(
-            &mut client,
-            &startup,
-            &shared.config.backend,
-            shared.backend_tls.as_ref(),
-            &mut greeting,
-        )
-        .await
+    // Closed only when the gateway stops; then the login cannot proceed.
+    let Ok(slot) = shared.auth_slots.clone().acquire_owned().await else {
+        return Ok(None);
     };
+    let relayed = auth_relay::relay(
+        &mut client,
+        &startup,
+        &shared.config.backend,
+        shared.backend_tls.as_ref(),
+        &mut greeting,
+        slot,
+    )
+    .await;
     match relayed {
         Ok(AuthOutcome::Authenticated) => {}
         Ok(AuthOutcome::ClientGone) => {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::SinkExt;
 use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 use tokio_postgres::types::Type;
 
 use crate::support::{self, cluster, start_gateway, Opts};
@@ -516,4 +517,86 @@ async fn a_batch_recorded_ahead_matches_the_same_batch_inside_a_transaction() {
     assert_eq!(logged[0].1, "ok");
     // tokio-postgres binds both in binary: exported as hex.
     assert_eq!(logged[0].0, r#"["\\x78c3a9","\\x00000007"]"#, "{logged:?}");
+}
+
+/// One frontend message: tag, length, body.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_the_gateway_refuses_is_not_recorded_ahead() {
+    // Bind or Describe of an unnamed statement this transaction never
+    // parsed is refused with 26000 before anything runs: no `query` record
+    // may be written for it ahead of the batch.
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let mut c = crate::raw::RawClient::login(gw.addr).await;
+    let bind = message(b'B', b"\0\0\0\0\0\0\0\0");
+    let execute = message(b'E', b"\0\0\0\0\0");
+    let sync = message(b'S', b"");
+    for first in [bind.clone(), message(b'D', b"S\0")] {
+        // One write: the whole batch is buffered when the gateway reads it.
+        let batch = [first, bind.clone(), execute.clone(), sync.clone()].concat();
+        c.stream.write_all(&batch).await.unwrap();
+        let (_, code, status) = c.until_ready().await;
+        assert_eq!((code.as_deref(), status), (Some("26000"), b'I'));
+    }
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+    let queries: Vec<Value> = export(&store, &["--raw"])
+        .into_iter()
+        .filter(|r| s(r, "kind") == "query")
+        .collect();
+    assert!(queries.is_empty(), "{queries:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statements_duration_leaves_out_its_wait_for_a_connection() {
+    // Recorded before it takes a connection, the statement's duration must
+    // still be its own, not the time it queued for the pool.
+    let gw = start_gateway(Opts {
+        audit: true,
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let alice = gw.connect("alice").await;
+    let bob = Arc::new(gw.connect("bob").await);
+    let statements = ["SELECT 'bob queued'", "SELECT 'bob queued, extended'"];
+    for (i, sql) in statements.into_iter().enumerate() {
+        alice.batch_execute("BEGIN").await.unwrap();
+        let bob = bob.clone();
+        let waiting = tokio::spawn(async move {
+            if i == 0 {
+                bob.simple_query(sql).await.unwrap();
+            } else {
+                bob.query_typed(sql, &[]).await.unwrap();
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        alice.batch_execute("COMMIT").await.unwrap();
+        waiting.await.unwrap();
+    }
+    drop((alice, bob));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+    let records = export(&store, &[]);
+    for sql in statements {
+        let q = records
+            .iter()
+            .find(|r| s(r, "statement") == sql)
+            .unwrap_or_else(|| panic!("no record of {sql}"));
+        let took = q["duration_us"].as_u64().expect("a duration");
+        assert!(took < 900_000, "the 1.2 s pool wait was counted: {q}");
+    }
 }

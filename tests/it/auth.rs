@@ -141,40 +141,31 @@ pub fn startup_packet(user: &str) -> Vec<u8> {
     out
 }
 
-/// Reads one backend message: its type and body.
-async fn read_message(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
-    let mut head = [0u8; 5];
-    s.read_exact(&mut head).await.unwrap();
-    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    let mut body = vec![0u8; len - 4];
-    s.read_exact(&mut body).await.unwrap();
-    (head[0], body)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn greeting_after_login_is_complete_and_in_order() {
     // The gateway gathers the greeting (AuthenticationOk, ParameterStatus,
     // its own BackendKeyData, ReadyForQuery) and sends it at once: what the
     // client receives must still be exactly the protocol's sequence.
     let gw = start_gateway(Opts::default()).await;
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(&startup_packet("clear_user")).await.unwrap();
-    let (tag, body) = read_message(&mut s).await;
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut c = crate::raw::RawClient { stream };
+    c.stream
+        .write_all(&startup_packet("clear_user"))
+        .await
+        .unwrap();
+    let (tag, body) = c.read_message().await;
     assert_eq!(
         (tag, &body[..4]),
         (b'R', &3i32.to_be_bytes()[..]),
         "cleartext request"
     );
-    let password = support::password_of("clear_user");
-    let mut answer = vec![b'p'];
-    answer.extend_from_slice(&((password.len() + 5) as i32).to_be_bytes());
-    answer.extend_from_slice(password.as_bytes());
-    answer.push(0);
-    s.write_all(&answer).await.unwrap();
+    let mut password = support::password_of("clear_user").as_bytes().to_vec();
+    password.push(0);
+    c.send(b'p', &password).await;
     let mut tags = Vec::new();
     let mut params = Vec::new();
     loop {
-        let (tag, body) = read_message(&mut s).await;
+        let (tag, body) = c.read_message().await;
         tags.push(tag);
         match tag {
             b'R' => assert_eq!(body, 0i32.to_be_bytes(), "AuthenticationOk"),
@@ -214,14 +205,7 @@ async fn greeting_after_login_is_complete_and_in_order() {
         );
     }
     // And the session serves.
-    s.write_all(b"Q\0\0\0\x0dSELECT 1\0").await.unwrap();
-    let mut reply = Vec::new();
-    loop {
-        let (tag, _) = read_message(&mut s).await;
-        reply.push(tag);
-        if tag == b'Z' {
-            break;
-        }
-    }
-    assert_eq!(reply, b"TDCZ");
+    c.send(b'Q', b"SELECT 1\0").await;
+    let (tags, error, _) = c.until_ready().await;
+    assert_eq!((tags, error), (b"TDCZ".to_vec(), None));
 }

@@ -47,7 +47,7 @@ impl QueryLoop<'_> {
     pub(super) async fn bind_server(&mut self) -> Result<(), PgError> {
         let bound = self.bind_server_now().await;
         if let Err(e) = &bound {
-            if let Some(Ok(pending)) = self.pre_audited.take() {
+            if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
                 self.unrun(pending, e);
             }
         }
@@ -247,6 +247,16 @@ impl QueryLoop<'_> {
     /// Leaves the server connection in a state fit for the next client, or
     /// destroys it.
     pub(super) async fn finish(&mut self, end: &End) {
+        // The session may end in the middle of a client burst: record what
+        // it resolved, and that a statement audited ahead of its batch never
+        // ran.
+        if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
+            self.resolved.push(Resolved {
+                pending,
+                outcome: Outcome::NotExecuted,
+            });
+        }
+        self.record_results().await;
         if let End::Fatal(error) = end {
             self.to_client.clear();
             self.client.send_error(error).await;

@@ -103,6 +103,16 @@ enum Flow {
     Extended,
 }
 
+/// How the first `Execute` of a batch fared when it was audited ahead.
+enum Ahead {
+    /// Its `query` record is stored.
+    Stored(Pending),
+    /// The store failed and `on_failure = "allow"`: it runs unaudited.
+    Unaudited,
+    /// The store failed: it is refused.
+    Failed(PgError),
+}
+
 struct Portal {
     sql: Bytes,
     params: Option<Vec<Option<String>>>,
@@ -155,10 +165,10 @@ pub struct QueryLoop<'a> {
     /// The client's prepared statements by client name ("" = unnamed).
     statements: NameMap<prepared::Statement>,
     portals: NameMap<Portal>,
-    /// The `query` record of the first `Execute` of a batch, stored before
-    /// the batch took a server connection ([`QueryLoop::audit_ahead`]): taken
-    /// by that `Execute`, or settled at `Sync` if it never ran.
-    pre_audited: Option<Result<Pending, PgError>>,
+    /// The first `Execute` of a batch, audited before the batch took a
+    /// server connection ([`QueryLoop::audit_ahead`]): taken by that
+    /// `Execute`, or settled at `Sync` (or session end) if it never ran.
+    pre_audited: Option<Ahead>,
     resolved: Vec<Resolved>,
     shutdown: watch::Receiver<bool>,
     shutting_down: bool,
@@ -342,14 +352,7 @@ impl<'a> QueryLoop<'a> {
     // ----- client to server -------------------------------------------------
 
     async fn on_client_data(&mut self) -> Result<(), End> {
-        if self.server.is_none()
-            && self.auditing
-            && self.pre_audited.is_none()
-            && !self.discard_until_sync
-            && self.client_passthrough == 0
-        {
-            self.audit_ahead().await;
-        }
+        self.audit_ahead().await;
         loop {
             if self.client_passthrough > 0 {
                 let n = self.client_passthrough.min(self.client.rbuf.len());

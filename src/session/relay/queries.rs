@@ -254,15 +254,22 @@ impl QueryLoop<'_> {
 
     pub(super) async fn on_execute(&mut self, frame: Bytes) -> Result<(), End> {
         let pending = match self.pre_audited.take() {
-            // Its record was written before the batch took a connection.
-            Some(Ok(pending)) => match self.bind_server().await {
-                Ok(()) => Some(pending),
+            // Audited before the batch took a connection.
+            Some(Ahead::Stored(mut pending)) => match self.bind_server().await {
+                Ok(()) => {
+                    pending.started = Instant::now();
+                    Some(pending)
+                }
                 Err(e) => {
                     self.unrun(pending, &e);
                     return self.refuse(Flow::Extended, e).await;
                 }
             },
-            Some(Err(e)) => return self.refuse(Flow::Extended, e).await,
+            Some(Ahead::Unaudited) => match self.bind_server().await {
+                Ok(()) => None,
+                Err(e) => return self.refuse(Flow::Extended, e).await,
+            },
+            Some(Ahead::Failed(e)) => return self.refuse(Flow::Extended, e).await,
             None => {
                 let (sql, params) = if self.auditing {
                     let name = messages::parse_execute(&frame[5..])
@@ -288,7 +295,7 @@ impl QueryLoop<'_> {
 
     pub(super) async fn on_sync(&mut self, frame: Bytes) -> Result<(), End> {
         self.discard_until_sync = false;
-        if let Some(Ok(pending)) = self.pre_audited.take() {
+        if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
             // An error earlier in the batch discarded its `Execute`.
             self.resolved.push(Resolved {
                 pending,
@@ -388,12 +395,16 @@ impl QueryLoop<'_> {
         sql: &[u8],
         params: Option<Vec<Option<String>>>,
     ) -> Result<Option<Pending>, PgError> {
-        let pending = self.audit_statement(sql, params).await?;
+        let mut pending = self.audit_statement(sql, params).await?;
         if let Err(e) = self.bind_server().await {
             if let Some(pending) = pending {
                 self.unrun(pending, &e);
             }
             return Err(e);
+        }
+        if let Some(pending) = pending.as_mut() {
+            // Its duration is the statement's, not the wait for a connection.
+            pending.started = Instant::now();
         }
         Ok(pending)
     }
@@ -417,16 +428,25 @@ impl QueryLoop<'_> {
     /// same for a simple `Query`). The record is the one `on_execute` would
     /// write; it is left to `on_execute` when the batch is not a plain run
     /// of `Parse`/`Bind`/`Describe`/`Flush` up to that `Execute`, is not all
-    /// buffered yet, or holds a statement the guard refuses.
+    /// buffered yet, or holds anything the gateway refuses: a statement the
+    /// guard blocks, a use of an unnamed statement it has not parsed
+    /// ([`Self::check_unnamed`]), a message too large or malformed.
     pub(super) async fn audit_ahead(&mut self) {
+        let between_transactions = self.server.is_none()
+            && self.pre_audited.is_none()
+            && !self.discard_until_sync
+            && self.client_passthrough == 0;
+        if !self.auditing || !between_transactions {
+            return;
+        }
         let Some((sql, params)) = self.first_execute_ahead() else {
             return;
         };
-        self.pre_audited = match self.audit_statement(&sql, params).await {
-            Ok(Some(pending)) => Some(Ok(pending)),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
-        };
+        self.pre_audited = Some(match self.audit_statement(&sql, params).await {
+            Ok(Some(pending)) => Ahead::Stored(pending),
+            Ok(None) => Ahead::Unaudited,
+            Err(e) => Ahead::Failed(e),
+        });
     }
 
     /// The statement text and audited parameters the first buffered
@@ -437,15 +457,20 @@ impl QueryLoop<'_> {
         let buf = &self.client.rbuf[..];
         let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
         let mut bound: Vec<(&[u8], Audited)> = Vec::new();
+        let unnamed_known = |parsed: &[(&[u8], &[u8])], name: &[u8]| {
+            !name.is_empty()
+                || parsed.iter().any(|(n, _)| n.is_empty())
+                || self.check_unnamed(name).is_ok()
+        };
         let mut at = 0;
-        while buf.len() >= at + 5 {
-            let len = u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]);
-            let end = (at + 1).checked_add(len as usize)?;
-            if len < 4 || end > buf.len() {
+        loop {
+            let header = FrameHeader::peek(&buf[at..], self.client.max_message_size).ok()??;
+            let end = at + header.total;
+            if end > buf.len() {
                 return None;
             }
             let body = &buf[at + 5..end];
-            match buf[at] {
+            match header.tag {
                 b'P' => {
                     let parse = messages::parse_parse(body).ok()?;
                     self.shared.guard.check(parse.query).ok()?;
@@ -453,6 +478,9 @@ impl QueryLoop<'_> {
                 }
                 b'B' => {
                     let bind = messages::parse_bind(body).ok()?;
+                    if !unnamed_known(&parsed, bind.statement) {
+                        return None;
+                    }
                     let sql = match parsed
                         .iter()
                         .rev()
@@ -472,7 +500,13 @@ impl QueryLoop<'_> {
                     };
                     bound.push((bind.portal, (sql, params)));
                 }
-                b'D' | b'H' => {}
+                b'D' => {
+                    let (kind, name) = messages::parse_close_or_describe(body).ok()?;
+                    if kind == b'S' && !unnamed_known(&parsed, name) {
+                        return None;
+                    }
+                }
+                b'H' => {}
                 b'E' => {
                     let name = messages::parse_execute(body).ok()?;
                     return Some(match bound.into_iter().rev().find(|(p, _)| *p == name) {
@@ -488,7 +522,6 @@ impl QueryLoop<'_> {
             }
             at = end;
         }
-        None
     }
 
     /// Writes a statement's `query` record ahead of forwarding it.

@@ -36,6 +36,7 @@ use crate::pool::{self, statements, PooledConn};
 use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
+use queries::Ahead;
 
 /// Text sent in place of a refused statement: it fails at parse time, so the
 /// server aborts exactly as it would for a refused statement of its own.
@@ -101,16 +102,6 @@ enum Flow {
     Simple,
     /// Extended protocol: one error, then everything up to `Sync` is skipped.
     Extended,
-}
-
-/// How the first `Execute` of a batch fared when it was audited ahead.
-enum Ahead {
-    /// Its `query` record is stored.
-    Stored(Pending),
-    /// The store failed and `on_failure = "allow"`: it runs unaudited.
-    Unaudited,
-    /// The store failed: it is refused.
-    Failed(PgError),
 }
 
 struct Portal {

@@ -10,6 +10,16 @@ use super::*;
 /// A statement as its `query` record shows it: text and audited parameters.
 type Audited = (Bytes, Option<Vec<Option<String>>>);
 
+/// How the first `Execute` of a batch fared when it was audited ahead.
+pub(super) enum Ahead {
+    /// Its `query` record is stored.
+    Stored(Pending),
+    /// The store failed and `on_failure = "allow"`: it runs unaudited.
+    Unaudited,
+    /// The store failed: it is refused.
+    Failed(PgError),
+}
+
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
         let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;

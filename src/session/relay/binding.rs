@@ -250,12 +250,7 @@ impl QueryLoop<'_> {
         // The session may end in the middle of a client burst: record what
         // it resolved, and that a statement audited ahead of its batch never
         // ran.
-        if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
-            self.resolved.push(Resolved {
-                pending,
-                outcome: Outcome::NotExecuted,
-            });
-        }
+        self.settle_unexecuted_ahead();
         self.record_results().await;
         if let End::Fatal(error) = end {
             self.to_client.clear();

@@ -166,19 +166,10 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         if self.auditing {
-            let sql = self
-                .statements
-                .get(bind.statement)
-                .map(|s| s.sql.clone())
-                .unwrap_or_default();
-            let params = if self.shared.live().log_parameters {
-                Some(
-                    bind.params_for_audit()
-                        .map_err(|e| End::Fatal(protocol_error(e)))?,
-                )
-            } else {
-                None
-            };
+            let sql = self.statement_sql(bind.statement);
+            let params = self
+                .audited_params(&bind)
+                .map_err(|e| End::Fatal(protocol_error(e)))?;
             self.portals
                 .insert(frame.slice_ref(bind.portal), Portal { sql, params });
         }
@@ -263,39 +254,25 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn on_execute(&mut self, frame: Bytes) -> Result<(), End> {
-        let pending = match self.pre_audited.take() {
+        let bound = match self.pre_audited.take() {
             // Audited before the batch took a connection.
-            Some(Ahead::Stored(mut pending)) => match self.bind_server().await {
-                Ok(()) => {
-                    pending.started = Instant::now();
-                    Some(pending)
-                }
-                Err(e) => {
-                    self.unrun(pending, &e);
-                    return self.refuse(Flow::Extended, e).await;
-                }
-            },
-            Some(Ahead::Unaudited) => match self.bind_server().await {
-                Ok(()) => None,
-                Err(e) => return self.refuse(Flow::Extended, e).await,
-            },
-            Some(Ahead::Failed(e)) => return self.refuse(Flow::Extended, e).await,
+            Some(Ahead::Stored(pending)) => self.bind_for(Some(pending)).await,
+            Some(Ahead::Unaudited) => self.bind_for(None).await,
+            Some(Ahead::Failed(e)) => Err(e),
             None => {
                 let (sql, params) = if self.auditing {
                     let name = messages::parse_execute(&frame[5..])
                         .map_err(|e| End::Fatal(protocol_error(e)))?;
-                    match self.portals.get(name) {
-                        Some(p) => (p.sql.clone(), p.params.clone()),
-                        None => (Bytes::new(), None),
-                    }
+                    self.portal_audited(name)
                 } else {
-                    (Bytes::new(), None)
+                    Audited::default()
                 };
-                match self.audit_and_bind(&sql, params).await {
-                    Ok(p) => p,
-                    Err(e) => return self.refuse(Flow::Extended, e).await,
-                }
+                self.audit_and_bind(&sql, params).await
             }
+        };
+        let pending = match bound {
+            Ok(p) => p,
+            Err(e) => return self.refuse(Flow::Extended, e).await,
         };
         self.to_server.extend_from_slice(&frame);
         self.tracker.execute(pending);
@@ -305,13 +282,8 @@ impl QueryLoop<'_> {
 
     pub(super) async fn on_sync(&mut self, frame: Bytes) -> Result<(), End> {
         self.discard_until_sync = false;
-        if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
-            // An error earlier in the batch discarded its `Execute`.
-            self.resolved.push(Resolved {
-                pending,
-                outcome: Outcome::NotExecuted,
-            });
-        }
+        // An error earlier in the batch may have discarded its `Execute`.
+        self.settle_unexecuted_ahead();
         if self.local_sync || (self.server.is_none() && self.tracker.is_empty()) {
             self.local_sync = false;
             messages::ready_for_query(&mut self.to_client, self.tx_status);
@@ -405,7 +377,15 @@ impl QueryLoop<'_> {
         sql: &[u8],
         params: Option<Vec<Option<String>>>,
     ) -> Result<Option<Pending>, PgError> {
-        let mut pending = self.audit_statement(sql, params).await?;
+        let pending = self.audit_statement(sql, params).await?;
+        self.bind_for(pending).await
+    }
+
+    /// Binds a server connection for a statement whose record is stored
+    /// (`pending`). If none can be had, its `result` records the error;
+    /// otherwise its duration starts now, so it is the statement's own and
+    /// not the wait for a connection.
+    async fn bind_for(&mut self, mut pending: Option<Pending>) -> Result<Option<Pending>, PgError> {
         if let Err(e) = self.bind_server().await {
             if let Some(pending) = pending {
                 self.unrun(pending, &e);
@@ -413,10 +393,49 @@ impl QueryLoop<'_> {
             return Err(e);
         }
         if let Some(pending) = pending.as_mut() {
-            // Its duration is the statement's, not the wait for a connection.
             pending.started = Instant::now();
         }
         Ok(pending)
+    }
+
+    /// A statement audited ahead of its batch that will not run now: its
+    /// `result` says so.
+    pub(super) fn settle_unexecuted_ahead(&mut self) {
+        if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
+            self.resolved.push(Resolved {
+                pending,
+                outcome: Outcome::NotExecuted,
+            });
+        }
+    }
+
+    /// The text of the client's statement `name`, as its portals record it
+    /// (empty when the name is unknown: the server reports that itself).
+    fn statement_sql(&self, name: &[u8]) -> Bytes {
+        self.statements
+            .get(name)
+            .map(|s| s.sql.clone())
+            .unwrap_or_default()
+    }
+
+    /// The parameters of `bind` as its `query` record shows them: only
+    /// with `log_parameters`.
+    fn audited_params(
+        &self,
+        bind: &messages::BindView<'_>,
+    ) -> Result<Option<Vec<Option<String>>>, ProtocolError> {
+        if !self.shared.live().log_parameters {
+            return Ok(None);
+        }
+        bind.params_for_audit().map(Some)
+    }
+
+    /// What the `query` record of an `Execute` of portal `name` shows.
+    fn portal_audited(&self, name: &[u8]) -> Audited {
+        self.portals
+            .get(name)
+            .map(|p| (p.sql.clone(), p.params.clone()))
+            .unwrap_or_default()
     }
 
     /// Records that the statement of `pending` never reached a server
@@ -497,17 +516,9 @@ impl QueryLoop<'_> {
                         .find(|(name, _)| *name == bind.statement)
                     {
                         Some((_, query)) => Bytes::copy_from_slice(query),
-                        None => self
-                            .statements
-                            .get(bind.statement)
-                            .map(|s| s.sql.clone())
-                            .unwrap_or_default(),
+                        None => self.statement_sql(bind.statement),
                     };
-                    let params = if self.shared.live().log_parameters {
-                        Some(bind.params_for_audit().ok()?)
-                    } else {
-                        None
-                    };
+                    let params = self.audited_params(&bind).ok()?;
                     bound.push((bind.portal, (sql, params)));
                 }
                 b'D' => {
@@ -521,11 +532,7 @@ impl QueryLoop<'_> {
                     let name = messages::parse_execute(body).ok()?;
                     return Some(match bound.into_iter().rev().find(|(p, _)| *p == name) {
                         Some((_, audited)) => audited,
-                        None => self
-                            .portals
-                            .get(name)
-                            .map(|p| (p.sql.clone(), p.params.clone()))
-                            .unwrap_or_default(),
+                        None => self.portal_audited(name),
                     });
                 }
                 _ => return None,

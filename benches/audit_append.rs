@@ -5,7 +5,8 @@
 //! and export/verify rates (and peak memory) over 1,000,000 records.
 //!
 //! Run: `cargo bench -j 1 --bench audit_append` (release). Set
-//! `AUDIT_BENCH_RECORDS` and `AUDIT_BENCH_SECS` to change the sizes.
+//! `AUDIT_BENCH_RECORDS` and `AUDIT_BENCH_SECS` to change the sizes, and
+//! `AUDIT_BENCH_MODES` (e.g. `group,async`) to run only some modes.
 //! Exports run in a child process of this binary so that its peak RSS
 //! (VmHWM) is the export's alone.
 
@@ -63,6 +64,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+/// CPU time (user + system) this process has used so far, all threads.
+fn process_cpu() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
@@ -88,6 +101,8 @@ struct AppendResult {
     p99: Duration,
     max: Duration,
     syncs: u64,
+    /// Process CPU time (appenders, writer, sled's threads) per record.
+    cpu_per_record: Duration,
 }
 
 fn bench_append(
@@ -103,6 +118,7 @@ fn bench_append(
     };
     rt.block_on(async {
         let auditor = Auditor::open(&cfg).expect("open store");
+        let cpu_before = process_cpu();
         let start = Instant::now();
         let stop_at = start + Duration::from_secs(secs);
         let tasks: Vec<_> = (0..APPENDERS)
@@ -129,6 +145,7 @@ fn bench_append(
         // Until everything queued is stored and fsynced (async queues ahead).
         auditor.shutdown().await.expect("shutdown");
         let secs = start.elapsed().as_secs_f64();
+        let cpu = process_cpu() - cpu_before;
         all.sort();
         AppendResult {
             records: all.len() as u64,
@@ -137,6 +154,7 @@ fn bench_append(
             p99: percentile(&all, 0.99),
             max: all.last().copied().unwrap_or_default(),
             syncs,
+            cpu_per_record: cpu / (all.len().max(1) as u32),
         }
     })
 }
@@ -240,22 +258,28 @@ fn main() {
     );
 
     println!("append, {APPENDERS} concurrent appenders, {secs} s each");
-    println!("| mode  | records/s | p50 ms | p99 ms | max ms | records/fsync |");
-    println!("|-------|-----------|--------|--------|--------|---------------|");
+    println!("| mode  | records/s | p50 ms | p99 ms | max ms | records/fsync | CPU µs/record |");
+    println!("|-------|-----------|--------|--------|--------|---------------|---------------|");
     for (name, durability) in [
         ("group", Durability::Group),
         ("sync", Durability::Sync),
         ("async", Durability::Async),
     ] {
+        if std::env::var("AUDIT_BENCH_MODES")
+            .is_ok_and(|modes| !modes.split(',').any(|m| m == name))
+        {
+            continue;
+        }
         let dir = base.path().join(name);
         let r = bench_append(&rt, &dir, durability, secs);
         println!(
-            "| {name:<5} | {:>9.0} | {:>6} | {:>6} | {:>6} | {:>13.1} |",
+            "| {name:<5} | {:>9.0} | {:>6} | {:>6} | {:>6} | {:>13.1} | {:>13.1} |",
             r.records as f64 / r.secs,
             ms(r.p50),
             ms(r.p99),
             ms(r.max),
-            r.records as f64 / r.syncs.max(1) as f64
+            r.records as f64 / r.syncs.max(1) as f64,
+            r.cpu_per_record.as_secs_f64() * 1e6
         );
     }
 

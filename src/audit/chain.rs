@@ -17,21 +17,27 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// is hashed as its text bytes, so a damaged record still gets a (wrong) hash
 /// instead of an error; verify reports the mismatch.
 pub fn compute_hash(record: &Record) -> String {
-    hash_canonical(&record.prev_hash, &record.canonical_bytes())
+    let mut raw = [0u8; 32];
+    let digest = match hex::decode_to_slice(&record.prev_hash, &mut raw) {
+        Ok(()) => digest(&raw, &record.canonical_bytes()),
+        Err(_) => digest(record.prev_hash.as_bytes(), &record.canonical_bytes()),
+    };
+    to_hex(&digest)
 }
 
-/// The hash of a record given its `prev_hash` and canonical bytes.
-fn hash_canonical(prev_hash: &str, canonical: &[u8]) -> String {
+/// SHA-256 of `prev` followed by `canonical`.
+fn digest(prev: &[u8], canonical: &[u8]) -> [u8; 32] {
     let mut hasher = Sha256::new();
-    let mut raw = [0u8; 32];
-    match hex::decode_to_slice(prev_hash, &mut raw) {
-        Ok(()) => hasher.update(raw),
-        Err(_) => hasher.update(prev_hash.as_bytes()),
-    }
+    hasher.update(prev);
     hasher.update(canonical);
+    hasher.finalize().into()
+}
+
+/// `raw` as 64 lowercase hex digits.
+fn to_hex(raw: &[u8; 32]) -> String {
     let mut hex = [0u8; 64];
     // 32 bytes always fit 64 hex digits; the digits are ASCII.
-    hex::encode_to_slice(hasher.finalize(), &mut hex).expect("64 hex digits");
+    hex::encode_to_slice(raw, &mut hex).expect("64 hex digits");
     std::str::from_utf8(&hex)
         .expect("hex digits are ASCII")
         .to_owned()
@@ -43,6 +49,8 @@ pub struct Sealed {
     pub record: Record,
     /// [`Record::to_stored_bytes`], computed with a single encoding.
     pub bytes: Vec<u8>,
+    /// `record.hash` as raw bytes.
+    digest: [u8; 32],
 }
 
 /// The tail of the chain as the writer sees it.
@@ -52,6 +60,10 @@ pub struct Chain {
     pub next_seq: u64,
     /// Hash of the last stored record (`GENESIS_HASH` when empty).
     pub head: String,
+    /// `head` as raw bytes, what the next record's hash covers. `None` when
+    /// the stored head is not 64 hex digits (a damaged store): it is then
+    /// hashed as text, as [`compute_hash`] does.
+    head_raw: Option<[u8; 32]>,
 }
 
 impl Chain {
@@ -60,14 +72,19 @@ impl Chain {
         Chain {
             next_seq: 1,
             head: GENESIS_HASH.to_string(),
+            head_raw: Some([0; 32]),
         }
     }
 
     /// The chain continuing after `last`, the store's last record.
     pub fn after(last: &Record) -> Chain {
+        let mut raw = [0u8; 32];
         Chain {
             next_seq: last.seq + 1,
             head: last.hash.clone(),
+            head_raw: hex::decode_to_slice(&last.hash, &mut raw)
+                .ok()
+                .map(|()| raw),
         }
     }
 
@@ -76,16 +93,25 @@ impl Chain {
     pub fn seal(&self, event: Event, ts: String) -> Sealed {
         let mut record = Record::from_event(event, self.next_seq, ts, self.head.clone());
         let canonical = record.canonical_string();
-        record.hash = hash_canonical(&record.prev_hash, canonical.as_bytes());
+        let digest = match &self.head_raw {
+            Some(raw) => digest(raw, canonical.as_bytes()),
+            None => digest(self.head.as_bytes(), canonical.as_bytes()),
+        };
+        record.hash = to_hex(&digest);
         let bytes = Record::stored_from_canonical(canonical, &record.hash);
-        Sealed { record, bytes }
+        Sealed {
+            record,
+            bytes,
+            digest,
+        }
     }
 
-    /// Moves past `record`, which must be the one [`Chain::seal`] returned.
-    pub fn advance(&mut self, record: &Record) {
-        debug_assert_eq!(record.seq, self.next_seq);
-        self.next_seq = record.seq + 1;
-        self.head.clone_from(&record.hash);
+    /// Moves past `sealed`, which must be what [`Chain::seal`] returned.
+    pub fn advance(&mut self, sealed: &Sealed) {
+        debug_assert_eq!(sealed.record.seq, self.next_seq);
+        self.next_seq = sealed.record.seq + 1;
+        self.head.clone_from(&sealed.record.hash);
+        self.head_raw = Some(sealed.digest);
     }
 }
 
@@ -114,12 +140,32 @@ mod tests {
     #[test]
     fn advance_links_records() {
         let mut chain = Chain::empty();
-        let a = chain.seal(Event::new(Kind::Query), "t".into()).record;
+        let a = chain.seal(Event::new(Kind::Query), "t".into());
         chain.advance(&a);
-        let b = chain.seal(Event::new(Kind::Result), "t".into()).record;
-        assert_eq!(b.seq, 2);
-        assert_eq!(b.prev_hash, a.hash);
-        assert_ne!(a.hash, b.hash);
-        assert_eq!(Chain::after(&b).next_seq, 3);
+        let b = chain.seal(Event::new(Kind::Result), "t".into());
+        assert_eq!(b.record.seq, 2);
+        assert_eq!(b.record.prev_hash, a.record.hash);
+        assert_ne!(a.record.hash, b.record.hash);
+        assert_eq!(compute_hash(&b.record), b.record.hash);
+        let after = Chain::after(&b.record);
+        assert_eq!(after.next_seq, 3);
+        // A chain continued after a stored record hashes as one that sealed it.
+        chain.advance(&b);
+        let c = chain.seal(Event::new(Kind::Query), "t".into());
+        assert_eq!(
+            after.seal(Event::new(Kind::Query), "t".into()).record,
+            c.record
+        );
+    }
+
+    #[test]
+    fn a_head_that_is_not_hex_is_hashed_as_text_like_verify_does() {
+        let mut last = Chain::empty()
+            .seal(Event::new(Kind::Query), "t".into())
+            .record;
+        last.hash = "not a hash".into();
+        let next = Chain::after(&last).seal(Event::new(Kind::Result), "t".into());
+        assert_eq!(next.record.prev_hash, "not a hash");
+        assert_eq!(compute_hash(&next.record), next.record.hash);
     }
 }

@@ -326,9 +326,9 @@ impl Record {
 
     /// [`Record::canonical_bytes`] as the `String` they are built in.
     pub fn canonical_string(&self) -> String {
-        let mut out = String::with_capacity(512);
-        out.push('{');
         let values = self.values();
+        let mut out = String::with_capacity(stored_size_hint(&values));
+        out.push('{');
         let without_hash = FIELDS.len() - 1;
         for (i, (name, value)) in FIELDS.iter().zip(values).take(without_hash).enumerate() {
             if i > 0 {
@@ -365,6 +365,24 @@ impl Record {
     }
 }
 
+/// About how many bytes the stored value of a record with `values` takes
+/// (exactly, unless its strings need escapes), so that it is built without
+/// growing its buffer.
+fn stored_size_hint(values: &[Value<'_>; 21]) -> usize {
+    // Keys, quotes, colons and commas of every field, and "hash":"<64 hex>".
+    const FIXED: usize = 360;
+    let value_size = |value: &Value<'_>| match value {
+        Value::Null => 4,
+        Value::Str(s) => s.len(),
+        Value::UInt(_) | Value::Int(_) => 20,
+        Value::List(items) => items
+            .iter()
+            .map(|item| item.as_ref().map_or(4, |s| s.len() + 3))
+            .sum(),
+    };
+    FIXED + values.iter().map(value_size).sum::<usize>()
+}
+
 /// Appends `value` as canonical JSON (see module docs).
 pub fn write_json_value(out: &mut String, value: &Value<'_>) {
     match value {
@@ -397,9 +415,10 @@ pub fn write_json_value(out: &mut String, value: &Value<'_>) {
 pub fn write_json_string(out: &mut String, s: &str) {
     out.push('"');
     let bytes = s.as_bytes();
-    // Most values need no escape at all: one plain scan, one copy.
-    let needs_escape = |b: &u8| *b < 0x20 || *b == b'"' || *b == b'\\';
-    if !bytes.iter().any(needs_escape) {
+    // Most values need no escape at all: one plain scan, one copy. The scan
+    // has no early exit so that it compiles to vector instructions.
+    let needs_escape = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+    if !bytes.iter().fold(false, |any, &b| any | needs_escape(b)) {
         out.push_str(s);
         out.push('"');
         return;
@@ -483,11 +502,53 @@ mod tests {
             .chain("é€😀\u{2028}".chars())
             .collect();
         for c in all.chars() {
-            let text = format!("a{c}b");
-            let mut ours = String::new();
-            write_json_string(&mut ours, &text);
-            assert_eq!(ours, serde_json::to_string(&text).unwrap(), "char {:?}", c);
+            // Short, and far into a long value (the scan goes by blocks).
+            for text in [
+                format!("a{c}b"),
+                format!("{}{c}{}", "x".repeat(70), "y".repeat(9)),
+            ] {
+                let mut ours = String::new();
+                write_json_string(&mut ours, &text);
+                assert_eq!(ours, serde_json::to_string(&text).unwrap(), "char {:?}", c);
+            }
         }
+    }
+
+    #[test]
+    fn a_record_without_escapes_fits_its_size_hint() {
+        let mut ev = Event::new(Kind::IdentityViolation);
+        let text = |n: usize| Some(Arc::<str>::from("x".repeat(n)));
+        ev.session_id = text(36);
+        ev.client_user = text(63);
+        ev.role = text(63);
+        ev.database = text(63);
+        ev.client_addr = text(47);
+        ev.application_name = text(63);
+        ev.statement = Some("s".repeat(300));
+        ev.params = Some(vec![Some("p".repeat(20)), None, Some(String::new())]);
+        ev.status = Some(Status::Unknown);
+        ev.sqlstate = Some("57P01".into());
+        ev.message = Some("m".repeat(80));
+        ev.command_tag = Some("INSERT 0 1".into());
+        ev.rows = Some(u64::MAX);
+        ev.duration_us = Some(u64::MAX);
+        ev.backend_pid = Some(i32::MIN);
+        ev.ref_seq = Some(u64::MAX);
+        let r = Record::from_event(
+            ev,
+            u64::MAX,
+            format_ts(OffsetDateTime::now_utc()),
+            "0".repeat(64),
+        );
+        let canonical = r.canonical_string();
+        let hint = stored_size_hint(&r.values());
+        let stored = Record::stored_from_canonical(canonical, &"ab".repeat(32));
+        assert!(stored.len() <= hint, "{} > {hint}", stored.len());
+        assert!(
+            hint - stored.len() < 100,
+            "hint {hint} is far above {}",
+            stored.len()
+        );
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub fn build_store_in_runs(dir: &Path, events: Vec<(&str, Event)>, run: usize) -
             event.message = Some(format!("chain head {}", chain.head));
         }
         let s = chain.seal(event, ts.to_string());
-        chain.advance(&s.record);
+        chain.advance(&s);
         sealed.push(s);
     }
     for group in sealed.chunks(run) {

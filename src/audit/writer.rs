@@ -214,7 +214,9 @@ impl Writer {
                 self.unsynced_since.get_or_insert_with(Instant::now);
                 std::thread::sleep(ASYNC_GATHER.min(self.flush_interval / 2));
             }
-            let mut batch = Vec::new();
+            // Sized for what is queued: an Event is large, and growing the
+            // vector by doubling would copy a busy batch several times.
+            let mut batch = Vec::with_capacity((rx.len() + 1).min(MAX_BATCH));
             let mut shutdown = None;
             let mut next = Some(first);
             while let Some(msg) = next.take() {
@@ -264,7 +266,7 @@ impl Writer {
                 }
                 let link = event.link;
                 let sealed = chain.seal(event, ts.clone());
-                chain.advance(&sealed.record);
+                chain.advance(&sealed);
                 if let Link::Query(ticket) = link {
                     self.links.insert(ticket, sealed.record.seq);
                     tickets.push(ticket);
@@ -348,7 +350,7 @@ impl Writer {
             self.broke();
             return Err(e);
         }
-        self.chain.advance(&sealed.record);
+        self.chain.advance(&sealed);
         Ok(sealed.record.seq)
     }
 

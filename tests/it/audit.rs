@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::types::Type;
 
-use crate::support::{self, cluster, start_gateway, Opts};
+use crate::support::{self, cluster, start_gateway, Opts, TestGateway};
 
 fn pgwarden(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_pgwarden"))
@@ -45,8 +45,8 @@ fn s(v: &Value, k: &str) -> String {
         .unwrap_or_else(|| v[k].to_string())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_known_workload_is_exported_statement_by_statement() {
+/// A gateway with audit on and `log_parameters = true`, and its store.
+async fn gateway_logging_parameters() -> (TestGateway, std::path::PathBuf) {
     let gw = start_gateway(Opts {
         audit: true,
         audit_extra: "log_parameters = true\n".into(),
@@ -54,6 +54,12 @@ async fn a_known_workload_is_exported_statement_by_statement() {
     })
     .await;
     let store = gw.dir.path().join("audit");
+    (gw, store)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_known_workload_is_exported_statement_by_statement() {
+    let (gw, store) = gateway_logging_parameters().await;
     let c = gw.connect("alice").await;
     c.simple_query("SELECT 1").await.unwrap();
     c.simple_query("CREATE TEMP TABLE w(x int); INSERT INTO w VALUES (1), (2)")
@@ -482,13 +488,7 @@ async fn a_batch_recorded_ahead_matches_the_same_batch_inside_a_transaction() {
     // Outside a transaction the first Execute's record is built by reading
     // the batch ahead; inside one it is built as the messages are handled.
     // Both must log the same statement and parameters.
-    let gw = start_gateway(Opts {
-        audit: true,
-        audit_extra: "log_parameters = true\n".into(),
-        ..Opts::default()
-    })
-    .await;
-    let store = gw.dir.path().join("audit");
+    let (gw, store) = gateway_logging_parameters().await;
     let c = gw.connect("alice").await;
     let sql = "SELECT $1::text || $2::int || 'ahead'";
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =

@@ -18,11 +18,11 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// instead of an error; verify reports the mismatch.
 pub fn compute_hash(record: &Record) -> String {
     let mut raw = [0u8; 32];
-    let digest = match hex::decode_to_slice(&record.prev_hash, &mut raw) {
-        Ok(()) => digest(&raw, &record.canonical_bytes()),
-        Err(_) => digest(record.prev_hash.as_bytes(), &record.canonical_bytes()),
+    let prev: &[u8] = match hex::decode_to_slice(&record.prev_hash, &mut raw) {
+        Ok(()) => &raw,
+        Err(_) => record.prev_hash.as_bytes(),
     };
-    to_hex(&digest)
+    to_hex(&digest(prev, &record.canonical_bytes()))
 }
 
 /// SHA-256 of `prev` followed by `canonical`.
@@ -93,10 +93,11 @@ impl Chain {
     pub fn seal(&self, event: Event, ts: String) -> Sealed {
         let mut record = Record::from_event(event, self.next_seq, ts, self.head.clone());
         let canonical = record.canonical_string();
-        let digest = match &self.head_raw {
-            Some(raw) => digest(raw, canonical.as_bytes()),
-            None => digest(self.head.as_bytes(), canonical.as_bytes()),
+        let prev: &[u8] = match &self.head_raw {
+            Some(raw) => raw,
+            None => self.head.as_bytes(),
         };
+        let digest = digest(prev, canonical.as_bytes());
         record.hash = to_hex(&digest);
         let bytes = Record::stored_from_canonical(canonical, &record.hash);
         Sealed {

@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::types::Type;
 
+use crate::raw::message;
 use crate::support::{self, cluster, start_gateway, Opts, TestGateway};
 
 fn pgwarden(args: &[&str]) -> std::process::Output {
@@ -517,14 +518,6 @@ async fn a_batch_recorded_ahead_matches_the_same_batch_inside_a_transaction() {
     assert_eq!(logged[0].1, "ok");
     // tokio-postgres binds both in binary: exported as hex.
     assert_eq!(logged[0].0, r#"["\\x78c3a9","\\x00000007"]"#, "{logged:?}");
-}
-
-/// One frontend message: tag, length, body.
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    out.extend_from_slice(body);
-    out
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -42,10 +42,7 @@ impl RawClient {
     }
 
     pub async fn send(&mut self, tag: u8, body: &[u8]) {
-        let mut out = vec![tag];
-        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        out.extend_from_slice(body);
-        self.stream.write_all(&out).await.unwrap();
+        self.stream.write_all(&message(tag, body)).await.unwrap();
     }
 
     pub async fn read_message(&mut self) -> (u8, Vec<u8>) {
@@ -95,6 +92,14 @@ impl RawClient {
             }
         }
     }
+}
+
+/// One frontend message: tag, length, body.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 pub fn error_code(body: &[u8]) -> String {

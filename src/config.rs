@@ -216,6 +216,13 @@ pub struct IdentityConfig {
     pub policy_dir: PathBuf,
     pub client_user_setting: String,
     pub verify: VerifyMode,
+    /// Let DO blocks and function bodies sent through pgwarden run dynamic
+    /// SQL (`EXECUTE` of anything but one string constant, SQL runners such
+    /// as `query_to_xml` with a computed query). Off by default: the guard
+    /// cannot see SQL assembled at run time, so with it on, a client can
+    /// change its identity until the end of the transaction (the gateway
+    /// re-asserts identity and resets the connection afterwards).
+    pub allow_dynamic_sql: bool,
 }
 
 impl Default for IdentityConfig {
@@ -224,6 +231,7 @@ impl Default for IdentityConfig {
             policy_dir: PathBuf::from("policies"),
             client_user_setting: "app.client_user".to_string(),
             verify: VerifyMode::Off,
+            allow_dynamic_sql: false,
         }
     }
 }
@@ -400,6 +408,18 @@ mod tests {
         let c = parse(text).unwrap();
         assert_eq!(c.server.listen.port(), 6432);
         assert_eq!(c.audit.flush_interval_ms, 5);
+        assert!(!c.identity.allow_dynamic_sql);
+    }
+
+    #[test]
+    fn dynamic_sql_is_refused_unless_allowed() {
+        let c = parse("[backend]\nservice_user = \"svc\"\n").unwrap();
+        assert!(!c.identity.allow_dynamic_sql);
+        let c = parse("[backend]\nservice_user = \"svc\"\n[identity]\nallow_dynamic_sql = true\n")
+            .unwrap();
+        assert!(c.identity.allow_dynamic_sql);
+        assert!(parse("[backend]\nservice_user = \"svc\"\n[identity]\nallow_dynamic_sql = \"yes\"\n")
+            .is_err());
     }
 
     #[test]

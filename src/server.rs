@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::audit::Auditor;
-use crate::config::Config;
-use crate::identity::guard::Guard;
+use crate::config::{Config, IdentityConfig};
+use crate::identity::guard::{DynamicSql, Guard};
 use crate::identity::policy::Policy;
 use crate::pool::Pools;
 use crate::session::cancel::CancelRegistry;
@@ -77,7 +77,7 @@ impl Gateway {
                 backend_tls.clone(),
             ),
             backend_tls,
-            guard: Guard::new(&config.identity.client_user_setting),
+            guard: guard_for(&config.identity),
             policy: RwLock::new(Arc::new(policy)),
             auditor,
             cancels: CancelRegistry::default(),
@@ -167,4 +167,15 @@ impl Gateway {
             Err(e) => tracing::error!("closing the audit log failed: {e}"),
         }
     }
+}
+
+/// The statement guard for `[identity]`: dynamic SQL in bodies is refused
+/// unless `allow_dynamic_sql` is set.
+fn guard_for(identity: &IdentityConfig) -> Guard {
+    let dynamic_sql = if identity.allow_dynamic_sql {
+        DynamicSql::Heuristic
+    } else {
+        DynamicSql::Refuse
+    };
+    Guard::new(&identity.client_user_setting).with_dynamic_sql(dynamic_sql)
 }

@@ -128,6 +128,10 @@ impl Shared {
             "audit.durability",
         );
         check(old.audit.enabled != config.audit.enabled, "audit.enabled");
+        check(
+            old.identity.allow_dynamic_sql != config.identity.allow_dynamic_sql,
+            "identity.allow_dynamic_sql",
+        );
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         *self.live.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(Live::from_config(&config));

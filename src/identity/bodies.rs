@@ -58,7 +58,7 @@ pub(super) fn language_name(t: &Tokens, i: usize) -> Option<Vec<u8>> {
 
 pub(super) fn within(v: Violation, context: &str, depth: usize) -> Violation {
     if depth == 0 {
-        Violation::new(format!("{}{context}", v.what))
+        v.map_what(|w| format!("{w}{context}"))
     } else {
         v
     }
@@ -78,7 +78,9 @@ pub(super) fn body(
     }
     let lang = String::from_utf8_lossy(language.unwrap_or_default()).into_owned();
     if c.guard.dynamic_sql() == DynamicSql::Refuse {
-        return Err(Violation::new(format!("code in language {lang}")));
+        return Err(Violation::dynamic(format!(
+            "code in language {lang}, which the guard cannot read"
+        )));
     }
     let mut words = SENSITIVE_WORDS.to_vec();
     words.extend(["reset", "discard", c.guard.setting_last()]);
@@ -124,11 +126,7 @@ pub(super) fn body_string(
 /// concatenation could complete it with anything.
 fn unfinished_command(c: &mut Check, value: &[u8]) -> Result<(), Violation> {
     let toks = c.lex_default(value)?;
-    let t = Tokens {
-        src: value,
-        toks: &toks,
-        dialect: Dialect::DEFAULT,
-    };
+    let t = Tokens::new(value, &toks, Dialect::DEFAULT);
     let start = (0..t.len())
         .rev()
         .find(|&j| t.punct(j, ";"))
@@ -164,7 +162,7 @@ pub(super) fn refuse_dynamic_execute(t: &Tokens) -> Result<(), Violation> {
                 || ["into", "using", "loop"].iter().any(|w| t.word(next, w))
         });
         if !constant {
-            return Err(Violation::new(
+            return Err(Violation::dynamic(
                 "EXECUTE of SQL that is not a string constant",
             ));
         }

@@ -22,6 +22,8 @@
 //! `mod.rs` ("Residual risks").
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
+use std::collections::HashMap;
 use std::fmt;
 
 use super::lexer::{Dialect, Kind, Lexer, Multibyte, StrKind, Token};
@@ -30,6 +32,16 @@ use super::{decode, rules};
 
 /// Nesting limit for bodies inside strings inside bodies; deeper is refused.
 pub(crate) const MAX_DEPTH: usize = 8;
+
+/// Work allowed per input byte and client-encoding reading: a unit is a
+/// byte lexed, a token produced or a token visited by a rule that scans
+/// to the end of its statement. An ordinary statement needs 2 to 6 (both
+/// string readings, a body and its strings); one that needs more than this
+/// is refused as too complex to verify, so a check takes linear time.
+pub(crate) const WORK_PER_BYTE: usize = 24;
+
+/// Work every reading may spend whatever the size, for short statements.
+const WORK_BASE: usize = 64 * 1024;
 
 /// How the guard treats dynamic SQL (`EXECUTE expr`) inside DO blocks and
 /// function bodies, whose text only exists at run time.
@@ -54,17 +66,46 @@ pub enum DynamicSql {
 pub struct Violation {
     /// What was refused, e.g. `RESET ROLE` or `SET ROLE inside a DO block`.
     pub what: String,
+    /// How a configuration change would let it through, if one would.
+    hint: Option<&'static str>,
 }
+
+/// The hint of refusals that only [`DynamicSql::Refuse`] makes.
+const DYNAMIC_HINT: &str = "set [identity] allow_dynamic_sql = true to allow dynamic SQL";
 
 impl Violation {
     pub(crate) fn new(what: impl Into<String>) -> Violation {
-        Violation { what: what.into() }
+        Violation {
+            what: what.into(),
+            hint: None,
+        }
+    }
+
+    /// A refusal of dynamic SQL under [`DynamicSql::Refuse`]: the message
+    /// names the setting that would allow it.
+    pub(crate) fn dynamic(what: impl Into<String>) -> Violation {
+        Violation {
+            what: format!("dynamic SQL ({})", what.into()),
+            hint: Some(DYNAMIC_HINT),
+        }
+    }
+
+    /// The same refusal with its description rewritten (context added).
+    pub(crate) fn map_what(self, f: impl FnOnce(&str) -> String) -> Violation {
+        Violation {
+            what: f(&self.what),
+            hint: self.hint,
+        }
     }
 }
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} is not allowed through pgwarden", self.what)
+        write!(f, "{} is not allowed through pgwarden", self.what)?;
+        match self.hint {
+            Some(hint) => write!(f, "; {hint}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -107,25 +148,41 @@ impl Guard {
 
     /// `Ok` if `sql` (one or more statements separated by `;`) may run;
     /// otherwise the first thing refused.
+    ///
+    /// Linear in `sql.len()`: every reading of the bytes gets a work budget
+    /// of [`WORK_PER_BYTE`] per input byte (lexed bytes, tokens and rule
+    /// scans), and a statement that would need more is refused.
     pub fn check(&self, sql: &[u8]) -> Result<(), Violation> {
+        self.check_counting(sql).0
+    }
+
+    /// [`Guard::check`] and the work it spent (for the linearity tests).
+    pub(crate) fn check_counting(&self, sql: &[u8]) -> (Result<(), Violation>, usize) {
         if !suspicious(sql) {
-            return Ok(());
+            return (Ok(()), 0);
         }
         let encodings: &[Multibyte] = if has_high_byte(sql) && has_backslash(sql) {
             &Multibyte::ALL
         } else {
             &Multibyte::ALL[..1]
         };
-        let mut budget = sql.len().saturating_mul(256).saturating_add(1 << 20);
+        let per_reading = sql.len().saturating_mul(WORK_PER_BYTE).saturating_add(WORK_BASE);
+        let mut work = Work {
+            left: per_reading.saturating_mul(encodings.len()),
+            spent: 0,
+            passed: HashMap::new(),
+        };
         for &multibyte in encodings {
             let mut check = Check {
                 guard: self,
                 multibyte,
-                budget: &mut budget,
+                work: &mut work,
             };
-            check.sql(sql, 0, false)?;
+            if let Err(v) = check.sql(sql, 0, false) {
+                return (Err(v), work.spent);
+            }
         }
-        Ok(())
+        (Ok(()), work.spent)
     }
 
     pub(crate) fn dynamic_sql(&self) -> DynamicSql {
@@ -240,14 +297,24 @@ fn is_word_boundary(sql: &[u8], i: usize, len: usize) -> bool {
     before && after
 }
 
+/// The work budget of one [`Guard::check`], shared by its readings, and
+/// the nested texts already found harmless, so a string that reads the
+/// same under both `standard_conforming_strings` settings is checked once.
+pub(crate) struct Work {
+    left: usize,
+    spent: usize,
+    /// (text, checked as a body, encoding) to the deepest nesting level at
+    /// which it passed; it passes at that level or shallower.
+    passed: HashMap<(Vec<u8>, bool, Multibyte), usize>,
+}
+
 /// One run of the guard under one client-encoding interpretation: the
 /// recursion state shared by nested bodies.
 pub(crate) struct Check<'g> {
     pub(crate) guard: &'g Guard,
     multibyte: Multibyte,
-    /// Bytes and tokens still allowed to be lexed; pathological nesting is
-    /// refused instead of taking unbounded time.
-    budget: &'g mut usize,
+    /// Pathological input is refused instead of taking unbounded time.
+    work: &'g mut Work,
 }
 
 impl Check<'_> {
@@ -259,6 +326,13 @@ impl Check<'_> {
         }
         if depth > 0 && !body && !suspicious(src) {
             return Ok(());
+        }
+        let key = (depth > 0).then(|| (src.to_vec(), body, self.multibyte));
+        if let Some(k) = &key {
+            self.spend(src.len())?;
+            if self.work.passed.get(k).is_some_and(|&d| d >= depth) {
+                return Ok(());
+            }
         }
         let readings: &[bool] = if has_backslash(src) {
             &[true, false]
@@ -272,6 +346,10 @@ impl Check<'_> {
             };
             self.pass(src, dialect, depth, body)?;
         }
+        if let Some(k) = key {
+            let d = self.work.passed.entry(k).or_insert(depth);
+            *d = (*d).max(depth);
+        }
         Ok(())
     }
 
@@ -281,10 +359,13 @@ impl Check<'_> {
         Ok(Lexer::new(src, Dialect::DEFAULT).collect())
     }
 
-    fn spend(&mut self, n: usize) -> Result<(), Violation> {
-        match self.budget.checked_sub(n.max(1)) {
+    /// Charges `n` units of work; refuses once the budget is used up.
+    pub(crate) fn spend(&mut self, n: usize) -> Result<(), Violation> {
+        let n = n.max(1);
+        self.work.spent = self.work.spent.saturating_add(n);
+        match self.work.left.checked_sub(n) {
             Some(left) => {
-                *self.budget = left;
+                self.work.left = left;
                 Ok(())
             }
             None => Err(Violation::new(
@@ -304,11 +385,7 @@ impl Check<'_> {
         let mut toks = Vec::with_capacity(src.len() / 4 + 8);
         toks.extend(Lexer::new(src, dialect));
         self.spend(toks.len())?;
-        let t = Tokens {
-            src,
-            toks: &toks,
-            dialect,
-        };
+        let t = Tokens::new(src, &toks, dialect);
         rules::check_tokens(self, &t, depth, body)
     }
 }
@@ -319,9 +396,20 @@ pub(crate) struct Tokens<'a> {
     pub(crate) src: &'a [u8],
     pub(crate) toks: &'a [Token],
     pub(crate) dialect: Dialect,
+    /// For each `(`, the index of its `)` (or the end); built on first use.
+    closes: OnceCell<Vec<u32>>,
 }
 
 impl<'a> Tokens<'a> {
+    pub(crate) fn new(src: &'a [u8], toks: &'a [Token], dialect: Dialect) -> Tokens<'a> {
+        Tokens {
+            src,
+            toks,
+            dialect,
+            closes: OnceCell::new(),
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.toks.len()
     }
@@ -417,26 +505,64 @@ impl<'a> Tokens<'a> {
         }
     }
 
-    /// Index of the `;` ending the statement that contains `i`, or the end.
+    /// Index of the first `;` at or after `i`, or the end.
     pub(crate) fn statement_end(&self, i: usize) -> usize {
         (i..self.toks.len())
             .find(|&j| self.punct(j, ";"))
             .unwrap_or(self.toks.len())
     }
 
-    /// Index of the `)` matching the `(` at `open`, if any.
-    pub(crate) fn matching_paren(&self, open: usize) -> Option<usize> {
-        let mut depth = 0usize;
-        for j in open..self.toks.len() {
-            if self.punct(j, "(") {
-                depth += 1;
-            } else if self.punct(j, ")") {
-                depth = depth.saturating_sub(1);
-                if depth == 0 {
-                    return Some(j);
+    /// Index of the `)` or `]` closing the `(` or `[` at `open`, or the end
+    /// if it is never closed. One pass over the tokens on first use, then
+    /// O(1).
+    pub(crate) fn close_of(&self, open: usize) -> usize {
+        let closes = self.closes.get_or_init(|| {
+            let end = self.toks.len() as u32;
+            let mut closes = vec![end; self.toks.len()];
+            let mut stack = Vec::new();
+            for j in 0..self.toks.len() {
+                if self.punct(j, "(") || self.punct(j, "[") {
+                    stack.push(j);
+                } else if self.punct(j, ")") || self.punct(j, "]") {
+                    if let Some(o) = stack.pop() {
+                        closes[o] = j as u32;
+                    }
                 }
             }
+            closes
+        });
+        closes.get(open).map_or(self.toks.len(), |&c| c as usize)
+    }
+
+    /// The top-level arguments of the call whose `(` is at `open`, as token
+    /// ranges; nested parentheses are stepped over in O(1).
+    pub(crate) fn arguments(&self, open: usize) -> Vec<(usize, usize)> {
+        let close = self.close_of(open);
+        let mut args = Vec::new();
+        let mut start = open + 1;
+        let mut j = start;
+        while j < close {
+            if self.punct(j, "(") || self.punct(j, "[") {
+                j = self.close_of(j);
+            } else if self.punct(j, ",") {
+                args.push((start, j));
+                start = j + 1;
+            }
+            j += 1;
         }
-        None
+        if start < close.min(self.toks.len()) || !args.is_empty() {
+            args.push((start, close.min(self.toks.len())));
+        }
+        args
+    }
+
+    /// The value of the argument `toks[s..e]` if it is one string constant,
+    /// optionally cast to `text` (a cast to `name` would truncate it).
+    pub(crate) fn constant_string(&self, s: usize, e: usize) -> Option<Cow<'a, [u8]>> {
+        let (value, mut j) = self.string(s)?;
+        while j + 1 < e && self.punct(j, "::") && self.word(j + 1, "text") {
+            j += 2;
+        }
+        (j == e).then_some(value)
     }
 }

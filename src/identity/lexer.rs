@@ -25,7 +25,7 @@ use super::scan::{
 
 /// How a client encoding groups bytes into characters, as far as it matters
 /// for finding the end of a backslash-escaped string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Multibyte {
     /// Encodings whose multi-byte characters never contain ASCII bytes
     /// (UTF-8, the LATIN and EUC families...): bytes can be scanned one by one.

@@ -68,6 +68,7 @@ pub mod guard_cases;
 pub mod lexer;
 pub mod policy;
 mod rules;
+mod runners;
 mod scan;
 
 #[cfg(test)]
@@ -77,3 +78,4 @@ mod lexer_tests;
 
 pub use guard::{DynamicSql, Guard, Violation};
 pub use policy::{Policy, PolicyError, Rule};
+pub use runners::runs_sql_argument;

@@ -12,15 +12,7 @@
 use super::bodies::{body, body_string, do_block, language_name, refuse_dynamic_execute, within};
 use super::guard::{Check, DynamicSql, Tokens, Violation};
 use super::lexer::{Kind, StrKind};
-
-/// Functions that parse and run SQL given to them as text.
-const SQL_RUNNERS: [&str; 5] = [
-    "query_to_xml",
-    "query_to_xmlschema",
-    "query_to_xml_and_xmlschema",
-    "ts_stat",
-    "ts_rewrite",
-];
+use super::runners::{runs_sql_argument, sql_runner_call};
 
 /// Where a SET or RESET appears, which decides what it may name.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -43,7 +35,8 @@ impl Clause {
     }
 }
 
-/// Entry point: all rules over the tokens of one text.
+/// Entry point: all rules over the tokens of one text. Linear in the
+/// number of tokens (statement ends are found with one moving cursor).
 pub(crate) fn check_tokens(
     c: &mut Check,
     t: &Tokens,
@@ -51,9 +44,13 @@ pub(crate) fn check_tokens(
     body: bool,
 ) -> Result<(), Violation> {
     let has_execute = body && (0..t.len()).any(|i| t.word(i, "execute"));
+    // Strings up to here were already screened as dynamic SQL fragments.
+    let mut screened = 0;
     for i in 0..t.len() {
         match t.toks[i].kind {
-            Kind::Word | Kind::QuotedIdent | Kind::UnicodeIdent => check_ident_use(c, t, i, depth)?,
+            Kind::Word | Kind::QuotedIdent | Kind::UnicodeIdent => {
+                check_ident_use(c, t, i, depth, &mut screened)?
+            }
             Kind::Str(kind) if body && kind != StrKind::Bits => {
                 body_string(c, t, i, depth, has_execute)?
             }
@@ -64,9 +61,13 @@ pub(crate) fn check_tokens(
         refuse_dynamic_execute(t)?;
     }
     let mut at_start = true;
+    let mut end = 0;
     for i in 0..t.len() {
         if at_start {
-            statement(c, t, i, depth)?;
+            if i >= end {
+                end = t.statement_end(i);
+            }
+            statement(c, t, i, end, depth)?;
         }
         at_start = t.punct(i, ";") || (body && starts_body_statement(t, i));
     }
@@ -81,7 +82,13 @@ fn starts_body_statement(t: &Tokens, i: usize) -> bool {
 }
 
 /// Rules for an identifier anywhere: `set_config` and the SQL runners.
-fn check_ident_use(c: &mut Check, t: &Tokens, i: usize, depth: usize) -> Result<(), Violation> {
+fn check_ident_use(
+    c: &mut Check,
+    t: &Tokens,
+    i: usize,
+    depth: usize,
+    screened: &mut usize,
+) -> Result<(), Violation> {
     let tok = &t.toks[i];
     if tok.kind == Kind::Word && !matches!(tok.text(t.src)[0] | 0x20, b's' | b'q' | b't') {
         return Ok(());
@@ -92,15 +99,12 @@ fn check_ident_use(c: &mut Check, t: &Tokens, i: usize, depth: usize) -> Result<
     if name.eq_ignore_ascii_case(b"set_config") {
         return set_config_call(c, t, next);
     }
-    if let Some(runner) = SQL_RUNNERS
-        .iter()
-        .find(|r| name.eq_ignore_ascii_case(r.as_bytes()))
-    {
-        if t.punct(next, "(") {
-            return sql_runner_call(c, t, runner, next, depth);
+    match std::str::from_utf8(&name) {
+        Ok(name) if runs_sql_argument(name) => {
+            sql_runner_call(c, t, &name.to_ascii_lowercase(), next, depth, screened)
         }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `set_config(<name>, ...)`: the name must be a string constant naming an
@@ -124,45 +128,14 @@ fn set_config_call(c: &mut Check, t: &Tokens, open: usize) -> Result<(), Violati
     }
 }
 
-/// `query_to_xml('<sql>', ...)` and friends: every argument must be a
-/// constant, and string constants are checked as SQL.
-fn sql_runner_call(
-    c: &mut Check,
-    t: &Tokens,
-    runner: &str,
-    open: usize,
-    depth: usize,
-) -> Result<(), Violation> {
-    let refuse = || Violation::new(format!("{runner}() with SQL that is not a string constant"));
-    let close = t.matching_paren(open).ok_or_else(refuse)?;
-    let mut j = open + 1;
-    while j < close {
-        if let Some((value, next)) = t.string(j) {
-            c.sql(&value, depth + 1, false)
-                .map_err(|v| Violation::new(format!("{} in SQL passed to {runner}()", v.what)))?;
-            j = next;
-        } else if constant_or_comma(t, j) {
-            j += 1;
-        } else if t.punct(j, "::") && t.ident(j + 1).is_some() {
-            j += 2;
-        } else {
-            return Err(refuse());
-        }
-    }
-    Ok(())
-}
-
-fn constant_or_comma(t: &Tokens, j: usize) -> bool {
-    t.punct(j, ",")
-        || matches!(t.toks[j].kind, Kind::Number | Kind::Str(StrKind::Bits))
-        || ["true", "false", "null"].iter().any(|w| t.word(j, w))
-}
-
-/// Dispatch on the first word of a statement starting at `i`.
+/// Dispatch on the first word of a statement starting at `i` and ending
+/// before `end` (its `;`). In bodies, statements may start inside another
+/// one's range, so the rules that scan to `end` charge the work budget.
 pub(super) fn statement(
     c: &mut Check,
     t: &Tokens,
     i: usize,
+    end: usize,
     depth: usize,
 ) -> Result<(), Violation> {
     if t.toks.get(i).is_none_or(|tok| tok.kind != Kind::Word) {
@@ -172,11 +145,10 @@ pub(super) fn statement(
     if !matches!(first, b's' | b'r' | b'd' | b'c' | b'a') {
         return Ok(());
     }
-    let end = t.statement_end(i);
     if t.word(i, "set") {
-        set(c, t, i + 1, end, Clause::Command)
+        set(c, t, i + 1, end, Clause::Command).map(drop)
     } else if t.word(i, "reset") {
-        reset(c, t, i + 1, end, Clause::Command)
+        reset(c, t, i + 1, end, Clause::Command).map(drop)
     } else if t.word(i, "discard") {
         match t.name(i + 1, end) {
             Some((name, _, _)) if name.eq_ignore_ascii_case(b"all") => {
@@ -185,24 +157,28 @@ pub(super) fn statement(
             _ => Ok(()),
         }
     } else if t.word(i, "do") {
+        c.spend(end - i)?;
         do_block(c, t, i + 1, end, depth)
     } else if t.word(i, "create") {
+        c.spend(2 * (end - i))?;
         create(c, t, i + 1, end, depth)
     } else if t.word(i, "alter") {
+        c.spend(2 * (end - i))?;
         alter(c, t, i + 1, end)
     } else {
         Ok(())
     }
 }
 
-/// `SET [SESSION|LOCAL] ...` from `i` (the token after SET).
+/// `SET [SESSION|LOCAL] ...` from `i` (the token after SET). Returns the
+/// index after the setting name, so callers scanning a clause list skip it.
 fn set(
     c: &mut Check,
     t: &Tokens,
     mut i: usize,
     end: usize,
     clause: Clause,
-) -> Result<(), Violation> {
+) -> Result<usize, Violation> {
     while i < end {
         if t.word(i, "session") {
             if t.word(i + 1, "authorization") {
@@ -212,7 +188,7 @@ fn set(
                 )));
             }
             if t.word(i + 1, "characteristics") {
-                return Ok(());
+                return Ok(i + 2);
             }
         } else if !t.word(i, "local") {
             break;
@@ -220,35 +196,42 @@ fn set(
         i += 1;
     }
     match t.name(i, end) {
-        Some((name, overlong, _)) => match c.guard.protected_name(&name, overlong) {
+        Some((name, overlong, next)) => match c.guard.protected_name(&name, overlong) {
             Some(what) => Err(Violation::new(format!("SET {what}{}", clause.suffix()))),
-            None => Ok(()),
+            None => Ok(next),
         },
-        None => Ok(()),
+        None => Ok(i),
     }
 }
 
-/// `RESET ...` from `i` (the token after RESET).
-fn reset(c: &mut Check, t: &Tokens, i: usize, end: usize, clause: Clause) -> Result<(), Violation> {
+/// `RESET ...` from `i` (the token after RESET). Returns the index after
+/// the setting name.
+fn reset(
+    c: &mut Check,
+    t: &Tokens,
+    i: usize,
+    end: usize,
+    clause: Clause,
+) -> Result<usize, Violation> {
     if t.word(i, "session") && t.word(i + 1, "authorization") {
         return Err(Violation::new(format!(
             "RESET SESSION AUTHORIZATION{}",
             clause.suffix()
         )));
     }
-    let Some((name, overlong, _)) = t.name(i, end) else {
-        return Ok(());
+    let Some((name, overlong, next)) = t.name(i, end) else {
+        return Ok(i);
     };
     if name.eq_ignore_ascii_case(b"all") {
         // In ALTER ROLE/FUNCTION, RESET ALL only drops stored defaults.
         return match clause {
             Clause::Command => Err(Violation::new("RESET ALL")),
-            _ => Ok(()),
+            _ => Ok(next),
         };
     }
     match c.guard.protected_name(&name, overlong) {
         Some(what) => Err(Violation::new(format!("RESET {what}{}", clause.suffix()))),
-        None => Ok(()),
+        None => Ok(next),
     }
 }
 
@@ -282,24 +265,35 @@ fn alter(c: &mut Check, t: &Tokens, i: usize, end: usize) -> Result<(), Violatio
         return Ok(());
     };
     let mut parens = 0usize;
-    for j in i + 1..end {
+    let mut j = i + 1;
+    while j < end {
         if t.punct(j, "(") {
             parens += 1;
         } else if t.punct(j, ")") {
             parens = parens.saturating_sub(1);
         } else if parens == 0 && t.word(j, "set") {
-            set(c, t, j + 1, end, clause)?;
+            j = set(c, t, j + 1, end, clause)?;
+            continue;
         } else if parens == 0 && t.word(j, "reset") {
-            reset(c, t, j + 1, end, clause)?;
+            j = reset(c, t, j + 1, end, clause)?;
+            continue;
         }
+        j += 1;
     }
     Ok(())
 }
 
-/// In CREATE/ALTER, a string constant that names `set_config` could make it
-/// a support function (`CREATE AGGREGATE ... SFUNC = 'set_config'`).
+/// In CREATE/ALTER, a string constant that names `set_config` or an SQL
+/// runner could make it a support function (`CREATE AGGREGATE ... SFUNC =
+/// 'set_config'`, `CREATE OPERATOR ... (FUNCTION = 'ts_rewrite')`).
 fn names_set_config(t: &Tokens, i: usize, end: usize) -> Result<(), Violation> {
     for j in i..end {
+        // PostgreSQL takes such a string as one whole name, so only a short
+        // one can match; long ones are not decoded (statements in bodies
+        // can overlap, and this must stay cheap).
+        if t.toks.get(j).is_none_or(|tok| tok.end - tok.start > 1024) {
+            continue;
+        }
         let Some((value, _)) = t.string(j) else {
             continue;
         };
@@ -309,10 +303,12 @@ fn names_set_config(t: &Tokens, i: usize, end: usize) -> Result<(), Violation> {
             .map(u8::to_ascii_lowercase)
             .collect();
         let name = squeezed.strip_prefix(b"pg_catalog.").unwrap_or(&squeezed);
-        if name == b"set_config" || name.starts_with(b"set_config(") {
-            return Err(Violation::new(
-                "a reference to set_config that is not a plain call",
-            ));
+        let name = name.split(|&b| b == b'(').next().unwrap_or_default();
+        let name = std::str::from_utf8(name).unwrap_or_default();
+        if name == "set_config" || runs_sql_argument(name) {
+            return Err(Violation::new(format!(
+                "a reference to {name} that is not a plain call"
+            )));
         }
     }
     Ok(())
@@ -344,11 +340,13 @@ fn routine(c: &mut Check, t: &Tokens, i: usize, end: usize, depth: usize) -> Res
                 }
             }
         } else if t.word(j, "set") {
-            set(c, t, j + 1, end, Clause::Routine)?;
+            j = set(c, t, j + 1, end, Clause::Routine)?;
+            continue;
         } else if t.word(j, "reset") {
-            reset(c, t, j + 1, end, Clause::Routine)?;
+            j = reset(c, t, j + 1, end, Clause::Routine)?;
+            continue;
         } else if t.word(j, "begin") && t.word(j + 1, "atomic") {
-            statement(c, t, j + 2, depth)?;
+            statement(c, t, j + 2, end, depth)?;
             break;
         }
         j += 1;

@@ -21,7 +21,11 @@ const SENSITIVE_WORDS: [&str; 4] = [
     "set_config",
 ];
 
-/// `DO [LANGUAGE l] body [LANGUAGE l]`: the body is checked as code.
+/// `DO [LANGUAGE l] body [LANGUAGE l]`: the body is checked as code. The
+/// options are read as PostgreSQL's grammar has them (strings and
+/// `LANGUAGE` items, in any order); the first other token ends them, since
+/// anything after is a syntax error. So the work is the statement's own
+/// length even where body statements overlap (`BEGIN DO BEGIN DO ...`).
 pub(super) fn do_block(
     c: &mut Check,
     t: &Tokens,
@@ -34,13 +38,16 @@ pub(super) fn do_block(
     let mut j = i;
     while j < end {
         if t.word(j, "language") {
-            language = language_name(t, j + 1);
-            j += 2;
+            let Some((name, next)) = t.ident(j + 1).or_else(|| t.string(j + 1)) else {
+                break;
+            };
+            language = Some(name.into_owned());
+            j = next;
         } else if let Some((value, next)) = t.string(j) {
             bodies.push(value);
             j = next;
         } else {
-            j += 1;
+            break;
         }
     }
     for b in bodies {

@@ -35,10 +35,10 @@ pub(crate) const MAX_DEPTH: usize = 8;
 
 /// Work allowed per input byte and client-encoding reading: a unit is a
 /// byte lexed, a token produced or a token visited by a rule that scans
-/// to the end of its statement. An ordinary statement needs 2 to 6 (both
+/// to the end of its statement. Ordinary statements need 2 to 8 (both
 /// string readings, a body and its strings); one that needs more than this
 /// is refused as too complex to verify, so a check takes linear time.
-pub(crate) const WORK_PER_BYTE: usize = 24;
+pub(crate) const WORK_PER_BYTE: usize = 16;
 
 /// Work every reading may spend whatever the size, for short statements.
 const WORK_BASE: usize = 64 * 1024;

@@ -72,6 +72,8 @@ mod runners;
 mod scan;
 
 #[cfg(test)]
+mod guard_perf_tests;
+#[cfg(test)]
 mod guard_tests;
 #[cfg(test)]
 mod lexer_tests;

@@ -157,7 +157,6 @@ pub(super) fn statement(
             _ => Ok(()),
         }
     } else if t.word(i, "do") {
-        c.spend(end - i)?;
         do_block(c, t, i + 1, end, depth)
     } else if t.word(i, "create") {
         c.spend(2 * (end - i))?;

@@ -27,10 +27,12 @@ fn smoke() -> bool {
 
 fn ns_per_check(guard: &Guard, sql: &[u8]) -> f64 {
     let expected = guard.check(sql).is_ok();
-    let iters: u32 = match (smoke(), sql.len() > 500) {
+    let iters: u32 = match (smoke(), sql.len()) {
+        (true, n) if n > 100_000 => 1,
         (true, _) => 100,
-        (false, true) => 100_000,
-        (false, false) => 400_000,
+        (false, n) if n > 100_000 => 5,
+        (false, n) if n > 500 => 100_000,
+        (false, _) => 400_000,
     };
     let mut best = f64::MAX;
     for _ in 0..7 {
@@ -41,6 +43,17 @@ fn ns_per_check(guard: &Guard, sql: &[u8]) -> f64 {
         best = best.min(start.elapsed().as_nanos() as f64 / f64::from(iters));
     }
     best
+}
+
+/// `head` + `unit` repeated to about 1 MB + `tail`: the adversarial shapes
+/// of the guard's linearity tests.
+fn megabyte(head: &str, unit: &[u8], tail: &str) -> String {
+    let mut sql = head.as_bytes().to_vec();
+    while sql.len() + unit.len() + tail.len() <= 1 << 20 {
+        sql.extend_from_slice(unit);
+    }
+    sql.extend_from_slice(tail.as_bytes());
+    String::from_utf8_lossy(&sql).into_owned()
 }
 
 fn main() {
@@ -66,10 +79,23 @@ fn main() {
             "DO $$BEGIN UPDATE guard_t SET role = 'x' WHERE id = 1; RAISE NOTICE 'done %', 1; END$$".into(),
         ),
         ("refused SET ROLE", "SET ROLE other_role".into()),
+        ("960 KB DO block of 'begin a' (review)", {
+            let mut sql = megabyte("DO $$ ", b"begin a ", " $$");
+            sql.truncate(960_000 - 3);
+            sql.push_str(" $$");
+            sql
+        }),
+        ("1 MB DO body, many EXECUTE", megabyte("DO $$BEGIN ", b"EXECUTE 'SELECT 1'; ", "END$$")),
+        ("1 MB SELECT, many SET", megabyte("", b"SET search_path TO public;", "")),
+        (
+            "1 MB DO body, \\ and high bytes",
+            megabyte("DO 'BEGIN PERFORM ''", "\\é\\''".as_bytes(), "''; END'"),
+        ),
+        ("1 MB begin create (over budget)", megabyte("DO $$ ", b"begin create ", " 'x' $$")),
     ];
-    println!("{:<40} {:>6} {:>10}", "case", "bytes", "ns/check");
+    println!("{:<40} {:>8} {:>14}", "case", "bytes", "ns/check");
     for (name, sql) in &cases {
         let ns = ns_per_check(&guard, sql.as_bytes());
-        println!("{name:<40} {:>6} {ns:>10.1}", sql.len());
+        println!("{name:<40} {:>8} {ns:>14.1}", sql.len());
     }
 }

@@ -418,8 +418,10 @@ mod tests {
         let c = parse("[backend]\nservice_user = \"svc\"\n[identity]\nallow_dynamic_sql = true\n")
             .unwrap();
         assert!(c.identity.allow_dynamic_sql);
-        assert!(parse("[backend]\nservice_user = \"svc\"\n[identity]\nallow_dynamic_sql = \"yes\"\n")
-            .is_err());
+        assert!(parse(
+            "[backend]\nservice_user = \"svc\"\n[identity]\nallow_dynamic_sql = \"yes\"\n"
+        )
+        .is_err());
     }
 
     #[test]

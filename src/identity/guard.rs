@@ -166,7 +166,10 @@ impl Guard {
         } else {
             &Multibyte::ALL[..1]
         };
-        let per_reading = sql.len().saturating_mul(WORK_PER_BYTE).saturating_add(WORK_BASE);
+        let per_reading = sql
+            .len()
+            .saturating_mul(WORK_PER_BYTE)
+            .saturating_add(WORK_BASE);
         let mut work = Work {
             left: per_reading.saturating_mul(encodings.len()),
             spent: 0,

@@ -101,6 +101,15 @@ pub const ESCAPES: &[&str] = &[
     "SELECT query_to_xml('SELECT set_config(''role'', ''other_role'', false)', true, true, '')",
     "SELECT ts_stat('SELECT set_config(''role'', ''other_role'', false)::tsvector')",
     "SELECT query_to_xml('SELECT set_config(' || quote_literal('role') || ', ''other_role'', false)', true, true, '')",
+    "SELECT query_to_xml('SELECT pg_catalog.set_config(''role'',''other_role'',false)', true, true, '')",
+    "SELECT pg_catalog.query_to_xml('SELECT set_config(''app.client_user'', ''mallory'', false)', true, true, '')",
+    "SELECT \"query_to_xml\"('SELECT set_config(''role'', ''other_role'', false)', true, true, '')",
+    "SELECT QUERY_TO_XMLSCHEMA('SELECT set_config(''role'', ''other_role'', false)', true, true, '')",
+    "SELECT query_to_xml_and_xmlschema('SELECT set_config(''role'', ''other_role'', false)', true, true, '')",
+    "SELECT query_to_xml(tableforest => true, query => 'SELECT set_config(''role'', ''other_role'', false)', nulls => true, targetns => '')",
+    "SELECT ts_rewrite('a'::tsquery, 'SELECT set_config(''role'', ''other_role'', false)::tsquery, ''b''::tsquery')",
+    "SELECT ts_stat('SELECT set_config(''role'', ''other_role'', false)::tsvector', 'a')",
+    "DO $$BEGIN PERFORM query_to_xml('SELECT set_config(''role'', ''other_role'', false)', true, true, ''); END$$",
     // An aggregate whose state function is set_config.
     "CREATE AGGREGATE pg_temp.agg(text, boolean) (SFUNC = 'set_config', STYPE = text, INITCOND = 'role'); SELECT pg_temp.agg('other_role', false)",
     "CREATE AGGREGATE pg_temp.agg(text, boolean) (SFUNC = set_config, STYPE = text, INITCOND = 'role'); SELECT pg_temp.agg('other_role', false)",
@@ -190,6 +199,13 @@ pub const LEGITIMATE: &[&str] = &[
     "SELECT set_config('app.other_setting', 'x', false)",
     "SELECT set_config('search_path', current_setting('search_path'), false)",
     "SELECT query_to_xml('SELECT 1 AS role', true, true, '')",
+    "SELECT query_to_xml('select 1', true, true, '')",
+    "SELECT pg_catalog.query_to_xmlschema('SELECT 1 AS x', false, false, '')",
+    "SELECT ts_rewrite('a & b'::tsquery, 'a'::tsquery, 'c'::tsquery)",
+    "SELECT ts_rewrite('a & b'::tsquery, 'SELECT ''a''::tsquery, ''c''::tsquery')",
+    "SELECT * FROM ts_stat('SELECT to_tsvector(''set role'')')",
+    "SELECT query_to_xml('SELECT 1', nulls => true, tableforest => false, targetns => '')",
+    "BEGIN; DECLARE guard_cur CURSOR FOR SELECT 1 AS role; SELECT cursor_to_xml('guard_cur', 1, false, true, ''); COMMIT",
     "PREPARE reset_role AS SELECT 1; EXECUTE reset_role; DEALLOCATE reset_role",
     "EXPLAIN SELECT role FROM guard_t",
     "CREATE FUNCTION pg_temp.lf() RETURNS text LANGUAGE sql AS $$SELECT role FROM guard_t LIMIT 1$$",
@@ -198,8 +214,36 @@ pub const LEGITIMATE: &[&str] = &[
     "DO $$BEGIN PERFORM set_config('search_path', 'public', false); END$$",
     "DO $$BEGIN RAISE NOTICE 'role is %', current_user; END$$",
     "DO $$BEGIN EXECUTE 'SELECT 1'; END$$",
-    "DO $$BEGIN EXECUTE format('SELECT %L::text', 'x'); END$$",
+    "DO $$BEGIN EXECUTE 'CREATE TEMP TABLE guard_e(x int)'; END$$",
     "DO $$BEGIN SET search_path TO public; END$$",
+];
+
+/// Dynamic SQL that PostgreSQL runs and the guard cannot read: with
+/// [`DynamicSql::Refuse`](super::guard::DynamicSql::Refuse), the gateway's
+/// default (`[identity] allow_dynamic_sql = false`), every entry is refused.
+/// Each changes `current_user` when run; some pass the heuristic. The
+/// base64 strings are `SET ROLE other_role` and
+/// `SELECT set_config('role', 'other_role', false)`.
+pub const DYNAMIC_ESCAPES: &[&str] = &[
+    "DO $$BEGIN EXECUTE convert_from(decode('U0VUIFJPTEUgb3RoZXJfcm9sZQ==', 'base64'), 'UTF8'); END$$",
+    "DO $$BEGIN EXECUTE 'RES' || 'ET R' || 'OLE'; END$$",
+    "DO $$DECLARE v text := 'RES' || 'ET ROLE'; BEGIN EXECUTE v; END$$",
+    "DO $$BEGIN EXECUTE format('%sET %sOLE', 'RES', 'R'); END$$",
+    "DO $$BEGIN EXECUTE 'DO $i$DECLARE v text := ''RES'' || ''ET ROLE''; BEGIN EXECUTE v; END$i$'; END$$",
+    "CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'RES' || 'ET ROLE'; END$$; SELECT pg_temp.f()",
+    "CREATE OR REPLACE PROCEDURE pg_temp.p() LANGUAGE plpgsql AS $$BEGIN EXECUTE 'RES' || 'ET ROLE'; END$$; CALL pg_temp.p()",
+    "DO $$BEGIN EXECUTE 'CREATE FUNCTION pg_temp.g() RETURNS void LANGUAGE plpgsql AS $b$BEGIN EXECUTE ''RES'' || ''ET ROLE''; END$b$'; PERFORM pg_temp.g(); END$$",
+    "DO $$BEGIN PERFORM query_to_xml(convert_from(decode('U0VMRUNUIHNldF9jb25maWcoJ3JvbGUnLCAnb3RoZXJfcm9sZScsIGZhbHNlKQ==', 'base64'), 'UTF8'), true, true, ''); END$$",
+    "SELECT query_to_xml(convert_from(decode('U0VMRUNUIHNldF9jb25maWcoJ3JvbGUnLCAnb3RoZXJfcm9sZScsIGZhbHNlKQ==', 'base64'), 'UTF8'), true, true, '')",
+];
+
+/// Dynamic SQL that is legitimate: it passes with `[identity]
+/// allow_dynamic_sql = true` (the heuristic) and is refused by default.
+pub const DYNAMIC_LEGITIMATE: &[&str] = &[
+    "DO $$BEGIN EXECUTE format('SELECT %L::text', 'x'); END$$",
+    "DO $$BEGIN EXECUTE format('CREATE TEMP TABLE %I (id int)', 'guard_f'); END$$",
+    "DO $$DECLARE q text := 'SELECT 1'; BEGIN EXECUTE q; END$$",
+    "SELECT query_to_xml(format('SELECT %s AS n', 1), true, true, '')",
 ];
 
 /// Escapes in two steps: the first statement is legitimate and passes (it

@@ -34,25 +34,53 @@ fn shapes(size: usize) -> Vec<(&'static str, Vec<u8>)> {
     nested_parens.extend(std::iter::repeat_n(b')', half - 16));
     nested_parens.extend_from_slice(b"; SET x.y = 1");
     vec![
-        ("DO block of begin a", repeat("DO $$ ", b"begin a ", " $$", size)),
+        (
+            "DO block of begin a",
+            repeat("DO $$ ", b"begin a ", " $$", size),
+        ),
         ("nested parentheses", nested_parens),
-        ("nested runner calls", repeat("SELECT ", b"query_to_xml(", "", size)),
-        ("many statements", repeat("", b"SET search_path TO public;", "", size)),
+        (
+            "nested runner calls",
+            repeat("SELECT ", b"query_to_xml(", "", size),
+        ),
+        (
+            "many statements",
+            repeat("", b"SET search_path TO public;", "", size),
+        ),
         (
             "many dollar-quoted strings",
-            repeat("DO $$BEGIN ", b"PERFORM $q$SET search_path TO x$q$; ", "END$$", size),
+            repeat(
+                "DO $$BEGIN ",
+                b"PERFORM $q$SET search_path TO x$q$; ",
+                "END$$",
+                size,
+            ),
         ),
         ("many begin", repeat("DO $$ ", b"BEGIN ", "END $$", size)),
-        ("begin alter", repeat("DO $$ ", b"begin alter ", " 'x' $$", size)),
-        ("begin create", repeat("DO $$ ", b"begin create ", " 'x' $$", size)),
-        ("begin do", repeat("DO $$ ", b"begin do ", "'SET x.y = 1' $$", size)),
+        (
+            "begin alter",
+            repeat("DO $$ ", b"begin alter ", " 'x' $$", size),
+        ),
+        (
+            "begin create",
+            repeat("DO $$ ", b"begin create ", " 'x' $$", size),
+        ),
+        (
+            "begin do",
+            repeat("DO $$ ", b"begin do ", "'SET x.y = 1' $$", size),
+        ),
         (
             "begin do, every encoding",
             repeat("DO $$ '\\é' ", b"begin do ", "'SET x.y = 1' $$", size),
         ),
         (
             "backslashes and high bytes",
-            repeat("SELECT '", b"\\\x95\\'\xe9", "'; SET search_path TO x", size),
+            repeat(
+                "SELECT '",
+                b"\\\x95\\'\xe9",
+                "'; SET search_path TO x",
+                size,
+            ),
         ),
         (
             "DO body with backslashes and high bytes",
@@ -62,10 +90,18 @@ fn shapes(size: usize) -> Vec<(&'static str, Vec<u8>)> {
             "EXECUTE repeated",
             repeat("DO $$BEGIN ", b"EXECUTE 'SELECT 1'; ", "END$$", size),
         ),
-        ("SET clause names", repeat("ALTER ROLE r SET ", b"set.", "x = 1", size)),
+        (
+            "SET clause names",
+            repeat("ALTER ROLE r SET ", b"set.", "x = 1", size),
+        ),
         (
             "function SET clauses",
-            repeat("CREATE FUNCTION f() RETURNS int SET ", b"set.", "x = 1 AS 'x'", size),
+            repeat(
+                "CREATE FUNCTION f() RETURNS int SET ",
+                b"set.",
+                "x = 1 AS 'x'",
+                size,
+            ),
         ),
         ("dotted DISCARD", repeat("DISCARD ", b"a.", "all", size)),
         (

@@ -2,7 +2,10 @@
 //! dialects, dynamic SQL policies and a no-panic fuzz loop.
 
 use super::guard::{suspicious, DynamicSql, Guard, Violation};
-use super::guard_cases::{ESCAPES, LEGITIMATE, STAGED_ESCAPES};
+use super::guard_cases::{
+    DYNAMIC_ESCAPES, DYNAMIC_LEGITIMATE, ESCAPES, LEGITIMATE, STAGED_ESCAPES,
+};
+use super::runs_sql_argument;
 
 fn guard() -> Guard {
     Guard::new("app.client_user")
@@ -43,12 +46,103 @@ fn every_legitimate_statement_passes() {
 }
 
 #[test]
-fn legitimate_statements_also_pass_the_strict_policy_unless_dynamic() {
+fn the_tables_hold_under_the_strict_policy_too() {
     let g = guard().with_dynamic_sql(DynamicSql::Refuse);
     for s in LEGITIMATE {
-        if !s.contains("format(") {
-            assert!(g.check(s.as_bytes()).is_ok(), "{s}");
-        }
+        assert!(g.check(s.as_bytes()).is_ok(), "{s}");
+    }
+    for s in ESCAPES {
+        assert!(g.check(s.as_bytes()).is_err(), "{s}");
+    }
+}
+
+#[test]
+fn dynamic_escapes_are_refused_by_default_naming_the_option() {
+    let g = guard().with_dynamic_sql(DynamicSql::Refuse);
+    for s in DYNAMIC_ESCAPES {
+        let v = g.check(s.as_bytes()).expect_err(s);
+        let msg = v.to_string();
+        assert!(
+            msg.contains("dynamic SQL") && msg.contains("allow_dynamic_sql"),
+            "{s}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn legitimate_dynamic_sql_needs_the_heuristic() {
+    let strict = guard().with_dynamic_sql(DynamicSql::Refuse);
+    for s in DYNAMIC_LEGITIMATE {
+        assert!(guard().check(s.as_bytes()).is_ok(), "{s}");
+        assert!(strict.check(s.as_bytes()).is_err(), "{s}");
+    }
+}
+
+#[test]
+fn constant_execute_is_checked_as_sql_under_the_strict_policy() {
+    let strict = guard().with_dynamic_sql(DynamicSql::Refuse);
+    assert!(strict
+        .check(b"DO $$BEGIN EXECUTE 'CREATE TEMP TABLE t(x int)'; END$$")
+        .is_ok());
+    assert!(strict
+        .check(b"CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plpgsql AS $$BEGIN EXECUTE 'SELECT 1'; END$$")
+        .is_ok());
+    let v = strict
+        .check(b"DO $$BEGIN EXECUTE 'SET ROLE x'; END$$")
+        .unwrap_err();
+    assert_eq!(v.what, "SET ROLE inside a DO block");
+    let v = strict.check(b"DO $$BEGIN EXECUTE v; END$$").unwrap_err();
+    assert_eq!(
+        v.to_string(),
+        "dynamic SQL (EXECUTE of SQL that is not a string constant) inside a DO block \
+         is not allowed through pgwarden; set [identity] allow_dynamic_sql = true to allow dynamic SQL"
+    );
+}
+
+#[test]
+fn sql_runners_are_known_by_name() {
+    for name in [
+        "query_to_xml",
+        "QUERY_TO_XMLSCHEMA",
+        "pg_catalog.query_to_xml_and_xmlschema",
+        "PG_CATALOG.ts_stat",
+        "ts_rewrite",
+    ] {
+        assert!(runs_sql_argument(name), "{name}");
+    }
+    for name in [
+        "cursor_to_xml",
+        "cursor_to_xmlschema",
+        "set_config",
+        "query_to",
+        "public.ts_stat",
+        "",
+    ] {
+        assert!(!runs_sql_argument(name), "{name}");
+    }
+}
+
+#[test]
+fn sql_runner_arguments() {
+    let strict = guard().with_dynamic_sql(DynamicSql::Refuse);
+    for sql in [
+        "SELECT query_to_xml(q, true, true, '') FROM t",
+        "SELECT query_to_xml('SELECT 1' || '', true, true, '')",
+        "SELECT query_to_xml('SELECT 1'::name, true, true, '')",
+        "SELECT ts_rewrite(q, s) FROM t",
+        "SELECT ts_stat(ARRAY['x', 'y'][1])",
+        "SELECT query_to_xml(nulls => true, query => q, tableforest => true, targetns => '')",
+        "CREATE OPERATOR pg_temp.### (FUNCTION = ts_rewrite, LEFTARG = tsquery, RIGHTARG = text)",
+        "CREATE OPERATOR pg_temp.### (FUNCTION = 'ts_rewrite', LEFTARG = tsquery, RIGHTARG = text)",
+    ] {
+        assert!(strict.check(sql.as_bytes()).is_err(), "{sql}");
+    }
+    for sql in [
+        "SELECT query_to_xml('SELECT 1'::text, n, f, ns) FROM t",
+        "SELECT ts_rewrite(q, t.a, t.b) FROM t",
+        "SELECT ts_stat('SELECT v FROM t', w) FROM t",
+    ] {
+        assert!(strict.check(sql.as_bytes()).is_ok(), "{sql}");
     }
 }
 

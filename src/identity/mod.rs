@@ -8,7 +8,8 @@
 //! - [`guard`] refuses statements that would change or spoof the identity
 //!   pgwarden asserts on each server connection (DESIGN.md 1.7), built on the
 //!   byte-level [`lexer`] and [`decode`]; [`guard_cases`] is its adversarial
-//!   test table.
+//!   test table. Its work is linear in the statement's size (a budget per
+//!   byte; beyond it a statement is refused).
 //!
 //! Invariant: apart from [`assert`], nothing in this module talks to the
 //! network or the database; the guard and the policy are pure functions of their input and
@@ -27,10 +28,11 @@
 //!    the client-user setting, or ending in an unfinished `SET`/`RESET`/
 //!    `DISCARD`, are refused. A body that builds the statement from innocent
 //!    fragments (`'S' || 'ET R' || 'OLE x'`), from `chr()`/`decode()`, or
-//!    from table data still passes. [`guard::DynamicSql::Refuse`] closes this
-//!    for bodies sent through pgwarden by refusing any `EXECUTE` of a
-//!    non-constant (and bodies in other languages), at the cost of refusing
-//!    legitimate dynamic DDL.
+//!    from table data passes that heuristic. [`guard::DynamicSql::Refuse`],
+//!    the gateway's default (`[identity] allow_dynamic_sql = false`), closes
+//!    this for bodies sent through pgwarden by refusing any `EXECUTE` of a
+//!    non-constant, bodies in other languages and SQL runners with a
+//!    computed query, at the cost of refusing legitimate dynamic DDL.
 //! 2. **Functions that already exist.** Calling a function, procedure,
 //!    trigger, rule or view created outside pgwarden (or before it) that runs
 //!    `SET ROLE` or `set_config` is invisible to the guard. Mitigation:
@@ -43,8 +45,9 @@
 //!    the setting (or refused outright under `DynamicSql::Refuse`).
 //! 4. **SQL runners from extensions.** The built-in functions that run SQL
 //!    from a string (`query_to_xml` and its variants, `ts_stat`,
-//!    `ts_rewrite`) are checked; an extension's function that runs SQL in the
-//!    same session is not known to the guard.
+//!    `ts_rewrite`, listed by [`runs_sql_argument`]) are checked: a constant
+//!    query as SQL, a computed one like dynamic SQL; an extension's function
+//!    that runs SQL in the same session is not known to the guard.
 //! 5. **Protocol paths outside statement text.** The FunctionCall message
 //!    (`F`) calls a function by OID (`set_config` is OID 2078) and must be
 //!    refused by the session code; startup `options` such as `-c role=...`

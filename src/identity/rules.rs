@@ -44,6 +44,9 @@ pub(crate) fn check_tokens(
     body: bool,
 ) -> Result<(), Violation> {
     let has_execute = body && (0..t.len()).any(|i| t.word(i, "execute"));
+    if has_execute && c.guard.dynamic_sql() == DynamicSql::Refuse {
+        refuse_dynamic_execute(t)?;
+    }
     // Strings up to here were already screened as dynamic SQL fragments.
     let mut screened = 0;
     for i in 0..t.len() {
@@ -56,9 +59,6 @@ pub(crate) fn check_tokens(
             }
             _ => {}
         }
-    }
-    if body && has_execute && c.guard.dynamic_sql() == DynamicSql::Refuse {
-        refuse_dynamic_execute(t)?;
     }
     let mut at_start = true;
     let mut end = 0;

@@ -3,7 +3,9 @@
 //! leaves the identity as it was and the session usable; every legitimate
 //! look-alike runs.
 
-use pgwarden::identity::guard_cases::{ESCAPES, LEGITIMATE, STAGED_ESCAPES};
+use pgwarden::identity::guard_cases::{
+    DYNAMIC_ESCAPES, DYNAMIC_LEGITIMATE, ESCAPES, LEGITIMATE, STAGED_ESCAPES,
+};
 
 use crate::raw::RawClient;
 use crate::support::{self, start_gateway, Opts};
@@ -23,7 +25,8 @@ async fn every_escape_is_refused_and_identity_is_unchanged() {
     .await;
     let c = gw.connect("alice").await;
     assert_eq!(identity(&c).await, "analyst/alice/");
-    for escape in ESCAPES {
+    // The default config refuses dynamic SQL, so its escapes are refused too.
+    for escape in ESCAPES.iter().chain(DYNAMIC_ESCAPES) {
         let err = c.simple_query(escape).await.expect_err(escape);
         assert_eq!(
             support::sqlstate(&err),
@@ -92,6 +95,30 @@ async fn every_legitimate_look_alike_runs() {
         }
         let _ = c.simple_query("ROLLBACK").await;
         assert_eq!(identity(&c).await, "analyst/alice/", "after: {sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dynamic_sql_runs_only_when_allowed() {
+    let allowed = start_gateway(Opts {
+        pool_size: 1,
+        identity_extra: "allow_dynamic_sql = true".into(),
+        ..Opts::default()
+    })
+    .await;
+    let c = allowed.connect("alice").await;
+    for sql in DYNAMIC_LEGITIMATE {
+        if let Err(e) = c.simple_query(sql).await {
+            panic!("dynamic SQL refused or failed with allow_dynamic_sql: {sql}: {e:?}");
+        }
+        assert_eq!(identity(&c).await, "analyst/alice/", "after: {sql}");
+    }
+    let default = start_gateway(Opts::default()).await;
+    let c = default.connect("alice").await;
+    for sql in DYNAMIC_LEGITIMATE {
+        let err = c.simple_query(sql).await.expect_err(sql);
+        assert_eq!(support::sqlstate(&err), "42501", "{sql}: {err:?}");
+        assert!(format!("{err:?}").contains("allow_dynamic_sql"), "{err:?}");
     }
 }
 

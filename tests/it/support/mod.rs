@@ -55,6 +55,8 @@ pub struct Opts {
     pub backend_port: Option<u16>,
     /// Extra TOML appended to the `[backend]` table.
     pub backend_extra: String,
+    /// Extra TOML appended to the `[identity]` table.
+    pub identity_extra: String,
 }
 
 impl Default for Opts {
@@ -73,6 +75,7 @@ impl Default for Opts {
             memory_store: None,
             backend_port: None,
             backend_extra: String::new(),
+            identity_extra: String::new(),
         }
     }
 }
@@ -217,6 +220,7 @@ acquire_timeout_ms = {acquire}
 [identity]
 policy_dir = "policies"
 verify = "{verify}"
+{identity_extra}
 
 [audit]
 enabled = {audit}
@@ -227,6 +231,7 @@ store = "audit"
         extra = opts.server_extra,
         port = opts.backend_port.unwrap_or(pg.port),
         backend_extra = opts.backend_extra,
+        identity_extra = opts.identity_extra,
         svc = opts.service_user,
         pw = cluster::SERVICE_PASSWORD,
         mode = opts.mode,

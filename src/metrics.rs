@@ -25,6 +25,10 @@ pub struct Metrics {
     pub identity_violations: AtomicU64,
     pub pool_waits: AtomicU64,
     pub pool_timeouts: AtomicU64,
+    /// Server connections reset before serving another session.
+    pub server_resets: AtomicU64,
+    /// Identity assertions run (a new identity, or after opaque code).
+    pub identity_assertions: AtomicU64,
     pub audit_append_seconds_sum_us: AtomicU64,
     pub audit_appends: AtomicU64,
     /// (transactions, statements) per client user.
@@ -131,6 +135,18 @@ pub fn render(shared: &Shared) -> String {
         "Checkouts that timed out (53300).",
         "counter",
         load(&m.pool_timeouts),
+    );
+    counter(
+        "pgwarden_server_resets_total",
+        "Server connections reset before serving another session.",
+        "counter",
+        load(&m.server_resets),
+    );
+    counter(
+        "pgwarden_identity_assertions_total",
+        "Identity assertions run on server connections.",
+        "counter",
+        load(&m.identity_assertions),
     );
     let audit = shared.auditor.counters();
     counter(

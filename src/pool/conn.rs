@@ -71,6 +71,12 @@ pub struct ServerConn {
     /// The session that may have left state here (settings, temp objects,
     /// cursors...); another session gets the connection only after a reset.
     pub dirty_by: Option<std::sync::Arc<str>>,
+    /// Code pgwarden cannot see into ran here since the last identity
+    /// assertion made while no transaction was open (see
+    /// `session::opaque`): the identity must be asserted afresh before the
+    /// next transaction, and another session gets the connection only after
+    /// a reset. Cleared only by such an assertion.
+    pub opaque: bool,
     broken: bool,
 }
 
@@ -132,6 +138,7 @@ impl ServerConn {
             identity: None,
             applied: None,
             dirty_by: None,
+            opaque: false,
             broken: false,
         })
     }
@@ -184,6 +191,19 @@ impl ServerConn {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Records that `session` ran code pgwarden cannot see into here (a DO
+    /// block, a function outside the built-ins it knows, `FunctionCall`...):
+    /// see [`ServerConn::opaque`]. With `cache`, the shared statements are
+    /// no longer trusted either (the code may have deallocated or redefined
+    /// them), so each is closed and prepared afresh before its next use.
+    pub fn mark_opaque(&mut self, session: &std::sync::Arc<str>, cache: bool) {
+        self.opaque = true;
+        self.dirty_by.get_or_insert_with(|| session.clone());
+        if cache {
+            self.statements.mark_uncertain();
         }
     }
 

@@ -17,10 +17,17 @@ use sha2::{Digest, Sha256};
 /// Server-side statements kept per connection before the oldest is closed.
 pub const CAPACITY: usize = 512;
 
-/// The server-side identity of a statement: 128 bits of SHA-256 of the
-/// `Parse` body after the client's name.
+/// The server-side identity of a statement: 128 bits of SHA-256 of a
+/// secret chosen at startup and the `Parse` body after the client's name.
+/// The secret keeps a client from predicting the name another client's
+/// statement will have (and preparing its own SQL under it first).
 pub fn key(parse_rest: &[u8]) -> u128 {
-    let digest = Sha256::digest(parse_rest);
+    static SECRET: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    let secret = SECRET.get_or_init(rand::random);
+    let digest = Sha256::new()
+        .chain_update(secret)
+        .chain_update(parse_rest)
+        .finalize();
     u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
 }
 

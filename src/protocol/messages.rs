@@ -221,34 +221,47 @@ impl<'a> BindView<'a> {
     /// Parameter values rendered for the audit log: text-format values as
     /// text, binary ones as hex, NULL as `None`.
     pub fn params_for_audit(&self) -> Result<Vec<Option<String>>, ProtocolError> {
-        let mut r = Reader::new(self.rest, "Bind");
-        let nformats = r.i16()?.max(0) as usize;
-        let mut formats = Vec::with_capacity(nformats);
-        for _ in 0..nformats {
-            formats.push(r.i16()?);
-        }
-        let nparams = r.i16()?.max(0) as usize;
-        let mut out = Vec::with_capacity(nparams);
-        for i in 0..nparams {
-            let len = r.i32()?;
-            if len < 0 {
-                out.push(None);
-                continue;
-            }
-            let value = r.bytes(len as usize)?;
-            let format = match formats.len() {
-                0 => 0,
-                1 => formats[0],
-                _ => *formats.get(i).unwrap_or(&0),
-            };
-            out.push(Some(if format == 1 {
-                format!("\\x{}", hex::encode(value))
-            } else {
-                String::from_utf8_lossy(value).into_owned()
-            }));
-        }
-        Ok(out)
+        formatted_values(&mut Reader::new(self.rest, "Bind"))
     }
+}
+
+/// Format codes, then values, as `Bind` and `FunctionCall` carry them:
+/// text values as text (lossily), binary ones as `\x` and hex.
+fn formatted_values(r: &mut Reader<'_>) -> Result<Vec<Option<String>>, ProtocolError> {
+    let nformats = r.i16()?.max(0) as usize;
+    let mut formats = Vec::with_capacity(nformats);
+    for _ in 0..nformats {
+        formats.push(r.i16()?);
+    }
+    let nparams = r.i16()?.max(0) as usize;
+    let mut out = Vec::with_capacity(nparams);
+    for i in 0..nparams {
+        let len = r.i32()?;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let value = r.bytes(len as usize)?;
+        let format = match formats.len() {
+            0 => 0,
+            1 => formats[0],
+            _ => *formats.get(i).unwrap_or(&0),
+        };
+        out.push(Some(if format == 1 {
+            format!("\\x{}", hex::encode(value))
+        } else {
+            String::from_utf8_lossy(value).into_owned()
+        }));
+    }
+    Ok(out)
+}
+
+/// The arguments of a `FunctionCall` (after its function OID), as the
+/// audit log shows them.
+pub fn function_call_args(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
+    let mut r = Reader::new(body, "FunctionCall");
+    r.i32()?;
+    formatted_values(&mut r)
 }
 
 pub fn parse_bind(body: &[u8]) -> Result<BindView<'_>, ProtocolError> {

@@ -2,10 +2,13 @@
 //! `BackendKeyData` and maps it to whichever server connection serves the
 //! client at the moment a `CancelRequest` arrives.
 //!
-//! Invariant: a key maps to a backend only while that backend is bound to the
-//! key's client, so a cancel can never reach a connection serving someone
-//! else (short of the unavoidable race where the statement finishes while
-//! the cancel is in flight, which PostgreSQL itself has too).
+//! Invariant: a cancel is forwarded only while the key's client has a
+//! request running on its bound backend, and that backend is not handed to
+//! anyone else until PostgreSQL has taken every cancel forwarded for it, so
+//! a cancel can never reach a connection serving someone else. (The
+//! statement may still finish while the cancel is in flight, a race
+//! PostgreSQL itself has; the cancel then finds the backend idle and is
+//! ignored, or hits this same client's next statement.)
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,22 +23,84 @@ pub struct BackendKey {
 /// One client's cancel slot.
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    backend: Mutex<Option<BackendKey>>,
+    state: Mutex<SlotState>,
+    /// Woken when the last cancel in flight has been taken.
+    settled: tokio::sync::Notify,
     /// Session id, for the audit record of a cancel.
     pub session_id: String,
 }
 
+#[derive(Debug, Default)]
+struct SlotState {
+    backend: Option<BackendKey>,
+    /// The client has a request on `backend` that the server has not
+    /// finished answering.
+    running: bool,
+    /// Cancels forwarded to `backend` that PostgreSQL has not taken yet.
+    in_flight: usize,
+}
+
 impl CancelSlot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn bind(&self, key: BackendKey) {
-        *self.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some(key);
+        let mut state = self.state();
+        state.backend = Some(key);
+        state.running = false;
     }
 
-    pub fn unbind(&self) {
-        *self.backend.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    /// Whether the client has a request running on its backend.
+    pub fn set_running(&self, running: bool) {
+        self.state().running = running;
     }
 
+    /// The backend is about to go back to the pool: no new cancel may
+    /// start, and those in flight are waited for (up to a few seconds; a
+    /// cancel PostgreSQL has not taken by then is not going to be).
+    pub async fn unbind(&self) {
+        {
+            let mut state = self.state();
+            state.backend = None;
+            state.running = false;
+            if state.in_flight == 0 {
+                return;
+            }
+        }
+        let wait = async {
+            loop {
+                let notified = self.settled.notified();
+                if self.state().in_flight == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
+    }
+
+    /// The backend to cancel, if the client has a request running on it;
+    /// the caller must call [`CancelSlot::end_cancel`] once PostgreSQL has
+    /// taken the cancel.
+    pub fn begin_cancel(&self) -> Option<BackendKey> {
+        let mut state = self.state();
+        let key = state.backend.filter(|_| state.running)?;
+        state.in_flight += 1;
+        Some(key)
+    }
+
+    pub fn end_cancel(&self) {
+        let mut state = self.state();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if state.in_flight == 0 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// The backend the client is bound to (for the gateway's own cancels).
     pub fn backend(&self) -> Option<BackendKey> {
-        *self.backend.lock().unwrap_or_else(|e| e.into_inner())
+        self.state().backend
     }
 }
 
@@ -49,8 +114,8 @@ impl CancelRegistry {
     /// Issues a fresh random key for a new client.
     pub fn register(&self, session_id: &str) -> (i32, i32, Arc<CancelSlot>) {
         let slot = Arc::new(CancelSlot {
-            backend: Mutex::new(None),
             session_id: session_id.to_string(),
+            ..CancelSlot::default()
         });
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -84,16 +149,31 @@ impl CancelRegistry {
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_map_to_bound_backend_only() {
+    #[tokio::test]
+    async fn keys_map_to_bound_backend_only_while_running() {
         let reg = CancelRegistry::default();
         let (pid, secret, slot) = reg.register("s1");
-        assert!(reg.lookup(pid, secret).unwrap().backend().is_none());
+        assert!(reg.lookup(pid, secret).unwrap().begin_cancel().is_none());
         slot.bind(BackendKey { pid: 42, secret: 7 });
+        assert!(slot.begin_cancel().is_none(), "nothing running");
+        slot.set_running(true);
         assert_eq!(
-            reg.lookup(pid, secret).unwrap().backend(),
+            reg.lookup(pid, secret).unwrap().begin_cancel(),
             Some(BackendKey { pid: 42, secret: 7 })
         );
+        // Unbinding waits for the cancel in flight.
+        let unbinding = {
+            let slot = slot.clone();
+            tokio::spawn(async move { slot.unbind().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!unbinding.is_finished());
+        assert!(
+            slot.begin_cancel().is_none(),
+            "no new cancel once unbinding"
+        );
+        slot.end_cancel();
+        unbinding.await.unwrap();
         assert!(reg.lookup(pid, secret.wrapping_add(1)).is_none());
         reg.unregister(pid, secret);
         assert!(reg.lookup(pid, secret).is_none());

@@ -7,6 +7,7 @@
 
 pub mod cancel;
 pub mod client;
+pub mod opaque;
 mod prepared;
 mod relay;
 pub mod startup;
@@ -186,8 +187,13 @@ pub async fn serve(
     let login = async {
         match startup::negotiate(tcp, shared.tls.as_ref(), max).await? {
             FirstPacket::Gone => Ok(None),
-            FirstPacket::Cancel { pid, secret } => {
+            FirstPacket::Cancel {
+                pid,
+                secret,
+                client,
+            } => {
                 forward_cancel(&shared, pid, secret).await;
+                drop(client);
                 Ok(None)
             }
             FirstPacket::Startup(mut client, _) if client_slot.is_err() => {
@@ -374,13 +380,18 @@ fn check_startup(startup: &StartupMessage) -> Result<(), PgError> {
 }
 
 /// Forwards a `CancelRequest` carrying a key we issued to the backend its
-/// client is bound to; unknown keys are dropped silently, as PostgreSQL does.
+/// client is bound to, only while the client has a request running there;
+/// unknown keys, and keys of clients with nothing running, are dropped
+/// silently, as PostgreSQL drops a cancel for an idle backend. The client's
+/// server connection is not released until PostgreSQL has taken the cancel
+/// ([`cancel::CancelSlot::begin_cancel`]), so it cannot reach another client.
 async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     let Some(slot) = shared.cancels.lookup(pid, secret) else {
         tracing::debug!("cancel request with an unknown key ignored");
         return;
     };
-    let Some(backend) = slot.backend() else {
+    let Some(backend) = slot.begin_cancel() else {
+        tracing::debug!("cancel request for a client with nothing running ignored");
         return;
     };
     let mut ev = Event::new(Kind::Cancel);
@@ -388,6 +399,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
     ev.backend_pid = Some(backend.pid);
     shared.auditor.append_nowait(ev).await;
     cancel_backend(shared, backend).await;
+    slot.end_cancel();
 }
 
 /// Sends a `CancelRequest` for `backend` to PostgreSQL and waits until it

@@ -17,6 +17,9 @@ pub struct Statement {
     /// For named statements: the shared key and the `Parse` body after the
     /// name (query, parameter types), to prepare it on another connection.
     pub shared: Option<(u128, Bytes)>,
+    /// Whether pgwarden fully understands what it runs
+    /// ([`crate::session::opaque::transparent`]).
+    pub transparent: bool,
 }
 
 /// `Parse` of `rest` (query and parameter types) under `name`.
@@ -123,7 +126,12 @@ fn split_word(s: &str) -> Option<(&str, &str)> {
 
 impl Statement {
     pub fn unnamed(sql: Bytes) -> Statement {
-        Statement { sql, shared: None }
+        let transparent = crate::session::opaque::transparent(&sql);
+        Statement {
+            sql,
+            shared: None,
+            transparent,
+        }
     }
 }
 

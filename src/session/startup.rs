@@ -20,6 +20,11 @@ pub enum FirstPacket {
     Cancel {
         pid: i32,
         secret: i32,
+        /// The client's cancel connection, closed only once the cancel has
+        /// been dealt with: libpq's cancel returns when it closes, and the
+        /// client then goes on, so closing first would let the cancel land
+        /// on whatever runs next.
+        client: ClientStream,
     },
     /// The client hung up before sending a startup message.
     Gone,
@@ -63,9 +68,11 @@ async fn negotiate_inner(
                         ClientConn::new(stream, buf, max_message_size),
                         m,
                     )),
-                    Some(StartupPacket::Cancel { pid, secret }) => {
-                        Ok(FirstPacket::Cancel { pid, secret })
-                    }
+                    Some(StartupPacket::Cancel { pid, secret }) => Ok(FirstPacket::Cancel {
+                        pid,
+                        secret,
+                        client: stream,
+                    }),
                     Some(_) => Err(ProtocolError::Malformed {
                         what: "negotiation request inside TLS",
                     }
@@ -73,7 +80,11 @@ async fn negotiate_inner(
                 };
             }
             StartupPacket::Cancel { pid, secret } => {
-                return Ok(FirstPacket::Cancel { pid, secret })
+                return Ok(FirstPacket::Cancel {
+                    pid,
+                    secret,
+                    client: ClientStream::Plain(tcp),
+                })
             }
             StartupPacket::Startup(m) => {
                 let conn = ClientConn::new(ClientStream::Plain(tcp), buf, max_message_size);

@@ -274,7 +274,7 @@ fn contains_ci(sql: &[u8], word: &[u8]) -> bool {
 }
 
 /// The statement that clears what a client may have left behind.
-pub const RESET_SQL: &str = "RESET ALL; CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DEALLOCATE ALL";
+pub const RESET_SQL: &str = "RESET ALL; CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; DEALLOCATE ALL";
 
 #[cfg(test)]
 mod tests {

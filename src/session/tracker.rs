@@ -132,6 +132,13 @@ impl Tracker {
         self.queue.is_empty()
     }
 
+    /// Whether the oldest outstanding request is an extended-protocol
+    /// `Execute` (so a COPY it starts ends only at a `Sync` sent after the
+    /// copy).
+    pub fn front_is_execute(&self) -> bool {
+        matches!(self.queue.front(), Some(Expect::Execute { .. }))
+    }
+
     pub fn parse(&mut self, injected: bool, key: Option<u128>) {
         self.queue.push_back(Expect::Parse { injected, key });
     }

@@ -148,7 +148,10 @@ async fn greeting_after_login_is_complete_and_in_order() {
     // client receives must still be exactly the protocol's sequence.
     let gw = start_gateway(Opts::default()).await;
     let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let mut c = crate::raw::RawClient { stream };
+    let mut c = crate::raw::RawClient {
+        stream,
+        key: (0, 0),
+    };
     c.stream
         .write_all(&startup_packet("clear_user"))
         .await

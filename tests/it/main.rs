@@ -5,8 +5,10 @@ mod support;
 
 mod audit;
 mod auth;
+mod cancel;
 mod drivers;
 mod guard;
+mod hostile;
 mod identity;
 mod lifecycle;
 mod limits;

@@ -13,6 +13,8 @@ use crate::support::{self, start_gateway, Opts};
 /// A hand-driven client logged in as the cleartext user.
 pub struct RawClient {
     pub stream: TcpStream,
+    /// The cancel key from `BackendKeyData` (zero until login).
+    pub key: (i32, i32),
 }
 
 impl RawClient {
@@ -22,7 +24,10 @@ impl RawClient {
             .write_all(&startup_packet("clear_user"))
             .await
             .unwrap();
-        let mut c = RawClient { stream };
+        let mut c = RawClient {
+            stream,
+            key: (0, 0),
+        };
         let (tag, body) = c.read_message().await;
         assert_eq!(
             (tag, &body[..]),
@@ -33,7 +38,11 @@ impl RawClient {
         pw.push(0);
         c.send(b'p', &pw).await;
         loop {
-            let (tag, _) = c.read_message().await;
+            let (tag, body) = c.read_message().await;
+            if tag == b'K' {
+                let int = |i: usize| i32::from_be_bytes(body[i..i + 4].try_into().unwrap());
+                c.key = (int(0), int(4));
+            }
             if tag == b'Z' {
                 return c;
             }

@@ -41,6 +41,24 @@ impl QueryLoop<'_> {
         }
     }
 
+    /// Records whether the client message about to be forwarded runs only
+    /// what pgwarden understands. Opaque code (or anything a session that
+    /// once ran opaque code runs) marks the bound connection: identity is
+    /// asserted afresh before its next transaction, and another session
+    /// gets it only after a reset.
+    pub(super) fn note_code(&mut self, transparent: bool) {
+        if transparent && !self.ever_opaque {
+            return;
+        }
+        if !transparent && !self.ever_opaque {
+            tracing::debug!(session = %self.ident.session_id, "opaque code: this session's connections are re-asserted and reset from now on");
+        }
+        self.ever_opaque |= !transparent;
+        if let Some(server) = self.server.as_mut() {
+            server.mark_opaque(&self.ident.session_id, !transparent);
+        }
+    }
+
     /// Binds a server connection if none is bound: acquires one and asserts
     /// the client's identity on it. If none can be bound, a statement whose
     /// record was written ahead of the batch gets that error as its result.
@@ -56,7 +74,23 @@ impl QueryLoop<'_> {
 
     async fn bind_server_now(&mut self) -> Result<(), PgError> {
         self.needs_verify = self.shared.live().verify == VerifyMode::Transaction;
-        if self.server.is_some() {
+        if let Some(mut conn) = self.server.take() {
+            // Kept across transactions (pinned, or session pooling): a new
+            // transaction after opaque code gets a fresh assertion.
+            let between = self.tx_status == b'I' && self.tracker.is_empty() && !self.unsynced;
+            let result = if conn.opaque && between {
+                self.reassert(&mut conn).await
+            } else {
+                Ok(())
+            };
+            match result {
+                Ok(()) => self.server = Some(conn),
+                Err(e) => {
+                    self.cancel.unbind().await;
+                    pool::discard(conn);
+                    return Err(e);
+                }
+            }
             return Ok(());
         }
         crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
@@ -74,6 +108,7 @@ impl QueryLoop<'_> {
             .as_ref()
             .is_some_and(|owner| *owner != self.ident.session_id)
         {
+            crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
             if let Err(e) = reset_state(&mut conn).await {
                 tracing::warn!("resetting a server connection failed: {e}");
                 pool::discard(conn);
@@ -87,28 +122,40 @@ impl QueryLoop<'_> {
             *role == self.ident.role && *user == self.ident.client_user
         });
         let carries_settings = conn.applied.as_ref().is_some_and(|a| **a == *self.settings);
-        if !carries_identity || !carries_settings {
-            conn.identity = None;
-            conn.applied = None;
-            let assertion = Assertion {
-                role: &self.ident.role,
-                setting: &self.shared.config.identity.client_user_setting,
-                client_user: &self.ident.client_user,
-                settings: &self.settings,
-            };
-            if let Err(e) = assertion.apply(&mut conn).await {
-                tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
+        if !carries_identity || !carries_settings || conn.opaque {
+            if let Err(e) = self.reassert(&mut conn).await {
                 pool::discard(conn);
                 return Err(e);
             }
-            conn.identity = Some((self.ident.role.clone(), self.ident.client_user.clone()));
-            conn.applied = Some(self.settings.clone());
         }
         self.cancel.bind(BackendKey {
             pid: conn.pid,
             secret: conn.secret,
         });
         self.server = Some(conn);
+        Ok(())
+    }
+
+    /// Asserts this client's identity and settings on `conn` (one round
+    /// trip, nothing else in flight). Made between transactions, it also
+    /// clears the connection's opaque mark.
+    async fn reassert(&mut self, conn: &mut PooledConn) -> Result<(), PgError> {
+        crate::metrics::Metrics::inc(&self.shared.metrics.identity_assertions);
+        conn.identity = None;
+        conn.applied = None;
+        let assertion = Assertion {
+            role: &self.ident.role,
+            setting: &self.shared.config.identity.client_user_setting,
+            client_user: &self.ident.client_user,
+            settings: &self.settings,
+        };
+        if let Err(e) = assertion.apply(conn).await {
+            tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
+            return Err(e);
+        }
+        conn.identity = Some((self.ident.role.clone(), self.ident.client_user.clone()));
+        conn.applied = Some(self.settings.clone());
+        conn.opaque = false;
         Ok(())
     }
 
@@ -211,9 +258,9 @@ impl QueryLoop<'_> {
         End::Fatal(PgError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, message))
     }
 
-    pub(super) fn release(&mut self) {
+    pub(super) async fn release(&mut self) {
         if let Some(conn) = self.server.take() {
-            self.cancel.unbind();
+            self.cancel.unbind().await;
             self.statements.remove(&b""[..]);
             drop(conn);
         }
@@ -239,7 +286,7 @@ impl QueryLoop<'_> {
             self.shared.auditor.append_nowait(ev).await;
         }
         if let Some(conn) = self.server.take() {
-            self.cancel.unbind();
+            self.cancel.unbind().await;
             pool::discard(conn);
         }
     }
@@ -270,7 +317,7 @@ impl QueryLoop<'_> {
         if self.mode == PoolMode::Session {
             self.reset_session().await;
         }
-        self.release();
+        self.release().await;
     }
 
     /// Session pooling hands the connection to another client next: clear

@@ -41,8 +41,6 @@ use queries::Ahead;
 /// Text sent in place of a refused statement: it fails at parse time, so the
 /// server aborts exactly as it would for a refused statement of its own.
 const REFUSED_SQL: &str = "pgwarden refused this statement";
-/// OID of `set_config(text, text, boolean)`, reachable through `FunctionCall`.
-const SET_CONFIG_OID: i32 = 2078;
 /// Larger row and copy frames are streamed through instead of buffered whole.
 const STREAM_THRESHOLD: usize = 64 * 1024;
 const MAX_SERVER_FRAME: usize = 1 << 30;
@@ -163,6 +161,15 @@ pub struct QueryLoop<'a> {
     resolved: Vec<Resolved>,
     shutdown: watch::Receiver<bool>,
     shutting_down: bool,
+    /// This session ran code pgwarden cannot see into (see
+    /// `session::opaque`): it may have created objects that run such code
+    /// later, so everything it runs from now on marks its connection.
+    ever_opaque: bool,
+    /// Client frames wait in the read buffer: the bound connection ran
+    /// opaque code, and the next request may start a new transaction, so it
+    /// waits until the server has answered everything before it (and the
+    /// identity is asserted afresh if that transaction ended).
+    deferred: bool,
 }
 
 enum Wake {
@@ -219,6 +226,8 @@ impl<'a> QueryLoop<'a> {
             resolved: Vec::new(),
             shutdown,
             shutting_down: false,
+            ever_opaque: !crate::session::opaque::settings_transparent(&ident.settings),
+            deferred: false,
         }
     }
 
@@ -268,7 +277,7 @@ impl<'a> QueryLoop<'a> {
                 let shutdown = &mut self.shutdown;
                 tokio::select! {
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
-                    r = client.fill() => Wake::Client(r),
+                    r = client.fill(), if !self.deferred => Wake::Client(r),
                     r = shutdown.changed(), if idle && !self.shutting_down => {
                         if r.is_err() { self.shutting_down = true; }
                         Wake::Shutdown
@@ -344,6 +353,15 @@ impl<'a> QueryLoop<'a> {
 
     async fn on_client_data(&mut self) -> Result<(), End> {
         self.audit_ahead().await;
+        self.take_client_frames().await?;
+        self.flush_client().await?;
+        self.record_results().await;
+        self.flush_server().await
+    }
+
+    /// Handles the client's buffered frames, up to one that must wait
+    /// ([`Self::must_wait`]).
+    async fn take_client_frames(&mut self) -> Result<(), End> {
         loop {
             if self.client_passthrough > 0 {
                 let n = self.client_passthrough.min(self.client.rbuf.len());
@@ -361,6 +379,10 @@ impl<'a> QueryLoop<'a> {
             else {
                 break;
             };
+            if self.must_wait(header.tag) {
+                self.deferred = true;
+                break;
+            }
             if header.tag == b'd'
                 && self.server.is_some()
                 && header.total > STREAM_THRESHOLD
@@ -379,9 +401,26 @@ impl<'a> QueryLoop<'a> {
             };
             self.on_client_frame(frame.freeze()).await?;
         }
-        self.flush_client().await?;
-        self.record_results().await;
-        self.flush_server().await
+        Ok(())
+    }
+
+    /// Whether a client frame with `tag` must wait for the server: the
+    /// bound connection ran opaque code, the frame starts a new request (a
+    /// `Query` or `FunctionCall`, or the first extended message after a
+    /// `Sync`), no copy is in progress (the server waits for the client
+    /// then), and the server has not answered everything before it. Such
+    /// a request may start a new transaction, which must not run before
+    /// the identity is asserted afresh.
+    fn must_wait(&self, tag: u8) -> bool {
+        let Some(server) = self.server.as_ref() else {
+            return false;
+        };
+        let starts_request = match tag {
+            b'Q' | b'F' => true,
+            b'P' | b'B' | b'D' | b'C' | b'E' | b'S' => !self.unsynced,
+            _ => false,
+        };
+        server.opaque && starts_request && !self.copy_in && !self.tracker.is_empty()
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
@@ -443,6 +482,9 @@ impl<'a> QueryLoop<'a> {
             self.to_server.clear();
             return Ok(());
         };
+        if !self.tracker.is_empty() {
+            self.cancel.set_running(true);
+        }
         if let Err(e) = server.write_all(&self.to_server).await {
             self.to_server.clear();
             return Err(self.server_lost(&e.to_string()).await);
@@ -499,6 +541,7 @@ impl<'a> QueryLoop<'a> {
         self.flush_client().await?;
         self.record_results().await;
         if self.tracker.is_empty() {
+            self.cancel.set_running(false);
             self.query_started = None;
             if was_busy {
                 self.last_activity = Instant::now();
@@ -512,7 +555,11 @@ impl<'a> QueryLoop<'a> {
             self.verify_identity().await?;
         }
         if self.mode == PoolMode::Transaction && !self.pinned && self.idle() {
-            self.release();
+            self.release().await;
+        }
+        if self.deferred && self.tracker.is_empty() {
+            self.deferred = false;
+            self.on_client_data().await?;
         }
         Ok(())
     }
@@ -525,7 +572,15 @@ impl<'a> QueryLoop<'a> {
                 self.tx_status = frame[5];
                 self.copy_in = false;
             }
-            b'G' => self.copy_in = true,
+            b'G' => {
+                self.copy_in = true;
+                // A COPY started by `Execute` ends at the first `Sync` the
+                // client sends after the copy (any `Sync` before is ignored
+                // by the server): until then nothing may be released.
+                if self.tracker.front_is_execute() {
+                    self.unsynced = true;
+                }
+            }
             b'S' => self.on_parameter_status(&frame[5..]),
             _ => {}
         }

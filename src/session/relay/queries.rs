@@ -23,7 +23,7 @@ pub(super) enum Ahead {
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
         let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-        if let Err(v) = self.shared.guard.check(sql) {
+        if let Err(v) = self.check_guard(sql) {
             let error = self.blocked(sql, &v.to_string()).await;
             return self.refuse(Flow::Simple, error).await;
         }
@@ -37,6 +37,7 @@ impl QueryLoop<'_> {
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
         self.note_state(sql);
+        self.note_code(crate::session::opaque::transparent(sql));
         self.to_server.extend_from_slice(&frame);
         self.tracker.query(pending, None);
         Ok(())
@@ -84,7 +85,7 @@ impl QueryLoop<'_> {
     pub(super) async fn on_parse(&mut self, frame: Bytes) -> Result<(), End> {
         let parse =
             messages::parse_parse(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-        if let Err(v) = self.shared.guard.check(parse.query) {
+        if let Err(v) = self.check_guard(parse.query) {
             let query = parse.query;
             let error = self.blocked(query, &v.to_string()).await;
             return self.refuse(Flow::Extended, error).await;
@@ -93,6 +94,8 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         self.note_state(parse.query);
+        let transparent = crate::session::opaque::transparent(parse.query);
+        self.note_code(transparent);
         let name = frame.slice_ref(parse.name);
         let sql = frame.slice_ref(parse.query);
         self.unsynced = true;
@@ -110,6 +113,7 @@ impl QueryLoop<'_> {
             prepared::Statement {
                 sql,
                 shared: Some((key, rest.clone())),
+                transparent,
             },
         );
         let server = self.server.as_mut().expect("bound above");
@@ -165,6 +169,13 @@ impl QueryLoop<'_> {
         if let Err(e) = self.check_unnamed(bind.statement) {
             return self.refuse(Flow::Extended, e).await;
         }
+        // Binding plans the statement, which may evaluate functions; a name
+        // the gateway does not map was prepared by SQL it cannot see into.
+        let transparent = self
+            .statements
+            .get(bind.statement)
+            .is_some_and(|s| s.transparent);
+        self.note_code(transparent);
         if self.auditing {
             let sql = self.statement_sql(bind.statement);
             let params = self
@@ -299,23 +310,36 @@ impl QueryLoop<'_> {
         let oid = crate::protocol::frame::Reader::new(&frame[5..], "FunctionCall")
             .i32()
             .map_err(|e| End::Fatal(protocol_error(e)))?;
-        let text = format!("FunctionCall oid={oid}");
-        if oid == SET_CONFIG_OID {
-            let error = self
-                .blocked(
-                    text.as_bytes(),
-                    "set_config through FunctionCall is not allowed through pgwarden",
-                )
-                .await;
+        let text = function_call_text(oid, &frame[5..]);
+        if !FUNCTION_CALL_ALLOWED.contains(&oid) {
+            let why = format!(
+                "FunctionCall of function OID {oid} is not allowed through pgwarden (only the large-object functions are)"
+            );
+            let error = self.blocked(text.as_bytes(), &why).await;
             return self.refuse(Flow::Simple, error).await;
         }
         let pending = match self.audit_and_bind(text.as_bytes(), None).await {
             Ok(p) => p,
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
+        self.note_code(false);
         self.to_server.extend_from_slice(&frame);
         self.tracker.query(pending, None);
         Ok(())
+    }
+
+    /// Runs the statement guard; a large statement is checked off the
+    /// threads other sessions run on (the check is linear, but a megabyte
+    /// still takes milliseconds).
+    pub(super) fn check_guard(&self, sql: &[u8]) -> Result<(), crate::identity::Violation> {
+        const LARGE: usize = 64 * 1024;
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if sql.len() > LARGE && multi_thread {
+            tokio::task::block_in_place(|| self.shared.guard.check(sql))
+        } else {
+            self.shared.guard.check(sql)
+        }
     }
 
     /// Answers a client message with `error` instead of running it. With a
@@ -502,7 +526,7 @@ impl QueryLoop<'_> {
             match header.tag {
                 b'P' => {
                     let parse = messages::parse_parse(body).ok()?;
-                    self.shared.guard.check(parse.query).ok()?;
+                    self.check_guard(parse.query).ok()?;
                     parsed.push((parse.name, parse.query));
                 }
                 b'B' => {
@@ -580,4 +604,32 @@ impl QueryLoop<'_> {
             }
         }
     }
+}
+
+/// Functions a client may call with the `FunctionCall` message: the
+/// large-object functions libpq's `lo_*` use (`lo_open`, `lo_close`,
+/// `loread`, `lowrite`, `lo_lseek`, `lo_lseek64`, `lo_creat`, `lo_create`,
+/// `lo_tell`, `lo_tell64`, `lo_truncate`, `lo_truncate64`, `lo_unlink`),
+/// by their fixed OIDs in `pg_proc`. They run no SQL and change no
+/// setting; everything else is refused, so `FunctionCall` cannot reach a
+/// function that runs SQL (`query_to_xml`...) or changes a setting.
+const FUNCTION_CALL_ALLOWED: &[i32] = &[
+    952, 953, 954, 955, 956, 3170, 957, 715, 958, 3171, 1004, 3172, 964,
+];
+
+/// How a `FunctionCall` appears in the audit log: the function's OID and
+/// its arguments (text arguments as text, binary ones in hex).
+fn function_call_text(oid: i32, body: &[u8]) -> String {
+    let mut text = format!("FunctionCall oid={oid}");
+    if let Ok(args) = messages::function_call_args(body) {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.as_deref()
+                    .map_or("NULL".to_string(), |s| format!("{s:?}"))
+            })
+            .collect();
+        text.push_str(&format!(" args=[{}]", shown.join(", ")));
+    }
+    text
 }

@@ -1,0 +1,335 @@
+//! Hostile clients: attacks that get past (or around) the statement guard
+//! must not outlive their transaction, reach another client, or run
+//! unrecorded. Each test performs the attack through the gateway and checks
+//! what the next transaction, and the next client, see.
+
+use std::net::SocketAddr;
+
+use crate::raw::{message, RawClient};
+use crate::support::{self, start_gateway, Opts};
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+fn query(sql: &str) -> Vec<u8> {
+    message(b'Q', &cstr(sql))
+}
+
+/// Parse, Bind, Execute and Sync of an unnamed statement without parameters.
+fn extended(sql: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut parse = cstr("");
+    parse.extend_from_slice(&cstr(sql));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    out.extend(message(b'P', &parse));
+    let mut bind = cstr("");
+    bind.extend_from_slice(&cstr(""));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    out.extend(message(b'B', &bind));
+    let mut execute = cstr("");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    out.extend(message(b'E', &execute));
+    out.extend(message(b'S', &[]));
+    out
+}
+
+const WHO: &str = "SELECT current_user::text || '/' || current_setting('app.client_user')";
+
+async fn raw(addr: SocketAddr) -> RawClient {
+    RawClient::login(addr).await
+}
+
+/// `sneaky_switch()` is a function the DBA created that changes role from
+/// inside (no guard can see that). It works inside its transaction, and
+/// that is all: the next transaction of the same client, on the same
+/// server connection, runs as the mapped role again, in every pooling mode
+/// and whether or not the client pipelines the next one behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_escape_inside_a_transaction_ends_with_it() {
+    for mode in ["transaction", "session"] {
+        let gw = start_gateway(Opts {
+            pool_size: 1,
+            mode,
+            ..Opts::default()
+        })
+        .await;
+        let alice = gw.connect("alice").await;
+        // Inside the transaction the escape succeeds.
+        alice.batch_execute("BEGIN").await.unwrap();
+        alice.simple_query("SELECT sneaky_switch()").await.unwrap();
+        assert_eq!(
+            support::one(&alice, "SELECT current_user::text").await,
+            "engineer"
+        );
+        alice.batch_execute("COMMIT").await.unwrap();
+        // The next transaction, simple and extended.
+        assert_eq!(support::one(&alice, WHO).await, "analyst/alice", "{mode}");
+        let row = alice.query_one(WHO, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(0), "analyst/alice", "{mode}");
+        drop(alice);
+
+        // Autocommit escape with the next statement in the same write.
+        let mut c = raw(gw.addr).await;
+        let mut burst = query("SELECT sneaky_switch()");
+        burst.extend(query(WHO));
+        c.stream_write(&burst).await;
+        c.until_ready().await;
+        assert_eq!(
+            c.first_value_until_ready().await.as_deref(),
+            Some("analyst/clear_user"),
+            "{mode}: pipelined simple query"
+        );
+        // The same with the extended protocol.
+        let mut burst = extended("SELECT sneaky_switch()");
+        burst.extend(extended(WHO));
+        c.stream_write(&burst).await;
+        c.until_ready().await;
+        assert_eq!(
+            c.first_value_until_ready().await.as_deref(),
+            Some("analyst/clear_user"),
+            "{mode}: pipelined extended query"
+        );
+        drop(c);
+        // Another client on the same (only) server connection.
+        let bob = gw.connect("bob").await;
+        assert_eq!(support::one(&bob, WHO).await, "engineer/bob", "{mode}");
+    }
+}
+
+/// A client pinned to its connection (it made a temp table) is re-asserted
+/// after opaque code too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_client_is_reasserted_after_an_escape() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    alice
+        .batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .unwrap();
+    alice.simple_query("SELECT sneaky_switch()").await.unwrap();
+    assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+    assert_eq!(support::one(&alice, "SELECT count(*) FROM mine").await, "0");
+}
+
+/// State made by code the gateway cannot classify (a quoted function name,
+/// the `pg_settings` view, a DO block, a quoted `pg_temp`) never reaches
+/// the next client on that server connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn opaque_state_never_reaches_the_next_client() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    for sql in [
+        "SELECT \"set_config\"('work_mem', '1234kB', false)",
+        "UPDATE pg_settings SET setting = '2345' WHERE name = 'lock_timeout'",
+        "DO $$BEGIN PERFORM pg_catalog.set_config('statement_timeout', '3456', false); END$$",
+        "CREATE TABLE \"pg_temp\".spy (x int)",
+        "DO $$BEGIN EXECUTE 'LISTEN hostile_channel'; END$$",
+        "SELECT nextval('hostile_seq')",
+    ] {
+        if sql.contains("hostile_seq") {
+            alice
+                .batch_execute("CREATE SEQUENCE IF NOT EXISTS hostile_seq")
+                .await
+                .unwrap();
+        }
+        alice.simple_query(sql).await.unwrap();
+    }
+    drop(alice);
+    let bob = gw.connect("bob").await;
+    for (setting, default) in [
+        ("work_mem", "4MB"),
+        ("lock_timeout", "0"),
+        ("statement_timeout", "0"),
+    ] {
+        assert_eq!(
+            support::one(&bob, &format!("SHOW {setting}")).await,
+            default,
+            "{setting}"
+        );
+    }
+    let err = bob
+        .simple_query("SELECT * FROM pg_temp.spy")
+        .await
+        .expect_err("alice's temp table is gone");
+    assert_eq!(support::sqlstate(&err), "42P01");
+    assert_eq!(
+        support::one(&bob, "SELECT count(*) FROM pg_listening_channels()").await,
+        "0"
+    );
+    let err = bob
+        .simple_query("SELECT lastval()")
+        .await
+        .expect_err("no sequence used in this session");
+    assert_eq!(support::sqlstate(&err), "55000");
+    let resets = gw
+        .shared
+        .metrics
+        .server_resets
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resets >= 1, "the reset is counted");
+}
+
+/// A client that redefines the gateway's shared prepared statement from
+/// inside a DO block (it can read the name from `pg_prepared_statements`)
+/// does not change what another client's statement runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redefined_shared_statement_never_runs_for_another_client() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let bob = gw.connect("bob").await;
+    let innocent = bob.prepare("SELECT 'innocent'::text").await.unwrap();
+    let row = bob.query_one(&innocent, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "innocent");
+    let alice = gw.connect("alice").await;
+    let name = support::one(
+        &alice,
+        "SELECT name FROM pg_prepared_statements WHERE statement = 'SELECT ''innocent''::text'",
+    )
+    .await;
+    assert!(name.starts_with("pgwarden_"), "{name}");
+    alice
+        .batch_execute(&format!(
+            "DO $$BEGIN EXECUTE 'DEALLOCATE {name}'; EXECUTE 'PREPARE {name} AS SELECT ''poisoned''::text'; END$$"
+        ))
+        .await
+        .unwrap();
+    drop(alice);
+    let row = bob.query_one(&innocent, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "innocent");
+}
+
+/// `FunctionCall` is an allow-list: a SQL-running built-in (here
+/// `query_to_xml`, OID 2924, with a role switch as its argument) is refused
+/// with 42501 and recorded with its OID and arguments; the large-object
+/// functions libpq uses still work.
+#[tokio::test(flavor = "multi_thread")]
+async fn function_call_reaches_only_the_large_object_functions() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = raw(gw.addr).await;
+    let text_args = |oid: i32, args: &[&str]| {
+        let mut body = oid.to_be_bytes().to_vec();
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body.extend_from_slice(&(args.len() as i16).to_be_bytes());
+        for a in args {
+            body.extend_from_slice(&(a.len() as i32).to_be_bytes());
+            body.extend_from_slice(a.as_bytes());
+        }
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body
+    };
+    let attack = "SELECT pg_catalog.set_config('role','engineer',false)";
+    c.send(b'F', &text_args(2924, &[attack, "true", "true", ""]))
+        .await;
+    let (_, code, _) = c.until_ready().await;
+    assert_eq!(code.as_deref(), Some("42501"));
+    c.send(b'Q', &cstr(WHO)).await;
+    assert_eq!(
+        c.first_value_until_ready().await.as_deref(),
+        Some("analyst/clear_user")
+    );
+    // lo_creat(-1) (OID 957) inside a transaction, then lo_unlink.
+    c.send(b'Q', &cstr("BEGIN")).await;
+    c.until_ready().await;
+    c.send(b'F', &text_args(957, &["-1"])).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code, None, "{tags:?}");
+    assert!(tags.contains(&b'V'), "FunctionCallResponse: {tags:?}");
+    c.send(b'Q', &cstr("ROLLBACK")).await;
+    c.until_ready().await;
+    drop(c);
+    let dir = gw.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["audit", "export", "--store"])
+        .arg(dir.path().join("audit"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    let blocked = log
+        .lines()
+        .find(|l| l.contains("guard_blocked"))
+        .expect("a guard_blocked record");
+    assert!(blocked.contains("oid=2924"), "{blocked}");
+    assert!(
+        blocked.contains("set_config"),
+        "arguments recorded: {blocked}"
+    );
+    assert!(log.contains("FunctionCall oid=957"), "{log}");
+}
+
+impl RawClient {
+    async fn stream_write(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+}
+
+/// Extended-protocol COPY whose end the client sends without `Sync` (the
+/// `Sync` it pipelined behind `Execute` is ignored by the server during the
+/// copy): the server connection stays with the client until its next
+/// `Sync`, whether the copy failed (a bad row) or succeeded (a good row and
+/// `Flush`). The next client waits for it, then gets a clean connection
+/// with its own identity.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extended_copy_holds_its_connection_until_its_sync() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let base = 700_000 + (rand::random::<u32>() % 100_000) as i32;
+    for (row, flush, expect_error) in [
+        (format!("{base}\tcopied\n"), true, false),
+        ("not a number\tx\n".to_string(), false, true),
+    ] {
+        let mut c = raw(gw.addr).await;
+        c.stream_write(&extended("COPY items (id, owner) FROM STDIN"))
+            .await;
+        loop {
+            let (tag, _) = c.read_message().await;
+            if tag == b'G' {
+                break;
+            }
+            assert_ne!(tag, b'E', "COPY starts");
+        }
+        let mut end = message(b'd', row.as_bytes());
+        end.extend(message(b'c', &[]));
+        if flush {
+            end.extend(message(b'H', &[]));
+        }
+        c.stream_write(&end).await;
+        let (tag, _) = c.read_message().await;
+        assert_eq!(tag, if expect_error { b'E' } else { b'C' });
+        // Bob's statement needs the only server connection.
+        let bob = gw.connect("bob").await;
+        let who = tokio::spawn(async move { support::one(&bob, WHO).await });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!who.is_finished(), "the connection is still alice's");
+        c.send(b'S', &[]).await;
+        let (_, _, status) = c.until_ready().await;
+        assert_eq!(status, b'I');
+        assert_eq!(who.await.unwrap(), "engineer/bob");
+    }
+    assert_eq!(
+        support::cluster().psql("app", &format!("SELECT owner FROM items WHERE id = {base}")),
+        "copied"
+    );
+}

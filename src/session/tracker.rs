@@ -337,8 +337,17 @@ impl Tracker {
             Some(_) => {}
         }
         // An extended-protocol message failed: it and everything up to the
-        // next Sync is over.
+        // next Sync is over. A failed `Parse`, `Bind` or `Describe` is the
+        // failure of the statement the batch goes on to execute: its
+        // `Execute` gets this error, not "not executed".
         let failed = self.queue.pop_front();
+        let mut cause = match failed {
+            Some(Expect::Execute { .. } | Expect::BlockedParse { .. }) | None => None,
+            Some(_) => Some(Outcome::Error {
+                code: fields.code.clone(),
+                message: fields.message.clone(),
+            }),
+        };
         match failed {
             Some(Expect::Execute {
                 pending: Some(pending),
@@ -353,11 +362,19 @@ impl Tracker {
             Some(Expect::BlockedParse { error }) => route = Route::Replace(error),
             _ => {}
         }
-        self.skip_to_sync(resolved, cache);
+        self.skip_to_sync(resolved, cache, &mut cause);
         route
     }
 
-    fn skip_to_sync(&mut self, resolved: &mut Vec<Resolved>, cache: &mut CacheEffects) {
+    /// Drops what the server skips after an error, up to the next `Sync`.
+    /// The first audited `Execute` skipped takes `cause` as its outcome (the
+    /// error of its own `Parse`/`Bind`), the others were not executed.
+    fn skip_to_sync(
+        &mut self,
+        resolved: &mut Vec<Resolved>,
+        cache: &mut CacheEffects,
+        cause: &mut Option<Outcome>,
+    ) {
         while let Some(front) = self.queue.front() {
             if matches!(
                 front,
@@ -370,7 +387,7 @@ impl Tracker {
                     pending: Some(pending),
                 }) => resolved.push(Resolved {
                     pending,
-                    outcome: Outcome::NotExecuted,
+                    outcome: cause.take().unwrap_or(Outcome::NotExecuted),
                 }),
                 Some(Expect::Parse { key: Some(key), .. }) => cache.not_prepared.push(key),
                 _ => {}
@@ -442,6 +459,33 @@ mod tests {
 
     fn route(t: &mut Tracker, tag: u8, body: &[u8], resolved: &mut Vec<Resolved>) -> Route {
         t.on_server(tag, body, resolved, &mut CacheEffects::default())
+    }
+
+    /// An error at `Parse` or `Bind` is its statement's outcome (with the
+    /// SQLSTATE the client got); only the statements after it in the batch
+    /// were not executed.
+    #[test]
+    fn parse_and_bind_errors_belong_to_their_statement() {
+        for failing in [b'1', b'2'] {
+            let mut t = Tracker::default();
+            let mut r = Vec::new();
+            for seq in 1..=2 {
+                t.parse(false, None);
+                t.bind();
+                t.execute(p(seq));
+            }
+            t.sync();
+            if failing == b'2' {
+                route(&mut t, b'1', b"", &mut r);
+            }
+            route(&mut t, b'E', &error_body("42501"), &mut r);
+            assert_eq!(r.len(), 2);
+            assert_eq!(r[0].pending.ticket, 1);
+            assert!(matches!(&r[0].outcome, Outcome::Error { code, .. } if code == "42501"));
+            assert_eq!(r[1].outcome, Outcome::NotExecuted);
+            route(&mut t, b'Z', b"I", &mut r);
+            assert!(t.is_empty());
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn pgwarden(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn export(store: &Path, extra: &[&str]) -> Vec<Value> {
+pub fn export(store: &Path, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["audit", "export", "--store", store.to_str().unwrap()];
     args.extend_from_slice(extra);
     let out = pgwarden(&args);
@@ -40,7 +40,7 @@ fn export(store: &Path, extra: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-fn s(v: &Value, k: &str) -> String {
+pub fn s(v: &Value, k: &str) -> String {
     v[k].as_str()
         .map(str::to_string)
         .unwrap_or_else(|| v[k].to_string())

@@ -333,3 +333,74 @@ async fn an_extended_copy_holds_its_connection_until_its_sync() {
         "copied"
     );
 }
+
+/// A raw client logged in as the cleartext user with these startup
+/// parameters (besides user and database).
+async fn raw_with(addr: SocketAddr, params: &[(&str, &str)]) -> RawClient {
+    let mut startup = 196608i32.to_be_bytes().to_vec();
+    for (k, v) in [("user", "clear_user"), ("database", "app")]
+        .iter()
+        .chain(params)
+    {
+        startup.extend_from_slice(&cstr(k));
+        startup.extend_from_slice(&cstr(v));
+    }
+    startup.push(0);
+    let mut packet = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&startup);
+    let mut c = RawClient {
+        stream: tokio::net::TcpStream::connect(addr).await.unwrap(),
+        key: (0, 0),
+    };
+    c.stream_write(&packet).await;
+    c.read_message().await;
+    c.send(b'p', &cstr(support::password_of("clear_user")))
+        .await;
+    c.until_ready().await;
+    c
+}
+
+async fn show(c: &mut RawClient, setting: &str) -> String {
+    c.send(b'Q', &cstr(&format!("SHOW {setting}"))).await;
+    c.first_value_until_ready().await.unwrap()
+}
+
+/// Startup parameters and `options` a client brought (`client_encoding`,
+/// `DateStyle`, `TimeZone`, `work_mem`) never reach a client who did not
+/// ask for them.
+#[tokio::test(flavor = "multi_thread")]
+async fn startup_settings_never_reach_the_next_client() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let pg = support::cluster();
+    let defaults: Vec<(&str, String)> = ["client_encoding", "DateStyle", "TimeZone", "work_mem"]
+        .into_iter()
+        .map(|s| (s, pg.psql("app", &format!("SHOW {s}"))))
+        .collect();
+    let mut alice = raw_with(
+        gw.addr,
+        &[
+            ("client_encoding", "LATIN1"),
+            ("DateStyle", "SQL, DMY"),
+            ("TimeZone", "Asia/Tokyo"),
+        ],
+    )
+    .await;
+    assert_eq!(show(&mut alice, "client_encoding").await, "LATIN1");
+    drop(alice);
+    let mut bob = raw_with(gw.addr, &[]).await;
+    for (setting, default) in &defaults {
+        assert_eq!(&show(&mut bob, setting).await, default, "{setting}");
+    }
+    drop(bob);
+    let mut carol = raw_with(gw.addr, &[("options", "-c work_mem=1234kB")]).await;
+    assert_eq!(show(&mut carol, "work_mem").await, "1234kB");
+    drop(carol);
+    let mut dave = raw_with(gw.addr, &[]).await;
+    for (setting, default) in &defaults {
+        assert_eq!(&show(&mut dave, setting).await, default, "{setting}");
+    }
+}

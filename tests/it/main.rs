@@ -4,6 +4,7 @@
 mod support;
 
 mod audit;
+mod audit_truth;
 mod auth;
 mod cancel;
 mod drivers;

@@ -368,3 +368,10 @@ async fn a_client_stalling_inside_a_message_holds_nothing() {
     let (tags, code, status) = staller.until_ready().await;
     assert_eq!((code, status), (None, b'I'), "{tags:?}");
 }
+
+impl RawClient {
+    /// Writes bytes as they are (several messages in one write).
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+}

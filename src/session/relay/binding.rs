@@ -103,11 +103,11 @@ impl QueryLoop<'_> {
                 return Err(e);
             }
         };
-        if conn
+        let other_session = conn
             .dirty_by
             .as_ref()
-            .is_some_and(|owner| *owner != self.ident.session_id)
-        {
+            .is_some_and(|owner| *owner != self.ident.session_id);
+        if other_session || self.leaves_settings_behind(&conn) {
             crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
             if let Err(e) = reset_state(&mut conn).await {
                 tracing::warn!("resetting a server connection failed: {e}");
@@ -134,6 +134,21 @@ impl QueryLoop<'_> {
         });
         self.server = Some(conn);
         Ok(())
+    }
+
+    /// Whether the connection carries a setting the last client brought
+    /// (startup parameters, `options`) that this client's assertion would
+    /// not overwrite: `client_encoding`, `DateStyle`, `work_mem`... must not
+    /// reach a client who did not ask for them.
+    fn leaves_settings_behind(&self, conn: &PooledConn) -> bool {
+        conn.applied.as_ref().is_some_and(|applied| {
+            applied.iter().any(|(name, _)| {
+                !self
+                    .settings
+                    .iter()
+                    .any(|(mine, _)| mine.eq_ignore_ascii_case(name))
+            })
+        })
     }
 
     /// Asserts this client's identity and settings on `conn` (one round

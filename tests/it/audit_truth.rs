@@ -1,0 +1,93 @@
+//! The audit log states what PostgreSQL reported for each statement.
+
+use serde_json::Value;
+
+use crate::audit::{export, s};
+use crate::raw::{message, RawClient};
+use crate::support::{self, start_gateway, Opts};
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// Parse, Bind, Describe, Execute and Sync of an unnamed statement, as
+/// psycopg, asyncpg and node-postgres send one statement.
+fn extended(sql: &str) -> Vec<u8> {
+    let mut parse = cstr("");
+    parse.extend_from_slice(&cstr(sql));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    let mut out = message(b'P', &parse);
+    let mut bind = cstr("");
+    bind.extend_from_slice(&cstr(""));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    out.extend(message(b'B', &bind));
+    out.extend(message(b'D', b"P\0"));
+    let mut execute = cstr("");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    out.extend(message(b'E', &execute));
+    out.extend(message(b'S', &[]));
+    out
+}
+
+/// An error at `Parse` (a missing table) or at `Bind` (permission denied
+/// on a table, checked when the portal starts) is recorded with the
+/// SQLSTATE the client got, not as "not executed"; a statement after it in
+/// the same batch is the one that was not executed.
+#[tokio::test(flavor = "multi_thread")]
+async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
+    support::cluster().psql(
+        "app",
+        "CREATE TABLE IF NOT EXISTS audit_secret (x int); REVOKE ALL ON audit_secret FROM PUBLIC",
+    );
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let mut c = RawClient::login(gw.addr).await;
+    let cases = [
+        ("SELECT * FROM audit_no_such_table", "42P01"),
+        ("SELECT * FROM audit_secret", "42501"),
+    ];
+    for (sql, code) in cases {
+        c.send_raw(&extended(sql)).await;
+        let (_, got, _) = c.until_ready().await;
+        assert_eq!(got.as_deref(), Some(code), "{sql}");
+    }
+    // A failing statement and one after it, in one batch without Sync
+    // between them.
+    let mut batch = extended("SELECT * FROM audit_no_such_table_2");
+    batch.truncate(batch.len() - 5);
+    batch.extend(extended("SELECT 'skipped'"));
+    c.send_raw(&batch).await;
+    c.until_ready().await;
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+    let records = export(&store, &[]);
+    let query = |text: &str| -> Value {
+        records
+            .iter()
+            .find(|r| s(r, "kind") == "query" && s(r, "statement") == text)
+            .unwrap_or_else(|| panic!("a record of {text}"))
+            .clone()
+    };
+    for (sql, code) in cases
+        .iter()
+        .chain(&[("SELECT * FROM audit_no_such_table_2", "42P01")])
+    {
+        let r = query(sql);
+        assert_eq!(
+            (s(&r, "status"), s(&r, "sqlstate")),
+            ("error".into(), code.to_string()),
+            "{r}"
+        );
+        assert!(!s(&r, "message").contains("not executed"), "{r}");
+    }
+    let skipped = query("SELECT 'skipped'");
+    assert_eq!(s(&skipped, "status"), "error");
+    assert!(s(&skipped, "message").contains("not executed"), "{skipped}");
+}

@@ -135,9 +135,60 @@ impl Statement {
     }
 }
 
+/// The cursors `sql` declares (`DECLARE name ... CURSOR ... FOR ...`), as
+/// (portal name, the DECLARE statement's text): an `Execute` of such a
+/// portal runs that statement. Unquoted names are lower-cased, as the
+/// server folds them.
+pub fn declared_cursors(sql: &[u8]) -> Vec<(Vec<u8>, &[u8])> {
+    use crate::identity::lexer::{tokens, Kind};
+    if !crate::session::state::contains_ci(sql, b"declare") {
+        return Vec::new();
+    }
+    let toks = tokens(sql);
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, t) in toks.iter().enumerate() {
+        let at_start = i == 0 || toks[i - 1].is_punct(sql, b";");
+        if at_start {
+            start = t.start;
+        }
+        if !(at_start && t.is_word(sql, b"declare")) {
+            continue;
+        }
+        let Some(name) = toks.get(i + 1) else {
+            continue;
+        };
+        let name = match name.kind {
+            Kind::Word => name.text(sql).to_ascii_lowercase(),
+            Kind::QuotedIdent => {
+                crate::identity::decode::ident_value(sql, name, b'\\').into_owned()
+            }
+            _ => continue,
+        };
+        let end = toks[i..]
+            .iter()
+            .find(|t| t.is_punct(sql, b";"))
+            .map_or(sql.len(), |t| t.start);
+        out.push((name, &sql[start..end]));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_cursors_by_portal_name() {
+        let sql =
+            b"BEGIN; DECLARE Cur CURSOR FOR SELECT 1; declare \"Q\" scroll cursor for select 2";
+        let found = declared_cursors(sql);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].0, b"cur");
+        assert_eq!(found[0].1, b"DECLARE Cur CURSOR FOR SELECT 1");
+        assert_eq!(found[1].0, b"Q");
+        assert!(declared_cursors(b"SELECT 'declare x cursor for'").is_empty());
+    }
 
     #[test]
     fn deallocate_forms() {

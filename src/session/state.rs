@@ -267,7 +267,7 @@ pub fn may_leave_state(sql: &[u8]) -> bool {
 
 /// Whether `sql` contains `word` (lowercase ASCII letters, at least two),
 /// ignoring ASCII case.
-fn contains_ci(sql: &[u8], word: &[u8]) -> bool {
+pub fn contains_ci(sql: &[u8], word: &[u8]) -> bool {
     sql.windows(2).enumerate().any(|(i, pair)| {
         pair[0] | 0x20 == word[0] && pair[1] | 0x20 == word[1] && starts_with_ci(&sql[i..], word)
     })

@@ -77,7 +77,11 @@ enum Expect {
     },
     /// The gateway answers `ParseComplete` itself: the statement exists.
     SynthParse,
-    Bind,
+    /// `BindComplete` expected. `pending`: the Bind plans a statement that
+    /// may run functions the gateway cannot see, so it has its own record.
+    Bind {
+        pending: Option<Pending>,
+    },
     /// `Describe`: ends at `RowDescription` or `NoData`.
     Describe,
     Execute {
@@ -145,8 +149,8 @@ impl Tracker {
     pub fn synth_parse(&mut self) {
         self.queue.push_back(Expect::SynthParse);
     }
-    pub fn bind(&mut self) {
-        self.queue.push_back(Expect::Bind);
+    pub fn bind(&mut self, pending: Option<Pending>) {
+        self.queue.push_back(Expect::Bind { pending });
     }
     pub fn describe(&mut self) {
         self.queue.push_back(Expect::Describe);
@@ -220,7 +224,18 @@ impl Tracker {
                 _ => Route::Forward,
             },
             b'2' => {
-                self.pop_if(|e| matches!(e, Expect::Bind));
+                if let Some(Expect::Bind {
+                    pending: Some(pending),
+                }) = self.pop_if(|e| matches!(e, Expect::Bind { .. }))
+                {
+                    resolved.push(Resolved {
+                        pending,
+                        outcome: Outcome::Ok {
+                            tag: Some("BIND".into()),
+                            rows: None,
+                        },
+                    });
+                }
                 Route::Forward
             }
             b'T' | b'n' => {
@@ -349,9 +364,14 @@ impl Tracker {
             }),
         };
         match failed {
-            Some(Expect::Execute {
-                pending: Some(pending),
-            }) => resolved.push(Resolved {
+            Some(
+                Expect::Execute {
+                    pending: Some(pending),
+                }
+                | Expect::Bind {
+                    pending: Some(pending),
+                },
+            ) => resolved.push(Resolved {
                 pending,
                 outcome: Outcome::Error {
                     code: fields.code.clone(),
@@ -389,6 +409,12 @@ impl Tracker {
                     pending,
                     outcome: cause.take().unwrap_or(Outcome::NotExecuted),
                 }),
+                Some(Expect::Bind {
+                    pending: Some(pending),
+                }) => resolved.push(Resolved {
+                    pending,
+                    outcome: Outcome::NotExecuted,
+                }),
                 Some(Expect::Parse { key: Some(key), .. }) => cache.not_prepared.push(key),
                 _ => {}
             }
@@ -420,6 +446,9 @@ impl Tracker {
                 Expect::Sync => return,
                 Expect::Execute {
                     pending: Some(pending),
+                }
+                | Expect::Bind {
+                    pending: Some(pending),
                 } => resolved.push(Resolved {
                     pending,
                     outcome: Outcome::NotExecuted,
@@ -434,7 +463,9 @@ impl Tracker {
         self.queue
             .drain(..)
             .filter_map(|e| match e {
-                Expect::Query { pending, .. } | Expect::Execute { pending } => pending,
+                Expect::Query { pending, .. }
+                | Expect::Execute { pending }
+                | Expect::Bind { pending } => pending,
                 _ => None,
             })
             .collect()
@@ -471,7 +502,7 @@ mod tests {
             let mut r = Vec::new();
             for seq in 1..=2 {
                 t.parse(false, None);
-                t.bind();
+                t.bind(None);
                 t.execute(p(seq));
             }
             t.sync();
@@ -494,7 +525,7 @@ mod tests {
         let mut r = Vec::new();
         for seq in 1..=3 {
             t.parse(false, None);
-            t.bind();
+            t.bind(None);
             t.execute(p(seq));
         }
         t.sync();
@@ -525,7 +556,7 @@ mod tests {
     fn syncs_sent_into_a_copy_in_are_not_awaited() {
         let mut t = Tracker::default();
         let mut r = Vec::new();
-        t.bind();
+        t.bind(None);
         t.execute(p(1));
         t.sync();
         route(&mut t, b'2', b"", &mut r);
@@ -579,7 +610,7 @@ mod tests {
         let mut out = BytesMut::new();
         t.parse(false, Some(1));
         t.synth_parse();
-        t.bind();
+        t.bind(None);
         t.sync();
         t.emit_synthetic(b'I', &mut out);
         assert!(out.is_empty(), "the first Parse is still owed");
@@ -596,7 +627,7 @@ mod tests {
         let mut t = Tracker::default();
         let mut cache = CacheEffects::default();
         t.parse(true, Some(9));
-        t.bind();
+        t.bind(None);
         t.parse(false, Some(10));
         t.sync();
         assert_eq!(

@@ -91,3 +91,62 @@ async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
     assert_eq!(s(&skipped, "status"), "error");
     assert!(s(&skipped, "message").contains("not executed"), "{skipped}");
 }
+
+/// A `Bind` of a statement that calls a function the gateway does not know
+/// may run it while planning, with no `Execute` after it: it is recorded
+/// (tag `BIND`) before it is sent. An `Execute` of a portal a `DECLARE`
+/// opened is recorded with the DECLARE's text, not an empty statement.
+#[tokio::test(flavor = "multi_thread")]
+async fn binds_and_cursor_portals_are_recorded() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let mut c = RawClient::login(gw.addr).await;
+    // Parse, Bind, Sync: no Execute.
+    let mut batch = extended("SELECT pg_catalog.abs(-7)");
+    let execute_and_sync = batch.len() - 5 - 10 - 7;
+    batch.truncate(execute_and_sync);
+    batch.extend(message(b'S', &[]));
+    c.send_raw(&batch).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code, None, "{tags:?}");
+    assert!(tags.contains(&b'2'), "BindComplete: {tags:?}");
+    // A cursor's portal, executed with the extended protocol.
+    c.send_raw(&message(
+        b'Q',
+        &cstr("BEGIN; DECLARE audit_cur CURSOR FOR SELECT 42"),
+    ))
+    .await;
+    c.until_ready().await;
+    let mut execute = cstr("audit_cur");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    let mut run = message(b'E', &execute);
+    run.extend(message(b'S', &[]));
+    c.send_raw(&run).await;
+    assert_eq!(c.first_value_until_ready().await.as_deref(), Some("42"));
+    c.send_raw(&message(b'Q', &cstr("COMMIT"))).await;
+    c.until_ready().await;
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+    let records = export(&store, &[]);
+    let find = |text: &str| {
+        records
+            .iter()
+            .find(|r| s(r, "kind") == "query" && s(r, "statement") == text)
+            .unwrap_or_else(|| panic!("a record of {text}: {records:?}"))
+    };
+    let bind = find("SELECT pg_catalog.abs(-7)");
+    assert_eq!(
+        (s(bind, "status"), s(bind, "command_tag")),
+        ("ok".into(), "BIND".into())
+    );
+    let cursor = find("DECLARE audit_cur CURSOR FOR SELECT 42");
+    assert_eq!(
+        (s(cursor, "status"), s(cursor, "command_tag")),
+        ("ok".into(), "SELECT 1".into())
+    );
+}

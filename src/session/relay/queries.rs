@@ -38,9 +38,25 @@ impl QueryLoop<'_> {
         };
         self.note_state(sql);
         self.note_code(crate::session::opaque::transparent(sql));
+        self.note_cursors(&frame.slice_ref(sql));
         self.to_server.extend_from_slice(&frame);
         self.tracker.query(pending, None);
         Ok(())
+    }
+
+    /// Remembers the cursors a statement declares, so that an `Execute` of
+    /// such a portal is recorded with the statement it runs.
+    pub(super) fn note_cursors(&mut self, sql: &Bytes) {
+        if !self.auditing {
+            return;
+        }
+        for (name, text) in prepared::declared_cursors(sql) {
+            let portal = Portal {
+                sql: sql.slice_ref(text),
+                params: None,
+            };
+            self.portals.insert(Bytes::from(name), portal);
+        }
     }
 
     /// `DEALLOCATE` of protocol-level statements is answered by the gateway:
@@ -98,6 +114,7 @@ impl QueryLoop<'_> {
         self.note_code(transparent);
         let name = frame.slice_ref(parse.name);
         let sql = frame.slice_ref(parse.query);
+        self.note_cursors(&sql);
         self.unsynced = true;
         if name.is_empty() {
             self.statements
@@ -176,11 +193,21 @@ impl QueryLoop<'_> {
             .get(bind.statement)
             .is_some_and(|s| s.transparent);
         self.note_code(transparent);
+        let mut bind_record = None;
         if self.auditing {
             let sql = self.statement_sql(bind.statement);
             let params = self
                 .audited_params(&bind)
                 .map_err(|e| End::Fatal(protocol_error(e)))?;
+            if !transparent && !self.execute_follows(bind.portal) {
+                // Planning may run its functions, and no Execute of this
+                // portal is in the batch whose record would be stored
+                // before the Bind is sent.
+                bind_record = match self.audit_statement(&sql, params.clone()).await {
+                    Ok(pending) => pending,
+                    Err(e) => return self.refuse(Flow::Extended, e).await,
+                };
+            }
             self.portals
                 .insert(frame.slice_ref(bind.portal), Portal { sql, params });
         }
@@ -191,7 +218,7 @@ impl QueryLoop<'_> {
             }
             None => self.to_server.extend_from_slice(&frame),
         }
-        self.tracker.bind();
+        self.tracker.bind(bind_record);
         self.unsynced = true;
         Ok(())
     }
@@ -433,6 +460,29 @@ impl QueryLoop<'_> {
         }
     }
 
+    /// Whether the client's buffered messages, before the next `Sync` or
+    /// `Flush`, hold an `Execute` of `portal`: its `query` record is then
+    /// stored before any of them is sent (they go out together).
+    fn execute_follows(&self, portal: &[u8]) -> bool {
+        let buf = &self.client.rbuf[..];
+        let mut at = 0;
+        while let Ok(Some(header)) = FrameHeader::peek(&buf[at..], self.client.max_message_size) {
+            let end = at + header.total;
+            if end > buf.len() {
+                return false;
+            }
+            match header.tag {
+                b'E' if messages::parse_execute(&buf[at + 5..end]).is_ok_and(|p| p == portal) => {
+                    return true
+                }
+                b'S' | b'H' => return false,
+                _ => {}
+            }
+            at = end;
+        }
+        false
+    }
+
     /// The text of the client's statement `name`, as its portals record it
     /// (empty when the name is unknown: the server reports that itself).
     fn statement_sql(&self, name: &[u8]) -> Bytes {
@@ -456,10 +506,18 @@ impl QueryLoop<'_> {
 
     /// What the `query` record of an `Execute` of portal `name` shows.
     fn portal_audited(&self, name: &[u8]) -> Audited {
-        self.portals
-            .get(name)
-            .map(|p| (p.sql.clone(), p.params.clone()))
-            .unwrap_or_default()
+        match self.portals.get(name) {
+            Some(p) => (p.sql.clone(), p.params.clone()),
+            // A portal opened by code the gateway cannot see (a cursor a
+            // function returned): say which.
+            None => (
+                Bytes::from(format!(
+                    "-- Execute of portal \"{}\" (opened by code pgwarden cannot see)",
+                    String::from_utf8_lossy(name)
+                )),
+                None,
+            ),
+        }
     }
 
     /// Records that the statement of `pending` never reached a server

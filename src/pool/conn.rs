@@ -77,6 +77,10 @@ pub struct ServerConn {
     /// next transaction, and another session gets the connection only after
     /// a reset. Cleared only by such an assertion.
     pub opaque: bool,
+    /// The session that may have left sequence state here (`currval`,
+    /// `lastval`, set by `nextval` in a column default or trigger): another
+    /// session gets `DISCARD SEQUENCES` first.
+    pub sequences_by: Option<std::sync::Arc<str>>,
     broken: bool,
 }
 
@@ -139,6 +143,7 @@ impl ServerConn {
             applied: None,
             dirty_by: None,
             opaque: false,
+            sequences_by: None,
             broken: false,
         })
     }

@@ -301,6 +301,51 @@ fn call_allowed(prev: Option<(Kind, &[u8])>, prev2: Option<(Kind, &[u8])>) -> bo
     }
 }
 
+/// `None` if no statement of `sql` ends its transaction keeping its
+/// effects (`COMMIT`, `END`, `PREPARE TRANSACTION`, `... AND CHAIN`);
+/// otherwise whether another statement follows one that does.
+fn commit_then_more(sql: &[u8]) -> Option<bool> {
+    let mut ended = false;
+    let mut first: Option<&[u8]> = None;
+    let mut ends = false;
+    for tok in Lexer::new(sql, Dialect::DEFAULT) {
+        let text = tok.text(sql);
+        if tok.is_punct(sql, b";") {
+            ended |= ends;
+            (first, ends) = (None, false);
+            continue;
+        }
+        if first.is_none() {
+            if ended {
+                return Some(true);
+            }
+            first = Some(text);
+            ends = one_of(&[b"commit", b"end"], text);
+        }
+        let prepare = first.is_some_and(|f| f.eq_ignore_ascii_case(b"prepare"));
+        if tok.kind == Kind::Word
+            && (text.eq_ignore_ascii_case(b"chain")
+                || (prepare && text.eq_ignore_ascii_case(b"transaction")))
+        {
+            ends = true;
+        }
+    }
+    (ended || ends).then_some(false)
+}
+
+/// Whether `sql` ends a transaction (and keeps its effects): see
+/// [`continues_after_commit`].
+pub fn ends_transaction(sql: &[u8]) -> bool {
+    commit_then_more(sql).is_some()
+}
+
+/// Whether `sql` commits a transaction and then runs more statements: after
+/// opaque code, those would run in a new transaction before pgwarden could
+/// assert identity afresh, so such a string is refused.
+pub fn continues_after_commit(sql: &[u8]) -> bool {
+    commit_then_more(sql) == Some(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::transparent;
@@ -359,6 +404,32 @@ mod tests {
             // The empty statement runs nothing, and is transparent.
             assert_eq!(transparent(sql.as_bytes()), sql.is_empty(), "{sql}");
         }
+    }
+
+    #[test]
+    fn commits_followed_by_more() {
+        use super::{continues_after_commit, ends_transaction};
+        for sql in [
+            "SELECT f(); COMMIT; SELECT 1",
+            "BEGIN; DO $$ $$; END; SELECT 1",
+            "COMMIT AND CHAIN; SELECT 1",
+            "PREPARE TRANSACTION 'x'; SELECT 1",
+        ] {
+            assert!(continues_after_commit(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "BEGIN; CREATE TABLE t (x int); COMMIT",
+            "COMMIT;",
+            "SELECT 'commit'; SELECT 1",
+            "ROLLBACK; SELECT 1",
+        ] {
+            assert!(!continues_after_commit(sql.as_bytes()), "{sql}");
+        }
+        assert!(ends_transaction(b"COMMIT"));
+        assert!(ends_transaction(b"end"));
+        assert!(ends_transaction(b"COMMIT AND CHAIN"));
+        assert!(!ends_transaction(b"SELECT 1"));
+        assert!(!ends_transaction(b"ROLLBACK"));
     }
 
     proptest::proptest! {

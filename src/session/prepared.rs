@@ -20,6 +20,12 @@ pub struct Statement {
     /// Whether pgwarden fully understands what it runs
     /// ([`crate::session::opaque::transparent`]).
     pub transparent: bool,
+    /// Whether it may leave sequence state
+    /// ([`crate::session::state::may_use_sequences`]).
+    pub uses_sequences: bool,
+    /// Whether it commits its transaction
+    /// ([`crate::session::opaque::ends_transaction`]).
+    pub ends_transaction: bool,
 }
 
 /// `Parse` of `rest` (query and parameter types) under `name`.
@@ -126,11 +132,12 @@ fn split_word(s: &str) -> Option<(&str, &str)> {
 
 impl Statement {
     pub fn unnamed(sql: Bytes) -> Statement {
-        let transparent = crate::session::opaque::transparent(&sql);
         Statement {
+            transparent: crate::session::opaque::transparent(&sql),
+            uses_sequences: crate::session::state::may_use_sequences(&sql),
+            ends_transaction: crate::session::opaque::ends_transaction(&sql),
             sql,
             shared: None,
-            transparent,
         }
     }
 }

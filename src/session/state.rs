@@ -265,6 +265,16 @@ pub fn may_leave_state(sql: &[u8]) -> bool {
     })
 }
 
+/// Whether `sql` may call `nextval` (explicitly, or through a column
+/// default or a trigger of a statement that writes), leaving `currval` and
+/// `lastval` state on the connection.
+pub fn may_use_sequences(sql: &[u8]) -> bool {
+    const WORDS: &[&[u8]] = &[
+        b"insert", b"update", b"delete", b"merge", b"copy", b"default", b"nextval", b"setval",
+    ];
+    WORDS.iter().any(|w| contains_ci(sql, w))
+}
+
 /// Whether `sql` contains `word` (lowercase ASCII letters, at least two),
 /// ignoring ASCII case.
 pub fn contains_ci(sql: &[u8], word: &[u8]) -> bool {

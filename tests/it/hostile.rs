@@ -404,3 +404,88 @@ async fn startup_settings_never_reach_the_next_client() {
         assert_eq!(&show(&mut dave, setting).await, default, "{setting}");
     }
 }
+
+/// A plain `INSERT` whose column default calls `nextval` leaves `currval`
+/// and `lastval` on the connection: the next client does not see them.
+#[tokio::test(flavor = "multi_thread")]
+async fn sequence_state_never_reaches_the_next_client() {
+    support::cluster().psql(
+        "app",
+        "CREATE TABLE IF NOT EXISTS hostile_serial (id serial PRIMARY KEY, v text);
+         GRANT SELECT, INSERT ON hostile_serial TO analyst, engineer;
+         GRANT USAGE ON SEQUENCE hostile_serial_id_seq TO analyst, engineer;",
+    );
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    for extended in [false, true] {
+        let alice = gw.connect("alice").await;
+        let insert = "INSERT INTO hostile_serial (v) VALUES ('alice')";
+        if extended {
+            alice.execute(insert, &[]).await.unwrap();
+        } else {
+            alice.simple_query(insert).await.unwrap();
+        }
+        drop(alice);
+        let bob = gw.connect("bob").await;
+        let err = bob
+            .simple_query("SELECT lastval()")
+            .await
+            .expect_err("no sequence used in bob's session");
+        assert_eq!(support::sqlstate(&err), "55000", "extended: {extended}");
+    }
+}
+
+/// A request that runs opaque code, commits, and goes on would start a new
+/// transaction before pgwarden could assert identity afresh: it is refused
+/// (simple and extended protocol), and nothing of it runs after the COMMIT.
+/// The same string without opaque code, and opaque code that ends with its
+/// COMMIT, run.
+#[tokio::test(flavor = "multi_thread")]
+async fn opaque_code_cannot_commit_and_go_on_in_one_request() {
+    let gw = start_gateway(Opts::default()).await;
+    let alice = gw.connect("alice").await;
+    alice
+        .batch_execute("BEGIN; SELECT 1; COMMIT; SELECT 2")
+        .await
+        .unwrap();
+    let err = alice
+        .batch_execute("BEGIN; SELECT sneaky_switch(); COMMIT; SELECT current_user")
+        .await
+        .expect_err("refused");
+    assert_eq!(support::sqlstate(&err), "42501");
+    assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+    alice
+        .batch_execute("BEGIN; SELECT sneaky_switch(); COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+
+    // Extended: BEGIN, the escape, COMMIT and a SELECT before one Sync.
+    let mut c = raw(gw.addr).await;
+    let unsynced = |sql: &str| {
+        let mut m = extended(sql);
+        m.truncate(m.len() - 5);
+        m
+    };
+    let mut batch = unsynced("BEGIN");
+    batch.extend(unsynced("SELECT sneaky_switch()"));
+    batch.extend(unsynced("COMMIT"));
+    batch.extend(extended(WHO));
+    c.stream_write(&batch).await;
+    let (tags, code, status) = c.until_ready().await;
+    assert_eq!(code.as_deref(), Some("42501"), "{tags:?}");
+    let rows = tags.iter().filter(|t| **t == b'D').count();
+    assert_eq!(
+        rows, 1,
+        "only the escape's row; the SELECT after COMMIT did not run: {tags:?}"
+    );
+    assert_eq!(status, b'I');
+    c.send(b'Q', &cstr(WHO)).await;
+    assert_eq!(
+        c.first_value_until_ready().await.as_deref(),
+        Some("analyst/clear_user")
+    );
+}

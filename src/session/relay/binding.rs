@@ -16,6 +16,11 @@ impl QueryLoop<'_> {
         let Some(server) = self.server.as_mut() else {
             return;
         };
+        if crate::session::state::may_use_sequences(sql) {
+            server
+                .sequences_by
+                .get_or_insert_with(|| self.ident.session_id.clone());
+        }
         if !crate::session::state::may_leave_state(sql) {
             return;
         }
@@ -117,6 +122,17 @@ impl QueryLoop<'_> {
                     "pgwarden could not reset a server connection; please retry",
                 ));
             }
+        }
+        if conn
+            .sequences_by
+            .as_ref()
+            .is_some_and(|owner| *owner != self.ident.session_id)
+        {
+            conn.sequences_by = None;
+            // Sent ahead of the client's first message, in the same write;
+            // its answers are the gateway's.
+            messages::query(&mut self.to_server, "DISCARD SEQUENCES");
+            self.tracker.injected();
         }
         let carries_identity = conn.identity.as_ref().is_some_and(|(role, user)| {
             *role == self.ident.role && *user == self.ident.client_user
@@ -348,6 +364,7 @@ impl QueryLoop<'_> {
         server.identity = None;
         server.applied = None;
         server.dirty_by = None;
+        server.sequences_by = None;
         let ok = match server.write_all(&out).await {
             Ok(()) => server.drain_until_ready().await.is_ok(),
             Err(_) => false,
@@ -371,5 +388,6 @@ async fn reset_state(conn: &mut PooledConn) -> Result<(), pool::conn::BackendErr
     conn.applied = None;
     conn.drain_until_ready().await?;
     conn.dirty_by = None;
+    conn.sequences_by = None;
     Ok(())
 }

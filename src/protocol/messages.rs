@@ -152,6 +152,16 @@ pub fn parse(out: &mut BytesMut, sql: &str) {
     });
 }
 
+/// `Sync`.
+pub fn sync(out: &mut BytesMut) {
+    write_frame(out, b'S', |_| {});
+}
+
+/// `CopyFail` with a reason.
+pub fn copy_fail(out: &mut BytesMut, reason: &str) {
+    write_frame(out, b'f', |b| put_cstr(b, reason.as_bytes()));
+}
+
 /// `Terminate`.
 pub fn terminate(out: &mut BytesMut) {
     write_frame(out, b'X', |_| {});

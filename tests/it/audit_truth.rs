@@ -150,3 +150,84 @@ async fn binds_and_cursor_portals_are_recorded() {
         ("ok".into(), "SELECT 1".into())
     );
 }
+
+/// A client that disconnects inside a transaction: the gateway rolls it
+/// back, records that ROLLBACK as its own (with why), and keeps the server
+/// connection for the next client. One that disconnects mid-statement: the
+/// gateway waits for PostgreSQL's answer and records the real outcome (the
+/// row was committed), not "unknown".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let pg = support::cluster();
+    let id = 800_000 + (rand::random::<u32>() % 100_000) as i32;
+    let alice = gw.connect("alice").await;
+    alice.batch_execute("BEGIN").await.unwrap();
+    alice
+        .batch_execute(&format!("INSERT INTO items VALUES ({id}, 'gone-tx', NULL)"))
+        .await
+        .unwrap();
+    let pid = support::one(&alice, "SELECT pg_backend_pid()::text").await;
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let bob = gw.connect("bob").await;
+    assert_eq!(
+        support::one(&bob, "SELECT pg_backend_pid()::text").await,
+        pid,
+        "the server connection was rolled back and kept"
+    );
+    drop(bob);
+    assert_eq!(
+        pg.psql(
+            "app",
+            &format!("SELECT count(*) FROM items WHERE id = {id}")
+        ),
+        "0"
+    );
+
+    // Mid-statement: the INSERT commits after the client has gone.
+    let mut c = RawClient::login(gw.addr).await;
+    let insert = format!(
+        "INSERT INTO items SELECT {}, 'gone-stmt', NULL FROM pg_sleep(0.5)",
+        id + 1
+    );
+    c.send_raw(&message(b'Q', &cstr(&insert))).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        pg.psql(
+            "app",
+            &format!("SELECT owner FROM items WHERE id = {}", id + 1)
+        ),
+        "gone-stmt"
+    );
+    let _dir = gw.stop().await;
+    let records = export(&store, &[]);
+    let rollback = records
+        .iter()
+        .find(|r| s(r, "kind") == "query" && s(r, "statement") == "ROLLBACK")
+        .expect("the gateway's ROLLBACK is recorded");
+    assert_eq!(s(rollback, "client_user"), "alice");
+    assert_eq!(s(rollback, "status"), "ok", "{rollback}");
+    assert!(
+        s(rollback, "message")
+            .contains("issued by pgwarden: the client disconnected inside a transaction"),
+        "{rollback}"
+    );
+    let inserted = records
+        .iter()
+        .find(|r| s(r, "kind") == "query" && s(r, "statement") == insert)
+        .expect("the INSERT is recorded");
+    assert_eq!(
+        (s(inserted, "status"), s(inserted, "command_tag")),
+        ("ok".into(), "INSERT 0 1".into()),
+        "{inserted}"
+    );
+}

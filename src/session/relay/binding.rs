@@ -339,6 +339,9 @@ impl QueryLoop<'_> {
             self.to_client.clear();
             self.client.send_error(error).await;
         }
+        if matches!(end, End::ClientGone) && !self.idle() {
+            self.settle_for_gone_client().await;
+        }
         if self.server.is_none() {
             return;
         }

@@ -15,6 +15,7 @@
 //!   the order of responses stay exactly what PostgreSQL would produce.
 
 mod binding;
+mod gone;
 mod queries;
 
 use std::sync::Arc;
@@ -174,6 +175,9 @@ pub struct QueryLoop<'a> {
     /// a statement that commits: nothing more may run before the `Sync`.
     batch_opaque: bool,
     batch_committed_opaque: bool,
+    /// The client is gone (or is being sent away): nothing more is relayed
+    /// to it while the gateway finishes its server work.
+    client_gone: bool,
 }
 
 enum Wake {
@@ -234,6 +238,7 @@ impl<'a> QueryLoop<'a> {
             deferred: false,
             batch_opaque: false,
             batch_committed_opaque: false,
+            client_gone: false,
         }
     }
 
@@ -338,7 +343,8 @@ impl<'a> QueryLoop<'a> {
                 "terminating connection due to client_idle_timeout",
             ))),
             Timeout::IdleInTransaction => {
-                self.abandon_server("idle in transaction timeout").await;
+                self.roll_back("idle_in_transaction_timeout_ms elapsed")
+                    .await;
                 Err(End::Fatal(PgError::fatal(
                     sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
                     "terminating connection due to idle_in_transaction_timeout; the transaction was rolled back",
@@ -501,6 +507,10 @@ impl<'a> QueryLoop<'a> {
 
     async fn flush_client(&mut self) -> Result<(), End> {
         if self.to_client.is_empty() {
+            return Ok(());
+        }
+        if self.client_gone {
+            self.to_client.clear();
             return Ok(());
         }
         let result = self.client.write_all(&self.to_client).await;

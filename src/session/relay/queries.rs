@@ -657,10 +657,31 @@ impl QueryLoop<'_> {
         if !self.auditing {
             return Ok(None);
         }
-        let ticket = self.shared.auditor.ticket();
         let mut ev = self.ident.event(Kind::Query);
         ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
         ev.params = params;
+        self.store_query(ev).await
+    }
+
+    /// Writes the `query` record of a statement the gateway sends on its
+    /// own initiative, with `note` saying why.
+    pub(super) async fn audit_note(
+        &mut self,
+        sql: &str,
+        note: &str,
+    ) -> Result<Option<Pending>, PgError> {
+        if !self.auditing {
+            return Ok(None);
+        }
+        let mut ev = self.ident.event(Kind::Query);
+        ev.statement = Some(sql.to_string());
+        ev.message = Some(note.to_string());
+        self.store_query(ev).await
+    }
+
+    /// Stores a `query` record before its statement is forwarded.
+    async fn store_query(&mut self, mut ev: Event) -> Result<Option<Pending>, PgError> {
+        let ticket = self.shared.auditor.ticket();
         ev.backend_pid = self.server.as_ref().map(|s| s.pid);
         ev.link = Link::Query(ticket);
         let started = Instant::now();

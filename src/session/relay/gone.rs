@@ -1,0 +1,104 @@
+//! A client that goes away while its server connection still works for it
+//! (mid-statement, mid-COPY, inside a transaction), and a session the
+//! gateway ends inside a transaction: the gateway finishes the exchange on
+//! the client's behalf, records what PostgreSQL really did, rolls the
+//! transaction back with a record that says why, and keeps the connection.
+//!
+//! Invariant: nothing is relayed to a client that is gone; the connection
+//! goes back to the pool only idle outside a transaction (the usual release
+//! rules), and is destroyed when the exchange cannot be finished (a client
+//! frame cut in the middle, the server not answering).
+
+use super::*;
+
+/// How long a vanished client's statement may run on before it is
+/// cancelled, and how long the cancel may take before the connection is
+/// given up.
+const WAIT_BEFORE_CANCEL: Duration = Duration::from_secs(5);
+const WAIT_AFTER_CANCEL: Duration = Duration::from_secs(10);
+
+impl QueryLoop<'_> {
+    /// The client is gone: finish what it left on the server connection.
+    /// Afterwards the connection is idle outside a transaction, released,
+    /// or destroyed.
+    pub(super) async fn settle_for_gone_client(&mut self) {
+        self.client_gone = true;
+        self.deferred = false;
+        self.client.rbuf.clear();
+        if self.server.is_none() || self.client_passthrough > 0 {
+            return;
+        }
+        if self.copy_in {
+            messages::copy_fail(&mut self.to_server, "the client disconnected during COPY");
+            self.copy_in = false;
+        }
+        if self.unsynced {
+            // The server waits for the end of the batch (or of an extended
+            // COPY) before it answers.
+            messages::sync(&mut self.to_server);
+            self.tracker.sync();
+            self.unsynced = false;
+        }
+        if self.flush_server().await.is_err() || !self.wait_for_server().await {
+            return;
+        }
+        if self.server.is_some() && self.tx_status != b'I' {
+            self.roll_back("the client disconnected inside a transaction")
+                .await;
+        }
+    }
+
+    /// Rolls back the open transaction on the gateway's initiative, with a
+    /// `query` record that names the gateway and `why`, and waits for it.
+    /// Nothing of it reaches the client.
+    pub(super) async fn roll_back(&mut self, why: &str) {
+        self.client_gone = true;
+        let note = format!("issued by pgwarden: {why}");
+        let pending = match self.audit_note("ROLLBACK", &note).await {
+            Ok(pending) => pending,
+            Err(_) => None,
+        };
+        messages::query(&mut self.to_server, "ROLLBACK");
+        self.tracker.query(pending, None);
+        if self.flush_server().await.is_ok() {
+            self.wait_for_server().await;
+        }
+    }
+
+    /// Reads the server's answers (recorded, relayed nowhere) until it owes
+    /// nothing, cancelling the running statement after a while. False when
+    /// the connection had to be given up.
+    async fn wait_for_server(&mut self) -> bool {
+        let mut cancelled = false;
+        let mut deadline = tokio::time::Instant::now() + WAIT_BEFORE_CANCEL;
+        while !self.tracker.is_empty() {
+            let Some(server) = self.server.as_mut() else {
+                return true;
+            };
+            match tokio::time::timeout_at(deadline, server.fill()).await {
+                Ok(Ok(_)) => {
+                    if self.on_server_data().await.is_err() {
+                        return false;
+                    }
+                }
+                Ok(Err(e)) => {
+                    self.server_lost(&e.to_string()).await;
+                    return false;
+                }
+                Err(_) if !cancelled => {
+                    cancelled = true;
+                    deadline = tokio::time::Instant::now() + WAIT_AFTER_CANCEL;
+                    if let Some(backend) = self.cancel.backend() {
+                        super::super::cancel_backend(self.shared, backend).await;
+                    }
+                }
+                Err(_) => {
+                    self.abandon_server("the server did not answer after the client disconnected")
+                        .await;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}

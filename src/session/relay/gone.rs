@@ -54,10 +54,8 @@ impl QueryLoop<'_> {
     pub(super) async fn roll_back(&mut self, why: &str) {
         self.client_gone = true;
         let note = format!("issued by pgwarden: {why}");
-        let pending = match self.audit_note("ROLLBACK", &note).await {
-            Ok(pending) => pending,
-            Err(_) => None,
-        };
+        // A store failure does not stop the rollback.
+        let pending = self.audit_note("ROLLBACK", &note).await.unwrap_or_default();
         messages::query(&mut self.to_server, "ROLLBACK");
         self.tracker.query(pending, None);
         if self.flush_server().await.is_ok() {

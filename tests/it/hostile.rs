@@ -272,7 +272,10 @@ async fn function_call_reaches_only_the_large_object_functions() {
         blocked.contains("set_config"),
         "arguments recorded: {blocked}"
     );
-    assert!(log.contains("FunctionCall oid=957"), "{log}");
+    assert!(
+        log.contains("FunctionCall pg_catalog.lo_creat (oid=957)"),
+        "{log}"
+    );
 }
 
 impl RawClient {

@@ -362,15 +362,22 @@ impl QueryLoop<'_> {
         let oid = crate::protocol::frame::Reader::new(&frame[5..], "FunctionCall")
             .i32()
             .map_err(|e| End::Fatal(protocol_error(e)))?;
-        let text = function_call_text(oid, &frame[5..]);
-        if !FUNCTION_CALL_ALLOWED.contains(&oid) {
+        let Some(name) = function_call_name(oid) else {
+            // The refused call is evidence: its arguments are recorded.
+            let text = function_call_text(oid, &frame[5..]);
             let why = format!(
                 "FunctionCall of function OID {oid} is not allowed through pgwarden (only the large-object functions are)"
             );
             let error = self.blocked(text.as_bytes(), &why).await;
             return self.refuse(Flow::Simple, error).await;
-        }
-        let pending = match self.audit_and_bind(text.as_bytes(), None).await {
+        };
+        let text = format!("FunctionCall {name} (oid={oid})");
+        let params = if self.shared.live().log_parameters {
+            messages::function_call_args(&frame[5..]).ok()
+        } else {
+            None
+        };
+        let pending = match self.audit_and_bind(text.as_bytes(), params).await {
             Ok(p) => p,
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
@@ -714,15 +721,33 @@ impl QueryLoop<'_> {
 const COMMIT_THEN_MORE: &str = "a request that runs code pgwarden cannot see must not start another transaction after COMMIT (pgwarden asserts identity afresh between them); send the statements after COMMIT separately";
 
 /// Functions a client may call with the `FunctionCall` message: the
-/// large-object functions libpq's `lo_*` use (`lo_open`, `lo_close`,
-/// `loread`, `lowrite`, `lo_lseek`, `lo_lseek64`, `lo_creat`, `lo_create`,
-/// `lo_tell`, `lo_tell64`, `lo_truncate`, `lo_truncate64`, `lo_unlink`),
-/// by their fixed OIDs in `pg_proc`. They run no SQL and change no
-/// setting; everything else is refused, so `FunctionCall` cannot reach a
-/// function that runs SQL (`query_to_xml`...) or changes a setting.
-const FUNCTION_CALL_ALLOWED: &[i32] = &[
-    952, 953, 954, 955, 956, 3170, 957, 715, 958, 3171, 1004, 3172, 964,
+/// large-object functions libpq's `lo_*` use, by their fixed OIDs in
+/// `pg_proc`. They run no SQL and change no setting; everything else is
+/// refused, so `FunctionCall` cannot reach a function that runs SQL
+/// (`query_to_xml`...) or changes a setting.
+const FUNCTION_CALL_ALLOWED: &[(i32, &str)] = &[
+    (715, "pg_catalog.lo_create"),
+    (952, "pg_catalog.lo_open"),
+    (953, "pg_catalog.lo_close"),
+    (954, "pg_catalog.loread"),
+    (955, "pg_catalog.lowrite"),
+    (956, "pg_catalog.lo_lseek"),
+    (957, "pg_catalog.lo_creat"),
+    (958, "pg_catalog.lo_tell"),
+    (964, "pg_catalog.lo_unlink"),
+    (1004, "pg_catalog.lo_truncate"),
+    (3170, "pg_catalog.lo_lseek64"),
+    (3171, "pg_catalog.lo_tell64"),
+    (3172, "pg_catalog.lo_truncate64"),
 ];
+
+/// The name of an allowed `FunctionCall` target.
+fn function_call_name(oid: i32) -> Option<&'static str> {
+    FUNCTION_CALL_ALLOWED
+        .iter()
+        .find(|(o, _)| *o == oid)
+        .map(|(_, name)| *name)
+}
 
 /// How a `FunctionCall` appears in the audit log: the function's OID and
 /// its arguments (text arguments as text, binary ones in hex).

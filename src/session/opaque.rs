@@ -18,6 +18,7 @@
 //! policies that call functions. A session that ever ran anything opaque
 //! (it may have created such objects for itself) is opaque from then on.
 
+use crate::identity::guard::starts_with_ci;
 use crate::identity::lexer::{Dialect, Kind, Lexer};
 
 /// Commands a transparent statement may start with.
@@ -257,7 +258,16 @@ pub fn transparent(sql: &[u8]) -> bool {
             }
             Kind::Word if at_start && !one_of(COMMANDS, text) => return false,
             _ if at_start && tok.kind != Kind::Word => return false,
-            Kind::Word if one_of(OPAQUE_NAMES, text) => return false,
+            Kind::Word if one_of(OPAQUE_NAMES, text) || starts_with_ci(text, b"pg_temp") => {
+                return false
+            }
+            // `SELECT ... INTO` creates a table; only `INSERT INTO` is known.
+            Kind::Word
+                if text.eq_ignore_ascii_case(b"into")
+                    && !matches!(prev, Some((Kind::Word, w)) if w.eq_ignore_ascii_case(b"insert")) =>
+            {
+                return false
+            }
             Kind::Punct if text == b"(" && !table_name && !call_allowed(prev, prev2) => {
                 return false
             }
@@ -331,6 +341,62 @@ fn commit_then_more(sql: &[u8]) -> Option<bool> {
         }
     }
     (ended || ends).then_some(false)
+}
+
+/// Whether a statement of `sql` commits and at once starts a new
+/// transaction (`COMMIT AND CHAIN`, `END AND CHAIN`; not `AND NO CHAIN`):
+/// after opaque code, that transaction would run before pgwarden could
+/// assert identity afresh.
+pub fn commits_and_chains(sql: &[u8]) -> bool {
+    let mut first: Option<&[u8]> = None;
+    let mut prev: &[u8] = b"";
+    for tok in Lexer::new(sql, Dialect::DEFAULT) {
+        let text = tok.text(sql);
+        if tok.is_punct(sql, b";") {
+            first = None;
+            continue;
+        }
+        let first = *first.get_or_insert(text);
+        if tok.kind == Kind::Word
+            && text.eq_ignore_ascii_case(b"chain")
+            && one_of(&[b"commit", b"end"], first)
+            && !prev.eq_ignore_ascii_case(b"no")
+        {
+            return true;
+        }
+        prev = text;
+    }
+    false
+}
+
+/// Whether `sql` runs a `DO` block whose body controls transactions
+/// (`COMMIT` or `ROLLBACK` inside): code after its COMMIT would run in a
+/// new transaction before pgwarden could assert identity afresh.
+pub fn do_block_commits(sql: &[u8]) -> bool {
+    if !crate::session::state::contains_ci(sql, b"do") {
+        return false;
+    }
+    let toks: Vec<_> = Lexer::new(sql, Dialect::DEFAULT).collect();
+    let mut at_start = true;
+    let mut in_do = false;
+    for t in &toks {
+        if t.is_punct(sql, b";") {
+            (at_start, in_do) = (true, false);
+            continue;
+        }
+        if at_start && t.is_word(sql, b"do") {
+            in_do = true;
+        } else if in_do && matches!(t.kind, Kind::Str(_)) {
+            let body = crate::identity::decode::string_value(sql, t, Dialect::DEFAULT, b'\\');
+            let controls = Lexer::new(&body, Dialect::DEFAULT)
+                .any(|b| b.is_word(&body, b"commit") || b.is_word(&body, b"rollback"));
+            if controls {
+                return true;
+            }
+        }
+        at_start = false;
+    }
+    false
 }
 
 /// Whether `sql` ends a transaction (and keeps its effects): see
@@ -430,6 +496,28 @@ mod tests {
         assert!(ends_transaction(b"COMMIT AND CHAIN"));
         assert!(!ends_transaction(b"SELECT 1"));
         assert!(!ends_transaction(b"ROLLBACK"));
+    }
+
+    #[test]
+    fn chains_into_do_commits_and_select_into() {
+        use super::{commits_and_chains, do_block_commits};
+        assert!(commits_and_chains(b"BEGIN; SELECT 1; COMMIT AND CHAIN"));
+        assert!(commits_and_chains(b"end and chain"));
+        assert!(!commits_and_chains(b"COMMIT AND NO CHAIN"));
+        assert!(!commits_and_chains(b"ROLLBACK AND CHAIN"));
+        assert!(!commits_and_chains(b"SELECT 'commit and chain'"));
+        assert!(do_block_commits(b"DO $$BEGIN PERFORM 1; COMMIT; END$$"));
+        assert!(do_block_commits(b"do 'begin rollback; end'"));
+        assert!(!do_block_commits(
+            b"DO $$BEGIN RAISE NOTICE 'commit'; END$$"
+        ));
+        assert!(!do_block_commits(b"SELECT 'do $$ commit $$'"));
+        assert!(!transparent(
+            b"SELECT * INTO pg_temp_3.tickets FROM tickets"
+        ));
+        assert!(!transparent(b"SELECT * INTO newtable FROM tickets"));
+        assert!(!transparent(b"SELECT * FROM pg_temp_3.tickets"));
+        assert!(transparent(b"INSERT INTO t (a) VALUES (1)"));
     }
 
     proptest::proptest! {

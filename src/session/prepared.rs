@@ -26,6 +26,9 @@ pub struct Statement {
     /// Whether it commits its transaction
     /// ([`crate::session::opaque::ends_transaction`]).
     pub ends_transaction: bool,
+    /// Whether it starts a new transaction right after a commit (`COMMIT
+    /// AND CHAIN`, a `DO` block that commits inside).
+    pub chains: bool,
 }
 
 /// `Parse` of `rest` (query and parameter types) under `name`.
@@ -132,12 +135,19 @@ fn split_word(s: &str) -> Option<(&str, &str)> {
 
 impl Statement {
     pub fn unnamed(sql: Bytes) -> Statement {
+        Statement::new(sql, None)
+    }
+
+    /// A statement and what pgwarden knows of what it does.
+    pub fn new(sql: Bytes, shared: Option<(u128, Bytes)>) -> Statement {
+        use crate::session::{opaque, state};
         Statement {
-            transparent: crate::session::opaque::transparent(&sql),
-            uses_sequences: crate::session::state::may_use_sequences(&sql),
-            ends_transaction: crate::session::opaque::ends_transaction(&sql),
+            transparent: opaque::transparent(&sql),
+            uses_sequences: state::may_use_sequences(&sql),
+            ends_transaction: opaque::ends_transaction(&sql),
+            chains: opaque::commits_and_chains(&sql) || opaque::do_block_commits(&sql),
             sql,
-            shared: None,
+            shared,
         }
     }
 }

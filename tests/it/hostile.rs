@@ -530,3 +530,100 @@ async fn a_huge_statement_does_not_stall_other_sessions() {
         "a statement and a login took {slowest:?} while the guard read megabytes"
     );
 }
+
+/// From a second red-team pass: after opaque code in a transaction,
+/// `COMMIT AND CHAIN` (in the same request or a later one) and a `DO`
+/// block that commits inside would start a new transaction with the
+/// escaped identity: both are refused. `ROLLBACK AND CHAIN` reverts the
+/// escape and runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn chained_and_in_block_commits_after_opaque_code_are_refused() {
+    let gw = start_gateway(Opts::default()).await;
+    let alice = gw.connect("alice").await;
+    let err = alice
+        .batch_execute("BEGIN; SELECT sneaky_switch(); COMMIT AND CHAIN")
+        .await
+        .expect_err("refused");
+    assert_eq!(support::sqlstate(&err), "42501");
+    alice.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+    // The escape and the chain in separate requests of one transaction.
+    alice.batch_execute("BEGIN").await.unwrap();
+    alice.simple_query("SELECT sneaky_switch()").await.unwrap();
+    let err = alice
+        .batch_execute("END AND CHAIN")
+        .await
+        .expect_err("refused");
+    assert_eq!(support::sqlstate(&err), "42501");
+    alice.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+    // Without opaque code (a fresh session) a chain is fine.
+    let fresh = gw.connect("alice").await;
+    fresh
+        .batch_execute("BEGIN; SELECT 1; COMMIT AND CHAIN; COMMIT")
+        .await
+        .unwrap();
+    let err = alice
+        .batch_execute("DO $$BEGIN PERFORM sneaky_switch(); COMMIT; PERFORM 1; END$$")
+        .await
+        .expect_err("refused");
+    assert_eq!(support::sqlstate(&err), "42501");
+    assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+}
+
+/// The gateway's server-side statement names belong to it: a client that
+/// read one from `pg_prepared_statements` can neither bind nor describe it
+/// (26000), and its `Close` never reaches the server, so the owner's
+/// statement keeps working.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_clients_statement_cannot_be_run_or_closed_by_name() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let bob = gw.connect("bob").await;
+    let mine = bob.prepare("SELECT 'bob''s'::text").await.unwrap();
+    assert_eq!(
+        bob.query_one(&mine, &[]).await.unwrap().get::<_, String>(0),
+        "bob's"
+    );
+    // Same settings as bob's driver, so no reset runs in between.
+    let mut c = raw_with(gw.addr, &[("client_encoding", "UTF8")]).await;
+    c.send(
+        b'Q',
+        &cstr("SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgwarden%'"),
+    )
+    .await;
+    let name = c
+        .first_value_until_ready()
+        .await
+        .expect("the name is visible");
+    assert!(name.starts_with("pgwarden_"), "{name}");
+    // Bind + Execute of the raw name.
+    let mut bind = cstr("");
+    bind.extend_from_slice(&cstr(&name));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let mut batch = message(b'B', &bind);
+    let mut execute = cstr("");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    batch.extend(message(b'E', &execute));
+    batch.extend(message(b'S', &[]));
+    c.stream_write(&batch).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code.as_deref(), Some("26000"), "{tags:?}");
+    assert!(!tags.contains(&b'D'), "{tags:?}");
+    // Close of the raw name: answered, never forwarded.
+    let mut close = vec![b'S'];
+    close.extend_from_slice(&cstr(&name));
+    let mut batch = message(b'C', &close);
+    batch.extend(message(b'S', &[]));
+    c.stream_write(&batch).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code, None, "{tags:?}");
+    drop(c);
+    assert_eq!(
+        bob.query_one(&mine, &[]).await.unwrap().get::<_, String>(0),
+        "bob's"
+    );
+}

@@ -59,6 +59,7 @@ impl QueryLoop<'_> {
             tracing::debug!(session = %self.ident.session_id, "opaque code: this session's connections are re-asserted and reset from now on");
         }
         self.ever_opaque |= !transparent;
+        self.tx_opaque = true;
         if let Some(server) = self.server.as_mut() {
             server.mark_opaque(&self.ident.session_id, !transparent);
         }

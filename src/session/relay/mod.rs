@@ -175,6 +175,9 @@ pub struct QueryLoop<'a> {
     /// a statement that commits: nothing more may run before the `Sync`.
     batch_opaque: bool,
     batch_committed_opaque: bool,
+    /// Opaque code ran in the current transaction (until `ReadyForQuery`
+    /// says idle).
+    tx_opaque: bool,
     /// The client is gone (or is being sent away): nothing more is relayed
     /// to it while the gateway finishes its server work.
     client_gone: bool,
@@ -238,6 +241,7 @@ impl<'a> QueryLoop<'a> {
             deferred: false,
             batch_opaque: false,
             batch_committed_opaque: false,
+            tx_opaque: false,
             client_gone: false,
         }
     }
@@ -587,6 +591,7 @@ impl<'a> QueryLoop<'a> {
             b'Z' if frame.len() == 6 => {
                 self.tx_status = frame[5];
                 self.copy_in = false;
+                self.tx_opaque &= self.tx_status != b'I';
             }
             b'G' => {
                 self.copy_in = true;

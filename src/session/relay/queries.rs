@@ -28,8 +28,10 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Simple, error).await;
         }
         let transparent = crate::session::opaque::transparent(sql);
-        let opaque = !transparent || self.ever_opaque;
-        if opaque && crate::session::opaque::continues_after_commit(sql) {
+        let opaque = !transparent || self.ever_opaque || self.tx_opaque;
+        let chains = crate::session::opaque::commits_and_chains(sql)
+            || crate::session::opaque::do_block_commits(sql);
+        if opaque && (chains || crate::session::opaque::continues_after_commit(sql)) {
             let error = self.blocked(sql, COMMIT_THEN_MORE).await;
             return self.refuse(Flow::Simple, error).await;
         }
@@ -133,13 +135,7 @@ impl QueryLoop<'_> {
         let key = statements::key(&rest);
         self.statements.insert(
             name,
-            prepared::Statement {
-                uses_sequences: crate::session::state::may_use_sequences(&sql),
-                ends_transaction: crate::session::opaque::ends_transaction(&sql),
-                sql,
-                shared: Some((key, rest.clone())),
-                transparent,
-            },
+            prepared::Statement::new(sql, Some((key, rest.clone()))),
         );
         let server = self.server.as_mut().expect("bound above");
         if server.statements.touch(key) {
@@ -191,24 +187,33 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-        if let Err(e) = self.check_unnamed(bind.statement) {
+        if let Err(e) = self
+            .check_unnamed(bind.statement)
+            .and_then(|()| self.check_reserved(bind.statement))
+        {
             return self.refuse(Flow::Extended, e).await;
         }
         // Binding plans the statement, which may evaluate functions; a name
         // the gateway does not map was prepared by SQL it cannot see into.
-        let (transparent, sequences, ends_transaction) = self
+        let (transparent, sequences, ends_transaction, chains) = self
             .statements
             .get(bind.statement)
-            .map_or((false, true, false), |s| {
-                (s.transparent, s.uses_sequences, s.ends_transaction)
+            .map_or((false, true, false, false), |s| {
+                (
+                    s.transparent,
+                    s.uses_sequences,
+                    s.ends_transaction,
+                    s.chains,
+                )
             });
-        if self.batch_committed_opaque {
+        let opaque = !transparent || self.ever_opaque || self.tx_opaque || self.batch_opaque;
+        if self.batch_committed_opaque || (opaque && chains) {
             let sql = self.statement_sql(bind.statement);
             let error = self.blocked(&sql, COMMIT_THEN_MORE).await;
             return self.refuse(Flow::Extended, error).await;
         }
-        self.batch_opaque |= !transparent || self.ever_opaque;
-        self.batch_committed_opaque |= self.batch_opaque && ends_transaction;
+        self.batch_opaque |= opaque;
+        self.batch_committed_opaque |= opaque && ends_transaction;
         self.note_code(transparent);
         if sequences {
             let session = &self.ident.session_id;
@@ -253,7 +258,10 @@ impl QueryLoop<'_> {
         let (kind, name) = messages::parse_close_or_describe(&frame[5..])
             .map_err(|e| End::Fatal(protocol_error(e)))?;
         if kind == b'S' {
-            if let Err(e) = self.check_unnamed(name) {
+            if let Err(e) = self
+                .check_unnamed(name)
+                .and_then(|()| self.check_reserved(name))
+            {
                 return self.refuse(Flow::Extended, e).await;
             }
         }
@@ -288,15 +296,33 @@ impl QueryLoop<'_> {
         Ok(())
     }
 
+    /// The gateway's server-side statement names (`pgwarden_...`) belong
+    /// to it: a client that names one it did not prepare itself (its own
+    /// names are mapped) is told it does not exist, so it can neither run
+    /// nor describe another client's statement.
+    pub(super) fn check_reserved(&self, name: &[u8]) -> Result<(), PgError> {
+        if name.starts_with(b"pgwarden_") && !self.statements.contains_key(name) {
+            return Err(PgError::error(
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
+                format!(
+                    "prepared statement \"{}\" does not exist",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) async fn on_close(&mut self, frame: Bytes) -> Result<(), End> {
         let (kind, name) = messages::parse_close_or_describe(&frame[5..])
             .map_err(|e| End::Fatal(protocol_error(e)))?;
-        if kind == b'S'
-            && self
-                .statements
-                .get(name)
-                .is_some_and(|s| s.shared.is_some())
-        {
+        let shared = self
+            .statements
+            .get(name)
+            .is_some_and(|s| s.shared.is_some());
+        // Closing a name the client does not have is no error; one of the
+        // gateway's own names never reaches the server from a client.
+        if kind == b'S' && (shared || self.check_reserved(name).is_err()) {
             // The client's name goes; the shared statement stays on the server.
             self.statements.remove(name);
             self.tracker.synth_close();
@@ -718,7 +744,7 @@ impl QueryLoop<'_> {
 }
 
 /// Why a request that commits after opaque code and goes on is refused.
-const COMMIT_THEN_MORE: &str = "a request that runs code pgwarden cannot see must not start another transaction after COMMIT (pgwarden asserts identity afresh between them); send the statements after COMMIT separately";
+const COMMIT_THEN_MORE: &str = "a request must not start another transaction after COMMIT once code pgwarden cannot see has run in it (COMMIT AND CHAIN, a DO block that commits, statements after COMMIT): pgwarden asserts identity afresh between transactions; send them separately";
 
 /// Functions a client may call with the `FunctionCall` message: the
 /// large-object functions libpq's `lo_*` use, by their fixed OIDs in

@@ -627,3 +627,55 @@ async fn another_clients_statement_cannot_be_run_or_closed_by_name() {
         "bob's"
     );
 }
+
+/// A client that vanishes in the middle of a COPY (simple or extended
+/// protocol): the gateway fails the COPY, finishes the exchange and keeps
+/// the connection; nothing of the COPY is committed and the next client
+/// gets the same server connection, clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_vanishing_mid_copy_leaves_a_clean_connection() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let base = 900_000 + (rand::random::<u32>() % 50_000) as i32;
+    for (i, extended_protocol) in [false, true].into_iter().enumerate() {
+        let mut c = raw(gw.addr).await;
+        c.send(b'Q', &cstr("SELECT pg_backend_pid()::text")).await;
+        let pid = c.first_value_until_ready().await.unwrap();
+        let copy = "COPY items (id, owner) FROM STDIN";
+        if extended_protocol {
+            c.stream_write(&extended(copy)).await;
+        } else {
+            c.stream_write(&query(copy)).await;
+        }
+        loop {
+            let (tag, _) = c.read_message().await;
+            if tag == b'G' {
+                break;
+            }
+        }
+        let row = format!("{}\tvanished\n", base + i as i32);
+        c.stream_write(&message(b'd', row.as_bytes())).await;
+        drop(c);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let bob = gw.connect("bob").await;
+        assert_eq!(
+            support::one(&bob, "SELECT pg_backend_pid()::text").await,
+            pid,
+            "extended: {extended_protocol}: the connection was kept"
+        );
+        assert_eq!(support::one(&bob, WHO).await, "engineer/bob");
+    }
+    assert_eq!(
+        support::cluster().psql(
+            "app",
+            &format!(
+                "SELECT count(*) FROM items WHERE id >= {base} AND id < {}",
+                base + 2
+            )
+        ),
+        "0"
+    );
+}

@@ -213,6 +213,9 @@ impl<W: Write> Sink<W> {
 fn csv_field(value: &Value<'_>) -> String {
     match value {
         Value::Null => String::new(),
+        // A cell a spreadsheet would read as a formula is prefixed with `'`
+        // (OWASP's rule for CSV injection): statement text is the client's.
+        Value::Str(s) if s.starts_with(['=', '+', '-', '@', '\t', '\r']) => format!("'{s}"),
         Value::Str(s) => (*s).to_string(),
         Value::UInt(n) => n.to_string(),
         Value::Int(n) => n.to_string(),

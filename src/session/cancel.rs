@@ -21,13 +21,16 @@ pub struct BackendKey {
 }
 
 /// One client's cancel slot.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CancelSlot {
     state: Mutex<SlotState>,
     /// Woken when the last cancel in flight has been taken.
     settled: tokio::sync::Notify,
     /// Session id, for the audit record of a cancel.
     pub session_id: String,
+    /// The target session's identity (user, role, database, address,
+    /// application name), for the audit record of a cancel.
+    pub record: crate::audit::Event,
 }
 
 #[derive(Debug, Default)]
@@ -112,10 +115,12 @@ pub struct CancelRegistry {
 
 impl CancelRegistry {
     /// Issues a fresh random key for a new client.
-    pub fn register(&self, session_id: &str) -> (i32, i32, Arc<CancelSlot>) {
+    pub fn register(&self, record: crate::audit::Event) -> (i32, i32, Arc<CancelSlot>) {
         let slot = Arc::new(CancelSlot {
-            session_id: session_id.to_string(),
-            ..CancelSlot::default()
+            session_id: record.session_id.as_deref().unwrap_or_default().to_string(),
+            record,
+            state: Mutex::default(),
+            settled: tokio::sync::Notify::new(),
         });
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -152,7 +157,9 @@ mod tests {
     #[tokio::test]
     async fn keys_map_to_bound_backend_only_while_running() {
         let reg = CancelRegistry::default();
-        let (pid, secret, slot) = reg.register("s1");
+        let mut record = crate::audit::Event::new(crate::audit::Kind::Cancel);
+        record.session_id = Some("s1".into());
+        let (pid, secret, slot) = reg.register(record);
         assert!(reg.lookup(pid, secret).unwrap().begin_cancel().is_none());
         slot.bind(BackendKey { pid: 42, secret: 7 });
         assert!(slot.begin_cancel().is_none(), "nothing running");

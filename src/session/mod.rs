@@ -192,7 +192,7 @@ pub async fn serve(
                 secret,
                 client,
             } => {
-                forward_cancel(&shared, pid, secret).await;
+                forward_cancel(&shared, pid, secret, peer).await;
                 drop(client);
                 Ok(None)
             }
@@ -230,10 +230,13 @@ pub async fn serve(
     shared.cancels.unregister(pid, secret);
     crate::metrics::Metrics::dec(&shared.metrics.clients);
     let mut ev = ident.event(Kind::SessionEnd);
-    if let End::Fatal(e) = &end {
-        ev.status = Some(Status::Error);
-        ev.sqlstate = Some(e.code.code().to_string());
-        ev.message = Some(e.message.clone());
+    match &end {
+        End::Fatal(e) => {
+            ev.status = Some(Status::Error);
+            ev.sqlstate = Some(e.code.code().to_string());
+            ev.message = Some(e.message.clone());
+        }
+        End::ClientGone => ev.message = Some("the client disconnected".into()),
     }
     shared.auditor.append_nowait(ev).await;
     tracing::info!(session = %ident.session_id, "session ended: {end:?}");
@@ -331,7 +334,7 @@ async fn login(
         }
         Err(RelayError::Client(e)) => return Err(e),
     }
-    let (pid, secret, slot) = shared.cancels.register(&ident.session_id);
+    let (pid, secret, slot) = shared.cancels.register(ident.event(Kind::Cancel));
     messages::backend_key_data(&mut greeting, pid, secret);
     messages::ready_for_query(&mut greeting, b'I');
     if let Err(e) = client.write_all(&greeting).await {
@@ -385,18 +388,24 @@ fn check_startup(startup: &StartupMessage) -> Result<(), PgError> {
 /// silently, as PostgreSQL drops a cancel for an idle backend. The client's
 /// server connection is not released until PostgreSQL has taken the cancel
 /// ([`cancel::CancelSlot::begin_cancel`]), so it cannot reach another client.
-async fn forward_cancel(shared: &Shared, pid: i32, secret: i32) {
+async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr) {
     let Some(slot) = shared.cancels.lookup(pid, secret) else {
         tracing::debug!("cancel request with an unknown key ignored");
         return;
     };
+    // The record names the session whose statement was to be cancelled,
+    // and who asked.
+    let mut ev = slot.record.clone();
     let Some(backend) = slot.begin_cancel() else {
         tracing::debug!("cancel request for a client with nothing running ignored");
+        ev.message = Some(format!(
+            "cancel request from {peer} ignored: the session had nothing running"
+        ));
+        shared.auditor.append_nowait(ev).await;
         return;
     };
-    let mut ev = Event::new(Kind::Cancel);
-    ev.session_id = Some(slot.session_id.as_str().into());
     ev.backend_pid = Some(backend.pid);
+    ev.message = Some(format!("cancel request from {peer} forwarded"));
     shared.auditor.append_nowait(ev).await;
     cancel_backend(shared, backend).await;
     slot.end_cancel();

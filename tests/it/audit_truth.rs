@@ -231,3 +231,63 @@ async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
         "{inserted}"
     );
 }
+
+/// A cancel record names the session whose statement was to be cancelled
+/// (user, role, database) and who asked; a session's end says why; a CSV
+/// export neutralises cells a spreadsheet would run as formulas.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_and_session_end_records_and_csv_cells() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let mut config: tokio_postgres::Config = gw
+        .url("alice", support::password_of("alice"))
+        .parse()
+        .unwrap();
+    config.application_name("=HYPERLINK(\"http://x\")");
+    let (alice, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let token = alice.cancel_token();
+    let sleeper = tokio::spawn(async move { alice.simple_query("SELECT pg_sleep(10)").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    assert!(sleeper.await.unwrap().is_err(), "cancelled");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let dir = gw.stop().await;
+    let records = export(&store, &[]);
+    let cancel = records
+        .iter()
+        .find(|r| s(r, "kind") == "cancel")
+        .expect("a cancel record");
+    assert_eq!(
+        (
+            s(cancel, "client_user"),
+            s(cancel, "role"),
+            s(cancel, "database")
+        ),
+        ("alice".into(), "analyst".into(), "app".into())
+    );
+    assert!(
+        s(cancel, "message").starts_with("cancel request from 127.0.0.1:"),
+        "{cancel}"
+    );
+    let end = records
+        .iter()
+        .find(|r| s(r, "kind") == "session_end")
+        .expect("a session_end record");
+    assert_eq!(s(end, "message"), "the client disconnected");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["audit", "export", "--format", "csv", "--store"])
+        .arg(dir.path().join("audit"))
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(csv.contains("'=HYPERLINK("), "{csv}");
+    assert!(
+        !csv.contains(",=HYPERLINK(") && !csv.contains(",\"=HYPERLINK("),
+        "{csv}"
+    );
+}

@@ -87,7 +87,7 @@ impl QueryLoop<'_> {
                     cancelled = true;
                     deadline = tokio::time::Instant::now() + WAIT_AFTER_CANCEL;
                     if let Some(backend) = self.cancel.backend() {
-                        super::super::cancel_backend(self.shared, backend).await;
+                        crate::session::cancel_backend(self.shared, backend).await;
                     }
                 }
                 Err(_) => {

@@ -17,6 +17,8 @@
 mod binding;
 mod gone;
 mod queries;
+mod recording;
+mod timeouts;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +39,7 @@ use crate::pool::{self, statements, PooledConn};
 use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
-use queries::Ahead;
+use recording::Ahead;
 
 /// Text sent in place of a refused statement: it fails at parse time, so the
 /// server aborts exactly as it would for a refused statement of its own.
@@ -190,13 +192,6 @@ enum Wake {
     Timer,
 }
 
-/// Which timeout, if any, the relay is waiting on.
-enum Timeout {
-    ClientIdle,
-    IdleInTransaction,
-    Query,
-}
-
 impl<'a> QueryLoop<'a> {
     pub fn new(
         shared: &'a Shared,
@@ -317,50 +312,6 @@ impl<'a> QueryLoop<'a> {
             };
             if let Err(end) = step {
                 return end;
-            }
-        }
-    }
-
-    /// The next timeout that applies in the current state, if configured.
-    fn next_timeout(&self) -> Option<(Timeout, Instant)> {
-        let server = self.shared.live();
-        let after = |ms: u64, from: Instant| (ms > 0).then(|| from + Duration::from_millis(ms));
-        if !self.tracker.is_empty() {
-            // The server is working for the client.
-            let started = self.query_started?;
-            if self.cancel_sent {
-                return None;
-            }
-            return after(server.query_timeout_ms, started).map(|at| (Timeout::Query, at));
-        }
-        if self.server.is_some() && self.tx_status != b'I' {
-            return after(server.idle_in_transaction_timeout_ms, self.last_activity)
-                .map(|at| (Timeout::IdleInTransaction, at));
-        }
-        after(server.client_idle_timeout_ms, self.last_activity).map(|at| (Timeout::ClientIdle, at))
-    }
-
-    async fn on_timeout(&mut self, which: Timeout) -> Result<(), End> {
-        match which {
-            Timeout::ClientIdle => Err(End::Fatal(PgError::fatal(
-                sqlstate::IDLE_SESSION_TIMEOUT,
-                "terminating connection due to client_idle_timeout",
-            ))),
-            Timeout::IdleInTransaction => {
-                self.roll_back("idle_in_transaction_timeout_ms elapsed")
-                    .await;
-                Err(End::Fatal(PgError::fatal(
-                    sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
-                    "terminating connection due to idle_in_transaction_timeout; the transaction was rolled back",
-                )))
-            }
-            Timeout::Query => {
-                self.cancel_sent = true;
-                if let Some(backend) = self.cancel.backend() {
-                    tracing::info!(session = %self.ident.session_id, "query_timeout: cancelling the running statement");
-                    super::cancel_backend(self.shared, backend).await;
-                }
-                Ok(())
             }
         }
     }

@@ -65,6 +65,10 @@ pub enum Route {
 pub struct CacheEffects {
     /// Statements whose `Parse` failed or was skipped: not on the server.
     pub not_prepared: Vec<u128>,
+    /// A shared statement the server found stale (its plan's result type
+    /// changed after DDL, or a type it used is gone): the connection's
+    /// statements are prepared afresh before their next use.
+    pub stale: bool,
 }
 
 #[derive(Debug)]
@@ -81,6 +85,8 @@ enum Expect {
     /// may run functions the gateway cannot see, so it has its own record.
     Bind {
         pending: Option<Pending>,
+        /// The shared statement it binds, if any.
+        key: Option<u128>,
     },
     /// `Describe`: ends at `RowDescription` or `NoData`.
     Describe,
@@ -149,8 +155,8 @@ impl Tracker {
     pub fn synth_parse(&mut self) {
         self.queue.push_back(Expect::SynthParse);
     }
-    pub fn bind(&mut self, pending: Option<Pending>) {
-        self.queue.push_back(Expect::Bind { pending });
+    pub fn bind(&mut self, pending: Option<Pending>, key: Option<u128>) {
+        self.queue.push_back(Expect::Bind { pending, key });
     }
     pub fn describe(&mut self) {
         self.queue.push_back(Expect::Describe);
@@ -226,6 +232,7 @@ impl Tracker {
             b'2' => {
                 if let Some(Expect::Bind {
                     pending: Some(pending),
+                    ..
                 }) = self.pop_if(|e| matches!(e, Expect::Bind { .. }))
                 {
                     resolved.push(Resolved {
@@ -356,6 +363,9 @@ impl Tracker {
         // failure of the statement the batch goes on to execute: its
         // `Execute` gets this error, not "not executed".
         let failed = self.queue.pop_front();
+        if matches!(failed, Some(Expect::Bind { key: Some(_), .. })) && stale_plan(&fields) {
+            cache.stale = true;
+        }
         let mut cause = match failed {
             Some(Expect::Execute { .. } | Expect::BlockedParse { .. }) | None => None,
             Some(_) => Some(Outcome::Error {
@@ -370,6 +380,7 @@ impl Tracker {
                 }
                 | Expect::Bind {
                     pending: Some(pending),
+                    ..
                 },
             ) => resolved.push(Resolved {
                 pending,
@@ -411,6 +422,7 @@ impl Tracker {
                 }),
                 Some(Expect::Bind {
                     pending: Some(pending),
+                    ..
                 }) => resolved.push(Resolved {
                     pending,
                     outcome: Outcome::NotExecuted,
@@ -449,6 +461,7 @@ impl Tracker {
                 }
                 | Expect::Bind {
                     pending: Some(pending),
+                    ..
                 } => resolved.push(Resolved {
                     pending,
                     outcome: Outcome::NotExecuted,
@@ -465,11 +478,22 @@ impl Tracker {
             .filter_map(|e| match e {
                 Expect::Query { pending, .. }
                 | Expect::Execute { pending }
-                | Expect::Bind { pending } => pending,
+                | Expect::Bind { pending, .. } => pending,
                 _ => None,
             })
             .collect()
     }
+}
+
+/// PostgreSQL's errors for a prepared statement that DDL made unusable:
+/// its result type changed, or an object it used is gone. Preparing it
+/// again cures both.
+fn stale_plan(fields: &ErrorFields) -> bool {
+    (fields.code == "0A000"
+        && fields
+            .message
+            .starts_with("cached plan must not change result type"))
+        || (fields.code == "XX000" && fields.message.starts_with("cache lookup failed"))
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ fn parse_and_bind_errors_belong_to_their_statement() {
         let mut r = Vec::new();
         for seq in 1..=2 {
             t.parse(false, None);
-            t.bind(None);
+            t.bind(None, None);
             t.execute(p(seq));
         }
         t.sync();
@@ -51,7 +51,7 @@ fn pipeline_error_skips_rest_until_sync() {
     let mut r = Vec::new();
     for seq in 1..=3 {
         t.parse(false, None);
-        t.bind(None);
+        t.bind(None, None);
         t.execute(p(seq));
     }
     t.sync();
@@ -82,7 +82,7 @@ fn pipeline_error_skips_rest_until_sync() {
 fn syncs_sent_into_a_copy_in_are_not_awaited() {
     let mut t = Tracker::default();
     let mut r = Vec::new();
-    t.bind(None);
+    t.bind(None, None);
     t.execute(p(1));
     t.sync();
     route(&mut t, b'2', b"", &mut r);
@@ -136,7 +136,7 @@ fn synthetic_answers_wait_for_their_turn() {
     let mut out = BytesMut::new();
     t.parse(false, Some(1));
     t.synth_parse();
-    t.bind(None);
+    t.bind(None, None);
     t.sync();
     t.emit_synthetic(b'I', &mut out);
     assert!(out.is_empty(), "the first Parse is still owed");
@@ -153,7 +153,7 @@ fn injected_messages_answers_are_dropped_and_failed_parses_uncached() {
     let mut t = Tracker::default();
     let mut cache = CacheEffects::default();
     t.parse(true, Some(9));
-    t.bind(None);
+    t.bind(None, None);
     t.parse(false, Some(10));
     t.sync();
     assert_eq!(

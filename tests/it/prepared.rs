@@ -198,3 +198,37 @@ async fn sqlx_pool_larger_than_the_gateway_pool() {
         t.await.unwrap();
     }
 }
+
+/// After DDL changes a shared statement's result type, the connection that
+/// finds it stale prepares its statements afresh: the failure PostgreSQL
+/// reports once does not stick to every later client preparing the same
+/// text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_shared_statement_is_prepared_afresh() {
+    let table = format!("stale_{}", rand::random::<u32>());
+    let pg = crate::support::cluster();
+    pg.psql(
+        "app",
+        &format!("CREATE TABLE {table} (x int); INSERT INTO {table} VALUES (1); GRANT SELECT ON {table} TO analyst, engineer"),
+    );
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let sql = format!("SELECT * FROM {table}");
+    let bob = gw.connect("bob").await;
+    let st = bob.prepare(&sql).await.unwrap();
+    assert_eq!(bob.query(&st, &[]).await.unwrap().len(), 1);
+    pg.psql("app", &format!("ALTER TABLE {table} ADD COLUMN y int"));
+    // The statement bob holds is stale, through pgwarden as directly.
+    let err = bob.query(&st, &[]).await.expect_err("stale");
+    assert_eq!(crate::support::sqlstate(&err), "0A000");
+    // Everyone who prepares the text now gets the new shape.
+    for user in ["alice", "bob", "alice"] {
+        let c = gw.connect(user).await;
+        let st = c.prepare(&sql).await.unwrap();
+        let rows = c.query(&st, &[]).await.unwrap();
+        assert_eq!(rows[0].len(), 2, "{user}");
+    }
+}

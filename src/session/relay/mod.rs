@@ -573,6 +573,9 @@ impl<'a> QueryLoop<'a> {
             for key in cache.not_prepared {
                 server.statements.remove(key);
             }
+            if cache.stale {
+                server.statements.mark_uncertain();
+            }
         }
         if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {
             self.counts.0 += 1;

@@ -219,7 +219,11 @@ impl QueryLoop<'_> {
             }
             None => self.to_server.extend_from_slice(&frame),
         }
-        self.tracker.bind(bind_record);
+        let key = self
+            .statements
+            .get(bind.statement)
+            .and_then(|s| s.shared.as_ref().map(|(key, _)| *key));
+        self.tracker.bind(bind_record, key);
         self.unsynced = true;
         Ok(())
     }

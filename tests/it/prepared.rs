@@ -232,3 +232,39 @@ async fn a_stale_shared_statement_is_prepared_afresh() {
         assert_eq!(rows[0].len(), 2, "{user}");
     }
 }
+
+/// In session pooling the client owns its server connection: its named
+/// statements are prepared, closed and deallocated there under its own
+/// names, so a driver that counts or evicts its statements sees exactly
+/// what it did.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_mode_statements_are_the_clients_own() {
+    let gw = start_gateway(Opts {
+        mode: "session",
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    let count = "SELECT count(*) FROM pg_prepared_statements WHERE from_sql = false";
+    let before: i64 = support::one(&c, count).await.parse().unwrap();
+    let a = c.prepare("SELECT 1").await.unwrap();
+    let b = c.prepare("SELECT 2").await.unwrap();
+    let names = support::one(
+        &c,
+        "SELECT string_agg(name, ',' ORDER BY name) FROM pg_prepared_statements WHERE from_sql = false",
+    )
+    .await;
+    assert!(!names.contains("pgwarden_"), "{names}");
+    assert_eq!(
+        support::one(&c, count).await.parse::<i64>().unwrap(),
+        before + 2
+    );
+    drop(a);
+    drop(b);
+    // tokio-postgres closes dropped statements with its next request.
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(
+        support::one(&c, count).await.parse::<i64>().unwrap(),
+        before
+    );
+}

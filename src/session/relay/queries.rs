@@ -97,7 +97,9 @@ impl QueryLoop<'_> {
         let sql = frame.slice_ref(parse.query);
         self.note_cursors(&sql);
         self.unsynced = true;
-        if name.is_empty() {
+        // In session pooling the client owns its connection: its named
+        // statements live there under its own names, as directly.
+        if name.is_empty() || self.mode == PoolMode::Session {
             self.statements
                 .insert(name, prepared::Statement::unnamed(sql));
             self.to_server.extend_from_slice(&frame);

@@ -152,6 +152,9 @@ pub struct Event {
     /// Not stored: lets a `result` find its `query`'s seq in the writer when
     /// the appender did not wait to learn it.
     pub link: Link,
+    /// When the event happened (the gateway received the statement, the
+    /// result arrived...): the record's `ts`. Set by [`Event::new`].
+    pub at: OffsetDateTime,
 }
 
 /// A ticket that ties a `result` to its `query` inside the writer, so an
@@ -188,6 +191,7 @@ impl Event {
             backend_pid: None,
             ref_seq: None,
             link: Link::None,
+            at: OffsetDateTime::now_utc(),
         }
     }
 }

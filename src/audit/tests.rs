@@ -331,3 +331,42 @@ fn a_full_disk_fails_appends_and_heals_when_space_returns() {
     assert_eq!(words[3], format!("Some({})", last_ok + 1));
     assert_eq!(assert_intact(dir.path()), last_ok + 2);
 }
+
+/// A record's `ts` is its event's time, not its write batch's: events made
+/// a known time apart and stored together keep their own times.
+#[test]
+fn records_keep_the_time_of_their_event() {
+    let dir = tempfile::tempdir().unwrap();
+    runtime().block_on(async {
+        let auditor = Auditor::open(&config(dir.path(), Durability::Async)).unwrap();
+        let base = time::OffsetDateTime::now_utc() - time::Duration::seconds(60);
+        for i in 0..5i64 {
+            let mut ev = Event::new(Kind::Query);
+            ev.statement = Some(format!("select {i}"));
+            ev.at = base + time::Duration::milliseconds(i * 7);
+            auditor.append_nowait(ev).await;
+        }
+        auditor.shutdown().await.unwrap();
+    });
+    let stamps: Vec<String> = read_all(dir.path())
+        .into_iter()
+        .filter(|r| {
+            r.statement
+                .as_deref()
+                .is_some_and(|s| s.starts_with("select "))
+        })
+        .map(|r| r.ts)
+        .collect();
+    assert_eq!(stamps.len(), 5);
+    let times: Vec<_> = stamps
+        .iter()
+        .map(|t| super::record::parse_ts(t).unwrap())
+        .collect();
+    for (i, w) in times.windows(2).enumerate() {
+        assert_eq!(
+            w[1] - w[0],
+            time::Duration::milliseconds(7),
+            "{i}: {stamps:?}"
+        );
+    }
+}

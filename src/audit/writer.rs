@@ -30,7 +30,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -244,7 +243,6 @@ impl Writer {
     /// per run with `sync`), each stored all or nothing.
     fn commit(&mut self, batch: Vec<(Event, Reply)>) {
         self.heal();
-        let ts = format_ts(OffsetDateTime::now_utc());
         let run_records = match self.durability {
             Durability::Sync => 1,
             Durability::Group | Durability::Async => usize::MAX,
@@ -265,7 +263,8 @@ impl Writer {
                     event.ref_seq = event.ref_seq.or_else(|| self.redeem(ticket));
                 }
                 let link = event.link;
-                let sealed = chain.seal(event, ts.clone());
+                let ts = format_ts(event.at);
+                let sealed = chain.seal(event, ts);
                 chain.advance(&sealed);
                 if let Link::Query(ticket) = link {
                     self.links.insert(ticket, sealed.record.seq);
@@ -345,7 +344,8 @@ impl Writer {
     /// Seals `event` as the next record and inserts it; the chain advances
     /// only if the insert succeeded, so a failed seq is reused, never skipped.
     fn insert(&mut self, event: Event) -> Result<u64, AuditError> {
-        let sealed = self.chain.seal(event, format_ts(OffsetDateTime::now_utc()));
+        let ts = format_ts(event.at);
+        let sealed = self.chain.seal(event, ts);
         if let Err(e) = self.store.insert(sealed.record.seq, &sealed.bytes) {
             self.broke();
             return Err(e);

@@ -396,6 +396,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr
     // The record names the session whose statement was to be cancelled,
     // and who asked.
     let mut ev = slot.record.clone();
+    ev.at = time::OffsetDateTime::now_utc();
     let Some(backend) = slot.begin_cancel() else {
         tracing::debug!("cancel request for a client with nothing running ignored");
         ev.message = Some(format!(

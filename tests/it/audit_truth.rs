@@ -291,3 +291,130 @@ async fn cancel_and_session_end_records_and_csv_cells() {
         "{csv}"
     );
 }
+
+/// An extended batch the client never synced (`Execute` + `Flush`, then
+/// nothing) must not commit, whether the client vanishes or the
+/// idle-in-transaction timeout ends it: PostgreSQL would abort it, and so
+/// does the gateway (it never sends a `Sync` the client did not send).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unsynced_batch_never_commits() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        server_extra: "idle_in_transaction_timeout_ms = 1000\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let pg = support::cluster();
+    let base = 950_000 + (rand::random::<u32>() % 40_000) as i32;
+    for (i, vanish) in [true, false].into_iter().enumerate() {
+        let mut c = RawClient::login(gw.addr).await;
+        let mut batch = extended(&format!(
+            "INSERT INTO items VALUES ({}, 'unsynced', NULL)",
+            base + i as i32
+        ));
+        batch.truncate(batch.len() - 5);
+        batch.extend(message(b'H', &[]));
+        c.send_raw(&batch).await;
+        loop {
+            let (tag, _) = c.read_message().await;
+            if tag == b'C' {
+                break;
+            }
+            assert_ne!(tag, b'E');
+        }
+        if vanish {
+            drop(c);
+        } else {
+            // The timeout ends the session with FATAL 25P03.
+            let (tag, body) = c.read_message().await;
+            assert_eq!(tag, b'E');
+            assert_eq!(crate::raw::error_code(&body), "25P03");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(
+            pg.psql(
+                "app",
+                &format!("SELECT count(*) FROM items WHERE id = {}", base + i as i32)
+            ),
+            "0",
+            "vanish: {vanish}"
+        );
+    }
+    // The connection is still good for the next client.
+    let bob = gw.connect("bob").await;
+    assert_eq!(support::one(&bob, "SELECT 1").await, "1");
+}
+
+/// A statement the gateway cancelled itself says so in its record, next to
+/// PostgreSQL's "canceling statement due to user request".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_by_the_gateway_is_recorded_as_such() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        server_extra: "query_timeout_ms = 300\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let c = gw.connect("alice").await;
+    let err = c
+        .simple_query("SELECT pg_sleep(5)")
+        .await
+        .expect_err("cancelled");
+    assert_eq!(support::sqlstate(&err), "57014");
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+    let records = export(&store, &[]);
+    let r = records
+        .iter()
+        .find(|r| s(r, "kind") == "query" && s(r, "statement") == "SELECT pg_sleep(5)")
+        .expect("recorded");
+    assert_eq!(s(r, "sqlstate"), "57014");
+    assert!(
+        s(r, "message").contains("cancelled by pgwarden: query_timeout_ms elapsed"),
+        "{r}"
+    );
+}
+
+/// `ts` is when the event happened, not when its write batch was stored: a
+/// statement's `query` record is stamped when the gateway received it and
+/// its `result` when the answer came, so they are a statement's duration
+/// apart, and a session's records never go back in time.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_carry_the_time_of_their_event() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "durability = \"async\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let c = gw.connect("alice").await;
+    c.simple_query("SELECT pg_sleep(0.3)").await.unwrap();
+    for _ in 0..5 {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let _dir = gw.stop().await;
+    let raw = export(&store, &["--raw"]);
+    let ts = |r: &Value| pgwarden::audit::record::parse_ts(&s(r, "ts")).unwrap();
+    let query = raw
+        .iter()
+        .find(|r| s(r, "statement") == "SELECT pg_sleep(0.3)")
+        .unwrap();
+    let result = raw
+        .iter()
+        .find(|r| s(r, "kind") == "result" && r["ref_seq"] == query["seq"])
+        .unwrap();
+    let apart = ts(result) - ts(query);
+    assert!(apart >= time::Duration::milliseconds(290), "{apart}");
+    let session = s(query, "session_id");
+    let stamps: Vec<_> = raw
+        .iter()
+        .filter(|r| s(r, "session_id") == session)
+        .map(ts)
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+}

@@ -22,8 +22,6 @@ impl QueryLoop<'_> {
     /// Afterwards the connection is idle outside a transaction, released,
     /// or destroyed.
     pub(super) async fn settle_for_gone_client(&mut self) {
-        self.client_gone = true;
-        self.deferred = false;
         self.client.rbuf.clear();
         if self.server.is_none() || self.client_passthrough > 0 {
             return;
@@ -32,41 +30,57 @@ impl QueryLoop<'_> {
             messages::copy_fail(&mut self.to_server, "the client disconnected during COPY");
             self.copy_in = false;
         }
-        if self.unsynced {
-            // The server waits for the end of the batch (or of an extended
-            // COPY) before it answers.
-            messages::sync(&mut self.to_server);
-            self.tracker.sync();
-            self.unsynced = false;
-        }
-        if self.flush_server().await.is_err() || !self.wait_for_server().await {
-            return;
-        }
-        if self.server.is_some() && self.tx_status != b'I' {
-            self.roll_back("the client disconnected inside a transaction")
-                .await;
-        }
+        self.roll_back("the client disconnected inside a transaction")
+            .await;
     }
 
-    /// Rolls back the open transaction on the gateway's initiative, with a
-    /// `query` record that names the gateway and `why`, and waits for it.
-    /// Nothing of it reaches the client.
+    /// Rolls back what the client left open, on the gateway's initiative:
+    /// an extended batch it never synced (which must not commit), then an
+    /// open transaction, with a `query` record of the `ROLLBACK` that names
+    /// the gateway and `why`. Waits for the server; nothing of it reaches
+    /// the client.
     pub(super) async fn roll_back(&mut self, why: &str) {
         self.client_gone = true;
+        self.deferred = false;
+        self.abort_unsynced();
+        if self.flush_server().await.is_err() || !self.wait_for_server(why).await {
+            return;
+        }
+        if self.server.is_none() || self.tx_status == b'I' {
+            return;
+        }
         let note = format!("issued by pgwarden: {why}");
         // A store failure does not stop the rollback.
         let pending = self.audit_note("ROLLBACK", &note).await.unwrap_or_default();
         messages::query(&mut self.to_server, "ROLLBACK");
         self.tracker.query(pending, None);
         if self.flush_server().await.is_ok() {
-            self.wait_for_server().await;
+            self.wait_for_server(why).await;
         }
+    }
+
+    /// Ends an extended batch the client never synced so that it does not
+    /// commit (PostgreSQL, seeing the client go, would abort it): a `Parse`
+    /// that fails makes the server abort the batch's transaction and skip
+    /// to the `Sync` that follows.
+    fn abort_unsynced(&mut self) {
+        if !self.unsynced {
+            return;
+        }
+        messages::parse(&mut self.to_server, REFUSED_SQL);
+        self.tracker.blocked_parse(PgError::error(
+            sqlstate::CONNECTION_FAILURE,
+            "the batch was abandoned",
+        ));
+        messages::sync(&mut self.to_server);
+        self.tracker.sync();
+        self.unsynced = false;
     }
 
     /// Reads the server's answers (recorded, relayed nowhere) until it owes
     /// nothing, cancelling the running statement after a while. False when
     /// the connection had to be given up.
-    async fn wait_for_server(&mut self) -> bool {
+    async fn wait_for_server(&mut self, why: &str) -> bool {
         let mut cancelled = false;
         let mut deadline = tokio::time::Instant::now() + WAIT_BEFORE_CANCEL;
         while !self.tracker.is_empty() {
@@ -86,6 +100,10 @@ impl QueryLoop<'_> {
                 Err(_) if !cancelled => {
                     cancelled = true;
                     deadline = tokio::time::Instant::now() + WAIT_AFTER_CANCEL;
+                    self.cancel_note = Some(format!(
+                        "cancelled by pgwarden: {why}, and the statement ran on for {} s",
+                        WAIT_BEFORE_CANCEL.as_secs()
+                    ));
                     if let Some(backend) = self.cancel.backend() {
                         crate::session::cancel_backend(self.shared, backend).await;
                     }

@@ -183,6 +183,9 @@ pub struct QueryLoop<'a> {
     /// The client is gone (or is being sent away): nothing more is relayed
     /// to it while the gateway finishes its server work.
     client_gone: bool,
+    /// The gateway cancelled the running request itself, and why: the
+    /// outcome's record says so next to PostgreSQL's message.
+    cancel_note: Option<String>,
 }
 
 enum Wake {
@@ -238,6 +241,7 @@ impl<'a> QueryLoop<'a> {
             batch_committed_opaque: false,
             tx_opaque: false,
             client_gone: false,
+            cancel_note: None,
         }
     }
 
@@ -513,6 +517,7 @@ impl<'a> QueryLoop<'a> {
         self.record_results().await;
         if self.tracker.is_empty() {
             self.cancel.set_running(false);
+            self.cancel_note = None;
             self.query_started = None;
             if was_busy {
                 self.last_activity = Instant::now();
@@ -615,8 +620,13 @@ impl<'a> QueryLoop<'a> {
             }
             Outcome::Error { code, message } => {
                 ev.status = Some(Status::Error);
+                ev.message = Some(match &self.cancel_note {
+                    Some(note) if code == sqlstate::QUERY_CANCELED.code() => {
+                        format!("{message} ({note})")
+                    }
+                    _ => message,
+                });
                 ev.sqlstate = Some(code);
-                ev.message = Some(message);
             }
             Outcome::NotExecuted => {
                 ev.status = Some(Status::Error);

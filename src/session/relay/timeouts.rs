@@ -23,7 +23,9 @@ impl QueryLoop<'_> {
             }
             return after(server.query_timeout_ms, started).map(|at| (Timeout::Query, at));
         }
-        if self.server.is_some() && self.tx_status != b'I' {
+        // Inside a transaction, or an extended batch the client has not
+        // synced (which holds the connection just the same).
+        if self.server.is_some() && (self.tx_status != b'I' || self.unsynced) {
             return after(server.idle_in_transaction_timeout_ms, self.last_activity)
                 .map(|at| (Timeout::IdleInTransaction, at));
         }
@@ -46,6 +48,7 @@ impl QueryLoop<'_> {
             }
             Timeout::Query => {
                 self.cancel_sent = true;
+                self.cancel_note = Some("cancelled by pgwarden: query_timeout_ms elapsed".into());
                 if let Some(backend) = self.cancel.backend() {
                     tracing::info!(session = %self.ident.session_id, "query_timeout: cancelling the running statement");
                     crate::session::cancel_backend(self.shared, backend).await;

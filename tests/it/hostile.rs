@@ -136,6 +136,9 @@ async fn opaque_state_never_reaches_the_next_client() {
         "CREATE TABLE \"pg_temp\".spy (x int)",
         "DO $$BEGIN EXECUTE 'LISTEN hostile_channel'; END$$",
         "SELECT nextval('hostile_seq')",
+        // A temporary function and a temporary view shadowing a table, made
+        // inside a DO block.
+        "DO $$BEGIN EXECUTE 'CREATE FUNCTION pg_temp.spy() RETURNS SETOF public.items LANGUAGE sql AS ''SELECT * FROM public.items WHERE false'''; EXECUTE 'CREATE TEMP VIEW items AS SELECT * FROM pg_temp.spy()'; END$$",
     ] {
         if sql.contains("hostile_seq") {
             alice
@@ -158,6 +161,15 @@ async fn opaque_state_never_reaches_the_next_client() {
             "{setting}"
         );
     }
+    assert_eq!(
+        support::one(
+            &bob,
+            "SELECT count(*) FROM pg_class WHERE relname = 'items' AND relpersistence = 't'"
+        )
+        .await,
+        "0",
+        "alice's temporary view is gone"
+    );
     let err = bob
         .simple_query("SELECT * FROM pg_temp.spy")
         .await
@@ -237,10 +249,18 @@ async fn function_call_reaches_only_the_large_object_functions() {
         body
     };
     let attack = "SELECT pg_catalog.set_config('role','engineer',false)";
-    c.send(b'F', &text_args(2924, &[attack, "true", "true", ""]))
-        .await;
-    let (_, code, _) = c.until_ready().await;
-    assert_eq!(code.as_deref(), Some("42501"));
+    // query_to_xml, query_to_xml_and_xmlschema, ts_rewrite(tsquery, text),
+    // set_config.
+    for (oid, args) in [
+        (2924, vec![attack, "true", "true", ""]),
+        (2930, vec![attack, "true", "true", ""]),
+        (3685, vec!["'a'", attack]),
+        (2078, vec!["role", "engineer", "false"]),
+    ] {
+        c.send(b'F', &text_args(oid, &args)).await;
+        let (_, code, _) = c.until_ready().await;
+        assert_eq!(code.as_deref(), Some("42501"), "oid {oid}");
+    }
     c.send(b'Q', &cstr(WHO)).await;
     assert_eq!(
         c.first_value_until_ready().await.as_deref(),

@@ -98,4 +98,37 @@ fn main() {
         let ns = ns_per_check(&guard, sql.as_bytes());
         println!("{name:<40} {:>8} {ns:>14.1}", sql.len());
     }
+    // What the relay asks of every statement besides the guard: is it
+    // transparent (session::opaque), may it leave sequence state, and
+    // would it start another transaction after opaque code.
+    println!(
+        "\n{:<40} {:>8} {:>14}",
+        "classification", "bytes", "ns/statement"
+    );
+    for (name, sql) in cases.iter().take(7) {
+        let t = ns_per_call(sql.as_bytes(), pgwarden::session::opaque::transparent);
+        let q = ns_per_call(sql.as_bytes(), pgwarden::session::state::may_use_sequences);
+        let c = ns_per_call(
+            sql.as_bytes(),
+            pgwarden::session::opaque::starts_another_transaction,
+        );
+        println!(
+            "{name:<40} {:>8} {:>14.1}  (transparent {t:.0}, sequences {q:.0}, commits {c:.0})",
+            sql.len(),
+            t + q + c
+        );
+    }
+}
+
+fn ns_per_call(sql: &[u8], f: impl Fn(&[u8]) -> bool) -> f64 {
+    let iters: u32 = if smoke() { 100 } else { 400_000 };
+    let mut best = f64::MAX;
+    for _ in 0..7 {
+        let start = Instant::now();
+        for _ in 0..iters {
+            black_box(f(black_box(sql)));
+        }
+        best = best.min(start.elapsed().as_nanos() as f64 / f64::from(iters));
+    }
+    best
 }

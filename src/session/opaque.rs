@@ -19,7 +19,7 @@
 //! (it may have created such objects for itself) is opaque from then on.
 
 use crate::identity::guard::starts_with_ci;
-use crate::identity::lexer::{Dialect, Kind, Lexer};
+use crate::identity::lexer::{is_op_char, Dialect, Kind, Lexer};
 
 /// Commands a transparent statement may start with.
 const COMMANDS: &[&[u8]] = &[
@@ -232,50 +232,87 @@ fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
     list.iter().any(|k| word.eq_ignore_ascii_case(k))
 }
 
+/// Words (lower case) in a set built once: the lists above are long, and a
+/// statement may ask about every word it has.
+type WordSet = std::sync::LazyLock<std::collections::HashSet<&'static [u8]>>;
+
+static COMMAND_SET: WordSet = WordSet::new(|| COMMANDS.iter().copied().collect());
+static BEFORE_PAREN: WordSet = WordSet::new(|| KEYWORDS.iter().chain(FUNCTIONS).copied().collect());
+
+/// Whether `word`, ignoring ASCII case, is in `set` (whose words are all
+/// shorter than 32 bytes).
+fn in_set(set: &WordSet, word: &[u8]) -> bool {
+    let mut lower = [0u8; 32];
+    let Some(buf) = lower.get_mut(..word.len()) else {
+        return false;
+    };
+    for (l, b) in buf.iter_mut().zip(word) {
+        *l = b.to_ascii_lowercase();
+    }
+    set.contains(&*buf)
+}
+
 /// Whether pgwarden fully understands what `sql` can do on a server
 /// connection (see the module documentation). Linear in `sql`'s length;
-/// allocates nothing.
+/// allocates nothing. Statements made only of words, numbers, parameters,
+/// operators and punctuation (no quotes or comments) are read by a byte
+/// scanner; anything else by the guard's lexer.
 pub fn transparent(sql: &[u8]) -> bool {
     if sql.iter().any(|&b| b == b'\\' || b >= 0x80) {
         return false;
     }
+    if let Some(verdict) = classify(SimpleTokens { src: sql, pos: 0 }) {
+        return verdict;
+    }
+    let lexed =
+        Lexer::new(sql, Dialect::DEFAULT).map(|t| Some((t.kind, t.text(sql), t.terminated)));
+    classify(lexed).unwrap_or(false)
+}
+
+/// A token as [`classify`] reads it: kind, text, and whether it was
+/// terminated; `None` when the reader cannot go on (see [`SimpleTokens`]).
+type Read<'a> = Option<(Kind, &'a [u8], bool)>;
+
+/// The classification over a stream of tokens; `None` when the stream
+/// gave up before a verdict.
+fn classify<'a>(tokens: impl Iterator<Item = Read<'a>>) -> Option<bool> {
     let mut at_start = true;
     // The two tokens before the current one, most recent first.
     let mut prev: Option<(Kind, &[u8])> = None;
     let mut prev2: Option<(Kind, &[u8])> = None;
     // After `INTO`: a (qualified) table name, whose `(` opens a column list.
     let mut table_name = false;
-    for tok in Lexer::new(sql, Dialect::DEFAULT) {
-        let text = tok.text(sql);
-        if !tok.terminated {
-            return false;
+    for read in tokens {
+        let (kind, text, terminated) = read?;
+        if !terminated {
+            return Some(false);
         }
-        match tok.kind {
+        match kind {
             Kind::Punct if text == b";" => {
                 at_start = true;
                 (prev, prev2, table_name) = (None, None, false);
                 continue;
             }
-            Kind::Word if at_start && !one_of(COMMANDS, text) => return false,
-            _ if at_start && tok.kind != Kind::Word => return false,
+            Kind::Word if at_start && !in_set(&COMMAND_SET, text) => return Some(false),
+            _ if at_start && kind != Kind::Word => return Some(false),
             Kind::Word if one_of(OPAQUE_NAMES, text) || starts_with_ci(text, b"pg_temp") => {
-                return false
+                return Some(false)
             }
             // `SELECT ... INTO` creates a table; only `INSERT INTO` is known.
             Kind::Word
                 if text.eq_ignore_ascii_case(b"into")
                     && !matches!(prev, Some((Kind::Word, w)) if w.eq_ignore_ascii_case(b"insert")) =>
             {
-                return false
+                return Some(false)
             }
             Kind::Punct if text == b"(" && !table_name && !call_allowed(prev, prev2) => {
-                return false
+                return Some(false)
             }
-            Kind::Op if !one_of(OPERATORS, text) => return false,
-            Kind::Other | Kind::UnicodeIdent => return false,
+            Kind::Op if !one_of(OPERATORS, text) => return Some(false),
+            Kind::Other | Kind::UnicodeIdent => return Some(false),
             _ => {}
         }
-        table_name = match tok.kind {
+        table_name = match kind {
             Kind::Word if text.eq_ignore_ascii_case(b"into") => true,
             Kind::Word | Kind::QuotedIdent => table_name,
             Kind::Punct if text == b"." => table_name,
@@ -283,9 +320,116 @@ pub fn transparent(sql: &[u8]) -> bool {
         };
         at_start = false;
         prev2 = prev;
-        prev = Some((tok.kind, text));
+        prev = Some((kind, text));
     }
-    true
+    Some(true)
+}
+
+/// Tokens of simple SQL, read byte by byte: words, numbers, parameters,
+/// operators and punctuation, split as PostgreSQL's lexer splits them. At
+/// the first byte that could begin anything else (a quote, a comment, a
+/// dollar quote, `:=`, `..`) it yields `None`, and the caller reads the
+/// statement with the full lexer instead.
+struct SimpleTokens<'a> {
+    src: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Iterator for SimpleTokens<'a> {
+    type Item = Read<'a>;
+
+    fn next(&mut self) -> Option<Read<'a>> {
+        let s = self.src;
+        let at = |i: usize| s.get(i).copied().unwrap_or(0);
+        while matches!(at(self.pos), b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            self.pos += 1;
+        }
+        let start = self.pos;
+        if start >= s.len() {
+            return None;
+        }
+        let word_char = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
+        let b = s[start];
+        let (kind, end) = if b.is_ascii_alphabetic() || b == b'_' {
+            (Kind::Word, skip_while(s, start + 1, word_char))
+        } else if b.is_ascii_digit() || (b == b'.' && at(start + 1).is_ascii_digit()) {
+            let end = number_end(s, start);
+            if word_char(at(end)) {
+                // Junk after a number (`1abc`): lexers disagree on it.
+                return Some(None);
+            }
+            (Kind::Number, end)
+        } else if b == b'$' && at(start + 1).is_ascii_digit() {
+            let end = skip_while(s, start + 1, |c| c.is_ascii_digit());
+            if word_char(at(end)) {
+                return Some(None);
+            }
+            (Kind::Param, end)
+        } else if b == b':' && at(start + 1) == b':' {
+            (Kind::Op, start + 2)
+        } else if (b == b':' && at(start + 1) == b'=') || (b == b'.' && at(start + 1) == b'.') {
+            return Some(None);
+        } else if is_op_char(b) {
+            match operator_end(s, start) {
+                Some(end) => (Kind::Op, end),
+                None => return Some(None),
+            }
+        } else if matches!(b, b'(' | b')' | b',' | b';' | b'[' | b']' | b'.' | b':') {
+            (Kind::Punct, start + 1)
+        } else {
+            return Some(None);
+        };
+        self.pos = end;
+        Some(Some((kind, &s[start..end], true)))
+    }
+}
+
+/// The first index from `i` whose byte does not satisfy `f`.
+fn skip_while(s: &[u8], mut i: usize, f: impl Fn(u8) -> bool) -> usize {
+    while i < s.len() && f(s[i]) {
+        i += 1;
+    }
+    i
+}
+
+/// The end of a numeric constant at `start`: digits, a fraction, an
+/// exponent.
+fn number_end(s: &[u8], start: usize) -> usize {
+    let digits = |mut i: usize| {
+        while s.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = digits(start);
+    if s.get(i) == Some(&b'.') && s.get(i + 1) != Some(&b'.') {
+        i = digits(i + 1);
+    }
+    if matches!(s.get(i), Some(b'e' | b'E')) {
+        let sign = usize::from(matches!(s.get(i + 1), Some(b'+' | b'-')));
+        if s.get(i + 1 + sign).is_some_and(u8::is_ascii_digit) {
+            i = digits(i + 1 + sign);
+        }
+    }
+    i
+}
+
+/// The end of the operator at `start`, or `None` where a comment starts
+/// inside it. Like the guard's lexer, it keeps a run such as `=-` whole
+/// (PostgreSQL would read `=` and `-`): such a run is not a known
+/// operator, so the statement is opaque, the cautious reading.
+fn operator_end(s: &[u8], start: usize) -> Option<usize> {
+    let mut end = start;
+    while end < s.len() && is_op_char(s[end]) {
+        if matches!(
+            (s[end], s.get(end + 1)),
+            (b'-', Some(b'-')) | (b'/', Some(b'*'))
+        ) {
+            return None;
+        }
+        end += 1;
+    }
+    Some(end)
 }
 
 /// Whether a `(` after these tokens (most recent first) is not a call of a
@@ -300,8 +444,7 @@ fn call_allowed(prev: Option<(Kind, &[u8])>, prev2: Option<(Kind, &[u8])>) -> bo
         // Qualified names may be anyone's function.
         Some((Kind::Word, _)) if text(prev2) == b"." => false,
         Some((Kind::Word, w)) => {
-            one_of(KEYWORDS, w)
-                || one_of(FUNCTIONS, w)
+            in_set(&BEFORE_PAREN, w)
                 || AFTER.iter().any(|(k, after)| {
                     w.eq_ignore_ascii_case(k) && text(prev2).eq_ignore_ascii_case(after)
                 })
@@ -315,6 +458,9 @@ fn call_allowed(prev: Option<(Kind, &[u8])>, prev2: Option<(Kind, &[u8])>) -> bo
 /// effects (`COMMIT`, `END`, `PREPARE TRANSACTION`, `... AND CHAIN`);
 /// otherwise whether another statement follows one that does.
 fn commit_then_more(sql: &[u8]) -> Option<bool> {
+    if !mentions_transaction_control(sql) {
+        return None;
+    }
     let mut ended = false;
     let mut first: Option<&[u8]> = None;
     let mut ends = false;
@@ -348,6 +494,9 @@ fn commit_then_more(sql: &[u8]) -> Option<bool> {
 /// after opaque code, that transaction would run before pgwarden could
 /// assert identity afresh.
 pub fn commits_and_chains(sql: &[u8]) -> bool {
+    if !mentions_transaction_control(sql) {
+        return false;
+    }
     let mut first: Option<&[u8]> = None;
     let mut prev: &[u8] = b"";
     for tok in Lexer::new(sql, Dialect::DEFAULT) {
@@ -373,7 +522,7 @@ pub fn commits_and_chains(sql: &[u8]) -> bool {
 /// (`COMMIT` or `ROLLBACK` inside): code after its COMMIT would run in a
 /// new transaction before pgwarden could assert identity afresh.
 pub fn do_block_commits(sql: &[u8]) -> bool {
-    if !crate::session::state::contains_ci(sql, b"do") {
+    if !mentions_transaction_control(sql) {
         return false;
     }
     let toks: Vec<_> = Lexer::new(sql, Dialect::DEFAULT).collect();
@@ -397,6 +546,45 @@ pub fn do_block_commits(sql: &[u8]) -> bool {
         at_start = false;
     }
     false
+}
+
+/// Whether `sql` may control transactions: it contains `commit`, `end`,
+/// `chain`, `prepare` or `rollback`, ignoring ASCII case. One pass, each
+/// word compared only where its first two letters are; the callers lex the
+/// statement only then.
+fn mentions_transaction_control(sql: &[u8]) -> bool {
+    sql.windows(2).enumerate().any(|(i, pair)| {
+        let rest = &sql[i..];
+        match [pair[0] | 0x20, pair[1] | 0x20] {
+            [b'c', b'o'] => starts_with_ci(rest, b"commit"),
+            [b'e', b'n'] => starts_with_ci(rest, b"end"),
+            [b'c', b'h'] => starts_with_ci(rest, b"chain"),
+            [b'p', b'r'] => starts_with_ci(rest, b"prepare"),
+            [b'r', b'o'] => starts_with_ci(rest, b"rollback"),
+            _ => false,
+        }
+    })
+}
+
+/// Whether `sql`, after opaque code, would start a transaction before
+/// pgwarden could assert identity afresh: it commits and goes on, commits
+/// and chains, or runs a `DO` block that commits inside.
+pub fn starts_another_transaction(sql: &[u8]) -> bool {
+    mentions_transaction_control(sql)
+        && (continues_after_commit(sql) || commits_and_chains(sql) || do_block_commits(sql))
+}
+
+/// What a prepared statement does to transactions: (it commits, it starts
+/// another transaction right after a commit), with one scan when it names
+/// no transaction control at all, as most statements do.
+pub fn transaction_control(sql: &[u8]) -> (bool, bool) {
+    if !mentions_transaction_control(sql) {
+        return (false, false);
+    }
+    (
+        ends_transaction(sql),
+        commits_and_chains(sql) || do_block_commits(sql),
+    )
 }
 
 /// Whether `sql` ends a transaction (and keeps its effects): see
@@ -518,6 +706,44 @@ mod tests {
         assert!(!transparent(b"SELECT * INTO newtable FROM tickets"));
         assert!(!transparent(b"SELECT * FROM pg_temp_3.tickets"));
         assert!(transparent(b"INSERT INTO t (a) VALUES (1)"));
+    }
+
+    /// The verdict of the full lexer alone, for comparison.
+    fn lexed(sql: &[u8]) -> bool {
+        use crate::identity::lexer::{Dialect, Lexer};
+        let tokens =
+            Lexer::new(sql, Dialect::DEFAULT).map(|t| Some((t.kind, t.text(sql), t.terminated)));
+        super::classify(tokens).unwrap_or(false)
+    }
+
+    proptest::proptest! {
+        /// The byte scanner of simple statements reaches the verdict the
+        /// full lexer reaches, whatever the words, numbers, operators and
+        /// punctuation (comments and quotes make it give up, never decide).
+        #[test]
+        fn the_simple_scanner_agrees_with_the_lexer(
+            parts in proptest::collection::vec(proptest::sample::select(vec![
+                "select", "insert", "into", "t", "(", ")", ",", ";", "=", "<>", "+", "-",
+                "*", "/", "::", ".", "1", "1.5", "2e3", ".5", "$1", "count", "lower",
+                "evil", "x", "as", "from", "where", "in", "values", "pg_temp", "=-",
+                "||", "->>", "@>", "-1", "--", "/*", "'", "\"", "$$", ":", "[", "]",
+                "update", "set", "by", "order", "on", "conflict", "begin", "commit",
+                "e1", "1e", "1..2", ":=", "!", "<=>", "+-", "~-",
+            ]), 0..14),
+            spaces in proptest::collection::vec(proptest::bool::ANY, 14),
+        ) {
+            let mut sql = String::new();
+            for (i, p) in parts.iter().enumerate() {
+                sql.push_str(p);
+                if spaces[i] {
+                    sql.push(' ');
+                }
+            }
+            let fast = super::classify(super::SimpleTokens { src: sql.as_bytes(), pos: 0 });
+            if let Some(verdict) = fast {
+                proptest::prop_assert_eq!(verdict, lexed(sql.as_bytes()), "{}", sql);
+            }
+        }
     }
 
     proptest::proptest! {

@@ -141,11 +141,12 @@ impl Statement {
     /// A statement and what pgwarden knows of what it does.
     pub fn new(sql: Bytes, shared: Option<(u128, Bytes)>) -> Statement {
         use crate::session::{opaque, state};
+        let (ends_transaction, chains) = opaque::transaction_control(&sql);
         Statement {
             transparent: opaque::transparent(&sql),
             uses_sequences: state::may_use_sequences(&sql),
-            ends_transaction: opaque::ends_transaction(&sql),
-            chains: opaque::commits_and_chains(&sql) || opaque::do_block_commits(&sql),
+            ends_transaction,
+            chains,
             sql,
             shared,
         }

@@ -269,10 +269,21 @@ pub fn may_leave_state(sql: &[u8]) -> bool {
 /// default or a trigger of a statement that writes), leaving `currval` and
 /// `lastval` state on the connection.
 pub fn may_use_sequences(sql: &[u8]) -> bool {
-    const WORDS: &[&[u8]] = &[
-        b"insert", b"update", b"delete", b"merge", b"copy", b"default", b"nextval", b"setval",
-    ];
-    WORDS.iter().any(|w| contains_ci(sql, w))
+    // One pass, as in `may_leave_state`: each word's first two letters
+    // pick the word to compare.
+    sql.windows(2).enumerate().any(|(i, pair)| {
+        let rest = &sql[i..];
+        match [pair[0] | 0x20, pair[1] | 0x20] {
+            [b'i', b'n'] => starts_with_ci(rest, b"insert"),
+            [b'u', b'p'] => starts_with_ci(rest, b"update"),
+            [b'd', b'e'] => starts_with_ci(rest, b"delete") || starts_with_ci(rest, b"default"),
+            [b'm', b'e'] => starts_with_ci(rest, b"merge"),
+            [b'c', b'o'] => starts_with_ci(rest, b"copy"),
+            [b'n', b'e'] => starts_with_ci(rest, b"nextval"),
+            [b's', b'e'] => starts_with_ci(rest, b"setval"),
+            _ => false,
+        }
+    })
 }
 
 /// Whether `sql` contains `word` (lowercase ASCII letters, at least two),
@@ -341,7 +352,8 @@ mod tests {
             noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
             word in proptest::sample::select(vec![
                 "set", "disc", "listen", "prep", "decl", "load", "temp", "hold", "advis",
-                "deallocate", "sel", "xyz",
+                "deallocate", "sel", "xyz", "insert", "update", "delete", "merge", "copy",
+                "default", "nextval", "setval",
             ]),
             upper in proptest::collection::vec(proptest::prelude::any::<bool>(), 10),
             at in 0usize..40,
@@ -363,6 +375,13 @@ mod tests {
                 needles.iter().any(|n| plain(n)) || plain(b"deallocate")
             );
             proptest::prop_assert_eq!(contains_ci(&sql, b"deallocate"), plain(b"deallocate"));
+            let sequence_words: [&[u8]; 8] = [
+                b"insert", b"update", b"delete", b"merge", b"copy", b"default", b"nextval", b"setval",
+            ];
+            proptest::prop_assert_eq!(
+                may_use_sequences(&sql),
+                sequence_words.iter().any(|w| plain(w))
+            );
             proptest::prop_assert_eq!(contains_ci(&noise, b"deallocate"), {
                 noise.windows(10).any(|x| x.eq_ignore_ascii_case(b"deallocate"))
             });

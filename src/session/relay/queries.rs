@@ -17,9 +17,7 @@ impl QueryLoop<'_> {
         }
         let transparent = crate::session::opaque::transparent(sql);
         let opaque = !transparent || self.ever_opaque || self.tx_opaque;
-        let chains = crate::session::opaque::commits_and_chains(sql)
-            || crate::session::opaque::do_block_commits(sql);
-        if opaque && (chains || crate::session::opaque::continues_after_commit(sql)) {
+        if opaque && crate::session::opaque::starts_another_transaction(sql) {
             let error = self.blocked(sql, COMMIT_THEN_MORE).await;
             return self.refuse(Flow::Simple, error).await;
         }

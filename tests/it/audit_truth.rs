@@ -12,6 +12,14 @@ fn cstr(s: &str) -> Vec<u8> {
     v
 }
 
+/// The exported `query` line of `statement`.
+fn query_record<'a>(records: &'a [Value], statement: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| s(r, "kind") == "query" && s(r, "statement") == statement)
+        .unwrap_or_else(|| panic!("a record of {statement}: {records:?}"))
+}
+
 /// Parse, Bind, Describe, Execute and Sync of an unnamed statement, as
 /// psycopg, asyncpg and node-postgres send one statement.
 fn extended(sql: &str) -> Vec<u8> {
@@ -68,13 +76,7 @@ async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let _dir = gw.stop().await;
     let records = export(&store, &[]);
-    let query = |text: &str| -> Value {
-        records
-            .iter()
-            .find(|r| s(r, "kind") == "query" && s(r, "statement") == text)
-            .unwrap_or_else(|| panic!("a record of {text}"))
-            .clone()
-    };
+    let query = |text: &str| query_record(&records, text).clone();
     for (sql, code) in cases
         .iter()
         .chain(&[("SELECT * FROM audit_no_such_table_2", "42P01")])
@@ -133,12 +135,7 @@ async fn binds_and_cursor_portals_are_recorded() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let _dir = gw.stop().await;
     let records = export(&store, &[]);
-    let find = |text: &str| {
-        records
-            .iter()
-            .find(|r| s(r, "kind") == "query" && s(r, "statement") == text)
-            .unwrap_or_else(|| panic!("a record of {text}: {records:?}"))
-    };
+    let find = |text: &str| query_record(&records, text);
     let bind = find("SELECT pg_catalog.abs(-7)");
     assert_eq!(
         (s(bind, "status"), s(bind, "command_tag")),
@@ -210,10 +207,7 @@ async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
     );
     let _dir = gw.stop().await;
     let records = export(&store, &[]);
-    let rollback = records
-        .iter()
-        .find(|r| s(r, "kind") == "query" && s(r, "statement") == "ROLLBACK")
-        .expect("the gateway's ROLLBACK is recorded");
+    let rollback = query_record(&records, "ROLLBACK");
     assert_eq!(s(rollback, "client_user"), "alice");
     assert_eq!(s(rollback, "status"), "ok", "{rollback}");
     assert!(
@@ -221,10 +215,7 @@ async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
             .contains("issued by pgwarden: the client disconnected inside a transaction"),
         "{rollback}"
     );
-    let inserted = records
-        .iter()
-        .find(|r| s(r, "kind") == "query" && s(r, "statement") == insert)
-        .expect("the INSERT is recorded");
+    let inserted = query_record(&records, &insert);
     assert_eq!(
         (s(inserted, "status"), s(inserted, "command_tag")),
         ("ok".into(), "INSERT 0 1".into()),
@@ -366,10 +357,7 @@ async fn a_cancel_by_the_gateway_is_recorded_as_such() {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let _dir = gw.stop().await;
     let records = export(&store, &[]);
-    let r = records
-        .iter()
-        .find(|r| s(r, "kind") == "query" && s(r, "statement") == "SELECT pg_sleep(5)")
-        .expect("recorded");
+    let r = query_record(&records, "SELECT pg_sleep(5)");
     assert_eq!(s(r, "sqlstate"), "57014");
     assert!(
         s(r, "message").contains("cancelled by pgwarden: query_timeout_ms elapsed"),

@@ -43,6 +43,8 @@ const COMMANDS: &[&[u8]] = &[
     b"fetch",
     b"move",
     b"close",
+    b"set",
+    b"reset",
 ];
 
 /// Reserved and column-name keywords (never a function name without
@@ -221,11 +223,22 @@ const HARMLESS_SETTINGS: &[&[u8]] = &[
     b"idle_in_transaction_session_timeout",
 ];
 
-/// Whether a session with these startup settings stays transparent.
+/// Whether a session with these startup settings stays transparent: a
+/// `search_path` may be set too, unless it names `pg_catalog` or `pg_temp`.
 pub fn settings_transparent(settings: &[(String, String)]) -> bool {
-    settings
-        .iter()
-        .all(|(name, _)| one_of(HARMLESS_SETTINGS, name.as_bytes()))
+    settings.iter().all(|(name, value)| {
+        one_of(HARMLESS_SETTINGS, name.as_bytes())
+            || (name.eq_ignore_ascii_case("search_path") && !names_the_catalog(value.as_bytes()))
+    })
+}
+
+/// Whether a setting's text names `pg_catalog` or `pg_temp`: placed in
+/// `search_path` explicitly, they change what an unqualified built-in name
+/// resolves to (a function of the client's own could come before the
+/// real one). Any other `SET` runs no code: pg_catalog stays first.
+fn names_the_catalog(text: &[u8]) -> bool {
+    let ci = crate::session::state::contains_ci;
+    ci(text, b"pg_catalog") || ci(text, b"pg_temp")
 }
 
 fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
@@ -282,17 +295,24 @@ fn classify<'a>(tokens: impl Iterator<Item = Read<'a>>) -> Option<bool> {
     let mut prev2: Option<(Kind, &[u8])> = None;
     // After `INTO`: a (qualified) table name, whose `(` opens a column list.
     let mut table_name = false;
+    // In a `SET`/`RESET`: its values are read too (see `names_the_catalog`).
+    let mut setting = false;
     for read in tokens {
         let (kind, text, terminated) = read?;
         if !terminated {
             return Some(false);
         }
+        if (setting || (at_start && (one_of(&[b"set", b"reset"], text)))) && names_the_catalog(text)
+        {
+            return Some(false);
+        }
         match kind {
             Kind::Punct if text == b";" => {
                 at_start = true;
-                (prev, prev2, table_name) = (None, None, false);
+                (prev, prev2, table_name, setting) = (None, None, false, false);
                 continue;
             }
+            Kind::Word if at_start && one_of(&[b"set", b"reset"], text) => setting = true,
             Kind::Word if at_start && !in_set(&COMMAND_SET, text) => return Some(false),
             _ if at_start && kind != Kind::Word => return Some(false),
             Kind::Word if one_of(OPAQUE_NAMES, text) || starts_with_ci(text, b"pg_temp") => {
@@ -622,6 +642,11 @@ mod tests {
             "SELECT $$ evil() $$",
             "DECLARE c CURSOR FOR SELECT * FROM t; FETCH 10 FROM c",
             "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET x = 2",
+            "SET statement_timeout = '5s'",
+            "SET SESSION TIME ZONE 'UTC'",
+            "SET search_path = tenant_1, public",
+            "RESET work_mem",
+            "SET LOCAL lock_timeout TO 1000",
         ] {
             assert!(transparent(sql.as_bytes()), "{sql}");
         }
@@ -642,6 +667,9 @@ mod tests {
             "UPDATE pg_settings SET setting = 'x' WHERE name = 'search_path'",
             "CREATE TEMP TABLE t (x int)",
             "SET search_path = evil, pg_catalog",
+            "SET search_path = 'evil, pg_catalog'",
+            "SET search_path TO \"pg_temp\", public",
+            "SET SCHEMA 'pg_catalog'",
             "SELECT 1; CALL p()",
             "SELECT 'unterminated",
             "SELECT E'\\x41'",

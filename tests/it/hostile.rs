@@ -699,3 +699,51 @@ async fn a_client_vanishing_mid_copy_leaves_a_clean_connection() {
         "0"
     );
 }
+
+/// `SET` runs no code: a session that sets ordinary settings (even its
+/// `search_path`) stays transparent and pays no assertion per transaction,
+/// while its settings still never reach the next client. A `search_path`
+/// that names `pg_catalog` could redirect built-in names: opaque.
+#[tokio::test(flavor = "multi_thread")]
+async fn ordinary_sets_stay_transparent_and_private() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let assertions = || {
+        gw.shared
+            .metrics
+            .identity_assertions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let alice = gw.connect("alice").await;
+    alice
+        .batch_execute("SET statement_timeout = '5s'; SET search_path = public")
+        .await
+        .unwrap();
+    let before = assertions();
+    for _ in 0..5 {
+        assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+    }
+    assert_eq!(assertions(), before, "no assertion per transaction");
+    alice
+        .batch_execute("SET search_path = public, pg_catalog")
+        .await
+        .unwrap();
+    let before = assertions();
+    for _ in 0..3 {
+        assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+    }
+    assert!(
+        assertions() >= before + 3,
+        "re-asserted after a pg_catalog search_path"
+    );
+    drop(alice);
+    let bob = gw.connect("bob").await;
+    assert_eq!(support::one(&bob, "SHOW statement_timeout").await, "0");
+    assert_eq!(
+        support::one(&bob, "SHOW search_path").await,
+        "\"$user\", public"
+    );
+}

@@ -747,3 +747,29 @@ async fn ordinary_sets_stay_transparent_and_private() {
         "\"$user\", public"
     );
 }
+
+/// From a fourth red-team pass: `ON conflict(...)` in a join condition is a
+/// call of a function named `conflict` (here one a DBA made, that switches
+/// role), not an upsert's `ON CONFLICT (...) DO`: it is opaque, and the
+/// escape ends with its transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_function_named_conflict_in_a_join_is_a_call() {
+    support::cluster().psql(
+        "app",
+        "CREATE OR REPLACE FUNCTION public.conflict(int) RETURNS boolean LANGUAGE sql
+           AS $$ SELECT pg_catalog.set_config('role', 'engineer', false) IS NOT NULL $$;
+         GRANT EXECUTE ON FUNCTION public.conflict(int) TO analyst;
+         INSERT INTO items VALUES (-777, 'conflict', NULL) ON CONFLICT (id) DO NOTHING;",
+    );
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    alice
+        .simple_query("SELECT 1 FROM items a JOIN items b ON conflict(a.id) WHERE a.id = -777 AND b.id = -777")
+        .await
+        .unwrap();
+    assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+}

@@ -759,7 +759,7 @@ async fn a_function_named_conflict_in_a_join_is_a_call() {
         "CREATE OR REPLACE FUNCTION public.conflict(int) RETURNS boolean LANGUAGE sql
            AS $$ SELECT pg_catalog.set_config('role', 'engineer', false) IS NOT NULL $$;
          GRANT EXECUTE ON FUNCTION public.conflict(int) TO analyst;
-         INSERT INTO items VALUES (-777, 'conflict', NULL) ON CONFLICT (id) DO NOTHING;",
+         INSERT INTO items VALUES (999777, 'conflict', NULL) ON CONFLICT (id) DO NOTHING;",
     );
     let gw = start_gateway(Opts {
         pool_size: 1,
@@ -768,7 +768,7 @@ async fn a_function_named_conflict_in_a_join_is_a_call() {
     .await;
     let alice = gw.connect("alice").await;
     alice
-        .simple_query("SELECT 1 FROM items a JOIN items b ON conflict(a.id) WHERE a.id = -777 AND b.id = -777")
+        .simple_query("SELECT 1 FROM items a JOIN items b ON conflict(a.id) WHERE a.id = 999777 AND b.id = 999777")
         .await
         .unwrap();
     assert_eq!(support::one(&alice, WHO).await, "analyst/alice");

@@ -73,11 +73,18 @@ impl Auditor {
         let interval = Duration::from_millis(cfg.flush_interval_ms.max(1));
         let mut writer = Writer::recover(store, cfg.durability, interval, counters.clone())?;
         let mut start = Event::new(Kind::GatewayStart);
-        start.message = Some(format!(
+        let mut message = format!(
             "pgwarden {} durability {}",
             env!("CARGO_PKG_VERSION"),
             durability_name(cfg.durability)
-        ));
+        );
+        if let Some((seq, kind)) = writer.unclean_end() {
+            message.push_str(&format!(
+                "; the previous run ended without gateway_stop: its last record is seq {seq} ({})",
+                kind.as_str()
+            ));
+        }
+        start.message = Some(message);
         writer.append_now(start)?;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         std::thread::Builder::new()
@@ -505,6 +512,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_start_after_a_run_without_gateway_stop_says_so() {
+        let store = MemoryStore::default();
+        let auditor = open(&store, Durability::Group);
+        let mut ev = Event::new(Kind::Query);
+        ev.statement = Some("select 1".into());
+        let last = auditor.append(ev).await.unwrap();
+        // The process dies: no gateway_stop. The writer thread only goes
+        // away with the channel.
+        drop(auditor);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let again = open(&store, Durability::Group);
+        again.shutdown().await.unwrap();
+        let third = open(&store, Durability::Group);
+        third.shutdown().await.unwrap();
+        let starts: Vec<Option<String>> = stored(&store)
+            .into_iter()
+            .filter(|r| r.kind == Kind::GatewayStart)
+            .map(|r| r.message)
+            .collect();
+        assert_eq!(starts.len(), 3);
+        let unclean = format!(
+            "the previous run ended without gateway_stop: its last record is seq {last} (query)"
+        );
+        assert!(!starts[0]
+            .as_deref()
+            .unwrap()
+            .contains("without gateway_stop"));
+        assert!(
+            starts[1].as_deref().unwrap().ends_with(&unclean),
+            "{starts:?}"
+        );
+        assert!(
+            !starts[2]
+                .as_deref()
+                .unwrap()
+                .contains("without gateway_stop"),
+            "a clean stop before it: {starts:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shutdown_is_idempotent_and_later_appends_fail() {
         let store = MemoryStore::default();
         let auditor = open(&store, Durability::Group);

@@ -82,6 +82,10 @@ pub struct Counters {
 pub struct Writer {
     store: Box<dyn Store>,
     chain: Chain,
+    /// The store's last record when it was opened, if it is not a
+    /// `gateway_stop`: the previous run ended without one (a crash, a
+    /// `kill -9`, a lost power supply).
+    unclean_end: Option<(u64, Kind)>,
     durability: Durability,
     flush_interval: Duration,
     counters: Arc<Counters>,
@@ -98,8 +102,13 @@ pub struct Writer {
 /// The chain continuing after `store`'s last record, whose own hash is
 /// re-checked (a damaged tail is refused, not extended).
 fn chain_of(store: &dyn Store) -> Result<Chain, AuditError> {
+    Ok(last_of(store)?.map_or_else(Chain::empty, |last| Chain::after(&last)))
+}
+
+/// The store's last record, checked against its hash.
+fn last_of(store: &dyn Store) -> Result<Option<super::Record>, AuditError> {
     let Some((seq, value)) = store.last()? else {
-        return Ok(Chain::empty());
+        return Ok(None);
     };
     let last = decode(seq, &value)?;
     if last.seq != seq || compute_hash(&last) != last.hash {
@@ -108,7 +117,7 @@ fn chain_of(store: &dyn Store) -> Result<Chain, AuditError> {
             message: "the last record does not match its hash; run `pgwarden audit verify`".into(),
         });
     }
-    Ok(Chain::after(&last))
+    Ok(Some(last))
 }
 
 impl Writer {
@@ -119,8 +128,13 @@ impl Writer {
         flush_interval: Duration,
         counters: Arc<Counters>,
     ) -> Result<Writer, AuditError> {
-        let chain = chain_of(&*store)?;
+        let last = last_of(&*store)?;
+        let chain = last.as_ref().map_or_else(Chain::empty, Chain::after);
+        let unclean_end = last
+            .filter(|r| r.kind != Kind::GatewayStop)
+            .map(|r| (r.seq, r.kind));
         Ok(Writer {
+            unclean_end,
             store,
             chain,
             durability,
@@ -131,6 +145,12 @@ impl Writer {
             broken_at: None,
             links: HashMap::new(),
         })
+    }
+
+    /// The previous run's last record, `(seq, kind)`, when that run ended
+    /// without a `gateway_stop`.
+    pub fn unclean_end(&self) -> Option<(u64, Kind)> {
+        self.unclean_end
     }
 
     /// After a failure, at most once per [`REOPEN_INTERVAL`]: reopens the

@@ -406,3 +406,42 @@ async fn records_carry_the_time_of_their_event() {
         .collect();
     assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
 }
+
+/// After `SET application_name`, records carry the name the client uses
+/// now, not the one it started with.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_follow_the_clients_application_name() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let mut config: tokio_postgres::Config = gw
+        .url("alice", support::password_of("alice"))
+        .parse()
+        .unwrap();
+    config.application_name("first");
+    let (c, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c.simple_query("SELECT 'before'").await.unwrap();
+    c.simple_query("SET application_name = 'second'")
+        .await
+        .unwrap();
+    c.simple_query("SELECT 'after'").await.unwrap();
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let _dir = gw.stop().await;
+    let records = export(&store, &[]);
+    assert_eq!(
+        s(
+            query_record(&records, "SELECT 'before'"),
+            "application_name"
+        ),
+        "first"
+    );
+    assert_eq!(
+        s(query_record(&records, "SELECT 'after'"), "application_name"),
+        "second"
+    );
+}

@@ -214,6 +214,7 @@ impl QueryLoop<'_> {
             && !value.ends_with(&format!("[{}]", self.ident.client_user))
         {
             self.retag_application_name = true;
+            self.application_name = Some(Arc::from(&*value));
         }
         if let Some(server) = self.server.as_mut() {
             server
@@ -284,7 +285,7 @@ impl QueryLoop<'_> {
         tracing::error!(session = %self.ident.session_id, "{message}");
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_violations);
         if self.auditing {
-            let mut ev = self.ident.event(Kind::IdentityViolation);
+            let mut ev = self.event(Kind::IdentityViolation);
             ev.status = Some(Status::Error);
             ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
             ev.message = Some(message.clone());

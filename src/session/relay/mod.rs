@@ -186,6 +186,9 @@ pub struct QueryLoop<'a> {
     /// The gateway cancelled the running request itself, and why: the
     /// outcome's record says so next to PostgreSQL's message.
     cancel_note: Option<String>,
+    /// The client's application name as it last set it (the startup one
+    /// until a `SET application_name`): records carry it.
+    application_name: Option<Arc<str>>,
 }
 
 enum Wake {
@@ -242,6 +245,7 @@ impl<'a> QueryLoop<'a> {
             tx_opaque: false,
             client_gone: false,
             cancel_note: None,
+            application_name: ident.application_name.clone(),
         }
     }
 
@@ -607,8 +611,16 @@ impl<'a> QueryLoop<'a> {
         }
     }
 
+    /// An audit event of this session: its identity, and the application
+    /// name the client uses now.
+    fn event(&self, kind: Kind) -> Event {
+        let mut ev = self.ident.event(kind);
+        ev.application_name = self.application_name.clone();
+        ev
+    }
+
     fn result_event(&self, pending: Pending, outcome: Outcome) -> Event {
-        let mut ev = self.ident.event(Kind::Result);
+        let mut ev = self.event(Kind::Result);
         ev.link = Link::Result(pending.ticket);
         ev.duration_us = Some(pending.started.elapsed().as_micros() as u64);
         ev.backend_pid = self.server.as_ref().map(|s| s.pid);

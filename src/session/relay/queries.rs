@@ -440,7 +440,7 @@ impl QueryLoop<'_> {
     pub(super) async fn blocked(&mut self, sql: &[u8], why: &str) -> PgError {
         tracing::info!(session = %self.ident.session_id, user = %self.ident.client_user, "statement guard: {why}");
         if self.auditing {
-            let mut ev = self.ident.event(Kind::GuardBlocked);
+            let mut ev = self.event(Kind::GuardBlocked);
             ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
             ev.status = Some(Status::Error);
             ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());

@@ -257,7 +257,7 @@ impl QueryLoop<'_> {
         if !self.auditing {
             return Ok(None);
         }
-        let mut ev = self.ident.event(Kind::Query);
+        let mut ev = self.event(Kind::Query);
         ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
         ev.params = params;
         self.store_query(ev).await
@@ -273,7 +273,7 @@ impl QueryLoop<'_> {
         if !self.auditing {
             return Ok(None);
         }
-        let mut ev = self.ident.event(Kind::Query);
+        let mut ev = self.event(Kind::Query);
         ev.statement = Some(sql.to_string());
         ev.message = Some(note.to_string());
         self.store_query(ev).await

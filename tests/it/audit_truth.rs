@@ -12,6 +12,21 @@ fn cstr(s: &str) -> Vec<u8> {
     v
 }
 
+/// alice, connected with this application name.
+async fn alice_as(
+    gw: &crate::support::TestGateway,
+    application_name: &str,
+) -> tokio_postgres::Client {
+    let mut config: tokio_postgres::Config = gw
+        .url("alice", support::password_of("alice"))
+        .parse()
+        .unwrap();
+    config.application_name(application_name);
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
 /// The exported `query` line of `statement`.
 fn query_record<'a>(records: &'a [Value], statement: &str) -> &'a Value {
     records
@@ -234,13 +249,7 @@ async fn cancel_and_session_end_records_and_csv_cells() {
     })
     .await;
     let store = gw.dir.path().join("audit");
-    let mut config: tokio_postgres::Config = gw
-        .url("alice", support::password_of("alice"))
-        .parse()
-        .unwrap();
-    config.application_name("=HYPERLINK(\"http://x\")");
-    let (alice, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let alice = alice_as(&gw, "=HYPERLINK(\"http://x\")").await;
     let token = alice.cancel_token();
     let sleeper = tokio::spawn(async move { alice.simple_query("SELECT pg_sleep(10)").await });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -417,13 +426,7 @@ async fn records_follow_the_clients_application_name() {
     })
     .await;
     let store = gw.dir.path().join("audit");
-    let mut config: tokio_postgres::Config = gw
-        .url("alice", support::password_of("alice"))
-        .parse()
-        .unwrap();
-    config.application_name("first");
-    let (c, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let c = alice_as(&gw, "first").await;
     c.simple_query("SELECT 'before'").await.unwrap();
     c.simple_query("SET application_name = 'second'")
         .await

@@ -10,8 +10,8 @@
 //! Columns, in this order, in both formats: [`FIELDS`]. JSON lines use the
 //! canonical encoding of [`super::record`] (absent = `null`); a raw JSON line
 //! is the stored value itself. CSV is RFC 4180 with a header row; an absent
-//! value is an empty field (CSV cannot tell it from an empty string: use
-//! JSON lines when that matters), `params` is its JSON array text.
+//! value is an empty field and an empty string is `""`, `params` is its
+//! JSON array text.
 
 use std::io::Write;
 
@@ -156,17 +156,35 @@ fn out_err(source: std::io::Error) -> AuditError {
     }
 }
 
-fn csv_err(e: csv::Error) -> AuditError {
-    let source = match e.into_kind() {
-        csv::ErrorKind::Io(io) => io,
-        other => std::io::Error::other(format!("{other:?}")),
-    };
-    out_err(source)
-}
-
 enum Sink<W: Write> {
     Jsonl(std::io::BufWriter<W>),
-    Csv(Box<csv::Writer<W>>),
+    Csv(std::io::BufWriter<W>),
+}
+
+/// One CSV row (RFC 4180): an absent value is an empty field, an empty
+/// string is `""`, and a field holding a quote, comma, CR or LF is quoted
+/// with its quotes doubled. The csv crate quotes by one rule for all
+/// fields, so it cannot tell the first two apart.
+fn write_csv_row<'a>(
+    out: &mut impl Write,
+    cells: impl Iterator<Item = Option<std::borrow::Cow<'a, str>>>,
+) -> std::io::Result<()> {
+    for (i, cell) in cells.enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        let Some(text) = cell else {
+            continue;
+        };
+        if text.is_empty() || text.contains(['"', ',', '\r', '\n']) {
+            out.write_all(b"\"")?;
+            out.write_all(text.replace('"', "\"\"").as_bytes())?;
+            out.write_all(b"\"")?;
+        } else {
+            out.write_all(text.as_bytes())?;
+        }
+    }
+    out.write_all(b"\n")
 }
 
 impl<W: Write> Sink<W> {
@@ -174,11 +192,9 @@ impl<W: Write> Sink<W> {
         Ok(match format {
             Format::Jsonl => Sink::Jsonl(std::io::BufWriter::with_capacity(256 * 1024, out)),
             Format::Csv => {
-                let mut w = csv::WriterBuilder::new()
-                    .buffer_capacity(256 * 1024)
-                    .from_writer(out);
-                w.write_record(FIELDS).map_err(csv_err)?;
-                Sink::Csv(Box::new(w))
+                let mut w = std::io::BufWriter::with_capacity(256 * 1024, out);
+                write_csv_row(&mut w, FIELDS.iter().map(|f| Some((*f).into()))).map_err(out_err)?;
+                Sink::Csv(w)
             }
         })
     }
@@ -193,11 +209,8 @@ impl<W: Write> Sink<W> {
             .and_then(|()| w.write_all(b"\n"))
             .map_err(out_err),
             Sink::Csv(w) => {
-                let mut fields: Vec<String> = Vec::with_capacity(FIELDS.len());
-                for value in record.values() {
-                    fields.push(csv_field(&value));
-                }
-                w.write_record(&fields).map_err(csv_err)
+                let values = record.values();
+                write_csv_row(w, values.iter().map(csv_field)).map_err(out_err)
             }
         }
     }
@@ -210,21 +223,21 @@ impl<W: Write> Sink<W> {
     }
 }
 
-fn csv_field(value: &Value<'_>) -> String {
-    match value {
-        Value::Null => String::new(),
+fn csv_field<'a>(value: &Value<'a>) -> Option<std::borrow::Cow<'a, str>> {
+    Some(match value {
+        Value::Null => return None,
         // A cell a spreadsheet would read as a formula is prefixed with `'`
         // (OWASP's rule for CSV injection): statement text is the client's.
-        Value::Str(s) if s.starts_with(['=', '+', '-', '@', '\t', '\r']) => format!("'{s}"),
-        Value::Str(s) => (*s).to_string(),
-        Value::UInt(n) => n.to_string(),
-        Value::Int(n) => n.to_string(),
+        Value::Str(s) if s.starts_with(['=', '+', '-', '@', '\t', '\r']) => format!("'{s}").into(),
+        Value::Str(s) => (*s).into(),
+        Value::UInt(n) => n.to_string().into(),
+        Value::Int(n) => n.to_string().into(),
         Value::List(_) => {
             let mut s = String::new();
             write_json_value(&mut s, value);
-            s
+            s.into()
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -335,6 +348,24 @@ mod tests {
         assert_eq!(&bob[10], "[\"x\",null]");
         assert_eq!(&bob[11], "ok");
         assert_eq!(&bob[12], "", "absent sqlstate is an empty field");
+    }
+
+    #[test]
+    fn csv_tells_absent_from_empty() {
+        let mut out = Vec::new();
+        let cells = [
+            None,
+            Some(""),
+            Some("a,b"),
+            Some("x\"y"),
+            Some("plain"),
+            None,
+        ];
+        write_csv_row(&mut out, cells.into_iter().map(|c| c.map(Into::into))).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            ",\"\",\"a,b\",\"x\"\"y\",plain,\n"
+        );
     }
 
     #[test]

@@ -108,10 +108,9 @@ fn main() {
     for (name, sql) in cases.iter().take(7) {
         let t = ns_per_call(sql.as_bytes(), pgwarden::session::opaque::transparent);
         let q = ns_per_call(sql.as_bytes(), pgwarden::session::state::may_use_sequences);
-        let c = ns_per_call(
-            sql.as_bytes(),
-            pgwarden::session::opaque::starts_another_transaction,
-        );
+        let c = ns_per_call(sql.as_bytes(), |s| {
+            pgwarden::session::commits::Commits::of(s).starts_another_transaction()
+        });
         println!(
             "{name:<40} {:>8} {:>14.1}  (transparent {t:.0}, sequences {q:.0}, commits {c:.0})",
             sql.len(),

@@ -212,6 +212,23 @@ impl ServerConn {
         }
     }
 
+    /// Records that `session` may have left sequence state here (see
+    /// [`ServerConn::sequences_by`]).
+    pub fn note_sequences(&mut self, session: &std::sync::Arc<str>) {
+        self.sequences_by.get_or_insert_with(|| session.clone());
+    }
+
+    /// Forgets what a session left here, once a reset has cleared it on
+    /// the server (or is sent ahead of the next assertion): settings,
+    /// prepared statements, sequence state, and the identity it carried.
+    pub fn forget_state(&mut self) {
+        self.statements.clear();
+        self.identity = None;
+        self.applied = None;
+        self.dirty_by = None;
+        self.sequences_by = None;
+    }
+
     /// Marks the connection as unfit for reuse; the pool will discard it.
     pub fn mark_broken(&mut self) {
         self.broken = true;

@@ -26,8 +26,6 @@ pub struct CancelSlot {
     state: Mutex<SlotState>,
     /// Woken when the last cancel in flight has been taken.
     settled: tokio::sync::Notify,
-    /// Session id, for the audit record of a cancel.
-    pub session_id: String,
     /// The target session's identity (user, role, database, address,
     /// application name), for the audit record of a cancel.
     pub record: crate::audit::Event,
@@ -117,7 +115,6 @@ impl CancelRegistry {
     /// Issues a fresh random key for a new client.
     pub fn register(&self, record: crate::audit::Event) -> (i32, i32, Arc<CancelSlot>) {
         let slot = Arc::new(CancelSlot {
-            session_id: record.session_id.as_deref().unwrap_or_default().to_string(),
             record,
             state: Mutex::default(),
             settled: tokio::sync::Notify::new(),

@@ -7,6 +7,7 @@
 
 pub mod cancel;
 pub mod client;
+pub mod commits;
 pub mod opaque;
 mod prepared;
 mod relay;

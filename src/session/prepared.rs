@@ -8,6 +8,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::protocol::messages::write_frame;
+use crate::session::commits::Commits;
 
 /// What the gateway remembers of one client statement.
 #[derive(Debug, Clone)]
@@ -17,18 +18,44 @@ pub struct Statement {
     /// For named statements: the shared key and the `Parse` body after the
     /// name (query, parameter types), to prepare it on another connection.
     pub shared: Option<(u128, Bytes)>,
-    /// Whether pgwarden fully understands what it runs
+    /// What it does, as far as pgwarden can tell.
+    pub nature: Nature,
+}
+
+/// What pgwarden knows a statement does, worked out once when it is parsed.
+#[derive(Debug, Clone, Copy)]
+pub struct Nature {
+    /// It runs only what pgwarden understands
     /// ([`crate::session::opaque::transparent`]).
     pub transparent: bool,
-    /// Whether it may leave sequence state
+    /// It may leave sequence state
     /// ([`crate::session::state::may_use_sequences`]).
     pub uses_sequences: bool,
-    /// Whether it commits its transaction
-    /// ([`crate::session::opaque::ends_transaction`]).
-    pub ends_transaction: bool,
-    /// Whether it starts a new transaction right after a commit (`COMMIT
-    /// AND CHAIN`, a `DO` block that commits inside).
-    pub chains: bool,
+    /// What it does to its transaction.
+    pub commits: Commits,
+}
+
+impl Nature {
+    /// A statement pgwarden did not see prepared (an SQL-level `PREPARE`):
+    /// it may run anything and leave sequence state.
+    pub const UNKNOWN: Nature = Nature {
+        transparent: false,
+        uses_sequences: true,
+        commits: Commits {
+            ends: false,
+            more_after: false,
+            chains: false,
+            block_commits: false,
+        },
+    };
+
+    pub fn of(sql: &[u8]) -> Nature {
+        Nature {
+            transparent: crate::session::opaque::transparent(sql),
+            uses_sequences: crate::session::state::may_use_sequences(sql),
+            commits: Commits::of(sql),
+        }
+    }
 }
 
 /// `Parse` of `rest` (query and parameter types) under `name`.
@@ -134,19 +161,10 @@ fn split_word(s: &str) -> Option<(&str, &str)> {
 }
 
 impl Statement {
-    pub fn unnamed(sql: Bytes) -> Statement {
-        Statement::new(sql, None)
-    }
-
     /// A statement and what pgwarden knows of what it does.
     pub fn new(sql: Bytes, shared: Option<(u128, Bytes)>) -> Statement {
-        use crate::session::{opaque, state};
-        let (ends_transaction, chains) = opaque::transaction_control(&sql);
         Statement {
-            transparent: opaque::transparent(&sql),
-            uses_sequences: state::may_use_sequences(&sql),
-            ends_transaction,
-            chains,
+            nature: Nature::of(&sql),
             sql,
             shared,
         }

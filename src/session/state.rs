@@ -244,24 +244,17 @@ pub fn deallocates(sql: &[u8]) -> bool {
 /// every stateful word (and `deallocate`) has, one match on each pair of
 /// bytes, so it costs a few instructions per byte.
 pub fn may_leave_state(sql: &[u8]) -> bool {
-    sql.windows(2).enumerate().any(|(i, pair)| {
-        // `| 0x20` lowercases letters; a non-letter never becomes a letter.
-        let needle: &[u8] = match [pair[0] | 0x20, pair[1] | 0x20] {
-            [b's', b'e'] => b"set",
-            [b'd', b'i'] => b"disc",
-            [b'l', b'i'] => b"listen",
-            [b'p', b'r'] => b"prep",
-            [b'd', b'e'] => {
-                return starts_with_ci(&sql[i..], b"decl")
-                    || starts_with_ci(&sql[i..], b"deallocate");
-            }
-            [b'l', b'o'] => b"load",
-            [b't', b'e'] => b"temp",
-            [b'h', b'o'] => b"hold",
-            [b'a', b'd'] => b"advis",
-            _ => return false,
-        };
-        starts_with_ci(&sql[i..], needle)
+    any_word_start(sql, |pair, rest| match pair {
+        [b's', b'e'] => starts_with_ci(rest, b"set"),
+        [b'd', b'i'] => starts_with_ci(rest, b"disc"),
+        [b'l', b'i'] => starts_with_ci(rest, b"listen"),
+        [b'p', b'r'] => starts_with_ci(rest, b"prep"),
+        [b'd', b'e'] => starts_with_ci(rest, b"decl") || starts_with_ci(rest, b"deallocate"),
+        [b'l', b'o'] => starts_with_ci(rest, b"load"),
+        [b't', b'e'] => starts_with_ci(rest, b"temp"),
+        [b'h', b'o'] => starts_with_ci(rest, b"hold"),
+        [b'a', b'd'] => starts_with_ci(rest, b"advis"),
+        _ => false,
     })
 }
 
@@ -269,29 +262,35 @@ pub fn may_leave_state(sql: &[u8]) -> bool {
 /// default or a trigger of a statement that writes), leaving `currval` and
 /// `lastval` state on the connection.
 pub fn may_use_sequences(sql: &[u8]) -> bool {
-    // One pass, as in `may_leave_state`: each word's first two letters
-    // pick the word to compare.
-    sql.windows(2).enumerate().any(|(i, pair)| {
-        let rest = &sql[i..];
-        match [pair[0] | 0x20, pair[1] | 0x20] {
-            [b'i', b'n'] => starts_with_ci(rest, b"insert"),
-            [b'u', b'p'] => starts_with_ci(rest, b"update"),
-            [b'd', b'e'] => starts_with_ci(rest, b"delete") || starts_with_ci(rest, b"default"),
-            [b'm', b'e'] => starts_with_ci(rest, b"merge"),
-            [b'c', b'o'] => starts_with_ci(rest, b"copy"),
-            [b'n', b'e'] => starts_with_ci(rest, b"nextval"),
-            [b's', b'e'] => starts_with_ci(rest, b"setval"),
-            _ => false,
-        }
+    any_word_start(sql, |pair, rest| match pair {
+        [b'i', b'n'] => starts_with_ci(rest, b"insert"),
+        [b'u', b'p'] => starts_with_ci(rest, b"update"),
+        [b'd', b'e'] => starts_with_ci(rest, b"delete") || starts_with_ci(rest, b"default"),
+        [b'm', b'e'] => starts_with_ci(rest, b"merge"),
+        [b'c', b'o'] => starts_with_ci(rest, b"copy"),
+        [b'n', b'e'] => starts_with_ci(rest, b"nextval"),
+        [b's', b'e'] => starts_with_ci(rest, b"setval"),
+        _ => false,
     })
 }
 
 /// Whether `sql` contains `word` (lowercase ASCII letters, at least two),
 /// ignoring ASCII case.
 pub fn contains_ci(sql: &[u8], word: &[u8]) -> bool {
-    sql.windows(2).enumerate().any(|(i, pair)| {
-        pair[0] | 0x20 == word[0] && pair[1] | 0x20 == word[1] && starts_with_ci(&sql[i..], word)
+    any_word_start(sql, |pair, rest| {
+        pair == word[..2] && starts_with_ci(rest, word)
     })
+}
+
+/// The keyword prefilters' one pass: whether `found` holds at some byte of
+/// `sql`, given the two bytes there lower-cased (`| 0x20` lower-cases
+/// letters; a non-letter never becomes a letter) and the text from there.
+/// Each filter compares a word only where its first two letters are, so
+/// the pass costs a few instructions per byte.
+pub fn any_word_start(sql: &[u8], found: impl Fn([u8; 2], &[u8]) -> bool) -> bool {
+    sql.windows(2)
+        .enumerate()
+        .any(|(i, pair)| found([pair[0] | 0x20, pair[1] | 0x20], &sql[i..]))
 }
 
 /// The statement that clears what a client may have left behind.

@@ -16,11 +16,6 @@ impl QueryLoop<'_> {
         let Some(server) = self.server.as_mut() else {
             return;
         };
-        if crate::session::state::may_use_sequences(sql) {
-            server
-                .sequences_by
-                .get_or_insert_with(|| self.ident.session_id.clone());
-        }
         if !crate::session::state::may_leave_state(sql) {
             return;
         }
@@ -43,6 +38,13 @@ impl QueryLoop<'_> {
                 }
                 self.pinned = true;
             }
+        }
+    }
+
+    /// The bound connection may now hold this session's sequence state.
+    pub(super) fn note_sequences(&mut self) {
+        if let Some(server) = self.server.as_mut() {
+            server.note_sequences(&self.ident.session_id);
         }
     }
 
@@ -120,9 +122,7 @@ impl QueryLoop<'_> {
         let reset = other_session || self.leaves_settings_behind(&conn);
         if reset {
             crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
-            conn.statements.clear();
-            conn.dirty_by = None;
-            conn.sequences_by = None;
+            conn.forget_state();
         }
         if conn
             .sequences_by
@@ -181,10 +181,8 @@ impl QueryLoop<'_> {
         conn.identity = None;
         conn.applied = None;
         let assertion = Assertion {
-            role: &self.ident.role,
-            setting: &self.shared.config.identity.client_user_setting,
-            client_user: &self.ident.client_user,
             settings: &self.settings,
+            ..self.assertion()
         };
         if let Err(e) = assertion.apply_after(conn, reset).await {
             tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
@@ -370,11 +368,7 @@ impl QueryLoop<'_> {
         };
         let mut out = BytesMut::new();
         messages::query(&mut out, "DISCARD ALL");
-        server.statements.clear();
-        server.identity = None;
-        server.applied = None;
-        server.dirty_by = None;
-        server.sequences_by = None;
+        server.forget_state();
         let ok = match server.write_all(&out).await {
             Ok(()) => server.drain_until_ready().await.is_ok(),
             Err(_) => false,

@@ -7,6 +7,7 @@
 
 use super::recording::{Ahead, Audited};
 use super::*;
+use crate::session::commits::Commits;
 
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
@@ -17,7 +18,7 @@ impl QueryLoop<'_> {
         }
         let transparent = crate::session::opaque::transparent(sql);
         let opaque = !transparent || self.ever_opaque || self.tx_opaque;
-        if opaque && crate::session::opaque::starts_another_transaction(sql) {
+        if opaque && Commits::of(sql).starts_another_transaction() {
             let error = self.blocked(sql, COMMIT_THEN_MORE).await;
             return self.refuse(Flow::Simple, error).await;
         }
@@ -31,6 +32,9 @@ impl QueryLoop<'_> {
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
         self.note_state(sql);
+        if crate::session::state::may_use_sequences(sql) {
+            self.note_sequences();
+        }
         self.note_code(transparent);
         self.note_cursors(&frame.slice_ref(sql));
         self.to_server.extend_from_slice(&frame);
@@ -89,8 +93,6 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         self.note_state(parse.query);
-        let transparent = crate::session::opaque::transparent(parse.query);
-        self.note_code(transparent);
         let name = frame.slice_ref(parse.name);
         let sql = frame.slice_ref(parse.query);
         self.note_cursors(&sql);
@@ -98,18 +100,18 @@ impl QueryLoop<'_> {
         // In session pooling the client owns its connection: its named
         // statements live there under its own names, as directly.
         if name.is_empty() || self.mode == PoolMode::Session {
-            self.statements
-                .insert(name, prepared::Statement::unnamed(sql));
+            let statement = prepared::Statement::new(sql, None);
+            self.note_parsed(statement.nature);
+            self.statements.insert(name, statement);
             self.to_server.extend_from_slice(&frame);
             self.tracker.parse(false, None);
             return Ok(());
         }
         let rest = frame.slice(5 + parse.name.len() + 1..);
         let key = statements::key(&rest);
-        self.statements.insert(
-            name,
-            prepared::Statement::new(sql, Some((key, rest.clone()))),
-        );
+        let statement = prepared::Statement::new(sql, Some((key, rest.clone())));
+        self.note_parsed(statement.nature);
+        self.statements.insert(name, statement);
         let server = self.server.as_mut().expect("bound above");
         if server.statements.touch(key) {
             self.tracker.synth_parse();
@@ -117,6 +119,15 @@ impl QueryLoop<'_> {
             self.prepare_on_server(key, &rest, false);
         }
         Ok(())
+    }
+
+    /// What a `Parse` about to be forwarded may leave on the bound
+    /// connection: opaque code, sequence state.
+    fn note_parsed(&mut self, nature: prepared::Nature) {
+        if nature.uses_sequences {
+            self.note_sequences();
+        }
+        self.note_code(nature.transparent);
     }
 
     /// Sends `Parse` of a shared statement to the bound server (closing the
@@ -160,25 +171,19 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-        if let Err(e) = self
-            .check_unnamed(bind.statement)
-            .and_then(|()| self.check_reserved(bind.statement))
-        {
+        if let Err(e) = self.check_statement_name(bind.statement) {
             return self.refuse(Flow::Extended, e).await;
         }
         // Binding plans the statement, which may evaluate functions; a name
         // the gateway does not map was prepared by SQL it cannot see into.
-        let (transparent, sequences, ends_transaction, chains) = self
+        let (nature, key) = self
             .statements
             .get(bind.statement)
-            .map_or((false, true, false, false), |s| {
-                (
-                    s.transparent,
-                    s.uses_sequences,
-                    s.ends_transaction,
-                    s.chains,
-                )
+            .map_or((prepared::Nature::UNKNOWN, None), |s| {
+                (s.nature, s.shared.as_ref().map(|(key, _)| *key))
             });
+        let transparent = nature.transparent;
+        let chains = nature.commits.chains || nature.commits.block_commits;
         let opaque = !transparent || self.ever_opaque || self.tx_opaque || self.batch_opaque;
         if self.batch_committed_opaque || (opaque && chains) {
             let sql = self.statement_sql(bind.statement);
@@ -186,13 +191,10 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, error).await;
         }
         self.batch_opaque |= opaque;
-        self.batch_committed_opaque |= opaque && ends_transaction;
+        self.batch_committed_opaque |= opaque && nature.commits.ends;
         self.note_code(transparent);
-        if sequences {
-            let session = &self.ident.session_id;
-            if let Some(server) = self.server.as_mut() {
-                server.sequences_by.get_or_insert_with(|| session.clone());
-            }
+        if nature.uses_sequences {
+            self.note_sequences();
         }
         let mut bind_record = None;
         if self.auditing {
@@ -219,10 +221,6 @@ impl QueryLoop<'_> {
             }
             None => self.to_server.extend_from_slice(&frame),
         }
-        let key = self
-            .statements
-            .get(bind.statement)
-            .and_then(|s| s.shared.as_ref().map(|(key, _)| *key));
         self.tracker.bind(bind_record, key);
         self.unsynced = true;
         Ok(())
@@ -235,10 +233,7 @@ impl QueryLoop<'_> {
         let (kind, name) = messages::parse_close_or_describe(&frame[5..])
             .map_err(|e| End::Fatal(protocol_error(e)))?;
         if kind == b'S' {
-            if let Err(e) = self
-                .check_unnamed(name)
-                .and_then(|()| self.check_reserved(name))
-            {
+            if let Err(e) = self.check_statement_name(name) {
                 return self.refuse(Flow::Extended, e).await;
             }
         }
@@ -271,6 +266,13 @@ impl QueryLoop<'_> {
             .with_detail("in transaction pooling the unnamed statement lasts only until the end of the transaction"));
         }
         Ok(())
+    }
+
+    /// A statement name a client's `Bind` or `Describe` may use: see
+    /// [`Self::check_unnamed`] and [`Self::check_reserved`].
+    fn check_statement_name(&self, name: &[u8]) -> Result<(), PgError> {
+        self.check_unnamed(name)?;
+        self.check_reserved(name)
     }
 
     /// The gateway's server-side statement names (`pgwarden_...`) belong

@@ -308,4 +308,52 @@ impl QueryLoop<'_> {
             }
         }
     }
+
+    /// Records the outcomes the last server messages resolved.
+    pub(super) async fn record_results(&mut self) {
+        if self.resolved.is_empty() {
+            return;
+        }
+        for r in std::mem::take(&mut self.resolved) {
+            let ev = self.result_event(r.pending, r.outcome);
+            self.shared.auditor.append_nowait(ev).await;
+        }
+    }
+
+    /// An audit event of this session: its identity, and the application
+    /// name the client uses now.
+    pub(super) fn event(&self, kind: Kind) -> Event {
+        let mut ev = self.ident.event(kind);
+        ev.application_name = self.application_name.clone();
+        ev
+    }
+
+    pub(super) fn result_event(&self, pending: Pending, outcome: Outcome) -> Event {
+        let mut ev = self.event(Kind::Result);
+        ev.link = Link::Result(pending.ticket);
+        ev.duration_us = Some(pending.started.elapsed().as_micros() as u64);
+        ev.backend_pid = self.server.as_ref().map(|s| s.pid);
+        match outcome {
+            Outcome::Ok { tag, rows } => {
+                ev.status = Some(Status::Ok);
+                ev.command_tag = tag;
+                ev.rows = rows;
+            }
+            Outcome::Error { code, message } => {
+                ev.status = Some(Status::Error);
+                ev.message = Some(match &self.cancel_note {
+                    Some(note) if code == sqlstate::QUERY_CANCELED.code() => {
+                        format!("{message} ({note})")
+                    }
+                    _ => message,
+                });
+                ev.sqlstate = Some(code);
+            }
+            Outcome::NotExecuted => {
+                ev.status = Some(Status::Error);
+                ev.message = Some("not executed: an earlier message of the pipeline failed".into());
+            }
+        }
+        ev
+    }
 }

@@ -1,0 +1,165 @@
+//! What a statement does to its transaction, as far as identity goes: after
+//! opaque code (see [`super::opaque`]) a request must not start another
+//! transaction before pgwarden asserts identity afresh, so the relay needs
+//! to know whether a query string or prepared statement commits, goes on
+//! after a commit, or commits and at once starts a transaction.
+//!
+//! Invariant: one lexing pass answers every question, and none at all for
+//! the statements (most of them) that name no transaction control.
+
+use crate::identity::decode::string_value;
+use crate::identity::guard::starts_with_ci;
+use crate::identity::lexer::{Dialect, Kind, Lexer};
+
+/// What the statements of one text do to transactions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Commits {
+    /// A statement ends its transaction keeping its effects (`COMMIT`,
+    /// `END`, `PREPARE TRANSACTION`, `... AND CHAIN`).
+    pub ends: bool,
+    /// Another statement follows one that ends its transaction.
+    pub more_after: bool,
+    /// A statement commits and at once starts a new transaction (`COMMIT
+    /// AND CHAIN`, `END AND CHAIN`; not `AND NO CHAIN`).
+    pub chains: bool,
+    /// A `DO` block controls transactions inside (`COMMIT` or `ROLLBACK`):
+    /// its code after the `COMMIT` runs in a new transaction.
+    pub block_commits: bool,
+}
+
+impl Commits {
+    /// What `sql` does to transactions.
+    pub fn of(sql: &[u8]) -> Commits {
+        let mut c = Commits::default();
+        if !mentions_transaction_control(sql) {
+            return c;
+        }
+        // The current statement: its first token, whether it ends its
+        // transaction, whether it is a `DO`; the token before this one.
+        let mut first: Option<&[u8]> = None;
+        let mut ends = false;
+        let mut in_do = false;
+        let mut prev: &[u8] = b"";
+        for tok in Lexer::new(sql, Dialect::DEFAULT) {
+            let text = tok.text(sql);
+            if tok.is_punct(sql, b";") {
+                c.ends |= ends;
+                (first, ends, in_do) = (None, false, false);
+                continue;
+            }
+            let first = match first {
+                Some(first) => first,
+                None => {
+                    c.more_after |= c.ends;
+                    ends = one_of(&[b"commit", b"end"], text);
+                    in_do = tok.is_word(sql, b"do");
+                    *first.insert(text)
+                }
+            };
+            if tok.kind == Kind::Word && text.eq_ignore_ascii_case(b"chain") {
+                ends = true;
+                c.chains |=
+                    one_of(&[b"commit", b"end"], first) && !prev.eq_ignore_ascii_case(b"no");
+            }
+            if tok.kind == Kind::Word
+                && text.eq_ignore_ascii_case(b"transaction")
+                && first.eq_ignore_ascii_case(b"prepare")
+            {
+                ends = true;
+            }
+            if in_do && matches!(tok.kind, Kind::Str(_)) {
+                let body = string_value(sql, &tok, Dialect::DEFAULT, b'\\');
+                c.block_commits |= Lexer::new(&body, Dialect::DEFAULT)
+                    .any(|b| b.is_word(&body, b"commit") || b.is_word(&body, b"rollback"));
+            }
+            prev = text;
+        }
+        c.ends |= ends;
+        c
+    }
+
+    /// Whether, after opaque code, this text would start a transaction
+    /// before pgwarden could assert identity afresh: it commits and goes
+    /// on, commits and chains, or runs a `DO` block that commits inside.
+    pub fn starts_another_transaction(&self) -> bool {
+        self.more_after || self.chains || self.block_commits
+    }
+}
+
+fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
+    list.iter().any(|k| word.eq_ignore_ascii_case(k))
+}
+
+/// Whether `sql` may control transactions: it contains `commit`, `end`,
+/// `chain`, `prepare` or `rollback`, ignoring ASCII case.
+fn mentions_transaction_control(sql: &[u8]) -> bool {
+    crate::session::state::any_word_start(sql, |pair, rest| match pair {
+        [b'c', b'o'] => starts_with_ci(rest, b"commit"),
+        [b'e', b'n'] => starts_with_ci(rest, b"end"),
+        [b'c', b'h'] => starts_with_ci(rest, b"chain"),
+        [b'p', b'r'] => starts_with_ci(rest, b"prepare"),
+        [b'r', b'o'] => starts_with_ci(rest, b"rollback"),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Commits;
+
+    fn continues_after_commit(sql: &[u8]) -> bool {
+        Commits::of(sql).more_after
+    }
+
+    fn ends_transaction(sql: &[u8]) -> bool {
+        Commits::of(sql).ends
+    }
+
+    fn commits_and_chains(sql: &[u8]) -> bool {
+        Commits::of(sql).chains
+    }
+
+    fn do_block_commits(sql: &[u8]) -> bool {
+        Commits::of(sql).block_commits
+    }
+
+    #[test]
+    fn commits_followed_by_more() {
+        for sql in [
+            "SELECT f(); COMMIT; SELECT 1",
+            "BEGIN; DO $$ $$; END; SELECT 1",
+            "COMMIT AND CHAIN; SELECT 1",
+            "PREPARE TRANSACTION 'x'; SELECT 1",
+        ] {
+            assert!(continues_after_commit(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "BEGIN; CREATE TABLE t (x int); COMMIT",
+            "COMMIT;",
+            "SELECT 'commit'; SELECT 1",
+            "ROLLBACK; SELECT 1",
+        ] {
+            assert!(!continues_after_commit(sql.as_bytes()), "{sql}");
+        }
+        assert!(ends_transaction(b"COMMIT"));
+        assert!(ends_transaction(b"end"));
+        assert!(ends_transaction(b"COMMIT AND CHAIN"));
+        assert!(!ends_transaction(b"SELECT 1"));
+        assert!(!ends_transaction(b"ROLLBACK"));
+    }
+
+    #[test]
+    fn chains_and_do_commits() {
+        assert!(commits_and_chains(b"BEGIN; SELECT 1; COMMIT AND CHAIN"));
+        assert!(commits_and_chains(b"end and chain"));
+        assert!(!commits_and_chains(b"COMMIT AND NO CHAIN"));
+        assert!(!commits_and_chains(b"ROLLBACK AND CHAIN"));
+        assert!(!commits_and_chains(b"SELECT 'commit and chain'"));
+        assert!(do_block_commits(b"DO $$BEGIN PERFORM 1; COMMIT; END$$"));
+        assert!(do_block_commits(b"do 'begin rollback; end'"));
+        assert!(!do_block_commits(
+            b"DO $$BEGIN RAISE NOTICE 'commit'; END$$"
+        ));
+        assert!(!do_block_commits(b"SELECT 'do $$ commit $$'"));
+    }
+}

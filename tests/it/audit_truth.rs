@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::audit::{export, s};
 use crate::raw::{message, RawClient};
-use crate::support::{self, start_gateway, Opts};
+use crate::support::{self, start_gateway, Opts, TestGateway};
 
 fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
@@ -25,6 +25,13 @@ async fn alice_as(
     let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client
+}
+
+/// Stops the gateway, so that its sessions' last records are written, and
+/// exports its store with these `audit export` arguments.
+async fn stop_and_export(gw: TestGateway, args: &[&str]) -> Vec<Value> {
+    let dir = gw.stop().await;
+    export(&dir.path().join("audit"), args)
 }
 
 /// The exported `query` line of `statement`.
@@ -69,7 +76,6 @@ async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
         ..Opts::default()
     })
     .await;
-    let store = gw.dir.path().join("audit");
     let mut c = RawClient::login(gw.addr).await;
     let cases = [
         ("SELECT * FROM audit_no_such_table", "42P01"),
@@ -89,8 +95,7 @@ async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
     c.until_ready().await;
     drop(c);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let _dir = gw.stop().await;
-    let records = export(&store, &[]);
+    let records = stop_and_export(gw, &[]).await;
     let query = |text: &str| query_record(&records, text).clone();
     for (sql, code) in cases
         .iter()
@@ -120,7 +125,6 @@ async fn binds_and_cursor_portals_are_recorded() {
         ..Opts::default()
     })
     .await;
-    let store = gw.dir.path().join("audit");
     let mut c = RawClient::login(gw.addr).await;
     // Parse, Bind, Sync: no Execute.
     let mut batch = extended("SELECT pg_catalog.abs(-7)");
@@ -148,8 +152,7 @@ async fn binds_and_cursor_portals_are_recorded() {
     c.until_ready().await;
     drop(c);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let _dir = gw.stop().await;
-    let records = export(&store, &[]);
+    let records = stop_and_export(gw, &[]).await;
     let find = |text: &str| query_record(&records, text);
     let bind = find("SELECT pg_catalog.abs(-7)");
     assert_eq!(
@@ -176,7 +179,6 @@ async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
         ..Opts::default()
     })
     .await;
-    let store = gw.dir.path().join("audit");
     let pg = support::cluster();
     let id = 800_000 + (rand::random::<u32>() % 100_000) as i32;
     let alice = gw.connect("alice").await;
@@ -220,8 +222,7 @@ async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
         ),
         "gone-stmt"
     );
-    let _dir = gw.stop().await;
-    let records = export(&store, &[]);
+    let records = stop_and_export(gw, &[]).await;
     let rollback = query_record(&records, "ROLLBACK");
     assert_eq!(s(rollback, "client_user"), "alice");
     assert_eq!(s(rollback, "status"), "ok", "{rollback}");
@@ -355,7 +356,6 @@ async fn a_cancel_by_the_gateway_is_recorded_as_such() {
         ..Opts::default()
     })
     .await;
-    let store = gw.dir.path().join("audit");
     let c = gw.connect("alice").await;
     let err = c
         .simple_query("SELECT pg_sleep(5)")
@@ -364,8 +364,7 @@ async fn a_cancel_by_the_gateway_is_recorded_as_such() {
     assert_eq!(support::sqlstate(&err), "57014");
     drop(c);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let _dir = gw.stop().await;
-    let records = export(&store, &[]);
+    let records = stop_and_export(gw, &[]).await;
     let r = query_record(&records, "SELECT pg_sleep(5)");
     assert_eq!(s(r, "sqlstate"), "57014");
     assert!(
@@ -386,7 +385,6 @@ async fn records_carry_the_time_of_their_event() {
         ..Opts::default()
     })
     .await;
-    let store = gw.dir.path().join("audit");
     let c = gw.connect("alice").await;
     c.simple_query("SELECT pg_sleep(0.3)").await.unwrap();
     for _ in 0..5 {
@@ -394,8 +392,7 @@ async fn records_carry_the_time_of_their_event() {
     }
     drop(c);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let _dir = gw.stop().await;
-    let raw = export(&store, &["--raw"]);
+    let raw = stop_and_export(gw, &["--raw"]).await;
     let ts = |r: &Value| pgwarden::audit::record::parse_ts(&s(r, "ts")).unwrap();
     let query = raw
         .iter()
@@ -425,7 +422,6 @@ async fn records_follow_the_clients_application_name() {
         ..Opts::default()
     })
     .await;
-    let store = gw.dir.path().join("audit");
     let c = alice_as(&gw, "first").await;
     c.simple_query("SELECT 'before'").await.unwrap();
     c.simple_query("SET application_name = 'second'")
@@ -434,8 +430,7 @@ async fn records_follow_the_clients_application_name() {
     c.simple_query("SELECT 'after'").await.unwrap();
     drop(c);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let _dir = gw.stop().await;
-    let records = export(&store, &[]);
+    let records = stop_and_export(gw, &[]).await;
     assert_eq!(
         s(
             query_record(&records, "SELECT 'before'"),

@@ -38,6 +38,16 @@ fn extended(sql: &str) -> Vec<u8> {
 
 const WHO: &str = "SELECT current_user::text || '/' || current_setting('app.client_user')";
 
+/// A gateway whose pool has one server connection, so that every client
+/// gets the connection the previous one used.
+async fn one_connection() -> crate::support::TestGateway {
+    start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await
+}
+
 async fn raw(addr: SocketAddr) -> RawClient {
     RawClient::login(addr).await
 }
@@ -103,11 +113,7 @@ async fn an_escape_inside_a_transaction_ends_with_it() {
 /// after opaque code too.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pinned_client_is_reasserted_after_an_escape() {
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let alice = gw.connect("alice").await;
     alice
         .batch_execute("CREATE TEMP TABLE mine (x int)")
@@ -123,11 +129,7 @@ async fn a_pinned_client_is_reasserted_after_an_escape() {
 /// the next client on that server connection.
 #[tokio::test(flavor = "multi_thread")]
 async fn opaque_state_never_reaches_the_next_client() {
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let alice = gw.connect("alice").await;
     for sql in [
         "SELECT \"set_config\"('work_mem', '1234kB', false)",
@@ -197,11 +199,7 @@ async fn opaque_state_never_reaches_the_next_client() {
 /// does not change what another client's statement runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redefined_shared_statement_never_runs_for_another_client() {
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let bob = gw.connect("bob").await;
     let innocent = bob.prepare("SELECT 'innocent'::text").await.unwrap();
     let row = bob.query_one(&innocent, &[]).await.unwrap();
@@ -313,11 +311,7 @@ impl RawClient {
 /// with its own identity.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_extended_copy_holds_its_connection_until_its_sync() {
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let base = 700_000 + (rand::random::<u32>() % 100_000) as i32;
     for (row, flush, expect_error) in [
         (format!("{base}\tcopied\n"), true, false),
@@ -393,11 +387,7 @@ async fn show(c: &mut RawClient, setting: &str) -> String {
 /// ask for them.
 #[tokio::test(flavor = "multi_thread")]
 async fn startup_settings_never_reach_the_next_client() {
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let pg = support::cluster();
     let defaults: Vec<(&str, String)> = ["client_encoding", "DateStyle", "TimeZone", "work_mem"]
         .into_iter()
@@ -438,11 +428,7 @@ async fn sequence_state_never_reaches_the_next_client() {
          GRANT SELECT, INSERT ON hostile_serial TO analyst, engineer;
          GRANT USAGE ON SEQUENCE hostile_serial_id_seq TO analyst, engineer;",
     );
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     for extended in [false, true] {
         let alice = gw.connect("alice").await;
         let insert = "INSERT INTO hostile_serial (v) VALUES ('alice')";
@@ -597,11 +583,7 @@ async fn chained_and_in_block_commits_after_opaque_code_are_refused() {
 /// statement keeps working.
 #[tokio::test(flavor = "multi_thread")]
 async fn another_clients_statement_cannot_be_run_or_closed_by_name() {
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let bob = gw.connect("bob").await;
     let mine = bob.prepare("SELECT 'bob''s'::text").await.unwrap();
     assert_eq!(
@@ -654,11 +636,7 @@ async fn another_clients_statement_cannot_be_run_or_closed_by_name() {
 /// gets the same server connection, clean.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_vanishing_mid_copy_leaves_a_clean_connection() {
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let base = 900_000 + (rand::random::<u32>() % 50_000) as i32;
     for (i, extended_protocol) in [false, true].into_iter().enumerate() {
         let mut c = raw(gw.addr).await;
@@ -706,11 +684,7 @@ async fn a_client_vanishing_mid_copy_leaves_a_clean_connection() {
 /// that names `pg_catalog` could redirect built-in names: opaque.
 #[tokio::test(flavor = "multi_thread")]
 async fn ordinary_sets_stay_transparent_and_private() {
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let assertions = || {
         gw.shared
             .metrics
@@ -761,11 +735,7 @@ async fn a_function_named_conflict_in_a_join_is_a_call() {
          GRANT EXECUTE ON FUNCTION public.conflict(int) TO analyst;
          INSERT INTO items VALUES (999777, 'conflict', NULL) ON CONFLICT (id) DO NOTHING;",
     );
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection().await;
     let alice = gw.connect("alice").await;
     alice
         .simple_query("SELECT 1 FROM items a JOIN items b ON conflict(a.id) WHERE a.id = 999777 AND b.id = 999777")

@@ -153,13 +153,42 @@ impl Guard {
     /// of [`WORK_PER_BYTE`] per input byte (lexed bytes, tokens and rule
     /// scans), and a statement that would need more is refused.
     pub fn check(&self, sql: &[u8]) -> Result<(), Violation> {
-        self.check_counting(sql).0
+        self.run(sql, false).0.map(drop)
+    }
+
+    /// [`Guard::check`] for the text of an extended-protocol `Parse`, whose
+    /// `$n` are the values the client binds: a single `SELECT`, `VALUES` or
+    /// `WITH` may pass a parameter as `set_config`'s setting name (drivers'
+    /// settings code does). `Ok` lists those parameters (1-based); each
+    /// `Bind` of the statement must then be checked with
+    /// [`Guard::bound_setting_name`].
+    pub fn check_parse(&self, sql: &[u8]) -> Result<Vec<u16>, Violation> {
+        self.run(sql, true).0
+    }
+
+    /// A violation if `value`, bound to a parameter [`Guard::check_parse`]
+    /// listed, names a protected setting. Trailing blanks are ignored, as a
+    /// `char(n)` parameter loses them on its way to `text`.
+    pub fn bound_setting_name(&self, value: &[u8]) -> Result<(), Violation> {
+        let end = value.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
+        match self.protected_name(&value[..end], false) {
+            Some(what) => Err(Violation::new(format!("set_config() of {what}"))),
+            None => Ok(()),
+        }
     }
 
     /// [`Guard::check`] and the work it spent (for the linearity tests).
+    #[cfg(test)]
     pub(crate) fn check_counting(&self, sql: &[u8]) -> (Result<(), Violation>, usize) {
+        let (result, spent) = self.run(sql, false);
+        (result.map(drop), spent)
+    }
+
+    /// The checks, with or without parameters as setting names (see
+    /// [`Guard::check_parse`]), and the work they spent.
+    fn run(&self, sql: &[u8], extended: bool) -> (Result<Vec<u16>, Violation>, usize) {
         if !suspicious(sql) {
-            return (Ok(()), 0);
+            return (Ok(Vec::new()), 0);
         }
         let encodings: &[Multibyte] = if has_high_byte(sql) && has_backslash(sql) {
             &Multibyte::ALL
@@ -174,6 +203,7 @@ impl Guard {
             left: per_reading.saturating_mul(encodings.len()),
             spent: 0,
             passed: HashMap::new(),
+            setting_params: extended.then(Vec::new),
         };
         for &multibyte in encodings {
             let mut check = Check {
@@ -185,7 +215,10 @@ impl Guard {
                 return (Err(v), work.spent);
             }
         }
-        (Ok(()), work.spent)
+        let mut params = work.setting_params.take().unwrap_or_default();
+        params.sort_unstable();
+        params.dedup();
+        (Ok(params), work.spent)
     }
 
     pub(crate) fn dynamic_sql(&self) -> DynamicSql {
@@ -309,6 +342,24 @@ pub(crate) struct Work {
     /// (text, checked as a body, encoding) to the deepest nesting level at
     /// which it passed; it passes at that level or shallower.
     passed: HashMap<(Vec<u8>, bool, Multibyte), usize>,
+    /// Checking a `Parse`: the parameters found as `set_config`'s setting
+    /// name, left to `Bind` ([`Guard::check_parse`]); `None` otherwise.
+    setting_params: Option<Vec<u16>>,
+}
+
+impl Check<'_> {
+    /// Whether parameter `$n` may stand for a setting name here, and if so
+    /// notes it: only in a `Parse` (where every `$n` is a bound value), at
+    /// the top level of its one statement.
+    pub(crate) fn defer_setting_param(&mut self, n: u16, top_level: bool) -> bool {
+        match self.work.setting_params.as_mut() {
+            Some(params) if top_level => {
+                params.push(n);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One run of the guard under one client-encoding interpretation: the

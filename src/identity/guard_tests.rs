@@ -406,3 +406,58 @@ fn escapes_stay_refused_behind_statements_and_with_comments_between_tokens() {
         }
     }
 }
+
+#[test]
+fn a_parse_may_leave_set_configs_name_to_its_bound_value() {
+    let g = guard();
+    for (sql, params) in [
+        ("SELECT set_config($1, $2, false)", vec![1]),
+        (
+            "SELECT pg_catalog.set_config($2, $1, true), set_config($3, 'x', false)",
+            vec![2, 3],
+        ),
+        (
+            "WITH s AS (SELECT set_config($1, $2, false)) SELECT * FROM s",
+            vec![1],
+        ),
+        ("VALUES (set_config($1, $2, false));", vec![1]),
+        ("SELECT set_config('work_mem', $1, false)", vec![]),
+    ] {
+        assert_eq!(g.check_parse(sql.as_bytes()).expect(sql), params, "{sql}");
+    }
+    // Only where `$n` is certainly a bound value, and only as the bare name.
+    for sql in [
+        "SELECT set_config($1, $2, false)",
+        "SELECT set_config($1 || '', 'x', false)",
+        "SELECT set_config($1::text, 'x', false)",
+        "SELECT set_config($0, 'x', false)",
+        "CREATE FUNCTION f(text) RETURNS text RETURN set_config($1, 'engineer', false)",
+        "PREPARE p(text) AS SELECT set_config($1, 'engineer', false)",
+        "SELECT 1; SELECT set_config($1, 'engineer', false)",
+        "DO $$BEGIN PERFORM set_config($1, 'x', false); END$$",
+        "SELECT query_to_xml('SELECT set_config($1, 1, false)', true, true, '')",
+    ] {
+        let parse_ok = g.check_parse(sql.as_bytes()).is_ok();
+        let is_plain_parse = sql == "SELECT set_config($1, $2, false)";
+        assert_eq!(parse_ok, is_plain_parse, "{sql}");
+        assert!(g.check(sql.as_bytes()).is_err(), "simple query: {sql}");
+    }
+}
+
+#[test]
+fn a_bound_setting_name_is_judged_like_a_constant_one() {
+    let g = guard();
+    for name in [
+        "role",
+        "ROLE",
+        "session_authorization",
+        "app.client_user",
+        "App.Client_User",
+        "role   ",
+    ] {
+        assert!(g.bound_setting_name(name.as_bytes()).is_err(), "{name}");
+    }
+    for name in ["work_mem", "search_path", "app.tenant", " role", ""] {
+        assert!(g.bound_setting_name(name.as_bytes()).is_ok(), "{name}");
+    }
+}

@@ -49,10 +49,11 @@ pub(crate) fn check_tokens(
     }
     // Strings up to here were already screened as dynamic SQL fragments.
     let mut screened = 0;
+    let top_level = depth == 0 && !body && bound_values_only(t);
     for i in 0..t.len() {
         match t.toks[i].kind {
             Kind::Word | Kind::QuotedIdent | Kind::UnicodeIdent => {
-                check_ident_use(c, t, i, depth, &mut screened)?
+                check_ident_use(c, t, i, depth, top_level, &mut screened)?
             }
             Kind::Str(kind) if body && kind != StrKind::Bits => {
                 body_string(c, t, i, depth, has_execute)?
@@ -74,6 +75,14 @@ pub(crate) fn check_tokens(
     Ok(())
 }
 
+/// Whether the text is one `SELECT`, `VALUES` or `WITH` statement, in
+/// which every `$n` is a value bound by the client (not a routine's
+/// argument, as in `CREATE FUNCTION ... RETURN` or `PREPARE`).
+fn bound_values_only(t: &Tokens) -> bool {
+    let one_statement = (0..t.len()).all(|i| !t.punct(i, ";") || i + 1 == t.len());
+    one_statement && ["select", "values", "with"].iter().any(|kw| t.word(0, kw))
+}
+
 fn starts_body_statement(t: &Tokens, i: usize) -> bool {
     ["begin", "then", "else", "loop", "declare", "exception"]
         .iter()
@@ -87,6 +96,7 @@ fn check_ident_use(
     t: &Tokens,
     i: usize,
     depth: usize,
+    top_level: bool,
     screened: &mut usize,
 ) -> Result<(), Violation> {
     let tok = &t.toks[i];
@@ -97,7 +107,7 @@ fn check_ident_use(
         return Ok(());
     };
     if name.eq_ignore_ascii_case(b"set_config") {
-        return set_config_call(c, t, next);
+        return set_config_call(c, t, next, top_level);
     }
     match std::str::from_utf8(&name) {
         Ok(name) if runs_sql_argument(name) => {
@@ -108,12 +118,34 @@ fn check_ident_use(
 }
 
 /// `set_config(<name>, ...)`: the name must be a string constant naming an
-/// unprotected setting.
-fn set_config_call(c: &mut Check, t: &Tokens, open: usize) -> Result<(), Violation> {
+/// unprotected setting, or (`top_level` in a `Parse`) a parameter whose
+/// bound value is checked at `Bind`.
+fn set_config_call(
+    c: &mut Check,
+    t: &Tokens,
+    open: usize,
+    top_level: bool,
+) -> Result<(), Violation> {
     if !t.punct(open, "(") {
         return Err(Violation::new(
             "a reference to set_config that is not a plain call",
         ));
+    }
+    let param = t
+        .toks
+        .get(open + 1)
+        .filter(|tok| tok.kind == Kind::Param && (t.punct(open + 2, ",") || t.punct(open + 2, ")")))
+        .and_then(|tok| {
+            std::str::from_utf8(&tok.text(t.src)[1..])
+                .ok()?
+                .parse::<u16>()
+                .ok()
+        })
+        .filter(|&n| n >= 1);
+    if let Some(n) = param {
+        if c.defer_setting_param(n, top_level) {
+            return Ok(());
+        }
     }
     match t.string(open + 1) {
         Some((value, next)) if t.punct(next, ",") || t.punct(next, ")") => {

@@ -233,6 +233,28 @@ impl<'a> BindView<'a> {
     pub fn params_for_audit(&self) -> Result<Vec<Option<String>>, ProtocolError> {
         formatted_values(&mut Reader::new(self.rest, "Bind"))
     }
+
+    /// The bytes of parameter `index` (0-based) as sent, whatever its
+    /// format; `None` for NULL; an error if the message has fewer.
+    pub fn raw_param(&self, index: usize) -> Result<Option<&'a [u8]>, ProtocolError> {
+        let mut r = Reader::new(self.rest, "Bind");
+        let nformats = r.i16()?.max(0) as usize;
+        r.bytes(nformats * 2)?;
+        let nparams = r.i16()?.max(0) as usize;
+        if index >= nparams {
+            return Err(ProtocolError::Malformed { what: "Bind" });
+        }
+        for _ in 0..index {
+            let len = r.i32()?;
+            r.bytes(len.max(0) as usize)?;
+        }
+        let len = r.i32()?;
+        Ok(if len < 0 {
+            None
+        } else {
+            Some(r.bytes(len as usize)?)
+        })
+    }
 }
 
 /// Format codes, then values, as `Bind` and `FunctionCall` carry them:

@@ -20,6 +20,10 @@ pub struct Statement {
     pub shared: Option<(u128, Bytes)>,
     /// What it does, as far as pgwarden can tell.
     pub nature: Nature,
+    /// Parameters (1-based) that name the setting of a `set_config` call:
+    /// every `Bind` is checked against the statement guard
+    /// ([`crate::identity::Guard::check_parse`]).
+    pub setting_params: Vec<u16>,
 }
 
 /// What pgwarden knows a statement does, worked out once when it is parsed.
@@ -162,11 +166,12 @@ fn split_word(s: &str) -> Option<(&str, &str)> {
 
 impl Statement {
     /// A statement and what pgwarden knows of what it does.
-    pub fn new(sql: Bytes, shared: Option<(u128, Bytes)>) -> Statement {
+    pub fn new(sql: Bytes, shared: Option<(u128, Bytes)>, setting_params: Vec<u16>) -> Statement {
         Statement {
             nature: Nature::of(&sql),
             sql,
             shared,
+            setting_params,
         }
     }
 }

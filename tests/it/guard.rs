@@ -179,3 +179,69 @@ async fn function_call_of_set_config_is_refused() {
         Some("analyst/clear_user/")
     );
 }
+
+/// Drivers' settings code passes the setting name as a parameter
+/// (`SELECT set_config($1, $2, false)`): the guard judges the bound value at
+/// each `Bind`, so ordinary settings work and the protected ones are refused
+/// however the statement is reused.
+#[tokio::test(flavor = "multi_thread")]
+async fn set_config_with_a_bound_name_is_judged_at_bind() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    let stmt = c.prepare("SELECT set_config($1, $2, false)").await.unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    let row = c.query_one(&stmt, &[&"work_mem", &"1234kB"]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "1234kB");
+    assert_eq!(support::one(&c, "SHOW work_mem").await, "1234kB");
+    c.batch_execute("COMMIT").await.unwrap();
+    for name in [
+        "role",
+        "ROLE",
+        "session_authorization",
+        "app.client_user",
+        "App.Client_User",
+    ] {
+        let err = c.query_one(&stmt, &[&name, &"engineer"]).await.unwrap_err();
+        assert_eq!(support::sqlstate(&err), "42501", "{name}: {err:?}");
+        assert_eq!(identity(&c).await, "analyst/alice/", "after {name}");
+    }
+    // The same text unprepared (the unnamed statement), and a name padded
+    // as a char(n) parameter would be.
+    let err = c
+        .query(
+            "SELECT set_config($1::bpchar, 'engineer', false)",
+            &[&"role  "],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        support::sqlstate(&err),
+        "42501",
+        "a cast is refused at Parse"
+    );
+    let err = c
+        .query("SELECT set_config($1, $2, false)", &[&"role", &"engineer"])
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42501");
+    let typed = c
+        .prepare_typed(
+            "SELECT set_config($1, $2, false)",
+            &[
+                tokio_postgres::types::Type::BPCHAR,
+                tokio_postgres::types::Type::TEXT,
+            ],
+        )
+        .await
+        .unwrap();
+    let err = c
+        .query(&typed, &[&"role   ", &"engineer"])
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42501", "char(n) padding");
+    assert_eq!(identity(&c).await, "analyst/alice/");
+}

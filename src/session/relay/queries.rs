@@ -12,7 +12,7 @@ use crate::session::commits::Commits;
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
         let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-        if let Err(v) = self.check_guard(sql) {
+        if let Err(v) = self.check_guard(sql, false) {
             let error = self.blocked(sql, &v.to_string()).await;
             return self.refuse(Flow::Simple, error).await;
         }
@@ -84,11 +84,14 @@ impl QueryLoop<'_> {
     pub(super) async fn on_parse(&mut self, frame: Bytes) -> Result<(), End> {
         let parse =
             messages::parse_parse(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
-        if let Err(v) = self.check_guard(parse.query) {
-            let query = parse.query;
-            let error = self.blocked(query, &v.to_string()).await;
-            return self.refuse(Flow::Extended, error).await;
-        }
+        let setting_params = match self.check_guard(parse.query, true) {
+            Ok(params) => params,
+            Err(v) => {
+                let query = parse.query;
+                let error = self.blocked(query, &v.to_string()).await;
+                return self.refuse(Flow::Extended, error).await;
+            }
+        };
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
@@ -100,7 +103,7 @@ impl QueryLoop<'_> {
         // In session pooling the client owns its connection: its named
         // statements live there under its own names, as directly.
         if name.is_empty() || self.mode == PoolMode::Session {
-            let statement = prepared::Statement::new(sql, None);
+            let statement = prepared::Statement::new(sql, None, setting_params);
             self.note_parsed(statement.nature);
             self.statements.insert(name, statement);
             self.to_server.extend_from_slice(&frame);
@@ -109,7 +112,7 @@ impl QueryLoop<'_> {
         }
         let rest = frame.slice(5 + parse.name.len() + 1..);
         let key = statements::key(&rest);
-        let statement = prepared::Statement::new(sql, Some((key, rest.clone())));
+        let statement = prepared::Statement::new(sql, Some((key, rest.clone())), setting_params);
         self.note_parsed(statement.nature);
         self.statements.insert(name, statement);
         let server = self.server.as_mut().expect("bound above");
@@ -182,6 +185,11 @@ impl QueryLoop<'_> {
             .map_or((prepared::Nature::UNKNOWN, None), |s| {
                 (s.nature, s.shared.as_ref().map(|(key, _)| *key))
             });
+        if let Err(v) = self.check_bound_setting_names(&bind) {
+            let sql = self.statement_sql(bind.statement);
+            let error = self.blocked(&sql, &v.to_string()).await;
+            return self.refuse(Flow::Extended, error).await;
+        }
         let transparent = nature.transparent;
         let chains = nature.commits.chains || nature.commits.block_commits;
         let opaque = !transparent || self.ever_opaque || self.tx_opaque || self.batch_opaque;
@@ -223,6 +231,27 @@ impl QueryLoop<'_> {
         }
         self.tracker.bind(bind_record, key);
         self.unsynced = true;
+        Ok(())
+    }
+
+    /// The values a `Bind` gives the parameters its statement passes as
+    /// `set_config`'s setting name: each must be a name the guard allows.
+    fn check_bound_setting_names(
+        &self,
+        bind: &messages::BindView<'_>,
+    ) -> Result<(), crate::identity::Violation> {
+        let Some(statement) = self.statements.get(bind.statement) else {
+            return Ok(());
+        };
+        for &n in &statement.setting_params {
+            match bind.raw_param(usize::from(n) - 1) {
+                Ok(Some(value)) => self.shared.guard.bound_setting_name(value)?,
+                // NULL names no setting (set_config refuses it).
+                Ok(None) => {}
+                // Too few values: the server refuses the Bind itself.
+                Err(_) => {}
+            }
+        }
         Ok(())
     }
 
@@ -395,14 +424,25 @@ impl QueryLoop<'_> {
     /// Runs the statement guard; a large statement is checked off the
     /// threads other sessions run on (the check is linear, but a megabyte
     /// still takes milliseconds).
-    pub(super) fn check_guard(&self, sql: &[u8]) -> Result<(), crate::identity::Violation> {
+    /// `parse`: the text of a `Parse`, which may leave `set_config`'s
+    /// setting name to a bound parameter (the ones returned).
+    pub(super) fn check_guard(
+        &self,
+        sql: &[u8],
+        parse: bool,
+    ) -> Result<Vec<u16>, crate::identity::Violation> {
         const LARGE: usize = 64 * 1024;
+        let guard = &self.shared.guard;
+        let check = || match parse {
+            true => guard.check_parse(sql),
+            false => guard.check(sql).map(|()| Vec::new()),
+        };
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if sql.len() > LARGE && multi_thread {
-            tokio::task::block_in_place(|| self.shared.guard.check(sql))
+            tokio::task::block_in_place(check)
         } else {
-            self.shared.guard.check(sql)
+            check()
         }
     }
 

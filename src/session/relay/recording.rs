@@ -209,7 +209,7 @@ impl QueryLoop<'_> {
             match header.tag {
                 b'P' => {
                     let parse = messages::parse_parse(body).ok()?;
-                    self.check_guard(parse.query).ok()?;
+                    self.check_guard(parse.query, false).ok()?;
                     parsed.push((parse.name, parse.query));
                 }
                 b'B' => {

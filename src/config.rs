@@ -190,6 +190,8 @@ pub struct PoolConfig {
     /// Server connections per database.
     pub size: usize,
     pub acquire_timeout_ms: u64,
+    /// What a session-level `SET` does in transaction pooling.
+    pub session_set: SessionSet,
 }
 
 impl Default for PoolConfig {
@@ -198,8 +200,24 @@ impl Default for PoolConfig {
             mode: PoolMode::Transaction,
             size: 20,
             acquire_timeout_ms: 5_000,
+            session_set: SessionSet::Keep,
         }
     }
+}
+
+/// In transaction pooling, what happens to a setting a client changes for
+/// its session (`SET`, `RESET`, `set_config(..., false)`), which on a
+/// direct connection outlasts the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionSet {
+    /// The gateway reads the setting's value back when the transaction ends
+    /// and applies it to every connection that serves the client, as on a
+    /// direct connection.
+    Keep,
+    /// The statement is refused with 0A000 (reportable settings such as
+    /// `TimeZone` still follow the client).
+    Error,
 }
 
 /// Whether identity is re-checked before a server connection is released.

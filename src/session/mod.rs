@@ -8,6 +8,7 @@
 pub mod cancel;
 pub mod client;
 pub mod commits;
+pub mod kept;
 pub mod opaque;
 mod prepared;
 mod relay;

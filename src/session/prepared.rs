@@ -24,6 +24,9 @@ pub struct Statement {
     /// every `Bind` is checked against the statement guard
     /// ([`crate::identity::Guard::check_parse`]).
     pub setting_params: Vec<u16>,
+    /// Settings it may change for the session
+    /// ([`crate::session::kept::session_sets`]).
+    pub session_sets: Vec<String>,
 }
 
 /// What pgwarden knows a statement does, worked out once when it is parsed.
@@ -169,6 +172,7 @@ impl Statement {
     pub fn new(sql: Bytes, shared: Option<(u128, Bytes)>, setting_params: Vec<u16>) -> Statement {
         Statement {
             nature: Nature::of(&sql),
+            session_sets: crate::session::kept::session_sets(&sql),
             sql,
             shared,
             setting_params,

@@ -219,3 +219,120 @@ async fn temp_tables_and_listen_pin_the_client_to_its_connection() {
     );
     b.batch_execute("COMMIT").await.unwrap();
 }
+
+/// `[pool] session_set = "keep"` (the default): a setting a client changes
+/// for its session stays with it on every connection, as on a direct
+/// connection, whatever connection served the change, and never reaches
+/// another client.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_settings_are_kept_for_the_client_in_transaction_mode() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let bob = gw.connect("bob").await;
+    let default_work_mem = support::one(&bob, "SHOW work_mem").await;
+    // Simple protocol, outside a transaction.
+    alice
+        .batch_execute("SET work_mem = '1234kB'")
+        .await
+        .unwrap();
+    // Extended protocol (tokio-postgres prepares, binds and executes).
+    alice
+        .execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", &[])
+        .await
+        .unwrap();
+    alice
+        .query(
+            "SELECT set_config($1, $2, false)",
+            &[&"lock_timeout", &"4321ms"],
+        )
+        .await
+        .unwrap();
+    // Inside a transaction that commits, and one that rolls back.
+    alice
+        .batch_execute("BEGIN; SET myapp.tenant = 'north'; COMMIT")
+        .await
+        .unwrap();
+    alice
+        .batch_execute("BEGIN; SET statement_timeout = '9s'; ROLLBACK")
+        .await
+        .unwrap();
+    // Bob takes the only connection in between: he sees none of it, and
+    // alice gets it all back on the connection he leaves.
+    for _ in 0..2 {
+        assert_eq!(support::one(&bob, "SHOW work_mem").await, default_work_mem);
+        assert_eq!(
+            support::one(&bob, "SHOW default_transaction_read_only").await,
+            "off"
+        );
+        assert_eq!(support::one(&bob, "SHOW lock_timeout").await, "0");
+        assert_eq!(
+            support::one(
+                &bob,
+                "SELECT coalesce(current_setting('myapp.tenant', true), '')"
+            )
+            .await,
+            ""
+        );
+        assert_eq!(support::one(&alice, "SHOW work_mem").await, "1234kB");
+        assert_eq!(
+            support::one(&alice, "SHOW default_transaction_read_only").await,
+            "on"
+        );
+        assert_eq!(support::one(&alice, "SHOW lock_timeout").await, "4321ms");
+        assert_eq!(support::one(&alice, "SHOW myapp.tenant").await, "north");
+        assert_eq!(support::one(&alice, "SHOW statement_timeout").await, "0");
+    }
+    let err = alice
+        .batch_execute("INSERT INTO items (id, owner) VALUES (700101, 'alice')")
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "25006", "read-only by default");
+    // A prepared SET run in a later transaction is kept too; RESET undoes.
+    let set = alice.prepare("SET work_mem = '2345kB'").await.unwrap();
+    assert_eq!(support::one(&bob, "SHOW work_mem").await, default_work_mem);
+    alice.execute(&set, &[]).await.unwrap();
+    assert_eq!(support::one(&bob, "SHOW work_mem").await, default_work_mem);
+    assert_eq!(support::one(&alice, "SHOW work_mem").await, "2345kB");
+    alice.batch_execute("RESET work_mem").await.unwrap();
+    assert_eq!(support::one(&bob, "SHOW work_mem").await, default_work_mem);
+    assert_eq!(
+        support::one(&alice, "SHOW work_mem").await,
+        default_work_mem
+    );
+}
+
+/// `[pool] session_set = "error"`: a session-level SET is refused with
+/// 0A000 instead of silently lasting one transaction; SET LOCAL and
+/// reportable settings still work.
+#[tokio::test(flavor = "multi_thread")]
+async fn session_settings_can_be_refused_instead() {
+    let gw = start_gateway(Opts {
+        pool_extra: "session_set = \"error\"".into(),
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    for sql in [
+        "SET work_mem = '1234kB'",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        "SELECT set_config('lock_timeout', '1s', false)",
+    ] {
+        let err = alice.batch_execute(sql).await.unwrap_err();
+        assert_eq!(support::sqlstate(&err), "0A000", "simple: {sql}");
+        let err = alice.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(support::sqlstate(&err), "0A000", "extended: {sql}");
+    }
+    alice
+        .batch_execute("BEGIN; SET LOCAL work_mem = '1234kB'; SELECT set_config('lock_timeout', '1s', true); COMMIT")
+        .await
+        .unwrap();
+    alice
+        .batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    assert_eq!(support::one(&alice, "SHOW TimeZone").await, "Asia/Tokyo");
+}

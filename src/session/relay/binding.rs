@@ -7,11 +7,101 @@
 //! and, for another client, reset.
 
 use super::*;
+use crate::config::SessionSet;
+use crate::session::kept;
+
+/// Why `[pool] session_set = "error"` refuses a statement.
+const SESSION_SET_REFUSED: &str = "a setting changed for the session lasts only until the end of the transaction in transaction pooling, and pgwarden is configured to refuse it ([pool] session_set = \"error\"): use SET LOCAL inside a transaction, or pass the setting when connecting (options=-c name=value)";
 
 impl QueryLoop<'_> {
     /// Marks the bound connection as holding this session's state when
     /// `sql` may leave some behind, and pins the client to it when `sql`
     /// creates objects the client will look for on it again.
+    /// A statement about to run may change `names` for the session. In
+    /// transaction pooling, `[pool] session_set = "keep"` reads them back
+    /// when the transaction ends ([`Self::keep_session_settings`]);
+    /// `"error"` refuses the statement (`refusable`: the names come from
+    /// the statement's text, so the change certainly outlasts the
+    /// transaction if it succeeds).
+    pub(super) fn note_session_sets(
+        &mut self,
+        names: &[String],
+        refusable: bool,
+    ) -> Result<(), PgError> {
+        if names.is_empty() || self.mode != PoolMode::Transaction {
+            return Ok(());
+        }
+        if self.shared.config.pool.session_set == SessionSet::Error {
+            return match refusable {
+                true => Err(PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    SESSION_SET_REFUSED,
+                )),
+                false => Ok(()),
+            };
+        }
+        for name in names {
+            let protected = self
+                .shared
+                .guard
+                .protected_name(name.as_bytes(), false)
+                .is_some();
+            let noted = |list: &[String]| list.iter().any(|n| n.eq_ignore_ascii_case(name));
+            if protected || noted(&self.kept_pending) {
+                continue;
+            }
+            let known = self
+                .settings
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(name));
+            if !known && self.settings.len() + self.kept_pending.len() >= kept::MAX_KEPT {
+                return Err(PgError::error(
+                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    format!(
+                        "pgwarden keeps at most {} settings per session; set \"{name}\" with SET LOCAL instead",
+                        kept::MAX_KEPT
+                    ),
+                ));
+            }
+            self.kept_pending.push(name.clone());
+        }
+        if let Some(server) = self.server.as_mut() {
+            server
+                .dirty_by
+                .get_or_insert_with(|| self.ident.session_id.clone());
+        }
+        Ok(())
+    }
+
+    /// `[pool] session_set = "keep"`, at the end of a transaction that may
+    /// have changed settings for the session: reads their values back from
+    /// the server (which knows whether the change committed) and keeps them
+    /// for every connection that serves this client.
+    pub(super) async fn keep_session_settings(&mut self) {
+        if self.kept_pending.is_empty() {
+            return;
+        }
+        let names = std::mem::take(&mut self.kept_pending);
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        match kept::read(server, &names).await {
+            Ok(values) => {
+                let settings = Arc::make_mut(&mut self.settings);
+                for (name, value) in values {
+                    kept::keep(settings, name, value);
+                }
+                server.applied = Some(self.settings.clone());
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.ident.session_id, "could not read back the session's settings: {e}");
+                if !matches!(e, pool::conn::BackendError::Server(_)) {
+                    server.mark_broken();
+                }
+            }
+        }
+    }
+
     pub(super) fn note_state(&mut self, sql: &[u8]) {
         let Some(server) = self.server.as_mut() else {
             return;

@@ -189,6 +189,9 @@ pub struct QueryLoop<'a> {
     /// The client's application name as it last set it (the startup one
     /// until a `SET application_name`): records carry it.
     application_name: Option<Arc<str>>,
+    /// Settings the current transaction may have changed for the session,
+    /// read back when it ends (`[pool] session_set = "keep"`).
+    kept_pending: Vec<String>,
 }
 
 enum Wake {
@@ -246,6 +249,7 @@ impl<'a> QueryLoop<'a> {
             client_gone: false,
             cancel_note: None,
             application_name: ident.application_name.clone(),
+            kept_pending: Vec::new(),
         }
     }
 
@@ -535,6 +539,7 @@ impl<'a> QueryLoop<'a> {
             self.verify_identity().await?;
         }
         if self.mode == PoolMode::Transaction && !self.pinned && self.idle() {
+            self.keep_session_settings().await;
             self.release().await;
         }
         if self.deferred && self.tracker.is_empty() {

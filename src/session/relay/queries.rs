@@ -27,6 +27,10 @@ impl QueryLoop<'_> {
                 return Ok(());
             }
         }
+        let session_sets = crate::session::kept::session_sets(sql);
+        if let Err(e) = self.note_session_sets(&session_sets, true) {
+            return self.refuse(Flow::Simple, e).await;
+        }
         let pending = match self.audit_and_bind(sql, None).await {
             Ok(p) => p,
             Err(e) => return self.refuse(Flow::Simple, e).await,
@@ -92,6 +96,12 @@ impl QueryLoop<'_> {
                 return self.refuse(Flow::Extended, error).await;
             }
         };
+        if self.shared.config.pool.session_set == crate::config::SessionSet::Error {
+            let session_sets = crate::session::kept::session_sets(parse.query);
+            if let Err(e) = self.note_session_sets(&session_sets, true) {
+                return self.refuse(Flow::Extended, e).await;
+            }
+        }
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
@@ -185,10 +195,16 @@ impl QueryLoop<'_> {
             .map_or((prepared::Nature::UNKNOWN, None), |s| {
                 (s.nature, s.shared.as_ref().map(|(key, _)| *key))
             });
-        if let Err(v) = self.check_bound_setting_names(&bind) {
-            let sql = self.statement_sql(bind.statement);
-            let error = self.blocked(&sql, &v.to_string()).await;
-            return self.refuse(Flow::Extended, error).await;
+        let bound_names = match self.check_bound_setting_names(&bind) {
+            Ok(names) => names,
+            Err(v) => {
+                let sql = self.statement_sql(bind.statement);
+                let error = self.blocked(&sql, &v.to_string()).await;
+                return self.refuse(Flow::Extended, error).await;
+            }
+        };
+        if let Err(e) = self.note_bound_session_sets(bind.statement, bound_names) {
+            return self.refuse(Flow::Extended, e).await;
         }
         let transparent = nature.transparent;
         let chains = nature.commits.chains || nature.commits.block_commits;
@@ -236,23 +252,42 @@ impl QueryLoop<'_> {
 
     /// The values a `Bind` gives the parameters its statement passes as
     /// `set_config`'s setting name: each must be a name the guard allows.
+    /// Returns those names.
     fn check_bound_setting_names(
         &self,
         bind: &messages::BindView<'_>,
-    ) -> Result<(), crate::identity::Violation> {
+    ) -> Result<Vec<String>, crate::identity::Violation> {
         let Some(statement) = self.statements.get(bind.statement) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
+        let mut names = Vec::new();
         for &n in &statement.setting_params {
-            match bind.raw_param(usize::from(n) - 1) {
-                Ok(Some(value)) => self.shared.guard.bound_setting_name(value)?,
-                // NULL names no setting (set_config refuses it).
-                Ok(None) => {}
-                // Too few values: the server refuses the Bind itself.
-                Err(_) => {}
+            // NULL names no setting (set_config refuses it), and with too
+            // few values the server refuses the Bind itself.
+            if let Ok(Some(value)) = bind.raw_param(usize::from(n) - 1) {
+                self.shared.guard.bound_setting_name(value)?;
+                names.push(String::from_utf8_lossy(value).trim_end().to_string());
             }
         }
-        Ok(())
+        Ok(names)
+    }
+
+    /// The settings a `Bind` of `statement` may change for the session:
+    /// those its text names (refused in `session_set = "error"`), and those
+    /// its bound values name (kept, never refused: `set_config`'s third
+    /// argument may make them local).
+    fn note_bound_session_sets(
+        &mut self,
+        statement: &[u8],
+        bound: Vec<String>,
+    ) -> Result<(), PgError> {
+        let named = self
+            .statements
+            .get(statement)
+            .map(|s| s.session_sets.clone())
+            .unwrap_or_default();
+        self.note_session_sets(&named, true)?;
+        self.note_session_sets(&bound, false)
     }
 
     pub(super) async fn on_describe(&mut self, frame: Bytes) -> Result<(), End> {

@@ -57,6 +57,8 @@ pub struct Opts {
     pub backend_extra: String,
     /// Extra TOML appended to the `[identity]` table.
     pub identity_extra: String,
+    /// Extra TOML appended to the `[pool]` table.
+    pub pool_extra: String,
 }
 
 impl Default for Opts {
@@ -76,6 +78,7 @@ impl Default for Opts {
             backend_port: None,
             backend_extra: String::new(),
             identity_extra: String::new(),
+            pool_extra: String::new(),
         }
     }
 }
@@ -216,6 +219,7 @@ service_password = "{pw}"
 mode = "{mode}"
 size = {size}
 acquire_timeout_ms = {acquire}
+{pool_extra}
 
 [identity]
 policy_dir = "policies"
@@ -232,6 +236,7 @@ store = "audit"
         port = opts.backend_port.unwrap_or(pg.port),
         backend_extra = opts.backend_extra,
         identity_extra = opts.identity_extra,
+        pool_extra = opts.pool_extra,
         svc = opts.service_user,
         pw = cluster::SERVICE_PASSWORD,
         mode = opts.mode,

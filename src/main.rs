@@ -293,7 +293,17 @@ fn migrate(path: &std::path::Path, admin_url: &str) -> u8 {
             for role in &report.missing_roles {
                 println!("warning: role {role} does not exist");
             }
-            if report.missing_roles.is_empty() {
+            match &report.statements_hidden {
+                Some(Ok(())) => println!(
+                    "pg_prepared_statements hidden from non-superusers (transaction pooling shares statements)"
+                ),
+                Some(Err(why)) => println!(
+                    "warning: could not hide pg_prepared_statements (run migrate as a superuser): {why}"
+                ),
+                None => {}
+            }
+            let hidden = !matches!(report.statements_hidden, Some(Err(_)));
+            if report.missing_roles.is_empty() && hidden {
                 0
             } else {
                 1

@@ -10,7 +10,7 @@
 use sqlx::postgres::PgPoolOptions;
 use sqlx::Row;
 
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 use crate::identity::policy::Policy;
 
 /// Why a migration failed.
@@ -31,7 +31,20 @@ pub enum MigrateError {
 pub struct Report {
     pub granted: Vec<String>,
     pub missing_roles: Vec<String>,
+    /// Transaction pooling: whether `pg_prepared_statements` was hidden
+    /// from everyone but superusers, or why it could not be.
+    pub statements_hidden: Option<Result<(), String>>,
 }
+
+/// In transaction pooling the clients that share a server connection share
+/// its prepared statements, whose texts `pg_prepared_statements` would show
+/// to every client on it: take `PUBLIC`'s access to the view and to the
+/// function behind it away (in this database; the catalog's owner, a
+/// superuser, must run it), so PostgreSQL refuses every mapped role.
+const HIDE_STATEMENTS: [&str; 2] = [
+    "REVOKE SELECT ON pg_catalog.pg_prepared_statements FROM PUBLIC",
+    "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_prepared_statement() FROM PUBLIC",
+];
 
 /// Applies migrations and sets up the service user.
 pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateError> {
@@ -63,6 +76,9 @@ pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateErro
         return Ok(report);
     }
     exec_formatted(&pool, "ALTER ROLE %I NOINHERIT", &[service]).await?;
+    if config.pool.mode == PoolMode::Transaction {
+        report.statements_hidden = Some(hide_statements(&pool).await);
+    }
 
     let policy = Policy::load_dir(&config.identity.policy_dir)?;
     for role in concrete_roles(&policy) {
@@ -76,6 +92,18 @@ pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateErro
     }
     pool.close().await;
     Ok(report)
+}
+
+/// Runs [`HIDE_STATEMENTS`]; a refusal (an administrator who is not a
+/// superuser) is reported, not fatal.
+async fn hide_statements(pool: &sqlx::PgPool) -> Result<(), String> {
+    for sql in HIDE_STATEMENTS {
+        sqlx::query(sql)
+            .execute(pool)
+            .await
+            .map_err(|e| format!("{sql}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Runs `format(template, args...)` on the server, so identifiers are quoted

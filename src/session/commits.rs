@@ -84,6 +84,17 @@ impl Commits {
     pub fn starts_another_transaction(&self) -> bool {
         self.more_after || self.chains || self.block_commits
     }
+
+    /// Whether the first statement of `sql` is `ROLLBACK` or `ABORT` (with
+    /// `TO SAVEPOINT`, `AND CHAIN`...; not `ROLLBACK PREPARED`): what
+    /// PostgreSQL still runs in an aborted transaction, besides `COMMIT`.
+    pub fn rolls_back_first(sql: &[u8]) -> bool {
+        let mut words = Lexer::new(sql, Dialect::DEFAULT).take(2);
+        let first = words.next();
+        let second = words.next();
+        first.is_some_and(|t| t.is_word(sql, b"rollback") || t.is_word(sql, b"abort"))
+            && !second.is_some_and(|t| t.is_word(sql, b"prepared"))
+    }
 }
 
 fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
@@ -106,6 +117,28 @@ fn mentions_transaction_control(sql: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::Commits;
+
+    #[test]
+    fn what_rolls_back_first() {
+        for sql in [
+            "ROLLBACK",
+            "rollback;",
+            "ABORT WORK",
+            "ROLLBACK TO SAVEPOINT s",
+            "/* c */ Rollback AND CHAIN; SELECT 1",
+        ] {
+            assert!(Commits::rolls_back_first(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "COMMIT",
+            "SELECT 1; ROLLBACK",
+            "ROLLBACK PREPARED 'x'",
+            "",
+            "END",
+        ] {
+            assert!(!Commits::rolls_back_first(sql.as_bytes()), "{sql}");
+        }
+    }
 
     fn continues_after_commit(sql: &[u8]) -> bool {
         Commits::of(sql).more_after

@@ -245,3 +245,61 @@ async fn set_config_with_a_bound_name_is_judged_at_bind() {
     assert_eq!(support::sqlstate(&err), "42501", "char(n) padding");
     assert_eq!(identity(&c).await, "analyst/alice/");
 }
+
+/// A refusal inside a transaction aborts it for the client without an
+/// error in PostgreSQL's log: the server's transaction stays open until
+/// the client's ROLLBACK (or ROLLBACK TO SAVEPOINT), which ends it the same
+/// way. COMMIT of the aborted transaction commits nothing, as directly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_in_a_transaction_leaves_no_error_in_the_server_log() {
+    let pg = tokio::task::spawn_blocking(crate::support::cluster::start_private)
+        .await
+        .unwrap();
+    let gw = start_gateway(Opts {
+        backend_port: Some(pg.port),
+        ..Opts::default()
+    })
+    .await;
+    let c = gw.connect("alice").await;
+    let count = "SELECT count(*) FROM items WHERE id BETWEEN 700201 AND 700299";
+    // Simple protocol: the refusal, then ROLLBACK.
+    c.batch_execute("BEGIN; INSERT INTO items (id, owner) VALUES (700201, 'alice')")
+        .await
+        .unwrap();
+    let err = c.simple_query("SET ROLE other_role").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42501");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // Extended protocol, and a savepoint that rewinds past the refusal.
+    c.batch_execute("BEGIN; INSERT INTO items (id, owner) VALUES (700202, 'alice'); SAVEPOINT s")
+        .await
+        .unwrap();
+    let err = c.query("SET ROLE other_role", &[]).await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42501");
+    c.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
+    c.batch_execute("INSERT INTO items (id, owner) VALUES (700203, 'alice'); COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(support::one(&c, count).await, "2");
+    assert_eq!(identity(&c).await, "analyst/alice/");
+    let log = pg.server_log();
+    assert!(!log.contains("pgwarden refused"), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    // Going on inside the aborted transaction gets PostgreSQL's own
+    // answers: 25P02, and ROLLBACK for COMMIT.
+    c.batch_execute("BEGIN; INSERT INTO items (id, owner) VALUES (700204, 'alice')")
+        .await
+        .unwrap();
+    let err = c.simple_query("SET ROLE other_role").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42501");
+    let err = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(support::sqlstate(&err), "25P02");
+    let tags = c.simple_query("COMMIT").await.unwrap();
+    assert!(
+        matches!(
+            tags.last(),
+            Some(tokio_postgres::SimpleQueryMessage::CommandComplete(0))
+        ),
+        "{tags:?}"
+    );
+    assert_eq!(support::one(&c, count).await, "2", "nothing committed");
+}

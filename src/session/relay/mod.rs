@@ -192,6 +192,10 @@ pub struct QueryLoop<'a> {
     /// Settings the current transaction may have changed for the session,
     /// read back when it ends (`[pool] session_set = "keep"`).
     kept_pending: Vec<String>,
+    /// The client was told its transaction is aborted (a refusal), but the
+    /// server's transaction is still open and healthy
+    /// ([`QueryLoop::settle_local_abort`]).
+    aborted_locally: bool,
 }
 
 enum Wake {
@@ -250,6 +254,7 @@ impl<'a> QueryLoop<'a> {
             cancel_note: None,
             application_name: ident.application_name.clone(),
             kept_pending: Vec::new(),
+            aborted_locally: false,
         }
     }
 
@@ -408,6 +413,7 @@ impl<'a> QueryLoop<'a> {
         if self.discard_until_sync && tag != b'S' {
             return Ok(());
         }
+        self.settle_local_abort(&frame);
         if matches!(tag, b'Q' | b'E' | b'F') {
             self.counts.1 += 1;
         }

@@ -481,13 +481,38 @@ impl QueryLoop<'_> {
         }
     }
 
-    /// Answers a client message with `error` instead of running it. With a
-    /// server bound (a transaction is open) the statement is replaced by one
-    /// that fails, so the server aborts the transaction as PostgreSQL would;
-    /// otherwise the gateway answers by itself.
+    /// Answers a client message with `error` instead of running it.
+    ///
+    /// When nothing is in flight, the gateway answers by itself; inside a
+    /// transaction the client is told it is aborted (`E`) while the server's
+    /// transaction stays open and untouched, until the client's next
+    /// request ([`Self::settle_local_abort`]): its `ROLLBACK` goes to the
+    /// server as it is, and anything else first makes the server's
+    /// transaction fail too. So a refusal leaves no error in the server's
+    /// log unless the client goes on inside the aborted transaction.
+    ///
+    /// With requests in flight (a pipeline) the server's transaction state
+    /// at this point is not known yet: the statement is replaced by one that
+    /// fails, so the server aborts exactly as PostgreSQL would.
     pub(super) async fn refuse(&mut self, flow: Flow, error: PgError) -> Result<(), End> {
         if error.is_fatal() {
             return Err(End::Fatal(error));
+        }
+        let in_flight = !self.tracker.is_empty() || self.unsynced || self.copy_in;
+        if self.server.is_some() && !in_flight {
+            error.encode(&mut self.to_client);
+            if self.tx_status == b'T' {
+                self.tx_status = b'E';
+                self.aborted_locally = true;
+            }
+            match flow {
+                Flow::Simple => messages::ready_for_query(&mut self.to_client, self.tx_status),
+                Flow::Extended => {
+                    self.discard_until_sync = true;
+                    self.local_sync = true;
+                }
+            }
+            return Ok(());
         }
         match (flow, self.server.is_some()) {
             (Flow::Simple, true) => {
@@ -511,6 +536,48 @@ impl QueryLoop<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The client's transaction was aborted by a refusal the server did not
+    /// see ([`Self::refuse`]) and `frame` starts its next request: a
+    /// `ROLLBACK` (or `ROLLBACK TO SAVEPOINT`) goes to the server as it is,
+    /// since the server's open transaction ends (or rewinds) the same way;
+    /// a lone `Sync` is answered `E`; anything else is preceded by a
+    /// statement that fails, so the server answers it exactly as
+    /// PostgreSQL answers in an aborted transaction (25P02, `ROLLBACK` for
+    /// `COMMIT`).
+    pub(super) fn settle_local_abort(&mut self, frame: &[u8]) {
+        let starts_request = match frame[0] {
+            b'Q' | b'F' => true,
+            b'P' | b'B' | b'D' | b'C' | b'E' | b'S' => !self.unsynced && !self.discard_until_sync,
+            _ => false,
+        };
+        if !self.aborted_locally || !starts_request {
+            return;
+        }
+        let first_sql = match frame[0] {
+            b'Q' => messages::parse_query(&frame[5..])
+                .ok()
+                .map(Bytes::copy_from_slice),
+            b'P' => messages::parse_parse(&frame[5..])
+                .ok()
+                .map(|p| Bytes::copy_from_slice(p.query)),
+            b'B' => messages::parse_bind(&frame[5..])
+                .ok()
+                .and_then(|b| self.statements.get(b.statement))
+                .map(|s| s.sql.clone()),
+            _ => None,
+        };
+        if frame[0] == b'S' {
+            self.local_sync = true;
+            return;
+        }
+        self.aborted_locally = false;
+        if first_sql.is_some_and(|sql| Commits::rolls_back_first(&sql)) {
+            return;
+        }
+        messages::query(&mut self.to_server, REFUSED_SQL);
+        self.tracker.injected();
     }
 
     /// Records a guard refusal and builds the client's error.

@@ -34,6 +34,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// What the server wrote to its log so far.
+    pub fn server_log(&self) -> String {
+        let log = self.data.parent().expect("data has a parent").join("log");
+        String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned()
+    }
+
     /// Runs SQL as the superuser through psql, panicking with its output on failure.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new("psql")

@@ -237,6 +237,7 @@ fn merge(mut query: Record, result: Option<Box<Record>>) -> Record {
             query.duration_us = r.duration_us;
             query.backend_pid = query.backend_pid.or(r.backend_pid);
             query.ref_seq = Some(r.seq);
+            query.tx = r.tx;
         }
     }
     query

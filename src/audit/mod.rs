@@ -33,7 +33,7 @@ mod testutil;
 
 pub use auditor::{AuditCounters, Auditor};
 pub use chain::GENESIS_HASH;
-pub use record::{Event, Kind, Link, Record, Status};
+pub use record::{Event, Kind, Link, Record, Status, TxOutcome};
 pub use store::{MemoryControl, MemoryStore, SledStore, Store, StoreReader};
 
 /// Why the audit trail could not be opened, written or read.

@@ -14,9 +14,11 @@
 //!
 //! `seq, ts, kind, session_id, client_user, role, database, client_addr,
 //! application_name, statement, params, status, sqlstate, message,
-//! command_tag, rows, duration_us, backend_pid, ref_seq, prev_hash`
+//! command_tag, rows, duration_us, backend_pid, ref_seq, tx, prev_hash`
 //!
-//! Each member is `"key":value`. An absent value is `null`. Numbers (`seq`,
+//! Each member is `"key":value`. An absent value is `null`, except `tx`,
+//! which is left out when absent (records written before it existed have
+//! none). Numbers (`seq`,
 //! `rows`, `duration_us`, `ref_seq`, `backend_pid`) are plain decimal
 //! integers (a `-` only for a negative `backend_pid`). `params` is a JSON
 //! array of strings or `null`s. Every other value is a JSON string: `"` and
@@ -25,7 +27,7 @@
 //! `\u00xx` (lowercase hex); every other character, including non-ASCII and
 //! `/`, is written as its UTF-8 bytes. `ts` is RFC 3339 UTC with exactly six
 //! fractional digits and a `Z` (`2026-11-27T12:00:00.123456Z`); `kind` and
-//! `status` are the snake_case names; `prev_hash` is 64 lowercase hex digits.
+//! `status` and `tx` are the snake_case names; `prev_hash` is 64 lowercase hex digits.
 //!
 //! `hash = lowercase_hex(SHA-256(raw 32 bytes of prev_hash || canonical bytes))`.
 //! The first record's `prev_hash` is 64 zeros.
@@ -126,6 +128,31 @@ impl Status {
     }
 }
 
+/// What became of the transaction a statement ran in, on its `result`
+/// record: whether its effects persisted. Serialized as `committed`,
+/// `rolled_back`, `prepared` (`PREPARE TRANSACTION`: decided later by
+/// `COMMIT PREPARED` or `ROLLBACK PREPARED`) or `unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxOutcome {
+    Committed,
+    RolledBack,
+    Prepared,
+    Unknown,
+}
+
+impl TxOutcome {
+    /// The name used in records and exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxOutcome::Committed => "committed",
+            TxOutcome::RolledBack => "rolled_back",
+            TxOutcome::Prepared => "prepared",
+            TxOutcome::Unknown => "unknown",
+        }
+    }
+}
+
 /// What the gateway fills in; `seq`, `ts`, `prev_hash` and `hash` are
 /// assigned by the writer so that chain order is seq order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +176,8 @@ pub struct Event {
     pub backend_pid: Option<i32>,
     /// On a `result`: the `seq` of its `query`.
     pub ref_seq: Option<u64>,
+    /// On a `result`: what became of the statement's transaction.
+    pub tx: Option<TxOutcome>,
     /// Not stored: lets a `result` find its `query`'s seq in the writer when
     /// the appender did not wait to learn it.
     pub link: Link,
@@ -190,6 +219,7 @@ impl Event {
             duration_us: None,
             backend_pid: None,
             ref_seq: None,
+            tx: None,
             link: Link::None,
             at: OffsetDateTime::now_utc(),
         }
@@ -220,6 +250,10 @@ pub struct Record {
     pub duration_us: Option<u64>,
     pub backend_pid: Option<i32>,
     pub ref_seq: Option<u64>,
+    /// Absent from records written before it existed, and from all but
+    /// statement outcomes.
+    #[serde(default)]
+    pub tx: Option<TxOutcome>,
     /// Hex hash of the record before this one (64 zeros for seq 1).
     pub prev_hash: String,
     /// Hex SHA-256 over `prev_hash` bytes and [`Record::canonical_bytes`].
@@ -227,7 +261,7 @@ pub struct Record {
 }
 
 /// Column names of records and exports, in canonical order (`hash` last).
-pub const FIELDS: [&str; 21] = [
+pub const FIELDS: [&str; 22] = [
     "seq",
     "ts",
     "kind",
@@ -247,6 +281,7 @@ pub const FIELDS: [&str; 21] = [
     "duration_us",
     "backend_pid",
     "ref_seq",
+    "tx",
     "prev_hash",
     "hash",
 ];
@@ -283,13 +318,14 @@ impl Record {
             duration_us: event.duration_us,
             backend_pid: event.backend_pid,
             ref_seq: event.ref_seq,
+            tx: event.tx,
             prev_hash,
             hash: String::new(),
         }
     }
 
     /// The values of [`FIELDS`], in the same order.
-    pub fn values(&self) -> [Value<'_>; 21] {
+    pub fn values(&self) -> [Value<'_>; 22] {
         fn s<T: AsRef<str>>(v: &Option<T>) -> Value<'_> {
             v.as_ref().map_or(Value::Null, |v| Value::Str(v.as_ref()))
         }
@@ -318,6 +354,7 @@ impl Record {
             self.backend_pid
                 .map_or(Value::Null, |p| Value::Int(i64::from(p))),
             u(self.ref_seq),
+            self.tx.map_or(Value::Null, |t| Value::Str(t.as_str())),
             Value::Str(&self.prev_hash),
             Value::Str(&self.hash),
         ]
@@ -335,6 +372,11 @@ impl Record {
         out.push('{');
         let without_hash = FIELDS.len() - 1;
         for (i, (name, value)) in FIELDS.iter().zip(values).take(without_hash).enumerate() {
+            // `tx` is written only when present, so records that have none
+            // (all of them before it existed) keep their canonical bytes.
+            if *name == "tx" && matches!(value, Value::Null) {
+                continue;
+            }
             if i > 0 {
                 out.push(',');
             }
@@ -372,7 +414,7 @@ impl Record {
 /// About how many bytes the stored value of a record with `values` takes
 /// (exactly, unless its strings need escapes), so that it is built without
 /// growing its buffer.
-fn stored_size_hint(values: &[Value<'_>; 21]) -> usize {
+fn stored_size_hint(values: &[Value<'_>; 22]) -> usize {
     // Keys, quotes, colons and commas of every field, and "hash":"<64 hex>".
     const FIXED: usize = 360;
     let value_size = |value: &Value<'_>| match value {

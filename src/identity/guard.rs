@@ -11,7 +11,8 @@
 //!
 //! Fast path: a statement in which none of a few byte patterns occurs
 //! (`set`, `discard`, the word `do`, `u&`, `function`, `procedure`,
-//! `aggregate`, `query_to`, `ts_stat`, `ts_rewrite`, any case) cannot do any
+//! `aggregate`, `query_to`, `ts_stat`, `ts_rewrite`, `pgwarden_`, any case)
+//! cannot do any
 //! of that, and returns without lexing. Every rule below needs one of those
 //! patterns in the text (keywords cannot be escaped; a name written with
 //! escapes needs `U&`; escaped text only becomes code in DO and function
@@ -253,8 +254,8 @@ impl Guard {
 static OPENINGS: [u64; 1024] = openings();
 
 const fn openings() -> [u64; 1024] {
-    const PAIRS: [[u8; 2]; 9] = [
-        *b"se", *b"di", *b"fu", *b"pr", *b"ag", *b"qu", *b"ts", *b"do", *b"u&",
+    const PAIRS: [[u8; 2]; 10] = [
+        *b"se", *b"di", *b"fu", *b"pr", *b"ag", *b"qu", *b"ts", *b"do", *b"u&", *b"pg",
     ];
     let mut table = [0u64; 1024];
     let mut k = 0;
@@ -304,7 +305,7 @@ fn pattern_at(sql: &[u8], i: usize) -> bool {
                 || (rest[1] | 0x20 == b'o' && is_word_boundary(sql, i, 2))
         }
         b'f' => starts_with_ci(rest, b"function"),
-        b'p' => starts_with_ci(rest, b"procedure"),
+        b'p' => starts_with_ci(rest, b"procedure") || starts_with_ci(rest, b"pgwarden_"),
         b'a' => starts_with_ci(rest, b"aggregate"),
         b'q' => starts_with_ci(rest, b"query_to"),
         b't' => starts_with_ci(rest, b"ts_stat") || starts_with_ci(rest, b"ts_rewrite"),

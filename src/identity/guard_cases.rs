@@ -14,6 +14,14 @@
 
 /// Escape attempts: the guard must refuse every one.
 pub const ESCAPES: &[&str] = &[
+    // The gateway's own statements run only through Bind, whose values it
+    // checks (their names show in PostgreSQL's errors).
+    "EXECUTE pgwarden_0123456789abcdef0123456789abcdef('role', 'other_role')",
+    "explain analyze execute PGWARDEN_0123456789abcdef0123456789abcdef('role', 'x')",
+    "EXECUTE \"pgwarden_0123456789abcdef0123456789abcdef\"('role', 'x')",
+    "EXECUTE U&\"pgwarden\\005f0123456789abcdef0123456789abcdef\"('role', 'x')",
+    "DO $$BEGIN EXECUTE 'EXECUTE pgwarden_0123456789abcdef0123456789abcdef(''role'', ''x'')'; END$$",
+    "PREPARE pgwarden_0123456789abcdef0123456789abcdef(text) AS SELECT 1",
     // The plain commands, in any case and spacing.
     "SET ROLE other_role",
     "set role other_role",

@@ -461,3 +461,17 @@ fn a_bound_setting_name_is_judged_like_a_constant_one() {
         assert!(g.bound_setting_name(name.as_bytes()).is_ok(), "{name}");
     }
 }
+
+#[test]
+fn execute_of_other_statements_is_no_concern() {
+    let g = guard();
+    for sql in [
+        "EXECUTE my_plan(1)",
+        "EXECUTE pgwardenx(1)",
+        "SELECT 'EXECUTE pgwarden_x'",
+        "PREPARE plan AS SELECT 1",
+    ] {
+        assert!(g.check(sql.as_bytes()).is_ok(), "{sql}");
+    }
+    assert!(g.check(b"PREPARE pgwarden_0123 AS SELECT 1").is_err());
+}

@@ -52,6 +52,9 @@ pub(crate) fn check_tokens(
     let top_level = depth == 0 && !body && bound_values_only(t);
     for i in 0..t.len() {
         match t.toks[i].kind {
+            Kind::Word if t.word(i, "execute") || t.word(i, "prepare") => {
+                gateway_statement_name(t, i)?
+            }
             Kind::Word | Kind::QuotedIdent | Kind::UnicodeIdent => {
                 check_ident_use(c, t, i, depth, top_level, &mut screened)?
             }
@@ -73,6 +76,21 @@ pub(crate) fn check_tokens(
         at_start = t.punct(i, ";") || (body && starts_body_statement(t, i));
     }
     Ok(())
+}
+
+/// `EXECUTE pgwarden_...` and `PREPARE pgwarden_...`: the gateway's own
+/// prepared statements run only through `Bind`, whose values it checks (a
+/// statement may take `set_config`'s setting name as a parameter, and
+/// SQL-level `EXECUTE` would pass any value), and only with the text it
+/// prepared and recorded under that name. Their names are not secret:
+/// PostgreSQL's errors show them.
+fn gateway_statement_name(t: &Tokens, i: usize) -> Result<(), Violation> {
+    match t.ident(i + 1) {
+        Some((name, _)) if name.len() >= 9 && name[..9].eq_ignore_ascii_case(b"pgwarden_") => Err(
+            Violation::new("EXECUTE or PREPARE of a statement name reserved for pgwarden"),
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Whether the text is one `SELECT`, `VALUES` or `WITH` statement, in

@@ -104,6 +104,12 @@ impl<'a> Reader<'a> {
         Ok(self.buf.get_i16())
     }
 
+    /// A 16-bit count, unsigned as PostgreSQL reads the counts of `Bind`
+    /// and `FunctionCall` (up to 65535).
+    pub fn count16(&mut self) -> Result<usize, ProtocolError> {
+        Ok(usize::from(self.i16()? as u16))
+    }
+
     pub fn i32(&mut self) -> Result<i32, ProtocolError> {
         if self.buf.len() < 4 {
             return Err(self.malformed());

@@ -238,9 +238,9 @@ impl<'a> BindView<'a> {
     /// format; `None` for NULL; an error if the message has fewer.
     pub fn raw_param(&self, index: usize) -> Result<Option<&'a [u8]>, ProtocolError> {
         let mut r = Reader::new(self.rest, "Bind");
-        let nformats = r.i16()?.max(0) as usize;
+        let nformats = r.count16()?;
         r.bytes(nformats * 2)?;
-        let nparams = r.i16()?.max(0) as usize;
+        let nparams = r.count16()?;
         if index >= nparams {
             return Err(ProtocolError::Malformed { what: "Bind" });
         }
@@ -260,12 +260,12 @@ impl<'a> BindView<'a> {
 /// Format codes, then values, as `Bind` and `FunctionCall` carry them:
 /// text values as text (lossily), binary ones as `\x` and hex.
 fn formatted_values(r: &mut Reader<'_>) -> Result<Vec<Option<String>>, ProtocolError> {
-    let nformats = r.i16()?.max(0) as usize;
+    let nformats = r.count16()?;
     let mut formats = Vec::with_capacity(nformats);
     for _ in 0..nformats {
         formats.push(r.i16()?);
     }
-    let nparams = r.i16()?.max(0) as usize;
+    let nparams = r.count16()?;
     let mut out = Vec::with_capacity(nparams);
     for i in 0..nparams {
         let len = r.i32()?;

@@ -13,7 +13,7 @@ use bytes::BytesMut;
 
 use crate::identity::lexer::{tokens, Kind, Token};
 use crate::pool::conn::{BackendError, ServerConn};
-use crate::protocol::frame::Reader;
+use crate::protocol::frame::{ProtocolError, Reader};
 use crate::protocol::messages;
 use crate::session::state::{any_word_start, TRACKED};
 
@@ -194,39 +194,72 @@ impl Toks<'_> {
     }
 }
 
-/// Reads the current values of `names` on `conn` (one round trip, nothing
-/// else in flight), as (name, value); settings the server does not know are
-/// left out.
+/// Whether `name` can be a setting's name: ASCII letters, digits, `_`
+/// and `$`, in dot-separated parts that do not start with a digit. Only
+/// such names are kept and read back, so a name never needs quoting in
+/// any client encoding.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name.split('.').all(|part| {
+            part.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
+        })
+}
+
+/// Reads the current values of `names` (each [`valid_name`]) on `conn`
+/// (one round trip, nothing else in flight), as (name, value) for the
+/// names asked; settings the server does not know or does not show this
+/// role are left out. `pg_settings` rather than `current_setting()`, which
+/// fails the whole query for a setting the role may not read
+/// (`data_directory`).
 pub async fn read(
     conn: &mut ServerConn,
     names: &[String],
 ) -> Result<Vec<(String, String)>, BackendError> {
-    let rows: Vec<String> = names
-        .iter()
-        .map(|n| format!("(E'{}')", n.replace('\\', "\\\\").replace('\'', "''")))
-        .collect();
+    let names: Vec<&String> = names.iter().filter(|n| valid_name(n)).collect();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+    // Schema-qualified, operators too: the session's search_path is the
+    // client's.
+    // Custom settings (`myapp.tenant`) are not in pg_settings; any role
+    // may read them with current_setting(), only reached for them.
     let sql = format!(
-        "SELECT n, pg_catalog.current_setting(n, true) FROM (VALUES {}) v(n)",
-        rows.join(", ")
+        "SELECT n, coalesce((SELECT s.setting FROM pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) OPERATOR(pg_catalog.=) n), \
+         CASE WHEN pg_catalog.strpos(n, '.') OPERATOR(pg_catalog.>) 0 THEN pg_catalog.current_setting(n, true) END) \
+         FROM pg_catalog.unnest(ARRAY[{}]::pg_catalog.text[]) n",
+        list.join(", ").to_ascii_lowercase()
     );
     let mut out = BytesMut::new();
     messages::query(&mut out, &sql);
     conn.write_all(&out).await?;
     let mut values = Vec::new();
     let mut error = None;
-    loop {
+    let status = loop {
         let frame = conn.read_frame().await?;
         match frame[0] {
             b'D' => values.extend(name_and_value(&frame[5..])?),
             b'E' if error.is_none() => error = Some(messages::parse_error_fields(&frame[5..])?),
-            b'Z' => break,
+            b'Z' => break frame.get(5).copied(),
             _ => {}
         }
+    };
+    if status != Some(b'I') {
+        return Err(BackendError::Protocol(ProtocolError::UnexpectedMessage(
+            'Z',
+        )));
     }
-    match error {
-        Some(fields) => Err(BackendError::Server(fields)),
-        None => Ok(values),
+    if let Some(fields) = error {
+        return Err(BackendError::Server(fields));
     }
+    values.retain(|(name, _)| names.iter().any(|n| n.eq_ignore_ascii_case(name)));
+    Ok(values)
 }
 
 /// A `DataRow` of (name, value), `None` when the value is NULL.
@@ -301,6 +334,19 @@ mod tests {
             ),
         ] {
             assert_eq!(session_sets(sql.as_bytes()), names, "{sql}");
+        }
+    }
+
+    #[test]
+    fn only_plain_names_are_kept() {
+        use super::valid_name;
+        for name in ["work_mem", "myapp.tenant", "a$b._c", "DateStyle"] {
+            assert!(valid_name(name), "{name}");
+        }
+        for name in [
+            "", "a b", "a'b", "a\\b", "1a", "a..b", ".a", "\u{141}", "a\"b",
+        ] {
+            assert!(!valid_name(name), "{name:?}");
         }
     }
 

@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod client;
 pub mod commits;
 pub mod kept;
+pub mod ledger;
 pub mod opaque;
 mod prepared;
 mod relay;

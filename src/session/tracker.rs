@@ -26,6 +26,8 @@ pub struct Pending {
     /// The ticket of its `query` audit record ([`crate::audit::Link`]).
     pub ticket: u64,
     pub started: Instant,
+    /// What it does to its transaction ([`crate::session::ledger`]).
+    pub control: crate::session::ledger::Control,
 }
 
 /// How a statement ended.
@@ -60,9 +62,16 @@ pub enum Route {
     Replace(PgError),
 }
 
+/// A client statement name and the gateway's entry for it before a
+/// `Parse` replaced it.
+pub type Restore = Box<(bytes::Bytes, Option<crate::session::prepared::Statement>)>;
+
 /// Side effects on the server connection's statement cache.
 #[derive(Debug, Default)]
 pub struct CacheEffects {
+    /// Client statement entries to put back, newest first: their `Parse`
+    /// failed or was skipped, so the server kept the old statement.
+    pub restore: Vec<Restore>,
     /// Statements whose `Parse` failed or was skipped: not on the server.
     pub not_prepared: Vec<u128>,
     /// A shared statement the server found stale (its plan's result type
@@ -78,9 +87,12 @@ enum Expect {
     Parse {
         injected: bool,
         key: Option<u128>,
+        restore: Option<Restore>,
     },
     /// The gateway answers `ParseComplete` itself: the statement exists.
-    SynthParse,
+    SynthParse {
+        restore: Option<Restore>,
+    },
     /// `BindComplete` expected. `pending`: the Bind plans a statement that
     /// may run functions the gateway cannot see, so it has its own record.
     Bind {
@@ -126,8 +138,25 @@ impl Expect {
     fn is_synthetic(&self) -> bool {
         matches!(
             self,
-            Expect::SynthParse | Expect::SynthClose | Expect::SynthQuery { .. }
+            Expect::SynthParse { .. } | Expect::SynthClose | Expect::SynthQuery { .. }
         )
+    }
+}
+
+impl CacheEffects {
+    /// A `Parse` that the server refused (`failed`) or skipped. A failed
+    /// `Parse` of the unnamed statement has already dropped the old one
+    /// (PostgreSQL drops it before parsing).
+    fn not_parsed(&mut self, key: Option<u128>, restore: Option<Restore>, failed: bool) {
+        if let Some(key) = key {
+            self.not_prepared.push(key);
+        }
+        if let Some(mut r) = restore {
+            if failed && r.0.is_empty() {
+                r.1 = None;
+            }
+            self.restore.insert(0, r);
+        }
     }
 }
 
@@ -150,10 +179,24 @@ impl Tracker {
     }
 
     pub fn parse(&mut self, injected: bool, key: Option<u128>) {
-        self.queue.push_back(Expect::Parse { injected, key });
+        self.queue.push_back(Expect::Parse {
+            injected,
+            key,
+            restore: None,
+        });
     }
     pub fn synth_parse(&mut self) {
-        self.queue.push_back(Expect::SynthParse);
+        self.queue.push_back(Expect::SynthParse { restore: None });
+    }
+    /// The client's last `Parse` (the newest entry) replaced the gateway's
+    /// entry for a statement name: if the server refuses or skips it, the
+    /// server still has the old statement, and so must the gateway.
+    pub fn restore_if_not_parsed(&mut self, restore: Restore) {
+        if let Some(Expect::Parse { restore: r, .. } | Expect::SynthParse { restore: r }) =
+            self.queue.back_mut()
+        {
+            *r = Some(restore);
+        }
     }
     pub fn bind(&mut self, pending: Option<Pending>, key: Option<u128>) {
         self.queue.push_back(Expect::Bind { pending, key });
@@ -196,7 +239,7 @@ impl Tracker {
     pub fn emit_synthetic(&mut self, tx_status: u8, out: &mut BytesMut) {
         while self.queue.front().is_some_and(Expect::is_synthetic) {
             match self.queue.pop_front() {
-                Some(Expect::SynthParse) => messages::write_frame(out, b'1', |_| {}),
+                Some(Expect::SynthParse { .. }) => messages::write_frame(out, b'1', |_| {}),
                 Some(Expect::SynthClose) => messages::write_frame(out, b'3', |_| {}),
                 Some(Expect::SynthQuery { tag }) => {
                     messages::write_frame(out, b'C', |b| {
@@ -389,7 +432,7 @@ impl Tracker {
                     message: fields.message.clone(),
                 },
             }),
-            Some(Expect::Parse { key: Some(key), .. }) => cache.not_prepared.push(key),
+            Some(Expect::Parse { key, restore, .. }) => cache.not_parsed(key, restore, true),
             Some(Expect::BlockedParse { error }) => route = Route::Replace(error),
             _ => {}
         }
@@ -427,7 +470,8 @@ impl Tracker {
                     pending,
                     outcome: Outcome::NotExecuted,
                 }),
-                Some(Expect::Parse { key: Some(key), .. }) => cache.not_prepared.push(key),
+                Some(Expect::Parse { key, restore, .. }) => cache.not_parsed(key, restore, false),
+                Some(Expect::SynthParse { restore }) => cache.not_parsed(None, restore, false),
                 _ => {}
             }
         }

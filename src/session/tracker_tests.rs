@@ -7,6 +7,7 @@ fn p(ticket: u64) -> Option<Pending> {
     Some(Pending {
         ticket,
         started: Instant::now(),
+        control: Default::default(),
     })
 }
 

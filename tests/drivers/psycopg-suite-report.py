@@ -106,6 +106,8 @@ def main() -> int:
         seconds: dict[str, str] = {}
         for run, _ in RUNS:
             xml = os.path.join(out, f"{run}-{suite}.xml")
+            if not os.path.exists(xml) and os.path.exists(os.path.join(out, f"{run}-{suite}.log")):
+                print(f"({run}-{suite}: no JUnit XML: the run died; see {run}-{suite}.log)\n")
             if os.path.exists(xml):
                 try:
                     data[run] = load(xml)

@@ -40,15 +40,30 @@
 #                          then uses (e.g. re-run only "tx" after a fix)
 #   PSYCOPG_SUITE_POOL     1 (default) also runs tests/pool; 0 skips it
 #   PSYCOPG_SUITE_TESTS    the test files/directories of the main suite,
-#                          relative to the checkout (default: the
-#                          protocol-heavy files below, those that exist)
+#                          relative to the checkout, e.g. "tests" for all;
+#                          default: those of the protocol-heavy files that
+#                          exist: tests/test_{connection,cursor,copy,pipeline,
+#                          prepared,transaction,notify,tpc}*.py,
+#                          test_errors.py, test_encodings.py, test_adapt.py
+#                          and tests/pq/
 #   PSYCOPG_SUITE_MARKERS  pytest -m expression, default
 #                          "not slow and not timing and not flakey"
 #   PSYCOPG_SUITE_TIMEOUT  per-test timeout in seconds (pytest-timeout), 60
 #   PSYCOPG_SUITE_POOL_SIZE  pgwarden pool.size, default 8
+#   PSYCOPG_SUITE_ALLOW_DYNAMIC_SQL  1: the gateways get [identity]
+#                          allow_dynamic_sql = true (default: pgwarden's
+#                          default, false, which refuses psycopg's tests that
+#                          EXECUTE computed SQL in DO blocks)
 #   PSYCOPG_SUITE_PYTEST_ARGS  extra pytest arguments (e.g. "-x" or "-k copy")
+#   PSYCOPG_SUITE_HOLD     1: after the runs, start both gateways, print the
+#                          DSNs and keep everything up until SIGINT/SIGTERM
+#                          (for reproducing a failure by hand; with
+#                          PSYCOPG_SUITE_RUNS="" it runs no test at all)
 #
-# Exit status: 0 when the three runs completed (whatever the tests' outcome),
+# A hung test fails after PSYCOPG_SUITE_TIMEOUT seconds and the run goes on;
+# a run that dies (or exceeds 3 hours) writes no XML, and the report says so.
+#
+# Exit status: 0 when the runs completed (whatever the tests' outcome),
 # 1 when something could not be set up, 2 for usage errors.
 set -euo pipefail
 
@@ -69,11 +84,13 @@ for d in psycopg psycopg_pool tests; do
   [ -d "$checkout/$d" ] || { echo "psycopg-suite: $checkout has no $d/: not a psycopg source tree" >&2; exit 2; }
 done
 
-runs=${PSYCOPG_SUITE_RUNS:-direct tx session}
+runs=${PSYCOPG_SUITE_RUNS-direct tx session}
 with_pool=${PSYCOPG_SUITE_POOL:-1}
 markers=${PSYCOPG_SUITE_MARKERS:-not slow and not timing and not flakey}
 timeout=${PSYCOPG_SUITE_TIMEOUT:-60}
 pool_size=${PSYCOPG_SUITE_POOL_SIZE:-8}
+dynamic_sql=false
+[ "${PSYCOPG_SUITE_ALLOW_DYNAMIC_SQL:-0}" = 1 ] && dynamic_sql=true
 venv=${PSYCOPG_SUITE_VENV:-$root/target/psycopg-suite/venv}
 out=${PSYCOPG_SUITE_OUT:-$root/target/psycopg-suite/results}
 PG_BIN=/usr/lib/postgresql/15/bin
@@ -109,6 +126,8 @@ mapfile -t tests < <(printf '%s\n' "${tests[@]}" | awk '!seen[$0]++')
 work=$(mktemp -d /tmp/psycopg-suite.XXXXXX)
 data=$work/data
 gw_pids=()
+hold_pid=
+test_pid=
 pg_started=0
 as_pg() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -116,6 +135,11 @@ as_pg() {
 cleanup() {
   local status=$?
   set +e
+  [ -n "$hold_pid" ] && kill "$hold_pid" 2>/dev/null
+  if [ -n "$test_pid" ]; then
+    kill -TERM "$test_pid" 2>/dev/null
+    wait "$test_pid" 2>/dev/null
+  fi
   for pid in "${gw_pids[@]}"; do
     kill -TERM "$pid" 2>/dev/null
   done
@@ -149,6 +173,9 @@ stamp=$venv/.psycopg-suite-stamp
 want_stamp=$(cat "$checkout/psycopg/pyproject.toml" "$checkout/psycopg_pool/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if ! [ -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
   say "installing psycopg[test], psycopg_pool and pytest-timeout from $checkout"
+  if [ -e "$venv" ] && ! [ -f "$venv/pyvenv.cfg" ]; then
+    die "$venv exists and is not a venv; not replacing it"
+  fi
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
@@ -243,12 +270,13 @@ size = $pool_size
 
 [identity]
 policy_dir = "policies"
+allow_dynamic_sql = $dynamic_sql
 
 [audit]
 enabled = false
 store = "audit"
 EOF
-  PGWARDEN_LOG=${PGWARDEN_LOG:-info} "$bin" serve -c "$dir/pgwarden.toml" >"$dir/gateway.log" 2>&1 &
+  NO_COLOR=1 PGWARDEN_LOG=${PGWARDEN_LOG:-info} "$bin" serve -c "$dir/pgwarden.toml" >"$dir/gateway.log" 2>&1 &
   gw_pids+=($!)
   port_of[$mode]=$port
   local i
@@ -285,15 +313,20 @@ run_pytest() { # run_pytest RUN SUITE PORT DB PATHS...
   # xunit1 puts each test's file in the XML, so the report can print
   # pytest node ids.
   # shellcheck disable=SC2086
-  (cd "$checkout" && timeout --kill-after=30 $((3 * 3600)) \
+  (cd "$checkout" && exec timeout --kill-after=30 $((3 * 3600)) \
     "$venv/bin/python" -m pytest -p no:randomly -o cache_dir="$work/pytest-cache-$name" \
     -o junit_family=xunit1 --junitxml="$out/$name.xml" \
-    --timeout="$timeout" -m "$markers" -q -rfE --tb=line --no-header \
-    --test-dsn "$dsn" ${PSYCOPG_SUITE_PYTEST_ARGS:-} "$@") >"$out/$name.log" 2>&1
+    --timeout="$timeout" -m "$markers" -q -rfE --tb=short --no-header \
+    --test-dsn "$dsn" ${PSYCOPG_SUITE_PYTEST_ARGS:-} "$@") >"$out/$name.log" 2>&1 &
+  test_pid=$!
+  wait "$test_pid"
   rc=$?
+  test_pid=
   set -e
   echo "$(($(date +%s) - started))" >"$out/$name.seconds"
-  say "$name: exit $rc, $(tail -n 1 "$out/$name.log"), $(cat "$out/$name.seconds") s"
+  local summary
+  summary=$(grep -E ' in [0-9.]+s( \([0-9:]+\))?$' "$out/$name.log" | tail -n 1 || true)
+  say "$name: exit $rc, ${summary:-no summary line}, $(cat "$out/$name.seconds") s"
 }
 
 for r in $runs; do
@@ -308,4 +341,19 @@ for r in $runs; do
   fi
 done
 
-"$venv/bin/python" "$here/psycopg-suite-report.py" "$out" | tee "$out/report.md"
+if [ -n "$runs" ]; then
+  "$venv/bin/python" "$here/psycopg-suite-report.py" "$out" | tee "$out/report.md"
+fi
+
+if [ "${PSYCOPG_SUITE_HOLD:-0}" = 1 ]; then
+  [ -n "${port_of[transaction]:-}" ] || start_gateway transaction psy_tx
+  [ -n "${port_of[session]:-}" ] || start_gateway session psy_session
+  say "holding; stop with kill -TERM $$. DSNs (PSYCOPG_IMPL=python, venv $venv):"
+  echo "direct:      host=127.0.0.1 port=$pg_port user=psy password=psy-pw dbname=psy_direct"
+  echo "transaction: host=127.0.0.1 port=${port_of[transaction]} user=psy password=psy-pw dbname=psy_tx"
+  echo "session:     host=127.0.0.1 port=${port_of[session]} user=psy password=psy-pw dbname=psy_session"
+  echo "superuser:   host=127.0.0.1 port=$pg_port user=postgres dbname=postgres"
+  sleep infinity &
+  hold_pid=$!
+  wait "$hold_pid" || true
+fi

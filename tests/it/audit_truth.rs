@@ -443,3 +443,87 @@ async fn records_follow_the_clients_application_name() {
         "second"
     );
 }
+
+/// Every statement's result says whether its transaction's effects
+/// persisted (`tx`), and the database agrees: a pipeline whose later
+/// statement fails, explicit COMMIT and ROLLBACK, ROLLBACK TO SAVEPOINT,
+/// COMMIT of a failed transaction, a client that vanishes mid-transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_statement_says_whether_its_transaction_committed() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let insert = |id: u32| format!("INSERT INTO items (id, owner) VALUES ({id}, 'alice')");
+    // A pipeline in one implicit transaction: the duplicate undoes both.
+    let mut c = RawClient::login(gw.addr).await;
+    let mut batch = extended(&insert(700301));
+    batch.truncate(batch.len() - 5);
+    batch.extend(extended(&format!("{} ", insert(700301))));
+    c.send_raw(&batch).await;
+    let (_, code, _) = c.until_ready().await;
+    assert_eq!(code.as_deref(), Some("23505"));
+    drop(c);
+    let alice = gw.connect("alice").await;
+    for sql in [
+        "BEGIN".to_string(),
+        insert(700302),
+        "COMMIT".into(),
+        "BEGIN".into(),
+        insert(700303),
+        "SAVEPOINT s".into(),
+        insert(700304),
+        "ROLLBACK TO SAVEPOINT s".into(),
+        insert(700305),
+        "COMMIT".into(),
+        "BEGIN".into(),
+        insert(700306),
+        "ROLLBACK".into(),
+        insert(700308),
+    ] {
+        alice.batch_execute(&sql).await.unwrap();
+    }
+    alice.batch_execute("BEGIN").await.unwrap();
+    alice.batch_execute(&insert(700307)).await.unwrap();
+    alice.batch_execute("SELECT 1/0").await.unwrap_err();
+    alice.batch_execute("COMMIT").await.unwrap();
+    let gone = gw.connect("alice").await;
+    gone.batch_execute("BEGIN").await.unwrap();
+    gone.batch_execute(&insert(700309)).await.unwrap();
+    drop(gone);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let committed: Vec<u32> = alice
+        .query(
+            "SELECT id FROM items WHERE id BETWEEN 700301 AND 700309 ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i32>(0) as u32)
+        .collect();
+    assert_eq!(committed, [700302, 700303, 700305, 700308]);
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let records = stop_and_export(gw, &[]).await;
+    // Reconciliation: an INSERT's record says committed exactly when its
+    // row is in the table.
+    for id in 700301..=700309u32 {
+        let rows: Vec<&Value> = records
+            .iter()
+            .filter(|r| s(r, "kind") == "query" && s(r, "statement").trim() == insert(id))
+            .collect();
+        assert!(!rows.is_empty(), "a record of {id}");
+        for r in rows {
+            let expected = if committed.contains(&id) {
+                "committed"
+            } else {
+                "rolled_back"
+            };
+            assert_eq!(s(r, "tx"), expected, "{id}: {r}");
+        }
+    }
+    assert_eq!(s(query_record(&records, "SELECT 1/0"), "tx"), "rolled_back");
+    assert_eq!(s(query_record(&records, "SAVEPOINT s"), "tx"), "committed");
+}

@@ -211,10 +211,17 @@ async fn a_redefined_shared_statement_never_runs_for_another_client() {
     )
     .await;
     assert!(name.starts_with("pgwarden_"), "{name}");
-    alice
+    // The guard refuses PREPARE of the gateway's names; were it to miss
+    // one, the connection is reset before bob uses it again.
+    let err = alice
         .batch_execute(&format!(
             "DO $$BEGIN EXECUTE 'DEALLOCATE {name}'; EXECUTE 'PREPARE {name} AS SELECT ''poisoned''::text'; END$$"
         ))
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "42501");
+    alice
+        .batch_execute(&format!("DO $$BEGIN EXECUTE 'DEALLOCATE {name}'; END$$"))
         .await
         .unwrap();
     drop(alice);
@@ -353,7 +360,7 @@ async fn an_extended_copy_holds_its_connection_until_its_sync() {
 
 /// A raw client logged in as the cleartext user with these startup
 /// parameters (besides user and database).
-async fn raw_with(addr: SocketAddr, params: &[(&str, &str)]) -> RawClient {
+pub(crate) async fn raw_with(addr: SocketAddr, params: &[(&str, &str)]) -> RawClient {
     let mut startup = 196608i32.to_be_bytes().to_vec();
     for (k, v) in [("user", "clear_user"), ("database", "app")]
         .iter()

@@ -10,6 +10,7 @@ mod cancel;
 mod drivers;
 mod guard;
 mod hostile;
+mod hostile_binds;
 mod identity;
 mod lifecycle;
 mod limits;

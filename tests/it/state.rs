@@ -260,6 +260,12 @@ async fn session_settings_are_kept_for_the_client_in_transaction_mode() {
         .batch_execute("BEGIN; SET statement_timeout = '9s'; ROLLBACK")
         .await
         .unwrap();
+    // A setting this role may not read, named but never set, does not
+    // lose the others (it once failed the whole read-back).
+    alice
+        .batch_execute("BEGIN; SET idle_in_transaction_session_timeout = '777s'; SELECT CASE WHEN false THEN set_config('data_directory', 'x', false) END; COMMIT")
+        .await
+        .unwrap();
     // Bob takes the only connection in between: he sees none of it, and
     // alice gets it all back on the connection he leaves.
     for _ in 0..2 {
@@ -285,6 +291,10 @@ async fn session_settings_are_kept_for_the_client_in_transaction_mode() {
         assert_eq!(support::one(&alice, "SHOW lock_timeout").await, "4321ms");
         assert_eq!(support::one(&alice, "SHOW myapp.tenant").await, "north");
         assert_eq!(support::one(&alice, "SHOW statement_timeout").await, "0");
+        assert_eq!(
+            support::one(&alice, "SHOW idle_in_transaction_session_timeout").await,
+            "777s"
+        );
     }
     let err = alice
         .batch_execute("INSERT INTO items (id, owner) VALUES (700101, 'alice')")

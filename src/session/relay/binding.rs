@@ -47,7 +47,7 @@ impl QueryLoop<'_> {
                 .protected_name(name.as_bytes(), false)
                 .is_some();
             let noted = |list: &[String]| list.iter().any(|n| n.eq_ignore_ascii_case(name));
-            if protected || noted(&self.kept_pending) {
+            if protected || !kept::valid_name(name) || noted(&self.kept_pending) {
                 continue;
             }
             let known = self
@@ -405,6 +405,7 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn abandon_server(&mut self, why: &str) {
+        self.abandon_ledger().await;
         for pending in self.tracker.drain() {
             let mut ev = self.result_event(pending, Outcome::NotExecuted);
             ev.status = Some(Status::Unknown);

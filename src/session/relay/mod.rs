@@ -28,6 +28,7 @@ use tokio::sync::watch;
 
 use super::cancel::{BackendKey, CancelSlot};
 use super::client::{ClientConn, ClientError};
+use super::ledger::Ledger;
 use super::prepared;
 use super::state::Effect;
 use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
@@ -162,6 +163,14 @@ pub struct QueryLoop<'a> {
     /// `Execute`, or settled at `Sync` (or session end) if it never ran.
     pre_audited: Option<Ahead>,
     resolved: Vec<Resolved>,
+    /// News from the server that is no statement's outcome, each with the
+    /// number of `resolved` entries before it.
+    marks: Vec<(usize, Mark)>,
+    /// Outcomes of statements that never reached the server (no connection,
+    /// answered by the gateway): recorded as they are, without `tx`.
+    unran: Vec<Resolved>,
+    /// Results held until their transaction's outcome is known.
+    ledger: Ledger,
     shutdown: watch::Receiver<bool>,
     shutting_down: bool,
     /// This session ran code pgwarden cannot see into (see
@@ -196,6 +205,16 @@ pub struct QueryLoop<'a> {
     /// server's transaction is still open and healthy
     /// ([`QueryLoop::settle_local_abort`]).
     aborted_locally: bool,
+}
+
+/// What the server said besides statement outcomes, for the ledger.
+#[derive(Debug, Clone, Copy)]
+enum Mark {
+    /// `ReadyForQuery` with this status.
+    Ready(u8),
+    /// An error that is no audited statement's own (a failed commit at
+    /// `Sync`, a refused statement's stand-in): its transaction fails.
+    Error,
 }
 
 enum Wake {
@@ -243,6 +262,9 @@ impl<'a> QueryLoop<'a> {
             portals: Default::default(),
             pre_audited: None,
             resolved: Vec::new(),
+            marks: Vec::new(),
+            unran: Vec::new(),
+            ledger: Ledger::default(),
             shutdown,
             shutting_down: false,
             ever_opaque: !crate::session::opaque::settings_transparent(&ident.settings),
@@ -273,6 +295,9 @@ impl<'a> QueryLoop<'a> {
     pub async fn run(mut self) -> End {
         let end = self.relay().await;
         self.finish(&end).await;
+        // Results still held belong to a transaction whose outcome pgwarden
+        // did not learn.
+        self.abandon_ledger().await;
         self.flush_counts();
         end
     }
@@ -586,9 +611,26 @@ impl<'a> QueryLoop<'a> {
             }
         }
         let mut cache = CacheEffects::default();
+        let before = self.resolved.len();
         let route = self
             .tracker
             .on_server(tag, &frame[5..], &mut self.resolved, &mut cache);
+        if self.auditing && route != Route::Drop {
+            match tag {
+                b'Z' => self
+                    .marks
+                    .push((self.resolved.len(), Mark::Ready(frame[5]))),
+                b'E' if self.resolved.len() == before => self.marks.push((before, Mark::Error)),
+                _ => {}
+            }
+        }
+        for restore in cache.restore {
+            let (name, previous) = *restore;
+            match previous {
+                Some(statement) => self.statements.insert(name, statement),
+                None => self.statements.remove(&name),
+            };
+        }
         if let Some(server) = self.server.as_mut() {
             for key in cache.not_prepared {
                 server.statements.remove(key);

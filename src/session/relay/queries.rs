@@ -73,7 +73,8 @@ impl QueryLoop<'_> {
             }
         };
         if let Ok(Some(pending)) = self.audit_statement(tag.as_bytes(), None).await {
-            self.resolved.push(Resolved {
+            // Answered by the gateway: no transaction of the server's.
+            self.unran.push(Resolved {
                 pending,
                 outcome: Outcome::Ok {
                     tag: Some(tag.to_string()),
@@ -112,25 +113,34 @@ impl QueryLoop<'_> {
         self.unsynced = true;
         // In session pooling the client owns its connection: its named
         // statements live there under its own names, as directly.
-        if name.is_empty() || self.mode == PoolMode::Session {
+        // A statement that takes set_config's setting name as a parameter
+        // gets one of the gateway's names even then, which SQL-level
+        // EXECUTE may not name (the guard refuses it): only a `Bind`,
+        // whose values are checked, runs it.
+        let own_name = self.mode == PoolMode::Session && setting_params.is_empty();
+        if name.is_empty() || own_name {
             let statement = prepared::Statement::new(sql, None, setting_params);
             self.note_parsed(statement.nature);
-            self.statements.insert(name, statement);
+            let previous = self.statements.insert(name.clone(), statement);
             self.to_server.extend_from_slice(&frame);
             self.tracker.parse(false, None);
+            self.tracker
+                .restore_if_not_parsed(Box::new((name, previous)));
             return Ok(());
         }
         let rest = frame.slice(5 + parse.name.len() + 1..);
         let key = statements::key(&rest);
         let statement = prepared::Statement::new(sql, Some((key, rest.clone())), setting_params);
         self.note_parsed(statement.nature);
-        self.statements.insert(name, statement);
+        let previous = self.statements.insert(name.clone(), statement);
         let server = self.server.as_mut().expect("bound above");
         if server.statements.touch(key) {
             self.tracker.synth_parse();
         } else {
             self.prepare_on_server(key, &rest, false);
         }
+        self.tracker
+            .restore_if_not_parsed(Box::new((name, previous)));
         Ok(())
     }
 
@@ -539,8 +549,9 @@ impl QueryLoop<'_> {
     }
 
     /// The client's transaction was aborted by a refusal the server did not
-    /// see ([`Self::refuse`]) and `frame` starts its next request: a
-    /// `ROLLBACK` (or `ROLLBACK TO SAVEPOINT`) goes to the server as it is,
+    /// see ([`Self::refuse`]) and `frame` starts its next request: a simple
+    /// query starting with `ROLLBACK` (or `ROLLBACK TO SAVEPOINT`) goes to
+    /// the server as it is,
     /// since the server's open transaction ends (or rewinds) the same way;
     /// a lone `Sync` is answered `E`; anything else is preceded by a
     /// statement that fails, so the server answers it exactly as
@@ -555,25 +566,16 @@ impl QueryLoop<'_> {
         if !self.aborted_locally || !starts_request {
             return;
         }
-        let first_sql = match frame[0] {
-            b'Q' => messages::parse_query(&frame[5..])
-                .ok()
-                .map(Bytes::copy_from_slice),
-            b'P' => messages::parse_parse(&frame[5..])
-                .ok()
-                .map(|p| Bytes::copy_from_slice(p.query)),
-            b'B' => messages::parse_bind(&frame[5..])
-                .ok()
-                .and_then(|b| self.statements.get(b.statement))
-                .map(|s| s.sql.clone()),
-            _ => None,
-        };
         if frame[0] == b'S' {
             self.local_sync = true;
             return;
         }
         self.aborted_locally = false;
-        if first_sql.is_some_and(|sql| Commits::rolls_back_first(&sql)) {
+        // Only a simple query runs what it says at once: a `Parse` or
+        // `Bind` of `ROLLBACK` may be followed by anything before it runs.
+        let rolls_back = frame[0] == b'Q'
+            && messages::parse_query(&frame[5..]).is_ok_and(Commits::rolls_back_first);
+        if rolls_back {
             return;
         }
         messages::query(&mut self.to_server, REFUSED_SQL);

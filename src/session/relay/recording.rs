@@ -8,6 +8,7 @@
 //! its statement is sent to the server.
 
 use super::*;
+use crate::session::ledger::Control;
 
 /// A statement as its `query` record shows it: text and audited parameters.
 pub(super) type Audited = (Bytes, Option<Vec<Option<String>>>);
@@ -78,7 +79,7 @@ impl QueryLoop<'_> {
     /// `result` says so.
     pub(super) fn settle_unexecuted_ahead(&mut self) {
         if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
-            self.resolved.push(Resolved {
+            self.unran.push(Resolved {
                 pending,
                 outcome: Outcome::NotExecuted,
             });
@@ -148,7 +149,7 @@ impl QueryLoop<'_> {
     /// Records that the statement of `pending` never reached a server
     /// because no connection could be bound (`error`).
     pub(super) fn unrun(&mut self, pending: Pending, error: &PgError) {
-        self.resolved.push(Resolved {
+        self.unran.push(Resolved {
             pending,
             outcome: Outcome::Error {
                 code: error.code.code().to_string(),
@@ -282,6 +283,11 @@ impl QueryLoop<'_> {
     /// Stores a `query` record before its statement is forwarded.
     pub(super) async fn store_query(&mut self, mut ev: Event) -> Result<Option<Pending>, PgError> {
         let ticket = self.shared.auditor.ticket();
+        let control = ev
+            .statement
+            .as_deref()
+            .map(|sql| Control::of(sql.as_bytes()))
+            .unwrap_or_default();
         ev.backend_pid = self.server.as_ref().map(|s| s.pid);
         ev.link = Link::Query(ticket);
         let started = Instant::now();
@@ -291,6 +297,7 @@ impl QueryLoop<'_> {
             Ok(()) => Ok(Some(Pending {
                 ticket,
                 started: Instant::now(),
+                control,
             })),
             Err(e) if self.shared.auditor.on_failure() == OnFailure::Allow => {
                 tracing::error!(
@@ -311,11 +318,48 @@ impl QueryLoop<'_> {
 
     /// Records the outcomes the last server messages resolved.
     pub(super) async fn record_results(&mut self) {
-        if self.resolved.is_empty() {
+        for r in std::mem::take(&mut self.unran) {
+            let ev = self.result_event(r.pending, r.outcome);
+            self.shared.auditor.append_nowait(ev).await;
+        }
+        if self.resolved.is_empty() && self.marks.is_empty() {
             return;
         }
-        for r in std::mem::take(&mut self.resolved) {
+        // Statements and the server's other news, in the server's order:
+        // each mark came before the statement at its index.
+        let mut marks = std::mem::take(&mut self.marks).into_iter().peekable();
+        let mut out = Vec::new();
+        for (i, r) in std::mem::take(&mut self.resolved).into_iter().enumerate() {
+            while let Some((_, mark)) = marks.next_if(|(at, _)| *at <= i) {
+                out.extend(self.apply_mark(mark));
+            }
+            let control = r.pending.control.clone();
             let ev = self.result_event(r.pending, r.outcome);
+            out.extend(self.ledger.statement(ev, &control));
+        }
+        for (_, mark) in marks {
+            out.extend(self.apply_mark(mark));
+        }
+        for ev in out {
+            self.shared.auditor.append_nowait(ev).await;
+        }
+    }
+
+    fn apply_mark(&mut self, mark: Mark) -> Vec<Event> {
+        match mark {
+            Mark::Ready(status) => self.ledger.ready(status),
+            Mark::Error => {
+                self.ledger.error();
+                Vec::new()
+            }
+        }
+    }
+
+    /// Results held for a transaction whose outcome can no longer be known
+    /// (the server connection is gone): written with `tx = unknown`.
+    pub(super) async fn abandon_ledger(&mut self) {
+        self.record_results().await;
+        for ev in self.ledger.abandon() {
             self.shared.auditor.append_nowait(ev).await;
         }
     }

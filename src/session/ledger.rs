@@ -1,0 +1,241 @@
+//! Transaction outcomes for the audit log: which statements' effects
+//! persisted. Every `result` record of a statement that ran on the server
+//! carries `tx` (committed, rolled back, prepared, unknown), so the ledger
+//! holds a transaction's results until its outcome is known and then
+//! releases them together.
+//!
+//! Driven, in the order the server produced them, by the statements the
+//! tracker resolved and by each `ReadyForQuery` and error; does no I/O.
+//!
+//! Invariants:
+//! - a transaction ends at a statement whose tag is `COMMIT` (committed),
+//!   `ROLLBACK` (rolled back; `ROLLBACK TO SAVEPOINT` only undoes the
+//!   statements after the savepoint), `PREPARE TRANSACTION` (prepared), or
+//!   at `ReadyForQuery` `I` (an implicit transaction, or one ended by code
+//!   pgwarden cannot see: committed unless an error was reported in it);
+//! - a result is released only with its `tx` decided, except when a
+//!   transaction holds more than [`MAX_HELD`] results (the oldest go out
+//!   without `tx`) or the outcome cannot be known (`unknown`).
+
+use crate::audit::{Event, TxOutcome};
+use crate::identity::lexer::{tokens, Kind, Token};
+
+/// Results held for one transaction at most; beyond, the oldest are
+/// written without `tx` so that memory stays bounded.
+pub const MAX_HELD: usize = 1024;
+
+/// What a statement's text does to its transaction, as far as the ledger
+/// needs to know (its last statement: the tag the server reports is that
+/// statement's).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Control {
+    #[default]
+    Other,
+    Savepoint(Box<str>),
+    RollbackTo(Box<str>),
+    Release(Box<str>),
+    /// A text that ends its transaction and goes on (`COMMIT; SELECT 1`):
+    /// its one record cannot say which of its statements persisted.
+    Mixed,
+}
+
+impl Control {
+    /// The control of `sql`'s last statement (savepoint names as the
+    /// server folds them), or [`Control::Mixed`].
+    pub fn of(sql: &[u8]) -> Control {
+        if crate::session::commits::Commits::of(sql).more_after {
+            return Control::Mixed;
+        }
+        let names_savepoints = crate::session::state::any_word_start(sql, |pair, rest| {
+            use crate::identity::guard::starts_with_ci as sw;
+            match pair {
+                [b's', b'a'] => sw(rest, b"savepoint"),
+                [b'r', b'o'] => sw(rest, b"rollback"),
+                [b'r', b'e'] => sw(rest, b"release"),
+                _ => false,
+            }
+        });
+        if !names_savepoints {
+            return Control::Other;
+        }
+        let toks = tokens(sql);
+        let last = toks
+            .iter()
+            .rposition(|t| !t.is_punct(sql, b";"))
+            .map_or(0, |end| {
+                toks[..end]
+                    .iter()
+                    .rposition(|t| t.is_punct(sql, b";"))
+                    .map_or(0, |i| i + 1)
+            });
+        let t: Vec<&Token> = toks[last..]
+            .iter()
+            .filter(|t| !t.is_punct(sql, b";"))
+            .collect();
+        let word = |i: usize, w: &[u8]| t.get(i).is_some_and(|t| t.is_word(sql, w));
+        let name = |t: Option<&&Token>| -> Box<str> {
+            let Some(t) = t else { return "".into() };
+            let text = t.text(sql);
+            match t.kind {
+                Kind::QuotedIdent => {
+                    String::from_utf8_lossy(&text[1..text.len() - 1]).replace("\"\"", "\"")
+                }
+                _ => String::from_utf8_lossy(text).to_lowercase(),
+            }
+            .into()
+        };
+        if word(0, b"savepoint") {
+            return Control::Savepoint(name(t.get(1)));
+        }
+        if word(0, b"release") {
+            return Control::Release(name(t.last()));
+        }
+        if word(0, b"rollback") && t.iter().any(|x| x.is_word(sql, b"to")) {
+            return Control::RollbackTo(name(t.last()));
+        }
+        Control::Other
+    }
+}
+
+/// A transaction's results waiting for its outcome.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// Results of the open transaction, with the outcome already decided
+    /// for those a `ROLLBACK TO SAVEPOINT` undid.
+    held: Vec<Event>,
+    /// A statement resolved since the last end: a transaction is open.
+    open: bool,
+    /// The server reported an error in it.
+    failed: bool,
+    /// Its outcome cannot be told (see [`Control::Mixed`]).
+    unknowable: bool,
+    /// Savepoints: name, how many results were held when it was set, and
+    /// whether the transaction had failed by then.
+    savepoints: Vec<(Box<str>, usize, bool)>,
+}
+
+impl Ledger {
+    /// A statement resolved with `result` (its `status` and `command_tag`
+    /// set) and `control`. Returns the results to write now.
+    pub fn statement(&mut self, result: Event, control: &Control) -> Vec<Event> {
+        self.open = true;
+        let ok = result.status == Some(crate::audit::Status::Ok);
+        let tag = result.command_tag.clone().unwrap_or_default();
+        self.failed |= !ok;
+        self.held.push(result);
+        if *control == Control::Mixed {
+            self.unknowable = true;
+        }
+        if !ok {
+            return self.spill();
+        }
+        match (tag.as_str(), control) {
+            ("COMMIT", _) => self.end(TxOutcome::Committed),
+            ("ROLLBACK", Control::RollbackTo(name)) => {
+                self.rewind(name);
+                self.spill()
+            }
+            ("ROLLBACK", _) => self.end(TxOutcome::RolledBack),
+            ("PREPARE TRANSACTION", _) => self.end(TxOutcome::Prepared),
+            ("SAVEPOINT", Control::Savepoint(name)) => {
+                self.savepoints
+                    .push((name.clone(), self.held.len(), self.failed));
+                self.spill()
+            }
+            ("RELEASE", Control::Release(name)) => {
+                if let Some(i) = self.savepoints.iter().rposition(|(n, ..)| n == name) {
+                    self.savepoints.truncate(i);
+                }
+                self.spill()
+            }
+            _ => self.spill(),
+        }
+    }
+
+    /// The server reported an error that is no statement's own (a commit
+    /// at `Sync` that failed): the transaction rolls back.
+    pub fn error(&mut self) {
+        self.failed = true;
+    }
+
+    /// `ReadyForQuery` with `status`: at `I` any open transaction is over.
+    pub fn ready(&mut self, status: u8) -> Vec<Event> {
+        if status != b'I' {
+            return Vec::new();
+        }
+        if !self.open {
+            // An error that ended no statement of ours (a refusal) is over.
+            *self = Ledger::default();
+            return Vec::new();
+        }
+        let outcome = if self.failed {
+            TxOutcome::RolledBack
+        } else {
+            TxOutcome::Committed
+        };
+        self.end(outcome)
+    }
+
+    /// The outcome can no longer be known (the server connection was lost,
+    /// or the session ends with results still held).
+    pub fn abandon(&mut self) -> Vec<Event> {
+        if self.held.is_empty() && !self.open {
+            return Vec::new();
+        }
+        self.unknowable = true;
+        self.end(TxOutcome::Unknown)
+    }
+
+    fn end(&mut self, outcome: TxOutcome) -> Vec<Event> {
+        let outcome = if self.unknowable {
+            TxOutcome::Unknown
+        } else {
+            outcome
+        };
+        let mut out = std::mem::take(&mut self.held);
+        for ev in &mut out {
+            ev.tx.get_or_insert(outcome);
+        }
+        *self = Ledger::default();
+        out
+    }
+
+    /// `ROLLBACK TO SAVEPOINT name`: the results after the savepoint (not
+    /// the `ROLLBACK TO` itself) were undone. The savepoint stays.
+    fn rewind(&mut self, name: &str) {
+        let Some(i) = self.savepoints.iter().rposition(|(n, ..)| **n == *name) else {
+            // Set by code pgwarden cannot see: which statements it undid
+            // cannot be told.
+            self.unknowable = true;
+            return;
+        };
+        let (_, from, failed) = self.savepoints[i];
+        self.savepoints.truncate(i + 1);
+        let to = self.held.len() - 1;
+        for ev in &mut self.held[from..to] {
+            ev.tx.get_or_insert(TxOutcome::RolledBack);
+        }
+        // Errors after the savepoint are undone with it.
+        self.failed = failed;
+    }
+
+    /// Bounds memory: beyond [`MAX_HELD`] results, the oldest half goes
+    /// out now, without `tx` (or with the one a rewind decided).
+    fn spill(&mut self) -> Vec<Event> {
+        if self.held.len() <= MAX_HELD {
+            return Vec::new();
+        }
+        let n = MAX_HELD / 2;
+        // A rewind to a savepoint set before the cut could no longer mark
+        // the results it undoes.
+        self.unknowable |= self.savepoints.iter().any(|sp| sp.1 < n);
+        for sp in &mut self.savepoints {
+            sp.1 = sp.1.saturating_sub(n);
+        }
+        self.held.drain(..n).collect()
+    }
+}
+
+#[cfg(test)]
+#[path = "ledger_tests.rs"]
+mod tests;

@@ -13,6 +13,7 @@ pub mod ledger;
 pub mod opaque;
 mod prepared;
 mod relay;
+pub mod split;
 pub mod startup;
 pub mod state;
 mod tracker;

@@ -119,6 +119,10 @@ enum Expect {
     /// A simple `Query` or `FunctionCall`: ends at `ReadyForQuery`.
     Query {
         pending: Option<Pending>,
+        /// The statements after `pending` in a multi-statement query, each
+        /// with its own record: a `CommandComplete` resolves `pending` and
+        /// moves to the next.
+        more: VecDeque<Option<Pending>>,
         blocked: Option<PgError>,
         tag: Option<String>,
         rows: Option<u64>,
@@ -222,11 +226,19 @@ impl Tracker {
     pub fn query(&mut self, pending: Option<Pending>, blocked: Option<PgError>) {
         self.queue.push_back(Expect::Query {
             pending,
+            more: VecDeque::new(),
             blocked,
             tag: None,
             rows: None,
             error: None,
         });
+    }
+    /// The statements after the first of the last `query` (each with its
+    /// own record), in order.
+    pub fn more_statements(&mut self, statements: Vec<Option<Pending>>) {
+        if let Some(Expect::Query { more, .. }) = self.queue.back_mut() {
+            more.extend(statements);
+        }
     }
     pub fn synth_query(&mut self, tag: &'static str) {
         self.queue.push_back(Expect::SynthQuery { tag });
@@ -298,15 +310,13 @@ impl Tracker {
             },
             b'C' | b'I' | b's' => {
                 // Only an audited statement's outcome needs the tag.
-                let audited = matches!(
-                    self.queue.front(),
-                    Some(
-                        Expect::Query {
-                            pending: Some(_),
-                            ..
-                        } | Expect::Execute { pending: Some(_) }
-                    )
-                );
+                let audited = match self.queue.front() {
+                    Some(Expect::Query { pending, more, .. }) => {
+                        pending.is_some() || more.iter().any(Option::is_some)
+                    }
+                    Some(Expect::Execute { pending }) => pending.is_some(),
+                    _ => false,
+                };
                 let (tag, rows) = if tag == b'C' && audited {
                     let (t, r) = messages::parse_command_complete(body).unwrap_or_default();
                     (Some(t), r)
@@ -361,11 +371,28 @@ impl Tracker {
     ) {
         match self.queue.front_mut() {
             Some(Expect::Query {
-                tag: t, rows: r, ..
-            }) => {
-                *t = tag;
-                *r = rows;
-            }
+                pending,
+                more,
+                tag: t,
+                rows: r,
+                ..
+            }) => match more.pop_front() {
+                Some(mut next) => {
+                    if let Some(next) = next.as_mut() {
+                        next.started = Instant::now();
+                    }
+                    if let Some(done) = std::mem::replace(pending, next) {
+                        resolved.push(Resolved {
+                            pending: done,
+                            outcome: Outcome::Ok { tag, rows },
+                        });
+                    }
+                }
+                None => {
+                    *t = tag;
+                    *r = rows;
+                }
+            },
             Some(Expect::Execute { .. }) => {
                 if let Some(Expect::Execute {
                     pending: Some(pending),
@@ -482,6 +509,7 @@ impl Tracker {
             match expect {
                 Expect::Query {
                     pending,
+                    more,
                     tag,
                     rows,
                     error,
@@ -497,6 +525,11 @@ impl Tracker {
                         };
                         resolved.push(Resolved { pending, outcome });
                     }
+                    // After an error PostgreSQL runs none of the rest.
+                    resolved.extend(more.into_iter().flatten().map(|pending| Resolved {
+                        pending,
+                        outcome: Outcome::NotExecuted,
+                    }));
                     return;
                 }
                 Expect::Sync => return,
@@ -519,11 +552,15 @@ impl Tracker {
     pub fn drain(&mut self) -> Vec<Pending> {
         self.queue
             .drain(..)
-            .filter_map(|e| match e {
-                Expect::Query { pending, .. }
-                | Expect::Execute { pending }
-                | Expect::Bind { pending, .. } => pending,
-                _ => None,
+            .flat_map(|e| match e {
+                Expect::Query { pending, more, .. } => pending
+                    .into_iter()
+                    .chain(more.into_iter().flatten())
+                    .collect(),
+                Expect::Execute { pending } | Expect::Bind { pending, .. } => {
+                    pending.into_iter().collect()
+                }
+                _ => Vec::new(),
             })
             .collect()
     }

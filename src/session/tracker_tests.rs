@@ -192,3 +192,59 @@ fn blocked_statements_get_their_substitute_error() {
     route(&mut t, b'Z', b"I", &mut r);
     assert!(t.is_empty());
 }
+
+/// A multi-statement query: each `CommandComplete` resolves its statement
+/// and moves to the next; after an error the rest were not executed; a
+/// `Parse` the server skipped gives back the entry it replaced.
+#[test]
+fn each_statement_of_a_simple_query_resolves_in_turn() {
+    let mut t = Tracker::default();
+    let mut r = Vec::new();
+    t.query(p(1), None);
+    t.more_statements(vec![p(2), None, p(4)]);
+    route(&mut t, b'C', b"INSERT 0 1\0", &mut r);
+    route(&mut t, b'C', b"UPDATE 3\0", &mut r);
+    route(&mut t, b'E', &error_body("22012"), &mut r);
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        (r[0].pending.ticket, &r[0].outcome),
+        (
+            1,
+            &Outcome::Ok {
+                tag: Some("INSERT 0 1".into()),
+                rows: Some(1)
+            }
+        )
+    );
+    assert_eq!(
+        (r[1].pending.ticket, &r[1].outcome),
+        (
+            2,
+            &Outcome::Ok {
+                tag: Some("UPDATE 3".into()),
+                rows: Some(3)
+            }
+        )
+    );
+    r.clear();
+    route(&mut t, b'Z', b"I", &mut r);
+    // The third statement (unaudited) failed; the fourth never ran.
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (r[0].pending.ticket, &r[0].outcome),
+        (4, &Outcome::NotExecuted)
+    );
+    assert!(t.is_empty());
+
+    let mut t = Tracker::default();
+    let mut cache = CacheEffects::default();
+    t.bind(None, None);
+    t.parse(false, None);
+    t.restore_if_not_parsed(Box::new((bytes::Bytes::from_static(b"s1"), None)));
+    t.parse(false, None);
+    t.restore_if_not_parsed(Box::new((bytes::Bytes::new(), None)));
+    t.sync();
+    t.on_server(b'E', &error_body("08P01"), &mut Vec::new(), &mut cache);
+    let names: Vec<&[u8]> = cache.restore.iter().map(|r| &r.0[..]).collect();
+    assert_eq!(names, [&b""[..], b"s1"], "newest first");
+}

@@ -159,10 +159,21 @@ async fn binds_and_cursor_portals_are_recorded() {
         (s(bind, "status"), s(bind, "command_tag")),
         ("ok".into(), "BIND".into())
     );
-    let cursor = find("DECLARE audit_cur CURSOR FOR SELECT 42");
+    // The DECLARE's own record, then the Execute of its portal, recorded
+    // with the same text.
+    let outcomes: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| {
+            s(r, "kind") == "query" && s(r, "statement") == "DECLARE audit_cur CURSOR FOR SELECT 42"
+        })
+        .map(|r| (s(r, "status"), s(r, "command_tag")))
+        .collect();
     assert_eq!(
-        (s(cursor, "status"), s(cursor, "command_tag")),
-        ("ok".into(), "SELECT 1".into())
+        outcomes,
+        [
+            ("ok".into(), "DECLARE CURSOR".into()),
+            ("ok".into(), "SELECT 1".into())
+        ]
     );
 }
 
@@ -526,4 +537,89 @@ async fn each_statement_says_whether_its_transaction_committed() {
     }
     assert_eq!(s(query_record(&records, "SELECT 1/0"), "tx"), "rolled_back");
     assert_eq!(s(query_record(&records, "SAVEPOINT s"), "tx"), "committed");
+}
+
+/// A simple query of several statements is one record per statement, each
+/// with its own text, tag, rows, status and transaction outcome; those
+/// after an error say they were not executed.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_statement_of_a_multi_statement_query_has_its_own_record() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    alice
+        .batch_execute("INSERT INTO items (id, owner) VALUES (700511, 'alice'), (700512, 'alice')")
+        .await
+        .unwrap();
+    let err = alice
+        .batch_execute(
+            "BEGIN; INSERT INTO items (id, owner) VALUES (700501, 'alice'); COMMIT; SELECT 1/0",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "22012");
+    alice
+        .batch_execute("UPDATE items SET owner = owner WHERE id IN (700511, 700512); SELECT * FROM items WHERE id IN (700511, 700512); SELECT 1")
+        .await
+        .unwrap();
+    let err = alice
+        .batch_execute("INSERT INTO items (id, owner) VALUES (700502, 'alice'); SELECT 1/0; INSERT INTO items (id, owner) VALUES (700503, 'alice')")
+        .await
+        .unwrap_err();
+    assert_eq!(support::sqlstate(&err), "22012");
+    let present: i64 = alice
+        .query_one(
+            "SELECT count(*) FROM items WHERE id IN (700501, 700502, 700503)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(present, 1, "only 700501 was committed");
+    drop(alice);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let records = stop_and_export(gw, &[]).await;
+    let line = |sql: &str| {
+        let r = query_record(&records, sql);
+        (
+            s(r, "status"),
+            s(r, "command_tag"),
+            r["rows"].as_u64(),
+            s(r, "tx"),
+        )
+    };
+    let ok = |tag: &str, rows: Option<u64>, tx: &str| {
+        ("ok".to_string(), tag.to_string(), rows, tx.to_string())
+    };
+    assert_eq!(line("BEGIN"), ok("BEGIN", None, "committed"));
+    assert_eq!(
+        line("INSERT INTO items (id, owner) VALUES (700501, 'alice')"),
+        ok("INSERT 0 1", Some(1), "committed")
+    );
+    let failed = query_record(&records, "SELECT 1/0");
+    assert_eq!(
+        (s(failed, "sqlstate"), s(failed, "tx")),
+        ("22012".into(), "rolled_back".into())
+    );
+    assert_eq!(
+        line("UPDATE items SET owner = owner WHERE id IN (700511, 700512)"),
+        ok("UPDATE 2", Some(2), "committed")
+    );
+    assert_eq!(
+        line("SELECT * FROM items WHERE id IN (700511, 700512)"),
+        ok("SELECT 2", Some(2), "committed")
+    );
+    assert_eq!(
+        line("INSERT INTO items (id, owner) VALUES (700502, 'alice')"),
+        ok("INSERT 0 1", Some(1), "rolled_back")
+    );
+    let skipped = query_record(
+        &records,
+        "INSERT INTO items (id, owner) VALUES (700503, 'alice')",
+    );
+    assert_eq!(s(skipped, "status"), "error");
+    assert!(s(skipped, "message").contains("not executed"), "{skipped}");
 }

@@ -31,9 +31,22 @@ impl QueryLoop<'_> {
         if let Err(e) = self.note_session_sets(&session_sets, true) {
             return self.refuse(Flow::Simple, e).await;
         }
-        let pending = match self.audit_and_bind(sql, None).await {
-            Ok(p) => p,
-            Err(e) => return self.refuse(Flow::Simple, e).await,
+        let parts = match self.auditing {
+            true => crate::session::split::statements(sql, self.standard_strings()),
+            false => None,
+        };
+        let (pending, more) = match parts {
+            None => match self.audit_and_bind(sql, None).await {
+                Ok(p) => (p, Vec::new()),
+                Err(e) => return self.refuse(Flow::Simple, e).await,
+            },
+            Some(parts) => match self.audit_each_and_bind(sql, parts).await {
+                Ok(mut pendings) => {
+                    let rest = pendings.split_off(1);
+                    (pendings.pop().flatten(), rest)
+                }
+                Err(e) => return self.refuse(Flow::Simple, e).await,
+            },
         };
         self.note_state(sql);
         if crate::session::state::may_use_sequences(sql) {
@@ -43,6 +56,7 @@ impl QueryLoop<'_> {
         self.note_cursors(&frame.slice_ref(sql));
         self.to_server.extend_from_slice(&frame);
         self.tracker.query(pending, None);
+        self.tracker.more_statements(more);
         Ok(())
     }
 

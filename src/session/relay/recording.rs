@@ -55,6 +55,48 @@ impl QueryLoop<'_> {
         self.bind_for(pending).await
     }
 
+    /// [`Self::audit_and_bind`] for a simple query of several statements
+    /// (`parts` of `sql`): one `query` record each, in order, all stored
+    /// before any is sent. If a record cannot be stored or no connection
+    /// can be had, those already stored record the error.
+    pub(super) async fn audit_each_and_bind(
+        &mut self,
+        sql: &[u8],
+        parts: Vec<std::ops::Range<usize>>,
+    ) -> Result<Vec<Option<Pending>>, PgError> {
+        let mut pendings = Vec::with_capacity(parts.len());
+        for part in parts {
+            match self.audit_statement(&sql[part], None).await {
+                // `None` (on_failure = "allow") keeps its place.
+                Ok(p) => pendings.push(p),
+                Err(e) => {
+                    for p in pendings.into_iter().flatten() {
+                        self.unrun(p, &e);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.bind_server().await {
+            for p in pendings.into_iter().flatten() {
+                self.unrun(p, &e);
+            }
+            return Err(e);
+        }
+        if let Some(Some(first)) = pendings.first_mut() {
+            first.started = Instant::now();
+        }
+        Ok(pendings)
+    }
+
+    /// The session's `standard_conforming_strings` (how its texts lex).
+    pub(super) fn standard_strings(&self) -> bool {
+        self.settings
+            .iter()
+            .find(|(k, _)| k == "standard_conforming_strings")
+            .is_none_or(|(_, v)| v != "off")
+    }
+
     /// Binds a server connection for a statement whose record is stored
     /// (`pending`). If none can be had, its `result` records the error;
     /// otherwise its duration starts now, so it is the statement's own and

@@ -168,6 +168,8 @@ impl CacheEffects {
 #[derive(Debug, Default)]
 pub struct Tracker {
     queue: VecDeque<Expect>,
+    /// `DataRow`s the `Execute` in front has sent so far.
+    rows_sent: u64,
 }
 
 impl Tracker {
@@ -326,7 +328,14 @@ impl Tracker {
                 self.on_complete(tag, rows, resolved);
                 Route::Forward
             }
-            b'E' => self.on_error(body, resolved, cache),
+            b'D' => {
+                self.data_row();
+                Route::Forward
+            }
+            b'E' => {
+                self.rows_sent = 0;
+                self.on_error(body, resolved, cache)
+            }
             b'Z' => {
                 self.on_ready(resolved);
                 Route::Forward
@@ -394,6 +403,15 @@ impl Tracker {
                 }
             },
             Some(Expect::Execute { .. }) => {
+                // The rows this Execute sent: a portal stopped at its row
+                // limit (`PortalSuspended`, no tag) has sent that many, and
+                // a row-returning statement's count is what the client got.
+                let sent = std::mem::take(&mut self.rows_sent);
+                let rows = if tag.is_none() || sent > 0 {
+                    Some(sent)
+                } else {
+                    rows
+                };
                 if let Some(Expect::Execute {
                     pending: Some(pending),
                 }) = self.queue.pop_front()
@@ -405,6 +423,14 @@ impl Tracker {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A `DataRow` reached the client (also for rows streamed past the
+    /// tracker): counted for the `Execute` in front.
+    pub fn data_row(&mut self) {
+        if matches!(self.queue.front(), Some(Expect::Execute { .. })) {
+            self.rows_sent += 1;
         }
     }
 

@@ -623,3 +623,44 @@ async fn each_statement_of_a_multi_statement_query_has_its_own_record() {
     assert_eq!(s(skipped, "status"), "error");
     assert!(s(skipped, "message").contains("not executed"), "{skipped}");
 }
+
+/// A portal executed a few rows at a time: each `Execute` has its own
+/// record with the rows it sent (no tag while the portal is suspended).
+#[tokio::test(flavor = "multi_thread")]
+async fn row_limited_executes_record_the_rows_each_sent() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    let sql = "SELECT g FROM generate_series(1, 10) g";
+    let mut batch = extended(sql);
+    batch.truncate(batch.len() - 5 - 10);
+    for _ in 0..3 {
+        let mut execute = cstr("");
+        execute.extend_from_slice(&4i32.to_be_bytes());
+        batch.extend(message(b'E', &execute));
+    }
+    batch.extend(message(b'S', &[]));
+    c.send_raw(&batch).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code, None);
+    assert_eq!(tags.iter().filter(|t| **t == b'D').count(), 10, "{tags:?}");
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let records = stop_and_export(gw, &[]).await;
+    let executes: Vec<(Option<u64>, String)> = records
+        .iter()
+        .filter(|r| s(r, "kind") == "query" && s(r, "statement") == sql)
+        .map(|r| (r["rows"].as_u64(), s(r, "command_tag")))
+        .collect();
+    assert_eq!(
+        executes,
+        [
+            (Some(4), "null".into()),
+            (Some(4), "null".into()),
+            (Some(2), "SELECT 2".into())
+        ]
+    );
+}

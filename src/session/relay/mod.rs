@@ -540,6 +540,9 @@ impl<'a> QueryLoop<'a> {
                 && header.total > STREAM_THRESHOLD
                 && rbuf.len() < header.total
             {
+                if header.tag == b'D' {
+                    self.tracker.data_row();
+                }
                 let n = rbuf.len();
                 self.to_client.extend_from_slice(&rbuf.split_to(n));
                 self.server_passthrough = header.total - n;

@@ -229,9 +229,10 @@ pub struct BindView<'a> {
 
 impl<'a> BindView<'a> {
     /// Parameter values rendered for the audit log: text-format values as
-    /// text, binary ones as hex, NULL as `None`.
-    pub fn params_for_audit(&self) -> Result<Vec<Option<String>>, ProtocolError> {
-        formatted_values(&mut Reader::new(self.rest, "Bind"))
+    /// text in the client's `encoding` ([`super::encoding::client_text`]),
+    /// binary ones as hex, NULL as `None`.
+    pub fn params_for_audit(&self, encoding: &str) -> Result<Vec<Option<String>>, ProtocolError> {
+        formatted_values(&mut Reader::new(self.rest, "Bind"), encoding)
     }
 
     /// The bytes of parameter `index` (0-based) as sent, whatever its
@@ -258,8 +259,11 @@ impl<'a> BindView<'a> {
 }
 
 /// Format codes, then values, as `Bind` and `FunctionCall` carry them:
-/// text values as text (lossily), binary ones as `\x` and hex.
-fn formatted_values(r: &mut Reader<'_>) -> Result<Vec<Option<String>>, ProtocolError> {
+/// text values as text in `encoding`, binary ones as `\x` and hex.
+fn formatted_values(
+    r: &mut Reader<'_>,
+    encoding: &str,
+) -> Result<Vec<Option<String>>, ProtocolError> {
     let nformats = r.count16()?;
     let mut formats = Vec::with_capacity(nformats);
     for _ in 0..nformats {
@@ -282,7 +286,7 @@ fn formatted_values(r: &mut Reader<'_>) -> Result<Vec<Option<String>>, ProtocolE
         out.push(Some(if format == 1 {
             format!("\\x{}", hex::encode(value))
         } else {
-            String::from_utf8_lossy(value).into_owned()
+            super::encoding::client_text(value, encoding).into_owned()
         }));
     }
     Ok(out)
@@ -290,10 +294,13 @@ fn formatted_values(r: &mut Reader<'_>) -> Result<Vec<Option<String>>, ProtocolE
 
 /// The arguments of a `FunctionCall` (after its function OID), as the
 /// audit log shows them.
-pub fn function_call_args(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
+pub fn function_call_args(
+    body: &[u8],
+    encoding: &str,
+) -> Result<Vec<Option<String>>, ProtocolError> {
     let mut r = Reader::new(body, "FunctionCall");
     r.i32()?;
-    formatted_values(&mut r)
+    formatted_values(&mut r, encoding)
 }
 
 pub fn parse_bind(body: &[u8]) -> Result<BindView<'_>, ProtocolError> {
@@ -377,7 +384,7 @@ mod tests {
         assert_eq!(bind.portal, b"p");
         assert_eq!(bind.statement, b"s");
         assert_eq!(
-            bind.params_for_audit().unwrap(),
+            bind.params_for_audit("UTF8").unwrap(),
             vec![Some("hi".into()), Some("\\xdead".into()), None]
         );
     }
@@ -385,6 +392,6 @@ mod tests {
     #[test]
     fn truncated_bind_is_an_error_not_a_panic() {
         let bind = parse_bind(b"\0\0\0\x01").unwrap();
-        assert!(bind.params_for_audit().is_err());
+        assert!(bind.params_for_audit("UTF8").is_err());
     }
 }

@@ -5,6 +5,7 @@
 //! relayed as the original bytes; only the few messages that identity, audit
 //! and transaction tracking need are decoded, lazily, into borrowed views.
 
+pub mod encoding;
 pub mod frame;
 pub mod messages;
 pub mod sqlstate;
@@ -76,7 +77,7 @@ mod fuzz {
                 let _ = messages::parse_command_complete(body);
                 let _ = messages::parse_parse(body);
                 if let Ok(b) = messages::parse_bind(body) {
-                    let _ = b.params_for_audit();
+                    let _ = b.params_for_audit("UTF8");
                 }
                 let _ = messages::parse_execute(body);
                 let _ = messages::parse_close_or_describe(body);

@@ -664,3 +664,41 @@ async fn row_limited_executes_record_the_rows_each_sent() {
         ]
     );
 }
+
+/// Text from a client whose encoding is not UTF-8 is recorded exactly:
+/// converted where the encoding's table is certain (LATIN1), kept as its
+/// bytes otherwise (SJIS), never with a replacement character.
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_of_non_utf8_clients_are_recorded_exactly() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut latin1 = crate::hostile::raw_with(gw.addr, &[("client_encoding", "LATIN1")]).await;
+    latin1
+        .send_raw(&message(b'Q', b"SELECT 'caf\xe9' AS latin1_text\0"))
+        .await;
+    assert_eq!(latin1.until_ready().await.1, None);
+    let mut sjis = crate::hostile::raw_with(gw.addr, &[("client_encoding", "SJIS")]).await;
+    sjis.send_raw(&message(b'Q', b"SELECT '\x82\xa0' AS sjis_text\0"))
+        .await;
+    assert_eq!(sjis.until_ready().await.1, None);
+    drop((latin1, sjis));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let records = stop_and_export(gw, &[]).await;
+    query_record(&records, "SELECT 'café' AS latin1_text");
+    query_record(
+        &records,
+        &format!(
+            "pgwarden:hex:SJIS:{}",
+            hex::encode(b"SELECT '\x82\xa0' AS sjis_text")
+        ),
+    );
+    assert!(
+        !records
+            .iter()
+            .any(|r| s(r, "statement").contains('\u{fffd}')),
+        "no replacement character"
+    );
+}

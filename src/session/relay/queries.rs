@@ -457,7 +457,7 @@ impl QueryLoop<'_> {
             .map_err(|e| End::Fatal(protocol_error(e)))?;
         let Some(name) = function_call_name(oid) else {
             // The refused call is evidence: its arguments are recorded.
-            let text = function_call_text(oid, &frame[5..]);
+            let text = function_call_text(oid, &frame[5..], self.client_encoding());
             let why = format!(
                 "FunctionCall of function OID {oid} is not allowed through pgwarden (only the large-object functions are)"
             );
@@ -466,7 +466,7 @@ impl QueryLoop<'_> {
         };
         let text = format!("FunctionCall {name} (oid={oid})");
         let params = if self.shared.live().log_parameters {
-            messages::function_call_args(&frame[5..]).ok()
+            messages::function_call_args(&frame[5..], self.client_encoding()).ok()
         } else {
             None
         };
@@ -601,7 +601,7 @@ impl QueryLoop<'_> {
         tracing::info!(session = %self.ident.session_id, user = %self.ident.client_user, "statement guard: {why}");
         if self.auditing {
             let mut ev = self.event(Kind::GuardBlocked);
-            ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
+            ev.statement = Some(self.client_text(sql).into_owned());
             ev.status = Some(Status::Error);
             ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
             ev.message = Some(why.to_string());
@@ -646,9 +646,9 @@ fn function_call_name(oid: i32) -> Option<&'static str> {
 
 /// How a `FunctionCall` appears in the audit log: the function's OID and
 /// its arguments (text arguments as text, binary ones in hex).
-fn function_call_text(oid: i32, body: &[u8]) -> String {
+fn function_call_text(oid: i32, body: &[u8], encoding: &str) -> String {
     let mut text = format!("FunctionCall oid={oid}");
-    if let Ok(args) = messages::function_call_args(body) {
+    if let Ok(args) = messages::function_call_args(body, encoding) {
         let shown: Vec<String> = args
             .iter()
             .map(|a| {

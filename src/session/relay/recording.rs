@@ -169,7 +169,22 @@ impl QueryLoop<'_> {
         if !self.shared.live().log_parameters {
             return Ok(None);
         }
-        bind.params_for_audit().map(Some)
+        bind.params_for_audit(self.client_encoding()).map(Some)
+    }
+
+    /// The client's `client_encoding` (its startup value or the one it
+    /// set since; the server's default, UTF-8 here, when it named none).
+    pub(super) fn client_encoding(&self) -> &str {
+        self.settings
+            .iter()
+            .find(|(k, _)| k == "client_encoding")
+            .map_or("UTF8", |(_, v)| v.as_str())
+    }
+
+    /// Client bytes as the audit log keeps them: exact UTF-8, or the bytes
+    /// ([`crate::protocol::encoding::client_text`]).
+    pub(super) fn client_text<'b>(&self, bytes: &'b [u8]) -> std::borrow::Cow<'b, str> {
+        crate::protocol::encoding::client_text(bytes, self.client_encoding())
     }
 
     /// What the `query` record of an `Execute` of portal `name` shows.
@@ -301,7 +316,7 @@ impl QueryLoop<'_> {
             return Ok(None);
         }
         let mut ev = self.event(Kind::Query);
-        ev.statement = Some(String::from_utf8_lossy(sql).into_owned());
+        ev.statement = Some(self.client_text(sql).into_owned());
         ev.params = params;
         self.store_query(ev).await
     }

@@ -39,6 +39,18 @@ pub enum StartError {
     },
 }
 
+/// Which gateway writes an audit store, for its `gateway_start`: the host's
+/// name, the listen address and the backend.
+fn origin(config: &Config) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    format!(
+        "instance {host} listening on {}, backend {}:{}",
+        config.server.listen, config.backend.host, config.backend.port
+    )
+}
+
 /// A gateway ready to serve.
 pub struct Gateway {
     shared: Arc<Shared>,
@@ -48,7 +60,7 @@ impl Gateway {
     /// Loads policies, TLS material and the audit store named by `config`.
     pub fn build(config: Config) -> Result<Gateway, StartError> {
         let auditor = if config.audit.enabled {
-            Auditor::open(&config.audit)?
+            Auditor::open_at(&config.audit, &origin(&config))?
         } else {
             Auditor::disabled()
         };

@@ -59,16 +59,31 @@ impl Auditor {
     /// Fails with [`AuditError::Locked`] if another process holds the store.
     /// `cfg.enabled == false` gives [`Auditor::disabled`].
     pub fn open(cfg: &AuditConfig) -> Result<Auditor, AuditError> {
+        Auditor::open_at(cfg, "")
+    }
+
+    /// [`Auditor::open`], with `origin` (which gateway instance, which
+    /// backend) said in `gateway_start`, so every record of the run that
+    /// follows it is attributable to them.
+    pub fn open_at(cfg: &AuditConfig, origin: &str) -> Result<Auditor, AuditError> {
         if !cfg.enabled {
             return Ok(Auditor::disabled());
         }
         let store = SledStore::open(&cfg.store)?;
-        Auditor::with_store(Box::new(store), cfg)
+        Auditor::with_store_at(Box::new(store), cfg, origin)
     }
 
     /// Like [`Auditor::open`] on any [`Store`] (tests inject failing stores);
     /// `cfg.store` and `cfg.enabled` are ignored.
     pub fn with_store(store: Box<dyn Store>, cfg: &AuditConfig) -> Result<Auditor, AuditError> {
+        Auditor::with_store_at(store, cfg, "")
+    }
+
+    fn with_store_at(
+        store: Box<dyn Store>,
+        cfg: &AuditConfig,
+        origin: &str,
+    ) -> Result<Auditor, AuditError> {
         let counters = Arc::new(Counters::default());
         let interval = Duration::from_millis(cfg.flush_interval_ms.max(1));
         let mut writer = Writer::recover(store, cfg.durability, interval, counters.clone())?;
@@ -78,6 +93,10 @@ impl Auditor {
             env!("CARGO_PKG_VERSION"),
             durability_name(cfg.durability)
         );
+        if !origin.is_empty() {
+            message.push_str("; ");
+            message.push_str(origin);
+        }
         if let Some((seq, kind)) = writer.unclean_end() {
             message.push_str(&format!(
                 "; the previous run ended without gateway_stop: its last record is seq {seq} ({})",

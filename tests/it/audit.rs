@@ -92,6 +92,13 @@ async fn a_known_workload_is_exported_statement_by_statement() {
     let records = export(&store, &[]);
     let kinds: Vec<String> = records.iter().map(|r| s(r, "kind")).collect();
     assert_eq!(kinds.first().map(String::as_str), Some("gateway_start"));
+    // It names the instance and the backend its run's records come from.
+    let start = s(&records[0], "message");
+    let backend = format!("backend 127.0.0.1:{}", crate::support::cluster().port);
+    assert!(
+        start.contains("instance ") && start.contains(&backend),
+        "{start}"
+    );
     assert_eq!(kinds.last().map(String::as_str), Some("gateway_stop"));
     assert!(kinds.contains(&"session_start".to_string()));
     assert!(kinds.contains(&"session_end".to_string()));

@@ -178,6 +178,10 @@ pub struct Event {
     pub ref_seq: Option<u64>,
     /// On a `result`: what became of the statement's transaction.
     pub tx: Option<TxOutcome>,
+    /// Not stored: on a `result` of a statement PostgreSQL skipped, the
+    /// ticket of the statement whose error made it skip; the writer names
+    /// that statement's seq in `message`.
+    pub cause: Option<u64>,
     /// Not stored: lets a `result` find its `query`'s seq in the writer when
     /// the appender did not wait to learn it.
     pub link: Link,
@@ -220,6 +224,7 @@ impl Event {
             backend_pid: None,
             ref_seq: None,
             tx: None,
+            cause: None,
             link: Link::None,
             at: OffsetDateTime::now_utc(),
         }

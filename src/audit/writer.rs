@@ -41,6 +41,9 @@ use crate::config::Durability;
 
 /// Most records committed with one fsync; bounds the wait of the first one.
 const MAX_BATCH: usize = 4096;
+/// Redeemed tickets remembered for [`Event::cause`]: a skipped statement's
+/// result follows the failed one's within its batch.
+const REDEEMED_KEPT: usize = 1024;
 /// `async`: how long the writer lets records gather before storing them
 /// (at most half of `flush_interval_ms`).
 const ASYNC_GATHER: Duration = Duration::from_millis(1);
@@ -97,6 +100,8 @@ pub struct Writer {
     broken_at: Option<Instant>,
     /// Seqs of stored `query` records by ticket, until their `result` comes.
     links: HashMap<u64, u64>,
+    /// The last [`REDEEMED_KEPT`] tickets redeemed, with their seqs.
+    redeemed: std::collections::VecDeque<(u64, u64)>,
 }
 
 /// The chain continuing after `store`'s last record, whose own hash is
@@ -144,6 +149,7 @@ impl Writer {
             degraded: false,
             broken_at: None,
             links: HashMap::new(),
+            redeemed: std::collections::VecDeque::new(),
         })
     }
 
@@ -282,6 +288,11 @@ impl Writer {
                 if let Link::Result(ticket) = event.link {
                     event.ref_seq = event.ref_seq.or_else(|| self.redeem(ticket));
                 }
+                if let Some(seq) = event.cause.and_then(|t| self.redeemed_seq(t)) {
+                    if let Some(message) = event.message.as_mut() {
+                        message.push_str(&format!(" (the statement of seq {seq})"));
+                    }
+                }
                 let link = event.link;
                 let ts = format_ts(event.at);
                 let sealed = chain.seal(event, ts);
@@ -344,8 +355,26 @@ impl Writer {
 
     /// The seq of the `query` that took `ticket`, forgetting it: each
     /// result redeems its ticket once.
+    /// The query seq of a ticket redeemed lately (a skipped statement's
+    /// result names the statement that failed, whose result came first).
+    fn redeemed_seq(&self, ticket: u64) -> Option<u64> {
+        self.links.get(&ticket).copied().or_else(|| {
+            self.redeemed
+                .iter()
+                .rev()
+                .find(|(t, _)| *t == ticket)
+                .map(|(_, seq)| *seq)
+        })
+    }
+
     fn redeem(&mut self, ticket: u64) -> Option<u64> {
         let seq = self.links.remove(&ticket);
+        if let Some(seq) = seq {
+            if self.redeemed.len() == REDEEMED_KEPT {
+                self.redeemed.pop_front();
+            }
+            self.redeemed.push_back((ticket, seq));
+        }
         if seq.is_none() {
             tracing::warn!(
                 ticket,

@@ -41,8 +41,11 @@ pub enum Outcome {
         code: String,
         message: String,
     },
-    /// Skipped by the server after an earlier error in the same pipeline.
-    NotExecuted,
+    /// Skipped by the server after an earlier error in the same pipeline;
+    /// `after`: the ticket of the audited statement whose error it was.
+    NotExecuted {
+        after: Option<u64>,
+    },
 }
 
 /// A statement resolved by the last server message.
@@ -469,6 +472,18 @@ impl Tracker {
                 message: fields.message.clone(),
             }),
         };
+        let mut after = match &failed {
+            Some(
+                Expect::Execute {
+                    pending: Some(pending),
+                }
+                | Expect::Bind {
+                    pending: Some(pending),
+                    ..
+                },
+            ) => Some(pending.ticket),
+            _ => None,
+        };
         match failed {
             Some(
                 Expect::Execute {
@@ -489,7 +504,7 @@ impl Tracker {
             Some(Expect::BlockedParse { error }) => route = Route::Replace(error),
             _ => {}
         }
-        self.skip_to_sync(resolved, cache, &mut cause);
+        self.skip_to_sync(resolved, cache, &mut cause, &mut after);
         route
     }
 
@@ -501,6 +516,7 @@ impl Tracker {
         resolved: &mut Vec<Resolved>,
         cache: &mut CacheEffects,
         cause: &mut Option<Outcome>,
+        after: &mut Option<u64>,
     ) {
         while let Some(front) = self.queue.front() {
             if matches!(
@@ -512,16 +528,22 @@ impl Tracker {
             match self.queue.pop_front() {
                 Some(Expect::Execute {
                     pending: Some(pending),
-                }) => resolved.push(Resolved {
-                    pending,
-                    outcome: cause.take().unwrap_or(Outcome::NotExecuted),
-                }),
+                }) => {
+                    let outcome = match cause.take() {
+                        Some(error) => {
+                            after.get_or_insert(pending.ticket);
+                            error
+                        }
+                        None => Outcome::NotExecuted { after: *after },
+                    };
+                    resolved.push(Resolved { pending, outcome });
+                }
                 Some(Expect::Bind {
                     pending: Some(pending),
                     ..
                 }) => resolved.push(Resolved {
                     pending,
-                    outcome: Outcome::NotExecuted,
+                    outcome: Outcome::NotExecuted { after: *after },
                 }),
                 Some(Expect::Parse { key, restore, .. }) => cache.not_parsed(key, restore, false),
                 Some(Expect::SynthParse { restore }) => cache.not_parsed(None, restore, false),
@@ -541,6 +563,7 @@ impl Tracker {
                     error,
                     ..
                 } => {
+                    let after = pending.as_ref().map(|p| p.ticket);
                     if let Some(pending) = pending {
                         let outcome = match error {
                             Some(e) => Outcome::Error {
@@ -554,7 +577,7 @@ impl Tracker {
                     // After an error PostgreSQL runs none of the rest.
                     resolved.extend(more.into_iter().flatten().map(|pending| Resolved {
                         pending,
-                        outcome: Outcome::NotExecuted,
+                        outcome: Outcome::NotExecuted { after },
                     }));
                     return;
                 }
@@ -567,7 +590,7 @@ impl Tracker {
                     ..
                 } => resolved.push(Resolved {
                     pending,
-                    outcome: Outcome::NotExecuted,
+                    outcome: Outcome::NotExecuted { after: None },
                 }),
                 _ => {}
             }

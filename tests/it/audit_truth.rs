@@ -111,7 +111,14 @@ async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
     }
     let skipped = query("SELECT 'skipped'");
     assert_eq!(s(&skipped, "status"), "error");
+    // It names the statement whose error made PostgreSQL skip it.
+    let failed = query("SELECT * FROM audit_no_such_table_2");
+    let cause = format!("(the statement of seq {})", failed["seq"]);
     assert!(s(&skipped, "message").contains("not executed"), "{skipped}");
+    assert!(
+        s(&skipped, "message").ends_with(&cause),
+        "{skipped} {cause}"
+    );
 }
 
 /// A `Bind` of a statement that calls a function the gateway does not know
@@ -622,6 +629,13 @@ async fn each_statement_of_a_multi_statement_query_has_its_own_record() {
     );
     assert_eq!(s(skipped, "status"), "error");
     assert!(s(skipped, "message").contains("not executed"), "{skipped}");
+    let failed = records
+        .iter()
+        .filter(|r| s(r, "statement") == "SELECT 1/0")
+        .last()
+        .unwrap();
+    let cause = format!("(the statement of seq {})", failed["seq"]);
+    assert!(s(skipped, "message").ends_with(&cause), "{skipped} {cause}");
 }
 
 /// A portal executed a few rows at a time: each `Execute` has its own

@@ -407,7 +407,7 @@ impl QueryLoop<'_> {
     pub(super) async fn abandon_server(&mut self, why: &str) {
         self.abandon_ledger().await;
         for pending in self.tracker.drain() {
-            let mut ev = self.result_event(pending, Outcome::NotExecuted);
+            let mut ev = self.result_event(pending, Outcome::NotExecuted { after: None });
             ev.status = Some(Status::Unknown);
             ev.message = Some(why.to_string());
             self.shared.auditor.append_nowait(ev).await;

@@ -123,7 +123,7 @@ impl QueryLoop<'_> {
         if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
             self.unran.push(Resolved {
                 pending,
-                outcome: Outcome::NotExecuted,
+                outcome: Outcome::NotExecuted { after: None },
             });
         }
     }
@@ -450,7 +450,8 @@ impl QueryLoop<'_> {
                 });
                 ev.sqlstate = Some(code);
             }
-            Outcome::NotExecuted => {
+            Outcome::NotExecuted { after } => {
+                ev.cause = after;
                 ev.status = Some(Status::Error);
                 ev.message = Some("not executed: an earlier message of the pipeline failed".into());
             }

@@ -716,3 +716,120 @@ async fn statements_of_non_utf8_clients_are_recorded_exactly() {
         "no replacement character"
     );
 }
+
+/// psycopg 3 and tokio-postgres write rows (autocommit, transactions
+/// committed and rolled back, savepoints, pipelines with a failure,
+/// multi-statement queries, executemany, a duplicate key...); then the
+/// export is reconciled with the table: every row is attributable to
+/// exactly one `ok`, committed statement of the client that wrote it, and
+/// every statement recorded as committed has its row.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_export_reconciles_with_the_database() {
+    let table = "audit_recon";
+    support::cluster().psql(
+        "app",
+        &format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id int PRIMARY KEY, who text);
+             GRANT SELECT, INSERT ON {table} TO analyst, engineer"
+        ),
+    );
+    let gw = start_gateway(Opts {
+        audit: true,
+        pool_size: 2,
+        audit_extra: "log_parameters = true".into(),
+        ..Opts::default()
+    })
+    .await;
+    crate::drivers::run_python(
+        &gw,
+        "reconcile_workload.py",
+        "alice",
+        "bob",
+        &[("PGWARDEN_RECON_TABLE", table)],
+    )
+    .await;
+    // tokio-postgres: extended protocol, a pipeline of three, a
+    // transaction rolled back by a failure, another committed.
+    let bob = gw.connect("bob").await;
+    let insert = format!("INSERT INTO {table} (id, who) VALUES ($1, 'bob')");
+    let (a, b, c) = tokio::join!(
+        bob.execute(&insert, &[&3001i32]),
+        bob.execute(&insert, &[&3002i32]),
+        bob.execute(&insert, &[&3001i32]),
+    );
+    // Whichever of the two 3001s ran second failed.
+    assert!(b.is_ok() && (a.is_ok() != c.is_ok()), "{a:?} {b:?} {c:?}");
+    bob.batch_execute("BEGIN").await.unwrap();
+    bob.execute(&insert, &[&3003i32]).await.unwrap();
+    bob.execute(&insert, &[&3003i32]).await.unwrap_err();
+    bob.batch_execute("COMMIT").await.unwrap();
+    bob.batch_execute("BEGIN").await.unwrap();
+    bob.execute(&insert, &[&3004i32]).await.unwrap();
+    bob.batch_execute("COMMIT").await.unwrap();
+    let rows: Vec<(i32, String)> = bob
+        .query(&format!("SELECT id, who FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    drop(bob);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let records = stop_and_export(gw, &[]).await;
+    // The id each INSERT record writes: in its text, or its first parameter.
+    let inserted = |r: &Value| -> Option<i32> {
+        let text = s(r, "statement");
+        let rest = text.strip_prefix(&format!("INSERT INTO {table} (id, who) VALUES ("))?;
+        let literal = rest.split(',').next()?.trim();
+        if let Ok(id) = literal.parse() {
+            return Some(id);
+        }
+        // A parameter: text, or binary as `\x` and big-endian hex.
+        let param = r["params"][0].as_str()?;
+        match param.strip_prefix("\\x") {
+            Some(hex) => i32::from_str_radix(hex, 16).ok(),
+            None => param.parse().ok(),
+        }
+    };
+    let inserts: Vec<(&Value, i32)> = records
+        .iter()
+        .filter(|r| s(r, "kind") == "query")
+        .filter_map(|r| inserted(r).map(|id| (r, id)))
+        .collect();
+    assert!(inserts.len() >= 40, "{}", inserts.len());
+    for (id, who) in &rows {
+        let committed: Vec<&&Value> = inserts
+            .iter()
+            .filter(|(r, i)| i == id && s(r, "status") == "ok" && s(r, "tx") == "committed")
+            .map(|(r, _)| r)
+            .collect();
+        assert_eq!(committed.len(), 1, "row {id}: {committed:?}");
+        assert_eq!(&s(committed[0], "client_user"), who, "row {id}");
+    }
+    for (r, id) in &inserts {
+        let present = rows.iter().any(|(i, _)| i == id);
+        let committed = s(r, "status") == "ok" && s(r, "tx") == "committed";
+        if committed {
+            assert!(present, "recorded as committed, not in the table: {r}");
+        }
+        if s(r, "tx") == "rolled_back" {
+            let other_commit = inserts
+                .iter()
+                .any(|(o, i)| i == id && s(o, "tx") == "committed" && s(o, "status") == "ok");
+            assert!(
+                !present || other_commit,
+                "recorded as rolled back, in the table: {r}"
+            );
+        }
+        assert_ne!(s(r, "tx"), "unknown", "{r}");
+    }
+    let ids: Vec<i32> = rows.iter().map(|(i, _)| *i).collect();
+    for expected in [
+        1001, 1002, 1003, 1005, 1007, 1010, 1011, 1012, 1013, 1014, 1015, 1018, 3001, 3002, 3004,
+    ] {
+        assert!(ids.contains(&expected), "{expected} in {ids:?}");
+    }
+    for absent in [1004, 1006, 1008, 1009, 1016, 1017, 3003] {
+        assert!(!ids.contains(&absent), "{absent} in {ids:?}");
+    }
+}

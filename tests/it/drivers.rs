@@ -168,13 +168,24 @@ async fn python_driver_on(
     other: &str,
     env: &[(&str, &str)],
 ) {
+    run_python(&gw, script, user, other, env).await;
+}
+
+/// Runs a Python driver script through `gw` until it reports PASS.
+pub(crate) async fn run_python(
+    gw: &TestGateway,
+    script: &str,
+    user: &str,
+    other: &str,
+    env: &[(&str, &str)],
+) {
     let python = venv_python();
     let mut cmd = Command::new(python);
     cmd.arg(drivers_dir().join("python").join(script))
         .current_dir(drivers_dir().join("python"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1");
-    gateway_env(&mut cmd, &gw, user, Some(other));
+    gateway_env(&mut cmd, gw, user, Some(other));
     cmd.envs(env.iter().copied());
     let out = run(script, cmd).await;
     assert!(out.contains("PASS"), "{script} did not report PASS:\n{out}");

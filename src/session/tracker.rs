@@ -41,6 +41,10 @@ pub enum Outcome {
         code: String,
         message: String,
     },
+    /// A `FunctionCall` returned this (see [`function_result`]).
+    Returned {
+        value: String,
+    },
     /// Skipped by the server after an earlier error in the same pipeline;
     /// `after`: the ticket of the audited statement whose error it was.
     NotExecuted {
@@ -130,6 +134,8 @@ enum Expect {
         tag: Option<String>,
         rows: Option<u64>,
         error: Option<ErrorFields>,
+        /// A `FunctionCall`'s result, as the audit log shows it.
+        returned: Option<String>,
     },
     /// A simple query the gateway answers itself: `CommandComplete` with
     /// this tag, then `ReadyForQuery` with the current status.
@@ -236,6 +242,7 @@ impl Tracker {
             tag: None,
             rows: None,
             error: None,
+            returned: None,
         });
     }
     /// The statements after the first of the last `query` (each with its
@@ -333,6 +340,12 @@ impl Tracker {
             }
             b'D' => {
                 self.data_row();
+                Route::Forward
+            }
+            b'V' => {
+                if let Some(Expect::Query { returned, .. }) = self.queue.front_mut() {
+                    *returned = function_result(body);
+                }
                 Route::Forward
             }
             b'E' => {
@@ -561,16 +574,18 @@ impl Tracker {
                     tag,
                     rows,
                     error,
+                    returned,
                     ..
                 } => {
                     let after = pending.as_ref().map(|p| p.ticket);
                     if let Some(pending) = pending {
-                        let outcome = match error {
-                            Some(e) => Outcome::Error {
+                        let outcome = match (error, returned) {
+                            (Some(e), _) => Outcome::Error {
                                 code: e.code,
                                 message: e.message,
                             },
-                            None => Outcome::Ok { tag, rows },
+                            (None, Some(value)) => Outcome::Returned { value },
+                            (None, None) => Outcome::Ok { tag, rows },
                         };
                         resolved.push(Resolved { pending, outcome });
                     }
@@ -613,6 +628,28 @@ impl Tracker {
             })
             .collect()
     }
+}
+
+/// A `FunctionCallResponse` as the audit log shows it: an `int4` (the
+/// large-object functions' OIDs, descriptors, positions and counts) as a
+/// number, NULL, and other values by their length only (`loread`'s data is
+/// the object's content, not evidence of the call).
+fn function_result(body: &[u8]) -> Option<String> {
+    let len = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    let value = body.get(4..)?;
+    let text_number = !value.is_empty()
+        && value.len() <= 11
+        && value
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_digit() || (i == 0 && *b == b'-'));
+    Some(match (len, value) {
+        (-1, _) => "NULL".into(),
+        // A text-format result (libpq asks for binary).
+        _ if text_number => String::from_utf8_lossy(value).into_owned(),
+        (4, [a, b, c, d]) => i32::from_be_bytes([*a, *b, *c, *d]).to_string(),
+        (n, _) => format!("{n} bytes"),
+    })
 }
 
 /// PostgreSQL's errors for a prepared statement that DDL made unusable:

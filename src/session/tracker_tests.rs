@@ -248,3 +248,17 @@ fn each_statement_of_a_simple_query_resolves_in_turn() {
     let names: Vec<&[u8]> = cache.restore.iter().map(|r| &r.0[..]).collect();
     assert_eq!(names, [&b""[..], b"s1"], "newest first");
 }
+
+#[test]
+fn a_function_calls_result_is_recorded_as_a_number_or_a_length() {
+    let value = |len: i32, bytes: &[u8]| {
+        let mut body = len.to_be_bytes().to_vec();
+        body.extend_from_slice(bytes);
+        function_result(&body)
+    };
+    assert_eq!(value(4, &16405i32.to_be_bytes()).as_deref(), Some("16405"));
+    assert_eq!(value(5, b"16405").as_deref(), Some("16405"));
+    assert_eq!(value(-1, b"").as_deref(), Some("NULL"));
+    assert_eq!(value(3, b"abc").as_deref(), Some("3 bytes"));
+    assert_eq!(function_result(b"\0\0"), None);
+}

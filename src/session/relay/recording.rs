@@ -450,6 +450,10 @@ impl QueryLoop<'_> {
                 });
                 ev.sqlstate = Some(code);
             }
+            Outcome::Returned { value } => {
+                ev.status = Some(Status::Ok);
+                ev.message = Some(format!("returned {value}"));
+            }
             Outcome::NotExecuted { after } => {
                 ev.cause = after;
                 ev.status = Some(Status::Error);

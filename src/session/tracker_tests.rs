@@ -228,11 +228,12 @@ fn each_statement_of_a_simple_query_resolves_in_turn() {
     );
     r.clear();
     route(&mut t, b'Z', b"I", &mut r);
-    // The third statement (unaudited) failed; the fourth never ran.
+    // The third statement (unaudited, so no ticket to name) failed; the
+    // fourth never ran.
     assert_eq!(r.len(), 1);
     assert_eq!(
         (r[0].pending.ticket, &r[0].outcome),
-        (4, &Outcome::NotExecuted { .. })
+        (4, &Outcome::NotExecuted { after: None })
     );
     assert!(t.is_empty());
 

@@ -130,10 +130,10 @@ enum Expect {
         /// with its own record: a `CommandComplete` resolves `pending` and
         /// moves to the next.
         more: VecDeque<Option<Pending>>,
-        blocked: Option<PgError>,
+        blocked: Option<Box<PgError>>,
         tag: Option<String>,
         rows: Option<u64>,
-        error: Option<ErrorFields>,
+        error: Option<Box<ErrorFields>>,
         /// A `FunctionCall`'s result, as the audit log shows it.
         returned: Option<String>,
     },
@@ -238,7 +238,7 @@ impl Tracker {
         self.queue.push_back(Expect::Query {
             pending,
             more: VecDeque::new(),
-            blocked,
+            blocked: blocked.map(Box::new),
             tag: None,
             rows: None,
             error: None,
@@ -461,9 +461,9 @@ impl Tracker {
         match self.queue.front_mut() {
             Some(Expect::Query { blocked, error, .. }) => {
                 if let Some(b) = blocked.take() {
-                    return Route::Replace(b);
+                    return Route::Replace(*b);
                 }
-                error.get_or_insert(fields);
+                error.get_or_insert(Box::new(fields));
                 return Route::Forward;
             }
             // An error at Sync (a failed implicit commit) or outside any request.

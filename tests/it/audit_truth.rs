@@ -631,8 +631,7 @@ async fn each_statement_of_a_multi_statement_query_has_its_own_record() {
     assert!(s(skipped, "message").contains("not executed"), "{skipped}");
     let failed = records
         .iter()
-        .filter(|r| s(r, "statement") == "SELECT 1/0")
-        .last()
+        .rfind(|r| s(r, "statement") == "SELECT 1/0")
         .unwrap();
     let cause = format!("(the statement of seq {})", failed["seq"]);
     assert!(s(skipped, "message").ends_with(&cause), "{skipped} {cause}");

@@ -11,6 +11,7 @@ pub mod commits;
 pub mod kept;
 pub mod ledger;
 pub mod opaque;
+mod outcome;
 mod prepared;
 mod relay;
 pub mod split;

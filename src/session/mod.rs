@@ -177,12 +177,36 @@ fn new_session_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Serves one accepted connection to the end.
+/// Serves one accepted connection to the end, inside a `session` span
+/// that carries the peer and, once logged in, the session id, client user,
+/// role and database: every log line of the session has them.
 pub async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
+) {
+    use tracing::field::Empty;
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "session",
+        %peer,
+        id = Empty,
+        user = Empty,
+        role = Empty,
+        database = Empty
+    );
+    serve_in_span(shared, tcp, peer, shutdown, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn serve_in_span(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    span: tracing::Span,
 ) {
     let _ = tcp.set_nodelay(true);
     let login_timeout = Duration::from_millis(shared.config.server.login_timeout_ms);
@@ -227,7 +251,11 @@ pub async fn serve(
     };
     let (client, ident, key) = logged_in;
     let (pid, secret, slot) = key;
-    tracing::info!(session = %ident.session_id, user = %ident.client_user, role = %ident.role, database = %ident.database, "session started");
+    span.record("id", &*ident.session_id)
+        .record("user", &*ident.client_user)
+        .record("role", &*ident.role)
+        .record("database", &*ident.database);
+    tracing::info!("session started");
     crate::metrics::Metrics::inc(&shared.metrics.clients);
     let end = QueryLoop::new(&shared, &ident, client, slot, shutdown)
         .run()
@@ -244,7 +272,7 @@ pub async fn serve(
         End::ClientGone => ev.message = Some("the client disconnected".into()),
     }
     shared.auditor.append_nowait(ev).await;
-    tracing::info!(session = %ident.session_id, "session ended: {end:?}");
+    tracing::info!("session ended: {end:?}");
 }
 
 type LoggedIn = (ClientConn, Identity, (i32, i32, Arc<cancel::CancelSlot>));

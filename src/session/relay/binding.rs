@@ -94,7 +94,7 @@ impl QueryLoop<'_> {
                 server.applied = Some(self.settings.clone());
             }
             Err(e) => {
-                tracing::warn!(session = %self.ident.session_id, "could not read back the session's settings: {e}");
+                tracing::warn!("could not read back the session's settings: {e}");
                 if !matches!(e, pool::conn::BackendError::Server(_)) {
                     server.mark_broken();
                 }
@@ -124,7 +124,7 @@ impl QueryLoop<'_> {
                     .dirty_by
                     .get_or_insert_with(|| self.ident.session_id.clone());
                 if !self.pinned && self.mode == PoolMode::Transaction {
-                    tracing::info!(session = %self.ident.session_id, "client pinned to its server connection until it disconnects");
+                    tracing::info!("client pinned to its server connection until it disconnects");
                 }
                 self.pinned = true;
             }
@@ -148,7 +148,9 @@ impl QueryLoop<'_> {
             return;
         }
         if !transparent && !self.ever_opaque {
-            tracing::debug!(session = %self.ident.session_id, "opaque code: this session's connections are re-asserted and reset from now on");
+            tracing::debug!(
+                "opaque code: this session's connections are re-asserted and reset from now on"
+            );
         }
         self.ever_opaque |= !transparent;
         self.tx_opaque = true;
@@ -275,7 +277,7 @@ impl QueryLoop<'_> {
             ..self.assertion()
         };
         if let Err(e) = assertion.apply_after(conn, reset).await {
-            tracing::warn!(session = %self.ident.session_id, "identity assertion failed: {e}");
+            tracing::warn!("identity assertion failed: {e}");
             return Err(e);
         }
         conn.identity = Some((self.ident.role.clone(), self.ident.client_user.clone()));
@@ -370,7 +372,7 @@ impl QueryLoop<'_> {
             "identity changed during the transaction: expected role \"{}\" and client \"{}\", found role \"{found_role}\" and client \"{found_user}\"",
             self.ident.role, self.ident.client_user
         );
-        tracing::error!(session = %self.ident.session_id, "{message}");
+        tracing::error!("{message}");
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_violations);
         if self.auditing {
             let mut ev = self.event(Kind::IdentityViolation);
@@ -395,7 +397,7 @@ impl QueryLoop<'_> {
     /// The server connection failed: its in-flight statements are recorded
     /// as unknown, it is destroyed, and the client session ends.
     pub(super) async fn server_lost(&mut self, why: &str) -> End {
-        tracing::warn!(session = %self.ident.session_id, "server connection lost: {why}");
+        tracing::warn!("server connection lost: {why}");
         self.abandon_server("server connection lost before the statement completed")
             .await;
         End::Fatal(PgError::fatal(

@@ -13,8 +13,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::session::Shared;
-
 /// Counters kept by the gateway.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -83,144 +81,188 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The Prometheus text exposition of everything the gateway knows now.
-pub fn render(shared: &Shared) -> String {
-    let m = &shared.metrics;
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    counter(
+/// What the rest of the gateway contributes to a scrape, read at scrape
+/// time: metrics takes this snapshot, never the sessions' shared state.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub audit: crate::audit::AuditCounters,
+    pub audit_queue_depth: u64,
+    /// (database, idle, total) server connections.
+    pub pools: Vec<(String, u64, u64)>,
+}
+
+/// Prometheus metric types used here.
+#[derive(Clone, Copy)]
+enum Type {
+    Counter,
+    Gauge,
+}
+
+/// The gateway's own counters: name, help, type, where the value is.
+const COUNTERS: &[(&str, &str, Type, fn(&Metrics) -> &AtomicU64)] = &[
+    (
         "pgwarden_clients",
         "Clients connected and logged in.",
-        "gauge",
-        load(&m.clients),
-    );
-    counter(
+        Type::Gauge,
+        |m| &m.clients,
+    ),
+    (
         "pgwarden_auth_failures_total",
         "Logins PostgreSQL refused.",
-        "counter",
-        load(&m.auth_failures),
-    );
-    counter(
+        Type::Counter,
+        |m| &m.auth_failures,
+    ),
+    (
         "pgwarden_denied_total",
         "Logins without a role mapping.",
-        "counter",
-        load(&m.denied),
-    );
-    counter(
+        Type::Counter,
+        |m| &m.denied,
+    ),
+    (
         "pgwarden_guard_blocks_total",
         "Statements refused by the statement guard.",
-        "counter",
-        load(&m.guard_blocks),
-    );
-    counter(
+        Type::Counter,
+        |m| &m.guard_blocks,
+    ),
+    (
         "pgwarden_identity_violations_total",
         "Sessions ended by verify = transaction.",
-        "counter",
-        load(&m.identity_violations),
-    );
-    counter(
+        Type::Counter,
+        |m| &m.identity_violations,
+    ),
+    (
         "pgwarden_pool_waits_total",
         "Server connection checkouts.",
-        "counter",
-        load(&m.pool_waits),
-    );
-    counter(
+        Type::Counter,
+        |m| &m.pool_waits,
+    ),
+    (
         "pgwarden_pool_timeouts_total",
         "Checkouts that timed out (53300).",
-        "counter",
-        load(&m.pool_timeouts),
-    );
-    counter(
+        Type::Counter,
+        |m| &m.pool_timeouts,
+    ),
+    (
         "pgwarden_server_resets_total",
         "Server connections reset before serving another session.",
-        "counter",
-        load(&m.server_resets),
-    );
-    counter(
+        Type::Counter,
+        |m| &m.server_resets,
+    ),
+    (
         "pgwarden_identity_assertions_total",
         "Identity assertions run on server connections.",
-        "counter",
-        load(&m.identity_assertions),
-    );
-    let audit = shared.auditor.counters();
-    counter(
+        Type::Counter,
+        |m| &m.identity_assertions,
+    ),
+];
+
+/// The audit log's numbers: name, help, type, where the value is.
+const AUDIT: &[(&str, &str, Type, fn(&Snapshot) -> u64)] = &[
+    (
         "pgwarden_audit_queue_depth",
         "Audit records waiting for the writer.",
-        "gauge",
-        shared.auditor.queue_depth() as u64,
-    );
-    counter(
+        Type::Gauge,
+        |s| s.audit_queue_depth,
+    ),
+    (
         "pgwarden_audit_appended_total",
         "Audit records stored.",
-        "counter",
-        audit.appended,
-    );
-    counter(
+        Type::Counter,
+        |s| s.audit.appended,
+    ),
+    (
         "pgwarden_audit_failures_total",
         "Audit records that could not be stored.",
-        "counter",
-        audit.failed,
-    );
-    counter(
+        Type::Counter,
+        |s| s.audit.failed,
+    ),
+    (
         "pgwarden_audit_fsyncs_total",
         "fsyncs of the audit store.",
-        "counter",
-        audit.syncs,
+        Type::Counter,
+        |s| s.audit.syncs,
+    ),
+];
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn type_name(t: Type) -> &'static str {
+    match t {
+        Type::Counter => "counter",
+        Type::Gauge => "gauge",
+    }
+}
+
+/// The Prometheus text exposition of the counters and of `snapshot`.
+pub fn render(m: &Metrics, snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    for (name, help, kind, value) in COUNTERS {
+        header(&mut out, name, help, type_name(*kind));
+        let _ = writeln!(out, "{name} {}", value(m).load(Ordering::Relaxed));
+    }
+    for (name, help, kind, value) in AUDIT {
+        header(&mut out, name, help, type_name(*kind));
+        let _ = writeln!(out, "{name} {}", value(snapshot));
+    }
+    header(
+        &mut out,
+        "pgwarden_audit_append_seconds",
+        "Write-ahead append latency.",
+        "summary",
     );
-    let appends = load(&m.audit_appends);
     let _ = writeln!(
         out,
-        "# HELP pgwarden_audit_append_seconds Write-ahead append latency.\n# TYPE pgwarden_audit_append_seconds summary\npgwarden_audit_append_seconds_sum {}\npgwarden_audit_append_seconds_count {appends}",
-        load(&m.audit_append_seconds_sum_us) as f64 / 1e6
+        "pgwarden_audit_append_seconds_sum {}\npgwarden_audit_append_seconds_count {}",
+        m.audit_append_seconds_sum_us.load(Ordering::Relaxed) as f64 / 1e6,
+        m.audit_appends.load(Ordering::Relaxed)
     );
-    let _ = writeln!(out, "# HELP pgwarden_server_connections Server connections per database and state.\n# TYPE pgwarden_server_connections gauge");
-    for (db, status) in shared.pools.status() {
-        let db = label(&db);
-        let idle = status.available as u64;
-        let total = status.size as u64;
-        let _ = writeln!(
-            out,
-            "pgwarden_server_connections{{database=\"{db}\",state=\"idle\"}} {idle}"
-        );
-        let _ = writeln!(
-            out,
-            "pgwarden_server_connections{{database=\"{db}\",state=\"active\"}} {}",
-            total.saturating_sub(idle)
-        );
+    header(
+        &mut out,
+        "pgwarden_server_connections",
+        "Server connections per database and state.",
+        "gauge",
+    );
+    for (db, idle, total) in &snapshot.pools {
+        let db = label(db);
+        for (state, n) in [("idle", *idle), ("active", total.saturating_sub(*idle))] {
+            let _ = writeln!(
+                out,
+                "pgwarden_server_connections{{database=\"{db}\",state=\"{state}\"}} {n}"
+            );
+        }
     }
     let per_user = m.per_user.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let _ = writeln!(out, "# HELP pgwarden_transactions_total Transactions per client user.\n# TYPE pgwarden_transactions_total counter");
-    for (user, (tx, _)) in &per_user {
-        let _ = writeln!(
-            out,
-            "pgwarden_transactions_total{{client_user=\"{}\"}} {tx}",
-            label(user)
-        );
-    }
-    let _ = writeln!(out, "# HELP pgwarden_statements_total Statements per client user.\n# TYPE pgwarden_statements_total counter");
-    for (user, (_, st)) in &per_user {
-        let _ = writeln!(
-            out,
-            "pgwarden_statements_total{{client_user=\"{}\"}} {st}",
-            label(user)
-        );
+    for (name, help, pick) in [
+        (
+            "pgwarden_transactions_total",
+            "Transactions per client user.",
+            0,
+        ),
+        (
+            "pgwarden_statements_total",
+            "Statements per client user.",
+            1,
+        ),
+    ] {
+        header(&mut out, name, help, "counter");
+        for (user, counts) in &per_user {
+            let n = if pick == 0 { counts.0 } else { counts.1 };
+            let _ = writeln!(out, "{name}{{client_user=\"{}\"}} {n}", label(user));
+        }
     }
     out
 }
 
-/// Serves `GET /metrics` (any path, in fact) on `listener` until dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// Serves `GET /metrics` (any path, in fact) on `listener` until dropped,
+/// each answer made by `scrape`.
+pub async fn serve(listener: TcpListener, scrape: Arc<dyn Fn() -> String + Send + Sync>) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else {
             continue;
         };
-        let shared = shared.clone();
+        let scrape = scrape.clone();
         tokio::spawn(async move {
             let mut request = [0u8; 1024];
             let read =
@@ -228,7 +270,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             if !matches!(read, Ok(Ok(n)) if n > 0) {
                 return;
             }
-            let body = render(&shared);
+            let body = scrape();
             let response = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
@@ -236,5 +278,43 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let _ = socket.write_all(response.as_bytes()).await;
             let _ = socket.shutdown().await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series_with_its_help_and_type() {
+        let m = Metrics::default();
+        Metrics::inc(&m.guard_blocks);
+        m.add_user_counts("a\"lice", 2, 5);
+        let snapshot = Snapshot {
+            audit: crate::audit::AuditCounters {
+                appended: 7,
+                failed: 0,
+                syncs: 3,
+            },
+            audit_queue_depth: 1,
+            pools: vec![("app".into(), 1, 4)],
+        };
+        let text = render(&m, &snapshot);
+        for line in [
+            "# TYPE pgwarden_guard_blocks_total counter",
+            "pgwarden_guard_blocks_total 1",
+            "# TYPE pgwarden_clients gauge",
+            "pgwarden_audit_appended_total 7",
+            "pgwarden_audit_fsyncs_total 3",
+            "pgwarden_server_connections{database=\"app\",state=\"active\"} 3",
+            "pgwarden_statements_total{client_user=\"a\\\"lice\"} 5",
+            "pgwarden_transactions_total{client_user=\"a\\\"lice\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
+        let helps = text.lines().filter(|l| l.starts_with("# HELP")).count();
+        let types = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!(helps, types);
+        assert_eq!(helps, COUNTERS.len() + AUDIT.len() + 4);
     }
 }

@@ -127,7 +127,13 @@ impl Gateway {
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         let admin = match self.shared.config.admin.listen {
             Some(addr) => match TcpListener::bind(addr).await {
-                Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, self.shared.clone()))),
+                Ok(l) => {
+                    let shared = self.shared.clone();
+                    let scrape = Arc::new(move || {
+                        crate::metrics::render(&shared.metrics, &shared.metrics_snapshot())
+                    });
+                    Some(tokio::spawn(crate::metrics::serve(l, scrape)))
+                }
                 Err(e) => {
                     tracing::error!("cannot listen for metrics on {addr}: {e}");
                     None

@@ -93,6 +93,20 @@ impl Shared {
             .clone()
     }
 
+    /// What a metrics scrape reads besides the counters.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            audit: self.auditor.counters(),
+            audit_queue_depth: self.auditor.queue_depth() as u64,
+            pools: self
+                .pools
+                .status()
+                .into_iter()
+                .map(|(db, st)| (db, st.available as u64, st.size as u64))
+                .collect(),
+        }
+    }
+
     /// The reloadable settings in force.
     pub fn live(&self) -> Arc<Live> {
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()

@@ -98,8 +98,13 @@ enum Type {
     Gauge,
 }
 
+/// Where a series' value is: a counter of [`Metrics`], or a number of the
+/// [`Snapshot`].
+type CounterOf = fn(&Metrics) -> &AtomicU64;
+type ValueOf = fn(&Snapshot) -> u64;
+
 /// The gateway's own counters: name, help, type, where the value is.
-const COUNTERS: &[(&str, &str, Type, fn(&Metrics) -> &AtomicU64)] = &[
+const COUNTERS: &[(&str, &str, Type, CounterOf)] = &[
     (
         "pgwarden_clients",
         "Clients connected and logged in.",
@@ -157,7 +162,7 @@ const COUNTERS: &[(&str, &str, Type, fn(&Metrics) -> &AtomicU64)] = &[
 ];
 
 /// The audit log's numbers: name, help, type, where the value is.
-const AUDIT: &[(&str, &str, Type, fn(&Snapshot) -> u64)] = &[
+const AUDIT: &[(&str, &str, Type, ValueOf)] = &[
     (
         "pgwarden_audit_queue_depth",
         "Audit records waiting for the writer.",

@@ -271,7 +271,7 @@ async fn serve_in_span(
         .record("database", &*ident.database);
     tracing::info!("session started");
     crate::metrics::Metrics::inc(&shared.metrics.clients);
-    let end = QueryLoop::new(&shared, &ident, client, slot, shutdown)
+    let end = QueryLoop::new(&shared, &ident, client, (pid, slot), shutdown)
         .run()
         .await;
     shared.cancels.unregister(pid, secret);

@@ -27,6 +27,11 @@ pub struct Statement {
     /// Settings it may change for the session
     /// ([`crate::session::kept::session_sets`]).
     pub session_sets: Vec<String>,
+    /// The unnamed statement's `Parse` body (query, parameter types): in
+    /// transaction pooling it is parsed again on the connection of a later
+    /// transaction that binds it, as PostgreSQL keeps it until the next
+    /// unnamed `Parse`.
+    pub unnamed_parse: Option<Bytes>,
 }
 
 /// What pgwarden knows a statement does, worked out once when it is parsed.
@@ -176,6 +181,7 @@ impl Statement {
             sql,
             shared,
             setting_params,
+            unnamed_parse: None,
         }
     }
 }

@@ -268,3 +268,41 @@ async fn session_mode_statements_are_the_clients_own() {
         before
     );
 }
+
+/// The unnamed statement outlives its transaction, as on a direct
+/// connection (libpq's `PQprepare(conn, "", ...)` then `PQexecPrepared`):
+/// a later transaction binds the client's own, parsed again on whatever
+/// connection serves it, never the one another client left there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_unnamed_statement_lasts_until_the_next_one() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let parse = |sql: &str| {
+        let mut body = vec![0u8];
+        body.extend_from_slice(sql.as_bytes());
+        body.push(0);
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body
+    };
+    let mut a = crate::raw::RawClient::login(gw.addr).await;
+    a.send(b'P', &parse("SELECT 'mine'")).await;
+    a.send(b'S', b"").await;
+    assert_eq!(a.until_ready().await.1, None);
+    let mut b = crate::raw::RawClient::login(gw.addr).await;
+    b.send(b'P', &parse("SELECT 'not yours'")).await;
+    b.send(b'S', b"").await;
+    assert_eq!(b.until_ready().await.1, None);
+    for _ in 0..2 {
+        a.send(b'B', b"\0\0\0\0\0\0\0\0").await;
+        a.send(b'E', b"\0\0\0\0\0").await;
+        a.send(b'S', b"").await;
+        assert_eq!(a.first_value_until_ready().await.as_deref(), Some("mine"));
+    }
+    a.send(b'D', b"S\0").await;
+    a.send(b'S', b"").await;
+    let (tags, code, _) = a.until_ready().await;
+    assert_eq!((tags, code), (b"tTZ".to_vec(), None), "Describe works too");
+}

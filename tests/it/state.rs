@@ -346,3 +346,30 @@ async fn session_settings_can_be_refused_instead() {
         .unwrap();
     assert_eq!(support::one(&alice, "SHOW TimeZone").await, "Asia/Tokyo");
 }
+
+/// A notification the client's own session sent names the process id the
+/// client was given (psycopg's `test_notify` compares the two).
+#[tokio::test(flavor = "multi_thread")]
+async fn own_notifications_carry_the_clients_pid() {
+    for mode in ["transaction", "session"] {
+        let gw = start_gateway(Opts {
+            mode,
+            ..Opts::default()
+        })
+        .await;
+        let mut c = crate::raw::RawClient::login(gw.addr).await;
+        c.send(b'Q', b"LISTEN pgw_chan; NOTIFY pgw_chan, 'hi'\0")
+            .await;
+        let mut pid = None;
+        loop {
+            let (tag, body) = c.read_message().await;
+            if tag == b'A' {
+                pid = Some(i32::from_be_bytes(body[..4].try_into().unwrap()));
+            }
+            if tag == b'Z' {
+                break;
+            }
+        }
+        assert_eq!(pid, Some(c.key.0), "{mode}");
+    }
+}

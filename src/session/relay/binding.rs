@@ -242,6 +242,9 @@ impl QueryLoop<'_> {
             pid: conn.pid,
             secret: conn.secret,
         });
+        // Whatever unnamed statement this connection holds is another
+        // binding's: the client's is parsed again before it is used.
+        self.unnamed_here = false;
         self.server = Some(conn);
         Ok(())
     }
@@ -389,7 +392,9 @@ impl QueryLoop<'_> {
     pub(super) async fn release(&mut self) {
         if let Some(conn) = self.server.take() {
             self.cancel.unbind().await;
-            self.statements.remove(&b""[..]);
+            // The client's unnamed statement stays its own; the next
+            // connection gets it parsed again when it is used.
+            self.unnamed_here = false;
             drop(conn);
         }
     }

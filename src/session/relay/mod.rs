@@ -208,6 +208,11 @@ pub struct QueryLoop<'a> {
     /// server's transaction is still open and healthy
     /// ([`QueryLoop::settle_local_abort`]).
     aborted_locally: bool,
+    /// The bound connection holds the client's unnamed statement (parsed
+    /// on it since it was bound).
+    unnamed_here: bool,
+    /// The process id the client knows its session by (gateway-made).
+    client_pid: i32,
 }
 
 /// What the server said besides statement outcomes, for the ledger.
@@ -228,11 +233,13 @@ enum Wake {
 }
 
 impl<'a> QueryLoop<'a> {
+    /// `client_pid`: the process id the gateway gave the client in its
+    /// `BackendKeyData`.
     pub fn new(
         shared: &'a Shared,
         ident: &'a Identity,
         client: ClientConn,
-        cancel: Arc<CancelSlot>,
+        (client_pid, cancel): (i32, Arc<CancelSlot>),
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         QueryLoop {
@@ -280,6 +287,8 @@ impl<'a> QueryLoop<'a> {
             application_name: ident.application_name.clone(),
             kept_pending: Vec::new(),
             aborted_locally: false,
+            unnamed_here: false,
+            client_pid,
         }
     }
 

@@ -134,7 +134,11 @@ impl QueryLoop<'_> {
         // whose values are checked, runs it.
         let own_name = self.mode == PoolMode::Session && setting_params.is_empty();
         if name.is_empty() || own_name {
-            let statement = prepared::Statement::new(sql, None, setting_params);
+            let mut statement = prepared::Statement::new(sql, None, setting_params);
+            if name.is_empty() {
+                statement.unnamed_parse = Some(frame.slice(6..));
+                self.unnamed_here = true;
+            }
             self.note_parsed(statement.nature);
             let previous = self.statements.insert(name.clone(), statement);
             self.to_server.extend_from_slice(&frame);
@@ -194,6 +198,7 @@ impl QueryLoop<'_> {
     /// as they are, so the server reports unknown ones itself).
     pub(super) fn server_statement(&mut self, name: &[u8]) -> Option<String> {
         if name.is_empty() {
+            self.unnamed_to_server();
             return None;
         }
         let (key, rest) = self.statements.get(name)?.shared.clone()?;
@@ -202,6 +207,26 @@ impl QueryLoop<'_> {
             self.prepare_on_server(key, &rest, true);
         }
         Some(statements::server_name(key))
+    }
+
+    /// The client's unnamed statement, parsed in an earlier transaction on
+    /// another connection (or before this one served another session), is
+    /// parsed again here before the message that names it; its answer is
+    /// the gateway's.
+    fn unnamed_to_server(&mut self) {
+        if self.unnamed_here {
+            return;
+        }
+        let Some(body) = self
+            .statements
+            .get(&b""[..])
+            .and_then(|s| s.unnamed_parse.clone())
+        else {
+            return;
+        };
+        prepared::parse(&mut self.to_server, "", &body);
+        self.tracker.parse(true, None);
+        self.unnamed_here = true;
     }
 
     pub(super) async fn on_bind(&mut self, frame: Bytes) -> Result<(), End> {
@@ -342,17 +367,17 @@ impl QueryLoop<'_> {
         Ok(())
     }
 
-    /// The unnamed statement lives on the server connection, which in
-    /// transaction pooling may have served another client since this one's
-    /// `Parse`: using it without a `Parse` in the same binding would run
-    /// someone else's statement. Refused as PostgreSQL refuses a missing one.
+    /// A `Bind` or `Describe` of the unnamed statement when the client has
+    /// none (never parsed one, or its last `Parse` failed) is refused as
+    /// PostgreSQL refuses it; one it has is parsed again on this connection
+    /// first ([`Self::unnamed_to_server`]), never taken from whatever the
+    /// connection holds from another session.
     pub(super) fn check_unnamed(&self, statement: &[u8]) -> Result<(), PgError> {
         if statement.is_empty() && !self.statements.contains_key(&b""[..]) {
             return Err(PgError::error(
                 sqlstate::INVALID_SQL_STATEMENT_NAME,
                 "unnamed prepared statement does not exist",
-            )
-            .with_detail("in transaction pooling the unnamed statement lasts only until the end of the transaction"));
+            ));
         }
         Ok(())
     }

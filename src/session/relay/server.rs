@@ -70,7 +70,7 @@ impl QueryLoop<'_> {
         Ok(())
     }
 
-    fn on_server_frame(&mut self, frame: BytesMut) {
+    fn on_server_frame(&mut self, mut frame: BytesMut) {
         let tag = frame[0];
         tracing::trace!(tag = %(tag as char), len = frame.len(), "server frame");
         match tag {
@@ -89,6 +89,14 @@ impl QueryLoop<'_> {
                 }
             }
             b'S' => self.on_parameter_status(&frame[5..]),
+            // A notification this session's own connection sent names the
+            // process the client knows, as on a direct connection.
+            b'A' if frame.len() >= 9 => {
+                let pid = i32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
+                if self.server.as_ref().is_some_and(|s| s.pid == pid) {
+                    frame[5..9].copy_from_slice(&self.client_pid.to_be_bytes());
+                }
+            }
             _ => {}
         }
         if tag == b'E' {

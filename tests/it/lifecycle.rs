@@ -319,7 +319,7 @@ async fn json_logs_are_one_object_per_line() {
     assert!(
         lines
             .iter()
-            .any(|v| v["fields"]["message"] == "session started" && v["fields"]["user"] == "alice"),
+            .any(|v| v["fields"]["message"] == "session started" && v["span"]["user"] == "alice"),
         "{stderr}"
     );
 }

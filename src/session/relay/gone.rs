@@ -68,6 +68,8 @@ impl QueryLoop<'_> {
             return;
         }
         messages::parse(&mut self.to_server, REFUSED_SQL);
+        // It replaces the connection's unnamed statement.
+        self.unnamed_here = false;
         self.tracker.blocked_parse(PgError::error(
             sqlstate::CONNECTION_FAILURE,
             "the batch was abandoned",

@@ -78,6 +78,8 @@ impl QueryLoop<'_> {
             }
             (Flow::Extended, true) => {
                 messages::parse(&mut self.to_server, REFUSED_SQL);
+                // It replaces the connection's unnamed statement.
+                self.unnamed_here = false;
                 self.tracker.blocked_parse(error);
                 self.unsynced = true;
                 self.discard_until_sync = true;

@@ -11,6 +11,7 @@
 //! evicted (and closed on the server) to make room.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
@@ -21,14 +22,33 @@ pub const CAPACITY: usize = 512;
 /// secret chosen at startup and the `Parse` body after the client's name.
 /// The secret keeps a client from predicting the name another client's
 /// statement will have (and preparing its own SQL under it first).
+///
+/// The key also covers the [stale epoch](found_stale) of the `Parse`: once
+/// any connection has found a statement stale (DDL changed what it returns,
+/// or a type it used is gone), a `Parse` of the same text names a new
+/// server-side statement, prepared afresh on whichever connection serves
+/// it, as a `Parse` on a direct connection gets a fresh plan; statements
+/// parsed before keep theirs and get PostgreSQL's error, as directly.
 pub fn key(parse_rest: &[u8]) -> u128 {
     static SECRET: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
     let secret = SECRET.get_or_init(rand::random);
-    let digest = Sha256::new()
-        .chain_update(secret)
-        .chain_update(parse_rest)
-        .finalize();
+    let mut hasher = Sha256::new().chain_update(secret);
+    let epoch = STALE_EPOCH.load(Ordering::Relaxed);
+    if epoch > 0 {
+        hasher.update(epoch.to_be_bytes());
+    }
+    let digest = hasher.chain_update(parse_rest).finalize();
     u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
+}
+
+/// Bumped each time a connection finds a shared statement stale; part of
+/// every key made after ([`key`]).
+static STALE_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// A connection found a shared statement stale: `Parse`s from now on get
+/// fresh server-side statements everywhere ([`key`]).
+pub fn found_stale() {
+    STALE_EPOCH.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The statement's name on every server connection.

@@ -14,7 +14,8 @@
 #                     git clone https://github.com/psycopg/psycopg && git -C psycopg checkout 3.3.4
 #   PGWARDEN_BIN      default target/release/pgwarden
 #
-# Everything it needs it starts itself, and removes on exit (trap):
+# Everything it needs it starts itself, and removes on exit (trap), in a
+# network namespace with only loopback when run as root:
 #   - a throwaway PostgreSQL 15 cluster (initdb in a temp directory, a free
 #     port, run as the `postgres` OS user when root, scram-sha-256 for TCP,
 #     max_prepared_transactions > 0 for the two-phase-commit tests);
@@ -55,6 +56,11 @@
 #                          default, false, which refuses psycopg's tests that
 #                          EXECUTE computed SQL in DO blocks)
 #   PSYCOPG_SUITE_PYTEST_ARGS  extra pytest arguments (e.g. "-x" or "-k copy")
+#   PSYCOPG_SUITE_NETNS    0: do not run in a loopback-only network namespace
+#                          (by default, as root, everything after the venv
+#                          step runs in one, so no test reaches past this
+#                          machine; the few known tests that try are
+#                          deselected either way)
 #   PSYCOPG_SUITE_HOLD     1: after the runs, start both gateways, print the
 #                          DSNs and keep everything up until SIGINT/SIGTERM
 #                          (for reproducing a failure by hand; with
@@ -121,6 +127,67 @@ fi
 # test_cursor*.py already covers test_cursor_server*.py; dedupe anyway.
 mapfile -t tests < <(printf '%s\n' "${tests[@]}" | awk '!seen[$0]++')
 [ "${#tests[@]}" -gt 0 ] || die "no test files selected"
+# Tests that try to reach past this machine (TCP to 192.0.2.1 and
+# 198.51.100.1, a DNS lookup of nosuchhost.example.com): never run.
+deselect=()
+for t in test_connection.py::test_connect_error_multi_hosts_each_message_preserved \
+  test_connection_async.py::test_connect_error_multi_hosts_each_message_preserved \
+  test_connection.py::test_resolve_error_host test_connection_async.py::test_resolve_error_host; do
+  deselect+=(--deselect "tests/$t")
+done
+
+# ---------------------------------------------------------------- python
+# (Done before entering the network namespace below: it needs PyPI.)
+if [ "${PSYCOPG_SUITE_NETNS:-}" != 1 ]; then
+  say "venv $venv"
+  stamp=$venv/.psycopg-suite-stamp
+  want_stamp=$(cat "$checkout/psycopg/pyproject.toml" "$checkout/psycopg_pool/pyproject.toml" | sha256sum | cut -d' ' -f1)
+  if ! [ -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
+    say "installing psycopg[test], psycopg_pool and pytest-timeout from $checkout"
+    if [ -e "$venv" ] && ! [ -f "$venv/pyvenv.cfg" ]; then
+      die "$venv exists and is not a venv; not replacing it"
+    fi
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+      "$checkout/psycopg[test]" "$checkout/psycopg_pool" pytest-timeout
+    echo "$want_stamp" >"$stamp"
+  else
+    # The dependencies are there; the checkout's code may have changed.
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall \
+      "$checkout/psycopg" "$checkout/psycopg_pool"
+  fi
+fi
+export PSYCOPG_IMPL=python
+if ! (cd / && "$venv/bin/python" -c 'import psycopg' 2>/dev/null); then
+  if [ "$(id -u)" = 0 ]; then
+    say "psycopg cannot load libpq: apt-get install libpq5"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpq5 >/dev/null ||
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpq5 >/dev/null; }
+  fi
+  (cd / && "$venv/bin/python" -c 'import psycopg') || die "psycopg (PSYCOPG_IMPL=python) cannot be imported: is libpq5 installed?"
+fi
+psy_version=$(cd / && "$venv/bin/python" -c 'import psycopg, psycopg_pool; from psycopg import pq; print(f"psycopg {psycopg.__version__}, psycopg_pool {psycopg_pool.__version__}, impl {pq.__impl__}, libpq {pq.version()}")')
+say "$psy_version"
+
+# ---------------------------------------------------------------- network
+# Everything from here on runs in a network namespace of its own with only
+# loopback up, so that no test can reach past this machine (a few psycopg
+# tests connect to documentation addresses or resolve names on purpose;
+# there they fail at once, directly and through pgwarden alike).
+# PSYCOPG_SUITE_NETNS=0 skips this.
+if [ -z "${PSYCOPG_SUITE_NETNS:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null && command -v ip >/dev/null &&
+    unshare --net true 2>/dev/null; then
+    say "entering a network namespace with loopback only"
+    export PSYCOPG_SUITE_NETNS=1
+    exec unshare --net -- bash -c 'ip link set lo up && exec "$@"' bash "$0" "$@"
+  fi
+  say "warning: no loopback-only network namespace (needs root, unshare and ip):"
+  say "  only the known tests that reach out are deselected"
+  PSYCOPG_SUITE_NETNS=0
+fi
 
 # ---------------------------------------------------------------- cleanup
 work=$(mktemp -d /tmp/psycopg-suite.XXXXXX)
@@ -166,38 +233,6 @@ trap 'exit 143' TERM
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
-
-# ---------------------------------------------------------------- python
-say "venv $venv"
-stamp=$venv/.psycopg-suite-stamp
-want_stamp=$(cat "$checkout/psycopg/pyproject.toml" "$checkout/psycopg_pool/pyproject.toml" | sha256sum | cut -d' ' -f1)
-if ! [ -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stamp" ]; then
-  say "installing psycopg[test], psycopg_pool and pytest-timeout from $checkout"
-  if [ -e "$venv" ] && ! [ -f "$venv/pyvenv.cfg" ]; then
-    die "$venv exists and is not a venv; not replacing it"
-  fi
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-    "$checkout/psycopg[test]" "$checkout/psycopg_pool" pytest-timeout
-  echo "$want_stamp" >"$stamp"
-else
-  # The dependencies are there; the checkout's code may have changed.
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall \
-    "$checkout/psycopg" "$checkout/psycopg_pool"
-fi
-export PSYCOPG_IMPL=python
-if ! (cd / && "$venv/bin/python" -c 'import psycopg' 2>/dev/null); then
-  if [ "$(id -u)" = 0 ]; then
-    say "psycopg cannot load libpq: apt-get install libpq5"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpq5 >/dev/null ||
-      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpq5 >/dev/null; }
-  fi
-  (cd / && "$venv/bin/python" -c 'import psycopg') || die "psycopg (PSYCOPG_IMPL=python) cannot be imported: is libpq5 installed?"
-fi
-psy_version=$(cd / && "$venv/bin/python" -c 'import psycopg, psycopg_pool; from psycopg import pq; print(f"psycopg {psycopg.__version__}, psycopg_pool {psycopg_pool.__version__}, impl {pq.__impl__}, libpq {pq.version()}")')
-say "$psy_version"
 
 # ---------------------------------------------------------------- postgres
 if [ "$(id -u)" = 0 ]; then chown postgres:postgres "$work"; fi
@@ -317,7 +352,7 @@ run_pytest() { # run_pytest RUN SUITE PORT DB PATHS...
     "$venv/bin/python" -m pytest -p no:randomly -o cache_dir="$work/pytest-cache-$name" \
     -o junit_family=xunit1 --junitxml="$out/$name.xml" \
     --timeout="$timeout" -m "$markers" -q -rfE --tb=short --no-header \
-    --test-dsn "$dsn" ${PSYCOPG_SUITE_PYTEST_ARGS:-} "$@") >"$out/$name.log" 2>&1 &
+    "${deselect[@]}" --test-dsn "$dsn" ${PSYCOPG_SUITE_PYTEST_ARGS:-} "$@") >"$out/$name.log" 2>&1 &
   test_pid=$!
   wait "$test_pid"
   rc=$?
@@ -353,6 +388,9 @@ if [ "${PSYCOPG_SUITE_HOLD:-0}" = 1 ]; then
   echo "transaction: host=127.0.0.1 port=${port_of[transaction]} user=psy password=psy-pw dbname=psy_tx"
   echo "session:     host=127.0.0.1 port=${port_of[session]} user=psy password=psy-pw dbname=psy_session"
   echo "superuser:   host=127.0.0.1 port=$pg_port user=postgres dbname=postgres"
+  if [ "$PSYCOPG_SUITE_NETNS" = 1 ]; then
+    say "these listen in this script's network namespace: nsenter --net=/proc/$$/ns/net COMMAND"
+  fi
   sleep infinity &
   hold_pid=$!
   wait "$hold_pid" || true

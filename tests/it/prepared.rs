@@ -306,3 +306,44 @@ async fn the_unnamed_statement_lasts_until_the_next_one() {
     let (tags, code, _) = a.until_ready().await;
     assert_eq!((tags, code), (b"tTZ".to_vec(), None), "Describe works too");
 }
+
+/// Once a statement is found stale on one connection, a `Parse` of it gets
+/// a fresh plan on every connection, not only there: the next client on
+/// another connection does not hit the same error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_statement_is_invalidated_on_every_connection() {
+    let table = format!("stale_{}", rand::random::<u32>());
+    let pg = crate::support::cluster();
+    pg.psql(
+        "app",
+        &format!("CREATE TABLE {table} (x int); INSERT INTO {table} VALUES (1); GRANT SELECT ON {table} TO analyst, engineer"),
+    );
+    let gw = start_gateway(Opts {
+        pool_size: 2,
+        ..Opts::default()
+    })
+    .await;
+    let sql = format!("SELECT * FROM {table}");
+    let alice = gw.connect("alice").await;
+    let bob = gw.connect("bob").await;
+    // Both connections hold the shared statement.
+    alice.batch_execute("BEGIN").await.unwrap();
+    let st_a = alice.prepare(&sql).await.unwrap();
+    alice.query(&st_a, &[]).await.unwrap();
+    let st_b = bob.prepare(&sql).await.unwrap();
+    bob.query(&st_b, &[]).await.unwrap();
+    alice.batch_execute("COMMIT").await.unwrap();
+    pg.psql("app", &format!("ALTER TABLE {table} ADD COLUMN y int"));
+    // Bob finds it stale on one connection and keeps that one...
+    bob.batch_execute("BEGIN").await.unwrap();
+    let err = bob.query(&st_b, &[]).await.expect_err("stale");
+    assert_eq!(support::sqlstate(&err), "0A000");
+    // ...so alice gets the other, where the statement was never found
+    // stale: what she prepares now gets a fresh plan there too, as it would
+    // directly (before, it got the connection's stale statement: 0A000).
+    let fresh = alice.prepare(&sql).await.unwrap();
+    let rows = alice.query(&fresh, &[]).await.unwrap();
+    assert_eq!(rows[0].len(), 2);
+    bob.batch_execute("ROLLBACK").await.unwrap();
+    drop(st_a);
+}

@@ -135,6 +135,7 @@ impl QueryLoop<'_> {
             }
             if cache.stale {
                 server.statements.mark_uncertain();
+                statements::found_stale();
             }
         }
         if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {

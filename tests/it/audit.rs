@@ -79,7 +79,7 @@ async fn a_known_workload_is_exported_statement_by_statement() {
     c.batch_execute("COMMIT").await.unwrap();
     c.simple_query("SET ROLE other_role").await.unwrap_err();
     drop(c);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.until_clients(0).await;
     let _dir = gw.stop().await;
 
     let verify = pgwarden(&["audit", "verify", "--store", store.to_str().unwrap()]);
@@ -259,7 +259,7 @@ async fn a_statement_that_gets_no_server_connection_is_logged_with_its_error() {
         .expect_err("guard");
     assert_eq!(support::sqlstate(&err), "42501", "{err}");
     drop((alice, bob));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.until_clients(0).await;
     let _dir = gw.stop().await;
     let records = export(&store, &[]);
     let q = records
@@ -519,7 +519,7 @@ async fn a_batch_recorded_ahead_matches_the_same_batch_inside_a_transaction() {
         }
     }
     drop(c);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.until_clients(0).await;
     let _dir = gw.stop().await;
     let logged: Vec<(String, String, String)> = export(&store, &[])
         .iter()
@@ -556,7 +556,7 @@ async fn a_batch_the_gateway_refuses_is_not_recorded_ahead() {
         assert_eq!((code.as_deref(), status), (Some("26000"), b'I'));
     }
     drop(c);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.until_clients(0).await;
     let _dir = gw.stop().await;
     let queries: Vec<Value> = export(&store, &["--raw"])
         .into_iter()
@@ -594,7 +594,7 @@ async fn a_statements_duration_leaves_out_its_wait_for_a_connection() {
         waiting.await.unwrap();
     }
     drop((alice, bob));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.until_clients(0).await;
     let _dir = gw.stop().await;
     let records = export(&store, &[]);
     for sql in statements {

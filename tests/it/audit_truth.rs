@@ -30,6 +30,7 @@ async fn alice_as(
 /// Stops the gateway, so that its sessions' last records are written, and
 /// exports its store with these `audit export` arguments.
 async fn stop_and_export(gw: TestGateway, args: &[&str]) -> Vec<Value> {
+    gw.until_clients(0).await;
     let dir = gw.stop().await;
     export(&dir.path().join("audit"), args)
 }
@@ -94,7 +95,6 @@ async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
     c.send_raw(&batch).await;
     c.until_ready().await;
     drop(c);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let records = stop_and_export(gw, &[]).await;
     let query = |text: &str| query_record(&records, text).clone();
     for (sql, code) in cases
@@ -158,7 +158,6 @@ async fn binds_and_cursor_portals_are_recorded() {
     c.send_raw(&message(b'Q', &cstr("COMMIT"))).await;
     c.until_ready().await;
     drop(c);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let records = stop_and_export(gw, &[]).await;
     let find = |text: &str| query_record(&records, text);
     let bind = find("SELECT pg_catalog.abs(-7)");
@@ -207,7 +206,7 @@ async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
         .unwrap();
     let pid = support::one(&alice, "SELECT pg_backend_pid()::text").await;
     drop(alice);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    gw.until_clients(0).await;
     let bob = gw.connect("bob").await;
     assert_eq!(
         support::one(&bob, "SELECT pg_backend_pid()::text").await,
@@ -232,7 +231,8 @@ async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
     c.send_raw(&message(b'Q', &cstr(&insert))).await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     drop(c);
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The session ends once the gateway has the INSERT's outcome.
+    gw.until_clients(0).await;
     assert_eq!(
         pg.psql(
             "app",
@@ -349,7 +349,7 @@ async fn an_unsynced_batch_never_commits() {
             assert_eq!(tag, b'E');
             assert_eq!(crate::raw::error_code(&body), "25P03");
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        gw.until_clients(0).await;
         assert_eq!(
             pg.psql(
                 "app",
@@ -381,7 +381,6 @@ async fn a_cancel_by_the_gateway_is_recorded_as_such() {
         .expect_err("cancelled");
     assert_eq!(support::sqlstate(&err), "57014");
     drop(c);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let records = stop_and_export(gw, &[]).await;
     let r = query_record(&records, "SELECT pg_sleep(5)");
     assert_eq!(s(r, "sqlstate"), "57014");
@@ -409,7 +408,6 @@ async fn records_carry_the_time_of_their_event() {
         c.simple_query("SELECT 1").await.unwrap();
     }
     drop(c);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let raw = stop_and_export(gw, &["--raw"]).await;
     let ts = |r: &Value| pgwarden::audit::record::parse_ts(&s(r, "ts")).unwrap();
     let query = raw
@@ -447,7 +445,6 @@ async fn records_follow_the_clients_application_name() {
         .unwrap();
     c.simple_query("SELECT 'after'").await.unwrap();
     drop(c);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let records = stop_and_export(gw, &[]).await;
     assert_eq!(
         s(
@@ -510,7 +507,7 @@ async fn each_statement_says_whether_its_transaction_committed() {
     gone.batch_execute("BEGIN").await.unwrap();
     gone.batch_execute(&insert(700309)).await.unwrap();
     drop(gone);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    gw.until_clients(1).await;
     let committed: Vec<u32> = alice
         .query(
             "SELECT id FROM items WHERE id BETWEEN 700301 AND 700309 ORDER BY id",
@@ -523,7 +520,6 @@ async fn each_statement_says_whether_its_transaction_committed() {
         .collect();
     assert_eq!(committed, [700302, 700303, 700305, 700308]);
     drop(alice);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let records = stop_and_export(gw, &[]).await;
     // Reconciliation: an INSERT's record says committed exactly when its
     // row is in the table.
@@ -587,7 +583,6 @@ async fn each_statement_of_a_multi_statement_query_has_its_own_record() {
         .get(0);
     assert_eq!(present, 1, "only 700501 was committed");
     drop(alice);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let records = stop_and_export(gw, &[]).await;
     let line = |sql: &str| {
         let r = query_record(&records, sql);
@@ -661,7 +656,6 @@ async fn row_limited_executes_record_the_rows_each_sent() {
     assert_eq!(code, None);
     assert_eq!(tags.iter().filter(|t| **t == b'D').count(), 10, "{tags:?}");
     drop(c);
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let records = stop_and_export(gw, &[]).await;
     let executes: Vec<(Option<u64>, String)> = records
         .iter()
@@ -698,7 +692,6 @@ async fn statements_of_non_utf8_clients_are_recorded_exactly() {
         .await;
     assert_eq!(sjis.until_ready().await.1, None);
     drop((latin1, sjis));
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let records = stop_and_export(gw, &[]).await;
     query_record(&records, "SELECT 'café' AS latin1_text");
     query_record(
@@ -773,7 +766,6 @@ async fn the_export_reconciles_with_the_database() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     drop(bob);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let records = stop_and_export(gw, &[]).await;
     // The id each INSERT record writes: in its text, or its first parameter.
     let inserted = |r: &Value| -> Option<i32> {

@@ -92,9 +92,32 @@ pub struct TestGateway {
     pub shared: std::sync::Arc<pgwarden::session::Shared>,
 }
 
+/// Polls `cond` every 10 ms until it holds, instead of sleeping for a
+/// guessed time; panics with `what` after 10 s.
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 impl TestGateway {
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Waits until `n` clients are logged in: the gateway noticed the
+    /// others leave and finished their sessions (rollbacks included).
+    pub async fn until_clients(&self, n: u64) {
+        let clients = &self.shared.metrics.clients;
+        eventually(&format!("{n} clients remain"), || {
+            clients.load(std::sync::atomic::Ordering::Relaxed) == n
+        })
+        .await;
     }
 
     /// A libpq-style connection string for `user` through the gateway.

@@ -65,22 +65,22 @@ pub struct ServerConn {
     pub statements: super::statements::StatementCache,
     /// The (role, client user) the last successful identity assertion set,
     /// `None` when unknown (new, reset, or the assertion failed).
-    pub identity: Option<(std::sync::Arc<str>, std::sync::Arc<str>)>,
+    identity: Option<(std::sync::Arc<str>, std::sync::Arc<str>)>,
     /// The client settings the last assertion applied.
-    pub applied: Option<std::sync::Arc<Vec<(String, String)>>>,
+    applied: Option<std::sync::Arc<Vec<(String, String)>>>,
     /// The session that may have left state here (settings, temp objects,
     /// cursors...); another session gets the connection only after a reset.
-    pub dirty_by: Option<std::sync::Arc<str>>,
+    dirty_by: Option<std::sync::Arc<str>>,
     /// Code pgwarden cannot see into ran here since the last identity
     /// assertion made while no transaction was open (see
     /// `session::opaque`): the identity must be asserted afresh before the
     /// next transaction, and another session gets the connection only after
     /// a reset. Cleared only by such an assertion.
-    pub opaque: bool,
+    opaque: bool,
     /// The session that may have left sequence state here (`currval`,
     /// `lastval`, set by `nextval` in a column default or trigger): another
     /// session gets `DISCARD SEQUENCES` first.
-    pub sequences_by: Option<std::sync::Arc<str>>,
+    sequences_by: Option<std::sync::Arc<str>>,
     broken: bool,
 }
 
@@ -197,6 +197,91 @@ impl ServerConn {
                 _ => {}
             }
         }
+    }
+
+    /// Whether the last assertion here set this identity and these
+    /// settings, and nothing opaque ran since.
+    pub fn carries(&self, role: &str, client_user: &str, settings: &[(String, String)]) -> bool {
+        let identity = self
+            .identity
+            .as_ref()
+            .is_some_and(|(r, u)| **r == *role && **u == *client_user);
+        let applied = self.applied.as_ref().is_some_and(|a| **a == *settings);
+        identity && applied && !self.opaque
+    }
+
+    /// Whether code pgwarden cannot see into ran here since the last
+    /// assertion made between transactions.
+    pub fn is_opaque(&self) -> bool {
+        self.opaque
+    }
+
+    /// An assertion is about to run: until it succeeds, the connection
+    /// carries no known identity or settings.
+    pub fn forget_identity(&mut self) {
+        self.identity = None;
+        self.applied = None;
+    }
+
+    /// An assertion made between transactions succeeded: the connection
+    /// carries this identity and these settings, and nothing opaque.
+    pub fn asserted(
+        &mut self,
+        identity: (std::sync::Arc<str>, std::sync::Arc<str>),
+        settings: std::sync::Arc<Vec<(String, String)>>,
+    ) {
+        self.identity = Some(identity);
+        self.applied = Some(settings);
+        self.opaque = false;
+    }
+
+    /// `session` changed settings here, which now are `settings` (the
+    /// server reported one, or the gateway read them back).
+    pub fn settings_changed(
+        &mut self,
+        session: &std::sync::Arc<str>,
+        settings: std::sync::Arc<Vec<(String, String)>>,
+    ) {
+        self.mark_dirty(session);
+        self.applied = Some(settings);
+    }
+
+    /// `session` may have left state here: another session gets the
+    /// connection only after a reset.
+    pub fn mark_dirty(&mut self, session: &std::sync::Arc<str>) {
+        self.dirty_by.get_or_insert_with(|| session.clone());
+    }
+
+    /// Whether a session other than `session` may have left state here.
+    pub fn dirty_for(&self, session: &str) -> bool {
+        self.dirty_by
+            .as_ref()
+            .is_some_and(|owner| **owner != *session)
+    }
+
+    /// Whether the settings the last assertion applied include one that
+    /// `settings` would not overwrite (it must not reach their owner).
+    pub fn leaves_settings_behind(&self, settings: &[(String, String)]) -> bool {
+        self.applied.as_ref().is_some_and(|applied| {
+            applied.iter().any(|(name, _)| {
+                !settings
+                    .iter()
+                    .any(|(mine, _)| mine.eq_ignore_ascii_case(name))
+            })
+        })
+    }
+
+    /// Whether a session other than `session` may have left sequence state
+    /// here; forgets it (the caller sends `DISCARD SEQUENCES`).
+    pub fn take_others_sequences(&mut self, session: &str) -> bool {
+        let others = self
+            .sequences_by
+            .as_ref()
+            .is_some_and(|owner| **owner != *session);
+        if others {
+            self.sequences_by = None;
+        }
+        others
     }
 
     /// Records that `session` ran code pgwarden cannot see into here (a DO

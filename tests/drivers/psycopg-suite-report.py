@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Summarises the JUnit XML files of tests/drivers/psycopg-suite.sh.
 
-Usage: psycopg-suite-report.py RESULTS_DIR
+Usage: psycopg-suite-report.py RESULTS_DIR [PSYCOPG_CHECKOUT]
 
 Reads RESULTS_DIR/{direct,tx,session}-{main,pool}.xml (written with
 ``-o junit_family=xunit1`` so each test case names its file) and the
 matching ``.seconds`` files, and prints Markdown: a table of outcomes per
 run, then for each pgwarden mode the tests that pass directly but fail or
-error through pgwarden, grouped by their one-line error.
+error through pgwarden, grouped by cause: a known cause when the failure
+text or the test's source (read from PSYCOPG_CHECKOUT, if given) shows one
+(the rules in CAUSES below: a heuristic, check the test), else the
+one-line error with its numbers blanked.
 
 A test counts once, with its worst outcome: failed (a <failure>, also when
 its teardown errored too), else error (an <error> only: setup or teardown),
@@ -50,11 +53,11 @@ def one_line(text: str | None) -> str:
     return line if len(line) <= 220 else line[:217] + "..."
 
 
-def load(path: str) -> dict[str, tuple[str, str]]:
-    """node id -> (outcome, one-line message)."""
-    results: dict[str, tuple[str, str]] = {}
+def load(path: str) -> dict[str, tuple[str, str, str]]:
+    """node id -> (outcome, one-line message, full failure text)."""
+    results: dict[str, tuple[str, str, str]] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        outcome, message = "passed", ""
+        outcome, message, text = "passed", "", ""
         for child in case:
             if child.tag == "failure":
                 o = "failed"
@@ -67,11 +70,92 @@ def load(path: str) -> dict[str, tuple[str, str]]:
             m = one_line(child.get("message") or child.text)
             if RANK[o] > RANK[outcome]:
                 outcome, message = o, m
+                text = (child.get("message") or "") + "\n" + (child.text or "")
         nid = node_id(case)
         old = results.get(nid)
         if old is None or RANK[outcome] > RANK[old[0]]:
-            results[nid] = (outcome, message)
+            results[nid] = (outcome, message, text)
     return results
+
+
+# (label, where to look: "text" = failure text, "src" = the test's source,
+# regex). First match wins.
+CAUSES = [
+    (
+        "collateral: a connection leaked by an earlier failing test was garbage-collected here",
+        "text",
+        r"was deleted while still open",
+    ),
+    ("the statement guard refuses dynamic SQL (identity.allow_dynamic_sql = false)", "text", r"dynamic SQL"),
+    ("the statement guard refuses RESET ALL", "text", r"RESET ALL is not allowed"),
+    (
+        "pg_terminate_backend: conn.info.backend_pid is pgwarden's BackendKeyData pid, and the server "
+        "backend belongs to the service user",
+        "src",
+        r"pg_terminate_backend",
+    ),
+    (
+        "a notification's pid is the server backend's, not the client's BackendKeyData pid",
+        "src",
+        r"(\.pid|be_pid) == (.*backend_pid|npid)",
+    ),
+    ("a NOTIFY was not delivered", "src", r"notifies\("),
+    (
+        "a COPY TO the client abandoned ended without error: the cancel came after the COPY finished",
+        "text",
+        r"INTRANS.*== .*INERROR",
+    ),
+    (
+        "pg_prepared_statements shows the server connection's shared statements, not the client's",
+        "src",
+        r"prepared_statements",
+    ),
+    (
+        "the unnamed prepared statement does not outlive its transaction (26000)",
+        "text",
+        r"unnamed prepared statement does not exist",
+    ),
+    (
+        "the unnamed prepared statement does not outlive its transaction (26000)",
+        "src",
+        r'(prepare|send_prepare)\(b""',
+    ),
+    ("application_name as the server shows it carries the client name", "src", r"application_name"),
+    ("timing-based test (marked timing)", "src", r"@pytest\.mark\.timing"),
+]
+
+
+def test_source(checkout: str | None, nid: str) -> str:
+    """The test function's source, decorators included, or ''."""
+    if not checkout:
+        return ""
+    parts = nid.split("::")
+    path, name = os.path.join(checkout, parts[0]), parts[-1].split("[")[0]
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return ""
+    for i, line in enumerate(lines):
+        if re.match(rf"\s*(async\s+)?def {re.escape(name)}\(", line):
+            start = i
+            # Decorators and their arguments: the lines just above, up to a
+            # blank one.
+            while start > 0 and lines[start - 1].strip():
+                start -= 1
+            end = i + 1
+            while end < len(lines) and (not lines[end].strip() or lines[end][:1].isspace()):
+                end += 1
+            return "\n".join(lines[start:end])
+    return ""
+
+
+def classify(checkout: str | None, nid: str, message: str, text: str) -> str:
+    src = test_source(checkout, nid)
+    for label, where, pattern in CAUSES:
+        if re.search(pattern, text if where == "text" else src):
+            return label
+    return cause(message)
 
 
 def cause(message: str) -> str:
@@ -91,10 +175,11 @@ def fmt_seconds(s: str | None) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2
     out = sys.argv[1]
+    checkout = sys.argv[2] if len(sys.argv) == 3 else None
     versions = os.path.join(out, "versions.txt")
     if os.path.exists(versions):
         with open(versions) as f:
@@ -102,7 +187,7 @@ def main() -> int:
             print()
 
     for suite, title in SUITES:
-        data: dict[str, dict[str, tuple[str, str]]] = {}
+        data: dict[str, dict[str, tuple[str, str, str]]] = {}
         seconds: dict[str, str] = {}
         for run, _ in RUNS:
             xml = os.path.join(out, f"{run}-{suite}.xml")
@@ -126,7 +211,7 @@ def main() -> int:
             if run not in data:
                 continue
             counts = {o: 0 for o in OUTCOMES}
-            for outcome, _ in data[run].values():
+            for outcome, _, _ in data[run].values():
                 counts[outcome] += 1
             cells = " | ".join(str(counts[o]) for o in OUTCOMES)
             print(f"| {label} | {cells} | {len(data[run])} | {fmt_seconds(seconds.get(run))} |")
@@ -142,24 +227,24 @@ def main() -> int:
             got = data[run]
             regressions = {
                 t: got[t]
-                for t, (o, _) in direct.items()
+                for t, (o, _, _) in direct.items()
                 if o == "passed" and t in got and got[t][0] in ("failed", "error")
             }
             newly_skipped = sorted(
-                t for t, (o, _) in direct.items() if o == "passed" and got.get(t, ("",))[0] == "skipped"
+                t for t, (o, _, _) in direct.items() if o == "passed" and got.get(t, ("",))[0] == "skipped"
             )
             missing = sorted(t for t in direct if t not in got)
             fixed = sorted(
-                t for t, (o, _) in direct.items() if o in ("failed", "error") and got.get(t, ("",))[0] == "passed"
+                t for t, (o, _, _) in direct.items() if o in ("failed", "error") and got.get(t, ("",))[0] == "passed"
             )
             print(f"### {title}: pass directly, fail or error through {label} ({len(regressions)})\n")
             groups: dict[str, list[str]] = defaultdict(list)
-            for t, (_, msg) in regressions.items():
-                groups[cause(msg)].append(t)
+            for t, (_, msg, text) in regressions.items():
+                groups[classify(checkout, t, msg, text)].append(t)
             for c, ts in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-                print(f"- **{len(ts)}×** `{c}`")
+                print(f"- **{len(ts)}×** {c}")
                 for t in sorted(ts):
-                    o, msg = regressions[t]
+                    o, msg, _ = regressions[t]
                     print(f"  - {t} ({o}): {msg}")
             if not regressions:
                 print("(none)")

@@ -3,15 +3,17 @@
 # against PostgreSQL 15, through pgwarden in transaction mode, and through
 # pgwarden in session mode; then prints a table of outcomes per run and, for
 # each pgwarden mode, the tests that pass directly but fail or error through
-# pgwarden, with their one-line errors grouped by message.
+# pgwarden, with their one-line errors, grouped by likely cause
+# (psycopg-suite-report.py, next to this script, writes that report).
 #
 # Usage:
 #   cargo build --release                      # this script never builds pgwarden
 #   tests/drivers/psycopg-suite.sh PSYCOPG_CHECKOUT [PGWARDEN_BIN]
 #
-#   PSYCOPG_CHECKOUT  a psycopg source tree (the repository's root: it holds
-#                     psycopg/, psycopg_pool/ and tests/), e.g.
-#                     git clone https://github.com/psycopg/psycopg && git -C psycopg checkout 3.3.4
+#   PSYCOPG_CHECKOUT  a psycopg source tree: the root of the psycopg/psycopg
+#                     repository at a release tag (e.g. 3.3.4), holding
+#                     psycopg/, psycopg_pool/ and tests/ (the wheels on
+#                     PyPI have no tests)
 #   PGWARDEN_BIN      default target/release/pgwarden
 #
 # Everything it needs it starts itself, and removes on exit (trap), in a
@@ -182,7 +184,7 @@ if [ -z "${PSYCOPG_SUITE_NETNS:-}" ]; then
     unshare --net true 2>/dev/null; then
     say "entering a network namespace with loopback only"
     export PSYCOPG_SUITE_NETNS=1
-    exec unshare --net -- bash -c 'ip link set lo up && exec "$@"' bash "$0" "$@"
+    exec unshare --net -- bash -c 'ip link set lo up && exec bash "$@"' bash "$0" "$@"
   fi
   say "warning: no loopback-only network namespace (needs root, unshare and ip):"
   say "  only the known tests that reach out are deselected"
@@ -377,7 +379,7 @@ for r in $runs; do
 done
 
 if [ -n "$runs" ]; then
-  "$venv/bin/python" "$here/psycopg-suite-report.py" "$out" | tee "$out/report.md"
+  "$venv/bin/python" "$here/psycopg-suite-report.py" "$out" "$checkout" | tee "$out/report.md"
 fi
 
 if [ "${PSYCOPG_SUITE_HOLD:-0}" = 1 ]; then

@@ -66,9 +66,7 @@ impl QueryLoop<'_> {
             self.kept_pending.push(name.clone());
         }
         if let Some(server) = self.server.as_mut() {
-            server
-                .dirty_by
-                .get_or_insert_with(|| self.ident.session_id.clone());
+            server.mark_dirty(&self.ident.session_id);
         }
         Ok(())
     }
@@ -91,7 +89,7 @@ impl QueryLoop<'_> {
                 for (name, value) in values {
                     kept::keep(settings, name, value);
                 }
-                server.applied = Some(self.settings.clone());
+                server.settings_changed(&self.ident.session_id, self.settings.clone());
             }
             Err(e) => {
                 tracing::warn!("could not read back the session's settings: {e}");
@@ -114,15 +112,9 @@ impl QueryLoop<'_> {
         }
         match crate::session::state::effect(sql) {
             Effect::None => {}
-            Effect::Settings => {
-                server
-                    .dirty_by
-                    .get_or_insert_with(|| self.ident.session_id.clone());
-            }
+            Effect::Settings => server.mark_dirty(&self.ident.session_id),
             Effect::Pin => {
-                server
-                    .dirty_by
-                    .get_or_insert_with(|| self.ident.session_id.clone());
+                server.mark_dirty(&self.ident.session_id);
                 if !self.pinned && self.mode == PoolMode::Transaction {
                     tracing::info!("client pinned to its server connection until it disconnects");
                 }
@@ -178,7 +170,7 @@ impl QueryLoop<'_> {
             // Kept across transactions (pinned, or session pooling): a new
             // transaction after opaque code gets a fresh assertion.
             let between = self.tx_status == b'I' && self.tracker.is_empty() && !self.unsynced;
-            let result = if conn.opaque && between {
+            let result = if conn.is_opaque() && between {
                 self.reassert(&mut conn, None).await
             } else {
                 Ok(())
@@ -203,35 +195,26 @@ impl QueryLoop<'_> {
                 return Err(e);
             }
         };
-        let other_session = conn
-            .dirty_by
-            .as_ref()
-            .is_some_and(|owner| *owner != self.ident.session_id);
         // Clears what another session may have left (settings, cursors,
         // LISTENs, advisory locks, temp objects, sequence state, SQL-level
-        // prepared statements, and with them the shared statements); sent
-        // in the same write as the assertion that follows it.
-        let reset = other_session || self.leaves_settings_behind(&conn);
+        // prepared statements, and with them the shared statements), or a
+        // setting the last client brought that this one's assertion would
+        // not overwrite (`client_encoding`, `work_mem`... must not reach a
+        // client who did not ask for them); sent in the same write as the
+        // assertion that follows it.
+        let reset =
+            conn.dirty_for(&self.ident.session_id) || conn.leaves_settings_behind(&self.settings);
         if reset {
             crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
             conn.forget_state();
         }
-        if conn
-            .sequences_by
-            .as_ref()
-            .is_some_and(|owner| *owner != self.ident.session_id)
-        {
-            conn.sequences_by = None;
+        if conn.take_others_sequences(&self.ident.session_id) {
             // Sent ahead of the client's first message, in the same write;
             // its answers are the gateway's.
             messages::query(&mut self.to_server, "DISCARD SEQUENCES");
             self.tracker.injected();
         }
-        let carries_identity = conn.identity.as_ref().is_some_and(|(role, user)| {
-            *role == self.ident.role && *user == self.ident.client_user
-        });
-        let carries_settings = conn.applied.as_ref().is_some_and(|a| **a == *self.settings);
-        if reset || !carries_identity || !carries_settings || conn.opaque {
+        if reset || !conn.carries(&self.ident.role, &self.ident.client_user, &self.settings) {
             let first = reset.then_some(crate::session::state::RESET_SQL);
             if let Err(e) = self.reassert(&mut conn, first).await {
                 pool::discard(conn);
@@ -249,21 +232,6 @@ impl QueryLoop<'_> {
         Ok(())
     }
 
-    /// Whether the connection carries a setting the last client brought
-    /// (startup parameters, `options`) that this client's assertion would
-    /// not overwrite: `client_encoding`, `DateStyle`, `work_mem`... must not
-    /// reach a client who did not ask for them.
-    fn leaves_settings_behind(&self, conn: &PooledConn) -> bool {
-        conn.applied.as_ref().is_some_and(|applied| {
-            applied.iter().any(|(name, _)| {
-                !self
-                    .settings
-                    .iter()
-                    .any(|(mine, _)| mine.eq_ignore_ascii_case(name))
-            })
-        })
-    }
-
     /// Asserts this client's identity and settings on `conn` (one round
     /// trip, nothing else in flight). Made between transactions, it also
     /// clears the connection's opaque mark.
@@ -273,8 +241,7 @@ impl QueryLoop<'_> {
         reset: Option<&str>,
     ) -> Result<(), PgError> {
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_assertions);
-        conn.identity = None;
-        conn.applied = None;
+        conn.forget_identity();
         let assertion = Assertion {
             settings: &self.settings,
             ..self.assertion()
@@ -283,9 +250,10 @@ impl QueryLoop<'_> {
             tracing::warn!("identity assertion failed: {e}");
             return Err(e);
         }
-        conn.identity = Some((self.ident.role.clone(), self.ident.client_user.clone()));
-        conn.applied = Some(self.settings.clone());
-        conn.opaque = false;
+        conn.asserted(
+            (self.ident.role.clone(), self.ident.client_user.clone()),
+            self.settings.clone(),
+        );
         Ok(())
     }
 
@@ -310,10 +278,7 @@ impl QueryLoop<'_> {
             self.application_name = Some(Arc::from(&*value));
         }
         if let Some(server) = self.server.as_mut() {
-            server
-                .dirty_by
-                .get_or_insert_with(|| self.ident.session_id.clone());
-            server.applied = Some(self.settings.clone());
+            server.settings_changed(&self.ident.session_id, self.settings.clone());
         }
     }
 

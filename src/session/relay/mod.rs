@@ -441,7 +441,7 @@ impl<'a> QueryLoop<'a> {
             b'P' | b'B' | b'D' | b'C' | b'E' | b'S' => !self.unsynced,
             _ => false,
         };
-        server.opaque && starts_request && !self.copy_in && !self.tracker.is_empty()
+        server.is_opaque() && starts_request && !self.copy_in && !self.tracker.is_empty()
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {

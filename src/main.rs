@@ -109,6 +109,7 @@ fn init_logging(log: &pgwarden::config::LogConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match log.format {
         pgwarden::config::LogFormat::Json => builder.json().init(),

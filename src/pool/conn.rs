@@ -81,6 +81,8 @@ pub struct ServerConn {
     /// `lastval`, set by `nextval` in a column default or trigger): another
     /// session gets `DISCARD SEQUENCES` first.
     sequences_by: Option<std::sync::Arc<str>>,
+    /// Notifications met by the gateway's own exchanges, not yet relayed.
+    notifications: Vec<BytesMut>,
     broken: bool,
 }
 
@@ -144,6 +146,7 @@ impl ServerConn {
             dirty_by: None,
             opaque: false,
             sequences_by: None,
+            notifications: Vec::new(),
             broken: false,
         })
     }
@@ -159,14 +162,24 @@ impl ServerConn {
         Ok(n)
     }
 
-    /// Reads one whole frame.
+    /// Reads one whole frame, for the gateway's own exchanges (assertion,
+    /// verification, reads back): a `NotificationResponse` met on the way
+    /// belongs to the client, and is kept for it ([`Self::take_notifications`]).
     pub async fn read_frame(&mut self) -> Result<BytesMut, BackendError> {
         loop {
-            if let Some(frame) = split_frame(&mut self.rbuf, MAX_BACKEND_FRAME)? {
-                return Ok(frame);
+            match split_frame(&mut self.rbuf, MAX_BACKEND_FRAME)? {
+                Some(frame) if frame[0] == b'A' => self.notifications.push(frame),
+                Some(frame) => return Ok(frame),
+                None => {
+                    self.fill().await?;
+                }
             }
-            self.fill().await?;
         }
+    }
+
+    /// Notifications the gateway's own exchanges met, for the client.
+    pub fn take_notifications(&mut self) -> Vec<BytesMut> {
+        std::mem::take(&mut self.notifications)
     }
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
@@ -308,6 +321,7 @@ impl ServerConn {
     /// prepared statements, sequence state, and the identity it carried.
     pub fn forget_state(&mut self) {
         self.statements.clear();
+        self.notifications.clear();
         self.identity = None;
         self.applied = None;
         self.dirty_by = None;

@@ -121,7 +121,10 @@ impl CancelRegistry {
         });
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let pid = rand::random::<i32>() & 0x7fff_ffff;
+            // Above Linux's largest pid (2^22): `pg_terminate_backend` or
+            // `pg_cancel_backend` of the pid a client was given can never
+            // reach a real backend.
+            let pid = (rand::random::<i32>() & 0x7fff_ffff) | 0x0040_0000;
             let secret = rand::random::<i32>();
             if pid != 0 && !slots.contains_key(&(pid, secret)) {
                 slots.insert((pid, secret), slot.clone());

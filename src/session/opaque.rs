@@ -45,6 +45,9 @@ const COMMANDS: &[&[u8]] = &[
     b"close",
     b"set",
     b"reset",
+    b"listen",
+    b"unlisten",
+    b"notify",
 ];
 
 /// Reserved and column-name keywords (never a function name without
@@ -193,6 +196,17 @@ const FUNCTIONS: &[&[u8]] = &[
     b"octet_length",
     b"pg_advisory_xact_lock",
     b"pg_try_advisory_xact_lock",
+    b"pg_advisory_xact_lock_shared",
+    b"pg_try_advisory_xact_lock_shared",
+    b"pg_advisory_lock",
+    b"pg_advisory_lock_shared",
+    b"pg_try_advisory_lock",
+    b"pg_try_advisory_lock_shared",
+    b"pg_advisory_unlock",
+    b"pg_advisory_unlock_shared",
+    b"pg_advisory_unlock_all",
+    b"pg_notify",
+    b"pg_listening_channels",
     b"pg_backend_pid",
     b"version",
     b"current_database",

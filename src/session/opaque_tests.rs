@@ -27,6 +27,12 @@ fn plain_statements_are_transparent() {
         "SET search_path = tenant_1, public",
         "RESET work_mem",
         "SET LOCAL lock_timeout TO 1000",
+        "LISTEN jobs",
+        "NOTIFY jobs, 'payload'",
+        "UNLISTEN *",
+        "SELECT pg_notify('jobs', 'x')",
+        "SELECT pg_advisory_lock(42), pg_try_advisory_lock_shared(1, 2)",
+        "SELECT pg_advisory_unlock_all()",
     ] {
         assert!(transparent(sql.as_bytes()), "{sql}");
     }

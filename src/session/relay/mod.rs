@@ -516,6 +516,14 @@ impl<'a> QueryLoop<'a> {
     }
 
     async fn flush_client(&mut self) -> Result<(), End> {
+        // Between whole messages only (none is being streamed through).
+        if self.server_passthrough == 0 {
+            if let Some(server) = self.server.as_mut() {
+                for notification in server.take_notifications() {
+                    self.to_client.extend_from_slice(&notification);
+                }
+            }
+        }
         if self.to_client.is_empty() {
             return Ok(());
         }

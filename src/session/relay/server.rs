@@ -61,7 +61,12 @@ impl QueryLoop<'_> {
         }
         if self.mode == PoolMode::Transaction && !self.pinned && self.idle() {
             self.keep_session_settings().await;
+            // Notifications those exchanges met go out before the
+            // connection does.
+            self.flush_client().await?;
             self.release().await;
+        } else if self.idle() {
+            self.flush_client().await?;
         }
         if self.deferred && self.tracker.is_empty() {
             self.deferred = false;

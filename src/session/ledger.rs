@@ -43,7 +43,12 @@ impl Control {
     /// The control of `sql`'s last statement (savepoint names as the
     /// server folds them), or [`Control::Mixed`].
     pub fn of(sql: &[u8]) -> Control {
-        if crate::session::commits::Commits::of(sql).more_after {
+        // Only a text with a `;` before its end can hold two statements.
+        let end = sql
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace() && *b != b';');
+        let several = end.is_some_and(|end| sql[..end].contains(&b';'));
+        if several && crate::session::commits::Commits::of(sql).more_after {
             return Control::Mixed;
         }
         let names_savepoints = crate::session::state::any_word_start(sql, |pair, rest| {

@@ -70,6 +70,10 @@ impl Assertion<'_> {
         // Names come from the startup packet, already checked for NUL-free UTF-8.
         bound.unwrap_or_else(|_| unreachable!("text parameters always serialize"));
         frontend::execute("", 0, out).expect("unnamed portal");
+        // The assertion takes role and client name as parameters: it must
+        // not stay behind as the connection's unnamed statement, where a
+        // client's `Bind` of "" could run it with values of its own.
+        frontend::close(b'S', "", out).expect("unnamed statement");
         frontend::sync(out);
     }
 

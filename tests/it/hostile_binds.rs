@@ -254,3 +254,54 @@ async fn work_after_a_refusal_never_commits() {
     .await;
     assert_eq!(c.first_value_until_ready().await.as_deref(), Some("0"));
 }
+
+/// The identity assertion (an unnamed statement taking role and client
+/// name as parameters) once stayed behind as the connection's unnamed
+/// statement, and a client `Parse` of "" that the server skipped made the
+/// gateway believe the client's own was there: the client's `Bind` of ""
+/// then ran the assertion with values of its own (a red-team finding).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_assertion_never_stays_behind_as_the_unnamed_statement() {
+    let gw = start_gateway(Opts::default()).await;
+    let mut c = RawClient::login(gw.addr).await;
+    let run = |name: &str, sql: &str| {
+        let mut batch = parse(name, sql, &[]);
+        batch.extend(bind(name, &[]));
+        batch.extend(execute());
+        batch.extend(sync());
+        batch
+    };
+    c.send_raw(&run("", "SELECT 'harmless'")).await;
+    assert_eq!(c.until_ready().await.1, None);
+    // Opaque once: every later binding asserts the identity afresh.
+    assert_eq!(simple(&mut c, "SELECT pg_sleep(0)").await, None);
+    // Named statements only, so no simple query drops the unnamed one.
+    for (name, sql) in [("b", "BEGIN"), ("sp", "SAVEPOINT s")] {
+        c.send_raw(&run(name, sql)).await;
+        assert_eq!(c.until_ready().await.1, None);
+    }
+    let mut batch = bind("no_such_statement", &[]);
+    batch.extend(parse("", "SELECT 2", &[]));
+    batch.extend(sync());
+    c.send_raw(&batch).await;
+    assert_eq!(c.until_ready().await.1.as_deref(), Some("26000"));
+    c.send_raw(&run("rs", "ROLLBACK TO SAVEPOINT s")).await;
+    assert_eq!(c.until_ready().await.1, None);
+    let mut batch = bind(
+        "",
+        &[
+            Some(b"engineer"),
+            Some(b"app.client_user"),
+            Some(b"mallory"),
+        ],
+    );
+    batch.extend(execute());
+    batch.extend(sync());
+    c.send_raw(&batch).await;
+    // Refused by the server (there is no unnamed statement: the client's
+    // was dropped by its simple query, and the assertion closes its own).
+    let (_, code, status) = c.until_ready().await;
+    assert_eq!((code.as_deref(), status), (Some("26000"), b'E'));
+    simple(&mut c, "ROLLBACK").await;
+    assert_eq!(who(&mut c).await, ME);
+}

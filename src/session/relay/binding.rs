@@ -242,6 +242,9 @@ impl QueryLoop<'_> {
     ) -> Result<(), PgError> {
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_assertions);
         conn.forget_identity();
+        // The assertion replaces (and closes) the connection's unnamed
+        // statement: the client's own is parsed again before its next use.
+        self.unnamed_here = false;
         let assertion = Assertion {
             settings: &self.settings,
             ..self.assertion()

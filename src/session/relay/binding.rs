@@ -83,6 +83,8 @@ impl QueryLoop<'_> {
         let Some(server) = self.server.as_mut() else {
             return;
         };
+        // A simple query: it drops the connection's unnamed statement.
+        self.unnamed_here = false;
         match kept::read(server, &names).await {
             Ok(values) => {
                 let settings = Arc::make_mut(&mut self.settings);
@@ -296,6 +298,7 @@ impl QueryLoop<'_> {
         let literal = name.replace('\\', "\\\\").replace('\'', "''");
         let sql = format!("SELECT pg_catalog.set_config('application_name', E'{literal}', false)");
         messages::query(&mut self.to_server, &sql);
+        self.unnamed_here = false;
         self.tracker.injected();
     }
 
@@ -317,6 +320,7 @@ impl QueryLoop<'_> {
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
+        self.unnamed_here = false;
         let verdict = self.assertion().verify(&mut server).await;
         self.server = Some(server);
         match verdict {

@@ -53,6 +53,7 @@ impl QueryLoop<'_> {
         // A store failure does not stop the rollback.
         let pending = self.audit_note("ROLLBACK", &note).await.unwrap_or_default();
         messages::query(&mut self.to_server, "ROLLBACK");
+        self.unnamed_here = false;
         self.tracker.query(pending, None);
         if self.flush_server().await.is_ok() {
             self.wait_for_server(why).await;

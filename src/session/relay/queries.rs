@@ -13,6 +13,10 @@ use crate::session::commits::Commits;
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
         let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        // A simple query drops the unnamed statement, on the server as
+        // for the client (PostgreSQL defines it so).
+        self.statements.remove(&b""[..]);
+        self.unnamed_here = false;
         if let Err(v) = self.check_guard(sql, false) {
             let error = self.blocked(sql, &v.to_string()).await;
             return self.refuse(Flow::Simple, error).await;

@@ -70,6 +70,7 @@ impl QueryLoop<'_> {
         match (flow, self.server.is_some()) {
             (Flow::Simple, true) => {
                 messages::query(&mut self.to_server, REFUSED_SQL);
+                self.unnamed_here = false;
                 self.tracker.query(None, Some(error));
             }
             (Flow::Simple, false) => {
@@ -125,6 +126,7 @@ impl QueryLoop<'_> {
         }
         messages::query(&mut self.to_server, REFUSED_SQL);
         self.tracker.injected();
+        self.unnamed_here = false;
     }
 
     /// Records a guard refusal and builds the client's error.

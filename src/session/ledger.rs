@@ -81,13 +81,20 @@ impl Control {
         let name = |t: Option<&&Token>| -> Box<str> {
             let Some(t) = t else { return "".into() };
             let text = t.text(sql);
-            match t.kind {
+            let mut name = match t.kind {
                 Kind::QuotedIdent => {
                     String::from_utf8_lossy(&text[1..text.len() - 1]).replace("\"\"", "\"")
                 }
-                _ => String::from_utf8_lossy(text).to_lowercase(),
+                _ => String::from_utf8_lossy(&text[..text.len().min(256)]).to_lowercase(),
+            };
+            // PostgreSQL keeps 63 bytes of an identifier (NAMEDATALEN - 1):
+            // a name is never held longer than that.
+            let mut end = name.len().min(63);
+            while !name.is_char_boundary(end) {
+                end -= 1;
             }
-            .into()
+            name.truncate(end);
+            name.into()
         };
         if word(0, b"savepoint") {
             return Control::Savepoint(name(t.get(1)));

@@ -159,6 +159,11 @@ fn a_long_transaction_spills_its_oldest_results() {
 #[test]
 fn control_reads_the_last_statement() {
     assert_eq!(Control::of(b"SAVEPOINT a"), Control::Savepoint("a".into()));
+    let long = format!("SAVEPOINT {}", "x".repeat(1 << 20));
+    assert_eq!(
+        Control::of(long.as_bytes()),
+        Control::Savepoint("x".repeat(63).into())
+    );
     assert_eq!(
         Control::of(b"savepoint \"A b\";"),
         Control::Savepoint("A b".into())

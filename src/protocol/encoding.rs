@@ -63,7 +63,8 @@ fn single_byte_table(name: &str) -> Option<&'static encoding_rs::Encoding> {
         "WIN1258" => WINDOWS_1258,
         "WIN866" => IBM866,
         "KOI8R" => KOI8_R,
-        "KOI8U" => KOI8_U,
+        // KOI8-U: WHATWG's table differs from PostgreSQL's at 0xAE and 0xBE
+        // (kept as bytes).
         _ => return None,
     })
 }

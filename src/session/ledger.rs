@@ -18,7 +18,7 @@
 //!   without `tx`) or the outcome cannot be known (`unknown`).
 
 use crate::audit::{Event, TxOutcome};
-use crate::identity::lexer::{tokens, Kind, Token};
+use crate::identity::lexer::{tokens, Dialect, Kind, Lexer, Token};
 
 /// Results held for one transaction at most; beyond, the oldest are
 /// written without `tx` so that memory stays bounded.
@@ -37,6 +37,10 @@ pub enum Control {
     /// A text that ends its transaction and goes on (`COMMIT; SELECT 1`):
     /// its one record cannot say which of its statements persisted.
     Mixed,
+    /// Code that may end its transaction where the ledger cannot see
+    /// (`CALL` of a procedure, a `DO` block that commits or rolls back):
+    /// the transaction's outcome is unknown.
+    Unseen,
 }
 
 impl Control {
@@ -48,7 +52,13 @@ impl Control {
             .iter()
             .rposition(|b| !b.is_ascii_whitespace() && *b != b';');
         let several = end.is_some_and(|end| sql[..end].contains(&b';'));
-        if several && crate::session::commits::Commits::of(sql).more_after {
+        let commits = crate::session::commits::Commits::of(sql);
+        if commits.block_commits || starts_with_word(sql, b"call") {
+            return Control::Unseen;
+        }
+        // Several statements kept as one record: whether any of them ends
+        // or rewinds the transaction, the record cannot say for which.
+        if several && (commits.more_after || controls_transactions(sql)) {
             return Control::Mixed;
         }
         let names_savepoints = crate::session::state::any_word_start(sql, |pair, rest| {
@@ -85,7 +95,8 @@ impl Control {
                 Kind::QuotedIdent => {
                     String::from_utf8_lossy(&text[1..text.len() - 1]).replace("\"\"", "\"")
                 }
-                _ => String::from_utf8_lossy(&text[..text.len().min(256)]).to_lowercase(),
+                // PostgreSQL folds unquoted identifiers in ASCII only.
+                _ => String::from_utf8_lossy(&text[..text.len().min(256)]).to_ascii_lowercase(),
             };
             // PostgreSQL keeps 63 bytes of an identifier (NAMEDATALEN - 1):
             // a name is never held longer than that.
@@ -107,6 +118,29 @@ impl Control {
         }
         Control::Other
     }
+}
+
+fn starts_with_word(sql: &[u8], word: &[u8]) -> bool {
+    Lexer::new(sql, Dialect::DEFAULT)
+        .next()
+        .is_some_and(|t| t.is_word(sql, word))
+}
+
+/// Whether `sql` names a transaction-control word anywhere.
+fn controls_transactions(sql: &[u8]) -> bool {
+    tokens(sql).iter().any(|t| {
+        [
+            &b"rollback"[..],
+            b"abort",
+            b"savepoint",
+            b"release",
+            b"commit",
+            b"end",
+            b"prepare",
+        ]
+        .iter()
+        .any(|w| t.is_word(sql, w))
+    })
 }
 
 /// A transaction's results waiting for its outcome.
@@ -135,7 +169,7 @@ impl Ledger {
         let tag = result.command_tag.clone().unwrap_or_default();
         self.failed |= !ok;
         self.held.push(result);
-        if *control == Control::Mixed {
+        if matches!(control, Control::Mixed | Control::Unseen) {
             self.unknowable = true;
         }
         if !ok {

@@ -4,9 +4,9 @@
 //!
 //! Invariant: a split is returned only when it is certain to match the
 //! server's: statements end at `;` outside parentheses and outside a
-//! `BEGIN ATOMIC ... END` body; a text whose reading depends on the client
-//! encoding (backslashes and non-ASCII bytes together) or that ends inside
-//! a quote is not split (one record, as for a single statement).
+//! `BEGIN ATOMIC ... END` body; a text whose reading depends on session
+//! settings (any backslash) or that ends inside a quote is not split (one
+//! record, as for a single statement).
 
 use std::ops::Range;
 
@@ -24,7 +24,10 @@ pub fn statements(sql: &[u8], standard_strings: bool) -> Option<Vec<Range<usize>
     if !sql[..end].contains(&b';') {
         return None;
     }
-    if sql.contains(&b'\\') && sql.iter().any(|b| *b >= 0x80) {
+    // A backslash may or may not escape a quote, depending on settings the
+    // gateway learns only after the fact (`standard_conforming_strings`,
+    // the client encoding): such a text stays one record, whole.
+    if sql.contains(&b'\\') {
         return None;
     }
     let dialect = Dialect {
@@ -122,10 +125,11 @@ mod tests {
         ] {
             assert_eq!(split(sql), None, "{sql}");
         }
-        // Without standard strings a backslash escapes the quote.
+        // A backslash may escape a quote or not: one record.
         assert_eq!(
-            statements(b"SELECT 'a\\'; SELECT 2'; SELECT 3", false).map(|p| p.len()),
-            Some(2)
+            statements(b"SELECT 'a\\'; SELECT 2'; SELECT 3", false),
+            None
         );
+        assert_eq!(statements(b"SELECT 'a\\'; SELECT 2'; SELECT 3", true), None);
     }
 }

@@ -296,6 +296,15 @@ pub fn any_word_start(sql: &[u8], found: impl Fn([u8; 2], &[u8]) -> bool) -> boo
 /// The statement that clears what a client may have left behind.
 pub const RESET_SQL: &str = "RESET ALL; CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; DEALLOCATE ALL";
 
+/// [`RESET_SQL`], and a new seed for `random()`: neither `RESET ALL` nor
+/// `DISCARD ALL` touches the generator, so a client that set the seed
+/// (`SET seed`, `setseed()`) would otherwise know the next client's
+/// "random" numbers. The seed comes from the gateway's own generator.
+pub fn reset_sql(discard: &str) -> String {
+    let seed = rand::random::<f64>() * 2.0 - 1.0;
+    format!("{discard}; SELECT pg_catalog.setseed({seed:.17})")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -432,3 +432,34 @@ async fn listen_and_advisory_locks_cost_no_assertion_per_transaction() {
         .await
         .unwrap();
 }
+
+/// A client that seeds `random()` (`SET seed`, `setseed()`) cannot know the
+/// next client's random numbers: the reset between them reseeds it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_random_seed_never_reaches_the_next_client() {
+    let predicted = support::cluster().psql(
+        "app",
+        "SELECT setseed(0.42); SELECT string_agg(random()::text, ',') FROM generate_series(1, 3)",
+    );
+    for mode in ["transaction", "session"] {
+        let gw = start_gateway(Opts {
+            pool_size: 1,
+            mode,
+            ..Opts::default()
+        })
+        .await;
+        for seeding in ["SET seed = 0.42", "SELECT setseed(0.42)"] {
+            let alice = gw.connect("alice").await;
+            alice.batch_execute(seeding).await.unwrap();
+            drop(alice);
+            gw.until_clients(0).await;
+            let bob = gw.connect("bob").await;
+            let got = support::one(
+                &bob,
+                "SELECT string_agg(random()::text, ',') FROM generate_series(1, 3)",
+            )
+            .await;
+            assert!(!predicted.ends_with(&got), "{mode}, {seeding}: {got}");
+        }
+    }
+}

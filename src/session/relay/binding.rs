@@ -217,8 +217,9 @@ impl QueryLoop<'_> {
             self.tracker.injected();
         }
         if reset || !conn.carries(&self.ident.role, &self.ident.client_user, &self.settings) {
-            let first = reset.then_some(crate::session::state::RESET_SQL);
-            if let Err(e) = self.reassert(&mut conn, first).await {
+            let first =
+                reset.then(|| crate::session::state::reset_sql(crate::session::state::RESET_SQL));
+            if let Err(e) = self.reassert(&mut conn, first.as_deref()).await {
                 pool::discard(conn);
                 return Err(e);
             }
@@ -437,7 +438,7 @@ impl QueryLoop<'_> {
             return;
         };
         let mut out = BytesMut::new();
-        messages::query(&mut out, "DISCARD ALL");
+        messages::query(&mut out, &crate::session::state::reset_sql("DISCARD ALL"));
         server.forget_state();
         let ok = match server.write_all(&out).await {
             Ok(()) => server.drain_until_ready().await.is_ok(),

@@ -318,7 +318,9 @@ impl QueryLoop<'_> {
         let mut ev = self.event(Kind::Query);
         ev.statement = Some(self.client_text(sql).into_owned());
         ev.params = params;
-        self.store_query(ev).await
+        // From the bytes the server runs, not the recorded text (which may
+        // be the bytes in hex).
+        self.store_query(ev, Control::of(sql)).await
     }
 
     /// Writes the `query` record of a statement the gateway sends on its
@@ -334,17 +336,16 @@ impl QueryLoop<'_> {
         let mut ev = self.event(Kind::Query);
         ev.statement = Some(sql.to_string());
         ev.message = Some(note.to_string());
-        self.store_query(ev).await
+        self.store_query(ev, Control::of(sql.as_bytes())).await
     }
 
     /// Stores a `query` record before its statement is forwarded.
-    pub(super) async fn store_query(&mut self, mut ev: Event) -> Result<Option<Pending>, PgError> {
+    pub(super) async fn store_query(
+        &mut self,
+        mut ev: Event,
+        control: Control,
+    ) -> Result<Option<Pending>, PgError> {
         let ticket = self.shared.auditor.ticket();
-        let control = ev
-            .statement
-            .as_deref()
-            .map(|sql| Control::of(sql.as_bytes()))
-            .unwrap_or_default();
         ev.backend_pid = self.server.as_ref().map(|s| s.pid);
         ev.link = Link::Query(ticket);
         let started = Instant::now();

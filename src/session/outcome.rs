@@ -60,12 +60,27 @@ pub enum Route {
 /// `Parse` replaced it.
 pub type Restore = Box<(bytes::Bytes, Option<crate::session::prepared::Statement>)>;
 
+/// What an `Execute` of a portal is recorded as: the statement it runs and
+/// the audited parameters.
+#[derive(Debug, Clone)]
+pub struct Portal {
+    pub sql: bytes::Bytes,
+    pub params: Option<Vec<Option<String>>>,
+}
+
+/// A portal name and the gateway's entry for it before a `Bind` replaced
+/// it: put back when the server refuses or skips the `Bind`, since the
+/// portal that then runs is not the new one.
+pub type PortalRestore = Box<(bytes::Bytes, Option<Portal>)>;
+
 /// Side effects on the server connection's statement cache.
 #[derive(Debug, Default)]
 pub struct CacheEffects {
     /// Client statement entries to put back, newest first: their `Parse`
     /// failed or was skipped, so the server kept the old statement.
     pub restore: Vec<Restore>,
+    /// Portal entries to put back, newest first.
+    pub portals: Vec<PortalRestore>,
     /// Statements whose `Parse` failed or was skipped: not on the server.
     pub not_prepared: Vec<u128>,
     /// A shared statement the server found stale (its plan's result type

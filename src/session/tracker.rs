@@ -19,7 +19,9 @@ use std::time::Instant;
 use bytes::{BufMut, BytesMut};
 
 use crate::protocol::messages::{self, ErrorFields, PgError};
-pub use crate::session::outcome::{CacheEffects, Outcome, Pending, Resolved, Restore, Route};
+pub use crate::session::outcome::{
+    CacheEffects, Outcome, Pending, PortalRestore, Resolved, Restore, Route,
+};
 
 #[derive(Debug)]
 enum Expect {
@@ -40,6 +42,8 @@ enum Expect {
         pending: Option<Pending>,
         /// The shared statement it binds, if any.
         key: Option<u128>,
+        /// The portal entry it replaced.
+        portal: Option<PortalRestore>,
     },
     /// `Describe`: ends at `RowDescription` or `NoData`.
     Describe,
@@ -131,7 +135,18 @@ impl Tracker {
         }
     }
     pub fn bind(&mut self, pending: Option<Pending>, key: Option<u128>) {
-        self.queue.push_back(Expect::Bind { pending, key });
+        self.queue.push_back(Expect::Bind {
+            pending,
+            key,
+            portal: None,
+        });
+    }
+    /// The last `Bind` (the newest entry) replaced the gateway's entry for
+    /// a portal: put it back if the server refuses or skips the `Bind`.
+    pub fn restore_if_not_bound(&mut self, restore: PortalRestore) {
+        if let Some(Expect::Bind { portal, .. }) = self.queue.back_mut() {
+            *portal = Some(restore);
+        }
     }
     pub fn describe(&mut self) {
         self.queue.push_back(Expect::Describe);
@@ -391,7 +406,10 @@ impl Tracker {
         // next Sync is over. A failed `Parse`, `Bind` or `Describe` is the
         // failure of the statement the batch goes on to execute: its
         // `Execute` gets this error, not "not executed".
-        let failed = self.queue.pop_front();
+        let mut failed = self.queue.pop_front();
+        if let Some(Expect::Bind { portal, .. }) = failed.as_mut() {
+            cache.portals.extend(portal.take());
+        }
         if matches!(failed, Some(Expect::Bind { key: Some(_), .. })) && stale_plan(&fields) {
             cache.stale = true;
         }
@@ -469,12 +487,18 @@ impl Tracker {
                     resolved.push(Resolved { pending, outcome });
                 }
                 Some(Expect::Bind {
-                    pending: Some(pending),
-                    ..
-                }) => resolved.push(Resolved {
-                    pending,
-                    outcome: Outcome::NotExecuted { after: *after },
-                }),
+                    pending, portal, ..
+                }) => {
+                    if let Some(portal) = portal {
+                        cache.portals.insert(0, portal);
+                    }
+                    if let Some(pending) = pending {
+                        resolved.push(Resolved {
+                            pending,
+                            outcome: Outcome::NotExecuted { after: *after },
+                        });
+                    }
+                }
                 Some(Expect::Parse { key, restore, .. }) => cache.not_parsed(key, restore, false),
                 Some(Expect::SynthParse { restore }) => cache.not_parsed(None, restore, false),
                 _ => {}

@@ -824,3 +824,63 @@ async fn the_export_reconciles_with_the_database() {
         assert!(!ids.contains(&absent), "{absent} in {ids:?}");
     }
 }
+
+/// A `Bind` the server refused (the portal exists) once left the gateway
+/// believing the portal ran the new statement: the `Execute` that then ran
+/// the old portal (a DELETE) was recorded with the refused one's text.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execute_is_recorded_with_the_portal_the_server_ran() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let parse = |name: &str, sql: &str| {
+        let mut body = cstr(name);
+        body.extend(cstr(sql));
+        body.extend(0i16.to_be_bytes());
+        message(b'P', &body)
+    };
+    let bind = |portal: &str, statement: &str| {
+        let mut body = cstr(portal);
+        body.extend(cstr(statement));
+        body.extend([0, 0, 0, 0, 0, 0]);
+        message(b'B', &body)
+    };
+    let sync = || message(b'S', &[]);
+    let mut c = RawClient::login(gw.addr).await;
+    let delete = "DELETE FROM items WHERE id = 700601";
+    c.send_raw(&message(b'Q', &cstr("BEGIN"))).await;
+    c.until_ready().await;
+    let mut batch = parse("evil", delete);
+    batch.extend(bind("p", "evil"));
+    batch.extend(sync());
+    c.send_raw(&batch).await;
+    assert_eq!(c.until_ready().await.1, None);
+    c.send_raw(&message(b'Q', &cstr("SAVEPOINT s"))).await;
+    c.until_ready().await;
+    let mut batch = parse("inn", "SELECT 'innocent'");
+    batch.extend(bind("p", "inn"));
+    batch.extend(sync());
+    c.send_raw(&batch).await;
+    assert_eq!(c.until_ready().await.1.as_deref(), Some("42P03"));
+    c.send_raw(&message(b'Q', &cstr("ROLLBACK TO SAVEPOINT s")))
+        .await;
+    c.until_ready().await;
+    let mut execute = cstr("p");
+    execute.extend(0i32.to_be_bytes());
+    let mut batch = message(b'E', &execute);
+    batch.extend(sync());
+    c.send_raw(&batch).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code, None, "{tags:?}");
+    c.send_raw(&message(b'Q', &cstr("COMMIT"))).await;
+    c.until_ready().await;
+    drop(c);
+    let records = stop_and_export(gw, &[]).await;
+    let executed = records
+        .iter()
+        .find(|r| s(r, "kind") == "query" && s(r, "command_tag").starts_with("DELETE"))
+        .expect("the DELETE's record");
+    assert_eq!(s(executed, "statement"), delete, "{executed}");
+}

@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use super::cancel::{BackendKey, CancelSlot};
 use super::client::{ClientConn, ClientError};
 use super::ledger::Ledger;
+use super::outcome::Portal;
 use super::prepared;
 use super::state::Effect;
 use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
@@ -107,11 +108,6 @@ enum Flow {
     Simple,
     /// Extended protocol: one error, then everything up to `Sync` is skipped.
     Extended,
-}
-
-struct Portal {
-    sql: Bytes,
-    params: Option<Vec<Option<String>>>,
 }
 
 /// The state of one client's query phase.

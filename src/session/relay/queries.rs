@@ -275,6 +275,7 @@ impl QueryLoop<'_> {
             self.note_sequences();
         }
         let mut bind_record = None;
+        let mut portal_restore = None;
         if self.auditing {
             let sql = self.statement_sql(bind.statement);
             let params = self
@@ -289,8 +290,9 @@ impl QueryLoop<'_> {
                     Err(e) => return self.refuse(Flow::Extended, e).await,
                 };
             }
-            self.portals
-                .insert(frame.slice_ref(bind.portal), Portal { sql, params });
+            let name = frame.slice_ref(bind.portal);
+            let previous = self.portals.insert(name.clone(), Portal { sql, params });
+            portal_restore = Some(Box::new((name, previous)));
         }
         match self.server_statement(bind.statement) {
             Some(name) => {
@@ -300,6 +302,9 @@ impl QueryLoop<'_> {
             None => self.to_server.extend_from_slice(&frame),
         }
         self.tracker.bind(bind_record, key);
+        if let Some(restore) = portal_restore {
+            self.tracker.restore_if_not_bound(restore);
+        }
         self.unsynced = true;
         Ok(())
     }

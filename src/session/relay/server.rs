@@ -127,6 +127,13 @@ impl QueryLoop<'_> {
                 _ => {}
             }
         }
+        for restore in cache.portals {
+            let (name, previous) = *restore;
+            match previous {
+                Some(portal) => self.portals.insert(name, portal),
+                None => self.portals.remove(&name),
+            };
+        }
         for restore in cache.restore {
             let (name, previous) = *restore;
             match previous {

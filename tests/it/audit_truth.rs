@@ -884,3 +884,37 @@ async fn an_execute_is_recorded_with_the_portal_the_server_ran() {
         .expect("the DELETE's record");
     assert_eq!(s(executed, "statement"), delete, "{executed}");
 }
+
+/// Text pipelined behind a change of `client_encoding` is read by the
+/// server in the new encoding: until that change is answered, the gateway
+/// records such text as its bytes rather than guess (it once recorded
+/// 'é' for what the server stored as 'Ã©').
+#[tokio::test(flavor = "multi_thread")]
+async fn text_behind_an_encoding_change_is_never_misread() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    let mut batch = message(b'Q', &cstr("SET client_encoding = 'LATIN1'"));
+    batch.extend(message(b'Q', "SELECT 'é' AS e01\0".as_bytes()));
+    c.send_raw(&batch).await;
+    c.until_ready().await;
+    assert_eq!(c.until_ready().await.1, None);
+    drop(c);
+    let records = stop_and_export(gw, &[]).await;
+    assert!(
+        !records
+            .iter()
+            .any(|r| s(r, "statement") == "SELECT 'é' AS e01"),
+        "misread as UTF-8"
+    );
+    query_record(
+        &records,
+        &format!(
+            "pgwarden:hex:unknown:{}",
+            hex::encode("SELECT 'é' AS e01".as_bytes())
+        ),
+    );
+}

@@ -103,6 +103,13 @@ impl QueryLoop<'_> {
     }
 
     pub(super) fn note_state(&mut self, sql: &[u8]) {
+        // It may change the client encoding: until the server has answered
+        // everything before, non-ASCII text is recorded as its bytes.
+        if crate::session::state::contains_ci(sql, b"encoding")
+            || crate::session::state::contains_ci(sql, b"names")
+        {
+            self.encoding_in_flux = true;
+        }
         let Some(server) = self.server.as_mut() else {
             return;
         };

@@ -209,6 +209,9 @@ pub struct QueryLoop<'a> {
     unnamed_here: bool,
     /// The process id the client knows its session by (gateway-made).
     client_pid: i32,
+    /// A statement that may change `client_encoding` has not been answered
+    /// yet: the encoding of text sent behind it is not known.
+    encoding_in_flux: bool,
 }
 
 /// What the server said besides statement outcomes, for the ledger.
@@ -285,6 +288,7 @@ impl<'a> QueryLoop<'a> {
             aborted_locally: false,
             unnamed_here: false,
             client_pid,
+            encoding_in_flux: false,
         }
     }
 

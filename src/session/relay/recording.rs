@@ -184,7 +184,13 @@ impl QueryLoop<'_> {
     /// Client bytes as the audit log keeps them: exact UTF-8, or the bytes
     /// ([`crate::protocol::encoding::client_text`]).
     pub(super) fn client_text<'b>(&self, bytes: &'b [u8]) -> std::borrow::Cow<'b, str> {
-        crate::protocol::encoding::client_text(bytes, self.client_encoding())
+        // The encoding the server reads this in is the one in force when it
+        // gets there; a change still in flight makes it uncertain.
+        let encoding = match self.encoding_in_flux {
+            true => "unknown",
+            false => self.client_encoding(),
+        };
+        crate::protocol::encoding::client_text(bytes, encoding)
     }
 
     /// What the `query` record of an `Execute` of portal `name` shows.

@@ -45,6 +45,7 @@ impl QueryLoop<'_> {
         self.flush_client().await?;
         self.record_results().await;
         if self.tracker.is_empty() {
+            self.encoding_in_flux = false;
             self.cancel.set_running(false);
             self.cancel_note = None;
             self.query_started = None;

@@ -199,18 +199,25 @@ async fn sqlx_pool_larger_than_the_gateway_pool() {
     }
 }
 
-/// After DDL changes a shared statement's result type, the connection that
-/// finds it stale prepares its statements afresh: the failure PostgreSQL
-/// reports once does not stick to every later client preparing the same
-/// text.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_stale_shared_statement_is_prepared_afresh() {
+/// A table of one row and one column, of this test's own, readable by the
+/// mapped roles; and the cluster, for the DDL.
+fn one_row_table() -> (String, &'static crate::support::cluster::Cluster) {
     let table = format!("stale_{}", rand::random::<u32>());
     let pg = crate::support::cluster();
     pg.psql(
         "app",
         &format!("CREATE TABLE {table} (x int); INSERT INTO {table} VALUES (1); GRANT SELECT ON {table} TO analyst, engineer"),
     );
+    (table, pg)
+}
+
+/// After DDL changes a shared statement's result type, the connection that
+/// finds it stale prepares its statements afresh: the failure PostgreSQL
+/// reports once does not stick to every later client preparing the same
+/// text.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_shared_statement_is_prepared_afresh() {
+    let (table, pg) = one_row_table();
     let gw = start_gateway(Opts {
         pool_size: 1,
         ..Opts::default()
@@ -312,12 +319,7 @@ async fn the_unnamed_statement_lasts_until_the_next_one() {
 /// another connection does not hit the same error.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stale_statement_is_invalidated_on_every_connection() {
-    let table = format!("stale_{}", rand::random::<u32>());
-    let pg = crate::support::cluster();
-    pg.psql(
-        "app",
-        &format!("CREATE TABLE {table} (x int); INSERT INTO {table} VALUES (1); GRANT SELECT ON {table} TO analyst, engineer"),
-    );
+    let (table, pg) = one_row_table();
     let gw = start_gateway(Opts {
         pool_size: 2,
         ..Opts::default()

@@ -191,9 +191,10 @@ fn new_session_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Serves one accepted connection to the end, inside a `session` span
-/// that carries the peer and, once logged in, the session id, client user,
-/// role and database: every log line of the session has them.
+/// Serves one accepted connection to the end, with a `session` span that
+/// carries the peer and, once logged in, the session id, client user, role
+/// and database: every log line of the session names it as its parent
+/// (cheaper than entering it on every poll).
 pub async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
@@ -201,7 +202,6 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     use tracing::field::Empty;
-    use tracing::Instrument;
     let span = tracing::info_span!(
         "session",
         %peer,
@@ -210,9 +210,9 @@ pub async fn serve(
         role = Empty,
         database = Empty
     );
-    serve_in_span(shared, tcp, peer, shutdown, span.clone())
-        .instrument(span)
-        .await
+    // Entered while logging in (a short phase); the query phase names it
+    // as the parent of its log lines instead of entering it on every poll.
+    serve_in_span(shared, tcp, peer, shutdown, span).await
 }
 
 async fn serve_in_span(
@@ -269,9 +269,10 @@ async fn serve_in_span(
         .record("user", &*ident.client_user)
         .record("role", &*ident.role)
         .record("database", &*ident.database);
-    tracing::info!("session started");
+    tracing::info!(parent: &span, "session started");
     crate::metrics::Metrics::inc(&shared.metrics.clients);
     let end = QueryLoop::new(&shared, &ident, client, (pid, slot), shutdown)
+        .in_span(span.clone())
         .run()
         .await;
     shared.cancels.unregister(pid, secret);
@@ -286,7 +287,7 @@ async fn serve_in_span(
         End::ClientGone => ev.message = Some("the client disconnected".into()),
     }
     shared.auditor.append_nowait(ev).await;
-    tracing::info!("session ended: {end:?}");
+    tracing::info!(parent: &span, "session ended: {end:?}");
 }
 
 type LoggedIn = (ClientConn, Identity, (i32, i32, Arc<cancel::CancelSlot>));

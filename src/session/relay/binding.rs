@@ -94,10 +94,10 @@ impl QueryLoop<'_> {
                 server.settings_changed(&self.ident.session_id, self.settings.clone());
             }
             Err(e) => {
-                tracing::warn!("could not read back the session's settings: {e}");
                 if !matches!(e, pool::conn::BackendError::Server(_)) {
                     server.mark_broken();
                 }
+                tracing::warn!(parent: &self.span, "could not read back the session's settings: {e}");
             }
         }
     }
@@ -125,7 +125,7 @@ impl QueryLoop<'_> {
             Effect::Pin => {
                 server.mark_dirty(&self.ident.session_id);
                 if !self.pinned && self.mode == PoolMode::Transaction {
-                    tracing::info!("client pinned to its server connection until it disconnects");
+                    tracing::info!(parent: &self.span, "client pinned to its server connection until it disconnects");
                 }
                 self.pinned = true;
             }
@@ -149,7 +149,7 @@ impl QueryLoop<'_> {
             return;
         }
         if !transparent && !self.ever_opaque {
-            tracing::debug!(
+            tracing::debug!(parent: &self.span,
                 "opaque code: this session's connections are re-asserted and reset from now on"
             );
         }
@@ -260,7 +260,7 @@ impl QueryLoop<'_> {
             ..self.assertion()
         };
         if let Err(e) = assertion.apply_after(conn, reset).await {
-            tracing::warn!("identity assertion failed: {e}");
+            tracing::warn!(parent: &self.span, "identity assertion failed: {e}");
             return Err(e);
         }
         conn.asserted(
@@ -355,7 +355,7 @@ impl QueryLoop<'_> {
             "identity changed during the transaction: expected role \"{}\" and client \"{}\", found role \"{found_role}\" and client \"{found_user}\"",
             self.ident.role, self.ident.client_user
         );
-        tracing::error!("{message}");
+        tracing::error!(parent: &self.span, "{message}");
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_violations);
         if self.auditing {
             let mut ev = self.event(Kind::IdentityViolation);
@@ -382,7 +382,7 @@ impl QueryLoop<'_> {
     /// The server connection failed: its in-flight statements are recorded
     /// as unknown, it is destroyed, and the client session ends.
     pub(super) async fn server_lost(&mut self, why: &str) -> End {
-        tracing::warn!("server connection lost: {why}");
+        tracing::warn!(parent: &self.span, "server connection lost: {why}");
         self.abandon_server("server connection lost before the statement completed")
             .await;
         End::Fatal(PgError::fatal(

@@ -212,6 +212,9 @@ pub struct QueryLoop<'a> {
     /// A statement that may change `client_encoding` has not been answered
     /// yet: the encoding of text sent behind it is not known.
     encoding_in_flux: bool,
+    /// The session's span (peer, id, user, role, database): every log line
+    /// names it as its parent, so the span need not be entered on each poll.
+    span: tracing::Span,
 }
 
 /// What the server said besides statement outcomes, for the ledger.
@@ -289,7 +292,14 @@ impl<'a> QueryLoop<'a> {
             unnamed_here: false,
             client_pid,
             encoding_in_flux: false,
+            span: tracing::Span::none(),
         }
+    }
+
+    /// The session's span, named as the parent of every log line.
+    pub fn in_span(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
     }
 
     /// True when no transaction or message exchange is in progress, so the
@@ -446,7 +456,7 @@ impl<'a> QueryLoop<'a> {
 
     async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
         let tag = frame[0];
-        tracing::trace!(tag = %(tag as char), len = frame.len(), "client frame");
+        tracing::trace!(parent: &self.span, tag = %(tag as char), len = frame.len(), "client frame");
         if self.discard_until_sync && tag != b'S' {
             return Ok(());
         }

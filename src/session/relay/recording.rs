@@ -364,13 +364,13 @@ impl QueryLoop<'_> {
                 control,
             })),
             Err(e) if self.shared.auditor.on_failure() == OnFailure::Allow => {
-                tracing::error!(
+                tracing::error!(parent: &self.span,
                     "audit store failed, statement allowed by on_failure = \"allow\": {e}"
                 );
                 Ok(None)
             }
             Err(e) => {
-                tracing::error!("audit store failed, statement refused: {e}");
+                tracing::error!(parent: &self.span, "audit store failed, statement refused: {e}");
                 Err(PgError::error(
                     sqlstate::IO_ERROR,
                     "pgwarden cannot write its audit log; the statement was not run",

@@ -131,7 +131,7 @@ impl QueryLoop<'_> {
 
     /// Records a guard refusal and builds the client's error.
     pub(super) async fn blocked(&mut self, sql: &[u8], why: &str) -> PgError {
-        tracing::info!("statement guard: {why}");
+        tracing::info!(parent: &self.span, "statement guard: {why}");
         if self.auditing {
             let mut ev = self.event(Kind::GuardBlocked);
             ev.statement = Some(self.client_text(sql).into_owned());

@@ -78,7 +78,7 @@ impl QueryLoop<'_> {
 
     fn on_server_frame(&mut self, mut frame: BytesMut) {
         let tag = frame[0];
-        tracing::trace!(tag = %(tag as char), len = frame.len(), "server frame");
+        tracing::trace!(parent: &self.span, tag = %(tag as char), len = frame.len(), "server frame");
         match tag {
             b'Z' if frame.len() == 6 => {
                 self.tx_status = frame[5];

@@ -50,7 +50,7 @@ impl QueryLoop<'_> {
                 self.cancel_sent = true;
                 self.cancel_note = Some("cancelled by pgwarden: query_timeout_ms elapsed".into());
                 if let Some(backend) = self.cancel.backend() {
-                    tracing::info!("query_timeout: cancelling the running statement");
+                    tracing::info!(parent: &self.span, "query_timeout: cancelling the running statement");
                     crate::session::cancel_backend(self.shared, backend).await;
                 }
                 Ok(())

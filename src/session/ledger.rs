@@ -47,11 +47,7 @@ impl Control {
     /// The control of `sql`'s last statement (savepoint names as the
     /// server folds them), or [`Control::Mixed`].
     pub fn of(sql: &[u8]) -> Control {
-        // Only a text with a `;` before its end can hold two statements.
-        let end = sql
-            .iter()
-            .rposition(|b| !b.is_ascii_whitespace() && *b != b';');
-        let several = end.is_some_and(|end| sql[..end].contains(&b';'));
+        let several = crate::session::split::may_hold_several(sql);
         let commits = crate::session::commits::Commits::of(sql);
         if commits.block_commits || starts_with_word(sql, b"call") {
             return Control::Unseen;

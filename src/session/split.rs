@@ -12,16 +12,20 @@ use std::ops::Range;
 
 use crate::identity::lexer::{Dialect, Kind, Lexer};
 
+/// Whether `sql` has a `;` before its last statement's end: most texts
+/// hold one statement and none, and need no lexing.
+pub fn may_hold_several(sql: &[u8]) -> bool {
+    sql.iter()
+        .rposition(|b| !b.is_ascii_whitespace() && *b != b';')
+        .is_some_and(|end| sql[..end].contains(&b';'))
+}
+
 /// The byte ranges of `sql`'s statements (comments around them left out),
 /// when there are at least two; `None` for one statement (or none), or
 /// when the split is not certain. `standard_strings`: the session's
 /// `standard_conforming_strings`.
 pub fn statements(sql: &[u8], standard_strings: bool) -> Option<Vec<Range<usize>>> {
-    // Most texts hold one statement and no `;` before their end.
-    let end = sql
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace() && *b != b';')?;
-    if !sql[..end].contains(&b';') {
+    if !may_hold_several(sql) {
         return None;
     }
     // A backslash may or may not escape a quote, depending on settings the

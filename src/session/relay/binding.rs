@@ -105,9 +105,15 @@ impl QueryLoop<'_> {
     pub(super) fn note_state(&mut self, sql: &[u8]) {
         // It may change the client encoding: until the server has answered
         // everything before, non-ASCII text is recorded as its bytes.
-        if crate::session::state::contains_ci(sql, b"encoding")
-            || crate::session::state::contains_ci(sql, b"names")
-        {
+        let names_encoding = crate::session::state::any_word_start(sql, |pair, rest| {
+            use crate::identity::guard::starts_with_ci as sw;
+            match pair {
+                [b'e', b'n'] => sw(rest, b"encoding"),
+                [b'n', b'a'] => sw(rest, b"names"),
+                _ => false,
+            }
+        });
+        if names_encoding {
             self.encoding_in_flux = true;
         }
         let Some(server) = self.server.as_mut() else {
@@ -220,7 +226,7 @@ impl QueryLoop<'_> {
         if conn.take_others_sequences(&self.ident.session_id) {
             // Sent ahead of the client's first message, in the same write;
             // its answers are the gateway's.
-            messages::query(&mut self.to_server, "DISCARD SEQUENCES");
+            self.send_own_query("DISCARD SEQUENCES");
             self.tracker.injected();
         }
         if reset || !conn.carries(&self.ident.role, &self.ident.client_user, &self.settings) {
@@ -305,8 +311,7 @@ impl QueryLoop<'_> {
         };
         let literal = name.replace('\\', "\\\\").replace('\'', "''");
         let sql = format!("SELECT pg_catalog.set_config('application_name', E'{literal}', false)");
-        messages::query(&mut self.to_server, &sql);
-        self.unnamed_here = false;
+        self.send_own_query(&sql);
         self.tracker.injected();
     }
 

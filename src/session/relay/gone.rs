@@ -52,8 +52,7 @@ impl QueryLoop<'_> {
         let note = format!("issued by pgwarden: {why}");
         // A store failure does not stop the rollback.
         let pending = self.audit_note("ROLLBACK", &note).await.unwrap_or_default();
-        messages::query(&mut self.to_server, "ROLLBACK");
-        self.unnamed_here = false;
+        self.send_own_query("ROLLBACK");
         self.tracker.query(pending, None);
         if self.flush_server().await.is_ok() {
             self.wait_for_server(why).await;
@@ -68,9 +67,7 @@ impl QueryLoop<'_> {
         if !self.unsynced {
             return;
         }
-        messages::parse(&mut self.to_server, REFUSED_SQL);
-        // It replaces the connection's unnamed statement.
-        self.unnamed_here = false;
+        self.send_failing_parse();
         self.tracker.blocked_parse(PgError::error(
             sqlstate::CONNECTION_FAILURE,
             "the batch was abandoned",

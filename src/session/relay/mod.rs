@@ -296,6 +296,22 @@ impl<'a> QueryLoop<'a> {
         }
     }
 
+    /// Sends a simple query of the gateway's own on the bound connection.
+    /// PostgreSQL drops the connection's unnamed statement for any simple
+    /// query, so the client's is parsed again before its next use.
+    fn send_own_query(&mut self, sql: &str) {
+        messages::query(&mut self.to_server, sql);
+        self.unnamed_here = false;
+    }
+
+    /// Sends the `Parse` that stands for a refused or abandoned message:
+    /// it fails on the server (aborting as PostgreSQL would) and replaces
+    /// the connection's unnamed statement.
+    fn send_failing_parse(&mut self) {
+        messages::parse(&mut self.to_server, REFUSED_SQL);
+        self.unnamed_here = false;
+    }
+
     /// The session's span, named as the parent of every log line.
     pub fn in_span(mut self, span: tracing::Span) -> Self {
         self.span = span;

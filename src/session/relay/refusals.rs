@@ -69,8 +69,7 @@ impl QueryLoop<'_> {
         }
         match (flow, self.server.is_some()) {
             (Flow::Simple, true) => {
-                messages::query(&mut self.to_server, REFUSED_SQL);
-                self.unnamed_here = false;
+                self.send_own_query(REFUSED_SQL);
                 self.tracker.query(None, Some(error));
             }
             (Flow::Simple, false) => {
@@ -78,9 +77,7 @@ impl QueryLoop<'_> {
                 messages::ready_for_query(&mut self.to_client, self.tx_status);
             }
             (Flow::Extended, true) => {
-                messages::parse(&mut self.to_server, REFUSED_SQL);
-                // It replaces the connection's unnamed statement.
-                self.unnamed_here = false;
+                self.send_failing_parse();
                 self.tracker.blocked_parse(error);
                 self.unsynced = true;
                 self.discard_until_sync = true;
@@ -124,9 +121,8 @@ impl QueryLoop<'_> {
         if rolls_back {
             return;
         }
-        messages::query(&mut self.to_server, REFUSED_SQL);
+        self.send_own_query(REFUSED_SQL);
         self.tracker.injected();
-        self.unnamed_here = false;
     }
 
     /// Records a guard refusal and builds the client's error.

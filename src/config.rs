@@ -192,6 +192,18 @@ pub struct PoolConfig {
     pub acquire_timeout_ms: u64,
     /// What a session-level `SET` does in transaction pooling.
     pub session_set: SessionSet,
+    /// Which login the pooled connections use.
+    pub isolation: Isolation,
+    /// `isolation = "role"`: the login of each mapped role, `{role}`
+    /// replaced by the role's name.
+    pub role_login: String,
+    /// Server connections per database across all its pools (0 = only
+    /// `size` per pool limits them); an idle connection of another pool
+    /// is closed to make room.
+    pub max_db_connections: usize,
+    /// An idle server connection is closed after this long (0 = never), so
+    /// pools of roles no client uses shrink.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for PoolConfig {
@@ -201,8 +213,23 @@ impl Default for PoolConfig {
             size: 20,
             acquire_timeout_ms: 5_000,
             session_set: SessionSet::Keep,
+            isolation: Isolation::Shared,
+            role_login: "pgwarden_svc_{role}".to_string(),
+            max_db_connections: 0,
+            idle_timeout_ms: 600_000,
         }
     }
+}
+
+/// Which PostgreSQL login runs the clients' transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// One service user, member of every mapped role.
+    Shared,
+    /// One login per mapped role (`role_login`), member of that role
+    /// only: no SQL can switch to another mapped role.
+    Role,
 }
 
 /// In transaction pooling, what happens to a setting a client changes for
@@ -241,6 +268,15 @@ pub struct IdentityConfig {
     /// change its identity until the end of the transaction (the gateway
     /// re-asserts identity and resets the connection afterwards).
     pub allow_dynamic_sql: bool,
+    /// Sign the client-user value when the database holds a tag key
+    /// (`pgwarden migrate` creates one), so `pgwarden.client_user()`
+    /// cannot be fooled by a forged setting.
+    pub signed_tag: bool,
+    /// The login that reads the tag key (its password is derived from the
+    /// service password; `pgwarden migrate` creates it).
+    pub tag_reader: String,
+    /// How often the tag key is read again (to follow a key rotation).
+    pub tag_key_refresh_ms: u64,
 }
 
 impl Default for IdentityConfig {
@@ -250,6 +286,9 @@ impl Default for IdentityConfig {
             client_user_setting: "app.client_user".to_string(),
             verify: VerifyMode::Off,
             allow_dynamic_sql: false,
+            signed_tag: true,
+            tag_reader: "pgwarden_tag_reader".to_string(),
+            tag_key_refresh_ms: 60_000,
         }
     }
 }
@@ -362,6 +401,15 @@ impl Config {
         }
         if self.pool.size == 0 {
             return Err("[pool] size must be at least 1".into());
+        }
+        if !self.pool.role_login.contains("{role}") {
+            return Err("[pool] role_login must contain {role}".into());
+        }
+        if self.pool.isolation == Isolation::Role && self.backend.service_password.is_none() {
+            return Err("[pool] isolation = \"role\" needs [backend] service_password (the per-role logins' passwords are derived from it)".into());
+        }
+        if self.identity.tag_key_refresh_ms < 1_000 {
+            return Err("[identity] tag_key_refresh_ms must be at least 1000".into());
         }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return Err("[server] tls_cert and tls_key must be set together".into());

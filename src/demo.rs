@@ -233,7 +233,7 @@ pub async fn run_demo() -> Result<(), DemoError> {
         .map_err(|e| DemoError::Gateway(e.to_string()))?;
 
     let admin_url = format!("postgres://postgres@127.0.0.1:{}/demo", cluster.port);
-    crate::migrate::run(&config, &admin_url)
+    crate::migrate::run(&config, &admin_url, Default::default())
         .await
         .map_err(|e| DemoError::Gateway(e.to_string()))?;
     execute_all(&admin_pool(cluster.port, "demo").await?, DEMO_SQL).await?;

@@ -42,6 +42,12 @@ enum Command {
         /// A superuser (or database owner) connection URL, e.g. postgres://postgres@host/db.
         #[arg(long = "admin-url")]
         admin_url: String,
+        /// Make a new client-tag signing key; the old one stays accepted for --grace-seconds.
+        #[arg(long = "rotate-tag-key")]
+        rotate_tag_key: bool,
+        /// How long a rotated-out tag key is still accepted.
+        #[arg(long = "grace-seconds", default_value_t = 3600)]
+        grace_seconds: u64,
     },
     /// Policy tools.
     Policy {
@@ -82,7 +88,19 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Check { config },
         } => policy_check(&config),
-        Command::Migrate { config, admin_url } => migrate(&config, &admin_url),
+        Command::Migrate {
+            config,
+            admin_url,
+            rotate_tag_key,
+            grace_seconds,
+        } => migrate(
+            &config,
+            &admin_url,
+            pgwarden::migrate::Options {
+                rotate_tag_key,
+                grace: std::time::Duration::from_secs(grace_seconds),
+            },
+        ),
         Command::Demo => demo(),
         Command::Audit { command } => {
             use pgwarden::audit::cli;
@@ -273,7 +291,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, u8> {
         })
 }
 
-fn migrate(path: &std::path::Path, admin_url: &str) -> u8 {
+fn migrate(path: &std::path::Path, admin_url: &str, options: pgwarden::migrate::Options) -> u8 {
     let config = match load_config(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -282,7 +300,7 @@ fn migrate(path: &std::path::Path, admin_url: &str) -> u8 {
         Ok(r) => r,
         Err(code) => return code,
     };
-    match runtime.block_on(pgwarden::migrate::run(&config, admin_url)) {
+    match runtime.block_on(pgwarden::migrate::run(&config, admin_url, options)) {
         Ok(report) => {
             println!(
                 "migrations applied; pgwarden.client_user() reads {}",
@@ -294,6 +312,20 @@ fn migrate(path: &std::path::Path, admin_url: &str) -> u8 {
             for role in &report.missing_roles {
                 println!("warning: role {role} does not exist");
             }
+            match report.tag_key {
+                Some((id, true)) => println!("client tags are signed with the new key {id}"),
+                Some((id, false)) => println!("client tags are signed with key {id}"),
+                None => {}
+            }
+            if config.backend.service_password.is_none() {
+                println!("warning: no [backend] service_password: the tag reader login was not made, so the gateway sets the plain client tag");
+            }
+            for login in &report.logins {
+                println!("login {login} ready");
+            }
+            for problem in &report.login_problems {
+                println!("warning: {problem}");
+            }
             match &report.statements_hidden {
                 Some(Ok(())) => println!(
                     "pg_prepared_statements hidden from non-superusers (transaction pooling shares statements)"
@@ -304,7 +336,7 @@ fn migrate(path: &std::path::Path, admin_url: &str) -> u8 {
                 None => {}
             }
             let hidden = !matches!(report.statements_hidden, Some(Err(_)));
-            if report.missing_roles.is_empty() && hidden {
+            if report.missing_roles.is_empty() && report.login_problems.is_empty() && hidden {
                 0
             } else {
                 1

@@ -10,8 +10,9 @@
 use sqlx::postgres::PgPoolOptions;
 use sqlx::Row;
 
-use crate::config::{Config, PoolMode};
+use crate::config::{Config, Isolation, PoolMode};
 use crate::identity::policy::Policy;
+use crate::identity::{logins, tag};
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,11 +27,26 @@ pub enum MigrateError {
     Policy(#[from] crate::identity::policy::PolicyError),
 }
 
+/// What `pgwarden migrate` was asked for besides the migrations.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Make a new tag key the signing key; the old one stays accepted for
+    /// `grace`.
+    pub rotate_tag_key: bool,
+    pub grace: std::time::Duration,
+}
+
 /// What a migration did, for the operator.
 #[derive(Debug, Default)]
 pub struct Report {
     pub granted: Vec<String>,
     pub missing_roles: Vec<String>,
+    /// The signing key's id, and whether this run created it.
+    pub tag_key: Option<(i32, bool)>,
+    /// pgwarden's own logins made ready (tag reader, per-role logins).
+    pub logins: Vec<String>,
+    /// Why a login of pgwarden's is not what it must be.
+    pub login_problems: Vec<String>,
     /// Transaction pooling: whether `pg_prepared_statements` was hidden
     /// from everyone but superusers, or why it could not be.
     pub statements_hidden: Option<Result<(), String>>,
@@ -46,8 +62,13 @@ const HIDE_STATEMENTS: [&str; 2] = [
     "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_prepared_statement() FROM PUBLIC",
 ];
 
-/// Applies migrations and sets up the service user.
-pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateError> {
+/// Applies migrations and sets up the service user, the tag key and
+/// pgwarden's own logins.
+pub async fn run(
+    config: &Config,
+    admin_url: &str,
+    options: Options,
+) -> Result<Report, MigrateError> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .connect(admin_url)
@@ -55,14 +76,39 @@ pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateErro
         .map_err(MigrateError::Connect)?;
     sqlx::migrate!("./migrations").run(&pool).await?;
 
-    exec_formatted(
-        &pool,
-        "CREATE OR REPLACE FUNCTION pgwarden.client_user() RETURNS text \
-         LANGUAGE sql STABLE PARALLEL SAFE \
-         AS $$ SELECT nullif(pg_catalog.current_setting(%L, true), '') $$",
-        &[&config.identity.client_user_setting],
-    )
-    .await?;
+    let function = tag::client_user_function(&config.identity.client_user_setting);
+    // Built from constants and the setting name quoted as a literal.
+    sqlx::query(sqlx::AssertSqlSafe(function))
+        .execute(&pool)
+        .await?;
+    sqlx::query("GRANT EXECUTE ON FUNCTION pgwarden.client_user() TO PUBLIC")
+        .execute(&pool)
+        .await?;
+    let mut report = Report {
+        tag_key: Some(ensure_tag_key(&pool, options).await?),
+        ..Report::default()
+    };
+    let policy = Policy::load_dir(&config.identity.policy_dir)?;
+    if let Some(secret) = &config.backend.service_password {
+        let reader = &config.identity.tag_reader;
+        prepare_login(&pool, reader, secret, None, &mut report).await?;
+        exec_formatted(
+            &pool,
+            "GRANT EXECUTE ON FUNCTION pgwarden.tag_signing_key() TO %I",
+            &[reader],
+        )
+        .await?;
+        if config.pool.isolation == Isolation::Role {
+            for role in roles_served(&pool, &policy, config).await? {
+                match logins::role_login(&config.pool.role_login, &role) {
+                    Ok(login) => {
+                        prepare_login(&pool, &login, secret, Some(&role), &mut report).await?
+                    }
+                    Err(problem) => report.login_problems.push(problem),
+                }
+            }
+        }
+    }
 
     let service = &config.backend.service_user;
     let exists: bool = sqlx::query("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
@@ -70,7 +116,6 @@ pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateErro
         .fetch_one(&pool)
         .await?
         .get(0);
-    let mut report = Report::default();
     if !exists {
         report.missing_roles.push(service.clone());
         return Ok(report);
@@ -80,7 +125,6 @@ pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateErro
         report.statements_hidden = Some(hide_statements(&pool).await);
     }
 
-    let policy = Policy::load_dir(&config.identity.policy_dir)?;
     for role in concrete_roles(&policy) {
         let (exists, member) = role_status(&pool, role, service).await?;
         if !exists {
@@ -92,6 +136,143 @@ pub async fn run(config: &Config, admin_url: &str) -> Result<Report, MigrateErro
     }
     pool.close().await;
     Ok(report)
+}
+
+/// Makes sure the database has a signing key (a new one when rotating,
+/// the old one then accepted for the grace period) and drops keys past
+/// their grace. Returns the signing key's id and whether it is new.
+async fn ensure_tag_key(pool: &sqlx::PgPool, options: Options) -> Result<(i32, bool), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("LOCK TABLE pgwarden.tag_keys IN EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM pgwarden.tag_keys WHERE retire_at <= now()")
+        .execute(&mut *tx)
+        .await?;
+    let current: Option<i32> = sqlx::query_scalar(
+        "SELECT id FROM pgwarden.tag_keys WHERE retire_at IS NULL ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let (Some(id), false) = (current, options.rotate_tag_key) {
+        tx.commit().await?;
+        return Ok((id, false));
+    }
+    sqlx::query(
+        "UPDATE pgwarden.tag_keys SET retire_at = now() + make_interval(secs => $1) \
+         WHERE retire_at IS NULL",
+    )
+    .bind(options.grace.as_secs_f64())
+    .execute(&mut *tx)
+    .await?;
+    let key: [u8; 32] = rand::random();
+    let (ipad, opad) = tag::pads(&key);
+    let id: i32 = sqlx::query_scalar(
+        "INSERT INTO pgwarden.tag_keys (key, ipad, opad) VALUES ($1, $2, $3) RETURNING id",
+    )
+    .bind(&key[..])
+    .bind(ipad)
+    .bind(opad)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((id, true))
+}
+
+/// The roles that get a login with `isolation = "role"`: those the
+/// policies name, and those `{user}` rules give the cluster's login roles
+/// in this database; only roles that exist.
+async fn roles_served(
+    pool: &sqlx::PgPool,
+    policy: &Policy,
+    config: &Config,
+) -> Result<Vec<String>, sqlx::Error> {
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(pool)
+        .await?;
+    let existing: Vec<(String, bool)> =
+        sqlx::query_as("SELECT rolname, rolcanlogin AND NOT rolsuper FROM pg_roles")
+            .fetch_all(pool)
+            .await?;
+    let mut roles: Vec<String> = concrete_roles(policy)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    for (name, client) in &existing {
+        let ours = *name == config.backend.service_user
+            || *name == config.identity.tag_reader
+            || logins::is_role_login(&config.pool.role_login, name);
+        if ours {
+            continue;
+        }
+        if let Some(role) = client.then(|| policy.resolve(name, &database)).flatten() {
+            roles.push(role);
+        }
+    }
+    roles.retain(|r| existing.iter().any(|(name, _)| name == r));
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
+}
+
+/// Creates or updates one of pgwarden's own logins: `NOINHERIT`, no
+/// attributes, the derived password (as a SCRAM verifier), member of
+/// `member_of` only. A login that owns objects or holds grants is reported.
+async fn prepare_login(
+    pool: &sqlx::PgPool,
+    login: &str,
+    secret: &str,
+    member_of: Option<&str>,
+    report: &mut Report,
+) -> Result<(), sqlx::Error> {
+    let verifier = postgres_protocol::password::scram_sha_256(
+        logins::derived_password(secret, login).as_bytes(),
+    );
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(login)
+            .fetch_one(pool)
+            .await?;
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    exec_formatted(
+        pool,
+        &format!("{verb} ROLE %I LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD %L"),
+        &[login, &verifier],
+    )
+    .await?;
+    let memberships: Vec<String> = sqlx::query_scalar(
+        "SELECT r.rolname::text FROM pg_auth_members m \
+         JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles u ON u.oid = m.member \
+         WHERE u.rolname = $1",
+    )
+    .bind(login)
+    .fetch_all(pool)
+    .await?;
+    for role in &memberships {
+        if Some(role.as_str()) != member_of {
+            exec_formatted(pool, "REVOKE %I FROM %I", &[role, login]).await?;
+        }
+    }
+    if let Some(role) = member_of.filter(|r| !memberships.iter().any(|m| m == r)) {
+        exec_formatted(pool, "GRANT %I TO %I", &[role, login]).await?;
+    }
+    let holds: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_shdepend d JOIN pg_roles r ON r.oid = d.refobjid \
+         WHERE r.rolname = $1 AND d.deptype IN ('o', 'a') \
+         AND NOT ($2 AND d.deptype = 'a' AND d.classid = 'pg_proc'::regclass)",
+    )
+    .bind(login)
+    // The tag reader's one grant is EXECUTE on pgwarden.tag_signing_key().
+    .bind(member_of.is_none())
+    .fetch_one(pool)
+    .await?;
+    if holds > 0 {
+        report.login_problems.push(format!(
+            "login {login} owns objects or holds grants ({holds}); it must have none"
+        ));
+    }
+    report.logins.push(login.to_string());
+    Ok(())
 }
 
 /// Runs [`HIDE_STATEMENTS`]; a refusal (an administrator who is not a

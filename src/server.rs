@@ -88,6 +88,11 @@ impl Gateway {
                 config.pool.clone(),
                 backend_tls.clone(),
             ),
+            tags: crate::identity::tag::TagKeys::new(
+                &config.identity,
+                Arc::new(config.backend.clone()),
+                backend_tls.clone(),
+            ),
             backend_tls,
             guard: guard_for(&config.identity),
             policy: RwLock::new(Arc::new(policy)),
@@ -141,6 +146,20 @@ impl Gateway {
             },
             None => None,
         };
+        let sweeper = self.shared.pools.idle_sweep_interval().map(|every| {
+            let shared = Arc::downgrade(&self.shared);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(shared) = shared.upgrade() else {
+                        break;
+                    };
+                    shared.pools.close_idle();
+                }
+            })
+        });
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
@@ -175,8 +194,8 @@ impl Gateway {
             );
             sessions.shutdown().await;
         }
-        if let Some(admin) = admin {
-            admin.abort();
+        for task in [admin, sweeper].into_iter().flatten() {
+            task.abort();
         }
         self.shared.pools.close();
         match self.shared.auditor.shutdown().await {

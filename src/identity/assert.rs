@@ -37,6 +37,9 @@ pub struct Assertion<'a> {
     pub role: &'a str,
     pub setting: &'a str,
     pub client_user: &'a str,
+    /// The signed value to set instead of the plain name (see
+    /// [`super::tag`]), when the database has a tag key.
+    pub tag: Option<&'a str>,
     pub settings: &'a [(String, String)],
 }
 
@@ -50,7 +53,7 @@ impl Assertion<'_> {
             out,
         )
         .expect("no NUL in generated SQL");
-        let mut values = vec![self.role, self.setting, self.client_user];
+        let mut values = vec![self.role, self.setting, self.value()];
         for (name, value) in self.settings {
             values.push(name);
             values.push(value);
@@ -147,7 +150,12 @@ impl Assertion<'_> {
         };
         let role = column()?;
         let user = column()?;
-        Ok(role == Some(self.role.as_bytes()) && user == Some(self.client_user.as_bytes()))
+        Ok(role == Some(self.role.as_bytes()) && user == Some(self.value().as_bytes()))
+    }
+
+    /// What the client-user setting is set to: the signed tag, or the name.
+    pub fn value(&self) -> &str {
+        self.tag.unwrap_or(self.client_user)
     }
 
     fn failure(&self, e: BackendError) -> PgError {
@@ -206,7 +214,7 @@ impl Assertion<'_> {
 
     /// The verdict on what a verification query returned.
     pub fn judge(&self, (found_role, found_user): (String, String)) -> Verdict {
-        if found_role == self.role && found_user == self.client_user {
+        if found_role == self.role && found_user == self.value() {
             Verdict::Intact
         } else {
             Verdict::Violated {

@@ -69,10 +69,12 @@ pub mod decode;
 pub mod guard;
 pub mod guard_cases;
 pub mod lexer;
+pub mod logins;
 pub mod policy;
 mod rules;
 mod runners;
 mod scan;
+pub mod tag;
 
 #[cfg(test)]
 mod guard_perf_tests;

@@ -48,6 +48,8 @@ pub enum BackendError {
     Auth(String),
     #[error("TLS to PostgreSQL: {0}")]
     Tls(String),
+    #[error("the database's server connections are all in use ([pool] max_db_connections)")]
+    Capped,
 }
 
 /// A connection to the backend and what pgwarden knows about it.
@@ -66,6 +68,9 @@ pub struct ServerConn {
     /// The (role, client user) the last successful identity assertion set,
     /// `None` when unknown (new, reset, or the assertion failed).
     identity: Option<(std::sync::Arc<str>, std::sync::Arc<str>)>,
+    /// The signed client tag the last assertion set (key id, value), or
+    /// `None` for the plain name.
+    tag: Option<(i32, std::sync::Arc<str>)>,
     /// The client settings the last assertion applied.
     applied: Option<std::sync::Arc<Vec<(String, String)>>>,
     /// The session that may have left state here (settings, temp objects,
@@ -84,6 +89,8 @@ pub struct ServerConn {
     /// Notifications met by the gateway's own exchanges, not yet relayed.
     notifications: Vec<BytesMut>,
     broken: bool,
+    /// The database's connection cap this connection counts against.
+    pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl ServerConn {
@@ -148,6 +155,8 @@ impl ServerConn {
             sequences_by: None,
             notifications: Vec::new(),
             broken: false,
+            permit: None,
+            tag: None,
         })
     }
 
@@ -229,10 +238,21 @@ impl ServerConn {
         self.opaque
     }
 
+    /// The id of the tag key the last assertion signed with.
+    pub fn tag_key(&self) -> Option<i32> {
+        self.tag.as_ref().map(|(id, _)| *id)
+    }
+
+    /// The client-user value the last assertion set when it was signed.
+    pub fn tag_value(&self) -> Option<&str> {
+        self.tag.as_ref().map(|(_, v)| &**v)
+    }
+
     /// An assertion is about to run: until it succeeds, the connection
     /// carries no known identity or settings.
     pub fn forget_identity(&mut self) {
         self.identity = None;
+        self.tag = None;
         self.applied = None;
     }
 
@@ -242,8 +262,10 @@ impl ServerConn {
         &mut self,
         identity: (std::sync::Arc<str>, std::sync::Arc<str>),
         settings: std::sync::Arc<Vec<(String, String)>>,
+        tag: Option<(i32, std::sync::Arc<str>)>,
     ) {
         self.identity = Some(identity);
+        self.tag = tag;
         self.applied = Some(settings);
         self.opaque = false;
     }

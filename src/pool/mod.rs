@@ -1,5 +1,5 @@
-//! The service-user pool: per-database deadpool pools of raw backend
-//! connections that pgwarden logs in itself.
+//! The server pools: deadpool pools of raw backend connections that
+//! pgwarden logs in itself, one per (database, login).
 //!
 //! Invariant: a connection handed out by [`Pools::acquire`] is logged in,
 //! idle (`ReadyForQuery` `I` was its last message) and healthy as far as a
@@ -13,20 +13,28 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
+
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult, Timeouts};
 
 use crate::auth::service::{self, ServiceLogin};
-use crate::config::{BackendConfig, PoolConfig};
+use crate::config::{BackendConfig, Isolation, PoolConfig};
+use crate::identity::logins;
 use crate::protocol::messages::PgError;
 use crate::protocol::sqlstate;
 use crate::tls::BackendTls;
 use conn::{BackendError, ServerConn};
 
-/// Creates and recycles service-user connections to one database.
+/// Creates and recycles connections of one login to one database.
 pub struct ServerManager {
     backend: Arc<BackendConfig>,
     tls: Option<BackendTls>,
     database: String,
+    user: String,
+    password: Option<String>,
+    /// The database's cap across its pools (`max_db_connections`).
+    cap: Option<Arc<Semaphore>>,
+    cap_wait: Duration,
 }
 
 impl managed::Manager for ServerManager {
@@ -34,18 +42,28 @@ impl managed::Manager for ServerManager {
     type Error = BackendError;
 
     async fn create(&self) -> Result<ServerConn, BackendError> {
+        let permit = match &self.cap {
+            Some(cap) => Some(
+                tokio::time::timeout(self.cap_wait, cap.clone().acquire_owned())
+                    .await
+                    .map_err(|_| BackendError::Capped)?
+                    .map_err(|_| BackendError::Closed)?,
+            ),
+            None => None,
+        };
         let timeout = Duration::from_millis(self.backend.connect_timeout_ms);
         let mut conn = ServerConn::connect(&self.backend, self.tls.as_ref()).await?;
         let who = ServiceLogin {
-            user: &self.backend.service_user,
-            password: self.backend.service_password.as_deref(),
+            user: &self.user,
+            password: self.password.as_deref(),
             database: &self.database,
         };
         match tokio::time::timeout(timeout, service::login(&mut conn, &who)).await {
             Ok(result) => result?,
             Err(_) => return Err(BackendError::ConnectTimeout(self.backend.address())),
         }
-        tracing::debug!(database = %self.database, backend_pid = conn.pid, "server connection created");
+        conn.permit = permit;
+        tracing::debug!(database = %self.database, login = %self.user, backend_pid = conn.pid, "server connection created");
         Ok(conn)
     }
 
@@ -73,12 +91,18 @@ pub fn discard(conn: PooledConn) {
     drop(conn);
 }
 
-/// One pool per database, created on first use.
+/// Which pool: a database and the login its connections use.
+type PoolKey = (String, String);
+
+/// One pool per (database, login), created on first use: with
+/// `isolation = "shared"` the login is always the service user, with
+/// `"role"` it is the mapped role's own login.
 pub struct Pools {
     backend: Arc<BackendConfig>,
     tls: Option<BackendTls>,
     config: PoolConfig,
-    pools: Mutex<HashMap<String, managed::Pool<ServerManager>>>,
+    pools: Mutex<HashMap<PoolKey, managed::Pool<ServerManager>>>,
+    caps: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl Pools {
@@ -88,36 +112,80 @@ impl Pools {
             tls,
             config,
             pools: Mutex::new(HashMap::new()),
+            caps: Mutex::new(HashMap::new()),
         }
     }
 
-    fn pool(&self, database: &str) -> managed::Pool<ServerManager> {
+    /// The login that runs transactions for `role`.
+    pub fn login_for(&self, role: &str) -> Result<String, PgError> {
+        match self.config.isolation {
+            Isolation::Shared => Ok(self.backend.service_user.clone()),
+            Isolation::Role => logins::role_login(&self.config.role_login, role)
+                .map_err(|e| PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, e)),
+        }
+    }
+
+    fn cap(&self, database: &str) -> Option<Arc<Semaphore>> {
+        if self.config.max_db_connections == 0 {
+            return None;
+        }
+        let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+        let cap = caps
+            .entry(database.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.max_db_connections)));
+        Some(cap.clone())
+    }
+
+    fn pool(&self, database: &str, login: &str) -> managed::Pool<ServerManager> {
+        let key = (database.to_string(), login.to_string());
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pool) = pools.get(database) {
+        if let Some(pool) = pools.get(&key) {
             return pool.clone();
         }
+        let password = match self.config.isolation {
+            Isolation::Shared => self.backend.service_password.clone(),
+            Isolation::Role => self
+                .backend
+                .service_password
+                .as_deref()
+                .map(|secret| logins::derived_password(secret, login)),
+        };
         let manager = ServerManager {
             backend: self.backend.clone(),
             tls: self.tls.clone(),
             database: database.to_string(),
+            user: login.to_string(),
+            password,
+            cap: self.cap(database),
+            cap_wait: Duration::from_millis(self.config.acquire_timeout_ms),
         };
         let pool = managed::Pool::builder(manager)
             .max_size(self.config.size)
             .runtime(deadpool::Runtime::Tokio1)
             .build()
             .expect("a pool with a runtime always builds");
-        pools.insert(database.to_string(), pool.clone());
+        pools.insert(key, pool.clone());
         pool
     }
 
-    /// Checks out a connection to `database`, waiting at most
+    /// Checks out a connection to `database` for `role`, waiting at most
     /// `acquire_timeout_ms` for one to become free.
-    pub async fn acquire(&self, database: &str) -> Result<PooledConn, PgError> {
-        let pool = self.pool(database);
+    pub async fn acquire(&self, database: &str, role: &str) -> Result<PooledConn, PgError> {
+        let login = self.login_for(role)?;
+        let pool = self.pool(database, &login);
+        if pool.status().available == 0 {
+            self.make_room(database, &login);
+        }
+        let capped = self.config.max_db_connections > 0;
         let timeouts = Timeouts {
             wait: Some(Duration::from_millis(self.config.acquire_timeout_ms)),
             create: Some(Duration::from_millis(
-                self.backend.connect_timeout_ms.saturating_mul(2),
+                self.backend.connect_timeout_ms.saturating_mul(2)
+                    + if capped {
+                        self.config.acquire_timeout_ms
+                    } else {
+                        0
+                    },
             )),
             recycle: Some(Duration::from_secs(1)),
         };
@@ -126,13 +194,69 @@ impl Pools {
             .map_err(|e| acquire_error(e, &self.config))
     }
 
-    /// Idle and total connections per database, for metrics and tests.
-    pub fn status(&self) -> Vec<(String, deadpool::Status)> {
+    /// The database is at `max_db_connections` and this pool has nothing
+    /// idle: closes one idle connection of another pool of the database,
+    /// the one unused the longest, so this pool can open one.
+    fn make_room(&self, database: &str, login: &str) {
+        let Some(cap) = self.cap(database) else {
+            return;
+        };
+        if cap.available_permits() > 0 {
+            return;
+        }
         let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools
-            .iter()
-            .map(|(db, p)| (db.clone(), p.status()))
-            .collect()
+        let mut oldest: Option<(&managed::Pool<ServerManager>, Duration)> = None;
+        for ((db, other), pool) in pools.iter() {
+            if db != database || other == login || pool.status().available == 0 {
+                continue;
+            }
+            let mut longest = Duration::ZERO;
+            pool.retain(|_, m| {
+                longest = longest.max(m.last_used());
+                true
+            });
+            if oldest.is_none_or(|(_, d)| longest > d) {
+                oldest = Some((pool, longest));
+            }
+        }
+        if let Some((pool, longest)) = oldest {
+            let mut evicted = false;
+            let removed = pool.retain(|_, m| {
+                let evict = !evicted && m.last_used() >= longest;
+                evicted |= evict;
+                !evict
+            });
+            tracing::debug!(
+                database,
+                closed = removed.removed.len(),
+                "closed an idle server connection of another pool (max_db_connections)"
+            );
+        }
+    }
+
+    /// Closes server connections idle longer than `idle_timeout_ms`.
+    pub fn close_idle(&self) {
+        if self.config.idle_timeout_ms == 0 {
+            return;
+        }
+        let idle = Duration::from_millis(self.config.idle_timeout_ms);
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        for pool in pools.values() {
+            pool.retain(|_, m| m.last_used() < idle);
+        }
+    }
+
+    /// How often [`Self::close_idle`] should run, if at all.
+    pub fn idle_sweep_interval(&self) -> Option<Duration> {
+        (self.config.idle_timeout_ms > 0)
+            .then(|| Duration::from_millis((self.config.idle_timeout_ms / 2).clamp(100, 30_000)))
+    }
+
+    /// Idle and total connections per (database, login), for metrics and
+    /// tests.
+    pub fn status(&self) -> Vec<(PoolKey, deadpool::Status)> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.iter().map(|(k, p)| (k.clone(), p.status())).collect()
     }
 
     /// Closes every pool: idle connections are dropped, checked-out ones are
@@ -162,6 +286,13 @@ fn acquire_error(e: PoolError<BackendError>, config: &PoolConfig) -> PgError {
             ),
         )
         .with_detail(format!("PostgreSQL reported SQLSTATE {}", fields.code)),
+        PoolError::Backend(BackendError::Capped) => PgError::error(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "the database's {} server connections are all in use ([pool] max_db_connections)",
+                config.max_db_connections
+            ),
+        ),
         PoolError::Closed => PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgwarden is shutting down"),
         other => PgError::error(
             sqlstate::CONNECTION_FAILURE,

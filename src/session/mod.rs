@@ -70,6 +70,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub policy: RwLock<Arc<Policy>>,
     pub pools: Pools,
+    /// The databases' client-tag signing keys.
+    pub tags: crate::identity::tag::TagKeys,
     pub auditor: Auditor,
     pub guard: Guard,
     pub cancels: CancelRegistry,
@@ -98,12 +100,19 @@ impl Shared {
         crate::metrics::Snapshot {
             audit: self.auditor.counters(),
             audit_queue_depth: self.auditor.queue_depth() as u64,
-            pools: self
-                .pools
-                .status()
-                .into_iter()
-                .map(|(db, st)| (db, st.available as u64, st.size as u64))
-                .collect(),
+            pools: {
+                // Summed over a database's pools (one per login).
+                let mut per_db = std::collections::BTreeMap::<String, (u64, u64)>::new();
+                for ((db, _), st) in self.pools.status() {
+                    let entry = per_db.entry(db).or_default();
+                    entry.0 += st.available as u64;
+                    entry.1 += st.size as u64;
+                }
+                per_db
+                    .into_iter()
+                    .map(|(db, (idle, total))| (db, idle, total))
+                    .collect()
+            },
         }
     }
 

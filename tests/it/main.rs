@@ -12,6 +12,7 @@ mod guard;
 mod hostile;
 mod hostile_binds;
 mod identity;
+mod isolation;
 mod lifecycle;
 mod limits;
 mod migrate;

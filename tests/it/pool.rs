@@ -172,7 +172,7 @@ async fn each_database_gets_its_own_pool() {
         .pools
         .status()
         .into_iter()
-        .map(|(db, _)| db)
+        .map(|((db, _), _)| db)
         .collect();
     dbs.sort();
     assert_eq!(dbs, vec!["app", "postgres"]);

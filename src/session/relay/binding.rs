@@ -185,7 +185,8 @@ impl QueryLoop<'_> {
             // Kept across transactions (pinned, or session pooling): a new
             // transaction after opaque code gets a fresh assertion.
             let between = self.tx_status == b'I' && self.tracker.is_empty() && !self.unsynced;
-            let result = if conn.is_opaque() && between {
+            let rekeyed = between && conn.tag_key() != self.tag_key().await.map(|k| k.id);
+            let result = if (conn.is_opaque() || rekeyed) && between {
                 self.reassert(&mut conn, None).await
             } else {
                 Ok(())
@@ -201,7 +202,12 @@ impl QueryLoop<'_> {
             return Ok(());
         }
         crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
-        let mut conn = match self.shared.pools.acquire(&self.ident.database).await {
+        let mut conn = match self
+            .shared
+            .pools
+            .acquire(&self.ident.database, &self.ident.role)
+            .await
+        {
             Ok(conn) => conn,
             Err(e) => {
                 if e.code == sqlstate::TOO_MANY_CONNECTIONS {
@@ -229,7 +235,11 @@ impl QueryLoop<'_> {
             self.send_own_query("DISCARD SEQUENCES");
             self.tracker.injected();
         }
-        if reset || !conn.carries(&self.ident.role, &self.ident.client_user, &self.settings) {
+        let rekeyed = conn.tag_key() != self.tag_key().await.map(|k| k.id);
+        if reset
+            || rekeyed
+            || !conn.carries(&self.ident.role, &self.ident.client_user, &self.settings)
+        {
             let first =
                 reset.then(|| crate::session::state::reset_sql(crate::session::state::RESET_SQL));
             if let Err(e) = self.reassert(&mut conn, first.as_deref()).await {
@@ -261,8 +271,11 @@ impl QueryLoop<'_> {
         // The assertion replaces (and closes) the connection's unnamed
         // statement: the client's own is parsed again before its next use.
         self.unnamed_here = false;
+        let key = self.tag_key().await;
+        let tag = key.map(|k| (k.id, k.sign_fresh(&self.ident.client_user, conn.pid)));
         let assertion = Assertion {
             settings: &self.settings,
+            tag: tag.as_ref().map(|(_, value)| value.as_str()),
             ..self.assertion()
         };
         if let Err(e) = assertion.apply_after(conn, reset).await {
@@ -272,8 +285,14 @@ impl QueryLoop<'_> {
         conn.asserted(
             (self.ident.role.clone(), self.ident.client_user.clone()),
             self.settings.clone(),
+            tag.map(|(id, value)| (id, Arc::from(value))),
         );
         Ok(())
+    }
+
+    /// The database's tag key, when the client tag is signed.
+    async fn tag_key(&self) -> Option<crate::identity::tag::TagKey> {
+        self.shared.tags.signing_key(&self.ident.database).await
     }
 
     /// A setting changed on the server while this client was bound: the
@@ -321,6 +340,7 @@ impl QueryLoop<'_> {
             role: &self.ident.role,
             setting: &self.shared.config.identity.client_user_setting,
             client_user: &self.ident.client_user,
+            tag: None,
             settings: &[],
         }
     }
@@ -334,7 +354,12 @@ impl QueryLoop<'_> {
             return Ok(());
         };
         self.unnamed_here = false;
-        let verdict = self.assertion().verify(&mut server).await;
+        let tag = server.tag_value().map(str::to_string);
+        let assertion = Assertion {
+            tag: tag.as_deref(),
+            ..self.assertion()
+        };
+        let verdict = assertion.verify(&mut server).await;
         self.server = Some(server);
         match verdict {
             Ok(Verdict::Intact) => Ok(()),

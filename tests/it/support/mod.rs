@@ -304,7 +304,7 @@ pub async fn one(client: &tokio_postgres::Client, sql: &str) -> String {
     let rows = client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     for msg in rows {
         if let tokio_postgres::SimpleQueryMessage::Row(row) = msg {
             return row.get(0).unwrap_or("NULL").to_string();
@@ -409,4 +409,37 @@ pub async fn scrape_metrics(port: u16) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// Runs `pgwarden migrate` with the gateway's config on database `db` of
+/// the shared cluster, one run at a time (runs create cluster-wide roles).
+pub fn migrate(config_dir: &std::path::Path, db: &str, args: &[&str]) -> Output {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let pg = cluster();
+    Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["migrate", "-c"])
+        .arg(config_dir.join("pgwarden.toml"))
+        .arg("--admin-url")
+        .arg(format!("postgres://postgres@127.0.0.1:{}/{db}", pg.port))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A fresh database of the shared cluster (each test's own).
+pub fn create_db(db: &str) {
+    cluster().psql("postgres", &format!("CREATE DATABASE {db}"));
+}
+
+/// Connects `user` through the gateway to database `db`.
+pub async fn connect_to(gw: &TestGateway, user: &str, db: &str) -> tokio_postgres::Client {
+    let url = gw
+        .url(user, password_of(user))
+        .replace("dbname=app", &format!("dbname={db}"));
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {user} to {db}: {e}"));
+    tokio::spawn(conn);
+    client
 }

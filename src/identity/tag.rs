@@ -1,0 +1,389 @@
+//! The signed client tag: the value pgwarden gives the client-user setting
+//! when the database holds a tag key (`pgwarden migrate` creates one).
+//!
+//! The value is `<client name>.<key id><nonce><mac>`, the last three in hex
+//! (8 + 32 + 64 digits), where the MAC is HMAC-SHA-256 under the database's
+//! tag key over the client name, the backend's process id, the key id and a
+//! fresh nonce. `pgwarden.client_user()` (SECURITY DEFINER) recomputes it
+//! with PostgreSQL's built-in `sha256()` from the HMAC pads stored beside
+//! the key, and raises 42501 for a forged, copied or missing value.
+//!
+//! Invariants: the key never reaches a role a client can become. It is read
+//! by a login of its own (`[identity] tag_reader`, member of no role, whose
+//! password is derived from the service password), over a short-lived
+//! connection; the pooled connections (the service user, or the per-role
+//! logins) cannot read it. A database whose key cannot be read gets the
+//! plain client name, with a warning, exactly as before signed tags.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::auth::service::{self, ServiceLogin};
+use crate::config::{BackendConfig, IdentityConfig};
+use crate::pool::conn::{BackendError, ServerConn};
+use crate::protocol::frame::Reader;
+use crate::protocol::messages;
+use crate::tls::BackendTls;
+
+/// What follows the client name in a signed value: `.`, the key id (8 hex
+/// digits), the nonce (32) and the MAC (64).
+pub const SUFFIX_LEN: usize = 1 + 8 + 32 + 64;
+/// Separates this MAC's input from every other use of the key.
+const DOMAIN: &[u8] = b"pgwarden-tag-v1\0";
+/// HMAC-SHA-256's block size: the pads are this long.
+const BLOCK: usize = 64;
+/// How soon a failed key read is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// One database's signing key.
+#[derive(Clone)]
+pub struct TagKey {
+    pub id: i32,
+    key: Arc<[u8]>,
+}
+
+impl std::fmt::Debug for TagKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TagKey").field("id", &self.id).finish()
+    }
+}
+
+impl TagKey {
+    pub fn new(id: i32, key: &[u8]) -> TagKey {
+        TagKey {
+            id,
+            key: Arc::from(key),
+        }
+    }
+
+    /// The value of the client-user setting for `name` on the backend with
+    /// process id `backend_pid`.
+    pub fn sign(&self, name: &str, backend_pid: i32, nonce: [u8; 16]) -> String {
+        let mac = self.mac(name, backend_pid, &nonce);
+        format!(
+            "{name}.{:08x}{}{}",
+            self.id as u32,
+            hex::encode(nonce),
+            hex::encode(mac)
+        )
+    }
+
+    /// Signs with a fresh random nonce.
+    pub fn sign_fresh(&self, name: &str, backend_pid: i32) -> String {
+        self.sign(name, backend_pid, rand::random())
+    }
+
+    fn mac(&self, name: &str, backend_pid: i32, nonce: &[u8; 16]) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key size");
+        mac.update(&message(name, backend_pid, self.id, nonce));
+        mac.finalize().into_bytes().into()
+    }
+}
+
+/// The MAC's input: domain, name, NUL (a name never holds one), pid, key
+/// id, nonce. The SQL side builds the same bytes.
+fn message(name: &str, backend_pid: i32, key_id: i32, nonce: &[u8; 16]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(DOMAIN.len() + name.len() + 25);
+    m.extend_from_slice(DOMAIN);
+    m.extend_from_slice(name.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&backend_pid.to_be_bytes());
+    m.extend_from_slice(&key_id.to_be_bytes());
+    m.extend_from_slice(nonce);
+    m
+}
+
+/// HMAC's inner and outer padded keys, stored beside the key so SQL can
+/// compute `sha256(opad || sha256(ipad || message))` without bit
+/// operations on `bytea`.
+pub fn pads(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    assert!(key.len() <= BLOCK, "tag keys are shorter than a block");
+    let mut ipad = vec![0x36u8; BLOCK];
+    let mut opad = vec![0x5cu8; BLOCK];
+    for (i, b) in key.iter().enumerate() {
+        ipad[i] ^= b;
+        opad[i] ^= b;
+    }
+    (ipad, opad)
+}
+
+/// The SQL of `pgwarden.client_user()` reading `setting`: verifies the
+/// signed value and returns the client name. A database without keys keeps
+/// the plain tag (the function returns the setting, or NULL).
+pub fn client_user_function(setting: &str) -> String {
+    let setting = setting.replace('\'', "''");
+    format!(
+        r#"CREATE OR REPLACE FUNCTION pgwarden.client_user() RETURNS text
+    LANGUAGE plpgsql STABLE PARALLEL RESTRICTED SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v text := pg_catalog.current_setting('{setting}', true);
+    n int;
+    kid int;
+    k record;
+    msg bytea;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgwarden.tag_keys) THEN
+        RETURN pg_catalog.nullif(v, '');
+    END IF;
+    IF v IS NULL OR v = '' THEN
+        RAISE EXCEPTION 'no pgwarden client tag in this session'
+            USING ERRCODE = '42501';
+    END IF;
+    n := pg_catalog.length(v);
+    IF n <= {suffix} OR pg_catalog.substr(v, n - {dot}, 1) <> '.'
+       OR pg_catalog.right(v, {hex}) !~ '^[0-9a-f]+$' THEN
+        RAISE EXCEPTION 'the pgwarden client tag is not signed'
+            USING ERRCODE = '42501';
+    END IF;
+    kid := ('x' || pg_catalog.substr(v, n - {kid_at}, 8))::bit(32)::int;
+    SELECT t.ipad, t.opad INTO k FROM pgwarden.tag_keys t
+     WHERE t.id = kid AND (t.retire_at IS NULL OR t.retire_at > pg_catalog.now());
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'the pgwarden client tag names no current key'
+            USING ERRCODE = '42501';
+    END IF;
+    msg := '\x{domain}'::bytea
+        || pg_catalog.convert_to(pg_catalog.left(v, n - {suffix}), 'UTF8') || '\x00'::bytea
+        || pg_catalog.int4send(pg_catalog.pg_backend_pid()) || pg_catalog.int4send(kid)
+        || pg_catalog.decode(pg_catalog.substr(v, n - {nonce_at}, 32), 'hex');
+    IF pg_catalog.sha256(k.opad || pg_catalog.sha256(k.ipad || msg))
+       <> pg_catalog.decode(pg_catalog.right(v, 64), 'hex') THEN
+        RAISE EXCEPTION 'the pgwarden client tag was forged or belongs to another session'
+            USING ERRCODE = '42501';
+    END IF;
+    RETURN pg_catalog.left(v, n - {suffix});
+END
+$fn$"#,
+        suffix = SUFFIX_LEN,
+        dot = SUFFIX_LEN - 1,
+        hex = SUFFIX_LEN - 1,
+        kid_at = SUFFIX_LEN - 2,
+        nonce_at = SUFFIX_LEN - 10,
+        domain = hex::encode(DOMAIN),
+    )
+}
+
+/// A database's signing key as last read.
+struct Cached {
+    key: Option<TagKey>,
+    read_at: Instant,
+    /// When to read again.
+    fresh_for: Duration,
+}
+
+/// The signing keys of the databases this gateway serves, read by the tag
+/// reader login when first needed and again every `tag_key_refresh_ms`.
+pub struct TagKeys {
+    /// `None`: signed tags are off (configuration, or no service password
+    /// to derive the reader's from).
+    reader: Option<(String, String)>,
+    refresh: Duration,
+    backend: Arc<BackendConfig>,
+    tls: Option<BackendTls>,
+    cache: Mutex<HashMap<String, Cached>>,
+    /// One read at a time.
+    reading: tokio::sync::Mutex<()>,
+}
+
+impl TagKeys {
+    pub fn new(
+        identity: &IdentityConfig,
+        backend: Arc<BackendConfig>,
+        tls: Option<BackendTls>,
+    ) -> TagKeys {
+        let reader = match (&backend.service_password, identity.signed_tag) {
+            (Some(secret), true) => Some((
+                identity.tag_reader.clone(),
+                super::logins::derived_password(secret, &identity.tag_reader),
+            )),
+            (None, true) => {
+                tracing::warn!("signed client tags need [backend] service_password (the tag reader's password is derived from it); the plain tag is set");
+                None
+            }
+            (_, false) => None,
+        };
+        TagKeys {
+            reader,
+            refresh: Duration::from_millis(identity.tag_key_refresh_ms),
+            backend,
+            tls,
+            cache: Mutex::new(HashMap::new()),
+            reading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn cached(&self, database: &str) -> Option<Option<TagKey>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let c = cache.get(database)?;
+        (c.read_at.elapsed() < c.fresh_for).then(|| c.key.clone())
+    }
+
+    /// The key to sign with in `database`, or `None` for the plain tag.
+    pub async fn signing_key(&self, database: &str) -> Option<TagKey> {
+        let (user, password) = self.reader.as_ref()?;
+        if let Some(key) = self.cached(database) {
+            return key;
+        }
+        let _one = self.reading.lock().await;
+        if let Some(key) = self.cached(database) {
+            return key;
+        }
+        let previous = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.get(database).map(|c| c.key.clone())
+        };
+        let (key, fresh_for) = match self.read(user, password, database).await {
+            Ok(key) => {
+                if key.is_none() && previous.is_none() {
+                    tracing::warn!(database, "the database holds no pgwarden tag key (run pgwarden migrate); the plain client tag is set");
+                }
+                (key, self.refresh)
+            }
+            Err(e) => {
+                if previous.is_none() {
+                    tracing::warn!(database, "cannot read the pgwarden tag key as \"{user}\" ({e}); the plain client tag is set");
+                }
+                // A key read before stays in use until a read succeeds.
+                (previous.flatten(), RETRY_AFTER)
+            }
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(
+            database.to_string(),
+            Cached {
+                key: key.clone(),
+                read_at: Instant::now(),
+                fresh_for,
+            },
+        );
+        key
+    }
+
+    /// Reads the newest current key over a connection of its own.
+    async fn read(
+        &self,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> Result<Option<TagKey>, BackendError> {
+        let timeout = Duration::from_millis(self.backend.connect_timeout_ms.saturating_mul(2));
+        let work = async {
+            let mut conn = ServerConn::connect(&self.backend, self.tls.as_ref()).await?;
+            let who = ServiceLogin {
+                user,
+                password: Some(password),
+                database,
+            };
+            service::login(&mut conn, &who).await?;
+            let mut out = BytesMut::new();
+            messages::query(
+                &mut out,
+                "SELECT id, pg_catalog.encode(key, 'hex') FROM pgwarden.tag_signing_key()",
+            );
+            messages::terminate(&mut out);
+            conn.write_all(&out).await?;
+            read_key(&mut conn).await
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::ConnectTimeout(self.backend.address())),
+        }
+    }
+}
+
+/// The key row of the reader's query; "no such function" (a database
+/// `pgwarden migrate` has not prepared) means no key.
+async fn read_key(conn: &mut ServerConn) -> Result<Option<TagKey>, BackendError> {
+    let mut key = None;
+    loop {
+        let frame = conn.read_frame().await?;
+        match frame[0] {
+            b'D' => key = parse_key_row(&frame[5..])?,
+            b'E' => {
+                let fields = messages::parse_error_fields(&frame[5..])?;
+                return match fields.code.as_str() {
+                    "42883" | "3F000" => Ok(None),
+                    _ => Err(BackendError::Server(fields)),
+                };
+            }
+            b'Z' => return Ok(key),
+            _ => {}
+        }
+    }
+}
+
+fn parse_key_row(body: &[u8]) -> Result<Option<TagKey>, BackendError> {
+    let mut r = Reader::new(body, "DataRow");
+    if r.i16()? != 2 {
+        return Ok(None);
+    }
+    let mut column = || -> Result<Option<String>, BackendError> {
+        let len = r.i32()?;
+        Ok((len >= 0)
+            .then(|| r.bytes(len as usize))
+            .transpose()?
+            .map(|b| String::from_utf8_lossy(b).into_owned()))
+    };
+    let (Some(id), Some(key)) = (column()?, column()?) else {
+        return Ok(None);
+    };
+    let (Ok(id), Ok(key)) = (id.parse::<i32>(), hex::decode(key)) else {
+        return Ok(None);
+    };
+    Ok(Some(TagKey::new(id, &key)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::Digest;
+
+    #[test]
+    fn the_pads_compute_the_same_mac_as_hmac() {
+        let key = TagKey::new(7, &[0xab; 32]);
+        let nonce = [3u8; 16];
+        let value = key.sign("alice", 4242, nonce);
+        let (ipad, opad) = pads(&[0xab; 32]);
+        let msg = message("alice", 4242, 7, &nonce);
+        let inner = Sha256::new()
+            .chain_update(&ipad)
+            .chain_update(&msg)
+            .finalize();
+        let outer = Sha256::new()
+            .chain_update(&opad)
+            .chain_update(inner)
+            .finalize();
+        assert!(value.ends_with(&hex::encode(outer)), "{value}");
+        assert!(value.starts_with("alice.00000007030303"), "{value}");
+        assert_eq!(value.len(), "alice".len() + SUFFIX_LEN);
+    }
+
+    #[test]
+    fn the_mac_binds_name_pid_key_and_nonce() {
+        let key = TagKey::new(1, &[9; 32]);
+        let base = key.sign("alice", 10, [0; 16]);
+        for other in [
+            key.sign("bob", 10, [0; 16]),
+            key.sign("alice", 11, [0; 16]),
+            key.sign("alice", 10, [1; 16]),
+            TagKey::new(2, &[9; 32]).sign("alice", 10, [0; 16]),
+            TagKey::new(1, &[8; 32]).sign("alice", 10, [0; 16]),
+        ] {
+            assert_ne!(base[base.len() - 64..], other[other.len() - 64..]);
+        }
+    }
+
+    #[test]
+    fn a_name_with_dots_signs_and_splits_from_the_right() {
+        let key = TagKey::new(1, &[1; 32]);
+        let value = key.sign("svc.a.b", 1, [0; 16]);
+        assert_eq!(&value[..value.len() - SUFFIX_LEN], "svc.a.b");
+    }
+}

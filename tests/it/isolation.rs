@@ -1,0 +1,312 @@
+//! Strict isolation: identity that SQL cannot change, by construction.
+//!
+//! - `[pool] isolation = "role"`: each mapped role has its own login, a
+//!   `NOINHERIT` member of that role only, so PostgreSQL itself refuses a
+//!   switch to another role, and `RESET ROLE` lands on a login with no
+//!   privileges.
+//! - The signed client tag: `pgwarden.client_user()` raises 42501 for a
+//!   forged value, one copied from another backend, or none.
+//!
+//! Each test migrates a database of its own.
+
+use crate::support::{self, cluster, connect_to, create_db, start_gateway, Opts};
+
+const ROLE_POLICY: &str = r#"
+[[map]]
+clients = ["alice", "md5_user"]
+role = "analyst"
+
+[[map]]
+clients = ["bob"]
+role = "engineer"
+
+[[map]]
+clients = ["carol"]
+role = "{user}"
+"#;
+
+fn role_opts(pool_extra: &str) -> Opts {
+    Opts {
+        policy: ROLE_POLICY,
+        pool_extra: format!("isolation = \"role\"\n{pool_extra}"),
+        ..Opts::default()
+    }
+}
+
+fn migrated(gw: &support::TestGateway, db: &str, setup: &str) {
+    create_db(db);
+    let out = support::migrate(gw.dir.path(), db, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("migrations applied") && stdout.contains("client tags are signed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster().psql(db, setup);
+}
+
+async fn error_of(client: &tokio_postgres::Client, sql: &str) -> String {
+    match client.batch_execute(sql).await {
+        Ok(()) => panic!("{sql}: succeeded"),
+        Err(e) => support::sqlstate(&e),
+    }
+}
+
+const TAG_SETUP: &str = "
+CREATE TABLE notes (owner text, body text);
+INSERT INTO notes VALUES ('alice', 'a1'), ('bob', 'b1');
+ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_notes ON notes USING (owner = pgwarden.client_user());
+GRANT SELECT ON notes TO analyst, engineer;
+-- An administrator's function that sets the client tag from inside, where
+-- no statement guard can see it.
+CREATE FUNCTION forge_tag(v text) RETURNS text LANGUAGE sql
+  AS $$ SELECT pg_catalog.set_config('app.client_user', v, false) $$;
+";
+
+/// A forged tag, set by a function the guard cannot see into, makes
+/// `pgwarden.client_user()` raise, and with it every RLS-protected read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_client_tag_is_refused_by_the_database() {
+    let gw = start_gateway(Opts::default()).await;
+    migrated(&gw, "signed_forged", TAG_SETUP);
+    let alice = connect_to(&gw, "alice", "signed_forged").await;
+    assert_eq!(
+        support::one(&alice, "SELECT pgwarden.client_user()").await,
+        "alice"
+    );
+    assert_eq!(
+        support::one(&alice, "SELECT string_agg(body, ',') FROM notes").await,
+        "a1"
+    );
+    let value = support::one(&alice, "SELECT current_setting('app.client_user')").await;
+    assert!(
+        value.starts_with("alice.") && value.len() == "alice".len() + 105,
+        "{value}"
+    );
+    for forged in ["bob", "alice", "", &value.replace("alice.", "bob..")] {
+        let sql =
+            format!("BEGIN; SELECT forge_tag('{forged}'); SELECT string_agg(body, ',') FROM notes");
+        assert_eq!(error_of(&alice, &sql).await, "42501", "{forged:?}");
+        alice.batch_execute("ROLLBACK").await.unwrap();
+    }
+    // Set for the session, the forged value is overwritten by the next
+    // transaction's assertion.
+    let _ = alice.batch_execute("SELECT forge_tag('bob')").await;
+    assert_eq!(
+        support::one(&alice, "SELECT string_agg(body, ',') FROM notes").await,
+        "a1"
+    );
+}
+
+/// A genuine value copied from another client's session is bound to that
+/// session's backend: on any other backend it is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_tag_copied_from_another_session_is_refused() {
+    let gw = start_gateway(Opts::default()).await;
+    migrated(&gw, "signed_copied", TAG_SETUP);
+    let alice = connect_to(&gw, "alice", "signed_copied").await;
+    let bob = connect_to(&gw, "bob", "signed_copied").await;
+    // bob holds his backend in a transaction: alice runs on another one.
+    bob.batch_execute("BEGIN").await.unwrap();
+    let bobs = support::one(&bob, "SELECT current_setting('app.client_user')").await;
+    assert_eq!(
+        support::one(&bob, "SELECT string_agg(body, ',') FROM notes").await,
+        "b1"
+    );
+    let sql = format!("BEGIN; SELECT forge_tag('{bobs}'); SELECT pgwarden.client_user()");
+    assert_eq!(error_of(&alice, &sql).await, "42501");
+    alice.batch_execute("ROLLBACK").await.unwrap();
+    let sql = format!("BEGIN; SELECT forge_tag('{bobs}'); SELECT body FROM notes");
+    assert_eq!(error_of(&alice, &sql).await, "42501");
+    alice.batch_execute("ROLLBACK").await.unwrap();
+    bob.batch_execute("COMMIT").await.unwrap();
+}
+
+/// `pgwarden migrate --rotate-tag-key`: the old key stays accepted for the
+/// grace period, the gateway moves to the new key at its next refresh, and
+/// a key retired without grace is replaced on the connections that carry
+/// it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tag_key_rotates_without_refusing_clients() {
+    let gw = start_gateway(Opts {
+        identity_extra: "tag_key_refresh_ms = 1000".into(),
+        ..Opts::default()
+    })
+    .await;
+    migrated(&gw, "signed_rotation", TAG_SETUP);
+    let key_of = |value: &str| value[value.len() - 104..value.len() - 96].to_string();
+    let alice = connect_to(&gw, "alice", "signed_rotation").await;
+    let tag = "SELECT current_setting('app.client_user')";
+    let first = key_of(&support::one(&alice, tag).await);
+    for grace in ["600", "0"] {
+        let before = key_of(&support::one(&alice, tag).await);
+        let out = support::migrate(
+            gw.dir.path(),
+            "signed_rotation",
+            &["--rotate-tag-key", "--grace-seconds", grace],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("signed with the new key"), "{stdout}");
+        if grace != "0" {
+            // Within the grace period the old key still verifies.
+            assert_eq!(
+                support::one(&alice, "SELECT pgwarden.client_user()").await,
+                "alice"
+            );
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let ok = alice
+                .simple_query("SELECT pgwarden.client_user()")
+                .await
+                .is_ok();
+            if ok && key_of(&support::one(&alice, tag).await) != before {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no new key in use");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    assert_ne!(key_of(&support::one(&alice, tag).await), first);
+}
+
+const ROLE_SETUP: &str = "
+CREATE TABLE secrets (v text);
+INSERT INTO secrets VALUES ('s');
+GRANT SELECT ON secrets TO analyst, engineer, carol;
+-- Administrators' SECURITY INVOKER functions that change the role from
+-- inside: no statement guard sees them.
+CREATE FUNCTION become_engineer() RETURNS text LANGUAGE sql
+  AS $$ SELECT pg_catalog.set_config('role', 'engineer', false) $$;
+CREATE FUNCTION drop_role() RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN EXECUTE 'RESET ROLE'; RETURN current_user; END $$;
+";
+
+/// With `isolation = "role"`, PostgreSQL refuses the switch to another
+/// mapped role, and `RESET ROLE` leaves a login that can read nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn role_isolation_makes_role_changes_fail_in_postgresql() {
+    let gw = start_gateway(role_opts("")).await;
+    migrated(&gw, "iso_escape", ROLE_SETUP);
+    let alice = connect_to(&gw, "alice", "iso_escape").await;
+    assert_eq!(
+        support::one(&alice, "SELECT current_user || ' ' || session_user").await,
+        "analyst pgwarden_svc_analyst"
+    );
+    assert_eq!(error_of(&alice, "SELECT become_engineer()").await, "42501");
+    assert_eq!(
+        error_of(
+            &alice,
+            "SELECT pg_catalog.set_config('role', 'engineer', false)"
+        )
+        .await,
+        "42501"
+    );
+    alice.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(
+        support::one(&alice, "SELECT drop_role()").await,
+        "pgwarden_svc_analyst"
+    );
+    assert_eq!(error_of(&alice, "SELECT v FROM secrets").await, "42501");
+    alice.batch_execute("ROLLBACK").await.unwrap();
+    // The session-level RESET ROLE outside a transaction: the next
+    // transaction is asserted afresh.
+    assert_eq!(
+        support::one(&alice, "SELECT drop_role()").await,
+        "pgwarden_svc_analyst"
+    );
+    assert_eq!(
+        support::one(&alice, "SELECT v || current_user FROM secrets").await,
+        "sanalyst"
+    );
+    // A `{user}` rule: carol runs as role carol through her own login.
+    let carol = connect_to(&gw, "carol", "iso_escape").await;
+    assert_eq!(
+        support::one(&carol, "SELECT current_user || ' ' || session_user").await,
+        "carol pgwarden_svc_carol"
+    );
+    let logins = cluster().psql(
+        "postgres",
+        "SELECT string_agg(r.rolname || ':' || r.rolinherit || ':' || \
+         (SELECT string_agg(g.rolname, ',') FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid WHERE m.member = r.oid), ' ' ORDER BY r.rolname) \
+         FROM pg_roles r WHERE r.rolname IN ('pgwarden_svc_analyst', 'pgwarden_svc_engineer', 'pgwarden_svc_carol')",
+    );
+    assert_eq!(
+        logins,
+        "pgwarden_svc_analyst:false:analyst pgwarden_svc_carol:false:carol pgwarden_svc_engineer:false:engineer"
+    );
+}
+
+/// Two clients of different roles interleave 1,000 transactions: each sees
+/// only its own role, login and client name.
+#[tokio::test(flavor = "multi_thread")]
+async fn role_isolation_interleaves_clients_without_a_leak() {
+    let gw = start_gateway(role_opts("")).await;
+    migrated(&gw, "iso_interleave", ROLE_SETUP);
+    let mut tasks = Vec::new();
+    for (user, role) in [("alice", "analyst"), ("bob", "engineer")] {
+        let client = connect_to(&gw, user, "iso_interleave").await;
+        tasks.push(tokio::spawn(async move {
+            let want = format!("{role} pgwarden_svc_{role} {user}");
+            let sql = "SELECT current_user || ' ' || session_user || ' ' || pgwarden.client_user()";
+            for i in 0..500 {
+                // Every other transaction is an explicit one of two statements.
+                if i % 2 == 1 {
+                    client.batch_execute("BEGIN").await.unwrap();
+                    assert_eq!(support::one(&client, sql).await, want, "transaction {i}");
+                }
+                assert_eq!(support::one(&client, sql).await, want, "transaction {i}");
+                if i % 2 == 1 {
+                    client.batch_execute("COMMIT").await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let logins: Vec<String> = gw
+        .shared
+        .pools
+        .status()
+        .into_iter()
+        .filter(|((db, _), _)| db == "iso_interleave")
+        .map(|((_, login), _)| login)
+        .collect();
+    assert_eq!(logins.len(), 2, "{logins:?}");
+}
+
+/// Idle per-role pools shrink, and `max_db_connections` caps a database's
+/// pools together: a role with no idle connection takes one that another
+/// role's pool holds idle, and waits (then 53300) when all are busy.
+#[tokio::test(flavor = "multi_thread")]
+async fn role_pools_shrink_and_share_a_cap() {
+    let gw = start_gateway(Opts {
+        acquire_timeout_ms: 500,
+        ..role_opts("max_db_connections = 1\nidle_timeout_ms = 400")
+    })
+    .await;
+    migrated(&gw, "iso_cap", ROLE_SETUP);
+    let total = |gw: &support::TestGateway| -> usize {
+        gw.shared
+            .pools
+            .status()
+            .iter()
+            .filter(|((db, _), _)| db == "iso_cap")
+            .map(|(_, s)| s.size)
+            .sum()
+    };
+    let alice = connect_to(&gw, "alice", "iso_cap").await;
+    let bob = connect_to(&gw, "bob", "iso_cap").await;
+    for _ in 0..3 {
+        assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+        assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
+        assert_eq!(total(&gw), 1);
+    }
+    alice.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(error_of(&bob, "SELECT 1").await, "53300");
+    alice.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
+    support::eventually("idle pools shrink to nothing", || total(&gw) == 0).await;
+}

@@ -157,6 +157,17 @@ async fn pool_of(pool_size: usize) -> TestGateway {
     .await
 }
 
+/// `[pool] isolation = "role"`: each role's transactions run on its own
+/// login (the cluster has them, as `pgwarden migrate` makes them).
+async fn role_isolated(pool_size: usize) -> TestGateway {
+    start_gateway(Opts {
+        pool_size,
+        pool_extra: "isolation = \"role\"".into(),
+        ..Opts::default()
+    })
+    .await
+}
+
 async fn python_driver(script: &str, user: &str, other: &str, env: &[(&str, &str)]) {
     python_driver_on(pool_of(2).await, script, user, other, env).await;
 }
@@ -215,6 +226,23 @@ async fn drivers_psycopg3_deallocate_all() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn drivers_psycopg3_role_isolation() {
+    python_driver_on(role_isolated(2).await, "psycopg_suite.py", "alice", "bob", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_asyncpg_role_isolation() {
+    python_driver_on(
+        role_isolated(2).await,
+        "asyncpg_suite.py",
+        "alice",
+        "md5_user",
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn drivers_asyncpg() {
     python_driver("asyncpg_suite.py", "alice", "md5_user", &[]).await;
 }
@@ -224,10 +252,15 @@ async fn drivers_node_postgres() {
     require_program("node", "--version");
     let node = drivers_dir().join("node");
     require_file(&node.join("node_modules/pg"), "node-postgres (npm `pg`)");
-    let gw = small_pool().await;
+    for gw in [small_pool().await, role_isolated(2).await] {
+        node_postgres(&gw, &node).await;
+    }
+}
+
+async fn node_postgres(gw: &TestGateway, node: &Path) {
     let mut cmd = Command::new("node");
-    cmd.arg(node.join("pg_suite.js")).current_dir(&node);
-    gateway_env(&mut cmd, &gw, "alice", Some("clear_user"));
+    cmd.arg(node.join("pg_suite.js")).current_dir(node);
+    gateway_env(&mut cmd, gw, "alice", Some("clear_user"));
     let out = run("node-postgres", cmd).await;
     assert!(
         out.contains("PASS"),
@@ -419,9 +452,12 @@ fn bench_database() {
 /// connection became free" followed by `prepared statement "P_0" does not
 /// exist` (pgbench ignores the failed Parse and binds anyway).
 async fn pgbench(protocol: &str, connect_per_transaction: bool) {
+    pgbench_on(small_pool().await, protocol, connect_per_transaction).await;
+}
+
+async fn pgbench_on(gw: TestGateway, protocol: &str, connect_per_transaction: bool) {
     require_program("pgbench", "--version");
     let user = "alice";
-    let gw = small_pool().await;
     tokio::task::spawn_blocking(bench_database).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let identity = dir.path().join("identity.sql");
@@ -489,6 +525,11 @@ async fn drivers_pgbench_extended() {
 #[tokio::test(flavor = "multi_thread")]
 async fn drivers_pgbench_prepared() {
     pgbench("prepared", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn drivers_pgbench_prepared_role_isolation() {
+    pgbench_on(role_isolated(2).await, "prepared", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -286,6 +286,17 @@ fn setup_sql() -> String {
             "SET password_encryption = '{enc}'; CREATE ROLE {user} LOGIN PASSWORD '{password}';\n"
         ));
     }
+    // `[pool] isolation = "role"`: each mapped role's own login, as
+    // `pgwarden migrate` makes them (password derived from the service
+    // password), so role-isolated gateways serve every database.
+    sql.push_str("SET password_encryption = 'scram-sha-256';\n");
+    for role in ["analyst", "engineer", "other_role"] {
+        let login = format!("pgwarden_svc_{role}");
+        let password = pgwarden::identity::logins::derived_password(SERVICE_PASSWORD, &login);
+        sql.push_str(&format!(
+            "CREATE ROLE {login} LOGIN NOINHERIT PASSWORD '{password}'; GRANT {role} TO {login};\n"
+        ));
+    }
     sql.push_str(
         "SET password_encryption = 'md5';
          CREATE ROLE pgwarden_svc_md5 LOGIN NOINHERIT PASSWORD 'svc-secret';

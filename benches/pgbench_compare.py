@@ -82,10 +82,16 @@ class Cluster:
 
 
 def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary=None):
-    """variant: an audit mode (off, async, group, sync), optionally "+verify".
+    """variant: an audit mode (off, async, group, sync), optionally followed
+    by "+verify" (verify = transaction), "+role" (isolation = role; runs
+    `pgwarden migrate`, which makes the per-role login and a tag key, so
+    every gateway of the run then signs its client tag) and "+plain"
+    (signed_tag = false).
     `wrapper` is a command that runs the binary (e.g. valgrind)."""
-    audit, _, extra = variant.partition("+")
-    verify = "transaction" if extra == "verify" else "off"
+    audit, *extras = variant.split("+")
+    verify = "transaction" if "verify" in extras else "off"
+    isolation = "role" if "role" in extras else "shared"
+    signed = "false" if "plain" in extras else "true"
     d = os.path.join(tmp, f"pgwarden-{variant}")
     os.makedirs(os.path.join(d, "policies"), exist_ok=True)
     with open(os.path.join(d, "policies", "bench.toml"), "w") as f:
@@ -95,9 +101,15 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
     durability = "group" if audit == "off" else audit
     with open(os.path.join(d, "pgwarden.toml"), "w") as f:
         f.write(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
-                f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\n[identity]\nverify = "{verify}"\n'
+                f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\nisolation = "{isolation}"\n'
+                f'[identity]\nverify = "{verify}"\nsigned_tag = {signed}\n'
                 f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n')
     binary = binary or os.path.join(ROOT, "target", "release", "pgwarden")
+    if isolation == "role":
+        out = subprocess.run([binary, "migrate", "-c", os.path.join(d, "pgwarden.toml"), "--admin-url",
+                              f"postgres://postgres@127.0.0.1:{pg_port}/postgres"], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"pgwarden migrate ({variant}) failed:\n{out.stdout}{out.stderr}")
     proc = subprocess.Popen([*wrapper, binary, "serve", "-c", os.path.join(d, "pgwarden.toml")],
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "w"),
                             env=dict(os.environ, PGWARDEN_LOG="warn"))

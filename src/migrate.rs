@@ -92,12 +92,7 @@ pub async fn run(
     if let Some(secret) = &config.backend.service_password {
         let reader = &config.identity.tag_reader;
         prepare_login(&pool, reader, secret, None, &mut report).await?;
-        exec_formatted(
-            &pool,
-            "GRANT EXECUTE ON FUNCTION pgwarden.tag_signing_key() TO %I",
-            &[reader],
-        )
-        .await?;
+        exec_formatted(&pool, "GRANT SELECT ON pgwarden.tag_keys TO %I", &[reader]).await?;
         if config.pool.isolation == Isolation::Role {
             for role in roles_served(&pool, &policy, config).await? {
                 match logins::role_login(&config.pool.role_login, &role) {
@@ -240,6 +235,9 @@ async fn prepare_login(
         &[login, &verifier],
     )
     .await?;
+    // Settings a login set on itself (a client that reached it through
+    // RESET ROLE can: `ALTER ROLE CURRENT_USER SET ...`) are dropped.
+    exec_formatted(pool, "ALTER ROLE %I RESET ALL", &[login]).await?;
     let memberships: Vec<String> = sqlx::query_scalar(
         "SELECT r.rolname::text FROM pg_auth_members m \
          JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles u ON u.oid = m.member \
@@ -259,10 +257,10 @@ async fn prepare_login(
     let holds: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_shdepend d JOIN pg_roles r ON r.oid = d.refobjid \
          WHERE r.rolname = $1 AND d.deptype IN ('o', 'a') \
-         AND NOT ($2 AND d.deptype = 'a' AND d.classid = 'pg_proc'::regclass)",
+         AND NOT ($2 AND d.deptype = 'a' AND d.classid = 'pg_class'::regclass)",
     )
     .bind(login)
-    // The tag reader's one grant is EXECUTE on pgwarden.tag_signing_key().
+    // The tag reader's one grant is SELECT on pgwarden.tag_keys.
     .bind(member_of.is_none())
     .fetch_one(pool)
     .await?;

@@ -3,8 +3,9 @@
 //!
 //! The value is `<client name>.<key id><nonce><mac>`, the last three in hex
 //! (8 + 32 + 64 digits), where the MAC is HMAC-SHA-256 under the database's
-//! tag key over the client name, the backend's process id, the key id and a
-//! fresh nonce. `pgwarden.client_user()` (SECURITY DEFINER) recomputes it
+//! tag key over the client name, the role, the backend's process id and
+//! start time (so the value is good on one backend process only, not on a
+//! later one that reuses the pid), the key id and a fresh nonce. `pgwarden.client_user()` (SECURITY DEFINER) recomputes it
 //! with PostgreSQL's built-in `sha256()` from the HMAC pads stored beside
 //! the key, and raises 42501 for a forged, copied or missing value.
 //!
@@ -12,8 +13,12 @@
 //! by a login of its own (`[identity] tag_reader`, member of no role, whose
 //! password is derived from the service password), over a short-lived
 //! connection; the pooled connections (the service user, or the per-role
-//! logins) cannot read it. A database whose key cannot be read gets the
-//! plain client name, with a warning, exactly as before signed tags.
+//! logins) cannot read it. The reader runs no code a client could have
+//! written: its search path is `pg_catalog` only, it reads the key table
+//! only once the catalog shows a plain table (no row security, no
+//! children, the expected column types), and it calls no function of the
+//! database's own. A database whose key cannot be read gets the plain
+//! client name, with a warning, exactly as before signed tags.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,7 +31,6 @@ use sha2::Sha256;
 use crate::auth::service::{self, ServiceLogin};
 use crate::config::{BackendConfig, IdentityConfig};
 use crate::pool::conn::{BackendError, ServerConn};
-use crate::protocol::frame::Reader;
 use crate::protocol::messages;
 use crate::tls::BackendTls;
 
@@ -61,10 +65,12 @@ impl TagKey {
         }
     }
 
-    /// The value of the client-user setting for `name` on the backend with
-    /// process id `backend_pid`.
-    pub fn sign(&self, name: &str, backend_pid: i32, nonce: [u8; 16]) -> String {
-        let mac = self.mac(name, backend_pid, &nonce);
+    /// The value of the client-user setting for `name` acting as `role`
+    /// on `backend`.
+    pub fn sign(&self, name: &str, role: &str, backend: Backend, nonce: [u8; 16]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key size");
+        mac.update(&message(name, role, backend, self.id, &nonce));
+        let mac: [u8; 32] = mac.finalize().into_bytes().into();
         format!(
             "{name}.{:08x}{}{}",
             self.id as u32,
@@ -74,25 +80,47 @@ impl TagKey {
     }
 
     /// Signs with a fresh random nonce.
-    pub fn sign_fresh(&self, name: &str, backend_pid: i32) -> String {
-        self.sign(name, backend_pid, rand::random())
-    }
-
-    fn mac(&self, name: &str, backend_pid: i32, nonce: &[u8; 16]) -> [u8; 32] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key size");
-        mac.update(&message(name, backend_pid, self.id, nonce));
-        mac.finalize().into_bytes().into()
+    pub fn sign_fresh(&self, name: &str, role: &str, backend: Backend) -> String {
+        self.sign(name, role, backend, rand::random())
     }
 }
 
-/// The MAC's input: domain, name, NUL (a name never holds one), pid, key
-/// id, nonce. The SQL side builds the same bytes.
-fn message(name: &str, backend_pid: i32, key_id: i32, nonce: &[u8; 16]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(DOMAIN.len() + name.len() + 25);
+/// Which backend process a value is good on: its pid and its start time
+/// (microseconds since the Unix epoch, as PostgreSQL reports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    pub pid: i32,
+    pub started_us: i64,
+}
+
+/// The query that reads a backend's start time, as [`parse_started`]
+/// expects it. It names only `pg_catalog` functions and no operator, so a
+/// database's own objects (whatever its search path) cannot stand in.
+pub const BACKEND_START_SQL: &str = "SELECT EXTRACT(epoch FROM a.backend_start) \
+     FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a";
+
+/// `1764520000.123456` (seconds, up to 6 decimals) as microseconds.
+pub fn parse_started(text: &str) -> Option<i64> {
+    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
+    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: i64 = secs.parse().ok()?;
+    let frac: i64 = format!("{frac:0<6}").parse().ok()?;
+    secs.checked_mul(1_000_000)?.checked_add(frac)
+}
+
+/// The MAC's input: domain, name, NUL, role, NUL (names never hold one),
+/// pid, start time, key id, nonce. The SQL side builds the same bytes.
+fn message(name: &str, role: &str, backend: Backend, key_id: i32, nonce: &[u8; 16]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(DOMAIN.len() + name.len() + role.len() + 34);
     m.extend_from_slice(DOMAIN);
     m.extend_from_slice(name.as_bytes());
     m.push(0);
-    m.extend_from_slice(&backend_pid.to_be_bytes());
+    m.extend_from_slice(role.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&backend.pid.to_be_bytes());
+    m.extend_from_slice(&backend.started_us.to_be_bytes());
     m.extend_from_slice(&key_id.to_be_bytes());
     m.extend_from_slice(nonce);
     m
@@ -151,7 +179,11 @@ BEGIN
     END IF;
     msg := '\x{domain}'::bytea
         || pg_catalog.convert_to(pg_catalog.left(v, n - {suffix}), 'UTF8') || '\x00'::bytea
-        || pg_catalog.int4send(pg_catalog.pg_backend_pid()) || pg_catalog.int4send(kid)
+        || pg_catalog.convert_to(pg_catalog.current_setting('role'), 'UTF8') || '\x00'::bytea
+        || pg_catalog.int4send(pg_catalog.pg_backend_pid())
+        || pg_catalog.int8send((SELECT (EXTRACT(epoch FROM a.backend_start) * 1000000)::int8
+              FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a))
+        || pg_catalog.int4send(kid)
         || pg_catalog.decode(pg_catalog.substr(v, n - {nonce_at}, 32), 'hex');
     IF pg_catalog.sha256(k.opad || pg_catalog.sha256(k.ipad || msg))
        <> pg_catalog.decode(pg_catalog.right(v, 64), 'hex') THEN
@@ -282,14 +314,11 @@ impl TagKeys {
                 database,
             };
             service::login(&mut conn, &who).await?;
+            let key = read_key(&mut conn, database).await;
             let mut out = BytesMut::new();
-            messages::query(
-                &mut out,
-                "SELECT id, pg_catalog.encode(key, 'hex') FROM pgwarden.tag_signing_key()",
-            );
             messages::terminate(&mut out);
-            conn.write_all(&out).await?;
-            read_key(&mut conn).await
+            let _ = conn.write_all(&out).await;
+            key
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(result) => result,
@@ -298,46 +327,49 @@ impl TagKeys {
     }
 }
 
-/// The key row of the reader's query; "no such function" (a database
-/// `pgwarden migrate` has not prepared) means no key.
-async fn read_key(conn: &mut ServerConn) -> Result<Option<TagKey>, BackendError> {
-    let mut key = None;
-    loop {
-        let frame = conn.read_frame().await?;
-        match frame[0] {
-            b'D' => key = parse_key_row(&frame[5..])?,
-            b'E' => {
-                let fields = messages::parse_error_fields(&frame[5..])?;
-                return match fields.code.as_str() {
-                    "42883" | "3F000" => Ok(None),
-                    _ => Err(BackendError::Server(fields)),
-                };
-            }
-            b'Z' => return Ok(key),
-            _ => {}
+/// Only `pg_catalog` is searched (a database's default search path could
+/// put an operator of its own first); then whether `pgwarden.tag_keys` is
+/// a plain table the reader can read without running anything but
+/// PostgreSQL's own code.
+const KEY_TABLE_CHECK: &str = "SET search_path = pg_catalog, pg_temp; \
+    SELECT c.relkind = 'r' AND NOT c.relrowsecurity AND NOT c.relhassubclass \
+       AND (SELECT count(*) FROM pg_catalog.pg_attribute a \
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+               AND ((a.attname = 'id' AND a.atttypid = 'pg_catalog.int4'::pg_catalog.regtype) \
+                 OR (a.attname = 'key' AND a.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype) \
+                 OR (a.attname = 'retire_at' AND a.atttypid = 'pg_catalog.timestamptz'::pg_catalog.regtype))) = 3 \
+    FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('pgwarden.tag_keys')";
+
+/// The current keys; the newest is the signing key.
+const KEYS: &str = "SELECT id, pg_catalog.encode(key, 'hex') FROM ONLY pgwarden.tag_keys \
+    WHERE retire_at IS NULL";
+
+/// The signing key of the reader's database: none when it has no key
+/// table (a database `pgwarden migrate` has not prepared), an error when
+/// the table is not what migrate makes.
+async fn read_key(conn: &mut ServerConn, database: &str) -> Result<Option<TagKey>, BackendError> {
+    match conn.simple_rows(KEY_TABLE_CHECK).await?.first() {
+        None => return Ok(None),
+        Some(row) if row.first() == Some(&Some("t".to_string())) => {}
+        Some(_) => {
+            return Err(BackendError::Auth(format!(
+                "pgwarden.tag_keys in database \"{database}\" is not the plain table pgwarden migrate makes; it is not read"
+            )))
         }
     }
-}
-
-fn parse_key_row(body: &[u8]) -> Result<Option<TagKey>, BackendError> {
-    let mut r = Reader::new(body, "DataRow");
-    if r.i16()? != 2 {
-        return Ok(None);
+    let mut newest: Option<TagKey> = None;
+    for row in conn.simple_rows(KEYS).await? {
+        let (Some(Some(id)), Some(Some(key))) = (row.first(), row.get(1)) else {
+            continue;
+        };
+        let (Ok(id), Ok(key)) = (id.parse::<i32>(), hex::decode(key)) else {
+            continue;
+        };
+        if newest.as_ref().is_none_or(|k| k.id < id) {
+            newest = Some(TagKey::new(id, &key));
+        }
     }
-    let mut column = || -> Result<Option<String>, BackendError> {
-        let len = r.i32()?;
-        Ok((len >= 0)
-            .then(|| r.bytes(len as usize))
-            .transpose()?
-            .map(|b| String::from_utf8_lossy(b).into_owned()))
-    };
-    let (Some(id), Some(key)) = (column()?, column()?) else {
-        return Ok(None);
-    };
-    let (Ok(id), Ok(key)) = (id.parse::<i32>(), hex::decode(key)) else {
-        return Ok(None);
-    };
-    Ok(Some(TagKey::new(id, &key)))
+    Ok(newest)
 }
 
 #[cfg(test)]
@@ -345,13 +377,18 @@ mod tests {
     use super::*;
     use sha2::Digest;
 
+    const B: Backend = Backend {
+        pid: 4242,
+        started_us: 1_764_520_000_123_456,
+    };
+
     #[test]
     fn the_pads_compute_the_same_mac_as_hmac() {
         let key = TagKey::new(7, &[0xab; 32]);
         let nonce = [3u8; 16];
-        let value = key.sign("alice", 4242, nonce);
+        let value = key.sign("alice", "analyst", B, nonce);
         let (ipad, opad) = pads(&[0xab; 32]);
-        let msg = message("alice", 4242, 7, &nonce);
+        let msg = message("alice", "analyst", B, 7, &nonce);
         let inner = Sha256::new()
             .chain_update(&ipad)
             .chain_update(&msg)
@@ -366,24 +403,46 @@ mod tests {
     }
 
     #[test]
-    fn the_mac_binds_name_pid_key_and_nonce() {
+    fn the_mac_binds_name_role_backend_key_and_nonce() {
         let key = TagKey::new(1, &[9; 32]);
-        let base = key.sign("alice", 10, [0; 16]);
+        let mac = |v: String| v[v.len() - 64..].to_string();
+        let base = mac(key.sign("alice", "analyst", B, [0; 16]));
+        let later = Backend {
+            started_us: B.started_us + 1,
+            ..B
+        };
+        let other_pid = Backend { pid: 4243, ..B };
         for other in [
-            key.sign("bob", 10, [0; 16]),
-            key.sign("alice", 11, [0; 16]),
-            key.sign("alice", 10, [1; 16]),
-            TagKey::new(2, &[9; 32]).sign("alice", 10, [0; 16]),
-            TagKey::new(1, &[8; 32]).sign("alice", 10, [0; 16]),
+            key.sign("bob", "analyst", B, [0; 16]),
+            key.sign("alice", "engineer", B, [0; 16]),
+            key.sign("alice", "analyst", other_pid, [0; 16]),
+            key.sign("alice", "analyst", later, [0; 16]),
+            key.sign("alice", "analyst", B, [1; 16]),
+            TagKey::new(2, &[9; 32]).sign("alice", "analyst", B, [0; 16]),
+            TagKey::new(1, &[8; 32]).sign("alice", "analyst", B, [0; 16]),
+            // The NUL between name and role: no shifting of bytes across.
+            key.sign("alicea", "nalyst", B, [0; 16]),
         ] {
-            assert_ne!(base[base.len() - 64..], other[other.len() - 64..]);
+            assert_ne!(base, mac(other));
         }
     }
 
     #[test]
     fn a_name_with_dots_signs_and_splits_from_the_right() {
         let key = TagKey::new(1, &[1; 32]);
-        let value = key.sign("svc.a.b", 1, [0; 16]);
+        let value = key.sign("svc.a.b", "r", B, [0; 16]);
         assert_eq!(&value[..value.len() - SUFFIX_LEN], "svc.a.b");
+    }
+
+    #[test]
+    fn backend_start_times_parse_to_microseconds() {
+        assert_eq!(
+            parse_started("1764520000.123456"),
+            Some(1_764_520_000_123_456)
+        );
+        assert_eq!(parse_started("1764520000.1"), Some(1_764_520_000_100_000));
+        assert_eq!(parse_started("1764520000"), Some(1_764_520_000_000_000));
+        assert_eq!(parse_started("1764520000.1234567"), None);
+        assert_eq!(parse_started("x"), None);
     }
 }

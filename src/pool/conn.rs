@@ -89,6 +89,9 @@ pub struct ServerConn {
     /// Notifications met by the gateway's own exchanges, not yet relayed.
     notifications: Vec<BytesMut>,
     broken: bool,
+    /// When the backend process started (µs since the epoch), read at
+    /// creation: signed client tags are bound to it.
+    pub started_us: Option<i64>,
     /// The database's connection cap this connection counts against.
     pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -156,6 +159,7 @@ impl ServerConn {
             notifications: Vec::new(),
             broken: false,
             permit: None,
+            started_us: None,
             tag: None,
         })
     }
@@ -218,6 +222,33 @@ impl ServerConn {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Runs `sql` as a simple query of the gateway's own and returns its
+    /// rows as text (`None` for NULL); the first error the server reports
+    /// is returned instead, once it is ready again.
+    pub async fn simple_rows(
+        &mut self,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, BackendError> {
+        let mut out = BytesMut::new();
+        messages::query(&mut out, sql);
+        self.write_all(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame[0] {
+                b'D' => rows.push(messages::text_columns(&frame[5..])?),
+                b'E' if error.is_none() => error = Some(messages::parse_error_fields(&frame[5..])?),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(fields) => Err(BackendError::Server(fields)),
+            None => Ok(rows),
         }
     }
 

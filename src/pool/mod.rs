@@ -63,6 +63,12 @@ impl managed::Manager for ServerManager {
             Err(_) => return Err(BackendError::ConnectTimeout(self.backend.address())),
         }
         conn.permit = permit;
+        conn.started_us = conn
+            .simple_rows(crate::identity::tag::BACKEND_START_SQL)
+            .await?
+            .first()
+            .and_then(|row| row.first().cloned().flatten())
+            .and_then(|text| crate::identity::tag::parse_started(&text));
         tracing::debug!(database = %self.database, login = %self.user, backend_pid = conn.pid, "server connection created");
         Ok(conn)
     }
@@ -93,6 +99,14 @@ pub fn discard(conn: PooledConn) {
 
 /// Which pool: a database and the login its connections use.
 type PoolKey = (String, String);
+
+/// One pool, as a session holds it.
+#[derive(Clone)]
+pub struct PoolRef {
+    pool: managed::Pool<ServerManager>,
+    database: String,
+    login: String,
+}
 
 /// One pool per (database, login), created on first use: with
 /// `isolation = "shared"` the login is always the service user, with
@@ -168,15 +182,24 @@ impl Pools {
         pool
     }
 
-    /// Checks out a connection to `database` for `role`, waiting at most
-    /// `acquire_timeout_ms` for one to become free.
-    pub async fn acquire(&self, database: &str, role: &str) -> Result<PooledConn, PgError> {
+    /// The pool that serves `role` in `database` (a session resolves it
+    /// once and keeps it).
+    pub fn pool_for(&self, database: &str, role: &str) -> Result<PoolRef, PgError> {
         let login = self.login_for(role)?;
-        let pool = self.pool(database, &login);
-        if pool.status().available == 0 {
-            self.make_room(database, &login);
-        }
+        Ok(PoolRef {
+            pool: self.pool(database, &login),
+            database: database.to_string(),
+            login,
+        })
+    }
+
+    /// Checks out a connection of `pool`, waiting at most
+    /// `acquire_timeout_ms` for one to become free.
+    pub async fn acquire(&self, pool: &PoolRef) -> Result<PooledConn, PgError> {
         let capped = self.config.max_db_connections > 0;
+        if capped && pool.pool.status().available == 0 {
+            self.make_room(&pool.database, &pool.login);
+        }
         let timeouts = Timeouts {
             wait: Some(Duration::from_millis(self.config.acquire_timeout_ms)),
             create: Some(Duration::from_millis(
@@ -189,7 +212,8 @@ impl Pools {
             )),
             recycle: Some(Duration::from_secs(1)),
         };
-        pool.timeout_get(&timeouts)
+        pool.pool
+            .timeout_get(&timeouts)
             .await
             .map_err(|e| acquire_error(e, &self.config))
     }

@@ -196,6 +196,23 @@ pub fn parse_error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
 }
 
 /// The command tag of a `CommandComplete` and the row count it reports, if any.
+/// A `DataRow`'s columns as text (lossy UTF-8; `None` for NULL), for the
+/// gateway's own small queries.
+pub fn text_columns(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
+    let mut r = Reader::new(body, "DataRow");
+    let n = r.i16()?;
+    let mut columns = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = r.i32()?;
+        columns.push(if len < 0 {
+            None
+        } else {
+            Some(String::from_utf8_lossy(r.bytes(len as usize)?).into_owned())
+        });
+    }
+    Ok(columns)
+}
+
 pub fn parse_command_complete(body: &[u8]) -> Result<(String, Option<u64>), ProtocolError> {
     let tag = Reader::new(body, "CommandComplete").cstr()?;
     let tag = String::from_utf8_lossy(tag).into_owned();

@@ -320,9 +320,9 @@ async fn login(
         client.send_error(&e).await;
         return Ok(None);
     }
-    ident.client_user = startup.get("user").unwrap_or_default().into();
+    ident.client_user = as_postgres_names(startup.get("user").unwrap_or_default()).into();
     ident.database = match startup.get("database") {
-        Some(db) if !db.is_empty() => db.into(),
+        Some(db) if !db.is_empty() => as_postgres_names(db).into(),
         _ => ident.client_user.clone(),
     };
     let Some(role) = shared.policy().resolve(&ident.client_user, &ident.database) else {
@@ -414,8 +414,45 @@ pub fn protocol_fatal(e: &ProtocolError) -> PgError {
     PgError::fatal(code, e.to_string())
 }
 
+/// PostgreSQL keeps the first 63 bytes of a user or database name (it
+/// authenticates the truncated name): the gateway maps and records the
+/// same one. [`check_startup`] refused names cut inside a character.
+fn as_postgres_names(name: &str) -> &str {
+    if name.len() > MAX_NAME {
+        &name[..MAX_NAME]
+    } else {
+        name
+    }
+}
+
+/// PostgreSQL's `NAMEDATALEN` - 1.
+const MAX_NAME: usize = 63;
+
 /// Refuses startup packets the gateway cannot serve, before any backend work.
+///
+/// A parameter given twice is refused: PostgreSQL takes the last `user`
+/// and `database`, so a gateway reading the first would authenticate one
+/// user and map another.
 fn check_startup(startup: &StartupMessage) -> Result<(), PgError> {
+    for (i, (key, _)) in startup.params.iter().enumerate() {
+        if startup.params[..i].iter().any(|(k, _)| k == key) {
+            return Err(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("startup parameter \"{key}\" is given more than once"),
+            ));
+        }
+    }
+    for key in ["user", "database"] {
+        let value = startup.get(key).unwrap_or_default();
+        if value.len() > MAX_NAME && !value.is_char_boundary(MAX_NAME) {
+            return Err(PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!(
+                    "the {key} name is longer than 63 bytes and would be cut inside a character"
+                ),
+            ));
+        }
+    }
     match startup.get("user") {
         Some(u) if !u.is_empty() => {}
         _ => {

@@ -227,7 +227,14 @@ async fn drivers_psycopg3_deallocate_all() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn drivers_psycopg3_role_isolation() {
-    python_driver_on(role_isolated(2).await, "psycopg_suite.py", "alice", "bob", &[]).await;
+    python_driver_on(
+        role_isolated(2).await,
+        "psycopg_suite.py",
+        "alice",
+        "bob",
+        &[],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -310,3 +310,169 @@ async fn role_pools_shrink_and_share_a_cap() {
     assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
     support::eventually("idle pools shrink to nothing", || total(&gw) == 0).await;
 }
+
+/// A value copied from a client of another role is refused even on the
+/// same backend process: the MAC binds the role too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_tag_of_another_role_is_refused_on_the_same_backend() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    migrated(&gw, "signed_same_backend", TAG_SETUP);
+    let alice = connect_to(&gw, "alice", "signed_same_backend").await;
+    let bob = connect_to(&gw, "bob", "signed_same_backend").await;
+    let pid = "SELECT pg_backend_pid()";
+    let bobs = support::one(&bob, "SELECT current_setting('app.client_user')").await;
+    assert_eq!(
+        support::one(&bob, pid).await,
+        support::one(&alice, pid).await
+    );
+    let sql = format!("BEGIN; SELECT forge_tag('{bobs}'); SELECT pgwarden.client_user()");
+    assert_eq!(error_of(&alice, &sql).await, "42501");
+    alice.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// The tag reader reads a database's key only from the plain table
+/// `pgwarden migrate` makes: in a database where a client may create
+/// objects, a view or a row-security policy named like it runs nothing as
+/// the reader (red-team finding: the reader used to call a function of
+/// the database's own, which a client could write).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tag_reader_runs_no_code_of_the_database() {
+    let gw = start_gateway(Opts {
+        identity_extra: "tag_key_refresh_ms = 1000".into(),
+        ..Opts::default()
+    })
+    .await;
+    // Some database must have been migrated for the reader login to exist.
+    migrated(&gw, "signed_reader_home", "SELECT 1");
+    create_db("reader_trap");
+    let pg = cluster();
+    pg.psql(
+        "reader_trap",
+        "GRANT CREATE ON DATABASE reader_trap TO analyst; GRANT CREATE, USAGE ON SCHEMA public TO analyst;",
+    );
+    let alice = connect_to(&gw, "alice", "reader_trap").await;
+    alice
+        .batch_execute(
+            "CREATE TABLE public.seen (who text);
+             GRANT INSERT ON public.seen TO PUBLIC;
+             CREATE FUNCTION public.trap() RETURNS bytea LANGUAGE plpgsql AS $$
+               BEGIN INSERT INTO public.seen VALUES (current_user); RETURN '\\x00'; END $$;
+             CREATE SCHEMA pgwarden;
+             GRANT USAGE ON SCHEMA pgwarden TO PUBLIC;
+             CREATE VIEW pgwarden.tag_keys AS
+               SELECT 1 AS id, public.trap() AS key, NULL::timestamptz AS retire_at;
+             GRANT SELECT ON pgwarden.tag_keys TO PUBLIC;
+             CREATE FUNCTION pgwarden.tag_signing_key() RETURNS TABLE (id int, key bytea)
+               LANGUAGE sql AS $$ SELECT 1, public.trap() $$;",
+        )
+        .await
+        .unwrap();
+    refreshes(&alice).await;
+    alice
+        .batch_execute(
+            "DROP VIEW pgwarden.tag_keys;
+             CREATE TABLE pgwarden.tag_keys (id int, key bytea, retire_at timestamptz);
+             INSERT INTO pgwarden.tag_keys VALUES (1, '\\x00', NULL);
+             ALTER TABLE pgwarden.tag_keys ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY trap ON pgwarden.tag_keys USING (public.trap() IS NOT NULL);
+             GRANT SELECT ON pgwarden.tag_keys TO PUBLIC;",
+        )
+        .await
+        .unwrap();
+    refreshes(&alice).await;
+    assert_eq!(
+        pg.psql(
+            "reader_trap",
+            "SELECT count(*) FROM public.seen WHERE who <> 'analyst'"
+        ),
+        "0"
+    );
+}
+
+/// Transactions past the gateway's key refresh interval (1 s): each new
+/// one may read the database's key again.
+async fn refreshes(client: &tokio_postgres::Client) {
+    for _ in 0..3 {
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        client.batch_execute("SELECT 1").await.unwrap();
+    }
+}
+
+/// A startup packet that names `user` (or any parameter) twice is refused:
+/// PostgreSQL authenticates the last `user`, and a gateway reading the
+/// first would run one client as another (red-team finding).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_startup_packet_with_a_repeated_parameter_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = start_gateway(Opts::default()).await;
+    for params in [
+        [("user", "bob"), ("database", "app"), ("user", "alice")],
+        [
+            ("user", "alice"),
+            ("database", "other"),
+            ("database", "app"),
+        ],
+    ] {
+        let mut body = 196608i32.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        tcp.write_all(&packet).await.unwrap();
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tcp.read_to_end(&mut reply),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&reply);
+        assert_eq!(reply.first(), Some(&b'E'), "{text}");
+        assert!(
+            text.contains("08P01") && text.contains("more than once"),
+            "{text}"
+        );
+    }
+}
+
+/// PostgreSQL keeps the first 63 bytes of a user name: the gateway maps,
+/// tags and records that name, not the longer one the client sent
+/// (red-team finding: `<63-byte name>.bob` was tagged as such).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_overlong_user_name_is_the_name_postgresql_authenticates() {
+    let long = format!("longuser_{}", "x".repeat(54));
+    assert_eq!(long.len(), 63);
+    cluster().psql(
+        "postgres",
+        &format!(
+            "DO $$ BEGIN CREATE ROLE {long} LOGIN PASSWORD 'long-pw'; \
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ),
+    );
+    let gw = start_gateway(Opts {
+        policy: "[[map]]\nclients = [\"longuser_*\"]\nrole = \"analyst\"\n",
+        ..Opts::default()
+    })
+    .await;
+    let url = format!(
+        "host=127.0.0.1 port={} user={long}.bob password=long-pw dbname=app",
+        gw.port()
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        support::one(&client, "SELECT current_setting('app.client_user')").await,
+        long
+    );
+}

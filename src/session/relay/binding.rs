@@ -8,6 +8,7 @@
 
 use super::*;
 use crate::config::SessionSet;
+use crate::identity::tag::Backend;
 use crate::session::kept;
 
 /// Why `[pool] session_set = "error"` refuses a statement.
@@ -202,12 +203,16 @@ impl QueryLoop<'_> {
             return Ok(());
         }
         crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
-        let mut conn = match self
-            .shared
-            .pools
-            .acquire(&self.ident.database, &self.ident.role)
-            .await
-        {
+        let pool = match self.pool.take() {
+            Some(pool) => pool,
+            None => self
+                .shared
+                .pools
+                .pool_for(&self.ident.database, &self.ident.role)?,
+        };
+        let acquired = self.shared.pools.acquire(&pool).await;
+        self.pool = Some(pool);
+        let mut conn = match acquired {
             Ok(conn) => conn,
             Err(e) => {
                 if e.code == sqlstate::TOO_MANY_CONNECTIONS {
@@ -272,7 +277,14 @@ impl QueryLoop<'_> {
         // statement: the client's own is parsed again before its next use.
         self.unnamed_here = false;
         let key = self.tag_key().await;
-        let tag = key.map(|k| (k.id, k.sign_fresh(&self.ident.client_user, conn.pid)));
+        let backend = conn.started_us.map(|started_us| Backend {
+            pid: conn.pid,
+            started_us,
+        });
+        let tag = key.zip(backend).map(|(k, backend)| {
+            let value = k.sign_fresh(&self.ident.client_user, &self.ident.role, backend);
+            (k.id, value)
+        });
         let assertion = Assertion {
             settings: &self.settings,
             tag: tag.as_ref().map(|(_, value)| value.as_str()),

@@ -118,6 +118,8 @@ pub struct QueryLoop<'a> {
     auditing: bool,
     client: ClientConn,
     server: Option<PooledConn>,
+    /// The pool this session's connections come from, once known.
+    pool: Option<pool::PoolRef>,
     cancel: Arc<CancelSlot>,
     tracker: Tracker,
     /// Transaction status from the last `ReadyForQuery`.
@@ -251,6 +253,7 @@ impl<'a> QueryLoop<'a> {
             auditing: shared.auditor.enabled(),
             client,
             server: None,
+            pool: None,
             cancel,
             tracker: Tracker::default(),
             tx_status: b'I',

@@ -236,7 +236,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pool-size", type=int, default=20)
     ap.add_argument("--audit", default="off,async,group",
-                    help="pgwarden variants: audit modes off|async|group|sync, each optionally +verify")
+                    help="pgwarden variants: audit modes off|async|group|sync, each optionally +verify, +role, +plain")
     ap.add_argument("--workloads", default="select", help="comma list: select,select-extended,select-prepared,tpcb,connect")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--idle-clients", type=int, default=1000, help="measure gateway RSS with this many idle clients (0: skip)")

@@ -326,6 +326,9 @@ fn migrate(path: &std::path::Path, admin_url: &str, options: pgwarden::migrate::
             for problem in &report.login_problems {
                 println!("warning: {problem}");
             }
+            for policy in &report.per_row_policies {
+                println!("note: policy {policy} verifies pgwarden.client_user() for every row; (SELECT pgwarden.client_user()) verifies it once per statement");
+            }
             match &report.statements_hidden {
                 Some(Ok(())) => println!(
                     "pg_prepared_statements hidden from non-superusers (transaction pooling shares statements)"

@@ -47,6 +47,8 @@ pub struct Report {
     pub logins: Vec<String>,
     /// Why a login of pgwarden's is not what it must be.
     pub login_problems: Vec<String>,
+    /// Row-level security policies that verify the signed tag once per row.
+    pub per_row_policies: Vec<String>,
     /// Transaction pooling: whether `pg_prepared_statements` was hidden
     /// from everyone but superusers, or why it could not be.
     pub statements_hidden: Option<Result<(), String>>,
@@ -104,6 +106,8 @@ pub async fn run(
             }
         }
     }
+
+    report.per_row_policies = per_row_policies(&pool).await?;
 
     let service = &config.backend.service_user;
     let exists: bool = sqlx::query("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
@@ -271,6 +275,28 @@ async fn prepare_login(
     }
     report.logins.push(login.to_string());
     Ok(())
+}
+
+/// Policies that call `pgwarden.client_user()` other than as a scalar
+/// subquery: PostgreSQL evaluates such a call for every row (about 20 µs
+/// each), `(SELECT pgwarden.client_user())` once per statement.
+async fn per_row_policies(pool: &sqlx::PgPool) -> Result<Vec<String>, sqlx::Error> {
+    let policies: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT schemaname::text, tablename::text, policyname::text, \
+                coalesce(qual, '') || ' ' || coalesce(with_check, '') \
+         FROM pg_catalog.pg_policies WHERE coalesce(qual, '') || coalesce(with_check, '') \
+         LIKE '%pgwarden.client_user()%'",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(policies
+        .into_iter()
+        .filter(|(.., text)| {
+            text.matches("pgwarden.client_user()").count()
+                > text.matches("SELECT pgwarden.client_user()").count()
+        })
+        .map(|(schema, table, policy, _)| format!("{policy} on {schema}.{table}"))
+        .collect())
 }
 
 /// Runs [`HIDE_STATEMENTS`]; a refusal (an administrator who is not a

@@ -302,14 +302,24 @@ fn acquire_error(e: PoolError<BackendError>, config: &PoolConfig) -> PgError {
                 config.acquire_timeout_ms, config.size
             ),
         ),
-        PoolError::Backend(BackendError::Server(fields)) => PgError::error(
-            sqlstate::CONNECTION_FAILURE,
-            format!(
-                "pgwarden cannot open a server connection: {}",
-                fields.message
-            ),
-        )
-        .with_detail(format!("PostgreSQL reported SQLSTATE {}", fields.code)),
+        PoolError::Backend(BackendError::Server(fields)) => {
+            // A per-role login's password is derived; a session that reached
+            // the login (RESET ROLE through an administrator's function) can
+            // change it. `pgwarden migrate` sets it again.
+            let hint = if fields.code == "28P01" && config.isolation == Isolation::Role {
+                "; if this is a per-role login, its password was changed: run pgwarden migrate"
+            } else {
+                ""
+            };
+            PgError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "pgwarden cannot open a server connection: {}",
+                    fields.message
+                ),
+            )
+            .with_detail(format!("PostgreSQL reported SQLSTATE {}{hint}", fields.code))
+        }
         PoolError::Backend(BackendError::Capped) => PgError::error(
             sqlstate::TOO_MANY_CONNECTIONS,
             format!(

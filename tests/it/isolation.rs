@@ -97,6 +97,13 @@ async fn a_forged_client_tag_is_refused_by_the_database() {
         support::one(&alice, "SELECT string_agg(body, ',') FROM notes").await,
         "a1"
     );
+    // migrate names the policy that verifies the tag for every row.
+    let out = support::migrate(gw.dir.path(), "signed_forged", &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("policy own_notes on public.notes verifies pgwarden.client_user() for every row"),
+        "{stdout}"
+    );
 }
 
 /// A genuine value copied from another client's session is bound to that

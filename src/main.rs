@@ -318,7 +318,7 @@ fn migrate(path: &std::path::Path, admin_url: &str, options: pgwarden::migrate::
                 None => {}
             }
             if config.backend.service_password.is_none() {
-                println!("warning: no [backend] service_password: the tag reader login was not made, so the gateway sets the plain client tag");
+                println!("warning: no [backend] service_password: no tag key or tag reader login was made (both derive from it), so the gateway sets the plain client tag");
             }
             for login in &report.logins {
                 println!("login {login} ready");

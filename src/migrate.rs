@@ -86,15 +86,19 @@ pub async fn run(
     sqlx::query("GRANT EXECUTE ON FUNCTION pgwarden.client_user() TO PUBLIC")
         .execute(&pool)
         .await?;
-    let mut report = Report {
-        tag_key: Some(ensure_tag_key(&pool, options).await?),
-        ..Report::default()
-    };
+    let mut report = Report::default();
     let policy = Policy::load_dir(&config.identity.policy_dir)?;
     if let Some(secret) = &config.backend.service_password {
+        report.tag_key = Some(ensure_tag_key(&pool, secret, options).await?);
         let reader = &config.identity.tag_reader;
         prepare_login(&pool, reader, secret, None, &mut report).await?;
-        exec_formatted(&pool, "GRANT SELECT ON pgwarden.tag_keys TO %I", &[reader]).await?;
+        exec_formatted(&pool, "REVOKE ALL ON pgwarden.tag_keys FROM %I", &[reader]).await?;
+        exec_formatted(
+            &pool,
+            "GRANT SELECT (id, retire_at) ON pgwarden.tag_keys TO %I",
+            &[reader],
+        )
+        .await?;
         if config.pool.isolation == Isolation::Role {
             for role in roles_served(&pool, &policy, config).await? {
                 match logins::role_login(&config.pool.role_login, &role) {
@@ -140,7 +144,11 @@ pub async fn run(
 /// Makes sure the database has a signing key (a new one when rotating,
 /// the old one then accepted for the grace period) and drops keys past
 /// their grace. Returns the signing key's id and whether it is new.
-async fn ensure_tag_key(pool: &sqlx::PgPool, options: Options) -> Result<(i32, bool), sqlx::Error> {
+async fn ensure_tag_key(
+    pool: &sqlx::PgPool,
+    secret: &str,
+    options: Options,
+) -> Result<(i32, bool), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("LOCK TABLE pgwarden.tag_keys IN EXCLUSIVE MODE")
         .execute(&mut *tx)
@@ -164,15 +172,22 @@ async fn ensure_tag_key(pool: &sqlx::PgPool, options: Options) -> Result<(i32, b
     .bind(options.grace.as_secs_f64())
     .execute(&mut *tx)
     .await?;
-    let key: [u8; 32] = rand::random();
-    let (ipad, opad) = tag::pads(&key);
-    let id: i32 = sqlx::query_scalar(
-        "INSERT INTO pgwarden.tag_keys (key, ipad, opad) VALUES ($1, $2, $3) RETURNING id",
+    // A fresh id from the identity's sequence, never one used before (an
+    // old id's values must not become good again).
+    let (id, database): (i64, String) = sqlx::query_as(
+        "SELECT nextval(pg_get_serial_sequence('pgwarden.tag_keys', 'id')), current_database()::text",
     )
-    .bind(&key[..])
+    .fetch_one(&mut *tx)
+    .await?;
+    let id = i32::try_from(id).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let (ipad, opad) = tag::pads(&tag::derive_key(secret, &database, id));
+    sqlx::query(
+        "INSERT INTO pgwarden.tag_keys (id, ipad, opad) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3)",
+    )
+    .bind(id)
     .bind(ipad)
     .bind(opad)
-    .fetch_one(&mut *tx)
+    .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok((id, true))

@@ -9,16 +9,19 @@
 //! with PostgreSQL's built-in `sha256()` from the HMAC pads stored beside
 //! the key, and raises 42501 for a forged, copied or missing value.
 //!
-//! Invariants: the key never reaches a role a client can become. It is read
-//! by a login of its own (`[identity] tag_reader`, member of no role, whose
-//! password is derived from the service password), over a short-lived
-//! connection; the pooled connections (the service user, or the per-role
-//! logins) cannot read it. The reader runs no code a client could have
-//! written: its search path is `pg_catalog` only, it reads the key table
-//! only once the catalog shows a plain table (no row security, no
-//! children, the expected column types), and it calls no function of the
-//! database's own. A database whose key cannot be read gets the plain
-//! client name, with a warning, exactly as before signed tags.
+//! Invariants: no login a client can reach holds a key. A key is derived
+//! from the service password, the database's name and the key id
+//! ([`derive_key`]); the database keeps only HMAC's padded keys, readable by
+//! the table's owner (and `pgwarden.client_user()`, which runs as it). The
+//! gateway learns which key id signs from a login of its own
+//! (`[identity] tag_reader`, member of no role, password derived from the
+//! service password, granted only the columns `id` and `retire_at`), over
+//! a short-lived connection. That login runs no code a client could have
+//! written: its search path is `pg_catalog` only, and it reads the table
+//! only once the catalog shows a plain table that a superuser owns, in a
+//! schema a superuser owns (so no one else can attach code to it or swap
+//! it between the check and the read). A database whose key id cannot be
+//! read gets the plain client name, with a warning, as before signed tags.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -126,8 +129,20 @@ fn message(name: &str, role: &str, backend: Backend, key_id: i32, nonce: &[u8; 1
     m
 }
 
-/// HMAC's inner and outer padded keys, stored beside the key so SQL can
-/// compute `sha256(opad || sha256(ipad || message))` without bit
+/// The key `id` of `database`: HMAC-SHA-256 under the service password
+/// (`secret`), so the gateway and `pgwarden migrate` agree on it and the
+/// database never stores it.
+pub fn derive_key(secret: &str, database: &str, id: i32) -> [u8; 32] {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key size");
+    mac.update(b"pgwarden-tag-key-v1\0");
+    mac.update(database.as_bytes());
+    mac.update(b"\0");
+    mac.update(&id.to_be_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// HMAC's inner and outer padded keys, stored instead of the key so SQL
+/// can compute `sha256(opad || sha256(ipad || message))` without bit
 /// operations on `bytea`.
 pub fn pads(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
     assert!(key.len() <= BLOCK, "tag keys are shorter than a block");
@@ -214,8 +229,10 @@ struct Cached {
 /// reader login when first needed and again every `tag_key_refresh_ms`.
 pub struct TagKeys {
     /// `None`: signed tags are off (configuration, or no service password
-    /// to derive the reader's from).
+    /// to derive keys and the reader's password from).
     reader: Option<(String, String)>,
+    /// The service password, which keys are derived from.
+    secret: String,
     refresh: Duration,
     backend: Arc<BackendConfig>,
     tls: Option<BackendTls>,
@@ -243,6 +260,7 @@ impl TagKeys {
         };
         TagKeys {
             reader,
+            secret: backend.service_password.clone().unwrap_or_default(),
             refresh: Duration::from_millis(identity.tag_key_refresh_ms),
             backend,
             tls,
@@ -272,17 +290,24 @@ impl TagKeys {
             cache.get(database).map(|c| c.key.clone())
         };
         let (key, fresh_for) = match self.read(user, password, database).await {
-            Ok(key) => {
-                if key.is_none() && previous.is_none() {
+            Ok(id) => {
+                if id.is_none() && previous.is_none() {
                     tracing::warn!(database, "the database holds no pgwarden tag key (run pgwarden migrate); the plain client tag is set");
                 }
+                let key = id.map(|id| TagKey::new(id, &derive_key(&self.secret, database, id)));
                 (key, self.refresh)
             }
             Err(e) => {
-                if previous.is_none() {
-                    tracing::warn!(database, "cannot read the pgwarden tag key as \"{user}\" ({e}); the plain client tag is set");
-                }
                 // A key read before stays in use until a read succeeds.
+                let what = if matches!(previous, Some(Some(_))) {
+                    "the key read before stays in use"
+                } else {
+                    "the plain client tag is set"
+                };
+                tracing::warn!(
+                    database,
+                    "cannot read the pgwarden tag key id as \"{user}\" ({e}); {what}"
+                );
                 (previous.flatten(), RETRY_AFTER)
             }
         };
@@ -298,13 +323,13 @@ impl TagKeys {
         key
     }
 
-    /// Reads the newest current key over a connection of its own.
+    /// Reads the id of the signing key over a connection of its own.
     async fn read(
         &self,
         user: &str,
         password: &str,
         database: &str,
-    ) -> Result<Option<TagKey>, BackendError> {
+    ) -> Result<Option<i32>, BackendError> {
         let timeout = Duration::from_millis(self.backend.connect_timeout_ms.saturating_mul(2));
         let work = async {
             let mut conn = ServerConn::connect(&self.backend, self.tls.as_ref()).await?;
@@ -329,47 +354,42 @@ impl TagKeys {
 
 /// Only `pg_catalog` is searched (a database's default search path could
 /// put an operator of its own first); then whether `pgwarden.tag_keys` is
-/// a plain table the reader can read without running anything but
-/// PostgreSQL's own code.
+/// the plain table migrate makes, owned by a superuser in a schema a
+/// superuser owns: nothing a client wrote (an index predicate, a rule, a
+/// policy, statistics) can be attached to it, nor can it be swapped before
+/// the read.
 const KEY_TABLE_CHECK: &str = "SET search_path = pg_catalog, pg_temp; \
     SELECT c.relkind = 'r' AND NOT c.relrowsecurity AND NOT c.relhassubclass \
+       AND (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = c.relowner) \
+       AND (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = n.nspowner) \
        AND (SELECT count(*) FROM pg_catalog.pg_attribute a \
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                AND ((a.attname = 'id' AND a.atttypid = 'pg_catalog.int4'::pg_catalog.regtype) \
-                 OR (a.attname = 'key' AND a.atttypid = 'pg_catalog.bytea'::pg_catalog.regtype) \
-                 OR (a.attname = 'retire_at' AND a.atttypid = 'pg_catalog.timestamptz'::pg_catalog.regtype))) = 3 \
-    FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('pgwarden.tag_keys')";
+                 OR (a.attname = 'retire_at' AND a.atttypid = 'pg_catalog.timestamptz'::pg_catalog.regtype))) = 2 \
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+    WHERE c.oid = pg_catalog.to_regclass('pgwarden.tag_keys')";
 
-/// The current keys; the newest is the signing key.
-const KEYS: &str = "SELECT id, pg_catalog.encode(key, 'hex') FROM ONLY pgwarden.tag_keys \
-    WHERE retire_at IS NULL";
+/// The current keys; the newest signs.
+const KEY_IDS: &str = "SELECT id FROM ONLY pgwarden.tag_keys WHERE retire_at IS NULL";
 
-/// The signing key of the reader's database: none when it has no key
+/// The signing key's id in the reader's database: none when it has no key
 /// table (a database `pgwarden migrate` has not prepared), an error when
-/// the table is not what migrate makes.
-async fn read_key(conn: &mut ServerConn, database: &str) -> Result<Option<TagKey>, BackendError> {
+/// the table is not what migrate (run by a superuser) makes.
+async fn read_key(conn: &mut ServerConn, database: &str) -> Result<Option<i32>, BackendError> {
     match conn.simple_rows(KEY_TABLE_CHECK).await?.first() {
         None => return Ok(None),
         Some(row) if row.first() == Some(&Some("t".to_string())) => {}
         Some(_) => {
             return Err(BackendError::Auth(format!(
-                "pgwarden.tag_keys in database \"{database}\" is not the plain table pgwarden migrate makes; it is not read"
+                "pgwarden.tag_keys in database \"{database}\" is not the plain table pgwarden migrate makes, owned by a superuser; it is not read"
             )))
         }
     }
-    let mut newest: Option<TagKey> = None;
-    for row in conn.simple_rows(KEYS).await? {
-        let (Some(Some(id)), Some(Some(key))) = (row.first(), row.get(1)) else {
-            continue;
-        };
-        let (Ok(id), Ok(key)) = (id.parse::<i32>(), hex::decode(key)) else {
-            continue;
-        };
-        if newest.as_ref().is_none_or(|k| k.id < id) {
-            newest = Some(TagKey::new(id, &key));
-        }
-    }
-    Ok(newest)
+    let rows = conn.simple_rows(KEY_IDS).await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| row.first()?.as_deref()?.parse::<i32>().ok())
+        .max())
 }
 
 #[cfg(test)]
@@ -432,6 +452,15 @@ mod tests {
         let key = TagKey::new(1, &[1; 32]);
         let value = key.sign("svc.a.b", "r", B, [0; 16]);
         assert_eq!(&value[..value.len() - SUFFIX_LEN], "svc.a.b");
+    }
+
+    #[test]
+    fn keys_are_derived_per_database_and_id() {
+        let k = derive_key("s", "app", 1);
+        assert_eq!(k, derive_key("s", "app", 1));
+        assert_ne!(k, derive_key("s", "app", 2));
+        assert_ne!(k, derive_key("s", "app2", 1));
+        assert_ne!(k, derive_key("t", "app", 1));
     }
 
     #[test]

@@ -318,7 +318,10 @@ fn acquire_error(e: PoolError<BackendError>, config: &PoolConfig) -> PgError {
                     fields.message
                 ),
             )
-            .with_detail(format!("PostgreSQL reported SQLSTATE {}{hint}", fields.code))
+            .with_detail(format!(
+                "PostgreSQL reported SQLSTATE {}{hint}",
+                fields.code
+            ))
         }
         PoolError::Backend(BackendError::Capped) => PgError::error(
             sqlstate::TOO_MANY_CONNECTIONS,

@@ -101,7 +101,9 @@ async fn a_forged_client_tag_is_refused_by_the_database() {
     let out = support::migrate(gw.dir.path(), "signed_forged", &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("policy own_notes on public.notes verifies pgwarden.client_user() for every row"),
+        stdout.contains(
+            "policy own_notes on public.notes verifies pgwarden.client_user() for every row"
+        ),
         "{stdout}"
     );
 }
@@ -341,11 +343,12 @@ async fn a_client_tag_of_another_role_is_refused_on_the_same_backend() {
     alice.batch_execute("ROLLBACK").await.unwrap();
 }
 
-/// The tag reader reads a database's key only from the plain table
-/// `pgwarden migrate` makes: in a database where a client may create
-/// objects, a view or a row-security policy named like it runs nothing as
-/// the reader (red-team finding: the reader used to call a function of
-/// the database's own, which a client could write).
+/// The tag reader reads a database's key id only from the plain table
+/// `pgwarden migrate` makes, owned by a superuser: in a database where a
+/// client may create objects, a function, a view, a row-security policy
+/// or a partial index named like it runs nothing as the reader (red-team
+/// findings: the reader called a function of the database's own, then the
+/// planner evaluated an index predicate a client wrote).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_tag_reader_runs_no_code_of_the_database() {
     let gw = start_gateway(Opts {
@@ -386,6 +389,20 @@ async fn the_tag_reader_runs_no_code_of_the_database() {
              INSERT INTO pgwarden.tag_keys VALUES (1, '\\x00', NULL);
              ALTER TABLE pgwarden.tag_keys ENABLE ROW LEVEL SECURITY;
              CREATE POLICY trap ON pgwarden.tag_keys USING (public.trap() IS NOT NULL);
+             GRANT SELECT ON pgwarden.tag_keys TO PUBLIC;",
+        )
+        .await
+        .unwrap();
+    refreshes(&alice).await;
+    // A plain table whose partial index predicate the planner evaluates
+    // (second red-team pass).
+    alice
+        .batch_execute(
+            "DROP TABLE pgwarden.tag_keys;
+             CREATE FUNCTION public.trap_now() RETURNS boolean LANGUAGE sql IMMUTABLE
+               AS $$ SELECT public.trap() IS NOT NULL $$;
+             CREATE TABLE pgwarden.tag_keys (id int, key bytea, retire_at timestamptz);
+             CREATE INDEX ON pgwarden.tag_keys (id) WHERE public.trap_now();
              GRANT SELECT ON pgwarden.tag_keys TO PUBLIC;",
         )
         .await

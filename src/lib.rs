@@ -7,6 +7,8 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backend;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod identity;

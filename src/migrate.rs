@@ -10,9 +10,10 @@
 use sqlx::postgres::PgPoolOptions;
 use sqlx::Row;
 
+use crate::auth::logins;
 use crate::config::{Config, Isolation, PoolMode};
 use crate::identity::policy::Policy;
-use crate::identity::{logins, tag};
+use crate::identity::tag;
 
 /// Why a migration failed.
 #[derive(Debug, thiserror::Error)]

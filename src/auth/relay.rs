@@ -17,13 +17,13 @@ use bytes::{BufMut, BytesMut};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::codes;
+use crate::backend::conn::{BackendError, ServerConn};
+use crate::client::{ClientConn, ClientError};
 use crate::config::BackendConfig;
-use crate::pool::conn::{BackendError, ServerConn};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, write_frame, ErrorFields, PgError};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::StartupMessage;
-use crate::session::client::{ClientConn, ClientError};
 
 /// How a relayed login ended.
 #[derive(Debug)]

@@ -11,7 +11,7 @@ use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 
 use super::codes;
-use crate::pool::conn::{BackendError, ServerConn};
+use crate::backend::conn::{BackendError, ServerConn};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages;
 

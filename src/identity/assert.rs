@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use postgres_protocol::IsNull;
 
-use crate::pool::conn::{BackendError, ServerConn};
+use crate::backend::conn::{BackendError, ServerConn};
 use crate::protocol::frame::Reader;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;

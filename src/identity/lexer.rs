@@ -19,61 +19,10 @@
 //! `scan.rs`.
 
 use super::scan::{
-    continuation, dollar_tag_end, find, number_end, scan_piece, scan_quoted_ident,
+    continuation, dollar_tag_end, find, is_space, number_end, scan_piece, scan_quoted_ident,
     skip_block_comment,
 };
-
-/// How a client encoding groups bytes into characters, as far as it matters
-/// for finding the end of a backslash-escaped string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Multibyte {
-    /// Encodings whose multi-byte characters never contain ASCII bytes
-    /// (UTF-8, the LATIN and EUC families...): bytes can be scanned one by one.
-    AsciiSafe,
-    /// SJIS and SHIFT_JIS_2004: a high byte outside 0xA1..=0xDF starts a
-    /// two-byte character whose second byte may be `\`.
-    Sjis,
-    /// BIG5, GBK, UHC: every high byte starts a two-byte character.
-    DoubleByte,
-    /// JOHAB (EUC-style lengths): 0x8F starts three bytes, other high bytes two.
-    Johab,
-    /// GB18030: two bytes, or four when the second byte is a digit.
-    Gb18030,
-}
-
-impl Multibyte {
-    /// Every interpretation the guard tries when the input has both high
-    /// bytes and backslashes.
-    pub const ALL: [Multibyte; 5] = [
-        Multibyte::AsciiSafe,
-        Multibyte::Sjis,
-        Multibyte::DoubleByte,
-        Multibyte::Johab,
-        Multibyte::Gb18030,
-    ];
-
-    /// Length in bytes of the character starting at `src[i]` (at least 1,
-    /// never past the end).
-    pub fn char_len(self, src: &[u8], i: usize) -> usize {
-        let b = src[i];
-        let len = if b < 0x80 {
-            1
-        } else {
-            match self {
-                Multibyte::AsciiSafe => 1,
-                Multibyte::Sjis if (0xA1..=0xDF).contains(&b) => 1,
-                Multibyte::Sjis | Multibyte::DoubleByte => 2,
-                Multibyte::Johab if b == 0x8F => 3,
-                Multibyte::Johab => 2,
-                Multibyte::Gb18030 => match src.get(i + 1) {
-                    Some(n) if n.is_ascii_digit() => 4,
-                    _ => 2,
-                },
-            }
-        };
-        len.min(src.len() - i)
-    }
-}
+pub use super::scan::{is_ident_cont, is_ident_start, is_op_char, Multibyte};
 
 /// One interpretation of the bytes: session settings the server's lexer
 /// depends on that the text itself does not show.
@@ -167,75 +116,6 @@ impl Token {
     pub fn is_word(&self, src: &[u8], keyword: &[u8]) -> bool {
         self.kind == Kind::Word && self.text(src).eq_ignore_ascii_case(keyword)
     }
-}
-
-const OP: u8 = 1;
-const START: u8 = 2;
-const CONT: u8 = 4;
-const SPACE: u8 = 8;
-
-/// Character classes of every byte, so the hot loops do one lookup.
-static CLASS: [u8; 256] = classes();
-
-const fn classes() -> [u8; 256] {
-    let mut t = [0u8; 256];
-    let mut b = 0usize;
-    while b < 256 {
-        let c = b as u8;
-        let mut class = 0;
-        if matches!(
-            c,
-            b'~' | b'!'
-                | b'@'
-                | b'#'
-                | b'^'
-                | b'&'
-                | b'|'
-                | b'`'
-                | b'?'
-                | b'+'
-                | b'-'
-                | b'*'
-                | b'/'
-                | b'%'
-                | b'<'
-                | b'>'
-                | b'='
-        ) {
-            class |= OP;
-        }
-        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
-            class |= START | CONT;
-        }
-        if c.is_ascii_digit() || c == b'$' {
-            class |= CONT;
-        }
-        if matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
-            class |= SPACE;
-        }
-        t[b] = class;
-        b += 1;
-    }
-    t
-}
-
-/// Characters that may form an operator (`op_chars` in `scan.l`).
-pub fn is_op_char(b: u8) -> bool {
-    CLASS[b as usize] & OP != 0
-}
-
-/// Characters that may start an identifier.
-pub fn is_ident_start(b: u8) -> bool {
-    CLASS[b as usize] & START != 0
-}
-
-/// Characters that may continue an identifier (`$` included).
-pub fn is_ident_cont(b: u8) -> bool {
-    CLASS[b as usize] & CONT != 0
-}
-
-fn is_space(b: u8) -> bool {
-    CLASS[b as usize] & SPACE != 0
 }
 
 /// Iterator over the tokens of `src`, comments and whitespace skipped.

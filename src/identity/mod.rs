@@ -69,7 +69,6 @@ pub mod decode;
 pub mod guard;
 pub mod guard_cases;
 pub mod lexer;
-pub mod logins;
 pub mod policy;
 mod rules;
 mod runners;

@@ -32,8 +32,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::auth::service::{self, ServiceLogin};
+use crate::backend::conn::{BackendError, ServerConn};
 use crate::config::{BackendConfig, IdentityConfig};
-use crate::pool::conn::{BackendError, ServerConn};
 use crate::protocol::messages;
 use crate::tls::BackendTls;
 
@@ -94,23 +94,6 @@ impl TagKey {
 pub struct Backend {
     pub pid: i32,
     pub started_us: i64,
-}
-
-/// The query that reads a backend's start time, as [`parse_started`]
-/// expects it. It names only `pg_catalog` functions and no operator, so a
-/// database's own objects (whatever its search path) cannot stand in.
-pub const BACKEND_START_SQL: &str = "SELECT EXTRACT(epoch FROM a.backend_start) \
-     FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a";
-
-/// `1764520000.123456` (seconds, up to 6 decimals) as microseconds.
-pub fn parse_started(text: &str) -> Option<i64> {
-    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
-    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let secs: i64 = secs.parse().ok()?;
-    let frac: i64 = format!("{frac:0<6}").parse().ok()?;
-    secs.checked_mul(1_000_000)?.checked_add(frac)
 }
 
 /// The MAC's input: domain, name, NUL, role, NUL (names never hold one),
@@ -250,7 +233,7 @@ impl TagKeys {
         let reader = match (&backend.service_password, identity.signed_tag) {
             (Some(secret), true) => Some((
                 identity.tag_reader.clone(),
-                super::logins::derived_password(secret, &identity.tag_reader),
+                crate::auth::logins::derived_password(secret, &identity.tag_reader),
             )),
             (None, true) => {
                 tracing::warn!("signed client tags need [backend] service_password (the tag reader's password is derived from it); the plain tag is set");
@@ -461,17 +444,5 @@ mod tests {
         assert_ne!(k, derive_key("s", "app", 2));
         assert_ne!(k, derive_key("s", "app2", 1));
         assert_ne!(k, derive_key("t", "app", 1));
-    }
-
-    #[test]
-    fn backend_start_times_parse_to_microseconds() {
-        assert_eq!(
-            parse_started("1764520000.123456"),
-            Some(1_764_520_000_123_456)
-        );
-        assert_eq!(parse_started("1764520000.1"), Some(1_764_520_000_100_000));
-        assert_eq!(parse_started("1764520000"), Some(1_764_520_000_000_000));
-        assert_eq!(parse_started("1764520000.1234567"), None);
-        assert_eq!(parse_started("x"), None);
     }
 }

@@ -6,9 +6,6 @@
 //! non-blocking probe can tell; a connection the session found broken or left
 //! mid-transaction is destroyed with [`discard`], never returned.
 
-pub mod conn;
-pub mod statements;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,13 +14,13 @@ use tokio::sync::Semaphore;
 
 use deadpool::managed::{self, Metrics, Object, PoolError, RecycleError, RecycleResult, Timeouts};
 
+use crate::auth::logins;
 use crate::auth::service::{self, ServiceLogin};
+use crate::backend::conn::{BackendError, ServerConn};
 use crate::config::{BackendConfig, Isolation, PoolConfig};
-use crate::identity::logins;
 use crate::protocol::messages::PgError;
 use crate::protocol::sqlstate;
 use crate::tls::BackendTls;
-use conn::{BackendError, ServerConn};
 
 /// Creates and recycles connections of one login to one database.
 pub struct ServerManager {
@@ -63,12 +60,7 @@ impl managed::Manager for ServerManager {
             Err(_) => return Err(BackendError::ConnectTimeout(self.backend.address())),
         }
         conn.permit = permit;
-        conn.started_us = conn
-            .simple_rows(crate::identity::tag::BACKEND_START_SQL)
-            .await?
-            .first()
-            .and_then(|row| row.first().cloned().flatten())
-            .and_then(|text| crate::identity::tag::parse_started(&text));
+        conn.started_us = conn.read_start_time().await?;
         tracing::debug!(database = %self.database, login = %self.user, backend_pid = conn.pid, "server connection created");
         Ok(conn)
     }

@@ -11,8 +11,8 @@
 
 use bytes::BytesMut;
 
+use crate::backend::conn::{BackendError, ServerConn};
 use crate::identity::lexer::{tokens, Kind, Token};
-use crate::pool::conn::{BackendError, ServerConn};
 use crate::protocol::frame::{ProtocolError, Reader};
 use crate::protocol::messages;
 use crate::session::state::{any_word_start, TRACKED};

@@ -6,7 +6,6 @@
 //! of a session (refusal, failure, disconnect) leaves an audit record.
 
 pub mod cancel;
-pub mod client;
 pub mod commits;
 pub mod kept;
 pub mod ledger;
@@ -30,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{Auditor, Event, Kind, Status};
 use crate::auth::relay::{self as auth_relay, Outcome as AuthOutcome, RelayError};
+use crate::client::{ClientConn, ClientError};
 use crate::config::Config;
 use crate::identity::guard::Guard;
 use crate::identity::policy::Policy;
@@ -39,7 +39,6 @@ use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{self as startup_packet, StartupMessage};
 use cancel::CancelRegistry;
-use client::{ClientConn, ClientError};
 use relay::{End, QueryLoop};
 use startup::FirstPacket;
 
@@ -151,6 +150,28 @@ impl Shared {
         );
         check(old.pool.size != config.pool.size, "pool.size");
         check(old.pool.mode != config.pool.mode, "pool.mode");
+        check(
+            old.pool.isolation != config.pool.isolation,
+            "pool.isolation",
+        );
+        check(
+            old.pool.role_login != config.pool.role_login,
+            "pool.role_login",
+        );
+        check(
+            old.pool.max_db_connections != config.pool.max_db_connections,
+            "pool.max_db_connections",
+        );
+        check(
+            old.pool.idle_timeout_ms != config.pool.idle_timeout_ms,
+            "pool.idle_timeout_ms",
+        );
+        check(
+            (old.identity.signed_tag, &old.identity.tag_reader)
+                != (config.identity.signed_tag, &config.identity.tag_reader)
+                || old.identity.tag_key_refresh_ms != config.identity.tag_key_refresh_ms,
+            "identity.signed_tag/tag_reader/tag_key_refresh_ms",
+        );
         check(old.audit.store != config.audit.store, "audit.store");
         check(
             old.audit.durability != config.audit.durability,

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::client::{ClientConn, ClientError, ClientStream};
+use crate::client::{ClientConn, ClientError, ClientStream};
 use crate::protocol::frame::ProtocolError;
 use crate::protocol::startup::{split_startup, StartupMessage, StartupPacket};
 

@@ -95,7 +95,7 @@ impl QueryLoop<'_> {
                 server.settings_changed(&self.ident.session_id, self.settings.clone());
             }
             Err(e) => {
-                if !matches!(e, pool::conn::BackendError::Server(_)) {
+                if !matches!(e, crate::backend::conn::BackendError::Server(_)) {
                     server.mark_broken();
                 }
                 tracing::warn!(parent: &self.span, "could not read back the session's settings: {e}");

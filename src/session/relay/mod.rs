@@ -30,7 +30,6 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use super::cancel::{BackendKey, CancelSlot};
-use super::client::{ClientConn, ClientError};
 use super::ledger::Ledger;
 use super::outcome::Portal;
 use super::prepared;
@@ -38,9 +37,11 @@ use super::state::Effect;
 use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
 use super::{Identity, Shared};
 use crate::audit::{Event, Kind, Link, Status};
+use crate::backend::statements;
+use crate::client::{ClientConn, ClientError};
 use crate::config::{OnFailure, PoolMode, VerifyMode};
 use crate::identity::assert::{Assertion, Verdict};
-use crate::pool::{self, statements, PooledConn};
+use crate::pool::{self, PooledConn};
 use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
@@ -231,7 +232,7 @@ enum Mark {
 
 enum Wake {
     Client(Result<usize, ClientError>),
-    Server(Result<usize, pool::conn::BackendError>),
+    Server(Result<usize, crate::backend::conn::BackendError>),
     Shutdown,
     Timer,
 }

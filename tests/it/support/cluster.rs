@@ -292,7 +292,7 @@ fn setup_sql() -> String {
     sql.push_str("SET password_encryption = 'scram-sha-256';\n");
     for role in ["analyst", "engineer", "other_role"] {
         let login = format!("pgwarden_svc_{role}");
-        let password = pgwarden::identity::logins::derived_password(SERVICE_PASSWORD, &login);
+        let password = pgwarden::auth::logins::derived_password(SERVICE_PASSWORD, &login);
         sql.push_str(&format!(
             "CREATE ROLE {login} LOGIN NOINHERIT PASSWORD '{password}'; GRANT {role} TO {login};\n"
         ));

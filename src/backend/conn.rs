@@ -252,6 +252,17 @@ impl ServerConn {
         }
     }
 
+    /// Reads when the backend process started (µs since the epoch), for
+    /// values bound to this backend (the signed client tag).
+    pub async fn read_start_time(&mut self) -> Result<Option<i64>, BackendError> {
+        Ok(self
+            .simple_rows(BACKEND_START_SQL)
+            .await?
+            .first()
+            .and_then(|row| row.first().cloned().flatten())
+            .and_then(|text| parse_started(&text)))
+    }
+
     /// Whether the last assertion here set this identity and these
     /// settings, and nothing opaque ran since.
     pub fn carries(&self, role: &str, client_user: &str, settings: &[(String, String)]) -> bool {
@@ -464,5 +475,39 @@ impl AsyncWrite for BackendStream {
             BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// The query that reads a backend's start time, as [`parse_started`]
+/// expects it. It names only `pg_catalog` functions and no operator, so a
+/// database's own objects (whatever its search path) cannot stand in.
+const BACKEND_START_SQL: &str = "SELECT EXTRACT(epoch FROM a.backend_start) \
+     FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a";
+
+/// `1764520000.123456` (seconds, up to 6 decimals) as microseconds.
+pub fn parse_started(text: &str) -> Option<i64> {
+    let (secs, frac) = text.split_once('.').unwrap_or((text, ""));
+    if frac.len() > 6 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: i64 = secs.parse().ok()?;
+    let frac: i64 = format!("{frac:0<6}").parse().ok()?;
+    secs.checked_mul(1_000_000)?.checked_add(frac)
+}
+
+#[cfg(test)]
+mod start_time_tests {
+    use super::*;
+
+    #[test]
+    fn backend_start_times_parse_to_microseconds() {
+        assert_eq!(
+            parse_started("1764520000.123456"),
+            Some(1_764_520_000_123_456)
+        );
+        assert_eq!(parse_started("1764520000.1"), Some(1_764_520_000_100_000));
+        assert_eq!(parse_started("1764520000"), Some(1_764_520_000_000_000));
+        assert_eq!(parse_started("1764520000.1234567"), None);
+        assert_eq!(parse_started("x"), None);
     }
 }

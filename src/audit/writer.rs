@@ -285,14 +285,7 @@ impl Writer {
                 let Some((mut event, reply)) = batch.next() else {
                     break;
                 };
-                if let Link::Result(ticket) = event.link {
-                    event.ref_seq = event.ref_seq.or_else(|| self.redeem(ticket));
-                }
-                if let Some(seq) = event.cause.and_then(|t| self.redeemed_seq(t)) {
-                    if let Some(message) = event.message.as_mut() {
-                        message.push_str(&format!(" (the statement of seq {seq})"));
-                    }
-                }
+                self.resolve_links(&mut event);
                 let link = event.link;
                 let ts = format_ts(event.at);
                 let sealed = chain.seal(event, ts);
@@ -332,24 +325,43 @@ impl Writer {
                 }
             }
         }
-        if !waiting_for_sync.is_empty() {
-            let synced = self.sync();
-            if synced.is_ok() {
-                self.degraded = false;
-            }
-            for (seq, reply) in waiting_for_sync {
-                let result = match &synced {
-                    Ok(()) => Ok(seq),
-                    Err(AuditError::Write(message)) => Err(AuditError::Write(message.clone())),
-                    Err(e) => Err(AuditError::Write(e.to_string())),
-                };
-                self.answer(reply, result);
-            }
-        }
+        self.sync_and_answer(waiting_for_sync);
         if let Some(since) = self.unsynced_since {
             if since.elapsed() >= self.flush_interval {
                 self.background_sync();
             }
+        }
+    }
+
+    /// A result names the seq of its `query` record, and a statement that
+    /// did not run because of another names that one's seq.
+    fn resolve_links(&mut self, event: &mut Event) {
+        if let Link::Result(ticket) = event.link {
+            event.ref_seq = event.ref_seq.or_else(|| self.redeem(ticket));
+        }
+        if let Some(seq) = event.cause.and_then(|t| self.redeemed_seq(t)) {
+            if let Some(message) = event.message.as_mut() {
+                message.push_str(&format!(" (the statement of seq {seq})"));
+            }
+        }
+    }
+
+    /// One fsync for the records that wait for it, then their answers.
+    fn sync_and_answer(&mut self, waiting: Vec<(u64, Reply)>) {
+        if waiting.is_empty() {
+            return;
+        }
+        let synced = self.sync();
+        if synced.is_ok() {
+            self.degraded = false;
+        }
+        for (seq, reply) in waiting {
+            let result = match &synced {
+                Ok(()) => Ok(seq),
+                Err(AuditError::Write(message)) => Err(AuditError::Write(message.clone())),
+                Err(e) => Err(AuditError::Write(e.to_string())),
+            };
+            self.answer(reply, result);
         }
     }
 

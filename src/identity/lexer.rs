@@ -228,16 +228,10 @@ impl<'a> Lexer<'a> {
                 }
                 tok(Kind::Param, end, true)
             }
-            b'$' => match dollar_tag_end(src, start) {
-                Some(tag_end) => {
-                    let tag = &src[start..tag_end];
-                    match find(&src[tag_end..], tag) {
-                        Some(at) => tok(Kind::Str(StrKind::Dollar), tag_end + at + tag.len(), true),
-                        None => tok(Kind::Str(StrKind::Dollar), src.len(), false),
-                    }
-                }
-                None => tok(Kind::Other, start + 1, true),
-            },
+            b'$' => {
+                let (kind, end, ok) = dollar_token(src, start);
+                tok(kind, end, ok)
+            }
             b'0'..=b'9' => tok(Kind::Number, number_end(src, start), true),
             b'.' if next.is_ascii_digit() => tok(Kind::Number, number_end(src, start), true),
             b'.' if next == b'.' => tok(Kind::Op, start + 2, true),
@@ -245,17 +239,7 @@ impl<'a> Lexer<'a> {
             b'(' | b')' | b',' | b';' | b'[' | b']' | b'.' | b':' => {
                 tok(Kind::Punct, start + 1, true)
             }
-            _ if is_op_char(b) => {
-                let mut end = start + 1;
-                while end < src.len()
-                    && is_op_char(src[end])
-                    && !src[end..].starts_with(b"--")
-                    && !src[end..].starts_with(b"/*")
-                {
-                    end += 1;
-                }
-                tok(Kind::Op, end, true)
-            }
+            _ if is_op_char(b) => tok(Kind::Op, operator_end(src, start), true),
             _ if is_ident_start(b) => tok(Kind::Word, self.word_end(start), true),
             _ => tok(Kind::Other, start + 1, true),
         }
@@ -295,4 +279,33 @@ impl Iterator for Lexer<'_> {
 /// Convenience: every token of `src` under the default dialect.
 pub fn tokens(src: &[u8]) -> Vec<Token> {
     Lexer::new(src, Dialect::DEFAULT).collect()
+}
+
+/// A `$` that is not a parameter: a dollar-quoted string (kind, end,
+/// terminated), or a lone `$`.
+fn dollar_token(src: &[u8], start: usize) -> (Kind, usize, bool) {
+    match dollar_tag_end(src, start) {
+        Some(tag_end) => {
+            let tag = &src[start..tag_end];
+            match find(&src[tag_end..], tag) {
+                Some(at) => (Kind::Str(StrKind::Dollar), tag_end + at + tag.len(), true),
+                None => (Kind::Str(StrKind::Dollar), src.len(), false),
+            }
+        }
+        None => (Kind::Other, start + 1, true),
+    }
+}
+
+/// The end of the operator starting at `start` (a `--` or `/*` inside
+/// starts a comment instead).
+fn operator_end(src: &[u8], start: usize) -> usize {
+    let mut end = start + 1;
+    while end < src.len()
+        && is_op_char(src[end])
+        && !src[end..].starts_with(b"--")
+        && !src[end..].starts_with(b"/*")
+    {
+        end += 1;
+    }
+    end
 }

@@ -70,6 +70,7 @@ pub mod guard;
 pub mod guard_cases;
 pub mod lexer;
 pub mod policy;
+mod prefilter;
 mod rules;
 mod runners;
 mod scan;

@@ -213,6 +213,39 @@ pub fn text_columns(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
     Ok(columns)
 }
 
+/// A `FunctionCallResponse` as the audit log shows it: an `int4` (the
+/// large-object functions' OIDs, descriptors, positions and counts) as a
+/// number, NULL, and other values by their length only (`loread`'s data is
+/// the object's content, not evidence of the call).
+pub fn function_result(body: &[u8]) -> Option<String> {
+    let len = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+    let value = body.get(4..)?;
+    let text_number = !value.is_empty()
+        && value.len() <= 11
+        && value
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_digit() || (i == 0 && *b == b'-'));
+    Some(match (len, value) {
+        (-1, _) => "NULL".into(),
+        // A text-format result (libpq asks for binary).
+        _ if text_number => String::from_utf8_lossy(value).into_owned(),
+        (4, [a, b, c, d]) => i32::from_be_bytes([*a, *b, *c, *d]).to_string(),
+        (n, _) => format!("{n} bytes"),
+    })
+}
+
+/// PostgreSQL's errors for a prepared statement that DDL made unusable:
+/// its result type changed, or an object it used is gone. Preparing it
+/// again cures both.
+pub fn stale_plan(fields: &ErrorFields) -> bool {
+    (fields.code == "0A000"
+        && fields
+            .message
+            .starts_with("cached plan must not change result type"))
+        || (fields.code == "XX000" && fields.message.starts_with("cache lookup failed"))
+}
+
 pub fn parse_command_complete(body: &[u8]) -> Result<(String, Option<u64>), ProtocolError> {
     let tag = Reader::new(body, "CommandComplete").cstr()?;
     let tag = String::from_utf8_lossy(tag).into_owned();

@@ -347,23 +347,7 @@ async fn login(
         _ => ident.client_user.clone(),
     };
     let Some(role) = shared.policy().resolve(&ident.client_user, &ident.database) else {
-        let message = format!(
-            "no role mapping for user \"{}\" on database \"{}\"",
-            ident.client_user, ident.database
-        );
-        crate::metrics::Metrics::inc(&shared.metrics.denied);
-        let mut ev = ident.event(Kind::Denied);
-        ev.role = None;
-        ev.status = Some(Status::Error);
-        ev.sqlstate = Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION.code().into());
-        ev.message = Some(message.clone());
-        shared.auditor.append_nowait(ev).await;
-        client
-            .send_error(&PgError::fatal(
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                message,
-            ))
-            .await;
+        refuse_unmapped(shared, &ident, &mut client).await;
         return Ok(None);
     };
     ident.role = role.into();
@@ -386,31 +370,8 @@ async fn login(
         slot,
     )
     .await;
-    match relayed {
-        Ok(AuthOutcome::Authenticated) => {}
-        Ok(AuthOutcome::ClientGone) => {
-            tracing::debug!(user = %ident.client_user, "client hung up during authentication");
-            return Ok(None);
-        }
-        Ok(AuthOutcome::Refused(fields)) => {
-            crate::metrics::Metrics::inc(&shared.metrics.auth_failures);
-            let mut ev = ident.event(Kind::AuthFailed);
-            ev.status = Some(Status::Error);
-            ev.sqlstate = Some(fields.code);
-            ev.message = Some(fields.message);
-            shared.auditor.append_nowait(ev).await;
-            return Ok(None);
-        }
-        Err(RelayError::Gateway(e)) => {
-            tracing::warn!(user = %ident.client_user, "authentication relay failed: {e}");
-            client.send_error(&e).await;
-            return Ok(None);
-        }
-        Err(RelayError::Client(ClientError::Protocol(e))) => {
-            client.send_error(&protocol_fatal(&e)).await;
-            return Ok(None);
-        }
-        Err(RelayError::Client(e)) => return Err(e),
+    if !authenticated(shared, &ident, &mut client, relayed).await? {
+        return Ok(None);
     }
     let (pid, secret, slot) = shared.cancels.register(ident.event(Kind::Cancel));
     messages::backend_key_data(&mut greeting, pid, secret);
@@ -424,6 +385,64 @@ async fn login(
         .append_nowait(ident.event(Kind::SessionStart))
         .await;
     Ok(Some((client, ident, (pid, secret, slot))))
+}
+
+/// No policy rule maps this client: FATAL 28000, recorded as `denied`.
+async fn refuse_unmapped(shared: &Shared, ident: &Identity, client: &mut ClientConn) {
+    let message = format!(
+        "no role mapping for user \"{}\" on database \"{}\"",
+        ident.client_user, ident.database
+    );
+    crate::metrics::Metrics::inc(&shared.metrics.denied);
+    let mut ev = ident.event(Kind::Denied);
+    ev.role = None;
+    ev.status = Some(Status::Error);
+    ev.sqlstate = Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION.code().into());
+    ev.message = Some(message.clone());
+    shared.auditor.append_nowait(ev).await;
+    client
+        .send_error(&PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            message,
+        ))
+        .await;
+}
+
+/// Whether the relayed login succeeded; a refusal is recorded as
+/// `auth_failed` (PostgreSQL's error already reached the client), a
+/// gateway failure is sent to the client.
+async fn authenticated(
+    shared: &Shared,
+    ident: &Identity,
+    client: &mut ClientConn,
+    relayed: Result<AuthOutcome, RelayError>,
+) -> Result<bool, ClientError> {
+    match relayed {
+        Ok(AuthOutcome::Authenticated) => Ok(true),
+        Ok(AuthOutcome::ClientGone) => {
+            tracing::debug!(user = %ident.client_user, "client hung up during authentication");
+            Ok(false)
+        }
+        Ok(AuthOutcome::Refused(fields)) => {
+            crate::metrics::Metrics::inc(&shared.metrics.auth_failures);
+            let mut ev = ident.event(Kind::AuthFailed);
+            ev.status = Some(Status::Error);
+            ev.sqlstate = Some(fields.code);
+            ev.message = Some(fields.message);
+            shared.auditor.append_nowait(ev).await;
+            Ok(false)
+        }
+        Err(RelayError::Gateway(e)) => {
+            tracing::warn!(user = %ident.client_user, "authentication relay failed: {e}");
+            client.send_error(&e).await;
+            Ok(false)
+        }
+        Err(RelayError::Client(ClientError::Protocol(e))) => {
+            client.send_error(&protocol_fatal(&e)).await;
+            Ok(false)
+        }
+        Err(RelayError::Client(e)) => Err(e),
+    }
 }
 
 /// The FATAL a client gets for bytes that are not the protocol.

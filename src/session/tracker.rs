@@ -229,19 +229,7 @@ impl Tracker {
                 _ => Route::Forward,
             },
             b'2' => {
-                if let Some(Expect::Bind {
-                    pending: Some(pending),
-                    ..
-                }) = self.pop_if(|e| matches!(e, Expect::Bind { .. }))
-                {
-                    resolved.push(Resolved {
-                        pending,
-                        outcome: Outcome::Ok {
-                            tag: Some("BIND".into()),
-                            rows: None,
-                        },
-                    });
-                }
+                self.on_bind_complete(resolved);
                 Route::Forward
             }
             b'T' | b'n' => {
@@ -254,14 +242,7 @@ impl Tracker {
             },
             b'C' | b'I' | b's' => {
                 // Only an audited statement's outcome needs the tag.
-                let audited = match self.queue.front() {
-                    Some(Expect::Query { pending, more, .. }) => {
-                        pending.is_some() || more.iter().any(Option::is_some)
-                    }
-                    Some(Expect::Execute { pending }) => pending.is_some(),
-                    _ => false,
-                };
-                let (tag, rows) = if tag == b'C' && audited {
+                let (tag, rows) = if tag == b'C' && self.front_is_audited() {
                     let (t, r) = messages::parse_command_complete(body).unwrap_or_default();
                     (Some(t), r)
                 } else {
@@ -276,7 +257,7 @@ impl Tracker {
             }
             b'V' => {
                 if let Some(Expect::Query { returned, .. }) = self.queue.front_mut() {
-                    *returned = function_result(body);
+                    *returned = messages::function_result(body);
                 }
                 Route::Forward
             }
@@ -294,6 +275,34 @@ impl Tracker {
             }
             b'K' => Route::Drop,
             _ => Route::Forward,
+        }
+    }
+
+    /// `BindComplete`: a `Bind` whose outcome is recorded succeeded.
+    fn on_bind_complete(&mut self, resolved: &mut Vec<Resolved>) {
+        if let Some(Expect::Bind {
+            pending: Some(pending),
+            ..
+        }) = self.pop_if(|e| matches!(e, Expect::Bind { .. }))
+        {
+            resolved.push(Resolved {
+                pending,
+                outcome: Outcome::Ok {
+                    tag: Some("BIND".into()),
+                    rows: None,
+                },
+            });
+        }
+    }
+
+    /// Whether the statement the next completion answers is audited.
+    fn front_is_audited(&self) -> bool {
+        match self.queue.front() {
+            Some(Expect::Query { pending, more, .. }) => {
+                pending.is_some() || more.iter().any(Option::is_some)
+            }
+            Some(Expect::Execute { pending }) => pending.is_some(),
+            _ => false,
         }
     }
 
@@ -410,7 +419,9 @@ impl Tracker {
         if let Some(Expect::Bind { portal, .. }) = failed.as_mut() {
             cache.portals.extend(portal.take());
         }
-        if matches!(failed, Some(Expect::Bind { key: Some(_), .. })) && stale_plan(&fields) {
+        if matches!(failed, Some(Expect::Bind { key: Some(_), .. }))
+            && messages::stale_plan(&fields)
+        {
             cache.stale = true;
         }
         let mut cause = match failed {
@@ -569,39 +580,6 @@ impl Tracker {
             })
             .collect()
     }
-}
-
-/// A `FunctionCallResponse` as the audit log shows it: an `int4` (the
-/// large-object functions' OIDs, descriptors, positions and counts) as a
-/// number, NULL, and other values by their length only (`loread`'s data is
-/// the object's content, not evidence of the call).
-fn function_result(body: &[u8]) -> Option<String> {
-    let len = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
-    let value = body.get(4..)?;
-    let text_number = !value.is_empty()
-        && value.len() <= 11
-        && value
-            .iter()
-            .enumerate()
-            .all(|(i, b)| b.is_ascii_digit() || (i == 0 && *b == b'-'));
-    Some(match (len, value) {
-        (-1, _) => "NULL".into(),
-        // A text-format result (libpq asks for binary).
-        _ if text_number => String::from_utf8_lossy(value).into_owned(),
-        (4, [a, b, c, d]) => i32::from_be_bytes([*a, *b, *c, *d]).to_string(),
-        (n, _) => format!("{n} bytes"),
-    })
-}
-
-/// PostgreSQL's errors for a prepared statement that DDL made unusable:
-/// its result type changed, or an object it used is gone. Preparing it
-/// again cures both.
-fn stale_plan(fields: &ErrorFields) -> bool {
-    (fields.code == "0A000"
-        && fields
-            .message
-            .starts_with("cached plan must not change result type"))
-        || (fields.code == "XX000" && fields.message.starts_with("cache lookup failed"))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Unit tests of the response tracker: what each server message resolves.
 
 use super::*;
+use crate::protocol::messages::function_result;
 use crate::protocol::sqlstate;
 
 fn p(ticket: u64) -> Option<Pending> {

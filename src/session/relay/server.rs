@@ -128,6 +128,25 @@ impl QueryLoop<'_> {
                 _ => {}
             }
         }
+        self.apply_cache_effects(cache);
+        if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {
+            self.counts.0 += 1;
+            if self.counts.0 + self.counts.1 >= 256 {
+                self.flush_counts();
+            }
+        }
+        match route {
+            Route::Forward => self.to_client.extend_from_slice(&frame),
+            Route::Drop => {}
+            Route::Replace(error) => error.encode(&mut self.to_client),
+        }
+        self.tracker
+            .emit_synthetic(self.tx_status, &mut self.to_client);
+    }
+
+    /// What the server's answer did to the client's statements and portals
+    /// and to the connection's statement cache.
+    fn apply_cache_effects(&mut self, cache: CacheEffects) {
         for restore in cache.portals {
             let (name, previous) = *restore;
             match previous {
@@ -151,18 +170,5 @@ impl QueryLoop<'_> {
                 statements::found_stale();
             }
         }
-        if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {
-            self.counts.0 += 1;
-            if self.counts.0 + self.counts.1 >= 256 {
-                self.flush_counts();
-            }
-        }
-        match route {
-            Route::Forward => self.to_client.extend_from_slice(&frame),
-            Route::Drop => {}
-            Route::Replace(error) => error.encode(&mut self.to_client),
-        }
-        self.tracker
-            .emit_synthetic(self.tx_status, &mut self.to_client);
     }
 }

@@ -298,7 +298,9 @@ fn acquire_error(e: PoolError<BackendError>, config: &PoolConfig) -> PgError {
             // A per-role login's password is derived; a session that reached
             // the login (RESET ROLE through an administrator's function) can
             // change it. `pgwarden migrate` sets it again.
-            let hint = if fields.code == "28P01" && config.isolation == Isolation::Role {
+            let hint = if fields.is(sqlstate::backend::INVALID_PASSWORD)
+                && config.isolation == Isolation::Role
+            {
                 "; if this is a per-role login, its password was changed: run pgwarden migrate"
             } else {
                 ""

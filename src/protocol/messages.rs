@@ -99,6 +99,18 @@ impl std::fmt::Display for PgError {
     }
 }
 
+impl ProtocolError {
+    /// The FATAL a client gets for bytes that are not the protocol: the one
+    /// mapping of protocol errors to the wire.
+    pub fn to_fatal(&self) -> PgError {
+        let code = match self {
+            ProtocolError::UnsupportedVersion { .. } => super::sqlstate::FEATURE_NOT_SUPPORTED,
+            _ => super::sqlstate::PROTOCOL_VIOLATION,
+        };
+        PgError::fatal(code, self.to_string())
+    }
+}
+
 /// Appends a frame with `tag`, filling its body with `body` and patching the length.
 pub fn write_frame(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     out.put_u8(tag);
@@ -175,6 +187,13 @@ pub struct ErrorFields {
     pub message: String,
 }
 
+impl ErrorFields {
+    /// Whether PostgreSQL reported `state`.
+    pub fn is(&self, state: SqlState) -> bool {
+        self.code == state.code()
+    }
+}
+
 /// Reads an `ErrorResponse`/`NoticeResponse` body.
 pub fn parse_error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
     let mut r = Reader::new(body, "ErrorResponse");
@@ -239,11 +258,12 @@ pub fn function_result(body: &[u8]) -> Option<String> {
 /// its result type changed, or an object it used is gone. Preparing it
 /// again cures both.
 pub fn stale_plan(fields: &ErrorFields) -> bool {
-    (fields.code == "0A000"
+    (fields.is(super::sqlstate::backend::FEATURE_NOT_SUPPORTED)
         && fields
             .message
             .starts_with("cached plan must not change result type"))
-        || (fields.code == "XX000" && fields.message.starts_with("cache lookup failed"))
+        || (fields.is(super::sqlstate::backend::INTERNAL_ERROR)
+            && fields.message.starts_with("cache lookup failed"))
 }
 
 pub fn parse_command_complete(body: &[u8]) -> Result<(String, Option<u64>), ProtocolError> {

@@ -1,7 +1,9 @@
-//! SQLSTATE codes that pgwarden itself reports, as named constants.
+//! SQLSTATE codes as named constants: those pgwarden itself reports, and
+//! (in [`backend`]) those of PostgreSQL's errors the gateway acts on.
 //!
-//! Codes from the backend are relayed untouched; these are only for errors
-//! the gateway raises, so every one of them appears here exactly once.
+//! Codes from the backend are relayed untouched; the gateway compares them
+//! only with [`backend`]'s constants (`ErrorFields::is`), never with
+//! string literals.
 
 /// A five-character SQLSTATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,3 +30,15 @@ pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
 pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
 pub const IO_ERROR: SqlState = SqlState("58030");
+
+/// Codes of PostgreSQL's own errors that the gateway acts on.
+pub mod backend {
+    use super::SqlState;
+
+    /// A login's password did not match (a per-role login's changed).
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    /// Among others, "cached plan must not change result type".
+    pub const FEATURE_NOT_SUPPORTED: SqlState = super::FEATURE_NOT_SUPPORTED;
+    /// Among others, "cache lookup failed" for a dropped object.
+    pub const INTERNAL_ERROR: SqlState = super::INTERNAL_ERROR;
+}

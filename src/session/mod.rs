@@ -34,7 +34,6 @@ use crate::config::Config;
 use crate::identity::guard::Guard;
 use crate::identity::policy::Policy;
 use crate::pool::Pools;
-use crate::protocol::frame::ProtocolError;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{self as startup_packet, StartupMessage};
@@ -438,20 +437,11 @@ async fn authenticated(
             Ok(false)
         }
         Err(RelayError::Client(ClientError::Protocol(e))) => {
-            client.send_error(&protocol_fatal(&e)).await;
+            client.send_error(&e.to_fatal()).await;
             Ok(false)
         }
         Err(RelayError::Client(e)) => Err(e),
     }
-}
-
-/// The FATAL a client gets for bytes that are not the protocol.
-pub fn protocol_fatal(e: &ProtocolError) -> PgError {
-    let code = match e {
-        ProtocolError::UnsupportedVersion { .. } => sqlstate::FEATURE_NOT_SUPPORTED,
-        _ => sqlstate::PROTOCOL_VIOLATION,
-    };
-    PgError::fatal(code, e.to_string())
 }
 
 /// PostgreSQL keeps the first 63 bytes of a user or database name (it

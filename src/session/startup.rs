@@ -113,7 +113,7 @@ async fn read_packet<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(None) => {}
             Err(e) => {
                 let mut out = BytesMut::new();
-                super::protocol_fatal(&e).encode(&mut out);
+                e.to_fatal().encode(&mut out);
                 let _ = stream.write_all(&out).await;
                 return Err(e.into());
             }

@@ -93,13 +93,9 @@ impl From<ClientError> for End {
     fn from(e: ClientError) -> End {
         match e {
             ClientError::Io(_) => End::ClientGone,
-            ClientError::Protocol(p) => End::Fatal(protocol_error(p)),
+            ClientError::Protocol(p) => End::Fatal(p.to_fatal()),
         }
     }
-}
-
-fn protocol_error(p: ProtocolError) -> PgError {
-    PgError::fatal(sqlstate::PROTOCOL_VIOLATION, p.to_string())
 }
 
 /// Which kind of client message a refusal answers.
@@ -425,8 +421,8 @@ impl<'a> QueryLoop<'a> {
                 continue;
             }
             let max = self.client.max_message_size;
-            let Some(header) = FrameHeader::peek(&self.client.rbuf, max)
-                .map_err(|e| End::Fatal(protocol_error(e)))?
+            let Some(header) =
+                FrameHeader::peek(&self.client.rbuf, max).map_err(|e| End::Fatal(e.to_fatal()))?
             else {
                 break;
             };
@@ -445,8 +441,8 @@ impl<'a> QueryLoop<'a> {
                 self.client_passthrough = header.total - n;
                 continue;
             }
-            let Some(frame) = split_frame(&mut self.client.rbuf, max)
-                .map_err(|e| End::Fatal(protocol_error(e)))?
+            let Some(frame) =
+                split_frame(&mut self.client.rbuf, max).map_err(|e| End::Fatal(e.to_fatal()))?
             else {
                 break;
             };

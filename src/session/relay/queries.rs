@@ -12,7 +12,7 @@ use crate::session::commits::Commits;
 
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
-        let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
         // A simple query drops the unnamed statement, on the server as
         // for the client (PostgreSQL defines it so).
         self.statements.remove(&b""[..]);
@@ -106,8 +106,7 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn on_parse(&mut self, frame: Bytes) -> Result<(), End> {
-        let parse =
-            messages::parse_parse(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        let parse = messages::parse_parse(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
         let setting_params = match self.check_guard(parse.query, true) {
             Ok(params) => params,
             Err(v) => {
@@ -237,7 +236,7 @@ impl QueryLoop<'_> {
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
-        let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(protocol_error(e)))?;
+        let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
         if let Err(e) = self.check_statement_name(bind.statement) {
             return self.refuse(Flow::Extended, e).await;
         }
@@ -280,7 +279,7 @@ impl QueryLoop<'_> {
             let sql = self.statement_sql(bind.statement);
             let params = self
                 .audited_params(&bind)
-                .map_err(|e| End::Fatal(protocol_error(e)))?;
+                .map_err(|e| End::Fatal(e.to_fatal()))?;
             if !transparent && !self.execute_follows(bind.portal) {
                 // Planning may run its functions, and no Execute of this
                 // portal is in the batch whose record would be stored
@@ -353,8 +352,8 @@ impl QueryLoop<'_> {
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
-        let (kind, name) = messages::parse_close_or_describe(&frame[5..])
-            .map_err(|e| End::Fatal(protocol_error(e)))?;
+        let (kind, name) =
+            messages::parse_close_or_describe(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
         if kind == b'S' {
             if let Err(e) = self.check_statement_name(name) {
                 return self.refuse(Flow::Extended, e).await;
@@ -416,8 +415,8 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn on_close(&mut self, frame: Bytes) -> Result<(), End> {
-        let (kind, name) = messages::parse_close_or_describe(&frame[5..])
-            .map_err(|e| End::Fatal(protocol_error(e)))?;
+        let (kind, name) =
+            messages::parse_close_or_describe(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
         let shared = self
             .statements
             .get(name)
@@ -451,7 +450,7 @@ impl QueryLoop<'_> {
             None => {
                 let (sql, params) = if self.auditing {
                     let name = messages::parse_execute(&frame[5..])
-                        .map_err(|e| End::Fatal(protocol_error(e)))?;
+                        .map_err(|e| End::Fatal(e.to_fatal()))?;
                     self.portal_audited(name)
                 } else {
                     Audited::default()

@@ -125,6 +125,7 @@ pub async fn run(
         return Ok(report);
     }
     exec_formatted(&pool, "ALTER ROLE %I NOINHERIT", &[service]).await?;
+    drop_settings(&pool, service).await?;
     if config.pool.mode == PoolMode::Transaction {
         report.statements_hidden = Some(hide_statements(&pool).await);
     }
@@ -255,9 +256,7 @@ async fn prepare_login(
         &[login, &verifier],
     )
     .await?;
-    // Settings a login set on itself (a client that reached it through
-    // RESET ROLE can: `ALTER ROLE CURRENT_USER SET ...`) are dropped.
-    exec_formatted(pool, "ALTER ROLE %I RESET ALL", &[login]).await?;
+    drop_settings(pool, login).await?;
     let memberships: Vec<String> = sqlx::query_scalar(
         "SELECT r.rolname::text FROM pg_auth_members m \
          JOIN pg_roles r ON r.oid = m.roleid JOIN pg_roles u ON u.oid = m.member \
@@ -313,6 +312,36 @@ async fn per_row_policies(pool: &sqlx::PgPool) -> Result<Vec<String>, sqlx::Erro
         })
         .map(|(schema, table, policy, _)| format!("{policy} on {schema}.{table}"))
         .collect())
+}
+
+/// Drops the settings `login` has of its own, in every database: a client
+/// that reached one of pgwarden's logins (RESET ROLE through code that runs
+/// its SQL) can set them (`ALTER ROLE CURRENT_USER IN DATABASE d SET
+/// search_path = ...`), and they would apply to every session the login
+/// serves. The gateway refuses connections of a login that has any.
+async fn drop_settings(pool: &sqlx::PgPool, login: &str) -> Result<(), sqlx::Error> {
+    let databases: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT d.datname::text FROM pg_db_role_setting s \
+         JOIN pg_roles r ON r.oid = s.setrole \
+         LEFT JOIN pg_database d ON d.oid = s.setdatabase WHERE r.rolname = $1",
+    )
+    .bind(login)
+    .fetch_all(pool)
+    .await?;
+    for database in databases {
+        match database {
+            Some(db) => {
+                exec_formatted(
+                    pool,
+                    "ALTER ROLE %I IN DATABASE %I RESET ALL",
+                    &[login, &db],
+                )
+                .await?
+            }
+            None => exec_formatted(pool, "ALTER ROLE %I RESET ALL", &[login]).await?,
+        }
+    }
+    Ok(())
 }
 
 /// Runs [`HIDE_STATEMENTS`]; a refusal (an administrator who is not a

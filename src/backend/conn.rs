@@ -253,13 +253,25 @@ impl ServerConn {
     }
 
     /// Reads when the backend process started (µs since the epoch), for
-    /// values bound to this backend (the signed client tag).
+    /// values bound to this backend (the signed client tag), and refuses a
+    /// login that has settings of its own: pgwarden's logins never have
+    /// any, and one a client set (`ALTER ROLE CURRENT_USER IN DATABASE ...
+    /// SET search_path = ...` after reaching the login) would apply to the
+    /// sessions of every client this connection serves.
     pub async fn read_start_time(&mut self) -> Result<Option<i64>, BackendError> {
-        Ok(self
-            .simple_rows(BACKEND_START_SQL)
-            .await?
+        let rows = self.simple_rows(NEW_CONNECTION_SQL).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        if row.get(1).cloned().flatten().as_deref() != Some("0") {
+            return Err(BackendError::Auth(
+                "the login has settings of its own (ALTER ROLE ... SET, in pg_db_role_setting), which pgwarden's logins never have: a session that reached the login may have set them to run code in other clients' sessions; run pgwarden migrate, which removes them".into(),
+            ));
+        }
+        Ok(row
             .first()
-            .and_then(|row| row.first().cloned().flatten())
+            .cloned()
+            .flatten()
             .and_then(|text| parse_started(&text)))
     }
 
@@ -478,11 +490,18 @@ impl AsyncWrite for BackendStream {
     }
 }
 
-/// The query that reads a backend's start time, as [`parse_started`]
-/// expects it. It names only `pg_catalog` functions and no operator, so a
-/// database's own objects (whatever its search path) cannot stand in.
-const BACKEND_START_SQL: &str = "SELECT EXTRACT(epoch FROM a.backend_start) \
-     FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a";
+/// A new connection's facts: the backend's start time as [`parse_started`]
+/// expects it, and how many settings of its own the login has here. Run
+/// with only `pg_catalog` searched (inside a transaction, so the session's
+/// own search path is untouched), so no operator or function of the
+/// database's can stand in for the built-ins.
+const NEW_CONNECTION_SQL: &str = "BEGIN; SET LOCAL search_path = pg_catalog, pg_temp; \
+     SELECT EXTRACT(epoch FROM a.backend_start), \
+        (SELECT count(*) FROM pg_catalog.pg_db_role_setting s \
+          WHERE s.setrole = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = SESSION_USER) \
+            AND s.setdatabase IN (0, (SELECT d.oid FROM pg_catalog.pg_database d \
+                                       WHERE d.datname = pg_catalog.current_database()))) \
+     FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a; COMMIT";
 
 /// `1764520000.123456` (seconds, up to 6 decimals) as microseconds.
 pub fn parse_started(text: &str) -> Option<i64> {

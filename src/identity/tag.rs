@@ -220,8 +220,8 @@ pub struct TagKeys {
     backend: Arc<BackendConfig>,
     tls: Option<BackendTls>,
     cache: Mutex<HashMap<String, Cached>>,
-    /// One read at a time.
-    reading: tokio::sync::Mutex<()>,
+    /// One read at a time per database.
+    reading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TagKeys {
@@ -248,7 +248,7 @@ impl TagKeys {
             backend,
             tls,
             cache: Mutex::new(HashMap::new()),
-            reading: tokio::sync::Mutex::new(()),
+            reading: Mutex::new(HashMap::new()),
         }
     }
 
@@ -264,7 +264,11 @@ impl TagKeys {
         if let Some(key) = self.cached(database) {
             return key;
         }
-        let _one = self.reading.lock().await;
+        let one = {
+            let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            reading.entry(database.to_string()).or_default().clone()
+        };
+        let _one = one.lock().await;
         if let Some(key) = self.cached(database) {
             return key;
         }
@@ -341,7 +345,13 @@ impl TagKeys {
 /// superuser owns: nothing a client wrote (an index predicate, a rule, a
 /// policy, statistics) can be attached to it, nor can it be swapped before
 /// the read.
-const KEY_TABLE_CHECK: &str = "SET search_path = pg_catalog, pg_temp; \
+///
+/// A lock held on the table (a client's `CREATE RULE ... TO
+/// pgwarden.tag_keys` waits for one before PostgreSQL checks ownership, and
+/// everyone queues behind it) makes the read give up within a second
+/// instead of leaving a waiting backend behind.
+const KEY_TABLE_CHECK: &str = "SET lock_timeout = 1000; SET statement_timeout = 5000; \
+    SET search_path = pg_catalog, pg_temp; \
     SELECT c.relkind = 'r' AND NOT c.relrowsecurity AND NOT c.relhassubclass \
        AND (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = c.relowner) \
        AND (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = n.nspowner) \

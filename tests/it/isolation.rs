@@ -500,3 +500,49 @@ async fn an_overlong_user_name_is_the_name_postgresql_authenticates() {
         long
     );
 }
+
+/// A login of pgwarden's with settings of its own is refused: a client
+/// that reached the login (RESET ROLE through an administrator's function
+/// that runs its SQL) could set `search_path` for it and so run its own
+/// functions inside other clients' sessions (third red-team pass).
+/// `pgwarden migrate` removes such settings, in every database.
+#[tokio::test(flavor = "multi_thread")]
+// The lock only keeps other tests' `migrate` runs (blocking, each on its
+// own runtime) from removing the planted setting while this test looks.
+#[allow(clippy::await_holding_lock)]
+async fn a_login_with_settings_of_its_own_serves_no_one_until_migrate() {
+    let role_gw = start_gateway(role_opts("")).await;
+    let shared_gw = start_gateway(Opts::default()).await;
+    migrated(&role_gw, "iso_settings", ROLE_SETUP);
+    let pg = cluster();
+    for (gw, login) in [
+        (&role_gw, "pgwarden_svc_analyst"),
+        (&shared_gw, support::cluster::SERVICE_USER),
+    ] {
+        let planted = support::no_migrate_meanwhile();
+        pg.psql(
+            "postgres",
+            &format!(
+                "ALTER ROLE {login} IN DATABASE iso_settings SET search_path = public, pg_catalog"
+            ),
+        );
+        let alice = connect_to(gw, "alice", "iso_settings").await;
+        let err = alice.simple_query("SELECT 1").await.unwrap_err();
+        drop(planted);
+        assert_eq!(support::sqlstate(&err), "08006", "{err:?}");
+        assert!(
+            format!("{err:?}").contains("settings of its own"),
+            "{err:?}"
+        );
+        let out = support::migrate(gw.dir.path(), "iso_settings", &[]);
+        assert!(out.status.success() || !out.stdout.is_empty(), "{out:?}");
+        assert_eq!(
+            pg.psql(
+                "postgres",
+                &format!("SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole WHERE r.rolname = '{login}'"),
+            ),
+            "0"
+        );
+        assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+    }
+}

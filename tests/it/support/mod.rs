@@ -411,11 +411,17 @@ pub async fn scrape_metrics(port: u16) -> String {
     out
 }
 
+/// Held, no `pgwarden migrate` runs (it changes cluster-wide roles: a
+/// test that plants something on one must hold this while it looks).
+pub fn no_migrate_meanwhile() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `pgwarden migrate` with the gateway's config on database `db` of
 /// the shared cluster, one run at a time (runs create cluster-wide roles).
 pub fn migrate(config_dir: &std::path::Path, db: &str, args: &[&str]) -> Output {
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = no_migrate_meanwhile();
     let pg = cluster();
     Command::new(env!("CARGO_BIN_EXE_pgwarden"))
         .args(["migrate", "-c"])

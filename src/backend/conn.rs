@@ -50,6 +50,10 @@ pub enum BackendError {
     Tls(String),
     #[error("the database's server connections are all in use ([pool] max_db_connections)")]
     Capped,
+    /// One of pgwarden's logins has settings of its own (see
+    /// [`ServerConn::read_start_time`]).
+    #[error("{0}")]
+    LoginSettings(String),
 }
 
 /// A connection to the backend and what pgwarden knows about it.
@@ -259,12 +263,31 @@ impl ServerConn {
     /// SET search_path = ...` after reaching the login) would apply to the
     /// sessions of every client this connection serves.
     pub async fn read_start_time(&mut self) -> Result<Option<i64>, BackendError> {
+        // What the backend applied at its start, not only what the catalog
+        // says now: a setting removed again right after the backend
+        // started still counts.
+        let own = self
+            .simple_rows(SETTING_SOURCES_SQL)
+            .await?
+            .into_iter()
+            .find(|row| {
+                matches!(
+                    row.get(1).cloned().flatten().as_deref(),
+                    Some("user" | "database user")
+                )
+            });
+        if let Some(row) = own {
+            let name = row.first().cloned().flatten().unwrap_or_default();
+            return Err(BackendError::LoginSettings(format!(
+                "the login has a setting of its own ({name}, from ALTER ROLE ... SET), which pgwarden's logins never have: a session that reached the login may have set it to run code in other clients' sessions; run pgwarden migrate, which removes such settings"
+            )));
+        }
         let rows = self.simple_rows(NEW_CONNECTION_SQL).await?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };
         if row.get(1).cloned().flatten().as_deref() != Some("0") {
-            return Err(BackendError::Auth(
+            return Err(BackendError::LoginSettings(
                 "the login has settings of its own (ALTER ROLE ... SET, in pg_db_role_setting), which pgwarden's logins never have: a session that reached the login may have set them to run code in other clients' sessions; run pgwarden migrate, which removes them".into(),
             ));
         }
@@ -490,8 +513,15 @@ impl AsyncWrite for BackendStream {
     }
 }
 
+/// Where each of a new backend's settings came from. It names no operator
+/// (the sources are compared by the gateway): the login's own settings may
+/// be what put someone's operators first.
+const SETTING_SOURCES_SQL: &str =
+    "SELECT g.name, g.source FROM pg_catalog.pg_show_all_settings() g";
+
 /// A new connection's facts: the backend's start time as [`parse_started`]
-/// expects it, and how many settings of its own the login has here. Run
+/// expects it, and how many settings of its own the login has here in the
+/// catalog (custom settings do not show in `pg_show_all_settings()`). Run
 /// with only `pg_catalog` searched (inside a transaction, so the session's
 /// own search path is untouched), so no operator or function of the
 /// database's can stand in for the built-ins.

@@ -530,10 +530,7 @@ async fn a_login_with_settings_of_its_own_serves_no_one_until_migrate() {
         let err = alice.simple_query("SELECT 1").await.unwrap_err();
         drop(planted);
         assert_eq!(support::sqlstate(&err), "08006", "{err:?}");
-        assert!(
-            format!("{err:?}").contains("settings of its own"),
-            "{err:?}"
-        );
+        assert!(format!("{err:?}").contains("of its own"), "{err:?}");
         let out = support::migrate(gw.dir.path(), "iso_settings", &[]);
         assert!(out.status.success() || !out.stdout.is_empty(), "{out:?}");
         assert_eq!(
@@ -545,4 +542,50 @@ async fn a_login_with_settings_of_its_own_serves_no_one_until_migrate() {
         );
         assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
     }
+}
+
+/// The check reads what the backend applied at its start, not only what
+/// the catalog holds when the check runs: a setting removed again right
+/// after the backend started (a client toggling it in a loop) is still
+/// found (fourth red-team pass).
+#[tokio::test(flavor = "multi_thread")]
+// As above: no other test's `migrate` may remove the planted setting.
+#[allow(clippy::await_holding_lock)]
+async fn a_login_setting_removed_after_the_backend_started_is_still_refused() {
+    use pgwarden::auth::service::{login, ServiceLogin};
+    use pgwarden::backend::conn::ServerConn;
+    let gw = start_gateway(role_opts("")).await;
+    migrated(&gw, "iso_settings_race", ROLE_SETUP);
+    let pg = cluster();
+    let planted = support::no_migrate_meanwhile();
+    let user = "pgwarden_svc_analyst";
+    pg.psql(
+        "postgres",
+        &format!(
+            "ALTER ROLE {user} IN DATABASE iso_settings_race SET search_path = public, pg_catalog"
+        ),
+    );
+    let backend = gw.shared.config.backend.clone();
+    let mut conn = ServerConn::connect(&backend, None).await.unwrap();
+    let password = pgwarden::auth::logins::derived_password(
+        backend.service_password.as_deref().unwrap(),
+        user,
+    );
+    login(
+        &mut conn,
+        &ServiceLogin {
+            user,
+            password: Some(&password),
+            database: "iso_settings_race",
+        },
+    )
+    .await
+    .unwrap();
+    pg.psql(
+        "postgres",
+        &format!("ALTER ROLE {user} IN DATABASE iso_settings_race RESET ALL"),
+    );
+    drop(planted);
+    let err = conn.read_start_time().await.unwrap_err();
+    assert!(err.to_string().contains("setting of its own"), "{err}");
 }

@@ -147,24 +147,8 @@ impl Shared {
             old.backend.service_user != config.backend.service_user,
             "backend.service_user",
         );
-        check(old.pool.size != config.pool.size, "pool.size");
-        check(old.pool.mode != config.pool.mode, "pool.mode");
-        check(
-            old.pool.isolation != config.pool.isolation,
-            "pool.isolation",
-        );
-        check(
-            old.pool.role_login != config.pool.role_login,
-            "pool.role_login",
-        );
-        check(
-            old.pool.max_db_connections != config.pool.max_db_connections,
-            "pool.max_db_connections",
-        );
-        check(
-            old.pool.idle_timeout_ms != config.pool.idle_timeout_ms,
-            "pool.idle_timeout_ms",
-        );
+        // Every pool key: the pools are built at start.
+        check(old.pool != config.pool, "pool");
         check(
             (old.identity.signed_tag, &old.identity.tag_reader)
                 != (config.identity.signed_tag, &config.identity.tag_reader)

@@ -266,6 +266,15 @@ impl ServerConn {
         // What the backend applied at its start, not only what the catalog
         // says now: a setting removed again right after the backend
         // started still counts.
+        // A library's settings (`plpgsql.*`) are placeholders, invisible to
+        // `pg_show_all_settings()`, until the library loads; loading
+        // PL/pgSQL (an empty block) turns one the backend started with into
+        // a setting whose source shows. A database without PL/pgSQL has
+        // none to hide.
+        match self.simple_rows("DO $$BEGIN END$$").await {
+            Ok(_) | Err(BackendError::Server(_)) => {}
+            Err(e) => return Err(e),
+        }
         let own = self
             .simple_rows(SETTING_SOURCES_SQL)
             .await?

@@ -17,6 +17,9 @@ PG_BIN = "/usr/lib/postgresql/15/bin"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IS_ROOT = os.geteuid() == 0
 PASSWORD = "bench-pw"
+# The client users pgbench logs in as (`--users N`: bench1..benchN, one
+# pgbench process each, side by side).
+USERS = ["bench"]
 
 
 def free_port():
@@ -77,6 +80,13 @@ class Cluster:
         run(["pgbench", "-i", "-q", "-s", "10", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "postgres"])
         psql(self.port, "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO bench_role, bench;")
 
+    def add_users(self, names):
+        """Login users mapped like `bench` (member of bench_role)."""
+        sql = "".join(f"CREATE ROLE {n} LOGIN PASSWORD '{PASSWORD}'; GRANT bench_role TO {n};"
+                      for n in names if n != "bench")
+        if sql:
+            psql(self.port, sql)
+
     def stop(self):
         subprocess.run(as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"]), capture_output=True)
 
@@ -95,7 +105,7 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
     d = os.path.join(tmp, f"pgwarden-{variant}")
     os.makedirs(os.path.join(d, "policies"), exist_ok=True)
     with open(os.path.join(d, "policies", "bench.toml"), "w") as f:
-        f.write('[[map]]\nclients = ["bench"]\nrole = "bench_role"\n')
+        f.write('[[map]]\nclients = ["bench", "bench*"]\nrole = "bench_role"\n')
     port = free_port()
     enabled = "false" if audit == "off" else "true"
     durability = "group" if audit == "off" else audit
@@ -140,9 +150,10 @@ def start_pgbouncer(tmp, pg_port, pool_size):
     d = os.path.join(tmp, "pgbouncer")
     os.makedirs(d)
     port = free_port()
-    secret = psql(pg_port, "SELECT rolpassword FROM pg_authid WHERE rolname = 'bench'").strip()
     with open(os.path.join(d, "users.txt"), "w") as f:
-        f.write(f'"bench" "{secret}"\n')
+        for user in USERS:
+            secret = psql(pg_port, f"SELECT rolpassword FROM pg_authid WHERE rolname = '{user}'").strip()
+            f.write(f'"{user}" "{secret}"\n')
     with open(os.path.join(d, "pgbouncer.ini"), "w") as f:
         f.write(f"[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n"
                 f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = scram-sha-256\n"
@@ -205,27 +216,39 @@ def idle_clients_rss(pid, port, n):
 
 
 def pgbench(port, clients, duration, args, pid=None):
-    cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "bench", "-c", str(clients),
-           "-j", str(min(clients, 2)), "-T", str(duration), "-r", "--log", "--log-prefix", "/tmp/pgbench_log"] + args + ["postgres"]
+    """One pgbench per user in USERS, side by side, the clients split among
+    them; TPS summed from pgbench's own figures (login phase left out)."""
+    per_user = max(1, clients // len(USERS))
     logdir = tempfile.mkdtemp()
-    cmd[cmd.index("/tmp/pgbench_log")] = os.path.join(logdir, "log")
+    runs = []
     cpu_before = cpu_seconds(pid)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PGPASSWORD=PASSWORD),
-                         preexec_fn=raise_nofile)
+    for user in USERS:
+        cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-c", str(per_user),
+               "-j", str(min(per_user, 2)), "-T", str(duration), "-r", "--log",
+               "--log-prefix", os.path.join(logdir, user)] + args + ["postgres"]
+        runs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PGPASSWORD=PASSWORD), preexec_fn=raise_nofile))
+    outs = []
+    for r in runs:
+        out, err = r.communicate()
+        outs.append((r.returncode, out, err))
     cpu = cpu_seconds(pid) - cpu_before
-    if out.returncode != 0:
+    if any(code != 0 for code, _, _ in outs):
+        shutil.rmtree(logdir)
+        err = next(e for code, _, e in outs if code != 0)
         return {"tps": 0.0, "cpu_us": 0.0, "avg_ms": 0.0, "p99_ms": 0.0, "failed": True,
-                "err": out.stderr.strip()[-300:]}
-    tps = float(re.search(r"tps = ([\d.]+)", out.stdout).group(1))
+                "err": err.strip()[-300:]}
+    tps = sum(float(re.search(r"tps = ([\d.]+)", o).group(1)) for _, o, _ in outs)
+    txns = sum(int(re.search(r"number of transactions actually processed: (\d+)", o).group(1)) for _, o, _ in outs)
+    failed = any((m := re.search(r"number of failed transactions: (\d+)", o)) and int(m.group(1)) > 0
+                 for _, o, _ in outs)
     lat = [int(line.split()[2]) for name in os.listdir(logdir) for line in open(os.path.join(logdir, name))]
     shutil.rmtree(logdir)
     lat.sort()
-    failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
-    txns = int(re.search(r"number of transactions actually processed: (\d+)", out.stdout).group(1))
     return {"tps": tps, "cpu_us": cpu * 1e6 / txns if pid and txns else 0.0,
             "avg_ms": statistics.mean(lat) / 1000 if lat else 0,
             "p99_ms": lat[int(len(lat) * 0.99) - 1] / 1000 if lat else 0,
-            "failed": bool(failed and int(failed.group(1)) > 0)}
+            "failed": failed}
 
 
 def main():
@@ -238,9 +261,13 @@ def main():
     ap.add_argument("--audit", default="off,async,group",
                     help="pgwarden variants: audit modes off|async|group|sync, each optionally +verify, +role, +plain")
     ap.add_argument("--workloads", default="select", help="comma list: select,select-extended,select-prepared,tpcb,connect")
+    ap.add_argument("--users", type=int, default=1,
+                    help="client users (bench1..N), one pgbench each, the clients split among them")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--idle-clients", type=int, default=1000, help="measure gateway RSS with this many idle clients (0: skip)")
     a = ap.parse_args()
+    if a.users > 1:
+        USERS[:] = [f"bench{i}" for i in range(1, a.users + 1)]
     if a.smoke:
         a.clients, a.duration, a.rounds, a.idle_clients = "2", 1, 1, 10
     workloads = {"select": ["-S"], "select-extended": ["-S", "-M", "extended"], "select-prepared": ["-S", "-M", "prepared"],
@@ -251,6 +278,7 @@ def main():
     pg = None
     try:
         pg = Cluster(tmp, a.pool_size)
+        pg.add_users(USERS)
         targets = [("postgres", pg.port)]
         bouncer, bport = start_pgbouncer(tmp, pg.port, a.pool_size)
         if bouncer:

@@ -51,7 +51,7 @@ pub enum BackendError {
     #[error("the database's server connections are all in use ([pool] max_db_connections)")]
     Capped,
     /// One of pgwarden's logins has settings of its own (see
-    /// [`ServerConn::read_start_time`]).
+    /// [`ServerConn::check_new_backend`]).
     #[error("{0}")]
     LoginSettings(String),
 }
@@ -262,7 +262,7 @@ impl ServerConn {
     /// any, and one a client set (`ALTER ROLE CURRENT_USER IN DATABASE ...
     /// SET search_path = ...` after reaching the login) would apply to the
     /// sessions of every client this connection serves.
-    pub async fn read_start_time(&mut self) -> Result<Option<i64>, BackendError> {
+    pub async fn check_new_backend(&mut self) -> Result<Option<i64>, BackendError> {
         // What the backend applied at its start, not only what the catalog
         // says now: a setting removed again right after the backend
         // started still counts.

@@ -192,24 +192,15 @@ impl Assertion<'_> {
     /// is the role and the client-user setting is the client. Runs as a
     /// simple query so no client statement (named or unnamed) is disturbed.
     pub async fn verify(&self, conn: &mut ServerConn) -> Result<Verdict, BackendError> {
-        let mut out = BytesMut::new();
-        messages::query(&mut out, &verify_sql(self.setting));
-        conn.write_all(&out).await?;
-        let mut found = None;
-        let mut error = None;
-        loop {
-            let frame = conn.read_frame().await?;
-            match frame[0] {
-                b'D' => found = Some(two_text_columns(&frame[5..])?),
-                b'E' if error.is_none() => error = Some(messages::parse_error_fields(&frame[5..])?),
-                b'Z' => break,
-                _ => {}
-            }
-        }
-        if let Some(fields) = error {
-            return Err(BackendError::Server(fields));
-        }
-        Ok(self.judge(found.unwrap_or_default()))
+        let rows = conn.simple_rows(&verify_sql(self.setting)).await?;
+        let found = match rows.last().map(Vec::as_slice) {
+            Some([role, user]) => (
+                role.clone().unwrap_or_default(),
+                user.clone().unwrap_or_default(),
+            ),
+            _ => Default::default(),
+        };
+        Ok(self.judge(found))
     }
 
     /// The verdict on what a verification query returned.
@@ -232,23 +223,4 @@ fn verify_sql(setting: &str) -> String {
         "SELECT current_user, pg_catalog.current_setting('{}', true)",
         setting.replace('\'', "''")
     )
-}
-
-/// The two columns of a `DataRow` as text (NULL as empty).
-fn two_text_columns(body: &[u8]) -> Result<(String, String), BackendError> {
-    let mut r = Reader::new(body, "DataRow");
-    if r.i16()? != 2 {
-        return Ok(Default::default());
-    }
-    let mut column = || -> Result<String, BackendError> {
-        let len = r.i32()?;
-        Ok(if len < 0 {
-            String::new()
-        } else {
-            String::from_utf8_lossy(r.bytes(len as usize)?).into_owned()
-        })
-    };
-    let role = column()?;
-    let user = column()?;
-    Ok((role, user))
 }

@@ -60,7 +60,7 @@ impl managed::Manager for ServerManager {
             Err(_) => return Err(BackendError::ConnectTimeout(self.backend.address())),
         }
         conn.permit = permit;
-        conn.started_us = conn.read_start_time().await?;
+        conn.started_us = conn.check_new_backend().await?;
         tracing::debug!(database = %self.database, login = %self.user, backend_pid = conn.pid, "server connection created");
         Ok(conn)
     }

@@ -596,7 +596,7 @@ async fn planted_then_removed(gw: &support::TestGateway, setting: &str) {
         &format!("ALTER ROLE {user} IN DATABASE iso_settings_race RESET ALL"),
     );
     drop(planted);
-    let err = match conn.read_start_time().await {
+    let err = match conn.check_new_backend().await {
         Ok(started) => panic!("{setting}: the connection was accepted ({started:?})"),
         Err(e) => e,
     };

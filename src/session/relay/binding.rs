@@ -186,9 +186,13 @@ impl QueryLoop<'_> {
             // Kept across transactions (pinned, or session pooling): a new
             // transaction after opaque code gets a fresh assertion.
             let between = self.tx_status == b'I' && self.tracker.is_empty() && !self.unsynced;
-            let rekeyed = between && conn.tag_key() != self.tag_key().await.map(|k| k.id);
-            let result = if (conn.is_opaque() || rekeyed) && between {
-                self.reassert(&mut conn, None).await
+            let result = if between {
+                let key = self.tag_key().await;
+                if conn.is_opaque() || conn.tag_key() != key.as_ref().map(|k| k.id) {
+                    self.reassert(&mut conn, None, key).await
+                } else {
+                    Ok(())
+                }
             } else {
                 Ok(())
             };
@@ -240,14 +244,15 @@ impl QueryLoop<'_> {
             self.send_own_query("DISCARD SEQUENCES");
             self.tracker.injected();
         }
-        let rekeyed = conn.tag_key() != self.tag_key().await.map(|k| k.id);
+        let key = self.tag_key().await;
+        let rekeyed = conn.tag_key() != key.as_ref().map(|k| k.id);
         if reset
             || rekeyed
             || !conn.carries(&self.ident.role, &self.ident.client_user, &self.settings)
         {
             let first =
                 reset.then(|| crate::session::state::reset_sql(crate::session::state::RESET_SQL));
-            if let Err(e) = self.reassert(&mut conn, first.as_deref()).await {
+            if let Err(e) = self.reassert(&mut conn, first.as_deref(), key).await {
                 pool::discard(conn);
                 return Err(e);
             }
@@ -264,19 +269,20 @@ impl QueryLoop<'_> {
     }
 
     /// Asserts this client's identity and settings on `conn` (one round
-    /// trip, nothing else in flight). Made between transactions, it also
+    /// trip, nothing else in flight), the client name signed with `key`
+    /// when the database has one. Made between transactions, it also
     /// clears the connection's opaque mark.
     async fn reassert(
         &mut self,
         conn: &mut PooledConn,
         reset: Option<&str>,
+        key: Option<crate::identity::tag::TagKey>,
     ) -> Result<(), PgError> {
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_assertions);
         conn.forget_identity();
         // The assertion replaces (and closes) the connection's unnamed
         // statement: the client's own is parsed again before its next use.
         self.unnamed_here = false;
-        let key = self.tag_key().await;
         let backend = conn.started_us.map(|started_us| Backend {
             pid: conn.pid,
             started_us,

@@ -13,6 +13,7 @@ pub mod opaque;
 mod outcome;
 mod prepared;
 mod relay;
+mod sequencer;
 pub mod split;
 pub mod startup;
 pub mod state;

@@ -17,6 +17,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod migrate;
+mod pipelines;
 mod policy;
 mod pool;
 mod prepared;

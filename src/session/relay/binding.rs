@@ -85,7 +85,7 @@ impl QueryLoop<'_> {
             return;
         };
         // A simple query: it drops the connection's unnamed statement.
-        self.unnamed_here = false;
+        self.seq.unnamed_lost();
         match kept::read(server, &names).await {
             Ok(values) => {
                 let settings = Arc::make_mut(&mut self.settings);
@@ -185,7 +185,7 @@ impl QueryLoop<'_> {
         if let Some(mut conn) = self.server.take() {
             // Kept across transactions (pinned, or session pooling): a new
             // transaction after opaque code gets a fresh assertion.
-            let between = self.tx_status == b'I' && self.tracker.is_empty() && !self.unsynced;
+            let between = self.seq.between_transactions();
             let result = if between {
                 let key = self.tag_key().await;
                 if conn.is_opaque() || conn.tag_key() != key.as_ref().map(|k| k.id) {
@@ -199,6 +199,7 @@ impl QueryLoop<'_> {
             match result {
                 Ok(()) => self.server = Some(conn),
                 Err(e) => {
+                    self.seq.unbound();
                     self.cancel.unbind().await;
                     pool::discard(conn);
                     return Err(e);
@@ -238,12 +239,7 @@ impl QueryLoop<'_> {
             crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
             conn.forget_state();
         }
-        if conn.take_others_sequences(&self.ident.session_id) {
-            // Sent ahead of the client's first message, in the same write;
-            // its answers are the gateway's.
-            self.send_own_query("DISCARD SEQUENCES");
-            self.tracker.injected();
-        }
+        let others_sequences = conn.take_others_sequences(&self.ident.session_id);
         let key = self.tag_key().await;
         let rekeyed = conn.tag_key() != key.as_ref().map(|k| k.id);
         if reset
@@ -263,8 +259,14 @@ impl QueryLoop<'_> {
         });
         // Whatever unnamed statement this connection holds is another
         // binding's: the client's is parsed again before it is used.
-        self.unnamed_here = false;
         self.server = Some(conn);
+        self.seq.bound();
+        self.seq.unnamed_lost();
+        if others_sequences {
+            // Sent ahead of the client's first message, in the same write;
+            // its answers are the gateway's.
+            self.seq.own_query("DISCARD SEQUENCES");
+        }
         Ok(())
     }
 
@@ -282,7 +284,7 @@ impl QueryLoop<'_> {
         conn.forget_identity();
         // The assertion replaces (and closes) the connection's unnamed
         // statement: the client's own is parsed again before its next use.
-        self.unnamed_here = false;
+        self.seq.unnamed_lost();
         let backend = conn.started_us.map(|started_us| Backend {
             pid: conn.pid,
             started_us,
@@ -348,8 +350,7 @@ impl QueryLoop<'_> {
         };
         let literal = name.replace('\\', "\\\\").replace('\'', "''");
         let sql = format!("SELECT pg_catalog.set_config('application_name', E'{literal}', false)");
-        self.send_own_query(&sql);
-        self.tracker.injected();
+        self.seq.own_query(&sql);
     }
 
     /// The identity this client's connections must carry.
@@ -371,7 +372,7 @@ impl QueryLoop<'_> {
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
-        self.unnamed_here = false;
+        self.seq.unnamed_lost();
         let tag = server.tag_value().map(str::to_string);
         let assertion = Assertion {
             tag: tag.as_deref(),
@@ -419,10 +420,10 @@ impl QueryLoop<'_> {
 
     pub(super) async fn release(&mut self) {
         if let Some(conn) = self.server.take() {
-            self.cancel.unbind().await;
             // The client's unnamed statement stays its own; the next
             // connection gets it parsed again when it is used.
-            self.unnamed_here = false;
+            self.seq.unbound();
+            self.cancel.unbind().await;
             drop(conn);
         }
     }
@@ -441,13 +442,14 @@ impl QueryLoop<'_> {
 
     pub(super) async fn abandon_server(&mut self, why: &str) {
         self.abandon_ledger().await;
-        for pending in self.tracker.drain() {
+        for pending in self.seq.drain() {
             let mut ev = self.result_event(pending, Outcome::NotExecuted { after: None });
             ev.status = Some(Status::Unknown);
             ev.message = Some(why.to_string());
             self.shared.auditor.append_nowait(ev).await;
         }
         if let Some(conn) = self.server.take() {
+            self.seq.unbound();
             self.cancel.unbind().await;
             pool::discard(conn);
         }
@@ -462,7 +464,7 @@ impl QueryLoop<'_> {
         self.settle_unexecuted_ahead();
         self.record_results().await;
         if let End::Fatal(error) = end {
-            self.to_client.clear();
+            self.seq.client_out().clear();
             self.client.send_error(error).await;
         }
         if matches!(end, End::ClientGone) && !self.idle() {

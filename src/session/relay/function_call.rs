@@ -28,8 +28,8 @@ impl QueryLoop<'_> {
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
         self.note_code(false);
-        self.to_server.extend_from_slice(&frame);
-        self.tracker.query(pending, None);
+        self.seq.forward(&frame);
+        self.seq.expect().query(pending, None);
         Ok(())
     }
 }

@@ -23,13 +23,10 @@ impl QueryLoop<'_> {
     /// or destroyed.
     pub(super) async fn settle_for_gone_client(&mut self) {
         self.client.rbuf.clear();
-        if self.server.is_none() || self.client_passthrough > 0 {
+        if self.server.is_none() || self.seq.streaming_from_client() {
             return;
         }
-        if self.copy_in {
-            messages::copy_fail(&mut self.to_server, "the client disconnected during COPY");
-            self.copy_in = false;
-        }
+        self.seq.fail_copy("the client disconnected during COPY");
         self.roll_back("the client disconnected inside a transaction")
             .await;
     }
@@ -41,40 +38,25 @@ impl QueryLoop<'_> {
     /// the client.
     pub(super) async fn roll_back(&mut self, why: &str) {
         self.client_gone = true;
-        self.deferred = false;
-        self.abort_unsynced();
+        self.seq.resume();
+        self.seq.abort_unsynced(PgError::error(
+            sqlstate::CONNECTION_FAILURE,
+            "the batch was abandoned",
+        ));
         if self.flush_server().await.is_err() || !self.wait_for_server(why).await {
             return;
         }
-        if self.server.is_none() || self.tx_status == b'I' {
+        if self.server.is_none() || self.seq.tx_status() == b'I' {
             return;
         }
         let note = format!("issued by pgwarden: {why}");
         // A store failure does not stop the rollback.
         let pending = self.audit_note("ROLLBACK", &note).await.unwrap_or_default();
-        self.send_own_query("ROLLBACK");
-        self.tracker.query(pending, None);
+        self.seq.own_query_unregistered("ROLLBACK");
+        self.seq.expect().query(pending, None);
         if self.flush_server().await.is_ok() {
             self.wait_for_server(why).await;
         }
-    }
-
-    /// Ends an extended batch the client never synced so that it does not
-    /// commit (PostgreSQL, seeing the client go, would abort it): a `Parse`
-    /// that fails makes the server abort the batch's transaction and skip
-    /// to the `Sync` that follows.
-    fn abort_unsynced(&mut self) {
-        if !self.unsynced {
-            return;
-        }
-        self.send_failing_parse();
-        self.tracker.blocked_parse(PgError::error(
-            sqlstate::CONNECTION_FAILURE,
-            "the batch was abandoned",
-        ));
-        messages::sync(&mut self.to_server);
-        self.tracker.sync();
-        self.unsynced = false;
     }
 
     /// Reads the server's answers (recorded, relayed nowhere) until it owes
@@ -83,7 +65,7 @@ impl QueryLoop<'_> {
     async fn wait_for_server(&mut self, why: &str) -> bool {
         let mut cancelled = false;
         let mut deadline = tokio::time::Instant::now() + WAIT_BEFORE_CANCEL;
-        while !self.tracker.is_empty() {
+        while !self.seq.owes_nothing() {
             let Some(server) = self.server.as_mut() else {
                 return true;
             };

@@ -33,8 +33,9 @@ use super::cancel::{BackendKey, CancelSlot};
 use super::ledger::Ledger;
 use super::outcome::Portal;
 use super::prepared;
+use super::sequencer::{ClientStep, Flow, Sequencer, ServerStep};
 use super::state::Effect;
-use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route, Tracker};
+use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route};
 use super::{Identity, Shared};
 use crate::audit::{Event, Kind, Link, Status};
 use crate::backend::statements;
@@ -42,17 +43,11 @@ use crate::client::{ClientConn, ClientError};
 use crate::config::{OnFailure, PoolMode, VerifyMode};
 use crate::identity::assert::{Assertion, Verdict};
 use crate::pool::{self, PooledConn};
-use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
+use crate::protocol::frame::{FrameHeader, ProtocolError};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
+use crate::session::commits::Commits;
 use recording::Ahead;
-
-/// Text sent in place of a refused statement: it fails at parse time, so the
-/// server aborts exactly as it would for a refused statement of its own.
-const REFUSED_SQL: &str = "pgwarden refused this statement";
-/// Larger row and copy frames are streamed through instead of buffered whole.
-const STREAM_THRESHOLD: usize = 64 * 1024;
-const MAX_SERVER_FRAME: usize = 1 << 30;
 
 /// A client's statements or portals by name. Names are short and each map
 /// belongs to one session (a client can only slow down itself), so FNV-1a
@@ -98,15 +93,6 @@ impl From<ClientError> for End {
     }
 }
 
-/// Which kind of client message a refusal answers.
-#[derive(Clone, Copy)]
-enum Flow {
-    /// `Query` or `FunctionCall`: one error, then `ReadyForQuery`.
-    Simple,
-    /// Extended protocol: one error, then everything up to `Sync` is skipped.
-    Extended,
-}
-
 /// The state of one client's query phase.
 pub struct QueryLoop<'a> {
     shared: &'a Shared,
@@ -118,15 +104,9 @@ pub struct QueryLoop<'a> {
     /// The pool this session's connections come from, once known.
     pool: Option<pool::PoolRef>,
     cancel: Arc<CancelSlot>,
-    tracker: Tracker,
-    /// Transaction status from the last `ReadyForQuery`.
-    tx_status: u8,
-    /// Extended-protocol messages were forwarded since the last `Sync`.
-    unsynced: bool,
-    /// Skipping client messages until `Sync`, as the server does after an error.
-    discard_until_sync: bool,
-    /// The next `Sync` is answered by the gateway (the error was local).
-    local_sync: bool,
+    /// The protocol state: what the server owes, the transaction status,
+    /// the bytes to write each way, when the connection may go.
+    seq: Sequencer,
     /// The client created connection-bound objects (temp tables, LISTEN,
     /// session advisory locks...): it keeps its server connection.
     pinned: bool,
@@ -146,13 +126,6 @@ pub struct QueryLoop<'a> {
     cancel_sent: bool,
     /// (transactions, statements) not yet added to the shared metrics.
     counts: (u64, u64),
-    /// The server is in copy-in (`CopyInResponse` seen, client has not sent
-    /// `CopyDone`/`CopyFail` yet).
-    copy_in: bool,
-    client_passthrough: usize,
-    server_passthrough: usize,
-    to_server: BytesMut,
-    to_client: BytesMut,
     /// The client's prepared statements by client name ("" = unnamed).
     statements: NameMap<prepared::Statement>,
     portals: NameMap<Portal>,
@@ -175,11 +148,6 @@ pub struct QueryLoop<'a> {
     /// `session::opaque`): it may have created objects that run such code
     /// later, so everything it runs from now on marks its connection.
     ever_opaque: bool,
-    /// Client frames wait in the read buffer: the bound connection ran
-    /// opaque code, and the next request may start a new transaction, so it
-    /// waits until the server has answered everything before it (and the
-    /// identity is asserted afresh if that transaction ended).
-    deferred: bool,
     /// The extended batch since the last `Sync` bound opaque code, and then
     /// a statement that commits: nothing more may run before the `Sync`.
     batch_opaque: bool,
@@ -199,13 +167,6 @@ pub struct QueryLoop<'a> {
     /// Settings the current transaction may have changed for the session,
     /// read back when it ends (`[pool] session_set = "keep"`).
     kept_pending: Vec<String>,
-    /// The client was told its transaction is aborted (a refusal), but the
-    /// server's transaction is still open and healthy
-    /// ([`QueryLoop::settle_local_abort`]).
-    aborted_locally: bool,
-    /// The bound connection holds the client's unnamed statement (parsed
-    /// on it since it was bound).
-    unnamed_here: bool,
     /// The process id the client knows its session by (gateway-made).
     client_pid: i32,
     /// A statement that may change `client_encoding` has not been answered
@@ -252,12 +213,7 @@ impl<'a> QueryLoop<'a> {
             server: None,
             pool: None,
             cancel,
-            tracker: Tracker::default(),
-            tx_status: b'I',
-            unsynced: false,
-            discard_until_sync: false,
-            local_sync: false,
-            copy_in: false,
+            seq: Sequencer::default(),
             needs_verify: false,
             last_activity: Instant::now(),
             query_started: None,
@@ -266,10 +222,6 @@ impl<'a> QueryLoop<'a> {
             settings: Arc::new(ident.settings.clone()),
             pinned: false,
             retag_application_name: false,
-            client_passthrough: 0,
-            server_passthrough: 0,
-            to_server: BytesMut::new(),
-            to_client: BytesMut::new(),
             statements: Default::default(),
             portals: Default::default(),
             pre_audited: None,
@@ -280,7 +232,6 @@ impl<'a> QueryLoop<'a> {
             shutdown,
             shutting_down: false,
             ever_opaque: !crate::session::opaque::settings_transparent(&ident.settings),
-            deferred: false,
             batch_opaque: false,
             batch_committed_opaque: false,
             tx_opaque: false,
@@ -288,28 +239,10 @@ impl<'a> QueryLoop<'a> {
             cancel_note: None,
             application_name: ident.application_name.clone(),
             kept_pending: Vec::new(),
-            aborted_locally: false,
-            unnamed_here: false,
             client_pid,
             encoding_in_flux: false,
             span: tracing::Span::none(),
         }
-    }
-
-    /// Sends a simple query of the gateway's own on the bound connection.
-    /// PostgreSQL drops the connection's unnamed statement for any simple
-    /// query, so the client's is parsed again before its next use.
-    fn send_own_query(&mut self, sql: &str) {
-        messages::query(&mut self.to_server, sql);
-        self.unnamed_here = false;
-    }
-
-    /// Sends the `Parse` that stands for a refused or abandoned message:
-    /// it fails on the server (aborting as PostgreSQL would) and replaces
-    /// the connection's unnamed statement.
-    fn send_failing_parse(&mut self) {
-        messages::parse(&mut self.to_server, REFUSED_SQL);
-        self.unnamed_here = false;
     }
 
     /// The session's span, named as the parent of every log line.
@@ -321,12 +254,7 @@ impl<'a> QueryLoop<'a> {
     /// True when no transaction or message exchange is in progress, so the
     /// session may be ended (shutdown) without losing work.
     fn idle(&self) -> bool {
-        self.server.is_none()
-            || (self.tracker.is_empty()
-                && !self.unsynced
-                && self.tx_status == b'I'
-                && !self.copy_in
-                && self.client_passthrough == 0)
+        self.seq.idle()
     }
 
     /// Runs until the client leaves or the session must end.
@@ -367,7 +295,7 @@ impl<'a> QueryLoop<'a> {
                 let shutdown = &mut self.shutdown;
                 tokio::select! {
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
-                    r = client.fill(), if !self.deferred => Wake::Client(r),
+                    r = client.fill(), if !self.seq.deferred() => Wake::Client(r),
                     r = shutdown.changed(), if idle && !self.shutting_down => {
                         if r.is_err() { self.shutting_down = true; }
                         Wake::Shutdown
@@ -408,75 +336,26 @@ impl<'a> QueryLoop<'a> {
 
     /// Handles the client's buffered frames, up to one that must wait
     /// ([`Self::must_wait`]).
+    /// Handles the client's buffered frames, up to one that must wait for
+    /// the server (see `Sequencer::next_client`).
     async fn take_client_frames(&mut self) -> Result<(), End> {
         loop {
-            if self.client_passthrough > 0 {
-                let n = self.client_passthrough.min(self.client.rbuf.len());
-                if n == 0 {
-                    break;
-                }
-                self.to_server
-                    .extend_from_slice(&self.client.rbuf.split_to(n));
-                self.client_passthrough -= n;
-                continue;
-            }
             let max = self.client.max_message_size;
-            let Some(header) =
-                FrameHeader::peek(&self.client.rbuf, max).map_err(|e| End::Fatal(e.to_fatal()))?
-            else {
-                break;
-            };
-            if self.must_wait(header.tag) {
-                self.deferred = true;
-                break;
+            let opaque = self.server.as_ref().is_some_and(|s| s.is_opaque());
+            let step = self.seq.next_client(&mut self.client.rbuf, max, opaque);
+            match step.map_err(|e| End::Fatal(e.to_fatal()))? {
+                ClientStep::Frame(frame) => self.on_client_frame(frame).await?,
+                ClientStep::Idle => return Ok(()),
             }
-            if header.tag == b'd'
-                && self.server.is_some()
-                && header.total > STREAM_THRESHOLD
-                && self.client.rbuf.len() < header.total
-            {
-                let n = self.client.rbuf.len();
-                self.to_server
-                    .extend_from_slice(&self.client.rbuf.split_to(n));
-                self.client_passthrough = header.total - n;
-                continue;
-            }
-            let Some(frame) =
-                split_frame(&mut self.client.rbuf, max).map_err(|e| End::Fatal(e.to_fatal()))?
-            else {
-                break;
-            };
-            self.on_client_frame(frame.freeze()).await?;
         }
-        Ok(())
-    }
-
-    /// Whether a client frame with `tag` must wait for the server: the
-    /// bound connection ran opaque code, the frame starts a new request (a
-    /// `Query` or `FunctionCall`, or the first extended message after a
-    /// `Sync`), no copy is in progress (the server waits for the client
-    /// then), and the server has not answered everything before it. Such
-    /// a request may start a new transaction, which must not run before
-    /// the identity is asserted afresh.
-    fn must_wait(&self, tag: u8) -> bool {
-        let Some(server) = self.server.as_ref() else {
-            return false;
-        };
-        let starts_request = match tag {
-            b'Q' | b'F' => true,
-            b'P' | b'B' | b'D' | b'C' | b'E' | b'S' => !self.unsynced,
-            _ => false,
-        };
-        server.is_opaque() && starts_request && !self.copy_in && !self.tracker.is_empty()
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
         let tag = frame[0];
         tracing::trace!(parent: &self.span, tag = %(tag as char), len = frame.len(), "client frame");
-        if self.discard_until_sync && tag != b'S' {
+        if !self.seq.admit(&frame, Commits::rolls_back_first) {
             return Ok(());
         }
-        self.settle_local_abort(&frame);
         if matches!(tag, b'Q' | b'E' | b'F') {
             self.counts.1 += 1;
         }
@@ -486,26 +365,17 @@ impl<'a> QueryLoop<'a> {
             b'P' => self.on_parse(frame).await,
             b'B' => self.on_bind(frame).await,
             b'E' => self.on_execute(frame).await,
-            b'S' if self.copy_in => {
-                // Ignored by the server during copy-in: nothing to await.
-                self.to_server.extend_from_slice(&frame);
+            // Ignored by the server during copy-in: nothing to await.
+            b'S' if self.seq.copy_in() => {
+                self.seq.pass(&frame);
                 Ok(())
             }
             b'S' => self.on_sync(frame).await,
             b'D' => self.on_describe(frame).await,
             b'C' => self.on_close(frame).await,
             b'F' => self.on_function_call(frame).await,
-            b'c' | b'f' if self.copy_in => {
-                self.copy_in = false;
-                self.to_server.extend_from_slice(&frame);
-                Ok(())
-            }
             b'H' | b'd' | b'c' | b'f' => {
-                // Flush has nothing to flush, and copy messages outside COPY
-                // are ignored by PostgreSQL, when no server is bound.
-                if self.server.is_some() {
-                    self.to_server.extend_from_slice(&frame);
-                }
+                self.seq.pass(&frame);
                 Ok(())
             }
             other => Err(End::Fatal(PgError::fatal(
@@ -513,13 +383,20 @@ impl<'a> QueryLoop<'a> {
                 format!("invalid frontend message type {other}"),
             ))),
         };
-        self.tracker
-            .emit_synthetic(self.tx_status, &mut self.to_client);
+        self.seq.emit_synthetic();
         result
     }
 
     async fn flush_server(&mut self) -> Result<(), End> {
-        if self.to_server.is_empty() {
+        if self.seq.misrouted() {
+            tracing::error!(parent: &self.span, "a message for the server was written while no connection carried the client's identity");
+            self.abandon_server("internal error").await;
+            return Err(End::Fatal(PgError::fatal(
+                sqlstate::INTERNAL_ERROR,
+                "pgwarden ended the session: internal error (a message had no identity-bearing connection)",
+            )));
+        }
+        if self.seq.to_server().is_empty() {
             return Ok(());
         }
         if self.query_started.is_none() {
@@ -527,38 +404,39 @@ impl<'a> QueryLoop<'a> {
             self.cancel_sent = false;
         }
         let Some(server) = self.server.as_mut() else {
-            self.to_server.clear();
+            self.seq.clear_to_server();
             return Ok(());
         };
-        if !self.tracker.is_empty() {
+        if !self.seq.owes_nothing() {
             self.cancel.set_running(true);
         }
-        if let Err(e) = server.write_all(&self.to_server).await {
-            self.to_server.clear();
+        let written = server.write_all(self.seq.to_server()).await;
+        self.seq.clear_to_server();
+        if let Err(e) = written {
             return Err(self.server_lost(&e.to_string()).await);
         }
-        self.to_server.clear();
         Ok(())
     }
 
     async fn flush_client(&mut self) -> Result<(), End> {
         // Between whole messages only (none is being streamed through).
-        if self.server_passthrough == 0 {
+        if self.seq.between_server_messages() {
             if let Some(server) = self.server.as_mut() {
                 for notification in server.take_notifications() {
-                    self.to_client.extend_from_slice(&notification);
+                    self.seq.client_out().extend_from_slice(&notification);
                 }
             }
         }
-        if self.to_client.is_empty() {
+        let out = self.seq.client_out();
+        if out.is_empty() {
             return Ok(());
         }
         if self.client_gone {
-            self.to_client.clear();
+            out.clear();
             return Ok(());
         }
-        let result = self.client.write_all(&self.to_client).await;
-        self.to_client.clear();
+        let result = self.client.write_all(out).await;
+        self.seq.client_out().clear();
         result.map_err(End::from)
     }
 }

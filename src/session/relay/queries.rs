@@ -16,7 +16,7 @@ impl QueryLoop<'_> {
         // A simple query drops the unnamed statement, on the server as
         // for the client (PostgreSQL defines it so).
         self.statements.remove(&b""[..]);
-        self.unnamed_here = false;
+        self.seq.unnamed_lost();
         if let Err(v) = self.check_guard(sql, false) {
             let error = self.blocked(sql, &v.to_string()).await;
             return self.refuse(Flow::Simple, error).await;
@@ -59,9 +59,9 @@ impl QueryLoop<'_> {
         }
         self.note_code(transparent);
         self.note_cursors(&frame.slice_ref(sql));
-        self.to_server.extend_from_slice(&frame);
-        self.tracker.query(pending, None);
-        self.tracker.more_statements(more);
+        self.seq.forward(&frame);
+        self.seq.expect().query(pending, None);
+        self.seq.expect().more_statements(more);
         Ok(())
     }
 
@@ -101,7 +101,7 @@ impl QueryLoop<'_> {
                 },
             });
         }
-        self.tracker.synth_query(tag);
+        self.seq.expect().synth_query(tag);
         true
     }
 
@@ -128,7 +128,7 @@ impl QueryLoop<'_> {
         let name = frame.slice_ref(parse.name);
         let sql = frame.slice_ref(parse.query);
         self.note_cursors(&sql);
-        self.unsynced = true;
+        self.seq.sent_extended();
         // In session pooling the client owns its connection: its named
         // statements live there under its own names, as directly.
         // A statement that takes set_config's setting name as a parameter
@@ -140,13 +140,14 @@ impl QueryLoop<'_> {
             let mut statement = prepared::Statement::new(sql, None, setting_params);
             if name.is_empty() {
                 statement.unnamed_parse = Some(frame.slice(6..));
-                self.unnamed_here = true;
+                self.seq.unnamed_parsed();
             }
             self.note_parsed(statement.nature);
             let previous = self.statements.insert(name.clone(), statement);
-            self.to_server.extend_from_slice(&frame);
-            self.tracker.parse(false, None);
-            self.tracker
+            self.seq.forward(&frame);
+            self.seq.expect().parse(false, None);
+            self.seq
+                .expect()
                 .restore_if_not_parsed(Box::new((name, previous)));
             return Ok(());
         }
@@ -157,11 +158,12 @@ impl QueryLoop<'_> {
         let previous = self.statements.insert(name.clone(), statement);
         let server = self.server.as_mut().expect("bound above");
         if server.statements.touch(key) {
-            self.tracker.synth_parse();
+            self.seq.expect().synth_parse();
         } else {
             self.prepare_on_server(key, &rest, false);
         }
-        self.tracker
+        self.seq
+            .expect()
             .restore_if_not_parsed(Box::new((name, previous)));
         Ok(())
     }
@@ -181,19 +183,15 @@ impl QueryLoop<'_> {
     pub(super) fn prepare_on_server(&mut self, key: u128, rest: &[u8], injected: bool) {
         let server = self.server.as_mut().expect("caller binds");
         if server.statements.is_uncertain() {
-            prepared::statement_message(&mut self.to_server, b'C', &statements::server_name(key));
-            self.tracker.close(true);
+            prepared::statement_message(self.seq.wire(), b'C', &statements::server_name(key));
+            self.seq.expect().close(true);
         }
         if let Some(evicted) = server.statements.insert(key) {
-            prepared::statement_message(
-                &mut self.to_server,
-                b'C',
-                &statements::server_name(evicted),
-            );
-            self.tracker.close(true);
+            prepared::statement_message(self.seq.wire(), b'C', &statements::server_name(evicted));
+            self.seq.expect().close(true);
         }
-        prepared::parse(&mut self.to_server, &statements::server_name(key), rest);
-        self.tracker.parse(injected, Some(key));
+        prepared::parse(self.seq.wire(), &statements::server_name(key), rest);
+        self.seq.expect().parse(injected, Some(key));
     }
 
     /// The server name of a client's named statement, prepared on the bound
@@ -217,7 +215,7 @@ impl QueryLoop<'_> {
     /// parsed again here before the message that names it; its answer is
     /// the gateway's.
     fn unnamed_to_server(&mut self) {
-        if self.unnamed_here {
+        if self.seq.unnamed_here() {
             return;
         }
         let Some(body) = self
@@ -227,9 +225,9 @@ impl QueryLoop<'_> {
         else {
             return;
         };
-        prepared::parse(&mut self.to_server, "", &body);
-        self.tracker.parse(true, None);
-        self.unnamed_here = true;
+        prepared::parse(self.seq.wire(), "", &body);
+        self.seq.expect().parse(true, None);
+        self.seq.unnamed_parsed();
     }
 
     pub(super) async fn on_bind(&mut self, frame: Bytes) -> Result<(), End> {
@@ -296,15 +294,15 @@ impl QueryLoop<'_> {
         match self.server_statement(bind.statement) {
             Some(name) => {
                 let rest = 5 + bind.portal.len() + 1 + bind.statement.len() + 1;
-                prepared::bind(&mut self.to_server, bind.portal, &name, &frame[rest..]);
+                prepared::bind(self.seq.wire(), bind.portal, &name, &frame[rest..]);
             }
-            None => self.to_server.extend_from_slice(&frame),
+            None => self.seq.forward(&frame),
         }
-        self.tracker.bind(bind_record, key);
+        self.seq.expect().bind(bind_record, key);
         if let Some(restore) = portal_restore {
-            self.tracker.restore_if_not_bound(restore);
+            self.seq.expect().restore_if_not_bound(restore);
         }
-        self.unsynced = true;
+        self.seq.sent_extended();
         Ok(())
     }
 
@@ -365,13 +363,11 @@ impl QueryLoop<'_> {
             None
         };
         match server_name {
-            Some(server_name) => {
-                prepared::statement_message(&mut self.to_server, b'D', &server_name)
-            }
-            None => self.to_server.extend_from_slice(&frame),
+            Some(server_name) => prepared::statement_message(self.seq.wire(), b'D', &server_name),
+            None => self.seq.forward(&frame),
         }
-        self.tracker.describe();
-        self.unsynced = true;
+        self.seq.expect().describe();
+        self.seq.sent_extended();
         Ok(())
     }
 
@@ -426,7 +422,7 @@ impl QueryLoop<'_> {
         if kind == b'S' && (shared || self.check_reserved(name).is_err()) {
             // The client's name goes; the shared statement stays on the server.
             self.statements.remove(name);
-            self.tracker.synth_close();
+            self.seq.expect().synth_close();
             return Ok(());
         }
         if let Err(e) = self.bind_server().await {
@@ -435,9 +431,8 @@ impl QueryLoop<'_> {
         if kind == b'S' {
             self.statements.remove(name);
         }
-        self.to_server.extend_from_slice(&frame);
-        self.tracker.close(false);
-        self.unsynced = true;
+        self.seq.forward_extended(&frame);
+        self.seq.expect().close(false);
         Ok(())
     }
 
@@ -462,26 +457,17 @@ impl QueryLoop<'_> {
             Ok(p) => p,
             Err(e) => return self.refuse(Flow::Extended, e).await,
         };
-        self.to_server.extend_from_slice(&frame);
-        self.tracker.execute(pending);
-        self.unsynced = true;
+        self.seq.forward_extended(&frame);
+        self.seq.expect().execute(pending);
         Ok(())
     }
 
     pub(super) async fn on_sync(&mut self, frame: Bytes) -> Result<(), End> {
-        self.discard_until_sync = false;
         self.batch_opaque = false;
         self.batch_committed_opaque = false;
         // An error earlier in the batch may have discarded its `Execute`.
         self.settle_unexecuted_ahead();
-        if self.local_sync || (self.server.is_none() && self.tracker.is_empty()) {
-            self.local_sync = false;
-            messages::ready_for_query(&mut self.to_client, self.tx_status);
-            return Ok(());
-        }
-        self.to_server.extend_from_slice(&frame);
-        self.tracker.sync();
-        self.unsynced = false;
+        self.seq.sync(&frame);
         Ok(())
     }
 }

@@ -234,8 +234,8 @@ impl QueryLoop<'_> {
     pub(super) async fn audit_ahead(&mut self) {
         let between_transactions = self.server.is_none()
             && self.pre_audited.is_none()
-            && !self.discard_until_sync
-            && self.client_passthrough == 0;
+            && !self.seq.discarding()
+            && !self.seq.streaming_from_client();
         if !self.auditing || !between_transactions {
             return;
         }

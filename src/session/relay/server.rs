@@ -6,45 +6,17 @@ use super::*;
 
 impl QueryLoop<'_> {
     pub(super) async fn on_server_data(&mut self) -> Result<(), End> {
-        let was_busy = !self.tracker.is_empty();
+        let was_busy = !self.seq.owes_nothing();
         while let Some(server) = self.server.as_mut() {
-            let rbuf = &mut server.rbuf;
-            if self.server_passthrough > 0 {
-                let n = self.server_passthrough.min(rbuf.len());
-                if n == 0 {
-                    break;
-                }
-                self.to_client.extend_from_slice(&rbuf.split_to(n));
-                self.server_passthrough -= n;
-                continue;
-            }
-            let header = match FrameHeader::peek(rbuf, MAX_SERVER_FRAME) {
-                Ok(Some(h)) => h,
-                Ok(None) => break,
+            match self.seq.next_server(&mut server.rbuf) {
+                Ok(ServerStep::Frame(frame)) => self.on_server_frame(frame),
+                Ok(ServerStep::Idle) => break,
                 Err(e) => return Err(self.server_lost(&e.to_string()).await),
-            };
-            if matches!(header.tag, b'D' | b'd')
-                && header.total > STREAM_THRESHOLD
-                && rbuf.len() < header.total
-            {
-                if header.tag == b'D' {
-                    self.tracker.data_row();
-                }
-                let n = rbuf.len();
-                self.to_client.extend_from_slice(&rbuf.split_to(n));
-                self.server_passthrough = header.total - n;
-                continue;
             }
-            let frame = match split_frame(rbuf, MAX_SERVER_FRAME) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => return Err(self.server_lost(&e.to_string()).await),
-            };
-            self.on_server_frame(frame);
         }
         self.flush_client().await?;
         self.record_results().await;
-        if self.tracker.is_empty() {
+        if self.seq.owes_nothing() {
             self.encoding_in_flux = false;
             self.cancel.set_running(false);
             self.cancel_note = None;
@@ -53,14 +25,17 @@ impl QueryLoop<'_> {
                 self.last_activity = Instant::now();
             }
         }
-        if self.retag_application_name && self.tracker.is_empty() && !self.copy_in {
+        // Not inside an unsynced batch: after an error there the server
+        // would skip the gateway's query and never answer it.
+        let quiet = self.seq.owes_nothing() && !self.seq.copy_in() && !self.seq.unsynced();
+        if self.retag_application_name && quiet {
             self.retag_application_name();
             self.flush_server().await?;
         }
-        if self.idle() && self.tx_status == b'I' && self.needs_verify {
+        if self.idle() && self.seq.tx_status() == b'I' && self.needs_verify {
             self.verify_identity().await?;
         }
-        if self.mode == PoolMode::Transaction && !self.pinned && self.idle() {
+        if self.mode == PoolMode::Transaction && !self.pinned && self.seq.releasable() {
             self.keep_session_settings().await;
             // Notifications those exchanges met go out before the
             // connection does.
@@ -69,8 +44,8 @@ impl QueryLoop<'_> {
         } else if self.idle() {
             self.flush_client().await?;
         }
-        if self.deferred && self.tracker.is_empty() {
-            self.deferred = false;
+        if self.seq.deferred() && self.seq.owes_nothing() {
+            self.seq.resume();
             self.on_client_data().await?;
         }
         Ok(())
@@ -80,20 +55,7 @@ impl QueryLoop<'_> {
         let tag = frame[0];
         tracing::trace!(parent: &self.span, tag = %(tag as char), len = frame.len(), "server frame");
         match tag {
-            b'Z' if frame.len() == 6 => {
-                self.tx_status = frame[5];
-                self.copy_in = false;
-                self.tx_opaque &= self.tx_status != b'I';
-            }
-            b'G' => {
-                self.copy_in = true;
-                // A COPY started by `Execute` ends at the first `Sync` the
-                // client sends after the copy (any `Sync` before is ignored
-                // by the server): until then nothing may be released.
-                if self.tracker.front_is_execute() {
-                    self.unsynced = true;
-                }
-            }
+            b'Z' if frame.len() == 6 => self.tx_opaque &= frame[5] != b'I',
             b'S' => self.on_parameter_status(&frame[5..]),
             // A notification this session's own connection sent names the
             // process the client knows, as on a direct connection.
@@ -117,8 +79,8 @@ impl QueryLoop<'_> {
         let mut cache = CacheEffects::default();
         let before = self.resolved.len();
         let route = self
-            .tracker
-            .on_server(tag, &frame[5..], &mut self.resolved, &mut cache);
+            .seq
+            .server_frame(&frame, &mut self.resolved, &mut cache);
         if self.auditing && route != Route::Drop {
             match tag {
                 b'Z' => self
@@ -135,13 +97,6 @@ impl QueryLoop<'_> {
                 self.flush_counts();
             }
         }
-        match route {
-            Route::Forward => self.to_client.extend_from_slice(&frame),
-            Route::Drop => {}
-            Route::Replace(error) => error.encode(&mut self.to_client),
-        }
-        self.tracker
-            .emit_synthetic(self.tx_status, &mut self.to_client);
     }
 
     /// What the server's answer did to the client's statements and portals

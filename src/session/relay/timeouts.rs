@@ -15,7 +15,7 @@ impl QueryLoop<'_> {
     pub(super) fn next_timeout(&self) -> Option<(Timeout, Instant)> {
         let server = self.shared.live();
         let after = |ms: u64, from: Instant| (ms > 0).then(|| from + Duration::from_millis(ms));
-        if !self.tracker.is_empty() {
+        if !self.seq.owes_nothing() {
             // The server is working for the client.
             let started = self.query_started?;
             if self.cancel_sent {
@@ -25,7 +25,7 @@ impl QueryLoop<'_> {
         }
         // Inside a transaction, or an extended batch the client has not
         // synced (which holds the connection just the same).
-        if self.server.is_some() && (self.tx_status != b'I' || self.unsynced) {
+        if self.seq.is_bound() && (self.seq.tx_status() != b'I' || self.seq.unsynced()) {
             return after(server.idle_in_transaction_timeout_ms, self.last_activity)
                 .map(|at| (Timeout::IdleInTransaction, at));
         }

@@ -83,6 +83,13 @@ enum Expect {
     /// A simple query the gateway sent on its own behalf: everything up to
     /// and including its `ReadyForQuery` is the gateway's, not the client's.
     Injected,
+    /// The client sent `CopyDone` or `CopyFail` before the server said a
+    /// COPY started: no answer of its own, but it marks where a COPY ahead
+    /// of it ends, so that only the `Sync`s before it are the ones the
+    /// server ignores during the copy ([`Tracker::on_copy_in`]). Dropped
+    /// when it reaches the front (no COPY was started before it: the server
+    /// ignores it too).
+    CopyEnd,
 }
 
 impl Expect {
@@ -100,6 +107,10 @@ pub struct Tracker {
     queue: VecDeque<Expect>,
     /// `DataRow`s the `Execute` in front has sent so far.
     rows_sent: u64,
+    /// An extended-protocol error found no `Sync` queued behind it: the
+    /// server skips whatever the client sends until its next `Sync`
+    /// ([`Tracker::server_skips`]).
+    server_skips: bool,
 }
 
 impl Tracker {
@@ -191,6 +202,40 @@ impl Tracker {
         self.queue.push_back(Expect::Injected);
     }
 
+    /// The client ended a COPY the server has not started yet (as far as
+    /// the answers read so far say): see [`Expect::CopyEnd`].
+    pub fn copy_end(&mut self) {
+        self.queue.push_back(Expect::CopyEnd);
+        self.settle_front();
+    }
+
+    /// Whether the client already ended the COPY the server is starting
+    /// (a `CopyEnd` is queued behind the request in front).
+    pub fn copy_already_ended(&self) -> bool {
+        self.queue
+            .iter()
+            .skip(1)
+            .any(|e| matches!(e, Expect::CopyEnd))
+    }
+
+    /// Whether the client already ended the COPY the server is starting and
+    /// then sent a `Sync` (which ends an extended COPY's batch).
+    pub fn synced_after_copy_end(&self) -> bool {
+        self.queue
+            .iter()
+            .skip(1)
+            .skip_while(|e| !matches!(e, Expect::CopyEnd))
+            .any(|e| matches!(e, Expect::Sync))
+    }
+
+    /// Drops `CopyEnd` marks that reached the front: what they marked the
+    /// end of never started.
+    fn settle_front(&mut self) {
+        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
+            self.queue.pop_front();
+        }
+    }
+
     /// Writes the answers of gateway-made entries now at the front.
     pub fn emit_synthetic(&mut self, tx_status: u8, out: &mut BytesMut) {
         while self.queue.front().is_some_and(Expect::is_synthetic) {
@@ -211,6 +256,18 @@ impl Tracker {
 
     /// Routes one server message (`tag`, `body`), resolving what it ends.
     pub fn on_server(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        resolved: &mut Vec<Resolved>,
+        cache: &mut CacheEffects,
+    ) -> Route {
+        let route = self.route(tag, body, resolved, cache);
+        self.settle_front();
+        route
+    }
+
+    fn route(
         &mut self,
         tag: u8,
         body: &[u8],
@@ -308,15 +365,22 @@ impl Tracker {
 
     /// `CopyInResponse`: PostgreSQL ignores `Sync` during copy-in, so a
     /// `Sync` the client pipelined behind the COPY (libpq and tokio-postgres
-    /// do) will never be answered. Drop such entries; the relay stops
-    /// queueing Syncs until the client ends the copy.
+    /// do) will never be answered. Drop such entries, up to where the
+    /// client ended the copy if it already did (a `Sync` after that is
+    /// answered: the server reads it once the copy is over); otherwise the
+    /// relay stops queueing Syncs until the client ends the copy.
     fn on_copy_in(&mut self) {
         let mut i = 1;
         while i < self.queue.len() {
-            if matches!(self.queue[i], Expect::Sync) {
-                self.queue.remove(i);
-            } else {
-                i += 1;
+            match self.queue[i] {
+                Expect::Sync => {
+                    self.queue.remove(i);
+                }
+                Expect::CopyEnd => {
+                    self.queue.remove(i);
+                    return;
+                }
+                _ => i += 1,
             }
         }
     }
@@ -329,60 +393,6 @@ impl Tracker {
         }
     }
 
-    fn on_complete(
-        &mut self,
-        tag: Option<String>,
-        rows: Option<u64>,
-        resolved: &mut Vec<Resolved>,
-    ) {
-        match self.queue.front_mut() {
-            Some(Expect::Query {
-                pending,
-                more,
-                tag: t,
-                rows: r,
-                ..
-            }) => match more.pop_front() {
-                Some(mut next) => {
-                    if let Some(next) = next.as_mut() {
-                        next.started = Instant::now();
-                    }
-                    if let Some(done) = std::mem::replace(pending, next) {
-                        resolved.push(Resolved {
-                            pending: done,
-                            outcome: Outcome::Ok { tag, rows },
-                        });
-                    }
-                }
-                None => {
-                    *t = tag;
-                    *r = rows;
-                }
-            },
-            Some(Expect::Execute { .. }) => {
-                // The rows this Execute sent: a portal stopped at its row
-                // limit (`PortalSuspended`, no tag) has sent that many, and
-                // a row-returning statement's count is what the client got.
-                let sent = std::mem::take(&mut self.rows_sent);
-                let rows = if tag.is_none() || sent > 0 {
-                    Some(sent)
-                } else {
-                    rows
-                };
-                if let Some(Expect::Execute {
-                    pending: Some(pending),
-                }) = self.queue.pop_front()
-                {
-                    resolved.push(Resolved {
-                        pending,
-                        outcome: Outcome::Ok { tag, rows },
-                    });
-                }
-            }
-            _ => {}
-        }
-    }
-
     /// A `DataRow` reached the client (also for rows streamed past the
     /// tracker): counted for the `Execute` in front.
     pub fn data_row(&mut self) {
@@ -390,198 +400,9 @@ impl Tracker {
             self.rows_sent += 1;
         }
     }
-
-    fn on_error(
-        &mut self,
-        body: &[u8],
-        resolved: &mut Vec<Resolved>,
-        cache: &mut CacheEffects,
-    ) -> Route {
-        let fields = messages::parse_error_fields(body).unwrap_or_default();
-        let mut route = Route::Forward;
-        match self.queue.front_mut() {
-            Some(Expect::Query { blocked, error, .. }) => {
-                if let Some(b) = blocked.take() {
-                    return Route::Replace(*b);
-                }
-                error.get_or_insert(Box::new(fields));
-                return Route::Forward;
-            }
-            // An error at Sync (a failed implicit commit) or outside any request.
-            Some(Expect::Sync) | None => return Route::Forward,
-            Some(_) => {}
-        }
-        // An extended-protocol message failed: it and everything up to the
-        // next Sync is over. A failed `Parse`, `Bind` or `Describe` is the
-        // failure of the statement the batch goes on to execute: its
-        // `Execute` gets this error, not "not executed".
-        let mut failed = self.queue.pop_front();
-        if let Some(Expect::Bind { portal, .. }) = failed.as_mut() {
-            cache.portals.extend(portal.take());
-        }
-        if matches!(failed, Some(Expect::Bind { key: Some(_), .. }))
-            && messages::stale_plan(&fields)
-        {
-            cache.stale = true;
-        }
-        let mut cause = match failed {
-            Some(Expect::Execute { .. } | Expect::BlockedParse { .. }) | None => None,
-            Some(_) => Some(Outcome::Error {
-                code: fields.code.clone(),
-                message: fields.message.clone(),
-            }),
-        };
-        let mut after = match &failed {
-            Some(
-                Expect::Execute {
-                    pending: Some(pending),
-                }
-                | Expect::Bind {
-                    pending: Some(pending),
-                    ..
-                },
-            ) => Some(pending.ticket),
-            _ => None,
-        };
-        match failed {
-            Some(
-                Expect::Execute {
-                    pending: Some(pending),
-                }
-                | Expect::Bind {
-                    pending: Some(pending),
-                    ..
-                },
-            ) => resolved.push(Resolved {
-                pending,
-                outcome: Outcome::Error {
-                    code: fields.code.clone(),
-                    message: fields.message.clone(),
-                },
-            }),
-            Some(Expect::Parse { key, restore, .. }) => cache.not_parsed(key, restore, true),
-            Some(Expect::BlockedParse { error }) => route = Route::Replace(error),
-            _ => {}
-        }
-        self.skip_to_sync(resolved, cache, &mut cause, &mut after);
-        route
-    }
-
-    /// Drops what the server skips after an error, up to the next `Sync`.
-    /// The first audited `Execute` skipped takes `cause` as its outcome (the
-    /// error of its own `Parse`/`Bind`), the others were not executed.
-    fn skip_to_sync(
-        &mut self,
-        resolved: &mut Vec<Resolved>,
-        cache: &mut CacheEffects,
-        cause: &mut Option<Outcome>,
-        after: &mut Option<u64>,
-    ) {
-        while let Some(front) = self.queue.front() {
-            if matches!(
-                front,
-                Expect::Sync | Expect::Query { .. } | Expect::SynthQuery { .. }
-            ) {
-                return;
-            }
-            match self.queue.pop_front() {
-                Some(Expect::Execute {
-                    pending: Some(pending),
-                }) => {
-                    let outcome = match cause.take() {
-                        Some(error) => {
-                            after.get_or_insert(pending.ticket);
-                            error
-                        }
-                        None => Outcome::NotExecuted { after: *after },
-                    };
-                    resolved.push(Resolved { pending, outcome });
-                }
-                Some(Expect::Bind {
-                    pending, portal, ..
-                }) => {
-                    if let Some(portal) = portal {
-                        cache.portals.insert(0, portal);
-                    }
-                    if let Some(pending) = pending {
-                        resolved.push(Resolved {
-                            pending,
-                            outcome: Outcome::NotExecuted { after: *after },
-                        });
-                    }
-                }
-                Some(Expect::Parse { key, restore, .. }) => cache.not_parsed(key, restore, false),
-                Some(Expect::SynthParse { restore }) => cache.not_parsed(None, restore, false),
-                _ => {}
-            }
-        }
-    }
-
-    fn on_ready(&mut self, resolved: &mut Vec<Resolved>) {
-        while let Some(expect) = self.queue.pop_front() {
-            match expect {
-                Expect::Query {
-                    pending,
-                    more,
-                    tag,
-                    rows,
-                    error,
-                    returned,
-                    ..
-                } => {
-                    let after = pending.as_ref().map(|p| p.ticket);
-                    if let Some(pending) = pending {
-                        let outcome = match (error, returned) {
-                            (Some(e), _) => Outcome::Error {
-                                code: e.code,
-                                message: e.message,
-                            },
-                            (None, Some(value)) => Outcome::Returned { value },
-                            (None, None) => Outcome::Ok { tag, rows },
-                        };
-                        resolved.push(Resolved { pending, outcome });
-                    }
-                    // After an error PostgreSQL runs none of the rest.
-                    resolved.extend(more.into_iter().flatten().map(|pending| Resolved {
-                        pending,
-                        outcome: Outcome::NotExecuted { after },
-                    }));
-                    return;
-                }
-                Expect::Sync => return,
-                Expect::Execute {
-                    pending: Some(pending),
-                }
-                | Expect::Bind {
-                    pending: Some(pending),
-                    ..
-                } => resolved.push(Resolved {
-                    pending,
-                    outcome: Outcome::NotExecuted { after: None },
-                }),
-                _ => {}
-            }
-        }
-    }
-
-    /// Every statement still waiting, for when the server connection is lost.
-    pub fn drain(&mut self) -> Vec<Pending> {
-        self.queue
-            .drain(..)
-            .flat_map(|e| match e {
-                Expect::Query { pending, more, .. } => pending
-                    .into_iter()
-                    .chain(more.into_iter().flatten())
-                    .collect(),
-                Expect::Execute { pending } | Expect::Bind { pending, .. } => {
-                    pending.into_iter().collect()
-                }
-                _ => Vec::new(),
-            })
-            .collect()
-    }
 }
 
+mod resolve;
+
 #[cfg(test)]
-#[path = "tracker_tests.rs"]
 mod tests;

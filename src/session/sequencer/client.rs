@@ -1,0 +1,253 @@
+//! Client to server: framing the client's bytes, what each message does to
+//! the protocol state, refusals.
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
+
+impl Sequencer {
+    /// Takes the next step through the client's buffered bytes: passes a
+    /// large `CopyData` through to the server unbuffered, stops at a
+    /// message that must wait (`opaque`: the bound connection ran code the
+    /// gateway cannot see, see [`Self::must_wait`]), or splits off a whole
+    /// message.
+    pub fn next_client(
+        &mut self,
+        rbuf: &mut BytesMut,
+        max: usize,
+        opaque: bool,
+    ) -> Result<ClientStep, ProtocolError> {
+        loop {
+            if self.client_passthrough > 0 {
+                let n = self.client_passthrough.min(rbuf.len());
+                if n == 0 {
+                    return Ok(ClientStep::Idle);
+                }
+                self.to_server.extend_from_slice(&rbuf.split_to(n));
+                self.client_passthrough -= n;
+                continue;
+            }
+            let Some(header) = FrameHeader::peek(rbuf, max)? else {
+                return Ok(ClientStep::Idle);
+            };
+            if self.must_wait(header.tag, opaque) {
+                self.deferred = true;
+                return Ok(ClientStep::Idle);
+            }
+            if header.tag == b'd'
+                && self.bound
+                && header.total > STREAM_THRESHOLD
+                && rbuf.len() < header.total
+            {
+                let n = rbuf.len();
+                self.to_server.extend_from_slice(&rbuf.split_to(n));
+                self.client_passthrough = header.total - n;
+                continue;
+            }
+            return Ok(match split_frame(rbuf, max)? {
+                Some(frame) => ClientStep::Frame(frame.freeze()),
+                None => ClientStep::Idle,
+            });
+        }
+    }
+
+    /// Whether a client message with `tag` must wait for the server: the
+    /// bound connection ran opaque code, the message starts a new request
+    /// (a `Query` or `FunctionCall`, or the first extended message after a
+    /// `Sync`), no copy is in progress (the server waits for the client
+    /// then), and the server has not answered everything before it. Such a
+    /// request may start a new transaction, which must not run before the
+    /// identity is asserted afresh.
+    fn must_wait(&self, tag: u8, opaque: bool) -> bool {
+        opaque
+            && self.bound
+            && self.starts_request(tag)
+            && !self.copy_in
+            && !self.tracker.is_empty()
+    }
+
+    fn starts_request(&self, tag: u8) -> bool {
+        match tag {
+            b'Q' | b'F' => true,
+            b'P' | b'B' | b'D' | b'C' | b'E' | b'S' => !self.unsynced,
+            _ => false,
+        }
+    }
+
+    /// Whether a whole client message is handled at all (false: skipped
+    /// until `Sync`, as the server skips after an error). When the client
+    /// was told its transaction is aborted by a refusal the server did not
+    /// see ([`Self::refuse`]) and `frame` starts its next request: a simple
+    /// query starting with `ROLLBACK` (or `ROLLBACK TO SAVEPOINT`,
+    /// `rolls_back`) goes to the server as it is, since the server's open
+    /// transaction ends (or rewinds) the same way; a lone `Sync` is
+    /// answered `E`; anything else is preceded by a statement that fails,
+    /// so the server answers it exactly as PostgreSQL answers in an aborted
+    /// transaction (25P02, `ROLLBACK` for `COMMIT`).
+    pub fn admit(&mut self, frame: &[u8], rolls_back: impl FnOnce(&[u8]) -> bool) -> bool {
+        let tag = frame[0];
+        if self.discard_until_sync && tag != b'S' {
+            return false;
+        }
+        let starts_request = match tag {
+            b'Q' | b'F' => true,
+            b'P' | b'B' | b'D' | b'C' | b'E' | b'S' => !self.unsynced && !self.discard_until_sync,
+            _ => false,
+        };
+        if !self.aborted_locally || !starts_request {
+            return true;
+        }
+        if tag == b'S' {
+            self.local_sync = true;
+            return true;
+        }
+        self.aborted_locally = false;
+        // Only a simple query runs what it says at once: a `Parse` or
+        // `Bind` of `ROLLBACK` may be followed by anything before it runs.
+        if !(tag == b'Q' && messages::parse_query(&frame[5..]).is_ok_and(rolls_back)) {
+            self.own_query(REFUSED_SQL);
+        }
+        true
+    }
+
+    /// A simple query of the gateway's own on the bound connection, whose
+    /// answers the client never sees.
+    pub fn own_query(&mut self, sql: &str) {
+        self.own_query_unregistered(sql);
+        self.tracker.injected();
+    }
+
+    /// A simple query of the gateway's own, whose answers the caller
+    /// registers ([`Self::expect`]). PostgreSQL drops the connection's
+    /// unnamed statement for any simple query.
+    pub fn own_query_unregistered(&mut self, sql: &str) {
+        messages::query(self.wire(), sql);
+        self.unnamed_here = false;
+    }
+
+    /// A `Parse` that fails on the server (aborting as PostgreSQL would),
+    /// standing for a refused or abandoned message; it replaces the
+    /// connection's unnamed statement.
+    fn failing_parse(&mut self) {
+        messages::parse(self.wire(), REFUSED_SQL);
+        self.unnamed_here = false;
+    }
+
+    /// A `Sync` from the client.
+    pub fn sync(&mut self, frame: &[u8]) -> Synced {
+        self.discard_until_sync = false;
+        if self.local_sync || (!self.bound && self.tracker.is_empty()) {
+            self.local_sync = false;
+            messages::ready_for_query(&mut self.to_client, self.tx_status);
+            return Synced::Local;
+        }
+        self.forward(frame);
+        self.tracker.sync();
+        self.unsynced = false;
+        Synced::Forwarded
+    }
+
+    /// A client message the gateway does not interpret: `Flush`, and the
+    /// COPY messages (`Sync` too during copy-in, which the server ignores
+    /// then). Outside COPY with no connection bound, PostgreSQL would
+    /// ignore them, and so does the gateway.
+    pub fn pass(&mut self, frame: &[u8]) {
+        if !self.bound {
+            return;
+        }
+        if matches!(frame[0], b'c' | b'f') {
+            match self.copy_in {
+                true => self.copy_in = false,
+                // Ahead of the server's answers: a COPY may start before it.
+                false => self.tracker.copy_end(),
+            }
+        }
+        self.forward(frame);
+    }
+
+    /// Answers a client message with `error` instead of running it.
+    ///
+    /// When nothing is in flight, the gateway answers by itself; inside a
+    /// transaction the client is told it is aborted (`E`) while the server's
+    /// transaction stays open and untouched, until the client's next
+    /// request ([`Self::admit`]). So a refusal leaves no error in the
+    /// server's log unless the client goes on inside the aborted
+    /// transaction.
+    ///
+    /// With requests in flight (a pipeline) the server's transaction state
+    /// at this point is not known yet: the message is replaced by one that
+    /// fails, so the server aborts exactly as PostgreSQL would.
+    pub fn refuse(&mut self, flow: Flow, error: PgError) {
+        if self.bound && !self.in_flight() {
+            error.encode(&mut self.to_client);
+            if self.tx_status == b'T' {
+                self.tx_status = b'E';
+                self.aborted_locally = true;
+            }
+            match flow {
+                Flow::Simple => messages::ready_for_query(&mut self.to_client, self.tx_status),
+                Flow::Extended => {
+                    self.discard_until_sync = true;
+                    self.local_sync = true;
+                }
+            }
+            return;
+        }
+        match (flow, self.bound) {
+            (Flow::Simple, true) => {
+                self.own_query_unregistered(REFUSED_SQL);
+                self.tracker.query(None, Some(error));
+            }
+            (Flow::Simple, false) => {
+                error.encode(&mut self.to_client);
+                messages::ready_for_query(&mut self.to_client, self.tx_status);
+            }
+            (Flow::Extended, true) => {
+                self.failing_parse();
+                self.tracker.blocked_parse(error);
+                self.unsynced = true;
+                self.discard_until_sync = true;
+            }
+            (Flow::Extended, false) => {
+                error.encode(&mut self.to_client);
+                self.discard_until_sync = true;
+                self.local_sync = true;
+            }
+        }
+    }
+
+    /// Ends an extended batch the client never synced so that it does not
+    /// commit (PostgreSQL, seeing the client go, would abort it): a `Parse`
+    /// that fails makes the server abort the batch's transaction and skip
+    /// to the `Sync` that follows. True when there was one.
+    pub fn abort_unsynced(&mut self, error: PgError) -> bool {
+        if !self.unsynced {
+            return false;
+        }
+        self.failing_parse();
+        self.tracker.blocked_parse(error);
+        messages::sync(self.wire());
+        self.tracker.sync();
+        self.unsynced = false;
+        true
+    }
+
+    /// The client left in the middle of a COPY into the server: the server
+    /// is told it failed. True when one was in progress.
+    pub fn fail_copy(&mut self, why: &str) -> bool {
+        if !self.copy_in {
+            return false;
+        }
+        messages::copy_fail(self.wire(), why);
+        self.copy_in = false;
+        true
+    }
+
+    /// Writes the answers of gateway-made entries now at the front of the
+    /// tracker (after a client message was handled).
+    pub fn emit_synthetic(&mut self) {
+        self.tracker
+            .emit_synthetic(self.tx_status, &mut self.to_client);
+    }
+}

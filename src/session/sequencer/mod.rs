@@ -1,0 +1,315 @@
+//! The relay's protocol state, without I/O: which client bytes are a whole
+//! message, streamed through or must wait; what the server still owes
+//! (the [`Tracker`]); the transaction status; the skip-to-`Sync` rules
+//! after an error; COPY; the bytes to write each way; and when the server
+//! connection may be released.
+//!
+//! The relay (`session::relay`) drives it: it reads the sockets, asks the
+//! pool for a connection and asserts identity on it, stores audit records,
+//! and hands the sequencer what arrived; the sequencer answers with bytes
+//! to write ([`Sequencer::to_server`], [`Sequencer::client_out`]) and with
+//! what the relay must do next ([`ClientStep`], [`ServerStep`],
+//! [`Sequencer::releasable`]). Nothing here awaits, so every rule is unit
+//! tested without PostgreSQL (`tests.rs`, and `model_tests.rs` against a model of the server).
+//!
+//! Invariants:
+//! - bytes for the server are accepted only while a connection is bound
+//!   ([`Sequencer::bound`], called by the relay once the client's identity
+//!   is asserted on it): a message can never reach a connection that does
+//!   not carry the client's identity, whatever path wrote it;
+//! - the connection is releasable only when every `Query`, `FunctionCall`
+//!   and `Sync` it was sent has had its `ReadyForQuery`, the last one said
+//!   idle, nothing extended is unsynced, no COPY is in progress and no
+//!   client frame is half streamed through;
+//! - after an error the client's messages up to `Sync` are skipped, as the
+//!   server skips them.
+
+mod client;
+mod server;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::messages::{self, PgError};
+use crate::session::tracker::Tracker;
+
+/// Text sent in place of a refused statement: it fails at parse time, so the
+/// server aborts exactly as it would for a refused statement of its own.
+pub const REFUSED_SQL: &str = "pgwarden refused this statement";
+/// Larger row and copy frames are streamed through instead of buffered whole.
+pub const STREAM_THRESHOLD: usize = 64 * 1024;
+/// The largest server message the gateway accepts.
+pub const MAX_SERVER_FRAME: usize = 1 << 30;
+
+/// Which kind of client message a refusal answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// `Query` or `FunctionCall`: one error, then `ReadyForQuery`.
+    Simple,
+    /// Extended protocol: one error, then everything up to `Sync` is skipped.
+    Extended,
+}
+
+/// What to do with the client's buffered bytes.
+#[derive(Debug)]
+pub enum ClientStep {
+    /// A whole message to handle.
+    Frame(Bytes),
+    /// Nothing more to take now: the buffer holds no whole message, or the
+    /// next one waits for the server ([`Sequencer::deferred`]).
+    Idle,
+}
+
+/// What to do with the server's buffered bytes.
+#[derive(Debug)]
+pub enum ServerStep {
+    /// A whole message for [`Sequencer::server_frame`].
+    Frame(BytesMut),
+    /// Nothing more to take now.
+    Idle,
+}
+
+/// What a `Sync` turned into.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Synced {
+    /// Forwarded: the server answers it.
+    Forwarded,
+    /// Answered by the gateway (the batch's error was its own, or nothing
+    /// ran on a server).
+    Local,
+}
+
+/// The state itself.
+#[derive(Debug)]
+pub struct Sequencer {
+    tracker: Tracker,
+    /// Transaction status from the last `ReadyForQuery` (or the client's
+    /// view after a refusal the server did not see).
+    tx_status: u8,
+    /// Extended-protocol messages were forwarded since the last `Sync`.
+    unsynced: bool,
+    /// Skipping client messages until `Sync`, as the server does after an error.
+    discard_until_sync: bool,
+    /// The next `Sync` is answered by the gateway (the error was local).
+    local_sync: bool,
+    /// The server is in copy-in (`CopyInResponse` seen, the client has not
+    /// sent `CopyDone`/`CopyFail` yet).
+    copy_in: bool,
+    /// The client was told its transaction is aborted (a refusal), but the
+    /// server's transaction is still open and healthy
+    /// ([`Sequencer::admit`]).
+    aborted_locally: bool,
+    /// Client frames wait in the read buffer until the server has answered
+    /// everything before them.
+    deferred: bool,
+    /// Bytes of a large client frame still to pass through unbuffered.
+    client_passthrough: usize,
+    /// Bytes of a large server frame still to pass through unbuffered.
+    server_passthrough: usize,
+    /// A server connection carrying the client's identity is bound.
+    bound: bool,
+    /// The bound connection holds the client's unnamed statement (parsed
+    /// on it since it was bound). Anything the gateway sends of its own
+    /// drops or replaces it, and the client's is parsed again before use.
+    unnamed_here: bool,
+    to_server: BytesMut,
+    to_client: BytesMut,
+    /// Bytes written for a server while none was bound: never sent. Only a
+    /// bug writes here; the relay then ends the session
+    /// ([`Sequencer::misrouted`]).
+    void: BytesMut,
+}
+
+impl Default for Sequencer {
+    fn default() -> Self {
+        Sequencer {
+            tracker: Tracker::default(),
+            tx_status: b'I',
+            unsynced: false,
+            discard_until_sync: false,
+            local_sync: false,
+            copy_in: false,
+            aborted_locally: false,
+            deferred: false,
+            client_passthrough: 0,
+            server_passthrough: 0,
+            bound: false,
+            unnamed_here: false,
+            to_server: BytesMut::new(),
+            to_client: BytesMut::new(),
+            void: BytesMut::new(),
+        }
+    }
+}
+
+impl Sequencer {
+    // ----- the connection ---------------------------------------------------
+
+    /// A connection is bound, and carries the client's identity: from now
+    /// on client messages may be written for it. The relay calls this only
+    /// after the identity assertion succeeded (or found it in place).
+    pub fn bound(&mut self) {
+        self.bound = true;
+    }
+
+    /// The connection was released or lost: nothing more is written for it,
+    /// and what it still owed is forgotten (the relay has recorded it).
+    pub fn unbound(&mut self) {
+        self.bound = false;
+        self.unnamed_here = false;
+        self.to_server.clear();
+    }
+
+    /// The client's unnamed statement is now parsed on the bound connection.
+    pub fn unnamed_parsed(&mut self) {
+        self.unnamed_here = true;
+    }
+
+    /// The bound connection's unnamed statement is no longer the client's
+    /// (the gateway ran something of its own on it).
+    pub fn unnamed_lost(&mut self) {
+        self.unnamed_here = false;
+    }
+
+    pub fn unnamed_here(&self) -> bool {
+        self.unnamed_here
+    }
+
+    pub fn is_bound(&self) -> bool {
+        self.bound
+    }
+
+    /// The buffer of bytes for the bound server connection. With none
+    /// bound, what is written goes nowhere, and [`Self::misrouted`] says so:
+    /// writing for a connection that does not carry the client's identity is
+    /// a bug, and the session ends rather than send it anywhere.
+    pub fn wire(&mut self) -> &mut BytesMut {
+        match self.bound {
+            true => &mut self.to_server,
+            false => &mut self.void,
+        }
+    }
+
+    /// Something was written for a server while none was bound (a bug):
+    /// the session must end.
+    pub fn misrouted(&self) -> bool {
+        !self.void.is_empty()
+    }
+
+    /// Forwards a client message as it is (the caller registered what the
+    /// server will answer, if anything).
+    pub fn forward(&mut self, frame: &[u8]) {
+        self.wire().extend_from_slice(frame);
+    }
+
+    /// Forwards an extended-protocol message: the batch is unsynced until
+    /// its `Sync`.
+    pub fn forward_extended(&mut self, frame: &[u8]) {
+        self.forward(frame);
+        self.unsynced = true;
+    }
+
+    /// A gateway-made extended message went out in the client's batch.
+    pub fn sent_extended(&mut self) {
+        self.unsynced = true;
+    }
+
+    /// Bytes waiting for the server connection.
+    pub fn to_server(&self) -> &[u8] {
+        &self.to_server
+    }
+
+    pub fn clear_to_server(&mut self) {
+        self.to_server.clear();
+    }
+
+    /// Bytes waiting for the client.
+    pub fn client_out(&mut self) -> &mut BytesMut {
+        &mut self.to_client
+    }
+
+    /// What the server will owe for the messages written: register each
+    /// one sent (or answered by the gateway) here, in order.
+    pub fn expect(&mut self) -> &mut Tracker {
+        &mut self.tracker
+    }
+
+    // ----- state ------------------------------------------------------------
+
+    pub fn tx_status(&self) -> u8 {
+        self.tx_status
+    }
+
+    /// The server owes nothing for what it was sent.
+    pub fn owes_nothing(&self) -> bool {
+        self.tracker.is_empty()
+    }
+
+    pub fn unsynced(&self) -> bool {
+        self.unsynced
+    }
+
+    pub fn copy_in(&self) -> bool {
+        self.copy_in
+    }
+
+    /// Skipping client messages until `Sync`.
+    pub fn discarding(&self) -> bool {
+        self.discard_until_sync
+    }
+
+    /// A large client frame is half passed through.
+    pub fn streaming_from_client(&self) -> bool {
+        self.client_passthrough > 0
+    }
+
+    /// Client frames wait for the server.
+    pub fn deferred(&self) -> bool {
+        self.deferred
+    }
+
+    /// Client frames may be read again (the server answered everything, or
+    /// the client is gone).
+    pub fn resume(&mut self) {
+        self.deferred = false;
+    }
+
+    /// Messages are in flight: the server's transaction state at this
+    /// point is not known yet.
+    pub fn in_flight(&self) -> bool {
+        !self.tracker.is_empty() || self.unsynced || self.copy_in
+    }
+
+    /// No transaction or message exchange is in progress (or no connection
+    /// is bound at all).
+    pub fn idle(&self) -> bool {
+        !self.bound
+            || (self.tracker.is_empty()
+                && !self.unsynced
+                && self.tx_status == b'I'
+                && !self.copy_in
+                && self.client_passthrough == 0)
+    }
+
+    /// The bound connection may go back to the pool: it is idle outside a
+    /// transaction and owes the client nothing.
+    pub fn releasable(&self) -> bool {
+        self.bound && self.idle()
+    }
+
+    /// Between transactions on the bound connection: a new transaction
+    /// starts with the next request.
+    pub fn between_transactions(&self) -> bool {
+        self.tx_status == b'I' && self.tracker.is_empty() && !self.unsynced
+    }
+
+    /// Everything the server still owed, for when the connection is lost
+    /// or abandoned.
+    pub fn drain(&mut self) -> Vec<crate::session::tracker::Pending> {
+        self.tracker.drain()
+    }
+}
+
+#[cfg(test)]
+mod model_tests;
+#[cfg(test)]
+mod tests;

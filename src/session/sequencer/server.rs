@@ -1,0 +1,96 @@
+//! Server to client: framing the server's bytes, the transaction and COPY
+//! state it reports, and routing through the tracker.
+
+use bytes::BytesMut;
+
+use super::*;
+use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
+use crate::session::tracker::{CacheEffects, Resolved, Route};
+
+impl Sequencer {
+    /// Takes the next step through the server's buffered bytes: passes a
+    /// large `DataRow` or `CopyData` through to the client unbuffered, or
+    /// splits off a whole message.
+    pub fn next_server(&mut self, rbuf: &mut BytesMut) -> Result<ServerStep, ProtocolError> {
+        loop {
+            if self.server_passthrough > 0 {
+                let n = self.server_passthrough.min(rbuf.len());
+                if n == 0 {
+                    return Ok(ServerStep::Idle);
+                }
+                self.to_client.extend_from_slice(&rbuf.split_to(n));
+                self.server_passthrough -= n;
+                continue;
+            }
+            let Some(header) = FrameHeader::peek(rbuf, MAX_SERVER_FRAME)? else {
+                return Ok(ServerStep::Idle);
+            };
+            if matches!(header.tag, b'D' | b'd')
+                && header.total > STREAM_THRESHOLD
+                && rbuf.len() < header.total
+            {
+                if header.tag == b'D' {
+                    self.tracker.data_row();
+                }
+                let n = rbuf.len();
+                self.to_client.extend_from_slice(&rbuf.split_to(n));
+                self.server_passthrough = header.total - n;
+                continue;
+            }
+            return Ok(match split_frame(rbuf, MAX_SERVER_FRAME)? {
+                Some(frame) => ServerStep::Frame(frame),
+                None => ServerStep::Idle,
+            });
+        }
+    }
+
+    /// Whole server messages only are between the bytes for the client (no
+    /// frame is being streamed through): a notification may go in here.
+    pub fn between_server_messages(&self) -> bool {
+        self.server_passthrough == 0
+    }
+
+    /// One whole server message: updates the transaction and COPY state,
+    /// routes it through the tracker (what it resolves goes to `resolved`,
+    /// what it did to statements and portals to `cache`), and writes what
+    /// the client sees.
+    pub fn server_frame(
+        &mut self,
+        frame: &[u8],
+        resolved: &mut Vec<Resolved>,
+        cache: &mut CacheEffects,
+    ) -> Route {
+        let tag = frame[0];
+        match tag {
+            b'Z' if frame.len() == 6 => {
+                self.tx_status = frame[5];
+                self.copy_in = false;
+            }
+            b'G' => {
+                // The client may have ended the copy already (its
+                // `CopyDone` or `CopyFail` went out before this answer).
+                self.copy_in = !self.tracker.copy_already_ended();
+                // A COPY started by `Execute` ends at the first `Sync` the
+                // client sends after the copy (any `Sync` before is ignored
+                // by the server): until then nothing may be released.
+                if self.tracker.front_is_execute() && !self.tracker.synced_after_copy_end() {
+                    self.unsynced = true;
+                }
+            }
+            _ => {}
+        }
+        let route = self.tracker.on_server(tag, &frame[5..], resolved, cache);
+        if tag == b'E' && self.tracker.server_skips() {
+            // The server skips what the client sends until its `Sync`, and
+            // answers none of it: so does the gateway.
+            self.discard_until_sync = true;
+        }
+        match &route {
+            Route::Forward => self.to_client.extend_from_slice(frame),
+            Route::Drop => {}
+            Route::Replace(error) => error.encode(&mut self.to_client),
+        }
+        self.emit_synthetic();
+        route
+    }
+}

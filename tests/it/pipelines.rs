@@ -1,0 +1,146 @@
+//! Requests a client pipelines in ways drivers rarely do, found by the
+//! sequencer's property test (`src/session/sequencer/model_tests.rs`):
+//! each must be answered as PostgreSQL answers it, and the server
+//! connection must go back to the pool only once the server owes nothing.
+//! Every test runs on a pool of one connection, so a connection released
+//! too early (or never) shows in the next client.
+
+use std::time::Duration;
+
+use crate::raw::{message, RawClient};
+use crate::support::{start_gateway, Opts, TestGateway};
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// Parse (unnamed), Bind, Execute of `sql`.
+fn extended(sql: &str) -> Vec<u8> {
+    let mut parse = cstr("");
+    parse.extend(cstr(sql));
+    parse.extend([0, 0]);
+    [
+        message(b'P', &parse),
+        message(b'B', &[0; 8]),
+        message(b'E', &[0, 0, 0, 0, 0]),
+    ]
+    .concat()
+}
+
+async fn one_connection() -> TestGateway {
+    start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 3000,
+        ..Opts::default()
+    })
+    .await
+}
+
+/// Reads up to the next ReadyForQuery, failing the test if it does not
+/// come (the gateway lost track of what the server owes).
+async fn answered(c: &mut RawClient) -> (Vec<u8>, Option<String>, u8) {
+    tokio::time::timeout(Duration::from_secs(10), c.until_ready())
+        .await
+        .expect("answered in time")
+}
+
+/// Another client gets the only server connection and a clean answer.
+async fn next_client_is_served(gw: &TestGateway) {
+    let mut c = RawClient::login(gw.addr).await;
+    c.send(b'Q', &cstr("SELECT 'next client'")).await;
+    let value = tokio::time::timeout(Duration::from_secs(10), c.first_value_until_ready())
+        .await
+        .expect("the next client is served");
+    assert_eq!(value.as_deref(), Some("next client"));
+}
+
+/// A COPY the client ends before the server's `CopyInResponse` arrives,
+/// then two batches with their `Sync`s, in one write. The gateway used to
+/// drop every `Sync` queued behind a starting COPY, the batches' too: it
+/// took the first batch's `ReadyForQuery` as the end of everything,
+/// released the connection while the second batch still ran, and the
+/// client never got its answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_pipelined_behind_a_copy_is_answered_before_the_connection_goes() {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    let burst = [
+        message(b'Q', &cstr("COPY guard_t (id) FROM STDIN")),
+        message(b'd', b"-91\n"),
+        message(b'f', &cstr("the client gave up")),
+        extended("SELECT 'after the copy'"),
+        message(b'S', b""),
+        extended("SELECT pg_sleep(0.5)"),
+        message(b'S', b""),
+    ]
+    .concat();
+    c.send_raw(&burst).await;
+    let (tags, code, status) = answered(&mut c).await;
+    assert_eq!(
+        (&tags[..], code.as_deref(), status),
+        (&b"GEZ"[..], Some("57014"), b'I')
+    );
+    for _ in 0..2 {
+        let (tags, code, status) = answered(&mut c).await;
+        assert_eq!((&tags[..], code, status), (&b"12DCZ"[..], None, b'I'));
+    }
+    next_client_is_served(&gw).await;
+    c.send(b'Q', &cstr("SELECT 1")).await;
+    let (_, code, _) = answered(&mut c).await;
+    assert_eq!(code, None);
+}
+
+/// A `Query` sent inside an extended batch that fails before it: the
+/// server skips it (it answers nothing until `Sync`). The gateway used to
+/// take the `Sync`'s `ReadyForQuery` for the query's and wait for ever for
+/// a second one, holding the only connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_inside_a_failed_batch_is_skipped_as_the_server_skips_it() {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    let mut parse = cstr("");
+    parse.extend(cstr("SELEC 1"));
+    parse.extend([0, 0]);
+    let burst = [
+        message(b'P', &parse),
+        message(b'Q', &cstr("SELECT 'skipped'")),
+        message(b'S', b""),
+    ]
+    .concat();
+    c.send_raw(&burst).await;
+    let (tags, code, status) = answered(&mut c).await;
+    assert_eq!(
+        (&tags[..], code.as_deref(), status),
+        (&b"EZ"[..], Some("42601"), b'I')
+    );
+    next_client_is_served(&gw).await;
+}
+
+/// The same, with the query sent after the error came back: the server
+/// still skips to the `Sync`, and so does the gateway.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_after_a_batch_error_are_skipped_until_sync() {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    let mut parse = cstr("");
+    parse.extend(cstr("SELEC 1"));
+    parse.extend([0, 0]);
+    c.send(b'P', &parse).await;
+    c.send(b'H', b"").await;
+    let (tag, body) = c.read_message().await;
+    assert_eq!(
+        (tag, crate::raw::error_code(&body)),
+        (b'E', "42601".to_string())
+    );
+    c.send(b'Q', &cstr("SELECT 'skipped'")).await;
+    c.send_raw(&extended("SELECT 'skipped too'")).await;
+    c.send(b'S', b"").await;
+    let (tags, code, status) = answered(&mut c).await;
+    assert_eq!((&tags[..], code, status), (&b"Z"[..], None, b'I'));
+    next_client_is_served(&gw).await;
+    c.send(b'Q', &cstr("SELECT 'still usable'")).await;
+    let value = c.first_value_until_ready().await;
+    assert_eq!(value.as_deref(), Some("still usable"));
+}

@@ -69,27 +69,9 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// Client statements this connection holds under their shared names.
     pub statements: super::statements::StatementCache,
-    /// The (role, client user) the last successful identity assertion set,
-    /// `None` when unknown (new, reset, or the assertion failed).
-    identity: Option<(std::sync::Arc<str>, std::sync::Arc<str>)>,
-    /// The signed client tag the last assertion set (key id, value), or
-    /// `None` for the plain name.
-    tag: Option<(i32, std::sync::Arc<str>)>,
-    /// The client settings the last assertion applied.
-    applied: Option<std::sync::Arc<Vec<(String, String)>>>,
-    /// The session that may have left state here (settings, temp objects,
-    /// cursors...); another session gets the connection only after a reset.
-    dirty_by: Option<std::sync::Arc<str>>,
-    /// Code pgwarden cannot see into ran here since the last identity
-    /// assertion made while no transaction was open (see
-    /// `session::opaque`): the identity must be asserted afresh before the
-    /// next transaction, and another session gets the connection only after
-    /// a reset. Cleared only by such an assertion.
-    opaque: bool,
-    /// The session that may have left sequence state here (`currval`,
-    /// `lastval`, set by `nextval` in a column default or trigger): another
-    /// session gets `DISCARD SEQUENCES` first.
-    sequences_by: Option<std::sync::Arc<str>>,
+    /// Whose identity and settings it carries, and what sessions left on
+    /// it.
+    custody: super::custody::Custody,
     /// Notifications met by the gateway's own exchanges, not yet relayed.
     notifications: Vec<BytesMut>,
     broken: bool,
@@ -155,16 +137,11 @@ impl ServerConn {
             secret: 0,
             params: Vec::new(),
             statements: Default::default(),
-            identity: None,
-            applied: None,
-            dirty_by: None,
-            opaque: false,
-            sequences_by: None,
+            custody: Default::default(),
             notifications: Vec::new(),
             broken: false,
             permit: None,
             started_us: None,
-            tag: None,
         })
     }
 
@@ -307,133 +284,52 @@ impl ServerConn {
             .and_then(|text| parse_started(&text)))
     }
 
-    /// Whether the last assertion here set this identity and these
-    /// settings, and nothing opaque ran since.
-    pub fn carries(&self, role: &str, client_user: &str, settings: &[(String, String)]) -> bool {
-        let identity = self
-            .identity
-            .as_ref()
-            .is_some_and(|(r, u)| **r == *role && **u == *client_user);
-        let applied = self.applied.as_ref().is_some_and(|a| **a == *settings);
-        identity && applied && !self.opaque
+    /// What the connection carries for the gateway (see
+    /// [`super::custody::Custody`]).
+    pub fn custody(&self) -> &super::custody::Custody {
+        &self.custody
     }
 
-    /// Whether code pgwarden cannot see into ran here since the last
-    /// assertion made between transactions.
-    pub fn is_opaque(&self) -> bool {
-        self.opaque
-    }
-
-    /// The id of the tag key the last assertion signed with.
-    pub fn tag_key(&self) -> Option<i32> {
-        self.tag.as_ref().map(|(id, _)| *id)
-    }
-
-    /// The client-user value the last assertion set when it was signed.
-    pub fn tag_value(&self) -> Option<&str> {
-        self.tag.as_ref().map(|(_, v)| &**v)
-    }
-
-    /// An assertion is about to run: until it succeeds, the connection
-    /// carries no known identity or settings.
-    pub fn forget_identity(&mut self) {
-        self.identity = None;
-        self.tag = None;
-        self.applied = None;
-    }
-
-    /// An assertion made between transactions succeeded: the connection
-    /// carries this identity and these settings, and nothing opaque.
-    pub fn asserted(
-        &mut self,
-        identity: (std::sync::Arc<str>, std::sync::Arc<str>),
-        settings: std::sync::Arc<Vec<(String, String)>>,
-        tag: Option<(i32, std::sync::Arc<str>)>,
-    ) {
-        self.identity = Some(identity);
-        self.tag = tag;
-        self.applied = Some(settings);
-        self.opaque = false;
-    }
-
-    /// `session` changed settings here, which now are `settings` (the
-    /// server reported one, or the gateway read them back).
-    pub fn settings_changed(
-        &mut self,
-        session: &std::sync::Arc<str>,
-        settings: std::sync::Arc<Vec<(String, String)>>,
-    ) {
-        self.mark_dirty(session);
-        self.applied = Some(settings);
-    }
-
-    /// `session` may have left state here: another session gets the
-    /// connection only after a reset.
-    pub fn mark_dirty(&mut self, session: &std::sync::Arc<str>) {
-        self.dirty_by.get_or_insert_with(|| session.clone());
-    }
-
-    /// Whether a session other than `session` may have left state here.
-    pub fn dirty_for(&self, session: &str) -> bool {
-        self.dirty_by
-            .as_ref()
-            .is_some_and(|owner| **owner != *session)
-    }
-
-    /// Whether the settings the last assertion applied include one that
-    /// `settings` would not overwrite (it must not reach their owner).
-    pub fn leaves_settings_behind(&self, settings: &[(String, String)]) -> bool {
-        self.applied.as_ref().is_some_and(|applied| {
-            applied.iter().any(|(name, _)| {
-                !settings
-                    .iter()
-                    .any(|(mine, _)| mine.eq_ignore_ascii_case(name))
-            })
-        })
-    }
-
-    /// Whether a session other than `session` may have left sequence state
-    /// here; forgets it (the caller sends `DISCARD SEQUENCES`).
-    pub fn take_others_sequences(&mut self, session: &str) -> bool {
-        let others = self
-            .sequences_by
-            .as_ref()
-            .is_some_and(|owner| **owner != *session);
-        if others {
-            self.sequences_by = None;
-        }
-        others
+    pub fn custody_mut(&mut self) -> &mut super::custody::Custody {
+        &mut self.custody
     }
 
     /// Records that `session` ran code pgwarden cannot see into here (a DO
     /// block, a function outside the built-ins it knows, `FunctionCall`...):
-    /// see [`ServerConn::opaque`]. With `cache`, the shared statements are
-    /// no longer trusted either (the code may have deallocated or redefined
-    /// them), so each is closed and prepared afresh before its next use.
+    /// see [`super::custody::Custody::mark_opaque`]. With `cache`, the
+    /// shared statements are no longer trusted either (the code may have
+    /// deallocated or redefined them), so each is closed and prepared
+    /// afresh before its next use.
     pub fn mark_opaque(&mut self, session: &std::sync::Arc<str>, cache: bool) {
-        self.opaque = true;
-        self.dirty_by.get_or_insert_with(|| session.clone());
+        self.custody.mark_opaque(session);
         if cache {
             self.statements.mark_uncertain();
         }
     }
 
-    /// Records that `session` may have left sequence state here (see
-    /// [`ServerConn::sequences_by`]).
-    pub fn note_sequences(&mut self, session: &std::sync::Arc<str>) {
-        self.sequences_by.get_or_insert_with(|| session.clone());
+    /// Gets the connection ready to serve `wanted`: when another session
+    /// may have left state here (or settings the new one would not
+    /// overwrite), forgets it all, statements included (the caller sends
+    /// the reset), and says what else the binding must send.
+    pub fn prepare_for(
+        &mut self,
+        wanted: &super::custody::Wanted<'_>,
+    ) -> super::custody::Preparation {
+        let preparation = self.custody.prepare(wanted);
+        if preparation.reset {
+            self.statements.clear();
+            self.notifications.clear();
+        }
+        preparation
     }
 
     /// Forgets what a session left here, once a reset has cleared it on
-    /// the server (or is sent ahead of the next assertion): settings,
-    /// prepared statements, sequence state, and the identity it carried.
+    /// the server: settings, prepared statements, sequence state, and the
+    /// identity it carried.
     pub fn forget_state(&mut self) {
+        self.custody.forget();
         self.statements.clear();
         self.notifications.clear();
-        self.identity = None;
-        self.applied = None;
-        self.dirty_by = None;
-        self.sequences_by = None;
     }
 
     /// Marks the connection as unfit for reuse; the pool will discard it.

@@ -3,4 +3,5 @@
 //! leaf: the pool, the logins and the session build on it.
 
 pub mod conn;
+pub mod custody;
 pub mod statements;

@@ -7,6 +7,7 @@
 //! and, for another client, reset.
 
 use super::*;
+use crate::backend::custody::Wanted;
 use crate::config::SessionSet;
 use crate::identity::tag::Backend;
 use crate::session::kept;
@@ -67,7 +68,7 @@ impl QueryLoop<'_> {
             self.kept_pending.push(name.clone());
         }
         if let Some(server) = self.server.as_mut() {
-            server.mark_dirty(&self.ident.session_id);
+            server.custody_mut().mark_dirty(&self.ident.session_id);
         }
         Ok(())
     }
@@ -92,7 +93,9 @@ impl QueryLoop<'_> {
                 for (name, value) in values {
                     kept::keep(settings, name, value);
                 }
-                server.settings_changed(&self.ident.session_id, self.settings.clone());
+                server
+                    .custody_mut()
+                    .settings_changed(&self.ident.session_id, self.settings.clone());
             }
             Err(e) => {
                 if !matches!(e, crate::backend::conn::BackendError::Server(_)) {
@@ -128,9 +131,9 @@ impl QueryLoop<'_> {
         }
         match crate::session::state::effect(sql) {
             Effect::None => {}
-            Effect::Settings => server.mark_dirty(&self.ident.session_id),
+            Effect::Settings => server.custody_mut().mark_dirty(&self.ident.session_id),
             Effect::Pin => {
-                server.mark_dirty(&self.ident.session_id);
+                server.custody_mut().mark_dirty(&self.ident.session_id);
                 if !self.pinned && self.mode == PoolMode::Transaction {
                     tracing::info!(parent: &self.span, "client pinned to its server connection until it disconnects");
                 }
@@ -142,7 +145,7 @@ impl QueryLoop<'_> {
     /// The bound connection may now hold this session's sequence state.
     pub(super) fn note_sequences(&mut self) {
         if let Some(server) = self.server.as_mut() {
-            server.note_sequences(&self.ident.session_id);
+            server.custody_mut().note_sequences(&self.ident.session_id);
         }
     }
 
@@ -182,73 +185,31 @@ impl QueryLoop<'_> {
 
     async fn bind_server_now(&mut self) -> Result<(), PgError> {
         self.needs_verify = self.shared.live().verify == VerifyMode::Transaction;
-        if let Some(mut conn) = self.server.take() {
-            // Kept across transactions (pinned, or session pooling): a new
-            // transaction after opaque code gets a fresh assertion.
-            let between = self.seq.between_transactions();
-            let result = if between {
-                let key = self.tag_key().await;
-                if conn.is_opaque() || conn.tag_key() != key.as_ref().map(|k| k.id) {
-                    self.reassert(&mut conn, None, key).await
-                } else {
-                    Ok(())
-                }
-            } else {
-                Ok(())
-            };
-            match result {
-                Ok(()) => self.server = Some(conn),
-                Err(e) => {
-                    self.seq.unbound();
-                    self.cancel.unbind().await;
-                    pool::discard(conn);
-                    return Err(e);
-                }
-            }
-            return Ok(());
+        if self.server.is_some() {
+            return self.rebind_kept().await;
         }
-        crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
-        let pool = match self.pool.take() {
-            Some(pool) => pool,
-            None => self
-                .shared
-                .pools
-                .pool_for(&self.ident.database, &self.ident.role)?,
-        };
-        let acquired = self.shared.pools.acquire(&pool).await;
-        self.pool = Some(pool);
-        let mut conn = match acquired {
-            Ok(conn) => conn,
-            Err(e) => {
-                if e.code == sqlstate::TOO_MANY_CONNECTIONS {
-                    crate::metrics::Metrics::inc(&self.shared.metrics.pool_timeouts);
-                }
-                return Err(e);
-            }
-        };
-        // Clears what another session may have left (settings, cursors,
-        // LISTENs, advisory locks, temp objects, sequence state, SQL-level
-        // prepared statements, and with them the shared statements), or a
-        // setting the last client brought that this one's assertion would
-        // not overwrite (`client_encoding`, `work_mem`... must not reach a
-        // client who did not ask for them); sent in the same write as the
-        // assertion that follows it.
-        let reset =
-            conn.dirty_for(&self.ident.session_id) || conn.leaves_settings_behind(&self.settings);
-        if reset {
-            crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
-            conn.forget_state();
-        }
-        let others_sequences = conn.take_others_sequences(&self.ident.session_id);
+        let mut conn = self.acquire().await?;
         let key = self.tag_key().await;
-        let rekeyed = conn.tag_key() != key.as_ref().map(|k| k.id);
-        if reset
-            || rekeyed
-            || !conn.carries(&self.ident.role, &self.ident.client_user, &self.settings)
-        {
-            let first =
-                reset.then(|| crate::session::state::reset_sql(crate::session::state::RESET_SQL));
-            if let Err(e) = self.reassert(&mut conn, first.as_deref(), key).await {
+        let preparation = conn.prepare_for(&Wanted {
+            session: &self.ident.session_id,
+            role: &self.ident.role,
+            client_user: &self.ident.client_user,
+            settings: &self.settings,
+            tag_key: key.as_ref().map(|k| k.id),
+        });
+        if preparation.reset {
+            crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
+        }
+        if preparation.assert {
+            // The reset clears what another session may have left
+            // (settings, cursors, LISTENs, advisory locks, temp objects,
+            // sequence state, SQL-level prepared statements, and with them
+            // the shared statements); it goes in the same write as the
+            // assertion.
+            let reset = preparation
+                .reset
+                .then(|| crate::session::state::reset_sql(crate::session::state::RESET_SQL));
+            if let Err(e) = self.reassert(&mut conn, reset.as_deref(), key).await {
                 pool::discard(conn);
                 return Err(e);
             }
@@ -262,12 +223,60 @@ impl QueryLoop<'_> {
         self.server = Some(conn);
         self.seq.bound();
         self.seq.unnamed_lost();
-        if others_sequences {
+        if preparation.discard_sequences {
             // Sent ahead of the client's first message, in the same write;
             // its answers are the gateway's.
             self.seq.own_query("DISCARD SEQUENCES");
         }
         Ok(())
+    }
+
+    /// The connection kept across transactions (pinned, or session
+    /// pooling): a new transaction after opaque code, or under a new tag
+    /// key, gets a fresh assertion.
+    async fn rebind_kept(&mut self) -> Result<(), PgError> {
+        if !self.seq.between_transactions() {
+            return Ok(());
+        }
+        let key = self.tag_key().await;
+        let Some(mut conn) = self.server.take() else {
+            return Ok(());
+        };
+        let result = match conn.custody().needs_reassert(key.as_ref().map(|k| k.id)) {
+            true => self.reassert(&mut conn, None, key).await,
+            false => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                self.server = Some(conn);
+                Ok(())
+            }
+            Err(e) => {
+                self.seq.unbound();
+                self.cancel.unbind().await;
+                pool::discard(conn);
+                Err(e)
+            }
+        }
+    }
+
+    /// A connection from this session's pool.
+    async fn acquire(&mut self) -> Result<PooledConn, PgError> {
+        crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
+        let pool = match self.pool.take() {
+            Some(pool) => pool,
+            None => self
+                .shared
+                .pools
+                .pool_for(&self.ident.database, &self.ident.role)?,
+        };
+        let acquired = self.shared.pools.acquire(&pool).await;
+        self.pool = Some(pool);
+        acquired.inspect_err(|e| {
+            if e.code == sqlstate::TOO_MANY_CONNECTIONS {
+                crate::metrics::Metrics::inc(&self.shared.metrics.pool_timeouts);
+            }
+        })
     }
 
     /// Asserts this client's identity and settings on `conn` (one round
@@ -281,7 +290,7 @@ impl QueryLoop<'_> {
         key: Option<crate::identity::tag::TagKey>,
     ) -> Result<(), PgError> {
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_assertions);
-        conn.forget_identity();
+        conn.custody_mut().forget_identity();
         // The assertion replaces (and closes) the connection's unnamed
         // statement: the client's own is parsed again before its next use.
         self.seq.unnamed_lost();
@@ -302,7 +311,7 @@ impl QueryLoop<'_> {
             tracing::warn!(parent: &self.span, "identity assertion failed: {e}");
             return Err(e);
         }
-        conn.asserted(
+        conn.custody_mut().asserted(
             (self.ident.role.clone(), self.ident.client_user.clone()),
             self.settings.clone(),
             tag.map(|(id, value)| (id, Arc::from(value))),
@@ -336,7 +345,9 @@ impl QueryLoop<'_> {
             self.application_name = Some(Arc::from(&*value));
         }
         if let Some(server) = self.server.as_mut() {
-            server.settings_changed(&self.ident.session_id, self.settings.clone());
+            server
+                .custody_mut()
+                .settings_changed(&self.ident.session_id, self.settings.clone());
         }
     }
 
@@ -373,7 +384,7 @@ impl QueryLoop<'_> {
             return Ok(());
         };
         self.seq.unnamed_lost();
-        let tag = server.tag_value().map(str::to_string);
+        let tag = server.custody().tag_value().map(str::to_string);
         let assertion = Assertion {
             tag: tag.as_deref(),
             ..self.assertion()

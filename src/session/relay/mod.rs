@@ -341,7 +341,10 @@ impl<'a> QueryLoop<'a> {
     async fn take_client_frames(&mut self) -> Result<(), End> {
         loop {
             let max = self.client.max_message_size;
-            let opaque = self.server.as_ref().is_some_and(|s| s.is_opaque());
+            let opaque = self
+                .server
+                .as_ref()
+                .is_some_and(|s| s.custody().is_opaque());
             let step = self.seq.next_client(&mut self.client.rbuf, max, opaque);
             match step.map_err(|e| End::Fatal(e.to_fatal()))? {
                 ClientStep::Frame(frame) => self.on_client_frame(frame).await?,

@@ -21,8 +21,7 @@ use crate::backend::conn::{BackendError, ServerConn};
 use crate::client::{ClientConn, ClientError};
 use crate::config::BackendConfig;
 use crate::protocol::frame::Reader;
-use crate::protocol::messages::{self, write_frame, ErrorFields, PgError};
-use crate::protocol::sqlstate;
+use crate::protocol::messages::{self, write_frame, ErrorFields};
 use crate::protocol::startup::StartupMessage;
 
 /// How a relayed login ended.
@@ -43,16 +42,26 @@ pub enum Outcome {
 pub enum RelayError {
     #[error(transparent)]
     Client(#[from] ClientError),
-    #[error("{0}")]
-    Gateway(PgError),
+    #[error("{0:?}")]
+    Gateway(RelayFailure),
+}
+
+/// Why the gateway could not relay a login (`session::refusal` says it
+/// to the client).
+#[derive(Debug)]
+pub enum RelayFailure {
+    /// PostgreSQL could not be reached or answered nonsense.
+    Backend(String),
+    /// PostgreSQL asked for an authentication method the gateway cannot
+    /// relay (its request code).
+    Method(i32),
+    /// The client answered the authentication request with another message.
+    UnexpectedAnswer(u8),
 }
 
 impl From<BackendError> for RelayError {
     fn from(e: BackendError) -> Self {
-        RelayError::Gateway(PgError::fatal(
-            sqlstate::CONNECTION_FAILURE,
-            format!("pgwarden cannot authenticate you with PostgreSQL: {e}"),
-        ))
+        RelayError::Gateway(RelayFailure::Backend(e.to_string()))
     }
 }
 
@@ -143,10 +152,7 @@ async fn relay_auth_request(
             out.extend_from_slice(&without_channel_binding(&frame[9..]));
             relay_client_answer(client, server, out).await
         }
-        other => Err(RelayError::Gateway(PgError::fatal(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            format!("authentication method (request code {other}) cannot be relayed by pgwarden"),
-        ))),
+        other => Err(RelayError::Gateway(RelayFailure::Method(other))),
     }
 }
 
@@ -165,12 +171,8 @@ async fn relay_client_answer(
         Err(e) => return Err(e.into()),
     };
     if answer[0] != b'p' {
-        return Err(RelayError::Gateway(PgError::fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            format!(
-                "expected a password or SASL response, got message type {:?}",
-                answer[0] as char
-            ),
+        return Err(RelayError::Gateway(RelayFailure::UnexpectedAnswer(
+            answer[0],
         )));
     }
     server.write_all(&answer).await?;

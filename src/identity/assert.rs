@@ -15,8 +15,7 @@ use postgres_protocol::IsNull;
 
 use crate::backend::conn::{BackendError, ServerConn};
 use crate::protocol::frame::Reader;
-use crate::protocol::messages::{self, PgError};
-use crate::protocol::sqlstate;
+use crate::protocol::messages;
 
 /// The assertion statement for `extra` additional settings.
 fn assert_sql(extra: usize) -> String {
@@ -81,7 +80,7 @@ impl Assertion<'_> {
     }
 
     /// Runs the assertion on `conn` and waits for its outcome.
-    pub async fn apply(&self, conn: &mut ServerConn) -> Result<(), PgError> {
+    pub async fn apply(&self, conn: &mut ServerConn) -> Result<(), AssertError> {
         self.apply_after(conn, None).await
     }
 
@@ -93,7 +92,7 @@ impl Assertion<'_> {
         &self,
         conn: &mut ServerConn,
         first: Option<&str>,
-    ) -> Result<(), PgError> {
+    ) -> Result<(), AssertError> {
         let mut out = BytesMut::with_capacity(512);
         if let Some(sql) = first {
             messages::query(&mut out, sql);
@@ -158,21 +157,38 @@ impl Assertion<'_> {
         self.tag.unwrap_or(self.client_user)
     }
 
-    fn failure(&self, e: BackendError) -> PgError {
-        let why = match &e {
+    fn failure(&self, e: BackendError) -> AssertError {
+        let cause = match &e {
             BackendError::Server(fields) => {
                 format!("{} (SQLSTATE {})", fields.message, fields.code)
             }
             other => other.to_string(),
         };
-        PgError::error(
-            sqlstate::INSUFFICIENT_PRIVILEGE,
-            format!(
-                "pgwarden could not switch to role \"{}\" for user \"{}\"; the statement was not run",
-                self.role, self.client_user
-            ),
+        AssertError {
+            role: self.role.to_string(),
+            client_user: self.client_user.to_string(),
+            cause,
+        }
+    }
+}
+
+/// The identity assertion failed on a server connection (which is then
+/// discarded); `session::refusal` says it to the client.
+#[derive(Debug)]
+pub struct AssertError {
+    pub role: String,
+    pub client_user: String,
+    /// What PostgreSQL (or the connection) said.
+    pub cause: String,
+}
+
+impl std::fmt::Display for AssertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "could not switch to role \"{}\" for user \"{}\": {}",
+            self.role, self.client_user, self.cause
         )
-        .with_detail(why)
     }
 }
 

@@ -18,7 +18,6 @@ use crate::auth::logins;
 use crate::auth::service::{self, ServiceLogin};
 use crate::backend::conn::{BackendError, ServerConn};
 use crate::config::{BackendConfig, Isolation, PoolConfig};
-use crate::protocol::messages::PgError;
 use crate::protocol::sqlstate;
 use crate::tls::BackendTls;
 
@@ -123,11 +122,11 @@ impl Pools {
     }
 
     /// The login that runs transactions for `role`.
-    pub fn login_for(&self, role: &str) -> Result<String, PgError> {
+    pub fn login_for(&self, role: &str) -> Result<String, AcquireError> {
         match self.config.isolation {
             Isolation::Shared => Ok(self.backend.service_user.clone()),
             Isolation::Role => logins::role_login(&self.config.role_login, role)
-                .map_err(|e| PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, e)),
+                .map_err(|e| AcquireError::NoLogin(e.to_string())),
         }
     }
 
@@ -176,7 +175,7 @@ impl Pools {
 
     /// The pool that serves `role` in `database` (a session resolves it
     /// once and keeps it).
-    pub fn pool_for(&self, database: &str, role: &str) -> Result<PoolRef, PgError> {
+    pub fn pool_for(&self, database: &str, role: &str) -> Result<PoolRef, AcquireError> {
         let login = self.login_for(role)?;
         Ok(PoolRef {
             pool: self.pool(database, &login),
@@ -187,7 +186,7 @@ impl Pools {
 
     /// Checks out a connection of `pool`, waiting at most
     /// `acquire_timeout_ms` for one to become free.
-    pub async fn acquire(&self, pool: &PoolRef) -> Result<PooledConn, PgError> {
+    pub async fn acquire(&self, pool: &PoolRef) -> Result<PooledConn, AcquireError> {
         let capped = self.config.max_db_connections > 0;
         if capped && pool.pool.status().available == 0 {
             self.make_room(&pool.database, &pool.login);
@@ -285,49 +284,56 @@ impl Pools {
     }
 }
 
-fn acquire_error(e: PoolError<BackendError>, config: &PoolConfig) -> PgError {
+/// Why no server connection could be had; `session::refusal` says it
+/// to the client.
+#[derive(Debug)]
+pub enum AcquireError {
+    /// The mapped role has no valid login name (`isolation = "role"`).
+    NoLogin(String),
+    /// None became free within `acquire_timeout_ms`.
+    Timeout { waited_ms: u64, size: usize },
+    /// The database is at `max_db_connections` and none is idle.
+    Capped { max: usize },
+    /// PostgreSQL refused a new connection; `password_changed`: a per-role
+    /// login's password is not the derived one (`pgwarden migrate` sets it).
+    Refused {
+        fields: crate::protocol::messages::ErrorFields,
+        password_changed: bool,
+    },
+    /// The gateway is shutting down.
+    Closed,
+    /// Anything else on the way to PostgreSQL (network, TLS, timeouts).
+    Unreachable(String),
+}
+
+impl AcquireError {
+    /// No connection was free (the pool or the database cap is full).
+    pub fn is_exhausted(&self) -> bool {
+        matches!(
+            self,
+            AcquireError::Timeout { .. } | AcquireError::Capped { .. }
+        )
+    }
+}
+
+fn acquire_error(e: PoolError<BackendError>, config: &PoolConfig) -> AcquireError {
     match e {
-        PoolError::Timeout(managed::TimeoutType::Wait) => PgError::error(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!(
-                "no server connection became free within {} ms (pool size {})",
-                config.acquire_timeout_ms, config.size
-            ),
-        ),
-        PoolError::Backend(BackendError::Server(fields)) => {
-            // A per-role login's password is derived; a session that reached
-            // the login (RESET ROLE through an administrator's function) can
-            // change it. `pgwarden migrate` sets it again.
-            let hint = if fields.is(sqlstate::backend::INVALID_PASSWORD)
-                && config.isolation == Isolation::Role
-            {
-                "; if this is a per-role login, its password was changed: run pgwarden migrate"
-            } else {
-                ""
-            };
-            PgError::error(
-                sqlstate::CONNECTION_FAILURE,
-                format!(
-                    "pgwarden cannot open a server connection: {}",
-                    fields.message
-                ),
-            )
-            .with_detail(format!(
-                "PostgreSQL reported SQLSTATE {}{hint}",
-                fields.code
-            ))
-        }
-        PoolError::Backend(BackendError::Capped) => PgError::error(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!(
-                "the database's {} server connections are all in use ([pool] max_db_connections)",
-                config.max_db_connections
-            ),
-        ),
-        PoolError::Closed => PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgwarden is shutting down"),
-        other => PgError::error(
-            sqlstate::CONNECTION_FAILURE,
-            format!("pgwarden cannot open a server connection: {other}"),
-        ),
+        PoolError::Timeout(managed::TimeoutType::Wait) => AcquireError::Timeout {
+            waited_ms: config.acquire_timeout_ms,
+            size: config.size,
+        },
+        PoolError::Backend(BackendError::Server(fields)) => AcquireError::Refused {
+            // A per-role login's password is derived; a session that
+            // reached the login (RESET ROLE through an administrator's
+            // function) can change it.
+            password_changed: fields.is(sqlstate::backend::INVALID_PASSWORD)
+                && config.isolation == Isolation::Role,
+            fields,
+        },
+        PoolError::Backend(BackendError::Capped) => AcquireError::Capped {
+            max: config.max_db_connections,
+        },
+        PoolError::Closed => AcquireError::Closed,
+        other => AcquireError::Unreachable(other.to_string()),
     }
 }

@@ -12,6 +12,7 @@ pub mod ledger;
 pub mod opaque;
 mod outcome;
 mod prepared;
+pub mod refusal;
 mod relay;
 mod sequencer;
 pub mod split;
@@ -35,10 +36,10 @@ use crate::config::Config;
 use crate::identity::guard::Guard;
 use crate::identity::policy::Policy;
 use crate::pool::Pools;
-use crate::protocol::messages::{self, PgError};
-use crate::protocol::sqlstate;
+use crate::protocol::messages;
 use crate::protocol::startup::{self as startup_packet, StartupMessage};
 use cancel::CancelRegistry;
+use refusal::{Refusal, StartupRefusal};
 use relay::{End, QueryLoop};
 use startup::FirstPacket;
 
@@ -255,11 +256,7 @@ async fn serve_in_span(
             }
             FirstPacket::Startup(mut client, _) if client_slot.is_err() => {
                 tracing::warn!(%peer, "max_client_connections reached; client refused");
-                let e = PgError::fatal(
-                    sqlstate::TOO_MANY_CONNECTIONS,
-                    "sorry, too many clients already",
-                );
-                client.send_error(&e).await;
+                refuse_login(&mut client, Refusal::TooManyClients).await;
                 Ok(None)
             }
             FirstPacket::Startup(client, startup) => login(&shared, client, startup, peer).await,
@@ -293,10 +290,11 @@ async fn serve_in_span(
     crate::metrics::Metrics::dec(&shared.metrics.clients);
     let mut ev = ident.event(Kind::SessionEnd);
     match &end {
-        End::Fatal(e) => {
+        End::Fatal(refusal) => {
+            let e = refusal.to_wire();
             ev.status = Some(Status::Error);
             ev.sqlstate = Some(e.code.code().to_string());
-            ev.message = Some(e.message.clone());
+            ev.message = Some(e.message);
         }
         End::ClientGone => ev.message = Some("the client disconnected".into()),
     }
@@ -322,7 +320,7 @@ async fn login(
         settings: Vec::new(),
     };
     if let Err(e) = check_startup(&startup) {
-        client.send_error(&e).await;
+        refuse_login(&mut client, Refusal::Startup(e)).await;
         return Ok(None);
     }
     ident.client_user = as_postgres_names(startup.get("user").unwrap_or_default()).into();
@@ -373,23 +371,24 @@ async fn login(
 
 /// No policy rule maps this client: FATAL 28000, recorded as `denied`.
 async fn refuse_unmapped(shared: &Shared, ident: &Identity, client: &mut ClientConn) {
-    let message = format!(
-        "no role mapping for user \"{}\" on database \"{}\"",
-        ident.client_user, ident.database
-    );
+    let refusal = Refusal::Unmapped {
+        user: ident.client_user.to_string(),
+        database: ident.database.to_string(),
+    };
+    let error = refusal.to_wire();
     crate::metrics::Metrics::inc(&shared.metrics.denied);
     let mut ev = ident.event(Kind::Denied);
     ev.role = None;
     ev.status = Some(Status::Error);
-    ev.sqlstate = Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION.code().into());
-    ev.message = Some(message.clone());
+    ev.sqlstate = Some(error.code.code().into());
+    ev.message = Some(error.message.clone());
     shared.auditor.append_nowait(ev).await;
-    client
-        .send_error(&PgError::fatal(
-            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-            message,
-        ))
-        .await;
+    refuse_login(client, refusal).await;
+}
+
+/// The one place a login is refused on the wire.
+async fn refuse_login(client: &mut ClientConn, refusal: Refusal) {
+    client.send_error(&refusal.to_wire()).await;
 }
 
 /// Whether the relayed login succeeded; a refusal is recorded as
@@ -417,12 +416,12 @@ async fn authenticated(
             Ok(false)
         }
         Err(RelayError::Gateway(e)) => {
-            tracing::warn!(user = %ident.client_user, "authentication relay failed: {e}");
-            client.send_error(&e).await;
+            tracing::warn!(user = %ident.client_user, "authentication relay failed: {e:?}");
+            refuse_login(client, Refusal::Relay(e)).await;
             Ok(false)
         }
         Err(RelayError::Client(ClientError::Protocol(e))) => {
-            client.send_error(&e.to_fatal()).await;
+            refuse_login(client, Refusal::Protocol(e)).await;
             Ok(false)
         }
         Err(RelayError::Client(e)) => Err(e),
@@ -448,44 +447,27 @@ const MAX_NAME: usize = 63;
 /// A parameter given twice is refused: PostgreSQL takes the last `user`
 /// and `database`, so a gateway reading the first would authenticate one
 /// user and map another.
-fn check_startup(startup: &StartupMessage) -> Result<(), PgError> {
+fn check_startup(startup: &StartupMessage) -> Result<(), StartupRefusal> {
     for (i, (key, _)) in startup.params.iter().enumerate() {
         if startup.params[..i].iter().any(|(k, _)| k == key) {
-            return Err(PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                format!("startup parameter \"{key}\" is given more than once"),
-            ));
+            return Err(StartupRefusal::Repeated(key.clone()));
         }
     }
     for key in ["user", "database"] {
         let value = startup.get(key).unwrap_or_default();
         if value.len() > MAX_NAME && !value.is_char_boundary(MAX_NAME) {
-            return Err(PgError::fatal(
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                format!(
-                    "the {key} name is longer than 63 bytes and would be cut inside a character"
-                ),
-            ));
+            return Err(StartupRefusal::CutName(key));
         }
     }
-    match startup.get("user") {
-        Some(u) if !u.is_empty() => {}
-        _ => {
-            return Err(PgError::fatal(
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-                "no PostgreSQL user name specified in startup packet",
-            ))
-        }
+    if startup.get("user").is_none_or(str::is_empty) {
+        return Err(StartupRefusal::NoUser);
     }
     if let Some(r) = startup.get("replication") {
         if !matches!(
             r.to_ascii_lowercase().as_str(),
             "false" | "off" | "no" | "0"
         ) {
-            return Err(PgError::fatal(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "replication connections are not supported by pgwarden",
-            ));
+            return Err(StartupRefusal::Replication);
         }
     }
     Ok(())

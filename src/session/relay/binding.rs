@@ -12,9 +12,6 @@ use crate::config::SessionSet;
 use crate::identity::tag::Backend;
 use crate::session::kept;
 
-/// Why `[pool] session_set = "error"` refuses a statement.
-const SESSION_SET_REFUSED: &str = "a setting changed for the session lasts only until the end of the transaction in transaction pooling, and pgwarden is configured to refuse it ([pool] session_set = \"error\"): use SET LOCAL inside a transaction, or pass the setting when connecting (options=-c name=value)";
-
 impl QueryLoop<'_> {
     /// Marks the bound connection as holding this session's state when
     /// `sql` may leave some behind, and pins the client to it when `sql`
@@ -29,16 +26,13 @@ impl QueryLoop<'_> {
         &mut self,
         names: &[String],
         refusable: bool,
-    ) -> Result<(), PgError> {
+    ) -> Result<(), Refusal> {
         if names.is_empty() || self.mode != PoolMode::Transaction {
             return Ok(());
         }
         if self.shared.config.pool.session_set == SessionSet::Error {
             return match refusable {
-                true => Err(PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    SESSION_SET_REFUSED,
-                )),
+                true => Err(Refusal::SessionSet),
                 false => Ok(()),
             };
         }
@@ -57,13 +51,10 @@ impl QueryLoop<'_> {
                 .iter()
                 .any(|(k, _)| k.eq_ignore_ascii_case(name));
             if !known && self.settings.len() + self.kept_pending.len() >= kept::MAX_KEPT {
-                return Err(PgError::error(
-                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                    format!(
-                        "pgwarden keeps at most {} settings per session; set \"{name}\" with SET LOCAL instead",
-                        kept::MAX_KEPT
-                    ),
-                ));
+                return Err(Refusal::TooManyKept {
+                    name: name.clone(),
+                    max: kept::MAX_KEPT,
+                });
             }
             self.kept_pending.push(name.clone());
         }
@@ -173,7 +164,7 @@ impl QueryLoop<'_> {
     /// Binds a server connection if none is bound: acquires one and asserts
     /// the client's identity on it. If none can be bound, a statement whose
     /// record was written ahead of the batch gets that error as its result.
-    pub(super) async fn bind_server(&mut self) -> Result<(), PgError> {
+    pub(super) async fn bind_server(&mut self) -> Result<(), Refusal> {
         let bound = self.bind_server_now().await;
         if let Err(e) = &bound {
             if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
@@ -183,7 +174,7 @@ impl QueryLoop<'_> {
         bound
     }
 
-    async fn bind_server_now(&mut self) -> Result<(), PgError> {
+    async fn bind_server_now(&mut self) -> Result<(), Refusal> {
         self.needs_verify = self.shared.live().verify == VerifyMode::Transaction;
         if self.server.is_some() {
             return self.rebind_kept().await;
@@ -234,7 +225,7 @@ impl QueryLoop<'_> {
     /// The connection kept across transactions (pinned, or session
     /// pooling): a new transaction after opaque code, or under a new tag
     /// key, gets a fresh assertion.
-    async fn rebind_kept(&mut self) -> Result<(), PgError> {
+    async fn rebind_kept(&mut self) -> Result<(), Refusal> {
         if !self.seq.between_transactions() {
             return Ok(());
         }
@@ -261,7 +252,7 @@ impl QueryLoop<'_> {
     }
 
     /// A connection from this session's pool.
-    async fn acquire(&mut self) -> Result<PooledConn, PgError> {
+    async fn acquire(&mut self) -> Result<PooledConn, Refusal> {
         crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
         let pool = match self.pool.take() {
             Some(pool) => pool,
@@ -272,10 +263,11 @@ impl QueryLoop<'_> {
         };
         let acquired = self.shared.pools.acquire(&pool).await;
         self.pool = Some(pool);
-        acquired.inspect_err(|e| {
-            if e.code == sqlstate::TOO_MANY_CONNECTIONS {
+        acquired.map_err(|e| {
+            if e.is_exhausted() {
                 crate::metrics::Metrics::inc(&self.shared.metrics.pool_timeouts);
             }
+            Refusal::Acquire(e)
         })
     }
 
@@ -288,7 +280,7 @@ impl QueryLoop<'_> {
         conn: &mut PooledConn,
         reset: Option<&str>,
         key: Option<crate::identity::tag::TagKey>,
-    ) -> Result<(), PgError> {
+    ) -> Result<(), Refusal> {
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_assertions);
         conn.custody_mut().forget_identity();
         // The assertion replaces (and closes) the connection's unnamed
@@ -309,7 +301,7 @@ impl QueryLoop<'_> {
         };
         if let Err(e) = assertion.apply_after(conn, reset).await {
             tracing::warn!(parent: &self.span, "identity assertion failed: {e}");
-            return Err(e);
+            return Err(e.into());
         }
         conn.custody_mut().asserted(
             (self.ident.role.clone(), self.ident.client_user.clone()),
@@ -426,7 +418,7 @@ impl QueryLoop<'_> {
             self.shared.auditor.append_nowait(ev).await;
         }
         self.abandon_server("identity violation").await;
-        End::Fatal(PgError::fatal(sqlstate::INSUFFICIENT_PRIVILEGE, message))
+        End::Fatal(Refusal::IdentityChanged(message))
     }
 
     pub(super) async fn release(&mut self) {
@@ -445,10 +437,7 @@ impl QueryLoop<'_> {
         tracing::warn!(parent: &self.span, "server connection lost: {why}");
         self.abandon_server("server connection lost before the statement completed")
             .await;
-        End::Fatal(PgError::fatal(
-            sqlstate::CONNECTION_FAILURE,
-            "pgwarden lost its connection to PostgreSQL; your transaction, if any, was rolled back",
-        ))
+        End::Fatal(Refusal::ServerLost)
     }
 
     pub(super) async fn abandon_server(&mut self, why: &str) {
@@ -474,9 +463,9 @@ impl QueryLoop<'_> {
         // ran.
         self.settle_unexecuted_ahead();
         self.record_results().await;
-        if let End::Fatal(error) = end {
+        if let End::Fatal(refusal) = end {
             self.seq.client_out().clear();
-            self.client.send_error(error).await;
+            self.client.send_error(&refusal.to_wire()).await;
         }
         if matches!(end, End::ClientGone) && !self.idle() {
             self.settle_for_gone_client().await;

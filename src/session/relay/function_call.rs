@@ -7,7 +7,7 @@ impl QueryLoop<'_> {
     pub(super) async fn on_function_call(&mut self, frame: Bytes) -> Result<(), End> {
         let oid = crate::protocol::frame::Reader::new(&frame[5..], "FunctionCall")
             .i32()
-            .map_err(|e| End::Fatal(e.to_fatal()))?;
+            .map_err(End::from)?;
         let Some(name) = function_call_name(oid) else {
             // The refused call is evidence: its arguments are recorded.
             let text = function_call_text(oid, &frame[5..], self.client_encoding());

@@ -33,6 +33,7 @@ use super::cancel::{BackendKey, CancelSlot};
 use super::ledger::Ledger;
 use super::outcome::Portal;
 use super::prepared;
+use super::refusal::Refusal;
 use super::sequencer::{ClientStep, Flow, Sequencer, ServerStep};
 use super::state::Effect;
 use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route};
@@ -81,14 +82,20 @@ pub enum End {
     /// The client sent `Terminate` or hung up.
     ClientGone,
     /// The gateway closes the session with this FATAL error.
-    Fatal(PgError),
+    Fatal(Refusal),
+}
+
+impl From<ProtocolError> for End {
+    fn from(e: ProtocolError) -> End {
+        End::Fatal(Refusal::Protocol(e))
+    }
 }
 
 impl From<ClientError> for End {
     fn from(e: ClientError) -> End {
         match e {
             ClientError::Io(_) => End::ClientGone,
-            ClientError::Protocol(p) => End::Fatal(p.to_fatal()),
+            ClientError::Protocol(p) => End::Fatal(Refusal::Protocol(p)),
         }
     }
 }
@@ -279,10 +286,7 @@ impl<'a> QueryLoop<'a> {
         loop {
             self.shutting_down |= *self.shutdown.borrow();
             if self.shutting_down && self.idle() {
-                return End::Fatal(PgError::fatal(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    "terminating connection due to administrator command",
-                ));
+                return End::Fatal(Refusal::Shutdown);
             }
             let idle = self.idle();
             let timer = self.next_timeout();
@@ -346,7 +350,7 @@ impl<'a> QueryLoop<'a> {
                 .as_ref()
                 .is_some_and(|s| s.custody().is_opaque());
             let step = self.seq.next_client(&mut self.client.rbuf, max, opaque);
-            match step.map_err(|e| End::Fatal(e.to_fatal()))? {
+            match step.map_err(|e| End::Fatal(e.into()))? {
                 ClientStep::Frame(frame) => self.on_client_frame(frame).await?,
                 ClientStep::Idle => return Ok(()),
             }
@@ -381,10 +385,7 @@ impl<'a> QueryLoop<'a> {
                 self.seq.pass(&frame);
                 Ok(())
             }
-            other => Err(End::Fatal(PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                format!("invalid frontend message type {other}"),
-            ))),
+            other => Err(End::Fatal(Refusal::UnknownMessage(other))),
         };
         self.seq.emit_synthetic();
         result
@@ -394,9 +395,8 @@ impl<'a> QueryLoop<'a> {
         if self.seq.misrouted() {
             tracing::error!(parent: &self.span, "a message for the server was written while no connection carried the client's identity");
             self.abandon_server("internal error").await;
-            return Err(End::Fatal(PgError::fatal(
-                sqlstate::INTERNAL_ERROR,
-                "pgwarden ended the session: internal error (a message had no identity-bearing connection)",
+            return Err(End::Fatal(Refusal::Internal(
+                "a message had no identity-bearing connection",
             )));
         }
         if self.seq.to_server().is_empty() {

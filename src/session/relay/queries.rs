@@ -12,7 +12,7 @@ use crate::session::commits::Commits;
 
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
-        let sql = messages::parse_query(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
+        let sql = messages::parse_query(&frame[5..]).map_err(End::from)?;
         // A simple query drops the unnamed statement, on the server as
         // for the client (PostgreSQL defines it so).
         self.statements.remove(&b""[..]);
@@ -106,7 +106,7 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn on_parse(&mut self, frame: Bytes) -> Result<(), End> {
-        let parse = messages::parse_parse(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
+        let parse = messages::parse_parse(&frame[5..]).map_err(End::from)?;
         let setting_params = match self.check_guard(parse.query, true) {
             Ok(params) => params,
             Err(v) => {
@@ -234,7 +234,7 @@ impl QueryLoop<'_> {
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
-        let bind = messages::parse_bind(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
+        let bind = messages::parse_bind(&frame[5..]).map_err(End::from)?;
         if let Err(e) = self.check_statement_name(bind.statement) {
             return self.refuse(Flow::Extended, e).await;
         }
@@ -275,9 +275,7 @@ impl QueryLoop<'_> {
         let mut portal_restore = None;
         if self.auditing {
             let sql = self.statement_sql(bind.statement);
-            let params = self
-                .audited_params(&bind)
-                .map_err(|e| End::Fatal(e.to_fatal()))?;
+            let params = self.audited_params(&bind).map_err(End::from)?;
             if !transparent && !self.execute_follows(bind.portal) {
                 // Planning may run its functions, and no Execute of this
                 // portal is in the batch whose record would be stored
@@ -336,7 +334,7 @@ impl QueryLoop<'_> {
         &mut self,
         statement: &[u8],
         bound: Vec<String>,
-    ) -> Result<(), PgError> {
+    ) -> Result<(), Refusal> {
         let named = self
             .statements
             .get(statement)
@@ -350,8 +348,7 @@ impl QueryLoop<'_> {
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
-        let (kind, name) =
-            messages::parse_close_or_describe(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..]).map_err(End::from)?;
         if kind == b'S' {
             if let Err(e) = self.check_statement_name(name) {
                 return self.refuse(Flow::Extended, e).await;
@@ -411,8 +408,7 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn on_close(&mut self, frame: Bytes) -> Result<(), End> {
-        let (kind, name) =
-            messages::parse_close_or_describe(&frame[5..]).map_err(|e| End::Fatal(e.to_fatal()))?;
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..]).map_err(End::from)?;
         let shared = self
             .statements
             .get(name)
@@ -444,8 +440,7 @@ impl QueryLoop<'_> {
             Some(Ahead::Failed(e)) => Err(e),
             None => {
                 let (sql, params) = if self.auditing {
-                    let name = messages::parse_execute(&frame[5..])
-                        .map_err(|e| End::Fatal(e.to_fatal()))?;
+                    let name = messages::parse_execute(&frame[5..]).map_err(End::from)?;
                     self.portal_audited(name)
                 } else {
                     Audited::default()

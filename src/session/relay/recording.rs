@@ -20,7 +20,7 @@ pub(super) enum Ahead {
     /// The store failed and `on_failure = "allow"`: it runs unaudited.
     Unaudited,
     /// The store failed: it is refused.
-    Failed(PgError),
+    Failed(Refusal),
 }
 
 impl QueryLoop<'_> {
@@ -50,7 +50,7 @@ impl QueryLoop<'_> {
         &mut self,
         sql: &[u8],
         params: Option<Vec<Option<String>>>,
-    ) -> Result<Option<Pending>, PgError> {
+    ) -> Result<Option<Pending>, Refusal> {
         let pending = self.audit_statement(sql, params).await?;
         self.bind_for(pending).await
     }
@@ -63,7 +63,7 @@ impl QueryLoop<'_> {
         &mut self,
         sql: &[u8],
         parts: Vec<std::ops::Range<usize>>,
-    ) -> Result<Vec<Option<Pending>>, PgError> {
+    ) -> Result<Vec<Option<Pending>>, Refusal> {
         let mut pendings = Vec::with_capacity(parts.len());
         for part in parts {
             match self.audit_statement(&sql[part], None).await {
@@ -104,7 +104,7 @@ impl QueryLoop<'_> {
     pub(super) async fn bind_for(
         &mut self,
         mut pending: Option<Pending>,
-    ) -> Result<Option<Pending>, PgError> {
+    ) -> Result<Option<Pending>, Refusal> {
         if let Err(e) = self.bind_server().await {
             if let Some(pending) = pending {
                 self.unrun(pending, &e);
@@ -211,7 +211,8 @@ impl QueryLoop<'_> {
 
     /// Records that the statement of `pending` never reached a server
     /// because no connection could be bound (`error`).
-    pub(super) fn unrun(&mut self, pending: Pending, error: &PgError) {
+    pub(super) fn unrun(&mut self, pending: Pending, refusal: &Refusal) {
+        let error = refusal.to_wire();
         self.unran.push(Resolved {
             pending,
             outcome: Outcome::Error {
@@ -317,7 +318,7 @@ impl QueryLoop<'_> {
         &mut self,
         sql: &[u8],
         params: Option<Vec<Option<String>>>,
-    ) -> Result<Option<Pending>, PgError> {
+    ) -> Result<Option<Pending>, Refusal> {
         if !self.auditing {
             return Ok(None);
         }
@@ -335,7 +336,7 @@ impl QueryLoop<'_> {
         &mut self,
         sql: &str,
         note: &str,
-    ) -> Result<Option<Pending>, PgError> {
+    ) -> Result<Option<Pending>, Refusal> {
         if !self.auditing {
             return Ok(None);
         }
@@ -350,7 +351,7 @@ impl QueryLoop<'_> {
         &mut self,
         mut ev: Event,
         control: Control,
-    ) -> Result<Option<Pending>, PgError> {
+    ) -> Result<Option<Pending>, Refusal> {
         let ticket = self.shared.auditor.ticket();
         ev.backend_pid = self.server.as_ref().map(|s| s.pid);
         ev.link = Link::Query(ticket);
@@ -371,11 +372,7 @@ impl QueryLoop<'_> {
             }
             Err(e) => {
                 tracing::error!(parent: &self.span, "audit store failed, statement refused: {e}");
-                Err(PgError::error(
-                    sqlstate::IO_ERROR,
-                    "pgwarden cannot write its audit log; the statement was not run",
-                )
-                .with_detail(e.to_string()))
+                Err(Refusal::Audit(e.to_string()))
             }
         }
     }

@@ -35,16 +35,22 @@ impl QueryLoop<'_> {
 
     /// Answers a client message with `error` instead of running it (see
     /// `Sequencer::refuse`); a FATAL one ends the session.
-    pub(super) async fn refuse(&mut self, flow: Flow, error: PgError) -> Result<(), End> {
+    pub(super) async fn refuse(
+        &mut self,
+        flow: Flow,
+        refusal: impl Into<Refusal>,
+    ) -> Result<(), End> {
+        let refusal = refusal.into();
+        let error = refusal.to_wire();
         if error.is_fatal() {
-            return Err(End::Fatal(error));
+            return Err(End::Fatal(refusal));
         }
         self.seq.refuse(flow, error);
         Ok(())
     }
 
     /// Records a guard refusal and builds the client's error.
-    pub(super) async fn blocked(&mut self, sql: &[u8], why: &str) -> PgError {
+    pub(super) async fn blocked(&mut self, sql: &[u8], why: &str) -> Refusal {
         tracing::info!(parent: &self.span, "statement guard: {why}");
         if self.auditing {
             let mut ev = self.event(Kind::GuardBlocked);
@@ -55,6 +61,6 @@ impl QueryLoop<'_> {
             self.shared.auditor.append_nowait(ev).await;
         }
         crate::metrics::Metrics::inc(&self.shared.metrics.guard_blocks);
-        PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, why.to_string())
+        Refusal::Guard(why.to_string())
     }
 }

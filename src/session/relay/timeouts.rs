@@ -34,17 +34,11 @@ impl QueryLoop<'_> {
 
     pub(super) async fn on_timeout(&mut self, which: Timeout) -> Result<(), End> {
         match which {
-            Timeout::ClientIdle => Err(End::Fatal(PgError::fatal(
-                sqlstate::IDLE_SESSION_TIMEOUT,
-                "terminating connection due to client_idle_timeout",
-            ))),
+            Timeout::ClientIdle => Err(End::Fatal(Refusal::ClientIdle)),
             Timeout::IdleInTransaction => {
                 self.roll_back("idle_in_transaction_timeout_ms elapsed")
                     .await;
-                Err(End::Fatal(PgError::fatal(
-                    sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
-                    "terminating connection due to idle_in_transaction_timeout; the transaction was rolled back",
-                )))
+                Err(End::Fatal(Refusal::IdleInTransaction))
             }
             Timeout::Query => {
                 self.cancel_sent = true;

@@ -169,6 +169,10 @@ pub fn sync(out: &mut BytesMut) {
     write_frame(out, b'S', |_| {});
 }
 
+pub fn flush(out: &mut BytesMut) {
+    write_frame(out, b'H', |_| {});
+}
+
 /// `CopyFail` with a reason.
 pub fn copy_fail(out: &mut BytesMut, reason: &str) {
     write_frame(out, b'f', |b| put_cstr(b, reason.as_bytes()));

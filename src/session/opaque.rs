@@ -369,12 +369,7 @@ fn classify<'a>(tokens: impl Iterator<Item = Read<'a>>) -> Option<bool> {
             Kind::Other | Kind::UnicodeIdent => return Some(false),
             _ => {}
         }
-        table_name = match kind {
-            Kind::Word if text.eq_ignore_ascii_case(b"into") => true,
-            Kind::Word | Kind::QuotedIdent => table_name,
-            Kind::Punct if text == b"." => table_name,
-            _ => false,
-        };
+        table_name = in_table_name(table_name, kind, text);
         at_start = false;
         prev2 = prev;
         prev = Some((kind, text));
@@ -383,6 +378,17 @@ fn classify<'a>(tokens: impl Iterator<Item = Read<'a>>) -> Option<bool> {
         return Some(false);
     }
     Some(true)
+}
+
+/// Whether the token after (`kind`, `text`) is still in the table name
+/// that follows `INTO` (`table_name`: it was before).
+fn in_table_name(table_name: bool, kind: Kind, text: &[u8]) -> bool {
+    match kind {
+        Kind::Word if text.eq_ignore_ascii_case(b"into") => true,
+        Kind::Word | Kind::QuotedIdent => table_name,
+        Kind::Punct if text == b"." => table_name,
+        _ => false,
+    }
 }
 
 /// Tokens of simple SQL, read byte by byte: words, numbers, parameters,

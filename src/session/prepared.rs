@@ -45,6 +45,9 @@ pub struct Nature {
     pub uses_sequences: bool,
     /// What it does to its transaction.
     pub commits: Commits,
+    /// It may start a `COPY ... FROM STDIN`
+    /// ([`crate::session::state::may_copy_in`]).
+    pub copies_in: bool,
 }
 
 impl Nature {
@@ -59,12 +62,15 @@ impl Nature {
             chains: false,
             block_commits: false,
         },
+        // `PREPARE` takes no COPY.
+        copies_in: false,
     };
 
     pub fn of(sql: &[u8]) -> Nature {
         Nature {
             transparent: crate::session::opaque::transparent(sql),
             uses_sequences: crate::session::state::may_use_sequences(sql),
+            copies_in: crate::session::state::may_copy_in(sql),
             commits: Commits::of(sql),
         }
     }

@@ -116,21 +116,7 @@ impl Refusal {
                 ),
             )
             .with_detail(e.cause.clone()),
-            Refusal::Relay(RelayFailure::Backend(why)) => PgError::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                format!("pgwarden cannot authenticate you with PostgreSQL: {why}"),
-            ),
-            Refusal::Relay(RelayFailure::Method(code)) => PgError::fatal(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("authentication method (request code {code}) cannot be relayed by pgwarden"),
-            ),
-            Refusal::Relay(RelayFailure::UnexpectedAnswer(tag)) => PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                format!(
-                    "expected a password or SASL response, got message type {:?}",
-                    *tag as char
-                ),
-            ),
+            Refusal::Relay(e) => relay(e),
             Refusal::Protocol(e) => e.to_fatal(),
             Refusal::Unmapped { user, database } => PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -185,6 +171,26 @@ impl Refusal {
             ),
             Refusal::Answer(e) => e.clone(),
         }
+    }
+}
+
+fn relay(e: &RelayFailure) -> PgError {
+    match e {
+        RelayFailure::Backend(why) => PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("pgwarden cannot authenticate you with PostgreSQL: {why}"),
+        ),
+        RelayFailure::Method(code) => PgError::fatal(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            format!("authentication method (request code {code}) cannot be relayed by pgwarden"),
+        ),
+        RelayFailure::UnexpectedAnswer(tag) => PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!(
+                "expected a password or SASL response, got message type {:?}",
+                *tag as char
+            ),
+        ),
     }
 }
 
@@ -258,9 +264,21 @@ fn acquire(e: &AcquireError) -> PgError {
 mod tests {
     use super::*;
 
-    /// Each refusal's SQLSTATE and severity, as clients and tests rely on.
+    fn check(cases: Vec<(Refusal, &str, bool)>) {
+        for (refusal, code, fatal) in cases {
+            let wire = refusal.to_wire();
+            assert_eq!(
+                (wire.code.code(), wire.is_fatal()),
+                (code, fatal),
+                "{refusal:?}"
+            );
+        }
+    }
+
+    /// Each login and connection refusal's SQLSTATE and severity, as
+    /// clients and tests rely on.
     #[test]
-    fn every_refusal_has_its_sqlstate_and_severity() {
+    fn every_login_and_pool_refusal_has_its_sqlstate_and_severity() {
         let fields = crate::protocol::messages::ErrorFields {
             severity: "FATAL".into(),
             code: "28P01".into(),
@@ -344,6 +362,14 @@ mod tests {
             ),
             (Refusal::Startup(StartupRefusal::NoUser), "28000", true),
             (Refusal::Startup(StartupRefusal::Replication), "0A000", true),
+        ];
+        check(cases);
+    }
+
+    /// The refusals of a running session.
+    #[test]
+    fn every_session_refusal_has_its_sqlstate_and_severity() {
+        let cases: Vec<(Refusal, &str, bool)> = vec![
             (Refusal::Guard("no".into()), "42501", false),
             (Refusal::Shutdown, "57P01", true),
             (Refusal::SessionSet, "0A000", false),
@@ -363,14 +389,7 @@ mod tests {
             (Refusal::Internal("x"), "XX000", true),
             (Refusal::Audit("disk full".into()), "58030", false),
         ];
-        for (refusal, code, fatal) in cases {
-            let wire = refusal.to_wire();
-            assert_eq!(
-                (wire.code.code(), wire.is_fatal()),
-                (code, fatal),
-                "{refusal:?}"
-            );
-        }
+        check(cases);
         let hint = Refusal::Acquire(AcquireError::Refused {
             fields: Default::default(),
             password_changed: true,

@@ -258,6 +258,16 @@ pub fn may_leave_state(sql: &[u8]) -> bool {
     })
 }
 
+/// Whether `sql` may start a `COPY ... FROM STDIN` (copy-in). `STDIN` is a
+/// keyword, which can only be written as such, so a text without the word
+/// starts none.
+pub fn may_copy_in(sql: &[u8]) -> bool {
+    any_word_start(sql, |pair, rest| match pair {
+        [b's', b't'] => starts_with_ci(rest, b"stdin"),
+        _ => false,
+    })
+}
+
 /// Whether `sql` may call `nextval` (explicitly, or through a column
 /// default or a trigger of a statement that writes), leaving `currval` and
 /// `lastval` state on the connection.

@@ -144,3 +144,117 @@ async fn messages_after_a_batch_error_are_skipped_until_sync() {
     let value = c.first_value_until_ready().await;
     assert_eq!(value.as_deref(), Some("still usable"));
 }
+
+/// An extended COPY with its data, `CopyDone` and then a query, in one
+/// write (red-team finding): the data must reach the server, which waits
+/// for it, and the query is answered after the copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_extended_copy_with_its_data_and_a_query_in_one_write_completes() {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    c.send(b'Q', &cstr("BEGIN")).await;
+    answered(&mut c).await;
+    let burst = [
+        extended("COPY guard_t (id) FROM STDIN"),
+        message(b'd', b"-92\n"),
+        message(b'c', b""),
+        message(b'Q', &cstr("SELECT 'after the copy'")),
+    ]
+    .concat();
+    c.send_raw(&burst).await;
+    let (tags, code, status) = answered(&mut c).await;
+    assert_eq!((&tags[..], code, status), (&b"12GCTDCZ"[..], None, b'T'));
+    c.send(b'Q', &cstr("ROLLBACK")).await;
+    answered(&mut c).await;
+    next_client_is_served(&gw).await;
+}
+
+/// A COPY with a `Sync` before its data and one after, in one write
+/// (red-team finding): the gateway held the early `Sync` back with
+/// everything behind it, including the data the server waited for, and
+/// both sides waited for ever with the only connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_pipelined_before_copy_data_does_not_stall_the_copy() {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    let burst = [
+        message(b'Q', &cstr("COPY guard_t (id) FROM STDIN")),
+        message(b'S', b""),
+        message(b'd', b"-93\n"),
+        message(b'f', &cstr("no rows today")),
+        message(b'S', b""),
+    ]
+    .concat();
+    c.send_raw(&burst).await;
+    // As PostgreSQL: the Sync read during the copy is ignored, the last
+    // one is answered.
+    let (tags, code, status) = answered(&mut c).await;
+    assert_eq!(
+        (&tags[..], code.as_deref(), status),
+        (&b"GEZ"[..], Some("57014"), b'I')
+    );
+    let (tags, code, _) = answered(&mut c).await;
+    assert_eq!((&tags[..], code), (&b"Z"[..], None));
+    next_client_is_served(&gw).await;
+}
+
+/// A COPY that fails on a bad row, a `Sync` sent during it, then a query,
+/// in one write (red-team finding). Whether PostgreSQL answers that `Sync`
+/// depends on whether it read it before the row failed; the gateway used to
+/// forward it uncounted, took its `ReadyForQuery` for the query's, and gave
+/// the connection to the next client while the query still ran. Now a
+/// `Sync` sent during copy-in goes nowhere (README: "COPY").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sync_during_a_failing_copy_never_desynchronises_the_connection() {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    let burst = [
+        message(b'Q', &cstr("COPY guard_t (id) FROM STDIN")),
+        message(b'd', b"notanint\n"),
+        message(b'S', b""),
+        message(b'Q', &cstr("SELECT pg_sleep(0.3), 'after the copy'")),
+    ]
+    .concat();
+    c.send_raw(&burst).await;
+    let (tags, code, status) = answered(&mut c).await;
+    assert_eq!(
+        (&tags[..], code.as_deref(), status),
+        (&b"GEZ"[..], Some("22P02"), b'I')
+    );
+    let (tags, code, _) = answered(&mut c).await;
+    assert_eq!(
+        (&tags[..], code),
+        (&b"TDCZ"[..], None),
+        "the query's own answer"
+    );
+    next_client_is_served(&gw).await;
+}
+
+/// An extended COPY whose data fails, then the client's `Sync` and a query
+/// (red-team finding): the gateway still thought the copy ran, passed the
+/// `Sync` as a copy message, kept skipping, and swallowed the query.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_an_extended_copy_fails_the_next_query_is_answered() {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    c.send_raw(&[extended("COPY guard_t (id) FROM STDIN"), message(b'S', b"")].concat())
+        .await;
+    for want in [b'1', b'2', b'G'] {
+        assert_eq!(c.read_message().await.0, want);
+    }
+    c.send(b'd', b"notanint\n").await;
+    let (tag, body) = c.read_message().await;
+    assert_eq!(
+        (tag, crate::raw::error_code(&body)),
+        (b'E', "22P02".to_string())
+    );
+    c.send(b'S', b"").await;
+    let (tags, code, status) = answered(&mut c).await;
+    assert_eq!((&tags[..], code, status), (&b"Z"[..], None, b'I'));
+    c.send(b'Q', &cstr("SELECT 'after'")).await;
+    let value = tokio::time::timeout(Duration::from_secs(10), c.first_value_until_ready())
+        .await
+        .expect("the query is answered");
+    assert_eq!(value.as_deref(), Some("after"));
+    next_client_is_served(&gw).await;
+}

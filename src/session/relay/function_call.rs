@@ -28,7 +28,7 @@ impl QueryLoop<'_> {
             Err(e) => return self.refuse(Flow::Simple, e).await,
         };
         self.note_code(false);
-        self.seq.forward(&frame);
+        self.seq.forward_simple(&frame);
         self.seq.expect().query(pending, None);
         Ok(())
     }

@@ -136,6 +136,8 @@ pub struct QueryLoop<'a> {
     /// The client's prepared statements by client name ("" = unnamed).
     statements: NameMap<prepared::Statement>,
     portals: NameMap<Portal>,
+    /// Portals whose statement may start a COPY from the client.
+    copy_portals: NameMap<()>,
     /// The first `Execute` of a batch, audited before the batch took a
     /// server connection ([`QueryLoop::audit_ahead`]): taken by that
     /// `Execute`, or settled at `Sync` (or session end) if it never ran.
@@ -231,6 +233,7 @@ impl<'a> QueryLoop<'a> {
             retag_application_name: false,
             statements: Default::default(),
             portals: Default::default(),
+            copy_portals: Default::default(),
             pre_audited: None,
             resolved: Vec::new(),
             marks: Vec::new(),

@@ -59,9 +59,12 @@ impl QueryLoop<'_> {
         }
         self.note_code(transparent);
         self.note_cursors(&frame.slice_ref(sql));
-        self.seq.forward(&frame);
+        self.seq.forward_simple(&frame);
         self.seq.expect().query(pending, None);
         self.seq.expect().more_statements(more);
+        if crate::session::state::may_copy_in(sql) {
+            self.seq.may_copy_in();
+        }
         Ok(())
     }
 
@@ -265,6 +268,10 @@ impl QueryLoop<'_> {
             let error = self.blocked(&sql, COMMIT_THEN_MORE).await;
             return self.refuse(Flow::Extended, error).await;
         }
+        match nature.copies_in {
+            true => self.copy_portals.insert(frame.slice_ref(bind.portal), ()),
+            false => self.copy_portals.remove(bind.portal),
+        };
         self.batch_opaque |= opaque;
         self.batch_committed_opaque |= opaque && nature.commits.ends;
         self.note_code(transparent);
@@ -454,6 +461,10 @@ impl QueryLoop<'_> {
         };
         self.seq.forward_extended(&frame);
         self.seq.expect().execute(pending);
+        let portal = messages::parse_execute(&frame[5..]).map_err(End::from)?;
+        if self.copy_portals.contains_key(portal) {
+            self.seq.may_copy_in();
+        }
         Ok(())
     }
 

@@ -44,7 +44,7 @@ impl QueryLoop<'_> {
         } else if self.idle() {
             self.flush_client().await?;
         }
-        if self.seq.deferred() && self.seq.owes_nothing() {
+        if self.seq.may_resume() {
             self.seq.resume();
             self.on_client_data().await?;
         }

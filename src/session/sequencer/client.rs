@@ -33,6 +33,12 @@ impl Sequencer {
             };
             if self.must_wait(header.tag, opaque) {
                 self.deferred = true;
+                // PostgreSQL sends the answers to extended messages only at
+                // `Sync` or `Flush`: without one, those the gateway waits
+                // for would never come.
+                if self.unsynced {
+                    messages::flush(self.wire());
+                }
                 return Ok(ClientStep::Idle);
             }
             if header.tag == b'd'
@@ -60,6 +66,9 @@ impl Sequencer {
     /// request may start a new transaction, which must not run before the
     /// identity is asserted afresh.
     fn must_wait(&self, tag: u8, opaque: bool) -> bool {
+        if self.copy_maybe && !self.copy_in && self.bound && !self.tracker.is_empty() {
+            return true;
+        }
         opaque
             && self.bound
             && self.starts_request(tag)
@@ -149,11 +158,13 @@ impl Sequencer {
     }
 
     /// A client message the gateway does not interpret: `Flush`, and the
-    /// COPY messages (`Sync` too during copy-in, which the server ignores
-    /// then). Outside COPY with no connection bound, PostgreSQL would
-    /// ignore them, and so does the gateway.
+    /// COPY messages. Outside COPY with no connection bound, PostgreSQL
+    /// would ignore them, and so does the gateway. A `Sync` during copy-in
+    /// goes nowhere: the server ignores it while it copies, but answers it
+    /// once the copy failed, which the gateway cannot know when it sends
+    /// it (its answer would then be taken for another request's).
     pub fn pass(&mut self, frame: &[u8]) {
-        if !self.bound {
+        if !self.bound || (self.copy_in && frame[0] == b'S') {
             return;
         }
         if matches!(frame[0], b'c' | b'f') {
@@ -196,7 +207,10 @@ impl Sequencer {
         }
         match (flow, self.bound) {
             (Flow::Simple, true) => {
+                // A query, as the refused one was: it ends a batch open
+                // before it, as that one would have.
                 self.own_query_unregistered(REFUSED_SQL);
+                self.unsynced = false;
                 self.tracker.query(None, Some(error));
             }
             (Flow::Simple, false) => {

@@ -101,6 +101,12 @@ pub struct Sequencer {
     /// Client frames wait in the read buffer until the server has answered
     /// everything before them.
     deferred: bool,
+    /// A request was forwarded that may start a COPY from the client, and
+    /// the server has not answered everything yet: until it says a copy
+    /// started (or the answers end), nothing more goes out. Whether the
+    /// server ignores a `Sync` or answers it depends on whether it reads it
+    /// during the copy, which only its answer tells.
+    copy_maybe: bool,
     /// Bytes of a large client frame still to pass through unbuffered.
     client_passthrough: usize,
     /// Bytes of a large server frame still to pass through unbuffered.
@@ -130,6 +136,7 @@ impl Default for Sequencer {
             copy_in: false,
             aborted_locally: false,
             deferred: false,
+            copy_maybe: false,
             client_passthrough: 0,
             server_passthrough: 0,
             bound: false,
@@ -199,6 +206,15 @@ impl Sequencer {
     /// server will answer, if anything).
     pub fn forward(&mut self, frame: &[u8]) {
         self.wire().extend_from_slice(frame);
+    }
+
+    /// Forwards a `Query` or `FunctionCall`. One sent inside an extended
+    /// batch ends it (PostgreSQL commits the batch's implicit transaction
+    /// with the query's), unless the server skips it after an error in the
+    /// batch ([`Sequencer::server_frame`] says the batch is open again).
+    pub fn forward_simple(&mut self, frame: &[u8]) {
+        self.forward(frame);
+        self.unsynced = false;
     }
 
     /// Forwards an extended-protocol message: the batch is unsynced until
@@ -271,6 +287,18 @@ impl Sequencer {
     /// the client is gone).
     pub fn resume(&mut self) {
         self.deferred = false;
+    }
+
+    /// Whether deferred client frames may be read again: the server
+    /// answered everything, or it started a copy and waits for the client.
+    pub fn may_resume(&self) -> bool {
+        self.deferred && (self.tracker.is_empty() || self.copy_in)
+    }
+
+    /// The request just forwarded (a `Query` or an `Execute`) may start a
+    /// COPY from the client ([`Sequencer::copy_maybe`]).
+    pub fn may_copy_in(&mut self) {
+        self.copy_maybe = true;
     }
 
     /// Messages are in flight: the server's transaction state at this

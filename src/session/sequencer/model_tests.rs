@@ -5,6 +5,7 @@ use proptest::prelude::*;
 
 use super::tests::{
     b, cc, client, copy_data, copy_done, copy_fail, d, e, err, fcall, frame, h, p, q, s, server, z,
+    Driver,
 };
 use super::*;
 
@@ -15,6 +16,8 @@ use super::*;
 #[derive(Default)]
 struct ModelServer {
     out: Vec<u8>,
+    /// Answers not sent yet ([`ModelServer::send`]).
+    unflushed: Vec<u8>,
     tx: Tx,
     explicit: bool,
     ignore_till_sync: bool,
@@ -26,6 +29,15 @@ struct ModelServer {
     unsynced: bool,
     /// The connection carries the client's identity.
     asserted: bool,
+    /// The gateway must not start a request while the server still owes
+    /// answers (the connection ran opaque code); `owed_elsewhere`: answers
+    /// are in the gateway's read buffer, not read yet.
+    strict: bool,
+    owed_elsewhere: bool,
+    /// A request started while answers were owed (with `strict`).
+    early_request: bool,
+    /// The last message was the gateway's failing query ahead of a request.
+    refused_ahead: bool,
     inbox: Vec<u8>,
 }
 
@@ -46,8 +58,20 @@ impl ModelServer {
         }
     }
 
+    /// PostgreSQL buffers its answers and sends them at `ReadyForQuery`,
+    /// `CopyInResponse` (it then waits for the client), an error, or the
+    /// client's `Flush`: a gateway that waits for an answer the server
+    /// keeps would wait for ever.
     fn send(&mut self, bytes: Vec<u8>) {
-        self.out.extend(bytes);
+        let flushes = matches!(bytes[0], b'Z' | b'G' | b'E');
+        self.unflushed.extend(bytes);
+        if flushes {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.out.append(&mut self.unflushed);
     }
 
     fn receive(&mut self, bytes: &[u8]) {
@@ -76,6 +100,19 @@ impl ModelServer {
 
     fn message(&mut self, msg: &[u8]) {
         let tag = msg[0];
+        let starts_request = matches!(tag, b'Q' | b'F')
+            || (matches!(tag, b'P' | b'B' | b'D' | b'C' | b'E' | b'S') && !self.unsynced);
+        let owed = !self.out.is_empty() || self.owed_elsewhere;
+        // The failing query the gateway sends ahead of a request in a
+        // transaction it told the client is aborted goes with that request:
+        // it cannot end the transaction.
+        let ahead = std::mem::take(&mut self.refused_ahead);
+        if self.strict && self.copy_in.is_none() && starts_request && owed && !ahead {
+            self.early_request = true;
+        }
+        if tag == b'Q' && Self::text(msg, 0).starts_with("pgwarden refused") && !owed {
+            self.refused_ahead = true;
+        }
         if let Some(extended) = self.copy_in {
             match tag {
                 b'c' | b'f' => {
@@ -84,6 +121,15 @@ impl ModelServer {
                         b'c' => self.send(cc("COPY 1")),
                         _ => self.fail(extended),
                     }
+                    if !extended {
+                        self.end_simple();
+                    }
+                }
+                // A bad row: the copy fails, and what the client sends for
+                // it from now on is dropped.
+                b'd' if msg[5..].starts_with(b"bad") => {
+                    self.copy_in = None;
+                    self.fail(extended);
                     if !extended {
                         self.end_simple();
                     }
@@ -106,6 +152,8 @@ impl ModelServer {
         }
         match tag {
             b'Q' => {
+                // A query ends an extended batch open before it.
+                self.unsynced = false;
                 let sql = Self::text(msg, 0);
                 self.statement(&sql, false);
                 if self.copy_in.is_none() {
@@ -113,6 +161,7 @@ impl ModelServer {
                 }
             }
             b'F' => {
+                self.unsynced = false;
                 self.send(frame(b'V', &[0, 0, 0, 1, b'1']));
                 self.send(z(self.status()));
             }
@@ -143,7 +192,8 @@ impl ModelServer {
                 let sql = self.parsed.clone();
                 self.statement(&sql, true);
             }
-            b'H' | b'd' | b'c' | b'f' => {}
+            b'H' => self.flush(),
+            b'd' | b'c' | b'f' => {}
             other => panic!("model server: unexpected message {}", other as char),
         }
     }
@@ -195,8 +245,8 @@ impl ModelServer {
                 self.tx = if extended { Tx::Open } else { Tx::Idle };
                 self.send(cc(sql));
             }
-            "FAIL" => self.fail(extended),
-            "COPY IN" => {
+            "FAIL" | "pgwarden refused this statement" => self.fail(extended),
+            "COPY t FROM STDIN" => {
                 self.begin_implicit();
                 self.copy_in = Some(extended);
                 self.send(frame(b'G', &[0, 0, 0]));
@@ -220,6 +270,7 @@ impl ModelServer {
     /// Owes the client nothing, is outside any transaction and batch.
     fn idle(&self) -> bool {
         self.out.is_empty()
+            && self.unflushed.is_empty()
             && self.inbox.is_empty()
             && self.tx == Tx::Idle
             && !self.unsynced
@@ -241,11 +292,17 @@ enum Request {
         early_sync: bool,
         done: bool,
         large: bool,
+        /// A row the server refuses, then a `Sync` (which the server answers
+        /// once the copy failed).
+        bad: bool,
     },
     /// An extended batch: (statement, describe) per Execute, then Flush or
     /// Sync (or neither: the batch goes on with the next request).
     Batch(Vec<(&'static str, bool)>, Option<bool>),
     FunctionCall,
+    /// A statement the gateway refuses: a simple query, or a batch whose
+    /// `Parse` is refused (then `Bind`, `Execute`, `Sync`).
+    Refused(bool),
 }
 
 fn request() -> impl Strategy<Value = Request> {
@@ -254,11 +311,12 @@ fn request() -> impl Strategy<Value = Request> {
     ]);
     prop_oneof![
         3 => sql.clone().prop_map(Request::Simple),
-        2 => (any::<bool>(), any::<bool>(), any::<bool>(), prop::bool::weighted(0.1))
-            .prop_map(|(extended, early_sync, done, large)| Request::CopyIn { extended, early_sync, done, large }),
+        2 => (any::<bool>(), any::<bool>(), any::<bool>(), prop::bool::weighted(0.1), any::<bool>())
+            .prop_map(|(extended, early_sync, done, large, bad)| Request::CopyIn { extended, early_sync, done, large, bad }),
         3 => (prop::collection::vec((sql, any::<bool>()), 1..4), prop::option::of(any::<bool>()))
             .prop_map(|(stmts, end)| Request::Batch(stmts, end)),
         1 => Just(Request::FunctionCall),
+        1 => any::<bool>().prop_map(Request::Refused),
     ]
 }
 
@@ -270,15 +328,22 @@ fn encode(request: &Request) -> Vec<u8> {
             early_sync,
             done,
             large,
+            bad,
         } => {
             let mut out = match extended {
-                true => [p("COPY IN"), b(), e()].concat(),
-                false => q("COPY IN"),
+                true => [p("COPY t FROM STDIN"), b(), e()].concat(),
+                false => q("COPY t FROM STDIN"),
             };
-            if *extended && *early_sync {
+            // libpq sends the batch's Sync before the data; a client may
+            // send a stray one with a simple COPY too.
+            if *early_sync {
                 out.extend(s());
             }
             out.extend(copy_data(if *large { STREAM_THRESHOLD + 100 } else { 8 }));
+            if *bad {
+                out.extend(frame(b'd', b"bad row"));
+                out.extend(s());
+            }
             out.extend(if *done { copy_done() } else { copy_fail() });
             if *extended {
                 out.extend(s());
@@ -303,6 +368,8 @@ fn encode(request: &Request) -> Vec<u8> {
             out
         }
         Request::FunctionCall => fcall(),
+        Request::Refused(false) => q("REFUSE"),
+        Request::Refused(true) => [p("REFUSE"), b(), e(), s()].concat(),
     }
 }
 
@@ -336,8 +403,10 @@ struct Run {
     client_wire: Vec<u8>,
     client_buf: BytesMut,
     server_buf: BytesMut,
-    binds: u32,
+    driver: Driver,
     releases: u32,
+    /// The connection ran opaque code: requests wait for the server.
+    opaque: bool,
 }
 
 impl Run {
@@ -352,19 +421,27 @@ impl Run {
         while let ServerStep::Frame(f) = self.seq.next_server(&mut self.server_buf).unwrap() {
             server(&mut self.seq, &f);
         }
+        // As the relay: deferred client frames are read again once the
+        // server has answered everything.
+        if self.seq.deferred() && self.seq.owes_nothing() {
+            self.seq.resume();
+        }
     }
 
     /// What the relay does after reading: handles whole client messages,
     /// flushes to the server, and releases the connection when it may go.
     fn step(&mut self) -> Result<(), TestCaseError> {
-        while let ClientStep::Frame(f) = self
-            .seq
-            .next_client(&mut self.client_buf, 1 << 30, false)
-            .unwrap()
-        {
-            let before = self.binds;
-            client(&mut self.seq, &f, &mut self.binds);
-            if self.binds > before {
+        loop {
+            // As the relay, per message: once bound, the connection ran
+            // opaque code (when the run says so).
+            let opaque = self.opaque && self.seq.is_bound();
+            let step = self.seq.next_client(&mut self.client_buf, 1 << 30, opaque);
+            let ClientStep::Frame(f) = step.unwrap() else {
+                break;
+            };
+            let before = self.driver.binds;
+            client(&mut self.seq, &f, &mut self.driver);
+            if self.driver.binds > before {
                 // A fresh binding asserts the identity on the connection.
                 self.pg.asserted = true;
             }
@@ -376,7 +453,12 @@ impl Run {
         let sent = self.seq.to_server().to_vec();
         self.seq.clear_to_server();
         if !sent.is_empty() {
+            self.pg.owed_elsewhere = !self.server_buf.is_empty();
             self.pg.receive(&sent);
+            prop_assert!(
+                !self.pg.early_request,
+                "a request went out while the server still owed answers after opaque code"
+            );
         }
         if self.seq.releasable() {
             prop_assert!(
@@ -399,8 +481,15 @@ impl Run {
 /// and the pass-through driver, server bytes through `next_server` and
 /// `server_frame`, flushing to the model server, releasing the connection
 /// whenever the sequencer says it may go; then lets everything arrive.
-fn drive(events: &[Event]) -> Result<(), TestCaseError> {
-    let mut run = Run::default();
+fn drive(events: &[Event], opaque: bool) -> Result<(), TestCaseError> {
+    let mut run = Run {
+        opaque,
+        pg: ModelServer {
+            strict: opaque,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     for event in events {
         match event {
             Event::Client(request, n) => {
@@ -429,7 +518,10 @@ fn drive(events: &[Event]) -> Result<(), TestCaseError> {
             "the server is idle but the connection is held"
         );
     }
-    prop_assert!(run.binds >= run.releases);
+    // Nothing the client sent is left waiting (a deadlock with a server that
+    // waits for the client).
+    prop_assert!(run.client_buf.is_empty(), "client messages never handled");
+    prop_assert!(run.driver.binds >= run.releases);
     Ok(())
 }
 
@@ -443,7 +535,14 @@ proptest! {
     /// connection before the identity is asserted on it.
     #[test]
     fn never_releases_a_busy_connection_or_forwards_unasserted(events in prop::collection::vec(event(), 1..40)) {
-        drive(&events)?;
+        drive(&events, false)?;
+    }
+
+    /// The same after opaque code, and no request starts before the
+    /// server has answered everything sent before it.
+    #[test]
+    fn after_opaque_code_requests_wait_for_the_server(events in prop::collection::vec(event(), 1..40)) {
+        drive(&events, true)?;
     }
 }
 
@@ -461,6 +560,7 @@ fn a_batch_after_a_pipelined_copy_keeps_the_connection_until_answered() {
                 early_sync: false,
                 done: false,
                 large: false,
+                bad: false,
             },
             usize::MAX,
         ),
@@ -472,5 +572,5 @@ fn a_batch_after_a_pipelined_copy_keeps_the_connection_until_answered() {
         Event::Client(Request::Simple("SELECT 1"), usize::MAX),
         Event::Server(64),
     ];
-    drive(&events).unwrap();
+    drive(&events, false).unwrap();
 }

@@ -79,11 +79,21 @@ impl Sequencer {
             }
             _ => {}
         }
+        if tag == b'E' {
+            // An error ends a copy-in (the server drops the client's copy
+            // messages from now on).
+            self.copy_in = false;
+        }
         let route = self.tracker.on_server(tag, &frame[5..], resolved, cache);
+        if self.tracker.is_empty() {
+            self.copy_maybe = false;
+        }
         if tag == b'E' && self.tracker.server_skips() {
             // The server skips what the client sends until its `Sync`, and
-            // answers none of it: so does the gateway.
+            // answers none of it: so does the gateway. A query sent after
+            // the failed message did not end the batch.
             self.discard_until_sync = true;
+            self.unsynced = true;
         }
         match &route {
             Route::Forward => self.to_client.extend_from_slice(frame),

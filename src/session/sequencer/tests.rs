@@ -96,29 +96,55 @@ pub(super) fn tags(bytes: &[u8]) -> String {
 
 // ----- a driver like the relay's, for messages it passes unchanged ----------
 
+/// What the test driver knows: how often it bound a connection, and
+/// whether the last statement parsed may start a COPY from the client.
+#[derive(Default)]
+pub(super) struct Driver {
+    pub binds: u32,
+    copies: bool,
+}
+
 /// What the relay does with a client message the gateway passes as it is:
-/// binds a connection first when the message needs one (`binds` counts
+/// binds a connection first when the message needs one (`driver.binds` counts
 /// the identity assertions), forwards it, and registers its answer.
-pub(super) fn client(seq: &mut Sequencer, bytes: &[u8], binds: &mut u32) {
+pub(super) fn client(seq: &mut Sequencer, bytes: &[u8], driver: &mut Driver) {
     if !seq.admit(bytes, Commits::rolls_back_first) {
         return;
     }
+    let binds = &mut driver.binds;
     let mut bind = |seq: &mut Sequencer| {
         if !seq.is_bound() {
             *binds += 1;
             seq.bound();
         }
     };
+    // What the statement guard would refuse, refused as the relay does.
+    let refused = |flow| PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("{flow:?}"));
+    let text = &bytes[5..];
+    if bytes[0] == b'Q' && text.starts_with(b"REFUSE") {
+        seq.refuse(Flow::Simple, refused(Flow::Simple));
+        seq.emit_synthetic();
+        return;
+    }
+    if bytes[0] == b'P' && text.get(1..).is_some_and(|t| t.starts_with(b"REFUSE")) {
+        seq.refuse(Flow::Extended, refused(Flow::Extended));
+        seq.emit_synthetic();
+        return;
+    }
     match bytes[0] {
         b'Q' | b'F' => {
             bind(seq);
-            seq.forward(bytes);
+            seq.forward_simple(bytes);
             seq.expect().query(None, None);
+            if bytes[0] == b'Q' && crate::session::state::may_copy_in(text) {
+                seq.may_copy_in();
+            }
         }
         b'P' => {
             bind(seq);
             seq.forward_extended(bytes);
             seq.expect().parse(false, None);
+            driver.copies = crate::session::state::may_copy_in(text);
         }
         b'B' => {
             bind(seq);
@@ -139,6 +165,9 @@ pub(super) fn client(seq: &mut Sequencer, bytes: &[u8], binds: &mut u32) {
             bind(seq);
             seq.forward_extended(bytes);
             seq.expect().execute(None);
+            if driver.copies {
+                seq.may_copy_in();
+            }
         }
         b'S' if seq.copy_in() => seq.pass(bytes),
         b'S' => {
@@ -183,7 +212,7 @@ use Step::*;
 
 fn run(name: &str, steps: Vec<Step>) {
     let mut seq = Sequencer::default();
-    let mut binds = 0;
+    let mut binds = Driver::default();
     for (i, step) in steps.into_iter().enumerate() {
         match step {
             Client(bytes) => client(&mut seq, &bytes, &mut binds),
@@ -322,8 +351,8 @@ fn a_pipeline_with_several_syncs_is_released_at_the_last() {
 #[test]
 fn simple_copy_in_ends_at_copy_done_or_copy_fail() {
     for (end, answer, sent) in [
-        (copy_done(), cc("COPY 2"), "QddHSc"),
-        (copy_fail(), err("57014"), "QddHSf"),
+        (copy_done(), cc("COPY 2"), "QddHc"),
+        (copy_fail(), err("57014"), "QddHf"),
     ] {
         run(
             "copy in",
@@ -333,7 +362,8 @@ fn simple_copy_in_ends_at_copy_done_or_copy_fail() {
                 Releasable(false),
                 Client(copy_data(10)),
                 Client(copy_data(10)),
-                // A Flush or Sync during COPY is passed on and ignored.
+                // A Flush during COPY is passed on; a Sync goes nowhere (the
+                // server ignores it while it copies).
                 Client(h()),
                 Client(s()),
                 Releasable(false),
@@ -453,11 +483,11 @@ fn a_refusal_with_nothing_in_flight_is_answered_locally() {
     // Extended, no connection: error now, ReadyForQuery at the Sync; the
     // messages before it are skipped.
     let mut seq = Sequencer::default();
-    let mut binds = 0;
+    let mut binds = Driver::default();
     seq.refuse(Flow::Extended, refused());
     client(&mut seq, &b(), &mut binds);
     client(&mut seq, &e(), &mut binds);
-    assert_eq!(binds, 0, "skipped messages bind nothing");
+    assert_eq!(binds.binds, 0, "skipped messages bind nothing");
     client(&mut seq, &s(), &mut binds);
     assert_eq!(take_client(&mut seq), "EZ");
     assert_eq!(take_server(&mut seq), "");
@@ -474,7 +504,7 @@ fn a_refusal_in_a_transaction_aborts_it_for_the_client_first() {
         (p("SELECT 1"), "QP"),
     ] {
         let mut seq = Sequencer::default();
-        let mut binds = 0;
+        let mut binds = Driver::default();
         client(&mut seq, &q("BEGIN"), &mut binds);
         server(&mut seq, &cc("BEGIN"));
         server(&mut seq, &z(b'T'));
@@ -497,7 +527,7 @@ fn a_refusal_in_a_transaction_aborts_it_for_the_client_first() {
 #[test]
 fn a_refusal_in_a_pipeline_fails_on_the_server_in_its_place() {
     let mut seq = Sequencer::default();
-    let mut binds = 0;
+    let mut binds = Driver::default();
     client(&mut seq, &p("SELECT 1"), &mut binds);
     seq.refuse(
         Flow::Extended,
@@ -522,7 +552,7 @@ fn a_refusal_in_a_pipeline_fails_on_the_server_in_its_place() {
 #[test]
 fn a_large_copy_data_streams_through_and_holds_the_connection() {
     let mut seq = Sequencer::default();
-    let mut binds = 0;
+    let mut binds = Driver::default();
     client(&mut seq, &q("COPY t FROM STDIN"), &mut binds);
     server(&mut seq, &frame(b'G', &[0, 0, 0]));
     take_server(&mut seq);
@@ -547,7 +577,7 @@ fn a_large_copy_data_streams_through_and_holds_the_connection() {
 #[test]
 fn after_opaque_code_a_new_request_waits_for_the_server() {
     let mut seq = Sequencer::default();
-    let mut binds = 0;
+    let mut binds = Driver::default();
     client(&mut seq, &q("SELECT opaque()"), &mut binds);
     let mut rbuf = BytesMut::from(&q("SELECT 2")[..]);
     assert!(matches!(

@@ -125,10 +125,9 @@ impl QueryLoop<'_> {
             Effect::Settings => server.custody_mut().mark_dirty(&self.ident.session_id),
             Effect::Pin => {
                 server.custody_mut().mark_dirty(&self.ident.session_id);
-                if !self.pinned && self.mode == PoolMode::Transaction {
+                if self.seq.pin() && self.mode == PoolMode::Transaction {
                     tracing::info!(parent: &self.span, "client pinned to its server connection until it disconnects");
                 }
-                self.pinned = true;
             }
         }
     }

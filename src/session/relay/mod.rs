@@ -114,9 +114,6 @@ pub struct QueryLoop<'a> {
     /// The protocol state: what the server owes, the transaction status,
     /// the bytes to write each way, when the connection may go.
     seq: Sequencer,
-    /// The client created connection-bound objects (temp tables, LISTEN,
-    /// session advisory locks...): it keeps its server connection.
-    pinned: bool,
     /// The client's settings, carried to every server connection.
     settings: Arc<Vec<(String, String)>>,
     /// The client set `application_name`; the bound connection shows it
@@ -229,7 +226,6 @@ impl<'a> QueryLoop<'a> {
             cancel_sent: false,
             counts: (0, 0),
             settings: Arc::new(ident.settings.clone()),
-            pinned: false,
             retag_application_name: false,
             statements: Default::default(),
             portals: Default::default(),

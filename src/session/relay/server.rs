@@ -35,7 +35,7 @@ impl QueryLoop<'_> {
         if self.idle() && self.seq.tx_status() == b'I' && self.needs_verify {
             self.verify_identity().await?;
         }
-        if self.mode == PoolMode::Transaction && !self.pinned && self.seq.releasable() {
+        if self.mode == PoolMode::Transaction && self.seq.releasable() {
             self.keep_session_settings().await;
             // Notifications those exchanges met go out before the
             // connection does.

@@ -113,6 +113,10 @@ pub struct Sequencer {
     server_passthrough: usize,
     /// A server connection carrying the client's identity is bound.
     bound: bool,
+    /// The client created connection-bound objects (temp tables, LISTEN,
+    /// session advisory locks...): it keeps its server connection until it
+    /// disconnects.
+    pinned: bool,
     /// The bound connection holds the client's unnamed statement (parsed
     /// on it since it was bound). Anything the gateway sends of its own
     /// drops or replaces it, and the client's is parsed again before use.
@@ -140,6 +144,7 @@ impl Default for Sequencer {
             client_passthrough: 0,
             server_passthrough: 0,
             bound: false,
+            pinned: false,
             unnamed_here: false,
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
@@ -319,9 +324,16 @@ impl Sequencer {
     }
 
     /// The bound connection may go back to the pool: it is idle outside a
-    /// transaction and owes the client nothing.
+    /// transaction, owes the client nothing, and the client is not pinned
+    /// to it. (In session pooling the relay never releases it.)
     pub fn releasable(&self) -> bool {
-        self.bound && self.idle()
+        self.bound && !self.pinned && self.idle()
+    }
+
+    /// The client keeps its connection from now on ([`Sequencer::pinned`]).
+    /// True the first time.
+    pub fn pin(&mut self) -> bool {
+        !std::mem::replace(&mut self.pinned, true)
     }
 
     /// Between transactions on the bound connection: a new transaction
@@ -339,5 +351,7 @@ impl Sequencer {
 
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod paths_tests;
 #[cfg(test)]
 mod tests;

@@ -183,13 +183,13 @@ pub(super) fn server(seq: &mut Sequencer, bytes: &[u8]) -> Route {
     seq.server_frame(bytes, &mut resolved, &mut CacheEffects::default())
 }
 
-fn take_client(seq: &mut Sequencer) -> String {
+pub(super) fn take_client(seq: &mut Sequencer) -> String {
     let out = tags(seq.client_out());
     seq.client_out().clear();
     out
 }
 
-fn take_server(seq: &mut Sequencer) -> String {
+pub(super) fn take_server(seq: &mut Sequencer) -> String {
     let out = tags(seq.to_server());
     seq.clear_to_server();
     out
@@ -198,7 +198,7 @@ fn take_server(seq: &mut Sequencer) -> String {
 // ----- table-driven cases -----------------------------------------------------
 
 /// One step of a case: a client message, a server message, or a check.
-enum Step {
+pub(super) enum Step {
     Client(Vec<u8>),
     Server(Vec<u8>),
     /// The tags the server was sent since the last check.
@@ -210,7 +210,7 @@ enum Step {
 
 use Step::*;
 
-fn run(name: &str, steps: Vec<Step>) {
+pub(super) fn run(name: &str, steps: Vec<Step>) {
     let mut seq = Sequencer::default();
     let mut binds = Driver::default();
     for (i, step) in steps.into_iter().enumerate() {
@@ -471,125 +471,4 @@ fn bytes_for_a_server_without_a_bound_connection_are_misrouted() {
     seq.unbound();
     assert!(seq.to_server().is_empty(), "released: nothing left to send");
     assert!(!seq.misrouted());
-}
-
-#[test]
-fn a_refusal_with_nothing_in_flight_is_answered_locally() {
-    let refused = || PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, "no");
-    // Simple, no connection: error and ReadyForQuery at once.
-    let mut seq = Sequencer::default();
-    seq.refuse(Flow::Simple, refused());
-    assert_eq!(take_client(&mut seq), "EZ");
-    // Extended, no connection: error now, ReadyForQuery at the Sync; the
-    // messages before it are skipped.
-    let mut seq = Sequencer::default();
-    let mut binds = Driver::default();
-    seq.refuse(Flow::Extended, refused());
-    client(&mut seq, &b(), &mut binds);
-    client(&mut seq, &e(), &mut binds);
-    assert_eq!(binds.binds, 0, "skipped messages bind nothing");
-    client(&mut seq, &s(), &mut binds);
-    assert_eq!(take_client(&mut seq), "EZ");
-    assert_eq!(take_server(&mut seq), "");
-}
-
-/// Inside a transaction, a refusal tells the client its transaction is
-/// aborted while the server's stays open; the next request first fails on
-/// the server, except a simple `ROLLBACK`, which goes as it is.
-#[test]
-fn a_refusal_in_a_transaction_aborts_it_for_the_client_first() {
-    for (next, sent) in [
-        (q("ROLLBACK"), "Q"),
-        (q("SELECT 1"), "QQ"),
-        (p("SELECT 1"), "QP"),
-    ] {
-        let mut seq = Sequencer::default();
-        let mut binds = Driver::default();
-        client(&mut seq, &q("BEGIN"), &mut binds);
-        server(&mut seq, &cc("BEGIN"));
-        server(&mut seq, &z(b'T'));
-        take_client(&mut seq);
-        take_server(&mut seq);
-        seq.refuse(
-            Flow::Simple,
-            PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, "no"),
-        );
-        assert_eq!(take_client(&mut seq), "EZ");
-        assert_eq!(seq.tx_status(), b'E');
-        assert_eq!(take_server(&mut seq), "", "the server saw nothing");
-        client(&mut seq, &next, &mut binds);
-        assert_eq!(take_server(&mut seq), sent);
-    }
-}
-
-/// With messages in flight, a refused message is replaced by one that
-/// fails on the server, in its position.
-#[test]
-fn a_refusal_in_a_pipeline_fails_on_the_server_in_its_place() {
-    let mut seq = Sequencer::default();
-    let mut binds = Driver::default();
-    client(&mut seq, &p("SELECT 1"), &mut binds);
-    seq.refuse(
-        Flow::Extended,
-        PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, "no"),
-    );
-    client(&mut seq, &b(), &mut binds);
-    client(&mut seq, &s(), &mut binds);
-    assert_eq!(take_server(&mut seq), "PPS", "a failing Parse stands in");
-    server(&mut seq, &frame(b'1', b""));
-    server(&mut seq, &err("42601"));
-    server(&mut seq, &z(b'I'));
-    assert!(seq.releasable());
-    let relayed = seq.client_out().to_vec();
-    assert_eq!(tags(&relayed), "1EZ");
-    let text = String::from_utf8_lossy(&relayed);
-    assert!(
-        text.contains("42501"),
-        "the client gets the gateway's error: {text}"
-    );
-}
-
-#[test]
-fn a_large_copy_data_streams_through_and_holds_the_connection() {
-    let mut seq = Sequencer::default();
-    let mut binds = Driver::default();
-    client(&mut seq, &q("COPY t FROM STDIN"), &mut binds);
-    server(&mut seq, &frame(b'G', &[0, 0, 0]));
-    take_server(&mut seq);
-    let big = copy_data(STREAM_THRESHOLD + 10);
-    let mut rbuf = BytesMut::from(&big[..1000]);
-    assert!(matches!(
-        seq.next_client(&mut rbuf, 1 << 30, false).unwrap(),
-        ClientStep::Idle
-    ));
-    assert_eq!(seq.to_server().len(), 1000, "streamed, not buffered");
-    assert!(seq.streaming_from_client() && !seq.idle());
-    rbuf.extend_from_slice(&big[1000..]);
-    rbuf.extend_from_slice(&copy_done());
-    match seq.next_client(&mut rbuf, 1 << 30, false).unwrap() {
-        ClientStep::Frame(f) => assert_eq!(f[0], b'c'),
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(seq.to_server().len(), big.len());
-    assert!(!seq.streaming_from_client());
-}
-
-#[test]
-fn after_opaque_code_a_new_request_waits_for_the_server() {
-    let mut seq = Sequencer::default();
-    let mut binds = Driver::default();
-    client(&mut seq, &q("SELECT opaque()"), &mut binds);
-    let mut rbuf = BytesMut::from(&q("SELECT 2")[..]);
-    assert!(matches!(
-        seq.next_client(&mut rbuf, 1 << 30, true).unwrap(),
-        ClientStep::Idle
-    ));
-    assert!(seq.deferred(), "the next request waits");
-    server(&mut seq, &cc("SELECT 1"));
-    server(&mut seq, &z(b'I'));
-    seq.resume();
-    assert!(matches!(
-        seq.next_client(&mut rbuf, 1 << 30, true).unwrap(),
-        ClientStep::Frame(_)
-    ));
 }

@@ -46,6 +46,25 @@ async fn answered(c: &mut RawClient) -> (Vec<u8>, Option<String>, u8) {
         .expect("answered in time")
 }
 
+/// A gateway with one server connection, and a client that sent
+/// `messages` in one write.
+async fn sending(messages: &[Vec<u8>]) -> (TestGateway, RawClient) {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    c.send_raw(&messages.concat()).await;
+    (gw, c)
+}
+
+/// The next answer, up to its ReadyForQuery: these message tags, this
+/// SQLSTATE, this transaction status.
+async fn expect(c: &mut RawClient, tags: &[u8], code: Option<&str>, status: u8) {
+    let (got, got_code, got_status) = answered(c).await;
+    assert_eq!(
+        (&got[..], got_code.as_deref(), got_status),
+        (tags, code, status)
+    );
+}
+
 /// Another client gets the only server connection and a clean answer.
 async fn next_client_is_served(gw: &TestGateway) {
     let mut c = RawClient::login(gw.addr).await;
@@ -64,9 +83,7 @@ async fn next_client_is_served(gw: &TestGateway) {
 /// client never got its answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_pipelined_behind_a_copy_is_answered_before_the_connection_goes() {
-    let gw = one_connection().await;
-    let mut c = RawClient::login(gw.addr).await;
-    let burst = [
+    let (gw, mut c) = sending(&[
         message(b'Q', &cstr("COPY guard_t (id) FROM STDIN")),
         message(b'd', b"-91\n"),
         message(b'f', &cstr("the client gave up")),
@@ -74,17 +91,11 @@ async fn a_batch_pipelined_behind_a_copy_is_answered_before_the_connection_goes(
         message(b'S', b""),
         extended("SELECT pg_sleep(0.5)"),
         message(b'S', b""),
-    ]
-    .concat();
-    c.send_raw(&burst).await;
-    let (tags, code, status) = answered(&mut c).await;
-    assert_eq!(
-        (&tags[..], code.as_deref(), status),
-        (&b"GEZ"[..], Some("57014"), b'I')
-    );
+    ])
+    .await;
+    expect(&mut c, b"GEZ", Some("57014"), b'I').await;
     for _ in 0..2 {
-        let (tags, code, status) = answered(&mut c).await;
-        assert_eq!((&tags[..], code, status), (&b"12DCZ"[..], None, b'I'));
+        expect(&mut c, b"12DCZ", None, b'I').await;
     }
     next_client_is_served(&gw).await;
     c.send(b'Q', &cstr("SELECT 1")).await;
@@ -110,11 +121,7 @@ async fn a_query_inside_a_failed_batch_is_skipped_as_the_server_skips_it() {
     ]
     .concat();
     c.send_raw(&burst).await;
-    let (tags, code, status) = answered(&mut c).await;
-    assert_eq!(
-        (&tags[..], code.as_deref(), status),
-        (&b"EZ"[..], Some("42601"), b'I')
-    );
+    expect(&mut c, b"EZ", Some("42601"), b'I').await;
     next_client_is_served(&gw).await;
 }
 
@@ -137,8 +144,7 @@ async fn messages_after_a_batch_error_are_skipped_until_sync() {
     c.send(b'Q', &cstr("SELECT 'skipped'")).await;
     c.send_raw(&extended("SELECT 'skipped too'")).await;
     c.send(b'S', b"").await;
-    let (tags, code, status) = answered(&mut c).await;
-    assert_eq!((&tags[..], code, status), (&b"Z"[..], None, b'I'));
+    expect(&mut c, b"Z", None, b'I').await;
     next_client_is_served(&gw).await;
     c.send(b'Q', &cstr("SELECT 'still usable'")).await;
     let value = c.first_value_until_ready().await;
@@ -162,8 +168,7 @@ async fn an_extended_copy_with_its_data_and_a_query_in_one_write_completes() {
     ]
     .concat();
     c.send_raw(&burst).await;
-    let (tags, code, status) = answered(&mut c).await;
-    assert_eq!((&tags[..], code, status), (&b"12GCTDCZ"[..], None, b'T'));
+    expect(&mut c, b"12GCTDCZ", None, b'T').await;
     c.send(b'Q', &cstr("ROLLBACK")).await;
     answered(&mut c).await;
     next_client_is_served(&gw).await;
@@ -175,24 +180,17 @@ async fn an_extended_copy_with_its_data_and_a_query_in_one_write_completes() {
 /// both sides waited for ever with the only connection.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sync_pipelined_before_copy_data_does_not_stall_the_copy() {
-    let gw = one_connection().await;
-    let mut c = RawClient::login(gw.addr).await;
-    let burst = [
+    let (gw, mut c) = sending(&[
         message(b'Q', &cstr("COPY guard_t (id) FROM STDIN")),
         message(b'S', b""),
         message(b'd', b"-93\n"),
         message(b'f', &cstr("no rows today")),
         message(b'S', b""),
-    ]
-    .concat();
-    c.send_raw(&burst).await;
+    ])
+    .await;
     // As PostgreSQL: the Sync read during the copy is ignored, the last
     // one is answered.
-    let (tags, code, status) = answered(&mut c).await;
-    assert_eq!(
-        (&tags[..], code.as_deref(), status),
-        (&b"GEZ"[..], Some("57014"), b'I')
-    );
+    expect(&mut c, b"GEZ", Some("57014"), b'I').await;
     let (tags, code, _) = answered(&mut c).await;
     assert_eq!((&tags[..], code), (&b"Z"[..], None));
     next_client_is_served(&gw).await;
@@ -206,21 +204,14 @@ async fn a_sync_pipelined_before_copy_data_does_not_stall_the_copy() {
 /// `Sync` sent during copy-in goes nowhere (README: "COPY").
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sync_during_a_failing_copy_never_desynchronises_the_connection() {
-    let gw = one_connection().await;
-    let mut c = RawClient::login(gw.addr).await;
-    let burst = [
+    let (gw, mut c) = sending(&[
         message(b'Q', &cstr("COPY guard_t (id) FROM STDIN")),
         message(b'd', b"notanint\n"),
         message(b'S', b""),
         message(b'Q', &cstr("SELECT pg_sleep(0.3), 'after the copy'")),
-    ]
-    .concat();
-    c.send_raw(&burst).await;
-    let (tags, code, status) = answered(&mut c).await;
-    assert_eq!(
-        (&tags[..], code.as_deref(), status),
-        (&b"GEZ"[..], Some("22P02"), b'I')
-    );
+    ])
+    .await;
+    expect(&mut c, b"GEZ", Some("22P02"), b'I').await;
     let (tags, code, _) = answered(&mut c).await;
     assert_eq!(
         (&tags[..], code),
@@ -249,8 +240,7 @@ async fn after_an_extended_copy_fails_the_next_query_is_answered() {
         (b'E', "22P02".to_string())
     );
     c.send(b'S', b"").await;
-    let (tags, code, status) = answered(&mut c).await;
-    assert_eq!((&tags[..], code, status), (&b"Z"[..], None, b'I'));
+    expect(&mut c, b"Z", None, b'I').await;
     c.send(b'Q', &cstr("SELECT 'after'")).await;
     let value = tokio::time::timeout(Duration::from_secs(10), c.first_value_until_ready())
         .await

@@ -20,13 +20,10 @@ impl Sequencer {
     ) -> Result<ClientStep, ProtocolError> {
         loop {
             if self.client_passthrough > 0 {
-                let n = self.client_passthrough.min(rbuf.len());
-                if n == 0 {
-                    return Ok(ClientStep::Idle);
+                match stream(&mut self.client_passthrough, rbuf, &mut self.to_server) {
+                    true => continue,
+                    false => return Ok(ClientStep::Idle),
                 }
-                self.to_server.extend_from_slice(&rbuf.split_to(n));
-                self.client_passthrough -= n;
-                continue;
             }
             let Some(header) = FrameHeader::peek(rbuf, max)? else {
                 return Ok(ClientStep::Idle);

@@ -353,5 +353,17 @@ impl Sequencer {
 mod model_tests;
 #[cfg(test)]
 mod paths_tests;
+/// Moves what `rbuf` holds of a frame being streamed through (`remaining`
+/// bytes of it) to `out`. False when `rbuf` held none of it.
+fn stream(remaining: &mut usize, rbuf: &mut BytesMut, out: &mut BytesMut) -> bool {
+    let n = (*remaining).min(rbuf.len());
+    if n == 0 {
+        return false;
+    }
+    out.extend_from_slice(&rbuf.split_to(n));
+    *remaining -= n;
+    true
+}
+
 #[cfg(test)]
 mod tests;

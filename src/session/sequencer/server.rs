@@ -14,13 +14,10 @@ impl Sequencer {
     pub fn next_server(&mut self, rbuf: &mut BytesMut) -> Result<ServerStep, ProtocolError> {
         loop {
             if self.server_passthrough > 0 {
-                let n = self.server_passthrough.min(rbuf.len());
-                if n == 0 {
-                    return Ok(ServerStep::Idle);
+                match stream(&mut self.server_passthrough, rbuf, &mut self.to_client) {
+                    true => continue,
+                    false => return Ok(ServerStep::Idle),
                 }
-                self.to_client.extend_from_slice(&rbuf.split_to(n));
-                self.server_passthrough -= n;
-                continue;
             }
             let Some(header) = FrameHeader::peek(rbuf, MAX_SERVER_FRAME)? else {
                 return Ok(ServerStep::Idle);

@@ -50,32 +50,6 @@ use crate::protocol::sqlstate;
 use crate::session::commits::Commits;
 use recording::Ahead;
 
-/// A client's statements or portals by name. Names are short and each map
-/// belongs to one session (a client can only slow down itself), so FNV-1a
-/// replaces SipHash, which cost more than the lookup (callgrind).
-type NameMap<V> = std::collections::HashMap<Bytes, V, std::hash::BuildHasherDefault<Fnv1a>>;
-
-/// FNV-1a, 64 bits.
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
 /// Why the query phase ended.
 #[derive(Debug)]
 pub enum End {
@@ -130,11 +104,6 @@ pub struct QueryLoop<'a> {
     cancel_sent: bool,
     /// (transactions, statements) not yet added to the shared metrics.
     counts: (u64, u64),
-    /// The client's prepared statements by client name ("" = unnamed).
-    statements: NameMap<prepared::Statement>,
-    portals: NameMap<Portal>,
-    /// Portals whose statement may start a COPY from the client.
-    copy_portals: NameMap<()>,
     /// The first `Execute` of a batch, audited before the batch took a
     /// server connection ([`QueryLoop::audit_ahead`]): taken by that
     /// `Execute`, or settled at `Sync` (or session end) if it never ran.
@@ -227,9 +196,6 @@ impl<'a> QueryLoop<'a> {
             counts: (0, 0),
             settings: Arc::new(ident.settings.clone()),
             retag_application_name: false,
-            statements: Default::default(),
-            portals: Default::default(),
-            copy_portals: Default::default(),
             pre_audited: None,
             resolved: Vec::new(),
             marks: Vec::new(),

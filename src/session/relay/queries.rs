@@ -15,7 +15,7 @@ impl QueryLoop<'_> {
         let sql = messages::parse_query(&frame[5..]).map_err(End::from)?;
         // A simple query drops the unnamed statement, on the server as
         // for the client (PostgreSQL defines it so).
-        self.statements.remove(&b""[..]);
+        self.seq.names.statements.remove(&b""[..]);
         self.seq.unnamed_lost();
         if let Err(v) = self.check_guard(sql, false) {
             let error = self.blocked(sql, &v.to_string()).await;
@@ -76,7 +76,7 @@ impl QueryLoop<'_> {
     pub(super) async fn deallocate(&mut self, what: prepared::Deallocate) -> bool {
         let tag = match what {
             prepared::Deallocate::All => {
-                self.statements.retain(|name, _| name.is_empty());
+                self.seq.names.statements.retain(|name, _| name.is_empty());
                 if self.server.is_some() {
                     return false;
                 }
@@ -84,13 +84,15 @@ impl QueryLoop<'_> {
             }
             prepared::Deallocate::Name(name) => {
                 if self
+                    .seq
+                    .names
                     .statements
                     .get(&name[..])
                     .is_none_or(|s| s.shared.is_none())
                 {
                     return false;
                 }
-                self.statements.remove(&name[..]);
+                self.seq.names.statements.remove(&name[..]);
                 "DEALLOCATE"
             }
         };
@@ -146,7 +148,7 @@ impl QueryLoop<'_> {
                 self.seq.unnamed_parsed();
             }
             self.note_parsed(statement.nature);
-            let previous = self.statements.insert(name.clone(), statement);
+            let previous = self.seq.names.statements.insert(name.clone(), statement);
             self.seq.forward(&frame);
             self.seq.expect().parse(false, None);
             self.seq
@@ -158,7 +160,7 @@ impl QueryLoop<'_> {
         let key = statements::key(&rest);
         let statement = prepared::Statement::new(sql, Some((key, rest.clone())), setting_params);
         self.note_parsed(statement.nature);
-        let previous = self.statements.insert(name.clone(), statement);
+        let previous = self.seq.names.statements.insert(name.clone(), statement);
         let server = self.server.as_mut().expect("bound above");
         if server.statements.touch(key) {
             self.seq.expect().synth_parse();
@@ -205,7 +207,7 @@ impl QueryLoop<'_> {
             self.unnamed_to_server();
             return None;
         }
-        let (key, rest) = self.statements.get(name)?.shared.clone()?;
+        let (key, rest) = self.seq.names.statements.get(name)?.shared.clone()?;
         let server = self.server.as_mut().expect("caller binds");
         if !server.statements.touch(key) {
             self.prepare_on_server(key, &rest, true);
@@ -222,6 +224,8 @@ impl QueryLoop<'_> {
             return;
         }
         let Some(body) = self
+            .seq
+            .names
             .statements
             .get(&b""[..])
             .and_then(|s| s.unnamed_parse.clone())
@@ -238,12 +242,14 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         let bind = messages::parse_bind(&frame[5..]).map_err(End::from)?;
-        if let Err(e) = self.check_statement_name(bind.statement) {
+        if let Err(e) = self.seq.names.check_statement_name(bind.statement) {
             return self.refuse(Flow::Extended, e).await;
         }
         // Binding plans the statement, which may evaluate functions; a name
         // the gateway does not map was prepared by SQL it cannot see into.
         let (nature, key) = self
+            .seq
+            .names
             .statements
             .get(bind.statement)
             .map_or((prepared::Nature::UNKNOWN, None), |s| {
@@ -269,8 +275,12 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, error).await;
         }
         match nature.copies_in {
-            true => self.copy_portals.insert(frame.slice_ref(bind.portal), ()),
-            false => self.copy_portals.remove(bind.portal),
+            true => self
+                .seq
+                .names
+                .copy_portals
+                .insert(frame.slice_ref(bind.portal), ()),
+            false => self.seq.names.copy_portals.remove(bind.portal),
         };
         self.batch_opaque |= opaque;
         self.batch_committed_opaque |= opaque && nature.commits.ends;
@@ -293,7 +303,11 @@ impl QueryLoop<'_> {
                 };
             }
             let name = frame.slice_ref(bind.portal);
-            let previous = self.portals.insert(name.clone(), Portal { sql, params });
+            let previous = self
+                .seq
+                .names
+                .portals
+                .insert(name.clone(), Portal { sql, params });
             portal_restore = Some(Box::new((name, previous)));
         }
         match self.server_statement(bind.statement) {
@@ -318,7 +332,7 @@ impl QueryLoop<'_> {
         &self,
         bind: &messages::BindView<'_>,
     ) -> Result<Vec<String>, crate::identity::Violation> {
-        let Some(statement) = self.statements.get(bind.statement) else {
+        let Some(statement) = self.seq.names.statements.get(bind.statement) else {
             return Ok(Vec::new());
         };
         let mut names = Vec::new();
@@ -343,6 +357,8 @@ impl QueryLoop<'_> {
         bound: Vec<String>,
     ) -> Result<(), Refusal> {
         let named = self
+            .seq
+            .names
             .statements
             .get(statement)
             .map(|s| s.session_sets.clone())
@@ -357,7 +373,7 @@ impl QueryLoop<'_> {
         }
         let (kind, name) = messages::parse_close_or_describe(&frame[5..]).map_err(End::from)?;
         if kind == b'S' {
-            if let Err(e) = self.check_statement_name(name) {
+            if let Err(e) = self.seq.names.check_statement_name(name) {
                 return self.refuse(Flow::Extended, e).await;
             }
         }
@@ -375,56 +391,19 @@ impl QueryLoop<'_> {
         Ok(())
     }
 
-    /// A `Bind` or `Describe` of the unnamed statement when the client has
-    /// none (never parsed one, or its last `Parse` failed) is refused as
-    /// PostgreSQL refuses it; one it has is parsed again on this connection
-    /// first ([`Self::unnamed_to_server`]), never taken from whatever the
-    /// connection holds from another session.
-    pub(super) fn check_unnamed(&self, statement: &[u8]) -> Result<(), PgError> {
-        if statement.is_empty() && !self.statements.contains_key(&b""[..]) {
-            return Err(PgError::error(
-                sqlstate::INVALID_SQL_STATEMENT_NAME,
-                "unnamed prepared statement does not exist",
-            ));
-        }
-        Ok(())
-    }
-
-    /// A statement name a client's `Bind` or `Describe` may use: see
-    /// [`Self::check_unnamed`] and [`Self::check_reserved`].
-    fn check_statement_name(&self, name: &[u8]) -> Result<(), PgError> {
-        self.check_unnamed(name)?;
-        self.check_reserved(name)
-    }
-
-    /// The gateway's server-side statement names (`pgwarden_...`) belong
-    /// to it: a client that names one it did not prepare itself (its own
-    /// names are mapped) is told it does not exist, so it can neither run
-    /// nor describe another client's statement.
-    pub(super) fn check_reserved(&self, name: &[u8]) -> Result<(), PgError> {
-        if name.starts_with(b"pgwarden_") && !self.statements.contains_key(name) {
-            return Err(PgError::error(
-                sqlstate::INVALID_SQL_STATEMENT_NAME,
-                format!(
-                    "prepared statement \"{}\" does not exist",
-                    String::from_utf8_lossy(name)
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     pub(super) async fn on_close(&mut self, frame: Bytes) -> Result<(), End> {
         let (kind, name) = messages::parse_close_or_describe(&frame[5..]).map_err(End::from)?;
         let shared = self
+            .seq
+            .names
             .statements
             .get(name)
             .is_some_and(|s| s.shared.is_some());
         // Closing a name the client does not have is no error; one of the
         // gateway's own names never reaches the server from a client.
-        if kind == b'S' && (shared || self.check_reserved(name).is_err()) {
+        if kind == b'S' && (shared || self.seq.names.check_reserved(name).is_err()) {
             // The client's name goes; the shared statement stays on the server.
-            self.statements.remove(name);
+            self.seq.names.statements.remove(name);
             self.seq.expect().synth_close();
             return Ok(());
         }
@@ -432,7 +411,7 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         if kind == b'S' {
-            self.statements.remove(name);
+            self.seq.names.statements.remove(name);
         }
         self.seq.forward_extended(&frame);
         self.seq.expect().close(false);
@@ -462,7 +441,7 @@ impl QueryLoop<'_> {
         self.seq.forward_extended(&frame);
         self.seq.expect().execute(pending);
         let portal = messages::parse_execute(&frame[5..]).map_err(End::from)?;
-        if self.copy_portals.contains_key(portal) {
+        if self.seq.names.copy_portals.contains_key(portal) {
             self.seq.may_copy_in();
         }
         Ok(())

@@ -35,7 +35,7 @@ impl QueryLoop<'_> {
                 sql: sql.slice_ref(text),
                 params: None,
             };
-            self.portals.insert(Bytes::from(name), portal);
+            self.seq.names.portals.insert(Bytes::from(name), portal);
         }
     }
 
@@ -154,7 +154,9 @@ impl QueryLoop<'_> {
     /// The text of the client's statement `name`, as its portals record it
     /// (empty when the name is unknown: the server reports that itself).
     pub(super) fn statement_sql(&self, name: &[u8]) -> Bytes {
-        self.statements
+        self.seq
+            .names
+            .statements
             .get(name)
             .map(|s| s.sql.clone())
             .unwrap_or_default()
@@ -195,7 +197,7 @@ impl QueryLoop<'_> {
 
     /// What the `query` record of an `Execute` of portal `name` shows.
     pub(super) fn portal_audited(&self, name: &[u8]) -> Audited {
-        match self.portals.get(name) {
+        match self.seq.names.portals.get(name) {
             Some(p) => (p.sql.clone(), p.params.clone()),
             // A portal opened by code the gateway cannot see (a cursor a
             // function returned): say which.
@@ -261,7 +263,7 @@ impl QueryLoop<'_> {
         let unnamed_known = |parsed: &[(&[u8], &[u8])], name: &[u8]| {
             !name.is_empty()
                 || parsed.iter().any(|(n, _)| n.is_empty())
-                || self.check_unnamed(name).is_ok()
+                || self.seq.names.check_unnamed(name).is_ok()
         };
         let mut at = 0;
         loop {

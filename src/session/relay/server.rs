@@ -99,23 +99,9 @@ impl QueryLoop<'_> {
         }
     }
 
-    /// What the server's answer did to the client's statements and portals
-    /// and to the connection's statement cache.
+    /// What the server's answer did to the connection's statement cache
+    /// (the client's own names the sequencer put back).
     fn apply_cache_effects(&mut self, cache: CacheEffects) {
-        for restore in cache.portals {
-            let (name, previous) = *restore;
-            match previous {
-                Some(portal) => self.portals.insert(name, portal),
-                None => self.portals.remove(&name),
-            };
-        }
-        for restore in cache.restore {
-            let (name, previous) = *restore;
-            match previous {
-                Some(statement) => self.statements.insert(name, statement),
-                None => self.statements.remove(&name),
-            };
-        }
         if let Some(server) = self.server.as_mut() {
             for key in cache.not_prepared {
                 server.statements.remove(key);

@@ -25,7 +25,10 @@
 //!   server skips them.
 
 mod client;
+mod names;
 mod server;
+
+pub use names::Names;
 
 use bytes::{Bytes, BytesMut};
 
@@ -123,6 +126,8 @@ pub struct Sequencer {
     unnamed_here: bool,
     to_server: BytesMut,
     to_client: BytesMut,
+    /// The client's statements and portals by its names.
+    pub names: Names,
     /// Bytes written for a server while none was bound: never sent. Only a
     /// bug writes here; the relay then ends the session
     /// ([`Sequencer::misrouted`]).
@@ -148,6 +153,7 @@ impl Default for Sequencer {
             unnamed_here: false,
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
+            names: Names::default(),
             void: BytesMut::new(),
         }
     }

@@ -82,6 +82,7 @@ impl Sequencer {
             self.copy_in = false;
         }
         let route = self.tracker.on_server(tag, &frame[5..], resolved, cache);
+        self.names.restore(cache);
         if self.tracker.is_empty() {
             self.copy_maybe = false;
         }

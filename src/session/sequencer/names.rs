@@ -1,0 +1,169 @@
+//! The client's prepared statements and portals by the client's names:
+//! what it parsed and bound, put back as it was when the server refuses or
+//! skips the message, and the names it may use.
+
+use bytes::Bytes;
+
+use crate::protocol::messages::PgError;
+use crate::protocol::sqlstate;
+use crate::session::outcome::{CacheEffects, Portal};
+use crate::session::prepared::Statement;
+
+/// A client's statements or portals by name. Names are short and each map
+/// belongs to one session (a client can only slow down itself), so FNV-1a
+/// replaces SipHash, which cost more than the lookup (callgrind).
+pub type NameMap<V> = std::collections::HashMap<Bytes, V, std::hash::BuildHasherDefault<Fnv1a>>;
+
+/// FNV-1a, 64 bits.
+pub struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The client's names.
+#[derive(Default)]
+pub struct Names {
+    /// Prepared statements ("" = unnamed).
+    pub statements: NameMap<Statement>,
+    /// Portals, when auditing (their text and parameters for the record).
+    pub portals: NameMap<Portal>,
+    /// Portals whose statement may start a COPY from the client.
+    pub copy_portals: NameMap<()>,
+}
+
+impl std::fmt::Debug for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Names")
+            .field("statements", &self.statements.len())
+            .field("portals", &self.portals.len())
+            .finish()
+    }
+}
+
+impl Names {
+    /// Puts back the entries whose `Parse` or `Bind` the server refused or
+    /// skipped (newest first, so the oldest ends up in place).
+    pub fn restore(&mut self, cache: &mut CacheEffects) {
+        for restore in cache.portals.drain(..) {
+            let (name, previous) = *restore;
+            match previous {
+                Some(portal) => self.portals.insert(name, portal),
+                None => self.portals.remove(&name),
+            };
+        }
+        for restore in cache.restore.drain(..) {
+            let (name, previous) = *restore;
+            match previous {
+                Some(statement) => self.statements.insert(name, statement),
+                None => self.statements.remove(&name),
+            };
+        }
+    }
+
+    /// A `Bind` or `Describe` of the unnamed statement when the client has
+    /// none (never parsed one, or its last `Parse` failed) is refused as
+    /// PostgreSQL refuses it; one it has is parsed again on the connection
+    /// first, never taken from whatever the connection holds from another
+    /// session.
+    pub fn check_unnamed(&self, statement: &[u8]) -> Result<(), PgError> {
+        if statement.is_empty() && !self.statements.contains_key(&b""[..]) {
+            return Err(PgError::error(
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
+                "unnamed prepared statement does not exist",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The gateway's server-side statement names (`pgwarden_...`) belong
+    /// to it: a client that names one it did not prepare itself (its own
+    /// names are mapped) is told it does not exist, so it can neither run
+    /// nor describe another client's statement.
+    pub fn check_reserved(&self, name: &[u8]) -> Result<(), PgError> {
+        if name.starts_with(b"pgwarden_") && !self.statements.contains_key(name) {
+            return Err(PgError::error(
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
+                format!(
+                    "prepared statement \"{}\" does not exist",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A statement name a client's `Bind` or `Describe` may use.
+    pub fn check_statement_name(&self, name: &[u8]) -> Result<(), PgError> {
+        self.check_unnamed(name)?;
+        self.check_reserved(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_client_did_not_prepare_are_refused_as_postgresql_does() {
+        let mut names = Names::default();
+        assert_eq!(
+            names.check_statement_name(b"").unwrap_err().code.code(),
+            "26000"
+        );
+        assert_eq!(
+            names
+                .check_reserved(b"pgwarden_1f")
+                .unwrap_err()
+                .code
+                .code(),
+            "26000"
+        );
+        assert!(
+            names.check_statement_name(b"mine").is_ok(),
+            "the server answers for it"
+        );
+        let statement = Statement::new(Bytes::from_static(b"SELECT 1"), None, Vec::new());
+        names.statements.insert(Bytes::from_static(b""), statement);
+        assert!(names.check_unnamed(b"").is_ok());
+    }
+
+    #[test]
+    fn a_refused_parse_or_bind_puts_the_old_entry_back() {
+        let mut names = Names::default();
+        let old = Statement::new(Bytes::from_static(b"SELECT 1"), None, Vec::new());
+        let new = Statement::new(Bytes::from_static(b"SELECT 2"), None, Vec::new());
+        names.statements.insert(Bytes::from_static(b"s"), new);
+        names.portals.insert(
+            Bytes::from_static(b"p"),
+            Portal {
+                sql: Bytes::from_static(b"SELECT 2"),
+                params: None,
+            },
+        );
+        let mut cache = CacheEffects::default();
+        cache
+            .restore
+            .push(Box::new((Bytes::from_static(b"s"), Some(old))));
+        cache
+            .portals
+            .push(Box::new((Bytes::from_static(b"p"), None)));
+        names.restore(&mut cache);
+        assert_eq!(&names.statements[&b"s"[..]].sql[..], b"SELECT 1");
+        assert!(!names.portals.contains_key(&b"p"[..]));
+    }
+}

@@ -1,7 +1,7 @@
 //! Client to server: framing the client's bytes, what each message does to
 //! the protocol state, refusals.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 
 use super::*;
 use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
@@ -25,6 +25,15 @@ impl Sequencer {
                     false => return Ok(ClientStep::Idle),
                 }
             }
+            if self.client_discard > 0 {
+                let n = self.client_discard.min(rbuf.len());
+                if n == 0 {
+                    return Ok(ClientStep::Idle);
+                }
+                rbuf.advance(n);
+                self.client_discard -= n;
+                continue;
+            }
             let Some(header) = FrameHeader::peek(rbuf, max)? else {
                 return Ok(ClientStep::Idle);
             };
@@ -38,14 +47,18 @@ impl Sequencer {
                 }
                 return Ok(ClientStep::Idle);
             }
-            if header.tag == b'd'
-                && self.bound
-                && header.total > STREAM_THRESHOLD
-                && rbuf.len() < header.total
-            {
+            if header.tag == b'd' && header.total > STREAM_THRESHOLD && rbuf.len() < header.total {
                 let n = rbuf.len();
-                self.to_server.extend_from_slice(&rbuf.split_to(n));
-                self.client_passthrough = header.total - n;
+                let data = rbuf.split_to(n);
+                match self.copy_in && self.bound {
+                    true => {
+                        self.to_server.extend_from_slice(&data);
+                        self.client_passthrough = header.total - n;
+                    }
+                    // Outside a copy the server would ignore it: it goes
+                    // nowhere, holding no connection while it arrives.
+                    false => self.client_discard = header.total - n,
+                }
                 continue;
             }
             return Ok(match split_frame(rbuf, max)? {
@@ -160,16 +173,21 @@ impl Sequencer {
     /// goes nowhere: the server ignores it while it copies, but answers it
     /// once the copy failed, which the gateway cannot know when it sends
     /// it (its answer would then be taken for another request's).
+    /// Copy messages outside a copy go nowhere either: the server ignores
+    /// them, and a request that may start a copy holds them back until the
+    /// server says whether it did ([`Sequencer::copy_maybe`]).
     pub fn pass(&mut self, frame: &[u8]) {
-        if !self.bound || (self.copy_in && frame[0] == b'S') {
+        let tag = frame[0];
+        let ignored = match tag {
+            b'S' => self.copy_in,
+            b'd' | b'c' | b'f' => !self.copy_in,
+            _ => false,
+        };
+        if !self.bound || ignored {
             return;
         }
-        if matches!(frame[0], b'c' | b'f') {
-            match self.copy_in {
-                true => self.copy_in = false,
-                // Ahead of the server's answers: a COPY may start before it.
-                false => self.tracker.copy_end(),
-            }
+        if matches!(tag, b'c' | b'f') {
+            self.copy_in = false;
         }
         self.forward(frame);
     }

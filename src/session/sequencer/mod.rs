@@ -112,6 +112,8 @@ pub struct Sequencer {
     copy_maybe: bool,
     /// Bytes of a large client frame still to pass through unbuffered.
     client_passthrough: usize,
+    /// Bytes of a large `CopyData` sent outside any copy still to drop.
+    client_discard: usize,
     /// Bytes of a large server frame still to pass through unbuffered.
     server_passthrough: usize,
     /// A server connection carrying the client's identity is bound.
@@ -147,6 +149,7 @@ impl Default for Sequencer {
             deferred: false,
             copy_maybe: false,
             client_passthrough: 0,
+            client_discard: 0,
             server_passthrough: 0,
             bound: false,
             pinned: false,

@@ -220,3 +220,36 @@ fn a_cancelled_statement_ends_its_batch_and_the_connection_goes_at_ready() {
         ],
     );
 }
+
+/// Copy messages outside a copy go nowhere (PostgreSQL ignores them), a
+/// large one too, as it arrives: a client cannot hold its connection by
+/// starting one and never finishing it (red-team finding).
+#[test]
+fn copy_data_outside_a_copy_goes_nowhere_and_holds_nothing() {
+    let mut seq = Sequencer::default();
+    let mut driver = Driver::default();
+    client(&mut seq, &q("SELECT 1"), &mut driver);
+    server(&mut seq, &cc("SELECT 1"));
+    server(&mut seq, &z(b'I'));
+    take_server(&mut seq);
+    for stray in [copy_data(10), copy_done(), copy_fail()] {
+        client(&mut seq, &stray, &mut driver);
+    }
+    assert_eq!(take_server(&mut seq), "", "nothing forwarded");
+    let big = copy_data(STREAM_THRESHOLD + 10);
+    let mut rbuf = BytesMut::from(&big[..1000]);
+    assert!(matches!(
+        seq.next_client(&mut rbuf, 1 << 30, false).unwrap(),
+        ClientStep::Idle
+    ));
+    assert!(
+        seq.to_server().is_empty() && seq.releasable(),
+        "dropped, not held"
+    );
+    rbuf.extend_from_slice(&big[1000..]);
+    rbuf.extend_from_slice(&q("SELECT 2"));
+    match seq.next_client(&mut rbuf, 1 << 30, false).unwrap() {
+        ClientStep::Frame(f) => assert_eq!(f[0], b'Q', "the next message, intact"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -64,13 +64,11 @@ impl Sequencer {
                 self.copy_in = false;
             }
             b'G' => {
-                // The client may have ended the copy already (its
-                // `CopyDone` or `CopyFail` went out before this answer).
-                self.copy_in = !self.tracker.copy_already_ended();
+                self.copy_in = true;
                 // A COPY started by `Execute` ends at the first `Sync` the
                 // client sends after the copy (any `Sync` before is ignored
                 // by the server): until then nothing may be released.
-                if self.tracker.front_is_execute() && !self.tracker.synced_after_copy_end() {
+                if self.tracker.front_is_execute() {
                     self.unsynced = true;
                 }
             }

@@ -83,13 +83,6 @@ enum Expect {
     /// A simple query the gateway sent on its own behalf: everything up to
     /// and including its `ReadyForQuery` is the gateway's, not the client's.
     Injected,
-    /// The client sent `CopyDone` or `CopyFail` before the server said a
-    /// COPY started: no answer of its own, but it marks where a COPY ahead
-    /// of it ends, so that only the `Sync`s before it are the ones the
-    /// server ignores during the copy ([`Tracker::on_copy_in`]). Dropped
-    /// when it reaches the front (no COPY was started before it: the server
-    /// ignores it too).
-    CopyEnd,
 }
 
 impl Expect {
@@ -202,40 +195,6 @@ impl Tracker {
         self.queue.push_back(Expect::Injected);
     }
 
-    /// The client ended a COPY the server has not started yet (as far as
-    /// the answers read so far say): see [`Expect::CopyEnd`].
-    pub fn copy_end(&mut self) {
-        self.queue.push_back(Expect::CopyEnd);
-        self.settle_front();
-    }
-
-    /// Whether the client already ended the COPY the server is starting
-    /// (a `CopyEnd` is queued behind the request in front).
-    pub fn copy_already_ended(&self) -> bool {
-        self.queue
-            .iter()
-            .skip(1)
-            .any(|e| matches!(e, Expect::CopyEnd))
-    }
-
-    /// Whether the client already ended the COPY the server is starting and
-    /// then sent a `Sync` (which ends an extended COPY's batch).
-    pub fn synced_after_copy_end(&self) -> bool {
-        self.queue
-            .iter()
-            .skip(1)
-            .skip_while(|e| !matches!(e, Expect::CopyEnd))
-            .any(|e| matches!(e, Expect::Sync))
-    }
-
-    /// Drops `CopyEnd` marks that reached the front: what they marked the
-    /// end of never started.
-    fn settle_front(&mut self) {
-        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
-            self.queue.pop_front();
-        }
-    }
-
     /// Writes the answers of gateway-made entries now at the front.
     pub fn emit_synthetic(&mut self, tx_status: u8, out: &mut BytesMut) {
         while self.queue.front().is_some_and(Expect::is_synthetic) {
@@ -256,18 +215,6 @@ impl Tracker {
 
     /// Routes one server message (`tag`, `body`), resolving what it ends.
     pub fn on_server(
-        &mut self,
-        tag: u8,
-        body: &[u8],
-        resolved: &mut Vec<Resolved>,
-        cache: &mut CacheEffects,
-    ) -> Route {
-        let route = self.route(tag, body, resolved, cache);
-        self.settle_front();
-        route
-    }
-
-    fn route(
         &mut self,
         tag: u8,
         body: &[u8],
@@ -364,21 +311,16 @@ impl Tracker {
     }
 
     /// `CopyInResponse`: PostgreSQL ignores `Sync` during copy-in, so a
-    /// `Sync` the client pipelined behind the COPY (libpq and tokio-postgres
-    /// do) will never be answered. Drop such entries, up to where the
-    /// client ended the copy if it already did (a `Sync` after that is
-    /// answered: the server reads it once the copy is over); otherwise the
-    /// relay stops queueing Syncs until the client ends the copy.
+    /// `Sync` queued behind the COPY would never be answered. The
+    /// sequencer holds everything a client sends after a request that may
+    /// start a COPY until the server says, so there is none; should one be
+    /// there, it goes.
     fn on_copy_in(&mut self) {
         let mut i = 1;
         while i < self.queue.len() {
             match self.queue[i] {
                 Expect::Sync => {
                     self.queue.remove(i);
-                }
-                Expect::CopyEnd => {
-                    self.queue.remove(i);
-                    return;
                 }
                 _ => i += 1,
             }

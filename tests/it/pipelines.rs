@@ -248,3 +248,30 @@ async fn after_an_extended_copy_fails_the_next_query_is_answered() {
     assert_eq!(value.as_deref(), Some("after"));
     next_client_is_served(&gw).await;
 }
+
+/// A query sent in the middle of a copy into the server (red-team
+/// finding): the copy fails, and the query runs after it, answered as its
+/// own; the copy's own messages after it go nowhere.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_during_copy_in_fails_the_copy_and_runs_after_it() {
+    let (gw, mut c) = sending(&[message(b'Q', &cstr("COPY guard_t (id) FROM STDIN"))]).await;
+    assert_eq!(c.read_message().await.0, b'G');
+    c.send_raw(
+        &[
+            message(b'Q', &cstr("SELECT 'stdin'")),
+            message(b'd', b"-94\n"),
+            message(b'c', b""),
+            message(b'Q', &cstr("SELECT 'next'")),
+        ]
+        .concat(),
+    )
+    .await;
+    expect(&mut c, b"EZ", Some("57014"), b'I').await;
+    for want in ["stdin", "next"] {
+        let value = tokio::time::timeout(Duration::from_secs(10), c.first_value_until_ready())
+            .await
+            .expect("answered");
+        assert_eq!(value.as_deref(), Some(want));
+    }
+    next_client_is_served(&gw).await;
+}

@@ -39,6 +39,18 @@ impl Sequencer {
             };
             if self.must_wait(header.tag, opaque) {
                 self.deferred = true;
+                if self.copy_in {
+                    // A request in the middle of a copy into the server:
+                    // PostgreSQL would fail the copy and lose the message
+                    // (or, had the copy failed already, run it). The
+                    // gateway fails the copy and runs the request once the
+                    // server has answered (forwarded now, it could run
+                    // unaudited or never be answered).
+                    self.fail_copy(&format!(
+                        "unexpected message type 0x{:02X} during COPY from stdin",
+                        header.tag
+                    ));
+                }
                 // PostgreSQL sends the answers to extended messages only at
                 // `Sync` or `Flush`: without one, those the gateway waits
                 // for would never come.
@@ -76,6 +88,9 @@ impl Sequencer {
     /// request may start a new transaction, which must not run before the
     /// identity is asserted afresh.
     fn must_wait(&self, tag: u8, opaque: bool) -> bool {
+        if self.copy_in && self.bound && !matches!(tag, b'd' | b'c' | b'f' | b'H' | b'S') {
+            return true;
+        }
         if self.copy_maybe && !self.copy_in && self.bound && !self.tracker.is_empty() {
             return true;
         }

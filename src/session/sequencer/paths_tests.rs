@@ -253,3 +253,41 @@ fn copy_data_outside_a_copy_goes_nowhere_and_holds_nothing() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A request sent in the middle of a copy into the server (red-team
+/// finding): the gateway fails the copy, holds the request until the
+/// server has answered, then runs it as any other; nothing waits for an
+/// answer that never comes, and nothing runs unaudited.
+#[test]
+fn a_request_during_copy_in_fails_the_copy_and_runs_after_it() {
+    let mut seq = Sequencer::default();
+    let mut driver = Driver::default();
+    client(&mut seq, &q("COPY t FROM STDIN"), &mut driver);
+    server(&mut seq, &frame(b'G', &[0, 0, 0]));
+    take_server(&mut seq);
+    let mut rbuf = BytesMut::from(&[q("SELECT 2"), copy_done()].concat()[..]);
+    assert!(matches!(
+        seq.next_client(&mut rbuf, 1 << 30, false).unwrap(),
+        ClientStep::Idle
+    ));
+    assert_eq!(take_server(&mut seq), "f", "a CopyFail, not the query");
+    assert!(seq.deferred() && !seq.copy_in());
+    server(&mut seq, &err("57014"));
+    server(&mut seq, &z(b'I'));
+    assert!(seq.may_resume());
+    seq.resume();
+    match seq.next_client(&mut rbuf, 1 << 30, false).unwrap() {
+        ClientStep::Frame(f) => client(&mut seq, &f, &mut driver),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(take_server(&mut seq), "Q", "the query runs after the copy");
+    match seq.next_client(&mut rbuf, 1 << 30, false).unwrap() {
+        ClientStep::Frame(f) => client(&mut seq, &f, &mut driver),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        take_server(&mut seq),
+        "",
+        "its CopyDone is outside the copy"
+    );
+}

@@ -27,6 +27,7 @@ pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
 pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
 pub const QUERY_CANCELED: SqlState = SqlState("57014");
 pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
+pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
 pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
 pub const IO_ERROR: SqlState = SqlState("58030");

@@ -66,6 +66,8 @@ pub type Restore = Box<(bytes::Bytes, Option<crate::session::prepared::Statement
 pub struct Portal {
     pub sql: bytes::Bytes,
     pub params: Option<Vec<Option<String>>>,
+    /// Its statement may start a COPY from the client.
+    pub copies_in: bool,
 }
 
 /// A portal name and the gateway's entry for it before a `Bind` replaced

@@ -275,3 +275,109 @@ async fn a_query_during_copy_in_fails_the_copy_and_runs_after_it() {
     }
     next_client_is_served(&gw).await;
 }
+
+/// What a client sends, and the answer it expects: message tags, SQLSTATE,
+/// transaction status.
+type Step = (Vec<u8>, &'static [u8], Option<&'static str>, u8);
+
+/// Bind of `portal` to the named statement `statement`, no parameters.
+fn bind_named(portal: &str, statement: &str) -> Vec<u8> {
+    let mut body = cstr(portal);
+    body.extend(cstr(statement));
+    body.extend([0; 6]);
+    message(b'B', &body)
+}
+
+fn parse_named(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = cstr(name);
+    body.extend(cstr(sql));
+    body.extend([0, 0]);
+    message(b'P', &body)
+}
+
+/// A portal bound to a COPY, then "bound again" to a SELECT, which
+/// PostgreSQL refuses (42P03: the COPY portal stays); its Execute with the
+/// data in one write (red-team finding): the gateway had forgotten that
+/// the portal starts a COPY and deadlocked with the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_portal_kept_after_a_refused_bind_still_starts_its_copy() {
+    let (gw, mut c) = sending(&[
+        parse_named("cs", "COPY guard_t (id) FROM STDIN"),
+        parse_named("ss", "SELECT 'sel'"),
+        message(b'S', b""),
+    ])
+    .await;
+    expect(&mut c, b"11Z", None, b'I').await;
+    let steps: [Step; 5] = [
+        (message(b'Q', &cstr("BEGIN")), b"CZ", None, b'T'),
+        (
+            [bind_named("p", "cs"), message(b'S', b"")].concat(),
+            b"2Z",
+            None,
+            b'T',
+        ),
+        (message(b'Q', &cstr("SAVEPOINT a")), b"CZ", None, b'T'),
+        (
+            [bind_named("p", "ss"), message(b'S', b"")].concat(),
+            b"EZ",
+            Some("42P03"),
+            b'E',
+        ),
+        (message(b'Q', &cstr("ROLLBACK TO a")), b"CZ", None, b'T'),
+    ];
+    for (send, tags, code, status) in steps {
+        c.send_raw(&send).await;
+        expect(&mut c, tags, code, status).await;
+    }
+    let mut execute = cstr("p");
+    execute.extend([0, 0, 0, 0]);
+    c.send_raw(
+        &[
+            message(b'E', &execute),
+            message(b'S', b""),
+            message(b'd', b"-95\n"),
+            message(b'c', b""),
+            message(b'S', b""),
+        ]
+        .concat(),
+    )
+    .await;
+    // As PostgreSQL: the Sync read during the copy is ignored.
+    expect(&mut c, b"GCZ", None, b'T').await;
+    c.send(b'Q', &cstr("ROLLBACK")).await;
+    expect(&mut c, b"CZ", None, b'I').await;
+    next_client_is_served(&gw).await;
+}
+
+/// A second `Parse` of a statement name the client has (red-team
+/// finding): PostgreSQL refuses it (42P05) and skips the batch; the gateway
+/// used to replace the statement and run the batch.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_parse_of_a_name_is_refused_as_postgresql_refuses_it() {
+    let (gw, mut c) = sending(&[parse_named("dup", "SELECT 1"), message(b'S', b"")]).await;
+    expect(&mut c, b"1Z", None, b'I').await;
+    c.send_raw(
+        &[
+            parse_named("dup", "SELECT 2"),
+            bind_named("", "dup"),
+            message(b'E', &[0, 0, 0, 0, 0]),
+            message(b'S', b""),
+        ]
+        .concat(),
+    )
+    .await;
+    expect(&mut c, b"EZ", Some("42P05"), b'I').await;
+    // The first statement is still the client's.
+    c.send_raw(
+        &[
+            bind_named("", "dup"),
+            message(b'E', &[0, 0, 0, 0, 0]),
+            message(b'S', b""),
+        ]
+        .concat(),
+    )
+    .await;
+    let value = c.first_value_until_ready().await;
+    assert_eq!(value.as_deref(), Some("1"));
+    next_client_is_served(&gw).await;
+}

@@ -126,6 +126,18 @@ impl QueryLoop<'_> {
                 return self.refuse(Flow::Extended, e).await;
             }
         }
+        // In session pooling the client owns its connection: its named
+        // statements live there under its own names, as directly.
+        // A statement that takes set_config's setting name as a parameter
+        // gets one of the gateway's names even then, which SQL-level
+        // EXECUTE may not name (the guard refuses it): only a `Bind`,
+        // whose values are checked, runs it.
+        let own_name = self.mode == PoolMode::Session && setting_params.is_empty();
+        if !parse.name.is_empty() && !own_name {
+            if let Err(e) = self.seq.names.check_new_name(parse.name) {
+                return self.refuse(Flow::Extended, e).await;
+            }
+        }
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
@@ -134,13 +146,6 @@ impl QueryLoop<'_> {
         let sql = frame.slice_ref(parse.query);
         self.note_cursors(&sql);
         self.seq.sent_extended();
-        // In session pooling the client owns its connection: its named
-        // statements live there under its own names, as directly.
-        // A statement that takes set_config's setting name as a parameter
-        // gets one of the gateway's names even then, which SQL-level
-        // EXECUTE may not name (the guard refuses it): only a `Bind`,
-        // whose values are checked, runs it.
-        let own_name = self.mode == PoolMode::Session && setting_params.is_empty();
         if name.is_empty() || own_name {
             let mut statement = prepared::Statement::new(sql, None, setting_params);
             if name.is_empty() {
@@ -274,14 +279,6 @@ impl QueryLoop<'_> {
             let error = self.blocked(&sql, COMMIT_THEN_MORE).await;
             return self.refuse(Flow::Extended, error).await;
         }
-        match nature.copies_in {
-            true => self
-                .seq
-                .names
-                .copy_portals
-                .insert(frame.slice_ref(bind.portal), ()),
-            false => self.seq.names.copy_portals.remove(bind.portal),
-        };
         self.batch_opaque |= opaque;
         self.batch_committed_opaque |= opaque && nature.commits.ends;
         self.note_code(transparent);
@@ -289,10 +286,10 @@ impl QueryLoop<'_> {
             self.note_sequences();
         }
         let mut bind_record = None;
-        let mut portal_restore = None;
+        let sql = self.statement_sql(bind.statement);
+        let mut params = None;
         if self.auditing {
-            let sql = self.statement_sql(bind.statement);
-            let params = self.audited_params(&bind).map_err(End::from)?;
+            params = self.audited_params(&bind).map_err(End::from)?;
             if !transparent && !self.execute_follows(bind.portal) {
                 // Planning may run its functions, and no Execute of this
                 // portal is in the batch whose record would be stored
@@ -302,14 +299,17 @@ impl QueryLoop<'_> {
                     Err(e) => return self.refuse(Flow::Extended, e).await,
                 };
             }
-            let name = frame.slice_ref(bind.portal);
-            let previous = self
-                .seq
-                .names
-                .portals
-                .insert(name.clone(), Portal { sql, params });
-            portal_restore = Some(Box::new((name, previous)));
         }
+        // Put back as it was if the server refuses or skips the Bind (a
+        // portal that exists, an error before it): the portal it names is
+        // then still the old one, which may start a COPY.
+        let name = frame.slice_ref(bind.portal);
+        let portal = Portal {
+            sql,
+            params,
+            copies_in: nature.copies_in,
+        };
+        let previous = self.seq.names.portals.insert(name.clone(), portal);
         match self.server_statement(bind.statement) {
             Some(name) => {
                 let rest = 5 + bind.portal.len() + 1 + bind.statement.len() + 1;
@@ -318,9 +318,9 @@ impl QueryLoop<'_> {
             None => self.seq.forward(&frame),
         }
         self.seq.expect().bind(bind_record, key);
-        if let Some(restore) = portal_restore {
-            self.seq.expect().restore_if_not_bound(restore);
-        }
+        self.seq
+            .expect()
+            .restore_if_not_bound(Box::new((name, previous)));
         self.seq.sent_extended();
         Ok(())
     }
@@ -441,7 +441,13 @@ impl QueryLoop<'_> {
         self.seq.forward_extended(&frame);
         self.seq.expect().execute(pending);
         let portal = messages::parse_execute(&frame[5..]).map_err(End::from)?;
-        if self.seq.names.copy_portals.contains_key(portal) {
+        if self
+            .seq
+            .names
+            .portals
+            .get(portal)
+            .is_some_and(|p| p.copies_in)
+        {
             self.seq.may_copy_in();
         }
         Ok(())

@@ -34,6 +34,7 @@ impl QueryLoop<'_> {
             let portal = Portal {
                 sql: sql.slice_ref(text),
                 params: None,
+                copies_in: false,
             };
             self.seq.names.portals.insert(Bytes::from(name), portal);
         }

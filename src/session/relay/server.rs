@@ -15,6 +15,8 @@ impl QueryLoop<'_> {
             }
         }
         self.flush_client().await?;
+        // `Sync`s held during a copy the server failed go out now.
+        self.flush_server().await?;
         self.record_results().await;
         if self.seq.owes_nothing() {
             self.encoding_in_flux = false;

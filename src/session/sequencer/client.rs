@@ -66,6 +66,7 @@ impl Sequencer {
                     true => {
                         self.to_server.extend_from_slice(&data);
                         self.client_passthrough = header.total - n;
+                        self.copy_data_sent = true;
                     }
                     // Outside a copy the server would ignore it: it goes
                     // nowhere, holding no connection while it arrives.
@@ -190,21 +191,36 @@ impl Sequencer {
     /// it (its answer would then be taken for another request's).
     /// Copy messages outside a copy go nowhere either: the server ignores
     /// them, and a request that may start a copy holds them back until the
-    /// server says whether it did ([`Sequencer::copy_maybe`]).
+    /// server says whether it did ([`Sequencer::copy_maybe`]). A `Sync`
+    /// during the copy waits for its outcome ([`Sequencer::copy_syncs`]).
     pub fn pass(&mut self, frame: &[u8]) {
         let tag = frame[0];
-        let ignored = match tag {
-            b'S' => self.copy_in,
-            b'd' | b'c' | b'f' => !self.copy_in,
-            _ => false,
-        };
-        if !self.bound || ignored {
+        if tag == b'S' && self.copy_in {
+            self.copy_syncs += 1;
             return;
         }
-        if matches!(tag, b'c' | b'f') {
-            self.copy_in = false;
+        if !self.bound || (matches!(tag, b'd' | b'c' | b'f') && !self.copy_in) {
+            return;
+        }
+        match tag {
+            b'c' | b'f' => {
+                self.copy_in = false;
+                self.copy_syncs = 0;
+            }
+            b'd' => self.copy_data_sent = true,
+            _ => {}
         }
         self.forward(frame);
+    }
+
+    /// Forwards the `Sync`s held during a copy the server failed.
+    pub(super) fn release_copy_syncs(&mut self) {
+        for _ in 0..std::mem::take(&mut self.copy_syncs) {
+            self.discard_until_sync = false;
+            messages::sync(self.wire());
+            self.tracker.sync();
+            self.unsynced = false;
+        }
     }
 
     /// Answers a client message with `error` instead of running it.
@@ -285,6 +301,7 @@ impl Sequencer {
         }
         messages::copy_fail(self.wire(), why);
         self.copy_in = false;
+        self.copy_syncs = 0;
         true
     }
 

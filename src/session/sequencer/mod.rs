@@ -114,6 +114,15 @@ pub struct Sequencer {
     client_passthrough: usize,
     /// Bytes of a large `CopyData` sent outside any copy still to drop.
     client_discard: usize,
+    /// `Sync`s the client sent during copy-in, not forwarded: PostgreSQL
+    /// ignores one it reads while it copies, and answers one it reads after
+    /// the copy failed. If the server fails the copy before any data went
+    /// (COPY into a view, say: it fails before reading anything), they go
+    /// then and are answered; otherwise (it read them while copying) they
+    /// go nowhere.
+    copy_syncs: usize,
+    /// `CopyData` went to the server in the current copy.
+    copy_data_sent: bool,
     /// Bytes of a large server frame still to pass through unbuffered.
     server_passthrough: usize,
     /// A server connection carrying the client's identity is bound.
@@ -150,6 +159,8 @@ impl Default for Sequencer {
             copy_maybe: false,
             client_passthrough: 0,
             client_discard: 0,
+            copy_syncs: 0,
+            copy_data_sent: false,
             server_passthrough: 0,
             bound: false,
             pinned: false,
@@ -358,6 +369,8 @@ impl Sequencer {
     }
 }
 
+#[cfg(test)]
+mod model_pg_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]

@@ -40,10 +40,9 @@ impl std::hash::Hasher for Fnv1a {
 pub struct Names {
     /// Prepared statements ("" = unnamed).
     pub statements: NameMap<Statement>,
-    /// Portals, when auditing (their text and parameters for the record).
+    /// Portals: their statement's text (and parameters for the record,
+    /// when auditing), and whether it may start a COPY from the client.
     pub portals: NameMap<Portal>,
-    /// Portals whose statement may start a COPY from the client.
-    pub copy_portals: NameMap<()>,
 }
 
 impl std::fmt::Debug for Names {
@@ -107,6 +106,21 @@ impl Names {
         Ok(())
     }
 
+    /// A named statement the client's `Parse` may create: not one it has
+    /// (PostgreSQL refuses a second `Parse` of a name until `Close`).
+    pub fn check_new_name(&self, name: &[u8]) -> Result<(), PgError> {
+        if self.statements.contains_key(name) {
+            return Err(PgError::error(
+                sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                format!(
+                    "prepared statement \"{}\" already exists",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// A statement name a client's `Bind` or `Describe` may use.
     pub fn check_statement_name(&self, name: &[u8]) -> Result<(), PgError> {
         self.check_unnamed(name)?;
@@ -153,6 +167,7 @@ mod tests {
             Portal {
                 sql: Bytes::from_static(b"SELECT 2"),
                 params: None,
+                copies_in: false,
             },
         );
         let mut cache = CacheEffects::default();

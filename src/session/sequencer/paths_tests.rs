@@ -291,3 +291,39 @@ fn a_request_during_copy_in_fails_the_copy_and_runs_after_it() {
         "its CopyDone is outside the copy"
     );
 }
+
+/// A COPY the server fails before reading anything (into a view): the
+/// `Sync` the client sent during it is answered, as PostgreSQL, which reads
+/// it after the failure, answers it (red-team finding). Once data went,
+/// the `Sync`s sent during the copy were read while it ran: they go
+/// nowhere.
+#[test]
+fn syncs_during_a_copy_go_only_if_it_failed_before_reading_anything() {
+    for (data_first, sent_after_error) in [(false, "S"), (true, "")] {
+        let mut seq = Sequencer::default();
+        let mut driver = Driver::default();
+        client(&mut seq, &q("COPY v FROM STDIN"), &mut driver);
+        server(&mut seq, &frame(b'G', &[0, 0, 0]));
+        if data_first {
+            client(&mut seq, &copy_data(4), &mut driver);
+        }
+        client(&mut seq, &s(), &mut driver);
+        take_server(&mut seq);
+        server(&mut seq, &err("42809"));
+        assert_eq!(
+            take_server(&mut seq),
+            sent_after_error,
+            "data first: {data_first}"
+        );
+        server(&mut seq, &z(b'I'));
+        if !data_first {
+            assert!(!seq.releasable(), "the Sync's answer is owed");
+            server(&mut seq, &z(b'I'));
+        }
+        assert!(seq.releasable());
+        assert_eq!(
+            take_client(&mut seq).matches('Z').count(),
+            if data_first { 1 } else { 2 }
+        );
+    }
+}

@@ -65,6 +65,7 @@ impl Sequencer {
             }
             b'G' => {
                 self.copy_in = true;
+                self.copy_data_sent = false;
                 // A COPY started by `Execute` ends at the first `Sync` the
                 // client sends after the copy (any `Sync` before is ignored
                 // by the server): until then nothing may be released.
@@ -74,11 +75,9 @@ impl Sequencer {
             }
             _ => {}
         }
-        if tag == b'E' {
-            // An error ends a copy-in (the server drops the client's copy
-            // messages from now on).
-            self.copy_in = false;
-        }
+        // An error ends a copy-in (the server drops the client's copy
+        // messages from now on); one the client did not cause.
+        let copy_failed = tag == b'E' && std::mem::take(&mut self.copy_in);
         let route = self.tracker.on_server(tag, &frame[5..], resolved, cache);
         self.names.restore(cache);
         if self.tracker.is_empty() {
@@ -90,6 +89,15 @@ impl Sequencer {
             // the failed message did not end the batch.
             self.discard_until_sync = true;
             self.unsynced = true;
+        }
+        if copy_failed && !self.copy_data_sent {
+            // It failed before reading anything: it would have read the
+            // `Sync`s the client sent during the copy after the failure,
+            // and answered them. They go now.
+            self.release_copy_syncs();
+        }
+        if copy_failed {
+            self.copy_syncs = 0;
         }
         match &route {
             Route::Forward => self.to_client.extend_from_slice(frame),

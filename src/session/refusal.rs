@@ -99,11 +99,6 @@ impl From<AssertError> for Refusal {
 }
 
 impl Refusal {
-    /// Whether the session ends with it.
-    pub fn is_fatal(&self) -> bool {
-        self.to_wire().is_fatal()
-    }
-
     /// The error the client receives.
     pub fn to_wire(&self) -> PgError {
         match self {

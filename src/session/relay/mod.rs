@@ -342,7 +342,10 @@ impl<'a> QueryLoop<'a> {
                 self.seq.pass(&frame);
                 Ok(())
             }
-            b'S' => self.on_sync(frame).await,
+            b'S' => {
+                self.on_sync();
+                Ok(())
+            }
             b'D' => self.on_describe(frame).await,
             b'C' => self.on_close(frame).await,
             b'F' => self.on_function_call(frame).await,

@@ -453,12 +453,11 @@ impl QueryLoop<'_> {
         Ok(())
     }
 
-    pub(super) async fn on_sync(&mut self, frame: Bytes) -> Result<(), End> {
+    pub(super) fn on_sync(&mut self) {
         self.batch_opaque = false;
         self.batch_committed_opaque = false;
         // An error earlier in the batch may have discarded its `Execute`.
         self.settle_unexecuted_ahead();
-        self.seq.sync(&frame);
-        Ok(())
+        self.seq.sync();
     }
 }

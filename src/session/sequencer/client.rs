@@ -1,7 +1,7 @@
 //! Client to server: framing the client's bytes, what each message does to
 //! the protocol state, refusals.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 
 use super::*;
 use crate::protocol::frame::{split_frame, FrameHeader, ProtocolError};
@@ -20,19 +20,20 @@ impl Sequencer {
     ) -> Result<ClientStep, ProtocolError> {
         loop {
             if self.client_passthrough > 0 {
-                match stream(&mut self.client_passthrough, rbuf, &mut self.to_server) {
+                match stream(
+                    &mut self.client_passthrough,
+                    rbuf,
+                    Some(&mut self.to_server),
+                ) {
                     true => continue,
                     false => return Ok(ClientStep::Idle),
                 }
             }
             if self.client_discard > 0 {
-                let n = self.client_discard.min(rbuf.len());
-                if n == 0 {
-                    return Ok(ClientStep::Idle);
+                match stream(&mut self.client_discard, rbuf, None) {
+                    true => continue,
+                    false => return Ok(ClientStep::Idle),
                 }
-                rbuf.advance(n);
-                self.client_discard -= n;
-                continue;
             }
             let Some(header) = FrameHeader::peek(rbuf, max)? else {
                 return Ok(ClientStep::Idle);
@@ -170,17 +171,24 @@ impl Sequencer {
     }
 
     /// A `Sync` from the client.
-    pub fn sync(&mut self, frame: &[u8]) -> Synced {
+    /// Answered by the gateway when the batch's error was its own or
+    /// nothing ran on a server; forwarded otherwise.
+    pub fn sync(&mut self) {
         self.discard_until_sync = false;
         if self.local_sync || (!self.bound && self.tracker.is_empty()) {
             self.local_sync = false;
             messages::ready_for_query(&mut self.to_client, self.tx_status);
-            return Synced::Local;
+            return;
         }
-        self.forward(frame);
+        self.send_sync();
+    }
+
+    /// A `Sync` to the server: it ends the batch and is answered.
+    fn send_sync(&mut self) {
+        self.discard_until_sync = false;
+        messages::sync(self.wire());
         self.tracker.sync();
         self.unsynced = false;
-        Synced::Forwarded
     }
 
     /// A client message the gateway does not interpret: `Flush`, and the
@@ -216,10 +224,7 @@ impl Sequencer {
     /// Forwards the `Sync`s held during a copy the server failed.
     pub(super) fn release_copy_syncs(&mut self) {
         for _ in 0..std::mem::take(&mut self.copy_syncs) {
-            self.discard_until_sync = false;
-            messages::sync(self.wire());
-            self.tracker.sync();
-            self.unsynced = false;
+            self.send_sync();
         }
     }
 
@@ -287,9 +292,7 @@ impl Sequencer {
         }
         self.failing_parse();
         self.tracker.blocked_parse(error);
-        messages::sync(self.wire());
-        self.tracker.sync();
-        self.unsynced = false;
+        self.send_sync();
         true
     }
 

@@ -71,16 +71,6 @@ pub enum ServerStep {
     Idle,
 }
 
-/// What a `Sync` turned into.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Synced {
-    /// Forwarded: the server answers it.
-    Forwarded,
-    /// Answered by the gateway (the batch's error was its own, or nothing
-    /// ran on a server).
-    Local,
-}
-
 /// The state itself.
 #[derive(Debug)]
 pub struct Sequencer {
@@ -376,13 +366,17 @@ mod model_tests;
 #[cfg(test)]
 mod paths_tests;
 /// Moves what `rbuf` holds of a frame being streamed through (`remaining`
-/// bytes of it) to `out`. False when `rbuf` held none of it.
-fn stream(remaining: &mut usize, rbuf: &mut BytesMut, out: &mut BytesMut) -> bool {
+/// bytes of it) to `out`, or drops it when there is no `out`. False when
+/// `rbuf` held none of it.
+fn stream(remaining: &mut usize, rbuf: &mut BytesMut, out: Option<&mut BytesMut>) -> bool {
     let n = (*remaining).min(rbuf.len());
     if n == 0 {
         return false;
     }
-    out.extend_from_slice(&rbuf.split_to(n));
+    let taken = rbuf.split_to(n);
+    if let Some(out) = out {
+        out.extend_from_slice(&taken);
+    }
     *remaining -= n;
     true
 }

@@ -14,7 +14,11 @@ impl Sequencer {
     pub fn next_server(&mut self, rbuf: &mut BytesMut) -> Result<ServerStep, ProtocolError> {
         loop {
             if self.server_passthrough > 0 {
-                match stream(&mut self.server_passthrough, rbuf, &mut self.to_client) {
+                match stream(
+                    &mut self.server_passthrough,
+                    rbuf,
+                    Some(&mut self.to_client),
+                ) {
                     true => continue,
                     false => return Ok(ServerStep::Idle),
                 }

@@ -171,7 +171,7 @@ pub(super) fn client(seq: &mut Sequencer, bytes: &[u8], driver: &mut Driver) {
         }
         b'S' if seq.copy_in() => seq.pass(bytes),
         b'S' => {
-            seq.sync(bytes);
+            seq.sync();
         }
         _ => seq.pass(bytes),
     }

@@ -6,6 +6,8 @@
 //! of a session (refusal, failure, disconnect) leaves an audit record.
 
 pub mod cancel;
+pub mod carried;
+pub mod clock;
 pub mod commits;
 pub mod kept;
 pub mod ledger;
@@ -14,6 +16,7 @@ mod outcome;
 mod prepared;
 pub mod refusal;
 mod relay;
+pub mod results;
 mod sequencer;
 pub mod split;
 pub mod startup;

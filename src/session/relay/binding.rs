@@ -8,9 +8,9 @@
 
 use super::*;
 use crate::backend::custody::Wanted;
-use crate::config::SessionSet;
 use crate::identity::tag::Backend;
 use crate::session::kept;
+use crate::session::sequencer::Marking;
 
 impl QueryLoop<'_> {
     /// Marks the bound connection as holding this session's state when
@@ -30,33 +30,13 @@ impl QueryLoop<'_> {
         if names.is_empty() || self.mode != PoolMode::Transaction {
             return Ok(());
         }
-        if self.shared.config.pool.session_set == SessionSet::Error {
-            return match refusable {
-                true => Err(Refusal::SessionSet),
-                false => Ok(()),
-            };
-        }
-        for name in names {
-            let protected = self
-                .shared
-                .guard
-                .protected_name(name.as_bytes(), false)
-                .is_some();
-            let noted = |list: &[String]| list.iter().any(|n| n.eq_ignore_ascii_case(name));
-            if protected || !kept::valid_name(name) || noted(&self.kept_pending) {
-                continue;
-            }
-            let known = self
-                .settings
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case(name));
-            if !known && self.settings.len() + self.kept_pending.len() >= kept::MAX_KEPT {
-                return Err(Refusal::TooManyKept {
-                    name: name.clone(),
-                    max: kept::MAX_KEPT,
-                });
-            }
-            self.kept_pending.push(name.clone());
+        let policy = self.shared.config.pool.session_set;
+        let guard = &self.shared.guard;
+        let protected = |name: &str| guard.protected_name(name.as_bytes(), false).is_some();
+        self.carried
+            .note_session_sets(names, refusable, policy, protected)?;
+        if policy == crate::config::SessionSet::Error {
+            return Ok(());
         }
         if let Some(server) = self.server.as_mut() {
             server.custody_mut().mark_dirty(&self.ident.session_id);
@@ -69,10 +49,10 @@ impl QueryLoop<'_> {
     /// the server (which knows whether the change committed) and keeps them
     /// for every connection that serves this client.
     pub(super) async fn keep_session_settings(&mut self) {
-        if self.kept_pending.is_empty() {
+        let names = self.carried.take_pending();
+        if names.is_empty() {
             return;
         }
-        let names = std::mem::take(&mut self.kept_pending);
         let Some(server) = self.server.as_mut() else {
             return;
         };
@@ -80,13 +60,10 @@ impl QueryLoop<'_> {
         self.seq.unnamed_lost();
         match kept::read(server, &names).await {
             Ok(values) => {
-                let settings = Arc::make_mut(&mut self.settings);
-                for (name, value) in values {
-                    kept::keep(settings, name, value);
-                }
+                self.carried.keep(values);
                 server
                     .custody_mut()
-                    .settings_changed(&self.ident.session_id, self.settings.clone());
+                    .settings_changed(&self.ident.session_id, self.carried.values().clone());
             }
             Err(e) => {
                 if !matches!(e, crate::backend::conn::BackendError::Server(_)) {
@@ -98,19 +75,7 @@ impl QueryLoop<'_> {
     }
 
     pub(super) fn note_state(&mut self, sql: &[u8]) {
-        // It may change the client encoding: until the server has answered
-        // everything before, non-ASCII text is recorded as its bytes.
-        let names_encoding = crate::session::state::any_word_start(sql, |pair, rest| {
-            use crate::identity::guard::starts_with_ci as sw;
-            match pair {
-                [b'e', b'n'] => sw(rest, b"encoding"),
-                [b'n', b'a'] => sw(rest, b"names"),
-                _ => false,
-            }
-        });
-        if names_encoding {
-            self.encoding_in_flux = true;
-        }
+        self.carried.note_text(sql);
         let Some(server) = self.server.as_mut() else {
             return;
         };
@@ -145,18 +110,16 @@ impl QueryLoop<'_> {
     /// asserted afresh before its next transaction, and another session
     /// gets it only after a reset.
     pub(super) fn note_code(&mut self, transparent: bool) {
-        if transparent && !self.ever_opaque {
+        let Marking::Mark { opaque, first } = self.seq.code.note(transparent) else {
             return;
-        }
-        if !transparent && !self.ever_opaque {
+        };
+        if first {
             tracing::debug!(parent: &self.span,
                 "opaque code: this session's connections are re-asserted and reset from now on"
             );
         }
-        self.ever_opaque |= !transparent;
-        self.tx_opaque = true;
         if let Some(server) = self.server.as_mut() {
-            server.mark_opaque(&self.ident.session_id, !transparent);
+            server.mark_opaque(&self.ident.session_id, opaque);
         }
     }
 
@@ -184,7 +147,7 @@ impl QueryLoop<'_> {
             session: &self.ident.session_id,
             role: &self.ident.role,
             client_user: &self.ident.client_user,
-            settings: &self.settings,
+            settings: self.carried.values(),
             tag_key: key.as_ref().map(|k| k.id),
         });
         if preparation.reset {
@@ -294,7 +257,7 @@ impl QueryLoop<'_> {
             (k.id, value)
         });
         let assertion = Assertion {
-            settings: &self.settings,
+            settings: self.carried.values(),
             tag: tag.as_ref().map(|(_, value)| value.as_str()),
             ..self.assertion()
         };
@@ -304,7 +267,7 @@ impl QueryLoop<'_> {
         }
         conn.custody_mut().asserted(
             (self.ident.role.clone(), self.ident.client_user.clone()),
-            self.settings.clone(),
+            self.carried.values().clone(),
             tag.map(|(id, value)| (id, Arc::from(value))),
         );
         Ok(())
@@ -323,36 +286,23 @@ impl QueryLoop<'_> {
         let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) else {
             return;
         };
-        let (name, value) = (
-            String::from_utf8_lossy(name),
-            String::from_utf8_lossy(value),
+        self.carried.reported(
+            &String::from_utf8_lossy(name),
+            &String::from_utf8_lossy(value),
         );
-        let settings = Arc::make_mut(&mut self.settings);
-        crate::session::state::track(settings, &name, &value, &self.ident.client_user);
-        if name.eq_ignore_ascii_case("application_name")
-            && !value.ends_with(&format!("[{}]", self.ident.client_user))
-        {
-            self.retag_application_name = true;
-            self.application_name = Some(Arc::from(&*value));
-        }
         if let Some(server) = self.server.as_mut() {
             server
                 .custody_mut()
-                .settings_changed(&self.ident.session_id, self.settings.clone());
+                .settings_changed(&self.ident.session_id, self.carried.values().clone());
         }
     }
 
     /// Re-applies the client's (tagged) application name on the bound
-    /// connection, so `pg_stat_activity` and the server log keep showing
-    /// who it is; the answers are the gateway's and never reach the client.
+    /// connection; the answers are the gateway's and never reach the client.
     pub(super) fn retag_application_name(&mut self) {
-        self.retag_application_name = false;
-        let Some((_, name)) = self.settings.iter().find(|(k, _)| k == "application_name") else {
-            return;
-        };
-        let literal = name.replace('\\', "\\\\").replace('\'', "''");
-        let sql = format!("SELECT pg_catalog.set_config('application_name', E'{literal}', false)");
-        self.seq.own_query(&sql);
+        if let Some(sql) = self.carried.retag_sql() {
+            self.seq.own_query(&sql);
+        }
     }
 
     /// The identity this client's connections must carry.

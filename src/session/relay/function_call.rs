@@ -10,7 +10,7 @@ impl QueryLoop<'_> {
             .map_err(End::from)?;
         let Some(name) = function_call_name(oid) else {
             // The refused call is evidence: its arguments are recorded.
-            let text = function_call_text(oid, &frame[5..], self.client_encoding());
+            let text = function_call_text(oid, &frame[5..], self.carried.client_encoding());
             let why = format!(
                 "FunctionCall of function OID {oid} is not allowed through pgwarden (only the large-object functions are)"
             );
@@ -19,7 +19,7 @@ impl QueryLoop<'_> {
         };
         let text = format!("FunctionCall {name} (oid={oid})");
         let params = if self.shared.live().log_parameters {
-            messages::function_call_args(&frame[5..], self.client_encoding()).ok()
+            messages::function_call_args(&frame[5..], self.carried.client_encoding()).ok()
         } else {
             None
         };

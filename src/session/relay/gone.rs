@@ -82,10 +82,11 @@ impl QueryLoop<'_> {
                 Err(_) if !cancelled => {
                     cancelled = true;
                     deadline = tokio::time::Instant::now() + WAIT_AFTER_CANCEL;
-                    self.cancel_note = Some(format!(
+                    let note = format!(
                         "cancelled by pgwarden: {why}, and the statement ran on for {} s",
                         WAIT_BEFORE_CANCEL.as_secs()
-                    ));
+                    );
+                    self.clock.cancelled(note, false);
                     if let Some(backend) = self.cancel.backend() {
                         crate::session::cancel_backend(self.shared, backend).await;
                     }

@@ -30,13 +30,15 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use super::cancel::{BackendKey, CancelSlot};
-use super::ledger::Ledger;
+use super::carried::Carried;
+use super::clock::Clock;
 use super::outcome::Portal;
 use super::prepared;
 use super::refusal::Refusal;
-use super::sequencer::{ClientStep, Flow, Sequencer, ServerStep};
+use super::results::Results;
+use super::sequencer::{ClientStep, Code, Flow, Sequencer, ServerStep};
 use super::state::Effect;
-use super::tracker::{CacheEffects, Outcome, Pending, Resolved, Route};
+use super::tracker::{CacheEffects, Outcome, Pending, Route};
 use super::{Identity, Shared};
 use crate::audit::{Event, Kind, Link, Status};
 use crate::backend::statements;
@@ -88,78 +90,30 @@ pub struct QueryLoop<'a> {
     /// The protocol state: what the server owes, the transaction status,
     /// the bytes to write each way, when the connection may go.
     seq: Sequencer,
-    /// The client's settings, carried to every server connection.
-    settings: Arc<Vec<(String, String)>>,
-    /// The client set `application_name`; the bound connection shows it
-    /// without the client's name until the gateway re-applies it.
-    retag_application_name: bool,
+    /// The settings the client carries to every server connection.
+    carried: Carried,
     /// `verify = "transaction"` and client messages ran since the last check.
     needs_verify: bool,
-    /// When the session last moved: the client sent something, or the
-    /// server finished the client's work. The idle timeouts count from here
-    /// (as PostgreSQL's idle timeouts count from its last `ReadyForQuery`).
-    last_activity: Instant,
-    query_started: Option<Instant>,
-    /// The query timeout fired and a cancel was sent for this request.
-    cancel_sent: bool,
+    /// The session's timers.
+    clock: Clock,
     /// (transactions, statements) not yet added to the shared metrics.
     counts: (u64, u64),
     /// The first `Execute` of a batch, audited before the batch took a
     /// server connection ([`QueryLoop::audit_ahead`]): taken by that
     /// `Execute`, or settled at `Sync` (or session end) if it never ran.
     pre_audited: Option<Ahead>,
-    resolved: Vec<Resolved>,
-    /// News from the server that is no statement's outcome, each with the
-    /// number of `resolved` entries before it.
-    marks: Vec<(usize, Mark)>,
-    /// Outcomes of statements that never reached the server (no connection,
-    /// answered by the gateway): recorded as they are, without `tx`.
-    unran: Vec<Resolved>,
-    /// Results held until their transaction's outcome is known.
-    ledger: Ledger,
+    /// The `result` records on their way to the audit log.
+    results: Results,
     shutdown: watch::Receiver<bool>,
     shutting_down: bool,
-    /// This session ran code pgwarden cannot see into (see
-    /// `session::opaque`): it may have created objects that run such code
-    /// later, so everything it runs from now on marks its connection.
-    ever_opaque: bool,
-    /// The extended batch since the last `Sync` bound opaque code, and then
-    /// a statement that commits: nothing more may run before the `Sync`.
-    batch_opaque: bool,
-    batch_committed_opaque: bool,
-    /// Opaque code ran in the current transaction (until `ReadyForQuery`
-    /// says idle).
-    tx_opaque: bool,
     /// The client is gone (or is being sent away): nothing more is relayed
     /// to it while the gateway finishes its server work.
     client_gone: bool,
-    /// The gateway cancelled the running request itself, and why: the
-    /// outcome's record says so next to PostgreSQL's message.
-    cancel_note: Option<String>,
-    /// The client's application name as it last set it (the startup one
-    /// until a `SET application_name`): records carry it.
-    application_name: Option<Arc<str>>,
-    /// Settings the current transaction may have changed for the session,
-    /// read back when it ends (`[pool] session_set = "keep"`).
-    kept_pending: Vec<String>,
     /// The process id the client knows its session by (gateway-made).
     client_pid: i32,
-    /// A statement that may change `client_encoding` has not been answered
-    /// yet: the encoding of text sent behind it is not known.
-    encoding_in_flux: bool,
     /// The session's span (peer, id, user, role, database): every log line
     /// names it as its parent, so the span need not be entered on each poll.
     span: tracing::Span,
-}
-
-/// What the server said besides statement outcomes, for the ledger.
-#[derive(Debug, Clone, Copy)]
-enum Mark {
-    /// `ReadyForQuery` with this status.
-    Ready(u8),
-    /// An error that is no audited statement's own (a failed commit at
-    /// `Sync`, a refused statement's stand-in): its transaction fails.
-    Error,
 }
 
 enum Wake {
@@ -188,31 +142,23 @@ impl<'a> QueryLoop<'a> {
             server: None,
             pool: None,
             cancel,
-            seq: Sequencer::default(),
+            seq: Sequencer::default().with_code(Code::new(
+                !crate::session::opaque::settings_transparent(&ident.settings),
+            )),
             needs_verify: false,
-            last_activity: Instant::now(),
-            query_started: None,
-            cancel_sent: false,
+            clock: Clock::new(Instant::now()),
             counts: (0, 0),
-            settings: Arc::new(ident.settings.clone()),
-            retag_application_name: false,
+            carried: Carried::new(
+                &ident.client_user,
+                ident.settings.clone(),
+                ident.application_name.clone(),
+            ),
             pre_audited: None,
-            resolved: Vec::new(),
-            marks: Vec::new(),
-            unran: Vec::new(),
-            ledger: Ledger::default(),
+            results: Results::default(),
             shutdown,
             shutting_down: false,
-            ever_opaque: !crate::session::opaque::settings_transparent(&ident.settings),
-            batch_opaque: false,
-            batch_committed_opaque: false,
-            tx_opaque: false,
             client_gone: false,
-            cancel_note: None,
-            application_name: ident.application_name.clone(),
-            kept_pending: Vec::new(),
             client_pid,
-            encoding_in_flux: false,
             span: tracing::Span::none(),
         }
     }
@@ -273,7 +219,7 @@ impl<'a> QueryLoop<'a> {
                 }
             };
             if matches!(wake, Wake::Client(Ok(n)) if n > 0) {
-                self.last_activity = Instant::now();
+                self.clock.client_moved(Instant::now());
             }
             let step = match wake {
                 Wake::Client(Ok(0)) => Err(End::ClientGone),
@@ -370,10 +316,7 @@ impl<'a> QueryLoop<'a> {
         if self.seq.to_server().is_empty() {
             return Ok(());
         }
-        if self.query_started.is_none() {
-            self.query_started = Some(Instant::now());
-            self.cancel_sent = false;
-        }
+        self.clock.request_sent(Instant::now());
         let Some(server) = self.server.as_mut() else {
             self.seq.clear_to_server();
             return Ok(());

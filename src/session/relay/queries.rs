@@ -6,9 +6,9 @@
 //! in the position PostgreSQL would have answered it.
 
 use super::recording::{Ahead, Audited};
-use super::refusals::COMMIT_THEN_MORE;
 use super::*;
 use crate::session::commits::Commits;
+use crate::session::sequencer::COMMIT_THEN_MORE;
 
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
@@ -22,8 +22,7 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Simple, error).await;
         }
         let transparent = crate::session::opaque::transparent(sql);
-        let opaque = !transparent || self.ever_opaque || self.tx_opaque;
-        if opaque && Commits::of(sql).starts_another_transaction() {
+        if self.seq.code.refuses_query(transparent, Commits::of(sql)) {
             let error = self.blocked(sql, COMMIT_THEN_MORE).await;
             return self.refuse(Flow::Simple, error).await;
         }
@@ -37,7 +36,7 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Simple, e).await;
         }
         let parts = match self.auditing {
-            true => crate::session::split::statements(sql, self.standard_strings()),
+            true => crate::session::split::statements(sql, self.carried.standard_strings()),
             false => None,
         };
         let (pending, more) = match parts {
@@ -98,13 +97,11 @@ impl QueryLoop<'_> {
         };
         if let Ok(Some(pending)) = self.audit_statement(tag.as_bytes(), None).await {
             // Answered by the gateway: no transaction of the server's.
-            self.unran.push(Resolved {
-                pending,
-                outcome: Outcome::Ok {
-                    tag: Some(tag.to_string()),
-                    rows: None,
-                },
-            });
+            let outcome = Outcome::Ok {
+                tag: Some(tag.to_string()),
+                rows: None,
+            };
+            self.results.unran(pending, outcome);
         }
         self.seq.expect().synth_query(tag);
         true
@@ -272,15 +269,11 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         let transparent = nature.transparent;
-        let chains = nature.commits.chains || nature.commits.block_commits;
-        let opaque = !transparent || self.ever_opaque || self.tx_opaque || self.batch_opaque;
-        if self.batch_committed_opaque || (opaque && chains) {
+        if self.seq.code.bind(transparent, nature.commits).is_err() {
             let sql = self.statement_sql(bind.statement);
             let error = self.blocked(&sql, COMMIT_THEN_MORE).await;
             return self.refuse(Flow::Extended, error).await;
         }
-        self.batch_opaque |= opaque;
-        self.batch_committed_opaque |= opaque && nature.commits.ends;
         self.note_code(transparent);
         if nature.uses_sequences {
             self.note_sequences();
@@ -454,8 +447,6 @@ impl QueryLoop<'_> {
     }
 
     pub(super) fn on_sync(&mut self) {
-        self.batch_opaque = false;
-        self.batch_committed_opaque = false;
         // An error earlier in the batch may have discarded its `Execute`.
         self.settle_unexecuted_ahead();
         self.seq.sync();

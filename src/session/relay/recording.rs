@@ -90,14 +90,6 @@ impl QueryLoop<'_> {
         Ok(pendings)
     }
 
-    /// The session's `standard_conforming_strings` (how its texts lex).
-    pub(super) fn standard_strings(&self) -> bool {
-        self.settings
-            .iter()
-            .find(|(k, _)| k == "standard_conforming_strings")
-            .is_none_or(|(_, v)| v != "off")
-    }
-
     /// Binds a server connection for a statement whose record is stored
     /// (`pending`). If none can be had, its `result` records the error;
     /// otherwise its duration starts now, so it is the statement's own and
@@ -122,10 +114,8 @@ impl QueryLoop<'_> {
     /// `result` says so.
     pub(super) fn settle_unexecuted_ahead(&mut self) {
         if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
-            self.unran.push(Resolved {
-                pending,
-                outcome: Outcome::NotExecuted { after: None },
-            });
+            self.results
+                .unran(pending, Outcome::NotExecuted { after: None });
         }
     }
 
@@ -172,28 +162,8 @@ impl QueryLoop<'_> {
         if !self.shared.live().log_parameters {
             return Ok(None);
         }
-        bind.params_for_audit(self.client_encoding()).map(Some)
-    }
-
-    /// The client's `client_encoding` (its startup value or the one it
-    /// set since; the server's default, UTF-8 here, when it named none).
-    pub(super) fn client_encoding(&self) -> &str {
-        self.settings
-            .iter()
-            .find(|(k, _)| k == "client_encoding")
-            .map_or("UTF8", |(_, v)| v.as_str())
-    }
-
-    /// Client bytes as the audit log keeps them: exact UTF-8, or the bytes
-    /// ([`crate::protocol::encoding::client_text`]).
-    pub(super) fn client_text<'b>(&self, bytes: &'b [u8]) -> std::borrow::Cow<'b, str> {
-        // The encoding the server reads this in is the one in force when it
-        // gets there; a change still in flight makes it uncertain.
-        let encoding = match self.encoding_in_flux {
-            true => "unknown",
-            false => self.client_encoding(),
-        };
-        crate::protocol::encoding::client_text(bytes, encoding)
+        bind.params_for_audit(self.carried.client_encoding())
+            .map(Some)
     }
 
     /// What the `query` record of an `Execute` of portal `name` shows.
@@ -216,13 +186,11 @@ impl QueryLoop<'_> {
     /// because no connection could be bound (`error`).
     pub(super) fn unrun(&mut self, pending: Pending, refusal: &Refusal) {
         let error = refusal.to_wire();
-        self.unran.push(Resolved {
-            pending,
-            outcome: Outcome::Error {
-                code: error.code.code().to_string(),
-                message: error.message.clone(),
-            },
-        });
+        let outcome = Outcome::Error {
+            code: error.code.code().to_string(),
+            message: error.message.clone(),
+        };
+        self.results.unran(pending, outcome);
     }
 
     /// Between transactions, stores the `query` record of the first
@@ -326,7 +294,7 @@ impl QueryLoop<'_> {
             return Ok(None);
         }
         let mut ev = self.event(Kind::Query);
-        ev.statement = Some(self.client_text(sql).into_owned());
+        ev.statement = Some(self.carried.client_text(sql).into_owned());
         ev.params = params;
         // From the bytes the server runs, not the recorded text (which may
         // be the bytes in hex).
@@ -382,48 +350,22 @@ impl QueryLoop<'_> {
 
     /// Records the outcomes the last server messages resolved.
     pub(super) async fn record_results(&mut self) {
-        for r in std::mem::take(&mut self.unran) {
-            let ev = self.result_event(r.pending, r.outcome);
+        // Out of `self` while `result_event` reads the session.
+        let mut results = std::mem::take(&mut self.results);
+        let events = results.drain(|p, o| self.result_event(p, o));
+        self.results = results;
+        for ev in events {
             self.shared.auditor.append_nowait(ev).await;
-        }
-        if self.resolved.is_empty() && self.marks.is_empty() {
-            return;
-        }
-        // Statements and the server's other news, in the server's order:
-        // each mark came before the statement at its index.
-        let mut marks = std::mem::take(&mut self.marks).into_iter().peekable();
-        let mut out = Vec::new();
-        for (i, r) in std::mem::take(&mut self.resolved).into_iter().enumerate() {
-            while let Some((_, mark)) = marks.next_if(|(at, _)| *at <= i) {
-                out.extend(self.apply_mark(mark));
-            }
-            let control = r.pending.control.clone();
-            let ev = self.result_event(r.pending, r.outcome);
-            out.extend(self.ledger.statement(ev, &control));
-        }
-        for (_, mark) in marks {
-            out.extend(self.apply_mark(mark));
-        }
-        for ev in out {
-            self.shared.auditor.append_nowait(ev).await;
-        }
-    }
-
-    fn apply_mark(&mut self, mark: Mark) -> Vec<Event> {
-        match mark {
-            Mark::Ready(status) => self.ledger.ready(status),
-            Mark::Error => {
-                self.ledger.error();
-                Vec::new()
-            }
         }
     }
 
     /// Results held for a transaction whose outcome can no longer be known
     /// (the server connection is gone): written with `tx = unknown`.
     pub(super) async fn abandon_ledger(&mut self) {
-        self.record_results().await;
-        for ev in self.ledger.abandon() {
+        let mut results = std::mem::take(&mut self.results);
+        let events = results.abandon(|p, o| self.result_event(p, o));
+        self.results = results;
+        for ev in events {
             self.shared.auditor.append_nowait(ev).await;
         }
     }
@@ -432,7 +374,7 @@ impl QueryLoop<'_> {
     /// name the client uses now.
     pub(super) fn event(&self, kind: Kind) -> Event {
         let mut ev = self.ident.event(kind);
-        ev.application_name = self.application_name.clone();
+        ev.application_name = self.carried.application_name();
         ev
     }
 
@@ -449,7 +391,7 @@ impl QueryLoop<'_> {
             }
             Outcome::Error { code, message } => {
                 ev.status = Some(Status::Error);
-                ev.message = Some(match &self.cancel_note {
+                ev.message = Some(match self.clock.cancel_note() {
                     Some(note) if code == sqlstate::QUERY_CANCELED.code() => {
                         format!("{message} ({note})")
                     }

@@ -4,9 +4,6 @@
 
 use super::*;
 
-/// Why a request that commits after opaque code and goes on is refused.
-pub(super) const COMMIT_THEN_MORE: &str = "a request must not start another transaction after COMMIT once code pgwarden cannot see has run in it (COMMIT AND CHAIN, a DO block that commits, statements after COMMIT): pgwarden asserts identity afresh between transactions; send them separately";
-
 impl QueryLoop<'_> {
     /// Runs the statement guard; a large statement is checked off the
     /// threads other sessions run on (the check is linear, but a megabyte
@@ -54,7 +51,7 @@ impl QueryLoop<'_> {
         tracing::info!(parent: &self.span, "statement guard: {why}");
         if self.auditing {
             let mut ev = self.event(Kind::GuardBlocked);
-            ev.statement = Some(self.client_text(sql).into_owned());
+            ev.statement = Some(self.carried.client_text(sql).into_owned());
             ev.status = Some(Status::Error);
             ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
             ev.message = Some(why.to_string());

@@ -19,18 +19,14 @@ impl QueryLoop<'_> {
         self.flush_server().await?;
         self.record_results().await;
         if self.seq.owes_nothing() {
-            self.encoding_in_flux = false;
+            self.carried.settled();
             self.cancel.set_running(false);
-            self.cancel_note = None;
-            self.query_started = None;
-            if was_busy {
-                self.last_activity = Instant::now();
-            }
+            self.clock.answered(was_busy, Instant::now());
         }
         // Not inside an unsynced batch: after an error there the server
         // would skip the gateway's query and never answer it.
         let quiet = self.seq.owes_nothing() && !self.seq.copy_in() && !self.seq.unsynced();
-        if self.retag_application_name && quiet {
+        if self.carried.wants_retag() && quiet {
             self.retag_application_name();
             self.flush_server().await?;
         }
@@ -57,7 +53,6 @@ impl QueryLoop<'_> {
         let tag = frame[0];
         tracing::trace!(parent: &self.span, tag = %(tag as char), len = frame.len(), "server frame");
         match tag {
-            b'Z' if frame.len() == 6 => self.tx_opaque &= frame[5] != b'I',
             b'S' => self.on_parameter_status(&frame[5..]),
             // A notification this session's own connection sent names the
             // process the client knows, as on a direct connection.
@@ -79,18 +74,13 @@ impl QueryLoop<'_> {
             }
         }
         let mut cache = CacheEffects::default();
-        let before = self.resolved.len();
+        let before = self.results.count();
         let route = self
             .seq
-            .server_frame(&frame, &mut self.resolved, &mut cache);
+            .server_frame(&frame, self.results.resolved(), &mut cache);
         if self.auditing && route != Route::Drop {
-            match tag {
-                b'Z' => self
-                    .marks
-                    .push((self.resolved.len(), Mark::Ready(frame[5]))),
-                b'E' if self.resolved.len() == before => self.marks.push((before, Mark::Error)),
-                _ => {}
-            }
+            let status = (tag == b'Z').then(|| frame[5]);
+            self.results.server_said(tag, status, before);
         }
         self.apply_cache_effects(cache);
         if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {

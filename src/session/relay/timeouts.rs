@@ -1,35 +1,29 @@
-//! The relay's timeouts: how long a client may stay idle, idle inside a
-//! transaction, or wait for a statement, and what happens when one fires.
+//! The relay's timeouts ([`crate::session::clock`] says which fires next):
+//! what happens when one fires.
 
 use super::*;
-
-/// Which timeout, if any, the relay is waiting on.
-pub(super) enum Timeout {
-    ClientIdle,
-    IdleInTransaction,
-    Query,
-}
+use crate::session::clock::{Limits, Phase, Timeout};
 
 impl QueryLoop<'_> {
     /// The next timeout that applies in the current state, if configured.
     pub(super) fn next_timeout(&self) -> Option<(Timeout, Instant)> {
-        let server = self.shared.live();
-        let after = |ms: u64, from: Instant| (ms > 0).then(|| from + Duration::from_millis(ms));
+        let live = self.shared.live();
+        let limits = Limits {
+            client_idle_ms: live.client_idle_timeout_ms,
+            idle_in_transaction_ms: live.idle_in_transaction_timeout_ms,
+            query_ms: live.query_timeout_ms,
+        };
+        self.clock.next_timeout(self.phase(), limits)
+    }
+
+    fn phase(&self) -> Phase {
         if !self.seq.owes_nothing() {
-            // The server is working for the client.
-            let started = self.query_started?;
-            if self.cancel_sent {
-                return None;
-            }
-            return after(server.query_timeout_ms, started).map(|at| (Timeout::Query, at));
+            Phase::Working
+        } else if self.seq.is_bound() && (self.seq.tx_status() != b'I' || self.seq.unsynced()) {
+            Phase::InTransaction
+        } else {
+            Phase::Idle
         }
-        // Inside a transaction, or an extended batch the client has not
-        // synced (which holds the connection just the same).
-        if self.seq.is_bound() && (self.seq.tx_status() != b'I' || self.seq.unsynced()) {
-            return after(server.idle_in_transaction_timeout_ms, self.last_activity)
-                .map(|at| (Timeout::IdleInTransaction, at));
-        }
-        after(server.client_idle_timeout_ms, self.last_activity).map(|at| (Timeout::ClientIdle, at))
     }
 
     pub(super) async fn on_timeout(&mut self, which: Timeout) -> Result<(), End> {
@@ -41,8 +35,10 @@ impl QueryLoop<'_> {
                 Err(End::Fatal(Refusal::IdleInTransaction))
             }
             Timeout::Query => {
-                self.cancel_sent = true;
-                self.cancel_note = Some("cancelled by pgwarden: query_timeout_ms elapsed".into());
+                self.clock.cancelled(
+                    "cancelled by pgwarden: query_timeout_ms elapsed".into(),
+                    true,
+                );
                 if let Some(backend) = self.cancel.backend() {
                     tracing::info!(parent: &self.span, "query_timeout: cancelling the running statement");
                     crate::session::cancel_backend(self.shared, backend).await;

@@ -174,6 +174,7 @@ impl Sequencer {
     /// Answered by the gateway when the batch's error was its own or
     /// nothing ran on a server; forwarded otherwise.
     pub fn sync(&mut self) {
+        self.code.sync();
         self.discard_until_sync = false;
         if self.local_sync || (!self.bound && self.tracker.is_empty()) {
             self.local_sync = false;

@@ -25,9 +25,11 @@
 //!   server skips them.
 
 mod client;
+mod code;
 mod names;
 mod server;
 
+pub use code::{Code, Marking, COMMIT_THEN_MORE};
 pub use names::Names;
 
 use bytes::{Bytes, BytesMut};
@@ -129,6 +131,8 @@ pub struct Sequencer {
     to_client: BytesMut,
     /// The client's statements and portals by its names.
     pub names: Names,
+    /// Where code pgwarden cannot see into ran.
+    pub code: Code,
     /// Bytes written for a server while none was bound: never sent. Only a
     /// bug writes here; the relay then ends the session
     /// ([`Sequencer::misrouted`]).
@@ -158,12 +162,20 @@ impl Default for Sequencer {
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
             names: Names::default(),
+            code: Code::default(),
             void: BytesMut::new(),
         }
     }
 }
 
 impl Sequencer {
+    /// A session's sequencer, knowing whether its startup settings already
+    /// run code pgwarden cannot see into.
+    pub fn with_code(mut self, code: Code) -> Self {
+        self.code = code;
+        self
+    }
+
     // ----- the connection ---------------------------------------------------
 
     /// A connection is bound, and carries the client's identity: from now

@@ -65,6 +65,7 @@ impl Sequencer {
         match tag {
             b'Z' if frame.len() == 6 => {
                 self.tx_status = frame[5];
+                self.code.ready(frame[5]);
                 self.copy_in = false;
             }
             b'G' => {

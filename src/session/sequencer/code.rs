@@ -167,7 +167,7 @@ mod tests {
 
     #[test]
     fn a_query_that_commits_and_goes_on_is_refused_only_after_opaque_code() {
-        let mut code = Code::default();
+        let code = Code::default();
         assert!(!code.refuses_query(true, COMMIT_THEN));
         assert!(code.refuses_query(false, COMMIT_THEN));
         assert!(code.refuses_query(false, CHAIN));

@@ -7,6 +7,7 @@
 
 pub mod cancel;
 pub mod carried;
+pub mod checks;
 pub mod clock;
 pub mod commits;
 pub mod kept;

@@ -13,37 +13,6 @@ use crate::session::kept;
 use crate::session::sequencer::Marking;
 
 impl QueryLoop<'_> {
-    /// Marks the bound connection as holding this session's state when
-    /// `sql` may leave some behind, and pins the client to it when `sql`
-    /// creates objects the client will look for on it again.
-    /// A statement about to run may change `names` for the session. In
-    /// transaction pooling, `[pool] session_set = "keep"` reads them back
-    /// when the transaction ends ([`Self::keep_session_settings`]);
-    /// `"error"` refuses the statement (`refusable`: the names come from
-    /// the statement's text, so the change certainly outlasts the
-    /// transaction if it succeeds).
-    pub(super) fn note_session_sets(
-        &mut self,
-        names: &[String],
-        refusable: bool,
-    ) -> Result<(), Refusal> {
-        if names.is_empty() || self.mode != PoolMode::Transaction {
-            return Ok(());
-        }
-        let policy = self.shared.config.pool.session_set;
-        let guard = &self.shared.guard;
-        let protected = |name: &str| guard.protected_name(name.as_bytes(), false).is_some();
-        self.carried
-            .note_session_sets(names, refusable, policy, protected)?;
-        if policy == crate::config::SessionSet::Error {
-            return Ok(());
-        }
-        if let Some(server) = self.server.as_mut() {
-            server.custody_mut().mark_dirty(&self.ident.session_id);
-        }
-        Ok(())
-    }
-
     /// `[pool] session_set = "keep"`, at the end of a transaction that may
     /// have changed settings for the session: reads their values back from
     /// the server (which knows whether the change committed) and keeps them
@@ -74,6 +43,9 @@ impl QueryLoop<'_> {
         }
     }
 
+    /// Marks the bound connection as holding this session's state when
+    /// `sql` may leave some behind, and pins the client to it when `sql`
+    /// creates objects the client will look for on it again.
     pub(super) fn note_state(&mut self, sql: &[u8]) {
         self.carried.note_text(sql);
         let Some(server) = self.server.as_mut() else {

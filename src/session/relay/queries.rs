@@ -7,8 +7,6 @@
 
 use super::recording::{Ahead, Audited};
 use super::*;
-use crate::session::commits::Commits;
-use crate::session::sequencer::COMMIT_THEN_MORE;
 
 impl QueryLoop<'_> {
     pub(super) async fn on_query(&mut self, frame: Bytes) -> Result<(), End> {
@@ -17,24 +15,18 @@ impl QueryLoop<'_> {
         // for the client (PostgreSQL defines it so).
         self.seq.names.statements.remove(&b""[..]);
         self.seq.unnamed_lost();
-        if let Err(v) = self.check_guard(sql, false) {
-            let error = self.blocked(sql, &v.to_string()).await;
-            return self.refuse(Flow::Simple, error).await;
-        }
         let transparent = crate::session::opaque::transparent(sql);
-        if self.seq.code.refuses_query(transparent, Commits::of(sql)) {
-            let error = self.blocked(sql, COMMIT_THEN_MORE).await;
-            return self.refuse(Flow::Simple, error).await;
-        }
+        let checked = self.off_thread(sql.len(), |c| c.query(sql, transparent));
+        let passed = match checked {
+            Ok(passed) => passed,
+            Err(r) => return self.refused(Flow::Simple, r).await,
+        };
         if let Some(dealloc) = prepared::parse_deallocate(sql) {
             if self.deallocate(dealloc).await {
                 return Ok(());
             }
         }
-        let session_sets = crate::session::kept::session_sets(sql);
-        if let Err(e) = self.note_session_sets(&session_sets, true) {
-            return self.refuse(Flow::Simple, e).await;
-        }
+        self.passed(passed);
         let parts = match self.auditing {
             true => crate::session::split::statements(sql, self.carried.standard_strings()),
             false => None,
@@ -109,32 +101,12 @@ impl QueryLoop<'_> {
 
     pub(super) async fn on_parse(&mut self, frame: Bytes) -> Result<(), End> {
         let parse = messages::parse_parse(&frame[5..]).map_err(End::from)?;
-        let setting_params = match self.check_guard(parse.query, true) {
-            Ok(params) => params,
-            Err(v) => {
-                let query = parse.query;
-                let error = self.blocked(query, &v.to_string()).await;
-                return self.refuse(Flow::Extended, error).await;
-            }
+        let plan = match self.off_thread(parse.query.len(), |c| c.parse(&parse)) {
+            Ok(plan) => plan,
+            Err(r) => return self.refused(Flow::Extended, r).await,
         };
-        if self.shared.config.pool.session_set == crate::config::SessionSet::Error {
-            let session_sets = crate::session::kept::session_sets(parse.query);
-            if let Err(e) = self.note_session_sets(&session_sets, true) {
-                return self.refuse(Flow::Extended, e).await;
-            }
-        }
-        // In session pooling the client owns its connection: its named
-        // statements live there under its own names, as directly.
-        // A statement that takes set_config's setting name as a parameter
-        // gets one of the gateway's names even then, which SQL-level
-        // EXECUTE may not name (the guard refuses it): only a `Bind`,
-        // whose values are checked, runs it.
-        let own_name = self.mode == PoolMode::Session && setting_params.is_empty();
-        if !parse.name.is_empty() && !own_name {
-            if let Err(e) = self.seq.names.check_new_name(parse.name) {
-                return self.refuse(Flow::Extended, e).await;
-            }
-        }
+        let (setting_params, own_name) = (plan.setting_params, plan.own_name);
+        self.passed(plan.passed);
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
@@ -244,42 +216,26 @@ impl QueryLoop<'_> {
             return self.refuse(Flow::Extended, e).await;
         }
         let bind = messages::parse_bind(&frame[5..]).map_err(End::from)?;
-        if let Err(e) = self.seq.names.check_statement_name(bind.statement) {
-            return self.refuse(Flow::Extended, e).await;
-        }
-        // Binding plans the statement, which may evaluate functions; a name
-        // the gateway does not map was prepared by SQL it cannot see into.
-        let (nature, key) = self
+        let sql = self.statement_sql(bind.statement);
+        let nature = match self.checks().bind(&bind, &sql) {
+            Ok((nature, passed)) => {
+                self.passed(passed);
+                nature
+            }
+            Err(r) => return self.refused(Flow::Extended, r).await,
+        };
+        let key = self
             .seq
             .names
             .statements
             .get(bind.statement)
-            .map_or((prepared::Nature::UNKNOWN, None), |s| {
-                (s.nature, s.shared.as_ref().map(|(key, _)| *key))
-            });
-        let bound_names = match self.check_bound_setting_names(&bind) {
-            Ok(names) => names,
-            Err(v) => {
-                let sql = self.statement_sql(bind.statement);
-                let error = self.blocked(&sql, &v.to_string()).await;
-                return self.refuse(Flow::Extended, error).await;
-            }
-        };
-        if let Err(e) = self.note_bound_session_sets(bind.statement, bound_names) {
-            return self.refuse(Flow::Extended, e).await;
-        }
+            .and_then(|s| s.shared.as_ref().map(|(key, _)| *key));
         let transparent = nature.transparent;
-        if self.seq.code.bind(transparent, nature.commits).is_err() {
-            let sql = self.statement_sql(bind.statement);
-            let error = self.blocked(&sql, COMMIT_THEN_MORE).await;
-            return self.refuse(Flow::Extended, error).await;
-        }
         self.note_code(transparent);
         if nature.uses_sequences {
             self.note_sequences();
         }
         let mut bind_record = None;
-        let sql = self.statement_sql(bind.statement);
         let mut params = None;
         if self.auditing {
             params = self.audited_params(&bind).map_err(End::from)?;
@@ -318,57 +274,13 @@ impl QueryLoop<'_> {
         Ok(())
     }
 
-    /// The values a `Bind` gives the parameters its statement passes as
-    /// `set_config`'s setting name: each must be a name the guard allows.
-    /// Returns those names.
-    fn check_bound_setting_names(
-        &self,
-        bind: &messages::BindView<'_>,
-    ) -> Result<Vec<String>, crate::identity::Violation> {
-        let Some(statement) = self.seq.names.statements.get(bind.statement) else {
-            return Ok(Vec::new());
-        };
-        let mut names = Vec::new();
-        for &n in &statement.setting_params {
-            // NULL names no setting (set_config refuses it), and with too
-            // few values the server refuses the Bind itself.
-            if let Ok(Some(value)) = bind.raw_param(usize::from(n) - 1) {
-                self.shared.guard.bound_setting_name(value)?;
-                names.push(String::from_utf8_lossy(value).trim_end().to_string());
-            }
-        }
-        Ok(names)
-    }
-
-    /// The settings a `Bind` of `statement` may change for the session:
-    /// those its text names (refused in `session_set = "error"`), and those
-    /// its bound values name (kept, never refused: `set_config`'s third
-    /// argument may make them local).
-    fn note_bound_session_sets(
-        &mut self,
-        statement: &[u8],
-        bound: Vec<String>,
-    ) -> Result<(), Refusal> {
-        let named = self
-            .seq
-            .names
-            .statements
-            .get(statement)
-            .map(|s| s.session_sets.clone())
-            .unwrap_or_default();
-        self.note_session_sets(&named, true)?;
-        self.note_session_sets(&bound, false)
-    }
-
     pub(super) async fn on_describe(&mut self, frame: Bytes) -> Result<(), End> {
         if let Err(e) = self.bind_server().await {
             return self.refuse(Flow::Extended, e).await;
         }
         let (kind, name) = messages::parse_close_or_describe(&frame[5..]).map_err(End::from)?;
-        if kind == b'S' {
-            if let Err(e) = self.seq.names.check_statement_name(name) {
-                return self.refuse(Flow::Extended, e).await;
-            }
+        if let Err(r) = self.checks().describe(kind, name) {
+            return self.refused(Flow::Extended, r).await;
         }
         let server_name = if kind == b'S' {
             self.server_statement(name)

@@ -245,7 +245,9 @@ impl QueryLoop<'_> {
             match header.tag {
                 b'P' => {
                     let parse = messages::parse_parse(body).ok()?;
-                    self.check_guard(parse.query, false).ok()?;
+                    if !self.guard_passes(parse.query) {
+                        return None;
+                    }
                     parsed.push((parse.name, parse.query));
                 }
                 b'B' => {

@@ -1,33 +1,70 @@
-//! The gateway's refusals: the statement guard's check, its audit record,
-//! and the refused message answered in the position PostgreSQL would have
-//! answered it, inside a transaction too (`Sequencer::refuse`).
+//! The gateway's refusals (decided by [`crate::session::checks`]): the
+//! guard's record of a blocked statement, and the refused message answered
+//! in the position PostgreSQL would have answered it, inside a transaction
+//! too (`Sequencer::refuse`).
 
 use super::*;
+use crate::session::checks::{Checks, Passed, Refused, Rules};
+
+/// A statement longer than this is checked off the threads other sessions
+/// run on (the checks are linear, but a megabyte still takes milliseconds).
+const LARGE: usize = 64 * 1024;
+
+/// Runs `check` of a statement of `len` bytes, off the runtime's worker
+/// threads when it is large.
+fn off_thread<R>(len: usize, check: impl FnOnce() -> R) -> R {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if len > LARGE && multi_thread {
+        tokio::task::block_in_place(check)
+    } else {
+        check()
+    }
+}
 
 impl QueryLoop<'_> {
-    /// Runs the statement guard; a large statement is checked off the
-    /// threads other sessions run on (the check is linear, but a megabyte
-    /// still takes milliseconds).
-    /// `parse`: the text of a `Parse`, which may leave `set_config`'s
-    /// setting name to a bound parameter (the ones returned).
-    pub(super) fn check_guard(
-        &self,
-        sql: &[u8],
-        parse: bool,
-    ) -> Result<Vec<u16>, crate::identity::Violation> {
-        const LARGE: usize = 64 * 1024;
-        let guard = &self.shared.guard;
-        let check = || match parse {
-            true => guard.check_parse(sql),
-            false => guard.check(sql).map(|()| Vec::new()),
-        };
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if sql.len() > LARGE && multi_thread {
-            tokio::task::block_in_place(check)
-        } else {
-            check()
+    /// The session's checks, over its current state.
+    pub(super) fn checks(&mut self) -> Checks<'_> {
+        Checks {
+            rules: Rules {
+                guard: &self.shared.guard,
+                mode: self.mode,
+                session_set: self.shared.config.pool.session_set,
+            },
+            names: &self.seq.names,
+            code: &mut self.seq.code,
+            carried: &mut self.carried,
         }
+    }
+
+    /// Runs `check` on a statement of `len` bytes ([`off_thread`]).
+    pub(super) fn off_thread<R>(&mut self, len: usize, check: impl FnOnce(&mut Checks) -> R) -> R {
+        let mut checks = self.checks();
+        off_thread(len, || check(&mut checks))
+    }
+
+    /// The guard's check of a statement text alone (a batch audited ahead).
+    pub(super) fn guard_passes(&self, sql: &[u8]) -> bool {
+        off_thread(sql.len(), || self.shared.guard.check(sql).is_ok())
+    }
+
+    /// A message passed: what it leaves on the bound connection.
+    pub(super) fn passed(&mut self, passed: Passed) {
+        if !passed.session_dirty {
+            return;
+        }
+        if let Some(server) = self.server.as_mut() {
+            server.custody_mut().mark_dirty(&self.ident.session_id);
+        }
+    }
+
+    /// Answers a refused message; a statement the guard blocked gets its
+    /// `guard_blocked` record first.
+    pub(super) async fn refused(&mut self, flow: Flow, refused: Refused) -> Result<(), End> {
+        if let (Some(sql), Refusal::Guard(why)) = (&refused.blocked, &refused.refusal) {
+            self.record_blocked(sql, why).await;
+        }
+        self.refuse(flow, refused.refusal).await
     }
 
     /// Answers a client message with `error` instead of running it (see
@@ -46,8 +83,8 @@ impl QueryLoop<'_> {
         Ok(())
     }
 
-    /// Records a guard refusal and builds the client's error.
-    pub(super) async fn blocked(&mut self, sql: &[u8], why: &str) -> Refusal {
+    /// Records a guard refusal.
+    async fn record_blocked(&mut self, sql: &[u8], why: &str) {
         tracing::info!(parent: &self.span, "statement guard: {why}");
         if self.auditing {
             let mut ev = self.event(Kind::GuardBlocked);
@@ -58,6 +95,5 @@ impl QueryLoop<'_> {
             self.shared.auditor.append_nowait(ev).await;
         }
         crate::metrics::Metrics::inc(&self.shared.metrics.guard_blocks);
-        Refusal::Guard(why.to_string())
     }
 }

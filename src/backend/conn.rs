@@ -80,6 +80,30 @@ pub struct ServerConn {
     pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// What pgwarden knows about a server connection, without its socket:
+/// what a session leaves on it, as the I/O-free session core marks it.
+#[derive(Debug)]
+pub struct ConnState<'c> {
+    pub custody: &'c mut super::custody::Custody,
+    /// Client statements it holds under their shared names.
+    pub statements: &'c mut super::statements::StatementCache,
+}
+
+impl ConnState<'_> {
+    /// Records that `session` ran code pgwarden cannot see into here (a DO
+    /// block, a function outside the built-ins it knows, `FunctionCall`...):
+    /// see [`super::custody::Custody::mark_opaque`]. With `cache`, the
+    /// shared statements are no longer trusted either (the code may have
+    /// deallocated or redefined them), so each is closed and prepared
+    /// afresh before its next use.
+    pub fn mark_opaque(&mut self, session: &std::sync::Arc<str>, cache: bool) {
+        self.custody.mark_opaque(session);
+        if cache {
+            self.statements.mark_uncertain();
+        }
+    }
+}
+
 impl ServerConn {
     /// Opens a connection to the backend within the connect timeout,
     /// negotiating TLS as `tls` says (an `SSLRequest`, then the handshake).
@@ -292,16 +316,11 @@ impl ServerConn {
         &mut self.custody
     }
 
-    /// Records that `session` ran code pgwarden cannot see into here (a DO
-    /// block, a function outside the built-ins it knows, `FunctionCall`...):
-    /// see [`super::custody::Custody::mark_opaque`]. With `cache`, the
-    /// shared statements are no longer trusted either (the code may have
-    /// deallocated or redefined them), so each is closed and prepared
-    /// afresh before its next use.
-    pub fn mark_opaque(&mut self, session: &std::sync::Arc<str>, cache: bool) {
-        self.custody.mark_opaque(session);
-        if cache {
-            self.statements.mark_uncertain();
+    /// What pgwarden knows about this connection, without its socket.
+    pub fn state(&mut self) -> ConnState<'_> {
+        ConnState {
+            custody: &mut self.custody,
+            statements: &mut self.statements,
         }
     }
 

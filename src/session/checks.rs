@@ -192,6 +192,22 @@ impl Checks<'_> {
     }
 }
 
+/// A statement longer than this is checked off the threads other sessions
+/// run on (the checks are linear, but a megabyte still takes milliseconds).
+const LARGE: usize = 64 * 1024;
+
+/// Runs `check` of a statement of `len` bytes, off the runtime's worker
+/// threads when it is large (and the runtime has several).
+pub fn off_thread<R>(len: usize, check: impl FnOnce() -> R) -> R {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if len > LARGE && multi_thread {
+        tokio::task::block_in_place(check)
+    } else {
+        check()
+    }
+}
+
 /// A `FunctionCall` of function `oid`: the name it is recorded by, if the
 /// function is allowed. `text`: how the refused call is recorded.
 pub fn function_call(oid: i32, text: impl FnOnce() -> String) -> Result<&'static str, Refused> {

@@ -10,6 +10,7 @@ pub mod carried;
 pub mod checks;
 pub mod clock;
 pub mod commits;
+pub mod core;
 pub mod kept;
 pub mod ledger;
 pub mod opaque;

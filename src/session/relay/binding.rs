@@ -1,6 +1,6 @@
 //! The server connection's life within a session: binding it (reset of
-//! another session's state, identity assertion), what the client leaves on
-//! it, verification, release, loss and the end of the session.
+//! another session's state, identity assertion), the settings read back
+//! from it, verification, release, loss and the end of the session.
 //!
 //! Invariant: a server connection serves this client only after it carries
 //! this client's identity and settings, and goes back to the pool only idle
@@ -10,7 +10,6 @@ use super::*;
 use crate::backend::custody::Wanted;
 use crate::identity::tag::Backend;
 use crate::session::kept;
-use crate::session::sequencer::Marking;
 
 impl QueryLoop<'_> {
     /// `[pool] session_set = "keep"`, at the end of a transaction that may
@@ -18,7 +17,7 @@ impl QueryLoop<'_> {
     /// the server (which knows whether the change committed) and keeps them
     /// for every connection that serves this client.
     pub(super) async fn keep_session_settings(&mut self) {
-        let names = self.carried.take_pending();
+        let names = self.core.carried.take_pending();
         if names.is_empty() {
             return;
         }
@@ -26,13 +25,13 @@ impl QueryLoop<'_> {
             return;
         };
         // A simple query: it drops the connection's unnamed statement.
-        self.seq.unnamed_lost();
+        self.core.seq.unnamed_lost();
         match kept::read(server, &names).await {
             Ok(values) => {
-                self.carried.keep(values);
+                self.core.carried.keep(values);
                 server
                     .custody_mut()
-                    .settings_changed(&self.ident.session_id, self.carried.values().clone());
+                    .settings_changed(&self.ident.session_id, self.core.carried.values().clone());
             }
             Err(e) => {
                 if !matches!(e, crate::backend::conn::BackendError::Server(_)) {
@@ -43,67 +42,13 @@ impl QueryLoop<'_> {
         }
     }
 
-    /// Marks the bound connection as holding this session's state when
-    /// `sql` may leave some behind, and pins the client to it when `sql`
-    /// creates objects the client will look for on it again.
-    pub(super) fn note_state(&mut self, sql: &[u8]) {
-        self.carried.note_text(sql);
-        let Some(server) = self.server.as_mut() else {
-            return;
-        };
-        if !crate::session::state::may_leave_state(sql) {
-            return;
-        }
-        if crate::session::state::deallocates(sql) {
-            server.statements.mark_uncertain();
-        }
-        match crate::session::state::effect(sql) {
-            Effect::None => {}
-            Effect::Settings => server.custody_mut().mark_dirty(&self.ident.session_id),
-            Effect::Pin => {
-                server.custody_mut().mark_dirty(&self.ident.session_id);
-                if self.seq.pin() && self.mode == PoolMode::Transaction {
-                    tracing::info!(parent: &self.span, "client pinned to its server connection until it disconnects");
-                }
-            }
-        }
-    }
-
-    /// The bound connection may now hold this session's sequence state.
-    pub(super) fn note_sequences(&mut self) {
-        if let Some(server) = self.server.as_mut() {
-            server.custody_mut().note_sequences(&self.ident.session_id);
-        }
-    }
-
-    /// Records whether the client message about to be forwarded runs only
-    /// what pgwarden understands. Opaque code (or anything a session that
-    /// once ran opaque code runs) marks the bound connection: identity is
-    /// asserted afresh before its next transaction, and another session
-    /// gets it only after a reset.
-    pub(super) fn note_code(&mut self, transparent: bool) {
-        let Marking::Mark { opaque, first } = self.seq.code.note(transparent) else {
-            return;
-        };
-        if first {
-            tracing::debug!(parent: &self.span,
-                "opaque code: this session's connections are re-asserted and reset from now on"
-            );
-        }
-        if let Some(server) = self.server.as_mut() {
-            server.mark_opaque(&self.ident.session_id, opaque);
-        }
-    }
-
     /// Binds a server connection if none is bound: acquires one and asserts
     /// the client's identity on it. If none can be bound, a statement whose
     /// record was written ahead of the batch gets that error as its result.
     pub(super) async fn bind_server(&mut self) -> Result<(), Refusal> {
         let bound = self.bind_server_now().await;
         if let Err(e) = &bound {
-            if let Some(Ahead::Stored(pending)) = self.pre_audited.take() {
-                self.unrun(pending, e);
-            }
+            self.core.bind_failed(e);
         }
         bound
     }
@@ -119,7 +64,7 @@ impl QueryLoop<'_> {
             session: &self.ident.session_id,
             role: &self.ident.role,
             client_user: &self.ident.client_user,
-            settings: self.carried.values(),
+            settings: self.core.carried.values(),
             tag_key: key.as_ref().map(|k| k.id),
         });
         if preparation.reset {
@@ -146,12 +91,12 @@ impl QueryLoop<'_> {
         // Whatever unnamed statement this connection holds is another
         // binding's: the client's is parsed again before it is used.
         self.server = Some(conn);
-        self.seq.bound();
-        self.seq.unnamed_lost();
+        self.core.seq.bound();
+        self.core.seq.unnamed_lost();
         if preparation.discard_sequences {
             // Sent ahead of the client's first message, in the same write;
             // its answers are the gateway's.
-            self.seq.own_query("DISCARD SEQUENCES");
+            self.core.seq.own_query("DISCARD SEQUENCES");
         }
         Ok(())
     }
@@ -160,7 +105,7 @@ impl QueryLoop<'_> {
     /// pooling): a new transaction after opaque code, or under a new tag
     /// key, gets a fresh assertion.
     async fn rebind_kept(&mut self) -> Result<(), Refusal> {
-        if !self.seq.between_transactions() {
+        if !self.core.seq.between_transactions() {
             return Ok(());
         }
         let key = self.tag_key().await;
@@ -177,7 +122,7 @@ impl QueryLoop<'_> {
                 Ok(())
             }
             Err(e) => {
-                self.seq.unbound();
+                self.core.seq.unbound();
                 self.cancel.unbind().await;
                 pool::discard(conn);
                 Err(e)
@@ -219,7 +164,7 @@ impl QueryLoop<'_> {
         conn.custody_mut().forget_identity();
         // The assertion replaces (and closes) the connection's unnamed
         // statement: the client's own is parsed again before its next use.
-        self.seq.unnamed_lost();
+        self.core.seq.unnamed_lost();
         let backend = conn.started_us.map(|started_us| Backend {
             pid: conn.pid,
             started_us,
@@ -229,7 +174,7 @@ impl QueryLoop<'_> {
             (k.id, value)
         });
         let assertion = Assertion {
-            settings: self.carried.values(),
+            settings: self.core.carried.values(),
             tag: tag.as_ref().map(|(_, value)| value.as_str()),
             ..self.assertion()
         };
@@ -239,7 +184,7 @@ impl QueryLoop<'_> {
         }
         conn.custody_mut().asserted(
             (self.ident.role.clone(), self.ident.client_user.clone()),
-            self.carried.values().clone(),
+            self.core.carried.values().clone(),
             tag.map(|(id, value)| (id, Arc::from(value))),
         );
         Ok(())
@@ -258,22 +203,22 @@ impl QueryLoop<'_> {
         let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) else {
             return;
         };
-        self.carried.reported(
+        self.core.carried.reported(
             &String::from_utf8_lossy(name),
             &String::from_utf8_lossy(value),
         );
         if let Some(server) = self.server.as_mut() {
             server
                 .custody_mut()
-                .settings_changed(&self.ident.session_id, self.carried.values().clone());
+                .settings_changed(&self.ident.session_id, self.core.carried.values().clone());
         }
     }
 
     /// Re-applies the client's (tagged) application name on the bound
     /// connection; the answers are the gateway's and never reach the client.
     pub(super) fn retag_application_name(&mut self) {
-        if let Some(sql) = self.carried.retag_sql() {
-            self.seq.own_query(&sql);
+        if let Some(sql) = self.core.carried.retag_sql() {
+            self.core.seq.own_query(&sql);
         }
     }
 
@@ -296,7 +241,7 @@ impl QueryLoop<'_> {
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
-        self.seq.unnamed_lost();
+        self.core.seq.unnamed_lost();
         let tag = server.custody().tag_value().map(str::to_string);
         let assertion = Assertion {
             tag: tag.as_deref(),
@@ -330,8 +275,8 @@ impl QueryLoop<'_> {
         );
         tracing::error!(parent: &self.span, "{message}");
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_violations);
-        if self.auditing {
-            let mut ev = self.event(Kind::IdentityViolation);
+        if self.shared.auditor.enabled() {
+            let mut ev = self.core.event(Kind::IdentityViolation);
             ev.status = Some(Status::Error);
             ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
             ev.message = Some(message.clone());
@@ -346,7 +291,7 @@ impl QueryLoop<'_> {
         if let Some(conn) = self.server.take() {
             // The client's unnamed statement stays its own; the next
             // connection gets it parsed again when it is used.
-            self.seq.unbound();
+            self.core.seq.unbound();
             self.cancel.unbind().await;
             drop(conn);
         }
@@ -363,14 +308,18 @@ impl QueryLoop<'_> {
 
     pub(super) async fn abandon_server(&mut self, why: &str) {
         self.abandon_ledger().await;
-        for pending in self.seq.drain() {
-            let mut ev = self.result_event(pending, Outcome::NotExecuted { after: None });
+        for pending in self.core.seq.drain() {
+            let mut ev = self.core.result_event(
+                pending,
+                Outcome::NotExecuted { after: None },
+                self.server.as_ref().map(|s| s.pid),
+            );
             ev.status = Some(Status::Unknown);
             ev.message = Some(why.to_string());
             self.shared.auditor.append_nowait(ev).await;
         }
         if let Some(conn) = self.server.take() {
-            self.seq.unbound();
+            self.core.seq.unbound();
             self.cancel.unbind().await;
             pool::discard(conn);
         }
@@ -382,10 +331,10 @@ impl QueryLoop<'_> {
         // The session may end in the middle of a client burst: record what
         // it resolved, and that a statement audited ahead of its batch never
         // ran.
-        self.settle_unexecuted_ahead();
+        self.core.settle_unexecuted_ahead();
         self.record_results().await;
         if let End::Fatal(refusal) = end {
-            self.seq.client_out().clear();
+            self.core.seq.client_out().clear();
             self.client.send_error(&refusal.to_wire()).await;
         }
         if matches!(end, End::ClientGone) && !self.idle() {

@@ -23,10 +23,12 @@ impl QueryLoop<'_> {
     /// or destroyed.
     pub(super) async fn settle_for_gone_client(&mut self) {
         self.client.rbuf.clear();
-        if self.server.is_none() || self.seq.streaming_from_client() {
+        if self.server.is_none() || self.core.seq.streaming_from_client() {
             return;
         }
-        self.seq.fail_copy("the client disconnected during COPY");
+        self.core
+            .seq
+            .fail_copy("the client disconnected during COPY");
         self.roll_back("the client disconnected inside a transaction")
             .await;
     }
@@ -38,22 +40,25 @@ impl QueryLoop<'_> {
     /// the client.
     pub(super) async fn roll_back(&mut self, why: &str) {
         self.client_gone = true;
-        self.seq.resume();
-        self.seq.abort_unsynced(PgError::error(
+        self.core.seq.resume();
+        self.core.seq.abort_unsynced(PgError::error(
             sqlstate::CONNECTION_FAILURE,
             "the batch was abandoned",
         ));
         if self.flush_server().await.is_err() || !self.wait_for_server(why).await {
             return;
         }
-        if self.server.is_none() || self.seq.tx_status() == b'I' {
+        if self.server.is_none() || self.core.seq.tx_status() == b'I' {
             return;
         }
         let note = format!("issued by pgwarden: {why}");
         // A store failure does not stop the rollback.
-        let pending = self.audit_note("ROLLBACK", &note).await.unwrap_or_default();
-        self.seq.own_query_unregistered("ROLLBACK");
-        self.seq.expect().query(pending, None);
+        let pending = match self.core.own_record("ROLLBACK", &note) {
+            Some(record) => self.store_query(record).await.unwrap_or_default(),
+            None => None,
+        };
+        self.core.seq.own_query_unregistered("ROLLBACK");
+        self.core.seq.expect().query(pending, None);
         if self.flush_server().await.is_ok() {
             self.wait_for_server(why).await;
         }
@@ -65,7 +70,7 @@ impl QueryLoop<'_> {
     async fn wait_for_server(&mut self, why: &str) -> bool {
         let mut cancelled = false;
         let mut deadline = tokio::time::Instant::now() + WAIT_BEFORE_CANCEL;
-        while !self.seq.owes_nothing() {
+        while !self.core.seq.owes_nothing() {
             let Some(server) = self.server.as_mut() else {
                 return true;
             };
@@ -86,7 +91,7 @@ impl QueryLoop<'_> {
                         "cancelled by pgwarden: {why}, and the statement ran on for {} s",
                         WAIT_BEFORE_CANCEL.as_secs()
                     );
-                    self.clock.cancelled(note, false);
+                    self.core.clock.cancelled(note, false);
                     if let Some(backend) = self.cancel.backend() {
                         crate::session::cancel_backend(self.shared, backend).await;
                     }

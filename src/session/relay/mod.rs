@@ -15,11 +15,8 @@
 //!   the order of responses stay exactly what PostgreSQL would produce.
 
 mod binding;
-mod function_call;
 mod gone;
-mod queries;
-mod recording;
-mod refusals;
+mod run;
 mod server;
 mod timeouts;
 
@@ -30,27 +27,21 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use super::cancel::{BackendKey, CancelSlot};
-use super::carried::Carried;
-use super::clock::Clock;
-use super::outcome::Portal;
-use super::prepared;
+use super::checks::Rules;
+use super::core::Core;
 use super::refusal::Refusal;
-use super::results::Results;
-use super::sequencer::{ClientStep, Code, Flow, Sequencer, ServerStep};
-use super::state::Effect;
+use super::sequencer::{ClientStep, Flow, ServerStep};
 use super::tracker::{CacheEffects, Outcome, Pending, Route};
 use super::{Identity, Shared};
-use crate::audit::{Event, Kind, Link, Status};
+use crate::audit::{Kind, Link, Status};
 use crate::backend::statements;
 use crate::client::{ClientConn, ClientError};
 use crate::config::{OnFailure, PoolMode, VerifyMode};
 use crate::identity::assert::{Assertion, Verdict};
 use crate::pool::{self, PooledConn};
-use crate::protocol::frame::{FrameHeader, ProtocolError};
+use crate::protocol::frame::ProtocolError;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
-use crate::session::commits::Commits;
-use recording::Ahead;
 
 /// Why the query phase ended.
 #[derive(Debug)]
@@ -76,34 +67,21 @@ impl From<ClientError> for End {
     }
 }
 
-/// The state of one client's query phase.
+/// The driver of one client's query phase: its sockets, its server
+/// connection and the services it calls; everything else is the core's.
 pub struct QueryLoop<'a> {
     shared: &'a Shared,
     ident: &'a Identity,
     mode: PoolMode,
-    auditing: bool,
     client: ClientConn,
     server: Option<PooledConn>,
     /// The pool this session's connections come from, once known.
     pool: Option<pool::PoolRef>,
     cancel: Arc<CancelSlot>,
-    /// The protocol state: what the server owes, the transaction status,
-    /// the bytes to write each way, when the connection may go.
-    seq: Sequencer,
-    /// The settings the client carries to every server connection.
-    carried: Carried,
+    /// What the session knows and decides, without I/O.
+    core: Core<'a>,
     /// `verify = "transaction"` and client messages ran since the last check.
     needs_verify: bool,
-    /// The session's timers.
-    clock: Clock,
-    /// (transactions, statements) not yet added to the shared metrics.
-    counts: (u64, u64),
-    /// The first `Execute` of a batch, audited before the batch took a
-    /// server connection ([`QueryLoop::audit_ahead`]): taken by that
-    /// `Execute`, or settled at `Sync` (or session end) if it never ran.
-    pre_audited: Option<Ahead>,
-    /// The `result` records on their way to the audit log.
-    results: Results,
     shutdown: watch::Receiver<bool>,
     shutting_down: bool,
     /// The client is gone (or is being sent away): nothing more is relayed
@@ -133,28 +111,27 @@ impl<'a> QueryLoop<'a> {
         (client_pid, cancel): (i32, Arc<CancelSlot>),
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let rules = Rules {
+            guard: &shared.guard,
+            mode: shared.config.pool.mode,
+            session_set: shared.config.pool.session_set,
+        };
+        let core = Core::new(
+            ident,
+            rules,
+            shared.auditor.enabled(),
+            client.max_message_size,
+        );
         QueryLoop {
             shared,
             ident,
             mode: shared.config.pool.mode,
-            auditing: shared.auditor.enabled(),
             client,
             server: None,
             pool: None,
             cancel,
-            seq: Sequencer::default().with_code(Code::new(
-                !crate::session::opaque::settings_transparent(&ident.settings),
-            )),
+            core,
             needs_verify: false,
-            clock: Clock::new(Instant::now()),
-            counts: (0, 0),
-            carried: Carried::new(
-                &ident.client_user,
-                ident.settings.clone(),
-                ident.application_name.clone(),
-            ),
-            pre_audited: None,
-            results: Results::default(),
             shutdown,
             shutting_down: false,
             client_gone: false,
@@ -165,6 +142,7 @@ impl<'a> QueryLoop<'a> {
 
     /// The session's span, named as the parent of every log line.
     pub fn in_span(mut self, span: tracing::Span) -> Self {
+        self.core = self.core.in_span(span.clone());
         self.span = span;
         self
     }
@@ -172,7 +150,7 @@ impl<'a> QueryLoop<'a> {
     /// True when no transaction or message exchange is in progress, so the
     /// session may be ended (shutdown) without losing work.
     fn idle(&self) -> bool {
-        self.seq.idle()
+        self.core.seq.idle()
     }
 
     /// Runs until the client leaves or the session must end.
@@ -187,7 +165,7 @@ impl<'a> QueryLoop<'a> {
     }
 
     fn flush_counts(&mut self) {
-        let (tx, st) = std::mem::take(&mut self.counts);
+        let (tx, st) = std::mem::take(&mut self.core.counts);
         self.shared
             .metrics
             .add_user_counts(&self.ident.client_user, tx, st);
@@ -210,7 +188,7 @@ impl<'a> QueryLoop<'a> {
                 let shutdown = &mut self.shutdown;
                 tokio::select! {
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
-                    r = client.fill(), if !self.seq.deferred() => Wake::Client(r),
+                    r = client.fill(), if !self.core.seq.deferred() => Wake::Client(r),
                     r = shutdown.changed(), if idle && !self.shutting_down => {
                         if r.is_err() { self.shutting_down = true; }
                         Wake::Shutdown
@@ -219,7 +197,7 @@ impl<'a> QueryLoop<'a> {
                 }
             };
             if matches!(wake, Wake::Client(Ok(n)) if n > 0) {
-                self.clock.client_moved(Instant::now());
+                self.core.clock.client_moved(Instant::now());
             }
             let step = match wake {
                 Wake::Client(Ok(0)) => Err(End::ClientGone),
@@ -260,7 +238,10 @@ impl<'a> QueryLoop<'a> {
                 .server
                 .as_ref()
                 .is_some_and(|s| s.custody().is_opaque());
-            let step = self.seq.next_client(&mut self.client.rbuf, max, opaque);
+            let step = self
+                .core
+                .seq
+                .next_client(&mut self.client.rbuf, max, opaque);
             match step.map_err(|e| End::Fatal(e.into()))? {
                 ClientStep::Frame(frame) => self.on_client_frame(frame).await?,
                 ClientStep::Idle => return Ok(()),
@@ -269,63 +250,37 @@ impl<'a> QueryLoop<'a> {
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
-        let tag = frame[0];
-        tracing::trace!(parent: &self.span, tag = %(tag as char), len = frame.len(), "client frame");
-        if !self.seq.admit(&frame, Commits::rolls_back_first) {
-            return Ok(());
-        }
-        if matches!(tag, b'Q' | b'E' | b'F') {
-            self.counts.1 += 1;
-        }
-        let result = match tag {
-            b'X' => Err(End::ClientGone),
-            b'Q' => self.on_query(frame).await,
-            b'P' => self.on_parse(frame).await,
-            b'B' => self.on_bind(frame).await,
-            b'E' => self.on_execute(frame).await,
-            // Ignored by the server during copy-in: nothing to await.
-            b'S' if self.seq.copy_in() => {
-                self.seq.pass(&frame);
-                Ok(())
-            }
-            b'S' => {
-                self.on_sync();
-                Ok(())
-            }
-            b'D' => self.on_describe(frame).await,
-            b'C' => self.on_close(frame).await,
-            b'F' => self.on_function_call(frame).await,
-            b'H' | b'd' | b'c' | b'f' => {
-                self.seq.pass(&frame);
-                Ok(())
-            }
-            other => Err(End::Fatal(Refusal::UnknownMessage(other))),
-        };
-        self.seq.emit_synthetic();
+        self.core.log_parameters = self.shared.live().log_parameters;
+        let step = self
+            .core
+            .client_frame(frame, &self.client.rbuf)
+            .map_err(End::Fatal)?;
+        let result = self.perform(step).await;
+        self.core.seq.emit_synthetic();
         result
     }
 
     async fn flush_server(&mut self) -> Result<(), End> {
-        if self.seq.misrouted() {
+        if self.core.seq.misrouted() {
             tracing::error!(parent: &self.span, "a message for the server was written while no connection carried the client's identity");
             self.abandon_server("internal error").await;
             return Err(End::Fatal(Refusal::Internal(
                 "a message had no identity-bearing connection",
             )));
         }
-        if self.seq.to_server().is_empty() {
+        if self.core.seq.to_server().is_empty() {
             return Ok(());
         }
-        self.clock.request_sent(Instant::now());
+        self.core.clock.request_sent(Instant::now());
         let Some(server) = self.server.as_mut() else {
-            self.seq.clear_to_server();
+            self.core.seq.clear_to_server();
             return Ok(());
         };
-        if !self.seq.owes_nothing() {
+        if !self.core.seq.owes_nothing() {
             self.cancel.set_running(true);
         }
-        let written = server.write_all(self.seq.to_server()).await;
-        self.seq.clear_to_server();
+        let written = server.write_all(self.core.seq.to_server()).await;
+        self.core.seq.clear_to_server();
         if let Err(e) = written {
             return Err(self.server_lost(&e.to_string()).await);
         }
@@ -334,14 +289,14 @@ impl<'a> QueryLoop<'a> {
 
     async fn flush_client(&mut self) -> Result<(), End> {
         // Between whole messages only (none is being streamed through).
-        if self.seq.between_server_messages() {
+        if self.core.seq.between_server_messages() {
             if let Some(server) = self.server.as_mut() {
                 for notification in server.take_notifications() {
-                    self.seq.client_out().extend_from_slice(&notification);
+                    self.core.seq.client_out().extend_from_slice(&notification);
                 }
             }
         }
-        let out = self.seq.client_out();
+        let out = self.core.seq.client_out();
         if out.is_empty() {
             return Ok(());
         }
@@ -350,7 +305,7 @@ impl<'a> QueryLoop<'a> {
             return Ok(());
         }
         let result = self.client.write_all(out).await;
-        self.seq.client_out().clear();
+        self.core.seq.client_out().clear();
         result.map_err(End::from)
     }
 }

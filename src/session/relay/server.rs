@@ -6,9 +6,9 @@ use super::*;
 
 impl QueryLoop<'_> {
     pub(super) async fn on_server_data(&mut self) -> Result<(), End> {
-        let was_busy = !self.seq.owes_nothing();
+        let was_busy = !self.core.seq.owes_nothing();
         while let Some(server) = self.server.as_mut() {
-            match self.seq.next_server(&mut server.rbuf) {
+            match self.core.seq.next_server(&mut server.rbuf) {
                 Ok(ServerStep::Frame(frame)) => self.on_server_frame(frame),
                 Ok(ServerStep::Idle) => break,
                 Err(e) => return Err(self.server_lost(&e.to_string()).await),
@@ -18,22 +18,23 @@ impl QueryLoop<'_> {
         // `Sync`s held during a copy the server failed go out now.
         self.flush_server().await?;
         self.record_results().await;
-        if self.seq.owes_nothing() {
-            self.carried.settled();
+        if self.core.seq.owes_nothing() {
+            self.core.carried.settled();
             self.cancel.set_running(false);
-            self.clock.answered(was_busy, Instant::now());
+            self.core.clock.answered(was_busy, Instant::now());
         }
         // Not inside an unsynced batch: after an error there the server
         // would skip the gateway's query and never answer it.
-        let quiet = self.seq.owes_nothing() && !self.seq.copy_in() && !self.seq.unsynced();
-        if self.carried.wants_retag() && quiet {
+        let quiet =
+            self.core.seq.owes_nothing() && !self.core.seq.copy_in() && !self.core.seq.unsynced();
+        if self.core.carried.wants_retag() && quiet {
             self.retag_application_name();
             self.flush_server().await?;
         }
-        if self.idle() && self.seq.tx_status() == b'I' && self.needs_verify {
+        if self.idle() && self.core.seq.tx_status() == b'I' && self.needs_verify {
             self.verify_identity().await?;
         }
-        if self.mode == PoolMode::Transaction && self.seq.releasable() {
+        if self.mode == PoolMode::Transaction && self.core.seq.releasable() {
             self.keep_session_settings().await;
             // Notifications those exchanges met go out before the
             // connection does.
@@ -42,8 +43,8 @@ impl QueryLoop<'_> {
         } else if self.idle() {
             self.flush_client().await?;
         }
-        if self.seq.may_resume() {
-            self.seq.resume();
+        if self.core.seq.may_resume() {
+            self.core.seq.resume();
             self.on_client_data().await?;
         }
         Ok(())
@@ -74,18 +75,19 @@ impl QueryLoop<'_> {
             }
         }
         let mut cache = CacheEffects::default();
-        let before = self.results.count();
+        let before = self.core.results.count();
         let route = self
+            .core
             .seq
-            .server_frame(&frame, self.results.resolved(), &mut cache);
-        if self.auditing && route != Route::Drop {
+            .server_frame(&frame, self.core.results.resolved(), &mut cache);
+        if self.core.auditing() && route != Route::Drop {
             let status = (tag == b'Z').then(|| frame[5]);
-            self.results.server_said(tag, status, before);
+            self.core.results.server_said(tag, status, before);
         }
         self.apply_cache_effects(cache);
         if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {
-            self.counts.0 += 1;
-            if self.counts.0 + self.counts.1 >= 256 {
+            self.core.counts.0 += 1;
+            if self.core.counts.0 + self.core.counts.1 >= 256 {
                 self.flush_counts();
             }
         }

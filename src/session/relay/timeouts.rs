@@ -13,13 +13,15 @@ impl QueryLoop<'_> {
             idle_in_transaction_ms: live.idle_in_transaction_timeout_ms,
             query_ms: live.query_timeout_ms,
         };
-        self.clock.next_timeout(self.phase(), limits)
+        self.core.clock.next_timeout(self.phase(), limits)
     }
 
     fn phase(&self) -> Phase {
-        if !self.seq.owes_nothing() {
+        if !self.core.seq.owes_nothing() {
             Phase::Working
-        } else if self.seq.is_bound() && (self.seq.tx_status() != b'I' || self.seq.unsynced()) {
+        } else if self.core.seq.is_bound()
+            && (self.core.seq.tx_status() != b'I' || self.core.seq.unsynced())
+        {
             Phase::InTransaction
         } else {
             Phase::Idle
@@ -35,7 +37,7 @@ impl QueryLoop<'_> {
                 Err(End::Fatal(Refusal::IdleInTransaction))
             }
             Timeout::Query => {
-                self.clock.cancelled(
+                self.core.clock.cancelled(
                     "cancelled by pgwarden: query_timeout_ms elapsed".into(),
                     true,
                 );

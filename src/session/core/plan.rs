@@ -1,0 +1,269 @@
+//! Each client message that can run a statement, planned: refused, answered
+//! by the gateway, or what it needs before its bytes go out (records, a
+//! connection) and how they go out ([`Then`], for `Core::apply`).
+
+use bytes::Bytes;
+
+use super::{Ahead, Core, Plan, Step, ToRecord};
+use crate::config::PoolMode;
+use crate::protocol::messages;
+use crate::session::checks::{off_thread, Passed};
+use crate::session::outcome::Pending;
+use crate::session::prepared::{self, Nature};
+use crate::session::refusal::Refusal;
+use crate::session::sequencer::Flow;
+
+/// How a planned message goes out once its needs are met.
+#[derive(Debug)]
+pub enum Then {
+    Query {
+        frame: Bytes,
+        transparent: bool,
+        passed: Passed,
+    },
+    /// `DEALLOCATE` of protocol-level statements, answered by the gateway.
+    Deallocate(&'static str),
+    Parse {
+        frame: Bytes,
+        setting_params: Vec<u16>,
+        own_name: bool,
+        passed: Passed,
+    },
+    Bind {
+        frame: Bytes,
+        nature: Nature,
+        sql: Bytes,
+        params: Option<Vec<Option<String>>>,
+        passed: Passed,
+    },
+    Describe(Bytes),
+    Close(Bytes),
+    Execute(Bytes),
+    FunctionCall(Bytes),
+}
+
+impl Plan {
+    fn new(flow: Flow, then: Then) -> Plan {
+        Plan {
+            flow,
+            stored: Vec::new(),
+            records: Vec::new(),
+            must_record: true,
+            bind: true,
+            after_bind: None,
+            then,
+        }
+    }
+
+    fn recording(mut self, records: impl IntoIterator<Item = ToRecord>) -> Plan {
+        self.records.extend(records);
+        self
+    }
+}
+
+impl Core<'_> {
+    pub(super) fn plan_query(&mut self, frame: Bytes) -> Result<Step, Refusal> {
+        let sql = messages::parse_query(&frame[5..])?;
+        // A simple query drops the unnamed statement, on the server as
+        // for the client (PostgreSQL defines it so).
+        self.seq.names.statements.remove(&b""[..]);
+        self.seq.unnamed_lost();
+        let transparent = crate::session::opaque::transparent(sql);
+        let mut checks = self.checks();
+        let passed = match off_thread(sql.len(), || checks.query(sql, transparent)) {
+            Ok(passed) => passed,
+            Err(refused) => return Ok(Step::Refuse(Flow::Simple, refused)),
+        };
+        if let Some(dealloc) = prepared::parse_deallocate(sql) {
+            if let Some(step) = self.deallocate(dealloc) {
+                return Ok(step);
+            }
+        }
+        let parts = match self.auditing {
+            true => crate::session::split::statements(sql, self.carried.standard_strings()),
+            false => None,
+        };
+        // One `query` record per statement, in order, all stored before
+        // any is sent.
+        let records: Vec<ToRecord> = match parts {
+            None => self.record(sql, None).into_iter().collect(),
+            Some(parts) => parts
+                .into_iter()
+                .filter_map(|part| self.record(&sql[part], None))
+                .collect(),
+        };
+        let then = Then::Query {
+            frame: frame.clone(),
+            transparent,
+            passed,
+        };
+        Ok(Step::run(Plan::new(Flow::Simple, then).recording(records)))
+    }
+
+    /// `DEALLOCATE` of protocol-level statements is answered by the gateway:
+    /// the client's names go, the shared server-side statements stay for
+    /// others. `None` when the server must answer (a name the gateway does
+    /// not map, i.e. an SQL-level `PREPARE`, or `ALL` inside a transaction,
+    /// where SQL-level statements may exist).
+    fn deallocate(&mut self, what: prepared::Deallocate) -> Option<Step> {
+        let names = &mut self.seq.names.statements;
+        let tag = match what {
+            prepared::Deallocate::All => {
+                names.retain(|name, _| name.is_empty());
+                if self.seq.is_bound() {
+                    return None;
+                }
+                "DEALLOCATE ALL"
+            }
+            prepared::Deallocate::Name(name) => {
+                if names.get(&name[..]).is_none_or(|s| s.shared.is_none()) {
+                    return None;
+                }
+                names.remove(&name[..]);
+                "DEALLOCATE"
+            }
+        };
+        let mut plan = Plan::new(Flow::Simple, Then::Deallocate(tag))
+            .recording(self.record(tag.as_bytes(), None));
+        // Answered even when its record cannot be stored: it runs nothing.
+        plan.must_record = false;
+        plan.bind = false;
+        Some(Step::run(plan))
+    }
+
+    pub(super) fn plan_parse(&mut self, frame: Bytes) -> Result<Step, Refusal> {
+        let parse = messages::parse_parse(&frame[5..])?;
+        let mut checks = self.checks();
+        let plan = match off_thread(parse.query.len(), || checks.parse(&parse)) {
+            Ok(plan) => plan,
+            Err(refused) => return Ok(Step::Refuse(Flow::Extended, refused)),
+        };
+        let then = Then::Parse {
+            frame: frame.clone(),
+            setting_params: plan.setting_params,
+            own_name: plan.own_name,
+            passed: plan.passed,
+        };
+        Ok(Step::run(Plan::new(Flow::Extended, then)))
+    }
+
+    /// `rest`: the client's messages buffered behind this one.
+    pub(super) fn plan_bind(&mut self, frame: Bytes, rest: &[u8]) -> Result<Step, Refusal> {
+        let bind = messages::parse_bind(&frame[5..])?;
+        let sql = self.statement_sql(bind.statement);
+        let (nature, passed) = match self.checks().bind(&bind, &sql) {
+            Ok(checked) => checked,
+            Err(refused) => return Ok(Step::Refuse(Flow::Extended, refused)),
+        };
+        let params = match self.auditing {
+            true => self.audited_params(&bind)?,
+            false => None,
+        };
+        // Planning may run its functions, and no Execute of this portal is
+        // in the batch whose record would be stored before the Bind is sent.
+        let after_bind = match !nature.transparent && !self.execute_follows(bind.portal, rest) {
+            true => self.record(&sql, params.clone()),
+            false => None,
+        };
+        let then = Then::Bind {
+            frame: frame.clone(),
+            nature,
+            sql,
+            params,
+            passed,
+        };
+        let mut plan = Plan::new(Flow::Extended, then);
+        plan.after_bind = after_bind;
+        Ok(Step::run(plan))
+    }
+
+    pub(super) fn plan_describe(&mut self, frame: Bytes) -> Result<Step, Refusal> {
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..])?;
+        if let Err(refused) = self.checks().describe(kind, name) {
+            return Ok(Step::Refuse(Flow::Extended, refused));
+        }
+        Ok(Step::run(Plan::new(Flow::Extended, Then::Describe(frame))))
+    }
+
+    pub(super) fn plan_close(&mut self, frame: Bytes) -> Result<Step, Refusal> {
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..])?;
+        let names = &self.seq.names;
+        let shared = names
+            .statements
+            .get(name)
+            .is_some_and(|s| s.shared.is_some());
+        // Closing a name the client does not have is no error; one of the
+        // gateway's own names never reaches the server from a client.
+        if kind == b'S' && (shared || names.check_reserved(name).is_err()) {
+            // The client's name goes; the shared statement stays on the server.
+            self.seq.names.statements.remove(name);
+            self.seq.expect().synth_close();
+            return Ok(Step::Done);
+        }
+        Ok(Step::run(Plan::new(Flow::Extended, Then::Close(frame))))
+    }
+
+    pub(super) fn plan_execute(&mut self, frame: Bytes) -> Result<Step, Refusal> {
+        let name = messages::parse_execute(&frame[5..])?;
+        let mut stored: Vec<Option<Pending>> = Vec::new();
+        let mut records = Vec::new();
+        match self.take_ahead() {
+            // Audited before the batch took a connection.
+            Some(Ahead::Stored(pending)) => stored.push(Some(pending)),
+            Some(Ahead::Unaudited) => stored.push(None),
+            Some(Ahead::Failed(e)) => return Ok(Step::Refuse(Flow::Extended, e.into())),
+            None if self.auditing => {
+                let (sql, params) = self.portal_audited(name);
+                records.extend(self.record(&sql, params));
+            }
+            None => {}
+        }
+        let mut plan = Plan::new(Flow::Extended, Then::Execute(frame.clone())).recording(records);
+        plan.stored = stored;
+        Ok(Step::run(plan))
+    }
+
+    pub(super) fn plan_function_call(&mut self, frame: Bytes) -> Result<Step, Refusal> {
+        let oid = crate::protocol::frame::Reader::new(&frame[5..], "FunctionCall").i32()?;
+        let encoding = self.carried.client_encoding();
+        let checked = crate::session::checks::function_call(oid, || {
+            // The refused call is evidence: its arguments are recorded.
+            function_call_text(oid, &frame[5..], encoding)
+        });
+        let name = match checked {
+            Ok(name) => name,
+            Err(refused) => return Ok(Step::Refuse(Flow::Simple, refused)),
+        };
+        let text = format!("FunctionCall {name} (oid={oid})");
+        let params = match self.log_parameters {
+            true => messages::function_call_args(&frame[5..], encoding).ok(),
+            false => None,
+        };
+        let record = self.record(text.as_bytes(), params);
+        Ok(Step::run(
+            Plan::new(Flow::Simple, Then::FunctionCall(frame)).recording(record),
+        ))
+    }
+
+    /// The pool mode, for the plans that depend on it.
+    pub(super) fn mode(&self) -> PoolMode {
+        self.rules.mode
+    }
+}
+
+/// How a `FunctionCall` appears in the audit log: the function's OID and
+/// its arguments (text arguments as text, binary ones in hex).
+fn function_call_text(oid: i32, body: &[u8], encoding: &str) -> String {
+    let mut text = format!("FunctionCall oid={oid}");
+    if let Ok(args) = messages::function_call_args(body, encoding) {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.as_deref()
+                    .map_or("NULL".to_string(), |s| format!("{s:?}"))
+            })
+            .collect();
+        text.push_str(&format!(" args=[{}]", shown.join(", ")));
+    }
+    text
+}

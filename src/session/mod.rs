@@ -194,6 +194,20 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A client `user` mapped to `role`, for tests without a login.
+    #[cfg(test)]
+    pub(crate) fn for_tests(user: &str, role: &str) -> Identity {
+        Identity {
+            session_id: Arc::from("0123456789abcdef"),
+            client_user: Arc::from(user),
+            database: Arc::from("app"),
+            role: Arc::from(role),
+            client_addr: Arc::from("127.0.0.1"),
+            application_name: None,
+            settings: Vec::new(),
+        }
+    }
+
     /// An audit event of `kind` carrying this identity.
     pub fn event(&self, kind: Kind) -> Event {
         let mut ev = Event::new(kind);

@@ -1,8 +1,6 @@
 //! The core without sockets: what each client message needs before it goes
 //! out, in which order, and what it writes once its needs are met.
 
-use std::sync::Arc;
-
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::*;
@@ -10,18 +8,6 @@ use crate::backend::custody::Custody;
 use crate::backend::statements::StatementCache;
 use crate::config::{PoolMode, SessionSet};
 use crate::identity::Guard;
-
-fn identity() -> Identity {
-    Identity {
-        session_id: Arc::from("s1"),
-        client_user: Arc::from("alice"),
-        database: Arc::from("app"),
-        role: Arc::from("analyst"),
-        client_addr: Arc::from("127.0.0.1"),
-        application_name: None,
-        settings: Vec::new(),
-    }
-}
 
 /// A connection's state, as `apply` marks it.
 #[derive(Default)]
@@ -104,7 +90,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         Fixture {
-            ident: identity(),
+            ident: Identity::for_tests("alice", "analyst"),
             guard: Guard::new("app.client_user"),
         }
     }

@@ -1,12 +1,19 @@
-//! The property test: the sequencer driven by random well-formed clients
-//! against a model of PostgreSQL's protocol rules.
+//! The property test: the session's core (`session::core`, with this
+//! sequencer inside) driven as the relay drives it, by random well-formed
+//! clients, against a model of PostgreSQL's protocol rules.
 
 use proptest::prelude::*;
 
-use super::tests::{
-    b, client, copy_data, copy_done, copy_fail, d, e, fcall, frame, h, p, q, s, server, Driver,
-};
+use super::tests::{b, copy_data, copy_done, copy_fail, d, e, fcall, frame, h, p, q, s, server};
 use super::*;
+use crate::backend::conn::ConnState;
+use crate::backend::custody::Custody;
+use crate::backend::statements::StatementCache;
+use crate::config::{PoolMode, SessionSet};
+use crate::identity::Guard;
+use crate::session::checks::Rules;
+use crate::session::core::{Core, Step};
+use crate::session::Identity;
 
 use super::model_pg_tests::ModelServer;
 
@@ -38,8 +45,8 @@ enum Request {
         extended: bool,
         early_sync: bool,
     },
-    /// A statement the gateway refuses: a simple query, or a batch whose
-    /// `Parse` is refused (then `Bind`, `Execute`, `Sync`).
+    /// A statement the statement guard refuses: a simple query, or a batch
+    /// whose `Parse` is refused (then `Bind`, `Execute`, `Sync`).
     Refused(bool),
 }
 
@@ -126,10 +133,13 @@ fn encode(request: &Request) -> Vec<u8> {
             }
             out
         }
-        Request::Refused(false) => q("REFUSE"),
-        Request::Refused(true) => [p("REFUSE"), b(), e(), s()].concat(),
+        Request::Refused(false) => q(REFUSED),
+        Request::Refused(true) => [p(REFUSED), b(), e(), s()].concat(),
     }
 }
+
+/// A statement the guard refuses.
+const REFUSED: &str = "SET ROLE engineer";
 
 /// An event of the run: the client writes its next request (of which the
 /// gateway has read up to `n` more bytes so far), the gateway reads up to
@@ -151,65 +161,122 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
-/// The model's run: the sequencer, the model server, the bytes between
-/// them, and how often a connection was bound and released.
-#[derive(Default)]
+/// The model's run: the core, the model server, the bytes between them,
+/// and how often a connection was bound and released.
 struct Run {
-    seq: Sequencer,
+    core: Core<'static>,
+    /// The bound connection's state, fresh at each binding (another
+    /// connection of the pool, as far as the client can tell).
+    custody: Custody,
+    statements: StatementCache,
     pg: ModelServer,
     /// Bytes the client wrote that the gateway has not read yet.
     client_wire: Vec<u8>,
     client_buf: BytesMut,
     server_buf: BytesMut,
-    driver: Driver,
+    binds: u32,
     releases: u32,
     /// The connection ran opaque code: requests wait for the server.
     opaque: bool,
 }
 
 impl Run {
+    fn new(opaque: bool) -> Run {
+        // One session per case, for the run of the test binary.
+        let ident: &'static Identity = Box::leak(Box::new(Identity::for_tests("alice", "analyst")));
+        let guard: &'static Guard = Box::leak(Box::new(Guard::new("app.client_user")));
+        let rules = Rules {
+            guard,
+            mode: PoolMode::Transaction,
+            session_set: SessionSet::Keep,
+        };
+        Run {
+            core: Core::new(ident, rules, true, 1 << 30),
+            custody: Custody::default(),
+            statements: StatementCache::default(),
+            pg: ModelServer {
+                strict: opaque,
+                ..Default::default()
+            },
+            client_wire: Vec::new(),
+            client_buf: BytesMut::new(),
+            server_buf: BytesMut::new(),
+            binds: 0,
+            releases: 0,
+            opaque,
+        }
+    }
+
     fn read_client(&mut self, n: usize) {
         let n = n.min(self.client_wire.len());
         self.client_buf.extend(self.client_wire.drain(..n));
     }
 
     fn read_server(&mut self, n: usize) {
+        let seq = &mut self.core.seq;
         let n = n.min(self.pg.out.len());
         self.server_buf.extend(self.pg.out.drain(..n));
-        while let ServerStep::Frame(f) = self.seq.next_server(&mut self.server_buf).unwrap() {
-            server(&mut self.seq, &f);
+        while let ServerStep::Frame(f) = seq.next_server(&mut self.server_buf).unwrap() {
+            server(seq, &f);
         }
         // As the relay: deferred client frames are read again once the
         // server has answered everything.
-        if self.seq.deferred() && self.seq.owes_nothing() {
-            self.seq.resume();
+        if seq.deferred() && seq.owes_nothing() {
+            seq.resume();
         }
+    }
+
+    /// What the relay does with a client message: the core plans it; a
+    /// refusal is answered; a plan's records are stored (here: nowhere),
+    /// a connection is bound if it needs one (asserting the identity), and
+    /// the core applies it.
+    fn client_frame(&mut self, frame: Bytes) {
+        match self.core.client_frame(frame, &self.client_buf).unwrap() {
+            Step::Done | Step::Terminate => {}
+            Step::Refuse(flow, refused) => self.core.refuse(flow, refused.refusal).unwrap(),
+            Step::Run(plan) => {
+                if plan.bind && !self.core.seq.is_bound() {
+                    self.binds += 1;
+                    self.core.seq.bound();
+                    self.core.seq.unnamed_lost();
+                    self.custody = Custody::default();
+                    self.statements = StatementCache::default();
+                    self.pg.asserted = true;
+                }
+                let stored = plan
+                    .stored
+                    .into_iter()
+                    .chain(plan.records.iter().map(|_| None));
+                let conn = self.core.seq.is_bound().then_some(ConnState {
+                    custody: &mut self.custody,
+                    statements: &mut self.statements,
+                });
+                self.core.apply(plan.then, stored.collect(), None, conn);
+            }
+        }
+        self.core.seq.emit_synthetic();
     }
 
     /// What the relay does after reading: handles whole client messages,
     /// flushes to the server, and releases the connection when it may go.
     fn step(&mut self) -> Result<(), TestCaseError> {
         loop {
-            // As the relay, per message: once bound, the connection ran
-            // opaque code (when the run says so).
-            let opaque = self.opaque && self.seq.is_bound();
-            let step = self.seq.next_client(&mut self.client_buf, 1 << 30, opaque);
+            // As the relay, per message: the bound connection ran opaque
+            // code (or the run says it did).
+            let opaque = (self.opaque || self.custody.is_opaque()) && self.core.seq.is_bound();
+            let step = self
+                .core
+                .seq
+                .next_client(&mut self.client_buf, 1 << 30, opaque);
             let ClientStep::Frame(f) = step.unwrap() else {
                 break;
             };
-            let before = self.driver.binds;
-            client(&mut self.seq, &f, &mut self.driver);
-            if self.driver.binds > before {
-                // A fresh binding asserts the identity on the connection.
-                self.pg.asserted = true;
-            }
+            self.client_frame(f);
         }
-        prop_assert!(
-            !self.seq.misrouted(),
-            "wrote for a server while none was bound"
-        );
-        let sent = self.seq.to_server().to_vec();
-        self.seq.clear_to_server();
+        let seq = &mut self.core.seq;
+        prop_assert!(!seq.misrouted(), "wrote for a server while none was bound");
+        let sent = seq.to_server().to_vec();
+        seq.clear_to_server();
         if !sent.is_empty() {
             self.pg.owed_elsewhere = !self.server_buf.is_empty();
             self.pg.receive(&sent);
@@ -218,7 +285,7 @@ impl Run {
                 "a request went out while the server still owed answers after opaque code"
             );
         }
-        if self.seq.releasable() {
+        if seq.releasable() {
             prop_assert!(
                 self.pg.idle() && self.server_buf.is_empty(),
                 "released while the server was busy: tx {:?}, unsynced {}, owes {} bytes, copy {:?}",
@@ -227,7 +294,7 @@ impl Run {
                 self.pg.out.len() + self.server_buf.len(),
                 self.pg.copy_in
             );
-            self.seq.unbound();
+            seq.unbound();
             self.pg.asserted = false;
             self.releases += 1;
         }
@@ -235,19 +302,12 @@ impl Run {
     }
 }
 
-/// Drives the sequencer like the relay: client bytes through `next_client`
+/// Drives the core like the relay: client bytes through `next_client`
 /// and the pass-through driver, server bytes through `next_server` and
 /// `server_frame`, flushing to the model server, releasing the connection
 /// whenever the sequencer says it may go; then lets everything arrive.
 fn drive(events: &[Event], opaque: bool) -> Result<(), TestCaseError> {
-    let mut run = Run {
-        opaque,
-        pg: ModelServer {
-            strict: opaque,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let mut run = Run::new(opaque);
     for event in events {
         match event {
             Event::Client(request, n) => {
@@ -272,14 +332,14 @@ fn drive(events: &[Event], opaque: bool) -> Result<(), TestCaseError> {
     // connection has gone back (nothing holds it for ever).
     if run.pg.idle() {
         prop_assert!(
-            !run.seq.is_bound(),
+            !run.core.seq.is_bound(),
             "the server is idle but the connection is held"
         );
     }
     // Nothing the client sent is left waiting (a deadlock with a server that
     // waits for the client).
     prop_assert!(run.client_buf.is_empty(), "client messages never handled");
-    prop_assert!(run.driver.binds >= run.releases);
+    prop_assert!(run.binds >= run.releases);
     Ok(())
 }
 

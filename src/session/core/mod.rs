@@ -21,6 +21,7 @@
 mod ahead;
 mod apply;
 mod plan;
+mod server;
 
 use std::time::Instant;
 
@@ -41,6 +42,7 @@ use crate::session::Identity;
 
 pub use ahead::Ahead;
 pub use plan::Then;
+pub use server::{Bound, Duty};
 
 /// What the driver does with a client message.
 #[derive(Debug)]
@@ -112,15 +114,22 @@ pub struct Core<'a> {
     pre_audited: Option<Ahead>,
     /// (transactions, statements) not yet added to the shared metrics.
     pub counts: (u64, u64),
+    /// `verify = "transaction"`, and client messages ran since the last
+    /// check of the bound connection's identity.
+    pub verify_due: bool,
+    /// The process id the client knows its session by (gateway-made).
+    client_pid: i32,
     span: tracing::Span,
 }
 
 impl<'a> Core<'a> {
+    /// `client_pid`: the process id the gateway gave the client in its
+    /// `BackendKeyData`.
     pub fn new(
         ident: &'a Identity,
         rules: Rules<'a>,
         auditing: bool,
-        max_message_size: usize,
+        (max_message_size, client_pid): (usize, i32),
     ) -> Self {
         let opaque_start = !crate::session::opaque::settings_transparent(&ident.settings);
         Core {
@@ -139,6 +148,8 @@ impl<'a> Core<'a> {
             results: Results::default(),
             pre_audited: None,
             counts: (0, 0),
+            verify_due: false,
+            client_pid,
             span: tracing::Span::none(),
         }
     }

@@ -101,7 +101,7 @@ impl Fixture {
             mode,
             session_set: SessionSet::Keep,
         };
-        Core::new(&self.ident, rules, true, 1 << 20)
+        Core::new(&self.ident, rules, true, (1 << 20, 4242))
     }
 }
 
@@ -324,4 +324,117 @@ fn an_unknown_message_ends_the_session_and_terminate_ends_it_quietly() {
         core.client_frame(frame(b'@', b""), b""),
         Err(Refusal::UnknownMessage(b'@'))
     ));
+}
+
+fn server_msg(tag: u8, body: &[u8]) -> BytesMut {
+    BytesMut::from(&frame(tag, body)[..])
+}
+
+/// Runs a simple query through the core on a bound connection, then the
+/// server's answer: a `CommandComplete` and `ReadyForQuery` with `status`.
+fn round_trip(core: &mut Core<'_>, server: &mut Server, sql: &str, status: u8) {
+    let plan = run(core.client_frame(query(sql), b"").unwrap());
+    apply(core, server, plan);
+    core.seq.clear_to_server();
+    for msg in [server_msg(b'C', b"SELECT 1\0"), server_msg(b'Z', &[status])] {
+        assert!(!core.server_frame(msg, Some((server.state().unwrap(), 77))));
+    }
+}
+
+#[test]
+fn a_notification_from_the_sessions_own_backend_names_the_clients_pid() {
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Transaction);
+    let notification = |pid: i32| {
+        let mut body = pid.to_be_bytes().to_vec();
+        body.extend_from_slice(b"chan\0payload\0");
+        server_msg(b'A', &body)
+    };
+    let mut server = Server::default();
+    core.server_frame(notification(77), Some((server.state().unwrap(), 77)));
+    core.server_frame(notification(78), Some((server.state().unwrap(), 77)));
+    let out = core.seq.client_out().to_vec();
+    assert_eq!(
+        &out[5..9],
+        &4242i32.to_be_bytes(),
+        "own backend: the client's pid"
+    );
+    let second = out.len() / 2;
+    assert_eq!(
+        &out[second + 5..second + 9],
+        &78i32.to_be_bytes(),
+        "another backend's stays"
+    );
+}
+
+#[test]
+fn a_fatal_error_from_the_server_says_the_connection_is_going() {
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Transaction);
+    let fatal = server_msg(b'E', b"SFATAL\0C57P01\0Mterminating\0\0");
+    assert!(core.server_frame(fatal, None));
+    let error = server_msg(b'E', b"SERROR\0C42P01\0Mno table\0\0");
+    assert!(!core.server_frame(error, None));
+}
+
+#[test]
+fn the_connection_is_released_once_the_transaction_ends_and_not_before() {
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Transaction);
+    let mut server = Server::default();
+    round_trip(&mut core, &mut server, "BEGIN", b'T');
+    assert!(core.answered(true, Instant::now()));
+    assert_eq!(core.next_duty(), None, "inside a transaction");
+    round_trip(&mut core, &mut server, "COMMIT", b'I');
+    assert_eq!(core.next_duty(), Some(Duty::Release));
+
+    // Session pooling keeps it.
+    let mut session = f.core(PoolMode::Session);
+    round_trip(&mut session, &mut server, "SELECT 1", b'I');
+    assert_eq!(session.next_duty(), None);
+}
+
+#[test]
+fn the_identity_is_verified_once_before_the_release() {
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Transaction);
+    let mut server = Server::default();
+    core.verify_due = true;
+    round_trip(&mut core, &mut server, "SELECT 1", b'I');
+    assert_eq!(core.next_duty(), Some(Duty::Verify));
+    assert_eq!(core.next_duty(), Some(Duty::Release));
+}
+
+#[test]
+fn a_new_application_name_is_retagged_before_anything_else() {
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Transaction);
+    let mut server = Server::default();
+    let identity = (
+        std::sync::Arc::from("analyst"),
+        std::sync::Arc::from("alice"),
+    );
+    server
+        .custody
+        .asserted(identity, core.carried.values().clone(), None);
+    let plan = run(core
+        .client_frame(query("SET application_name = 'batch'"), b"")
+        .unwrap());
+    apply(&mut core, &mut server, plan);
+    let status = server_msg(b'S', b"application_name\0batch\0");
+    core.server_frame(status, Some((server.state().unwrap(), 77)));
+    assert!(
+        server
+            .custody
+            .carries("analyst", "alice", core.carried.values()),
+        "the connection's custody follows the reported setting"
+    );
+    for msg in [server_msg(b'C', b"SET\0"), server_msg(b'Z', b"I")] {
+        core.server_frame(msg, Some((server.state().unwrap(), 77)));
+    }
+    let Some(Duty::Retag(sql)) = core.next_duty() else {
+        panic!("retag first");
+    };
+    assert!(sql.contains("batch [alice]"), "{sql}");
+    assert_eq!(core.carried.application_name().as_deref(), Some("batch"));
 }

@@ -54,7 +54,7 @@ impl QueryLoop<'_> {
     }
 
     async fn bind_server_now(&mut self) -> Result<(), Refusal> {
-        self.needs_verify = self.shared.live().verify == VerifyMode::Transaction;
+        self.core.verify_due = self.shared.live().verify == VerifyMode::Transaction;
         if self.server.is_some() {
             return self.rebind_kept().await;
         }
@@ -195,33 +195,6 @@ impl QueryLoop<'_> {
         self.shared.tags.signing_key(&self.ident.database).await
     }
 
-    /// A setting changed on the server while this client was bound: the
-    /// connection now holds this session's state, and a tracked setting
-    /// follows the client to its next connection.
-    pub(super) fn on_parameter_status(&mut self, body: &[u8]) {
-        let mut r = crate::protocol::frame::Reader::new(body, "ParameterStatus");
-        let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) else {
-            return;
-        };
-        self.core.carried.reported(
-            &String::from_utf8_lossy(name),
-            &String::from_utf8_lossy(value),
-        );
-        if let Some(server) = self.server.as_mut() {
-            server
-                .custody_mut()
-                .settings_changed(&self.ident.session_id, self.core.carried.values().clone());
-        }
-    }
-
-    /// Re-applies the client's (tagged) application name on the bound
-    /// connection; the answers are the gateway's and never reach the client.
-    pub(super) fn retag_application_name(&mut self) {
-        if let Some(sql) = self.core.carried.retag_sql() {
-            self.core.seq.own_query(&sql);
-        }
-    }
-
     /// The identity this client's connections must carry.
     pub(super) fn assertion(&self) -> Assertion<'_> {
         Assertion {
@@ -237,7 +210,7 @@ impl QueryLoop<'_> {
     /// connection can go to anyone else, confirm it still carries this
     /// client's identity. One round trip.
     pub(super) async fn verify_identity(&mut self) -> Result<(), End> {
-        self.needs_verify = false;
+        self.core.verify_due = false;
         let Some(mut server) = self.server.take() else {
             return Ok(());
         };
@@ -348,7 +321,7 @@ impl QueryLoop<'_> {
                 .await;
             return;
         }
-        if self.needs_verify && self.verify_identity().await.is_err() {
+        if self.core.verify_due && self.verify_identity().await.is_err() {
             return;
         }
         if self.mode == PoolMode::Session {

@@ -31,10 +31,9 @@ use super::checks::Rules;
 use super::core::Core;
 use super::refusal::Refusal;
 use super::sequencer::{ClientStep, Flow, ServerStep};
-use super::tracker::{CacheEffects, Outcome, Pending, Route};
+use super::tracker::{Outcome, Pending};
 use super::{Identity, Shared};
 use crate::audit::{Kind, Link, Status};
-use crate::backend::statements;
 use crate::client::{ClientConn, ClientError};
 use crate::config::{OnFailure, PoolMode, VerifyMode};
 use crate::identity::assert::{Assertion, Verdict};
@@ -80,15 +79,11 @@ pub struct QueryLoop<'a> {
     cancel: Arc<CancelSlot>,
     /// What the session knows and decides, without I/O.
     core: Core<'a>,
-    /// `verify = "transaction"` and client messages ran since the last check.
-    needs_verify: bool,
     shutdown: watch::Receiver<bool>,
     shutting_down: bool,
     /// The client is gone (or is being sent away): nothing more is relayed
     /// to it while the gateway finishes its server work.
     client_gone: bool,
-    /// The process id the client knows its session by (gateway-made).
-    client_pid: i32,
     /// The session's span (peer, id, user, role, database): every log line
     /// names it as its parent, so the span need not be entered on each poll.
     span: tracing::Span,
@@ -120,7 +115,7 @@ impl<'a> QueryLoop<'a> {
             ident,
             rules,
             shared.auditor.enabled(),
-            client.max_message_size,
+            (client.max_message_size, client_pid),
         );
         QueryLoop {
             shared,
@@ -131,11 +126,9 @@ impl<'a> QueryLoop<'a> {
             pool: None,
             cancel,
             core,
-            needs_verify: false,
             shutdown,
             shutting_down: false,
             client_gone: false,
-            client_pid,
             span: tracing::Span::none(),
         }
     }

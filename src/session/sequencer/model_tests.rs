@@ -191,7 +191,7 @@ impl Run {
             session_set: SessionSet::Keep,
         };
         Run {
-            core: Core::new(ident, rules, true, 1 << 30),
+            core: Core::new(ident, rules, true, (1 << 30, 4242)),
             custody: Custody::default(),
             statements: StatementCache::default(),
             pg: ModelServer {

@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 
-use super::tests::{b, copy_data, copy_done, copy_fail, d, e, fcall, frame, h, p, q, s, server};
+use super::tests::{b, copy_data, copy_done, copy_fail, d, e, fcall, frame, h, p, q, s};
 use super::*;
 use crate::backend::conn::ConnState;
 use crate::backend::custody::Custody;
@@ -12,7 +12,7 @@ use crate::backend::statements::StatementCache;
 use crate::config::{PoolMode, SessionSet};
 use crate::identity::Guard;
 use crate::session::checks::Rules;
-use crate::session::core::{Core, Step};
+use crate::session::core::{Core, Duty, Step};
 use crate::session::Identity;
 
 use super::model_pg_tests::ModelServer;
@@ -213,16 +213,17 @@ impl Run {
     }
 
     fn read_server(&mut self, n: usize) {
-        let seq = &mut self.core.seq;
         let n = n.min(self.pg.out.len());
         self.server_buf.extend(self.pg.out.drain(..n));
-        while let ServerStep::Frame(f) = seq.next_server(&mut self.server_buf).unwrap() {
-            server(seq, &f);
-        }
-        // As the relay: deferred client frames are read again once the
-        // server has answered everything.
-        if seq.deferred() && seq.owes_nothing() {
-            seq.resume();
+        while let ServerStep::Frame(f) = self.core.seq.next_server(&mut self.server_buf).unwrap() {
+            let conn = self.core.seq.is_bound().then_some((
+                ConnState {
+                    custody: &mut self.custody,
+                    statements: &mut self.statements,
+                },
+                77,
+            ));
+            self.core.server_frame(f, conn);
         }
     }
 
@@ -285,18 +286,30 @@ impl Run {
                 "a request went out while the server still owed answers after opaque code"
             );
         }
-        if seq.releasable() {
-            prop_assert!(
-                self.pg.idle() && self.server_buf.is_empty(),
-                "released while the server was busy: tx {:?}, unsynced {}, owes {} bytes, copy {:?}",
-                self.pg.tx,
-                self.pg.unsynced,
-                self.pg.out.len() + self.server_buf.len(),
-                self.pg.copy_in
-            );
-            seq.unbound();
-            self.pg.asserted = false;
-            self.releases += 1;
+        // As the relay once answers are read: the duties the core names.
+        while let Some(duty) = self.core.next_duty() {
+            match duty {
+                Duty::Release => {
+                    prop_assert!(
+                        self.pg.idle() && self.server_buf.is_empty(),
+                        "released while the server was busy: tx {:?}, unsynced {}, owes {} bytes, copy {:?}",
+                        self.pg.tx,
+                        self.pg.unsynced,
+                        self.pg.out.len() + self.server_buf.len(),
+                        self.pg.copy_in
+                    );
+                    self.core.seq.unbound();
+                    self.pg.asserted = false;
+                    self.releases += 1;
+                }
+                // Deferred client frames are read again once the server
+                // has answered everything (at the next step).
+                Duty::Resume => {
+                    self.core.seq.resume();
+                    break;
+                }
+                other => prop_assert!(false, "no such duty in this model: {other:?}"),
+            }
         }
         Ok(())
     }

@@ -565,6 +565,42 @@ async fn a_batch_the_gateway_refuses_is_not_recorded_ahead() {
     assert!(queries.is_empty(), "{queries:#?}");
 }
 
+/// The first batch of a session, sent in one write, is audited before it
+/// takes a connection; its record still shows the bound parameters
+/// (`log_parameters`), as every later batch's does.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_batch_of_a_session_is_recorded_with_its_parameters() {
+    let (gw, store) = gateway_logging_parameters().await;
+    let mut c = crate::raw::RawClient::login(gw.addr).await;
+    let parse = message(b'P', b"\0SELECT $1::int + 1\0\0\0");
+    let mut bind = b"\0\0\0\0\0\x01\0\0\0\x0241".to_vec();
+    bind.extend_from_slice(b"\0\0");
+    let batch = [
+        parse,
+        message(b'B', &bind),
+        message(b'E', b"\0\0\0\0\0"),
+        message(b'S', b""),
+    ]
+    .concat();
+    for _ in 0..2 {
+        c.stream.write_all(&batch).await.unwrap();
+        let (_, code, status) = c.until_ready().await;
+        assert_eq!((code, status), (None, b'I'));
+    }
+    drop(c);
+    gw.until_clients(0).await;
+    let _dir = gw.stop().await;
+    let queries: Vec<Value> = export(&store, &[])
+        .into_iter()
+        .filter(|r| s(r, "kind") == "query")
+        .collect();
+    assert_eq!(queries.len(), 2, "{queries:#?}");
+    for q in &queries {
+        assert_eq!(s(q, "statement"), "SELECT $1::int + 1", "{q}");
+        assert_eq!(q["params"], serde_json::json!(["41"]), "{q}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_statements_duration_leaves_out_its_wait_for_a_connection() {
     // Recorded before it takes a connection, the statement's duration must

@@ -35,19 +35,7 @@ impl Core<'_> {
                 passed,
             } => {
                 self.passed(passed, &mut conn);
-                let sql = frame.slice_ref(messages::parse_query(&frame[5..]).expect("planned"));
-                self.note_state(&sql, &mut conn);
-                if crate::session::state::may_use_sequences(&sql) {
-                    self.note_sequences(&mut conn);
-                }
-                self.note_code(transparent, &mut conn);
-                self.note_cursors(&sql);
-                self.seq.forward_simple(&frame);
-                self.seq.expect().query(first, None);
-                self.seq.expect().more_statements(stored.collect());
-                if crate::session::state::may_copy_in(&sql) {
-                    self.seq.may_copy_in();
-                }
+                self.apply_query(frame, transparent, (first, stored.collect()), conn);
             }
             Then::Deallocate(tag) => {
                 if let Some(pending) = first {
@@ -76,21 +64,7 @@ impl Core<'_> {
                 self.passed(passed, &mut conn);
                 self.apply_bind(frame, nature, (sql, params), after_bind, conn);
             }
-            Then::Describe(frame) => {
-                let (kind, name) = messages::parse_close_or_describe(&frame[5..]).expect("planned");
-                let server_name = match (kind, conn) {
-                    (b'S', Some(conn)) => self.server_statement(name, conn),
-                    _ => None,
-                };
-                match server_name {
-                    Some(server_name) => {
-                        prepared::statement_message(self.seq.wire(), b'D', &server_name)
-                    }
-                    None => self.seq.forward(&frame),
-                }
-                self.seq.expect().describe();
-                self.seq.sent_extended();
-            }
+            Then::Describe(frame) => self.apply_describe(frame, conn),
             Then::Close(frame) => {
                 let (kind, name) = messages::parse_close_or_describe(&frame[5..]).expect("planned");
                 if kind == b'S' {
@@ -114,6 +88,42 @@ impl Core<'_> {
                 self.seq.expect().query(first, None);
             }
         }
+    }
+
+    fn apply_query(
+        &mut self,
+        frame: Bytes,
+        transparent: bool,
+        (first, more): (Option<Pending>, Vec<Option<Pending>>),
+        mut conn: Conn<'_>,
+    ) {
+        let sql = frame.slice_ref(messages::parse_query(&frame[5..]).expect("planned"));
+        self.note_state(&sql, &mut conn);
+        if crate::session::state::may_use_sequences(&sql) {
+            self.note_sequences(&mut conn);
+        }
+        self.note_code(transparent, &mut conn);
+        self.note_cursors(&sql);
+        self.seq.forward_simple(&frame);
+        self.seq.expect().query(first, None);
+        self.seq.expect().more_statements(more);
+        if crate::session::state::may_copy_in(&sql) {
+            self.seq.may_copy_in();
+        }
+    }
+
+    fn apply_describe(&mut self, frame: Bytes, conn: Conn<'_>) {
+        let (kind, name) = messages::parse_close_or_describe(&frame[5..]).expect("planned");
+        let server_name = match (kind, conn) {
+            (b'S', Some(conn)) => self.server_statement(name, conn),
+            _ => None,
+        };
+        match server_name {
+            Some(server_name) => prepared::statement_message(self.seq.wire(), b'D', &server_name),
+            None => self.seq.forward(&frame),
+        }
+        self.seq.expect().describe();
+        self.seq.sent_extended();
     }
 
     fn apply_parse(

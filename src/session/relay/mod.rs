@@ -1,9 +1,11 @@
-//! The query phase of one client: relays frames between the client and a
-//! server connection bound for the duration of a transaction (or of the
-//! session), decoding only what identity, audit and transaction tracking
-//! need.
+//! The query phase of one client: the driver of the session's core
+//! (`session::core`). It reads the client's and the server's sockets, hands
+//! what arrives to the core, and performs what the core answers: the audit
+//! store, the pool and the identity assertion for a client message's plan,
+//! then the writes; the retag, the identity check and the release once the
+//! server's answers are read; the timeouts.
 //!
-//! Invariants:
+//! Invariants (the order is the core's; the driver keeps it):
 //! - a server connection is bound (and the identity assertion has succeeded
 //!   on it) before any client message is forwarded to it;
 //! - it is released only when every forwarded `Query`/`Sync` has had its
@@ -213,6 +215,8 @@ impl<'a> QueryLoop<'a> {
     // ----- client to server -------------------------------------------------
 
     async fn on_client_data(&mut self) -> Result<(), End> {
+        // Reloadable (SIGHUP): read once per read from the client.
+        self.core.log_parameters = self.shared.live().log_parameters;
         self.audit_ahead().await;
         self.take_client_frames().await?;
         self.flush_client().await?;
@@ -243,7 +247,6 @@ impl<'a> QueryLoop<'a> {
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
-        self.core.log_parameters = self.shared.live().log_parameters;
         let step = self
             .core
             .client_frame(frame, &self.client.rbuf)

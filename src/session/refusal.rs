@@ -273,7 +273,7 @@ mod tests {
     /// Each login and connection refusal's SQLSTATE and severity, as
     /// clients and tests rely on.
     #[test]
-    fn every_login_and_pool_refusal_has_its_sqlstate_and_severity() {
+    fn every_pool_and_assertion_refusal_has_its_sqlstate_and_severity() {
         let fields = crate::protocol::messages::ErrorFields {
             severity: "FATAL".into(),
             code: "28P01".into(),
@@ -320,6 +320,14 @@ mod tests {
                 "42501",
                 false,
             ),
+        ];
+        check(cases);
+    }
+
+    /// The refusals of a login and its startup packet.
+    #[test]
+    fn every_login_refusal_has_its_sqlstate_and_severity() {
+        let cases: Vec<(Refusal, &str, bool)> = vec![
             (
                 Refusal::Relay(RelayFailure::Backend("down".into())),
                 "08006",

@@ -129,24 +129,25 @@ impl QueryLoop<'_> {
 
     /// Records the outcomes the last server messages resolved.
     pub(super) async fn record_results(&mut self) {
-        let pid = self.server.as_ref().map(|s| s.pid);
-        let core = &mut self.core;
-        // Out of the core while `result_event` reads it.
-        let mut results = std::mem::take(&mut core.results);
-        let events = results.drain(|p, o| core.result_event(p, o, pid));
-        core.results = results;
-        for ev in events {
-            self.shared.auditor.append_nowait(ev).await;
-        }
+        self.write_results(false).await;
     }
 
     /// Results held for a transaction whose outcome can no longer be known
     /// (the server connection is gone): written with `tx = unknown`.
     pub(super) async fn abandon_ledger(&mut self) {
+        self.write_results(true).await;
+    }
+
+    async fn write_results(&mut self, abandon: bool) {
         let pid = self.server.as_ref().map(|s| s.pid);
         let core = &mut self.core;
+        // Out of the core while `result_event` reads it.
         let mut results = std::mem::take(&mut core.results);
-        let events = results.abandon(|p, o| core.result_event(p, o, pid));
+        let event = |p, o| core.result_event(p, o, pid);
+        let events = match abandon {
+            true => results.abandon(event),
+            false => results.drain(event),
+        };
         core.results = results;
         for ev in events {
             self.shared.auditor.append_nowait(ev).await;

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub identity_violations: AtomicU64,
     pub pool_waits: AtomicU64,
     pub pool_timeouts: AtomicU64,
+    /// Connections handed straight to a session of the same identity.
+    pub pool_handoffs: AtomicU64,
     /// Server connections reset before serving another session.
     pub server_resets: AtomicU64,
     /// Identity assertions run (a new identity, or after opaque code).
@@ -146,6 +148,12 @@ const COUNTERS: &[(&str, &str, Type, CounterOf)] = &[
         "Checkouts that timed out (53300).",
         Type::Counter,
         |m| &m.pool_timeouts,
+    ),
+    (
+        "pgwarden_pool_handoffs_total",
+        "Server connections handed straight to a waiting session of the same identity.",
+        Type::Counter,
+        |m| &m.pool_handoffs,
     ),
     (
         "pgwarden_server_resets_total",

@@ -78,6 +78,9 @@ pub struct ServerConn {
     pub started_us: Option<i64>,
     /// The database's connection cap this connection counts against.
     pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// How many times in a row it passed directly from session to session
+    /// (`pool::Pools::release`).
+    pub(crate) handoffs: u32,
 }
 
 /// What pgwarden knows about a server connection, without its socket:
@@ -163,6 +166,7 @@ impl ServerConn {
             notifications: Vec::new(),
             broken: false,
             permit: None,
+            handoffs: 0,
             started_us: None,
         })
     }

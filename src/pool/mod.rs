@@ -6,6 +6,8 @@
 //! non-blocking probe can tell; a connection the session found broken or left
 //! mid-transaction is destroyed with [`discard`], never returned.
 
+mod affinity;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,6 +93,13 @@ pub fn discard(conn: PooledConn) {
 /// Which pool: a database and the login its connections use.
 type PoolKey = (String, String);
 
+/// Whose connection: a pool's, carrying a (role, client user) identity.
+type IdentityKey = (PoolKey, Arc<str>, Arc<str>);
+
+/// The identity a session's transactions run under, as affinity matches
+/// it: (role, client user).
+pub type Who<'a> = (&'a Arc<str>, &'a Arc<str>);
+
 /// One pool, as a session holds it.
 #[derive(Clone)]
 pub struct PoolRef {
@@ -108,6 +117,8 @@ pub struct Pools {
     config: PoolConfig,
     pools: Mutex<HashMap<PoolKey, managed::Pool<ServerManager>>>,
     caps: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Sessions waiting for a connection, by identity.
+    affinity: affinity::Affinity<IdentityKey, PooledConn>,
 }
 
 impl Pools {
@@ -118,6 +129,7 @@ impl Pools {
             config,
             pools: Mutex::new(HashMap::new()),
             caps: Mutex::new(HashMap::new()),
+            affinity: affinity::Affinity::default(),
         }
     }
 
@@ -184,9 +196,45 @@ impl Pools {
         })
     }
 
-    /// Checks out a connection of `pool`, waiting at most
-    /// `acquire_timeout_ms` for one to become free.
-    pub async fn acquire(&self, pool: &PoolRef) -> Result<PooledConn, AcquireError> {
+    /// Checks out a connection of `pool` for a session of identity `who`,
+    /// waiting at most `acquire_timeout_ms` for one to become free: from
+    /// the pool's queue, or handed over by a session of the same identity
+    /// that releases one ([`Pools::release`]), whichever comes first.
+    pub async fn acquire(&self, pool: &PoolRef, who: Who<'_>) -> Result<PooledConn, AcquireError> {
+        let key = identity_key(pool, who);
+        let mut ticket = self.affinity.wait(&key);
+        let got = tokio::select! {
+            Ok(conn) = &mut ticket.handed => Ok(conn),
+            got = self.checkout(pool) => got,
+        };
+        // Either way it waits no more; a connection handed over meanwhile
+        // goes back to the pool.
+        drop(self.affinity.leave(&key, ticket));
+        got
+    }
+
+    /// A session of identity `who` is done with `conn`, idle and fit for
+    /// reuse: it goes to a session waiting for the same identity, if one
+    /// waits (and it has not passed between sessions too often), otherwise
+    /// back to the pool. Returns whether it was handed over.
+    pub fn release(&self, pool: &PoolRef, who: Who<'_>, mut conn: PooledConn) -> bool {
+        let handoffs = conn.handoffs;
+        conn.handoffs += 1;
+        match self
+            .affinity
+            .offer(&identity_key(pool, who), conn, handoffs)
+        {
+            Ok(()) => true,
+            Err(mut conn) => {
+                conn.handoffs = 0;
+                drop(conn);
+                false
+            }
+        }
+    }
+
+    /// A connection from `pool`'s queue.
+    async fn checkout(&self, pool: &PoolRef) -> Result<PooledConn, AcquireError> {
         let capped = self.config.max_db_connections > 0;
         if capped && pool.pool.status().available == 0 {
             self.make_room(&pool.database, &pool.login);
@@ -282,6 +330,14 @@ impl Pools {
             pool.close();
         }
     }
+}
+
+fn identity_key(pool: &PoolRef, (role, client_user): Who<'_>) -> IdentityKey {
+    (
+        (pool.database.clone(), pool.login.clone()),
+        role.clone(),
+        client_user.clone(),
+    )
 }
 
 /// Why no server connection could be had; `session::refusal` says it

@@ -221,3 +221,91 @@ async fn a_client_vanishing_mid_transaction_never_hands_it_to_another() {
     );
     bob.batch_execute("COMMIT").await.unwrap();
 }
+
+/// A released connection goes straight to a waiting session of the same
+/// identity, which then runs without an identity assertion; a session of
+/// another identity that waited longer still gets the connection after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_connection_goes_to_a_waiter_of_the_same_identity() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let holder = gw.connect("alice").await;
+    let same = std::sync::Arc::new(gw.connect("alice").await);
+    let other = std::sync::Arc::new(gw.connect("bob").await);
+    holder.batch_execute("BEGIN").await.unwrap();
+    let pid = support::one(&holder, "SELECT pg_backend_pid()").await;
+    // Bob waits first, then alice's second session.
+    let bob = tokio::spawn({
+        let other = other.clone();
+        async move { support::one(&other, "SELECT current_user").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let alice = tokio::spawn({
+        let same = same.clone();
+        async move {
+            let sql = "SELECT current_setting('app.client_user') || ' ' || pg_backend_pid()";
+            let got = support::one(&same, sql).await;
+            let (user, pid) = got.rsplit_once(' ').unwrap();
+            (user.to_string(), pid.to_string())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let assertions = gw.shared.metrics.identity_assertions.load(Relaxed);
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (user, alice_pid) = alice.await.unwrap();
+    assert!(user.starts_with("alice"), "{user}");
+    assert_eq!(alice_pid, pid);
+    assert_eq!(bob.await.unwrap(), "engineer");
+    assert!(gw.shared.metrics.pool_handoffs.load(Relaxed) >= 1);
+    // Alice's waiting session asserted nothing; bob's did.
+    assert_eq!(
+        gw.shared.metrics.identity_assertions.load(Relaxed),
+        assertions + 1
+    );
+}
+
+/// Sessions of one identity that keep the pool's only connection busy
+/// among themselves do not starve a session of another identity: the
+/// connection goes back to the pool's queue after a few handoffs.
+#[tokio::test(flavor = "multi_thread")]
+async fn handoffs_among_one_identity_do_not_starve_another() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 5_000,
+        ..Opts::default()
+    })
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        let client = gw.connect("alice").await;
+        let stop = stop.clone();
+        busy.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .batch_execute("SELECT pg_sleep(0.005)")
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bob = gw.connect("bob").await;
+    let started = Instant::now();
+    assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
+    let waited = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in busy {
+        assert!(task.await.unwrap() > 0);
+    }
+    // Three sessions of 5 ms transactions, at most MAX_HANDOFFS (8) in a
+    // row before the queue: well under a second, far under the timeout.
+    assert!(waited < Duration::from_secs(2), "bob waited {waited:?}");
+}

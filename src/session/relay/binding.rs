@@ -140,7 +140,8 @@ impl QueryLoop<'_> {
                 .pools
                 .pool_for(&self.ident.database, &self.ident.role)?,
         };
-        let acquired = self.shared.pools.acquire(&pool).await;
+        let who = (&self.ident.role, &self.ident.client_user);
+        let acquired = self.shared.pools.acquire(&pool, who).await;
         self.pool = Some(pool);
         acquired.map_err(|e| {
             if e.is_exhausted() {
@@ -266,7 +267,17 @@ impl QueryLoop<'_> {
             // connection gets it parsed again when it is used.
             self.core.seq.unbound();
             self.cancel.unbind().await;
-            drop(conn);
+            let who = (&self.ident.role, &self.ident.client_user);
+            let handed = match self.pool.as_ref() {
+                Some(pool) => self.shared.pools.release(pool, who, conn),
+                None => {
+                    drop(conn);
+                    false
+                }
+            };
+            if handed {
+                crate::metrics::Metrics::inc(&self.shared.metrics.pool_handoffs);
+            }
         }
     }
 

@@ -381,3 +381,117 @@ async fn a_second_parse_of_a_name_is_refused_as_postgresql_refuses_it() {
     assert_eq!(value.as_deref(), Some("1"));
     next_client_is_served(&gw).await;
 }
+
+/// Parse of the named statement `name` as `sql`, then `Sync`.
+fn named(name: &str, sql: &str) -> Vec<u8> {
+    let mut parse = cstr(name);
+    parse.extend(cstr(sql));
+    parse.extend([0, 0]);
+    [message(b'P', &parse), message(b'S', b"")].concat()
+}
+
+/// Bind and Execute of the named statement `name`, then `Sync`.
+fn run_named(name: &str) -> Vec<u8> {
+    let mut bind = vec![0];
+    bind.extend(cstr(name));
+    bind.extend([0; 6]);
+    [
+        message(b'B', &bind),
+        message(b'E', &[0, 0, 0, 0, 0]),
+        message(b'S', b""),
+    ]
+    .concat()
+}
+
+/// A `Close` or `DEALLOCATE` of a statement that PostgreSQL skips (an
+/// error earlier in the batch) or refuses (the transaction is aborted)
+/// leaves the statement in place, through the gateway as directly: the
+/// gateway used to forget it at once (red-team finding: it then answered
+/// 26000 for a statement PostgreSQL still had).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_or_deallocate_the_server_skips_or_refuses_keeps_the_statement() {
+    let gw = one_connection().await;
+    let mut c = RawClient::login(gw.addr).await;
+    c.send_raw(&named("s1", "SELECT 'kept'")).await;
+    expect(&mut c, b"1Z", None, b'I').await;
+    let close = message(b'C', &[b"S".as_slice(), &cstr("s1")].concat());
+    let deallocate = message(b'Q', &cstr("DEALLOCATE s1"));
+    for skipped in [close, deallocate] {
+        let batch = [extended("SELECT 1/0"), skipped, message(b'S', b"")].concat();
+        c.send_raw(&batch).await;
+        expect(&mut c, b"1EZ", Some("22012"), b'I').await;
+        c.send_raw(&run_named("s1")).await;
+        expect(&mut c, b"2DCZ", None, b'I').await;
+    }
+    for sql in ["BEGIN", "SELECT 1/0"] {
+        c.send(b'Q', &cstr(sql)).await;
+        answered(&mut c).await;
+    }
+    for refused in ["DEALLOCATE s1", "DEALLOCATE ALL"] {
+        c.send(b'Q', &cstr(refused)).await;
+        expect(&mut c, b"EZ", Some("25P02"), b'E').await;
+    }
+    c.send(b'Q', &cstr("ROLLBACK")).await;
+    expect(&mut c, b"CZ", None, b'I').await;
+    c.send_raw(&run_named("s1")).await;
+    expect(&mut c, b"2DCZ", None, b'I').await;
+    // A Close the server runs still closes it.
+    let close = message(b'C', &[b"S".as_slice(), &cstr("s1")].concat());
+    c.send_raw(&[close, message(b'S', b"")].concat()).await;
+    expect(&mut c, b"3Z", None, b'I').await;
+    c.send_raw(&run_named("s1")).await;
+    expect(&mut c, b"EZ", Some("26000"), b'I').await;
+    next_client_is_served(&gw).await;
+}
+
+/// In session pooling a client's statement names are the server's: its
+/// records show the statement the server really runs under a name, after
+/// a `Close` the server skipped (the gateway used to forget the text and
+/// record ""), and after `DEALLOCATE` and a `PREPARE` of the same name
+/// (the gateway used to record the old text). Red-team findings.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_show_the_statement_a_name_runs_after_close_and_deallocate() {
+    use crate::audit::{export, s};
+    let gw = start_gateway(Opts {
+        mode: "session",
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let mut c = RawClient::login(gw.addr).await;
+    c.send_raw(&named("s1", "SELECT 'survivor'")).await;
+    expect(&mut c, b"1Z", None, b'I').await;
+    let close = message(b'C', &[b"S".as_slice(), &cstr("s1")].concat());
+    c.send_raw(&[extended("SELECT 1/0"), close, message(b'S', b"")].concat())
+        .await;
+    expect(&mut c, b"1EZ", Some("22012"), b'I').await;
+    c.send_raw(&run_named("s1")).await;
+    expect(&mut c, b"2DCZ", None, b'I').await;
+
+    c.send_raw(&named("s2", "SELECT 'harmless'")).await;
+    expect(&mut c, b"1Z", None, b'I').await;
+    for sql in ["DEALLOCATE s2", "PREPARE s2 AS SELECT 'swapped'"] {
+        c.send(b'Q', &cstr(sql)).await;
+        expect(&mut c, b"CZ", None, b'I').await;
+    }
+    c.send_raw(&run_named("s2")).await;
+    let value = tokio::time::timeout(Duration::from_secs(10), c.first_value_until_ready())
+        .await
+        .unwrap();
+    assert_eq!(value.as_deref(), Some("swapped"));
+    drop(c);
+    gw.until_clients(0).await;
+    let _dir = gw.stop().await;
+    let executed: Vec<String> = export(&store, &[])
+        .iter()
+        .filter(|r| s(r, "kind") == "query" && s(r, "command_tag") == "SELECT 1")
+        .map(|r| s(r, "statement"))
+        .collect();
+    assert_eq!(executed.len(), 2, "{executed:?}");
+    assert_eq!(executed[0], "SELECT 'survivor'");
+    assert!(
+        !executed[1].contains("harmless") && executed[1].contains("s2"),
+        "{executed:?}"
+    );
+}

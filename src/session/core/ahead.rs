@@ -155,15 +155,18 @@ impl Core<'_> {
         false
     }
 
-    /// The text of the client's statement `name`, as its portals record it
-    /// (empty when the name is unknown: the server reports that itself).
+    /// The text of the client's statement `name`, as its portals record it.
+    /// A name the gateway does not know (never parsed through it, made by
+    /// an SQL-level `PREPARE`, or deallocated: the server reports an
+    /// unknown one itself) is recorded as such, never with a guessed text.
     pub(super) fn statement_sql(&self, name: &[u8]) -> Bytes {
-        self.seq
-            .names
-            .statements
-            .get(name)
-            .map(|s| s.sql.clone())
-            .unwrap_or_default()
+        match self.seq.names.statements.get(name) {
+            Some(statement) => statement.sql.clone(),
+            None => Bytes::from(format!(
+                "-- prepared statement \"{}\" (not parsed through pgwarden: made by SQL-level PREPARE, or unknown)",
+                String::from_utf8_lossy(name)
+            )),
+        }
     }
 
     /// The parameters of `bind` as its `query` record shows them: only

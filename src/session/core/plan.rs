@@ -74,10 +74,20 @@ impl Core<'_> {
             Ok(passed) => passed,
             Err(refused) => return Ok(Step::Refuse(Flow::Simple, refused)),
         };
-        if let Some(dealloc) = prepared::parse_deallocate(sql) {
-            if let Some(step) = self.deallocate(dealloc) {
-                return Ok(step);
+        match prepared::parse_deallocate(sql) {
+            Some(dealloc) => {
+                if let Some(step) = self.deallocate(dealloc, sql) {
+                    return Ok(step);
+                }
             }
+            // One the gateway cannot read (among other statements): the
+            // client's own names may be gone from the server, and a later
+            // use of one must not be recorded with a text it no longer has.
+            None if crate::session::state::deallocates(sql) && self.seq.tx_status() != b'E' => {
+                let names = &mut self.seq.names.statements;
+                names.retain(|name, s| name.is_empty() || s.shared.is_some());
+            }
+            None => {}
         }
         let parts = match self.auditing {
             true => crate::session::split::statements(sql, self.carried.standard_strings()),
@@ -100,12 +110,20 @@ impl Core<'_> {
         Ok(Step::run(Plan::new(Flow::Simple, then).recording(records)))
     }
 
-    /// `DEALLOCATE` of protocol-level statements is answered by the gateway:
-    /// the client's names go, the shared server-side statements stay for
-    /// others. `None` when the server must answer (a name the gateway does
-    /// not map, i.e. an SQL-level `PREPARE`, or `ALL` inside a transaction,
-    /// where SQL-level statements may exist).
-    fn deallocate(&mut self, what: prepared::Deallocate) -> Option<Step> {
+    /// `DEALLOCATE` (`sql`) of protocol-level statements is answered by the
+    /// gateway: the client's names go, the shared server-side statements
+    /// stay for others. `None` when the server must answer: in an aborted
+    /// transaction (it refuses with 25P02, and every name stays), for a
+    /// name that is the server's own (session pooling, or an SQL-level
+    /// `PREPARE`: the client's entry goes, the server drops the statement),
+    /// or for `ALL` inside a transaction, where SQL-level statements may
+    /// exist. The sequencer holds a `DEALLOCATE` back until the server has
+    /// answered everything before it, so nothing earlier can still fail
+    /// and make the server skip it.
+    fn deallocate(&mut self, what: prepared::Deallocate, sql: &[u8]) -> Option<Step> {
+        if self.seq.tx_status() == b'E' {
+            return None;
+        }
         let names = &mut self.seq.names.statements;
         let tag = match what {
             prepared::Deallocate::All => {
@@ -116,15 +134,16 @@ impl Core<'_> {
                 "DEALLOCATE ALL"
             }
             prepared::Deallocate::Name(name) => {
-                if names.get(&name[..]).is_none_or(|s| s.shared.is_none()) {
+                let shared = names.get(&name[..]).is_some_and(|s| s.shared.is_some());
+                names.remove(&name[..]);
+                if !shared {
                     return None;
                 }
-                names.remove(&name[..]);
                 "DEALLOCATE"
             }
         };
-        let mut plan = Plan::new(Flow::Simple, Then::Deallocate(tag))
-            .recording(self.record(tag.as_bytes(), None));
+        let mut plan =
+            Plan::new(Flow::Simple, Then::Deallocate(tag)).recording(self.record(sql, None));
         // Answered even when its record cannot be stored: it runs nothing.
         plan.must_record = false;
         plan.bind = false;

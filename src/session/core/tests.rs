@@ -282,7 +282,7 @@ fn deallocate_of_a_shared_statement_is_answered_and_recorded_without_binding() {
     core.seq.unbound();
     let plan = run(core.client_frame(query("DEALLOCATE a"), b"").unwrap());
     assert!(!plan.bind && !plan.must_record);
-    assert_eq!(statements(&plan), ["DEALLOCATE"]);
+    assert_eq!(statements(&plan), ["DEALLOCATE a"], "the client's text");
     // A name the gateway does not map is the server's (SQL-level PREPARE).
     let plan = run(core.client_frame(query("DEALLOCATE other"), b"").unwrap());
     assert!(plan.bind);
@@ -437,4 +437,52 @@ fn a_new_application_name_is_retagged_before_anything_else() {
     };
     assert!(sql.contains("batch [alice]"), "{sql}");
     assert_eq!(core.carried.application_name().as_deref(), Some("batch"));
+}
+
+#[test]
+fn deallocate_in_an_aborted_transaction_is_left_to_the_server() {
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Transaction);
+    let mut server = Server::default();
+    let plan = run(core.client_frame(parse("a", "SELECT 1"), b"").unwrap());
+    apply(&mut core, &mut server, plan);
+    core.server_frame(server_msg(b'Z', b"E"), None);
+    let plan = run(core.client_frame(query("DEALLOCATE a"), b"").unwrap());
+    assert!(plan.bind, "the server answers (25P02)");
+    assert!(core.seq.names.statements.contains_key(&b"a"[..]));
+}
+
+#[test]
+fn a_close_or_deallocate_waits_while_the_server_owes_answers() {
+    use crate::session::sequencer::ClientStep;
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Transaction);
+    let mut server = Server::default();
+    let plan = run(core.client_frame(parse("a", "SELECT 1"), b"").unwrap());
+    apply(&mut core, &mut server, plan);
+    for held in [close(b'S', "a"), query("DEALLOCATE a")] {
+        let mut buf = BytesMut::from(&held[..]);
+        let step = core.seq.next_client(&mut buf, 1 << 20, false).unwrap();
+        assert!(matches!(step, ClientStep::Idle), "{step:?}");
+        assert!(core.seq.deferred());
+        core.seq.resume();
+    }
+    // A portal's Close does not wait.
+    let mut buf = BytesMut::from(&close(b'P', "p")[..]);
+    let step = core.seq.next_client(&mut buf, 1 << 20, false).unwrap();
+    assert!(matches!(step, ClientStep::Frame(_)));
+}
+
+#[test]
+fn a_statement_name_the_gateway_does_not_know_is_recorded_as_such() {
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Session);
+    core.seq.bound();
+    let plan = run(core.client_frame(bind("", "made_by_sql"), b"").unwrap());
+    let record = plan.after_bind.expect("an unknown statement may run code");
+    let text = record.event.statement.unwrap();
+    assert!(
+        text.contains("\"made_by_sql\"") && text.starts_with("--"),
+        "{text}"
+    );
 }

@@ -12,6 +12,7 @@ prints the median TPS, mean and p99 latency and the ratios.
 Not part of CI (it measures, it does not assert). `--smoke` runs it tiny.
 """
 import argparse, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import urllib.request
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +92,29 @@ class Cluster:
         subprocess.run(as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"]), capture_output=True)
 
 
+# pgwarden's metrics listener, by its client port.
+ADMIN_PORTS = {}
+COUNTERS = ("pgwarden_pool_waits_total", "pgwarden_pool_handoffs_total", "pgwarden_identity_assertions_total")
+
+
+def scrape(port):
+    """pgwarden's checkouts, affinity handoffs and identity assertions so
+    far (None for other targets)."""
+    admin = ADMIN_PORTS.get(port)
+    if admin is None:
+        return None
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    values = dict.fromkeys(COUNTERS, 0.0)
+    for line in body.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in COUNTERS:
+            values[parts[0]] = float(parts[1])
+    return values
+
+
 def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary=None):
     """variant: an audit mode (off, async, group, sync), optionally followed
     by "+verify" (verify = transaction), "+role" (isolation = role; runs
@@ -107,13 +131,16 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
     with open(os.path.join(d, "policies", "bench.toml"), "w") as f:
         f.write('[[map]]\nclients = ["bench", "bench*"]\nrole = "bench_role"\n')
     port = free_port()
+    admin = free_port()
+    ADMIN_PORTS[port] = admin
     enabled = "false" if audit == "off" else "true"
     durability = "group" if audit == "off" else audit
     with open(os.path.join(d, "pgwarden.toml"), "w") as f:
         f.write(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
                 f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\nisolation = "{isolation}"\n'
                 f'[identity]\nverify = "{verify}"\nsigned_tag = {signed}\n'
-                f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n')
+                f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n'
+                f'[admin]\nlisten = "127.0.0.1:{admin}"\n')
     binary = binary or os.path.join(ROOT, "target", "release", "pgwarden")
     if isolation == "role":
         out = subprocess.run([binary, "migrate", "-c", os.path.join(d, "pgwarden.toml"), "--admin-url",
@@ -222,6 +249,7 @@ def pgbench(port, clients, duration, args, pid=None):
     logdir = tempfile.mkdtemp()
     runs = []
     cpu_before = cpu_seconds(pid)
+    counters_before = scrape(port)
     for user in USERS:
         cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-c", str(per_user),
                "-j", str(min(per_user, 2)), "-T", str(duration), "-r", "--log",
@@ -233,10 +261,12 @@ def pgbench(port, clients, duration, args, pid=None):
         out, err = r.communicate()
         outs.append((r.returncode, out, err))
     cpu = cpu_seconds(pid) - cpu_before
+    counters_after = scrape(port)
     if any(code != 0 for code, _, _ in outs):
         shutil.rmtree(logdir)
         err = next(e for code, _, e in outs if code != 0)
         return {"tps": 0.0, "cpu_us": 0.0, "avg_ms": 0.0, "p99_ms": 0.0, "failed": True,
+                "handoff": None, "asserts": None,
                 "err": err.strip()[-300:]}
     tps = sum(float(re.search(r"tps = ([\d.]+)", o).group(1)) for _, o, _ in outs)
     txns = sum(int(re.search(r"number of transactions actually processed: (\d+)", o).group(1)) for _, o, _ in outs)
@@ -245,7 +275,14 @@ def pgbench(port, clients, duration, args, pid=None):
     lat = [int(line.split()[2]) for name in os.listdir(logdir) for line in open(os.path.join(logdir, name))]
     shutil.rmtree(logdir)
     lat.sort()
+    handoff = asserts = None
+    if counters_before and counters_after and txns:
+        delta = {k: counters_after[k] - counters_before[k] for k in COUNTERS}
+        checkouts = delta["pgwarden_pool_waits_total"]
+        handoff = delta["pgwarden_pool_handoffs_total"] / checkouts if checkouts else 0.0
+        asserts = delta["pgwarden_identity_assertions_total"] / txns
     return {"tps": tps, "cpu_us": cpu * 1e6 / txns if pid and txns else 0.0,
+            "handoff": handoff, "asserts": asserts,
             "avg_ms": statistics.mean(lat) / 1000 if lat else 0,
             "p99_ms": lat[int(len(lat) * 0.99) - 1] / 1000 if lat else 0,
             "failed": failed}
@@ -297,7 +334,7 @@ def main():
                     for name, port in targets:
                         res = pgbench(port, clients, a.duration, workloads[wl], pids.get(name))
                         results.setdefault((wl, clients, name), []).append(res)
-        print(f"\n{'workload':16} {'clients':>7} {'target':18} {'tps':>10} {'avg ms':>8} {'p99 ms':>8} {'cpu us/tx':>9} {'/pgbouncer':>10} {'/postgres':>9}")
+        print(f"\n{'workload':16} {'clients':>7} {'target':18} {'tps':>10} {'avg ms':>8} {'p99 ms':>8} {'cpu us/tx':>9} {'/pgbouncer':>10} {'/postgres':>9} {'handoff':>8} {'assert/tx':>9}")
         for wl in a.workloads.split(","):
             for clients in [int(c) for c in a.clients.split(",")]:
                 med = {}
@@ -305,13 +342,19 @@ def main():
                     rs = results[(wl, clients, name)]
                     med[name] = {k: statistics.median([r[k] for r in rs]) for k in ("tps", "avg_ms", "p99_ms", "cpu_us")}
                     med[name]["failed"] = any(r["failed"] for r in rs)
+                    for k in ("handoff", "asserts"):
+                        vals = [r[k] for r in rs if r[k] is not None]
+                        med[name][k] = statistics.median(vals) if vals else None
                 for name, _ in targets:
                     m = med[name]
                     vs_b = f"{m['tps'] / med['pgbouncer']['tps']:.2f}" if "pgbouncer" in med and med["pgbouncer"]["tps"] else "-"
                     vs_p = f"{m['tps'] / med['postgres']['tps']:.2f}" if med["postgres"]["tps"] else "-"
                     flag = " FAILED" if m["failed"] else ""
                     cpu = f"{m['cpu_us']:.1f}" if m["cpu_us"] else "-"
-                    print(f"{wl:16} {clients:>7} {name:18} {m['tps']:>10.0f} {m['avg_ms']:>8.3f} {m['p99_ms']:>8.3f} {cpu:>9} {vs_b:>10} {vs_p:>9}{flag}")
+                    handoff = f"{m['handoff']:.0%}" if m["handoff"] is not None else "-"
+                    asserts = f"{m['asserts']:.2f}" if m["asserts"] is not None else "-"
+                    print(f"{wl:16} {clients:>7} {name:18} {m['tps']:>10.0f} {m['avg_ms']:>8.3f} {m['p99_ms']:>8.3f} {cpu:>9} {vs_b:>10} {vs_p:>9}"
+                          f" {handoff:>8} {asserts:>9}{flag}")
         if a.idle_clients:
             print(f"\nRSS with {a.idle_clients} idle clients (KiB): before -> peak, per client")
             for name, port in targets:

@@ -4,13 +4,13 @@
 //! after an error; COPY; the bytes to write each way; and when the server
 //! connection may be released.
 //!
-//! The relay (`session::relay`) drives it: it reads the sockets, asks the
-//! pool for a connection and asserts identity on it, stores audit records,
-//! and hands the sequencer what arrived; the sequencer answers with bytes
-//! to write ([`Sequencer::to_server`], [`Sequencer::client_out`]) and with
-//! what the relay must do next ([`ClientStep`], [`ServerStep`],
-//! [`Sequencer::releasable`]). Nothing here awaits, so every rule is unit
-//! tested without PostgreSQL (`tests.rs`, and `model_tests.rs` against a model of the server).
+//! It lives in the session's core (`session::core`), which plans each
+//! message around it; the relay (`session::relay`) reads the sockets and
+//! hands it what arrived (framing: [`ClientStep`], [`ServerStep`]), and
+//! writes the bytes it holds ([`Sequencer::to_server`],
+//! [`Sequencer::client_out`]). Nothing here awaits, so every rule is unit
+//! tested without PostgreSQL (`tests.rs`, and `model_tests.rs`, which
+//! drives the core around it against a model of the server).
 //!
 //! Invariants:
 //! - bytes for the server are accepted only while a connection is bound

@@ -23,6 +23,10 @@ use crate::config::{BackendConfig, Isolation, PoolConfig};
 use crate::protocol::sqlstate;
 use crate::tls::BackendTls;
 
+/// How long a new connection waits for the database's cap at a time
+/// before the checkout looks for an idle connection to close again.
+const CAP_RETRY: Duration = Duration::from_millis(100);
+
 /// Creates and recycles connections of one login to one database.
 pub struct ServerManager {
     backend: Arc<BackendConfig>,
@@ -174,7 +178,7 @@ impl Pools {
             user: login.to_string(),
             password,
             cap: self.cap(database),
-            cap_wait: Duration::from_millis(self.config.acquire_timeout_ms),
+            cap_wait: CAP_RETRY.min(Duration::from_millis(self.config.acquire_timeout_ms)),
         };
         let pool = managed::Pool::builder(manager)
             .max_size(self.config.size)
@@ -234,27 +238,32 @@ impl Pools {
     }
 
     /// A connection from `pool`'s queue.
+    /// At the database's cap, a new connection waits for a permit only
+    /// [`CAP_RETRY`] at a time: between tries another pool's connection may
+    /// have gone idle, which [`Self::make_room`] closes (an idle connection
+    /// never gives its permit back by itself).
     async fn checkout(&self, pool: &PoolRef) -> Result<PooledConn, AcquireError> {
         let capped = self.config.max_db_connections > 0;
-        if capped && pool.pool.status().available == 0 {
-            self.make_room(&pool.database, &pool.login);
+        let budget = Duration::from_millis(self.config.acquire_timeout_ms);
+        let started = std::time::Instant::now();
+        loop {
+            if capped && pool.pool.status().available == 0 {
+                self.make_room(&pool.database, &pool.login);
+            }
+            let cap_wait = if capped { CAP_RETRY } else { Duration::ZERO };
+            let timeouts = Timeouts {
+                wait: Some(budget.saturating_sub(started.elapsed())),
+                create: Some(
+                    Duration::from_millis(self.backend.connect_timeout_ms.saturating_mul(2))
+                        + cap_wait,
+                ),
+                recycle: Some(Duration::from_secs(1)),
+            };
+            match pool.pool.timeout_get(&timeouts).await {
+                Err(PoolError::Backend(BackendError::Capped)) if started.elapsed() < budget => {}
+                got => return got.map_err(|e| acquire_error(e, &self.config)),
+            }
         }
-        let timeouts = Timeouts {
-            wait: Some(Duration::from_millis(self.config.acquire_timeout_ms)),
-            create: Some(Duration::from_millis(
-                self.backend.connect_timeout_ms.saturating_mul(2)
-                    + if capped {
-                        self.config.acquire_timeout_ms
-                    } else {
-                        0
-                    },
-            )),
-            recycle: Some(Duration::from_secs(1)),
-        };
-        pool.pool
-            .timeout_get(&timeouts)
-            .await
-            .map_err(|e| acquire_error(e, &self.config))
     }
 
     /// The database is at `max_db_connections` and this pool has nothing

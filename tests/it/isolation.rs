@@ -320,6 +320,31 @@ async fn role_pools_shrink_and_share_a_cap() {
     support::eventually("idle pools shrink to nothing", || total(&gw) == 0).await;
 }
 
+/// A session that waits at the database's cap while another pool's
+/// connection is busy gets a connection once that one goes idle: the wait
+/// closes it as soon as it is idle (it used to wait on the cap for the
+/// whole timeout, which an idle connection never gives back: 53300).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_waiting_at_the_cap_gets_the_connection_another_pool_idles() {
+    let gw = start_gateway(Opts {
+        acquire_timeout_ms: 3000,
+        ..role_opts("max_db_connections = 1")
+    })
+    .await;
+    migrated(&gw, "iso_cap_wait", ROLE_SETUP);
+    let alice = connect_to(&gw, "alice", "iso_cap_wait").await;
+    let bob = std::sync::Arc::new(connect_to(&gw, "bob", "iso_cap_wait").await);
+    alice.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+    let waiting = tokio::spawn({
+        let bob = bob.clone();
+        async move { support::one(&bob, "SELECT current_user").await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    alice.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(waiting.await.unwrap(), "engineer");
+}
+
 /// A value copied from a client of another role is refused even on the
 /// same backend process: the MAC binds the role too.
 #[tokio::test(flavor = "multi_thread")]

@@ -202,6 +202,12 @@ impl ServerConn {
         std::mem::take(&mut self.notifications)
     }
 
+    /// Drops the notifications the gateway's own exchanges met: they were
+    /// for a session whose `LISTEN`s a reset has just ended.
+    pub fn forget_notifications(&mut self) {
+        self.notifications.clear();
+    }
+
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         if let Err(e) = self.stream.write_all(bytes).await {
             self.broken = true;

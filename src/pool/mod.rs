@@ -222,6 +222,13 @@ impl Pools {
     /// waits (and it has not passed between sessions too often), otherwise
     /// back to the pool. Returns whether it was handed over.
     pub fn release(&self, pool: &PoolRef, who: Who<'_>, mut conn: PooledConn) -> bool {
+        // Handed over, it skips the pool's check on the way out (anything
+        // unread, such as a late notification, or a broken socket): the
+        // same check first, and the pool's recycling for one that fails it.
+        if !conn.is_healthy() {
+            drop(conn);
+            return false;
+        }
         let handoffs = conn.handoffs;
         conn.handoffs += 1;
         match self

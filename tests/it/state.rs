@@ -463,3 +463,69 @@ async fn the_random_seed_never_reaches_the_next_client() {
         }
     }
 }
+
+/// Notifications for a session's `LISTEN` that PostgreSQL had already sent
+/// when the session ended reach no other session: the next one gets the
+/// connection reset, and what the gateway read meanwhile is dropped
+/// (red-team finding: up to 32 reached the next session, of the same user
+/// through a pool handoff, or of another user of the role).
+#[tokio::test(flavor = "multi_thread")]
+async fn notifications_of_an_ended_session_reach_no_one_else() {
+    use tokio::io::AsyncWriteExt;
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 10_000,
+        ..Opts::default()
+    })
+    .await;
+    for round in 0..4 {
+        let mut a = crate::raw::RawClient::login(gw.addr).await;
+        a.send(b'Q', b"LISTEN leaky\0").await;
+        a.until_ready().await;
+        // B waits for the only connection, which A's LISTEN pins.
+        let mut b = crate::raw::RawClient::login(gw.addr).await;
+        b.send(b'Q', b"SELECT 'b'\0").await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Thousands of notifications, each its own transaction: they keep
+        // arriving while A leaves and B's connection is reset.
+        let flood = std::thread::spawn(|| {
+            use std::io::Write;
+            let port = crate::support::cluster().port.to_string();
+            let mut psql = std::process::Command::new("psql")
+                .args([
+                    "-X",
+                    "-q",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "app",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let script = "NOTIFY leaky, 'for A';\n".repeat(3000);
+            psql.stdin
+                .take()
+                .unwrap()
+                .write_all(script.as_bytes())
+                .unwrap();
+            psql.wait().unwrap();
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20 + 10 * round)).await;
+        a.stream.shutdown().await.unwrap();
+        drop(a);
+        let (tags, code, _) = b.until_ready().await;
+        flood.join().unwrap();
+        assert_eq!(code, None);
+        // Anything that comes after B's answer, too.
+        b.send(b'Q', b"SELECT 1\0").await;
+        let (more, _, _) = b.until_ready().await;
+        let notes = tags.iter().chain(&more).filter(|t| **t == b'A').count();
+        assert_eq!(notes, 0, "round {round}: {notes} notifications reached B");
+    }
+}

@@ -83,6 +83,11 @@ impl QueryLoop<'_> {
                 pool::discard(conn);
                 return Err(e);
             }
+            if preparation.reset {
+                // Notifications read up to the reset's answer are for the
+                // session that listened, not for this one.
+                conn.forget_notifications();
+            }
         }
         self.cancel.bind(BackendKey {
             pid: conn.pid,
@@ -355,6 +360,8 @@ impl QueryLoop<'_> {
             Ok(()) => server.drain_until_ready().await.is_ok(),
             Err(_) => false,
         };
+        // Those read before `DISCARD ALL` answered were this client's.
+        server.forget_notifications();
         if !ok {
             self.abandon_server("reset failed").await;
         }

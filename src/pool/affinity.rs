@@ -119,6 +119,11 @@ impl<K: Eq + Hash + Clone, T> Affinity<K, T> {
         }
     }
 
+    /// Whether a session waits under `key`.
+    pub fn waits(&self, key: &K) -> bool {
+        self.lock().by_key.contains_key(key)
+    }
+
     /// How many sessions wait.
     #[cfg(test)]
     fn waiting(&self) -> usize {

@@ -222,19 +222,19 @@ impl Pools {
     /// waits (and it has not passed between sessions too often), otherwise
     /// back to the pool. Returns whether it was handed over.
     pub fn release(&self, pool: &PoolRef, who: Who<'_>, mut conn: PooledConn) -> bool {
-        // Handed over, it skips the pool's check on the way out (anything
-        // unread, such as a late notification, or a broken socket): the
-        // same check first, and the pool's recycling for one that fails it.
-        if !conn.is_healthy() {
+        let key = identity_key(pool, who);
+        // Handed over, it would skip the pool's check on its next checkout
+        // (anything unread, such as a late notification, or a broken
+        // socket): the same check, only when someone waits for it; the
+        // pool's recycling gets one that fails it.
+        if !self.affinity.waits(&key) || !conn.is_healthy() {
+            conn.handoffs = 0;
             drop(conn);
             return false;
         }
         let handoffs = conn.handoffs;
         conn.handoffs += 1;
-        match self
-            .affinity
-            .offer(&identity_key(pool, who), conn, handoffs)
-        {
+        match self.affinity.offer(&key, conn, handoffs) {
             Ok(()) => true,
             Err(mut conn) => {
                 conn.handoffs = 0;
@@ -245,6 +245,7 @@ impl Pools {
     }
 
     /// A connection from `pool`'s queue.
+    ///
     /// At the database's cap, a new connection waits for a permit only
     /// [`CAP_RETRY`] at a time: between tries another pool's connection may
     /// have gone idle, which [`Self::make_room`] closes (an idle connection

@@ -38,8 +38,9 @@ impl Sequencer {
             let Some(header) = FrameHeader::peek(rbuf, max)? else {
                 return Ok(ClientStep::Idle);
             };
-            let whole = &rbuf[..header.total.min(rbuf.len())];
-            if self.must_wait(header.tag, opaque) || self.drops_names_early(whole) {
+            let buffered = &rbuf[..header.total.min(rbuf.len())];
+            let whole = buffered.len() == header.total;
+            if self.must_wait(header.tag, opaque) || self.drops_names_early(buffered, whole) {
                 self.deferred = true;
                 if self.copy_in {
                     // A request in the middle of a copy into the server:
@@ -110,18 +111,14 @@ impl Sequencer {
     /// The gateway applies such a message to the client's names when it
     /// handles it, and answers some itself; sent behind a message that
     /// fails, PostgreSQL would skip it and keep the statement.
-    fn drops_names_early(&self, frame: &[u8]) -> bool {
+    /// `whole`: all of `frame` is buffered.
+    fn drops_names_early(&self, frame: &[u8], whole: bool) -> bool {
         if !self.bound || self.copy_in || self.tracker.is_empty() {
             return false;
         }
         match frame.first() {
             Some(b'C') => frame.get(5) == Some(&b'S'),
-            Some(b'Q') => {
-                let whole = frame.len() >= 5
-                    && i32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize + 1
-                        == frame.len();
-                whole && crate::session::state::deallocates(&frame[5..])
-            }
+            Some(b'Q') => whole && crate::session::state::deallocates(&frame[5..]),
             _ => false,
         }
     }

@@ -204,7 +204,17 @@ impl Pools {
     /// waiting at most `acquire_timeout_ms` for one to become free: from
     /// the pool's queue, or handed over by a session of the same identity
     /// that releases one ([`Pools::release`]), whichever comes first.
+    ///
+    /// While the pool can still grow or has a connection idle, the session
+    /// takes the pool's queue alone: a checkout may be opening a new server
+    /// connection, and a handoff winning the race would cancel that login
+    /// halfway (under load the pool then never grew past one or two
+    /// connections).
     pub async fn acquire(&self, pool: &PoolRef, who: Who<'_>) -> Result<PooledConn, AcquireError> {
+        let status = pool.pool.status();
+        if status.size < status.max_size || status.available > 0 {
+            return self.checkout(pool).await;
+        }
         let key = identity_key(pool, who);
         let mut ticket = self.affinity.wait(&key);
         let got = tokio::select! {

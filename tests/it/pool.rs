@@ -309,3 +309,33 @@ async fn handoffs_among_one_identity_do_not_starve_another() {
     // row before the queue: well under a second, far under the timeout.
     assert!(waited < Duration::from_secs(2), "bob waited {waited:?}");
 }
+
+/// Sessions of one identity that keep every connection busy still let the
+/// pool grow to its size: a session whose checkout is opening a new server
+/// connection is not pulled away by a handoff halfway through the login
+/// (that cancelled the login, and the pool stayed at one or two
+/// connections under load, at a fifth of the throughput).
+#[tokio::test(flavor = "multi_thread")]
+async fn handoffs_do_not_keep_the_pool_from_growing() {
+    let gw = start_gateway(Opts {
+        pool_size: 4,
+        ..Opts::default()
+    })
+    .await;
+    let mut busy = Vec::new();
+    for _ in 0..12 {
+        let client = gw.connect("alice").await;
+        busy.push(tokio::spawn(async move {
+            let mut pids = std::collections::BTreeSet::new();
+            for _ in 0..300 {
+                pids.insert(support::one(&client, "SELECT pg_backend_pid()").await);
+            }
+            pids
+        }));
+    }
+    let mut pids = std::collections::BTreeSet::new();
+    for task in busy {
+        pids.extend(task.await.unwrap());
+    }
+    assert_eq!(pids.len(), 4, "server connections used: {pids:?}");
+}

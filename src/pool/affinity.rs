@@ -12,20 +12,31 @@
 //!   assertion) is still decided by its custody at binding, as for any
 //!   connection;
 //! - a connection passes from session to session at most [`MAX_HANDOFFS`]
-//!   times in a row, then goes back to the pool's queue: sessions of other
-//!   identities, waiting in that queue, are never starved;
+//!   times in a row, and not at all while a session of another identity
+//!   has waited longer than every session of this one, and at least
+//!   [`FAIR_WAIT`]: it goes back to the pool's queue, which serves the
+//!   longest waiter first, so sessions of other identities are never
+//!   starved;
 //! - a connection is never lost: one offered to a waiter that has stopped
-//!   waiting comes back to the caller.
+//!   waiting comes back to the caller, and a waiter that went away without
+//!   [`Affinity::leave`] (its task was dropped) is forgotten at the next
+//!   offer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::Hash;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 /// How many times in a row a connection may pass directly from session to
 /// session before it goes back to the pool's queue.
-pub const MAX_HANDOFFS: u32 = 8;
+pub const MAX_HANDOFFS: u32 = 32;
+
+/// How long the longest-waiting session may wait, when it is of another
+/// identity than a released connection's, before that connection goes back
+/// to the pool's queue instead of to a session of its own identity.
+pub const FAIR_WAIT: Duration = Duration::from_millis(10);
 
 /// Sessions waiting for a connection, by identity.
 pub struct Affinity<K, T> {
@@ -34,7 +45,17 @@ pub struct Affinity<K, T> {
 
 struct Waiting<K, T> {
     next_id: u64,
-    by_key: HashMap<K, VecDeque<(u64, oneshot::Sender<T>)>>,
+    /// Every waiter by ticket id: ids grow, so the first waits longest.
+    order: BTreeMap<u64, Waiter<K, T>>,
+    /// The ids of each identity's waiters, longest-waiting first (an id no
+    /// longer in `order` is skipped).
+    by_key: HashMap<K, VecDeque<u64>>,
+}
+
+struct Waiter<K, T> {
+    key: K,
+    since: Instant,
+    tx: oneshot::Sender<T>,
 }
 
 /// A session's place among the waiters; it receives a connection handed
@@ -49,8 +70,53 @@ impl<K: Eq + Hash + Clone, T> Default for Affinity<K, T> {
         Affinity {
             waiting: Mutex::new(Waiting {
                 next_id: 0,
+                order: BTreeMap::new(),
                 by_key: HashMap::new(),
             }),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone, T> Waiting<K, T> {
+    /// Removes waiter `id`, and its identity's queue once empty.
+    fn remove(&mut self, id: u64) -> Option<Waiter<K, T>> {
+        let waiter = self.order.remove(&id)?;
+        if let Some(queue) = self.by_key.get_mut(&waiter.key) {
+            queue.retain(|&other| other != id);
+            if queue.is_empty() {
+                self.by_key.remove(&waiter.key);
+            }
+        }
+        Some(waiter)
+    }
+
+    /// The longest waiter that still waits (those whose task went away
+    /// are forgotten on the way).
+    fn longest(&mut self) -> Option<&Waiter<K, T>> {
+        while let Some(entry) = self.order.first_entry() {
+            if !entry.get().tx.is_closed() {
+                break;
+            }
+            let id = *entry.key();
+            self.remove(id);
+        }
+        self.order.first_key_value().map(|(_, waiter)| waiter)
+    }
+
+    /// The longest waiter of `key`, taken out of the queues.
+    fn take_first(&mut self, key: &K) -> Option<Waiter<K, T>> {
+        loop {
+            let queue = self.by_key.get_mut(key)?;
+            let Some(id) = queue.pop_front() else {
+                self.by_key.remove(key);
+                return None;
+            };
+            if queue.is_empty() {
+                self.by_key.remove(key);
+            }
+            if let Some(waiter) = self.order.remove(&id) {
+                return Some(waiter);
+            }
         }
     }
 }
@@ -62,27 +128,24 @@ impl<K: Eq + Hash + Clone, T> Affinity<K, T> {
         let mut waiting = self.lock();
         let id = waiting.next_id;
         waiting.next_id += 1;
-        waiting
-            .by_key
-            .entry(key.clone())
-            .or_default()
-            .push_back((id, tx));
+        waiting.by_key.entry(key.clone()).or_default().push_back(id);
+        let since = Instant::now();
+        waiting.order.insert(
+            id,
+            Waiter {
+                key: key.clone(),
+                since,
+                tx,
+            },
+        );
         Ticket { id, handed: rx }
     }
 
     /// The session stopped waiting (it got a connection from the pool, or
     /// gave up). A connection handed to it meanwhile is returned: the
     /// caller gives it back to the pool.
-    pub fn leave(&self, key: &K, mut ticket: Ticket<T>) -> Option<T> {
-        {
-            let mut waiting = self.lock();
-            if let Some(queue) = waiting.by_key.get_mut(key) {
-                queue.retain(|(id, _)| *id != ticket.id);
-                if queue.is_empty() {
-                    waiting.by_key.remove(key);
-                }
-            }
-        }
+    pub fn leave(&self, mut ticket: Ticket<T>) -> Option<T> {
+        self.lock().remove(ticket.id);
         ticket.handed.close();
         ticket.handed.try_recv().ok()
     }
@@ -90,7 +153,9 @@ impl<K: Eq + Hash + Clone, T> Affinity<K, T> {
     /// A session releases `conn`, which carries `key`'s identity and has
     /// passed directly between sessions `handoffs` times in a row: the
     /// longest-waiting session of that identity gets it. `Err(conn)` when
-    /// none waits (or it has passed too often): it goes back to the pool.
+    /// none waits, when it has passed too often, or when a session of
+    /// another identity waits longest and has waited [`FAIR_WAIT`]: it
+    /// goes back to the pool.
     pub fn offer(&self, key: &K, conn: T, handoffs: u32) -> Result<(), T> {
         if handoffs >= MAX_HANDOFFS {
             return Err(conn);
@@ -99,19 +164,17 @@ impl<K: Eq + Hash + Clone, T> Affinity<K, T> {
         loop {
             let waiter = {
                 let mut waiting = self.lock();
-                let Some(queue) = waiting.by_key.get_mut(key) else {
-                    return Err(conn);
-                };
-                let waiter = queue.pop_front();
-                if queue.is_empty() {
-                    waiting.by_key.remove(key);
+                if let Some(longest) = waiting.longest() {
+                    if longest.key != *key && longest.since.elapsed() >= FAIR_WAIT {
+                        return Err(conn);
+                    }
                 }
-                waiter
+                waiting.take_first(key)
             };
-            let Some((_, tx)) = waiter else {
+            let Some(waiter) = waiter else {
                 return Err(conn);
             };
-            match tx.send(conn) {
+            match waiter.tx.send(conn) {
                 Ok(()) => return Ok(()),
                 // It stopped waiting in the meantime: the next one.
                 Err(back) => conn = back,
@@ -127,7 +190,7 @@ impl<K: Eq + Hash + Clone, T> Affinity<K, T> {
     /// How many sessions wait.
     #[cfg(test)]
     fn waiting(&self) -> usize {
-        self.lock().by_key.values().map(VecDeque::len).sum()
+        self.lock().order.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting<K, T>> {
@@ -151,7 +214,7 @@ mod tests {
         assert_eq!(second.handed.await, Ok(8));
         // Nobody of alice's waits now: back to the pool.
         assert_eq!(affinity.offer(&"alice", 9, 0), Err(9));
-        assert_eq!(affinity.leave(&"bob", bob), None);
+        assert_eq!(affinity.leave(bob), None);
         assert_eq!(affinity.waiting(), 0);
     }
 
@@ -164,6 +227,37 @@ mod tests {
     }
 
     #[test]
+    fn a_long_wait_of_another_identity_stops_the_handoffs() {
+        let affinity: Affinity<&str, u32> = Affinity::default();
+        let _bob = affinity.wait(&"bob");
+        let alice = affinity.wait(&"alice");
+        // Bob waits longest, but not long yet: alice's session gets it.
+        assert_eq!(affinity.offer(&"alice", 1, 0), Ok(()));
+        assert_eq!(affinity.leave(alice), Some(1));
+        let _alice = affinity.wait(&"alice");
+        std::thread::sleep(FAIR_WAIT);
+        assert_eq!(
+            affinity.offer(&"alice", 2, 0),
+            Err(2),
+            "back to the queue, for bob"
+        );
+        assert_eq!(affinity.waiting(), 2);
+    }
+
+    #[test]
+    fn a_waiter_whose_task_went_away_is_forgotten() {
+        let affinity: Affinity<&str, u32> = Affinity::default();
+        // Bob's session was dropped while it waited, without leaving.
+        drop(affinity.wait(&"bob"));
+        let alice = affinity.wait(&"alice");
+        std::thread::sleep(FAIR_WAIT);
+        assert_eq!(affinity.offer(&"alice", 3, 0), Ok(()));
+        assert_eq!(affinity.leave(alice), Some(3));
+        assert_eq!(affinity.waiting(), 0);
+        assert!(!affinity.waits(&"bob"));
+    }
+
+    #[test]
     fn a_waiter_that_left_is_skipped_and_nothing_is_lost() {
         let affinity: Affinity<&str, u32> = Affinity::default();
         let gone = affinity.wait(&"alice");
@@ -172,7 +266,7 @@ mod tests {
         assert_eq!(affinity.offer(&"alice", 5, 0), Ok(()));
         // It got one from the pool at the same moment: the handed one
         // comes back to be returned.
-        assert_eq!(affinity.leave(&"alice", next), Some(5));
+        assert_eq!(affinity.leave(next), Some(5));
         assert_eq!(affinity.offer(&"alice", 6, 0), Err(6));
     }
 }

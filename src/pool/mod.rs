@@ -215,21 +215,22 @@ impl Pools {
         if status.size < status.max_size || status.available > 0 {
             return self.checkout(pool).await;
         }
-        let key = identity_key(pool, who);
-        let mut ticket = self.affinity.wait(&key);
+        let mut ticket = self.affinity.wait(&identity_key(pool, who));
         let got = tokio::select! {
             Ok(conn) = &mut ticket.handed => Ok(conn),
             got = self.checkout(pool) => got,
         };
         // Either way it waits no more; a connection handed over meanwhile
-        // goes back to the pool.
-        drop(self.affinity.leave(&key, ticket));
+        // goes back to the pool. (A session dropped while it waits leaves
+        // without this; the next offer forgets it.)
+        drop(self.affinity.leave(ticket));
         got
     }
 
     /// A session of identity `who` is done with `conn`, idle and fit for
     /// reuse: it goes to a session waiting for the same identity, if one
-    /// waits (and it has not passed between sessions too often), otherwise
+    /// waits (and it has not passed between sessions too often, and no
+    /// session of another identity has waited longer and too long), otherwise
     /// back to the pool. Returns whether it was handed over.
     pub fn release(&self, pool: &PoolRef, who: Who<'_>, mut conn: PooledConn) -> bool {
         let key = identity_key(pool, who);

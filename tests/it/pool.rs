@@ -223,8 +223,7 @@ async fn a_client_vanishing_mid_transaction_never_hands_it_to_another() {
 }
 
 /// A released connection goes straight to a waiting session of the same
-/// identity, which then runs without an identity assertion; a session of
-/// another identity that waited longer still gets the connection after.
+/// identity, which then runs without an identity assertion.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_released_connection_goes_to_a_waiter_of_the_same_identity() {
     use std::sync::atomic::Ordering::Relaxed;
@@ -234,24 +233,14 @@ async fn a_released_connection_goes_to_a_waiter_of_the_same_identity() {
     })
     .await;
     let holder = gw.connect("alice").await;
-    let same = std::sync::Arc::new(gw.connect("alice").await);
-    let other = std::sync::Arc::new(gw.connect("bob").await);
+    let same = gw.connect("alice").await;
     holder.batch_execute("BEGIN").await.unwrap();
     let pid = support::one(&holder, "SELECT pg_backend_pid()").await;
-    // Bob waits first, then alice's second session.
-    let bob = tokio::spawn({
-        let other = other.clone();
-        async move { support::one(&other, "SELECT current_user").await }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let alice = tokio::spawn({
-        let same = same.clone();
-        async move {
-            let sql = "SELECT current_setting('app.client_user') || ' ' || pg_backend_pid()";
-            let got = support::one(&same, sql).await;
-            let (user, pid) = got.rsplit_once(' ').unwrap();
-            (user.to_string(), pid.to_string())
-        }
+    let alice = tokio::spawn(async move {
+        let sql = "SELECT current_setting('app.client_user') || ' ' || pg_backend_pid()";
+        let got = support::one(&same, sql).await;
+        let (user, pid) = got.rsplit_once(' ').unwrap();
+        (user.to_string(), pid.to_string())
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let assertions = gw.shared.metrics.identity_assertions.load(Relaxed);
@@ -259,12 +248,44 @@ async fn a_released_connection_goes_to_a_waiter_of_the_same_identity() {
     let (user, alice_pid) = alice.await.unwrap();
     assert!(user.starts_with("alice"), "{user}");
     assert_eq!(alice_pid, pid);
-    assert_eq!(bob.await.unwrap(), "engineer");
-    assert!(gw.shared.metrics.pool_handoffs.load(Relaxed) >= 1);
-    // Alice's waiting session asserted nothing; bob's did.
+    assert_eq!(gw.shared.metrics.pool_handoffs.load(Relaxed), 1);
+    // The waiting session asserted nothing.
     assert_eq!(
         gw.shared.metrics.identity_assertions.load(Relaxed),
-        assertions + 1
+        assertions
+    );
+}
+
+/// Affinity yields to a session of another identity that has waited
+/// longest, and long: a released connection goes back to the pool's
+/// queue, which serves that session first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_waiter_of_another_identity_goes_first() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let holder = gw.connect("alice").await;
+    let same = gw.connect("alice").await;
+    let other = gw.connect("bob").await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    support::one(&holder, "SELECT 1").await;
+    let when = "SELECT current_user || ' ' || to_char(clock_timestamp(), 'HH24:MI:SS.US')";
+    // Bob waits first, then alice's second session.
+    let bob = tokio::spawn(async move { support::one(&other, when).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let alice = tokio::spawn(async move { support::one(&same, when).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let bob = bob.await.unwrap();
+    let alice = alice.await.unwrap();
+    let (bob_role, bob_at) = bob.split_once(' ').unwrap();
+    let (alice_role, alice_at) = alice.split_once(' ').unwrap();
+    assert_eq!((bob_role, alice_role), ("engineer", "analyst"));
+    assert!(
+        bob_at < alice_at,
+        "bob ran at {bob_at}, alice at {alice_at}"
     );
 }
 
@@ -305,8 +326,8 @@ async fn handoffs_among_one_identity_do_not_starve_another() {
     for task in busy {
         assert!(task.await.unwrap() > 0);
     }
-    // Three sessions of 5 ms transactions, at most MAX_HANDOFFS (8) in a
-    // row before the queue: well under a second, far under the timeout.
+    // Three sessions of 5 ms transactions: once bob has waited FAIR_WAIT
+    // (10 ms), the connection goes back to the queue, where bob is first.
     assert!(waited < Duration::from_secs(2), "bob waited {waited:?}");
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing pgwarden needs on a fresh Debian 12
 # machine with a Rust toolchain: PostgreSQL 15 (server binaries for the
-# throwaway test clusters, psql and pgbench as real clients), and the client
+# throwaway test clusters, psql and pgbench as real clients), rsyslog (the
+# syslog server the audit shipping tests start themselves), and the client
 # drivers of the driver-matrix tests (tests/drivers/install.sh).
 # Idempotent: does nothing where everything is present.
 set -euo pipefail
@@ -9,6 +10,8 @@ need=()
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql-15)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 [ -x /usr/lib/postgresql/15/bin/pgbench ] || need+=(postgresql-contrib)
+# A real syslog server for the audit shipping tests (tests/it/shipping.rs).
+command -v rsyslogd >/dev/null 2>&1 || need+=(rsyslog)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

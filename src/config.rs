@@ -322,6 +322,27 @@ pub struct AuditConfig {
     pub flush_interval_ms: u64,
     pub on_failure: OnFailure,
     pub log_parameters: bool,
+    /// This gateway's id in shipped records; default: one made when the
+    /// store is created, kept in it.
+    pub instance: Option<String>,
+    /// Ship every record to a syslog server (`[audit.ship]`).
+    pub ship: Option<ShipConfig>,
+}
+
+/// `[audit.ship]`: every record, in seq order, to a syslog server over TCP
+/// (RFC 5424 messages, RFC 6587 octet counting), at least once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipConfig {
+    /// `host:port` of the syslog server's TCP listener.
+    pub address: String,
+    /// A warning is logged while more records than this wait to be shipped.
+    #[serde(default = "default_lag_warning")]
+    pub lag_warning_records: u64,
+}
+
+fn default_lag_warning() -> u64 {
+    10_000
 }
 
 impl Default for AuditConfig {
@@ -333,6 +354,8 @@ impl Default for AuditConfig {
             flush_interval_ms: 5,
             on_failure: OnFailure::Deny,
             log_parameters: false,
+            instance: None,
+            ship: None,
         }
     }
 }

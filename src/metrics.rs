@@ -89,6 +89,9 @@ fn label(value: &str) -> String {
 pub struct Snapshot {
     pub audit: crate::audit::AuditCounters,
     pub audit_queue_depth: u64,
+    /// Shipping, when on: (records not yet delivered, seconds the oldest
+    /// of them has waited).
+    pub ship: Option<(u64, u64)>,
     /// (database, idle, total) server connections.
     pub pools: Vec<(String, u64, u64)>,
 }
@@ -194,6 +197,18 @@ const AUDIT: &[(&str, &str, Type, ValueOf)] = &[
         "fsyncs of the audit store.",
         Type::Counter,
         |s| s.audit.syncs,
+    ),
+    (
+        "pgwarden_audit_ship_lag_records",
+        "Durable audit records not yet delivered to the syslog server (0 without shipping).",
+        Type::Gauge,
+        |s| s.ship.map_or(0, |(records, _)| records),
+    ),
+    (
+        "pgwarden_audit_ship_lag_seconds",
+        "How long the oldest undelivered audit record has waited for shipping.",
+        Type::Gauge,
+        |s| s.ship.map_or(0, |(_, seconds)| seconds),
     ),
 ];
 
@@ -310,6 +325,7 @@ mod tests {
                 syncs: 3,
             },
             audit_queue_depth: 1,
+            ship: None,
             pools: vec![("app".into(), 1, 4)],
         };
         let text = render(&m, &snapshot);

@@ -39,6 +39,31 @@ pub enum StartError {
     },
 }
 
+/// Starts shipping the audit log when `[audit.ship]` is set (the store's
+/// instance id is made then, if not configured).
+fn start_shipping(
+    config: &Config,
+    auditor: &Auditor,
+) -> Result<Option<Arc<crate::audit::ship::ShipStatus>>, StartError> {
+    let Some(ship) = &config.audit.ship else {
+        return Ok(None);
+    };
+    let Some(source) = auditor.ship_source() else {
+        return Ok(None);
+    };
+    let db = source
+        .db
+        .get()
+        .ok_or_else(|| crate::audit::AuditError::Read("the audit store is not open".into()))?;
+    let instance = crate::audit::ship::instance_id(&db, config.audit.instance.as_deref())?;
+    tracing::info!(address = %ship.address, %instance, "shipping the audit log");
+    Ok(Some(crate::audit::ship::spawn(
+        source,
+        ship.clone(),
+        instance,
+    )))
+}
+
 /// Which gateway writes an audit store, for its `gateway_start`: the host's
 /// name, the listen address and the backend.
 fn origin(config: &Config) -> String {
@@ -82,6 +107,7 @@ impl Gateway {
             config.backend.tls_ca_file.as_deref(),
         )
         .map_err(StartError::Tls)?;
+        let ship = start_shipping(&config, &auditor)?;
         let shared = Shared {
             pools: Pools::new(
                 config.backend.clone(),
@@ -107,6 +133,7 @@ impl Gateway {
             client_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.max_client_connections,
             )),
+            ship,
             config: Arc::new(config),
         };
         Ok(Gateway {

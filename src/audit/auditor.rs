@@ -38,6 +38,8 @@ struct Inner {
     /// The next ticket handed out by [`Auditor::ticket`].
     next_ticket: AtomicU64,
     counters: Arc<Counters>,
+    /// The store, for the shipper's reads.
+    shared: Option<super::store::SharedDb>,
     /// The final chain head, once shut down (makes shutdown idempotent).
     stopped: Mutex<Option<String>>,
 }
@@ -85,6 +87,7 @@ impl Auditor {
         origin: &str,
     ) -> Result<Auditor, AuditError> {
         let counters = Arc::new(Counters::default());
+        let shared = store.shared();
         let interval = Duration::from_millis(cfg.flush_interval_ms.max(1));
         let mut writer = Writer::recover(store, cfg.durability, interval, counters.clone())?;
         let mut start = Event::new(Kind::GatewayStart);
@@ -117,8 +120,20 @@ impl Auditor {
                 durability: cfg.durability,
                 next_ticket: AtomicU64::new(1),
                 counters,
+                shared,
                 stopped: Mutex::new(None),
             })),
+        })
+    }
+
+    /// What the shipper reads: the store and the writer's counters (the
+    /// durable seq). `None` when disabled or on a store without a shared
+    /// handle.
+    pub fn ship_source(&self) -> Option<super::ship::Source> {
+        let inner = self.inner.as_ref()?;
+        Some(super::ship::Source {
+            db: inner.shared.clone()?,
+            counters: inner.counters.clone(),
         })
     }
 

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod export;
 pub mod join;
 pub mod record;
+pub mod ship;
 pub mod stats;
 pub mod store;
 pub mod verify;

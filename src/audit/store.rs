@@ -39,7 +39,7 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::record::Record;
@@ -80,6 +80,60 @@ pub trait Store: Send + 'static {
     fn reopen(&mut self) -> Result<(), AuditError> {
         Ok(())
     }
+    /// A handle other threads read the store through (the shipper), if
+    /// the store has one.
+    fn shared(&self) -> Option<SharedDb> {
+        None
+    }
+}
+
+/// The writer's open database, for readers on other threads: `None` while
+/// the writer reopens it (a reader must not keep the old one, whose lock
+/// would make the reopen fail), so readers take it for one read at a time.
+#[derive(Clone, Default)]
+pub struct SharedDb(Arc<RwLock<Option<sled::Db>>>);
+
+impl SharedDb {
+    /// The database, unless it is being reopened.
+    pub fn get(&self) -> Option<sled::Db> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, db: Option<sled::Db>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = db;
+    }
+}
+
+/// Records with seq >= `from` in `tree` (the store's records), in seq
+/// order, runs unpacked. A key that is not 8 bytes, or a damaged run, is
+/// reported as `Corrupt`.
+pub fn scan_tree(
+    tree: &sled::Tree,
+    from: u64,
+) -> impl Iterator<Item = Result<RawEntry, AuditError>> + '_ {
+    // The run holding `from` may start before it.
+    let start = match tree.range(..=key(from)).next_back() {
+        Some(Ok((k, _))) => seq_of(&k).unwrap_or(from),
+        _ => from,
+    };
+    tree.range(key(start)..)
+        .flat_map(|item| {
+            let unpacked = item
+                .map_err(|e| AuditError::Read(e.to_string()))
+                .and_then(|(k, v)| {
+                    let seq = seq_of(&k).ok_or_else(|| AuditError::Corrupt {
+                        seq: 0,
+                        message: format!("a key of {} bytes is not a seq", k.len()),
+                    })?;
+                    unpack(seq, v)
+                });
+            let (entries, error) = match unpacked {
+                Ok(entries) => (entries, None),
+                Err(e) => (Vec::new(), Some(Err(e))),
+            };
+            entries.into_iter().map(Ok).chain(error)
+        })
+        .filter(move |entry| !matches!(entry, Ok((seq, _)) if *seq < from))
 }
 
 /// The key of `seq`: 8 bytes big-endian, so key order is seq order.
@@ -219,6 +273,8 @@ pub struct SledStore {
     path: PathBuf,
     /// `None` only between dropping a failed database and reopening it.
     open: Option<OpenDb>,
+    /// The open database, for readers on other threads.
+    shared: SharedDb,
     /// Blob files already fsynced (pruned to what exists at each sync).
     synced_blobs: HashSet<OsString>,
     /// The blob directory's modification time and when it was last scanned:
@@ -251,9 +307,13 @@ impl OpenDb {
 impl SledStore {
     /// Opens (creating if needed) the store at `path`.
     pub fn open(path: &Path) -> Result<SledStore, AuditError> {
+        let open = OpenDb::open(path)?;
+        let shared = SharedDb::default();
+        shared.set(Some(open.db.clone()));
         Ok(SledStore {
             path: path.to_path_buf(),
-            open: Some(OpenDb::open(path)?),
+            open: Some(open),
+            shared,
             synced_blobs: HashSet::new(),
             blobs_scanned: None,
         })
@@ -348,12 +408,28 @@ impl Store for SledStore {
     /// recovering from e.g. a full disk takes a fresh open: what was fsynced
     /// is there, what was not is gone.
     fn reopen(&mut self) -> Result<(), AuditError> {
-        // The old database must be gone (its lock released) before reopening.
+        // The old database must be gone (its lock released) before
+        // reopening: readers give theirs back after their current read.
+        self.shared.set(None);
         self.open = None;
         self.synced_blobs.clear();
         self.blobs_scanned = None;
-        self.open = Some(OpenDb::open(&self.path)?);
+        let open = OpenDb::open(&self.path)?;
+        self.shared.set(Some(open.db.clone()));
+        self.open = Some(open);
         Ok(())
+    }
+
+    fn shared(&self) -> Option<SharedDb> {
+        Some(self.shared.clone())
+    }
+}
+
+impl Drop for SledStore {
+    /// Readers lose their handle with the store: sled's lock goes with the
+    /// last clone of the database.
+    fn drop(&mut self) {
+        self.shared.set(None);
     }
 }
 
@@ -452,30 +528,7 @@ impl StoreReader {
     /// Records with seq >= `from`, in seq order, runs unpacked. A key that
     /// is not 8 bytes, or a damaged run, is reported as `Corrupt`.
     pub fn scan_from(&self, from: u64) -> impl Iterator<Item = Result<RawEntry, AuditError>> + '_ {
-        // The run holding `from` may start before it.
-        let start = match self.db.range(..=key(from)).next_back() {
-            Some(Ok((k, _))) => seq_of(&k).unwrap_or(from),
-            _ => from,
-        };
-        self.db
-            .range(key(start)..)
-            .flat_map(|item| {
-                let unpacked =
-                    item.map_err(|e| AuditError::Read(e.to_string()))
-                        .and_then(|(k, v)| {
-                            let seq = seq_of(&k).ok_or_else(|| AuditError::Corrupt {
-                                seq: 0,
-                                message: format!("a key of {} bytes is not a seq", k.len()),
-                            })?;
-                            unpack(seq, v)
-                        });
-                let (entries, error) = match unpacked {
-                    Ok(entries) => (entries, None),
-                    Err(e) => (Vec::new(), Some(Err(e))),
-                };
-                entries.into_iter().map(Ok).chain(error)
-            })
-            .filter(move |entry| !matches!(entry, Ok((seq, _)) if *seq < from))
+        scan_tree(&self.db, from)
     }
 
     /// The record stored under `seq`, if any.

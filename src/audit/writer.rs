@@ -79,6 +79,12 @@ pub struct Counters {
     /// The last insert or fsync failed and none has succeeded since: `async`
     /// appenders wait for their record's verdict instead of only queueing it.
     pub failing: AtomicBool,
+    /// The highest seq known to be durable (fsynced); 0 before any.
+    pub durable: AtomicU64,
+    /// Notified whenever `durable` grows (the shipper waits on it).
+    pub durable_grew: tokio::sync::Notify,
+    /// The writer has stopped and released the store.
+    pub stopped: AtomicBool,
 }
 
 /// The writer's state; lives on its own thread once [`Writer::run`] starts.
@@ -425,6 +431,10 @@ impl Writer {
         self.counters.failing.store(false, Ordering::Relaxed);
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         self.unsynced_since = None;
+        let durable = self.chain.next_seq.saturating_sub(1);
+        if self.counters.durable.swap(durable, Ordering::Release) != durable {
+            self.counters.durable_grew.notify_waiters();
+        }
         Ok(())
     }
 
@@ -494,7 +504,10 @@ impl Writer {
                 }
             }
         }
-        // Dropping the store releases sled's lock before anyone hears "stopped".
+        // Dropping the store releases sled's lock before anyone hears
+        // "stopped" (and the shipper lets go of it too).
+        self.counters.stopped.store(true, Ordering::Release);
+        self.counters.durable_grew.notify_waiters();
         drop(self);
         let _ = reply.send(result);
     }

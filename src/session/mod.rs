@@ -90,6 +90,8 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Reloadable settings (SIGHUP); `config` keeps the ones that need a restart.
     pub live: RwLock<Arc<Live>>,
+    /// The audit shipper's progress, when `[audit.ship]` is set.
+    pub ship: Option<Arc<crate::audit::ship::ShipStatus>>,
 }
 
 impl Shared {
@@ -105,6 +107,12 @@ impl Shared {
         crate::metrics::Snapshot {
             audit: self.auditor.counters(),
             audit_queue_depth: self.auditor.queue_depth() as u64,
+            ship: self.ship.as_ref().map(|s| {
+                (
+                    s.lag_records.load(std::sync::atomic::Ordering::Relaxed),
+                    s.lag_seconds() as u64,
+                )
+            }),
             pools: {
                 // Summed over a database's pools (one per login).
                 let mut per_db = std::collections::BTreeMap::<String, (u64, u64)>::new();

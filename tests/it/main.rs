@@ -23,4 +23,5 @@ mod pool;
 mod prepared;
 mod protocol;
 mod raw;
+mod shipping;
 mod state;

@@ -346,6 +346,12 @@ impl BinaryGateway {
             ),
         )
         .unwrap();
+        BinaryGateway::start_in(dir, port).await
+    }
+
+    /// Starts `pgwarden serve` again on a directory (and port) a gateway
+    /// started by [`BinaryGateway::start`] used: same config, same store.
+    pub async fn start_in(dir: tempfile::TempDir, port: u16) -> BinaryGateway {
         let child = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
             .args(["serve", "-c"])
             .arg(dir.path().join("pgwarden.toml"))

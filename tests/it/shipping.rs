@@ -1,0 +1,258 @@
+//! `[audit.ship]` against a real rsyslog (imtcp, RFC 6587 octet counting,
+//! written to a file): every record arrives exactly as stored, with the
+//! gateway's instance; through an outage of the server; and across a
+//! `kill -9` of the gateway.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::audit::export;
+use crate::support::{self, cluster, start_gateway, BinaryGateway, Opts};
+
+/// rsyslogd in the foreground, its TCP input on `port`, the MSG part of
+/// every message written as one line to `out`.
+struct Rsyslog {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Rsyslog {
+    fn start() -> Rsyslog {
+        let mut server = Rsyslog {
+            child: None,
+            port: cluster::free_port(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.run();
+        server
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out.log")
+    }
+
+    /// (Re)starts it on the same port and file.
+    fn run(&mut self) {
+        let dir = self.dir.path();
+        let conf = dir.join("rsyslog.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"global(workDirectory="{dir}" maxMessageSize="1m")
+module(load="imtcp")
+template(name="body" type="string" string="%msg%\n")
+ruleset(name="audit") {{
+  action(type="omfile" file="{out}" template="body")
+}}
+input(type="imtcp" port="{port}" ruleset="audit")
+"#,
+                dir = dir.display(),
+                out = self.out().display(),
+                port = self.port,
+            ),
+        )
+        .unwrap();
+        let child = Command::new("rsyslogd")
+            .arg("-n")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-i")
+            .arg(dir.join("rsyslogd.pid"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("rsyslogd (scripts/setup.sh installs rsyslog)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("rsyslogd never listened on {}", self.port);
+    }
+
+    /// Stops it (SIGTERM, as a service stop does).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait().unwrap();
+        }
+    }
+
+    /// Every message received so far, by seq (a record that arrived twice
+    /// must have arrived the same both times).
+    fn received(&self) -> BTreeMap<u64, Value> {
+        let text = std::fs::read_to_string(self.out()).unwrap_or_default();
+        let mut by_seq = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line.trim())
+                .unwrap_or_else(|e| panic!("not a record ({e}): {line}"));
+            let seq = v["seq"].as_u64().unwrap();
+            if let Some(before) = by_seq.insert(seq, v.clone()) {
+                assert_eq!(before, v, "seq {seq} arrived twice, differently");
+            }
+        }
+        by_seq
+    }
+
+    /// Waits until seqs 1..=`last` have all arrived.
+    async fn wait_for(&self, last: u64) -> BTreeMap<u64, Value> {
+        for _ in 0..300 {
+            let got = self.received();
+            if (1..=last).all(|seq| got.contains_key(&seq)) {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let got = self.received();
+        let missing: Vec<u64> = (1..=last).filter(|s| !got.contains_key(s)).collect();
+        panic!("records never shipped: {missing:?}");
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Every exported record up to `last` arrived as stored, plus `instance`.
+fn assert_shipped_as_stored(
+    store: &Path,
+    received: &BTreeMap<u64, Value>,
+    instance: &str,
+    last: u64,
+) {
+    let stored = export(store, &["--raw"]);
+    let mut checked = 0;
+    for record in stored.iter().filter(|r| r["seq"].as_u64().unwrap() <= last) {
+        let seq = record["seq"].as_u64().unwrap();
+        let mut got = received
+            .get(&seq)
+            .unwrap_or_else(|| panic!("seq {seq} was not shipped"))
+            .clone();
+        assert_eq!(got["instance"], instance, "seq {seq}");
+        got.as_object_mut().unwrap().remove("instance");
+        assert_eq!(&got, record, "seq {seq} arrived otherwise than stored");
+        checked += 1;
+    }
+    assert_eq!(checked as u64, last, "the store holds seqs 1..={last}");
+}
+
+/// A client of a gateway on `port`, as alice.
+async fn alice_on(port: u16) -> tokio_postgres::Client {
+    let url = format!("host=127.0.0.1 port={port} user=alice password=alice-pw dbname=app");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+async fn run_statements(port: u16, tag: &str, n: usize) {
+    let client = alice_on(port).await;
+    for i in 0..n {
+        support::one(&client, &format!("SELECT '{tag}-{i}'")).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_record_reaches_rsyslog_through_an_outage() {
+    let mut syslog = Rsyslog::start();
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: format!(
+            "instance = \"gw-ship\"\n[audit.ship]\naddress = \"127.0.0.1:{}\"\n",
+            syslog.port
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let status = gw.shared.ship.clone().expect("shipping is on");
+    run_statements(gw.port(), "before", 20).await;
+    let first = syslog.received().len();
+    support::eventually("the first records are shipped", || {
+        status.shipped.load(std::sync::atomic::Ordering::Relaxed) > 20
+    })
+    .await;
+    assert!(first <= syslog.received().len());
+    // The server goes away; statements go on, and their records wait.
+    syslog.stop();
+    run_statements(gw.port(), "outage", 50).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        status
+            .lag_records
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    syslog.run();
+    run_statements(gw.port(), "after", 20).await;
+    let last = gw.shared.auditor.counters().appended;
+    let received = syslog.wait_for(last).await;
+    let dir = gw.stop().await;
+    assert_shipped_as_stored(&dir.path().join("audit"), &received, "gw-ship", last);
+    assert!(received
+        .values()
+        .any(|r| r["statement"] == "SELECT 'outage-49'"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_9_of_the_gateway_loses_no_shipped_record() {
+    let syslog = Rsyslog::start();
+    let gw = BinaryGateway::start(
+        support::TEST_POLICY,
+        &format!(
+            "[audit]\nstore = \"audit\"\ndurability = \"group\"\n[audit.ship]\naddress = \"127.0.0.1:{}\"\n",
+            syslog.port
+        ),
+    )
+    .await;
+    let port = gw.port;
+    let load = tokio::spawn(async move {
+        let client = alice_on(port).await;
+        for i in 0.. {
+            if client
+                .simple_query(&format!("SELECT 'k9-{i}'"))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gw.signal(libc::SIGKILL);
+    let (_, dir) = gw.wait().await;
+    load.await.unwrap();
+    // The next run's gateway_start is shipped after everything before it.
+    let gw = BinaryGateway::start_in(dir, port).await;
+    let restarted = loop {
+        let got = syslog.received();
+        if let Some((seq, _)) = got
+            .iter()
+            .filter(|(_, r)| r["kind"] == "gateway_start")
+            .nth(1)
+        {
+            break *seq;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let received = syslog.wait_for(restarted).await;
+    gw.signal(libc::SIGTERM);
+    let (_, dir) = gw.wait().await;
+    let instance = received[&1]["instance"].as_str().unwrap().to_string();
+    assert!(instance.starts_with("pgw-"), "{instance}");
+    assert!(restarted > 20, "too little load: {restarted}");
+    assert_shipped_as_stored(&dir.path().join("audit"), &received, &instance, restarted);
+}

@@ -49,6 +49,7 @@ fn start_shipping(
         return Ok(None);
     };
     let Some(source) = auditor.ship_source() else {
+        tracing::warn!("[audit.ship] is set but the audit log is off: nothing is shipped");
         return Ok(None);
     };
     let db = source

@@ -12,11 +12,14 @@
 //!   assertion) is still decided by its custody at binding, as for any
 //!   connection;
 //! - a connection passes from session to session at most [`MAX_HANDOFFS`]
-//!   times in a row, and not at all while a session of another identity
-//!   has waited longer than every session of this one, and at least
-//!   [`FAIR_WAIT`]: it goes back to the pool's queue, which serves the
-//!   longest waiter first, so sessions of other identities are never
-//!   starved;
+//!   times in a row, and never to a session that started waiting
+//!   [`FAIR_WAIT`] or more after the longest waiter, when that one is of
+//!   another identity: it goes back to the pool's queue, which serves the
+//!   longest waiter first. A handoff thus lets a session jump ahead of
+//!   others by less than [`FAIR_WAIT`] (the wait itself may be long: with
+//!   many sessions per connection every session waits, and a rule on the
+//!   wait alone would end every handoff), and sessions of other identities
+//!   are never starved;
 //! - a connection is never lost: one offered to a waiter that has stopped
 //!   waiting comes back to the caller, and a waiter that went away without
 //!   [`Affinity::leave`] (its task was dropped) is forgotten at the next
@@ -33,9 +36,8 @@ use tokio::sync::oneshot;
 /// session before it goes back to the pool's queue.
 pub const MAX_HANDOFFS: u32 = 32;
 
-/// How long the longest-waiting session may wait, when it is of another
-/// identity than a released connection's, before that connection goes back
-/// to the pool's queue instead of to a session of its own identity.
+/// How far a handoff may let a session jump ahead of the longest waiter of
+/// another identity: by less than this much waiting time.
 pub const FAIR_WAIT: Duration = Duration::from_millis(10);
 
 /// Sessions waiting for a connection, by identity.
@@ -103,6 +105,29 @@ impl<K: Eq + Hash + Clone, T> Waiting<K, T> {
         self.order.first_key_value().map(|(_, waiter)| waiter)
     }
 
+    /// Since when the longest waiter of `key` that still waits has waited
+    /// (those whose task went away are forgotten on the way).
+    fn first_since(&mut self, key: &K) -> Option<Instant> {
+        let Waiting { order, by_key, .. } = self;
+        let queue = by_key.get_mut(key)?;
+        let since = loop {
+            let Some(&id) = queue.front() else {
+                break None;
+            };
+            match order.get(&id) {
+                Some(waiter) if !waiter.tx.is_closed() => break Some(waiter.since),
+                _ => {
+                    queue.pop_front();
+                    order.remove(&id);
+                }
+            }
+        };
+        if since.is_none() {
+            by_key.remove(key);
+        }
+        since
+    }
+
     /// The longest waiter of `key`, taken out of the queues.
     fn take_first(&mut self, key: &K) -> Option<Waiter<K, T>> {
         loop {
@@ -154,7 +179,7 @@ impl<K: Eq + Hash + Clone, T> Affinity<K, T> {
     /// passed directly between sessions `handoffs` times in a row: the
     /// longest-waiting session of that identity gets it. `Err(conn)` when
     /// none waits, when it has passed too often, or when a session of
-    /// another identity waits longest and has waited [`FAIR_WAIT`]: it
+    /// another identity has waited [`FAIR_WAIT`] longer than that one: it
     /// goes back to the pool.
     pub fn offer(&self, key: &K, conn: T, handoffs: u32) -> Result<(), T> {
         if handoffs >= MAX_HANDOFFS {
@@ -164,10 +189,15 @@ impl<K: Eq + Hash + Clone, T> Affinity<K, T> {
         loop {
             let waiter = {
                 let mut waiting = self.lock();
-                if let Some(longest) = waiting.longest() {
-                    if longest.key != *key && longest.since.elapsed() >= FAIR_WAIT {
-                        return Err(conn);
-                    }
+                let other = waiting
+                    .longest()
+                    .filter(|longest| longest.key != *key)
+                    .map(|longest| longest.since);
+                let Some(mine) = waiting.first_since(key) else {
+                    return Err(conn);
+                };
+                if other.is_some_and(|other| mine.saturating_duration_since(other) >= FAIR_WAIT) {
+                    return Err(conn);
                 }
                 waiting.take_first(key)
             };
@@ -227,15 +257,17 @@ mod tests {
     }
 
     #[test]
-    fn a_long_wait_of_another_identity_stops_the_handoffs() {
+    fn a_handoff_jumps_no_waiter_of_another_identity_by_fair_wait() {
         let affinity: Affinity<&str, u32> = Affinity::default();
         let _bob = affinity.wait(&"bob");
         let alice = affinity.wait(&"alice");
-        // Bob waits longest, but not long yet: alice's session gets it.
+        std::thread::sleep(FAIR_WAIT);
+        // Bob has waited long, and alice's session nearly as long: it
+        // gets it (with many sessions per connection, everyone waits).
         assert_eq!(affinity.offer(&"alice", 1, 0), Ok(()));
         assert_eq!(affinity.leave(alice), Some(1));
+        // Alice's next session started FAIR_WAIT after bob: bob goes first.
         let _alice = affinity.wait(&"alice");
-        std::thread::sleep(FAIR_WAIT);
         assert_eq!(
             affinity.offer(&"alice", 2, 0),
             Err(2),

@@ -327,6 +327,11 @@ pub struct AuditConfig {
     pub instance: Option<String>,
     /// Ship every record to a syslog server (`[audit.ship]`).
     pub ship: Option<ShipConfig>,
+    /// Anchor the chain in this database's `pgwarden.audit_checkpoints`
+    /// (unset: no anchoring).
+    pub checkpoint_database: Option<String>,
+    /// Seconds between anchors (and one at stop).
+    pub checkpoint_interval_s: u64,
 }
 
 /// `[audit.ship]`: every record, in seq order, to a syslog server over TCP
@@ -356,6 +361,8 @@ impl Default for AuditConfig {
             log_parameters: false,
             instance: None,
             ship: None,
+            checkpoint_database: None,
+            checkpoint_interval_s: 60,
         }
     }
 }
@@ -430,6 +437,14 @@ impl Config {
         }
         if self.pool.isolation == Isolation::Role && self.backend.service_password.is_none() {
             return Err("[pool] isolation = \"role\" needs [backend] service_password (the per-role logins' passwords are derived from it)".into());
+        }
+        if let Some(instance) = &self.audit.instance {
+            if !crate::audit::anchor::valid_instance(instance) {
+                return Err("[audit] instance must be 1 to 64 of A-Z a-z 0-9 . _ : -".into());
+            }
+        }
+        if self.audit.checkpoint_database.is_some() && self.audit.checkpoint_interval_s == 0 {
+            return Err("[audit] checkpoint_interval_s must be at least 1".into());
         }
         if self.identity.tag_key_refresh_ms < 1_000 {
             return Err("[identity] tag_key_refresh_ms must be at least 1000".into());

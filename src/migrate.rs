@@ -125,6 +125,13 @@ pub async fn run(
         return Ok(report);
     }
     exec_formatted(&pool, "ALTER ROLE %I NOINHERIT", &[service]).await?;
+    // The only thing the service user may do with audit checkpoints: append.
+    exec_formatted(
+        &pool,
+        "GRANT EXECUTE ON FUNCTION pgwarden.audit_checkpoint(text, bigint, text, timestamptz) TO %I",
+        &[service],
+    )
+    .await?;
     drop_settings(&pool, service).await?;
     if config.pool.mode == PoolMode::Transaction {
         report.statements_hidden = Some(hide_statements(&pool).await);

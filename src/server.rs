@@ -39,30 +39,72 @@ pub enum StartError {
     },
 }
 
-/// Starts shipping the audit log when `[audit.ship]` is set (the store's
-/// instance id is made then, if not configured).
-fn start_shipping(
+/// What takes the audit log off the box: the shipper (`[audit.ship]`) and
+/// the anchoring of checkpoints (`[audit] checkpoint_database`), started
+/// when configured. The store's instance id is made then, if not configured.
+type OffBox = (
+    Option<Arc<crate::audit::ship::ShipStatus>>,
+    Option<crate::audit::anchor::Target>,
+);
+
+fn start_off_box(
     config: &Config,
     auditor: &Auditor,
-) -> Result<Option<Arc<crate::audit::ship::ShipStatus>>, StartError> {
-    let Some(ship) = &config.audit.ship else {
-        return Ok(None);
-    };
+    backend_tls: &Option<crate::tls::BackendTls>,
+) -> Result<OffBox, StartError> {
+    if config.audit.ship.is_none() && config.audit.checkpoint_database.is_none() {
+        return Ok((None, None));
+    }
     let Some(source) = auditor.ship_source() else {
-        tracing::warn!("[audit.ship] is set but the audit log is off: nothing is shipped");
-        return Ok(None);
+        tracing::warn!("[audit.ship] or checkpoint_database is set but the audit log is off");
+        return Ok((None, None));
     };
     let db = source
         .db
         .get()
         .ok_or_else(|| crate::audit::AuditError::Read("the audit store is not open".into()))?;
     let instance = crate::audit::ship::instance_id(&db, config.audit.instance.as_deref())?;
-    tracing::info!(address = %ship.address, %instance, "shipping the audit log");
-    Ok(Some(crate::audit::ship::spawn(
-        source,
-        ship.clone(),
-        instance,
-    )))
+    drop(db);
+    let target =
+        config
+            .audit
+            .checkpoint_database
+            .as_ref()
+            .map(|database| crate::audit::anchor::Target {
+                backend: Arc::new(config.backend.clone()),
+                tls: backend_tls.clone(),
+                database: database.clone(),
+                instance: instance.clone(),
+            });
+    if let Some(target) = &target {
+        tracing::info!(database = %target.database, %instance, "anchoring audit checkpoints");
+        let interval = Duration::from_secs(config.audit.checkpoint_interval_s);
+        crate::audit::anchor::spawn(source.clone(), target.clone(), interval);
+    }
+    let ship = config.audit.ship.as_ref().map(|ship| {
+        tracing::info!(address = %ship.address, %instance, "shipping the audit log");
+        crate::audit::ship::spawn(source, ship.clone(), instance)
+    });
+    Ok((ship, target))
+}
+
+/// After the audit log closed: anchors its last record (the
+/// `gateway_stop`), read back from the released store.
+async fn anchor_at_stop(target: &crate::audit::anchor::Target, store: &std::path::Path) {
+    let last = crate::audit::StoreReader::open(store).and_then(|reader| {
+        let seq = reader.last_seq()?;
+        seq.map(|seq| reader.get(seq))
+            .transpose()
+            .map(Option::flatten)
+    });
+    let anchored = match last {
+        Ok(Some(record)) => target.anchor(&record).await,
+        Ok(None) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = anchored {
+        tracing::warn!(error = %e, "the last audit checkpoint could not be anchored");
+    }
 }
 
 /// Which gateway writes an audit store, for its `gateway_start`: the host's
@@ -108,7 +150,7 @@ impl Gateway {
             config.backend.tls_ca_file.as_deref(),
         )
         .map_err(StartError::Tls)?;
-        let ship = start_shipping(&config, &auditor)?;
+        let (ship, anchor) = start_off_box(&config, &auditor, &backend_tls)?;
         let shared = Shared {
             pools: Pools::new(
                 config.backend.clone(),
@@ -135,6 +177,7 @@ impl Gateway {
                 config.server.max_client_connections,
             )),
             ship,
+            anchor,
             config: Arc::new(config),
         };
         Ok(Gateway {
@@ -230,6 +273,9 @@ impl Gateway {
             Ok(head) if !head.is_empty() => tracing::info!(chain_head = %head, "audit log closed"),
             Ok(_) => {}
             Err(e) => tracing::error!("closing the audit log failed: {e}"),
+        }
+        if let Some(target) = &self.shared.anchor {
+            anchor_at_stop(target, &self.shared.config.audit.store).await;
         }
     }
 }

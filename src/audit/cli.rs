@@ -98,6 +98,13 @@ impl ExportArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Also compare the store with the checkpoints anchored in this
+    /// database (`pgwarden.audit_checkpoints`, a PostgreSQL URL).
+    #[arg(long, value_name = "URL")]
+    pub anchors: Option<String>,
+    /// The instance whose anchors to compare (default: the store's own id).
+    #[arg(long, value_name = "ID", requires = "anchors")]
+    pub instance: Option<String>,
 }
 
 /// `pgwarden audit stats`.
@@ -216,17 +223,37 @@ fn verify_to(args: &VerifyArgs, out: &mut dyn Write) -> i32 {
         Ok(reader) => reader,
         Err(code) => return code,
     };
-    match verify_mod::verify(&reader) {
-        Ok(Ok(intact)) => {
-            let line = format!(
-                "audit chain intact: {} records, chain head {}\n",
-                intact.records, intact.head
-            );
-            print_to(CMD, out, &line)
+    let intact = match verify_mod::verify(&reader) {
+        Ok(Ok(intact)) => intact,
+        Ok(Err(bad)) => return fail(CMD, EXIT_FAILURE, bad),
+        Err(e) => return fail(CMD, code_of(&e), e),
+    };
+    let mut report = format!(
+        "audit chain intact: {} records, chain head {}\n",
+        intact.records, intact.head
+    );
+    if let Some(url) = &args.anchors {
+        let instance = match args
+            .instance
+            .clone()
+            .map(Ok)
+            .or_else(|| reader.instance().transpose())
+        {
+            Some(Ok(instance)) => instance,
+            Some(Err(e)) => return fail(CMD, code_of(&e), e),
+            None => return fail(
+                CMD,
+                EXIT_USAGE,
+                "this store has no instance id (it was never shipped or anchored): pass --instance",
+            ),
+        };
+        match super::anchor::check(&reader, url, &instance) {
+            Ok(Ok(line)) => report.push_str(&line),
+            Ok(Err(tampered)) => return fail(CMD, EXIT_FAILURE, tampered),
+            Err(e) => return fail(CMD, EXIT_FAILURE, e),
         }
-        Ok(Err(bad)) => fail(CMD, EXIT_FAILURE, bad),
-        Err(e) => fail(CMD, code_of(&e), e),
     }
+    print_to(CMD, out, &report)
 }
 
 fn stats_to(args: &StatsArgs, out: &mut dyn Write) -> i32 {
@@ -342,6 +369,7 @@ mod tests {
         sample_store(dir.path());
         let args = VerifyArgs {
             store: store_args(dir.path()),
+            ..Default::default()
         };
         let mut out = Vec::new();
         assert_eq!(verify_to(&args, &mut out), EXIT_OK);
@@ -367,6 +395,7 @@ mod tests {
         assert_eq!(verify(&args), EXIT_FAILURE);
         let nowhere = VerifyArgs {
             store: store_args(&dir.path().join("missing")),
+            ..Default::default()
         };
         assert_eq!(verify(&nowhere), EXIT_USAGE);
     }
@@ -377,7 +406,8 @@ mod tests {
         let _gateway = SledStore::open(dir.path()).unwrap();
         assert_eq!(
             verify(&VerifyArgs {
-                store: store_args(dir.path())
+                store: store_args(dir.path()),
+                ..Default::default()
             }),
             EXIT_FAILURE
         );
@@ -424,7 +454,13 @@ mod tests {
         };
         assert_eq!(store_path(&args).unwrap(), dir.path().join("audit"));
         assert_eq!(
-            verify_to(&VerifyArgs { store: args }, &mut Vec::new()),
+            verify_to(
+                &VerifyArgs {
+                    store: args,
+                    ..Default::default()
+                },
+                &mut Vec::new()
+            ),
             EXIT_OK
         );
         std::fs::write(&toml, "[audit]\nstor = \"audit\"\n").unwrap();
@@ -433,7 +469,13 @@ mod tests {
             config: Some(toml),
         };
         assert!(store_path(&bad).is_err());
-        assert_eq!(verify(&VerifyArgs { store: bad }), EXIT_USAGE);
+        assert_eq!(
+            verify(&VerifyArgs {
+                store: bad,
+                ..Default::default()
+            }),
+            EXIT_USAGE
+        );
     }
 
     /// Child body: runs `audit verify` with neither `--store` nor `-c` in

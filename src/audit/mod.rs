@@ -15,6 +15,7 @@
 
 use std::path::PathBuf;
 
+pub mod anchor;
 pub mod auditor;
 pub mod chain;
 pub mod cli;

@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::record::Record;
-use super::store::{decode, scan_tree, SharedDb};
+use super::store::{decode, scan_tree, SharedDb, INSTANCE_KEY, META_TREE};
 use super::writer::Counters;
 use super::AuditError;
 use crate::config::ShipConfig;
@@ -40,14 +40,12 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A connect or a write that takes longer than this fails the connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// The meta tree, beside the records (export and verify never read it).
-const META_TREE: &str = "pgwarden-meta";
 const SHIPPED_KEY: &str = "shipped";
-const INSTANCE_KEY: &str = "instance";
 /// RFC 5424 PRI: facility 13 (log audit) * 8 + severity 6 (informational).
 const PRI: u8 = 13 * 8 + 6;
 
 /// What the shipper reads: the writer's store and counters.
+#[derive(Clone)]
 pub struct Source {
     pub db: SharedDb,
     pub counters: Arc<Counters>,
@@ -94,12 +92,14 @@ impl ShipStatus {
 }
 
 /// This store's instance id: `configured`, or the one made when shipping
-/// first ran on this store (kept in its meta tree).
+/// or anchoring first ran on this store. Either is kept in its meta tree,
+/// where `audit verify --anchors` finds it.
 pub fn instance_id(db: &sled::Db, configured: Option<&str>) -> Result<String, AuditError> {
+    let meta = db.open_tree(META_TREE).map_err(read_err)?;
     if let Some(id) = configured {
+        meta.insert(INSTANCE_KEY, id.as_bytes()).map_err(read_err)?;
         return Ok(id.to_string());
     }
-    let meta = db.open_tree(META_TREE).map_err(read_err)?;
     if let Some(id) = meta.get(INSTANCE_KEY).map_err(read_err)? {
         return Ok(String::from_utf8_lossy(&id).into_owned());
     }

@@ -104,6 +104,25 @@ impl SharedDb {
     }
 }
 
+/// The tree beside the records that holds the instance id and the
+/// shipper's position (export and verify never read it).
+pub const META_TREE: &str = "pgwarden-meta";
+/// The instance id's key in [`META_TREE`].
+pub const INSTANCE_KEY: &str = "instance";
+
+/// The record stored under `seq` in `tree`, if any.
+pub fn get_in_tree(tree: &sled::Tree, seq: u64) -> Result<Option<Record>, AuditError> {
+    let Some(item) = tree.range(..=key(seq)).next_back() else {
+        return Ok(None);
+    };
+    let (k, v) = item.map_err(|e| AuditError::Read(e.to_string()))?;
+    let Some(first) = seq_of(&k) else {
+        return Ok(None);
+    };
+    let found = unpack(first, v)?.into_iter().find(|(s, _)| *s == seq);
+    found.map(|(_, v)| decode(seq, &v)).transpose()
+}
+
 /// Records with seq >= `from` in `tree` (the store's records), in seq
 /// order, runs unpacked. A key that is not 8 bytes, or a damaged run, is
 /// reported as `Corrupt`.
@@ -533,15 +552,35 @@ impl StoreReader {
 
     /// The record stored under `seq`, if any.
     pub fn get(&self, seq: u64) -> Result<Option<Record>, AuditError> {
-        let Some(item) = self.db.range(..=key(seq)).next_back() else {
-            return Ok(None);
-        };
-        let (k, v) = item.map_err(|e| AuditError::Read(e.to_string()))?;
-        let Some(first) = seq_of(&k) else {
-            return Ok(None);
-        };
-        let found = unpack(first, v)?.into_iter().find(|(s, _)| *s == seq);
-        found.map(|(_, v)| decode(seq, &v)).transpose()
+        get_in_tree(&self.db, seq)
+    }
+
+    /// The seq of the last record, if any.
+    pub fn last_seq(&self) -> Result<Option<u64>, AuditError> {
+        match self.db.last() {
+            Ok(Some((k, v))) => {
+                let first = seq_of(&k).ok_or_else(|| AuditError::Corrupt {
+                    seq: 0,
+                    message: format!("last key is {} bytes, not 8", k.len()),
+                })?;
+                Ok(unpack(first, v)?.last().map(|(seq, _)| *seq))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(AuditError::Read(e.to_string())),
+        }
+    }
+
+    /// The instance id kept in the store (made when shipping or anchoring
+    /// first ran on it), if any.
+    pub fn instance(&self) -> Result<Option<String>, AuditError> {
+        let meta = self
+            .db
+            .open_tree(META_TREE)
+            .map_err(|e| AuditError::Read(e.to_string()))?;
+        let id = meta
+            .get(INSTANCE_KEY)
+            .map_err(|e| AuditError::Read(e.to_string()))?;
+        Ok(id.map(|id| String::from_utf8_lossy(&id).into_owned()))
     }
 }
 

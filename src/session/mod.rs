@@ -92,6 +92,8 @@ pub struct Shared {
     pub live: RwLock<Arc<Live>>,
     /// The audit shipper's progress, when `[audit.ship]` is set.
     pub ship: Option<Arc<crate::audit::ship::ShipStatus>>,
+    /// Where audit checkpoints are anchored, when configured.
+    pub anchor: Option<crate::audit::anchor::Target>,
 }
 
 impl Shared {

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod anchors;
 mod architecture;
 mod audit;
 mod audit_truth;

@@ -1,0 +1,245 @@
+//! Anchoring: the chain's head, every `checkpoint_interval_s` and at stop,
+//! appended to `pgwarden.audit_checkpoints` in PostgreSQL (`[audit]
+//! checkpoint_database`), outside the gateway's host.
+//!
+//! Invariants:
+//! - an anchor names a durable record (seq, its hash, its ts): everything
+//!   up to it is then fixed, since its hash covers the chain before it. A
+//!   store rewritten with a recomputed chain, or cut short, no longer
+//!   matches, which `pgwarden audit verify --anchors URL` reports;
+//! - the gateway only appends, through a SECURITY DEFINER function the
+//!   service user may call and nothing else: no gateway, and so nobody on
+//!   its host with its credentials, can change or remove an anchor;
+//! - anchoring never slows statements and a failure only logs: it runs on
+//!   its own task, over a connection of its own.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use super::record::Record;
+use super::ship::Source;
+use super::store::get_in_tree;
+use crate::auth::service::{self, ServiceLogin};
+use crate::backend::conn::{BackendError, ServerConn};
+use crate::config::BackendConfig;
+use crate::protocol::messages;
+use crate::tls::BackendTls;
+
+/// Whether `id` may name an instance: it travels in SQL literals and
+/// syslog messages, so it is kept to a safe alphabet.
+pub fn valid_instance(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Where and as whom anchors are written.
+#[derive(Clone)]
+pub struct Target {
+    pub backend: Arc<BackendConfig>,
+    pub tls: Option<BackendTls>,
+    pub database: String,
+    pub instance: String,
+}
+
+impl Target {
+    /// Appends the anchor of `record` (its seq, hash and ts).
+    pub async fn anchor(&self, record: &Record) -> Result<(), String> {
+        let sql = anchor_sql(&self.instance, record)
+            .ok_or_else(|| format!("audit record {} has no anchorable hash or time", record.seq))?;
+        let timeout = Duration::from_millis(self.backend.connect_timeout_ms.saturating_mul(2));
+        let work = async {
+            let mut conn = ServerConn::connect(&self.backend, self.tls.as_ref()).await?;
+            let who = ServiceLogin {
+                user: &self.backend.service_user,
+                password: self.backend.service_password.as_deref(),
+                database: &self.database,
+            };
+            service::login(&mut conn, &who).await?;
+            let done = conn.simple_rows(&sql).await.map(|_| ());
+            let mut out = BytesMut::new();
+            messages::terminate(&mut out);
+            let _ = conn.write_all(&out).await;
+            done
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result.map_err(|e: BackendError| e.to_string()),
+            Err(_) => Err(BackendError::ConnectTimeout(self.backend.address()).to_string()),
+        }
+    }
+}
+
+/// The call that appends `record`'s anchor; `None` if its hash or ts is
+/// not what the writer makes (they go into SQL literals).
+fn anchor_sql(instance: &str, record: &Record) -> Option<String> {
+    let hex = record.hash.len() == 64 && record.hash.bytes().all(|b| b.is_ascii_hexdigit());
+    let ts = super::record::parse_ts(&record.ts).is_ok()
+        && record
+            .ts
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b':' | b'.' | b'+'));
+    (hex && ts && valid_instance(instance)).then(|| {
+        format!(
+            "SELECT pgwarden.audit_checkpoint('{instance}', {}, '{}', '{}')",
+            record.seq, record.hash, record.ts
+        )
+    })
+}
+
+/// Anchors the latest durable record every `interval`, until the audit log
+/// stops.
+pub fn spawn(source: Source, target: Target, interval: Duration) {
+    tokio::spawn(async move {
+        let mut anchored = 0u64;
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(interval).await;
+            if source.counters.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let durable = source.counters.durable.load(Ordering::Acquire);
+            if durable <= anchored {
+                continue;
+            }
+            let record = source
+                .db
+                .get()
+                .map(|db| get_in_tree(&db, durable))
+                .transpose()
+                .ok()
+                .flatten()
+                .flatten();
+            let Some(record) = record else {
+                continue;
+            };
+            match target.anchor(&record).await {
+                Ok(()) => {
+                    anchored = durable;
+                    if failing {
+                        tracing::warn!(seq = durable, "audit checkpoints are anchored again");
+                        failing = false;
+                    }
+                }
+                Err(e) if !failing => {
+                    tracing::warn!(error = %e, database = %target.database, "audit checkpoint could not be anchored (has `pgwarden migrate` run?)");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}
+
+/// Compares `reader`'s store with the checkpoints of `instance` anchored
+/// in the database at `url`: `Ok(Ok(report line))` when every anchored
+/// record is there with its anchored hash, `Ok(Err(why))` naming the first
+/// that is not (rewritten, or cut off), `Err` when the anchors cannot be
+/// read.
+pub fn check(
+    reader: &super::StoreReader,
+    url: &str,
+    instance: &str,
+) -> Result<Result<String, String>, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    let anchors: Vec<(i64, String)> = runtime.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(url)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", redact(url)))?;
+        let rows = sqlx::query_as(
+            "SELECT seq, hash FROM pgwarden.audit_checkpoints WHERE instance = $1 ORDER BY seq",
+        )
+        .bind(instance)
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| format!("cannot read pgwarden.audit_checkpoints: {e}"))?;
+        let _ = conn.close().await;
+        Ok::<_, String>(rows)
+    })?;
+    let last = reader.last_seq().map_err(|e| e.to_string())?.unwrap_or(0);
+    for (seq, hash) in &anchors {
+        let seq = *seq as u64;
+        match reader.get(seq).map_err(|e| e.to_string())? {
+            None => {
+                return Ok(Err(format!(
+                    "seq {seq} is anchored but the store ends at seq {last}: records were cut off"
+                )))
+            }
+            Some(record) if record.hash != *hash => {
+                return Ok(Err(format!(
+                    "seq {seq} differs from its anchor (anchored hash {hash}, stored {}): the store was rewritten",
+                    record.hash
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(Ok(match anchors.last() {
+        Some((seq, _)) => format!(
+            "anchors match: {} checkpoints of instance {instance}, the latest at seq {seq}\n",
+            anchors.len()
+        ),
+        None => format!("no checkpoints of instance {instance} are anchored\n"),
+    }))
+}
+
+/// `url` without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let auth = &url[scheme + 3..at];
+            match auth.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("postgres://admin:secret@db:5432/app"),
+            "postgres://admin:***@db:5432/app"
+        );
+        assert_eq!(redact("postgres://db/app"), "postgres://db/app");
+    }
+
+    #[test]
+    fn instances_keep_to_a_safe_alphabet() {
+        assert!(valid_instance("pgw-0123abcd"));
+        assert!(valid_instance("gw1.eu-west:6432"));
+        assert!(!valid_instance(""));
+        assert!(!valid_instance("a'; DROP TABLE x; --"));
+        assert!(!valid_instance(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn the_anchor_call_takes_only_well_formed_values() {
+        let event = crate::audit::Event::new(crate::audit::Kind::Query);
+        let ts = "2026-11-30T23:59:59.123456Z".to_string();
+        let mut record = Record::from_event(event, 7, ts, "0".repeat(64));
+        record.hash = "ab".repeat(32);
+        assert_eq!(
+            anchor_sql("gw", &record).unwrap(),
+            format!(
+                "SELECT pgwarden.audit_checkpoint('gw', 7, '{}', '2026-11-30T23:59:59.123456Z')",
+                "ab".repeat(32)
+            )
+        );
+        record.hash = "x'".repeat(32);
+        assert_eq!(anchor_sql("gw", &record), None);
+    }
+}

@@ -346,6 +346,16 @@ pub struct ShipConfig {
     pub lag_warning_records: u64,
 }
 
+/// Whether `id` may name a gateway instance (`[audit] instance`): it
+/// travels in SQL literals and syslog messages, so it keeps to a safe
+/// alphabet.
+pub fn valid_instance(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
 fn default_lag_warning() -> u64 {
     10_000
 }
@@ -439,7 +449,7 @@ impl Config {
             return Err("[pool] isolation = \"role\" needs [backend] service_password (the per-role logins' passwords are derived from it)".into());
         }
         if let Some(instance) = &self.audit.instance {
-            if !crate::audit::anchor::valid_instance(instance) {
+            if !valid_instance(instance) {
                 return Err("[audit] instance must be 1 to 64 of A-Z a-z 0-9 . _ : -".into());
             }
         }

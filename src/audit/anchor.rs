@@ -19,23 +19,14 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
+use super::reader::get_in_tree;
 use super::record::Record;
 use super::ship::Source;
-use super::store::get_in_tree;
 use crate::auth::service::{self, ServiceLogin};
 use crate::backend::conn::{BackendError, ServerConn};
-use crate::config::BackendConfig;
+use crate::config::{valid_instance, BackendConfig};
 use crate::protocol::messages;
 use crate::tls::BackendTls;
-
-/// Whether `id` may name an instance: it travels in SQL literals and
-/// syslog messages, so it is kept to a safe alphabet.
-pub fn valid_instance(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-}
 
 /// Where and as whom anchors are written.
 #[derive(Clone)]

@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use time::OffsetDateTime;
 
 use super::export::{self, ExportOptions, Filter, Format, DEFAULT_MAX_WINDOW_BYTES};
+use super::reader::StoreReader;
 use super::record::{parse_ts, Kind};
-use super::store::StoreReader;
 use super::{stats as stats_mod, verify as verify_mod, AuditError};
 use crate::config::Config;
 

@@ -19,8 +19,9 @@ use std::io::Write;
 use time::OffsetDateTime;
 
 use super::join::{Joiner, Line};
+use super::reader::StoreReader;
 use super::record::{parse_ts, write_json_value, Kind, Record, Value, FIELDS};
-use super::store::{decode, StoreReader};
+use super::store::decode;
 use super::AuditError;
 
 /// Default bound of the join window.

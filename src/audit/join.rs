@@ -24,8 +24,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::reader::StoreReader;
 use super::record::{Kind, Record, Status};
-use super::store::{decode, StoreReader};
+use super::store::decode;
 use super::AuditError;
 
 /// One line of a joined export.

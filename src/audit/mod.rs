@@ -21,6 +21,7 @@ pub mod chain;
 pub mod cli;
 pub mod export;
 pub mod join;
+pub mod reader;
 pub mod record;
 pub mod ship;
 pub mod stats;
@@ -35,8 +36,9 @@ mod testutil;
 
 pub use auditor::{AuditCounters, Auditor};
 pub use chain::GENESIS_HASH;
+pub use reader::StoreReader;
 pub use record::{Event, Kind, Link, Record, Status, TxOutcome};
-pub use store::{MemoryControl, MemoryStore, SledStore, Store, StoreReader};
+pub use store::{MemoryControl, MemoryStore, SledStore, Store};
 
 /// Why the audit trail could not be opened, written or read.
 #[derive(Debug, thiserror::Error)]

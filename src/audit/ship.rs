@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::reader::{scan_tree, INSTANCE_KEY, META_TREE};
 use super::record::Record;
-use super::store::{decode, scan_tree, SharedDb, INSTANCE_KEY, META_TREE};
+use super::store::{decode, SharedDb};
 use super::writer::Counters;
 use super::AuditError;
 use crate::config::ShipConfig;

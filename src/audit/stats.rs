@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use super::chain::GENESIS_HASH;
+use super::reader::StoreReader;
 use super::record::Kind;
-use super::store::{decode, StoreReader};
+use super::store::decode;
 use super::AuditError;
 
 /// Summary of a store.

@@ -8,8 +8,9 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
+use super::reader::StoreReader;
 use super::record::{Event, Kind};
-use super::store::{SledStore, StoreReader};
+use super::store::SledStore;
 use super::testutil::{child_arg, config, spawn_child};
 use super::verify::verify;
 use super::{AuditError, Auditor};

@@ -13,8 +13,8 @@
 use std::fmt;
 
 use super::chain::{compute_hash, GENESIS_HASH};
+use super::reader::StoreReader;
 use super::record::{Kind, Record};
-use super::store::StoreReader;
 use super::AuditError;
 
 /// An intact chain.

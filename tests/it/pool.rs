@@ -343,9 +343,27 @@ async fn handoffs_do_not_keep_the_pool_from_growing() {
         ..Opts::default()
     })
     .await;
-    let mut busy = Vec::new();
-    for _ in 0..12 {
+    // Two sessions keep their connections busy, handing them to each
+    // other; then ten more come, logged in first and started together, and
+    // need the pool to grow while those handoffs go on.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut early = Vec::new();
+    for _ in 0..2 {
         let client = gw.connect("alice").await;
+        let stop = stop.clone();
+        early.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                support::one(&client, "SELECT 1").await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(gw.connect("alice").await);
+    }
+    let mut busy = Vec::new();
+    for client in clients {
         busy.push(tokio::spawn(async move {
             let mut pids = std::collections::BTreeSet::new();
             for _ in 0..300 {
@@ -357,6 +375,10 @@ async fn handoffs_do_not_keep_the_pool_from_growing() {
     let mut pids = std::collections::BTreeSet::new();
     for task in busy {
         pids.extend(task.await.unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in early {
+        task.await.unwrap();
     }
     assert_eq!(pids.len(), 4, "server connections used: {pids:?}");
 }

@@ -128,8 +128,9 @@ pub fn spawn(source: Source, target: Target, interval: Duration) {
 /// Compares `reader`'s store with the checkpoints of `instance` anchored
 /// in the database at `url`: `Ok(Ok(report line))` when every anchored
 /// record is there with its anchored hash, `Ok(Err(why))` naming the first
-/// that is not (rewritten, or cut off), `Err` when the anchors cannot be
-/// read.
+/// that is not (rewritten, or cut off), or when the instance has no anchor
+/// at all (the store's instance id may have been rewritten too), `Err`
+/// when the anchors cannot be read.
 pub fn check(
     reader: &super::StoreReader,
     url: &str,
@@ -139,7 +140,7 @@ pub fn check(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    let anchors: Vec<(i64, String)> = runtime.block_on(async {
+    let (anchors, instances): (Vec<(i64, String)>, Vec<String>) = runtime.block_on(async {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(url)
             .await
@@ -151,8 +152,14 @@ pub fn check(
         .fetch_all(&mut conn)
         .await
         .map_err(|e| format!("cannot read pgwarden.audit_checkpoints: {e}"))?;
+        let instances: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT instance FROM pgwarden.audit_checkpoints ORDER BY instance",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| format!("cannot read pgwarden.audit_checkpoints: {e}"))?;
         let _ = conn.close().await;
-        Ok::<_, String>(rows)
+        Ok::<_, String>((rows, instances.into_iter().map(|(i,)| i).collect()))
     })?;
     let last = reader.last_seq().map_err(|e| e.to_string())?.unwrap_or(0);
     for (seq, hash) in &anchors {
@@ -172,13 +179,22 @@ pub fn check(
             Some(_) => {}
         }
     }
-    Ok(Ok(match anchors.last() {
-        Some((seq, _)) => format!(
+    match anchors.last() {
+        Some((seq, _)) => Ok(Ok(format!(
             "anchors match: {} checkpoints of instance {instance}, the latest at seq {seq}\n",
             anchors.len()
-        ),
-        None => format!("no checkpoints of instance {instance} are anchored\n"),
-    }))
+        ))),
+        // Nothing to compare proves nothing: the instance id in a store is
+        // as writable as its records.
+        None => Ok(Err(format!(
+            "no checkpoints of instance {instance} are anchored; anchored instances: {}",
+            if instances.is_empty() {
+                "none".to_string()
+            } else {
+                instances.join(", ")
+            }
+        ))),
+    }
 }
 
 /// `url` without its password, for messages.

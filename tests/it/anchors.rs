@@ -206,6 +206,26 @@ async fn anchors_expose_a_rewritten_or_cut_store() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The store's instance id changed too: no anchors of that instance is
+    // no proof, and says which instances have anchors.
+    let renamed = work.path().join("renamed");
+    copy_store(&store, &renamed);
+    {
+        let db = sled::open(&renamed).unwrap();
+        db.open_tree("pgwarden-meta")
+            .unwrap()
+            .insert("instance", "gw-elsewhere".as_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let out = verify(&renamed, Some(&url));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no checkpoints of instance gw-elsewhere") && stderr.contains("gw-anchor"),
+        "{stderr}"
+    );
+
     // The tail cut off: the chain alone verifies, the anchors do not.
     let cut = work.path().join("cut");
     copy_store(&store, &cut);

@@ -344,6 +344,14 @@ pub struct ShipConfig {
     /// A warning is logged while more records than this wait to be shipped.
     #[serde(default = "default_lag_warning")]
     pub lag_warning_records: u64,
+    /// TLS to the syslog server (RFC 5425), its certificate chained to
+    /// `ca_file` and matching the address's host.
+    #[serde(default)]
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM), for servers that ask for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 /// Whether `id` may name a gateway instance (`[audit] instance`): it
@@ -430,6 +438,14 @@ impl Config {
         if let Some(p) = self.backend.tls_ca_file.as_mut() {
             resolve(p);
         }
+        if let Some(ship) = self.audit.ship.as_mut() {
+            for p in [&mut ship.ca_file, &mut ship.cert_file, &mut ship.key_file]
+                .into_iter()
+                .flatten()
+            {
+                resolve(p);
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -451,6 +467,17 @@ impl Config {
         if let Some(instance) = &self.audit.instance {
             if !valid_instance(instance) {
                 return Err("[audit] instance must be 1 to 64 of A-Z a-z 0-9 . _ : -".into());
+            }
+        }
+        if let Some(ship) = &self.audit.ship {
+            if ship.tls && ship.ca_file.is_none() {
+                return Err("[audit.ship] tls = true needs ca_file".into());
+            }
+            if ship.cert_file.is_some() != ship.key_file.is_some() {
+                return Err("[audit.ship] cert_file and key_file must be set together".into());
+            }
+            if !ship.tls && (ship.ca_file.is_some() || ship.cert_file.is_some()) {
+                return Err("[audit.ship] ca_file, cert_file and key_file need tls = true".into());
             }
         }
         if self.audit.checkpoint_database.is_some() && self.audit.checkpoint_interval_s == 0 {

@@ -81,10 +81,19 @@ fn start_off_box(
         let interval = Duration::from_secs(config.audit.checkpoint_interval_s);
         crate::audit::anchor::spawn(source.clone(), target.clone(), interval);
     }
-    let ship = config.audit.ship.as_ref().map(|ship| {
-        tracing::info!(address = %ship.address, %instance, "shipping the audit log");
-        crate::audit::ship::spawn(source, ship.clone(), instance)
-    });
+    let ship = match &config.audit.ship {
+        Some(ship) => {
+            let tls = crate::audit::ship::tls_for(ship).map_err(StartError::Tls)?;
+            tracing::info!(address = %ship.address, tls = tls.is_some(), %instance, "shipping the audit log");
+            Some(crate::audit::ship::spawn(
+                source,
+                ship.clone(),
+                tls,
+                instance,
+            ))
+        }
+        None => None,
+    };
     Ok((ship, target))
 }
 

@@ -75,22 +75,57 @@ pub fn backend_connector(
             .with_no_client_auth(),
         BackendTlsMode::VerifyFull => {
             let ca = ca_file.ok_or("[backend] tls = \"verify-full\" needs tls_ca_file")?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?
-            {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("bad CA certificate in {}: {e}", ca.display()))?;
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder
+                .with_root_certificates(roots(ca)?)
+                .with_no_client_auth()
         }
     };
     Ok(Some(BackendTls {
         mode,
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
     }))
+}
+
+/// The CA certificates in the PEM file `ca`.
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?
+    {
+        roots
+            .add(cert)
+            .map_err(|e| format!("bad CA certificate in {}: {e}", ca.display()))?;
+    }
+    Ok(roots)
+}
+
+/// A connector that checks the server's certificate against `ca` (and its
+/// name), presenting `client` (PEM certificate chain and key) if given:
+/// the audit shipper's TLS to a syslog server.
+pub fn verifying_connector(
+    ca: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<tokio_rustls::TlsConnector, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(ca)?);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("cannot read {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate {}: {e}", cert.display()))?
+        }
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// `prefer`/`require`: encryption without authentication of the server, as

@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 use super::reader::{scan_tree, INSTANCE_KEY, META_TREE};
 use super::record::Record;
@@ -30,6 +32,10 @@ use super::store::{decode, SharedDb};
 use super::writer::Counters;
 use super::AuditError;
 use crate::config::ShipConfig;
+use crate::tls::MaybeTls;
+
+/// A connection to the syslog server.
+type Stream = MaybeTls<TlsStream<TcpStream>>;
 
 /// How long a written batch must stay on an open connection before it
 /// counts as delivered.
@@ -113,13 +119,49 @@ fn read_err(e: sled::Error) -> AuditError {
     AuditError::Read(e.to_string())
 }
 
+/// The TLS connector `config` asks for (`tls = true`), with the name the
+/// server's certificate must carry (the address's host).
+pub fn tls_for(config: &ShipConfig) -> Result<Option<Tls>, String> {
+    if !config.tls {
+        return Ok(None);
+    }
+    let ca = config
+        .ca_file
+        .as_deref()
+        .ok_or("[audit.ship] tls = true needs ca_file")?;
+    let client = config.cert_file.as_deref().zip(config.key_file.as_deref());
+    let connector = crate::tls::verifying_connector(ca, client)?;
+    let host = config
+        .address
+        .rsplit_once(':')
+        .map_or(config.address.as_str(), |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("[audit.ship] address: {host} is not a server name: {e}"))?;
+    Ok(Some(Tls { connector, name }))
+}
+
+/// TLS towards the syslog server.
+#[derive(Clone)]
+pub struct Tls {
+    connector: TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
 /// Starts shipping on the current runtime; returns its status.
-pub fn spawn(source: Source, config: ShipConfig, instance: String) -> Arc<ShipStatus> {
+pub fn spawn(
+    source: Source,
+    config: ShipConfig,
+    tls: Option<Tls>,
+    instance: String,
+) -> Arc<ShipStatus> {
     let status = Arc::new(ShipStatus::default());
     status.started.get_or_init(Instant::now);
     let shipper = Shipper {
         source,
         config,
+        tls,
         instance,
         host: hostname(),
         status: status.clone(),
@@ -139,6 +181,7 @@ fn hostname() -> String {
 struct Shipper {
     source: Source,
     config: ShipConfig,
+    tls: Option<Tls>,
     instance: String,
     host: String,
     status: Arc<ShipStatus>,
@@ -160,8 +203,7 @@ impl Shipper {
             if self.stopped() {
                 return;
             }
-            let connected =
-                tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&self.config.address)).await;
+            let connected = tokio::time::timeout(IO_TIMEOUT, self.connect()).await;
             let ended = match connected {
                 Ok(Ok(stream)) => {
                     if let Some(since) = down_since.take() {
@@ -180,6 +222,11 @@ impl Shipper {
                 Ended::Lost(m) => m,
                 Ended::Store(e) => e.to_string(),
             };
+            // While no connection holds, the lag still grows.
+            if let Some(delivered) = self.position() {
+                let durable = self.source.counters.durable.load(Ordering::Acquire);
+                self.status.set_lag(durable, delivered);
+            }
             if down_since.is_none() {
                 tracing::warn!(address = %self.config.address, error = %message, "audit shipping: the syslog server is unreachable; records wait in the store");
                 down_since = Some(Instant::now());
@@ -189,8 +236,20 @@ impl Shipper {
         }
     }
 
+    /// A connection to the server, over TLS when configured.
+    async fn connect(&self) -> std::io::Result<Stream> {
+        let tcp = TcpStream::connect(&self.config.address).await?;
+        match &self.tls {
+            None => Ok(MaybeTls::Plain(tcp)),
+            Some(tls) => {
+                let stream = tls.connector.connect(tls.name.clone(), tcp).await?;
+                Ok(MaybeTls::Tls(Box::new(stream)))
+            }
+        }
+    }
+
     /// Ships on one connection, from the delivered position, until it ends.
-    async fn serve(&self, mut stream: TcpStream) -> Ended {
+    async fn serve(&self, mut stream: Stream) -> Ended {
         let Some(mut delivered) = self.position() else {
             return Ended::Store(AuditError::Read("the audit store is being reopened".into()));
         };
@@ -206,7 +265,11 @@ impl Shipper {
                     Ok(batch) => batch,
                     Err(e) => return Ended::Store(e),
                 };
-                match tokio::time::timeout(IO_TIMEOUT, stream.write_all(&bytes)).await {
+                let written = async {
+                    stream.write_all(&bytes).await?;
+                    stream.flush().await
+                };
+                match tokio::time::timeout(IO_TIMEOUT, written).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Ended::Lost(e.to_string()),
                     Err(_) => return Ended::Lost("write timed out".into()),
@@ -220,14 +283,14 @@ impl Shipper {
                 tokio::select! {
                     _ = grew => {}
                     _ = tokio::time::sleep(wait) => {}
-                    ready = stream.readable() => {
+                    ready = tcp(&stream).readable() => {
                         if let Err(e) = ready {
                             return Ended::Lost(e.to_string());
                         }
                     }
                 }
             }
-            if let Some(why) = closed(&stream) {
+            if let Some(why) = closed(tcp(&stream)) {
                 return Ended::Lost(why);
             }
             if self.stopped() {
@@ -348,8 +411,18 @@ fn frame(out: &mut Vec<u8>, msg: &[u8]) {
     out.extend_from_slice(msg);
 }
 
+/// The TCP connection under `stream`.
+fn tcp(stream: &Stream) -> &TcpStream {
+    match stream {
+        MaybeTls::Plain(s) => s,
+        MaybeTls::Tls(s) => s.get_ref().0,
+    }
+}
+
 /// Whether the server closed the connection (or it failed); what it sent
-/// otherwise is ignored (a syslog server sends nothing).
+/// otherwise is ignored (a syslog server sends no data; under TLS this
+/// reads the raw socket, where a close or an alert means the end, and a
+/// session ticket is of no use to a client that never resumes).
 fn closed(stream: &TcpStream) -> Option<String> {
     let mut buf = [0u8; 512];
     loop {

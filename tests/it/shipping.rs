@@ -19,6 +19,8 @@ struct Rsyslog {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Listening with TLS (the `ossl` driver), its certificate here.
+    tls: bool,
 }
 
 impl Rsyslog {
@@ -27,9 +29,30 @@ impl Rsyslog {
             child: None,
             port: cluster::free_port(),
             dir: tempfile::tempdir().unwrap(),
+            tls: false,
         };
         server.run();
         server
+    }
+
+    /// Listening with TLS only, its self-signed certificate (for
+    /// 127.0.0.1) at [`Rsyslog::cert`].
+    fn start_tls() -> Rsyslog {
+        let mut server = Rsyslog {
+            child: None,
+            port: cluster::free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            tls: true,
+        };
+        let (cert, key) = self_signed();
+        std::fs::write(server.cert(), cert).unwrap();
+        std::fs::write(server.dir.path().join("key.pem"), key).unwrap();
+        server.run();
+        server
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
     }
 
     fn out(&self) -> PathBuf {
@@ -43,8 +66,8 @@ impl Rsyslog {
         std::fs::write(
             &conf,
             format!(
-                r#"global(workDirectory="{dir}" maxMessageSize="1m")
-module(load="imtcp")
+                r#"global(workDirectory="{dir}" maxMessageSize="1m"{tls_global})
+module(load="imtcp"{tls_module})
 template(name="body" type="string" string="%msg%\n")
 ruleset(name="audit") {{
   action(type="omfile" file="{out}" template="body")
@@ -54,6 +77,20 @@ input(type="imtcp" port="{port}" ruleset="audit")
                 dir = dir.display(),
                 out = self.out().display(),
                 port = self.port,
+                tls_global = if self.tls {
+                    format!(
+                        " DefaultNetstreamDriver=\"ossl\" DefaultNetstreamDriverCAFile=\"{cert}\" DefaultNetstreamDriverCertFile=\"{cert}\" DefaultNetstreamDriverKeyFile=\"{key}\"",
+                        cert = self.cert().display(),
+                        key = dir.join("key.pem").display(),
+                    )
+                } else {
+                    String::new()
+                },
+                tls_module = if self.tls {
+                    " StreamDriver.Name=\"ossl\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\""
+                } else {
+                    ""
+                },
             ),
         )
         .unwrap();
@@ -115,6 +152,12 @@ input(type="imtcp" port="{port}" ruleset="audit")
         let missing: Vec<u64> = (1..=last).filter(|s| !got.contains_key(s)).collect();
         panic!("records never shipped: {missing:?}");
     }
+}
+
+/// A self-signed certificate for 127.0.0.1 and its key (PEM).
+fn self_signed() -> (String, String) {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    (cert.cert.pem(), cert.signing_key.serialize_pem())
 }
 
 impl Drop for Rsyslog {
@@ -255,4 +298,59 @@ async fn a_kill_9_of_the_gateway_loses_no_shipped_record() {
     assert!(instance.starts_with("pgw-"), "{instance}");
     assert!(restarted > 20, "too little load: {restarted}");
     assert_shipped_as_stored(&dir.path().join("audit"), &received, &instance, restarted);
+}
+
+/// With `tls = true` the records travel over TLS (RFC 5425) to a server
+/// whose certificate chains to `ca_file`; a server with another
+/// certificate gets nothing, and the records wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_reach_rsyslog_over_tls_and_never_an_unverified_server() {
+    let syslog = Rsyslog::start_tls();
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: format!(
+            "instance = \"gw-tls\"\n[audit.ship]\naddress = \"127.0.0.1:{}\"\ntls = true\nca_file = {:?}\n",
+            syslog.port,
+            syslog.cert()
+        ),
+        ..Opts::default()
+    })
+    .await;
+    run_statements(gw.port(), "tls", 20).await;
+    let last = gw.shared.auditor.counters().appended;
+    let received = syslog.wait_for(last).await;
+    let dir = gw.stop().await;
+    assert_shipped_as_stored(&dir.path().join("audit"), &received, "gw-tls", last);
+
+    // Another CA: the handshake fails, nothing is shipped, records wait.
+    let other = tempfile::tempdir().unwrap();
+    let wrong_ca = other.path().join("other.pem");
+    std::fs::write(&wrong_ca, self_signed().0).unwrap();
+    let before = syslog.received().len();
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: format!(
+            "[audit.ship]\naddress = \"127.0.0.1:{}\"\ntls = true\nca_file = {:?}\n",
+            syslog.port, wrong_ca
+        ),
+        ..Opts::default()
+    })
+    .await;
+    run_statements(gw.port(), "unverified", 5).await;
+    let status = gw.shared.ship.clone().unwrap();
+    support::eventually("the records wait", || {
+        status
+            .lag_records
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        syslog.received().len(),
+        before,
+        "nothing reached a server it could not verify"
+    );
+    assert!(!status.connected.load(std::sync::atomic::Ordering::Relaxed));
+    gw.stop().await;
 }

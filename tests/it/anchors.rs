@@ -29,6 +29,27 @@ fn verify(store: &Path, anchors: Option<&str>) -> Output {
     pgwarden(&args)
 }
 
+/// `audit verify` alone accepts the store at `dir`.
+fn assert_chain_holds(dir: &Path) {
+    let out = verify(dir, None);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `audit verify --anchors` refuses the store at `dir`, saying `says`.
+fn assert_anchors_fail(dir: &Path, url: &str, says: &[&str]) {
+    let out = verify(dir, Some(url));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}: {stderr}", dir.display());
+    for words in says {
+        assert!(stderr.contains(words), "{}: {stderr}", dir.display());
+    }
+}
+
 /// psql as `user` (password `password`) on the anchoring database.
 fn psql_as(user: &str, password: &str, sql: &str) -> Output {
     Command::new("psql")
@@ -192,19 +213,8 @@ async fn anchors_expose_a_rewritten_or_cut_store() {
         .unwrap();
     target.statement = Some("SELECT 'something else'".into());
     rewrite(&rewritten, edited);
-    let out = verify(&rewritten, None);
-    assert!(
-        out.status.success(),
-        "the rewrite holds together: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = verify(&rewritten, Some(&url));
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("the store was rewritten"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_chain_holds(&rewritten);
+    assert_anchors_fail(&rewritten, &url, &["the store was rewritten"]);
 
     // The store's instance id changed too: no anchors of that instance is
     // no proof, and says which instances have anchors.
@@ -218,29 +228,16 @@ async fn anchors_expose_a_rewritten_or_cut_store() {
             .unwrap();
         db.flush().unwrap();
     }
-    let out = verify(&renamed, Some(&url));
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("no checkpoints of instance gw-elsewhere") && stderr.contains("gw-anchor"),
-        "{stderr}"
+    assert_anchors_fail(
+        &renamed,
+        &url,
+        &["no checkpoints of instance gw-elsewhere", "gw-anchor"],
     );
 
     // The tail cut off: the chain alone verifies, the anchors do not.
     let cut = work.path().join("cut");
     copy_store(&store, &cut);
     rewrite(&cut, stored[..stored.len() - 3].to_vec());
-    let out = verify(&cut, None);
-    assert!(
-        out.status.success(),
-        "the cut store holds together: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = verify(&cut, Some(&url));
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cut off"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_chain_holds(&cut);
+    assert_anchors_fail(&cut, &url, &["cut off"]);
 }

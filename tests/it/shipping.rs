@@ -25,28 +25,27 @@ struct Rsyslog {
 
 impl Rsyslog {
     fn start() -> Rsyslog {
-        let mut server = Rsyslog {
-            child: None,
-            port: cluster::free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            tls: false,
-        };
-        server.run();
-        server
+        Rsyslog::start_with(false)
     }
 
     /// Listening with TLS only, its self-signed certificate (for
     /// 127.0.0.1) at [`Rsyslog::cert`].
     fn start_tls() -> Rsyslog {
+        Rsyslog::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Rsyslog {
         let mut server = Rsyslog {
             child: None,
             port: cluster::free_port(),
             dir: tempfile::tempdir().unwrap(),
-            tls: true,
+            tls,
         };
-        let (cert, key) = self_signed();
-        std::fs::write(server.cert(), cert).unwrap();
-        std::fs::write(server.dir.path().join("key.pem"), key).unwrap();
+        if tls {
+            let (cert, key) = self_signed();
+            std::fs::write(server.cert(), cert).unwrap();
+            std::fs::write(server.dir.path().join("key.pem"), key).unwrap();
+        }
         server.run();
         server
     }

@@ -262,6 +262,14 @@ impl Shipper {
             let durable = self.source.counters.durable.load(Ordering::Acquire);
             if sent < durable {
                 let (bytes, last) = match self.batch(sent, durable) {
+                    Ok((_, last)) if last == sent => {
+                        // Durable, so stored: gone means the store was
+                        // changed under the gateway. Retry, not spin.
+                        return Ended::Store(AuditError::Read(format!(
+                            "record {} is missing from the store",
+                            sent + 1
+                        )));
+                    }
                     Ok(batch) => batch,
                     Err(e) => return Ended::Store(e),
                 };

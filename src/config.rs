@@ -344,6 +344,9 @@ pub struct ShipConfig {
     /// A warning is logged while more records than this wait to be shipped.
     #[serde(default = "default_lag_warning")]
     pub lag_warning_records: u64,
+    /// The message body: the stored record as JSON, or a CEF event.
+    #[serde(default)]
+    pub format: ShipFormat,
     /// TLS to the syslog server (RFC 5425), its certificate chained to
     /// `ca_file` and matching the address's host.
     #[serde(default)]
@@ -362,6 +365,17 @@ pub fn valid_instance(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// How a shipped record is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShipFormat {
+    /// The stored record, byte for byte, with `instance` added.
+    #[default]
+    Json,
+    /// ArcSight Common Event Format.
+    Cef,
 }
 
 fn default_lag_warning() -> u64 {

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 pub mod anchor;
 pub mod auditor;
+pub mod cef;
 pub mod chain;
 pub mod cli;
 pub mod export;

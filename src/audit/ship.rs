@@ -31,7 +31,7 @@ use super::record::Record;
 use super::store::{decode, SharedDb};
 use super::writer::Counters;
 use super::AuditError;
-use crate::config::ShipConfig;
+use crate::config::{ShipConfig, ShipFormat};
 use crate::tls::MaybeTls;
 
 /// A connection to the syslog server.
@@ -377,7 +377,7 @@ impl Shipper {
     }
 
     /// One RFC 5424 message: the record's time and kind in the header, the
-    /// stored record with `instance` added as the body.
+    /// stored record with `instance` added (or its CEF event) as the body.
     fn message(&self, record: &Record, stored: &[u8]) -> Vec<u8> {
         let mut msg = format!(
             "<{PRI}>1 {} {} pgwarden {} {} - ",
@@ -387,7 +387,12 @@ impl Shipper {
             record.kind.as_str()
         )
         .into_bytes();
-        msg.extend_from_slice(&with_instance(stored, &self.instance));
+        match self.config.format {
+            ShipFormat::Json => msg.extend_from_slice(&with_instance(stored, &self.instance)),
+            ShipFormat::Cef => {
+                msg.extend_from_slice(super::cef::event(record, &self.instance).as_bytes())
+            }
+        }
         msg
     }
 }

@@ -122,6 +122,15 @@ input(type="imtcp" port="{port}" ruleset="audit")
         }
     }
 
+    /// Every message received so far, as written.
+    fn lines(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.out()).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_string())
+            .collect()
+    }
+
     /// Every message received so far, by seq (a record that arrived twice
     /// must have arrived the same both times).
     fn received(&self) -> BTreeMap<u64, Value> {
@@ -351,5 +360,57 @@ async fn records_reach_rsyslog_over_tls_and_never_an_unverified_server() {
         "nothing reached a server it could not verify"
     );
     assert!(!status.connected.load(std::sync::atomic::Ordering::Relaxed));
+    gw.stop().await;
+}
+
+/// `format = "cef"`: every record arrives as one CEF event naming its seq
+/// and hash, and a statement's line breaks, `=` and `|` stay inside its
+/// field.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_reach_rsyslog_as_cef_events() {
+    let syslog = Rsyslog::start();
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: format!(
+            "instance = \"gw-cef\"\n[audit.ship]\naddress = \"127.0.0.1:{}\"\nformat = \"cef\"\n",
+            syslog.port
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let client = gw.connect("alice").await;
+    support::one(&client, "SELECT 'a=b|c' -- x\nAS suser").await;
+    run_statements(gw.port(), "cef", 5).await;
+    let last = gw.shared.auditor.counters().appended;
+    let seqs = |lines: &[String]| -> std::collections::BTreeSet<u64> {
+        lines
+            .iter()
+            .filter_map(|l| l.split(" externalId=").nth(1))
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect()
+    };
+    for _ in 0..100 {
+        if (1..=last).all(|seq| seqs(&syslog.lines()).contains(&seq)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lines = syslog.lines();
+    assert!(
+        (1..=last).all(|seq| seqs(&lines).contains(&seq)),
+        "{lines:#?}"
+    );
+    for line in &lines {
+        assert!(line.starts_with("CEF:0|pgwarden|pgwarden|"), "{line}");
+        assert!(line.contains(" deviceExternalId=gw-cef "), "{line}");
+        assert!(line.contains(" cs5Label=hash"), "{line}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("cs3=SELECT 'a\\=b|c' -- x\\nAS suser cs3Label=statement")),
+        "{lines:#?}"
+    );
+    drop(client);
     gw.stop().await;
 }

@@ -283,24 +283,43 @@ pub fn render(m: &Metrics, snapshot: &Snapshot) -> String {
     out
 }
 
-/// Serves `GET /metrics` (any path, in fact) on `listener` until dropped,
-/// each answer made by `scrape`.
-pub async fn serve(listener: TcpListener, scrape: Arc<dyn Fn() -> String + Send + Sync>) {
+/// An admin endpoint's answer: HTTP status and body (text).
+pub type Answer = (u16, String);
+
+/// What the admin listener answers, by path (`/metrics`, `/healthz`,
+/// `/readyz`; any other path gets the metrics, as before these existed).
+pub type Handler = Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Serves HTTP GETs on `listener` until dropped, each answered by
+/// `handler` with the request's path.
+pub async fn serve(listener: TcpListener, handler: Handler) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else {
             continue;
         };
-        let scrape = scrape.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let mut request = [0u8; 1024];
             let read =
                 tokio::time::timeout(Duration::from_secs(5), socket.read(&mut request)).await;
-            if !matches!(read, Ok(Ok(n)) if n > 0) {
+            let Ok(Ok(n)) = read else {
+                return;
+            };
+            if n == 0 {
                 return;
             }
-            let body = scrape();
+            let (status, body) = handler(path_of(&request[..n]).to_string()).await;
+            let reason = match status {
+                200 => "OK",
+                503 => "Service Unavailable",
+                _ => "Error",
+            };
             let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = socket.write_all(response.as_bytes()).await;
@@ -309,9 +328,34 @@ pub async fn serve(listener: TcpListener, scrape: Arc<dyn Fn() -> String + Send 
     }
 }
 
+/// The path of an HTTP request line (`GET /readyz HTTP/1.1`); "/" if none.
+fn path_of(request: &[u8]) -> &str {
+    let line = request
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(&[]);
+    let mut parts = line.split(|&b| b == b' ');
+    let _method = parts.next();
+    let target = parts
+        .next()
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .unwrap_or("/");
+    target.split('?').next().unwrap_or("/")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_path_comes_from_the_request_line() {
+        assert_eq!(
+            path_of(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "/readyz"
+        );
+        assert_eq!(path_of(b"GET /healthz?verbose HTTP/1.0\r\n"), "/healthz");
+        assert_eq!(path_of(b"garbage"), "/");
+    }
 
     #[test]
     fn renders_every_series_with_its_help_and_type() {

@@ -187,6 +187,7 @@ impl Gateway {
             )),
             ship,
             anchor,
+            draining: Default::default(),
             config: Arc::new(config),
         };
         Ok(Gateway {
@@ -214,10 +215,11 @@ impl Gateway {
             Some(addr) => match TcpListener::bind(addr).await {
                 Ok(l) => {
                     let shared = self.shared.clone();
-                    let scrape = Arc::new(move || {
-                        crate::metrics::render(&shared.metrics, &shared.metrics_snapshot())
+                    let handler: crate::metrics::Handler = Arc::new(move |path| {
+                        let shared = shared.clone();
+                        Box::pin(async move { admin_answer(&shared, &path).await })
                     });
-                    Some(tokio::spawn(crate::metrics::serve(l, scrape)))
+                    Some(tokio::spawn(crate::metrics::serve(l, handler)))
                 }
                 Err(e) => {
                     tracing::error!("cannot listen for metrics on {addr}: {e}");
@@ -259,6 +261,10 @@ impl Gateway {
                 Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             }
         }
+        // Load balancers see /readyz fail from now on.
+        self.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         drop(listener);
         tracing::info!(sessions = sessions.len(), "shutting down");
         let _ = stop_tx.send(true);
@@ -286,6 +292,41 @@ impl Gateway {
         if let Some(target) = &self.shared.anchor {
             anchor_at_stop(target, &self.shared.config.audit.store).await;
         }
+    }
+}
+
+/// The admin listener's answer for `path`: `/healthz` (the process
+/// answers), `/readyz` (it accepts clients: not draining, PostgreSQL
+/// reachable, the audit store writable where statements need it), anything
+/// else the metrics.
+async fn admin_answer(shared: &Shared, path: &str) -> crate::metrics::Answer {
+    match path {
+        "/healthz" => (200, "ok\n".into()),
+        "/readyz" => match not_ready(shared).await {
+            None => (200, "ready\n".into()),
+            Some(why) => (503, format!("not ready: {why}\n")),
+        },
+        _ => (
+            200,
+            crate::metrics::render(&shared.metrics, &shared.metrics_snapshot()),
+        ),
+    }
+}
+
+/// Why the gateway should get no new clients now, if it should not.
+async fn not_ready(shared: &Shared) -> Option<String> {
+    if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Some("draining (shutting down)".into());
+    }
+    if shared.auditor.refusing() {
+        return Some("the audit store cannot be written (on_failure = \"deny\")".into());
+    }
+    let backend = shared.config.backend.address();
+    let timeout = Duration::from_millis(shared.config.backend.connect_timeout_ms.min(2_000));
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&backend)).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(format!("PostgreSQL at {backend} is unreachable: {e}")),
+        Err(_) => Some(format!("PostgreSQL at {backend} does not answer")),
     }
 }
 

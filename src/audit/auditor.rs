@@ -257,6 +257,14 @@ impl Auditor {
     }
 
     /// The writer's counters so far (zeros when disabled).
+    /// Whether statements are being refused because the store cannot be
+    /// written (`on_failure = "deny"` and the last insert or fsync failed).
+    pub fn refusing(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| {
+            i.on_failure == OnFailure::Deny && i.counters.failing.load(Ordering::Relaxed)
+        })
+    }
+
     pub fn counters(&self) -> AuditCounters {
         self.inner
             .as_ref()

@@ -94,6 +94,8 @@ pub struct Shared {
     pub ship: Option<Arc<crate::audit::ship::ShipStatus>>,
     /// Where audit checkpoints are anchored, when configured.
     pub anchor: Option<crate::audit::anchor::Target>,
+    /// Shutting down: no new clients (`/readyz` fails).
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {

@@ -90,11 +90,18 @@ async fn a_cancel_never_reaches_another_client() {
 async fn a_cancel_for_a_running_statement_cancels_it() {
     let gw = start_gateway(Opts::default()).await;
     let mut a = RawClient::login(gw.addr).await;
-    a.stream
-        .write_all(&query("SELECT pg_sleep(30)"))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let marker = format!("SELECT pg_sleep(30) -- {}", rand::random::<u32>());
+    a.stream.write_all(&query(&marker)).await.unwrap();
+    // Cancel once PostgreSQL runs it (a cancel before that finds nothing
+    // to cancel: on a loaded machine 300 ms was not always enough).
+    let running = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = '{marker}'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::support::cluster().psql("app", &running) != "1" {
+        assert!(Instant::now() < deadline, "the statement never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = Instant::now();
     cancel(gw.addr, a.key).await;
     let (_, code, _) = a.until_ready().await;

@@ -259,6 +259,7 @@ fn policy_check(path: &std::path::Path) -> u8 {
         config.identity.policy_dir.display(),
         policy.rules().len()
     );
+    println!("policy digest {}", policy.digest());
     let runtime = match runtime() {
         Ok(r) => r,
         Err(code) => return code,

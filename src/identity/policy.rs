@@ -75,6 +75,8 @@ pub enum PolicyError {
 pub struct Policy {
     rules: Vec<Rule>,
     compiled: Vec<Compiled>,
+    /// [`Policy::digest`], computed once.
+    digest: String,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +197,23 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// See [`Policy::digest`].
+fn digest_of(rules: &[Rule]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for rule in rules {
+        let canonical = serde_json::json!({
+            "clients": rule.clients,
+            "databases": rule.databases,
+            "role": rule.role,
+        });
+        hash.update(canonical.to_string().as_bytes());
+        hash.update(b"\n");
+    }
+    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
 impl Policy {
     /// Loads every `*.toml` file of `dir` in file-name order. A missing
     /// directory, one without policy files, or files without rules are
@@ -258,7 +277,20 @@ impl Policy {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Policy { rules, compiled })
+        let digest = digest_of(&rules);
+        Ok(Policy {
+            rules,
+            compiled,
+            digest,
+        })
+    }
+
+    /// `sha256:<hex>` of what the rules mean (each rule's clients,
+    /// databases and role, in order; not file names, lines or comments):
+    /// gateways with the same digest map every client alike. `policy check`
+    /// prints it and every `session_start` record carries it.
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     /// The database role for `client_user` connecting to `database`: the
@@ -328,6 +360,31 @@ fn parse_file(text: &str, path: &Path) -> Result<Vec<Rule>, PolicyError> {
         rules.push(rule);
     }
     Ok(rules)
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    fn rule(clients: &[&str], role: &str, file: &str, line: usize) -> Rule {
+        Rule {
+            clients: clients.iter().map(|c| c.to_string()).collect(),
+            role: role.into(),
+            databases: None,
+            file: file.into(),
+            line,
+        }
+    }
+
+    #[test]
+    fn the_digest_is_what_the_rules_mean() {
+        let a = Policy::from_rules(vec![rule(&["alice"], "analyst", "a.toml", 1)]).unwrap();
+        let moved = Policy::from_rules(vec![rule(&["alice"], "analyst", "b.toml", 9)]).unwrap();
+        let other = Policy::from_rules(vec![rule(&["alice"], "engineer", "a.toml", 1)]).unwrap();
+        assert_eq!(a.digest(), moved.digest());
+        assert_ne!(a.digest(), other.digest());
+        assert!(a.digest().starts_with("sha256:") && a.digest().len() == 71);
+    }
 }
 
 #[cfg(test)]

@@ -393,10 +393,11 @@ async fn login(
         shared.cancels.unregister(pid, secret);
         return Err(e);
     }
-    shared
-        .auditor
-        .append_nowait(ident.event(Kind::SessionStart))
-        .await;
+    // Which policy mapped the client: gateways behind one load balancer
+    // can be shown to apply the same one.
+    let mut start = ident.event(Kind::SessionStart);
+    start.message = Some(format!("policy {}", shared.policy().digest()));
+    shared.auditor.append_nowait(start).await;
     Ok(Some((client, ident, (pid, secret, slot))))
 }
 

@@ -156,3 +156,35 @@ async fn sighup_applies_reloadable_settings_to_running_sessions() {
     gw.signal(libc::SIGTERM);
     assert_eq!(gw.wait().await.0, Some(0));
 }
+
+/// `policy check` prints the policy's digest, and every `session_start`
+/// record carries the digest of the policy that mapped the client: two
+/// gateways can be shown to apply the same policy.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_policy_digest_is_printed_and_recorded() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let (_, text) = policy_check(&gw.dir.path().join("pgwarden.toml"));
+    let digest = text
+        .lines()
+        .find_map(|l| l.strip_prefix("policy digest "))
+        .unwrap_or_else(|| panic!("no digest in: {text}"))
+        .to_string();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    let client = gw.connect("alice").await;
+    support::one(&client, "SELECT 1").await;
+    drop(client);
+    let dir = gw.stop().await;
+    let records = crate::audit::export(&dir.path().join("audit"), &["--raw"]);
+    let start = records
+        .iter()
+        .find(|r| r["kind"] == "session_start")
+        .expect("a session_start");
+    assert_eq!(start["message"], format!("policy {digest}"));
+}

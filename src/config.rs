@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod audit;
+pub use audit::{valid_instance, AuditConfig, Durability, OnFailure, ShipConfig, ShipFormat};
+
 /// Environment variable that overrides `[backend] service_password`.
 pub const SERVICE_PASSWORD_ENV: &str = "PGWARDEN_SERVICE_PASSWORD";
 
@@ -45,6 +48,18 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The other gateways behind the same load balancer (`[[peers]]`), for
+    /// cancel requests that land on the wrong one.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// Another gateway: its `[server] peer_id` and its client address.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u8,
+    pub address: String,
 }
 
 /// The operator side: a Prometheus endpoint, off unless `listen` is set.
@@ -104,6 +119,9 @@ pub struct ServerConfig {
     pub query_timeout_ms: u64,
     /// How long a graceful shutdown waits for in-flight transactions.
     pub shutdown_timeout_ms: u64,
+    /// This gateway's id among its `[[peers]]` (1 to 255), carried in the
+    /// cancel keys it hands out; 0: no peers.
+    pub peer_id: u8,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +137,7 @@ impl Default for ServerConfig {
             idle_in_transaction_timeout_ms: 0,
             query_timeout_ms: 0,
             shutdown_timeout_ms: 30_000,
+            peer_id: 0,
         }
     }
 }
@@ -293,112 +312,6 @@ impl Default for IdentityConfig {
     }
 }
 
-/// What "stored" means before a statement is forwarded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// fsync before forwarding, one fsync shared by all records that arrived meanwhile.
-    Group,
-    /// One fsync per record.
-    Sync,
-    /// In memory before forwarding, on disk within `flush_interval_ms`.
-    Async,
-}
-
-/// What happens to statements when the audit store cannot be written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnFailure {
-    Deny,
-    Allow,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuditConfig {
-    pub enabled: bool,
-    pub store: PathBuf,
-    pub durability: Durability,
-    pub flush_interval_ms: u64,
-    pub on_failure: OnFailure,
-    pub log_parameters: bool,
-    /// This gateway's id in shipped records; default: one made when the
-    /// store is created, kept in it.
-    pub instance: Option<String>,
-    /// Ship every record to a syslog server (`[audit.ship]`).
-    pub ship: Option<ShipConfig>,
-    /// Anchor the chain in this database's `pgwarden.audit_checkpoints`
-    /// (unset: no anchoring).
-    pub checkpoint_database: Option<String>,
-    /// Seconds between anchors (and one at stop).
-    pub checkpoint_interval_s: u64,
-}
-
-/// `[audit.ship]`: every record, in seq order, to a syslog server over TCP
-/// (RFC 5424 messages, RFC 6587 octet counting), at least once.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShipConfig {
-    /// `host:port` of the syslog server's TCP listener.
-    pub address: String,
-    /// A warning is logged while more records than this wait to be shipped.
-    #[serde(default = "default_lag_warning")]
-    pub lag_warning_records: u64,
-    /// The message body: the stored record as JSON, or a CEF event.
-    #[serde(default)]
-    pub format: ShipFormat,
-    /// TLS to the syslog server (RFC 5425), its certificate chained to
-    /// `ca_file` and matching the address's host.
-    #[serde(default)]
-    pub tls: bool,
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate and key (PEM), for servers that ask for one.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
-
-/// Whether `id` may name a gateway instance (`[audit] instance`): it
-/// travels in SQL literals and syslog messages, so it keeps to a safe
-/// alphabet.
-pub fn valid_instance(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-}
-
-/// How a shipped record is written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShipFormat {
-    /// The stored record, byte for byte, with `instance` added.
-    #[default]
-    Json,
-    /// ArcSight Common Event Format.
-    Cef,
-}
-
-fn default_lag_warning() -> u64 {
-    10_000
-}
-
-impl Default for AuditConfig {
-    fn default() -> Self {
-        AuditConfig {
-            enabled: true,
-            store: PathBuf::from("pgwarden-audit"),
-            durability: Durability::Group,
-            flush_interval_ms: 5,
-            on_failure: OnFailure::Deny,
-            log_parameters: false,
-            instance: None,
-            ship: None,
-            checkpoint_database: None,
-            checkpoint_interval_s: 60,
-        }
-    }
-}
-
 impl Config {
     /// Reads, validates and resolves `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -478,6 +391,18 @@ impl Config {
         if self.pool.isolation == Isolation::Role && self.backend.service_password.is_none() {
             return Err("[pool] isolation = \"role\" needs [backend] service_password (the per-role logins' passwords are derived from it)".into());
         }
+        if !self.peers.is_empty() && self.server.peer_id == 0 {
+            return Err("[[peers]] needs [server] peer_id (1 to 255)".into());
+        }
+        let mut ids = std::collections::HashSet::from([self.server.peer_id]);
+        for peer in &self.peers {
+            if peer.id == 0 || !ids.insert(peer.id) {
+                return Err(format!(
+                    "[[peers]] id {} must be 1 to 255 and differ from [server] peer_id and every other peer's",
+                    peer.id
+                ));
+            }
+        }
         if let Some(instance) = &self.audit.instance {
             if !valid_instance(instance) {
                 return Err("[audit] instance must be 1 to 64 of A-Z a-z 0-9 . _ : -".into());
@@ -538,6 +463,22 @@ mod tests {
             c.identity.policy_dir,
             PathBuf::from("/etc/pgwarden/policies")
         );
+    }
+
+    #[test]
+    fn peers_need_distinct_ids_and_one_of_our_own() {
+        let base = "[backend]\nservice_user = \"svc\"\n";
+        let peer = |id: u8| format!("[[peers]]\nid = {id}\naddress = \"10.0.0.{id}:6432\"\n");
+        let ok = format!("[server]\npeer_id = 1\n{base}{}{}", peer(2), peer(3));
+        assert_eq!(parse(&ok).unwrap().peers.len(), 2);
+        for bad in [
+            format!("{base}{}", peer(2)),
+            format!("[server]\npeer_id = 1\n{base}{}", peer(1)),
+            format!("[server]\npeer_id = 1\n{base}{}{}", peer(2), peer(2)),
+            format!("[server]\npeer_id = 1\n{base}{}", peer(0)),
+        ] {
+            assert!(parse(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

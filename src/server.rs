@@ -175,7 +175,7 @@ impl Gateway {
             guard: guard_for(&config.identity),
             policy: RwLock::new(Arc::new(policy)),
             auditor,
-            cancels: CancelRegistry::default(),
+            cancels: CancelRegistry::new(config.server.peer_id),
             tls,
             metrics: Default::default(),
             live: RwLock::new(Arc::new(crate::session::Live::from_config(&config))),

@@ -13,6 +13,10 @@ use super::frame::{ProtocolError, Reader};
 pub const SSL_REQUEST_CODE: i32 = 80877103;
 pub const GSSENC_REQUEST_CODE: i32 = 80877104;
 pub const CANCEL_REQUEST_CODE: i32 = 80877102;
+/// A `CancelRequest` one pgwarden forwards to the peer that issued its key
+/// (`[[peers]]`): handled like a client's, but never forwarded again, so
+/// forwarding cannot loop. Version 1234.8866, unused by PostgreSQL.
+pub const PEER_CANCEL_REQUEST_CODE: i32 = (1234 << 16) | 8866;
 /// PostgreSQL's own limit on the size of a startup packet.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
 
@@ -21,7 +25,12 @@ pub const MAX_STARTUP_PACKET: usize = 10_000;
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
+    /// `forwarded`: sent by a peer gateway ([`PEER_CANCEL_REQUEST_CODE`]).
+    Cancel {
+        pid: i32,
+        secret: i32,
+        forwarded: bool,
+    },
     Startup(StartupMessage),
 }
 
@@ -67,14 +76,15 @@ fn decode(raw: Bytes) -> Result<StartupPacket, ProtocolError> {
     match code {
         SSL_REQUEST_CODE if raw.len() == 8 => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE if raw.len() == 8 => Ok(StartupPacket::GssEncRequest),
-        CANCEL_REQUEST_CODE if raw.len() == 16 => {
+        CANCEL_REQUEST_CODE | PEER_CANCEL_REQUEST_CODE if raw.len() == 16 => {
             let mut r = Reader::new(&raw[8..], "CancelRequest");
             Ok(StartupPacket::Cancel {
                 pid: r.i32()?,
                 secret: r.i32()?,
+                forwarded: code == PEER_CANCEL_REQUEST_CODE,
             })
         }
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => {
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE | PEER_CANCEL_REQUEST_CODE => {
             Err(ProtocolError::InvalidLength(raw.len() as i64))
         }
         _ => {
@@ -116,9 +126,18 @@ fn decode_params(body: &[u8]) -> Result<Vec<(String, String)>, ProtocolError> {
 
 /// Encodes a `CancelRequest` packet for the backend.
 pub fn cancel_request(pid: i32, secret: i32) -> [u8; 16] {
+    cancel_packet(CANCEL_REQUEST_CODE, pid, secret)
+}
+
+/// Encodes the cancel a gateway forwards to the peer that issued the key.
+pub fn peer_cancel_request(pid: i32, secret: i32) -> [u8; 16] {
+    cancel_packet(PEER_CANCEL_REQUEST_CODE, pid, secret)
+}
+
+fn cancel_packet(code: i32, pid: i32, secret: i32) -> [u8; 16] {
     let mut out = [0u8; 16];
     out[..4].copy_from_slice(&16i32.to_be_bytes());
-    out[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+    out[4..8].copy_from_slice(&code.to_be_bytes());
     out[8..12].copy_from_slice(&pid.to_be_bytes());
     out[12..].copy_from_slice(&secret.to_be_bytes());
     out
@@ -163,7 +182,11 @@ mod tests {
         let mut b = BytesMut::from(&cancel_request(7, -9)[..]);
         assert_eq!(
             split_startup(&mut b).unwrap(),
-            Some(StartupPacket::Cancel { pid: 7, secret: -9 })
+            Some(StartupPacket::Cancel {
+                pid: 7,
+                secret: -9,
+                forwarded: false
+            })
         );
     }
 

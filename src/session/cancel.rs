@@ -109,9 +109,30 @@ impl CancelSlot {
 #[derive(Default)]
 pub struct CancelRegistry {
     slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    /// This gateway's `[server] peer_id`, in bits 23..31 of every pid it
+    /// issues (0: no peers).
+    peer_id: u8,
+}
+
+/// The `peer_id` of the gateway that issued a key's pid.
+pub fn issuer(pid: i32) -> u8 {
+    ((pid >> 23) & 0xff) as u8
 }
 
 impl CancelRegistry {
+    /// A registry whose keys name gateway `peer_id`.
+    pub fn new(peer_id: u8) -> CancelRegistry {
+        CancelRegistry {
+            peer_id,
+            ..CancelRegistry::default()
+        }
+    }
+
+    /// This gateway's peer id (0: no peers).
+    pub fn peer_id(&self) -> u8 {
+        self.peer_id
+    }
+
     /// Issues a fresh random key for a new client.
     pub fn register(&self, record: crate::audit::Event) -> (i32, i32, Arc<CancelSlot>) {
         let slot = Arc::new(CancelSlot {
@@ -124,7 +145,12 @@ impl CancelRegistry {
             // Above Linux's largest pid (2^22): `pg_terminate_backend` or
             // `pg_cancel_backend` of the pid a client was given can never
             // reach a real backend.
-            let pid = (rand::random::<i32>() & 0x7fff_ffff) | 0x0040_0000;
+            // With peers, bits 23..31 name this gateway, so a cancel that
+            // lands on a peer can be sent back here.
+            let pid = match self.peer_id {
+                0 => (rand::random::<i32>() & 0x7fff_ffff) | 0x0040_0000,
+                id => (i32::from(id) << 23) | (rand::random::<i32>() & 0x003f_ffff) | 0x0040_0000,
+            };
             let secret = rand::random::<i32>();
             if pid != 0 && !slots.contains_key(&(pid, secret)) {
                 slots.insert((pid, secret), slot.clone());
@@ -157,6 +183,12 @@ mod tests {
     #[tokio::test]
     async fn keys_map_to_bound_backend_only_while_running() {
         let reg = CancelRegistry::default();
+        let peer = CancelRegistry::new(200);
+        for _ in 0..100 {
+            let (pid, _, _) = peer.register(crate::audit::Event::new(crate::audit::Kind::Cancel));
+            assert_eq!(issuer(pid), 200);
+            assert!(pid >= 0x0040_0000, "above every real pid");
+        }
         let mut record = crate::audit::Event::new(crate::audit::Kind::Cancel);
         record.session_id = Some("s1".into());
         let (pid, secret, slot) = reg.register(record);

@@ -6,6 +6,7 @@
 //! of a session (refusal, failure, disconnect) leaves an audit record.
 
 pub mod cancel;
+mod cancelling;
 pub mod carried;
 pub mod checks;
 pub mod clock;
@@ -42,8 +43,9 @@ use crate::identity::guard::Guard;
 use crate::identity::policy::Policy;
 use crate::pool::Pools;
 use crate::protocol::messages;
-use crate::protocol::startup::{self as startup_packet, StartupMessage};
+use crate::protocol::startup::StartupMessage;
 use cancel::CancelRegistry;
+pub(crate) use cancelling::cancel_backend;
 use refusal::{Refusal, StartupRefusal};
 use relay::{End, QueryLoop};
 use startup::FirstPacket;
@@ -279,9 +281,10 @@ async fn serve_in_span(
             FirstPacket::Cancel {
                 pid,
                 secret,
+                forwarded,
                 client,
             } => {
-                forward_cancel(&shared, pid, secret, peer).await;
+                cancelling::on_cancel(&shared, pid, secret, forwarded, peer).await;
                 drop(client);
                 Ok(None)
             }
@@ -503,53 +506,4 @@ fn check_startup(startup: &StartupMessage) -> Result<(), StartupRefusal> {
         }
     }
     Ok(())
-}
-
-/// Forwards a `CancelRequest` carrying a key we issued to the backend its
-/// client is bound to, only while the client has a request running there;
-/// unknown keys, and keys of clients with nothing running, are dropped
-/// silently, as PostgreSQL drops a cancel for an idle backend. The client's
-/// server connection is not released until PostgreSQL has taken the cancel
-/// ([`cancel::CancelSlot::begin_cancel`]), so it cannot reach another client.
-async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr) {
-    let Some(slot) = shared.cancels.lookup(pid, secret) else {
-        tracing::debug!("cancel request with an unknown key ignored");
-        return;
-    };
-    // The record names the session whose statement was to be cancelled,
-    // and who asked.
-    let mut ev = slot.record.clone();
-    ev.at = time::OffsetDateTime::now_utc();
-    let Some(backend) = slot.begin_cancel() else {
-        tracing::debug!("cancel request for a client with nothing running ignored");
-        ev.message = Some(format!(
-            "cancel request from {peer} ignored: the session had nothing running"
-        ));
-        shared.auditor.append_nowait(ev).await;
-        return;
-    };
-    ev.backend_pid = Some(backend.pid);
-    ev.message = Some(format!("cancel request from {peer} forwarded"));
-    shared.auditor.append_nowait(ev).await;
-    cancel_backend(shared, backend).await;
-    slot.end_cancel();
-}
-
-/// Sends a `CancelRequest` for `backend` to PostgreSQL and waits until it
-/// was taken (PostgreSQL closes the connection).
-pub(crate) async fn cancel_backend(shared: &Shared, backend: cancel::BackendKey) {
-    let addr = shared.config.backend.address();
-    let packet = startup_packet::cancel_request(backend.pid, backend.secret);
-    let result = async {
-        let mut s = TcpStream::connect(&addr).await?;
-        tokio::io::AsyncWriteExt::write_all(&mut s, &packet).await?;
-        // PostgreSQL closes the cancel connection itself; wait for that so
-        // the request is processed before we return.
-        let mut sink = [0u8; 1];
-        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;
-        Ok::<_, std::io::Error>(())
-    };
-    if let Err(e) = result.await {
-        tracing::warn!("could not forward a cancel request: {e}");
-    }
 }

@@ -20,6 +20,8 @@ pub enum FirstPacket {
     Cancel {
         pid: i32,
         secret: i32,
+        /// Forwarded by a peer gateway: never forwarded again.
+        forwarded: bool,
         /// The client's cancel connection, closed only once the cancel has
         /// been dealt with: libpq's cancel returns when it closes, and the
         /// client then goes on, so closing first would let the cancel land
@@ -68,9 +70,14 @@ async fn negotiate_inner(
                         ClientConn::new(stream, buf, max_message_size),
                         m,
                     )),
-                    Some(StartupPacket::Cancel { pid, secret }) => Ok(FirstPacket::Cancel {
+                    Some(StartupPacket::Cancel {
                         pid,
                         secret,
+                        forwarded,
+                    }) => Ok(FirstPacket::Cancel {
+                        pid,
+                        secret,
+                        forwarded,
                         client: stream,
                     }),
                     Some(_) => Err(ProtocolError::Malformed {
@@ -79,10 +86,15 @@ async fn negotiate_inner(
                     .into()),
                 };
             }
-            StartupPacket::Cancel { pid, secret } => {
+            StartupPacket::Cancel {
+                pid,
+                secret,
+                forwarded,
+            } => {
                 return Ok(FirstPacket::Cancel {
                     pid,
                     secret,
+                    forwarded,
                     client: ClientStream::Plain(tcp),
                 })
             }

@@ -21,10 +21,15 @@ fn query(sql: &str) -> Vec<u8> {
 
 /// Sends a `CancelRequest` as libpq's `PQcancel` does: it returns when the
 /// other side closes the connection.
-async fn cancel(addr: SocketAddr, (pid, secret): (i32, i32)) {
+async fn cancel(addr: SocketAddr, key: (i32, i32)) {
+    cancel_with(addr, 80877102, key).await
+}
+
+/// A cancel with request code `code` (80877102, or a peer's forwarded one).
+async fn cancel_with(addr: SocketAddr, code: i32, (pid, secret): (i32, i32)) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let mut packet = 16i32.to_be_bytes().to_vec();
-    packet.extend_from_slice(&80877102i32.to_be_bytes());
+    packet.extend_from_slice(&code.to_be_bytes());
     packet.extend_from_slice(&pid.to_be_bytes());
     packet.extend_from_slice(&secret.to_be_bytes());
     s.write_all(&packet).await.unwrap();
@@ -33,6 +38,22 @@ async fn cancel(addr: SocketAddr, (pid, secret): (i32, i32)) {
         .await
         .expect("the gateway closes the cancel connection")
         .ok();
+}
+
+/// Sends `SELECT pg_sleep(seconds)` and returns once PostgreSQL runs it (a
+/// cancel before that finds nothing to cancel; on a loaded machine a fixed
+/// wait was not always enough).
+async fn start_running(c: &mut RawClient, seconds: u32) {
+    let marker = format!("SELECT pg_sleep({seconds}) -- {}", rand::random::<u32>());
+    c.stream.write_all(&query(&marker)).await.unwrap();
+    let running = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = '{marker}'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crate::support::cluster().psql("app", &running) != "1" {
+        assert!(Instant::now() < deadline, "the statement never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn run(c: &mut RawClient, sql: &str) -> Option<String> {
@@ -90,22 +111,54 @@ async fn a_cancel_never_reaches_another_client() {
 async fn a_cancel_for_a_running_statement_cancels_it() {
     let gw = start_gateway(Opts::default()).await;
     let mut a = RawClient::login(gw.addr).await;
-    let marker = format!("SELECT pg_sleep(30) -- {}", rand::random::<u32>());
-    a.stream.write_all(&query(&marker)).await.unwrap();
-    // Cancel once PostgreSQL runs it (a cancel before that finds nothing
-    // to cancel: on a loaded machine 300 ms was not always enough).
-    let running = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = '{marker}'"
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while crate::support::cluster().psql("app", &running) != "1" {
-        assert!(Instant::now() < deadline, "the statement never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    start_running(&mut a, 30).await;
     let started = Instant::now();
     cancel(gw.addr, a.key).await;
     let (_, code, _) = a.until_ready().await;
     assert_eq!(code.as_deref(), Some("57014"));
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(run(&mut a, "SELECT 1").await, None);
+}
+
+/// Gateways behind one load balancer (`[server] peer_id`, `[[peers]]`): a
+/// cancel that lands on a gateway other than the one that issued its key
+/// is sent on to that one and cancels the statement; a wrong key cancels
+/// nothing; and a cancel a peer forwarded is never forwarded again (no
+/// loops), so one sent to the wrong gateway with the peers' code is dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_that_lands_on_a_peer_reaches_its_statement() {
+    let a = start_gateway(Opts {
+        server_extra: "peer_id = 1\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let b = start_gateway(Opts {
+        server_extra: "peer_id = 2\n".into(),
+        audit_extra: format!("[[peers]]\nid = 1\naddress = \"{}\"\n", a.addr),
+        ..Opts::default()
+    })
+    .await;
+    let mut client = RawClient::login(a.addr).await;
+    assert_eq!((client.key.0 >> 23) & 0xff, 1, "the key names its gateway");
+
+    // A wrong secret, through the peer: nothing is cancelled.
+    start_running(&mut client, 1).await;
+    cancel(b.addr, (client.key.0, client.key.1 ^ 1)).await;
+    let (_, code, _) = client.until_ready().await;
+    assert_eq!(code, None, "a wrong key cancelled the statement");
+
+    // A cancel a peer says it forwarded is not forwarded again.
+    start_running(&mut client, 1).await;
+    cancel_with(b.addr, (1234 << 16) | 8866, client.key).await;
+    let (_, code, _) = client.until_ready().await;
+    assert_eq!(code, None, "a forwarded cancel was forwarded again");
+
+    // The right key, through the peer: cancelled.
+    start_running(&mut client, 30).await;
+    let started = Instant::now();
+    cancel(b.addr, client.key).await;
+    let (_, code, _) = client.until_ready().await;
+    assert_eq!(code.as_deref(), Some("57014"));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(run(&mut client, "SELECT 1").await, None);
 }

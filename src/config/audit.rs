@@ -1,0 +1,112 @@
+//! `[audit]` and `[audit.ship]`: where and how records are stored, and
+//! how they leave the host.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// What "stored" means before a statement is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// fsync before forwarding, one fsync shared by all records that arrived meanwhile.
+    Group,
+    /// One fsync per record.
+    Sync,
+    /// In memory before forwarding, on disk within `flush_interval_ms`.
+    Async,
+}
+
+/// What happens to statements when the audit store cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    pub enabled: bool,
+    pub store: PathBuf,
+    pub durability: Durability,
+    pub flush_interval_ms: u64,
+    pub on_failure: OnFailure,
+    pub log_parameters: bool,
+    /// This gateway's id in shipped records; default: one made when the
+    /// store is created, kept in it.
+    pub instance: Option<String>,
+    /// Ship every record to a syslog server (`[audit.ship]`).
+    pub ship: Option<ShipConfig>,
+    /// Anchor the chain in this database's `pgwarden.audit_checkpoints`
+    /// (unset: no anchoring).
+    pub checkpoint_database: Option<String>,
+    /// Seconds between anchors (and one at stop).
+    pub checkpoint_interval_s: u64,
+}
+
+/// `[audit.ship]`: every record, in seq order, to a syslog server over TCP
+/// (RFC 5424 messages, RFC 6587 octet counting), at least once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipConfig {
+    /// `host:port` of the syslog server's TCP listener.
+    pub address: String,
+    /// A warning is logged while more records than this wait to be shipped.
+    #[serde(default = "default_lag_warning")]
+    pub lag_warning_records: u64,
+    /// The message body: the stored record as JSON, or a CEF event.
+    #[serde(default)]
+    pub format: ShipFormat,
+    /// TLS to the syslog server (RFC 5425), its certificate chained to
+    /// `ca_file` and matching the address's host.
+    #[serde(default)]
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM), for servers that ask for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Whether `id` may name a gateway instance (`[audit] instance`): it
+/// travels in SQL literals and syslog messages, so it keeps to a safe
+/// alphabet.
+pub fn valid_instance(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// How a shipped record is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShipFormat {
+    /// The stored record, byte for byte, with `instance` added.
+    #[default]
+    Json,
+    /// ArcSight Common Event Format.
+    Cef,
+}
+
+fn default_lag_warning() -> u64 {
+    10_000
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            store: PathBuf::from("pgwarden-audit"),
+            durability: Durability::Group,
+            flush_interval_ms: 5,
+            on_failure: OnFailure::Deny,
+            log_parameters: false,
+            instance: None,
+            ship: None,
+            checkpoint_database: None,
+            checkpoint_interval_s: 60,
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! What happens to a `CancelRequest`: forwarded to the backend of the
+//! client whose key it carries (only while that client has a request
+//! running), or sent on to the peer gateway that issued the key.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::{cancel, Shared};
+use crate::protocol::startup as startup_packet;
+
+/// Deals with a cancel for key (`pid`, `secret`) from `peer`; `forwarded`:
+/// a peer gateway sent it on.
+pub(super) async fn on_cancel(
+    shared: &Shared,
+    pid: i32,
+    secret: i32,
+    forwarded: bool,
+    peer: SocketAddr,
+) {
+    let issuer = cancel::issuer(pid);
+    let ours = shared.cancels.peer_id();
+    if ours != 0 && issuer != ours {
+        to_peer(shared, issuer, pid, secret, forwarded).await;
+    } else {
+        forward_cancel(shared, pid, secret, peer).await;
+    }
+}
+
+/// Forwards a `CancelRequest` carrying a key we issued to the backend its
+/// client is bound to, only while the client has a request running there;
+/// unknown keys, and keys of clients with nothing running, are dropped
+/// silently, as PostgreSQL drops a cancel for an idle backend. The client's
+/// server connection is not released until PostgreSQL has taken the cancel
+/// ([`cancel::CancelSlot::begin_cancel`]), so it cannot reach another client.
+async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr) {
+    let Some(slot) = shared.cancels.lookup(pid, secret) else {
+        tracing::debug!("cancel request with an unknown key ignored");
+        return;
+    };
+    // The record names the session whose statement was to be cancelled,
+    // and who asked.
+    let mut ev = slot.record.clone();
+    ev.at = time::OffsetDateTime::now_utc();
+    let Some(backend) = slot.begin_cancel() else {
+        tracing::debug!("cancel request for a client with nothing running ignored");
+        ev.message = Some(format!(
+            "cancel request from {peer} ignored: the session had nothing running"
+        ));
+        shared.auditor.append_nowait(ev).await;
+        return;
+    };
+    ev.backend_pid = Some(backend.pid);
+    ev.message = Some(format!("cancel request from {peer} forwarded"));
+    shared.auditor.append_nowait(ev).await;
+    cancel_backend(shared, backend).await;
+    slot.end_cancel();
+}
+
+/// A cancel whose key another gateway issued (`[[peers]]`): sent on to
+/// that peer, which checks the key as for its own clients. One a peer
+/// forwarded here, or for an id no peer has, is dropped: forwarding never
+/// loops, and unknown keys are ignored silently, as PostgreSQL does.
+async fn to_peer(shared: &Shared, issuer: u8, pid: i32, secret: i32, forwarded: bool) {
+    let Some(target) = shared.config.peers.iter().find(|p| p.id == issuer) else {
+        tracing::debug!(issuer, "cancel request for a key of no known peer ignored");
+        return;
+    };
+    if forwarded {
+        tracing::debug!(
+            issuer,
+            "cancel request forwarded by a peer for a third gateway ignored"
+        );
+        return;
+    }
+    let packet = startup_packet::peer_cancel_request(pid, secret);
+    let timeout = Duration::from_millis(shared.config.backend.connect_timeout_ms);
+    let sent = tokio::time::timeout(timeout, async {
+        let mut s = TcpStream::connect(&target.address).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut s, &packet).await?;
+        // The peer closes the connection once it has dealt with the cancel.
+        let mut sink = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {
+            tracing::debug!(issuer, peer = %target.address, "cancel request sent to its peer")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %target.address, "could not forward a cancel request to its peer: {e}")
+        }
+        Err(_) => {
+            tracing::warn!(peer = %target.address, "forwarding a cancel request to its peer timed out")
+        }
+    }
+}
+
+/// Sends a `CancelRequest` for `backend` to PostgreSQL and waits until it
+/// was taken (PostgreSQL closes the connection).
+pub(crate) async fn cancel_backend(shared: &Shared, backend: cancel::BackendKey) {
+    let addr = shared.config.backend.address();
+    let packet = startup_packet::cancel_request(backend.pid, backend.secret);
+    let result = async {
+        let mut s = TcpStream::connect(&addr).await?;
+        tokio::io::AsyncWriteExt::write_all(&mut s, &packet).await?;
+        // PostgreSQL closes the cancel connection itself; wait for that so
+        // the request is processed before we return.
+        let mut sink = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;
+        Ok::<_, std::io::Error>(())
+    };
+    if let Err(e) = result.await {
+        tracing::warn!("could not forward a cancel request: {e}");
+    }
+}

@@ -119,9 +119,7 @@ async fn anchor_at_stop(target: &crate::audit::anchor::Target, store: &std::path
 /// Which gateway writes an audit store, for its `gateway_start`: the host's
 /// name, the listen address and the backend.
 fn origin(config: &Config) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
+    let host = crate::audit::ship::host_name().unwrap_or_else(|| "unknown".into());
     format!(
         "instance {host} listening on {}, backend {}:{}",
         config.server.listen, config.backend.host, config.backend.port

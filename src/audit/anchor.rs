@@ -17,15 +17,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-
 use super::reader::get_in_tree;
 use super::record::Record;
 use super::ship::Source;
 use crate::auth::service::{self, ServiceLogin};
-use crate::backend::conn::{BackendError, ServerConn};
+use crate::backend::conn::BackendError;
 use crate::config::{valid_instance, BackendConfig};
-use crate::protocol::messages;
 use crate::tls::BackendTls;
 
 /// Where and as whom anchors are written.
@@ -44,17 +41,14 @@ impl Target {
             .ok_or_else(|| format!("audit record {} has no anchorable hash or time", record.seq))?;
         let timeout = Duration::from_millis(self.backend.connect_timeout_ms.saturating_mul(2));
         let work = async {
-            let mut conn = ServerConn::connect(&self.backend, self.tls.as_ref()).await?;
             let who = ServiceLogin {
                 user: &self.backend.service_user,
                 password: self.backend.service_password.as_deref(),
                 database: &self.database,
             };
-            service::login(&mut conn, &who).await?;
+            let mut conn = service::connect_as(&self.backend, self.tls.as_ref(), &who).await?;
             let done = conn.simple_rows(&sql).await.map(|_| ());
-            let mut out = BytesMut::new();
-            messages::terminate(&mut out);
-            let _ = conn.write_all(&out).await;
+            conn.close().await;
             done
         };
         match tokio::time::timeout(timeout, work).await {

@@ -256,7 +256,6 @@ impl Auditor {
             .map_or(0, |i| i.tx.max_capacity() - i.tx.capacity())
     }
 
-    /// The writer's counters so far (zeros when disabled).
     /// Whether statements are being refused because the store cannot be
     /// written (`on_failure = "deny"` and the last insert or fsync failed).
     pub fn refusing(&self) -> bool {
@@ -265,6 +264,7 @@ impl Auditor {
         })
     }
 
+    /// The writer's counters so far (zeros when disabled).
     pub fn counters(&self) -> AuditCounters {
         self.inner
             .as_ref()

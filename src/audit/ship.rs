@@ -170,12 +170,20 @@ pub fn spawn(
     status
 }
 
+/// The syslog HOSTNAME: the host's name, or the nil value `-` when it is
+/// not printable ASCII (RFC 5424).
 fn hostname() -> String {
+    host_name()
+        .filter(|h| h.bytes().all(|b| b.is_ascii_graphic()))
+        .unwrap_or_else(|| "-".to_string())
+}
+
+/// This host's name, if it has one.
+pub fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
-        .unwrap_or_else(|| "-".to_string())
+        .filter(|h| !h.is_empty())
 }
 
 struct Shipper {

@@ -22,6 +22,19 @@ pub struct ServiceLogin<'a> {
     pub database: &'a str,
 }
 
+/// A connection of pgwarden's own to `backend`, logged in as `who` (the
+/// anchoring of audit checkpoints, the tag-key reader). Close it with
+/// [`ServerConn::close`].
+pub async fn connect_as(
+    backend: &crate::config::BackendConfig,
+    tls: Option<&crate::tls::BackendTls>,
+    who: &ServiceLogin<'_>,
+) -> Result<ServerConn, BackendError> {
+    let mut conn = ServerConn::connect(backend, tls).await?;
+    login(&mut conn, who).await?;
+    Ok(conn)
+}
+
 /// Runs the startup and authentication exchange on a fresh connection.
 pub async fn login(conn: &mut ServerConn, who: &ServiceLogin<'_>) -> Result<(), BackendError> {
     let mut out = BytesMut::new();

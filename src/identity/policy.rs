@@ -210,8 +210,7 @@ fn digest_of(rules: &[Rule]) -> String {
         hash.update(canonical.to_string().as_bytes());
         hash.update(b"\n");
     }
-    let hex: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", hex::encode(hash.finalize()))
 }
 
 impl Policy {

@@ -27,14 +27,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::auth::service::{self, ServiceLogin};
 use crate::backend::conn::{BackendError, ServerConn};
 use crate::config::{BackendConfig, IdentityConfig};
-use crate::protocol::messages;
 use crate::tls::BackendTls;
 
 /// What follows the client name in a signed value: `.`, the key id (8 hex
@@ -319,17 +317,14 @@ impl TagKeys {
     ) -> Result<Option<i32>, BackendError> {
         let timeout = Duration::from_millis(self.backend.connect_timeout_ms.saturating_mul(2));
         let work = async {
-            let mut conn = ServerConn::connect(&self.backend, self.tls.as_ref()).await?;
             let who = ServiceLogin {
                 user,
                 password: Some(password),
                 database,
             };
-            service::login(&mut conn, &who).await?;
+            let mut conn = service::connect_as(&self.backend, self.tls.as_ref(), &who).await?;
             let key = read_key(&mut conn, database).await;
-            let mut out = BytesMut::new();
-            messages::terminate(&mut out);
-            let _ = conn.write_all(&out).await;
+            conn.close().await;
             key
         };
         match tokio::time::timeout(timeout, work).await {

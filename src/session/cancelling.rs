@@ -76,15 +76,8 @@ async fn to_peer(shared: &Shared, issuer: u8, pid: i32, secret: i32, forwarded: 
     }
     let packet = startup_packet::peer_cancel_request(pid, secret);
     let timeout = Duration::from_millis(shared.config.backend.connect_timeout_ms);
-    let sent = tokio::time::timeout(timeout, async {
-        let mut s = TcpStream::connect(&target.address).await?;
-        tokio::io::AsyncWriteExt::write_all(&mut s, &packet).await?;
-        // The peer closes the connection once it has dealt with the cancel.
-        let mut sink = [0u8; 1];
-        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
+    // The peer closes the connection once it has dealt with the cancel.
+    let sent = tokio::time::timeout(timeout, send_until_closed(&target.address, &packet)).await;
     match sent {
         Ok(Ok(())) => {
             tracing::debug!(issuer, peer = %target.address, "cancel request sent to its peer")
@@ -103,16 +96,19 @@ async fn to_peer(shared: &Shared, issuer: u8, pid: i32, secret: i32, forwarded: 
 pub(crate) async fn cancel_backend(shared: &Shared, backend: cancel::BackendKey) {
     let addr = shared.config.backend.address();
     let packet = startup_packet::cancel_request(backend.pid, backend.secret);
-    let result = async {
-        let mut s = TcpStream::connect(&addr).await?;
-        tokio::io::AsyncWriteExt::write_all(&mut s, &packet).await?;
-        // PostgreSQL closes the cancel connection itself; wait for that so
-        // the request is processed before we return.
-        let mut sink = [0u8; 1];
-        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;
-        Ok::<_, std::io::Error>(())
-    };
-    if let Err(e) = result.await {
+    // PostgreSQL closes the cancel connection itself; waiting for that
+    // means the request was processed before we return.
+    if let Err(e) = send_until_closed(&addr, &packet).await {
         tracing::warn!("could not forward a cancel request: {e}");
     }
+}
+
+/// Sends a cancel `packet` to `addr` and waits until the other side closes
+/// the connection, which it does once it has dealt with the request.
+async fn send_until_closed(addr: &str, packet: &[u8]) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut s, packet).await?;
+    let mut sink = [0u8; 1];
+    let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;
+    Ok(())
 }

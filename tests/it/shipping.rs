@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::audit::export;
-use crate::support::{self, cluster, start_gateway, BinaryGateway, Opts};
+use crate::support::{self, cluster, start_gateway, BinaryGateway, Opts, TestGateway};
 
 /// rsyslogd in the foreground, its TCP input on `port`, the MSG part of
 /// every message written as one line to `out`.
@@ -210,6 +210,18 @@ async fn alice_on(port: u16) -> tokio_postgres::Client {
     client
 }
 
+/// A gateway with audit on, shipping to the syslog server on `port`;
+/// `ship` is more of `[audit.ship]`.
+async fn shipping_gateway(instance: Option<&str>, port: u16, ship: &str) -> TestGateway {
+    let instance = instance.map_or(String::new(), |id| format!("instance = \"{id}\"\n"));
+    start_gateway(Opts {
+        audit: true,
+        audit_extra: format!("{instance}[audit.ship]\naddress = \"127.0.0.1:{port}\"\n{ship}"),
+        ..Opts::default()
+    })
+    .await
+}
+
 async fn run_statements(port: u16, tag: &str, n: usize) {
     let client = alice_on(port).await;
     for i in 0..n {
@@ -220,15 +232,7 @@ async fn run_statements(port: u16, tag: &str, n: usize) {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_record_reaches_rsyslog_through_an_outage() {
     let mut syslog = Rsyslog::start();
-    let gw = start_gateway(Opts {
-        audit: true,
-        audit_extra: format!(
-            "instance = \"gw-ship\"\n[audit.ship]\naddress = \"127.0.0.1:{}\"\n",
-            syslog.port
-        ),
-        ..Opts::default()
-    })
-    .await;
+    let gw = shipping_gateway(Some("gw-ship"), syslog.port, "").await;
     let status = gw.shared.ship.clone().expect("shipping is on");
     run_statements(gw.port(), "before", 20).await;
     let first = syslog.received().len();
@@ -314,16 +318,8 @@ async fn a_kill_9_of_the_gateway_loses_no_shipped_record() {
 #[tokio::test(flavor = "multi_thread")]
 async fn records_reach_rsyslog_over_tls_and_never_an_unverified_server() {
     let syslog = Rsyslog::start_tls();
-    let gw = start_gateway(Opts {
-        audit: true,
-        audit_extra: format!(
-            "instance = \"gw-tls\"\n[audit.ship]\naddress = \"127.0.0.1:{}\"\ntls = true\nca_file = {:?}\n",
-            syslog.port,
-            syslog.cert()
-        ),
-        ..Opts::default()
-    })
-    .await;
+    let tls = format!("tls = true\nca_file = {:?}\n", syslog.cert());
+    let gw = shipping_gateway(Some("gw-tls"), syslog.port, &tls).await;
     run_statements(gw.port(), "tls", 20).await;
     let last = gw.shared.auditor.counters().appended;
     let received = syslog.wait_for(last).await;
@@ -335,15 +331,8 @@ async fn records_reach_rsyslog_over_tls_and_never_an_unverified_server() {
     let wrong_ca = other.path().join("other.pem");
     std::fs::write(&wrong_ca, self_signed().0).unwrap();
     let before = syslog.received().len();
-    let gw = start_gateway(Opts {
-        audit: true,
-        audit_extra: format!(
-            "[audit.ship]\naddress = \"127.0.0.1:{}\"\ntls = true\nca_file = {:?}\n",
-            syslog.port, wrong_ca
-        ),
-        ..Opts::default()
-    })
-    .await;
+    let tls = format!("tls = true\nca_file = {wrong_ca:?}\n");
+    let gw = shipping_gateway(None, syslog.port, &tls).await;
     run_statements(gw.port(), "unverified", 5).await;
     let status = gw.shared.ship.clone().unwrap();
     support::eventually("the records wait", || {
@@ -369,15 +358,7 @@ async fn records_reach_rsyslog_over_tls_and_never_an_unverified_server() {
 #[tokio::test(flavor = "multi_thread")]
 async fn records_reach_rsyslog_as_cef_events() {
     let syslog = Rsyslog::start();
-    let gw = start_gateway(Opts {
-        audit: true,
-        audit_extra: format!(
-            "instance = \"gw-cef\"\n[audit.ship]\naddress = \"127.0.0.1:{}\"\nformat = \"cef\"\n",
-            syslog.port
-        ),
-        ..Opts::default()
-    })
-    .await;
+    let gw = shipping_gateway(Some("gw-cef"), syslog.port, "format = \"cef\"\n").await;
     let client = gw.connect("alice").await;
     support::one(&client, "SELECT 'a=b|c' -- x\nAS suser").await;
     run_statements(gw.port(), "cef", 5).await;

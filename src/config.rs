@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod audit;
-pub use audit::{valid_instance, AuditConfig, Durability, OnFailure, ShipConfig, ShipFormat};
+pub use audit::{
+    valid_instance, AuditConfig, Durability, OnFailure, ShipConfig, ShipFormat, ShipTransport,
+    MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES,
+};
 
 /// Environment variable that overrides `[backend] service_password`.
 pub const SERVICE_PASSWORD_ENV: &str = "PGWARDEN_SERVICE_PASSWORD";
@@ -409,6 +412,15 @@ impl Config {
             }
         }
         if let Some(ship) = &self.audit.ship {
+            if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES)
+                .contains(&ship.max_message_bytes)
+            {
+                return Err(format!(
+                    "[audit.ship] max_message_bytes must be between {} and {}",
+                    MIN_MESSAGE_BYTES,
+                    MAX_MESSAGE_BYTES
+                ));
+            }
             if ship.tls && ship.ca_file.is_none() {
                 return Err("[audit.ship] tls = true needs ca_file".into());
             }

@@ -324,6 +324,12 @@ fn migrate(path: &std::path::Path, admin_url: &str, options: pgwarden::migrate::
             for login in &report.logins {
                 println!("login {login} ready");
             }
+            if let Some(instance) = &report.instance_registered {
+                println!(
+                    "audit instance {instance} may be anchored by {}",
+                    config.backend.service_user
+                );
+            }
             for problem in &report.login_problems {
                 println!("warning: {problem}");
             }

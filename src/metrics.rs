@@ -90,8 +90,8 @@ pub struct Snapshot {
     pub audit: crate::audit::AuditCounters,
     pub audit_queue_depth: u64,
     /// Shipping, when on: (records not yet delivered, seconds the oldest
-    /// of them has waited).
-    pub ship: Option<(u64, u64)>,
+    /// of them has waited, records shipped cut to `max_message_bytes`).
+    pub ship: Option<(u64, u64, u64)>,
     /// (database, idle, total) server connections.
     pub pools: Vec<(String, u64, u64)>,
 }
@@ -202,13 +202,19 @@ const AUDIT: &[(&str, &str, Type, ValueOf)] = &[
         "pgwarden_audit_ship_lag_records",
         "Durable audit records not yet delivered to the syslog server (0 without shipping).",
         Type::Gauge,
-        |s| s.ship.map_or(0, |(records, _)| records),
+        |s| s.ship.map_or(0, |(records, _, _)| records),
     ),
     (
         "pgwarden_audit_ship_lag_seconds",
         "How long the oldest undelivered audit record has waited for shipping.",
         Type::Gauge,
-        |s| s.ship.map_or(0, |(_, seconds)| seconds),
+        |s| s.ship.map_or(0, |(_, seconds, _)| seconds),
+    ),
+    (
+        "pgwarden_audit_ship_truncated_total",
+        "Audit records shipped cut to [audit.ship] max_message_bytes (the store keeps them whole).",
+        Type::Counter,
+        |s| s.ship.map_or(0, |(_, _, cut)| cut),
     ),
 ];
 

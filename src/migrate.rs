@@ -50,6 +50,8 @@ pub struct Report {
     pub login_problems: Vec<String>,
     /// Row-level security policies that verify the signed tag once per row.
     pub per_row_policies: Vec<String>,
+    /// `[audit] instance`, registered for the service user to anchor.
+    pub instance_registered: Option<String>,
     /// Transaction pooling: whether `pg_prepared_statements` was hidden
     /// from everyone but superusers, or why it could not be.
     pub statements_hidden: Option<Result<(), String>>,
@@ -132,6 +134,9 @@ pub async fn run(
         &[service],
     )
     .await?;
+    if let Some(instance) = &config.audit.instance {
+        register_instance(&pool, instance, service, &mut report).await?;
+    }
     drop_settings(&pool, service).await?;
     if config.pool.mode == PoolMode::Transaction {
         report.statements_hidden = Some(hide_statements(&pool).await);
@@ -148,6 +153,36 @@ pub async fn run(
     }
     pool.close().await;
     Ok(report)
+}
+
+/// Registers `instance` as the service user's to anchor: with its
+/// credentials, only registered instances (or a first one) can be anchored.
+async fn register_instance(
+    pool: &sqlx::PgPool,
+    instance: &str,
+    service: &str,
+    report: &mut Report,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO pgwarden.audit_instances (instance, login) VALUES ($1, $2) ON CONFLICT (instance) DO NOTHING",
+    )
+    .bind(instance)
+    .bind(service)
+    .execute(pool)
+    .await?;
+    let login: String =
+        sqlx::query_scalar("SELECT login::text FROM pgwarden.audit_instances WHERE instance = $1")
+            .bind(instance)
+            .fetch_one(pool)
+            .await?;
+    if login == service {
+        report.instance_registered = Some(instance.to_string());
+    } else {
+        report.login_problems.push(format!(
+            "audit instance {instance} is registered to login {login}, not {service}: its checkpoints will be refused"
+        ));
+    }
+    Ok(())
 }
 
 /// Makes sure the database has a signing key (a new one when rotating,

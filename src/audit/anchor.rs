@@ -110,7 +110,13 @@ pub fn spawn(source: Source, target: Target, interval: Duration) {
                     }
                 }
                 Err(e) if !failing => {
-                    tracing::warn!(error = %e, database = %target.database, "audit checkpoint could not be anchored (has `pgwarden migrate` run?)");
+                    if e.contains("is not after its latest anchored checkpoint") {
+                        // This gateway anchors only what it wrote: a later
+                        // checkpoint was written by someone else.
+                        tracing::error!(error = %e, database = %target.database, "a checkpoint ahead of this gateway's audit store was anchored with its database login: it is forged (audit verify --anchors will name it)");
+                    } else {
+                        tracing::warn!(error = %e, database = %target.database, "audit checkpoint could not be anchored (has `pgwarden migrate` run?)");
+                    }
                     failing = true;
                 }
                 Err(_) => {}
@@ -134,60 +140,124 @@ pub fn check(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    let (anchors, instances): (Vec<(i64, String)>, Vec<String>) = runtime.block_on(async {
-        use sqlx::Connection;
-        let mut conn = sqlx::PgConnection::connect(url)
-            .await
-            .map_err(|e| format!("cannot connect to {}: {e}", redact(url)))?;
-        let rows = sqlx::query_as(
-            "SELECT seq, hash FROM pgwarden.audit_checkpoints WHERE instance = $1 ORDER BY seq",
-        )
-        .bind(instance)
-        .fetch_all(&mut conn)
-        .await
-        .map_err(|e| format!("cannot read pgwarden.audit_checkpoints: {e}"))?;
-        let instances: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT instance FROM pgwarden.audit_checkpoints ORDER BY instance",
-        )
-        .fetch_all(&mut conn)
-        .await
-        .map_err(|e| format!("cannot read pgwarden.audit_checkpoints: {e}"))?;
-        let _ = conn.close().await;
-        Ok::<_, String>((rows, instances.into_iter().map(|(i,)| i).collect()))
-    })?;
+    let (anchors, instances) = runtime.block_on(read_anchors(url, instance))?;
     let last = reader.last_seq().map_err(|e| e.to_string())?.unwrap_or(0);
-    for (seq, hash) in &anchors {
-        let seq = *seq as u64;
+    for anchor in &anchors {
+        let seq = anchor.seq as u64;
         match reader.get(seq).map_err(|e| e.to_string())? {
             None => {
                 return Ok(Err(format!(
                     "seq {seq} is anchored but the store ends at seq {last}: records were cut off"
                 )))
             }
-            Some(record) if record.hash != *hash => {
-                return Ok(Err(format!(
-                    "seq {seq} differs from its anchor (anchored hash {hash}, stored {}): the store was rewritten",
-                    record.hash
-                )))
+            Some(record) if record.hash != anchor.hash => {
+                return Ok(Err(differs(seq, anchor, &record)));
             }
             Some(_) => {}
         }
     }
+    let registered = if instances.is_empty() {
+        "none".to_string()
+    } else {
+        instances
+            .iter()
+            .map(|(name, login)| format!("{} (login {})", shown(name), shown(login)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match anchors.last() {
-        Some((seq, _)) => Ok(Ok(format!(
-            "anchors match: {} checkpoints of instance {instance}, the latest at seq {seq}\n",
-            anchors.len()
+        Some(latest) => Ok(Ok(format!(
+            "anchors match: {} checkpoints of instance {}, the latest at seq {}\nregistered instances: {registered}\n",
+            anchors.len(),
+            shown(instance),
+            latest.seq
         ))),
         // Nothing to compare proves nothing: the instance id in a store is
         // as writable as its records.
         None => Ok(Err(format!(
-            "no checkpoints of instance {instance} are anchored; anchored instances: {}",
-            if instances.is_empty() {
-                "none".to_string()
-            } else {
-                instances.join(", ")
-            }
+            "no checkpoints of instance {} are anchored; registered instances: {registered}",
+            shown(instance)
         ))),
+    }
+}
+
+/// One anchored checkpoint.
+struct Anchor {
+    seq: i64,
+    hash: String,
+    /// When PostgreSQL stored it (the function cannot be given another).
+    anchored_at: time::OffsetDateTime,
+}
+
+/// The checkpoints of `instance`, in seq order, and every registered
+/// instance with its login.
+async fn read_anchors(
+    url: &str,
+    instance: &str,
+) -> Result<(Vec<Anchor>, Vec<(String, String)>), String> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", redact(url)))?;
+    let failed = |e: sqlx::Error| format!("cannot read pgwarden's audit checkpoints: {e}");
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        "SELECT seq, hash, (extract(epoch FROM anchored_at) * 1000000)::bigint \
+         FROM pgwarden.audit_checkpoints WHERE instance = $1 ORDER BY seq",
+    )
+    .bind(instance)
+    .fetch_all(&mut conn)
+    .await
+    .map_err(failed)?;
+    let instances = sqlx::query_as(
+        "SELECT instance, login::text FROM pgwarden.audit_instances ORDER BY instance",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(failed)?;
+    let _ = conn.close().await;
+    let anchors = rows
+        .into_iter()
+        .map(|(seq, hash, micros)| Anchor {
+            seq,
+            hash,
+            anchored_at: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH),
+        })
+        .collect();
+    Ok((anchors, instances))
+}
+
+/// Why the stored record at `seq` does not match its anchor. An anchor
+/// made before the record it names existed was not made by the gateway
+/// that wrote the record (it anchors durable records only): someone with
+/// its database login wrote it ahead. Either way verification fails.
+fn differs(seq: u64, anchor: &Anchor, record: &Record) -> String {
+    let written = super::record::parse_ts(&record.ts).ok();
+    let ahead = written.filter(|written| anchor.anchored_at + CLOCK_SKEW < *written);
+    let hash = shown(&anchor.hash);
+    match ahead {
+        Some(written) => format!(
+            "seq {seq} differs from its anchor (anchored hash {hash}, stored {}), and the anchor was made at {} before the record was written at {written}: a checkpoint forged with the gateway's database login, not a rewrite of the store",
+            record.hash, anchor.anchored_at
+        ),
+        None => format!(
+            "seq {seq} differs from its anchor (anchored hash {hash}, stored {}): the store was rewritten",
+            record.hash
+        ),
+    }
+}
+
+/// How far the gateway's clock may be ahead of PostgreSQL's.
+const CLOCK_SKEW: time::Duration = time::Duration::seconds(1);
+
+/// `text` as printed to an auditor: as is when it is a plain name, quoted
+/// and escaped otherwise (so no value read from the database can add a
+/// line to the report).
+fn shown(text: &str) -> String {
+    if valid_instance(text) {
+        text.to_string()
+    } else {
+        format!("{text:?}")
     }
 }
 

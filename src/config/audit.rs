@@ -46,8 +46,9 @@ pub struct AuditConfig {
     pub checkpoint_interval_s: u64,
 }
 
-/// `[audit.ship]`: every record, in seq order, to a syslog server over TCP
-/// (RFC 5424 messages, RFC 6587 octet counting), at least once.
+/// `[audit.ship]`: every record, in seq order, to a syslog server (RFC 5424
+/// messages over TCP with RFC 6587 octet counting, or over RELP), at least
+/// once.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShipConfig {
@@ -56,6 +57,15 @@ pub struct ShipConfig {
     /// A warning is logged while more records than this wait to be shipped.
     #[serde(default = "default_lag_warning")]
     pub lag_warning_records: u64,
+    /// How messages travel: plain syslog over TCP, or RELP, where the server
+    /// acknowledges every message.
+    #[serde(default)]
+    pub transport: ShipTransport,
+    /// The largest syslog message the server accepts (rsyslog's
+    /// `maxMessageSize`, 8 KiB by default); a longer record is shipped with
+    /// its longest values cut and marked, its hash kept.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// The message body: the stored record as JSON, or a CEF event.
     #[serde(default)]
     pub format: ShipFormat,
@@ -88,6 +98,27 @@ pub enum ShipFormat {
     Json,
     /// ArcSight Common Event Format.
     Cef,
+}
+
+/// How shipped messages travel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShipTransport {
+    /// RFC 6587 octet counting over TCP: the server acknowledges nothing.
+    #[default]
+    Tcp,
+    /// RELP (rsyslog's `imrelp`): a message counts as delivered once the
+    /// server acknowledges it.
+    Relp,
+}
+
+/// The smallest `max_message_bytes` (room for every field but the long ones).
+pub const MIN_MESSAGE_BYTES: usize = 2048;
+/// The largest: RELP's frame limit is 9 digits, rsyslog's far lower.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+fn default_max_message_bytes() -> usize {
+    8192
 }
 
 fn default_lag_warning() -> u64 {

@@ -117,6 +117,7 @@ impl Shared {
                 (
                     s.lag_records.load(std::sync::atomic::Ordering::Relaxed),
                     s.lag_seconds() as u64,
+                    s.truncated.load(std::sync::atomic::Ordering::Relaxed),
                 )
             }),
             pools: {

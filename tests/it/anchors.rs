@@ -1,7 +1,8 @@
 //! Audit checkpoints anchored in PostgreSQL (`[audit] checkpoint_database`):
 //! what the service user may do with them, and `audit verify --anchors`
 //! against the attacks the plain chain cannot see (a store rewritten with a
-//! recomputed chain, a store cut short).
+//! recomputed chain, a store cut short), and the ones on the anchors
+//! themselves by someone holding the gateway's database login.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -52,6 +53,11 @@ fn assert_anchors_fail(dir: &Path, url: &str, says: &[&str]) {
 
 /// psql as `user` (password `password`) on the anchoring database.
 fn psql_as(user: &str, password: &str, sql: &str) -> Output {
+    psql_in(DB, user, password, sql)
+}
+
+/// psql as `user` (password `password`) on database `db`.
+fn psql_in(db: &str, user: &str, password: &str, sql: &str) -> Output {
     Command::new("psql")
         .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
         .args([
@@ -60,7 +66,7 @@ fn psql_as(user: &str, password: &str, sql: &str) -> Output {
             "-U",
             user,
             "-d",
-            DB,
+            db,
             "-c",
             sql,
         ])
@@ -240,4 +246,99 @@ async fn anchors_expose_a_rewritten_or_cut_store() {
     rewrite(&cut, stored[..stored.len() - 3].to_vec());
     assert_chain_holds(&cut);
     assert_anchors_fail(&cut, &url, &["cut off"]);
+}
+
+/// Whoever holds the gateway's database login (it is in pgwarden.toml) can
+/// call the anchoring function, so the function must not let them anchor
+/// a store of their own making: no new instance beside the registered one
+/// (a store cut short, renamed), nothing that is not a checkpoint, nothing
+/// before the latest. A checkpoint written ahead of the gateway cannot be
+/// refused, but verification names it a forgery instead of accusing the
+/// store.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateways_login_cannot_forge_anchors_unnoticed() {
+    const FORGE_DB: &str = "anchored_forge";
+    create_db(FORGE_DB);
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: format!(
+            "instance = \"gw-forge\"\ncheckpoint_database = \"{FORGE_DB}\"\ncheckpoint_interval_s = 1\n"
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let out = support::migrate(gw.dir.path(), FORGE_DB, &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("audit instance gw-forge may be anchored by pgwarden_svc"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = gw.connect("alice").await;
+    for i in 0..5 {
+        support::one(&client, &format!("SELECT 'honest-{i}'")).await;
+    }
+    let pg = cluster();
+    let latest = || {
+        pg.psql(
+            FORGE_DB,
+            "SELECT coalesce(max(seq), 0) FROM pgwarden.audit_checkpoints WHERE instance = 'gw-forge'",
+        )
+        .parse::<u64>()
+        .unwrap()
+    };
+    support::eventually("a checkpoint is anchored", || latest() > 0).await;
+
+    let svc = cluster::SERVICE_PASSWORD;
+    let zeros = "repeat('0', 64)";
+    let refused = [
+        // A new instance beside the registered one (a renamed store).
+        (format!("'gw-fake', 1, {zeros}, now()"), "already anchors another instance"),
+        // Not a checkpoint: names that print as something else, seqs
+        // that wrap, hashes that are not, times to come.
+        (format!("E'gw\\nanchors match', 1, {zeros}, now()"), "not an instance name"),
+        (format!("'gw-forge', -5, {zeros}, now()"), "not a checkpoint"),
+        ("'gw-forge', 999999, 'nothex', now()".to_string(), "not a checkpoint"),
+        (format!("'gw-forge', 999999, {zeros}, now() + interval '1 day'"), "not a checkpoint"),
+        // Before the latest: history cannot be re-anchored.
+        (format!("'gw-forge', 1, {zeros}, now()"), "is not after its latest"),
+    ];
+    for (args, says) in &refused {
+        let out = psql_in(FORGE_DB, "pgwarden_svc", svc, &format!("SELECT pgwarden.audit_checkpoint({args})"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{args}: {stderr}");
+    }
+    assert_eq!(
+        pg.psql(FORGE_DB, "SELECT string_agg(instance, ',') FROM pgwarden.audit_instances"),
+        "gw-forge"
+    );
+
+    // Ahead of the gateway: accepted, since nobody can know yet that it
+    // is false; the gateway's own later checkpoints are then refused.
+    let forged = gw.shared.auditor.counters().appended + 8;
+    let out = psql_in(
+        FORGE_DB,
+        "pgwarden_svc",
+        svc,
+        &format!("SELECT pgwarden.audit_checkpoint('gw-forge', {forged}, {zeros}, now())"),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Later than verify's allowance for clock skew.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    for i in 0..10 {
+        support::one(&client, &format!("SELECT 'later-{i}'")).await;
+    }
+    drop(client);
+    let dir = gw.stop().await;
+    let store = dir.path().join("audit");
+    assert!(records(&store).len() as u64 > forged);
+    let url = format!("postgres://postgres@127.0.0.1:{}/{FORGE_DB}", pg.port);
+    assert_anchors_fail(
+        &store,
+        &url,
+        &[
+            &format!("seq {forged} differs from its anchor"),
+            "forged with the gateway's database login",
+        ],
+    );
 }

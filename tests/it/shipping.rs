@@ -1,181 +1,19 @@
-//! `[audit.ship]` against a real rsyslog (imtcp, RFC 6587 octet counting,
-//! written to a file): every record arrives exactly as stored, with the
-//! gateway's instance; through an outage of the server; and across a
-//! `kill -9` of the gateway.
+//! `[audit.ship]` against a real rsyslog (imtcp with RFC 6587 octet
+//! counting, or imrelp, written to a file): every record arrives exactly as
+//! stored, with the gateway's instance; through an outage of the server;
+//! across a `kill -9` of the gateway; through a server that stalls and
+//! dies (RELP); and a record longer than the server takes arrives cut,
+//! without losing the ones after it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::audit::export;
-use crate::support::{self, cluster, start_gateway, BinaryGateway, Opts, TestGateway};
-
-/// rsyslogd in the foreground, its TCP input on `port`, the MSG part of
-/// every message written as one line to `out`.
-struct Rsyslog {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-    /// Listening with TLS (the `ossl` driver), its certificate here.
-    tls: bool,
-}
-
-impl Rsyslog {
-    fn start() -> Rsyslog {
-        Rsyslog::start_with(false)
-    }
-
-    /// Listening with TLS only, its self-signed certificate (for
-    /// 127.0.0.1) at [`Rsyslog::cert`].
-    fn start_tls() -> Rsyslog {
-        Rsyslog::start_with(true)
-    }
-
-    fn start_with(tls: bool) -> Rsyslog {
-        let mut server = Rsyslog {
-            child: None,
-            port: cluster::free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            tls,
-        };
-        if tls {
-            let (cert, key) = self_signed();
-            std::fs::write(server.cert(), cert).unwrap();
-            std::fs::write(server.dir.path().join("key.pem"), key).unwrap();
-        }
-        server.run();
-        server
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
-    }
-
-    fn out(&self) -> PathBuf {
-        self.dir.path().join("out.log")
-    }
-
-    /// (Re)starts it on the same port and file.
-    fn run(&mut self) {
-        let dir = self.dir.path();
-        let conf = dir.join("rsyslog.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                r#"global(workDirectory="{dir}" maxMessageSize="1m"{tls_global})
-module(load="imtcp"{tls_module})
-template(name="body" type="string" string="%msg%\n")
-ruleset(name="audit") {{
-  action(type="omfile" file="{out}" template="body")
-}}
-input(type="imtcp" port="{port}" ruleset="audit")
-"#,
-                dir = dir.display(),
-                out = self.out().display(),
-                port = self.port,
-                tls_global = if self.tls {
-                    format!(
-                        " DefaultNetstreamDriver=\"ossl\" DefaultNetstreamDriverCAFile=\"{cert}\" DefaultNetstreamDriverCertFile=\"{cert}\" DefaultNetstreamDriverKeyFile=\"{key}\"",
-                        cert = self.cert().display(),
-                        key = dir.join("key.pem").display(),
-                    )
-                } else {
-                    String::new()
-                },
-                tls_module = if self.tls {
-                    " StreamDriver.Name=\"ossl\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\""
-                } else {
-                    ""
-                },
-            ),
-        )
-        .unwrap();
-        let child = Command::new("rsyslogd")
-            .arg("-n")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-i")
-            .arg(dir.join("rsyslogd.pid"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("rsyslogd (scripts/setup.sh installs rsyslog)");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("rsyslogd never listened on {}", self.port);
-    }
-
-    /// Stops it (SIGTERM, as a service stop does).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            child.wait().unwrap();
-        }
-    }
-
-    /// Every message received so far, as written.
-    fn lines(&self) -> Vec<String> {
-        let text = std::fs::read_to_string(self.out()).unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| l.trim().to_string())
-            .collect()
-    }
-
-    /// Every message received so far, by seq (a record that arrived twice
-    /// must have arrived the same both times).
-    fn received(&self) -> BTreeMap<u64, Value> {
-        let text = std::fs::read_to_string(self.out()).unwrap_or_default();
-        let mut by_seq = BTreeMap::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: Value = serde_json::from_str(line.trim())
-                .unwrap_or_else(|e| panic!("not a record ({e}): {line}"));
-            let seq = v["seq"].as_u64().unwrap();
-            if let Some(before) = by_seq.insert(seq, v.clone()) {
-                assert_eq!(before, v, "seq {seq} arrived twice, differently");
-            }
-        }
-        by_seq
-    }
-
-    /// Waits until seqs 1..=`last` have all arrived.
-    async fn wait_for(&self, last: u64) -> BTreeMap<u64, Value> {
-        for _ in 0..300 {
-            let got = self.received();
-            if (1..=last).all(|seq| got.contains_key(&seq)) {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let got = self.received();
-        let missing: Vec<u64> = (1..=last).filter(|s| !got.contains_key(s)).collect();
-        panic!("records never shipped: {missing:?}");
-    }
-}
-
-/// A self-signed certificate for 127.0.0.1 and its key (PEM).
-fn self_signed() -> (String, String) {
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
-    (cert.cert.pem(), cert.signing_key.serialize_pem())
-}
-
-impl Drop for Rsyslog {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+use crate::support::rsyslog::{self_signed, Listen, Rsyslog};
+use crate::support::{self, start_gateway, BinaryGateway, Opts, TestGateway};
 
 /// Every exported record up to `last` arrived as stored, plus `instance`.
 fn assert_shipped_as_stored(
@@ -317,7 +155,10 @@ async fn a_kill_9_of_the_gateway_loses_no_shipped_record() {
 /// certificate gets nothing, and the records wait.
 #[tokio::test(flavor = "multi_thread")]
 async fn records_reach_rsyslog_over_tls_and_never_an_unverified_server() {
-    let syslog = Rsyslog::start_tls();
+    let syslog = Rsyslog::start_with(Listen {
+        tls: true,
+        ..Listen::default()
+    });
     let tls = format!("tls = true\nca_file = {:?}\n", syslog.cert());
     let gw = shipping_gateway(Some("gw-tls"), syslog.port, &tls).await;
     run_statements(gw.port(), "tls", 20).await;
@@ -394,4 +235,97 @@ async fn records_reach_rsyslog_as_cef_events() {
     );
     drop(client);
     gw.stop().await;
+}
+
+/// `transport = "relp"`: rsyslog acknowledges every message, so a server
+/// that stops reading (SIGSTOP) gets nothing counted as delivered, and
+/// when it then dies (SIGKILL) and comes back, every record still arrives.
+/// (Plain TCP syslog cannot promise this: what sat unread in the stalled
+/// server's socket is gone with it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn over_relp_a_server_that_stalls_and_dies_loses_nothing() {
+    let mut syslog = Rsyslog::start_with(Listen {
+        relp: true,
+        ..Listen::default()
+    });
+    let gw = shipping_gateway(Some("gw-relp"), syslog.port, "transport = \"relp\"\n").await;
+    let status = gw.shared.ship.clone().expect("shipping is on");
+    run_statements(gw.port(), "before", 10).await;
+    // Everything so far (the session's end too) acknowledged, then stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = gw.shared.auditor.counters().appended;
+    syslog.wait_for(before).await;
+    support::eventually("the first records are acknowledged", || {
+        status.shipped.load(std::sync::atomic::Ordering::Relaxed) >= before
+    })
+    .await;
+    syslog.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = gw.shared.auditor.counters().appended;
+    run_statements(gw.port(), "stalled", 200).await;
+    // Longer than plain TCP's settling time: nothing was acknowledged.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let shipped = status.shipped.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        shipped <= stopped,
+        "{shipped} counted as delivered by a stopped server (stopped at {stopped})"
+    );
+    syslog.kill();
+    syslog.run();
+    run_statements(gw.port(), "after", 10).await;
+    let last = gw.shared.auditor.counters().appended;
+    let received = syslog.wait_for(last).await;
+    let dir = gw.stop().await;
+    assert_shipped_as_stored(&dir.path().join("audit"), &received, "gw-relp", last);
+    assert!(received
+        .values()
+        .any(|r| r["statement"] == "SELECT 'stalled-199'"));
+}
+
+/// A statement longer than the server's message limit (rsyslog's default
+/// 8 KiB, `max_message_bytes` the same) arrives cut to fit, marked with
+/// the stored length and still carrying its seq and hash; over plain TCP
+/// and RELP alike, every record after it arrives whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_longer_than_the_server_takes_arrives_cut_and_the_rest_whole() {
+    for (relp, transport) in [(false, "tcp"), (true, "relp")] {
+        let syslog = Rsyslog::start_with(Listen {
+            relp,
+            max_message: "8k",
+            ..Listen::default()
+        });
+        let instance = format!("gw-cut-{transport}");
+        let ship = format!("transport = \"{transport}\"\nmax_message_bytes = 8192\n");
+        let gw = shipping_gateway(Some(&instance), syslog.port, &ship).await;
+        let client = gw.connect("alice").await;
+        let big = format!("SELECT '{}' AS big", "x\"y\n".repeat(30_000));
+        support::one(&client, &big).await;
+        run_statements(gw.port(), "small", 20).await;
+        let last = gw.shared.auditor.counters().appended;
+        let mut received = syslog.wait_for(last).await;
+        drop(client);
+        let cut = gw.shared.ship.as_ref().unwrap().truncated.load(std::sync::atomic::Ordering::Relaxed);
+        let dir = gw.stop().await;
+        let stored = export(&dir.path().join("audit"), &["--raw"]);
+        let whole = stored
+            .iter()
+            .find(|r| r["statement"] == big.as_str())
+            .expect("the store keeps the statement whole");
+        let seq = whole["seq"].as_u64().unwrap();
+        let arrived = received.remove(&seq).unwrap();
+        assert_eq!(cut, 1, "{transport}");
+        assert_eq!(arrived["hash"], whole["hash"], "{transport}");
+        assert_eq!(arrived["client_user"], "alice", "{transport}");
+        assert!(arrived["truncated_from"].as_u64().unwrap() > 120_000, "{arrived}");
+        let shipped = arrived["statement"].as_str().unwrap();
+        assert!(big.starts_with(shipped) && shipped.len() > 1000, "{transport}");
+        // Every other record arrived whole.
+        let shipped_ones = stored.iter().filter(|r| r["seq"].as_u64().unwrap() <= last);
+        for record in shipped_ones.filter(|r| r["seq"] != seq) {
+            let n = record["seq"].as_u64().unwrap();
+            let mut got = received[&n].clone();
+            got.as_object_mut().unwrap().remove("instance");
+            assert_eq!(&got, record, "{transport}: seq {n}");
+        }
+    }
 }

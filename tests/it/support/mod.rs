@@ -2,6 +2,7 @@
 //! gateway on port 0, and small client helpers.
 
 pub mod cluster;
+pub mod rsyslog;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -13,6 +13,7 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 # A real syslog server for the audit shipping tests (tests/it/shipping.rs).
 command -v rsyslogd >/dev/null 2>&1 || need+=(rsyslog)
 dpkg -s rsyslog-openssl >/dev/null 2>&1 || need+=(rsyslog-openssl)  # its TLS listener
+dpkg -s rsyslog-relp >/dev/null 2>&1 || need+=(rsyslog-relp)        # its RELP listener (imrelp)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

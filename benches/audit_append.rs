@@ -198,6 +198,7 @@ fn child(store: &Path, what: &str) {
         store: StoreArgs {
             store: Some(store.to_path_buf()),
             config: None,
+            archives: Vec::new(),
         },
         format,
         raw,

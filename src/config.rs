@@ -359,6 +359,9 @@ impl Config {
         };
         resolve(&mut self.identity.policy_dir);
         resolve(&mut self.audit.store);
+        if let Some(p) = self.audit.archive_dir.as_mut() {
+            resolve(p);
+        }
         if let Some(p) = self.server.tls_cert.as_mut() {
             resolve(p);
         }
@@ -412,13 +415,10 @@ impl Config {
             }
         }
         if let Some(ship) = &self.audit.ship {
-            if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES)
-                .contains(&ship.max_message_bytes)
-            {
+            if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&ship.max_message_bytes) {
                 return Err(format!(
                     "[audit.ship] max_message_bytes must be between {} and {}",
-                    MIN_MESSAGE_BYTES,
-                    MAX_MESSAGE_BYTES
+                    MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES
                 ));
             }
             if ship.tls && ship.ca_file.is_none() {
@@ -430,6 +430,15 @@ impl Config {
             if !ship.tls && (ship.ca_file.is_some() || ship.cert_file.is_some()) {
                 return Err("[audit.ship] ca_file, cert_file and key_file need tls = true".into());
             }
+        }
+        if self.audit.archive_dir.is_some()
+            && (self.audit.archive_interval_s == 0
+                || !(self.audit.archive_after_days >= 0.0 && self.audit.archive_after_days < 1e6))
+        {
+            return Err(
+                "[audit] archive_interval_s must be at least 1 and archive_after_days 0 or more"
+                    .into(),
+            );
         }
         if self.audit.checkpoint_database.is_some() && self.audit.checkpoint_interval_s == 0 {
             return Err("[audit] checkpoint_interval_s must be at least 1".into());

@@ -64,6 +64,8 @@ enum AuditCommand {
     Verify(pgwarden::audit::cli::VerifyArgs),
     /// Counts by kind, user and database, first and last timestamps, chain head.
     Stats(pgwarden::audit::cli::StatsArgs),
+    /// Move the records written before a time into an archive file (retention).
+    Archive(pgwarden::audit::retention::ArchiveArgs),
 }
 
 #[derive(Subcommand)]
@@ -108,6 +110,7 @@ fn main() -> ExitCode {
                 AuditCommand::Export(args) => cli::export(&args),
                 AuditCommand::Verify(args) => cli::verify(&args),
                 AuditCommand::Stats(args) => cli::stats(&args),
+                AuditCommand::Archive(args) => pgwarden::audit::retention::archive(&args),
             };
             code.clamp(0, 255) as u8
         }

@@ -39,9 +39,10 @@ pub enum StartError {
     },
 }
 
-/// What takes the audit log off the box: the shipper (`[audit.ship]`) and
-/// the anchoring of checkpoints (`[audit] checkpoint_database`), started
-/// when configured. The store's instance id is made then, if not configured.
+/// What takes the audit log off the box: the shipper (`[audit.ship]`), the
+/// anchoring of checkpoints (`[audit] checkpoint_database`) and retention
+/// (`[audit] archive_dir`), started when configured. The store's instance
+/// id is made then, if not configured.
 type OffBox = (
     Option<Arc<crate::audit::ship::ShipStatus>>,
     Option<crate::audit::anchor::Target>,
@@ -52,11 +53,14 @@ fn start_off_box(
     auditor: &Auditor,
     backend_tls: &Option<crate::tls::BackendTls>,
 ) -> Result<OffBox, StartError> {
-    if config.audit.ship.is_none() && config.audit.checkpoint_database.is_none() {
+    let audit = &config.audit;
+    if audit.ship.is_none() && audit.checkpoint_database.is_none() && audit.archive_dir.is_none() {
         return Ok((None, None));
     }
     let Some(source) = auditor.ship_source() else {
-        tracing::warn!("[audit.ship] or checkpoint_database is set but the audit log is off");
+        tracing::warn!(
+            "[audit.ship], checkpoint_database or archive_dir is set but the audit log is off"
+        );
         return Ok((None, None));
     };
     let db = source
@@ -80,6 +84,17 @@ fn start_off_box(
         tracing::info!(database = %target.database, %instance, "anchoring audit checkpoints");
         let interval = Duration::from_secs(config.audit.checkpoint_interval_s);
         crate::audit::anchor::spawn(source.clone(), target.clone(), interval);
+    }
+    if let Some(dir) = &audit.archive_dir {
+        tracing::info!(dir = %dir.display(), after_days = audit.archive_after_days, "archiving old audit records");
+        let retention = crate::audit::retention::Retention {
+            dir: dir.clone(),
+            after: Duration::from_secs_f64(audit.archive_after_days * 86_400.0),
+            interval: Duration::from_secs(audit.archive_interval_s),
+            instance: Some(instance.clone()),
+            shipping: audit.ship.is_some(),
+        };
+        crate::audit::retention::spawn(source.clone(), retention);
     }
     let ship = match &config.audit.ship {
         Some(ship) => {

@@ -142,6 +142,19 @@ pub fn check(
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
     let (anchors, instances) = runtime.block_on(read_anchors(url, instance))?;
     let last = reader.last_seq().map_err(|e| e.to_string())?.unwrap_or(0);
+    // Anchors of records archived and not given cannot be checked here.
+    let (first, _) = reader.start().map_err(|e| e.to_string())?;
+    let archived = anchors.iter().filter(|a| (a.seq as u64) < first).count();
+    let anchors: Vec<Anchor> = anchors
+        .into_iter()
+        .filter(|a| a.seq as u64 >= first)
+        .collect();
+    if archived > 0 && anchors.is_empty() {
+        return Ok(Err(format!(
+            "all {archived} checkpoints of instance {} name records archived before seq {first}: give their archives with --archive to check them",
+            shown(instance)
+        )));
+    }
     for anchor in &anchors {
         let seq = anchor.seq as u64;
         match reader.get(seq).map_err(|e| e.to_string())? {
@@ -167,10 +180,15 @@ pub fn check(
     };
     match anchors.last() {
         Some(latest) => Ok(Ok(format!(
-            "anchors match: {} checkpoints of instance {}, the latest at seq {}\nregistered instances: {registered}\n",
+            "anchors match: {} checkpoints of instance {}, the latest at seq {}\n{}registered instances: {registered}\n",
             anchors.len(),
             shown(instance),
-            latest.seq
+            latest.seq,
+            if archived > 0 {
+                format!("{archived} checkpoints name archived records and were not checked (give their archives with --archive)\n")
+            } else {
+                String::new()
+            }
         ))),
         // Nothing to compare proves nothing: the instance id in a store is
         // as writable as its records.

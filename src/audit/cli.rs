@@ -40,6 +40,11 @@ pub struct StoreArgs {
     /// pgwarden.toml whose `[audit] store` to use (default: ./pgwarden.toml).
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// An archive of older records (`pgwarden audit archive`), read before
+    /// the store as one chain; repeat it, oldest first. Alone, without a
+    /// store, the archives are read by themselves.
+    #[arg(long = "archive", value_name = "FILE")]
+    pub archives: Vec<PathBuf>,
 }
 
 /// `pgwarden audit export`.
@@ -80,6 +85,7 @@ impl ExportArgs {
             store: StoreArgs {
                 store: Some(store.to_path_buf()),
                 config: None,
+                archives: Vec::new(),
             },
             format: Format::Jsonl,
             raw: false,
@@ -114,17 +120,17 @@ pub struct StatsArgs {
     pub store: StoreArgs,
 }
 
-fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
+pub(super) fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
     parse_ts(s).map_err(|e| format!("not an RFC 3339 timestamp like 2026-11-27T00:00:00Z ({e})"))
 }
 
-fn fail(command: &str, code: i32, message: impl Display) -> i32 {
+pub(super) fn fail(command: &str, code: i32, message: impl Display) -> i32 {
     eprintln!("pgwarden audit {command}: {message}");
     code
 }
 
 /// The exit code for an error of the audit module.
-fn code_of(e: &AuditError) -> i32 {
+pub(super) fn code_of(e: &AuditError) -> i32 {
     match e {
         AuditError::NotFound { .. } => EXIT_USAGE,
         _ => EXIT_FAILURE,
@@ -154,8 +160,13 @@ pub fn store_path(args: &StoreArgs) -> Result<PathBuf, String> {
 }
 
 fn open(command: &str, args: &StoreArgs) -> Result<StoreReader, i32> {
-    let path = store_path(args).map_err(|m| fail(command, EXIT_USAGE, m))?;
-    StoreReader::open(&path).map_err(|e| fail(command, code_of(&e), e))
+    let reader = if args.store.is_none() && args.config.is_none() && !args.archives.is_empty() {
+        StoreReader::archives(&args.archives)
+    } else {
+        let path = store_path(args).map_err(|m| fail(command, EXIT_USAGE, m))?;
+        StoreReader::open(&path).and_then(|r| r.with_archives(&args.archives))
+    };
+    reader.map_err(|e| fail(command, code_of(&e), e))
 }
 
 /// Runs `audit export`; returns the exit code.
@@ -232,6 +243,12 @@ fn verify_to(args: &VerifyArgs, out: &mut dyn Write) -> i32 {
         "audit chain intact: {} records, chain head {}\n",
         intact.records, intact.head
     );
+    if intact.first > 1 {
+        report.push_str(&format!(
+            "records 1..={} are archived and were not checked here: give their archives with --archive\n",
+            intact.first - 1
+        ));
+    }
     if let Some(url) = &args.anchors {
         let instance = match args
             .instance
@@ -310,6 +327,7 @@ mod tests {
         StoreArgs {
             store: Some(dir.to_path_buf()),
             config: None,
+            archives: Vec::new(),
         }
     }
 
@@ -451,6 +469,7 @@ mod tests {
         let args = StoreArgs {
             store: None,
             config: Some(toml.clone()),
+            archives: Vec::new(),
         };
         assert_eq!(store_path(&args).unwrap(), dir.path().join("audit"));
         assert_eq!(
@@ -467,6 +486,7 @@ mod tests {
         let bad = StoreArgs {
             store: None,
             config: Some(toml),
+            archives: Vec::new(),
         };
         assert!(store_path(&bad).is_err());
         assert_eq!(

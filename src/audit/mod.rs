@@ -16,6 +16,7 @@
 use std::path::PathBuf;
 
 pub mod anchor;
+pub mod archive;
 pub mod auditor;
 pub mod cef;
 pub mod chain;
@@ -24,6 +25,7 @@ pub mod export;
 pub mod join;
 pub mod reader;
 pub mod record;
+pub mod retention;
 pub mod ship;
 pub mod stats;
 pub mod store;

@@ -2,8 +2,10 @@
 //! (export, verify, stats): records by seq, runs unpacked, and the meta
 //! tree that holds the instance id and the shipper's position.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use super::archive::{boundary, Archive};
+use super::chain::GENESIS_HASH;
 use super::record::Record;
 use super::store::{decode, key, open_db, seq_of, unpack, RawEntry, READER_CACHE_BYTES};
 use super::AuditError;
@@ -59,9 +61,13 @@ pub fn scan_tree(
         .filter(move |entry| !matches!(entry, Ok((seq, _)) if *seq < from))
 }
 
-/// Read access for the offline commands (export, verify, stats).
+/// Read access for the offline commands (export, verify, stats): a store,
+/// archives of its older records ([`super::archive`]), or both, read as one
+/// chain: the archives in the order given, then the store's records after
+/// the last of them.
 pub struct StoreReader {
-    db: sled::Db,
+    db: Option<sled::Db>,
+    archives: Vec<Archive>,
 }
 
 impl StoreReader {
@@ -74,41 +80,116 @@ impl StoreReader {
             });
         }
         Ok(StoreReader {
-            db: open_db(path, READER_CACHE_BYTES)?,
+            db: Some(open_db(path, READER_CACHE_BYTES)?),
+            archives: Vec::new(),
         })
+    }
+
+    /// Archives alone, read as one chain.
+    pub fn archives(paths: &[PathBuf]) -> Result<StoreReader, AuditError> {
+        StoreReader {
+            db: None,
+            archives: Vec::new(),
+        }
+        .with_archives(paths)
+    }
+
+    /// This store preceded by the archives at `paths` (oldest first).
+    pub fn with_archives(mut self, paths: &[PathBuf]) -> Result<StoreReader, AuditError> {
+        for path in paths {
+            self.archives.push(Archive::open(path)?);
+        }
+        Ok(self)
+    }
+
+    /// The first seq this reader holds and the hash before it: the first
+    /// archive's, or the store's archive boundary, or seq 1 after the
+    /// genesis hash.
+    pub fn start(&self) -> Result<(u64, String), AuditError> {
+        if let Some(first) = self.archives.first() {
+            return Ok((first.manifest.first_seq, first.manifest.prev_hash.clone()));
+        }
+        match self.db.as_ref().map(boundary).transpose()?.flatten() {
+            Some(b) => Ok((b.seq + 1, b.head)),
+            None => Ok((1, GENESIS_HASH.to_string())),
+        }
     }
 
     /// Records with seq >= `from`, in seq order, runs unpacked. A key that
     /// is not 8 bytes, or a damaged run, is reported as `Corrupt`.
-    pub fn scan_from(&self, from: u64) -> impl Iterator<Item = Result<RawEntry, AuditError>> + '_ {
-        scan_tree(&self.db, from)
+    pub fn scan_from(
+        &self,
+        from: u64,
+    ) -> Box<dyn Iterator<Item = Result<RawEntry, AuditError>> + '_> {
+        let archived = self.archives.last().map_or(0, |a| a.manifest.last_seq);
+        let archives = self
+            .archives
+            .iter()
+            .filter(move |a| a.manifest.last_seq >= from)
+            .flat_map(move |a| a.scan_from(from));
+        let store = self
+            .db
+            .iter()
+            .flat_map(move |db| scan_tree(db, from.max(archived + 1)));
+        Box::new(archives.chain(store))
     }
 
     /// The record stored under `seq`, if any.
     pub fn get(&self, seq: u64) -> Result<Option<Record>, AuditError> {
-        get_in_tree(&self.db, seq)
+        let archive = self
+            .archives
+            .iter()
+            .find(|a| (a.manifest.first_seq..=a.manifest.last_seq).contains(&seq));
+        if let Some(archive) = archive {
+            return match archive.scan_from(seq).next() {
+                Some(Ok((s, raw))) if s == seq => decode(seq, &raw).map(Some),
+                Some(Err(e)) => Err(e),
+                _ => Ok(None),
+            };
+        }
+        match &self.db {
+            Some(db) => get_in_tree(db, seq),
+            None => Ok(None),
+        }
     }
 
     /// The seq of the last record, if any.
     pub fn last_seq(&self) -> Result<Option<u64>, AuditError> {
-        match self.db.last() {
+        let archived = self.archives.last().map(|a| a.manifest.last_seq);
+        let Some(db) = &self.db else {
+            return Ok(archived);
+        };
+        match db.last() {
             Ok(Some((k, v))) => {
                 let first = seq_of(&k).ok_or_else(|| AuditError::Corrupt {
                     seq: 0,
                     message: format!("last key is {} bytes, not 8", k.len()),
                 })?;
-                Ok(unpack(first, v)?.last().map(|(seq, _)| *seq))
+                let last = unpack(first, v)?.last().map(|(seq, _)| *seq);
+                Ok(last.max(archived))
             }
-            Ok(None) => Ok(None),
+            Ok(None) => Ok(archived),
             Err(e) => Err(AuditError::Read(e.to_string())),
         }
     }
 
+    /// The instance id kept in the store `db`, if any (unreadable: none).
+    pub fn instance_of(db: &sled::Db) -> Option<String> {
+        let meta = db.open_tree(META_TREE).ok()?;
+        let id = meta.get(INSTANCE_KEY).ok()??;
+        Some(String::from_utf8_lossy(&id).into_owned())
+    }
+
     /// The instance id kept in the store (made when shipping or anchoring
-    /// first ran on it), if any.
+    /// first ran on it), or named by the first archive, if any.
     pub fn instance(&self) -> Result<Option<String>, AuditError> {
-        let meta = self
-            .db
+        let Some(db) = &self.db else {
+            return Ok(self
+                .archives
+                .first()
+                .and_then(|a| a.manifest.instance.clone()));
+        };
+        let meta = db
             .open_tree(META_TREE)
             .map_err(|e| AuditError::Read(e.to_string()))?;
         let id = meta

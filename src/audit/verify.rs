@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use super::chain::{compute_hash, GENESIS_HASH};
+use super::chain::compute_hash;
 use super::reader::StoreReader;
 use super::record::{Kind, Record};
 use super::AuditError;
@@ -20,7 +20,10 @@ use super::AuditError;
 /// An intact chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Intact {
-    /// Number of records (= the last seq).
+    /// The first seq checked: 1, or the first after archived records
+    /// that were not given.
+    pub first: u64,
+    /// Number of records checked (= the last seq when `first` is 1).
     pub records: u64,
     /// Hash of the last record (64 zeros for an empty store).
     pub head: String,
@@ -42,9 +45,12 @@ impl fmt::Display for BadRecord {
 /// Walks the whole store. `Err` only when it cannot be read at all;
 /// tampering is `Ok(Err(BadRecord))`.
 pub fn verify(reader: &StoreReader) -> Result<Result<Intact, BadRecord>, AuditError> {
-    let mut expected = 1u64;
-    let mut head = GENESIS_HASH.to_string();
-    for entry in reader.scan_from(0) {
+    // From the start of what the reader holds: seq 1 after the genesis
+    // hash, or the first record after archived ones, after their head.
+    let (first, mut head) = reader.start()?;
+    let mut expected = first;
+    // From key 0 when starting at 1: a record stored there is an error too.
+    for entry in reader.scan_from(if first == 1 { 0 } else { first }) {
         let (seq, raw) = match entry {
             Ok(entry) => entry,
             Err(AuditError::Corrupt { message, .. }) => {
@@ -71,7 +77,8 @@ pub fn verify(reader: &StoreReader) -> Result<Result<Intact, BadRecord>, AuditEr
         expected += 1;
     }
     Ok(Ok(Intact {
-        records: expected - 1,
+        first,
+        records: expected - first,
         head,
     }))
 }
@@ -84,7 +91,7 @@ fn bad(seq: u64, reason: impl Into<String>) -> BadRecord {
 }
 
 /// Why the record stored under `seq` does not verify, if it does not.
-fn check(record: &Record, seq: u64, head: &str, raw: &[u8]) -> Option<String> {
+pub(super) fn check(record: &Record, seq: u64, head: &str, raw: &[u8]) -> Option<String> {
     if record.seq != seq {
         return Some(format!(
             "the record stored here has seq {} (records were moved or reordered)",
@@ -117,6 +124,7 @@ mod tests {
     use super::*;
     use crate::audit::store::key;
     use crate::audit::testutil::{sample_store, tamper};
+    use crate::audit::GENESIS_HASH;
 
     fn run(dir: &std::path::Path) -> Result<Intact, BadRecord> {
         verify(&StoreReader::open(dir).unwrap()).unwrap()
@@ -140,7 +148,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let head = sample_store(dir.path());
         let intact = run(dir.path()).unwrap();
-        assert_eq!(intact, Intact { records: 12, head });
+        assert_eq!(
+            intact,
+            Intact {
+                first: 1,
+                records: 12,
+                head
+            }
+        );
     }
 
     #[test]
@@ -257,7 +272,14 @@ mod tests {
             crate::audit::testutil::sample_store_in_runs(runs.path(), 5),
             head
         );
-        assert_eq!(run(runs.path()).unwrap(), Intact { records: 12, head });
+        assert_eq!(
+            run(runs.path()).unwrap(),
+            Intact {
+                first: 1,
+                records: 12,
+                head
+            }
+        );
         let a = StoreReader::open(singles.path()).unwrap();
         let b = StoreReader::open(runs.path()).unwrap();
         for from in [0, 1, 4, 6, 7, 12, 13] {

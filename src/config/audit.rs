@@ -44,6 +44,12 @@ pub struct AuditConfig {
     pub checkpoint_database: Option<String>,
     /// Seconds between anchors (and one at stop).
     pub checkpoint_interval_s: u64,
+    /// Retention: records older than `archive_after_days` move from the
+    /// store into archive files in this directory (unset: they stay).
+    pub archive_dir: Option<PathBuf>,
+    pub archive_after_days: f64,
+    /// Seconds between looks for records old enough to archive.
+    pub archive_interval_s: u64,
 }
 
 /// `[audit.ship]`: every record, in seq order, to a syslog server (RFC 5424
@@ -136,6 +142,9 @@ impl Default for AuditConfig {
             log_parameters: false,
             instance: None,
             ship: None,
+            archive_dir: None,
+            archive_after_days: 90.0,
+            archive_interval_s: 3600,
             checkpoint_database: None,
             checkpoint_interval_s: 60,
         }

@@ -269,7 +269,8 @@ async fn the_gateways_login_cannot_forge_anchors_unnoticed() {
     .await;
     let out = support::migrate(gw.dir.path(), FORGE_DB, &[]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("audit instance gw-forge may be anchored by pgwarden_svc"),
+        String::from_utf8_lossy(&out.stdout)
+            .contains("audit instance gw-forge may be anchored by pgwarden_svc"),
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -293,23 +294,52 @@ async fn the_gateways_login_cannot_forge_anchors_unnoticed() {
     let zeros = "repeat('0', 64)";
     let refused = [
         // A new instance beside the registered one (a renamed store).
-        (format!("'gw-fake', 1, {zeros}, now()"), "already anchors another instance"),
+        (
+            format!("'gw-fake', 1, {zeros}, now()"),
+            "already anchors another instance",
+        ),
         // Not a checkpoint: names that print as something else, seqs
         // that wrap, hashes that are not, times to come.
-        (format!("E'gw\\nanchors match', 1, {zeros}, now()"), "not an instance name"),
-        (format!("'gw-forge', -5, {zeros}, now()"), "not a checkpoint"),
-        ("'gw-forge', 999999, 'nothex', now()".to_string(), "not a checkpoint"),
-        (format!("'gw-forge', 999999, {zeros}, now() + interval '1 day'"), "not a checkpoint"),
+        (
+            format!("E'gw\\nanchors match', 1, {zeros}, now()"),
+            "not an instance name",
+        ),
+        (
+            format!("'gw-forge', -5, {zeros}, now()"),
+            "not a checkpoint",
+        ),
+        (
+            "'gw-forge', 999999, 'nothex', now()".to_string(),
+            "not a checkpoint",
+        ),
+        (
+            format!("'gw-forge', 999999, {zeros}, now() + interval '1 day'"),
+            "not a checkpoint",
+        ),
         // Before the latest: history cannot be re-anchored.
-        (format!("'gw-forge', 1, {zeros}, now()"), "is not after its latest"),
+        (
+            format!("'gw-forge', 1, {zeros}, now()"),
+            "is not after its latest",
+        ),
     ];
     for (args, says) in &refused {
-        let out = psql_in(FORGE_DB, "pgwarden_svc", svc, &format!("SELECT pgwarden.audit_checkpoint({args})"));
+        let out = psql_in(
+            FORGE_DB,
+            "pgwarden_svc",
+            svc,
+            &format!("SELECT pgwarden.audit_checkpoint({args})"),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains(says), "{args}: {stderr}");
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "{args}: {stderr}"
+        );
     }
     assert_eq!(
-        pg.psql(FORGE_DB, "SELECT string_agg(instance, ',') FROM pgwarden.audit_instances"),
+        pg.psql(
+            FORGE_DB,
+            "SELECT string_agg(instance, ',') FROM pgwarden.audit_instances"
+        ),
         "gw-forge"
     );
 
@@ -322,7 +352,11 @@ async fn the_gateways_login_cannot_forge_anchors_unnoticed() {
         svc,
         &format!("SELECT pgwarden.audit_checkpoint('gw-forge', {forged}, {zeros}, now())"),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Later than verify's allowance for clock skew.
     tokio::time::sleep(Duration::from_millis(1600)).await;
     for i in 0..10 {

@@ -25,5 +25,6 @@ mod pool;
 mod prepared;
 mod protocol;
 mod raw;
+mod retention;
 mod shipping;
 mod state;

@@ -304,7 +304,13 @@ async fn a_record_longer_than_the_server_takes_arrives_cut_and_the_rest_whole() 
         let last = gw.shared.auditor.counters().appended;
         let mut received = syslog.wait_for(last).await;
         drop(client);
-        let cut = gw.shared.ship.as_ref().unwrap().truncated.load(std::sync::atomic::Ordering::Relaxed);
+        let cut = gw
+            .shared
+            .ship
+            .as_ref()
+            .unwrap()
+            .truncated
+            .load(std::sync::atomic::Ordering::Relaxed);
         let dir = gw.stop().await;
         let stored = export(&dir.path().join("audit"), &["--raw"]);
         let whole = stored
@@ -316,9 +322,15 @@ async fn a_record_longer_than_the_server_takes_arrives_cut_and_the_rest_whole() 
         assert_eq!(cut, 1, "{transport}");
         assert_eq!(arrived["hash"], whole["hash"], "{transport}");
         assert_eq!(arrived["client_user"], "alice", "{transport}");
-        assert!(arrived["truncated_from"].as_u64().unwrap() > 120_000, "{arrived}");
+        assert!(
+            arrived["truncated_from"].as_u64().unwrap() > 120_000,
+            "{arrived}"
+        );
         let shipped = arrived["statement"].as_str().unwrap();
-        assert!(big.starts_with(shipped) && shipped.len() > 1000, "{transport}");
+        assert!(
+            big.starts_with(shipped) && shipped.len() > 1000,
+            "{transport}"
+        );
         // Every other record arrived whole.
         let shipped_ones = stored.iter().filter(|r| r["seq"].as_u64().unwrap() <= last);
         for record in shipped_ones.filter(|r| r["seq"] != seq) {

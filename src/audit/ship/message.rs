@@ -78,7 +78,12 @@ impl Format<'_> {
         self.render(&cut, None, Some(stored_len))
     }
 
-    fn render(&self, record: &Record, stored: Option<&[u8]>, truncated_from: Option<usize>) -> Vec<u8> {
+    fn render(
+        &self,
+        record: &Record,
+        stored: Option<&[u8]>,
+        truncated_from: Option<usize>,
+    ) -> Vec<u8> {
         // PROCID is the nil value: a resent record must be the same message.
         let mut msg = format!(
             "<{PRI}>1 {} {} pgwarden - {} - ",
@@ -102,7 +107,9 @@ impl Format<'_> {
             ShipFormat::Cef => {
                 msg.extend_from_slice(super::super::cef::event(record, self.instance).as_bytes());
                 if let Some(from) = truncated_from {
-                    msg.extend_from_slice(format!(" cn4={from} cn4Label=truncated_from").as_bytes());
+                    msg.extend_from_slice(
+                        format!(" cn4={from} cn4Label=truncated_from").as_bytes(),
+                    );
                 }
             }
         }
@@ -257,7 +264,10 @@ mod tests {
             assert!(!cut);
             assert_eq!(msg, format.message(&record, &stored).0);
             let text = String::from_utf8(msg).unwrap();
-            assert!(text.starts_with("<110>1 2026-12-01T00:00:00.000000Z db1 pgwarden - query - "), "{text}");
+            assert!(
+                text.starts_with("<110>1 2026-12-01T00:00:00.000000Z db1 pgwarden - query - "),
+                "{text}"
+            );
         }
     }
 
@@ -282,7 +292,10 @@ mod tests {
                 assert_eq!(v["seq"], 42);
                 assert_eq!(v["truncated_from"], stored.len());
                 assert_eq!(v["client_user"], "alice");
-                assert!(v["statement"].as_str().unwrap().starts_with("SELECT '\"\u{1}é"));
+                assert!(v["statement"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("SELECT '\"\u{1}é"));
             } else {
                 assert!(text.contains(&format!("cn4={} cn4Label=truncated_from", stored.len())));
                 assert!(text.contains("externalId=42 "), "{text}");

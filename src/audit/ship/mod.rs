@@ -55,7 +55,17 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A connect or a write that takes longer than this, or a RELP server that
 /// answers nothing for this long, fails the connection.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
-const SHIPPED_KEY: &str = "shipped";
+/// The meta tree's key for the last seq delivered.
+pub const SHIPPED_KEY: &str = "shipped";
+
+/// The last seq the shipper delivered from the store `db`, if it ever did.
+pub fn shipped(db: &sled::Db) -> Option<u64> {
+    let meta = db.open_tree(META_TREE).ok()?;
+    let stored = meta.get(SHIPPED_KEY).ok()??;
+    <[u8; 8]>::try_from(stored.as_ref())
+        .ok()
+        .map(u64::from_be_bytes)
+}
 
 /// What the shipper reads: the writer's store and counters.
 #[derive(Clone)]
@@ -260,7 +270,9 @@ impl Wire {
                 for (seq, msg) in messages {
                     session.frame(&mut out, *seq, msg);
                 }
-                timed(session.write(&out)).await?.map_err(|e| e.to_string())?;
+                timed(session.write(&out))
+                    .await?
+                    .map_err(|e| e.to_string())?;
             }
         }
         Ok(())
@@ -314,9 +326,7 @@ impl Wire {
                 loop {
                     match now_or_never(stream.read(&mut buf)) {
                         None => break,
-                        Some(Ok(0)) => {
-                            return Err("the syslog server closed the connection".into())
-                        }
+                        Some(Ok(0)) => return Err("the syslog server closed the connection".into()),
                         Some(Ok(_)) => continue,
                         Some(Err(e)) => return Err(e.to_string()),
                     }
@@ -500,13 +510,7 @@ impl Shipper {
     /// The last delivered seq, from the meta tree (0: nothing yet).
     fn position(&self) -> Option<u64> {
         let db = self.source.db.get()?;
-        let meta = db.open_tree(META_TREE).ok()?;
-        let stored = meta.get(SHIPPED_KEY).ok()?;
-        Some(
-            stored
-                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                .map_or(0, u64::from_be_bytes),
-        )
+        Some(shipped(&db).unwrap_or(0))
     }
 
     /// Keeps `seq` as delivered; durable with the writer's next fsync (a
@@ -525,7 +529,12 @@ impl Shipper {
 
     /// The messages of the records after `sent`, up to `durable`, at most
     /// `most` of them and about [`BATCH_BYTES`] (at least one).
-    fn batch(&self, sent: u64, durable: u64, most: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+    fn batch(
+        &self,
+        sent: u64,
+        durable: u64,
+        most: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
         let db = self
             .source
             .db

@@ -174,7 +174,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 continue; // another hint: nothing to do
             }
             let Some(&(txnr, seq)) = self.outstanding.front() else {
-                return Err(protocol(format!("an answer to {} nobody asked", frame.txnr)));
+                return Err(protocol(format!(
+                    "an answer to {} nobody asked",
+                    frame.txnr
+                )));
             };
             let (code, text) = response(&frame, txnr)?;
             if code != 200 {
@@ -321,7 +324,10 @@ fn word(bytes: &[u8], at: &mut usize) -> Result<Option<String>, RelpError> {
 /// answer `txnr`.
 fn response(frame: &Frame, txnr: u32) -> Result<(u16, String), RelpError> {
     if frame.command != "rsp" {
-        return Err(protocol(format!("`{}` where an answer was due", frame.command)));
+        return Err(protocol(format!(
+            "`{}` where an answer was due",
+            frame.command
+        )));
     }
     if frame.txnr != txnr {
         return Err(protocol(format!(
@@ -440,6 +446,9 @@ mod tests {
         };
         serve.await.unwrap();
         assert_eq!(acked, Some(11));
-        assert!(refused.to_string().contains("refused record 12"), "{refused}");
+        assert!(
+            refused.to_string().contains("refused record 12"),
+            "{refused}"
+        );
     }
 }

@@ -1,0 +1,178 @@
+//! Retention (`[audit] archive_dir`, `pgwarden audit archive`): a running
+//! gateway moves its old records into archive files without stopping
+//! statements; the store alone still verifies from its boundary, the
+//! archives and the store verify and export as one chain, each record
+//! exactly once; a missing or changed archive is named.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{self, start_gateway, Opts};
+
+fn pgwarden(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `audit <command> --archive A ... [--store S] rest...`.
+fn audit(command: &str, archives: &[PathBuf], store: Option<&Path>, rest: &[&str]) -> Output {
+    let mut args = vec!["audit".to_string(), command.to_string()];
+    for archive in archives {
+        args.extend(["--archive".to_string(), archive.display().to_string()]);
+    }
+    if let Some(store) = store {
+        args.extend(["--store".to_string(), store.display().to_string()]);
+    }
+    args.extend(rest.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    pgwarden(&args)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The archive files in `dir`, oldest first.
+fn archives_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "pgwarchive"));
+    files.sort();
+    files
+}
+
+/// The seqs of a raw export.
+fn exported_seqs(out: &Output) -> Vec<u64> {
+    assert!(out.status.success(), "{}", text(out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_gateway_archives_old_records_and_the_chain_holds_across_files() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "instance = \"gw-ret\"\narchive_dir = \"archive\"\narchive_after_days = 0\narchive_interval_s = 1\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let archive_dir = gw.dir.path().join("archive");
+    let client = gw.connect("alice").await;
+    // Statements keep running while records are archived.
+    let mut round = 0;
+    while archives_in(&archive_dir).len() < 2 {
+        for i in 0..20 {
+            support::one(&client, &format!("SELECT 'kept-{round}-{i}'")).await;
+        }
+        round += 1;
+        assert!(round < 100, "nothing was archived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(client);
+    let dir = gw.stop().await;
+    let store = dir.path().join("audit");
+    let archives = archives_in(&dir.path().join("archive"));
+    let last = pgwarden::audit::StoreReader::open(&store)
+        .unwrap()
+        .last_seq()
+        .unwrap()
+        .unwrap();
+
+    // The store alone verifies from its boundary and says what it lacks.
+    let out = audit("verify", &[], Some(&store), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("are archived and were not checked"),
+        "{}",
+        text(&out)
+    );
+
+    // Archives and store: one chain from seq 1, each record once.
+    let out = audit("verify", &archives, Some(&store), &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("audit chain intact: {last} records")),
+        "{}",
+        text(&out)
+    );
+    let seqs = exported_seqs(&audit("export", &archives, Some(&store), &["--raw"]));
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+    let joined = audit("export", &archives, Some(&store), &[]);
+    let joined = String::from_utf8_lossy(&joined.stdout).to_string();
+    for r in 0..round {
+        assert_eq!(joined.matches(&format!("SELECT 'kept-{r}-0'")).count(), 1);
+    }
+    // The archives alone.
+    let archived = exported_seqs(&audit("export", &archives, None, &["--raw"]));
+    assert_eq!(archived.first(), Some(&1));
+    assert_eq!(
+        archived,
+        (1..=*archived.last().unwrap()).collect::<Vec<_>>()
+    );
+
+    // A missing archive in the middle is a gap; a changed one is named.
+    let mut skipped = archives.clone();
+    skipped.remove(0);
+    let out = audit("verify", &skipped, Some(&store), &[]);
+    assert!(
+        out.status.success(),
+        "starts after the skipped one: {}",
+        text(&out)
+    );
+    let mut gap = archives.clone();
+    gap.remove(1);
+    let out = audit("verify", &gap, Some(&store), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("is missing"), "{}", text(&out));
+    let work = tempfile::tempdir().unwrap();
+    let changed = work.path().join("changed.pgwarchive");
+    let mut bytes = std::fs::read(&archives[0]).unwrap();
+    bytes[40] ^= 0x20;
+    std::fs::write(&changed, bytes).unwrap();
+    let mut tampered = archives.clone();
+    tampered[0] = changed;
+    let out = audit("verify", &tampered, Some(&store), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+
+    // Offline: the stopped gateway's store, archived up to its last run.
+    let offline = work.path().join("offline.pgwarchive");
+    let out = audit(
+        "archive",
+        &[],
+        Some(&store),
+        &[
+            "--before",
+            "2999-01-01T00:00:00Z",
+            "-o",
+            offline.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("archived records"), "{}", text(&out));
+    let mut all = archives.clone();
+    all.push(offline);
+    let out = audit("verify", &all, Some(&store), &[]);
+    assert!(
+        text(&out).contains(&format!("audit chain intact: {last} records")),
+        "{}",
+        text(&out)
+    );
+    let seqs = exported_seqs(&audit("export", &all, Some(&store), &["--raw"]));
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+}

@@ -33,9 +33,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::chain::GENESIS_HASH;
-use super::reader::META_TREE;
 use super::record::{parse_ts, Record};
-use super::store::{encode_run, seq_of, unpack, RawEntry};
+use super::store::{encode_run, seq_of, unpack, RawEntry, META_TREE};
 use super::AuditError;
 
 const MAGIC: &[u8] = b"PGWARDEN-AUDIT-ARCHIVE 1\n";
@@ -144,7 +143,7 @@ pub fn archive_store(
                     format!("record {expected} is missing"),
                 ));
             }
-            if let Some(why) = super::verify::check(&record, *seq, &head, raw) {
+            if let Some(why) = super::chain::check_stored(&record, *seq, &head, raw) {
                 return Err(not_archived(*seq, why));
             }
             let out = match writer.as_mut() {

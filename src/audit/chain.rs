@@ -7,7 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::record::{Event, Record};
+use super::record::{Event, Kind, Record};
 
 /// `prev_hash` of the first record: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -114,6 +114,35 @@ impl Chain {
         self.head.clone_from(&sealed.record.hash);
         self.head_raw = Some(sealed.digest);
     }
+}
+
+/// Why the record stored under `seq` does not verify, if it does not.
+pub fn check_stored(record: &Record, seq: u64, head: &str, raw: &[u8]) -> Option<String> {
+    if record.seq != seq {
+        return Some(format!(
+            "the record stored here has seq {} (records were moved or reordered)",
+            record.seq
+        ));
+    }
+    if record.prev_hash != head {
+        return Some(format!(
+            "prev_hash does not match the hash of record {} (a record was replaced, removed or reordered)",
+            seq - 1
+        ));
+    }
+    if compute_hash(record) != record.hash {
+        return Some("hash does not match the record's contents (the record was changed)".into());
+    }
+    if record.to_stored_bytes() != raw {
+        return Some("the record is not in canonical form (it was changed)".into());
+    }
+    if record.kind == Kind::GatewayStop {
+        let expected = format!("chain head {}", record.prev_hash);
+        if record.message.as_deref() != Some(expected.as_str()) {
+            return Some(format!("gateway_stop does not say \"{expected}\""));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -10,11 +10,7 @@ use super::record::Record;
 use super::store::{decode, key, open_db, seq_of, unpack, RawEntry, READER_CACHE_BYTES};
 use super::AuditError;
 
-/// The tree beside the records that holds the instance id and the
-/// shipper's position (export and verify never read it).
-pub const META_TREE: &str = "pgwarden-meta";
-/// The instance id's key in [`META_TREE`].
-pub const INSTANCE_KEY: &str = "instance";
+pub use super::store::{INSTANCE_KEY, META_TREE};
 
 /// The record stored under `seq` in `tree`, if any.
 pub fn get_in_tree(tree: &sled::Tree, seq: u64) -> Result<Option<Record>, AuditError> {

@@ -50,6 +50,13 @@ const WRITER_CACHE_BYTES: u64 = 8 * 1024 * 1024;
 /// Page cache of the offline commands: bounds their memory on any store size.
 pub(super) const READER_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
+/// The tree beside the records that holds the instance id, the shipper's
+/// position and the archive boundary (export and verify never read it as
+/// records).
+pub const META_TREE: &str = "pgwarden-meta";
+/// The instance id's key in [`META_TREE`].
+pub const INSTANCE_KEY: &str = "instance";
+
 /// First byte of a value holding a run of records (a record starts with `{`).
 pub const RUN_TAG: u8 = 0x01;
 /// The writer closes a run once its records reach this many bytes

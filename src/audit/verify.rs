@@ -12,9 +12,9 @@
 
 use std::fmt;
 
-use super::chain::compute_hash;
+use super::chain::check_stored;
 use super::reader::StoreReader;
-use super::record::{Kind, Record};
+use super::record::Record;
 use super::AuditError;
 
 /// An intact chain.
@@ -70,7 +70,7 @@ pub fn verify(reader: &StoreReader) -> Result<Result<Intact, BadRecord>, AuditEr
             Ok(r) => r,
             Err(e) => return Ok(Err(bad(seq, format!("record cannot be decoded ({e})")))),
         };
-        if let Some(reason) = check(&record, seq, &head, &raw) {
+        if let Some(reason) = check_stored(&record, seq, &head, &raw) {
             return Ok(Err(bad(seq, reason)));
         }
         head = record.hash;
@@ -90,41 +90,13 @@ fn bad(seq: u64, reason: impl Into<String>) -> BadRecord {
     }
 }
 
-/// Why the record stored under `seq` does not verify, if it does not.
-pub(super) fn check(record: &Record, seq: u64, head: &str, raw: &[u8]) -> Option<String> {
-    if record.seq != seq {
-        return Some(format!(
-            "the record stored here has seq {} (records were moved or reordered)",
-            record.seq
-        ));
-    }
-    if record.prev_hash != head {
-        return Some(format!(
-            "prev_hash does not match the hash of record {} (a record was replaced, removed or reordered)",
-            seq - 1
-        ));
-    }
-    if compute_hash(record) != record.hash {
-        return Some("hash does not match the record's contents (the record was changed)".into());
-    }
-    if record.to_stored_bytes() != raw {
-        return Some("the record is not in canonical form (it was changed)".into());
-    }
-    if record.kind == Kind::GatewayStop {
-        let expected = format!("chain head {}", record.prev_hash);
-        if record.message.as_deref() != Some(expected.as_str()) {
-            return Some(format!("gateway_stop does not say \"{expected}\""));
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::audit::store::key;
     use crate::audit::testutil::{sample_store, tamper};
-    use crate::audit::GENESIS_HASH;
+    use crate::audit::chain::compute_hash;
+    use crate::audit::{Kind, GENESIS_HASH};
 
     fn run(dir: &std::path::Path) -> Result<Intact, BadRecord> {
         verify(&StoreReader::open(dir).unwrap()).unwrap()

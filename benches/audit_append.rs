@@ -196,7 +196,7 @@ fn child(store: &Path, what: &str) {
     let start = Instant::now();
     let args = |format, raw| ExportArgs {
         store: StoreArgs {
-            store: Some(store.to_path_buf()),
+            store: vec![store.to_path_buf()],
             config: None,
             archives: Vec::new(),
         },

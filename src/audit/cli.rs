@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use time::OffsetDateTime;
 
 use super::export::{self, ExportOptions, Filter, Format, DEFAULT_MAX_WINDOW_BYTES};
-use super::reader::StoreReader;
 use super::record::{parse_ts, Kind};
+use super::sources::{self, Source};
 use super::{stats as stats_mod, verify as verify_mod, AuditError};
 use crate::config::Config;
 
@@ -34,15 +34,17 @@ pub const DEFAULT_CONFIG_FILE: &str = "pgwarden.toml";
 /// Where the store is: `--store DIR`, or `[audit] store` of `-c FILE`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct StoreArgs {
-    /// Audit store directory.
+    /// Audit store directory; repeat it to read several gateways' stores
+    /// together (each its own chain; export merges them by time).
     #[arg(long, value_name = "DIR", conflicts_with = "config")]
-    pub store: Option<PathBuf>,
+    pub store: Vec<PathBuf>,
     /// pgwarden.toml whose `[audit] store` to use (default: ./pgwarden.toml).
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// An archive of older records (`pgwarden audit archive`), read before
-    /// the store as one chain; repeat it, oldest first. Alone, without a
-    /// store, the archives are read by themselves.
+    /// its store as one chain (with several stores: the store of the
+    /// archive's instance); repeat it. Without a store, archives are read
+    /// by themselves.
     #[arg(long = "archive", value_name = "FILE")]
     pub archives: Vec<PathBuf>,
 }
@@ -83,7 +85,7 @@ impl ExportArgs {
     pub fn for_store(store: &std::path::Path) -> ExportArgs {
         ExportArgs {
             store: StoreArgs {
-                store: Some(store.to_path_buf()),
+                store: vec![store.to_path_buf()],
                 config: None,
                 archives: Vec::new(),
             },
@@ -137,13 +139,24 @@ pub(super) fn code_of(e: &AuditError) -> i32 {
     }
 }
 
-/// Resolves the store directory from `--store`, `-c` or ./pgwarden.toml.
+/// Resolves the store directory from `--store`, `-c` or ./pgwarden.toml
+/// (one store; see [`store_paths`] for several).
 pub fn store_path(args: &StoreArgs) -> Result<PathBuf, String> {
-    if let Some(dir) = &args.store {
-        return Ok(dir.clone());
+    match store_paths(args)?.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Err("give one store".into()),
+    }
+}
+
+/// The stores `args` name: every `--store`, or `[audit] store` of `-c` or
+/// ./pgwarden.toml; none when only archives are given.
+pub fn store_paths(args: &StoreArgs) -> Result<Vec<PathBuf>, String> {
+    if !args.store.is_empty() {
+        return Ok(args.store.clone());
     }
     let config = match &args.config {
         Some(file) => file.clone(),
+        None if !args.archives.is_empty() => return Ok(Vec::new()),
         None => {
             let file = PathBuf::from(DEFAULT_CONFIG_FILE);
             if !file.is_file() {
@@ -155,18 +168,14 @@ pub fn store_path(args: &StoreArgs) -> Result<PathBuf, String> {
         }
     };
     Config::load(&config)
-        .map(|c| c.audit.store)
+        .map(|c| vec![c.audit.store])
         .map_err(|e| e.to_string())
 }
 
-fn open(command: &str, args: &StoreArgs) -> Result<StoreReader, i32> {
-    let reader = if args.store.is_none() && args.config.is_none() && !args.archives.is_empty() {
-        StoreReader::archives(&args.archives)
-    } else {
-        let path = store_path(args).map_err(|m| fail(command, EXIT_USAGE, m))?;
-        StoreReader::open(&path).and_then(|r| r.with_archives(&args.archives))
-    };
-    reader.map_err(|e| fail(command, code_of(&e), e))
+/// The chains `args` name: one per instance.
+fn open(command: &str, args: &StoreArgs) -> Result<Vec<Source>, i32> {
+    let stores = store_paths(args).map_err(|m| fail(command, EXIT_USAGE, m))?;
+    sources::open(&stores, &args.archives).map_err(|e| fail(command, code_of(&e), e))
 }
 
 /// Runs `audit export`; returns the exit code.
@@ -191,13 +200,17 @@ pub fn export(args: &ExportArgs) -> i32 {
         },
         max_window_bytes: DEFAULT_MAX_WINDOW_BYTES,
     };
-    let reader = match open(CMD, &args.store) {
-        Ok(reader) => reader,
+    let sources = match open(CMD, &args.store) {
+        Ok(sources) => sources,
         Err(code) => return code,
+    };
+    let write = |out: &mut dyn Write| match sources.as_slice() {
+        [one] => export::export(&one.reader, &options, out),
+        several => sources::export_merged(several, &options, out),
     };
     let result = match &args.output {
         Some(path) => match File::create(path) {
-            Ok(file) => export::export(&reader, &options, file),
+            Ok(mut file) => write(&mut file),
             Err(e) => {
                 return fail(
                     CMD,
@@ -206,7 +219,7 @@ pub fn export(args: &ExportArgs) -> i32 {
                 )
             }
         },
-        None => export::export(&reader, &options, std::io::stdout().lock()),
+        None => write(&mut std::io::stdout().lock()),
     };
     match result {
         Ok(_) => EXIT_OK,
@@ -230,14 +243,42 @@ pub fn stats(args: &StatsArgs) -> i32 {
 
 fn verify_to(args: &VerifyArgs, out: &mut dyn Write) -> i32 {
     const CMD: &str = "verify";
-    let reader = match open(CMD, &args.store) {
-        Ok(reader) => reader,
+    let sources = match open(CMD, &args.store) {
+        Ok(sources) => sources,
         Err(code) => return code,
     };
-    let intact = match verify_mod::verify(&reader) {
+    if sources.len() > 1 && args.instance.is_some() {
+        return fail(
+            CMD,
+            EXIT_USAGE,
+            "--instance is for one store; each of several is checked against its own",
+        );
+    }
+    // Each chain is checked, and every failure named, before the exit code.
+    let mut report = String::new();
+    let mut code = EXIT_OK;
+    for source in &sources {
+        let prefix = if sources.len() > 1 {
+            format!("instance {}: ", source.name())
+        } else {
+            String::new()
+        };
+        match verify_one(args, source) {
+            Ok(lines) => report.extend(lines.lines().map(|l| format!("{prefix}{l}\n"))),
+            Err((failed, why)) => code = code.max(fail(CMD, failed, format_args!("{prefix}{why}"))),
+        }
+    }
+    let printed = print_to(CMD, out, &report);
+    code.max(printed)
+}
+
+/// The report on one chain, or the exit code and why it failed.
+fn verify_one(args: &VerifyArgs, source: &Source) -> Result<String, (i32, String)> {
+    let reader = &source.reader;
+    let intact = match verify_mod::verify(reader) {
         Ok(Ok(intact)) => intact,
-        Ok(Err(bad)) => return fail(CMD, EXIT_FAILURE, bad),
-        Err(e) => return fail(CMD, code_of(&e), e),
+        Ok(Err(bad)) => return Err((EXIT_FAILURE, bad.to_string())),
+        Err(e) => return Err((code_of(&e), e.to_string())),
     };
     let mut report = format!(
         "audit chain intact: {} records, chain head {}\n",
@@ -250,39 +291,39 @@ fn verify_to(args: &VerifyArgs, out: &mut dyn Write) -> i32 {
         ));
     }
     if let Some(url) = &args.anchors {
-        let instance = match args
-            .instance
-            .clone()
-            .map(Ok)
-            .or_else(|| reader.instance().transpose())
-        {
-            Some(Ok(instance)) => instance,
-            Some(Err(e)) => return fail(CMD, code_of(&e), e),
-            None => return fail(
-                CMD,
+        let Some(instance) = args.instance.clone().or_else(|| source.instance.clone()) else {
+            return Err((
                 EXIT_USAGE,
-                "this store has no instance id (it was never shipped or anchored): pass --instance",
-            ),
+                "this store has no instance id (it was never shipped or anchored): pass --instance"
+                    .into(),
+            ));
         };
-        match super::anchor::check(&reader, url, &instance) {
+        match super::anchor::check(reader, url, &instance) {
             Ok(Ok(line)) => report.push_str(&line),
-            Ok(Err(tampered)) => return fail(CMD, EXIT_FAILURE, tampered),
-            Err(e) => return fail(CMD, EXIT_FAILURE, e),
+            Ok(Err(tampered)) => return Err((EXIT_FAILURE, tampered)),
+            Err(e) => return Err((EXIT_FAILURE, e)),
         }
     }
-    print_to(CMD, out, &report)
+    Ok(report)
 }
 
 fn stats_to(args: &StatsArgs, out: &mut dyn Write) -> i32 {
     const CMD: &str = "stats";
-    let reader = match open(CMD, &args.store) {
-        Ok(reader) => reader,
+    let sources = match open(CMD, &args.store) {
+        Ok(sources) => sources,
         Err(code) => return code,
     };
-    match stats_mod::collect(&reader) {
-        Ok(stats) => print_to(CMD, out, &stats.to_string()),
-        Err(e) => fail(CMD, code_of(&e), e),
+    let mut report = String::new();
+    for source in &sources {
+        if sources.len() > 1 {
+            report.push_str(&format!("instance {}:\n", source.name()));
+        }
+        match stats_mod::collect(&source.reader) {
+            Ok(stats) => report.push_str(&stats.to_string()),
+            Err(e) => return fail(CMD, code_of(&e), e),
+        }
     }
+    print_to(CMD, out, &report)
 }
 
 /// Writes a command's report; a closed pipe is not an error.
@@ -325,7 +366,7 @@ mod tests {
 
     fn store_args(dir: &std::path::Path) -> StoreArgs {
         StoreArgs {
-            store: Some(dir.to_path_buf()),
+            store: vec![dir.to_path_buf()],
             config: None,
             archives: Vec::new(),
         }
@@ -467,7 +508,7 @@ mod tests {
         )
         .unwrap();
         let args = StoreArgs {
-            store: None,
+            store: Vec::new(),
             config: Some(toml.clone()),
             archives: Vec::new(),
         };
@@ -484,7 +525,7 @@ mod tests {
         );
         std::fs::write(&toml, "[audit]\nstor = \"audit\"\n").unwrap();
         let bad = StoreArgs {
-            store: None,
+            store: Vec::new(),
             config: Some(toml),
             archives: Vec::new(),
         };

@@ -121,16 +121,28 @@ pub fn export<W: Write>(
     options: &ExportOptions,
     out: W,
 ) -> Result<ExportSummary, AuditError> {
-    let mut sink = Sink::new(options.format, out)?;
-    let mut summary = ExportSummary::default();
-    let mut emit = |line: Line| -> Result<(), AuditError> {
-        let (record, raw) = match &line {
-            Line::AsStored(record, raw) => (record, Some(raw.as_ref())),
-            Line::Joined(record) => (record, None),
-        };
-        if options.filter.matches(record) {
-            sink.write(record, raw)?;
-            summary.lines += 1;
+    let mut sink = Sink::new(options.format, out, false)?;
+    let mut lines = 0;
+    let records = each_line(reader, options, |line| {
+        sink.write(line.record(), line.raw(), None)?;
+        lines += 1;
+        Ok(())
+    })?;
+    sink.finish()?;
+    Ok(ExportSummary { records, lines })
+}
+
+/// Calls `emit` with each line of `reader` that `options` select, in the
+/// order an export writes them; returns how many records were read.
+pub(super) fn each_line(
+    reader: &StoreReader,
+    options: &ExportOptions,
+    mut emit: impl FnMut(Line) -> Result<(), AuditError>,
+) -> Result<u64, AuditError> {
+    let mut records = 0;
+    let mut keep = |line: Line| -> Result<(), AuditError> {
+        if options.filter.matches(line.record()) {
+            emit(line)?;
         }
         Ok(())
     };
@@ -138,17 +150,16 @@ pub fn export<W: Write>(
     for entry in reader.scan_from(1) {
         let (seq, raw) = entry?;
         let record = decode(seq, &raw)?;
-        summary.records += 1;
+        records += 1;
         match joiner.as_mut() {
-            Some(joiner) => joiner.push(record, raw, &mut emit)?,
-            None => emit(Line::AsStored(record, raw))?,
+            Some(joiner) => joiner.push(record, raw, &mut keep)?,
+            None => keep(Line::AsStored(record, raw))?,
         }
     }
     if let Some(joiner) = joiner {
-        joiner.finish(&mut emit)?;
+        joiner.finish(&mut keep)?;
     }
-    sink.finish()?;
-    Ok(summary)
+    Ok(records)
 }
 
 fn out_err(source: std::io::Error) -> AuditError {
@@ -158,7 +169,8 @@ fn out_err(source: std::io::Error) -> AuditError {
     }
 }
 
-enum Sink<W: Write> {
+/// Where lines go, as JSON lines or CSV.
+pub(super) enum Sink<W: Write> {
     Jsonl(std::io::BufWriter<W>),
     Csv(std::io::BufWriter<W>),
 }
@@ -190,34 +202,56 @@ fn write_csv_row<'a>(
 }
 
 impl<W: Write> Sink<W> {
-    fn new(format: Format, out: W) -> Result<Sink<W>, AuditError> {
+    /// A sink writing to `out`; with `instances`, every line starts with the
+    /// gateway instance it came from (an `instance` column first).
+    pub(super) fn new(format: Format, out: W, instances: bool) -> Result<Sink<W>, AuditError> {
         Ok(match format {
             Format::Jsonl => Sink::Jsonl(std::io::BufWriter::with_capacity(256 * 1024, out)),
             Format::Csv => {
                 let mut w = std::io::BufWriter::with_capacity(256 * 1024, out);
-                write_csv_row(&mut w, FIELDS.iter().map(|f| Some((*f).into()))).map_err(out_err)?;
+                let first = instances.then(|| "instance".into());
+                let header = first.into_iter().chain(FIELDS.iter().map(|f| (*f).into()));
+                write_csv_row(&mut w, header.map(Some)).map_err(out_err)?;
                 Sink::Csv(w)
             }
         })
     }
 
-    /// Writes one line; `raw` (the stored value) is written as is in JSON.
-    fn write(&mut self, record: &Record, raw: Option<&[u8]>) -> Result<(), AuditError> {
+    /// Writes one line; `raw` (the stored value) is written as is in JSON,
+    /// after `"instance"` when one is given.
+    pub(super) fn write(
+        &mut self,
+        record: &Record,
+        raw: Option<&[u8]>,
+        instance: Option<&str>,
+    ) -> Result<(), AuditError> {
         match self {
-            Sink::Jsonl(w) => match raw {
-                Some(bytes) => w.write_all(bytes),
-                None => w.write_all(&record.to_stored_bytes()),
+            Sink::Jsonl(w) => {
+                let own;
+                let bytes = match raw {
+                    Some(bytes) => bytes,
+                    None => {
+                        own = record.to_stored_bytes();
+                        &own
+                    }
+                };
+                match instance {
+                    Some(id) => w.write_all(&super::ship::message::with_instance(bytes, id, None)),
+                    None => w.write_all(bytes),
+                }
+                .and_then(|()| w.write_all(b"\n"))
+                .map_err(out_err)
             }
-            .and_then(|()| w.write_all(b"\n"))
-            .map_err(out_err),
             Sink::Csv(w) => {
                 let values = record.values();
-                write_csv_row(w, values.iter().map(csv_field)).map_err(out_err)
+                let first = instance.map(|id| Some(id.into()));
+                let cells = first.into_iter().chain(values.iter().map(csv_field));
+                write_csv_row(w, cells).map_err(out_err)
             }
         }
     }
 
-    fn finish(self) -> Result<(), AuditError> {
+    pub(super) fn finish(self) -> Result<(), AuditError> {
         match self {
             Sink::Jsonl(mut w) => w.flush().map_err(out_err),
             Sink::Csv(mut w) => w.flush().map_err(out_err),

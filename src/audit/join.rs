@@ -40,6 +40,23 @@ pub enum Line {
     Joined(Record),
 }
 
+impl Line {
+    /// The record the line shows.
+    pub fn record(&self) -> &Record {
+        match self {
+            Line::AsStored(record, _) | Line::Joined(record) => record,
+        }
+    }
+
+    /// The stored bytes, for a line written as stored.
+    pub fn raw(&self) -> Option<&[u8]> {
+        match self {
+            Line::AsStored(_, raw) => Some(raw),
+            Line::Joined(_) => None,
+        }
+    }
+}
+
 /// A record in the window and what it still waits for.
 struct Slot {
     /// Stored bytes this slot accounts for (its record plus a joined result).

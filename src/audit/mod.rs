@@ -27,6 +27,7 @@ pub mod reader;
 pub mod record;
 pub mod retention;
 pub mod ship;
+pub mod sources;
 pub mod stats;
 pub mod store;
 pub mod verify;

@@ -83,19 +83,31 @@ impl StoreReader {
 
     /// Archives alone, read as one chain.
     pub fn archives(paths: &[PathBuf]) -> Result<StoreReader, AuditError> {
+        StoreReader::none().with_archives(paths)
+    }
+
+    /// This store preceded by the archives at `paths` (oldest first).
+    pub fn with_archives(self, paths: &[PathBuf]) -> Result<StoreReader, AuditError> {
+        let archives = paths
+            .iter()
+            .map(|p| Archive::open(p))
+            .collect::<Result<_, _>>()?;
+        Ok(self.with_opened(archives))
+    }
+
+    /// This store (if any) preceded by `archives`, put in seq order.
+    pub fn with_opened(mut self, mut archives: Vec<Archive>) -> StoreReader {
+        archives.sort_by_key(|a| a.manifest.first_seq);
+        self.archives = archives;
+        self
+    }
+
+    /// Nothing yet: add archives with [`StoreReader::with_opened`].
+    pub fn none() -> StoreReader {
         StoreReader {
             db: None,
             archives: Vec::new(),
         }
-        .with_archives(paths)
-    }
-
-    /// This store preceded by the archives at `paths` (oldest first).
-    pub fn with_archives(mut self, paths: &[PathBuf]) -> Result<StoreReader, AuditError> {
-        for path in paths {
-            self.archives.push(Archive::open(path)?);
-        }
-        Ok(self)
     }
 
     /// The first seq this reader holds and the hash before it: the first

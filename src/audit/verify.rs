@@ -93,9 +93,9 @@ fn bad(seq: u64, reason: impl Into<String>) -> BadRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::chain::compute_hash;
     use crate::audit::store::key;
     use crate::audit::testutil::{sample_store, tamper};
-    use crate::audit::chain::compute_hash;
     use crate::audit::{Kind, GENESIS_HASH};
 
     fn run(dir: &std::path::Path) -> Result<Intact, BadRecord> {

@@ -359,7 +359,10 @@ impl Config {
         };
         resolve(&mut self.identity.policy_dir);
         resolve(&mut self.audit.store);
-        if let Some(p) = self.audit.archive_dir.as_mut() {
+        for p in [&mut self.audit.archive_dir, &mut self.audit.signing_key]
+            .into_iter()
+            .flatten()
+        {
             resolve(p);
         }
         if let Some(p) = self.server.tls_cert.as_mut() {
@@ -439,6 +442,9 @@ impl Config {
                 "[audit] archive_interval_s must be at least 1 and archive_after_days 0 or more"
                     .into(),
             );
+        }
+        if self.audit.signing_key.is_some() && self.audit.ship.is_none() {
+            return Err("[audit] signing_key signs the checkpoints that [audit.ship] sends: set [audit.ship] too".into());
         }
         if self.audit.checkpoint_database.is_some() && self.audit.checkpoint_interval_s == 0 {
             return Err("[audit] checkpoint_interval_s must be at least 1".into());

@@ -30,6 +30,8 @@ pub enum StartError {
     Policy(#[from] crate::identity::policy::PolicyError),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    SigningKey(String),
     #[error("audit store: {0}")]
     Audit(#[from] crate::audit::AuditError),
     #[error("cannot listen on {addr}: {source}")]
@@ -100,11 +102,25 @@ fn start_off_box(
         Some(ship) => {
             let tls = crate::audit::ship::tls_for(ship).map_err(StartError::Tls)?;
             tracing::info!(address = %ship.address, tls = tls.is_some(), %instance, "shipping the audit log");
+            let signer = match &audit.signing_key {
+                Some(path) => {
+                    let signer = crate::audit::checkpoint::Signer::load(path)
+                        .map_err(StartError::SigningKey)?;
+                    tracing::info!(public_key = %signer.public_hex(), "shipped audit checkpoints are signed");
+                    Some(Arc::new(signer))
+                }
+                None => None,
+            };
+            let checkpoints = crate::audit::ship::Checkpoints {
+                every: Duration::from_secs(audit.checkpoint_interval_s.max(1)),
+                signer,
+            };
             Some(crate::audit::ship::spawn(
                 source,
                 ship.clone(),
                 tls,
                 instance,
+                checkpoints,
             ))
         }
         None => None,

@@ -67,6 +67,32 @@ pub fn event(record: &Record, instance: &str) -> String {
     out
 }
 
+/// A shipped checkpoint as a CEF event (`checkpoint`, severity 1): the
+/// instance, the seq, and labelled hash, ts, key and signature.
+pub fn checkpoint_event(checkpoint: &super::checkpoint::Checkpoint) -> String {
+    let mut out = format!(
+        "CEF:0|pgwarden|pgwarden|{}|checkpoint|audit checkpoint|1|",
+        header(env!("CARGO_PKG_VERSION"))
+    );
+    let mut ext = Extension(&mut out);
+    let head = &checkpoint.checkpoint;
+    ext.put("deviceExternalId", &checkpoint.instance);
+    ext.put("externalId", &head.seq.to_string());
+    let labelled = [
+        ("cs1", "hash", Some(head.hash.as_str())),
+        ("cs2", "ts", Some(head.ts.as_str())),
+        ("cs3", "key", checkpoint.key.as_deref()),
+        ("cs4", "signature", checkpoint.signature.as_deref()),
+    ];
+    for (key, label, value) in labelled {
+        if let Some(value) = value {
+            ext.put(key, value);
+            ext.put(&format!("{key}Label"), label);
+        }
+    }
+    out
+}
+
 /// The event's name: what happened, in words.
 fn name(kind: Kind) -> &'static str {
     match kind {

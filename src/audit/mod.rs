@@ -20,6 +20,7 @@ pub mod archive;
 pub mod auditor;
 pub mod cef;
 pub mod chain;
+pub mod checkpoint;
 pub mod cli;
 pub mod export;
 pub mod join;

@@ -42,8 +42,11 @@ pub struct AuditConfig {
     /// Anchor the chain in this database's `pgwarden.audit_checkpoints`
     /// (unset: no anchoring).
     pub checkpoint_database: Option<String>,
-    /// Seconds between anchors (and one at stop).
+    /// Seconds between checkpoints: anchors (and one at stop), and
+    /// checkpoints in the shipped stream.
     pub checkpoint_interval_s: u64,
+    /// An Ed25519 key (PKCS#8 PEM) that signs the shipped checkpoints.
+    pub signing_key: Option<PathBuf>,
     /// Retention: records older than `archive_after_days` move from the
     /// store into archive files in this directory (unset: they stay).
     pub archive_dir: Option<PathBuf>,
@@ -143,6 +146,7 @@ impl Default for AuditConfig {
             instance: None,
             ship: None,
             archive_dir: None,
+            signing_key: None,
             archive_after_days: 90.0,
             archive_interval_s: 3600,
             checkpoint_database: None,

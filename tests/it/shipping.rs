@@ -341,3 +341,136 @@ async fn a_record_longer_than_the_server_takes_arrives_cut_and_the_rest_whole() 
         }
     }
 }
+
+/// `[audit] signing_key`: every `checkpoint_interval_s` the stream carries
+/// a checkpoint signed with the gateway's Ed25519 key, and `audit verify
+/// --checkpoints FILE --public-key KEY` checks a store against a copy of
+/// the stream: it passes on the store, and fails on a checkpoint edited in
+/// the copy, on another key, and on a store rewritten with its chain
+/// recomputed.
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_checkpoints_in_the_stream_hold_a_store_to_its_copy() {
+    let syslog = Rsyslog::start();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("signing.pem");
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    std::fs::write(&key_file, pair.serialize_pem()).unwrap();
+    let public = pgwarden::audit::checkpoint::Signer::load(&key_file)
+        .unwrap()
+        .public_hex();
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: format!(
+            "instance = \"gw-signed\"\ncheckpoint_interval_s = 1\nsigning_key = {key_file:?}\n[audit.ship]\naddress = \"127.0.0.1:{}\"\n",
+            syslog.port
+        ),
+        ..Opts::default()
+    })
+    .await;
+    for round in 0..3 {
+        run_statements(gw.port(), &format!("signed-{round}"), 5).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let checkpoints = || {
+        std::fs::read_to_string(syslog.output())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"checkpoint\""))
+            .count()
+    };
+    support::eventually("checkpoints are shipped", || checkpoints() >= 2).await;
+    let dir = gw.stop().await;
+    let store = dir.path().join("audit");
+    let copy = syslog.output();
+    let verify = |store: &Path, file: &Path, key: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+            .args(["audit", "verify", "--store"])
+            .arg(store)
+            .arg("--checkpoints")
+            .arg(file)
+            .args(["--public-key", key])
+            .output()
+            .unwrap()
+    };
+    let said = |out: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let out = verify(&store, &copy, &public);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(said(&out).contains("checkpoints match"), "{}", said(&out));
+    assert!(
+        said(&out).contains(&format!("each signed by {public}")),
+        "{}",
+        said(&out)
+    );
+
+    // Another key did not sign them.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let other_file = keys.path().join("other.pem");
+    std::fs::write(&other_file, other.serialize_pem()).unwrap();
+    let other_public = pgwarden::audit::checkpoint::Signer::load(&other_file)
+        .unwrap()
+        .public_hex();
+    let out = verify(&store, &copy, &other_public);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(
+        said(&out).contains("not signed by the given public key"),
+        "{}",
+        said(&out)
+    );
+
+    // A checkpoint edited in the copy (its hash) is no longer signed.
+    let text = std::fs::read_to_string(&copy).unwrap();
+    let line = text.lines().find(|l| l.contains("\"checkpoint\"")).unwrap();
+    let hash = serde_json::from_str::<Value>(line).unwrap()["checkpoint"]["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let edited = keys.path().join("edited.log");
+    let forged = line.replace(&hash, &"0".repeat(64));
+    std::fs::write(&edited, text.replacen(line, &forged, 1)).unwrap();
+    let out = verify(&store, &edited, &public);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+
+    // The store rewritten, its chain recomputed: the copy's checkpoints
+    // no longer match.
+    let rewritten = keys.path().join("rewritten");
+    {
+        let reader = pgwarden::audit::StoreReader::open(&store).unwrap();
+        let mut records: Vec<pgwarden::audit::Record> = reader
+            .scan_from(1)
+            .map(|e| pgwarden::audit::Record::from_stored_bytes(&e.unwrap().1).unwrap())
+            .collect();
+        let target = records
+            .iter_mut()
+            .find(|r| r.statement.as_deref() == Some("SELECT 'signed-0-1'"))
+            .unwrap();
+        target.statement = Some("SELECT 'nothing to see'".into());
+        let mut prev = pgwarden::audit::GENESIS_HASH.to_string();
+        let db = sled::open(&rewritten).unwrap();
+        for record in &mut records {
+            record.prev_hash = prev.clone();
+            if record.kind.as_str() == "gateway_stop" {
+                record.message = Some(format!("chain head {prev}"));
+            }
+            record.hash = pgwarden::audit::chain::compute_hash(record);
+            prev = record.hash.clone();
+            db.insert(record.seq.to_be_bytes(), record.to_stored_bytes())
+                .unwrap();
+        }
+        let meta = db.open_tree("pgwarden-meta").unwrap();
+        meta.insert("instance", "gw-signed".as_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let out = verify(&rewritten, &copy, &public);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(
+        said(&out).contains("differs from its checkpoint"),
+        "{}",
+        said(&out)
+    );
+}

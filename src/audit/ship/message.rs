@@ -14,6 +14,7 @@
 //!   resend is byte for byte the first): the header holds nothing that
 //!   changes between runs.
 
+use super::super::checkpoint::Checkpoint;
 use super::super::record::Record;
 use crate::config::ShipFormat;
 
@@ -76,6 +77,27 @@ impl Format<'_> {
             slot.put(&mut cut, full[..lo].to_string());
         }
         self.render(&cut, None, Some(stored_len))
+    }
+
+    /// The message of a checkpoint: `MSGID` `checkpoint`, the time of the
+    /// record it names, its JSON (or CEF event) as the body.
+    pub fn checkpoint(&self, checkpoint: &Checkpoint) -> Vec<u8> {
+        let mut msg = format!(
+            "<{PRI}>1 {} {} pgwarden - checkpoint - ",
+            checkpoint.checkpoint.ts, self.host
+        )
+        .into_bytes();
+        match self.format {
+            ShipFormat::Json => msg.extend_from_slice(
+                serde_json::to_string(checkpoint)
+                    .expect("a checkpoint serializes")
+                    .as_bytes(),
+            ),
+            ShipFormat::Cef => {
+                msg.extend_from_slice(super::super::cef::checkpoint_event(checkpoint).as_bytes())
+            }
+        }
+        msg
     }
 
     fn render(

@@ -25,11 +25,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::checkpoint::{Checkpoint, Head, Signer};
 use super::reader::{scan_tree, INSTANCE_KEY, META_TREE};
 use super::store::{decode, SharedDb};
 use super::writer::Counters;
@@ -38,7 +38,10 @@ use crate::config::{ShipConfig, ShipTransport};
 
 pub mod message;
 pub mod relp;
+mod wire;
+
 use crate::tls::MaybeTls;
+use wire::{timed, Wire};
 
 /// A connection to the syslog server.
 type Stream = MaybeTls<TlsStream<TcpStream>>;
@@ -173,6 +176,7 @@ pub fn spawn(
     config: ShipConfig,
     tls: Option<Tls>,
     instance: String,
+    checkpoints: Checkpoints,
 ) -> Arc<ShipStatus> {
     let status = Arc::new(ShipStatus::default());
     status.started.get_or_init(Instant::now);
@@ -183,6 +187,7 @@ pub fn spawn(
         instance,
         host: hostname(),
         status: status.clone(),
+        checkpoints,
     };
     tokio::spawn(shipper.run());
     status
@@ -204,6 +209,13 @@ pub fn host_name() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Checkpoints in the shipped stream ([`super::checkpoint`]).
+pub struct Checkpoints {
+    /// At most this often, after records were sent since the last one.
+    pub every: Duration,
+    pub signer: Option<Arc<Signer>>,
+}
+
 struct Shipper {
     source: Source,
     config: ShipConfig,
@@ -211,6 +223,15 @@ struct Shipper {
     instance: String,
     host: String,
     status: Arc<ShipStatus>,
+    checkpoints: Checkpoints,
+}
+
+/// The checkpoints of one connection: the head of what was sent, and when
+/// and at which seq the last checkpoint went.
+struct Heads {
+    sent: Option<Head>,
+    last_at: Instant,
+    last_seq: u64,
 }
 
 /// Why a connection ended.
@@ -219,155 +240,6 @@ enum Ended {
     Lost(String),
     /// The store cannot be read: wait and try again.
     Store(AuditError),
-}
-
-/// A connection and what was sent on it and not yet delivered.
-enum Wire {
-    /// Plain syslog: batches written, not yet settled: (when, last seq).
-    Tcp {
-        stream: Stream,
-        unsettled: VecDeque<(Instant, u64)>,
-    },
-    /// RELP: the server acknowledges each message; `heard` is when it last
-    /// answered (or when it first owed an answer).
-    Relp {
-        session: relp::Session<Stream>,
-        heard: Instant,
-    },
-}
-
-impl Wire {
-    /// How many more records may be sent now.
-    fn room(&self) -> usize {
-        match self {
-            Wire::Tcp { .. } => BATCH,
-            Wire::Relp { session, .. } => session.room().min(BATCH),
-        }
-    }
-
-    /// Sends `messages` (seq, message), in order.
-    async fn send(&mut self, messages: &[(u64, Vec<u8>)]) -> Result<(), String> {
-        let Some(&(last, _)) = messages.last() else {
-            return Ok(());
-        };
-        let mut out = Vec::new();
-        match self {
-            Wire::Tcp { stream, unsettled } => {
-                for (_, msg) in messages {
-                    message::frame(&mut out, msg);
-                }
-                let written = async {
-                    stream.write_all(&out).await?;
-                    stream.flush().await
-                };
-                timed(written).await?.map_err(|e| e.to_string())?;
-                unsettled.push_back((Instant::now(), last));
-            }
-            Wire::Relp { session, heard } => {
-                if !session.waiting() {
-                    *heard = Instant::now();
-                }
-                for (seq, msg) in messages {
-                    session.frame(&mut out, *seq, msg);
-                }
-                timed(session.write(&out))
-                    .await?
-                    .map_err(|e| e.to_string())?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits for the server: the last seq it acknowledged, if it did (RELP),
-    /// or the end of the connection. What a plain syslog server sends is
-    /// read and ignored (under TLS: its session tickets, its close alert).
-    async fn hear(&mut self) -> Result<Option<u64>, String> {
-        match self {
-            Wire::Tcp { stream, .. } => {
-                let mut buf = [0u8; 512];
-                match stream.read(&mut buf).await {
-                    Ok(0) => Err("the syslog server closed the connection".into()),
-                    Ok(_) => Ok(None),
-                    Err(e) => Err(e.to_string()),
-                }
-            }
-            Wire::Relp { session, heard } => {
-                let acked = session.acknowledged().await.map_err(|e| e.to_string())?;
-                if acked.is_some() {
-                    *heard = Instant::now();
-                }
-                Ok(acked)
-            }
-        }
-    }
-
-    /// How long to wait for the server at most before looking again.
-    fn patience(&self) -> Duration {
-        match self {
-            Wire::Tcp { unsettled, .. } => unsettled
-                .front()
-                .map_or(SETTLE, |(at, _)| SETTLE.saturating_sub(at.elapsed())),
-            Wire::Relp { session, heard } if session.waiting() => {
-                IO_TIMEOUT.saturating_sub(heard.elapsed())
-            }
-            Wire::Relp { .. } => IO_TIMEOUT,
-        }
-    }
-
-    /// The last seq now counted as delivered without hearing from the
-    /// server (a plain syslog batch that has settled on an open
-    /// connection); an error when the connection ended or a RELP server
-    /// stopped answering.
-    fn settled(&mut self) -> Result<Option<u64>, String> {
-        match self {
-            Wire::Tcp { stream, unsettled } => {
-                // Still open? (A read that would wait means yes.)
-                let mut buf = [0u8; 512];
-                loop {
-                    match now_or_never(stream.read(&mut buf)) {
-                        None => break,
-                        Some(Ok(0)) => return Err("the syslog server closed the connection".into()),
-                        Some(Ok(_)) => continue,
-                        Some(Err(e)) => return Err(e.to_string()),
-                    }
-                }
-                let mut settled = None;
-                while let Some(&(at, last)) = unsettled.front() {
-                    if at.elapsed() < SETTLE {
-                        break;
-                    }
-                    unsettled.pop_front();
-                    settled = Some(last);
-                }
-                Ok(settled)
-            }
-            Wire::Relp { session, heard } => {
-                if session.waiting() && heard.elapsed() >= IO_TIMEOUT {
-                    return Err(format!(
-                        "the RELP server acknowledged nothing for {} s",
-                        IO_TIMEOUT.as_secs()
-                    ));
-                }
-                Ok(None)
-            }
-        }
-    }
-}
-
-/// What `future` gives when polled once, if it is ready then.
-fn now_or_never<F: std::future::Future>(future: F) -> Option<F::Output> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::pin::pin!(future).poll(&mut cx) {
-        std::task::Poll::Ready(out) => Some(out),
-        std::task::Poll::Pending => None,
-    }
-}
-
-/// `io`, failing after [`IO_TIMEOUT`].
-async fn timed<T>(io: impl std::future::Future<Output = T>) -> Result<T, String> {
-    tokio::time::timeout(IO_TIMEOUT, io)
-        .await
-        .map_err(|_| format!("no progress for {} s", IO_TIMEOUT.as_secs()))
 }
 
 impl Shipper {
@@ -448,16 +320,31 @@ impl Shipper {
         };
         let mut sent = delivered;
         let mut warned = false;
+        let mut heads = Heads {
+            sent: None,
+            last_at: Instant::now(),
+            last_seq: delivered,
+        };
         loop {
             let grew = self.source.counters.durable_grew.notified();
             let durable = self.source.counters.durable.load(Ordering::Acquire);
             let mut heard = None;
             let room = wire.room();
-            if sent < durable && room > 0 {
-                let messages = match self.batch(sent, durable, room) {
-                    Ok(messages) => messages,
+            let checkpoint = if room > 0 {
+                self.checkpoint_due(&mut heads)
+            } else {
+                None
+            };
+            if let Some(checkpoint) = checkpoint {
+                if let Err(e) = wire.send(&[checkpoint]).await {
+                    return Ended::Lost(e);
+                }
+            } else if sent < durable && room > 0 {
+                let (messages, head) = match self.batch(sent, durable, room) {
+                    Ok(batch) => batch,
                     Err(e) => return Ended::Store(e),
                 };
+                heads.sent = head.or(heads.sent);
                 let Some(&(last, _)) = messages.last() else {
                     // Durable, so stored: gone means the store was
                     // changed under the gateway. Retry, not spin.
@@ -471,9 +358,17 @@ impl Shipper {
                 }
                 sent = last;
             } else {
+                let wait = match &heads.sent {
+                    Some(head) if head.seq > heads.last_seq => wire.patience().min(
+                        self.checkpoints
+                            .every
+                            .saturating_sub(heads.last_at.elapsed()),
+                    ),
+                    _ => wire.patience(),
+                };
                 tokio::select! {
                     _ = grew => {}
-                    _ = tokio::time::sleep(wire.patience()) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     answer = wire.hear() => match answer {
                         Ok(acked) => heard = acked,
                         Err(e) => return Ended::Lost(e),
@@ -527,27 +422,55 @@ impl Shipper {
         }
     }
 
+    /// The checkpoint message of the head sent, when one is due: records
+    /// were sent since the last and `every` has passed.
+    fn checkpoint_due(&self, heads: &mut Heads) -> Option<(u64, Vec<u8>)> {
+        let head = heads.sent.as_ref()?;
+        if head.seq <= heads.last_seq || heads.last_at.elapsed() < self.checkpoints.every {
+            return None;
+        }
+        let checkpoint = match &self.checkpoints.signer {
+            Some(signer) => signer.sign(&self.instance, head.clone()),
+            None => Checkpoint {
+                instance: self.instance.clone(),
+                checkpoint: head.clone(),
+                key: None,
+                signature: None,
+            },
+        };
+        heads.last_at = Instant::now();
+        heads.last_seq = head.seq;
+        Some((head.seq, self.format().checkpoint(&checkpoint)))
+    }
+
+    fn format(&self) -> message::Format<'_> {
+        message::Format {
+            format: self.config.format,
+            instance: &self.instance,
+            host: &self.host,
+            max_bytes: self.config.max_message_bytes,
+        }
+    }
+
     /// The messages of the records after `sent`, up to `durable`, at most
-    /// `most` of them and about [`BATCH_BYTES`] (at least one).
+    /// `most` of them and about [`BATCH_BYTES`] (at least one), and the
+    /// head among them.
+    #[allow(clippy::type_complexity)]
     fn batch(
         &self,
         sent: u64,
         durable: u64,
         most: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+    ) -> Result<(Vec<(u64, Vec<u8>)>, Option<Head>), AuditError> {
         let db = self
             .source
             .db
             .get()
             .ok_or_else(|| AuditError::Read("the audit store is being reopened".into()))?;
-        let format = message::Format {
-            format: self.config.format,
-            instance: &self.instance,
-            host: &self.host,
-            max_bytes: self.config.max_message_bytes,
-        };
+        let format = self.format();
         let mut messages = Vec::new();
         let mut bytes = 0;
+        let mut head = None;
         for entry in scan_tree(&db, sent + 1).take(most) {
             let (seq, value) = entry?;
             if seq > durable || bytes >= BATCH_BYTES {
@@ -561,7 +484,12 @@ impl Shipper {
             }
             bytes += msg.len();
             messages.push((seq, msg));
+            head = Some(Head {
+                seq,
+                hash: record.hash,
+                ts: record.ts,
+            });
         }
-        Ok(messages)
+        Ok((messages, head))
     }
 }

@@ -62,6 +62,11 @@ impl Rsyslog {
         server
     }
 
+    /// The file every message body is written to.
+    pub fn output(&self) -> PathBuf {
+        self.out()
+    }
+
     pub fn cert(&self) -> PathBuf {
         self.dir.path().join("cert.pem")
     }
@@ -168,6 +173,9 @@ input(type="{input}" port="{port}" ruleset="audit")
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let v: Value = serde_json::from_str(line.trim())
                 .unwrap_or_else(|e| panic!("not a record ({e}): {line}"));
+            if v.get("checkpoint").is_some() {
+                continue; // a checkpoint, not a record
+            }
             let seq = v["seq"].as_u64().unwrap();
             if let Some(before) = by_seq.insert(seq, v.clone()) {
                 assert_eq!(before, v, "seq {seq} arrived twice, differently");

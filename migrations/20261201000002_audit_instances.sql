@@ -3,18 +3,24 @@
 --
 -- * an instance belongs to one login (`pgwarden.audit_instances`). The
 --   administrator registers instances (`pgwarden migrate` registers the
---   configuration's `[audit] instance` for its service user); a login that
---   has none gets the first instance it anchors, and no other: with the
---   gateway's credentials nobody can start anchoring a new instance (a
---   store cut short and renamed) beside the real one;
+--   configuration's `[audit] instance`, and `--register-instance ID` any
+--   other, for the service user); a login that has none gets the first
+--   instance it anchors, and no other: with the gateway's credentials
+--   nobody can start anchoring a new instance (a store cut short and
+--   renamed) beside the real one. Registration is serialized (a table
+--   lock), so two first anchors racing cannot both win;
+-- * an instance that already has anchors (from before this migration) is
+--   never taken by a first anchor: which of them is real is for the
+--   administrator to say, by registering it;
 -- * a checkpoint must look like one (a valid instance name, seq >= 1, 64
 --   lowercase hex digits, a time not in the future) and come after the
 --   instance's latest (the same checkpoint again is a no-op): no negative
 --   or reused seqs, no rows that print as something else.
 --
 -- A checkpoint for a seq the gateway has not written yet cannot be told
--- from a real one here; `pgwarden audit verify --anchors` tells it by its
--- `anchored_at`, which PostgreSQL sets: earlier than the record it names.
+-- from a real one here; `pgwarden audit verify --anchors` points at it by
+-- its `anchored_at`, which PostgreSQL sets: earlier than the record it
+-- names. `verify --anchors` accepts only anchors of a registered instance.
 
 CREATE TABLE IF NOT EXISTS pgwarden.audit_instances (
     instance text PRIMARY KEY CHECK (instance ~ '^[A-Za-z0-9._:-]{1,64}$'),
@@ -41,10 +47,16 @@ BEGIN
         RAISE EXCEPTION 'not a checkpoint: seq %, hash %, ts %', p_seq, quote_literal(coalesce(p_hash, '')), p_ts
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT i.login INTO owner FROM pgwarden.audit_instances i WHERE i.instance = p_instance FOR UPDATE;
+    -- One registration at a time: a first anchor racing another sees it.
+    LOCK TABLE pgwarden.audit_instances IN SHARE ROW EXCLUSIVE MODE;
+    SELECT i.login INTO owner FROM pgwarden.audit_instances i WHERE i.instance = p_instance;
     IF NOT FOUND THEN
         IF EXISTS (SELECT 1 FROM pgwarden.audit_instances i WHERE i.login = session_user) THEN
-            RAISE EXCEPTION 'login % already anchors another instance; instance % must be registered by the administrator (pgwarden migrate with its configuration)', session_user, p_instance
+            RAISE EXCEPTION 'login % already anchors another instance; instance % must be registered by the administrator (pgwarden migrate --register-instance %)', session_user, p_instance, p_instance
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        IF EXISTS (SELECT 1 FROM pgwarden.audit_checkpoints c WHERE c.instance = p_instance) THEN
+            RAISE EXCEPTION 'instance % has anchors from before instances were registered; the administrator must register the real one (pgwarden migrate --register-instance %)', p_instance, p_instance
                 USING ERRCODE = 'insufficient_privilege';
         END IF;
         INSERT INTO pgwarden.audit_instances (instance, login) VALUES (p_instance, session_user);

@@ -48,6 +48,10 @@ enum Command {
         /// How long a rotated-out tag key is still accepted.
         #[arg(long = "grace-seconds", default_value_t = 3600)]
         grace_seconds: u64,
+        /// Register an audit instance for the service user to anchor (as
+        /// `[audit] instance` is); repeat it for several gateways.
+        #[arg(long = "register-instance", value_name = "ID")]
+        register_instances: Vec<String>,
     },
     /// Policy tools.
     Policy {
@@ -95,12 +99,14 @@ fn main() -> ExitCode {
             admin_url,
             rotate_tag_key,
             grace_seconds,
+            register_instances,
         } => migrate(
             &config,
             &admin_url,
             pgwarden::migrate::Options {
                 rotate_tag_key,
                 grace: std::time::Duration::from_secs(grace_seconds),
+                register_instances,
             },
         ),
         Command::Demo => demo(),
@@ -327,7 +333,7 @@ fn migrate(path: &std::path::Path, admin_url: &str, options: pgwarden::migrate::
             for login in &report.logins {
                 println!("login {login} ready");
             }
-            if let Some(instance) = &report.instance_registered {
+            for instance in &report.instances_registered {
                 println!(
                     "audit instance {instance} may be anchored by {}",
                     config.backend.service_user

@@ -29,12 +29,15 @@ pub enum MigrateError {
 }
 
 /// What `pgwarden migrate` was asked for besides the migrations.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Make a new tag key the signing key; the old one stays accepted for
     /// `grace`.
     pub rotate_tag_key: bool,
     pub grace: std::time::Duration,
+    /// Audit instances to register for the service user to anchor, besides
+    /// `[audit] instance`.
+    pub register_instances: Vec<String>,
 }
 
 /// What a migration did, for the operator.
@@ -50,8 +53,8 @@ pub struct Report {
     pub login_problems: Vec<String>,
     /// Row-level security policies that verify the signed tag once per row.
     pub per_row_policies: Vec<String>,
-    /// `[audit] instance`, registered for the service user to anchor.
-    pub instance_registered: Option<String>,
+    /// Audit instances registered for the service user to anchor.
+    pub instances_registered: Vec<String>,
     /// Transaction pooling: whether `pg_prepared_statements` was hidden
     /// from everyone but superusers, or why it could not be.
     pub statements_hidden: Option<Result<(), String>>,
@@ -92,7 +95,7 @@ pub async fn run(
     let mut report = Report::default();
     let policy = Policy::load_dir(&config.identity.policy_dir)?;
     if let Some(secret) = &config.backend.service_password {
-        report.tag_key = Some(ensure_tag_key(&pool, secret, options).await?);
+        report.tag_key = Some(ensure_tag_key(&pool, secret, &options).await?);
         let reader = &config.identity.tag_reader;
         prepare_login(&pool, reader, secret, None, &mut report).await?;
         exec_formatted(&pool, "REVOKE ALL ON pgwarden.tag_keys FROM %I", &[reader]).await?;
@@ -134,7 +137,8 @@ pub async fn run(
         &[service],
     )
     .await?;
-    if let Some(instance) = &config.audit.instance {
+    let configured = config.audit.instance.iter();
+    for instance in configured.chain(&options.register_instances) {
         register_instance(&pool, instance, service, &mut report).await?;
     }
     drop_settings(&pool, service).await?;
@@ -163,6 +167,12 @@ async fn register_instance(
     service: &str,
     report: &mut Report,
 ) -> Result<(), sqlx::Error> {
+    if !crate::config::valid_instance(instance) {
+        report.login_problems.push(format!(
+            "{instance:?} is not an instance name (1 to 64 of A-Z a-z 0-9 . _ : -)"
+        ));
+        return Ok(());
+    }
     sqlx::query(
         "INSERT INTO pgwarden.audit_instances (instance, login) VALUES ($1, $2) ON CONFLICT (instance) DO NOTHING",
     )
@@ -176,7 +186,7 @@ async fn register_instance(
             .fetch_one(pool)
             .await?;
     if login == service {
-        report.instance_registered = Some(instance.to_string());
+        report.instances_registered.push(instance.to_string());
     } else {
         report.login_problems.push(format!(
             "audit instance {instance} is registered to login {login}, not {service}: its checkpoints will be refused"
@@ -191,7 +201,7 @@ async fn register_instance(
 async fn ensure_tag_key(
     pool: &sqlx::PgPool,
     secret: &str,
-    options: Options,
+    options: &Options,
 ) -> Result<(i32, bool), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("LOCK TABLE pgwarden.tag_keys IN EXCLUSIVE MODE")

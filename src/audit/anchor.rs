@@ -112,8 +112,9 @@ pub fn spawn(source: Source, target: Target, interval: Duration) {
                 Err(e) if !failing => {
                     if e.contains("is not after its latest anchored checkpoint") {
                         // This gateway anchors only what it wrote: a later
-                        // checkpoint was written by someone else.
-                        tracing::error!(error = %e, database = %target.database, "a checkpoint ahead of this gateway's audit store was anchored with its database login: it is forged (audit verify --anchors will name it)");
+                        // checkpoint was written by someone else, or this
+                        // store is an older copy of the one anchored.
+                        tracing::error!(error = %e, database = %target.database, "a checkpoint ahead of this gateway's audit store is anchored: someone anchored ahead of it with its database login, or this store was restored from an older copy (audit verify --anchors)");
                     } else {
                         tracing::warn!(error = %e, database = %target.database, "audit checkpoint could not be anchored (has `pgwarden migrate` run?)");
                     }
@@ -141,6 +142,21 @@ pub fn check(
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
     let (anchors, instances) = runtime.block_on(read_anchors(url, instance))?;
+    let registered = if instances.is_empty() {
+        "none".to_string()
+    } else {
+        instances
+            .iter()
+            .map(|(name, login)| format!("{} (login {})", shown(name), shown(login)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !instances.iter().any(|(name, _)| name == instance) {
+        return Ok(Err(format!(
+            "instance {} is not registered in pgwarden.audit_instances: anchors of an unregistered instance prove nothing (once sure it is the real one: pgwarden migrate --register-instance); registered instances: {registered}",
+            shown(instance)
+        )));
+    }
     let last = reader.last_seq().map_err(|e| e.to_string())?.unwrap_or(0);
     // Anchors of records archived and not given cannot be checked here.
     let (first, _) = reader.start().map_err(|e| e.to_string())?;
@@ -159,25 +175,23 @@ pub fn check(
         let seq = anchor.seq as u64;
         match reader.get(seq).map_err(|e| e.to_string())? {
             None => {
+                let last_record = reader.get(last).map_err(|e| e.to_string())?;
                 return Ok(Err(format!(
-                    "seq {seq} is anchored but the store ends at seq {last}: records were cut off"
-                )))
+                    "seq {seq} is anchored but the store ends at seq {last}: records were cut off{}",
+                    last_record.map_or(String::new(), |r| made_before(anchor, &r, "the store's last record"))
+                )));
             }
             Some(record) if record.hash != anchor.hash => {
-                return Ok(Err(differs(seq, anchor, &record)));
+                return Ok(Err(format!(
+                    "seq {seq} differs from its anchor (anchored hash {}, stored {}): the store was rewritten or restored from an older copy, or the anchor was forged{}",
+                    shown(&anchor.hash),
+                    record.hash,
+                    made_before(anchor, &record, "the record it names")
+                )));
             }
             Some(_) => {}
         }
     }
-    let registered = if instances.is_empty() {
-        "none".to_string()
-    } else {
-        instances
-            .iter()
-            .map(|(name, login)| format!("{} (login {})", shown(name), shown(login)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     match anchors.last() {
         Some(latest) => Ok(Ok(format!(
             "anchors match: {} checkpoints of instance {}, the latest at seq {}\n{}registered instances: {registered}\n",
@@ -218,6 +232,12 @@ async fn read_anchors(
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", redact(url)))?;
     let failed = |e: sqlx::Error| format!("cannot read pgwarden's audit checkpoints: {e}");
+    // Only PostgreSQL's own functions and operators: an object someone made
+    // in another schema must not run as the auditor.
+    sqlx::query("SET search_path = pg_catalog, pg_temp")
+        .execute(&mut conn)
+        .await
+        .map_err(failed)?;
     let rows: Vec<(i64, String, i64)> = sqlx::query_as(
         "SELECT seq, hash, (extract(epoch FROM anchored_at) * 1000000)::bigint \
          FROM pgwarden.audit_checkpoints WHERE instance = $1 ORDER BY seq",
@@ -245,23 +265,20 @@ async fn read_anchors(
     Ok((anchors, instances))
 }
 
-/// Why the stored record at `seq` does not match its anchor. An anchor
-/// made before the record it names existed was not made by the gateway
-/// that wrote the record (it anchors durable records only): someone with
-/// its database login wrote it ahead. Either way verification fails.
-fn differs(seq: u64, anchor: &Anchor, record: &Record) -> String {
+/// When `anchor` was made before `record` was written (by its `ts`, with
+/// [`CLOCK_SKEW`]), what that says: this gateway anchors only records it
+/// has written, so either someone anchored ahead of it with its database
+/// login, or the store from `record` on was rewritten with later times.
+/// The store's `ts` is as writable as the rest of it, so this never clears
+/// the store; it only adds a lead.
+fn made_before(anchor: &Anchor, record: &Record, what: &str) -> String {
     let written = super::record::parse_ts(&record.ts).ok();
-    let ahead = written.filter(|written| anchor.anchored_at + CLOCK_SKEW < *written);
-    let hash = shown(&anchor.hash);
-    match ahead {
+    match written.filter(|written| anchor.anchored_at + CLOCK_SKEW < *written) {
         Some(written) => format!(
-            "seq {seq} differs from its anchor (anchored hash {hash}, stored {}), and the anchor was made at {} before the record was written at {written}: a checkpoint forged with the gateway's database login, not a rewrite of the store",
-            record.hash, anchor.anchored_at
+            "; the anchor was made at {} before {what} was written at {written}: either it was forged ahead of the store with the gateway's database login, or the store's records from there on were rewritten with later times",
+            anchor.anchored_at
         ),
-        None => format!(
-            "seq {seq} differs from its anchor (anchored hash {hash}, stored {}): the store was rewritten",
-            record.hash
-        ),
+        None => String::new(),
     }
 }
 

@@ -237,7 +237,7 @@ async fn anchors_expose_a_rewritten_or_cut_store() {
     assert_anchors_fail(
         &renamed,
         &url,
-        &["no checkpoints of instance gw-elsewhere", "gw-anchor"],
+        &["instance gw-elsewhere is not registered", "gw-anchor"],
     );
 
     // The tail cut off: the chain alone verifies, the anchors do not.
@@ -367,12 +367,117 @@ async fn the_gateways_login_cannot_forge_anchors_unnoticed() {
     let store = dir.path().join("audit");
     assert!(records(&store).len() as u64 > forged);
     let url = format!("postgres://postgres@127.0.0.1:{}/{FORGE_DB}", pg.port);
+    // An operator someone made in a public schema must not run as the
+    // auditor while verify reads the anchors.
+    pg.psql(
+        FORGE_DB,
+        "CREATE FUNCTION public.hijack(numeric, integer) RETURNS numeric LANGUAGE plpgsql \
+         AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$; \
+         CREATE OPERATOR public.* (LEFTARG = numeric, RIGHTARG = integer, FUNCTION = public.hijack)",
+    );
     assert_anchors_fail(
         &store,
         &url,
         &[
             &format!("seq {forged} differs from its anchor"),
-            "forged with the gateway's database login",
+            "forged ahead of the store with the gateway's database login",
         ],
+    );
+    let out = verify(&store, Some(&url));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("hijacked"));
+}
+
+/// Registration holds against a race and an upgrade: a login with no
+/// instance cannot take two by holding its first anchor's transaction open
+/// while a second one runs, nor take an instance that already had anchors
+/// before instances were registered; verify accepts anchors of registered
+/// instances only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_login_gets_one_instance_even_racing_and_never_an_older_one() {
+    const RACE_DB: &str = "anchored_race";
+    create_db(RACE_DB);
+    let gw = start_gateway(Opts::default()).await;
+    let out = support::migrate(gw.dir.path(), RACE_DB, &[]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("migrations applied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(gw);
+    let pg = cluster();
+    pg.psql(
+        RACE_DB,
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anchor_racer') THEN \
+         CREATE ROLE anchor_racer LOGIN PASSWORD 'racer-pw'; END IF; END $$; \
+         GRANT USAGE ON SCHEMA pgwarden TO anchor_racer; \
+         GRANT EXECUTE ON FUNCTION pgwarden.audit_checkpoint(text, bigint, text, timestamptz) TO anchor_racer; \
+         INSERT INTO pgwarden.audit_checkpoints (instance, seq, hash, ts) VALUES ('gw-old', 5, repeat('c', 64), now())",
+    );
+    let connect = || async {
+        let url = format!(
+            "host=127.0.0.1 port={} user=anchor_racer password=racer-pw dbname={RACE_DB}",
+            pg.port
+        );
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    let call = |instance: &str| {
+        format!("SELECT pgwarden.audit_checkpoint('{instance}', 1, repeat('0', 64), now())")
+    };
+    // An instance anchored before registration existed is the
+    // administrator's to name.
+    let older = connect().await;
+    let err = older.batch_execute(&call("gw-old")).await.unwrap_err();
+    assert!(
+        format!("{err:?}").contains("from before instances were registered"),
+        "{err:?}"
+    );
+    // Two first anchors racing: the second waits for the first and loses.
+    let mut first = connect().await;
+    let second = connect().await;
+    let tx = first.transaction().await.unwrap();
+    tx.batch_execute(&call("race-a")).await.unwrap();
+    let racing = tokio::spawn(async move { second.batch_execute(&call("race-b")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !racing.is_finished(),
+        "the second first anchor did not wait"
+    );
+    tx.commit().await.unwrap();
+    let err = racing.await.unwrap().unwrap_err();
+    assert!(
+        format!("{err:?}").contains("already anchors another instance"),
+        "{err:?}"
+    );
+    assert_eq!(
+        pg.psql(
+            RACE_DB,
+            "SELECT string_agg(instance, ',' ORDER BY instance) FROM pgwarden.audit_instances WHERE login = 'anchor_racer'"
+        ),
+        "race-a"
+    );
+    // verify accepts only a registered instance's anchors.
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("audit");
+    pgwarden::audit::SledStore::open(&store).unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{}/{RACE_DB}", pg.port);
+    let out = pgwarden(&[
+        "audit",
+        "verify",
+        "--store",
+        store.to_str().unwrap(),
+        "--anchors",
+        &url,
+        "--instance",
+        "gw-old",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("instance gw-old is not registered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -41,42 +41,47 @@ impl Format<'_> {
         (self.cut_to_fit(record, stored.len()), true)
     }
 
-    /// `record`'s message with its free-text values cut to fit, the most
-    /// telling first: every value emptied, then each given back, in
-    /// [`Slot::present`]'s order, as the longest prefix that still fits.
-    /// Marked with the stored length.
+    /// `record`'s message cut to fit, the most telling first: the
+    /// parameters and every free-text value taken out, then the free text
+    /// given back in [`Slot::present`]'s order, each as the longest prefix
+    /// that still fits, then as many whole parameters as fit. When not even
+    /// that fits (an identity field too long), the record's seq, time,
+    /// kind and hashes alone. Marked with the stored length; never longer
+    /// than `max_bytes`, and a few dozen renders whatever the record.
     fn cut_to_fit(&self, record: &Record, stored_len: usize) -> Vec<u8> {
+        let render = |cut: &Record| self.render(cut, None, Some(stored_len));
+        let fits = |cut: &Record| render(cut).len() <= self.max_bytes;
         let mut cut = record.clone();
-        let fits = |cut: &Record| self.render(cut, None, Some(stored_len)).len() <= self.max_bytes;
+        let params = cut.params.take();
         let slots = Slot::present(record);
         let values: Vec<String> = slots.iter().map(|slot| slot.take(&mut cut)).collect();
-        for (slot, full) in slots.into_iter().zip(values) {
-            slot.put(&mut cut, full.clone());
-            if fits(&cut) {
-                continue;
-            }
-            // The longest prefix that fits: `lo` fits, `hi` does not.
-            let (mut lo, mut hi) = (0, full.len());
-            let first = full.chars().next().map_or(0, char::len_utf8);
-            slot.put(&mut cut, full[..first].to_string());
-            if !fits(&cut) {
-                hi = 0; // no room left at all
-            }
-            while hi - lo > 1 {
-                let mid = floor_char_boundary(&full, (lo + hi) / 2);
-                if mid <= lo {
-                    break;
-                }
-                slot.put(&mut cut, full[..mid].to_string());
-                if fits(&cut) {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            slot.put(&mut cut, full[..lo].to_string());
+        if !fits(&cut) {
+            return render(&bare(record));
         }
-        self.render(&cut, None, Some(stored_len))
+        for (slot, full) in slots.into_iter().zip(values) {
+            let keep = longest_fitting(full.len(), |end| {
+                let end = floor_char_boundary(&full, end);
+                slot.put(&mut cut, full[..end].to_string());
+                fits(&cut)
+            });
+            slot.put(
+                &mut cut,
+                full[..floor_char_boundary(&full, keep)].to_string(),
+            );
+        }
+        if let Some(params) = params {
+            let keep = longest_fitting(params.len(), |n| {
+                cut.params = Some(params[..n].to_vec());
+                fits(&cut)
+            });
+            cut.params = Some(params[..keep].to_vec());
+        }
+        let msg = render(&cut);
+        if msg.len() <= self.max_bytes {
+            msg
+        } else {
+            render(&bare(record))
+        }
     }
 
     /// The message of a checkpoint: `MSGID` `checkpoint`, the time of the
@@ -148,24 +153,56 @@ fn floor_char_boundary(s: &str, mut at: usize) -> usize {
     at
 }
 
-/// A free-text value of a record that may be cut: the statement, a
-/// parameter, the error message, the command tag, the application name.
+/// The largest `n` in `0..=len` for which `fits(n)` holds, by bisection
+/// (`fits(0)` is taken to hold; `fits` is monotonic).
+fn longest_fitting(len: usize, mut fits: impl FnMut(usize) -> bool) -> usize {
+    if fits(len) {
+        return len;
+    }
+    let (mut lo, mut hi) = (0, len);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// `record` with nothing but its seq, time, kind and hashes: what is
+/// shipped when not even its identity fits.
+fn bare(record: &Record) -> Record {
+    let mut bare = Record::from_event(
+        super::super::record::Event::new(record.kind),
+        record.seq,
+        record.ts.clone(),
+        record.prev_hash.clone(),
+    );
+    bare.hash = record.hash.clone();
+    bare
+}
+
+/// A free-text value of a record that may be cut: the statement, the
+/// error message, the command tag, the application name.
 #[derive(Clone, Copy)]
 enum Slot {
     Statement,
     Message,
     CommandTag,
     ApplicationName,
-    Param(usize),
 }
 
 impl Slot {
     /// `record`'s non-empty values, the most telling first.
     fn present(record: &Record) -> Vec<Slot> {
-        let mut slots = vec![Slot::Statement, Slot::Message];
-        let params = record.params.iter().flatten().enumerate();
-        slots.extend(params.map(|(i, _)| Slot::Param(i)));
-        slots.extend([Slot::CommandTag, Slot::ApplicationName]);
+        let mut slots = vec![
+            Slot::Statement,
+            Slot::Message,
+            Slot::CommandTag,
+            Slot::ApplicationName,
+        ];
         slots.retain(|slot| !slot.get(record).is_empty());
         slots
     }
@@ -176,7 +213,6 @@ impl Slot {
             Slot::Message => record.message.as_deref(),
             Slot::CommandTag => record.command_tag.as_deref(),
             Slot::ApplicationName => record.application_name.as_deref(),
-            Slot::Param(i) => record.params.as_ref().and_then(|p| p.get(i)?.as_deref()),
         };
         value.unwrap_or("")
     }
@@ -194,11 +230,6 @@ impl Slot {
             Slot::Message => record.message = Some(value),
             Slot::CommandTag => record.command_tag = Some(value),
             Slot::ApplicationName => record.application_name = Some(value.into()),
-            Slot::Param(i) => {
-                if let Some(param) = record.params.as_mut().and_then(|p| p.get_mut(i)) {
-                    *param = Some(value);
-                }
-            }
         }
     }
 }
@@ -322,6 +353,54 @@ mod tests {
                 assert!(text.contains(&format!("cn4={} cn4Label=truncated_from", stored.len())));
                 assert!(text.contains("externalId=42 "), "{text}");
             }
+        }
+    }
+
+    #[test]
+    fn parameters_that_cannot_be_cut_go_whole_and_the_message_still_fits() {
+        // NULLs and empty strings cannot be cut shorter: whole parameters
+        // go instead, as many as fit stay, in order.
+        for params in [
+            vec![None; 45_000],
+            vec![Some(String::new()); 45_000],
+            (0..65_000).map(|i| Some((i % 10).to_string())).collect(),
+        ] {
+            let record = record("SELECT $1".into(), params.clone());
+            let stored = record.to_stored_bytes();
+            for format in formats(2048) {
+                let (msg, cut) = format.message(&record, &stored);
+                assert!(msg.len() <= 2048, "{} bytes", msg.len());
+                // (A CEF event carries no parameters.)
+                if format.format == ShipFormat::Json {
+                    assert!(cut);
+                    let text = String::from_utf8(msg).unwrap();
+                    let body = text.split_once(" - query - ").unwrap().1;
+                    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                    assert_eq!(v["statement"], "SELECT $1");
+                    let kept = v["params"].as_array().unwrap();
+                    assert!(!kept.is_empty() && kept.len() < params.len());
+                    let expected: Vec<serde_json::Value> = params[..kept.len()]
+                        .iter()
+                        .map(|p| serde_json::json!(p))
+                        .collect();
+                    assert_eq!(kept, &expected);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn when_not_even_the_identity_fits_the_seq_and_hashes_go_alone() {
+        let mut record = record("SELECT 1".into(), vec![]);
+        record.client_user = Some("u".repeat(5000).into());
+        let stored = record.to_stored_bytes();
+        for format in formats(2048) {
+            let (msg, cut) = format.message(&record, &stored);
+            assert!(cut);
+            assert!(msg.len() <= 2048, "{} bytes", msg.len());
+            let text = String::from_utf8(msg).unwrap();
+            assert!(text.contains(&"ab".repeat(32)), "{text}");
+            assert!(!text.contains("uuuu"), "{text}");
         }
     }
 }

@@ -336,9 +336,11 @@ fn response(frame: &Frame, txnr: u32) -> Result<(u16, String), RelpError> {
         )));
     }
     let text = String::from_utf8_lossy(&frame.data);
-    let code = text
-        .get(..3)
-        .and_then(|c| c.parse().ok())
+    // RSP-CODE is exactly three digits, then a space, a line break or the end.
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let code = (digits == 3)
+        .then(|| text[..3].parse().ok())
+        .flatten()
         .ok_or_else(|| protocol(format!("an answer without a status: {text:?}")))?;
     Ok((code, text.get(3..).unwrap_or("").trim_start().to_string()))
 }
@@ -400,6 +402,14 @@ mod tests {
         assert!(response(&frame(5, "rsp", "200 OK"), 4).is_err());
         assert!(response(&frame(4, "syslog", "200 OK"), 4).is_err());
         assert!(response(&frame(4, "rsp", ""), 4).is_err());
+        assert!(response(&frame(4, "rsp", "2001 not ok"), 4).is_err());
+        assert!(response(&frame(4, "rsp", "20 OK"), 4).is_err());
+        assert_eq!(
+            response(&frame(4, "rsp", "200\nrelp_version=0"), 4)
+                .unwrap()
+                .0,
+            200
+        );
     }
 
     /// A scripted server: the session opens, acknowledges in order, and

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building and testing pgwarden needs on a fresh Debian 12
 # machine with a Rust toolchain: PostgreSQL 15 (server binaries for the
-# throwaway test clusters, psql and pgbench as real clients), rsyslog (the
-# syslog server the audit shipping tests start themselves), and the client
-# drivers of the driver-matrix tests (tests/drivers/install.sh).
+# throwaway test clusters, psql and pgbench as real clients), rsyslog with
+# its TLS and RELP inputs (the syslog server the audit shipping tests start
+# themselves), HAProxy (the load balancer of the several-gateways test),
+# and the client drivers of the driver-matrix tests
+# (tests/drivers/install.sh).
 # Idempotent: does nothing where everything is present.
 set -euo pipefail
 need=()
@@ -14,6 +16,8 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client-15)
 command -v rsyslogd >/dev/null 2>&1 || need+=(rsyslog)
 dpkg -s rsyslog-openssl >/dev/null 2>&1 || need+=(rsyslog-openssl)  # its TLS listener
 dpkg -s rsyslog-relp >/dev/null 2>&1 || need+=(rsyslog-relp)        # its RELP listener (imrelp)
+# A real load balancer in front of several gateways (tests/it/haproxy.rs).
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 if [ "${#need[@]}" -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -56,21 +56,27 @@ fn start_off_box(
     backend_tls: &Option<crate::tls::BackendTls>,
 ) -> Result<OffBox, StartError> {
     let audit = &config.audit;
-    if audit.ship.is_none() && audit.checkpoint_database.is_none() && audit.archive_dir.is_none() {
-        return Ok((None, None));
-    }
+    let off_box =
+        audit.ship.is_some() || audit.checkpoint_database.is_some() || audit.archive_dir.is_some();
     let Some(source) = auditor.ship_source() else {
-        tracing::warn!(
-            "[audit.ship], checkpoint_database or archive_dir is set but the audit log is off"
-        );
+        if off_box {
+            tracing::warn!(
+                "[audit.ship], checkpoint_database or archive_dir is set but the audit log is off"
+            );
+        }
         return Ok((None, None));
     };
+    // Every store names its gateway (export and verify of several stores
+    // tell them apart by it), whether or not its records leave the box.
     let db = source
         .db
         .get()
         .ok_or_else(|| crate::audit::AuditError::Read("the audit store is not open".into()))?;
     let instance = crate::audit::ship::instance_id(&db, config.audit.instance.as_deref())?;
     drop(db);
+    if !off_box {
+        return Ok((None, None));
+    }
     let target =
         config
             .audit

@@ -312,7 +312,7 @@ fn verify_one(args: &VerifyArgs, source: &Source) -> Result<String, (i32, String
     let Some(instance) = args.instance.clone().or_else(|| source.instance.clone()) else {
         return Err((
             EXIT_USAGE,
-            "this store has no instance id (it was never shipped or anchored): pass --instance"
+            "this store has no instance id (a gateway older than instance ids wrote it): pass --instance"
                 .into(),
         ));
     };

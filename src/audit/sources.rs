@@ -26,12 +26,15 @@ use super::AuditError;
 pub struct Source {
     pub instance: Option<String>,
     pub reader: StoreReader,
+    /// What names it where it has no instance id: its store's path.
+    label: String,
 }
 
 impl Source {
-    /// How the instance is named in reports.
+    /// How the chain is named in reports and merged exports: its instance,
+    /// or (a store from before instance ids) its path.
     pub fn name(&self) -> &str {
-        self.instance.as_deref().unwrap_or("(no instance id)")
+        self.instance.as_deref().unwrap_or(&self.label)
     }
 }
 
@@ -77,6 +80,7 @@ pub fn open(stores: &[PathBuf], archives: &[PathBuf]) -> Result<Vec<Source>, Aud
         sources.push(Source {
             instance,
             reader: reader.with_opened(mine),
+            label: path.display().to_string(),
         });
     }
     let mut by_instance: BTreeMap<Option<String>, Vec<Archive>> = BTreeMap::new();
@@ -87,9 +91,13 @@ pub fn open(stores: &[PathBuf], archives: &[PathBuf]) -> Result<Vec<Source>, Aud
             .push(archive);
     }
     for (instance, archives) in by_instance {
+        let label = archives
+            .first()
+            .map_or(String::new(), |a| a.path.display().to_string());
         sources.push(Source {
             instance,
             reader: StoreReader::none().with_opened(archives),
+            label,
         });
     }
     Ok(sources)

@@ -24,7 +24,7 @@ pub(super) async fn on_cancel(
     if ours != 0 && issuer != ours {
         to_peer(shared, issuer, pid, secret, forwarded).await;
     } else {
-        forward_cancel(shared, pid, secret, peer).await;
+        forward_cancel(shared, pid, secret, peer, forwarded).await;
     }
 }
 
@@ -34,7 +34,14 @@ pub(super) async fn on_cancel(
 /// silently, as PostgreSQL drops a cancel for an idle backend. The client's
 /// server connection is not released until PostgreSQL has taken the cancel
 /// ([`cancel::CancelSlot::begin_cancel`]), so it cannot reach another client.
-async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr) {
+async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr, forwarded: bool) {
+    // Who asked: the client's own connection, or a peer gateway that
+    // received the cancel from the load balancer.
+    let from = if forwarded {
+        format!("{peer} (a peer gateway, on behalf of a client)")
+    } else {
+        peer.to_string()
+    };
     let Some(slot) = shared.cancels.lookup(pid, secret) else {
         tracing::debug!("cancel request with an unknown key ignored");
         return;
@@ -46,13 +53,13 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr
     let Some(backend) = slot.begin_cancel() else {
         tracing::debug!("cancel request for a client with nothing running ignored");
         ev.message = Some(format!(
-            "cancel request from {peer} ignored: the session had nothing running"
+            "cancel request from {from} ignored: the session had nothing running"
         ));
         shared.auditor.append_nowait(ev).await;
         return;
     };
     ev.backend_pid = Some(backend.pid);
-    ev.message = Some(format!("cancel request from {peer} forwarded"));
+    ev.message = Some(format!("cancel request from {from} forwarded"));
     shared.auditor.append_nowait(ev).await;
     cancel_backend(shared, backend).await;
     slot.end_cancel();

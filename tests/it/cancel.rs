@@ -21,7 +21,7 @@ fn query(sql: &str) -> Vec<u8> {
 
 /// Sends a `CancelRequest` as libpq's `PQcancel` does: it returns when the
 /// other side closes the connection.
-async fn cancel(addr: SocketAddr, key: (i32, i32)) {
+pub(crate) async fn cancel(addr: SocketAddr, key: (i32, i32)) {
     cancel_with(addr, 80877102, key).await
 }
 
@@ -43,7 +43,7 @@ async fn cancel_with(addr: SocketAddr, code: i32, (pid, secret): (i32, i32)) {
 /// Sends `SELECT pg_sleep(seconds)` and returns once PostgreSQL runs it (a
 /// cancel before that finds nothing to cancel; on a loaded machine a fixed
 /// wait was not always enough).
-async fn start_running(c: &mut RawClient, seconds: u32) {
+pub(crate) async fn start_running(c: &mut RawClient, seconds: u32) {
     let marker = format!("SELECT pg_sleep({seconds}) -- {}", rand::random::<u32>());
     c.stream.write_all(&query(&marker)).await.unwrap();
     let running = format!(
@@ -56,7 +56,7 @@ async fn start_running(c: &mut RawClient, seconds: u32) {
     }
 }
 
-async fn run(c: &mut RawClient, sql: &str) -> Option<String> {
+pub(crate) async fn run(c: &mut RawClient, sql: &str) -> Option<String> {
     c.stream.write_all(&query(sql)).await.unwrap();
     let (_, code, _) = c.until_ready().await;
     code

@@ -11,6 +11,7 @@ mod auth;
 mod cancel;
 mod drivers;
 mod guard;
+mod haproxy;
 mod health;
 mod hostile;
 mod hostile_binds;

@@ -63,6 +63,11 @@ pub struct Config {
 pub struct PeerConfig {
     pub id: u8,
     pub address: String,
+    /// Forward cancels to it over TLS (its `[server] tls_cert`), its
+    /// certificate chained to `ca_file` and naming the address's host.
+    #[serde(default)]
+    pub tls: bool,
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The operator side: a Prometheus endpoint, off unless `listen` is set.
@@ -365,6 +370,11 @@ impl Config {
         {
             resolve(p);
         }
+        for peer in &mut self.peers {
+            if let Some(p) = peer.ca_file.as_mut() {
+                resolve(p);
+            }
+        }
         if let Some(p) = self.server.tls_cert.as_mut() {
             resolve(p);
         }
@@ -405,6 +415,12 @@ impl Config {
         }
         let mut ids = std::collections::HashSet::from([self.server.peer_id]);
         for peer in &self.peers {
+            if peer.tls != peer.ca_file.is_some() {
+                return Err(format!(
+                    "[[peers]] id {}: tls = true and ca_file go together",
+                    peer.id
+                ));
+            }
             if peer.id == 0 || !ids.insert(peer.id) {
                 return Err(format!(
                     "[[peers]] id {} must be 1 to 255 and differ from [server] peer_id and every other peer's",

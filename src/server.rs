@@ -183,6 +183,16 @@ impl Gateway {
     /// use a store that can be made to fail).
     pub fn build_with_auditor(config: Config, auditor: Auditor) -> Result<Gateway, StartError> {
         let policy = Policy::load_dir(&config.identity.policy_dir)?;
+        let mut peer_tls = std::collections::HashMap::new();
+        for peer in config.peers.iter().filter(|p| p.tls) {
+            let ca = peer
+                .ca_file
+                .as_deref()
+                .expect("validated: tls needs ca_file");
+            let tls = crate::tls::ClientTls::new(&peer.address, ca, None)
+                .map_err(|e| StartError::Tls(format!("[[peers]] id {}: {e}", peer.id)))?;
+            peer_tls.insert(peer.id, tls);
+        }
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
             (Some(cert), Some(key)) => {
                 Some(crate::tls::acceptor(cert, key).map_err(StartError::Tls)?)
@@ -223,6 +233,7 @@ impl Gateway {
             ship,
             anchor,
             draining: Default::default(),
+            peer_tls,
             config: Arc::new(config),
         };
         Ok(Gateway {

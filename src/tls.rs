@@ -128,6 +128,34 @@ pub fn verifying_connector(
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
+/// TLS towards a server whose certificate must chain to a CA file and name
+/// the host it was reached at (a syslog server, a peer gateway).
+#[derive(Clone)]
+pub struct ClientTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+impl ClientTls {
+    /// For `address` (`host:port`), verified against `ca`, with a client
+    /// certificate when given.
+    pub fn new(
+        address: &str,
+        ca: &Path,
+        client: Option<(&Path, &Path)>,
+    ) -> Result<ClientTls, String> {
+        let connector = verifying_connector(ca, client)?;
+        let host = address
+            .rsplit_once(':')
+            .map_or(address, |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("{host} is not a server name: {e}"))?;
+        Ok(ClientTls { connector, name })
+    }
+}
+
 /// `prefer`/`require`: encryption without authentication of the server, as
 /// libpq does for those modes. Signatures are still checked, so the session
 /// is bound to whatever key the server presented.

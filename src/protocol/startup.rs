@@ -124,6 +124,14 @@ fn decode_params(body: &[u8]) -> Result<Vec<(String, String)>, ProtocolError> {
     Ok(params)
 }
 
+/// Encodes an `SSLRequest` (asking a server to switch to TLS).
+pub fn ssl_request() -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&8i32.to_be_bytes());
+    out[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    out
+}
+
 /// Encodes a `CancelRequest` packet for the backend.
 pub fn cancel_request(pid: i32, secret: i32) -> [u8; 16] {
     cancel_packet(CANCEL_REQUEST_CODE, pid, secret)

@@ -84,7 +84,12 @@ async fn to_peer(shared: &Shared, issuer: u8, pid: i32, secret: i32, forwarded: 
     let packet = startup_packet::peer_cancel_request(pid, secret);
     let timeout = Duration::from_millis(shared.config.backend.connect_timeout_ms);
     // The peer closes the connection once it has dealt with the cancel.
-    let sent = tokio::time::timeout(timeout, send_until_closed(&target.address, &packet)).await;
+    let sent = match shared.peer_tls.get(&issuer) {
+        Some(tls) => {
+            tokio::time::timeout(timeout, send_over_tls(&target.address, tls, &packet)).await
+        }
+        None => tokio::time::timeout(timeout, send_until_closed(&target.address, &packet)).await,
+    };
     match sent {
         Ok(Ok(())) => {
             tracing::debug!(issuer, peer = %target.address, "cancel request sent to its peer")
@@ -108,6 +113,30 @@ pub(crate) async fn cancel_backend(shared: &Shared, backend: cancel::BackendKey)
     if let Err(e) = send_until_closed(&addr, &packet).await {
         tracing::warn!("could not forward a cancel request: {e}");
     }
+}
+
+/// Sends a cancel `packet` to the peer at `addr` inside TLS (an
+/// `SSLRequest` first, as a client does), and waits until it closes the
+/// connection.
+async fn send_over_tls(
+    addr: &str,
+    tls: &crate::tls::ClientTls,
+    packet: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(&startup_packet::ssl_request()).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(std::io::Error::other("the peer does not accept TLS"));
+    }
+    let mut s = tls.connector.connect(tls.name.clone(), tcp).await?;
+    s.write_all(packet).await?;
+    s.flush().await?;
+    let mut sink = [0u8; 1];
+    let _ = s.read(&mut sink).await;
+    Ok(())
 }
 
 /// Sends a cancel `packet` to `addr` and waits until the other side closes

@@ -98,6 +98,8 @@ pub struct Shared {
     pub anchor: Option<crate::audit::anchor::Target>,
     /// Shutting down: no new clients (`/readyz` fails).
     pub draining: std::sync::atomic::AtomicBool,
+    /// TLS towards the `[[peers]]` that ask for it, by peer id.
+    pub peer_tls: std::collections::HashMap<u8, crate::tls::ClientTls>,
 }
 
 impl Shared {

@@ -162,3 +162,45 @@ async fn a_cancel_that_lands_on_a_peer_reaches_its_statement() {
     // The right key, through the peer: cancelled.
     assert_cancels(&mut client, b.addr).await;
 }
+
+/// `[[peers]] tls = true`: the cancel a gateway sends on to its peer
+/// travels inside TLS (an `SSLRequest` first), to a peer whose certificate
+/// chains to `ca_file`; a peer whose certificate does not gets nothing, so
+/// nothing is cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_sent_on_to_a_peer_over_tls_reaches_its_statement() {
+    let certs = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert_file, key_file) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let other_ca = certs.path().join("other.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    let a = start_gateway(Opts {
+        server_extra: format!("peer_id = 1\ntls_cert = {cert_file:?}\ntls_key = {key_file:?}\n"),
+        ..Opts::default()
+    })
+    .await;
+    let peer = |id: u8, ca: &std::path::Path| {
+        start_gateway(Opts {
+            server_extra: format!("peer_id = {id}\n"),
+            audit_extra: format!(
+                "[[peers]]\nid = 1\naddress = \"{}\"\ntls = true\nca_file = {ca:?}\n",
+                a.addr
+            ),
+            ..Opts::default()
+        })
+    };
+    let b = peer(2, &cert_file).await;
+    let wrong = peer(3, &other_ca).await;
+    let mut client = RawClient::login(a.addr).await;
+
+    // A peer that cannot verify gateway 1 sends nothing on.
+    start_running(&mut client, 1).await;
+    cancel(wrong.addr, client.key).await;
+    let (_, code, _) = client.until_ready().await;
+    assert_eq!(code, None, "cancelled through an unverified peer");
+
+    assert_cancels(&mut client, b.addr).await;
+}

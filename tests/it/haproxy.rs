@@ -308,11 +308,19 @@ async fn three_gateways_behind_haproxy() {
     drop(client);
 
     // Under load, gateway 2 is stopped (SIGTERM): it says it is not ready
-    // at once, so HAProxy sends it no new client; its clients reconnect
-    // through the others.
+    // at once, so HAProxy sends it no new client; its open transaction
+    // finishes; its clients reconnect through the others.
     let stop = Arc::new(AtomicBool::new(false));
     let workers = load(lb, 12, "term", stop.clone(), acked.clone());
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    // A client of gateway 2 inside a transaction: it may finish it.
+    let mut in_tx = loop {
+        let client = RawClient::login(lb).await;
+        if (client.key.0 >> 23) & 0xff == 2 {
+            break client;
+        }
+    };
+    assert_eq!(run(&mut in_tx, "BEGIN; SELECT 'open-tx'").await, None);
     let gw2 = gateways[1].take().unwrap();
     gw2.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -322,6 +330,13 @@ async fn three_gateways_behind_haproxy() {
         Some(200),
         "a stopping gateway is not ready"
     );
+    assert_eq!(run(&mut in_tx, "SELECT 'still-open-tx'").await, None);
+    assert_eq!(
+        run(&mut in_tx, "COMMIT").await,
+        None,
+        "the open transaction finished"
+    );
+    drop(in_tx);
     let (_, dir2) = gw2.wait().await;
     let before = acked.lock().unwrap().len();
     tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
 use super::checkpoint::{Checkpoint, Head, Signer};
 use super::reader::{scan_tree, INSTANCE_KEY, META_TREE};
@@ -140,8 +139,11 @@ fn read_err(e: sled::Error) -> AuditError {
     AuditError::Read(e.to_string())
 }
 
-/// The TLS connector `config` asks for (`tls = true`), with the name the
-/// server's certificate must carry (the address's host).
+/// TLS towards the syslog server.
+pub type Tls = crate::tls::ClientTls;
+
+/// The TLS `config` asks for (`tls = true`), with the name the server's
+/// certificate must carry (the address's host).
 pub fn tls_for(config: &ShipConfig) -> Result<Option<Tls>, String> {
     if !config.tls {
         return Ok(None);
@@ -151,23 +153,9 @@ pub fn tls_for(config: &ShipConfig) -> Result<Option<Tls>, String> {
         .as_deref()
         .ok_or("[audit.ship] tls = true needs ca_file")?;
     let client = config.cert_file.as_deref().zip(config.key_file.as_deref());
-    let connector = crate::tls::verifying_connector(ca, client)?;
-    let host = config
-        .address
-        .rsplit_once(':')
-        .map_or(config.address.as_str(), |(host, _)| host)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())
-        .map_err(|e| format!("[audit.ship] address: {host} is not a server name: {e}"))?;
-    Ok(Some(Tls { connector, name }))
-}
-
-/// TLS towards the syslog server.
-#[derive(Clone)]
-pub struct Tls {
-    connector: TlsConnector,
-    name: rustls::pki_types::ServerName<'static>,
+    Tls::new(&config.address, ca, client)
+        .map(Some)
+        .map_err(|e| format!("[audit.ship] {e}"))
 }
 
 /// Starts shipping on the current runtime; returns its status.

@@ -351,6 +351,8 @@ fn stats_to(args: &StatsArgs, out: &mut dyn Write) -> i32 {
     for source in &sources {
         if sources.len() > 1 {
             report.push_str(&format!("instance {}:\n", source.name()));
+        } else if let Some(instance) = &source.instance {
+            report.push_str(&format!("instance    {instance}\n"));
         }
         match stats_mod::collect(&source.reader) {
             Ok(stats) => report.push_str(&stats.to_string()),

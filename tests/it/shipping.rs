@@ -473,4 +473,34 @@ async fn signed_checkpoints_in_the_stream_hold_a_store_to_its_copy() {
         "{}",
         said(&out)
     );
+
+    // The store cut short before its last checkpoint's record: cut off.
+    let latest = std::fs::read_to_string(&copy)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["checkpoint"]["seq"].as_u64())
+        .max()
+        .unwrap();
+    let cut = keys.path().join("cut");
+    {
+        let reader = pgwarden::audit::StoreReader::open(&store).unwrap();
+        let db = sled::open(&cut).unwrap();
+        for entry in reader.scan_from(1) {
+            let (seq, raw) = entry.unwrap();
+            if seq < latest {
+                db.insert(seq.to_be_bytes(), raw).unwrap();
+            }
+        }
+        let meta = db.open_tree("pgwarden-meta").unwrap();
+        meta.insert("instance", "gw-signed".as_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let out = verify(&cut, &copy, &public);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(
+        said(&out).contains("records were cut off"),
+        "{}",
+        said(&out)
+    );
 }

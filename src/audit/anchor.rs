@@ -136,6 +136,7 @@ pub fn check(
     reader: &super::StoreReader,
     url: &str,
     instance: &str,
+    skip_archived: bool,
 ) -> Result<Result<String, String>, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -165,10 +166,11 @@ pub fn check(
         .into_iter()
         .filter(|a| a.seq as u64 >= first)
         .collect();
-    if archived > 0 && anchors.is_empty() {
+    if archived > 0 && (anchors.is_empty() || !skip_archived) {
         return Ok(Err(format!(
-            "all {archived} checkpoints of instance {} name records archived before seq {first}: give their archives with --archive to check them",
-            shown(instance)
+            "{archived} checkpoints of instance {} name records archived before seq {first}, which are not given: give their archives with --archive{}",
+            shown(instance),
+            if anchors.is_empty() { "" } else { ", or --skip-archived to check the store's own records only" }
         )));
     }
     for anchor in &anchors {

@@ -103,6 +103,7 @@ pub fn archive_store(
         seq: 0,
         head: GENESIS_HASH.to_string(),
     });
+    remove_leftovers(db, &start)?;
     // The run holding the last record stays.
     let last_run = match db.last().map_err(read_err)? {
         Some((k, _)) => seq_of(&k),
@@ -164,15 +165,52 @@ pub fn archive_store(
         seq: manifest.last_seq,
         head: manifest.head.clone(),
     };
-    let meta = db.open_tree(META_TREE).map_err(read_err)?;
+    // From here on the archive is on disk: a failure says so, since
+    // removing the archive would lose records.
+    let after = |step: &str, e: sled::Error| {
+        AuditError::Write(format!(
+        "records {}..={} were archived to {}, but {step} failed ({e}); keep the archive, free space and run again",
+        manifest.first_seq,
+        manifest.last_seq,
+        path.display()
+    ))
+    };
+    let meta = db
+        .open_tree(META_TREE)
+        .map_err(|e| after("recording the boundary", e))?;
     let encoded = serde_json::to_vec(&boundary).expect("a boundary serializes");
-    meta.insert(ARCHIVED_KEY, encoded).map_err(read_err)?;
-    meta.flush().map_err(read_err)?;
+    meta.insert(ARCHIVED_KEY, encoded)
+        .and_then(|_| meta.flush())
+        .map_err(|e| after("recording the boundary", e))?;
     for k in keys {
-        db.remove(k).map_err(read_err)?;
+        db.remove(k)
+            .map_err(|e| after("removing them from the store", e))?;
     }
-    db.flush().map_err(read_err)?;
+    db.flush()
+        .map_err(|e| after("removing them from the store", e))?;
     Ok(Some(manifest))
+}
+
+/// Removes records a crashed or failed archiving left in the store at or
+/// below its boundary (they are in an archive already).
+fn remove_leftovers(db: &sled::Db, boundary: &Boundary) -> Result<(), AuditError> {
+    let mut removed = false;
+    for item in db.range(..=super::store::key(boundary.seq)) {
+        let (k, v) = item.map_err(read_err)?;
+        let Some(first) = seq_of(&k) else {
+            continue;
+        };
+        // A run that reaches past the boundary stays (it cannot be split).
+        let last = unpack(first, v)?.last().map_or(first, |(seq, _)| *seq);
+        if last <= boundary.seq {
+            db.remove(k).map_err(read_err)?;
+            removed = true;
+        }
+    }
+    if removed {
+        db.flush().map_err(read_err)?;
+    }
+    Ok(())
 }
 
 fn not_archived(seq: u64, why: String) -> AuditError {
@@ -220,7 +258,13 @@ impl ArchiveWriter {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".part");
         let tmp = PathBuf::from(tmp);
-        let file = File::create(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
+        // A name of our own: never through a link someone left there.
+        let _ = std::fs::remove_file(&tmp);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io(format!("cannot create {}", tmp.display())))?;
         let mut out = BufWriter::new(file);
         out.write_all(MAGIC)
             .map_err(io("cannot write the archive"))?;
@@ -351,8 +395,64 @@ impl Archive {
         })
     }
 
-    /// Records with seq >= `from`, in seq order.
+    /// Records with seq >= `from`, in seq order; an error at the end when
+    /// the blocks do not hold what the manifest says (its first seq, its
+    /// last seq, the hash of the last record): a manifest is not covered by
+    /// any hash, so the records themselves decide.
     pub fn scan_from(&self, from: u64) -> impl Iterator<Item = Result<RawEntry, AuditError>> + '_ {
+        let mut last: Option<RawEntry> = None;
+        let mut first_checked = from > self.manifest.first_seq;
+        let mut done = false;
+        let mut records = self.records_from(from);
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            match records.next() {
+                Some(Ok(entry)) => {
+                    if !first_checked {
+                        first_checked = true;
+                        if entry.0 != self.manifest.first_seq {
+                            done = true;
+                            return Some(Err(self.lies(format!("starts at seq {}", entry.0))));
+                        }
+                    }
+                    last = Some(entry.clone());
+                    Some(Ok(entry))
+                }
+                Some(Err(e)) => {
+                    done = true;
+                    Some(Err(e))
+                }
+                None => {
+                    done = true;
+                    let (seq, raw) = last.take()?;
+                    let hash = Record::from_stored_bytes(&raw)
+                        .map(|r| r.hash)
+                        .unwrap_or_default();
+                    if seq != self.manifest.last_seq || hash != self.manifest.head {
+                        return Some(Err(self.lies(format!("ends at seq {seq} (hash {hash})"))));
+                    }
+                    None
+                }
+            }
+        })
+    }
+
+    fn lies(&self, found: String) -> AuditError {
+        AuditError::Corrupt {
+            seq: self.manifest.first_seq,
+            message: format!(
+                "archive {} says it holds records {}..={} (head {}), but its records {found}",
+                self.path.display(),
+                self.manifest.first_seq,
+                self.manifest.last_seq,
+                self.manifest.head
+            ),
+        }
+    }
+
+    fn records_from(&self, from: u64) -> impl Iterator<Item = Result<RawEntry, AuditError>> + '_ {
         let blocks = &self.manifest.blocks;
         // The last block starting at or before `from`.
         let skip = blocks
@@ -504,5 +604,58 @@ mod tests {
         assert!(Archive::open(&path).is_err());
         std::fs::write(&path, b"hello").unwrap();
         assert!(Archive::open(&path).is_err());
+    }
+
+    /// Rewrites the manifest of the archive at `path` with `edit`.
+    fn edit_manifest(path: &Path, edit: impl FnOnce(&mut Manifest)) {
+        let bytes = std::fs::read(path).unwrap();
+        let at = u64::from_be_bytes(bytes[bytes.len() - 8..].try_into().unwrap()) as usize;
+        let mut manifest: Manifest = serde_json::from_slice(&bytes[at..bytes.len() - 8]).unwrap();
+        edit(&mut manifest);
+        let mut out = bytes[..at].to_vec();
+        out.extend_from_slice(&serde_json::to_vec(&manifest).unwrap());
+        out.extend_from_slice(&(at as u64).to_be_bytes());
+        std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn a_manifest_that_lies_about_its_records_is_named() {
+        let dir = sample_store(40, 5);
+        let db = sled::open(dir.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let path = out.path().join("a.pgwarchive");
+        let far = OffsetDateTime::now_utc() + time::Duration::days(1);
+        archive_store(&db, far, 25, &path, None).unwrap().unwrap();
+        for edit in [
+            (|m: &mut Manifest| m.last_seq = 999_999) as fn(&mut Manifest),
+            |m| m.head = "0".repeat(64),
+            |m| m.first_seq = 2,
+        ] {
+            let lying = out.path().join("lying.pgwarchive");
+            std::fs::copy(&path, &lying).unwrap();
+            edit_manifest(&lying, edit);
+            let archive = Archive::open(&lying).unwrap();
+            let err = archive.scan_from(1).find_map(Result::err).expect("named");
+            assert!(err.to_string().contains("says it holds"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_temporary_file_never_follows_a_link() {
+        let dir = sample_store(20, 5);
+        let db = sled::open(dir.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let victim = out.path().join("victim");
+        std::fs::write(&victim, b"keep me").unwrap();
+        let path = out.path().join("a.pgwarchive");
+        std::os::unix::fs::symlink(&victim, out.path().join("a.pgwarchive.part")).unwrap();
+        let far = OffsetDateTime::now_utc() + time::Duration::days(1);
+        archive_store(&db, far, 100, &path, None).unwrap().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+        assert!(!std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(Archive::open(&path).is_ok());
     }
 }

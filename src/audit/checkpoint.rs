@@ -103,11 +103,20 @@ impl Checkpoint {
     /// Reads a checkpoint from a line of a copy of the shipped stream: its
     /// JSON body (anywhere in the line), or its CEF event.
     pub fn from_line(line: &str) -> Option<Checkpoint> {
-        if let Some(at) = line.find("{\"instance\":") {
-            let parsed: Result<Checkpoint, _> = serde_json::from_str(line[at..].trim_end());
-            return parsed.ok();
+        // The message body alone (rsyslog's %msg%), or a whole syslog
+        // message of pgwarden's with MSGID `checkpoint`: never a checkpoint
+        // quoted inside another line (a statement, another program's log).
+        let body = match line.find(" pgwarden - checkpoint - ") {
+            Some(at) if line.starts_with('<') => &line[at + " pgwarden - checkpoint - ".len()..],
+            _ => line,
         }
-        let cef = &line[line.find("CEF:")?..];
+        .trim_end();
+        if body.starts_with("{\"instance\":") {
+            return serde_json::from_str(body).ok();
+        }
+        let cef = body
+            .strip_prefix("CEF:0|pgwarden|pgwarden|")
+            .map(|_| body)?;
         let header: Vec<&str> = cef.splitn(8, '|').collect();
         if header.len() != 8 || header[4] != "checkpoint" {
             return None;
@@ -167,6 +176,7 @@ pub fn check_file(
     path: &Path,
     instance: &str,
     key: Option<&[u8]>,
+    skip_archived: bool,
 ) -> Result<Result<String, String>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -199,6 +209,13 @@ pub fn check_file(
     };
     let (first, _) = reader.start().map_err(|e| e.to_string())?;
     let last = reader.last_seq().map_err(|e| e.to_string())?.unwrap_or(0);
+    let archived = heads.range(..first).count();
+    if archived > 0 && (archived == heads.len() || !skip_archived) {
+        return Ok(Err(format!(
+            "{archived} checkpoints of instance {instance} name records archived before seq {first}, which are not given: give their archives with --archive{}",
+            if archived == heads.len() { "" } else { ", or --skip-archived to check the store's own records only" }
+        )));
+    }
     let mut checked = 0;
     for (seq, checkpoint) in heads.range(first..) {
         match reader.get(*seq).map_err(|e| e.to_string())? {

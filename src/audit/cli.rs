@@ -123,6 +123,12 @@ pub struct VerifyArgs {
     /// store's own id).
     #[arg(long, value_name = "ID")]
     pub instance: Option<String>,
+    /// Anchors and checkpoints of archived records not given with
+    /// --archive are counted but do not fail (the store's own records are
+    /// still checked). Without it they fail: a store whose oldest records
+    /// were removed must not pass unnoticed.
+    #[arg(long)]
+    pub skip_archived: bool,
 }
 
 /// `pgwarden audit stats`.
@@ -269,7 +275,7 @@ fn verify_to(args: &VerifyArgs, out: &mut dyn Write) -> i32 {
     let mut code = EXIT_OK;
     for source in &sources {
         let prefix = if sources.len() > 1 {
-            format!("instance {}: ", source.name())
+            format!("instance {}: ", source.shown())
         } else {
             String::new()
         };
@@ -326,9 +332,10 @@ fn verify_one(args: &VerifyArgs, source: &Source) -> Result<String, (i32, String
         None => None,
     };
     let checks = [
-        url.map(|url| super::anchor::check(reader, url, &instance)),
+        url.map(|url| super::anchor::check(reader, url, &instance, args.skip_archived)),
         file.map(|path| {
-            super::checkpoint::check_file(reader, path.as_ref(), &instance, key.as_deref())
+            let (path, key) = (path.as_ref(), key.as_deref());
+            super::checkpoint::check_file(reader, path, &instance, key, args.skip_archived)
         }),
     ];
     for check in checks.into_iter().flatten() {
@@ -350,9 +357,9 @@ fn stats_to(args: &StatsArgs, out: &mut dyn Write) -> i32 {
     let mut report = String::new();
     for source in &sources {
         if sources.len() > 1 {
-            report.push_str(&format!("instance {}:\n", source.name()));
-        } else if let Some(instance) = &source.instance {
-            report.push_str(&format!("instance    {instance}\n"));
+            report.push_str(&format!("instance {}:\n", source.shown()));
+        } else if source.instance.is_some() {
+            report.push_str(&format!("instance    {}\n", source.shown()));
         }
         match stats_mod::collect(&source.reader) {
             Ok(stats) => report.push_str(&stats.to_string()),

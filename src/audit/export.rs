@@ -244,7 +244,8 @@ impl<W: Write> Sink<W> {
             }
             Sink::Csv(w) => {
                 let values = record.values();
-                let first = instance.map(|id| Some(id.into()));
+                // The instance is data too (a store's or an archive's).
+                let first = instance.map(|id| csv_field(&Value::Str(id)));
                 let cells = first.into_iter().chain(values.iter().map(csv_field));
                 write_csv_row(w, cells).map_err(out_err)
             }

@@ -86,22 +86,78 @@ impl StoreReader {
         StoreReader::none().with_archives(paths)
     }
 
+    /// Where the store's own records start (after its archive boundary).
+    fn store_start(&self) -> Result<u64, AuditError> {
+        match &self.db {
+            Some(db) => Ok(boundary(db)?.map_or(1, |b| b.seq + 1)),
+            None => Ok(u64::MAX),
+        }
+    }
+
     /// This store preceded by the archives at `paths` (oldest first).
     pub fn with_archives(self, paths: &[PathBuf]) -> Result<StoreReader, AuditError> {
         let archives = paths
             .iter()
             .map(|p| Archive::open(p))
             .collect::<Result<_, _>>()?;
-        Ok(self.with_opened(archives))
+        self.with_opened(archives)
     }
 
-    /// This store (if any) preceded by `archives`, put in seq order.
-    pub fn with_opened(mut self, mut archives: Vec<Archive>) -> StoreReader {
-        archives.sort_by_key(|a| a.manifest.first_seq);
+    /// This store (if any) preceded by `archives`, which must make one chain
+    /// with it: in seq order, each starting where the one before ended
+    /// (after its head), the last ending at the store's archive boundary
+    /// (its seq and head), all of the store's instance. Two copies of one
+    /// archive count once (a crash between writing an archive and emptying
+    /// the store leaves a second).
+    pub fn with_opened(mut self, mut archives: Vec<Archive>) -> Result<StoreReader, AuditError> {
+        let mismatch = |why: String| AuditError::Read(format!("the archives do not fit: {why}"));
+        archives.sort_by_key(|a| (a.manifest.first_seq, a.manifest.last_seq));
+        archives.dedup_by(|b, a| {
+            let (a, b) = (&a.manifest, &b.manifest);
+            (a.first_seq, a.last_seq, &a.prev_hash, &a.head)
+                == (b.first_seq, b.last_seq, &b.prev_hash, &b.head)
+        });
+        for pair in archives.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if b.manifest.first_seq != a.manifest.last_seq + 1
+                || b.manifest.prev_hash != a.manifest.head
+            {
+                return Err(mismatch(format!(
+                    "{} (records {}..={}) does not follow {} (records {}..={}, head {})",
+                    b.path.display(),
+                    b.manifest.first_seq,
+                    b.manifest.last_seq,
+                    a.path.display(),
+                    a.manifest.first_seq,
+                    a.manifest.last_seq,
+                    a.manifest.head
+                )));
+            }
+        }
+        if let (Some(db), Some(last)) = (&self.db, archives.last()) {
+            let instance = StoreReader::instance_of(db);
+            if let Some(other) = archives.iter().find(|a| a.manifest.instance != instance) {
+                return Err(mismatch(format!(
+                    "{} is an archive of instance {:?}, the store is of {:?}",
+                    other.path.display(),
+                    other.manifest.instance,
+                    instance
+                )));
+            }
+            match boundary(db)? {
+                Some(b) if b.seq == last.manifest.last_seq && b.head == last.manifest.head => {}
+                Some(b) => {
+                    return Err(mismatch(format!(
+                        "the store's records start after seq {} (head {}), the archives end at seq {} (head {})",
+                        b.seq, b.head, last.manifest.last_seq, last.manifest.head
+                    )))
+                }
+                None => return Err(mismatch("the store never archived anything".into())),
+            }
+        }
         self.archives = archives;
-        self
+        Ok(self)
     }
-
     /// Nothing yet: add archives with [`StoreReader::with_opened`].
     pub fn none() -> StoreReader {
         StoreReader {
@@ -129,7 +185,12 @@ impl StoreReader {
         &self,
         from: u64,
     ) -> Box<dyn Iterator<Item = Result<RawEntry, AuditError>> + '_> {
-        let archived = self.archives.last().map_or(0, |a| a.manifest.last_seq);
+        // The store's own records only: never fewer because of what an
+        // archive claims (with archives, they end at this boundary).
+        let start = match self.store_start() {
+            Ok(start) => start,
+            Err(e) => return Box::new(std::iter::once(Err(e))),
+        };
         let archives = self
             .archives
             .iter()
@@ -138,7 +199,7 @@ impl StoreReader {
         let store = self
             .db
             .iter()
-            .flat_map(move |db| scan_tree(db, from.max(archived + 1)));
+            .flat_map(move |db| scan_tree(db, from.max(start)));
         Box::new(archives.chain(store))
     }
 

@@ -151,7 +151,7 @@ pub fn spawn(source: Source, retention: Retention) {
             match done {
                 Ok(Ok(Some(summary))) => tracing::info!("audit retention: {summary}"),
                 Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "audit retention: nothing was archived"),
+                Ok(Err(e)) => tracing::error!(error = %e, "audit retention failed"),
                 Err(e) => tracing::error!(error = %e, "audit retention failed"),
             }
         }

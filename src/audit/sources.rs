@@ -36,6 +36,18 @@ impl Source {
     pub fn name(&self) -> &str {
         self.instance.as_deref().unwrap_or(&self.label)
     }
+
+    /// [`Source::name`] as printed in a report: quoted and escaped unless
+    /// it is a plain instance name (it comes from a store or an archive,
+    /// where anyone who could write them put it).
+    pub fn shown(&self) -> String {
+        let name = self.name();
+        if crate::config::valid_instance(name) {
+            name.to_string()
+        } else {
+            format!("{name:?}")
+        }
+    }
 }
 
 /// The chains of `stores` and `archives`.
@@ -79,7 +91,7 @@ pub fn open(stores: &[PathBuf], archives: &[PathBuf]) -> Result<Vec<Source>, Aud
         };
         sources.push(Source {
             instance,
-            reader: reader.with_opened(mine),
+            reader: reader.with_opened(mine)?,
             label: path.display().to_string(),
         });
     }
@@ -96,7 +108,7 @@ pub fn open(stores: &[PathBuf], archives: &[PathBuf]) -> Result<Vec<Source>, Aud
             .map_or(String::new(), |a| a.path.display().to_string());
         sources.push(Source {
             instance,
-            reader: StoreReader::none().with_opened(archives),
+            reader: StoreReader::none().with_opened(archives)?,
             label,
         });
     }

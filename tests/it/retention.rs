@@ -126,6 +126,16 @@ async fn a_running_gateway_archives_old_records_and_the_chain_holds_across_files
         (1..=*archived.last().unwrap()).collect::<Vec<_>>()
     );
 
+    // A second copy of an archive (a crash between writing it and emptying
+    // the store leaves one) counts once.
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("copy.pgwarchive");
+    std::fs::copy(&archives[0], &copy).unwrap();
+    let mut twice = archives.clone();
+    twice.push(copy);
+    let seqs = exported_seqs(&audit("export", &twice, Some(&store), &["--raw"]));
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+
     // A missing archive in the middle is a gap; a changed one is named.
     let mut skipped = archives.clone();
     skipped.remove(0);
@@ -139,8 +149,11 @@ async fn a_running_gateway_archives_old_records_and_the_chain_holds_across_files
     gap.remove(1);
     let out = audit("verify", &gap, Some(&store), &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(text(&out).contains("is missing"), "{}", text(&out));
-    let work = tempfile::tempdir().unwrap();
+    assert!(text(&out).contains("do not fit"), "{}", text(&out));
+    // Archives that do not reach the store's boundary do not fit it.
+    let out = audit("verify", &archives[..1], Some(&store), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("do not fit"), "{}", text(&out));
     let changed = work.path().join("changed.pgwarchive");
     let mut bytes = std::fs::read(&archives[0]).unwrap();
     bytes[40] ^= 0x20;
@@ -283,6 +296,15 @@ async fn several_stores_verify_each_and_export_merged() {
         "{}",
         text(&out)
     );
+    // gw-a's archives given with gw-b's store alone: not its chain.
+    let a_archives: Vec<PathBuf> = archives
+        .iter()
+        .filter(|a| a.file_name().unwrap().to_string_lossy().starts_with("gw-a"))
+        .cloned()
+        .collect();
+    let out = audit("verify", &a_archives, Some(&stores[1]), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("do not fit"), "{}", text(&out));
 
     // The same instance twice is a copy, not a second gateway.
     let work = tempfile::tempdir().unwrap();
@@ -305,4 +327,40 @@ async fn several_stores_verify_each_and_export_merged() {
             text(&out)
         );
     }
+}
+
+/// A store that ships keeps its records until the shipper sent them, even
+/// from the offline command: a syslog server that was never reachable
+/// leaves everything in the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_never_shipped_are_never_archived() {
+    let nobody = crate::support::cluster::free_port();
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: format!("[audit.ship]\naddress = \"127.0.0.1:{nobody}\"\n"),
+        ..Opts::default()
+    })
+    .await;
+    let client = gw.connect("alice").await;
+    for i in 0..30 {
+        support::one(&client, &format!("SELECT 'unshipped-{i}'")).await;
+    }
+    drop(client);
+    let dir = gw.stop().await;
+    let store = dir.path().join("audit");
+    let out_file = dir.path().join("early.pgwarchive");
+    let out = audit(
+        "archive",
+        &[],
+        Some(&store),
+        &[
+            "--before",
+            "2999-01-01T00:00:00Z",
+            "-o",
+            out_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing to archive"), "{}", text(&out));
+    assert!(!out_file.exists());
 }

@@ -503,4 +503,54 @@ async fn signed_checkpoints_in_the_stream_hold_a_store_to_its_copy() {
         "{}",
         said(&out)
     );
+
+    // The oldest records archived (or archived and the archive thrown
+    // away): checkpoints of records not given fail unless the auditor says
+    // to check the store's own records only.
+    let archived = keys.path().join("archived");
+    assert!(std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&store)
+        .arg(&archived)
+        .status()
+        .unwrap()
+        .success());
+    let archive = keys.path().join("old.pgwarchive");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(["audit", "archive", "--store"])
+        .arg(&archived)
+        .args(["--before", "2999-01-01T00:00:00Z", "-o"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(said(&out).contains("archived records"), "{}", said(&out));
+    let out = verify(&archived, &copy, &public);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(said(&out).contains("which are not given"), "{}", said(&out));
+    let with = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+            .args(["audit", "verify", "--store"])
+            .arg(&archived)
+            .arg("--checkpoints")
+            .arg(&copy)
+            .args(["--public-key", &public])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = with(&["--archive", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", said(&out));
+    // The store's own records are checked against the checkpoints after
+    // the archive; with every checkpoint's record archived there is
+    // nothing of the store's own to check, and that still fails.
+    let boundary = pgwarden::audit::archive::Archive::open(&archive)
+        .unwrap()
+        .manifest
+        .last_seq;
+    let out = with(&["--skip-archived"]);
+    if latest > boundary {
+        assert!(out.status.success(), "{}", said(&out));
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    }
 }

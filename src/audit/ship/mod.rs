@@ -168,6 +168,22 @@ pub fn spawn(
 ) -> Arc<ShipStatus> {
     let status = Arc::new(ShipStatus::default());
     status.started.get_or_init(Instant::now);
+    // A store that ships has a position from the start (0: nothing yet), so
+    // that offline archiving never takes records the shipper has not sent.
+    if let Some(db) = source.db.get() {
+        let meta = db.open_tree(META_TREE);
+        let marked = meta.and_then(|meta| {
+            meta.compare_and_swap(
+                SHIPPED_KEY,
+                None as Option<&[u8]>,
+                Some(&0u64.to_be_bytes()),
+            )
+            .map(|_| ())
+        });
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, "audit shipping could not keep its position");
+        }
+    }
     let shipper = Shipper {
         source,
         config,
@@ -463,6 +479,11 @@ impl Shipper {
             let (seq, value) = entry?;
             if seq > durable || bytes >= BATCH_BYTES {
                 break;
+            }
+            if messages.is_empty() && seq > sent + 1 {
+                // Gone from the store before they were shipped (archived
+                // by hand, or removed): they can never be sent from here.
+                tracing::error!(first = sent + 1, last = seq - 1, "audit records missing from the store were never shipped: send them from their archive");
             }
             let record = decode(seq, &value)?;
             let (msg, cut) = format.message(&record, &value);

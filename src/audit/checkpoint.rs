@@ -275,10 +275,20 @@ mod tests {
         let checkpoint = signer.sign("gw-1", head(42));
         assert!(checkpoint.signed_by(&key));
         let json = serde_json::to_string(&checkpoint).unwrap();
-        assert_eq!(
-            Checkpoint::from_line(&format!("<110>1 x {json}")),
-            Some(checkpoint.clone())
-        );
+        assert_eq!(Checkpoint::from_line(&json), Some(checkpoint.clone()));
+        let syslog = format!("<110>1 2026-12-01T00:00:00Z host pgwarden - checkpoint - {json}");
+        assert_eq!(Checkpoint::from_line(&syslog), Some(checkpoint.clone()));
+        // Quoted inside something else, it is not a checkpoint.
+        for quoted in [
+            format!("<14>1 2026 host postgres 12 - - LOG: statement: {json}"),
+            format!("x {json}"),
+            format!(
+                "LOG: statement: {}",
+                super::super::cef::checkpoint_event(&checkpoint)
+            ),
+        ] {
+            assert_eq!(Checkpoint::from_line(&quoted), None, "{quoted}");
+        }
         let cef = super::super::cef::checkpoint_event(&checkpoint);
         assert_eq!(
             Checkpoint::from_line(&cef),

@@ -4,8 +4,8 @@
 # throwaway test clusters, psql and pgbench as real clients), rsyslog with
 # its TLS and RELP inputs (the syslog server the audit shipping tests start
 # themselves), HAProxy (the load balancer of the several-gateways test),
-# and the client drivers of the driver-matrix tests
-# (tests/drivers/install.sh).
+# cargo-deb (the package test), and the client drivers of the
+# driver-matrix tests (tests/drivers/install.sh).
 # Idempotent: does nothing where everything is present.
 set -euo pipefail
 need=()
@@ -27,6 +27,11 @@ fi
 # PostgreSQL refuses to run as root; the tests run it as this OS user then.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+fi
+# cargo-deb builds the Debian package (tests/it/packaging.rs); pinned, since
+# it is a build tool the tests drive.
+if ! cargo deb --version 2>/dev/null | grep -q '^cargo-deb 3\.8\.0$'; then
+  cargo install cargo-deb --version 3.8.0 --locked
 fi
 # The client drivers that the driver-matrix tests (tests/it/drivers.rs) run
 # through the gateway: psycopg 3, asyncpg, node-postgres, PostgreSQL JDBC.

@@ -20,6 +20,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod migrate;
+mod packaging;
 mod pipelines;
 mod policy;
 mod pool;

@@ -251,7 +251,8 @@ pub async fn run_demo() -> Result<(), DemoError> {
         })
         .await;
     println!("\nstopped. The audit log of this demo, one line per statement:");
-    let export = crate::audit::cli::ExportArgs::for_store(&audit_dir);
+    let mut export = crate::audit::cli::ExportArgs::for_store(&audit_dir);
+    export.format = crate::audit::export::Format::Table;
     crate::audit::cli::export(&export);
     drop(cluster);
     println!("demo cluster and audit log removed.");

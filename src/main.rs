@@ -68,6 +68,8 @@ enum AuditCommand {
     Verify(pgwarden::audit::cli::VerifyArgs),
     /// Counts by kind, user and database, first and last timestamps, chain head.
     Stats(pgwarden::audit::cli::StatsArgs),
+    /// The latest statements as an aligned table (time, client, role, status, statement).
+    Tail(pgwarden::audit::cli::TailArgs),
     /// Move the records written before a time into an archive file (retention).
     Archive(pgwarden::audit::retention::ArchiveArgs),
 }
@@ -117,6 +119,7 @@ fn main() -> ExitCode {
                 AuditCommand::Verify(args) => cli::verify(&args),
                 AuditCommand::Stats(args) => cli::stats(&args),
                 AuditCommand::Archive(args) => pgwarden::audit::retention::archive(&args),
+                AuditCommand::Tail(args) => cli::tail(&args),
             };
             code.clamp(0, 255) as u8
         }

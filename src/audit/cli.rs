@@ -101,6 +101,22 @@ impl ExportArgs {
     }
 }
 
+/// `pgwarden audit tail`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// How many of the latest lines.
+    #[arg(short = 'n', long = "lines", default_value_t = 20)]
+    pub lines: usize,
+    /// Only lines of this client user.
+    #[arg(long, value_name = "U")]
+    pub user: Option<String>,
+    /// Only lines of this kind (query, session_start, ...).
+    #[arg(long, value_name = "K")]
+    pub kind: Option<Kind>,
+}
+
 /// `pgwarden audit verify`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct VerifyArgs {
@@ -215,6 +231,11 @@ pub fn export(args: &ExportArgs) -> i32 {
             kind: args.kind,
         },
         max_window_bytes: DEFAULT_MAX_WINDOW_BYTES,
+        // A table on a terminal is cut to its width; to a file, whole.
+        width: match (args.format, &args.output) {
+            (Format::Table, None) => super::table::terminal_width(),
+            _ => 0,
+        },
     };
     let sources = match open(CMD, &args.store) {
         Ok(sources) => sources,
@@ -245,6 +266,62 @@ pub fn export(args: &ExportArgs) -> i32 {
         }
         Err(e) => fail(CMD, code_of(&e), e),
     }
+}
+
+/// Runs `audit tail`: the latest statements as an aligned table. A store a
+/// running gateway holds cannot be read (sled lets one process open it):
+/// the message says so and where to look instead.
+pub fn tail(args: &TailArgs) -> i32 {
+    const CMD: &str = "tail";
+    if args.kind == Some(Kind::Result) {
+        return fail(
+            CMD,
+            EXIT_USAGE,
+            "result records are folded into their query lines",
+        );
+    }
+    let stores = store_paths(&args.store).unwrap_or_default();
+    if let Some(held) = stores.iter().find(|s| super::store::is_locked(s)) {
+        return fail(
+            CMD,
+            EXIT_FAILURE,
+            format_args!("{} is held by a running gateway (sled lets one process open a store): follow its records live where they are shipped ([audit.ship]), or tail the store once the gateway stops", held.display()),
+        );
+    }
+    let sources = match open(CMD, &args.store) {
+        Ok(sources) => sources,
+        Err(code) => return code,
+    };
+    let options = ExportOptions {
+        format: Format::Table,
+        filter: Filter {
+            user: args.user.clone(),
+            kind: args.kind,
+            ..Filter::default()
+        },
+        width: super::table::terminal_width(),
+        ..ExportOptions::default()
+    };
+    let mut latest = std::collections::VecDeque::with_capacity(args.lines + 1);
+    for source in &sources {
+        let kept = export::each_line(&source.reader, &options, |line| {
+            latest.push_back(super::table::row(line.record(), options.width));
+            if latest.len() > args.lines {
+                latest.pop_front();
+            }
+            Ok(())
+        });
+        if let Err(e) = kept {
+            return fail(CMD, code_of(&e), e);
+        }
+    }
+    let mut report = super::table::header(options.width);
+    report.push('\n');
+    for line in latest {
+        report.push_str(&line);
+        report.push('\n');
+    }
+    print_to(CMD, &mut std::io::stdout().lock(), &report)
 }
 
 /// Runs `audit verify`; returns the exit code (1 names the first bad seq).

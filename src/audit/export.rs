@@ -35,6 +35,9 @@ pub enum Format {
     Jsonl,
     /// RFC 4180 CSV with a header row.
     Csv,
+    /// Aligned columns for a person (time, client, role, database, status,
+    /// duration, statement), one line per statement.
+    Table,
 }
 
 /// Which lines to write. In a joined export the filters apply to the
@@ -93,6 +96,8 @@ pub struct ExportOptions {
     pub filter: Filter,
     /// Bound of the join window (see [`super::join`]).
     pub max_window_bytes: usize,
+    /// `table`: cut lines to this many columns (0: whole).
+    pub width: usize,
 }
 
 impl Default for ExportOptions {
@@ -102,6 +107,7 @@ impl Default for ExportOptions {
             raw: false,
             filter: Filter::default(),
             max_window_bytes: DEFAULT_MAX_WINDOW_BYTES,
+            width: 0,
         }
     }
 }
@@ -121,7 +127,7 @@ pub fn export<W: Write>(
     options: &ExportOptions,
     out: W,
 ) -> Result<ExportSummary, AuditError> {
-    let mut sink = Sink::new(options.format, out, false)?;
+    let mut sink = Sink::new(options.format, out, false, options.width)?;
     let mut lines = 0;
     let records = each_line(reader, options, |line| {
         sink.write(line.record(), line.raw(), None)?;
@@ -173,6 +179,8 @@ fn out_err(source: std::io::Error) -> AuditError {
 pub(super) enum Sink<W: Write> {
     Jsonl(std::io::BufWriter<W>),
     Csv(std::io::BufWriter<W>),
+    /// Aligned lines cut to a width (0: whole).
+    Table(std::io::BufWriter<W>, usize),
 }
 
 /// One CSV row (RFC 4180): an absent value is an empty field, an empty
@@ -204,8 +212,24 @@ fn write_csv_row<'a>(
 impl<W: Write> Sink<W> {
     /// A sink writing to `out`; with `instances`, every line starts with the
     /// gateway instance it came from (an `instance` column first).
-    pub(super) fn new(format: Format, out: W, instances: bool) -> Result<Sink<W>, AuditError> {
+    pub(super) fn new(
+        format: Format,
+        out: W,
+        instances: bool,
+        width: usize,
+    ) -> Result<Sink<W>, AuditError> {
         Ok(match format {
+            Format::Table => {
+                let mut w = std::io::BufWriter::with_capacity(64 * 1024, out);
+                let head = super::table::header(width);
+                let head = if instances {
+                    format!("instance  {head}")
+                } else {
+                    head
+                };
+                writeln!(w, "{head}").map_err(out_err)?;
+                Sink::Table(w, width)
+            }
             Format::Jsonl => Sink::Jsonl(std::io::BufWriter::with_capacity(256 * 1024, out)),
             Format::Csv => {
                 let mut w = std::io::BufWriter::with_capacity(256 * 1024, out);
@@ -242,6 +266,14 @@ impl<W: Write> Sink<W> {
                 .and_then(|()| w.write_all(b"\n"))
                 .map_err(out_err)
             }
+            Sink::Table(w, width) => {
+                let row = super::table::row(record, *width);
+                match instance {
+                    Some(id) => writeln!(w, "{id:<8}  {row}"),
+                    None => writeln!(w, "{row}"),
+                }
+                .map_err(out_err)
+            }
             Sink::Csv(w) => {
                 let values = record.values();
                 // The instance is data too (a store's or an archive's).
@@ -254,8 +286,9 @@ impl<W: Write> Sink<W> {
 
     pub(super) fn finish(self) -> Result<(), AuditError> {
         match self {
-            Sink::Jsonl(mut w) => w.flush().map_err(out_err),
-            Sink::Csv(mut w) => w.flush().map_err(out_err),
+            Sink::Jsonl(mut w) | Sink::Csv(mut w) | Sink::Table(mut w, _) => {
+                w.flush().map_err(out_err)
+            }
         }
     }
 }

@@ -31,6 +31,7 @@ pub mod ship;
 pub mod sources;
 pub mod stats;
 pub mod store;
+pub mod table;
 pub mod verify;
 pub(crate) mod writer;
 

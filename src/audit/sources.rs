@@ -125,7 +125,7 @@ pub fn export_merged<W: Write>(
     options: &ExportOptions,
     out: W,
 ) -> Result<ExportSummary, AuditError> {
-    let mut sink = Sink::new(options.format, out, true)?;
+    let mut sink = Sink::new(options.format, out, true, options.width)?;
     let mut summary = ExportSummary::default();
     std::thread::scope(|scope| {
         let mut readers = Vec::new();

@@ -30,3 +30,4 @@ mod raw;
 mod retention;
 mod shipping;
 mod state;
+mod tail;

@@ -1,0 +1,102 @@
+//! Reading the audit as a person: `pgwarden audit tail` and `export
+//! --format table` print aligned lines, one per statement, with its
+//! outcome; a running gateway's store is refused with a reason.
+
+use std::process::{Command, Output};
+
+use crate::support::{self, start_gateway, Opts};
+
+fn pgwarden(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_and_table_show_one_aligned_line_per_statement() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let bob = gw.connect("bob").await;
+    for i in 0..5 {
+        support::one(&alice, &format!("SELECT 'alice-{i}'")).await;
+    }
+    support::one(&bob, "SELECT 'bob-1',\n  'second line'").await;
+    assert!(bob
+        .simple_query("SELECT * FROM no_such_table")
+        .await
+        .is_err());
+    let store = gw.dir.path().join("audit");
+    let held = pgwarden(&["audit", "tail", "--store", store.to_str().unwrap()]);
+    assert_eq!(held.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&held.stderr).contains("held by a running gateway"),
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    drop((alice, bob));
+    let dir = gw.stop().await;
+    let store = dir.path().join("audit");
+    let store = store.to_str().unwrap();
+
+    let tail = stdout(&pgwarden(&[
+        "audit", "tail", "--store", store, "-n", "4", "--kind", "query",
+    ]));
+    let lines: Vec<&str> = tail.lines().collect();
+    assert_eq!(lines.len(), 5, "{tail}");
+    assert!(
+        lines[0].starts_with("time") && lines[0].contains("statement"),
+        "{tail}"
+    );
+    let column = lines[0].find("statement").unwrap();
+    assert!(
+        lines[3].contains("bob") && lines[3].contains("SELECT 'bob-1', 'second line'"),
+        "{tail}"
+    );
+    assert_eq!(lines[3].find("SELECT"), Some(column), "{tail}");
+    assert!(
+        lines[4].contains("error") && lines[4].contains("(42P01)"),
+        "{tail}"
+    );
+    let bobs = stdout(&pgwarden(&[
+        "audit", "tail", "--store", store, "--user", "bob",
+    ]));
+    assert!(bobs.lines().skip(1).all(|l| l.contains("bob")), "{bobs}");
+
+    let file = dir.path().join("audit.txt");
+    stdout(&pgwarden(&[
+        "audit",
+        "export",
+        "--store",
+        store,
+        "--format",
+        "table",
+        "-o",
+        file.to_str().unwrap(),
+    ]));
+    let table = std::fs::read_to_string(&file).unwrap();
+    for i in 0..5 {
+        assert_eq!(
+            table.matches(&format!("SELECT 'alice-{i}'")).count(),
+            1,
+            "{table}"
+        );
+    }
+    assert!(
+        table.lines().any(|l| l.contains("[session_start]")),
+        "{table}"
+    );
+}

@@ -70,11 +70,26 @@ pub struct PeerConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-/// The operator side: a Prometheus endpoint, off unless `listen` is set.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The operator side: a Prometheus endpoint (off unless `listen` is set),
+/// and the admin console (the virtual database `pgwarden`, for `users`).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
+    /// Who may open the console; their login is relayed to PostgreSQL.
+    pub users: Vec<String>,
+    /// The database the console's logins are checked against.
+    pub auth_database: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            users: Vec::new(),
+            auth_database: "postgres".into(),
+        }
+    }
 }
 
 /// How the gateway's own log lines are written (to stderr).

@@ -166,6 +166,16 @@ impl CancelRegistry {
             .remove(&(pid, secret));
     }
 
+    /// Every client session now: what its records name, and whether it has
+    /// a request running.
+    pub fn sessions(&self) -> Vec<(crate::audit::Event, bool)> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .map(|slot| (slot.record.clone(), slot.state().running))
+            .collect()
+    }
+
     /// The slot for a key a client presented, if it is one we issued.
     pub fn lookup(&self, pid: i32, secret: i32) -> Option<Arc<CancelSlot>> {
         self.slots

@@ -11,6 +11,7 @@ pub mod carried;
 pub mod checks;
 pub mod clock;
 pub mod commits;
+mod console;
 pub mod core;
 pub mod kept;
 pub mod ledger;
@@ -309,7 +310,15 @@ async fn serve_in_span(
             return;
         }
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(s))) => s,
+        Ok(Ok(Some(Admitted::Console(client, ident)))) => {
+            tracing::info!(parent: &span, user = %ident.client_user, "admin console opened");
+            console::serve(&shared, &ident, client).await;
+            let mut ev = ident.event(Kind::SessionEnd);
+            ev.message = Some("admin console closed".into());
+            shared.auditor.append_nowait(ev).await;
+            return;
+        }
+        Ok(Ok(Some(Admitted::Client(s)))) => s,
     };
     let (client, ident, key) = logged_in;
     let (pid, secret, slot) = key;
@@ -341,12 +350,18 @@ async fn serve_in_span(
 
 type LoggedIn = (ClientConn, Identity, (i32, i32, Arc<cancel::CancelSlot>));
 
+/// Who was let in: a client of the databases, or an admin of the console.
+enum Admitted {
+    Client(LoggedIn),
+    Console(ClientConn, Identity),
+}
+
 async fn login(
     shared: &Shared,
     mut client: ClientConn,
     startup: StartupMessage,
     peer: SocketAddr,
-) -> Result<Option<LoggedIn>, ClientError> {
+) -> Result<Option<Admitted>, ClientError> {
     let mut ident = Identity {
         session_id: new_session_id().into(),
         client_user: "".into(),
@@ -365,6 +380,12 @@ async fn login(
         Some(db) if !db.is_empty() => as_postgres_names(db).into(),
         _ => ident.client_user.clone(),
     };
+    // The console exists only where admins are named: elsewhere a real
+    // database may be called that.
+    if &*ident.database == console::DATABASE && !shared.config.admin.users.is_empty() {
+        let admitted = console::login(shared, client, &startup, &mut ident).await?;
+        return Ok(admitted.map(|client| Admitted::Console(client, ident)));
+    }
     let Some(role) = shared.policy().resolve(&ident.client_user, &ident.database) else {
         refuse_unmapped(shared, &ident, &mut client).await;
         return Ok(None);
@@ -404,7 +425,7 @@ async fn login(
     let mut start = ident.event(Kind::SessionStart);
     start.message = Some(format!("policy {}", shared.policy().digest()));
     shared.auditor.append_nowait(start).await;
-    Ok(Some((client, ident, (pid, secret, slot))))
+    Ok(Some(Admitted::Client((client, ident, (pid, secret, slot)))))
 }
 
 /// No policy rule maps this client: FATAL 28000, recorded as `denied`.

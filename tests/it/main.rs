@@ -9,6 +9,7 @@ mod audit;
 mod audit_truth;
 mod auth;
 mod cancel;
+mod console;
 mod drivers;
 mod guard;
 mod haproxy;

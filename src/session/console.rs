@@ -1,0 +1,332 @@
+//! The admin console: `psql -h gateway -d pgwarden -U <admin>`, as
+//! PgBouncer's. Users listed in `[admin] users` log in with their
+//! PostgreSQL password (the login is relayed, against `[admin]
+//! auth_database`); anyone else gets FATAL 28000. It speaks the simple
+//! query protocol and knows `SHOW VERSION|POOLS|CLIENTS|AUDIT|CONFIG`.
+//!
+//! Invariants: no statement of the console reaches PostgreSQL; every
+//! command, known or not, is recorded in the audit log with the admin's
+//! identity and its outcome.
+
+use bytes::BytesMut;
+
+use super::{authenticated, Identity, Shared};
+use crate::audit::{Kind, Status};
+use crate::auth::relay as auth_relay;
+use crate::client::{ClientConn, ClientError};
+use crate::protocol::messages::{self, PgError};
+use crate::protocol::sqlstate;
+use crate::protocol::startup::StartupMessage;
+
+/// The virtual database that is the console.
+pub const DATABASE: &str = "pgwarden";
+
+/// Logs an admin in: `Some(client)` ready for commands, or `None` when
+/// refused (recorded, and told to the client).
+pub(super) async fn login(
+    shared: &Shared,
+    mut client: ClientConn,
+    startup: &StartupMessage,
+    ident: &mut Identity,
+) -> Result<Option<ClientConn>, ClientError> {
+    ident.role = "pgwarden console".into();
+    let admin = &shared.config.admin;
+    if !admin.users.iter().any(|u| **u == *ident.client_user) {
+        let message = format!(
+            "user \"{}\" may not open the pgwarden console (not in [admin] users)",
+            ident.client_user
+        );
+        let mut ev = ident.event(Kind::Denied);
+        ev.status = Some(Status::Error);
+        ev.sqlstate = Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION.code().into());
+        ev.message = Some(message.clone());
+        shared.auditor.append_nowait(ev).await;
+        let error = PgError::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, message);
+        client.send_error(&error).await;
+        return Ok(None);
+    }
+    // The same login, checked by PostgreSQL against a database that exists.
+    let mut params = startup.params.clone();
+    params.retain(|(k, _)| k != "database");
+    params.push(("database".into(), admin.auth_database.clone()));
+    let checked = encode_startup(startup.version, &params);
+    let Ok(slot) = shared.auth_slots.clone().acquire_owned().await else {
+        return Ok(None);
+    };
+    let mut greeting = BytesMut::new();
+    let relayed = auth_relay::relay(
+        &mut client,
+        &checked,
+        &shared.config.backend,
+        shared.backend_tls.as_ref(),
+        &mut greeting,
+        slot,
+    )
+    .await;
+    if !authenticated(shared, ident, &mut client, relayed).await? {
+        return Ok(None);
+    }
+    messages::ready_for_query(&mut greeting, b'I');
+    client.write_all(&greeting).await?;
+    let mut start = ident.event(Kind::SessionStart);
+    start.message = Some("admin console".into());
+    shared.auditor.append_nowait(start).await;
+    Ok(Some(client))
+}
+
+/// A startup message with `params`.
+fn encode_startup(version: i32, params: &[(String, String)]) -> StartupMessage {
+    let mut body = BytesMut::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.extend_from_slice(&[0]);
+        body.extend_from_slice(v.as_bytes());
+        body.extend_from_slice(&[0]);
+    }
+    body.extend_from_slice(&[0]);
+    let mut raw = BytesMut::new();
+    raw.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    raw.extend_from_slice(&body);
+    StartupMessage {
+        version,
+        params: params.to_vec(),
+        raw: raw.freeze(),
+    }
+}
+
+/// Serves console commands until the admin leaves.
+pub(super) async fn serve(shared: &Shared, ident: &Identity, mut client: ClientConn) {
+    // After an extended-protocol message: everything until Sync is ignored.
+    let mut skipping = false;
+    while let Ok(Some(frame)) = client.read_frame().await {
+        let (tag, body) = (frame[0], &frame[5..]);
+        let mut out = BytesMut::new();
+        match tag {
+            b'X' => return,
+            b'Q' => {
+                let sql =
+                    String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body)).into_owned();
+                run(shared, ident, &sql, &mut out).await;
+                messages::ready_for_query(&mut out, b'I');
+            }
+            b'S' => {
+                skipping = false;
+                messages::ready_for_query(&mut out, b'I');
+            }
+            _ if skipping => continue,
+            _ => {
+                skipping = true;
+                PgError::error(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "the pgwarden console speaks the simple query protocol only",
+                )
+                .encode(&mut out);
+            }
+        }
+        if client.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A result: column names and rows of text.
+type Rows = (Vec<&'static str>, Vec<Vec<String>>);
+
+/// Runs one command (recorded with its outcome) and writes its answer.
+async fn run(shared: &Shared, ident: &Identity, sql: &str, out: &mut BytesMut) {
+    let command = sql.trim().trim_end_matches(';').trim().to_ascii_uppercase();
+    let command = command.split_whitespace().collect::<Vec<_>>().join(" ");
+    let answer = match command.as_str() {
+        "SHOW VERSION" => Ok((vec!["version"], vec![vec![format!("pgwarden {}", env!("CARGO_PKG_VERSION"))]])),
+        "SHOW POOLS" => Ok(pools(shared)),
+        "SHOW CLIENTS" => Ok(clients(shared)),
+        "SHOW AUDIT" => Ok(audit(shared)),
+        "SHOW CONFIG" => Ok(config(shared)),
+        _ => Err(format!(
+            "unknown console command {:?}: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW AUDIT, SHOW CONFIG",
+            sql.trim()
+        )),
+    };
+    let mut ev = ident.event(Kind::Query);
+    ev.statement = Some(sql.to_string());
+    match answer {
+        Ok((columns, rows)) => {
+            write_rows(out, &columns, &rows);
+            let tag = format!("SHOW {}", rows.len());
+            messages::write_frame(out, b'C', |b| {
+                b.extend_from_slice(tag.as_bytes());
+                b.extend_from_slice(&[0]);
+            });
+            ev.status = Some(Status::Ok);
+            ev.command_tag = Some(tag);
+            ev.rows = Some(rows.len() as u64);
+        }
+        Err(message) => {
+            PgError::error(sqlstate::SYNTAX_ERROR, message.clone()).encode(out);
+            ev.status = Some(Status::Error);
+            ev.sqlstate = Some(sqlstate::SYNTAX_ERROR.code().into());
+            ev.message = Some(message);
+        }
+    }
+    shared.auditor.append_nowait(ev).await;
+}
+
+/// RowDescription (text columns) and a DataRow per row.
+fn write_rows(out: &mut BytesMut, columns: &[&str], rows: &[Vec<String>]) {
+    messages::write_frame(out, b'T', |b| {
+        b.extend_from_slice(&(columns.len() as i16).to_be_bytes());
+        for name in columns {
+            b.extend_from_slice(name.as_bytes());
+            b.extend_from_slice(&[0]);
+            b.extend_from_slice(&0i32.to_be_bytes()); // table oid
+            b.extend_from_slice(&0i16.to_be_bytes()); // column number
+            b.extend_from_slice(&25i32.to_be_bytes()); // text
+            b.extend_from_slice(&(-1i16).to_be_bytes());
+            b.extend_from_slice(&(-1i32).to_be_bytes());
+            b.extend_from_slice(&0i16.to_be_bytes()); // text format
+        }
+    });
+    for row in rows {
+        messages::write_frame(out, b'D', |b| {
+            b.extend_from_slice(&(row.len() as i16).to_be_bytes());
+            for value in row {
+                b.extend_from_slice(&(value.len() as i32).to_be_bytes());
+                b.extend_from_slice(value.as_bytes());
+            }
+        });
+    }
+}
+
+/// PgBouncer's SHOW POOLS columns where the concept is the same.
+fn pools(shared: &Shared) -> Rows {
+    let snapshot = shared.metrics_snapshot();
+    let sessions = shared.cancels.sessions();
+    let rows = snapshot
+        .pools
+        .iter()
+        .map(|(database, idle, total)| {
+            let clients = sessions
+                .iter()
+                .filter(|(ev, _)| ev.database.as_deref() == Some(database.as_str()));
+            let active = clients.clone().filter(|(_, running)| *running).count();
+            vec![
+                database.clone(),
+                shared.config.backend.service_user.clone(),
+                active.to_string(),
+                (clients.count() - active).to_string(),
+                total.saturating_sub(*idle).to_string(),
+                idle.to_string(),
+                format!("{:?}", shared.config.pool.mode).to_lowercase(),
+            ]
+        })
+        .collect();
+    (
+        vec![
+            "database",
+            "user",
+            "cl_active",
+            "cl_idle",
+            "sv_active",
+            "sv_idle",
+            "pool_mode",
+        ],
+        rows,
+    )
+}
+
+/// PgBouncer's SHOW CLIENTS columns, and pgwarden's own: the mapped role,
+/// the application name, the session id.
+fn clients(shared: &Shared) -> Rows {
+    let mut sessions = shared.cancels.sessions();
+    sessions.sort_by(|a, b| a.0.session_id.cmp(&b.0.session_id));
+    let rows = sessions
+        .into_iter()
+        .map(|(ev, running)| {
+            let text = |v: Option<&str>| v.unwrap_or("").to_string();
+            let addr = text(ev.client_addr.as_deref());
+            let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, ""));
+            vec![
+                "C".to_string(),
+                text(ev.client_user.as_deref()),
+                text(ev.database.as_deref()),
+                if running { "active" } else { "idle" }.to_string(),
+                host.to_string(),
+                port.to_string(),
+                text(ev.role.as_deref()),
+                text(ev.application_name.as_deref()),
+                text(ev.session_id.as_deref()),
+            ]
+        })
+        .collect();
+    (
+        vec![
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "port",
+            "role",
+            "application_name",
+            "session_id",
+        ],
+        rows,
+    )
+}
+
+/// The audit log's state.
+fn audit(shared: &Shared) -> Rows {
+    let counters = shared.auditor.counters();
+    let mut rows = vec![
+        vec![
+            "records appended".to_string(),
+            counters.appended.to_string(),
+        ],
+        vec![
+            "queue depth".into(),
+            shared.auditor.queue_depth().to_string(),
+        ],
+        vec!["fsyncs".into(), counters.syncs.to_string()],
+    ];
+    if let Some(ship) = &shared.ship {
+        use std::sync::atomic::Ordering;
+        rows.push(vec![
+            "shipped up to seq".into(),
+            ship.shipped.load(Ordering::Relaxed).to_string(),
+        ]);
+        rows.push(vec![
+            "shipping lag (records)".into(),
+            ship.lag_records.load(Ordering::Relaxed).to_string(),
+        ]);
+        rows.push(vec![
+            "shipping lag (seconds)".into(),
+            format!("{:.1}", ship.lag_seconds()),
+        ]);
+    }
+    (vec!["key", "value"], rows)
+}
+
+/// The settings that matter to an operator (never a password).
+fn config(shared: &Shared) -> Rows {
+    let c = &shared.config;
+    let rows = [
+        ("listen", c.server.listen.to_string()),
+        ("backend", c.backend.address()),
+        ("service_user", c.backend.service_user.clone()),
+        ("pool_mode", format!("{:?}", c.pool.mode).to_lowercase()),
+        ("pool_size", c.pool.size.to_string()),
+        ("audit_store", c.audit.store.display().to_string()),
+        (
+            "audit_durability",
+            format!("{:?}", c.audit.durability).to_lowercase(),
+        ),
+        ("policy_digest", shared.policy().digest().to_string()),
+    ];
+    (
+        vec!["key", "value"],
+        rows.into_iter()
+            .map(|(k, v)| vec![k.to_string(), v])
+            .collect(),
+    )
+}

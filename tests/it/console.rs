@@ -1,0 +1,158 @@
+//! The admin console (`[admin] users`, the virtual database `pgwarden`):
+//! admins log in with their PostgreSQL password and read the gateway's
+//! state; anyone else gets FATAL 28000; every command is recorded.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::support::{self, cluster, start_gateway, Opts};
+
+/// psql on the console of the gateway on `port`, as `user`.
+fn console(port: u16, user: &str, password: &str, sql: &str) -> Output {
+    Command::new("psql")
+        .args([
+            "-X",
+            "-At",
+            "-F",
+            "|",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+        ])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            "pgwarden",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap()
+}
+
+fn said(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admins_read_the_gateway_state_and_everyone_else_is_refused() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "[admin]\nusers = [\"alice\"]\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let port = gw.port();
+    let bob = gw.connect("bob").await;
+    support::one(&bob, "SELECT 'bob is here'").await;
+
+    let version = console(port, "alice", "alice-pw", "SHOW VERSION");
+    assert!(version.status.success(), "{}", said(&version));
+    assert_eq!(
+        said(&version).trim(),
+        format!("pgwarden {}", env!("CARGO_PKG_VERSION"))
+    );
+    let clients = console(port, "alice", "alice-pw", "show clients;");
+    assert!(clients.status.success(), "{}", said(&clients));
+    assert!(
+        said(&clients)
+            .lines()
+            .any(|l| l.starts_with("C|bob|app|idle|127.0.0.1|") && l.contains("|engineer|")),
+        "{}",
+        said(&clients)
+    );
+    let pools = console(port, "alice", "alice-pw", "SHOW POOLS");
+    assert!(
+        said(&pools)
+            .lines()
+            .any(|l| l.starts_with("app|pgwarden_svc|")),
+        "{}",
+        said(&pools)
+    );
+    let audit = console(port, "alice", "alice-pw", "SHOW AUDIT");
+    assert!(
+        said(&audit).contains("records appended|"),
+        "{}",
+        said(&audit)
+    );
+    let config = console(port, "alice", "alice-pw", "SHOW CONFIG");
+    assert!(
+        said(&config).contains("policy_digest|sha256:"),
+        "{}",
+        said(&config)
+    );
+    assert!(!said(&config).contains(cluster::SERVICE_PASSWORD));
+
+    // Unknown commands are errors, and nothing reaches PostgreSQL.
+    let unknown = console(port, "alice", "alice-pw", "SELECT 1");
+    assert!(!unknown.status.success());
+    assert!(
+        said(&unknown).contains("unknown console command"),
+        "{}",
+        said(&unknown)
+    );
+    // Not an admin: FATAL 28000. A wrong password: PostgreSQL's refusal.
+    let refused = console(port, "bob", "bob-pw", "SHOW VERSION");
+    assert!(!refused.status.success());
+    assert!(
+        said(&refused).contains("may not open the pgwarden console"),
+        "{}",
+        said(&refused)
+    );
+    let wrong = console(port, "alice", "not-her-password", "SHOW VERSION");
+    assert!(!wrong.status.success());
+    assert!(
+        said(&wrong).contains("password authentication failed"),
+        "{}",
+        said(&wrong)
+    );
+
+    // The extended protocol is refused with 08P01, the session goes on.
+    let url = format!("host=127.0.0.1 port={port} user=alice password=alice-pw dbname=pgwarden");
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let err = admin.query("SHOW VERSION", &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("08P01"), "{err:?}");
+    let rows = admin.simple_query("SHOW VERSION").await.unwrap();
+    assert!(!rows.is_empty());
+    drop((admin, bob));
+
+    // Every command is in the audit log, with the admin's identity.
+    let dir = gw.stop().await;
+    let records = crate::audit::export(&dir.path().join("audit"), &["--raw"]);
+    let console_queries: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "query" && r["database"] == "pgwarden")
+        .collect();
+    for command in [
+        "SHOW VERSION",
+        "show clients;",
+        "SHOW POOLS",
+        "SHOW AUDIT",
+        "SHOW CONFIG",
+        "SELECT 1",
+    ] {
+        let record = console_queries
+            .iter()
+            .find(|r| r["statement"] == command)
+            .unwrap_or_else(|| panic!("{command} is not in the audit"));
+        assert_eq!(record["client_user"], "alice");
+        let expected = if command == "SELECT 1" { "error" } else { "ok" };
+        assert_eq!(record["status"], expected, "{command}");
+    }
+    assert!(records.iter().any(|r| r["kind"] == "denied"
+        && r["client_user"] == "bob"
+        && r["database"] == "pgwarden"));
+}

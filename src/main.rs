@@ -180,6 +180,7 @@ fn serve(path: &std::path::Path) -> u8 {
             }
         };
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgwarden serving");
+        let _ = gateway.shared().config_path.set(path.to_path_buf());
         spawn_reload_on_sighup(gateway.shared().clone(), path.to_path_buf());
         // On a worker thread, a spawned session starts on the accepting
         // worker without waking another thread (`block_on` runs on none).

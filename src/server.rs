@@ -234,6 +234,7 @@ impl Gateway {
             anchor,
             draining: Default::default(),
             peer_tls,
+            config_path: Default::default(),
             config: Arc::new(config),
         };
         Ok(Gateway {

@@ -2,7 +2,8 @@
 //! PgBouncer's. Users listed in `[admin] users` log in with their
 //! PostgreSQL password (the login is relayed, against `[admin]
 //! auth_database`); anyone else gets FATAL 28000. It speaks the simple
-//! query protocol and knows `SHOW VERSION|POOLS|CLIENTS|AUDIT|CONFIG`.
+//! query protocol and knows `SHOW VERSION|POOLS|CLIENTS|DATABASES|STATS|
+//! AUDIT|CONFIG` and `RELOAD`.
 //!
 //! Invariants: no statement of the console reaches PostgreSQL; every
 //! command, known or not, is recorded in the audit log with the admin's
@@ -143,8 +144,11 @@ async fn run(shared: &Shared, ident: &Identity, sql: &str, out: &mut BytesMut) {
         "SHOW CLIENTS" => Ok(clients(shared)),
         "SHOW AUDIT" => Ok(audit(shared)),
         "SHOW CONFIG" => Ok(config(shared)),
+        "SHOW DATABASES" => Ok(databases(shared)),
+        "SHOW STATS" => Ok(stats(shared)),
+        "RELOAD" => reload(shared),
         _ => Err(format!(
-            "unknown console command {:?}: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW AUDIT, SHOW CONFIG",
+            "unknown console command {:?}: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW DATABASES, SHOW STATS, SHOW AUDIT, SHOW CONFIG, RELOAD",
             sql.trim()
         )),
     };
@@ -273,6 +277,83 @@ fn clients(shared: &Shared) -> Rows {
         ],
         rows,
     )
+}
+
+/// PgBouncer's SHOW DATABASES columns where the concept is the same: each
+/// database a pool serves (by name: one PostgreSQL for all).
+fn databases(shared: &Shared) -> Rows {
+    let c = &shared.config;
+    let rows = shared
+        .metrics_snapshot()
+        .pools
+        .into_iter()
+        .map(|(database, _, total)| {
+            vec![
+                database.clone(),
+                c.backend.host.clone(),
+                c.backend.port.to_string(),
+                database,
+                c.backend.service_user.clone(),
+                c.pool.size.to_string(),
+                format!("{:?}", c.pool.mode).to_lowercase(),
+                total.to_string(),
+            ]
+        })
+        .collect();
+    (
+        vec![
+            "name",
+            "host",
+            "port",
+            "database",
+            "force_user",
+            "pool_size",
+            "pool_mode",
+            "current_connections",
+        ],
+        rows,
+    )
+}
+
+/// The gateway's counters since it started.
+fn stats(shared: &Shared) -> Rows {
+    use std::sync::atomic::Ordering;
+    let m = &shared.metrics;
+    let counters = [
+        ("clients connected", &m.clients),
+        ("logins refused by PostgreSQL", &m.auth_failures),
+        ("clients denied by the policy", &m.denied),
+        ("statements blocked by the guard", &m.guard_blocks),
+        ("identity violations", &m.identity_violations),
+        ("identity assertions", &m.identity_assertions),
+        ("waits for a server connection", &m.pool_waits),
+        ("server connection timeouts", &m.pool_timeouts),
+        ("server connection resets", &m.server_resets),
+        ("audit appends", &m.audit_appends),
+    ];
+    let rows = counters
+        .into_iter()
+        .map(|(name, value)| vec![name.to_string(), value.load(Ordering::Relaxed).to_string()])
+        .collect();
+    (vec!["key", "value"], rows)
+}
+
+/// RELOAD: as SIGHUP, the configuration file and policies read again.
+fn reload(shared: &Shared) -> Result<Rows, String> {
+    let path = shared
+        .config_path
+        .get()
+        .ok_or("this gateway was not started from a configuration file")?;
+    let restart = shared.reload(path)?;
+    let note = if restart.is_empty() {
+        "configuration and policies reloaded".to_string()
+    } else {
+        format!(
+            "configuration and policies reloaded; changed keys that need a restart: {}",
+            restart.join(", ")
+        )
+    };
+    Ok((vec!["reload"], vec![vec![note]]))
 }
 
 /// The audit log's state.

@@ -101,6 +101,8 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// TLS towards the `[[peers]]` that ask for it, by peer id.
     pub peer_tls: std::collections::HashMap<u8, crate::tls::ClientTls>,
+    /// The configuration file, when started from one (console RELOAD).
+    pub config_path: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Shared {

@@ -156,3 +156,55 @@ async fn admins_read_the_gateway_state_and_everyone_else_is_refused() {
         && r["client_user"] == "bob"
         && r["database"] == "pgwarden"));
 }
+
+/// SHOW DATABASES and SHOW STATS read the pools and counters; RELOAD
+/// re-reads the configuration file and the policies, as SIGHUP does: a
+/// client no policy mapped gets in once a policy file maps it.
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_from_the_console_applies_a_new_policy() {
+    let gw =
+        support::BinaryGateway::start(support::TEST_POLICY, "[admin]\nusers = [\"alice\"]\n").await;
+    let port = gw.port;
+    let carol = |expect_ok: bool| {
+        let out = Command::new("psql")
+            .args([
+                "-X",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "carol",
+                "-d",
+                "app",
+            ])
+            .args(["-c", "SELECT current_user"])
+            .env("PGPASSWORD", "carol-pw")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.success(), expect_ok, "{}", said(&out));
+    };
+    carol(false);
+    let databases = console(port, "alice", "alice-pw", "SHOW DATABASES");
+    assert!(databases.status.success(), "{}", said(&databases));
+    let stats = console(port, "alice", "alice-pw", "SHOW STATS");
+    assert!(
+        said(&stats).contains("clients denied by the policy|1"),
+        "{}",
+        said(&stats)
+    );
+    std::fs::write(
+        gw.dir.path().join("policies/b.toml"),
+        "[[map]]\nclients = [\"carol\"]\nrole = \"analyst\"\n",
+    )
+    .unwrap();
+    let reload = console(port, "alice", "alice-pw", "RELOAD");
+    assert!(reload.status.success(), "{}", said(&reload));
+    assert!(
+        said(&reload).contains("configuration and policies reloaded"),
+        "{}",
+        said(&reload)
+    );
+    carol(true);
+}

@@ -235,6 +235,7 @@ impl Gateway {
             draining: Default::default(),
             peer_tls,
             config_path: Default::default(),
+            peer_forwards: Arc::new(tokio::sync::Semaphore::new(crate::session::PEER_FORWARDS)),
             config: Arc::new(config),
         };
         Ok(Gateway {

@@ -38,8 +38,9 @@ use super::store::{encode_run, seq_of, unpack, RawEntry, META_TREE};
 use super::AuditError;
 
 const MAGIC: &[u8] = b"PGWARDEN-AUDIT-ARCHIVE 1\n";
-/// Records per block, about (uncompressed).
-const BLOCK_BYTES: usize = 256 * 1024;
+/// Records per block, about (uncompressed); small in tests, so that
+/// archives of a few records have several blocks.
+const BLOCK_BYTES: usize = if cfg!(test) { 1024 } else { 256 * 1024 };
 /// The meta tree's key for the boundary: the last archived seq and its hash.
 pub const ARCHIVED_KEY: &str = "archived";
 /// Largest footer a reader accepts.
@@ -401,7 +402,10 @@ impl Archive {
     /// any hash, so the records themselves decide.
     pub fn scan_from(&self, from: u64) -> impl Iterator<Item = Result<RawEntry, AuditError>> + '_ {
         let mut last: Option<RawEntry> = None;
-        let mut first_checked = from > self.manifest.first_seq;
+        // Every seq from the first asked for, in order, once: an index
+        // that skips or repeats a block, or a block holding other records,
+        // shows as a seq out of place.
+        let mut expected = from.max(self.manifest.first_seq);
         let mut done = false;
         let mut records = self.records_from(from);
         std::iter::from_fn(move || {
@@ -410,13 +414,15 @@ impl Archive {
             }
             match records.next() {
                 Some(Ok(entry)) => {
-                    if !first_checked {
-                        first_checked = true;
-                        if entry.0 != self.manifest.first_seq {
-                            done = true;
-                            return Some(Err(self.lies(format!("starts at seq {}", entry.0))));
-                        }
+                    let own = stored_seq(&entry.1);
+                    if entry.0 != expected || own != Some(entry.0) {
+                        done = true;
+                        return Some(Err(self.lies(format!(
+                            "hold seq {} (its record says {own:?}) where seq {expected} belongs",
+                            entry.0
+                        ))));
                     }
+                    expected += 1;
                     last = Some(entry.clone());
                     Some(Ok(entry))
                 }
@@ -476,6 +482,13 @@ impl Archive {
             })
             .filter(move |entry| !matches!(entry, Ok((seq, _)) if *seq < from))
     }
+}
+
+/// The seq a stored record names (its canonical bytes start with it).
+fn stored_seq(raw: &[u8]) -> Option<u64> {
+    let rest = raw.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
 
 fn read_block(

@@ -123,10 +123,19 @@ fn a_manifest_that_lies_about_its_records_is_named() {
     let path = out.path().join("a.pgwarchive");
     let far = OffsetDateTime::now_utc() + time::Duration::days(1);
     archive_store(&db, far, 25, &path, None).unwrap().unwrap();
+    assert!(Archive::open(&path).unwrap().manifest.blocks.len() > 2);
     for edit in [
         (|m: &mut Manifest| m.last_seq = 999_999) as fn(&mut Manifest),
         |m| m.head = "0".repeat(64),
         |m| m.first_seq = 2,
+        // The block index: one block left out, one listed twice.
+        |m| {
+            m.blocks.remove(1);
+        },
+        |m| {
+            let twice = m.blocks[1];
+            m.blocks.insert(1, twice);
+        },
     ] {
         let lying = out.path().join("lying.pgwarchive");
         std::fs::copy(&path, &lying).unwrap();

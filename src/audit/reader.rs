@@ -137,11 +137,15 @@ impl StoreReader {
         if let (Some(db), Some(last)) = (&self.db, archives.last()) {
             let instance = StoreReader::instance_of(db);
             if let Some(other) = archives.iter().find(|a| a.manifest.instance != instance) {
+                let name = |i: &Option<String>| {
+                    i.as_deref()
+                        .map_or("(none)".to_string(), |i| format!("{i:?}"))
+                };
                 return Err(mismatch(format!(
-                    "{} is an archive of instance {:?}, the store is of {:?}",
+                    "{} is an archive of instance {}, the store is of {}",
                     other.path.display(),
-                    other.manifest.instance,
-                    instance
+                    name(&other.manifest.instance),
+                    name(&instance)
                 )));
             }
             match boundary(db)? {

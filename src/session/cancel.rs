@@ -39,6 +39,10 @@ struct SlotState {
     running: bool,
     /// Cancels forwarded to `backend` that PostgreSQL has not taken yet.
     in_flight: usize,
+    /// A cancel to `backend` ended without PostgreSQL confirming it took it
+    /// (timed out, failed midway, abandoned): it may still arrive, so the
+    /// backend must not serve anyone else.
+    unconfirmed: bool,
 }
 
 impl CancelSlot {
@@ -58,15 +62,17 @@ impl CancelSlot {
     }
 
     /// The backend is about to go back to the pool: no new cancel may
-    /// start, and those in flight are waited for (up to a few seconds; a
-    /// cancel PostgreSQL has not taken by then is not going to be).
-    pub async fn unbind(&self) {
+    /// start, and those in flight are waited for (up to a few seconds).
+    /// Whether the backend may serve someone else: false when a cancel to
+    /// it is still in flight, or ended unconfirmed, since it could still
+    /// arrive and cancel the next client's statement (destroy it instead).
+    pub async fn unbind(&self) -> bool {
         {
             let mut state = self.state();
             state.backend = None;
             state.running = false;
             if state.in_flight == 0 {
-                return;
+                return !std::mem::take(&mut state.unconfirmed);
             }
         }
         let wait = async {
@@ -78,22 +84,34 @@ impl CancelSlot {
                 notified.await;
             }
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), wait).await;
+        let settled = tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+            .await
+            .is_ok();
+        let unconfirmed = std::mem::take(&mut self.state().unconfirmed);
+        settled && !unconfirmed
     }
 
-    /// The backend to cancel, if the client has a request running on it;
-    /// the caller must call [`CancelSlot::end_cancel`] once PostgreSQL has
-    /// taken the cancel.
-    pub fn begin_cancel(&self) -> Option<BackendKey> {
+    /// The backend to cancel, if the client has a request running on it,
+    /// with the guard that ends the cancel: [`InFlight::confirmed`] once
+    /// PostgreSQL has taken it; dropped otherwise (the backend is then
+    /// destroyed when it leaves the client).
+    pub fn begin_cancel(self: &Arc<Self>) -> Option<(BackendKey, InFlight)> {
         let mut state = self.state();
         let key = state.backend.filter(|_| state.running)?;
         state.in_flight += 1;
-        Some(key)
+        Some((
+            key,
+            InFlight {
+                slot: self.clone(),
+                confirmed: false,
+            },
+        ))
     }
 
-    pub fn end_cancel(&self) {
+    fn end_cancel(&self, confirmed: bool) {
         let mut state = self.state();
         state.in_flight = state.in_flight.saturating_sub(1);
+        state.unconfirmed |= !confirmed;
         if state.in_flight == 0 {
             self.settled.notify_waiters();
         }
@@ -112,6 +130,25 @@ pub struct CancelRegistry {
     /// This gateway's `[server] peer_id`, in bits 23..31 of every pid it
     /// issues (0: no peers).
     peer_id: u8,
+}
+
+/// A cancel on its way to PostgreSQL; ends when dropped.
+pub struct InFlight {
+    slot: Arc<CancelSlot>,
+    confirmed: bool,
+}
+
+impl InFlight {
+    /// PostgreSQL took the cancel (it closed the cancel connection).
+    pub fn confirmed(mut self) {
+        self.confirmed = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.slot.end_cancel(self.confirmed);
+    }
 }
 
 /// The `peer_id` of the gateway that issued a key's pid.
@@ -206,10 +243,8 @@ mod tests {
         slot.bind(BackendKey { pid: 42, secret: 7 });
         assert!(slot.begin_cancel().is_none(), "nothing running");
         slot.set_running(true);
-        assert_eq!(
-            reg.lookup(pid, secret).unwrap().begin_cancel(),
-            Some(BackendKey { pid: 42, secret: 7 })
-        );
+        let (key, in_flight) = reg.lookup(pid, secret).unwrap().begin_cancel().unwrap();
+        assert_eq!(key, BackendKey { pid: 42, secret: 7 });
         // Unbinding waits for the cancel in flight.
         let unbinding = {
             let slot = slot.clone();
@@ -221,8 +256,23 @@ mod tests {
             slot.begin_cancel().is_none(),
             "no new cancel once unbinding"
         );
-        slot.end_cancel();
-        unbinding.await.unwrap();
+        in_flight.confirmed();
+        assert!(
+            unbinding.await.unwrap(),
+            "a confirmed cancel: the backend may serve others"
+        );
+        // A cancel that ends unconfirmed (timed out, abandoned): the
+        // backend may not serve anyone else.
+        slot.bind(BackendKey { pid: 43, secret: 8 });
+        slot.set_running(true);
+        let (_, in_flight) = slot.begin_cancel().unwrap();
+        drop(in_flight);
+        assert!(
+            !slot.unbind().await,
+            "an unconfirmed cancel taints the backend"
+        );
+        slot.bind(BackendKey { pid: 44, secret: 9 });
+        assert!(slot.unbind().await, "the next backend is clean");
         assert!(reg.lookup(pid, secret.wrapping_add(1)).is_none());
         reg.unregister(pid, secret);
         assert!(reg.lookup(pid, secret).is_none());

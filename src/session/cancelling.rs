@@ -38,7 +38,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr
     // Who asked: the client's own connection, or a peer gateway that
     // received the cancel from the load balancer.
     let from = if forwarded {
-        format!("{peer} (a peer gateway, on behalf of a client)")
+        format!("{peer} with the peer gateways' request code")
     } else {
         peer.to_string()
     };
@@ -50,7 +50,7 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr
     // and who asked.
     let mut ev = slot.record.clone();
     ev.at = time::OffsetDateTime::now_utc();
-    let Some(backend) = slot.begin_cancel() else {
+    let Some((backend, in_flight)) = slot.begin_cancel() else {
         tracing::debug!("cancel request for a client with nothing running ignored");
         ev.message = Some(format!(
             "cancel request from {from} ignored: the session had nothing running"
@@ -61,8 +61,9 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: i32, peer: SocketAddr
     ev.backend_pid = Some(backend.pid);
     ev.message = Some(format!("cancel request from {from} forwarded"));
     shared.auditor.append_nowait(ev).await;
-    cancel_backend(shared, backend).await;
-    slot.end_cancel();
+    if cancel_backend(shared, backend).await {
+        in_flight.confirmed();
+    }
 }
 
 /// A cancel whose key another gateway issued (`[[peers]]`): sent on to
@@ -81,6 +82,13 @@ async fn to_peer(shared: &Shared, issuer: u8, pid: i32, secret: i32, forwarded: 
         );
         return;
     }
+    let Ok(_forwarding) = shared.peer_forwards.try_acquire() else {
+        tracing::warn!(
+            issuer,
+            "too many cancel requests are being sent on to peers; one dropped"
+        );
+        return;
+    };
     let packet = startup_packet::peer_cancel_request(pid, secret);
     let timeout = Duration::from_millis(shared.config.backend.connect_timeout_ms);
     // The peer closes the connection once it has dealt with the cancel.
@@ -104,14 +112,25 @@ async fn to_peer(shared: &Shared, issuer: u8, pid: i32, secret: i32, forwarded: 
 }
 
 /// Sends a `CancelRequest` for `backend` to PostgreSQL and waits until it
-/// was taken (PostgreSQL closes the connection).
-pub(crate) async fn cancel_backend(shared: &Shared, backend: cancel::BackendKey) {
+/// was taken (PostgreSQL closes the connection): whether it was, within
+/// twice `connect_timeout_ms`. One not confirmed may still arrive later.
+pub(crate) async fn cancel_backend(shared: &Shared, backend: cancel::BackendKey) -> bool {
     let addr = shared.config.backend.address();
     let packet = startup_packet::cancel_request(backend.pid, backend.secret);
+    let deadline =
+        Duration::from_millis(shared.config.backend.connect_timeout_ms.saturating_mul(2));
     // PostgreSQL closes the cancel connection itself; waiting for that
     // means the request was processed before we return.
-    if let Err(e) = send_until_closed(&addr, &packet).await {
-        tracing::warn!("could not forward a cancel request: {e}");
+    match tokio::time::timeout(deadline, send_until_closed(&addr, &packet)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!("could not forward a cancel request: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("PostgreSQL did not take a cancel request in time");
+            false
+        }
     }
 }
 

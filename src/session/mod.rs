@@ -103,6 +103,9 @@ pub struct Shared {
     pub peer_tls: std::collections::HashMap<u8, crate::tls::ClientTls>,
     /// The configuration file, when started from one (console RELOAD).
     pub config_path: std::sync::OnceLock<std::path::PathBuf>,
+    /// Cancels being sent on to peers at once: a peer that does not answer
+    /// cannot make the gateway hold connections without bound.
+    pub peer_forwards: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -279,8 +282,6 @@ async fn serve_in_span(
     let _ = tcp.set_nodelay(true);
     let login_timeout = Duration::from_millis(shared.config.server.login_timeout_ms);
     let max = shared.config.server.max_message_size;
-    // Held for the whole session; cancel requests are served even when full.
-    let client_slot = shared.client_slots.clone().try_acquire_owned();
     let login = async {
         match startup::negotiate(tcp, shared.tls.as_ref(), max).await? {
             FirstPacket::Gone => Ok(None),
@@ -290,16 +291,23 @@ async fn serve_in_span(
                 forwarded,
                 client,
             } => {
-                cancelling::on_cancel(&shared, pid, secret, forwarded, peer).await;
+                // Served even when every client slot is taken, and without
+                // one; the requester's connection is closed first, as
+                // PostgreSQL does, so a slow target holds nothing of theirs.
                 drop(client);
+                cancelling::on_cancel(&shared, pid, secret, forwarded, peer).await;
                 Ok(None)
             }
-            FirstPacket::Startup(mut client, _) if client_slot.is_err() => {
-                tracing::warn!(%peer, "max_client_connections reached; client refused");
-                refuse_login(&mut client, Refusal::TooManyClients).await;
-                Ok(None)
+            FirstPacket::Startup(mut client, startup) => {
+                // Held for the whole session.
+                let Ok(slot) = shared.client_slots.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "max_client_connections reached; client refused");
+                    refuse_login(&mut client, Refusal::TooManyClients).await;
+                    return Ok(None);
+                };
+                let admitted = login(&shared, client, startup, peer).await?;
+                Ok::<_, ClientError>(admitted.map(|admitted| (admitted, slot)))
             }
-            FirstPacket::Startup(client, startup) => login(&shared, client, startup, peer).await,
         }
     };
     let logged_in = match tokio::time::timeout(login_timeout, login).await {
@@ -312,7 +320,7 @@ async fn serve_in_span(
             return;
         }
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(Admitted::Console(client, ident)))) => {
+        Ok(Ok(Some((Admitted::Console(client, ident), _slot)))) => {
             tracing::info!(parent: &span, user = %ident.client_user, "admin console opened");
             console::serve(&shared, &ident, client).await;
             let mut ev = ident.event(Kind::SessionEnd);
@@ -320,9 +328,9 @@ async fn serve_in_span(
             shared.auditor.append_nowait(ev).await;
             return;
         }
-        Ok(Ok(Some(Admitted::Client(s)))) => s,
+        Ok(Ok(Some((Admitted::Client(s), slot)))) => (s, slot),
     };
-    let (client, ident, key) = logged_in;
+    let ((client, ident, key), _client_slot) = logged_in;
     let (pid, secret, slot) = key;
     span.record("id", &*ident.session_id)
         .record("user", &*ident.client_user)
@@ -351,6 +359,9 @@ async fn serve_in_span(
 }
 
 type LoggedIn = (ClientConn, Identity, (i32, i32, Arc<cancel::CancelSlot>));
+
+/// Most cancels sent on to peers at once; more are dropped (logged).
+pub const PEER_FORWARDS: usize = 64;
 
 /// Who was let in: a client of the databases, or an admin of the console.
 enum Admitted {

@@ -204,3 +204,40 @@ async fn a_cancel_sent_on_to_a_peer_over_tls_reaches_its_statement() {
 
     assert_cancels(&mut client, b.addr).await;
 }
+
+/// Cancels for a peer that accepts and never answers (a hung host) take no
+/// client slot: logins go on while they wait, and the requester's
+/// connection is closed at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancels_for_a_hung_peer_never_keep_clients_out() {
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            open.push(s); // accepted, never answered
+        }
+    });
+    let gw = start_gateway(Opts {
+        server_extra: "peer_id = 1\nmax_client_connections = 2\n".into(),
+        audit_extra: format!("[[peers]]\nid = 3\naddress = \"{hung_addr}\"\n"),
+        ..Opts::default()
+    })
+    .await;
+    let started = Instant::now();
+    for i in 0..6 {
+        // A key of peer 3: the gateway sends it on, and the peer hangs.
+        let pid = (3 << 23) | 0x0040_0000 | i;
+        cancel(gw.addr, (pid, 1)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the requester waited for the peer"
+    );
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        clients.push(RawClient::login(gw.addr).await);
+    }
+    assert_eq!(run(&mut clients[0], "SELECT 1").await, None);
+    held.abort();
+}

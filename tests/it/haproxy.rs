@@ -412,7 +412,7 @@ async fn three_gateways_behind_haproxy() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            text.contains("a peer gateway, on behalf of a client"),
+            text.contains("with the peer gateways' request code"),
             "{}: {text}",
             store.display()
         );

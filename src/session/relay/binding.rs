@@ -271,7 +271,13 @@ impl QueryLoop<'_> {
             // The client's unnamed statement stays its own; the next
             // connection gets it parsed again when it is used.
             self.core.seq.unbound();
-            self.cancel.unbind().await;
+            // A cancel of this client that may still reach the connection
+            // must not find the next client's statement on it.
+            if !self.cancel.unbind().await {
+                tracing::warn!(parent: &self.span, "a cancel to this server connection was not confirmed; the connection is closed");
+                pool::discard(conn);
+                return;
+            }
             let who = (&self.ident.role, &self.ident.client_user);
             let handed = match self.pool.as_ref() {
                 Some(pool) => self.shared.pools.release(pool, who, conn),

@@ -26,6 +26,9 @@ pub struct CancelSlot {
     state: Mutex<SlotState>,
     /// Woken when the last cancel in flight has been taken.
     settled: tokio::sync::Notify,
+    /// Ended by an admin (console KILL).
+    killed: std::sync::atomic::AtomicBool,
+    kill: tokio::sync::Notify,
     /// The target session's identity (user, role, database, address,
     /// application name), for the audit record of a cancel.
     pub record: crate::audit::Event,
@@ -117,6 +120,24 @@ impl CancelSlot {
         }
     }
 
+    /// Ends the session (console KILL): its loop sees [`CancelSlot::killed`].
+    pub fn kill(&self) {
+        self.killed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.kill.notify_waiters();
+    }
+
+    /// Completes once the session was killed.
+    pub async fn killed(&self) {
+        loop {
+            let notified = self.kill.notified();
+            if self.killed.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// The backend the client is bound to (for the gateway's own cancels).
     pub fn backend(&self) -> Option<BackendKey> {
         self.state().backend
@@ -176,6 +197,8 @@ impl CancelRegistry {
             record,
             state: Mutex::default(),
             settled: tokio::sync::Notify::new(),
+            killed: Default::default(),
+            kill: tokio::sync::Notify::new(),
         });
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -203,14 +226,28 @@ impl CancelRegistry {
             .remove(&(pid, secret));
     }
 
-    /// Every client session now: what its records name, and whether it has
-    /// a request running.
-    pub fn sessions(&self) -> Vec<(crate::audit::Event, bool)> {
+    /// Every client session now: what its records name, whether it has a
+    /// request running, and the server connection it is bound to.
+    pub fn sessions(&self) -> Vec<(crate::audit::Event, bool, Option<BackendKey>)> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots
             .values()
-            .map(|slot| (slot.record.clone(), slot.state().running))
+            .map(|slot| {
+                let state = slot.state();
+                (slot.record.clone(), state.running, state.backend)
+            })
             .collect()
+    }
+
+    /// Ends the session with this id (console KILL); whether there was one.
+    pub fn kill(&self, session_id: &str) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let found = slots
+            .values()
+            .filter(|slot| slot.record.session_id.as_deref() == Some(session_id))
+            .inspect(|slot| slot.kill())
+            .count();
+        found > 0
     }
 
     /// The slot for a key a client presented, if it is one we issued.

@@ -2,8 +2,9 @@
 //! PgBouncer's. Users listed in `[admin] users` log in with their
 //! PostgreSQL password (the login is relayed, against `[admin]
 //! auth_database`); anyone else gets FATAL 28000. It speaks the simple
-//! query protocol and knows `SHOW VERSION|POOLS|CLIENTS|DATABASES|STATS|
-//! AUDIT|CONFIG` and `RELOAD`.
+//! query protocol and knows `SHOW VERSION|POOLS|CLIENTS|SERVERS|DATABASES|
+//! STATS|AUDIT|CONFIG`, `RELOAD`, `PAUSE`, `RESUME`, `KILL <session_id>`
+//! and `SHUTDOWN`.
 //!
 //! Invariants: no statement of the console reaches PostgreSQL; every
 //! command, known or not, is recorded in the audit log with the admin's
@@ -147,10 +148,21 @@ async fn run(shared: &Shared, ident: &Identity, sql: &str, out: &mut BytesMut) {
         "SHOW DATABASES" => Ok(databases(shared)),
         "SHOW STATS" => Ok(stats(shared)),
         "RELOAD" => reload(shared),
-        _ => Err(format!(
-            "unknown console command {:?}: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW DATABASES, SHOW STATS, SHOW AUDIT, SHOW CONFIG, RELOAD",
-            sql.trim()
-        )),
+        "SHOW SERVERS" => Ok(servers(shared)),
+        "PAUSE" => Ok(pause(shared, true)),
+        "RESUME" => Ok(pause(shared, false)),
+        "SHUTDOWN" => {
+            shared.request_shutdown();
+            Ok((vec!["shutdown"], vec![vec!["the gateway drains and stops (as on SIGTERM)".into()]]))
+        }
+        other => match other.strip_prefix("KILL ") {
+            // Session ids are case-sensitive: take it from the command as typed.
+            Some(_) => kill(shared, sql.trim().trim_end_matches(';').split_whitespace().nth(1).unwrap_or("")),
+            None => Err(format!(
+                "unknown console command {:?}: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW DATABASES, SHOW STATS, SHOW AUDIT, SHOW CONFIG, RELOAD, PAUSE, RESUME, KILL <session_id>, SHUTDOWN",
+                sql.trim()
+            )),
+        },
     };
     let mut ev = ident.event(Kind::Query);
     ev.statement = Some(sql.to_string());
@@ -212,8 +224,8 @@ fn pools(shared: &Shared) -> Rows {
         .map(|(database, idle, total)| {
             let clients = sessions
                 .iter()
-                .filter(|(ev, _)| ev.database.as_deref() == Some(database.as_str()));
-            let active = clients.clone().filter(|(_, running)| *running).count();
+                .filter(|(ev, _, _)| ev.database.as_deref() == Some(database.as_str()));
+            let active = clients.clone().filter(|(_, running, _)| *running).count();
             vec![
                 database.clone(),
                 shared.config.backend.service_user.clone(),
@@ -246,7 +258,7 @@ fn clients(shared: &Shared) -> Rows {
     sessions.sort_by(|a, b| a.0.session_id.cmp(&b.0.session_id));
     let rows = sessions
         .into_iter()
-        .map(|(ev, running)| {
+        .map(|(ev, running, _)| {
             let text = |v: Option<&str>| v.unwrap_or("").to_string();
             let addr = text(ev.client_addr.as_deref());
             let (host, port) = addr.rsplit_once(':').unwrap_or((&addr, ""));
@@ -354,6 +366,76 @@ fn reload(shared: &Shared) -> Result<Rows, String> {
         )
     };
     Ok((vec!["reload"], vec![vec![note]]))
+}
+
+/// The server connections bound to a client now (PgBouncer's SHOW SERVERS
+/// columns where the concept is the same), with the client and identity
+/// each serves; idle pooled connections are counted by SHOW POOLS.
+fn servers(shared: &Shared) -> Rows {
+    let rows = shared
+        .cancels
+        .sessions()
+        .into_iter()
+        .filter_map(|(ev, running, backend)| {
+            let backend = backend?;
+            let text = |v: Option<&str>| v.unwrap_or("").to_string();
+            Some(vec![
+                "S".to_string(),
+                shared.config.backend.service_user.clone(),
+                text(ev.database.as_deref()),
+                if running { "active" } else { "used" }.to_string(),
+                shared.config.backend.address(),
+                backend.pid.to_string(),
+                text(ev.client_user.as_deref()),
+                text(ev.role.as_deref()),
+                text(ev.session_id.as_deref()),
+            ])
+        })
+        .collect();
+    (
+        vec![
+            "type",
+            "user",
+            "database",
+            "state",
+            "addr",
+            "remote_pid",
+            "client_user",
+            "role",
+            "session_id",
+        ],
+        rows,
+    )
+}
+
+/// PAUSE: no client gets a server connection until RESUME (running
+/// transactions go on; new ones wait). RESUME lets them through.
+fn pause(shared: &Shared, paused: bool) -> Rows {
+    shared.paused.send_replace(paused);
+    let note = if paused {
+        "paused: new transactions wait for RESUME"
+    } else {
+        "resumed"
+    };
+    (
+        vec![if paused { "pause" } else { "resume" }],
+        vec![vec![note.into()]],
+    )
+}
+
+/// KILL <session_id>: ends that client's session, as pg_terminate_backend
+/// ends a backend's (FATAL 57P01; an open transaction is rolled back).
+fn kill(shared: &Shared, session_id: &str) -> Result<Rows, String> {
+    if shared.cancels.kill(session_id) {
+        Ok((
+            vec!["kill"],
+            vec![vec![format!("session {session_id} ended")]],
+        ))
+    } else {
+        Err(format!(
+            "no client session {session_id:?} (SHOW CLIENTS lists them)"
+        ))
+    }
 }
 
 /// The audit log's state.

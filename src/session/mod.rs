@@ -106,9 +106,45 @@ pub struct Shared {
     /// Cancels being sent on to peers at once: a peer that does not answer
     /// cannot make the gateway hold connections without bound.
     pub peer_forwards: Arc<tokio::sync::Semaphore>,
+    /// Console PAUSE: no new transaction gets a server connection.
+    pub paused: tokio::sync::watch::Sender<bool>,
+    /// Console SHUTDOWN: the accept loop drains and stops, as on SIGTERM.
+    pub shutdown_requested: tokio::sync::Notify,
+    pub shutdown_flag: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
+    /// Asks the gateway to drain and stop (console SHUTDOWN).
+    pub fn request_shutdown(&self) {
+        self.shutdown_flag
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shutdown_requested.notify_waiters();
+    }
+
+    /// Completes once a shutdown was requested.
+    pub async fn shutdown_requested(&self) {
+        loop {
+            let notified = self.shutdown_requested.notified();
+            if self
+                .shutdown_flag
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits while the console has paused the pools.
+    pub async fn while_paused(&self) {
+        let mut paused = self.paused.subscribe();
+        while *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     pub fn policy(&self) -> Arc<Policy> {
         self.policy
             .read()

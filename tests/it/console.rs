@@ -208,3 +208,93 @@ async fn reload_from_the_console_applies_a_new_policy() {
     );
     carol(true);
 }
+
+/// SHOW SERVERS names the server connection a client holds; PAUSE holds
+/// new transactions until RESUME; KILL ends one client's session (57P01,
+/// recorded); SHUTDOWN stops the gateway as SIGTERM does.
+#[tokio::test(flavor = "multi_thread")]
+async fn admins_pause_kill_and_shut_down() {
+    let gw = support::BinaryGateway::start(
+        support::TEST_POLICY,
+        "[admin]\nusers = [\"alice\"]\n[audit]\nstore = \"audit\"\n",
+    )
+    .await;
+    let port = gw.port;
+    let connect = |user: &'static str| async move {
+        let url = format!(
+            "host=127.0.0.1 port={port} user={user} password={} dbname=app",
+            support::password_of(user)
+        );
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    let bob = connect("bob").await;
+    bob.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let servers = console(port, "alice", "alice-pw", "SHOW SERVERS");
+    assert!(
+        said(&servers)
+            .lines()
+            .any(|l| l.starts_with("S|pgwarden_svc|app|used|") && l.contains("|bob|engineer|")),
+        "{}",
+        said(&servers)
+    );
+    bob.batch_execute("COMMIT").await.unwrap();
+
+    // PAUSE: a new transaction waits; RESUME lets it run.
+    let paused = console(port, "alice", "alice-pw", "PAUSE");
+    assert!(paused.status.success(), "{}", said(&paused));
+    let waiting = tokio::spawn(async move {
+        bob.simple_query("SELECT 'after resume'").await.unwrap();
+        bob
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a transaction ran while paused");
+    let resumed = console(port, "alice", "alice-pw", "RESUME");
+    assert!(resumed.status.success(), "{}", said(&resumed));
+    let bob = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .expect("resumed")
+        .unwrap();
+
+    // KILL bob's session by its id.
+    let clients = console(port, "alice", "alice-pw", "SHOW CLIENTS");
+    let session = said(&clients)
+        .lines()
+        .find(|l| l.starts_with("C|bob|"))
+        .and_then(|l| l.rsplit('|').next())
+        .expect("bob is a client")
+        .to_string();
+    let killed = console(port, "alice", "alice-pw", &format!("KILL {session}"));
+    assert!(killed.status.success(), "{}", said(&killed));
+    let err = bob.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        err.code().map(|c| c.code()) == Some("57P01") || err.is_closed(),
+        "{err:?}"
+    );
+    let unknown = console(port, "alice", "alice-pw", "KILL no-such-session");
+    assert!(
+        said(&unknown).contains("no client session"),
+        "{}",
+        said(&unknown)
+    );
+
+    // SHUTDOWN: the gateway drains and exits.
+    let down = console(port, "alice", "alice-pw", "SHUTDOWN");
+    assert!(down.status.success(), "{}", said(&down));
+    let (code, dir) = tokio::time::timeout(std::time::Duration::from_secs(10), gw.wait())
+        .await
+        .expect("the gateway stopped");
+    assert_eq!(code, Some(0));
+    let records = crate::audit::export(&dir.path().join("audit"), &["--raw"]);
+    assert!(records.iter().any(|r| r["kind"] == "session_end"
+        && r["client_user"] == "bob"
+        && r["sqlstate"] == "57P01"));
+    for command in ["PAUSE", "RESUME", "SHUTDOWN"] {
+        assert!(records
+            .iter()
+            .any(|r| r["statement"] == command && r["client_user"] == "alice"));
+    }
+}

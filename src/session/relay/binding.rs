@@ -137,6 +137,8 @@ impl QueryLoop<'_> {
 
     /// A connection from this session's pool.
     async fn acquire(&mut self) -> Result<PooledConn, Refusal> {
+        // Console PAUSE: wait for RESUME (e.g. while PostgreSQL restarts).
+        self.shared.while_paused().await;
         crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
         let pool = match self.pool.take() {
             Some(pool) => pool,

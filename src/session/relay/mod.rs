@@ -96,6 +96,8 @@ enum Wake {
     Server(Result<usize, crate::backend::conn::BackendError>),
     Shutdown,
     Timer,
+    /// An admin ended the session (console KILL).
+    Killed,
 }
 
 impl<'a> QueryLoop<'a> {
@@ -181,7 +183,9 @@ impl<'a> QueryLoop<'a> {
                 let client = &mut self.client;
                 let server = &mut self.server;
                 let shutdown = &mut self.shutdown;
+                let cancel = self.cancel.clone();
                 tokio::select! {
+                    _ = cancel.killed() => Wake::Killed,
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
                     r = client.fill(), if !self.core.seq.deferred() => Wake::Client(r),
                     r = shutdown.changed(), if idle && !self.shutting_down => {
@@ -201,6 +205,8 @@ impl<'a> QueryLoop<'a> {
                 Wake::Server(Ok(_)) => self.on_server_data().await,
                 Wake::Server(Err(e)) => Err(self.server_lost(&e.to_string()).await),
                 Wake::Shutdown => Ok(()),
+                // Ended by an admin, as pg_terminate_backend ends one.
+                Wake::Killed => Err(End::Fatal(Refusal::Shutdown)),
                 Wake::Timer => match timer {
                     Some((which, _)) => self.on_timeout(which).await,
                     None => Ok(()),

@@ -115,6 +115,14 @@ pub struct TailArgs {
     /// Only lines of this kind (query, session_start, ...).
     #[arg(long, value_name = "K")]
     pub kind: Option<Kind>,
+    /// Read a running gateway's records through its admin console (a
+    /// PostgreSQL URL to database `pgwarden` as an admin), since its store
+    /// cannot be opened while it runs.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["store", "config", "archives"])]
+    pub console: Option<String>,
+    /// With --console: keep printing records as they are written.
+    #[arg(long, requires = "console")]
+    pub follow: bool,
 }
 
 /// `pgwarden audit verify`.
@@ -273,6 +281,9 @@ pub fn export(args: &ExportArgs) -> i32 {
 /// the message says so and where to look instead.
 pub fn tail(args: &TailArgs) -> i32 {
     const CMD: &str = "tail";
+    if let Some(url) = &args.console {
+        return super::follow::tail_console(args, url);
+    }
     if args.kind == Some(Kind::Result) {
         return fail(
             CMD,
@@ -285,7 +296,7 @@ pub fn tail(args: &TailArgs) -> i32 {
         return fail(
             CMD,
             EXIT_FAILURE,
-            format_args!("{} is held by a running gateway (sled lets one process open a store): follow its records live where they are shipped ([audit.ship]), or tail the store once the gateway stops", held.display()),
+            format_args!("{} is held by a running gateway (sled lets one process open a store): read it through the gateway's admin console (tail --console postgres://ADMIN@GATEWAY/pgwarden [--follow]), or tail the store once the gateway stops", held.display()),
         );
     }
     let sources = match open(CMD, &args.store) {

@@ -23,6 +23,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod cli;
 pub mod export;
+pub mod follow;
 pub mod join;
 pub mod reader;
 pub mod record;

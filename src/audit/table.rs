@@ -41,6 +41,15 @@ pub fn row(record: &Record, width: usize) -> String {
         .unwrap_or_else(|| "-".into());
     let what = match record.kind {
         Kind::Query => record.statement.clone().unwrap_or_default(),
+        Kind::Result => format!(
+            "[result of {}] {}",
+            record.ref_seq.map_or("?".to_string(), |s| s.to_string()),
+            record
+                .command_tag
+                .as_deref()
+                .or(record.message.as_deref())
+                .unwrap_or("")
+        ),
         kind => {
             let detail = record
                 .statement

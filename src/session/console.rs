@@ -155,11 +155,18 @@ async fn run(shared: &Shared, ident: &Identity, sql: &str, out: &mut BytesMut) {
             shared.request_shutdown();
             Ok((vec!["shutdown"], vec![vec!["the gateway drains and stops (as on SIGTERM)".into()]]))
         }
+        "SHOW LOG" => log(shared, None),
+        other if other.starts_with("SHOW LOG AFTER ") => {
+            match other["SHOW LOG AFTER ".len()..].trim().parse() {
+                Ok(seq) => log(shared, Some(seq)),
+                Err(_) => Err("SHOW LOG AFTER takes a seq".into()),
+            }
+        }
         other => match other.strip_prefix("KILL ") {
             // Session ids are case-sensitive: take it from the command as typed.
             Some(_) => kill(shared, sql.trim().trim_end_matches(';').split_whitespace().nth(1).unwrap_or("")),
             None => Err(format!(
-                "unknown console command {:?}: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW DATABASES, SHOW STATS, SHOW AUDIT, SHOW CONFIG, RELOAD, PAUSE, RESUME, KILL <session_id>, SHUTDOWN",
+                "unknown console command {:?}: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW DATABASES, SHOW STATS, SHOW AUDIT, SHOW CONFIG, SHOW LOG [AFTER seq], RELOAD, PAUSE, RESUME, KILL <session_id>, SHUTDOWN",
                 sql.trim()
             )),
         },
@@ -436,6 +443,36 @@ fn kill(shared: &Shared, session_id: &str) -> Result<Rows, String> {
             "no client session {session_id:?} (SHOW CLIENTS lists them)"
         ))
     }
+}
+
+/// SHOW LOG [AFTER seq]: the durable records after `seq` (at most 1000),
+/// or the latest 20, each as stored (its JSON): what `pgwarden audit tail
+/// --follow` reads, since a running gateway's store cannot be opened by
+/// another process.
+fn log(shared: &Shared, after: Option<u64>) -> Result<Rows, String> {
+    use std::sync::atomic::Ordering;
+    let source = shared
+        .auditor
+        .ship_source()
+        .ok_or("this gateway keeps no audit store")?;
+    let db = source.db.get().ok_or("the audit store is being reopened")?;
+    let durable = source.counters.durable.load(Ordering::Acquire);
+    let from = match after {
+        Some(seq) => seq + 1,
+        None => durable.saturating_sub(19).max(1),
+    };
+    let mut rows = Vec::new();
+    for entry in crate::audit::reader::scan_tree(&db, from).take(1000) {
+        let (seq, raw) = entry.map_err(|e| e.to_string())?;
+        if seq > durable {
+            break;
+        }
+        rows.push(vec![
+            seq.to_string(),
+            String::from_utf8_lossy(&raw).into_owned(),
+        ]);
+    }
+    Ok((vec!["seq", "record"], rows))
 }
 
 /// The audit log's state.

@@ -100,3 +100,66 @@ async fn tail_and_table_show_one_aligned_line_per_statement() {
         "{table}"
     );
 }
+
+/// A running gateway's store cannot be opened, so `tail --console URL`
+/// reads its records through the admin console (`SHOW LOG AFTER seq`), and
+/// `--follow` keeps printing them as they are written.
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_follows_a_running_gateway_through_its_console() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "[admin]\nusers = [\"alice\"]\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let bob = gw.connect("bob").await;
+    support::one(&bob, "SELECT 'before follow'").await;
+    let url = format!("postgres://alice:alice-pw@127.0.0.1:{}/pgwarden", gw.port());
+    let once = stdout(&pgwarden(&["audit", "tail", "--console", &url, "-n", "5"]));
+    assert!(once.contains("SELECT 'before follow'"), "{once}");
+    assert!(!once.contains("SHOW LOG"), "{once}");
+
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
+        .args([
+            "audit",
+            "tail",
+            "--console",
+            &url,
+            "--follow",
+            "--user",
+            "bob",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    support::one(&bob, "SELECT 'while following'").await;
+    let mut seen = String::new();
+    let stdout_pipe = follower.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout_pipe).lines() {
+            let line = line.unwrap();
+            let done = line.contains("SELECT 'while following'");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines.join("\n")
+    });
+    for _ in 0..100 {
+        if reader.is_finished() {
+            seen = reader.join().unwrap();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(seen.contains("SELECT 'while following'"), "{seen}");
+    assert!(seen.lines().skip(1).all(|l| l.contains("bob")), "{seen}");
+    drop(bob);
+    gw.stop().await;
+}

@@ -42,6 +42,8 @@ struct SlotState {
     running: bool,
     /// Cancels forwarded to `backend` that PostgreSQL has not taken yet.
     in_flight: usize,
+    /// Since when the running request runs (SHOW CLIENTS).
+    running_since: Option<std::time::Instant>,
     /// A cancel to `backend` ended without PostgreSQL confirming it took it
     /// (timed out, failed midway, abandoned): it may still arrive, so the
     /// backend must not serve anyone else.
@@ -61,7 +63,13 @@ impl CancelSlot {
 
     /// Whether the client has a request running on its backend.
     pub fn set_running(&self, running: bool) {
-        self.state().running = running;
+        let mut state = self.state();
+        state.running = running;
+        state.running_since = match (running, state.running_since) {
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(std::time::Instant::now()),
+            (false, _) => None,
+        };
     }
 
     /// The backend is about to go back to the pool: no new cancel may
@@ -228,13 +236,24 @@ impl CancelRegistry {
 
     /// Every client session now: what its records name, whether it has a
     /// request running, and the server connection it is bound to.
-    pub fn sessions(&self) -> Vec<(crate::audit::Event, bool, Option<BackendKey>)> {
+    pub fn sessions(
+        &self,
+    ) -> Vec<(
+        crate::audit::Event,
+        Option<std::time::Duration>,
+        Option<BackendKey>,
+    )> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots
             .values()
             .map(|slot| {
                 let state = slot.state();
-                (slot.record.clone(), state.running, state.backend)
+                let running = state.running.then(|| {
+                    state
+                        .running_since
+                        .map_or(std::time::Duration::ZERO, |s| s.elapsed())
+                });
+                (slot.record.clone(), running, state.backend)
             })
             .collect()
     }

@@ -211,6 +211,7 @@ fn write_rows(out: &mut BytesMut, columns: &[&str], rows: &[Vec<String>]) {
         }
     });
     for row in rows {
+        debug_assert_eq!(row.len(), columns.len(), "a row for every column");
         messages::write_frame(out, b'D', |b| {
             b.extend_from_slice(&(row.len() as i16).to_be_bytes());
             for value in row {
@@ -232,7 +233,10 @@ fn pools(shared: &Shared) -> Rows {
             let clients = sessions
                 .iter()
                 .filter(|(ev, _, _)| ev.database.as_deref() == Some(database.as_str()));
-            let active = clients.clone().filter(|(_, running, _)| *running).count();
+            let active = clients
+                .clone()
+                .filter(|(_, running, _)| running.is_some())
+                .count();
             vec![
                 database.clone(),
                 shared.config.backend.service_user.clone(),
@@ -273,12 +277,13 @@ fn clients(shared: &Shared) -> Rows {
                 "C".to_string(),
                 text(ev.client_user.as_deref()),
                 text(ev.database.as_deref()),
-                if running { "active" } else { "idle" }.to_string(),
+                if running.is_some() { "active" } else { "idle" }.to_string(),
                 host.to_string(),
                 port.to_string(),
                 text(ev.role.as_deref()),
                 text(ev.application_name.as_deref()),
                 text(ev.session_id.as_deref()),
+                running.map_or(String::new(), |age| format!("{:.3}", age.as_secs_f64())),
             ]
         })
         .collect();
@@ -293,6 +298,7 @@ fn clients(shared: &Shared) -> Rows {
             "role",
             "application_name",
             "session_id",
+            "request_age_s",
         ],
         rows,
     )
@@ -390,7 +396,7 @@ fn servers(shared: &Shared) -> Rows {
                 "S".to_string(),
                 shared.config.backend.service_user.clone(),
                 text(ev.database.as_deref()),
-                if running { "active" } else { "used" }.to_string(),
+                if running.is_some() { "active" } else { "used" }.to_string(),
                 shared.config.backend.address(),
                 backend.pid.to_string(),
                 text(ev.client_user.as_deref()),

@@ -232,6 +232,27 @@ async fn admins_pause_kill_and_shut_down() {
         client
     };
     let bob = connect("bob").await;
+    // A request running shows as active, with its age.
+    let carol = connect("alice").await;
+    let sleeping = tokio::spawn(async move {
+        carol
+            .simple_query("SELECT pg_sleep(1)")
+            .await
+            .map(|_| carol)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let clients = console(port, "alice", "alice-pw", "SHOW CLIENTS");
+    let active = said(&clients)
+        .lines()
+        .find(|l| l.starts_with("C|alice|app|active|"))
+        .map(|l| l.split('|').nth(9).unwrap_or("").to_string())
+        .unwrap_or_default();
+    assert!(
+        active.parse::<f64>().is_ok_and(|age| age > 0.2),
+        "{}",
+        said(&clients)
+    );
+    sleeping.await.unwrap().unwrap();
     bob.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let servers = console(port, "alice", "alice-pw", "SHOW SERVERS");
     assert!(
@@ -264,7 +285,7 @@ async fn admins_pause_kill_and_shut_down() {
     let session = said(&clients)
         .lines()
         .find(|l| l.starts_with("C|bob|"))
-        .and_then(|l| l.rsplit('|').next())
+        .and_then(|l| l.split('|').nth(8))
         .expect("bob is a client")
         .to_string();
     let killed = console(port, "alice", "alice-pw", &format!("KILL {session}"));
@@ -297,4 +318,44 @@ async fn admins_pause_kill_and_shut_down() {
             .iter()
             .any(|r| r["statement"] == command && r["client_user"] == "alice"));
     }
+}
+
+/// psycopg 3, as operators script it: a query without parameters travels
+/// in the simple query protocol, so the console answers `execute` and a
+/// `ClientCursor` alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn psycopg_reads_the_console_with_a_client_cursor() {
+    let gw = start_gateway(Opts {
+        audit_extra: "[admin]\nusers = [\"alice\"]\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let script = format!(
+        r#"
+import psycopg
+conn = psycopg.connect("host=127.0.0.1 port={port} user=alice password=alice-pw dbname=pgwarden", autocommit=True)
+print("plain", conn.execute("SHOW VERSION").fetchone()[0])
+cur = psycopg.ClientCursor(conn)
+cur.execute("SHOW POOLS")
+print("columns", [d.name for d in cur.description])
+cur.execute("SHOW VERSION")
+print("version", cur.fetchone()[0])
+"#,
+        port = gw.port()
+    );
+    let out = Command::new(crate::drivers::venv_python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = said(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("plain pgwarden"), "{text}");
+    assert!(
+        text.contains("columns ['database', 'user', 'cl_active', 'cl_idle', 'sv_active', 'sv_idle', 'pool_mode']"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("version pgwarden {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
 }

@@ -70,7 +70,7 @@ fn require_program(program: &str, version_arg: &str) {
 }
 
 /// The Python interpreter of the drivers' venv.
-fn venv_python() -> PathBuf {
+pub(crate) fn venv_python() -> PathBuf {
     let venv = std::env::var_os("PGWARDEN_DRIVERS_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/drivers-venv"));

@@ -282,7 +282,16 @@ pub fn export(args: &ExportArgs) -> i32 {
 pub fn tail(args: &TailArgs) -> i32 {
     const CMD: &str = "tail";
     if let Some(url) = &args.console {
-        return super::follow::tail_console(args, url);
+        let view = super::follow::View {
+            lines: args.lines,
+            follow: args.follow,
+            user: args.user.clone(),
+            kind: args.kind,
+        };
+        return match super::follow::tail_console(&view, url) {
+            Ok(()) => EXIT_OK,
+            Err(e) => fail(CMD, EXIT_FAILURE, e),
+        };
     }
     if args.kind == Some(Kind::Result) {
         return fail(

@@ -9,32 +9,27 @@
 
 use std::time::Duration;
 
-use super::cli::{fail, TailArgs, EXIT_FAILURE, EXIT_OK};
-use super::record::Record;
+use super::record::{Kind, Record};
 
-/// Runs the console tail; returns the exit code.
-pub fn tail_console(args: &TailArgs, url: &str) -> i32 {
-    const CMD: &str = "tail";
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            return fail(
-                CMD,
-                EXIT_FAILURE,
-                format_args!("cannot start a runtime: {e}"),
-            )
-        }
-    };
-    match runtime.block_on(run(args, url)) {
-        Ok(()) => EXIT_OK,
-        Err(e) => fail(CMD, EXIT_FAILURE, e),
-    }
+/// What to show.
+pub struct View {
+    /// Of the first batch, the latest this many.
+    pub lines: usize,
+    pub follow: bool,
+    pub user: Option<String>,
+    pub kind: Option<Kind>,
 }
 
-async fn run(args: &TailArgs, url: &str) -> Result<(), String> {
+/// Prints the records the console at `url` serves, as `args` asks.
+pub fn tail_console(args: &View, url: &str) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    runtime.block_on(run(args, url))
+}
+
+async fn run(args: &View, url: &str) -> Result<(), String> {
     use sqlx::{Connection, Row};
     let mut conn = sqlx::PgConnection::connect(url)
         .await
@@ -98,7 +93,7 @@ fn print(out: &mut std::io::Stdout, line: &str) -> Result<bool, String> {
 
 /// Whether `record` belongs in the view: the filters, and never the
 /// console's own `SHOW LOG` polls.
-fn shown(args: &TailArgs, record: &Record) -> bool {
+fn shown(args: &View, record: &Record) -> bool {
     let poll = record.database.as_deref() == Some("pgwarden")
         && record
             .statement

@@ -97,7 +97,7 @@ fn line(cells: &[String], width: usize) -> String {
 
 /// `text` on one line: whitespace runs become one space, other control
 /// characters an escape.
-fn flat(text: &str) -> String {
+pub fn flat(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut space = false;
     for c in text.chars() {

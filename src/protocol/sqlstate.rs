@@ -32,6 +32,8 @@ pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
 pub const IO_ERROR: SqlState = SqlState("58030");
 pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
+pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
 
 /// Codes of PostgreSQL's own errors that the gateway acts on.
 pub mod backend {

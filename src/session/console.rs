@@ -32,8 +32,9 @@ pub(super) async fn login(
     ident: &mut Identity,
 ) -> Result<Option<ClientConn>, ClientError> {
     ident.role = "pgwarden console".into();
-    let admin = &shared.config.admin;
-    if !admin.users.iter().any(|u| **u == *ident.client_user) {
+    // Reloadable (RELOAD, SIGHUP): an admin removed is out at once.
+    let live = shared.live();
+    if !live.admin_users.iter().any(|u| **u == *ident.client_user) {
         let message = format!(
             "user \"{}\" may not open the pgwarden console (not in [admin] users)",
             ident.client_user
@@ -50,7 +51,7 @@ pub(super) async fn login(
     // The same login, checked by PostgreSQL against a database that exists.
     let mut params = startup.params.clone();
     params.retain(|(k, _)| k != "database");
-    params.push(("database".into(), admin.auth_database.clone()));
+    params.push(("database".into(), live.admin_auth_database.clone()));
     let checked = encode_startup(startup.version, &params);
     let Ok(slot) = shared.auth_slots.clone().acquire_owned().await else {
         return Ok(None);
@@ -98,10 +99,34 @@ fn encode_startup(version: i32, params: &[(String, String)]) -> StartupMessage {
 }
 
 /// Serves console commands until the admin leaves.
-pub(super) async fn serve(shared: &Shared, ident: &Identity, mut client: ClientConn) {
+pub(super) async fn serve(
+    shared: &Shared,
+    ident: &Identity,
+    mut client: ClientConn,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     // After an extended-protocol message: everything until Sync is ignored.
     let mut skipping = false;
-    while let Ok(Some(frame)) = client.read_frame().await {
+    loop {
+        let stopping = async {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        let frame = tokio::select! {
+            frame = client.read_frame() => Some(frame),
+            () = stopping => None,
+        };
+        let Some(frame) = frame else {
+            // The gateway stops: an idle console does not hold it up.
+            let bye = PgError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection due to administrator command",
+            );
+            client.send_error(&bye).await;
+            return;
+        };
+        let Ok(Some(frame)) = frame else {
+            return;
+        };
         let (tag, body) = (frame[0], &frame[5..]);
         let mut out = BytesMut::new();
         match tag {
@@ -136,10 +161,84 @@ pub(super) async fn serve(shared: &Shared, ident: &Identity, mut client: ClientC
 type Rows = (Vec<&'static str>, Vec<Vec<String>>);
 
 /// Runs one command (recorded with its outcome) and writes its answer.
+/// The longest console command: the commands are a few words.
+const MAX_COMMAND: usize = 1024;
+
+/// A console command's failure: its SQLSTATE and message.
+type Failure = (crate::protocol::sqlstate::SqlState, String);
+
+/// Runs one command and writes its answer. Write-ahead, as for clients'
+/// statements: the command's `query` record is stored before it runs (with
+/// `on_failure = "deny"`, a command whose record cannot be stored does not
+/// run), and its `result` record says how it ended.
 async fn run(shared: &Shared, ident: &Identity, sql: &str, out: &mut BytesMut) {
+    let mut query = ident.event(Kind::Query);
+    query.statement = Some(match sql.len() > MAX_COMMAND {
+        true => {
+            let mut end = MAX_COMMAND;
+            while !sql.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("{}… ({} bytes)", &sql[..end], sql.len())
+        }
+        false => sql.to_string(),
+    });
+    let seq = match shared.auditor.append(query).await {
+        Ok(seq) => Some(seq),
+        Err(e) if shared.config.audit.on_failure == crate::config::OnFailure::Deny => {
+            tracing::error!("audit append failed; console command refused: {e}");
+            PgError::error(
+                sqlstate::IO_ERROR,
+                "pgwarden cannot write its audit log; the command was not run",
+            )
+            .encode(out);
+            return;
+        }
+        Err(e) => {
+            tracing::error!(
+                "audit append failed; console command run anyway (on_failure = allow): {e}"
+            );
+            None
+        }
+    };
+    let answer = if sql.len() > MAX_COMMAND {
+        Err((
+            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            format!("console commands are at most {MAX_COMMAND} bytes"),
+        ))
+    } else {
+        answer(shared, sql)
+    };
+    let mut result = ident.event(Kind::Result);
+    result.ref_seq = seq;
+    match answer {
+        Ok((columns, rows)) => {
+            write_rows(out, &columns, &rows);
+            let tag = format!("SHOW {}", rows.len());
+            messages::write_frame(out, b'C', |b| {
+                b.extend_from_slice(tag.as_bytes());
+                b.extend_from_slice(&[0]);
+            });
+            result.status = Some(Status::Ok);
+            result.command_tag = Some(tag);
+            result.rows = Some(rows.len() as u64);
+        }
+        Err((code, message)) => {
+            PgError::error(code, message.clone()).encode(out);
+            result.status = Some(Status::Error);
+            result.sqlstate = Some(code.code().into());
+            result.message = Some(message);
+        }
+    }
+    shared.auditor.append_nowait(result).await;
+}
+
+/// The answer to command `sql`.
+fn answer(shared: &Shared, sql: &str) -> Result<Rows, Failure> {
     let command = sql.trim().trim_end_matches(';').trim().to_ascii_uppercase();
     let command = command.split_whitespace().collect::<Vec<_>>().join(" ");
-    let answer = match command.as_str() {
+    let unknown = |what: &str| (sqlstate::SYNTAX_ERROR, what.to_string());
+    match command.as_str() {
         "SHOW VERSION" => Ok((vec!["version"], vec![vec![format!("pgwarden {}", env!("CARGO_PKG_VERSION"))]])),
         "SHOW POOLS" => Ok(pools(shared)),
         "SHOW CLIENTS" => Ok(clients(shared)),
@@ -159,40 +258,17 @@ async fn run(shared: &Shared, ident: &Identity, sql: &str, out: &mut BytesMut) {
         other if other.starts_with("SHOW LOG AFTER ") => {
             match other["SHOW LOG AFTER ".len()..].trim().parse() {
                 Ok(seq) => log(shared, Some(seq)),
-                Err(_) => Err("SHOW LOG AFTER takes a seq".into()),
+                Err(_) => Err(unknown("SHOW LOG AFTER takes a seq")),
             }
         }
         other => match other.strip_prefix("KILL ") {
             // Session ids are case-sensitive: take it from the command as typed.
             Some(_) => kill(shared, sql.trim().trim_end_matches(';').split_whitespace().nth(1).unwrap_or("")),
-            None => Err(format!(
-                "unknown console command {:?}: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW DATABASES, SHOW STATS, SHOW AUDIT, SHOW CONFIG, SHOW LOG [AFTER seq], RELOAD, PAUSE, RESUME, KILL <session_id>, SHUTDOWN",
-                sql.trim()
+            None => Err(unknown(
+                "unknown console command: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW DATABASES, SHOW STATS, SHOW AUDIT, SHOW CONFIG, SHOW LOG [AFTER seq], RELOAD, PAUSE, RESUME, KILL <session_id>, SHUTDOWN",
             )),
         },
-    };
-    let mut ev = ident.event(Kind::Query);
-    ev.statement = Some(sql.to_string());
-    match answer {
-        Ok((columns, rows)) => {
-            write_rows(out, &columns, &rows);
-            let tag = format!("SHOW {}", rows.len());
-            messages::write_frame(out, b'C', |b| {
-                b.extend_from_slice(tag.as_bytes());
-                b.extend_from_slice(&[0]);
-            });
-            ev.status = Some(Status::Ok);
-            ev.command_tag = Some(tag);
-            ev.rows = Some(rows.len() as u64);
-        }
-        Err(message) => {
-            PgError::error(sqlstate::SYNTAX_ERROR, message.clone()).encode(out);
-            ev.status = Some(Status::Error);
-            ev.sqlstate = Some(sqlstate::SYNTAX_ERROR.code().into());
-            ev.message = Some(message);
-        }
     }
-    shared.auditor.append_nowait(ev).await;
 }
 
 /// RowDescription (text columns) and a DataRow per row.
@@ -281,7 +357,8 @@ fn clients(shared: &Shared) -> Rows {
                 host.to_string(),
                 port.to_string(),
                 text(ev.role.as_deref()),
-                text(ev.application_name.as_deref()),
+                // A client chose it: shown on one line, escapes visible.
+                crate::audit::table::flat(ev.application_name.as_deref().unwrap_or("")),
                 text(ev.session_id.as_deref()),
                 running.map_or(String::new(), |age| format!("{:.3}", age.as_secs_f64())),
             ]
@@ -364,12 +441,20 @@ fn stats(shared: &Shared) -> Rows {
 }
 
 /// RELOAD: as SIGHUP, the configuration file and policies read again.
-fn reload(shared: &Shared) -> Result<Rows, String> {
-    let path = shared
-        .config_path
-        .get()
-        .ok_or("this gateway was not started from a configuration file")?;
-    let restart = shared.reload(path)?;
+fn reload(shared: &Shared) -> Result<Rows, Failure> {
+    let path = shared.config_path.get().ok_or((
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        "this gateway was not started from a configuration file".to_string(),
+    ))?;
+    // The error may quote the file (a password on the line it could not
+    // read): it goes to the gateway's log, not to the console or the audit.
+    let restart = shared.reload(path).map_err(|e| {
+        tracing::error!("console RELOAD failed, keeping the configuration and policies in force: {e}");
+        (
+            sqlstate::CONFIG_FILE_ERROR,
+            "the configuration or a policy file could not be read; what is in force stays (the gateway's log says why)".to_string(),
+        )
+    })?;
     let note = if restart.is_empty() {
         "configuration and policies reloaded".to_string()
     } else {
@@ -438,15 +523,16 @@ fn pause(shared: &Shared, paused: bool) -> Rows {
 
 /// KILL <session_id>: ends that client's session, as pg_terminate_backend
 /// ends a backend's (FATAL 57P01; an open transaction is rolled back).
-fn kill(shared: &Shared, session_id: &str) -> Result<Rows, String> {
+fn kill(shared: &Shared, session_id: &str) -> Result<Rows, Failure> {
     if shared.cancels.kill(session_id) {
         Ok((
             vec!["kill"],
             vec![vec![format!("session {session_id} ended")]],
         ))
     } else {
-        Err(format!(
-            "no client session {session_id:?} (SHOW CLIENTS lists them)"
+        Err((
+            sqlstate::UNDEFINED_OBJECT,
+            format!("no client session {session_id:?} (SHOW CLIENTS lists them)"),
         ))
     }
 }
@@ -455,13 +541,17 @@ fn kill(shared: &Shared, session_id: &str) -> Result<Rows, String> {
 /// or the latest 20, each as stored (its JSON): what `pgwarden audit tail
 /// --follow` reads, since a running gateway's store cannot be opened by
 /// another process.
-fn log(shared: &Shared, after: Option<u64>) -> Result<Rows, String> {
+fn log(shared: &Shared, after: Option<u64>) -> Result<Rows, Failure> {
     use std::sync::atomic::Ordering;
+    let unavailable = |why: &str| (sqlstate::CANNOT_CONNECT_NOW, why.to_string());
     let source = shared
         .auditor
         .ship_source()
-        .ok_or("this gateway keeps no audit store")?;
-    let db = source.db.get().ok_or("the audit store is being reopened")?;
+        .ok_or_else(|| unavailable("this gateway keeps no audit store"))?;
+    let db = source
+        .db
+        .get()
+        .ok_or_else(|| unavailable("the audit store is being reopened"))?;
     let durable = source.counters.durable.load(Ordering::Acquire);
     let from = match after {
         Some(seq) => seq + 1,
@@ -469,7 +559,7 @@ fn log(shared: &Shared, after: Option<u64>) -> Result<Rows, String> {
     };
     let mut rows = Vec::new();
     for entry in crate::audit::reader::scan_tree(&db, from).take(1000) {
-        let (seq, raw) = entry.map_err(|e| e.to_string())?;
+        let (seq, raw) = entry.map_err(|e| (sqlstate::IO_ERROR, e.to_string()))?;
         if seq > durable {
             break;
         }

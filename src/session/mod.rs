@@ -59,6 +59,9 @@ pub struct Live {
     pub query_timeout_ms: u64,
     pub verify: crate::config::VerifyMode,
     pub log_parameters: bool,
+    /// Who may open the admin console, and where their logins are checked.
+    pub admin_users: Vec<String>,
+    pub admin_auth_database: String,
 }
 
 impl Live {
@@ -69,6 +72,8 @@ impl Live {
             query_timeout_ms: config.server.query_timeout_ms,
             verify: config.identity.verify,
             log_parameters: config.audit.log_parameters,
+            admin_users: config.admin.users.clone(),
+            admin_auth_database: config.admin.auth_database.clone(),
         }
     }
 }
@@ -231,6 +236,61 @@ impl Shared {
             old.identity.allow_dynamic_sql != config.identity.allow_dynamic_sql,
             "identity.allow_dynamic_sql",
         );
+        // Anything else that does not reload live (the policies, the
+        // timeouts, verify, log_parameters and the console's admins do)
+        // needs a restart: named by its section unless a key of it is.
+        let settled = |c: &Config| {
+            let mut c = c.clone();
+            c.server.client_idle_timeout_ms = 0;
+            c.server.idle_in_transaction_timeout_ms = 0;
+            c.server.query_timeout_ms = 0;
+            c.identity.verify = crate::config::VerifyMode::Off;
+            c.identity.policy_dir = Default::default();
+            c.audit.log_parameters = false;
+            c.admin.users = Vec::new();
+            c.admin.auth_database = String::new();
+            c
+        };
+        let (was, now) = (settled(old), settled(&config));
+        let sections: [(&'static str, String, String); 7] = [
+            (
+                "server",
+                format!("{:?}", was.server),
+                format!("{:?}", now.server),
+            ),
+            (
+                "backend",
+                format!("{:?}", was.backend),
+                format!("{:?}", now.backend),
+            ),
+            (
+                "identity",
+                format!("{:?}", was.identity),
+                format!("{:?}", now.identity),
+            ),
+            (
+                "audit",
+                format!("{:?}", was.audit),
+                format!("{:?}", now.audit),
+            ),
+            ("log", format!("{:?}", was.log), format!("{:?}", now.log)),
+            (
+                "admin.listen",
+                format!("{:?}", was.admin),
+                format!("{:?}", now.admin),
+            ),
+            (
+                "peers",
+                format!("{:?}", was.peers),
+                format!("{:?}", now.peers),
+            ),
+        ];
+        for (section, before, after) in sections {
+            let named = restart.iter().any(|k: &&str| k.starts_with(section));
+            if before != after && !named {
+                restart.push(section);
+            }
+        }
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
         *self.live.write().unwrap_or_else(|e| e.into_inner()) =
             Arc::new(Live::from_config(&config));
@@ -358,7 +418,7 @@ async fn serve_in_span(
         Ok(Ok(None)) => return,
         Ok(Ok(Some((Admitted::Console(client, ident), _slot)))) => {
             tracing::info!(parent: &span, user = %ident.client_user, "admin console opened");
-            console::serve(&shared, &ident, client).await;
+            console::serve(&shared, &ident, client, shutdown).await;
             let mut ev = ident.event(Kind::SessionEnd);
             ev.message = Some("admin console closed".into());
             shared.auditor.append_nowait(ev).await;
@@ -431,7 +491,7 @@ async fn login(
     };
     // The console exists only where admins are named: elsewhere a real
     // database may be called that.
-    if &*ident.database == console::DATABASE && !shared.config.admin.users.is_empty() {
+    if &*ident.database == console::DATABASE && !shared.live().admin_users.is_empty() {
         let admitted = console::login(shared, client, &startup, &mut ident).await?;
         return Ok(admitted.map(|client| Admitted::Console(client, ident)));
     }

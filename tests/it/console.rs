@@ -4,8 +4,6 @@
 
 use std::process::{Command, Output};
 
-use serde_json::Value;
-
 use crate::support::{self, cluster, start_gateway, Opts};
 
 /// psql on the console of the gateway on `port`, as `user`.
@@ -34,6 +32,16 @@ fn console(port: u16, user: &str, password: &str, sql: &str) -> Output {
         .env("PGPASSWORD", password)
         .output()
         .unwrap()
+}
+
+/// A console connection as alice, left idle.
+async fn connect_console(port: u16) -> tokio_postgres::Client {
+    let url = format!("host=127.0.0.1 port={port} user=alice password=alice-pw dbname=pgwarden");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
 }
 
 fn said(out: &Output) -> String {
@@ -129,13 +137,10 @@ async fn admins_read_the_gateway_state_and_everyone_else_is_refused() {
     assert!(!rows.is_empty());
     drop((admin, bob));
 
-    // Every command is in the audit log, with the admin's identity.
+    // Every command is in the audit log, with the admin's identity, before
+    // it ran (its query record) and with how it ended (its result).
     let dir = gw.stop().await;
     let records = crate::audit::export(&dir.path().join("audit"), &["--raw"]);
-    let console_queries: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["kind"] == "query" && r["database"] == "pgwarden")
-        .collect();
     for command in [
         "SHOW VERSION",
         "show clients;",
@@ -144,13 +149,19 @@ async fn admins_read_the_gateway_state_and_everyone_else_is_refused() {
         "SHOW CONFIG",
         "SELECT 1",
     ] {
-        let record = console_queries
+        let query = records
             .iter()
-            .find(|r| r["statement"] == command)
+            .find(|r| {
+                r["kind"] == "query" && r["database"] == "pgwarden" && r["statement"] == command
+            })
             .unwrap_or_else(|| panic!("{command} is not in the audit"));
-        assert_eq!(record["client_user"], "alice");
+        assert_eq!(query["client_user"], "alice");
+        let result = records
+            .iter()
+            .find(|r| r["kind"] == "result" && r["ref_seq"] == query["seq"])
+            .unwrap_or_else(|| panic!("{command} has no result"));
         let expected = if command == "SELECT 1" { "error" } else { "ok" };
-        assert_eq!(record["status"], expected, "{command}");
+        assert_eq!(result["status"], expected, "{command}");
     }
     assert!(records.iter().any(|r| r["kind"] == "denied"
         && r["client_user"] == "bob"
@@ -207,6 +218,67 @@ async fn reload_from_the_console_applies_a_new_policy() {
         said(&reload)
     );
     carol(true);
+
+    // A configuration that does not parse, on a line with a secret: the
+    // console says only that it failed (the gateway's log says why).
+    let path = gw.dir.path().join("pgwarden.toml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        good.replace(
+            "[backend]\n",
+            "[backend]\nservice_password = \"hunter2\"x\n",
+        ),
+    )
+    .unwrap();
+    let broken = console(port, "alice", "alice-pw", "RELOAD");
+    assert!(!broken.status.success());
+    assert!(
+        said(&broken).contains("could not be read"),
+        "{}",
+        said(&broken)
+    );
+    assert!(!said(&broken).contains("hunter2"), "{}", said(&broken));
+
+    // An admin removed is out at the next login.
+    std::fs::write(
+        &path,
+        good.replace("users = [\"alice\"]", "users = [\"bob\"]"),
+    )
+    .unwrap();
+    let reload = console(port, "alice", "alice-pw", "RELOAD");
+    assert!(reload.status.success(), "{}", said(&reload));
+    let out = console(port, "alice", "alice-pw", "SHOW VERSION");
+    assert!(!out.status.success(), "{}", said(&out));
+    assert!(console(port, "bob", "bob-pw", "SHOW VERSION")
+        .status
+        .success());
+}
+
+/// With the audit store failing and `on_failure = "deny"`, a console
+/// command does not run: its record comes first, as a client's statement's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_console_command_whose_record_cannot_be_stored_does_not_run() {
+    let control = std::sync::Arc::new(pgwarden::audit::MemoryControl::default());
+    let gw = start_gateway(Opts {
+        audit: true,
+        memory_store: Some(control.clone()),
+        audit_extra: "[admin]\nusers = [\"alice\"]\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let admin = connect_console(gw.port()).await;
+    control
+        .fail_inserts
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let err = admin.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("58030"), "{err:?}");
+    assert!(!*gw.shared.paused.borrow(), "PAUSE ran without its record");
+    control
+        .fail_inserts
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    drop(admin);
+    gw.stop().await;
 }
 
 /// SHOW SERVERS names the server connection a client holds; PAUSE holds
@@ -302,12 +374,14 @@ async fn admins_pause_kill_and_shut_down() {
         said(&unknown)
     );
 
-    // SHUTDOWN: the gateway drains and exits.
+    // SHUTDOWN: the gateway drains and exits, an idle console included.
+    let idle_console = connect_console(port).await;
     let down = console(port, "alice", "alice-pw", "SHUTDOWN");
     assert!(down.status.success(), "{}", said(&down));
     let (code, dir) = tokio::time::timeout(std::time::Duration::from_secs(10), gw.wait())
         .await
         .expect("the gateway stopped");
+    drop(idle_console);
     assert_eq!(code, Some(0));
     let records = crate::audit::export(&dir.path().join("audit"), &["--raw"]);
     assert!(records.iter().any(|r| r["kind"] == "session_end"

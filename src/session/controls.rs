@@ -35,6 +35,9 @@ impl Live {
     }
 }
 
+/// A section of the configuration as text, to tell whether it changed.
+type Shown = fn(&Config) -> String;
+
 impl Shared {
     /// Asks the gateway to drain and stop (console SHUTDOWN).
     pub fn request_shutdown(&self) {
@@ -129,42 +132,18 @@ impl Shared {
             c
         };
         let (was, now) = (settled(old), settled(&config));
-        let sections: [(&'static str, String, String); 7] = [
-            (
-                "server",
-                format!("{:?}", was.server),
-                format!("{:?}", now.server),
-            ),
-            (
-                "backend",
-                format!("{:?}", was.backend),
-                format!("{:?}", now.backend),
-            ),
-            (
-                "identity",
-                format!("{:?}", was.identity),
-                format!("{:?}", now.identity),
-            ),
-            (
-                "audit",
-                format!("{:?}", was.audit),
-                format!("{:?}", now.audit),
-            ),
-            ("log", format!("{:?}", was.log), format!("{:?}", now.log)),
-            (
-                "admin.listen",
-                format!("{:?}", was.admin),
-                format!("{:?}", now.admin),
-            ),
-            (
-                "peers",
-                format!("{:?}", was.peers),
-                format!("{:?}", now.peers),
-            ),
+        let sections: [(&'static str, Shown); 7] = [
+            ("server", |c| format!("{:?}", c.server)),
+            ("backend", |c| format!("{:?}", c.backend)),
+            ("identity", |c| format!("{:?}", c.identity)),
+            ("audit", |c| format!("{:?}", c.audit)),
+            ("log", |c| format!("{:?}", c.log)),
+            ("admin.listen", |c| format!("{:?}", c.admin)),
+            ("peers", |c| format!("{:?}", c.peers)),
         ];
-        for (section, before, after) in sections {
+        for (section, shown) in sections {
             let named = restart.iter().any(|k: &&str| k.starts_with(section));
-            if before != after && !named {
+            if shown(&was) != shown(&now) && !named {
                 restart.push(section);
             }
         }

@@ -33,6 +33,17 @@ fn audit(command: &str, archives: &[PathBuf], store: Option<&Path>, rest: &[&str
     pgwarden(&args)
 }
 
+/// `audit archive` of everything `store` lets go of, into `to`.
+fn archive_everything(store: &Path, to: &Path) -> Output {
+    let to = to.to_str().unwrap();
+    audit(
+        "archive",
+        &[],
+        Some(store),
+        &["--before", "2999-01-01T00:00:00Z", "-o", to],
+    )
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -165,17 +176,7 @@ async fn a_running_gateway_archives_old_records_and_the_chain_holds_across_files
 
     // Offline: the stopped gateway's store, archived up to its last run.
     let offline = work.path().join("offline.pgwarchive");
-    let out = audit(
-        "archive",
-        &[],
-        Some(&store),
-        &[
-            "--before",
-            "2999-01-01T00:00:00Z",
-            "-o",
-            offline.to_str().unwrap(),
-        ],
-    );
+    let out = archive_everything(&store, &offline);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("archived records"), "{}", text(&out));
     let mut all = archives.clone();
@@ -349,17 +350,7 @@ async fn records_never_shipped_are_never_archived() {
     let dir = gw.stop().await;
     let store = dir.path().join("audit");
     let out_file = dir.path().join("early.pgwarchive");
-    let out = audit(
-        "archive",
-        &[],
-        Some(&store),
-        &[
-            "--before",
-            "2999-01-01T00:00:00Z",
-            "-o",
-            out_file.to_str().unwrap(),
-        ],
-    );
+    let out = archive_everything(&store, &out_file);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("nothing to archive"), "{}", text(&out));
     assert!(!out_file.exists());

@@ -10,6 +10,12 @@ use tokio::net::TcpStream;
 use super::{cancel, Shared};
 use crate::protocol::startup as startup_packet;
 
+/// Whether a cancel for `pid` goes to another gateway (its key names one).
+pub(super) fn is_for_peer(shared: &Shared, pid: i32) -> bool {
+    let ours = shared.cancels.peer_id();
+    ours != 0 && cancel::issuer(pid) != ours
+}
+
 /// Deals with a cancel for key (`pid`, `secret`) from `peer`; `forwarded`:
 /// a peer gateway sent it on.
 pub(super) async fn on_cancel(
@@ -19,10 +25,8 @@ pub(super) async fn on_cancel(
     forwarded: bool,
     peer: SocketAddr,
 ) {
-    let issuer = cancel::issuer(pid);
-    let ours = shared.cancels.peer_id();
-    if ours != 0 && issuer != ours {
-        to_peer(shared, issuer, pid, secret, forwarded).await;
+    if is_for_peer(shared, pid) {
+        to_peer(shared, cancel::issuer(pid), pid, secret, forwarded).await;
     } else {
         forward_cancel(shared, pid, secret, peer, forwarded).await;
     }

@@ -226,10 +226,16 @@ async fn serve_in_span(
                 client,
             } => {
                 // Served even when every client slot is taken, and without
-                // one; the requester's connection is closed first, as
-                // PostgreSQL does, so a slow target holds nothing of theirs.
-                drop(client);
+                // one. The requester learns the cancel was dealt with when
+                // its connection closes (as PostgreSQL's postmaster does):
+                // after it reached PostgreSQL for one of ours; at once for
+                // a peer's, so a slow peer holds nothing of the requester's.
+                let mut client = Some(client);
+                if cancelling::is_for_peer(&shared, pid) {
+                    drop(client.take());
+                }
                 cancelling::on_cancel(&shared, pid, secret, forwarded, peer).await;
+                drop(client);
                 Ok(None)
             }
             FirstPacket::Startup(mut client, startup) => {

@@ -566,6 +566,17 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_interval_is_read_by_either_name() {
+        for key in ["checkpoint_interval", "checkpoint_interval_s"] {
+            let c = parse(&format!(
+                "[backend]\nservice_user = \"s\"\n[audit]\n{key} = 7\n"
+            ))
+            .unwrap();
+            assert_eq!(c.audit.checkpoint_interval_s, 7, "{key}");
+        }
+    }
+
+    #[test]
     fn dynamic_sql_is_refused_unless_allowed() {
         let c = parse("[backend]\nservice_user = \"svc\"\n").unwrap();
         assert!(!c.identity.allow_dynamic_sql);

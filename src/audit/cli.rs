@@ -120,8 +120,11 @@ pub struct TailArgs {
     /// cannot be opened while it runs.
     #[arg(long, value_name = "URL", conflicts_with_all = ["store", "config", "archives"])]
     pub console: Option<String>,
-    /// With --console: keep printing records as they are written.
-    #[arg(long, requires = "console")]
+    /// Keep printing records as they are written: through the admin
+    /// console of the gateway `-c FILE` (or ./pgwarden.toml) describes, as
+    /// PGUSER with PGPASSWORD (an admin of `[admin] users`), or --console
+    /// URL; with --store, from a store no gateway holds.
+    #[arg(long)]
     pub follow: bool,
 }
 
@@ -281,14 +284,28 @@ pub fn export(args: &ExportArgs) -> i32 {
 /// the message says so and where to look instead.
 pub fn tail(args: &TailArgs) -> i32 {
     const CMD: &str = "tail";
-    if let Some(url) = &args.console {
-        let view = super::follow::View {
-            lines: args.lines,
-            follow: args.follow,
-            user: args.user.clone(),
-            kind: args.kind,
-        };
-        return match super::follow::tail_console(&view, url) {
+    let view = super::follow::View {
+        lines: args.lines,
+        follow: args.follow,
+        user: args.user.clone(),
+        kind: args.kind,
+    };
+    let followed = match (&args.console, args.follow, args.store.store.as_slice()) {
+        (Some(url), _, _) => Some(super::follow::tail_console(
+            &view,
+            &super::follow::Console::Url(url.clone()),
+        )),
+        // A store named: followed while no gateway holds it.
+        (None, true, [store]) => Some(super::follow::follow_store(store, &view)),
+        (None, true, []) => Some(
+            console_of_config(&args.store)
+                .and_then(|console| super::follow::tail_console(&view, &console)),
+        ),
+        (None, true, _) => Some(Err("--follow takes one store".into())),
+        (None, false, _) => None,
+    };
+    if let Some(followed) = followed {
+        return match followed {
             Ok(()) => EXIT_OK,
             Err(e) => fail(CMD, EXIT_FAILURE, e),
         };
@@ -342,6 +359,17 @@ pub fn tail(args: &TailArgs) -> i32 {
         report.push('\n');
     }
     print_to(CMD, &mut std::io::stdout().lock(), &report)
+}
+
+/// The console of the gateway the configuration (`-c FILE`, or
+/// ./pgwarden.toml) describes: the running gateway holds its store.
+fn console_of_config(args: &StoreArgs) -> Result<super::follow::Console, String> {
+    let file = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+    let config = Config::load(&file).map_err(|e| e.to_string())?;
+    Ok(super::follow::Console::Listen(config.server.listen))
 }
 
 /// Runs `audit verify`; returns the exit code (1 names the first bad seq).

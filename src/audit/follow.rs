@@ -20,20 +20,46 @@ pub struct View {
     pub kind: Option<Kind>,
 }
 
-/// Prints the records the console at `url` serves, as `args` asks.
-pub fn tail_console(args: &View, url: &str) -> Result<(), String> {
+/// Which console to read.
+pub enum Console {
+    /// A PostgreSQL URL (`--console`).
+    Url(String),
+    /// The console of the gateway that listens at this address (from its
+    /// configuration), as `PGUSER` with `PGPASSWORD`, as libpq would.
+    Listen(std::net::SocketAddr),
+}
+
+/// Prints the records the console serves, as `args` asks.
+pub fn tail_console(args: &View, console: &Console) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
-    runtime.block_on(run(args, url))
+    runtime.block_on(run(args, console))
 }
 
-async fn run(args: &View, url: &str) -> Result<(), String> {
-    use sqlx::{Connection, Row};
-    let mut conn = sqlx::PgConnection::connect(url)
-        .await
-        .map_err(|e| format!("cannot open the console: {e}"))?;
+async fn run(args: &View, console: &Console) -> Result<(), String> {
+    use sqlx::{ConnectOptions, Connection, Row};
+    let connected = match console {
+        Console::Url(url) => sqlx::PgConnection::connect(url).await,
+        Console::Listen(addr) => {
+            let host = match addr.ip() {
+                ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+                ip => ip.to_string(),
+            };
+            // PGUSER, PGPASSWORD and the rest of libpq's environment.
+            sqlx::postgres::PgConnectOptions::new()
+                .host(&host)
+                .port(addr.port())
+                // The console's virtual database (session::console).
+                .database("pgwarden")
+                .connect()
+                .await
+        }
+    };
+    let mut conn = connected.map_err(|e| {
+        format!("cannot open the gateway's admin console (an admin of [admin] users, as PGUSER with PGPASSWORD, or --console URL): {e}")
+    })?;
     let width = super::table::terminal_width();
     let mut out = std::io::stdout();
     if !print(&mut out, &super::table::header(width))? {
@@ -78,6 +104,52 @@ async fn run(args: &View, url: &str) -> Result<(), String> {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `tail --store DIR --follow`: the latest records, then new ones as they
+/// come, read from a store no gateway holds (each look opens it briefly);
+/// once a gateway holds it, says where to follow instead.
+pub fn follow_store(path: &std::path::Path, args: &View) -> Result<(), String> {
+    let width = super::table::terminal_width();
+    let mut out = std::io::stdout();
+    if !print(&mut out, &super::table::header(width))? {
+        return Ok(());
+    }
+    let mut after: Option<u64> = None;
+    loop {
+        if super::store::is_locked(path) {
+            return Err(format!(
+                "{} is now held by a running gateway: follow it through its console (tail -c FILE --follow, or --console URL)",
+                path.display()
+            ));
+        }
+        let reader = super::StoreReader::open(path).map_err(|e| e.to_string())?;
+        let from = match after {
+            Some(seq) => seq + 1,
+            None => 1,
+        };
+        let mut lines = Vec::new();
+        for entry in reader.scan_from(from) {
+            let (seq, raw) = entry.map_err(|e| e.to_string())?;
+            after = Some(seq);
+            let record = super::store::decode(seq, &raw).map_err(|e| e.to_string())?;
+            if shown(args, &record) {
+                lines.push(super::table::row(&record, width));
+            }
+        }
+        drop(reader);
+        let skip = if from == 1 {
+            lines.len().saturating_sub(args.lines)
+        } else {
+            0
+        };
+        for line in &lines[skip..] {
+            if !print(&mut out, line)? {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 

@@ -43,7 +43,8 @@ pub struct AuditConfig {
     /// (unset: no anchoring).
     pub checkpoint_database: Option<String>,
     /// Seconds between checkpoints: anchors (and one at stop), and
-    /// checkpoints in the shipped stream.
+    /// checkpoints in the shipped stream (`checkpoint_interval` too).
+    #[serde(alias = "checkpoint_interval")]
     pub checkpoint_interval_s: u64,
     /// An Ed25519 key (PKCS#8 PEM) that signs the shipped checkpoints.
     pub signing_key: Option<PathBuf>,

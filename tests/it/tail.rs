@@ -119,29 +119,44 @@ async fn tail_follows_a_running_gateway_through_its_console() {
     assert!(once.contains("SELECT 'before follow'"), "{once}");
     assert!(!once.contains("SHOW LOG"), "{once}");
 
-    let mut follower = Command::new(env!("CARGO_BIN_EXE_pgwarden"))
-        .args([
-            "audit",
-            "tail",
-            "--console",
-            &url,
-            "--follow",
-            "--user",
-            "bob",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
-    support::one(&bob, "SELECT 'while following'").await;
-    let mut seen = String::new();
-    let stdout_pipe = follower.stdout.take().unwrap();
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_pgwarden"));
+    follower.args([
+        "audit",
+        "tail",
+        "--console",
+        &url,
+        "--follow",
+        "--user",
+        "bob",
+    ]);
+    let seen = follow_until(follower, "SELECT 'while following'", || {
+        let bob = &bob;
+        async move {
+            support::one(bob, "SELECT 'while following'").await;
+        }
+    })
+    .await;
+    assert!(seen.contains("SELECT 'while following'"), "{seen}");
+    assert!(seen.lines().skip(1).all(|l| l.contains("bob")), "{seen}");
+    drop(bob);
+    gw.stop().await;
+}
+
+/// Runs `cmd` (a `tail --follow`), does `then`, and returns what it printed
+/// up to the first line holding `needle` (or all it printed in 10 s).
+async fn follow_until<F: std::future::Future<Output = ()>>(
+    mut cmd: Command,
+    needle: &'static str,
+    then: impl FnOnce() -> F,
+) -> String {
+    let mut follower = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let pipe = follower.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         use std::io::BufRead;
         let mut lines = Vec::new();
-        for line in std::io::BufReader::new(stdout_pipe).lines() {
+        for line in std::io::BufReader::new(pipe).lines() {
             let line = line.unwrap();
-            let done = line.contains("SELECT 'while following'");
+            let done = line.contains(needle);
             lines.push(line);
             if done {
                 break;
@@ -149,6 +164,9 @@ async fn tail_follows_a_running_gateway_through_its_console() {
         }
         lines.join("\n")
     });
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    then().await;
+    let mut seen = String::new();
     for _ in 0..100 {
         if reader.is_finished() {
             seen = reader.join().unwrap();
@@ -158,8 +176,46 @@ async fn tail_follows_a_running_gateway_through_its_console() {
     }
     let _ = follower.kill();
     let _ = follower.wait();
-    assert!(seen.contains("SELECT 'while following'"), "{seen}");
-    assert!(seen.lines().skip(1).all(|l| l.contains("bob")), "{seen}");
-    drop(bob);
-    gw.stop().await;
+    seen
+}
+
+/// `tail -c FILE --follow` follows the running gateway the configuration
+/// describes, through its console, as PGUSER with PGPASSWORD (libpq's
+/// environment); `tail --store DIR --follow` reads a store no gateway holds
+/// and says where to go once one does.
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_follows_by_configuration_and_a_free_store() {
+    let gw = support::BinaryGateway::start(
+        support::TEST_POLICY,
+        "[admin]\nusers = [\"alice\"]\n[audit]\nstore = \"audit\"\n",
+    )
+    .await;
+    let port = gw.port;
+    let config = gw.dir.path().join("pgwarden.toml");
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_pgwarden"));
+    follower
+        .args(["audit", "tail", "--follow", "-c"])
+        .arg(&config)
+        .env("PGUSER", "alice")
+        .env("PGPASSWORD", "alice-pw");
+    let seen = follow_until(follower, "SELECT 'by config'", || async move {
+        let url = format!("host=127.0.0.1 port={port} user=bob password=bob-pw dbname=app");
+        let (bob, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        support::one(&bob, "SELECT 'by config'").await;
+    })
+    .await;
+    assert!(seen.contains("SELECT 'by config'"), "{seen}");
+
+    gw.signal(libc::SIGTERM);
+    let (_, dir) = gw.wait().await;
+    let store = dir.path().join("audit");
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_pgwarden"));
+    follower
+        .args(["audit", "tail", "--follow", "-n", "50", "--store"])
+        .arg(&store);
+    let seen = follow_until(follower, "SELECT 'by config'", || async {}).await;
+    assert!(seen.contains("SELECT 'by config'"), "{seen}");
 }

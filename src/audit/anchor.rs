@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::heads::Compared;
 use super::reader::get_in_tree;
 use super::record::Record;
 use super::ship::Source;
@@ -158,46 +159,51 @@ pub fn check(
             shown(instance)
         )));
     }
-    let last = reader.last_seq().map_err(|e| e.to_string())?.unwrap_or(0);
-    // Anchors of records archived and not given cannot be checked here.
-    let (first, _) = reader.start().map_err(|e| e.to_string())?;
-    let archived = anchors.iter().filter(|a| (a.seq as u64) < first).count();
-    let anchors: Vec<Anchor> = anchors
-        .into_iter()
-        .filter(|a| a.seq as u64 >= first)
-        .collect();
-    if archived > 0 && (anchors.is_empty() || !skip_archived) {
-        return Ok(Err(format!(
-            "{archived} checkpoints of instance {} name records archived before seq {first}, which are not given: give their archives with --archive{}",
-            shown(instance),
-            if anchors.is_empty() { "" } else { ", or --skip-archived to check the store's own records only" }
-        )));
-    }
-    for anchor in &anchors {
-        let seq = anchor.seq as u64;
-        match reader.get(seq).map_err(|e| e.to_string())? {
-            None => {
-                let last_record = reader.get(last).map_err(|e| e.to_string())?;
-                return Ok(Err(format!(
-                    "seq {seq} is anchored but the store ends at seq {last}: records were cut off{}",
-                    last_record.map_or(String::new(), |r| made_before(anchor, &r, "the store's last record"))
-                )));
-            }
-            Some(record) if record.hash != anchor.hash => {
-                return Ok(Err(format!(
-                    "seq {seq} differs from its anchor (anchored hash {}, stored {}): the store was rewritten or restored from an older copy, or the anchor was forged{}",
-                    shown(&anchor.hash),
-                    record.hash,
-                    made_before(anchor, &record, "the record it names")
-                )));
-            }
-            Some(_) => {}
+    let compared = super::heads::compare(
+        reader,
+        &anchors,
+        |a| a.seq as u64,
+        |a| a.hash.as_str(),
+        skip_archived,
+    )?;
+    let (checked, archived) = match compared {
+        Compared::Archived {
+            archived,
+            first,
+            others,
+        } => {
+            return Ok(Err(super::heads::archived_message(
+                &shown(instance),
+                archived,
+                first,
+                others,
+            )))
         }
-    }
-    match anchors.last() {
+        Compared::CutOff { head, last, at_end } => {
+            return Ok(Err(format!(
+                "seq {} is anchored but the store ends at seq {last}: records were cut off{}",
+                head.seq,
+                at_end.map_or(String::new(), |r| made_before(
+                    head,
+                    &r,
+                    "the store's last record"
+                ))
+            )));
+        }
+        Compared::Differs { head, stored } => {
+            return Ok(Err(format!(
+                "seq {} differs from its anchor (anchored hash {}, stored {}): the store was rewritten or restored from an older copy, or the anchor was forged{}",
+                head.seq,
+                shown(&head.hash),
+                stored.hash,
+                made_before(head, &stored, "the record it names")
+            )));
+        }
+        Compared::Match { checked, archived } => (checked, archived),
+    };
+    match anchors.last().filter(|_| checked > 0) {
         Some(latest) => Ok(Ok(format!(
-            "anchors match: {} checkpoints of instance {}, the latest at seq {}\n{}registered instances: {registered}\n",
-            anchors.len(),
+            "anchors match: {checked} checkpoints of instance {}, the latest at seq {}\n{}registered instances: {registered}\n",
             shown(instance),
             latest.seq,
             if archived > 0 {

@@ -19,6 +19,7 @@ use std::path::Path;
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 
+use super::heads::Compared;
 use super::reader::StoreReader;
 
 /// What a checkpoint says, and who signed it.
@@ -207,32 +208,38 @@ pub fn check_file(
             path.display()
         )));
     };
-    let (first, _) = reader.start().map_err(|e| e.to_string())?;
-    let last = reader.last_seq().map_err(|e| e.to_string())?.unwrap_or(0);
-    let archived = heads.range(..first).count();
-    if archived > 0 && (archived == heads.len() || !skip_archived) {
-        return Ok(Err(format!(
-            "{archived} checkpoints of instance {instance} name records archived before seq {first}, which are not given: give their archives with --archive{}",
-            if archived == heads.len() { "" } else { ", or --skip-archived to check the store's own records only" }
-        )));
-    }
-    let mut checked = 0;
-    for (seq, checkpoint) in heads.range(first..) {
-        match reader.get(*seq).map_err(|e| e.to_string())? {
-            None => {
-                return Ok(Err(format!(
-                    "seq {seq} has a checkpoint but the store ends at seq {last}: records were cut off"
-                )))
-            }
-            Some(record) if record.hash != checkpoint.checkpoint.hash => {
-                return Ok(Err(format!(
-                    "seq {seq} differs from its checkpoint (hash {}, stored {}): the store was rewritten",
-                    checkpoint.checkpoint.hash, record.hash
-                )))
-            }
-            Some(_) => checked += 1,
+    let heads: Vec<&Checkpoint> = heads.values().collect();
+    let compared = super::heads::compare(
+        reader,
+        &heads,
+        |c| c.checkpoint.seq,
+        |c| c.checkpoint.hash.as_str(),
+        skip_archived,
+    )?;
+    let checked = match compared {
+        Compared::Archived {
+            archived,
+            first,
+            others,
+        } => {
+            return Ok(Err(super::heads::archived_message(
+                instance, archived, first, others,
+            )))
         }
-    }
+        Compared::CutOff { head, last, .. } => {
+            return Ok(Err(format!(
+                "seq {} has a checkpoint but the store ends at seq {last}: records were cut off",
+                head.checkpoint.seq
+            )))
+        }
+        Compared::Differs { head, stored } => {
+            return Ok(Err(format!(
+                "seq {} differs from its checkpoint (hash {}, stored {}): the store was rewritten",
+                head.checkpoint.seq, head.checkpoint.hash, stored.hash
+            )))
+        }
+        Compared::Match { checked, .. } => checked,
+    };
     let signed = match key {
         Some(key) => format!("each signed by {}", hex::encode(key)),
         None => "unsigned checks: give --public-key to check their signatures".into(),

@@ -60,11 +60,9 @@ async fn run(args: &View, console: &Console) -> Result<(), String> {
     let mut conn = connected.map_err(|e| {
         format!("cannot open the gateway's admin console (an admin of [admin] users, as PGUSER with PGPASSWORD, or --console URL): {e}")
     })?;
-    let width = super::table::terminal_width();
-    let mut out = std::io::stdout();
-    if !print(&mut out, &super::table::header(width))? {
+    let Some(mut table) = Table::start(args)? else {
         return Ok(());
-    }
+    };
     let mut after: Option<u64> = None;
     loop {
         let first = after.is_none();
@@ -76,28 +74,18 @@ async fn run(args: &View, console: &Console) -> Result<(), String> {
             .fetch_all(&mut conn)
             .await
             .map_err(|e| format!("the console refused SHOW LOG: {e}"))?;
-        let mut lines = Vec::new();
+        let mut records = Vec::new();
         for row in rows {
             let seq: String = row.try_get(0).map_err(|e| e.to_string())?;
             let stored: String = row.try_get(1).map_err(|e| e.to_string())?;
             after = seq.parse().ok().or(after);
             let record = Record::from_stored_bytes(stored.as_bytes())
                 .map_err(|e| format!("record {seq} cannot be read: {e}"))?;
-            if shown(args, &record) {
-                lines.push(super::table::row(&record, width));
-            }
+            records.push(record);
         }
-        // Of the first batch, the latest `-n`.
-        let skip = if first {
-            lines.len().saturating_sub(args.lines)
-        } else {
-            0
-        };
-        for line in &lines[skip..] {
-            // The reader is gone (`tail --follow | head`): done.
-            if !print(&mut out, line)? {
-                return Ok(());
-            }
+        // The reader is gone (`tail --follow | head`): done.
+        if !table.batch(&records, first)? {
+            return Ok(());
         }
         if !args.follow {
             let _ = conn.close().await;
@@ -111,11 +99,9 @@ async fn run(args: &View, console: &Console) -> Result<(), String> {
 /// come, read from a store no gateway holds (each look opens it briefly);
 /// once a gateway holds it, says where to follow instead.
 pub fn follow_store(path: &std::path::Path, args: &View) -> Result<(), String> {
-    let width = super::table::terminal_width();
-    let mut out = std::io::stdout();
-    if !print(&mut out, &super::table::header(width))? {
+    let Some(mut table) = Table::start(args)? else {
         return Ok(());
-    }
+    };
     let mut after: Option<u64> = None;
     loop {
         if super::store::is_locked(path) {
@@ -125,31 +111,58 @@ pub fn follow_store(path: &std::path::Path, args: &View) -> Result<(), String> {
             ));
         }
         let reader = super::StoreReader::open(path).map_err(|e| e.to_string())?;
-        let from = match after {
-            Some(seq) => seq + 1,
-            None => 1,
-        };
-        let mut lines = Vec::new();
-        for entry in reader.scan_from(from) {
+        let first = after.is_none();
+        let mut records = Vec::new();
+        for entry in reader.scan_from(after.map_or(1, |seq| seq + 1)) {
             let (seq, raw) = entry.map_err(|e| e.to_string())?;
             after = Some(seq);
-            let record = super::store::decode(seq, &raw).map_err(|e| e.to_string())?;
-            if shown(args, &record) {
-                lines.push(super::table::row(&record, width));
-            }
+            records.push(super::store::decode(seq, &raw).map_err(|e| e.to_string())?);
         }
         drop(reader);
-        let skip = if from == 1 {
-            lines.len().saturating_sub(args.lines)
-        } else {
-            0
-        };
-        for line in &lines[skip..] {
-            if !print(&mut out, line)? {
-                return Ok(());
-            }
+        if !table.batch(&records, first)? {
+            return Ok(());
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// The table being followed on stdout.
+struct Table<'a> {
+    args: &'a View,
+    width: usize,
+    out: std::io::Stdout,
+}
+
+impl<'a> Table<'a> {
+    /// Prints the header; `None` when the reader is already gone.
+    fn start(args: &'a View) -> Result<Option<Table<'a>>, String> {
+        let mut table = Table {
+            args,
+            width: super::table::terminal_width(),
+            out: std::io::stdout(),
+        };
+        let header = super::table::header(table.width);
+        Ok(print(&mut table.out, &header)?.then_some(table))
+    }
+
+    /// Prints the lines of `records` the view shows (of the first batch,
+    /// the latest `-n`); false once the reader is gone.
+    fn batch(&mut self, records: &[Record], first: bool) -> Result<bool, String> {
+        let lines: Vec<String> = records
+            .iter()
+            .filter(|record| shown(self.args, record))
+            .map(|record| super::table::row(record, self.width))
+            .collect();
+        let skip = match first {
+            true => lines.len().saturating_sub(self.args.lines),
+            false => 0,
+        };
+        for line in &lines[skip..] {
+            if !print(&mut self.out, line)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod export;
 pub mod follow;
+pub mod heads;
 pub mod join;
 pub mod reader;
 pub mod record;

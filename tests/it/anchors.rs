@@ -58,19 +58,8 @@ fn psql_as(user: &str, password: &str, sql: &str) -> Output {
 
 /// psql as `user` (password `password`) on database `db`.
 fn psql_in(db: &str, user: &str, password: &str, sql: &str) -> Output {
-    Command::new("psql")
-        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-        .args([
-            "-p",
-            &cluster().port.to_string(),
-            "-U",
-            user,
-            "-d",
-            db,
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", password)
+    support::psql_command(cluster().port, user, password, db)
+        .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()
         .unwrap()
 }

@@ -8,28 +8,8 @@ use crate::support::{self, cluster, start_gateway, Opts};
 
 /// psql on the console of the gateway on `port`, as `user`.
 fn console(port: u16, user: &str, password: &str, sql: &str) -> Output {
-    Command::new("psql")
-        .args([
-            "-X",
-            "-At",
-            "-F",
-            "|",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-        ])
-        .args([
-            "-p",
-            &port.to_string(),
-            "-U",
-            user,
-            "-d",
-            "pgwarden",
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", password)
+    support::psql_command(port, user, password, "pgwarden")
+        .args(["-F", "|", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()
         .unwrap()
 }
@@ -177,21 +157,8 @@ async fn reload_from_the_console_applies_a_new_policy() {
         support::BinaryGateway::start(support::TEST_POLICY, "[admin]\nusers = [\"alice\"]\n").await;
     let port = gw.port;
     let carol = |expect_ok: bool| {
-        let out = Command::new("psql")
-            .args([
-                "-X",
-                "-At",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "carol",
-                "-d",
-                "app",
-            ])
+        let out = support::psql_command(port, "carol", "carol-pw", "app")
             .args(["-c", "SELECT current_user"])
-            .env("PGPASSWORD", "carol-pw")
             .output()
             .unwrap();
         assert_eq!(out.status.success(), expect_ok, "{}", said(&out));

@@ -106,6 +106,16 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// psql (no psqlrc, unaligned, tuples only) on 127.0.0.1:`port`, database
+/// `database`, as `user` with `password`; add the rest and run it.
+pub fn psql_command(port: u16, user: &str, password: &str, database: &str) -> Command {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", user, "-d", database])
+        .env("PGPASSWORD", password);
+    cmd
+}
+
 /// [`eventually`] for a condition that has to wait itself (a connection,
 /// a request).
 pub async fn eventually_async<F: std::future::Future<Output = bool>>(
@@ -179,21 +189,8 @@ impl TestGateway {
 
     /// Runs psql through the gateway.
     pub fn psql(&self, user: &str, args: &[&str]) -> Output {
-        Command::new("psql")
-            .args([
-                "-X",
-                "-At",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port().to_string(),
-                "-U",
-                user,
-                "-d",
-                "app",
-            ])
+        psql_command(self.port(), user, password_of(user), "app")
             .args(args)
-            .env("PGPASSWORD", password_of(user))
             .env("PGCONNECT_TIMEOUT", "10")
             .output()
             .expect("run psql")

@@ -237,8 +237,7 @@ impl Gateway {
             config_path: Default::default(),
             peer_forwards: Arc::new(tokio::sync::Semaphore::new(crate::session::PEER_FORWARDS)),
             paused: tokio::sync::watch::channel(false).0,
-            shutdown_requested: tokio::sync::Notify::new(),
-            shutdown_flag: Default::default(),
+            shutdown: Default::default(),
             config: Arc::new(config),
         };
         Ok(Gateway {
@@ -299,7 +298,7 @@ impl Gateway {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = self.shared.shutdown_requested() => break,
+                _ = self.shared.shutdown.fired() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let shared = self.shared.clone();

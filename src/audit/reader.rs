@@ -2,7 +2,7 @@
 //! (export, verify, stats): records by seq, runs unpacked, and the meta
 //! tree that holds the instance id and the shipper's position.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::archive::{boundary, Archive};
 use super::chain::GENESIS_HASH;
@@ -81,26 +81,12 @@ impl StoreReader {
         })
     }
 
-    /// Archives alone, read as one chain.
-    pub fn archives(paths: &[PathBuf]) -> Result<StoreReader, AuditError> {
-        StoreReader::none().with_archives(paths)
-    }
-
     /// Where the store's own records start (after its archive boundary).
     fn store_start(&self) -> Result<u64, AuditError> {
         match &self.db {
             Some(db) => Ok(boundary(db)?.map_or(1, |b| b.seq + 1)),
             None => Ok(u64::MAX),
         }
-    }
-
-    /// This store preceded by the archives at `paths` (oldest first).
-    pub fn with_archives(self, paths: &[PathBuf]) -> Result<StoreReader, AuditError> {
-        let archives = paths
-            .iter()
-            .map(|p| Archive::open(p))
-            .collect::<Result<_, _>>()?;
-        self.with_opened(archives)
     }
 
     /// This store (if any) preceded by `archives`, which must make one chain

@@ -27,8 +27,7 @@ pub struct CancelSlot {
     /// Woken when the last cancel in flight has been taken.
     settled: tokio::sync::Notify,
     /// Ended by an admin (console KILL).
-    killed: std::sync::atomic::AtomicBool,
-    kill: tokio::sync::Notify,
+    kill: super::latch::Latch,
     /// The target session's identity (user, role, database, address,
     /// application name), for the audit record of a cancel.
     pub record: crate::audit::Event,
@@ -37,13 +36,11 @@ pub struct CancelSlot {
 #[derive(Debug, Default)]
 struct SlotState {
     backend: Option<BackendKey>,
-    /// The client has a request on `backend` that the server has not
-    /// finished answering.
-    running: bool,
+    /// Since when the client has had a request on `backend` that the
+    /// server has not finished answering (none: nothing running).
+    running: Option<std::time::Instant>,
     /// Cancels forwarded to `backend` that PostgreSQL has not taken yet.
     in_flight: usize,
-    /// Since when the running request runs (SHOW CLIENTS).
-    running_since: Option<std::time::Instant>,
     /// A cancel to `backend` ended without PostgreSQL confirming it took it
     /// (timed out, failed midway, abandoned): it may still arrive, so the
     /// backend must not serve anyone else.
@@ -58,17 +55,15 @@ impl CancelSlot {
     pub fn bind(&self, key: BackendKey) {
         let mut state = self.state();
         state.backend = Some(key);
-        state.running = false;
+        state.running = None;
     }
 
     /// Whether the client has a request running on its backend.
     pub fn set_running(&self, running: bool) {
         let mut state = self.state();
-        state.running = running;
-        state.running_since = match (running, state.running_since) {
-            (true, Some(since)) => Some(since),
-            (true, None) => Some(std::time::Instant::now()),
-            (false, _) => None,
+        state.running = match running {
+            true => state.running.or_else(|| Some(std::time::Instant::now())),
+            false => None,
         };
     }
 
@@ -81,7 +76,7 @@ impl CancelSlot {
         {
             let mut state = self.state();
             state.backend = None;
-            state.running = false;
+            state.running = None;
             if state.in_flight == 0 {
                 return !std::mem::take(&mut state.unconfirmed);
             }
@@ -108,7 +103,7 @@ impl CancelSlot {
     /// destroyed when it leaves the client).
     pub fn begin_cancel(self: &Arc<Self>) -> Option<(BackendKey, InFlight)> {
         let mut state = self.state();
-        let key = state.backend.filter(|_| state.running)?;
+        let key = state.backend.filter(|_| state.running.is_some())?;
         state.in_flight += 1;
         Some((
             key,
@@ -130,20 +125,12 @@ impl CancelSlot {
 
     /// Ends the session (console KILL): its loop sees [`CancelSlot::killed`].
     pub fn kill(&self) {
-        self.killed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.kill.notify_waiters();
+        self.kill.fire();
     }
 
     /// Completes once the session was killed.
     pub async fn killed(&self) {
-        loop {
-            let notified = self.kill.notified();
-            if self.killed.load(std::sync::atomic::Ordering::Acquire) {
-                return;
-            }
-            notified.await;
-        }
+        self.kill.fired().await
     }
 
     /// The backend the client is bound to (for the gateway's own cancels).
@@ -205,8 +192,7 @@ impl CancelRegistry {
             record,
             state: Mutex::default(),
             settled: tokio::sync::Notify::new(),
-            killed: Default::default(),
-            kill: tokio::sync::Notify::new(),
+            kill: Default::default(),
         });
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -248,11 +234,7 @@ impl CancelRegistry {
             .values()
             .map(|slot| {
                 let state = slot.state();
-                let running = state.running.then(|| {
-                    state
-                        .running_since
-                        .map_or(std::time::Duration::ZERO, |s| s.elapsed())
-                });
+                let running = state.running.map(|since| since.elapsed());
                 (slot.record.clone(), running, state.backend)
             })
             .collect()

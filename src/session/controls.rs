@@ -39,27 +39,6 @@ impl Live {
 type Shown = fn(&Config) -> String;
 
 impl Shared {
-    /// Asks the gateway to drain and stop (console SHUTDOWN).
-    pub fn request_shutdown(&self) {
-        self.shutdown_flag
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.shutdown_requested.notify_waiters();
-    }
-
-    /// Completes once a shutdown was requested.
-    pub async fn shutdown_requested(&self) {
-        loop {
-            let notified = self.shutdown_requested.notified();
-            if self
-                .shutdown_flag
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
-                return;
-            }
-            notified.await;
-        }
-    }
-
     /// Waits while the console has paused the pools.
     pub async fn while_paused(&self) {
         let mut paused = self.paused.subscribe();

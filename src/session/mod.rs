@@ -15,6 +15,7 @@ mod console;
 mod controls;
 pub mod core;
 pub mod kept;
+pub mod latch;
 pub mod ledger;
 pub mod opaque;
 mod outcome;
@@ -90,8 +91,7 @@ pub struct Shared {
     /// Console PAUSE: no new transaction gets a server connection.
     pub paused: tokio::sync::watch::Sender<bool>,
     /// Console SHUTDOWN: the accept loop drains and stops, as on SIGTERM.
-    pub shutdown_requested: tokio::sync::Notify,
-    pub shutdown_flag: std::sync::atomic::AtomicBool,
+    pub shutdown: latch::Latch,
 }
 
 impl Shared {
@@ -349,23 +349,9 @@ async fn login(
         &ident.client_user,
         &shared.config.identity.client_user_setting,
     );
-    let mut greeting = BytesMut::new();
-    // Closed only when the gateway stops; then the login cannot proceed.
-    let Ok(slot) = shared.auth_slots.clone().acquire_owned().await else {
+    let Some(mut greeting) = relay_login(shared, &mut client, &startup, &ident).await? else {
         return Ok(None);
     };
-    let relayed = auth_relay::relay(
-        &mut client,
-        &startup,
-        &shared.config.backend,
-        shared.backend_tls.as_ref(),
-        &mut greeting,
-        slot,
-    )
-    .await;
-    if !authenticated(shared, &ident, &mut client, relayed).await? {
-        return Ok(None);
-    }
     let (pid, secret, slot) = shared.cancels.register(ident.event(Kind::Cancel));
     messages::backend_key_data(&mut greeting, pid, secret);
     messages::ready_for_query(&mut greeting, b'I');
@@ -387,10 +373,21 @@ async fn refuse_unmapped(shared: &Shared, ident: &Identity, client: &mut ClientC
         user: ident.client_user.to_string(),
         database: ident.database.to_string(),
     };
-    let error = refusal.to_wire();
     crate::metrics::Metrics::inc(&shared.metrics.denied);
+    refuse_denied(shared, ident, client, refusal).await;
+}
+
+/// A login the gateway itself turns away: recorded as `denied` (with the
+/// role, if one was settled), then refused on the wire.
+async fn refuse_denied(
+    shared: &Shared,
+    ident: &Identity,
+    client: &mut ClientConn,
+    refusal: Refusal,
+) {
+    let error = refusal.to_wire();
     let mut ev = ident.event(Kind::Denied);
-    ev.role = None;
+    ev.role = Some(ident.role.clone()).filter(|role| !role.is_empty());
     ev.status = Some(Status::Error);
     ev.sqlstate = Some(error.code.code().into());
     ev.message = Some(error.message.clone());
@@ -401,6 +398,35 @@ async fn refuse_unmapped(shared: &Shared, ident: &Identity, client: &mut ClientC
 /// The one place a login is refused on the wire.
 async fn refuse_login(client: &mut ClientConn, refusal: Refusal) {
     client.send_error(&refusal.to_wire()).await;
+}
+
+/// Relays `startup`'s login to PostgreSQL (one of `max_auth_connections`
+/// at a time): the greeting to send on (authentication ok, the server's
+/// parameters) when it succeeded, `None` when it did not (recorded and
+/// told to the client by [`authenticated`]).
+async fn relay_login(
+    shared: &Shared,
+    client: &mut ClientConn,
+    startup: &StartupMessage,
+    ident: &Identity,
+) -> Result<Option<BytesMut>, ClientError> {
+    // Closed only when the gateway stops; then the login cannot proceed.
+    let Ok(slot) = shared.auth_slots.clone().acquire_owned().await else {
+        return Ok(None);
+    };
+    let mut greeting = BytesMut::new();
+    let relayed = auth_relay::relay(
+        client,
+        startup,
+        &shared.config.backend,
+        shared.backend_tls.as_ref(),
+        &mut greeting,
+        slot,
+    )
+    .await;
+    Ok(authenticated(shared, ident, client, relayed)
+        .await?
+        .then_some(greeting))
 }
 
 /// Whether the relayed login succeeded; a refusal is recorded as

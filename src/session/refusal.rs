@@ -29,6 +29,8 @@ pub enum Refusal {
     Protocol(ProtocolError),
     /// No policy rule maps this client to a role on this database.
     Unmapped { user: String, database: String },
+    /// This user is not in `[admin] users` and asked for the console.
+    NotAdmin { user: String },
     /// `max_client_connections` clients are connected.
     TooManyClients,
     /// A startup packet the gateway cannot serve.
@@ -116,6 +118,10 @@ impl Refusal {
             Refusal::Unmapped { user, database } => PgError::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 format!("no role mapping for user \"{user}\" on database \"{database}\""),
+            ),
+            Refusal::NotAdmin { user } => PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("user \"{user}\" may not open the pgwarden console (not in [admin] users)"),
             ),
             Refusal::Startup(e) => startup(e),
             Refusal::TooManyClients => PgError::fatal(
@@ -352,6 +358,7 @@ mod tests {
                 "28000",
                 true,
             ),
+            (Refusal::NotAdmin { user: "eve".into() }, "28000", true),
             (Refusal::TooManyClients, "53300", true),
             (
                 Refusal::Startup(StartupRefusal::Repeated("user".into())),

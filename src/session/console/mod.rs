@@ -12,9 +12,9 @@
 
 use bytes::BytesMut;
 
-use super::{authenticated, Identity, Shared};
+use super::refusal::Refusal;
+use super::{refuse_denied, relay_login, Identity, Shared};
 use crate::audit::{Kind, Status};
-use crate::auth::relay as auth_relay;
 use crate::client::{ClientConn, ClientError};
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
@@ -35,17 +35,10 @@ pub(super) async fn login(
     // Reloadable (RELOAD, SIGHUP): an admin removed is out at once.
     let live = shared.live();
     if !live.admin_users.iter().any(|u| **u == *ident.client_user) {
-        let message = format!(
-            "user \"{}\" may not open the pgwarden console (not in [admin] users)",
-            ident.client_user
-        );
-        let mut ev = ident.event(Kind::Denied);
-        ev.status = Some(Status::Error);
-        ev.sqlstate = Some(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION.code().into());
-        ev.message = Some(message.clone());
-        shared.auditor.append_nowait(ev).await;
-        let error = PgError::fatal(sqlstate::INVALID_AUTHORIZATION_SPECIFICATION, message);
-        client.send_error(&error).await;
+        let refusal = Refusal::NotAdmin {
+            user: ident.client_user.to_string(),
+        };
+        refuse_denied(shared, ident, &mut client, refusal).await;
         return Ok(None);
     }
     // The same login, checked by PostgreSQL against a database that exists.
@@ -53,22 +46,9 @@ pub(super) async fn login(
     params.retain(|(k, _)| k != "database");
     params.push(("database".into(), live.admin_auth_database.clone()));
     let checked = encode_startup(startup.version, &params);
-    let Ok(slot) = shared.auth_slots.clone().acquire_owned().await else {
+    let Some(mut greeting) = relay_login(shared, &mut client, &checked, ident).await? else {
         return Ok(None);
     };
-    let mut greeting = BytesMut::new();
-    let relayed = auth_relay::relay(
-        &mut client,
-        &checked,
-        &shared.config.backend,
-        shared.backend_tls.as_ref(),
-        &mut greeting,
-        slot,
-    )
-    .await;
-    if !authenticated(shared, ident, &mut client, relayed).await? {
-        return Ok(None);
-    }
     messages::ready_for_query(&mut greeting, b'I');
     client.write_all(&greeting).await?;
     let mut start = ident.event(Kind::SessionStart);
@@ -253,7 +233,7 @@ fn answer(shared: &Shared, sql: &str) -> Result<Rows, Failure> {
         "PAUSE" => Ok(pause(shared, true)),
         "RESUME" => Ok(pause(shared, false)),
         "SHUTDOWN" => {
-            shared.request_shutdown();
+            shared.shutdown.fire();
             Ok((vec!["shutdown"], vec![vec!["the gateway drains and stops (as on SIGTERM)".into()]]))
         }
         "SHOW LOG" => log(shared, None),

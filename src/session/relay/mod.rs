@@ -183,7 +183,7 @@ impl<'a> QueryLoop<'a> {
                 let client = &mut self.client;
                 let server = &mut self.server;
                 let shutdown = &mut self.shutdown;
-                let cancel = self.cancel.clone();
+                let cancel = &self.cancel;
                 tokio::select! {
                     _ = cancel.killed() => Wake::Killed,
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),

@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 mod audit;
 pub use audit::{
-    valid_instance, AuditConfig, Durability, OnFailure, ShipConfig, ShipFormat, ShipTransport,
-    MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES,
+    shown_instance, valid_instance, AuditConfig, Durability, OnFailure, ShipConfig, ShipFormat,
+    ShipTransport, MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES,
 };
 
 /// Environment variable that overrides `[backend] service_password`.

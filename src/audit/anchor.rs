@@ -23,7 +23,7 @@ use super::record::Record;
 use super::ship::Source;
 use crate::auth::service::{self, ServiceLogin};
 use crate::backend::conn::BackendError;
-use crate::config::{valid_instance, BackendConfig};
+use crate::config::{shown_instance as shown, valid_instance, BackendConfig};
 use crate::tls::BackendTls;
 
 /// Where and as whom anchors are written.
@@ -292,17 +292,6 @@ fn made_before(anchor: &Anchor, record: &Record, what: &str) -> String {
 
 /// How far the gateway's clock may be ahead of PostgreSQL's.
 const CLOCK_SKEW: time::Duration = time::Duration::seconds(1);
-
-/// `text` as printed to an auditor: as is when it is a plain name, quoted
-/// and escaped otherwise (so no value read from the database can add a
-/// line to the report).
-fn shown(text: &str) -> String {
-    if valid_instance(text) {
-        text.to_string()
-    } else {
-        format!("{text:?}")
-    }
-}
 
 /// `url` without its password, for messages.
 fn redact(url: &str) -> String {

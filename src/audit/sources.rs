@@ -41,12 +41,7 @@ impl Source {
     /// it is a plain instance name (it comes from a store or an archive,
     /// where anyone who could write them put it).
     pub fn shown(&self) -> String {
-        let name = self.name();
-        if crate::config::valid_instance(name) {
-            name.to_string()
-        } else {
-            format!("{name:?}")
-        }
+        crate::config::shown_instance(self.name())
     }
 }
 

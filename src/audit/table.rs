@@ -128,6 +128,15 @@ fn fit(text: &str, width: usize) -> String {
     cut
 }
 
+/// The largest char boundary of `s` at or below `at` (`str::floor_char_boundary`,
+/// newer than this crate's minimum Rust).
+pub fn floor_char_boundary(s: &str, mut at: usize) -> usize {
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
 /// The width of the terminal on stdout, or 0 when stdout is not one.
 pub fn terminal_width() -> usize {
     // SAFETY: TIOCGWINSZ fills a winsize, read only on success.

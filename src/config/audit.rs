@@ -99,6 +99,18 @@ pub fn valid_instance(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// `text` (an instance id read from a store, an archive or the anchors'
+/// database) as printed to an auditor: as is when it is a valid instance
+/// name, quoted and escaped otherwise, so no value can add a line to a
+/// report.
+pub fn shown_instance(text: &str) -> String {
+    if valid_instance(text) {
+        text.to_string()
+    } else {
+        format!("{text:?}")
+    }
+}
+
 /// How a shipped record is written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -60,13 +60,13 @@ impl Format<'_> {
         }
         for (slot, full) in slots.into_iter().zip(values) {
             let keep = longest_fitting(full.len(), |end| {
-                let end = floor_char_boundary(&full, end);
+                let end = crate::audit::table::floor_char_boundary(&full, end);
                 slot.put(&mut cut, full[..end].to_string());
                 fits(&cut)
             });
             slot.put(
                 &mut cut,
-                full[..floor_char_boundary(&full, keep)].to_string(),
+                full[..crate::audit::table::floor_char_boundary(&full, keep)].to_string(),
             );
         }
         if let Some(params) = params {
@@ -142,15 +142,6 @@ impl Format<'_> {
         }
         msg
     }
-}
-
-/// The largest char boundary of `s` at or below `at` (`str::floor_char_boundary`,
-/// newer than this crate's minimum Rust).
-fn floor_char_boundary(s: &str, mut at: usize) -> usize {
-    while !s.is_char_boundary(at) {
-        at -= 1;
-    }
-    at
 }
 
 /// The largest `n` in `0..=len` for which `fits(n)` holds, by bisection

@@ -157,10 +157,7 @@ async fn run(shared: &Shared, ident: &Identity, sql: &str, out: &mut BytesMut) {
     let mut query = ident.event(Kind::Query);
     query.statement = Some(match sql.len() > MAX_COMMAND {
         true => {
-            let mut end = MAX_COMMAND;
-            while !sql.is_char_boundary(end) {
-                end -= 1;
-            }
+            let end = crate::audit::table::floor_char_boundary(sql, MAX_COMMAND);
             format!("{}… ({} bytes)", &sql[..end], sql.len())
         }
         false => sql.to_string(),

@@ -234,9 +234,7 @@ impl StoreReader {
 
     /// The instance id kept in the store `db`, if any (unreadable: none).
     pub fn instance_of(db: &sled::Db) -> Option<String> {
-        let meta = db.open_tree(META_TREE).ok()?;
-        let id = meta.get(INSTANCE_KEY).ok()??;
-        Some(String::from_utf8_lossy(&id).into_owned())
+        stored_instance(db).ok().flatten()
     }
 
     /// The instance id kept in the store (made when shipping or anchoring
@@ -248,12 +246,17 @@ impl StoreReader {
                 .first()
                 .and_then(|a| a.manifest.instance.clone()));
         };
-        let meta = db
-            .open_tree(META_TREE)
-            .map_err(|e| AuditError::Read(e.to_string()))?;
-        let id = meta
-            .get(INSTANCE_KEY)
-            .map_err(|e| AuditError::Read(e.to_string()))?;
-        Ok(id.map(|id| String::from_utf8_lossy(&id).into_owned()))
+        stored_instance(db)
     }
+}
+
+/// The instance id kept in the store `db`'s meta tree, if any.
+pub fn stored_instance(db: &sled::Db) -> Result<Option<String>, AuditError> {
+    let read = |e: sled::Error| AuditError::Read(e.to_string());
+    let id = db
+        .open_tree(META_TREE)
+        .map_err(read)?
+        .get(INSTANCE_KEY)
+        .map_err(read)?;
+    Ok(id.map(|id| String::from_utf8_lossy(&id).into_owned()))
 }

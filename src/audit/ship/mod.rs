@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::checkpoint::{Checkpoint, Head, Signer};
-use super::reader::{scan_tree, INSTANCE_KEY, META_TREE};
+use super::reader::{scan_tree, stored_instance, INSTANCE_KEY, META_TREE};
 use super::store::{decode, SharedDb};
 use super::writer::Counters;
 use super::AuditError;
@@ -127,8 +127,8 @@ pub fn instance_id(db: &sled::Db, configured: Option<&str>) -> Result<String, Au
         meta.insert(INSTANCE_KEY, id.as_bytes()).map_err(read_err)?;
         return Ok(id.to_string());
     }
-    if let Some(id) = meta.get(INSTANCE_KEY).map_err(read_err)? {
-        return Ok(String::from_utf8_lossy(&id).into_owned());
+    if let Some(id) = stored_instance(db)? {
+        return Ok(id);
     }
     let id = format!("pgw-{:016x}", rand::random::<u64>());
     meta.insert(INSTANCE_KEY, id.as_bytes()).map_err(read_err)?;

@@ -302,6 +302,9 @@ def main():
                     help="client users (bench1..N), one pgbench each, the clients split among them")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--idle-clients", type=int, default=1000, help="measure gateway RSS with this many idle clients (0: skip)")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="also run this pgwarden build (e.g. a copy of the previous release build) in every audit mode, "
+                         "as before/<mode>, in the same rounds")
     a = ap.parse_args()
     if a.users > 1:
         USERS[:] = [f"bench{i}" for i in range(1, a.users + 1)]
@@ -322,11 +325,16 @@ def main():
             procs.append(bouncer)
             targets.append(("pgbouncer", bport))
             pids["pgbouncer"] = bouncer_pid(bouncer)
+        builds = [("pgwarden", tmp, None)]
+        if a.baseline:
+            os.makedirs(os.path.join(tmp, "baseline"))
+            builds.append(("before", os.path.join(tmp, "baseline"), os.path.abspath(a.baseline)))
         for mode in a.audit.split(","):
-            proc, port = start_pgwarden(tmp, pg.port, a.pool_size, mode)
-            procs.append(proc)
-            targets.append((f"pgwarden/{mode}", port))
-            pids[f"pgwarden/{mode}"] = proc.pid
+            for label, where, binary in builds:
+                proc, port = start_pgwarden(where, pg.port, a.pool_size, mode, binary=binary)
+                procs.append(proc)
+                targets.append((f"{label}/{mode}", port))
+                pids[f"{label}/{mode}"] = proc.pid
         results = {}
         for wl in a.workloads.split(","):
             for clients in [int(c) for c in a.clients.split(",")]:

@@ -197,6 +197,11 @@ impl ServerConn {
         }
     }
 
+    /// A notification the gateway's own exchange met, for the client.
+    pub fn keep_notification(&mut self, frame: BytesMut) {
+        self.notifications.push(frame);
+    }
+
     /// Notifications the gateway's own exchanges met, for the client.
     pub fn take_notifications(&mut self) -> Vec<BytesMut> {
         std::mem::take(&mut self.notifications)

@@ -43,8 +43,39 @@ pub struct Assertion<'a> {
 }
 
 impl Assertion<'_> {
-    /// Appends the assertion's messages (Parse/Bind/Execute/Sync) to `out`.
+    /// Appends the assertion's messages (Parse/Bind/Execute/Close/Sync) to
+    /// `out`.
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_statement(out);
+        frontend::sync(out);
+    }
+
+    /// Appends the assertion for the same write as the client's first
+    /// message of a transaction (see [`Pipelined`]): `BEGIN`, the reset (a
+    /// simple query) if any, the assertion, `COMMIT`, all extended and
+    /// unsynced, so that an error anywhere makes PostgreSQL skip everything
+    /// after it, the client's messages included, up to the client's `Sync`.
+    pub fn encode_pipelined(&self, reset: Option<&str>, out: &mut BytesMut) -> Pipelined {
+        unnamed_statement("BEGIN", out);
+        if let Some(sql) = reset {
+            messages::query(out, sql);
+        }
+        self.encode_statement(out);
+        unnamed_statement("COMMIT", out);
+        Pipelined {
+            expected: match reset {
+                Some(_) => &WITH_RESET,
+                None => &WITHOUT_RESET,
+            },
+            next: 0,
+            role: self.role.to_string(),
+            client_user: self.client_user.to_string(),
+            value: self.value().to_string(),
+            columns: 2 + self.settings.len(),
+        }
+    }
+
+    fn encode_statement(&self, out: &mut BytesMut) {
         frontend::parse(
             "",
             &assert_sql(self.settings.len()),
@@ -76,36 +107,16 @@ impl Assertion<'_> {
         // not stay behind as the connection's unnamed statement, where a
         // client's `Bind` of "" could run it with values of its own.
         frontend::close(b'S', "", out).expect("unnamed statement");
-        frontend::sync(out);
     }
 
-    /// Runs the assertion on `conn` and waits for its outcome.
+    /// Runs the assertion on `conn` and waits for its outcome (nothing else
+    /// in flight).
     pub async fn apply(&self, conn: &mut ServerConn) -> Result<(), AssertError> {
-        self.apply_after(conn, None).await
-    }
-
-    /// Runs the simple query `first` (a reset), if any, then the assertion,
-    /// sent in one write (one round trip), and waits for both; the
-    /// assertion's reply is read even when `first` failed, so the
-    /// connection is left at a known point.
-    pub async fn apply_after(
-        &self,
-        conn: &mut ServerConn,
-        first: Option<&str>,
-    ) -> Result<(), AssertError> {
         let mut out = BytesMut::with_capacity(512);
-        if let Some(sql) = first {
-            messages::query(&mut out, sql);
-        }
         self.encode(&mut out);
         let result = async {
             conn.write_all(&out).await?;
-            let reset = match first {
-                Some(_) => conn.drain_until_ready().await.map(drop),
-                None => Ok(()),
-            };
-            let asserted = self.check_reply(conn).await;
-            reset.and(asserted)
+            self.check_reply(conn).await
         }
         .await;
         result.map_err(|e| self.failure(e))
@@ -135,21 +146,7 @@ impl Assertion<'_> {
     }
 
     fn row_matches(&self, body: &[u8]) -> Result<bool, BackendError> {
-        let mut r = Reader::new(body, "DataRow");
-        if r.i16()? as usize != 2 + self.settings.len() {
-            return Ok(false);
-        }
-        let mut column = || -> Result<Option<&[u8]>, BackendError> {
-            let len = r.i32()?;
-            Ok(if len < 0 {
-                None
-            } else {
-                Some(r.bytes(len as usize)?)
-            })
-        };
-        let role = column()?;
-        let user = column()?;
-        Ok(role == Some(self.role.as_bytes()) && user == Some(self.value().as_bytes()))
+        row_matches(body, 2 + self.settings.len(), self.role, self.value())
     }
 
     /// What the client-user setting is set to: the signed tag, or the name.
@@ -240,3 +237,171 @@ fn verify_sql(setting: &str) -> String {
         setting.replace('\'', "''")
     )
 }
+
+/// Whether the assertion's row (`DataRow` body) holds `columns` columns,
+/// the first two being exactly `role` and `value`.
+fn row_matches(body: &[u8], columns: usize, role: &str, value: &str) -> Result<bool, BackendError> {
+    let mut r = Reader::new(body, "DataRow");
+    if r.i16()? as usize != columns {
+        return Ok(false);
+    }
+    let mut column = || -> Result<Option<&[u8]>, BackendError> {
+        let len = r.i32()?;
+        Ok(if len < 0 {
+            None
+        } else {
+            Some(r.bytes(len as usize)?)
+        })
+    };
+    let found_role = column()?;
+    let found_value = column()?;
+    Ok(found_role == Some(role.as_bytes()) && found_value == Some(value.as_bytes()))
+}
+
+/// Parse, Bind and Execute of `sql` as the unnamed statement and portal,
+/// then Close of the statement, so that nothing of the gateway's stays
+/// behind for a client's `Bind` of "".
+fn unnamed_statement(sql: &str, out: &mut BytesMut) {
+    frontend::parse("", sql, std::iter::empty(), out).expect("no NUL in generated SQL");
+    frontend::bind(
+        "",
+        "",
+        std::iter::empty(),
+        std::iter::empty::<&str>(),
+        |_, _| Ok(IsNull::No),
+        std::iter::empty(),
+        out,
+    )
+    .unwrap_or_else(|_| unreachable!("no parameters"));
+    frontend::execute("", 0, out).expect("unnamed portal");
+    frontend::close(b'S', "", out).expect("unnamed statement");
+}
+
+/// What the server answers to a pipelined assertion, in order: a reply of
+/// this tag, the reset's `ReadyForQuery` (its own answers skipped on the
+/// way), or the assertion's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Reply(u8),
+    Ready,
+    Row,
+}
+
+use Answer::{Ready, Reply, Row};
+
+/// `BEGIN`, the reset, the assertion and `COMMIT` (each statement
+/// parsed, bound, executed and closed).
+const WITH_RESET: [Answer; 14] = [
+    Reply(b'1'),
+    Reply(b'2'),
+    Reply(b'C'),
+    Reply(b'3'),
+    Ready,
+    Reply(b'1'),
+    Reply(b'2'),
+    Row,
+    Reply(b'C'),
+    Reply(b'3'),
+    Reply(b'1'),
+    Reply(b'2'),
+    Reply(b'C'),
+    Reply(b'3'),
+];
+const WITHOUT_RESET: [Answer; 13] = [
+    Reply(b'1'),
+    Reply(b'2'),
+    Reply(b'C'),
+    Reply(b'3'),
+    Reply(b'1'),
+    Reply(b'2'),
+    Row,
+    Reply(b'C'),
+    Reply(b'3'),
+    Reply(b'1'),
+    Reply(b'2'),
+    Reply(b'C'),
+    Reply(b'3'),
+];
+
+/// An identity assertion sent in the same write as the client's first
+/// message of a transaction, whose answers are still to be read.
+///
+/// Why it is safe to send the client's messages before the answer:
+/// - everything is extended-protocol and unsynced, so an error anywhere in
+///   it (the reset, the role switch, the commit) makes PostgreSQL skip every
+///   message after it up to the next `Sync`: the client's messages never
+///   run. The gateway sends the client's messages only up to their first
+///   `Sync` (or simple query) before the answer is read, so nothing of the
+///   client's lies beyond that `Sync`;
+/// - the reset runs inside the `BEGIN` block, so a reset that fails aborts
+///   the block and the assertion after it fails too;
+/// - the assertion commits in its own transaction (`COMMIT` commits as soon
+///   as it executes, before the client's first message is read), so no
+///   `ROLLBACK` of the client's can undo it.
+#[derive(Debug)]
+pub struct Pipelined {
+    expected: &'static [Answer],
+    next: usize,
+    role: String,
+    client_user: String,
+    value: String,
+    columns: usize,
+}
+
+/// Where reading a pipelined assertion's answers stands.
+#[derive(Debug)]
+pub enum Progress {
+    /// More answers are due.
+    More,
+    /// The identity is in place, committed.
+    Confirmed,
+    /// PostgreSQL refused part of it, so it skipped the client's messages
+    /// up to their `Sync`: they did not run.
+    Refused(AssertError),
+    /// The answers were not those of the assertion (or its row held other
+    /// values): what the client's messages did is unknown.
+    Broken(String),
+}
+
+impl Pipelined {
+    /// Reads one server message (`tag`, `body`) of the assertion's answers.
+    /// Notices, parameter changes and notifications are the caller's.
+    pub fn on_frame(&mut self, tag: u8, body: &[u8]) -> Progress {
+        let Some(&expected) = self.expected.get(self.next) else {
+            return Progress::Confirmed;
+        };
+        if tag == b'E' {
+            let cause = match messages::parse_error_fields(body) {
+                Ok(fields) => format!("{} (SQLSTATE {})", fields.message, fields.code),
+                Err(e) => e.to_string(),
+            };
+            return Progress::Refused(AssertError {
+                role: self.role.clone(),
+                client_user: self.client_user.clone(),
+                cause,
+            });
+        }
+        match (expected, tag) {
+            (Ready, b'Z') => self.next += 1,
+            (Ready, _) => {}
+            (Row, b'D') => match row_matches(body, self.columns, &self.role, &self.value) {
+                Ok(true) => self.next += 1,
+                _ => return Progress::Broken("the backend did not confirm the role and client name".into()),
+            },
+            (Reply(want), got) if want == got => self.next += 1,
+            (_, got) => {
+                return Progress::Broken(format!(
+                    "unexpected message 0x{got:02X} in the identity assertion's answers"
+                ))
+            }
+        }
+        match self.next == self.expected.len() {
+            true => Progress::Confirmed,
+            false => Progress::More,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "assert_tests.rs"]
+mod tests;

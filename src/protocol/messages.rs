@@ -130,6 +130,31 @@ fn put_cstr(out: &mut BytesMut, s: &[u8]) {
 }
 
 /// `ReadyForQuery` with the given transaction status (`I`, `T` or `E`).
+/// The (name, value) of every `ParameterStatus` among the whole messages
+/// in `buf` (a greeting on its way to a client).
+pub fn parameter_statuses(buf: &[u8]) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut rest = buf;
+    while rest.len() >= 5 {
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
+        let total = 1 + len.max(4) as usize;
+        let Some(frame) = rest.get(..total) else {
+            break;
+        };
+        if frame[0] == b'S' {
+            let mut r = Reader::new(&frame[5..], "ParameterStatus");
+            if let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) {
+                found.push((
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                ));
+            }
+        }
+        rest = &rest[total..];
+    }
+    found
+}
+
 pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     write_frame(out, b'Z', |b| b.put_u8(status));
 }

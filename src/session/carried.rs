@@ -33,6 +33,8 @@ pub struct Carried {
     /// A statement that may change `client_encoding` has not been answered
     /// yet: the encoding of text sent behind it is not known.
     encoding_in_flux: bool,
+    /// What the client was last told of each reported parameter.
+    shown: Vec<(String, String)>,
 }
 
 impl Carried {
@@ -48,7 +50,36 @@ impl Carried {
             application_name,
             retag: false,
             encoding_in_flux: false,
+            shown: Vec::new(),
         }
+    }
+
+    /// The parameters the client was told of at login.
+    pub fn showing(mut self, shown: Vec<(String, String)>) -> Carried {
+        self.shown = shown;
+        self
+    }
+
+    /// Whether a reported parameter is news to the client, as PostgreSQL
+    /// reports only a change: a value the client was already told of (a
+    /// connection taking on the client's own settings, its application
+    /// name with the client's name added) is not.
+    pub fn news(&mut self, name: &str, value: &str) -> bool {
+        let seen = self.shown.iter_mut().find(|(k, _)| k == name);
+        if let Some((_, shown)) = &seen {
+            let decorated = match shown.is_empty() {
+                true => format!("[{}]", self.client_user),
+                false => format!("{shown} [{}]", self.client_user),
+            };
+            if shown == value || (name == "application_name" && value == decorated) {
+                return false;
+            }
+        }
+        match seen {
+            Some((_, shown)) => *shown = value.to_string(),
+            None => self.shown.push((name.to_string(), value.to_string())),
+        }
+        true
     }
 
     /// The settings every connection that serves the client gets.

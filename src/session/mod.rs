@@ -148,6 +148,8 @@ pub struct Identity {
     pub application_name: Option<Arc<str>>,
     /// Settings applied to every server connection that serves this client.
     pub settings: Vec<(String, String)>,
+    /// The parameters the client was told of at login (`ParameterStatus`).
+    pub reported: Vec<(String, String)>,
 }
 
 impl Identity {
@@ -162,6 +164,7 @@ impl Identity {
             client_addr: Arc::from("127.0.0.1"),
             application_name: None,
             settings: Vec::new(),
+            reported: Vec::new(),
         }
     }
 
@@ -323,6 +326,7 @@ async fn login(
         client_addr: peer.to_string().into(),
         application_name: startup.get("application_name").map(Arc::from),
         settings: Vec::new(),
+        reported: Vec::new(),
     };
     if let Err(e) = check_startup(&startup) {
         refuse_login(&mut client, Refusal::Startup(e)).await;
@@ -352,6 +356,7 @@ async fn login(
     let Some(mut greeting) = relay_login(shared, &mut client, &startup, &ident).await? else {
         return Ok(None);
     };
+    ident.reported = messages::parameter_statuses(&greeting);
     let (pid, secret, slot) = shared.cancels.register(ident.event(Kind::Cancel));
     messages::backend_key_data(&mut greeting, pid, secret);
     messages::ready_for_query(&mut greeting, b'I');

@@ -3,14 +3,8 @@
 use serde_json::Value;
 
 use crate::audit::{export, s};
-use crate::raw::{message, RawClient};
+use crate::raw::{cstr, message, RawClient};
 use crate::support::{self, start_gateway, Opts, TestGateway};
-
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
 
 /// alice, connected with this application name.
 async fn alice_as(
@@ -893,10 +887,16 @@ async fn an_execute_is_recorded_with_the_portal_the_server_ran() {
 async fn text_behind_an_encoding_change_is_never_misread() {
     let gw = start_gateway(Opts {
         audit: true,
+        pool_size: 1,
         ..Opts::default()
     })
     .await;
     let mut c = RawClient::login(gw.addr).await;
+    // The one connection carries this client's identity already: no
+    // assertion runs ahead of the batch, so the gateway reads the second
+    // query while the first's answer (the new encoding) is still unknown.
+    c.send(b'Q', &cstr("SELECT 1")).await;
+    c.until_ready().await;
     let mut batch = message(b'Q', &cstr("SET client_encoding = 'LATIN1'"));
     batch.extend(message(b'Q', "SELECT 'é' AS e01\0".as_bytes()));
     c.send_raw(&batch).await;

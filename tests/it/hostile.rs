@@ -5,14 +5,8 @@
 
 use std::net::SocketAddr;
 
-use crate::raw::{message, RawClient};
+use crate::raw::{cstr, message, RawClient};
 use crate::support::{self, start_gateway, Opts};
-
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
 
 fn query(sql: &str) -> Vec<u8> {
     message(b'Q', &cstr(sql))

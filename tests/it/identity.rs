@@ -194,3 +194,103 @@ async fn verify_catches_a_switch_inside_an_explicit_transaction_at_commit() {
     let bob = gw.connect("bob").await;
     assert_eq!(support::one(&bob, "SELECT current_user").await, "engineer");
 }
+
+const WHO: &str = "SELECT current_user || '/' || current_setting('app.client_user')";
+
+/// The assertion travels in the same write as the client's first message
+/// of a transaction, and commits before it: a `ROLLBACK` (or a `BEGIN`
+/// then `ROLLBACK`) pipelined behind it, simple or extended, with or
+/// without a reset of another session's state in it, cannot undo it and
+/// bring back the previous client's identity or the service user's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_behind_the_assertion_cannot_undo_it() {
+    use crate::raw::{cstr, message, RawClient};
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let bob = gw.connect("bob").await;
+    let extended = |sql: &str| {
+        let mut parse = cstr("");
+        parse.extend(cstr(sql));
+        parse.extend([0, 0]);
+        [
+            message(b'P', &parse),
+            message(b'B', &[0; 8]),
+            message(b'E', &[0; 5]),
+        ]
+        .concat()
+    };
+    let burst_simple = message(b'Q', &cstr(&format!("BEGIN; ROLLBACK; {WHO}")));
+    let burst_rollback = [
+        extended("ROLLBACK"),
+        extended(WHO),
+        message(b'S', &[]),
+    ]
+    .concat();
+    let burst_block = [
+        extended("BEGIN"),
+        extended("ROLLBACK"),
+        extended(WHO),
+        message(b'S', &[]),
+    ]
+    .concat();
+    for dirty in [false, true] {
+        for burst in [&burst_simple, &burst_rollback, &burst_block] {
+            // bob holds the connection last; with a setting of his own,
+            // the next client's assertion carries a reset too.
+            let prime = match dirty {
+                true => "SET work_mem = '1MB'",
+                false => "SELECT 1",
+            };
+            bob.batch_execute(prime).await.unwrap();
+            assert_eq!(support::one(&bob, WHO).await, "engineer/bob");
+            let mut c = RawClient::login(gw.addr).await;
+            c.send_raw(burst).await;
+            assert_eq!(
+                c.first_value_until_ready().await.as_deref(),
+                Some("analyst/clear_user"),
+                "dirty: {dirty}, burst: {:?}",
+                String::from_utf8_lossy(burst)
+            );
+            // And the next transaction of the same client.
+            c.send(b'Q', &cstr(WHO)).await;
+            assert_eq!(
+                c.first_value_until_ready().await.as_deref(),
+                Some("analyst/clear_user")
+            );
+        }
+    }
+}
+
+/// A failed assertion, pipelined ahead of several batches sent at once
+/// (a driver's pipeline): none of them runs, each gets 42501, and each
+/// later batch is tried on a fresh assertion, never behind a failed one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_assertion_runs_no_pipelined_batch() {
+    let gw = start_gateway(Opts::default()).await;
+    let pg = cluster();
+    let marker = format!("ghost_pipe_{}", rand::random::<u32>());
+    let client = gw.connect("ghost_user").await;
+    let insert = format!("INSERT INTO items VALUES (-1, '{marker}', NULL)");
+    let statement = client.prepare("SELECT 1").await.expect_err("no role");
+    assert_eq!(support::sqlstate(&statement), "42501");
+    let (a, b, c) = tokio::join!(
+        client.execute(insert.as_str(), &[]),
+        client.simple_query(&insert),
+        client.execute(insert.as_str(), &[]),
+    );
+    for err in [a.unwrap_err(), b.unwrap_err(), c.unwrap_err()] {
+        assert_eq!(support::sqlstate(&err), "42501", "{err}");
+    }
+    assert_eq!(
+        pg.psql(
+            "app",
+            &format!("SELECT count(*) FROM items WHERE owner = '{marker}'")
+        ),
+        "0"
+    );
+    let total: usize = gw.shared.pools.status().iter().map(|(_, s)| s.size).sum();
+    assert_eq!(total, 0, "no connection that saw a failure is kept");
+}

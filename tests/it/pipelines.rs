@@ -7,14 +7,8 @@
 
 use std::time::Duration;
 
-use crate::raw::{message, RawClient};
+use crate::raw::{cstr, message, RawClient};
 use crate::support::{start_gateway, Opts, TestGateway};
-
-fn cstr(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
 
 /// Parse (unnamed), Bind, Execute of `sql`.
 fn extended(sql: &str) -> Vec<u8> {

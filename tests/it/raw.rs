@@ -124,7 +124,8 @@ pub fn error_code(body: &[u8]) -> String {
     String::new()
 }
 
-fn cstr(s: &str) -> Vec<u8> {
+/// A NUL-terminated string, as the protocol sends one.
+pub fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v

@@ -25,10 +25,11 @@ mod server;
 
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::audit::{Event, Kind, Link, Status};
 use crate::backend::conn::ConnState;
+use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
 use crate::session::carried::Carried;
 use crate::session::checks::{Checks, Refused, Rules};
@@ -143,7 +144,8 @@ impl<'a> Core<'a> {
                 &ident.client_user,
                 ident.settings.clone(),
                 ident.application_name.clone(),
-            ),
+            )
+            .showing(ident.reported.clone()),
             clock: Clock::new(Instant::now()),
             results: Results::default(),
             pre_audited: None,
@@ -336,6 +338,27 @@ impl<'a> Core<'a> {
                 message: error.message.clone(),
             };
             self.results.unran(pending, outcome);
+        }
+    }
+
+    /// The messages in flight were skipped by the server (a pipelined
+    /// identity assertion before them failed): they are answered as
+    /// PostgreSQL answers a batch whose first message failed with `error`,
+    /// and recorded as such.
+    pub fn fail_in_flight(&mut self, error: &PgError) {
+        let mut failed = BytesMut::new();
+        error.encode(&mut failed);
+        let mut ready = BytesMut::new();
+        messages::ready_for_query(&mut ready, b'I');
+        // Each answer resolves at least one entry; the bound is a guard.
+        for _ in 0..=self.seq.expect().len() * 2 {
+            self.seq.emit_synthetic();
+            let frame = match self.seq.expect().failure_answer() {
+                None => break,
+                Some(b'E') => failed.clone(),
+                Some(_) => ready.clone(),
+            };
+            self.server_frame(frame, None);
         }
     }
 

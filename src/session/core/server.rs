@@ -45,7 +45,8 @@ impl Core<'_> {
             None => (None, None),
         };
         match tag {
-            b'S' => self.parameter_status(&frame[5..], &mut conn),
+            // What the client was already told of goes no further.
+            b'S' if !self.parameter_status(&frame[5..], &mut conn) => return false,
             // A notification this session's own connection sent names the
             // process the client knows, as on a direct connection.
             b'A' if frame.len() >= 9 => {
@@ -88,20 +89,25 @@ impl Core<'_> {
     /// A setting changed on the server while this client was bound: a
     /// tracked setting follows the client to its next connection, and the
     /// connection now carries the client's new settings.
-    fn parameter_status(&mut self, body: &[u8], conn: &mut Option<ConnState<'_>>) {
+    /// Whether the client is to see it: a value it was already told of is
+    /// no change of its own (the identity assertion applying the client's
+    /// settings to a connection reports them too).
+    fn parameter_status(&mut self, body: &[u8], conn: &mut Option<ConnState<'_>>) -> bool {
         let mut r = crate::protocol::frame::Reader::new(body, "ParameterStatus");
         let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) else {
-            return;
+            return true;
         };
-        self.carried.reported(
-            &String::from_utf8_lossy(name),
-            &String::from_utf8_lossy(value),
-        );
+        let (name, value) = (String::from_utf8_lossy(name), String::from_utf8_lossy(value));
+        if !self.carried.news(&name, &value) {
+            return false;
+        }
+        self.carried.reported(&name, &value);
         if let Some(conn) = conn.as_mut() {
             let values = self.carried.values().clone();
             conn.custody
                 .settings_changed(&self.ident.session_id, values);
         }
+        true
     }
 
     /// The server's answers so far are read (`was_busy`: it owed the

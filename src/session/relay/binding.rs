@@ -10,6 +10,7 @@ use super::*;
 use crate::backend::custody::Wanted;
 use crate::identity::tag::Backend;
 use crate::session::kept;
+use super::confirm::Confirming;
 
 impl QueryLoop<'_> {
     /// `[pool] session_set = "keep"`, at the end of a transaction that may
@@ -70,25 +71,16 @@ impl QueryLoop<'_> {
         if preparation.reset {
             crate::metrics::Metrics::inc(&self.shared.metrics.server_resets);
         }
-        if preparation.assert {
-            // The reset clears what another session may have left
-            // (settings, cursors, LISTENs, advisory locks, temp objects,
-            // sequence state, SQL-level prepared statements, and with them
-            // the shared statements); it goes in the same write as the
-            // assertion.
+        // The reset clears what another session may have left (settings,
+        // cursors, LISTENs, advisory locks, temp objects, sequence state,
+        // SQL-level prepared statements, and with them the shared
+        // statements); it goes inside the assertion's transaction.
+        let pipelined = preparation.assert.then(|| {
             let reset = preparation
                 .reset
                 .then(|| crate::session::state::reset_sql(crate::session::state::RESET_SQL));
-            if let Err(e) = self.reassert(&mut conn, reset.as_deref(), key).await {
-                pool::discard(conn);
-                return Err(e);
-            }
-            if preparation.reset {
-                // Notifications read up to the reset's answer are for the
-                // session that listened, not for this one.
-                conn.forget_notifications();
-            }
-        }
+            self.pipeline_assertion(&mut conn, reset.as_deref(), key)
+        });
         self.cancel.bind(BackendKey {
             pid: conn.pid,
             secret: conn.secret,
@@ -98,6 +90,12 @@ impl QueryLoop<'_> {
         self.server = Some(conn);
         self.core.seq.bound();
         self.core.seq.unnamed_lost();
+        if let Some((bytes, confirming)) = pipelined {
+            // First in the write that carries the client's message: PostgreSQL
+            // runs the client's message only if all of it succeeded.
+            self.core.seq.wire().extend_from_slice(&bytes);
+            self.confirming = Some(confirming);
+        }
         if preparation.discard_sequences {
             // Sent ahead of the client's first message, in the same write;
             // its answers are the gateway's.
@@ -118,7 +116,7 @@ impl QueryLoop<'_> {
             return Ok(());
         };
         let result = match conn.custody().needs_reassert(key.as_ref().map(|k| k.id)) {
-            true => self.reassert(&mut conn, None, key).await,
+            true => self.reassert(&mut conn, key).await,
             false => Ok(()),
         };
         match result {
@@ -165,9 +163,66 @@ impl QueryLoop<'_> {
     async fn reassert(
         &mut self,
         conn: &mut PooledConn,
-        reset: Option<&str>,
         key: Option<crate::identity::tag::TagKey>,
     ) -> Result<(), Refusal> {
+        let tag = self.start_assertion(conn, key);
+        let assertion = Assertion {
+            settings: self.core.carried.values(),
+            tag: tag.as_ref().map(|(_, value)| value.as_ref()),
+            ..self.assertion()
+        };
+        if let Err(e) = assertion.apply(conn).await {
+            tracing::warn!(parent: &self.span, "identity assertion failed: {e}");
+            return Err(e.into());
+        }
+        conn.custody_mut().asserted(
+            (self.ident.role.clone(), self.ident.client_user.clone()),
+            self.core.carried.values().clone(),
+            tag,
+        );
+        Ok(())
+    }
+
+    /// The assertion (after `reset`, if any) for the same write as the
+    /// client's first message: its bytes, and what reads its answers
+    /// ([`Confirming`]).
+    fn pipeline_assertion(
+        &mut self,
+        conn: &mut PooledConn,
+        reset: Option<&str>,
+        key: Option<crate::identity::tag::TagKey>,
+    ) -> (BytesMut, Confirming) {
+        let tag = self.start_assertion(conn, key);
+        let assertion = Assertion {
+            settings: self.core.carried.values(),
+            tag: tag.as_ref().map(|(_, value)| value.as_ref()),
+            ..self.assertion()
+        };
+        let mut bytes = BytesMut::with_capacity(512);
+        let check = assertion.encode_pipelined(reset, &mut bytes);
+        // Recorded now, before the client's messages can mark the connection
+        // (opaque code, settings): if the assertion fails, the connection
+        // is discarded with its custody.
+        conn.custody_mut().asserted(
+            (self.ident.role.clone(), self.ident.client_user.clone()),
+            self.core.carried.values().clone(),
+            tag,
+        );
+        let confirming = Confirming {
+            check,
+            reset: reset.is_some(),
+        };
+        (bytes, confirming)
+    }
+
+    /// What every assertion does first: counts it, forgets the identity the
+    /// connection carried, and signs the client tag with `key` for this
+    /// backend.
+    fn start_assertion(
+        &mut self,
+        conn: &mut PooledConn,
+        key: Option<crate::identity::tag::TagKey>,
+    ) -> Option<(i32, Arc<str>)> {
         crate::metrics::Metrics::inc(&self.shared.metrics.identity_assertions);
         conn.custody_mut().forget_identity();
         // The assertion replaces (and closes) the connection's unnamed
@@ -177,25 +232,10 @@ impl QueryLoop<'_> {
             pid: conn.pid,
             started_us,
         });
-        let tag = key.zip(backend).map(|(k, backend)| {
+        key.zip(backend).map(|(k, backend)| {
             let value = k.sign_fresh(&self.ident.client_user, &self.ident.role, backend);
-            (k.id, value)
-        });
-        let assertion = Assertion {
-            settings: self.core.carried.values(),
-            tag: tag.as_ref().map(|(_, value)| value.as_str()),
-            ..self.assertion()
-        };
-        if let Err(e) = assertion.apply_after(conn, reset).await {
-            tracing::warn!(parent: &self.span, "identity assertion failed: {e}");
-            return Err(e.into());
-        }
-        conn.custody_mut().asserted(
-            (self.ident.role.clone(), self.ident.client_user.clone()),
-            self.core.carried.values().clone(),
-            tag.map(|(id, value)| (id, Arc::from(value))),
-        );
-        Ok(())
+            (k.id, Arc::from(value))
+        })
     }
 
     /// The database's tag key, when the client tag is signed.

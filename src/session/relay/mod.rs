@@ -17,6 +17,7 @@
 //!   the order of responses stay exactly what PostgreSQL would produce.
 
 mod binding;
+mod confirm;
 mod gone;
 mod run;
 mod server;
@@ -89,6 +90,14 @@ pub struct QueryLoop<'a> {
     /// The session's span (peer, id, user, role, database): every log line
     /// names it as its parent, so the span need not be entered on each poll.
     span: tracing::Span,
+    /// The identity assertion sent ahead of the client's first message of
+    /// the transaction, until its answers are read (`confirm`).
+    confirming: Option<confirm::Confirming>,
+    /// The client's messages up to a `Sync` went behind an unconfirmed
+    /// assertion: no more are taken until it is confirmed.
+    hold_client: bool,
+    /// The hold ended: the client's buffered messages are taken again.
+    resume_client: bool,
 }
 
 enum Wake {
@@ -134,6 +143,9 @@ impl<'a> QueryLoop<'a> {
             shutting_down: false,
             client_gone: false,
             span: tracing::Span::none(),
+            confirming: None,
+            hold_client: false,
+            resume_client: false,
         }
     }
 
@@ -147,7 +159,7 @@ impl<'a> QueryLoop<'a> {
     /// True when no transaction or message exchange is in progress, so the
     /// session may be ended (shutdown) without losing work.
     fn idle(&self) -> bool {
-        self.core.seq.idle()
+        self.core.seq.idle() && self.confirming.is_none()
     }
 
     /// Runs until the client leaves or the session must end.
@@ -187,7 +199,7 @@ impl<'a> QueryLoop<'a> {
                 tokio::select! {
                     _ = cancel.killed() => Wake::Killed,
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
-                    r = client.fill(), if !self.core.seq.deferred() => Wake::Client(r),
+                    r = client.fill(), if !self.core.seq.deferred() && !self.hold_client => Wake::Client(r),
                     r = shutdown.changed(), if idle && !self.shutting_down => {
                         if r.is_err() { self.shutting_down = true; }
                         Wake::Shutdown
@@ -246,9 +258,31 @@ impl<'a> QueryLoop<'a> {
                 .seq
                 .next_client(&mut self.client.rbuf, max, opaque);
             match step.map_err(|e| End::Fatal(e.into()))? {
-                ClientStep::Frame(frame) => self.on_client_frame(frame).await?,
-                ClientStep::Idle => return Ok(()),
+                ClientStep::Frame(frame) => {
+                    let tag = frame[0];
+                    self.on_client_frame(frame).await?;
+                    // PostgreSQL skips what follows a failed assertion only
+                    // up to a `Sync`: nothing beyond goes before it is read.
+                    if self.confirming.is_some() && matches!(tag, b'S' | b'Q' | b'F') {
+                        self.hold_client = true;
+                        self.flush_for_confirmation();
+                        return Ok(());
+                    }
+                }
+                ClientStep::Idle => {
+                    self.flush_for_confirmation();
+                    return Ok(());
+                }
             }
+        }
+    }
+
+    /// With an assertion unconfirmed, a `Flush`: its answers come even
+    /// when nothing the client sent makes PostgreSQL send what it has (and
+    /// after a `Sync` or query, which do, it costs the server nothing).
+    fn flush_for_confirmation(&mut self) {
+        if self.confirming.is_some() {
+            messages::flush(self.core.seq.wire());
         }
     }
 

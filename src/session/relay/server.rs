@@ -8,6 +8,9 @@ use crate::session::core::Duty;
 
 impl QueryLoop<'_> {
     pub(super) async fn on_server_data(&mut self) -> Result<(), End> {
+        if let confirm::Read::Waiting = self.read_confirmation().await? {
+            return Ok(());
+        }
         let was_busy = !self.core.seq.owes_nothing();
         while let Some(server) = self.server.as_mut() {
             let frame = match self.core.seq.next_server(&mut server.rbuf) {
@@ -53,6 +56,10 @@ impl QueryLoop<'_> {
         }
         if self.idle() {
             self.flush_client().await?;
+        }
+        if std::mem::take(&mut self.resume_client) && !self.core.seq.deferred() {
+            self.flush_client().await?;
+            return self.on_client_data().await;
         }
         Ok(())
     }

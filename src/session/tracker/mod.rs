@@ -111,6 +111,11 @@ impl Tracker {
         self.queue.is_empty()
     }
 
+    /// How many answers (or answered exchanges) are owed.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Whether the oldest outstanding request is an extended-protocol
     /// `Execute` (so a COPY it starts ends only at a `Sync` sent after the
     /// copy).
@@ -193,6 +198,19 @@ impl Tracker {
     }
     pub fn injected(&mut self) {
         self.queue.push_back(Expect::Injected);
+    }
+
+    /// What PostgreSQL would answer next if the first message now owed an
+    /// answer had failed: `E` for a message that has not failed yet, `Z`
+    /// for a `Sync`, a simple query that already failed or the gateway's
+    /// own query; `None` when nothing is owed or the gateway answers the
+    /// front itself.
+    pub fn failure_answer(&self) -> Option<u8> {
+        match self.queue.front()? {
+            Expect::Sync | Expect::Injected | Expect::Query { error: Some(_), .. } => Some(b'Z'),
+            e if e.is_synthetic() => None,
+            _ => Some(b'E'),
+        }
     }
 
     /// Writes the answers of gateway-made entries now at the front.

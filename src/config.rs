@@ -12,10 +12,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod audit;
+mod backend;
+pub mod primary;
 pub use audit::{
     shown_instance, valid_instance, AuditConfig, Durability, OnFailure, ShipConfig, ShipFormat,
     ShipTransport, MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES,
 };
+pub use backend::BackendConfig;
 
 /// Environment variable that overrides `[backend] service_password`.
 pub const SERVICE_PASSWORD_ENV: &str = "PGWARDEN_SERVICE_PASSWORD";
@@ -162,56 +165,6 @@ impl Default for ServerConfig {
             shutdown_timeout_ms: 30_000,
             peer_id: 0,
         }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendConfig {
-    #[serde(default = "default_backend_host")]
-    pub host: String,
-    #[serde(default = "default_backend_port")]
-    pub port: u16,
-    pub service_user: String,
-    #[serde(default)]
-    pub service_password: Option<String>,
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    /// Logins relayed to PostgreSQL at once (each holds a temporary backend
-    /// connection); more wait their turn, so a burst of clients cannot
-    /// exhaust PostgreSQL's `max_connections`.
-    #[serde(default = "default_max_auth_connections")]
-    pub max_auth_connections: usize,
-    /// TLS for pgwarden's own connections to PostgreSQL (the auth relay and
-    /// the pool), as libpq's sslmode.
-    #[serde(default = "default_backend_tls")]
-    pub tls: crate::tls::BackendTlsMode,
-    /// PEM CA certificates for `tls = "verify-full"`.
-    #[serde(default)]
-    pub tls_ca_file: Option<PathBuf>,
-}
-
-fn default_backend_tls() -> crate::tls::BackendTlsMode {
-    crate::tls::BackendTlsMode::Disable
-}
-
-fn default_backend_host() -> String {
-    "127.0.0.1".to_string()
-}
-fn default_backend_port() -> u16 {
-    5432
-}
-fn default_max_auth_connections() -> usize {
-    16
-}
-fn default_connect_timeout_ms() -> u64 {
-    5_000
-}
-
-impl BackendConfig {
-    /// `host:port` as a string that `TcpStream::connect` resolves.
-    pub fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
     }
 }
 
@@ -412,6 +365,10 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         if self.backend.service_user.is_empty() {
             return Err("[backend] service_user must not be empty".into());
+        }
+        self.backend.candidates()?;
+        if !self.backend.hosts.is_empty() && self.backend.health_check_interval_ms == 0 {
+            return Err("[backend] health_check_interval_ms must be at least 1".into());
         }
         if self.backend.max_auth_connections == 0 {
             return Err("[backend] max_auth_connections must be at least 1".into());

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod failover;
 pub mod identity;
 pub mod metrics;
 pub mod migrate;

@@ -94,6 +94,9 @@ pub struct Snapshot {
     pub ship: Option<(u64, u64, u64)>,
     /// (database, idle, total) server connections.
     pub pools: Vec<(String, u64, u64)>,
+    /// `[backend] hosts`: each host and whether it is the primary in use,
+    /// and the failovers so far (empty for a single host).
+    pub backend: (Vec<(String, bool)>, u64),
 }
 
 /// Prometheus metric types used here.
@@ -267,6 +270,30 @@ pub fn render(m: &Metrics, snapshot: &Snapshot) -> String {
             );
         }
     }
+    let (hosts, failovers) = &snapshot.backend;
+    if !hosts.is_empty() {
+        header(
+            &mut out,
+            "pgwarden_backend_primary",
+            "1 for the host in use as the primary, 0 for the others ([backend] hosts).",
+            "gauge",
+        );
+        for (host, primary) in hosts {
+            let _ = writeln!(
+                out,
+                "pgwarden_backend_primary{{host=\"{}\"}} {}",
+                label(host),
+                u8::from(*primary)
+            );
+        }
+        header(
+            &mut out,
+            "pgwarden_backend_failovers_total",
+            "Changes of primary from one host to another.",
+            "counter",
+        );
+        let _ = writeln!(out, "pgwarden_backend_failovers_total {failovers}");
+    }
     let per_user = m.per_user.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (name, help, pick) in [
         (
@@ -377,6 +404,10 @@ mod tests {
             audit_queue_depth: 1,
             ship: None,
             pools: vec![("app".into(), 1, 4)],
+            backend: (
+                vec![("db1:5432".into(), false), ("db2:5432".into(), true)],
+                1,
+            ),
         };
         let text = render(&m, &snapshot);
         for line in [
@@ -388,12 +419,15 @@ mod tests {
             "pgwarden_server_connections{database=\"app\",state=\"active\"} 3",
             "pgwarden_statements_total{client_user=\"a\\\"lice\"} 5",
             "pgwarden_transactions_total{client_user=\"a\\\"lice\"} 2",
+            "pgwarden_backend_primary{host=\"db2:5432\"} 1",
+            "pgwarden_backend_failovers_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }
         let helps = text.lines().filter(|l| l.starts_with("# HELP")).count();
         let types = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(helps, types);
-        assert_eq!(helps, COUNTERS.len() + AUDIT.len() + 4);
+        // And the backend's two series, as hosts are given.
+        assert_eq!(helps, COUNTERS.len() + AUDIT.len() + 4 + 2);
     }
 }

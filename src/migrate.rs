@@ -455,9 +455,10 @@ pub async fn check_roles(
     policy: &Policy,
 ) -> Result<Vec<RoleProblem>, sqlx::Error> {
     let backend = &config.backend;
+    let host = backend.any_host();
     let mut options = sqlx::postgres::PgConnectOptions::new()
-        .host(&backend.host)
-        .port(backend.port)
+        .host(&host.host)
+        .port(host.port)
         .username(&backend.service_user)
         .database("postgres")
         .application_name("pgwarden policy check");

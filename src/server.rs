@@ -158,8 +158,9 @@ async fn anchor_at_stop(target: &crate::audit::anchor::Target, store: &std::path
 fn origin(config: &Config) -> String {
     let host = crate::audit::ship::host_name().unwrap_or_else(|| "unknown".into());
     format!(
-        "instance {host} listening on {}, backend {}:{}",
-        config.server.listen, config.backend.host, config.backend.port
+        "instance {host} listening on {}, backend {}",
+        config.server.listen,
+        config.backend.address()
     )
 }
 
@@ -204,6 +205,12 @@ impl Gateway {
             config.backend.tls_ca_file.as_deref(),
         )
         .map_err(StartError::Tls)?;
+        if let Ok(hosts) = config.backend.candidates() {
+            if !hosts.is_empty() {
+                let timeout = std::time::Duration::from_millis(config.backend.failover_timeout_ms);
+                config.backend.primary.follow(hosts, timeout);
+            }
+        }
         let (ship, anchor) = start_off_box(&config, &auditor, &backend_tls)?;
         let shared = Shared {
             pools: Pools::new(
@@ -278,6 +285,7 @@ impl Gateway {
             },
             None => None,
         };
+        let health = crate::failover::start(&self.shared);
         let sweeper = self.shared.pools.idle_sweep_interval().map(|every| {
             let shared = Arc::downgrade(&self.shared);
             tokio::spawn(async move {
@@ -331,7 +339,7 @@ impl Gateway {
             );
             sessions.shutdown().await;
         }
-        for task in [admin, sweeper].into_iter().flatten() {
+        for task in [admin, sweeper, health].into_iter().flatten() {
             task.abort();
         }
         self.shared.pools.close();
@@ -372,7 +380,12 @@ async fn not_ready(shared: &Shared) -> Option<String> {
     if shared.auditor.refusing() {
         return Some("the audit store cannot be written (on_failure = \"deny\")".into());
     }
-    let backend = shared.config.backend.address();
+    let Some(backend) = shared.config.backend.primary_address() else {
+        return Some(format!(
+            "no PostgreSQL primary among {}",
+            shared.config.backend.address()
+        ));
+    };
     let timeout = Duration::from_millis(shared.config.backend.connect_timeout_ms.min(2_000));
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&backend)).await {
         Ok(Ok(_)) => None,

@@ -107,6 +107,7 @@ fn name(kind: Kind) -> &'static str {
         Kind::SessionEnd => "client session ended",
         Kind::GatewayStart => "gateway started",
         Kind::GatewayStop => "gateway stopped",
+        Kind::BackendFailover => "backend failover",
     }
 }
 

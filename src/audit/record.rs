@@ -57,11 +57,13 @@ pub enum Kind {
     SessionEnd,
     GatewayStart,
     GatewayStop,
+    /// `[backend] hosts`: the primary moved to another host.
+    BackendFailover,
 }
 
 impl Kind {
     /// Every kind, in declaration order (for help texts and stats).
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::SessionStart,
         Kind::AuthFailed,
         Kind::Denied,
@@ -73,6 +75,7 @@ impl Kind {
         Kind::SessionEnd,
         Kind::GatewayStart,
         Kind::GatewayStop,
+        Kind::BackendFailover,
     ];
 
     /// The name used in records, exports and on the command line.
@@ -89,6 +92,7 @@ impl Kind {
             Kind::SessionEnd => "session_end",
             Kind::GatewayStart => "gateway_start",
             Kind::GatewayStop => "gateway_stop",
+            Kind::BackendFailover => "backend_failover",
         }
     }
 }

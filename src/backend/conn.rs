@@ -52,6 +52,9 @@ pub enum BackendError {
     /// [`ServerConn::check_new_backend`]).
     #[error("{0}")]
     LoginSettings(String),
+    /// `[backend] hosts`: none is the one primary (see `config::primary`).
+    #[error("{0}")]
+    NoPrimary(String),
 }
 
 /// A connection to the backend and what pgwarden knows about it.
@@ -76,6 +79,8 @@ pub struct ServerConn {
     /// When the backend process started (µs since the epoch), read at
     /// creation: signed client tags are bound to it.
     pub started_us: Option<i64>,
+    /// The primary's generation it was opened in (`config::primary`).
+    pub generation: u64,
     /// The database's connection cap this connection counts against.
     pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// How many times in a row it passed directly from session to session
@@ -108,13 +113,35 @@ impl ConnState<'_> {
 }
 
 impl ServerConn {
-    /// Opens a connection to the backend within the connect timeout,
-    /// negotiating TLS as `tls` says (an `SSLRequest`, then the handshake).
+    /// Opens a connection to the backend (the primary, with `[backend]
+    /// hosts`) within the connect timeout, negotiating TLS as `tls` says.
     pub async fn connect(
         backend: &BackendConfig,
         tls: Option<&BackendTls>,
     ) -> Result<ServerConn, BackendError> {
-        let addr = backend.address();
+        let (target, generation) = backend
+            .primary
+            .target(&backend.configured())
+            .await
+            .map_err(BackendError::NoPrimary)?;
+        let mut conn = Self::connect_to(backend, tls, &target).await;
+        if let Ok(conn) = conn.as_mut() {
+            conn.generation = generation;
+        }
+        if conn.is_err() {
+            backend.primary.recheck();
+        }
+        conn
+    }
+
+    /// Opens a connection to `target` within the connect timeout,
+    /// negotiating TLS as `tls` says (an `SSLRequest`, then the handshake).
+    pub async fn connect_to(
+        backend: &BackendConfig,
+        tls: Option<&BackendTls>,
+        target: &crate::config::primary::Host,
+    ) -> Result<ServerConn, BackendError> {
+        let addr = target.to_string();
         let timeout = Duration::from_millis(backend.connect_timeout_ms);
         let open = async {
             let mut tcp =
@@ -135,7 +162,7 @@ impl ServerConn {
             tcp.read_exact(&mut answer).await?;
             match (answer[0], tls.mode) {
                 (b'S', _) => {
-                    let name = ServerName::try_from(backend.host.clone())
+                    let name = ServerName::try_from(target.host.clone())
                         .map_err(|e| BackendError::Tls(format!("bad host name for TLS: {e}")))?;
                     let stream = tls
                         .connector
@@ -168,6 +195,7 @@ impl ServerConn {
             permit: None,
             handoffs: 0,
             started_us: None,
+            generation: 0,
         })
     }
 

@@ -62,6 +62,12 @@ impl Assertion<'_> {
         }
         self.encode_statement(out);
         unnamed_statement("COMMIT", out);
+        // PostgreSQL reports changed settings only at a ReadyForQuery, and
+        // only those that differ from what it last reported on the
+        // connection: this one carries the reports of the client's own
+        // values (dropped), so that the client's next change of one of them
+        // is reported to it as a change, as on a direct connection.
+        messages::query(out, "");
         Pipelined {
             expected: match reset {
                 Some(_) => &WITH_RESET,
@@ -290,8 +296,9 @@ enum Answer {
 use Answer::{Ready, Reply, Row};
 
 /// `BEGIN`, the reset, the assertion and `COMMIT` (each statement
-/// parsed, bound, executed and closed).
-const WITH_RESET: [Answer; 14] = [
+/// parsed, bound, executed and closed), then the empty query whose
+/// `ReadyForQuery` carries the setting reports.
+const WITH_RESET: [Answer; 15] = [
     Reply(b'1'),
     Reply(b'2'),
     Reply(b'C'),
@@ -306,8 +313,9 @@ const WITH_RESET: [Answer; 14] = [
     Reply(b'2'),
     Reply(b'C'),
     Reply(b'3'),
+    Ready,
 ];
-const WITHOUT_RESET: [Answer; 13] = [
+const WITHOUT_RESET: [Answer; 14] = [
     Reply(b'1'),
     Reply(b'2'),
     Reply(b'C'),
@@ -321,6 +329,7 @@ const WITHOUT_RESET: [Answer; 13] = [
     Reply(b'2'),
     Reply(b'C'),
     Reply(b'3'),
+    Ready,
 ];
 
 /// An identity assertion sent in the same write as the client's first
@@ -337,7 +346,10 @@ const WITHOUT_RESET: [Answer; 13] = [
 ///   the block and the assertion after it fails too;
 /// - the assertion commits in its own transaction (`COMMIT` commits as soon
 ///   as it executes, before the client's first message is read), so no
-///   `ROLLBACK` of the client's can undo it.
+///   `ROLLBACK` of the client's can undo it;
+/// - an empty query ends it, whose `ReadyForQuery` reports the settings the
+///   assertion applied: PostgreSQL reports a change only against what it
+///   last reported, so this keeps the client's own changes reported.
 #[derive(Debug)]
 pub struct Pipelined {
     expected: &'static [Answer],
@@ -386,7 +398,11 @@ impl Pipelined {
             (Ready, _) => {}
             (Row, b'D') => match row_matches(body, self.columns, &self.role, &self.value) {
                 Ok(true) => self.next += 1,
-                _ => return Progress::Broken("the backend did not confirm the role and client name".into()),
+                _ => {
+                    return Progress::Broken(
+                        "the backend did not confirm the role and client name".into(),
+                    )
+                }
             },
             (Reply(want), got) if want == got => self.next += 1,
             (_, got) => {

@@ -71,6 +71,13 @@ impl managed::Manager for ServerManager {
     }
 
     async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<BackendError> {
+        if conn.generation != self.backend.primary.generation() {
+            tracing::debug!(
+                backend_pid = conn.pid,
+                "discarding a server connection to a former primary"
+            );
+            return Err(RecycleError::message("the primary changed"));
+        }
         if conn.is_healthy() {
             Ok(())
         } else {

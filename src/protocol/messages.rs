@@ -243,6 +243,36 @@ pub fn parse_error_fields(body: &[u8]) -> Result<ErrorFields, ProtocolError> {
     }
 }
 
+/// An `ErrorResponse` frame with a FATAL or PANIC severity made ERROR:
+/// the server connection ends, the client's session need not (the gateway
+/// decides that). Every other field is kept as it is.
+pub fn downgrade_fatal(frame: &[u8]) -> BytesMut {
+    let mut fields = Vec::new();
+    let mut rest = frame.get(5..).unwrap_or_default();
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+        let value = &tail[..end];
+        let value: &[u8] = match (field, value) {
+            (b'S' | b'V', b"FATAL" | b"PANIC") => b"ERROR",
+            _ => value,
+        };
+        fields.push((field, value));
+        rest = tail.get(end + 1..).unwrap_or_default();
+    }
+    let mut out = BytesMut::new();
+    write_frame(&mut out, b'E', |b| {
+        for (field, value) in fields {
+            b.put_u8(field);
+            put_cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+    out
+}
+
 /// The command tag of a `CommandComplete` and the row count it reports, if any.
 /// A `DataRow`'s columns as text (lossy UTF-8; `None` for NULL), for the
 /// gateway's own small queries.

@@ -119,7 +119,10 @@ async fn to_peer(shared: &Shared, issuer: u8, pid: i32, secret: i32, forwarded: 
 /// was taken (PostgreSQL closes the connection): whether it was, within
 /// twice `connect_timeout_ms`. One not confirmed may still arrive later.
 pub(crate) async fn cancel_backend(shared: &Shared, backend: cancel::BackendKey) -> bool {
-    let addr = shared.config.backend.address();
+    // A backend of a former primary is gone with it: nothing to cancel.
+    let Some(addr) = shared.config.backend.primary_address() else {
+        return true;
+    };
     let packet = startup_packet::cancel_request(backend.pid, backend.secret);
     let deadline =
         Duration::from_millis(shared.config.backend.connect_timeout_ms.saturating_mul(2));

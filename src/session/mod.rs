@@ -127,6 +127,13 @@ impl Shared {
                     .map(|(db, (idle, total))| (db, idle, total))
                     .collect()
             },
+            backend: {
+                let primary = &self.config.backend.primary;
+                let state = primary.state();
+                let hosts = primary.hosts().iter().enumerate();
+                let hosts = hosts.map(|(i, h)| (h.to_string(), state.current == Some(i)));
+                (hosts.collect(), state.failovers)
+            },
         }
     }
 

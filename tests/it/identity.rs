@@ -223,12 +223,7 @@ async fn a_rollback_behind_the_assertion_cannot_undo_it() {
         .concat()
     };
     let burst_simple = message(b'Q', &cstr(&format!("BEGIN; ROLLBACK; {WHO}")));
-    let burst_rollback = [
-        extended("ROLLBACK"),
-        extended(WHO),
-        message(b'S', &[]),
-    ]
-    .concat();
+    let burst_rollback = [extended("ROLLBACK"), extended(WHO), message(b'S', &[])].concat();
     let burst_block = [
         extended("BEGIN"),
         extended("ROLLBACK"),
@@ -293,4 +288,46 @@ async fn a_failed_assertion_runs_no_pipelined_batch() {
     );
     let total: usize = gw.shared.pools.status().iter().map(|(_, s)| s.size).sum();
     assert_eq!(total, 0, "no connection that saw a failure is kept");
+}
+
+/// From a red-team pass (F1): a client whose startup settings differ from
+/// the service user's, on a connection reset after another client, changes
+/// one back to the service user's value: it is told of the change, as on a
+/// direct connection (PostgreSQL reports a change only against what it last
+/// reported on the connection, and the assertion's own report is the one
+/// that must come last before the client's statements).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_setting_changed_back_to_the_pools_value_is_reported() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let default = cluster().psql("app", "SHOW TimeZone");
+    let bob = gw.connect("bob").await;
+    let mut c = crate::hostile::raw_with(gw.addr, &[("TimeZone", "Asia/Tokyo")]).await;
+    for _ in 0..2 {
+        // bob leaves a setting behind: the next binding resets first.
+        bob.batch_execute("SET work_mem = '2MB'").await.unwrap();
+        c.send(
+            b'Q',
+            &crate::raw::cstr(&format!("SET TimeZone = '{default}'")),
+        )
+        .await;
+        let mut reported = None;
+        loop {
+            let (tag, body) = c.read_message().await;
+            if tag == b'S' && body.starts_with(b"TimeZone\0") {
+                reported = Some(String::from_utf8_lossy(&body[9..body.len() - 1]).into_owned());
+            }
+            if tag == b'Z' {
+                break;
+            }
+        }
+        assert_eq!(reported.as_deref(), Some(default.as_str()));
+        // Back to its own for the next round.
+        c.send(b'Q', &crate::raw::cstr("SET TimeZone = 'Asia/Tokyo'"))
+            .await;
+        c.until_ready().await;
+    }
 }

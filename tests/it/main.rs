@@ -11,6 +11,7 @@ mod auth;
 mod cancel;
 mod console;
 mod drivers;
+mod failover;
 mod guard;
 mod haproxy;
 mod health;

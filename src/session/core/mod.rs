@@ -346,10 +346,16 @@ impl<'a> Core<'a> {
     /// PostgreSQL answers a batch whose first message failed with `error`,
     /// and recorded as such.
     pub fn fail_in_flight(&mut self, error: &PgError) {
+        self.fail_in_flight_as(error, b'I');
+    }
+
+    /// As [`Self::fail_in_flight`], the client left in transaction status
+    /// `status` (`E`: its transaction is aborted).
+    pub fn fail_in_flight_as(&mut self, error: &PgError, status: u8) {
         let mut failed = BytesMut::new();
         error.encode(&mut failed);
         let mut ready = BytesMut::new();
-        messages::ready_for_query(&mut ready, b'I');
+        messages::ready_for_query(&mut ready, status);
         // Each answer resolves at least one entry; the bound is a guard.
         for _ in 0..=self.seq.expect().len() * 2 {
             self.seq.emit_synthetic();

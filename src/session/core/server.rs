@@ -60,6 +60,16 @@ impl Core<'_> {
         let fatal = tag == b'E'
             && messages::parse_error_fields(&frame[5..])
                 .is_ok_and(|f| matches!(f.severity.as_str(), "FATAL" | "PANIC"));
+        if fatal {
+            if self.seq.owes_nothing() {
+                // Said to no request (a terminated idle connection): the
+                // client's next request learns what became of it.
+                return true;
+            }
+            // The server connection ends; whether the client's session does
+            // is the gateway's to say.
+            frame = messages::downgrade_fatal(&frame);
+        }
         let mut cache = CacheEffects::default();
         let before = self.results.count();
         let route = self
@@ -97,7 +107,10 @@ impl Core<'_> {
         let (Ok(name), Ok(value)) = (r.cstr(), r.cstr()) else {
             return true;
         };
-        let (name, value) = (String::from_utf8_lossy(name), String::from_utf8_lossy(value));
+        let (name, value) = (
+            String::from_utf8_lossy(name),
+            String::from_utf8_lossy(value),
+        );
         if !self.carried.news(&name, &value) {
             return false;
         }

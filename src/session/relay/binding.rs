@@ -6,11 +6,11 @@
 //! this client's identity and settings, and goes back to the pool only idle
 //! and, for another client, reset.
 
+use super::confirm::Confirming;
 use super::*;
 use crate::backend::custody::Wanted;
 use crate::identity::tag::Backend;
 use crate::session::kept;
-use super::confirm::Confirming;
 
 impl QueryLoop<'_> {
     /// `[pool] session_set = "keep"`, at the end of a transaction that may
@@ -96,6 +96,7 @@ impl QueryLoop<'_> {
             self.core.seq.wire().extend_from_slice(&bytes);
             self.confirming = Some(confirming);
         }
+        self.mirror_lost_block();
         if preparation.discard_sequences {
             // Sent ahead of the client's first message, in the same write;
             // its answers are the gateway's.

@@ -19,6 +19,7 @@
 mod binding;
 mod confirm;
 mod gone;
+mod lost;
 mod run;
 mod server;
 mod timeouts;
@@ -98,6 +99,9 @@ pub struct QueryLoop<'a> {
     hold_client: bool,
     /// The hold ended: the client's buffered messages are taken again.
     resume_client: bool,
+    /// A lost server connection left the client in an aborted transaction
+    /// block (`lost`).
+    lost_in_block: bool,
 }
 
 enum Wake {
@@ -146,6 +150,7 @@ impl<'a> QueryLoop<'a> {
             confirming: None,
             hold_client: false,
             resume_client: false,
+            lost_in_block: false,
         }
     }
 
@@ -215,7 +220,7 @@ impl<'a> QueryLoop<'a> {
                 Wake::Client(Ok(_)) => self.on_client_data().await,
                 Wake::Client(Err(e)) => Err(e.into()),
                 Wake::Server(Ok(_)) => self.on_server_data().await,
-                Wake::Server(Err(e)) => Err(self.server_lost(&e.to_string()).await),
+                Wake::Server(Err(e)) => self.server_gone(&e.to_string()).await,
                 Wake::Shutdown => Ok(()),
                 // Ended by an admin, as pg_terminate_backend ends one.
                 Wake::Killed => Err(End::Fatal(Refusal::Shutdown)),
@@ -226,6 +231,13 @@ impl<'a> QueryLoop<'a> {
             };
             if let Err(end) = step {
                 return end;
+            }
+            // Client messages held behind an identity assertion (or a lost
+            // connection's answer) are taken now.
+            if std::mem::take(&mut self.resume_client) && !self.core.seq.deferred() {
+                if let Err(end) = self.on_client_data().await {
+                    return end;
+                }
             }
         }
     }
@@ -318,7 +330,7 @@ impl<'a> QueryLoop<'a> {
         let written = server.write_all(self.core.seq.to_server()).await;
         self.core.seq.clear_to_server();
         if let Err(e) = written {
-            return Err(self.server_lost(&e.to_string()).await);
+            return self.server_gone(&e.to_string()).await;
         }
         Ok(())
     }

@@ -57,10 +57,6 @@ impl QueryLoop<'_> {
         if self.idle() {
             self.flush_client().await?;
         }
-        if std::mem::take(&mut self.resume_client) && !self.core.seq.deferred() {
-            self.flush_client().await?;
-            return self.on_client_data().await;
-        }
         Ok(())
     }
 }

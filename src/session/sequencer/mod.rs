@@ -352,6 +352,17 @@ impl Sequencer {
         self.bound && !self.pinned && self.idle()
     }
 
+    /// The client keeps its connection until it disconnects.
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// Statements still waiting for the server, taken out (see
+    /// `Tracker::take_pendings`).
+    pub fn take_pendings(&mut self) -> Vec<crate::session::tracker::Pending> {
+        self.tracker.take_pendings()
+    }
+
     /// The client keeps its connection from now on ([`Sequencer::pinned`]).
     /// True the first time.
     pub fn pin(&mut self) -> bool {

@@ -213,6 +213,26 @@ impl Tracker {
         }
     }
 
+    /// Takes every statement still waiting out of the queue, leaving the
+    /// answers owed in place: the server connection is gone, so their
+    /// outcome is unknown, but the client is still answered in order.
+    pub fn take_pendings(&mut self) -> Vec<Pending> {
+        let mut taken = Vec::new();
+        for expect in self.queue.iter_mut() {
+            match expect {
+                Expect::Query { pending, more, .. } => {
+                    taken.extend(pending.take());
+                    taken.extend(more.iter_mut().filter_map(Option::take));
+                }
+                Expect::Execute { pending } | Expect::Bind { pending, .. } => {
+                    taken.extend(pending.take())
+                }
+                _ => {}
+            }
+        }
+        taken
+    }
+
     /// Writes the answers of gateway-made entries now at the front.
     pub fn emit_synthetic(&mut self, tx_status: u8, out: &mut BytesMut) {
         while self.queue.front().is_some_and(Expect::is_synthetic) {

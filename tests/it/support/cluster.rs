@@ -145,7 +145,8 @@ impl Cluster {
     }
 }
 
-fn start() -> Cluster {
+/// A directory of the test's own for a cluster, owned by PostgreSQL's user.
+fn cluster_dir() -> PathBuf {
     let dir = PathBuf::from(format!(
         "/tmp/pgwarden-test-{}-{:08x}",
         std::process::id(),
@@ -162,6 +163,85 @@ fn start() -> Cluster {
             "chown",
         );
     }
+    dir
+}
+
+/// Starts the cluster in `data` (logging beside it) and waits until it
+/// accepts connections.
+fn pg_start(dir: &Path, data: &Path) {
+    spawn_watchdog(dir, data);
+    let mut pg_ctl = pg_command("pg_ctl");
+    pg_ctl.args([
+        "-D",
+        data.to_str().unwrap(),
+        "-l",
+        dir.join("log").to_str().unwrap(),
+        "-w",
+        "-t",
+        "60",
+        "start",
+    ]);
+    run(pg_ctl, "pg_ctl start");
+}
+
+impl Cluster {
+    /// A streaming standby of this cluster (`pg_basebackup -R`), started
+    /// on a port of its own.
+    pub fn standby(&self) -> Cluster {
+        let dir = cluster_dir();
+        let data = dir.join("data");
+        let mut backup = pg_command("pg_basebackup");
+        backup.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-D",
+            data.to_str().unwrap(),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        ]);
+        run(backup, "pg_basebackup");
+        let port = free_port();
+        let existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+        write_as_postgres(
+            &data.join("postgresql.conf"),
+            &format!(
+                "{existing}\nport = {port}\nunix_socket_directories = '{}'\n",
+                dir.display()
+            ),
+        );
+        pg_start(&dir, &data);
+        Cluster {
+            port,
+            ca_file: data.join("server.crt"),
+            data,
+        }
+    }
+
+    /// `pg_ctl stop -m immediate`: the server is gone at once, as in a crash.
+    pub fn stop_immediate(&self) {
+        let mut pg_ctl = pg_command("pg_ctl");
+        pg_ctl.args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"]);
+        run(pg_ctl, "pg_ctl stop");
+    }
+
+    /// `pg_ctl promote` of a standby, waiting until it is a primary.
+    pub fn promote(&self) {
+        let mut pg_ctl = pg_command("pg_ctl");
+        pg_ctl.args(["-D", self.data.to_str().unwrap(), "-w", "promote"]);
+        run(pg_ctl, "pg_ctl promote");
+    }
+}
+
+fn start() -> Cluster {
+    let dir = cluster_dir();
     let data = dir.join("data");
     let mut initdb = pg_command("initdb");
     initdb.args([
@@ -200,19 +280,7 @@ fn start() -> Cluster {
         &data.join("postgresql.conf"),
         &format!("{existing}\n{conf}"),
     );
-    spawn_watchdog(&dir, &data);
-    let mut pg_ctl = pg_command("pg_ctl");
-    pg_ctl.args([
-        "-D",
-        data.to_str().unwrap(),
-        "-l",
-        dir.join("log").to_str().unwrap(),
-        "-w",
-        "-t",
-        "60",
-        "start",
-    ]);
-    run(pg_ctl, "pg_ctl start");
+    pg_start(&dir, &data);
     let ca_file = data.join("server.crt");
     let cluster = Cluster {
         port,
@@ -262,6 +330,7 @@ fn spawn_watchdog(dir: &Path, data: &Path) {
 
 const HBA: &str = "\
 local all all trust
+host replication postgres 127.0.0.1/32 trust
 host all postgres 127.0.0.1/32 trust
 host all md5_user 127.0.0.1/32 md5
 host all pgwarden_svc_md5 127.0.0.1/32 md5

@@ -33,6 +33,36 @@ pub struct Metrics {
     pub audit_appends: AtomicU64,
     /// (transactions, statements) per client user.
     per_user: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// PgBouncer's `SHOW STATS` figures per database.
+    per_db: Mutex<BTreeMap<String, DbStats>>,
+    /// When the gateway started (for per-second averages).
+    pub started: std::sync::OnceLock<std::time::Instant>,
+}
+
+/// One database's traffic, as PgBouncer's `SHOW STATS` counts it: client
+/// transactions and requests, bytes from and to clients, and microseconds
+/// spent in transactions, in requests and waiting for a server connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DbStats {
+    pub xacts: u64,
+    pub queries: u64,
+    pub received: u64,
+    pub sent: u64,
+    pub xact_us: u64,
+    pub query_us: u64,
+    pub wait_us: u64,
+}
+
+impl DbStats {
+    fn add(&mut self, other: &DbStats) {
+        self.xacts += other.xacts;
+        self.queries += other.queries;
+        self.received += other.received;
+        self.sent += other.sent;
+        self.xact_us += other.xact_us;
+        self.query_us += other.query_us;
+        self.wait_us += other.wait_us;
+    }
 }
 
 impl Metrics {
@@ -55,6 +85,29 @@ impl Metrics {
             e.0 += transactions;
             e.1 += statements;
         });
+    }
+
+    /// Adds a session's figures (counted locally, added in batches) to its
+    /// database's.
+    pub fn add_db_stats(&self, database: &str, stats: &DbStats) {
+        if *stats == DbStats::default() {
+            return;
+        }
+        let mut map = self.per_db.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(database) {
+            Some(entry) => entry.add(stats),
+            None => {
+                map.insert(database.to_string(), *stats);
+            }
+        }
+    }
+
+    /// Every database's figures so far.
+    pub fn db_stats(&self) -> BTreeMap<String, DbStats> {
+        self.per_db
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn audit_append(&self, took: Duration) {

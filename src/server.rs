@@ -247,6 +247,7 @@ impl Gateway {
             shutdown: Default::default(),
             config: Arc::new(config),
         };
+        let _ = shared.metrics.started.set(std::time::Instant::now());
         Ok(Gateway {
             shared: Arc::new(shared),
         })

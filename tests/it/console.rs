@@ -148,7 +148,8 @@ async fn admins_read_the_gateway_state_and_everyone_else_is_refused() {
         && r["database"] == "pgwarden"));
 }
 
-/// SHOW DATABASES and SHOW STATS read the pools and counters; RELOAD
+/// SHOW DATABASES, SHOW TOTALS and SHOW STATS read the pools and
+/// counters; RELOAD
 /// re-reads the configuration file and the policies, as SIGHUP does: a
 /// client no policy mapped gets in once a policy file maps it.
 #[tokio::test(flavor = "multi_thread")]
@@ -166,7 +167,7 @@ async fn reload_from_the_console_applies_a_new_policy() {
     carol(false);
     let databases = console(port, "alice", "alice-pw", "SHOW DATABASES");
     assert!(databases.status.success(), "{}", said(&databases));
-    let stats = console(port, "alice", "alice-pw", "SHOW STATS");
+    let stats = console(port, "alice", "alice-pw", "SHOW TOTALS");
     assert!(
         said(&stats).contains("clients denied by the policy|1"),
         "{}",
@@ -185,6 +186,21 @@ async fn reload_from_the_console_applies_a_new_policy() {
         said(&reload)
     );
     carol(true);
+    // PgBouncer's SHOW STATS columns, per database, with carol's
+    // transaction counted once her session ended.
+    let stats = console(port, "alice", "alice-pw", "SHOW STATS");
+    let text = said(&stats);
+    let app = text
+        .lines()
+        .find(|l| l.starts_with("app|"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let columns: Vec<u64> = app.split('|').skip(1).map(|v| v.parse().unwrap()).collect();
+    assert_eq!(columns.len(), 14, "{text}");
+    let (xacts, queries, received, sent) = (columns[0], columns[1], columns[2], columns[3]);
+    assert!(
+        xacts >= 1 && queries >= 1 && received > 0 && sent > 0,
+        "{text}"
+    );
 
     // A configuration that does not parse, on a line with a secret: the
     // console says only that it failed (the gateway's log says why).
@@ -399,4 +415,28 @@ print("version", cur.fetchone()[0])
         text.contains(&format!("version pgwarden {}", env!("CARGO_PKG_VERSION"))),
         "{text}"
     );
+}
+
+/// `client_idle_timeout_ms` holds for consoles too: an idle console is
+/// closed with FATAL 57P05 and does not keep a client slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_console_is_closed_after_the_client_idle_timeout() {
+    let gw = start_gateway(Opts {
+        server_extra: "client_idle_timeout_ms = 300".into(),
+        audit_extra: "[admin]\nusers = [\"alice\"]\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let admin = connect_console(gw.addr.port()).await;
+    admin.simple_query("SHOW VERSION").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let err = admin
+        .simple_query("SHOW VERSION")
+        .await
+        .expect_err("closed");
+    assert!(
+        err.code().map(|c| c.code()) == Some("57P05") || err.is_closed(),
+        "{err:?}"
+    );
+    gw.until_clients(0).await;
 }

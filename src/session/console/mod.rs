@@ -3,7 +3,7 @@
 //! PostgreSQL password (the login is relayed, against `[admin]
 //! auth_database`); anyone else gets FATAL 28000. It speaks the simple
 //! query protocol and knows `SHOW VERSION|POOLS|CLIENTS|SERVERS|DATABASES|
-//! STATS|AUDIT|CONFIG`, `RELOAD`, `PAUSE`, `RESUME`, `KILL <session_id>`
+//! STATS|TOTALS|AUDIT|CONFIG`, `RELOAD`, `PAUSE`, `RESUME`, `KILL <session_id>`
 //! and `SHUTDOWN`.
 //!
 //! Invariants: no statement of the console reaches PostgreSQL; every
@@ -91,18 +91,30 @@ pub(super) async fn serve(
         let stopping = async {
             let _ = shutdown.wait_for(|stop| *stop).await;
         };
-        let frame = tokio::select! {
-            frame = client.read_frame() => Some(frame),
-            () = stopping => None,
+        // `client_idle_timeout_ms` (reloadable) holds for consoles too.
+        let idle_ms = shared.live().client_idle_timeout_ms;
+        let idle = async {
+            match idle_ms {
+                0 => std::future::pending().await,
+                ms => tokio::time::sleep(std::time::Duration::from_millis(ms)).await,
+            }
         };
-        let Some(frame) = frame else {
-            // The gateway stops: an idle console does not hold it up.
-            let bye = PgError::fatal(
+        let frame = tokio::select! {
+            frame = client.read_frame() => Ok(frame),
+            () = stopping => Err(PgError::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection due to administrator command",
-            );
-            client.send_error(&bye).await;
-            return;
+            )),
+            () = idle => Err(Refusal::ClientIdle.to_wire()),
+        };
+        let frame = match frame {
+            Ok(frame) => frame,
+            // The gateway stops, or the console sat idle: it does not
+            // hold the gateway up or a slot forever.
+            Err(bye) => {
+                client.send_error(&bye).await;
+                return;
+            }
         };
         let Ok(Some(frame)) = frame else {
             return;
@@ -225,6 +237,7 @@ fn answer(shared: &Shared, sql: &str) -> Result<Rows, Failure> {
         "SHOW CONFIG" => Ok(config(shared)),
         "SHOW DATABASES" => Ok(databases(shared)),
         "SHOW STATS" => Ok(stats(shared)),
+        "SHOW TOTALS" => Ok(totals(shared)),
         "RELOAD" => reload(shared),
         "SHOW SERVERS" => Ok(servers(shared)),
         "PAUSE" => Ok(pause(shared, true)),
@@ -244,7 +257,7 @@ fn answer(shared: &Shared, sql: &str) -> Result<Rows, Failure> {
             // Session ids are case-sensitive: take it from the command as typed.
             Some(_) => kill(shared, sql.trim().trim_end_matches(';').split_whitespace().nth(1).unwrap_or("")),
             None => Err(unknown(
-                "unknown console command: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW DATABASES, SHOW STATS, SHOW AUDIT, SHOW CONFIG, SHOW LOG [AFTER seq], RELOAD, PAUSE, RESUME, KILL <session_id>, SHUTDOWN",
+                "unknown console command: the console knows SHOW VERSION, SHOW POOLS, SHOW CLIENTS, SHOW SERVERS, SHOW DATABASES, SHOW STATS, SHOW TOTALS, SHOW AUDIT, SHOW CONFIG, SHOW LOG [AFTER seq], RELOAD, PAUSE, RESUME, KILL <session_id>, SHUTDOWN",
             )),
         },
     }

@@ -124,8 +124,65 @@ pub(super) fn databases(shared: &Shared) -> Rows {
     )
 }
 
-/// The gateway's counters since it started.
+/// PgBouncer's SHOW STATS, one row per database, since the gateway
+/// started (the `avg_` columns: per second, or per transaction or request,
+/// over that time, where PgBouncer takes its last 15 s).
 pub(super) fn stats(shared: &Shared) -> Rows {
+    let seconds = shared
+        .metrics
+        .started
+        .get()
+        .map_or(1.0, |t| t.elapsed().as_secs_f64().max(1.0));
+    let rows = shared
+        .metrics
+        .db_stats()
+        .into_iter()
+        .map(|(database, s)| {
+            let per_second = |v: u64| ((v as f64) / seconds).round().to_string();
+            let per = |v: u64, n: u64| (v.checked_div(n).unwrap_or(0)).to_string();
+            vec![
+                database,
+                s.xacts.to_string(),
+                s.queries.to_string(),
+                s.received.to_string(),
+                s.sent.to_string(),
+                s.xact_us.to_string(),
+                s.query_us.to_string(),
+                s.wait_us.to_string(),
+                per_second(s.xacts),
+                per_second(s.queries),
+                per_second(s.received),
+                per_second(s.sent),
+                per(s.xact_us, s.xacts),
+                per(s.query_us, s.queries),
+                per(s.wait_us, s.xacts),
+            ]
+        })
+        .collect();
+    (
+        vec![
+            "database",
+            "total_xact_count",
+            "total_query_count",
+            "total_received",
+            "total_sent",
+            "total_xact_time",
+            "total_query_time",
+            "total_wait_time",
+            "avg_xact_count",
+            "avg_query_count",
+            "avg_recv",
+            "avg_sent",
+            "avg_xact_time",
+            "avg_query_time",
+            "avg_wait_time",
+        ],
+        rows,
+    )
+}
+
+/// The gateway's own counters since it started.
+pub(super) fn totals(shared: &Shared) -> Rows {
     use std::sync::atomic::Ordering;
     let m = &shared.metrics;
     let counters = [

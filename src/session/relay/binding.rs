@@ -147,7 +147,10 @@ impl QueryLoop<'_> {
                 .pool_for(&self.ident.database, &self.ident.role)?,
         };
         let who = (&self.ident.role, &self.ident.client_user);
+        let waiting = Instant::now();
         let acquired = self.shared.pools.acquire(&pool, who).await;
+        self.stats.wait_us += waiting.elapsed().as_micros() as u64;
+        self.bound_at = Some(Instant::now());
         self.pool = Some(pool);
         acquired.map_err(|e| {
             if e.is_exhausted() {
@@ -310,6 +313,9 @@ impl QueryLoop<'_> {
     }
 
     pub(super) async fn release(&mut self) {
+        if let Some(at) = self.bound_at.take() {
+            self.stats.xact_us += at.elapsed().as_micros() as u64;
+        }
         if let Some(conn) = self.server.take() {
             // The client's unnamed statement stays its own; the next
             // connection gets it parsed again when it is used.

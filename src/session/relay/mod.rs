@@ -102,6 +102,12 @@ pub struct QueryLoop<'a> {
     /// A lost server connection left the client in an aborted transaction
     /// block (`lost`).
     lost_in_block: bool,
+    /// This session's figures for `SHOW STATS`, added to its database's in
+    /// batches; when the request being answered went out, and when the
+    /// bound connection was bound.
+    stats: crate::metrics::DbStats,
+    request_at: Option<Instant>,
+    bound_at: Option<Instant>,
 }
 
 enum Wake {
@@ -151,6 +157,9 @@ impl<'a> QueryLoop<'a> {
             hold_client: false,
             resume_client: false,
             lost_in_block: false,
+            stats: Default::default(),
+            request_at: None,
+            bound_at: None,
         }
     }
 
@@ -183,6 +192,11 @@ impl<'a> QueryLoop<'a> {
         self.shared
             .metrics
             .add_user_counts(&self.ident.client_user, tx, st);
+        let mut stats = std::mem::take(&mut self.stats);
+        stats.xacts = tx;
+        self.shared
+            .metrics
+            .add_db_stats(&self.ident.database, &stats);
     }
 
     async fn relay(&mut self) -> End {
@@ -212,8 +226,9 @@ impl<'a> QueryLoop<'a> {
                     _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Wake::Timer,
                 }
             };
-            if matches!(wake, Wake::Client(Ok(n)) if n > 0) {
+            if let Wake::Client(Ok(n @ 1..)) = wake {
                 self.core.clock.client_moved(Instant::now());
+                self.stats.received += n as u64;
             }
             let step = match wake {
                 Wake::Client(Ok(0)) => Err(End::ClientGone),
@@ -319,7 +334,9 @@ impl<'a> QueryLoop<'a> {
         if self.core.seq.to_server().is_empty() {
             return Ok(());
         }
-        self.core.clock.request_sent(Instant::now());
+        let now = Instant::now();
+        self.core.clock.request_sent(now);
+        self.request_at.get_or_insert(now);
         let Some(server) = self.server.as_mut() else {
             self.core.seq.clear_to_server();
             return Ok(());
@@ -352,6 +369,7 @@ impl<'a> QueryLoop<'a> {
             out.clear();
             return Ok(());
         }
+        self.stats.sent += out.len() as u64;
         let result = self.client.write_all(out).await;
         self.core.seq.client_out().clear();
         result.map_err(End::from)

@@ -32,6 +32,10 @@ impl QueryLoop<'_> {
         self.record_results().await;
         if self.core.answered(was_busy, Instant::now()) {
             self.cancel.set_running(false);
+            if let Some(at) = self.request_at.take() {
+                self.stats.queries += 1;
+                self.stats.query_us += at.elapsed().as_micros() as u64;
+            }
         }
         while let Some(duty) = self.core.next_duty() {
             match duty {

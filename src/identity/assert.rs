@@ -69,10 +69,7 @@ impl Assertion<'_> {
         // is reported to it as a change, as on a direct connection.
         messages::query(out, "");
         Pipelined {
-            expected: match reset {
-                Some(_) => &WITH_RESET,
-                None => &WITHOUT_RESET,
-            },
+            reset: reset.is_some(),
             next: 0,
             role: self.role.to_string(),
             client_user: self.client_user.to_string(),
@@ -284,42 +281,28 @@ fn unnamed_statement(sql: &str, out: &mut BytesMut) {
 }
 
 /// What the server answers to a pipelined assertion, in order: a reply of
-/// this tag, the reset's `ReadyForQuery` (its own answers skipped on the
-/// way), or the assertion's row.
+/// this tag, a simple query's `ReadyForQuery` (its other answers skipped
+/// on the way), or the assertion's row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Answer {
     Reply(u8),
     Ready,
+    /// The reset's `ReadyForQuery`, when there is a reset.
+    ResetReady,
     Row,
 }
 
-use Answer::{Ready, Reply, Row};
+use Answer::{Ready, Reply, ResetReady, Row};
 
-/// `BEGIN`, the reset, the assertion and `COMMIT` (each statement
-/// parsed, bound, executed and closed), then the empty query whose
-/// `ReadyForQuery` carries the setting reports.
-const WITH_RESET: [Answer; 15] = [
+/// `BEGIN`, the reset, the assertion and `COMMIT` (each statement parsed,
+/// bound, executed and closed), then the empty query whose `ReadyForQuery`
+/// carries the setting reports.
+const ANSWERS: [Answer; 15] = [
     Reply(b'1'),
     Reply(b'2'),
     Reply(b'C'),
     Reply(b'3'),
-    Ready,
-    Reply(b'1'),
-    Reply(b'2'),
-    Row,
-    Reply(b'C'),
-    Reply(b'3'),
-    Reply(b'1'),
-    Reply(b'2'),
-    Reply(b'C'),
-    Reply(b'3'),
-    Ready,
-];
-const WITHOUT_RESET: [Answer; 14] = [
-    Reply(b'1'),
-    Reply(b'2'),
-    Reply(b'C'),
-    Reply(b'3'),
+    ResetReady,
     Reply(b'1'),
     Reply(b'2'),
     Row,
@@ -352,7 +335,9 @@ const WITHOUT_RESET: [Answer; 14] = [
 ///   last reported, so this keeps the client's own changes reported.
 #[derive(Debug)]
 pub struct Pipelined {
-    expected: &'static [Answer],
+    /// A reset went first (its answers are due too).
+    reset: bool,
+    /// The next of [`ANSWERS`] due.
     next: usize,
     role: String,
     client_user: String,
@@ -379,7 +364,10 @@ impl Pipelined {
     /// Reads one server message (`tag`, `body`) of the assertion's answers.
     /// Notices, parameter changes and notifications are the caller's.
     pub fn on_frame(&mut self, tag: u8, body: &[u8]) -> Progress {
-        let Some(&expected) = self.expected.get(self.next) else {
+        if !self.reset && ANSWERS.get(self.next) == Some(&ResetReady) {
+            self.next += 1;
+        }
+        let Some(&expected) = ANSWERS.get(self.next) else {
             return Progress::Confirmed;
         };
         if tag == b'E' {
@@ -394,8 +382,8 @@ impl Pipelined {
             });
         }
         match (expected, tag) {
-            (Ready, b'Z') => self.next += 1,
-            (Ready, _) => {}
+            (Ready | ResetReady, b'Z') => self.next += 1,
+            (Ready | ResetReady, _) => {}
             (Row, b'D') => match row_matches(body, self.columns, &self.role, &self.value) {
                 Ok(true) => self.next += 1,
                 _ => {
@@ -411,7 +399,7 @@ impl Pipelined {
                 ))
             }
         }
-        match self.next == self.expected.len() {
+        match self.next == ANSWERS.len() {
             true => Progress::Confirmed,
             false => Progress::More,
         }

@@ -362,10 +362,26 @@ impl QueryLoop<'_> {
             ev.message = Some(why.to_string());
             self.shared.auditor.append_nowait(ev).await;
         }
+        self.discard_server().await;
+    }
+
+    /// Destroys the bound connection (nothing more is written for it, no
+    /// cancel reaches it).
+    pub(super) async fn discard_server(&mut self) {
         if let Some(conn) = self.server.take() {
             self.core.seq.unbound();
             self.cancel.unbind().await;
             pool::discard(conn);
+        }
+    }
+
+    /// The bound connection failed while the client's request was in flight
+    /// (whose answer the core has made): it is destroyed, and the request
+    /// counts as answered.
+    pub(super) async fn discard_failed_server(&mut self) {
+        self.discard_server().await;
+        if self.core.answered(true, Instant::now()) {
+            self.cancel.set_running(false);
         }
     }
 

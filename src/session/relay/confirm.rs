@@ -105,14 +105,7 @@ impl QueryLoop<'_> {
         self.core.fail_in_flight(&refusal.to_wire());
         self.core.bind_failed(&refusal);
         self.record_results().await;
-        if let Some(conn) = self.server.take() {
-            self.core.seq.unbound();
-            self.cancel.unbind().await;
-            pool::discard(conn);
-        }
-        if self.core.answered(true, Instant::now()) {
-            self.cancel.set_running(false);
-        }
+        self.discard_failed_server().await;
     }
 
     /// The client's frames held behind the assertion may go on.

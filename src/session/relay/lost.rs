@@ -47,14 +47,7 @@ impl QueryLoop<'_> {
         );
         self.core
             .fail_in_flight_as(&error, if in_block { b'E' } else { b'I' });
-        if let Some(conn) = self.server.take() {
-            self.core.seq.unbound();
-            self.cancel.unbind().await;
-            pool::discard(conn);
-        }
-        if self.core.answered(true, Instant::now()) {
-            self.cancel.set_running(false);
-        }
+        self.discard_failed_server().await;
         self.lost_in_block = in_block;
         self.flush_client().await
     }

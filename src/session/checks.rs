@@ -95,11 +95,14 @@ impl Checks<'_> {
             .guard
             .check(sql)
             .map_err(|v| Refused::guard(sql, v))?;
-        if self.code.refuses_query(transparent, Commits::of(sql)) {
+        let commits = Commits::of(sql);
+        if self.code.refuses_query(transparent, commits) {
             return Err(Refused::guard(sql, COMMIT_THEN_MORE));
         }
         let sets = crate::session::kept::session_sets(sql);
-        self.session_sets(&sets, true)
+        let passed = self.session_sets(&sets, true)?;
+        self.code.sent(commits);
+        Ok(passed)
     }
 
     /// A `Parse`.

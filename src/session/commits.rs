@@ -25,6 +25,9 @@ pub struct Commits {
     /// A `DO` block controls transactions inside (`COMMIT` or `ROLLBACK`):
     /// its code after the `COMMIT` runs in a new transaction.
     pub block_commits: bool,
+    /// A statement ends its transaction undoing it (`ROLLBACK`, `ABORT`;
+    /// not `ROLLBACK TO SAVEPOINT` or `ROLLBACK PREPARED`).
+    pub rolls_back: bool,
 }
 
 impl Commits {
@@ -38,13 +41,15 @@ impl Commits {
         // transaction, whether it is a `DO`; the token before this one.
         let mut first: Option<&[u8]> = None;
         let mut ends = false;
+        let mut rolls_back = false;
         let mut in_do = false;
         let mut prev: &[u8] = b"";
         for tok in Lexer::new(sql, Dialect::DEFAULT) {
             let text = tok.text(sql);
             if tok.is_punct(sql, b";") {
                 c.ends |= ends;
-                (first, ends, in_do) = (None, false, false);
+                c.rolls_back |= rolls_back;
+                (first, ends, rolls_back, in_do) = (None, false, false, false);
                 continue;
             }
             let first = match first {
@@ -52,6 +57,7 @@ impl Commits {
                 None => {
                     c.more_after |= c.ends;
                     ends = one_of(&[b"commit", b"end"], text);
+                    rolls_back = one_of(&[b"rollback", b"abort"], text);
                     in_do = tok.is_word(sql, b"do");
                     *first.insert(text)
                 }
@@ -67,6 +73,9 @@ impl Commits {
             {
                 ends = true;
             }
+            if tok.kind == Kind::Word && one_of(&[b"to", b"prepared"], text) {
+                rolls_back = false;
+            }
             if in_do && matches!(tok.kind, Kind::Str(_)) {
                 let body = string_value(sql, &tok, Dialect::DEFAULT, b'\\');
                 c.block_commits |= Lexer::new(&body, Dialect::DEFAULT)
@@ -75,7 +84,13 @@ impl Commits {
             prev = text;
         }
         c.ends |= ends;
+        c.rolls_back |= rolls_back;
         c
+    }
+
+    /// A statement ends its transaction block, committed or not.
+    pub fn ends_block(&self) -> bool {
+        self.ends || self.rolls_back
     }
 
     /// Whether, after opaque code, this text would start a transaction
@@ -102,7 +117,7 @@ fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
 }
 
 /// Whether `sql` may control transactions: it contains `commit`, `end`,
-/// `chain`, `prepare` or `rollback`, ignoring ASCII case.
+/// `chain`, `prepare`, `rollback` or `abort`, ignoring ASCII case.
 fn mentions_transaction_control(sql: &[u8]) -> bool {
     crate::session::state::any_word_start(sql, |pair, rest| match pair {
         [b'c', b'o'] => starts_with_ci(rest, b"commit"),
@@ -110,6 +125,7 @@ fn mentions_transaction_control(sql: &[u8]) -> bool {
         [b'c', b'h'] => starts_with_ci(rest, b"chain"),
         [b'p', b'r'] => starts_with_ci(rest, b"prepare"),
         [b'r', b'o'] => starts_with_ci(rest, b"rollback"),
+        [b'a', b'b'] => starts_with_ci(rest, b"abort"),
         _ => false,
     })
 }
@@ -179,6 +195,30 @@ mod tests {
         assert!(ends_transaction(b"COMMIT AND CHAIN"));
         assert!(!ends_transaction(b"SELECT 1"));
         assert!(!ends_transaction(b"ROLLBACK"));
+    }
+
+    #[test]
+    fn what_ends_a_block() {
+        for sql in [
+            "ROLLBACK",
+            "abort work",
+            "SELECT 1; ROLLBACK",
+            "COMMIT",
+            "END",
+            "PREPARE TRANSACTION 'x'",
+        ] {
+            assert!(Commits::of(sql.as_bytes()).ends_block(), "{sql}");
+        }
+        for sql in [
+            "ROLLBACK TO SAVEPOINT s",
+            "rollback work to s",
+            "ROLLBACK PREPARED 'x'",
+            "SELECT 'rollback'",
+            "SAVEPOINT abort",
+            "SELECT 1",
+        ] {
+            assert!(!Commits::of(sql.as_bytes()).ends_block(), "{sql}");
+        }
     }
 
     #[test]

@@ -61,6 +61,7 @@ impl Nature {
             more_after: false,
             chains: false,
             block_commits: false,
+            rolls_back: false,
         },
         // `PREPARE` takes no COPY.
         copies_in: false,

@@ -219,54 +219,6 @@ async fn clients_keep_their_sessions_through_a_failover() {
     );
 }
 
-/// A client idle inside a transaction when its connection is lost finds
-/// the transaction aborted (25P02), and it stays aborted: a COMMIT answers
-/// ROLLBACK and nothing runs until the block ends.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_transaction_lost_with_its_connection_stays_aborted() {
-    let pg = cluster::start_private();
-    let gw = start_gateway(Opts {
-        backend_port: Some(pg.port),
-        pool_size: 2,
-        ..Opts::default()
-    })
-    .await;
-    let alice = gw.connect("alice").await;
-    alice.batch_execute("BEGIN").await.unwrap();
-    alice
-        .execute("INSERT INTO items VALUES (8100001, 'lost', NULL)", &[])
-        .await
-        .unwrap();
-    let pid = support::one(&alice, "SELECT pg_backend_pid()").await;
-    pg.psql("postgres", &format!("SELECT pg_terminate_backend({pid})"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let err = alice
-        .simple_query("SELECT 1")
-        .await
-        .expect_err("its server is gone");
-    assert_eq!(support::sqlstate(&err), "25P02", "{err:?}");
-    // Still in the (now aborted) block: statements are refused, not run
-    // in autocommit behind the client's back.
-    let err = alice
-        .execute("INSERT INTO items VALUES (8100002, 'lost', NULL)", &[])
-        .await
-        .expect_err("aborted");
-    assert_eq!(support::sqlstate(&err), "25P02");
-    let rows = alice.simple_query("COMMIT").await.unwrap();
-    let tag = rows.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::CommandComplete(_) => Some(()),
-        _ => None,
-    });
-    assert!(tag.is_some());
-    assert_eq!(
-        pg.psql("app", "SELECT count(*) FROM items WHERE owner = 'lost'"),
-        "0"
-    );
-    // The session goes on.
-    assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
-    assert!(!alice.is_closed());
-}
-
 /// A standby is never written to, and two primaries at once are refused:
 /// new transactions fail with 08006 naming the hosts after the failover
 /// timeout.

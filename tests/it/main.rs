@@ -21,6 +21,7 @@ mod identity;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod lost;
 mod migrate;
 mod packaging;
 mod pipelines;

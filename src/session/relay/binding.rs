@@ -59,6 +59,7 @@ impl QueryLoop<'_> {
         if self.server.is_some() {
             return self.rebind_kept().await;
         }
+        self.lost_block_before_bind()?;
         let mut conn = self.acquire().await?;
         let key = self.tag_key().await;
         let preparation = conn.prepare_for(&Wanted {

@@ -5,16 +5,28 @@
 //!
 //! Invariants:
 //! - what was in flight is recorded with an unknown outcome (PostgreSQL may
-//!   have committed it before the connection went);
-//! - a client that was inside a transaction block is told its transaction
-//!   is aborted (`ReadyForQuery` `E`), and stays so: its next request runs
-//!   on a connection put into an aborted block first, so a `COMMIT` answers
-//!   `ROLLBACK` and nothing it sends before ending the block runs outside
-//!   a transaction it believes it is in;
+//!   have run it before the connection went); a transaction block that
+//!   nothing in flight could end (no `COMMIT`, `ROLLBACK`...) is recorded
+//!   rolled back, since PostgreSQL cannot commit it without one;
+//! - a client inside such a block learns its transaction is gone from an
+//!   error, never from a later answer alone: the request in flight gets
+//!   08006; if none was, the client's next request does (a `ROLLBACK`
+//!   excepted, which gets what it asked for). It stays in an aborted block
+//!   (`ReadyForQuery` `E`) whose next connection is put into one too, so a
+//!   `COMMIT` answers `ROLLBACK` and nothing it sends before ending the
+//!   block runs outside a transaction it believes it is in;
+//! - a request in flight that ends the block (`COMMIT`) leaves the client
+//!   idle, as a failed `COMMIT` does in PostgreSQL: the error says its
+//!   outcome is unknown;
+//! - client messages waiting behind the lost request are taken again, and
+//!   the rest of an unsynced batch is skipped to its `Sync`;
 //! - a session that cannot go on this way (pinned to the lost connection,
 //!   session pooling, a COPY or a large message half through) ends as before.
 
+use super::run::Held;
 use super::*;
+use crate::audit::TxOutcome;
+use crate::session::commits::Commits;
 
 impl QueryLoop<'_> {
     /// The server connection failed (`why`): the session goes on where it
@@ -26,7 +38,9 @@ impl QueryLoop<'_> {
             return Err(self.server_lost(why).await);
         }
         tracing::warn!(parent: &self.span, "server connection lost, the session goes on: {why}");
-        let in_block = matches!(self.core.seq.tx_status(), b'T' | b'E');
+        let seq = &self.core.seq;
+        let in_block = matches!(seq.tx_status(), b'T' | b'E') && !seq.code.ending();
+        let told = seq.tx_status() == b'E' || !seq.owes_nothing();
         let pid = self.server.as_ref().map(|s| s.pid);
         for pending in self.core.seq.take_pendings() {
             let mut ev = self
@@ -34,21 +48,32 @@ impl QueryLoop<'_> {
                 .result_event(pending, Outcome::NotExecuted { after: None }, pid);
             ev.status = Some(Status::Unknown);
             ev.message = Some(format!("the server connection was lost: {why}"));
+            if in_block {
+                ev.tx = Some(TxOutcome::RolledBack);
+            }
             self.shared.auditor.append_nowait(ev).await;
         }
-        self.abandon_ledger().await;
+        self.write_results(match in_block {
+            true => Held::RolledBack,
+            false => Held::Unknowable,
+        })
+        .await;
         self.confirming = None;
-        if std::mem::take(&mut self.hold_client) {
-            self.resume_client = true;
-        }
+        self.hold_client = false;
+        // Whatever waits in the client's buffer is taken again.
+        self.resume_client = true;
         let error = PgError::error(
             sqlstate::CONNECTION_FAILURE,
             format!("the server connection was lost ({why}); the request's outcome is unknown"),
         );
-        self.core
-            .fail_in_flight_as(&error, if in_block { b'E' } else { b'I' });
+        let status = if in_block { b'E' } else { b'I' };
+        self.core.fail_in_flight_as(&error, status);
         self.discard_failed_server().await;
-        self.lost_in_block = in_block;
+        self.core.seq.connection_lost(status);
+        self.lost_block = in_block.then_some(match told {
+            true => LostBlock::Told,
+            false => LostBlock::Untold,
+        });
         self.flush_client().await
     }
 
@@ -63,15 +88,51 @@ impl QueryLoop<'_> {
             && !self.shutting_down
     }
 
-    /// After a lost connection left the client in an aborted transaction
-    /// block: the new connection is put into one too, ahead of the client's
-    /// message (the gateway's own queries, answered to no one).
+    /// Before a connection is bound after a lost connection left the
+    /// client in an aborted block: a client not told yet gets its error
+    /// instead (its request is refused); otherwise the new connection is
+    /// put into an aborted block too, ahead of the client's message (the
+    /// gateway's own queries, answered to no one).
+    pub(super) fn lost_block_before_bind(&mut self) -> Result<(), Refusal> {
+        if self.lost_block == Some(LostBlock::Untold) {
+            self.lost_block = Some(LostBlock::Told);
+            return Err(Refusal::Answer(PgError::error(
+                sqlstate::CONNECTION_FAILURE,
+                "the server connection was lost while the transaction was open: the transaction was rolled back",
+            )));
+        }
+        Ok(())
+    }
+
+    /// After [`Self::lost_block_before_bind`], with the new connection
+    /// bound.
     pub(super) fn mirror_lost_block(&mut self) {
-        if std::mem::take(&mut self.lost_in_block) {
+        if self.lost_block.take().is_some() {
             self.core.seq.own_query("BEGIN");
             self.core
                 .seq
                 .own_query(crate::session::sequencer::REFUSED_SQL);
         }
     }
+
+    /// A client not told of its lost block that asks to roll back needs no
+    /// error: its `ROLLBACK` gets what it asked for.
+    pub(super) fn rollback_tells(&mut self, frame: &[u8]) {
+        if self.lost_block == Some(LostBlock::Untold)
+            && frame.first() == Some(&b'Q')
+            && messages::parse_query(&frame[5..])
+                .is_ok_and(|q| Commits::rolls_back_first(q) && Commits::of(q).rolls_back)
+        {
+            self.lost_block = Some(LostBlock::Told);
+        }
+    }
+}
+
+/// A lost server connection left the client in an aborted block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LostBlock {
+    /// The client knows (it was answered an error, or `E`).
+    Told,
+    /// It does not yet: its next request is answered with the error.
+    Untold,
 }

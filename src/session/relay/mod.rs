@@ -101,7 +101,7 @@ pub struct QueryLoop<'a> {
     resume_client: bool,
     /// A lost server connection left the client in an aborted transaction
     /// block (`lost`).
-    lost_in_block: bool,
+    lost_block: Option<lost::LostBlock>,
     /// This session's figures for `SHOW STATS`, added to its database's in
     /// batches; when the request being answered went out, and when the
     /// bound connection was bound.
@@ -156,7 +156,7 @@ impl<'a> QueryLoop<'a> {
             confirming: None,
             hold_client: false,
             resume_client: false,
-            lost_in_block: false,
+            lost_block: None,
             stats: Default::default(),
             request_at: None,
             bound_at: None,
@@ -314,6 +314,7 @@ impl<'a> QueryLoop<'a> {
     }
 
     async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
+        self.rollback_tells(&frame);
         let step = self
             .core
             .client_frame(frame, &self.client.rbuf)

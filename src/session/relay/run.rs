@@ -8,6 +8,17 @@ use super::*;
 use crate::session::checks::Refused;
 use crate::session::core::{Plan, Step, ToRecord};
 
+/// What becomes of the results held for the open transaction.
+pub(super) enum Held {
+    /// Kept until the server says how the transaction ended.
+    Resolved,
+    /// Written now with `tx = unknown`.
+    Unknowable,
+    /// Written now with `tx = rolled_back` (its connection was lost with
+    /// nothing in flight that could commit it).
+    RolledBack,
+}
+
 impl QueryLoop<'_> {
     /// Performs what the core decided for a client message.
     pub(super) async fn perform(&mut self, step: Step) -> Result<(), End> {
@@ -129,24 +140,25 @@ impl QueryLoop<'_> {
 
     /// Records the outcomes the last server messages resolved.
     pub(super) async fn record_results(&mut self) {
-        self.write_results(false).await;
+        self.write_results(Held::Resolved).await;
     }
 
     /// Results held for a transaction whose outcome can no longer be known
     /// (the server connection is gone): written with `tx = unknown`.
     pub(super) async fn abandon_ledger(&mut self) {
-        self.write_results(true).await;
+        self.write_results(Held::Unknowable).await;
     }
 
-    async fn write_results(&mut self, abandon: bool) {
+    pub(super) async fn write_results(&mut self, held: Held) {
         let pid = self.server.as_ref().map(|s| s.pid);
         let core = &mut self.core;
         // Out of the core while `result_event` reads it.
         let mut results = std::mem::take(&mut core.results);
         let event = |p, o| core.result_event(p, o, pid);
-        let events = match abandon {
-            true => results.abandon(event),
-            false => results.drain(event),
+        let events = match held {
+            Held::Resolved => results.drain(event),
+            Held::Unknowable => results.abandon(event),
+            Held::RolledBack => results.lost_open(event),
         };
         core.results = results;
         for ev in events {

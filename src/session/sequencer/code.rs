@@ -30,6 +30,9 @@ pub struct Code {
     /// In that batch, followed by a statement that commits: nothing more
     /// may run before the `Sync`.
     batch_committed: bool,
+    /// A request that ends the transaction block (`COMMIT`, `ROLLBACK`...)
+    /// went out since the server last said the client was idle.
+    ending: bool,
 }
 
 /// What a message about to be forwarded does to its connection.
@@ -84,7 +87,19 @@ impl Code {
         }
         self.batch |= opaque;
         self.batch_committed |= opaque && commits.ends;
+        self.sent(commits);
         Ok(())
+    }
+
+    /// A request doing `commits` goes out.
+    pub fn sent(&mut self, commits: Commits) {
+        self.ending |= commits.ends_block();
+    }
+
+    /// Whether a request that ends the transaction block is unanswered:
+    /// if the connection is lost now, the block is over, committed or not.
+    pub fn ending(&self) -> bool {
+        self.ending
     }
 
     /// The client's `Sync` ends the batch.
@@ -96,6 +111,7 @@ impl Code {
     /// `ReadyForQuery` with `status`.
     pub fn ready(&mut self, status: u8) {
         self.transaction &= status != b'I';
+        self.ending &= status != b'I';
     }
 }
 
@@ -108,6 +124,7 @@ mod tests {
         more_after: false,
         chains: false,
         block_commits: false,
+        rolls_back: false,
     };
     const COMMIT: Commits = Commits { ends: true, ..NONE };
     const CHAIN: Commits = Commits {

@@ -193,6 +193,26 @@ impl Sequencer {
         self.to_server.clear();
     }
 
+    /// The bound connection was lost and what it owed was answered as a
+    /// failed batch: the client's transaction status is now `status`.
+    /// Client frames are read again; a refusal the server never saw is
+    /// forgotten (the relay puts the next connection into the aborted block
+    /// instead); the rest of an unsynced batch is skipped to its `Sync`, as
+    /// the server skips after an error, and that `Sync` answered here.
+    pub fn connection_lost(&mut self, status: u8) {
+        self.unbound();
+        self.tracker = Tracker::default();
+        self.tx_status = status;
+        self.code.ready(status);
+        self.deferred = false;
+        self.copy_maybe = false;
+        self.aborted_locally = false;
+        if std::mem::take(&mut self.unsynced) {
+            self.discard_until_sync = true;
+            self.local_sync = true;
+        }
+    }
+
     /// The client's unnamed statement is now parsed on the bound connection.
     pub fn unnamed_parsed(&mut self) {
         self.unnamed_here = true;

@@ -3,12 +3,14 @@
 //! `target_session_attrs=read-write` decides), kept in
 //! `config::primary::Primary` for every connection pgwarden opens.
 //!
-//! Every host is checked each `health_check_interval_ms` (at once when a
+//! Every host is checked, all at once, each `health_check_interval_ms` (at once when a
 //! connection to the primary fails, and every 50 ms while there is none)
 //! over a connection of the service user's kept open for it. Two hosts
 //! that both say they are primary are a split brain: neither is used
-//! until only one says so, and the log says so loudly. A move of the
-//! primary to another host is a `backend_failover` record.
+//! until only one says so, and the log says so loudly. A host primary on
+//! an older timeline than one seen since (a former primary back without
+//! following the promotion) is never used either. A move of the primary to
+//! another host is a `backend_failover` record.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -39,17 +41,24 @@ async fn watch(shared: Weak<Shared>, hosts: Vec<Host>) {
     // The primary last in use, and since when there has been none.
     let mut last: Option<usize> = None;
     let mut lost_at = Instant::now();
+    // The newest timeline any primary was seen on, and the hosts found
+    // primary on an older one (logged once each time they turn up).
+    let mut newest = 0u32;
+    let mut stale = vec![false; hosts.len()];
     loop {
         let Some(shared) = shared.upgrade() else {
             return;
         };
         let backend = &shared.config.backend;
-        let mut primaries = Vec::new();
-        for (i, host) in hosts.iter().enumerate() {
-            if check(&shared, host, &mut checks[i]).await == Some(true) {
-                primaries.push(i);
-            }
-        }
+        // All hosts at once: one that does not answer delays no other.
+        let probes = futures_util::future::join_all(
+            hosts
+                .iter()
+                .zip(checks.iter_mut())
+                .map(|(host, conn)| check(&shared, host, conn)),
+        )
+        .await;
+        let primaries = fresh_primaries(&probes, &mut newest, &mut stale, &hosts);
         let split = primaries.len() > 1;
         let next = match primaries.as_slice() {
             [one] => Some(*one),
@@ -99,9 +108,53 @@ async fn watch(shared: Weak<Shared>, hosts: Vec<Host>) {
     }
 }
 
-/// Whether `host` says it is the primary (`None`: it did not answer),
-/// over `conn`, opened (or reopened) as needed.
-async fn check(shared: &Shared, host: &Host, conn: &mut Option<ServerConn>) -> Option<bool> {
+/// What one host said of itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Standby,
+    /// A primary, writing on this timeline.
+    Primary(u32),
+}
+
+/// The hosts that say they are primary on the newest timeline seen (the
+/// indexes of `probes`); `newest` is raised to the newest one here. A host
+/// primary on an older timeline is a former primary back without having
+/// followed the promotion (its writes since then are not on the new
+/// primary's timeline): it is never used, and the log says so.
+fn fresh_primaries(
+    probes: &[Option<Probe>],
+    newest: &mut u32,
+    stale: &mut [bool],
+    hosts: &[Host],
+) -> Vec<usize> {
+    for probe in probes {
+        if let Some(Probe::Primary(timeline)) = probe {
+            *newest = (*newest).max(*timeline);
+        }
+    }
+    let mut fresh = Vec::new();
+    for (i, probe) in probes.iter().enumerate() {
+        let Some(Probe::Primary(timeline)) = *probe else {
+            stale[i] = false;
+            continue;
+        };
+        if timeline == *newest {
+            fresh.push(i);
+            stale[i] = false;
+        } else if !std::mem::replace(&mut stale[i], true) {
+            tracing::error!(
+                "{} says it is a primary on timeline {timeline}, older than timeline {} of a primary seen since: a former primary back without following the promotion; pgwarden never uses it",
+                hosts[i],
+                *newest
+            );
+        }
+    }
+    fresh
+}
+
+/// What `host` says of itself (`None`: it did not answer), over `conn`,
+/// opened (or reopened) as needed.
+async fn check(shared: &Shared, host: &Host, conn: &mut Option<ServerConn>) -> Option<Probe> {
     let backend = &shared.config.backend;
     let timeout = Duration::from_millis(backend.connect_timeout_ms);
     if conn.is_none() {
@@ -128,24 +181,30 @@ async fn check(shared: &Shared, host: &Host, conn: &mut Option<ServerConn>) -> O
         }
     }
     let c = conn.as_mut()?;
-    let asked = tokio::time::timeout(
-        timeout,
-        c.simple_rows("SELECT pg_catalog.pg_is_in_recovery()"),
-    )
-    .await;
-    match asked {
-        Ok(Ok(rows)) => rows
-            .first()
-            .and_then(|r| r.first())
-            .cloned()
-            .flatten()
-            .map(|v| v == "f"),
-        _ => {
-            *conn = None;
-            None
-        }
+    // A primary's timeline is the one it writes WAL on: the first eight
+    // hex digits of its current WAL file's name.
+    let asked = tokio::time::timeout(timeout, c.simple_rows(PROBE_SQL)).await;
+    let row = match asked {
+        Ok(Ok(rows)) => rows.into_iter().next(),
+        _ => None,
+    };
+    let probe = match row.as_deref() {
+        Some([Some(recovery), _]) if recovery == "t" => Some(Probe::Standby),
+        Some([Some(recovery), Some(wal)]) if recovery == "f" => wal
+            .get(..8)
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+            .map(Probe::Primary),
+        _ => None,
+    };
+    if probe.is_none() {
+        *conn = None;
     }
+    probe
 }
+
+const PROBE_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery(), \
+    CASE WHEN NOT pg_catalog.pg_is_in_recovery() \
+    THEN pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()) END";
 
 /// The `backend_failover` record: the old primary, the new one, and how
 /// long there was none.
@@ -159,4 +218,31 @@ async fn record(shared: &Shared, old: &Host, new: &Host, without: Duration) {
         without.as_millis()
     ));
     shared.auditor.append_nowait(ev).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_primary_on_an_older_timeline_is_never_used() {
+        let hosts = vec![Host::parse("a:1").unwrap(), Host::parse("b:2").unwrap()];
+        let (mut newest, mut stale) = (0, vec![false; 2]);
+        let mut fresh =
+            |probes: &[Option<Probe>]| fresh_primaries(probes, &mut newest, &mut stale, &hosts);
+        assert_eq!(fresh(&[Some(Probe::Primary(1)), Some(Probe::Standby)]), [0]);
+        // Promoted: the old primary back on timeline 1 is stale.
+        assert_eq!(
+            fresh(&[Some(Probe::Primary(1)), Some(Probe::Primary(2))]),
+            [1]
+        );
+        // Alone, it is still never used.
+        assert!(fresh(&[Some(Probe::Primary(1)), None]).is_empty());
+        // Two on the same timeline are a split brain, for the caller.
+        assert_eq!(
+            fresh(&[Some(Probe::Primary(2)), Some(Probe::Primary(2))]),
+            [0, 1]
+        );
+        assert_eq!(fresh(&[Some(Probe::Standby), Some(Probe::Primary(3))]), [1]);
+    }
 }

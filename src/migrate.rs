@@ -449,13 +449,36 @@ impl std::fmt::Display for RoleProblem {
 
 /// Checks, logged in as the service user, that every role the policies name
 /// (other than `{user}` templates, which depend on the client) exists and
-/// can be assumed.
+/// can be assumed. With `[backend] hosts`, the first that answers is asked
+/// (roles are the same on every host of a replicated cluster).
 pub async fn check_roles(
     config: &Config,
     policy: &Policy,
 ) -> Result<Vec<RoleProblem>, sqlx::Error> {
     let backend = &config.backend;
-    let host = backend.any_host();
+    let hosts = match backend.candidates() {
+        Ok(hosts) if !hosts.is_empty() => hosts,
+        _ => vec![backend.configured()],
+    };
+    let mut last = None;
+    for host in &hosts {
+        match check_roles_on(config, policy, host).await {
+            Err(e) => {
+                tracing::debug!("policy check: {host}: {e}");
+                last = Some(e);
+            }
+            checked => return checked,
+        }
+    }
+    Err(last.expect("at least one host"))
+}
+
+async fn check_roles_on(
+    config: &Config,
+    policy: &Policy,
+    host: &crate::config::primary::Host,
+) -> Result<Vec<RoleProblem>, sqlx::Error> {
+    let backend = &config.backend;
     let mut options = sqlx::postgres::PgConnectOptions::new()
         .host(&host.host)
         .port(host.port)

@@ -99,15 +99,6 @@ impl BackendConfig {
         hosts.get(current).map(|h| h.to_string())
     }
 
-    /// A host to read from: the first of `hosts` (roles and settings are
-    /// the same on a standby), or the configured one.
-    pub fn any_host(&self) -> primary::Host {
-        self.candidates()
-            .ok()
-            .and_then(|hosts| hosts.into_iter().next())
-            .unwrap_or_else(|| self.configured())
-    }
-
     /// The single configured host (`host`, `port`).
     pub fn configured(&self) -> primary::Host {
         primary::Host {

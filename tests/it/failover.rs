@@ -256,3 +256,46 @@ async fn a_standby_alone_or_two_primaries_serve_no_one() {
         "0"
     );
 }
+
+/// A former primary back after a promotion, still a primary on the old
+/// timeline (nothing made it follow the new one): pgwarden goes on using
+/// the promoted host and, once that one is gone too, waits and fails rather
+/// than write to the former one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_former_primary_back_on_its_old_timeline_is_never_used() {
+    let (primary, standby) = tokio::task::spawn_blocking(primary_and_standby)
+        .await
+        .unwrap();
+    let gw = start_gateway(hosts(Opts::default(), &[primary.port, standby.port], 1_500)).await;
+    let alice = gw.connect("alice").await;
+    let port = "SELECT inet_server_port()";
+    assert_eq!(support::one(&alice, port).await, primary.port.to_string());
+    let (primary, standby) = tokio::task::spawn_blocking(move || {
+        primary.stop_immediate();
+        standby.promote();
+        primary.start_again();
+        (primary, standby)
+    })
+    .await
+    .unwrap();
+    // Both say they are primary; the promoted one is on the newer timeline,
+    // and serves.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..5 {
+        assert_eq!(support::one(&alice, port).await, standby.port.to_string());
+    }
+    tokio::task::spawn_blocking(move || standby.stop_immediate())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let err = alice
+        .simple_query(port)
+        .await
+        .expect_err("the former primary is never used");
+    assert_eq!(support::sqlstate(&err), "08006", "{err:?}");
+    assert_eq!(
+        primary.psql("postgres", "SELECT 1"),
+        "1",
+        "it was up all along"
+    );
+}

@@ -62,6 +62,25 @@ async fn policy_check_reports_missing_roles_and_bad_files() {
     assert!(text.contains("20-bad.toml:"), "names file and line: {text}");
 }
 
+/// With `[backend] hosts`, the check asks the first host that answers: one
+/// down first skips no role check.
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_check_asks_the_first_host_that_answers() {
+    let down = support::cluster::free_port();
+    let up = support::cluster().port;
+    let gw = start_gateway(Opts {
+        backend_extra: format!("hosts = [\"127.0.0.1:{down}\", \"127.0.0.1:{up}\"]\n"),
+        ..Opts::default()
+    })
+    .await;
+    let (code, text) = policy_check(&gw.dir.path().join("pgwarden.toml"));
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("role \"ghost_role_that_does_not_exist\" does not exist"),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_policies_and_keeps_them_when_bad() {
     let gw = support::BinaryGateway::start(

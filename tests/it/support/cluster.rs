@@ -232,6 +232,11 @@ impl Cluster {
         run(pg_ctl, "pg_ctl stop");
     }
 
+    /// Starts the cluster again after [`Self::stop_immediate`].
+    pub fn start_again(&self) {
+        pg_start(self.data.parent().unwrap(), &self.data);
+    }
+
     /// `pg_ctl promote` of a standby, waiting until it is a primary.
     pub fn promote(&self) {
         let mut pg_ctl = pg_command("pg_ctl");

@@ -218,6 +218,16 @@ impl Ledger {
         self.end(outcome)
     }
 
+    /// The server connection was lost with nothing in flight that could
+    /// end the transaction: it rolled back (unless its outcome was
+    /// unknowable already).
+    pub fn lost(&mut self) -> Vec<Event> {
+        if self.held.is_empty() && !self.open {
+            return Vec::new();
+        }
+        self.end(TxOutcome::RolledBack)
+    }
+
     /// The outcome can no longer be known (the server connection was lost,
     /// or the session ends with results still held).
     pub fn abandon(&mut self) -> Vec<Event> {

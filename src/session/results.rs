@@ -105,13 +105,13 @@ impl Results {
         out
     }
 
-    /// The server connection is gone with the transaction open and nothing
-    /// that could end it in flight: it cannot have committed (`tx =
+    /// The server connection is gone with the transaction open (a block,
+    /// or an unsynced batch) and nothing that could end it in flight: it
+    /// cannot have committed (`tx =
     /// rolled_back`, unless code the ledger cannot see made it unknowable).
     pub fn lost_open(&mut self, event: impl Fn(Pending, Outcome) -> Event) -> Vec<Event> {
         let mut out = self.drain(event);
-        self.ledger.error();
-        out.extend(self.ledger.ready(b'I'));
+        out.extend(self.ledger.lost());
         out
     }
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::audit::{export, s};
+use crate::raw::{cstr, message, RawClient};
 use crate::support::cluster::cluster;
 use crate::support::{self, start_gateway, Opts, TestGateway};
 
@@ -230,4 +231,72 @@ async fn a_refusal_then_a_lost_connection_keeps_the_session() {
     assert_eq!(support::sqlstate(&err), "25P02", "{err:?}");
     alice.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(support::one(&alice, "SELECT current_user").await, "analyst");
+}
+
+/// Parse, Bind and Execute of `sql` (unnamed), then `Flush`: no `Sync`, so
+/// its implicit transaction stays open on the server.
+fn unsynced(sql: &str) -> Vec<u8> {
+    let mut parse = cstr("");
+    parse.extend_from_slice(&cstr(sql));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    let mut out = message(b'P', &parse);
+    out.extend(message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+    let mut execute = cstr("");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    out.extend(message(b'E', &execute));
+    out.extend(message(b'H', &[]));
+    out
+}
+
+/// An extended batch whose statement was answered (`INSERT 0 1`, after a
+/// `Flush`) but whose `Sync` had not gone when the connection was lost:
+/// its implicit transaction never committed, so the `Sync` must not be
+/// answered as if it did. The client gets the error (what it sent behind
+/// is skipped to the `Sync`, as after any error), and the statement is
+/// recorded rolled back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_lost_before_its_sync_gets_an_error() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    c.send(b'Q', &cstr("SELECT pg_backend_pid()")).await;
+    let pid = c.first_value_until_ready().await.expect("a pid");
+    let insert = "INSERT INTO items VALUES (8100011, 'lost-unsynced', NULL)";
+    c.send_raw(&unsynced(insert)).await;
+    let mut tags = Vec::new();
+    while tags.last() != Some(&b'C') {
+        tags.push(c.read_message().await.0);
+    }
+    assert_eq!(tags, b"12C");
+    terminate(&pid).await;
+    let mut behind = unsynced("INSERT INTO items VALUES (8100012, 'lost-unsynced', NULL)");
+    behind.extend(message(b'S', &[]));
+    c.send_raw(&behind).await;
+    let (tags, code, status) = c.until_ready().await;
+    assert_eq!(code.as_deref(), Some("08006"), "{tags:?}");
+    assert_eq!(status, b'I');
+    assert!(
+        !tags.contains(&b'C'),
+        "what was sent behind is skipped: {tags:?}"
+    );
+    assert_eq!(
+        cluster().psql(
+            "app",
+            "SELECT count(*) FROM items WHERE owner = 'lost-unsynced'"
+        ),
+        "0"
+    );
+    c.send(b'Q', &cstr("SELECT current_user")).await;
+    assert_eq!(
+        c.first_value_until_ready().await.as_deref(),
+        Some("analyst")
+    );
+    drop(c);
+    let records = stop_and_export(gw).await;
+    let inserted = record(&records, insert);
+    assert_eq!(s(inserted, "tx"), "rolled_back", "{inserted}");
 }

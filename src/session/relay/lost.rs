@@ -38,9 +38,17 @@ impl QueryLoop<'_> {
             return Err(self.server_lost(why).await);
         }
         tracing::warn!(parent: &self.span, "server connection lost, the session goes on: {why}");
-        let seq = &self.core.seq;
-        let in_block = matches!(seq.tx_status(), b'T' | b'E') && !seq.code.ending();
-        let told = seq.tx_status() == b'E' || !seq.owes_nothing();
+        let seq = &mut self.core.seq;
+        let ending = seq.code.ending();
+        let in_block = matches!(seq.tx_status(), b'T' | b'E') && !ending;
+        // No Sync went since the batch's last answer: its implicit
+        // transaction was not committed either.
+        let rolled_back = (in_block || seq.unsynced()) && !ending;
+        // A batch whose messages were all answered but whose Sync was not
+        // (or not sent yet) has had no error: it gets one, or the client
+        // would take the Sync's answer for a commit.
+        let untold_batch = seq.expect().sync_first() || (seq.unsynced() && seq.owes_nothing());
+        let told = seq.tx_status() == b'E' || !seq.owes_nothing() || seq.unsynced();
         let pid = self.server.as_ref().map(|s| s.pid);
         for pending in self.core.seq.take_pendings() {
             let mut ev = self
@@ -48,12 +56,12 @@ impl QueryLoop<'_> {
                 .result_event(pending, Outcome::NotExecuted { after: None }, pid);
             ev.status = Some(Status::Unknown);
             ev.message = Some(format!("the server connection was lost: {why}"));
-            if in_block {
+            if rolled_back {
                 ev.tx = Some(TxOutcome::RolledBack);
             }
             self.shared.auditor.append_nowait(ev).await;
         }
-        self.write_results(match in_block {
+        self.write_results(match rolled_back {
             true => Held::RolledBack,
             false => Held::Unknowable,
         })
@@ -67,6 +75,9 @@ impl QueryLoop<'_> {
             format!("the server connection was lost ({why}); the request's outcome is unknown"),
         );
         let status = if in_block { b'E' } else { b'I' };
+        if untold_batch {
+            error.encode(self.core.seq.client_out());
+        }
         self.core.fail_in_flight_as(&error, status);
         self.discard_failed_server().await;
         self.core.seq.connection_lost(status);

@@ -213,6 +213,15 @@ impl Tracker {
         }
     }
 
+    /// The next answer the server owes (the gateway's own aside) is a
+    /// `Sync`'s: everything before it in its batch was answered.
+    pub fn sync_first(&self) -> bool {
+        matches!(
+            self.queue.iter().find(|e| !e.is_synthetic()),
+            Some(Expect::Sync)
+        )
+    }
+
     /// Takes every statement still waiting out of the queue, leaving the
     /// answers owed in place: the server connection is gone, so their
     /// outcome is unknown, but the client is still answered in order.

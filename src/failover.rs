@@ -3,9 +3,9 @@
 //! `target_session_attrs=read-write` decides), kept in
 //! `config::primary::Primary` for every connection pgwarden opens.
 //!
-//! Every host is checked, all at once, each `health_check_interval_ms` (at once when a
-//! connection to the primary fails, and every 50 ms while there is none)
-//! over a connection of the service user's kept open for it. Two hosts
+//! Every host is checked, all at once, each `health_check_interval_ms`
+//! (at once when a connection to the primary fails, and every 50 ms while
+//! there is none) over a connection of the service user's kept open for it. Two hosts
 //! that both say they are primary are a split brain: neither is used
 //! until only one says so, and the log says so loudly. A host primary on
 //! an older timeline than one seen since (a former primary back without

@@ -35,6 +35,18 @@ pub struct Carried {
     encoding_in_flux: bool,
     /// What the client was last told of each reported parameter.
     shown: Vec<(String, String)>,
+    /// What held before a setting changed in the open transaction, until
+    /// it ends: a transaction lost with its connection rolls back to it.
+    before: Option<Box<Before>>,
+}
+
+/// The settings as they were when the open transaction changed one.
+#[derive(Debug)]
+struct Before {
+    values: Arc<Vec<(String, String)>>,
+    shown: Vec<(String, String)>,
+    application_name: Option<Arc<str>>,
+    retag: bool,
 }
 
 impl Carried {
@@ -51,6 +63,7 @@ impl Carried {
             retag: false,
             encoding_in_flux: false,
             shown: Vec::new(),
+            before: None,
         }
     }
 
@@ -65,8 +78,7 @@ impl Carried {
     /// connection taking on the client's own settings, its application
     /// name with the client's name added) is not.
     pub fn news(&mut self, name: &str, value: &str) -> bool {
-        let seen = self.shown.iter_mut().find(|(k, _)| k == name);
-        if let Some((_, shown)) = &seen {
+        if let Some((_, shown)) = self.shown.iter().find(|(k, _)| k == name) {
             let decorated = match shown.is_empty() {
                 true => format!("[{}]", self.client_user),
                 false => format!("{shown} [{}]", self.client_user),
@@ -75,11 +87,49 @@ impl Carried {
                 return false;
             }
         }
+        self.remember_before();
+        let seen = self.shown.iter_mut().find(|(k, _)| k == name);
         match seen {
             Some((_, shown)) => *shown = value.to_string(),
             None => self.shown.push((name.to_string(), value.to_string())),
         }
         true
+    }
+
+    /// Keeps what holds now, before the first change in this transaction.
+    fn remember_before(&mut self) {
+        if self.before.is_none() {
+            self.before = Some(Box::new(Before {
+                values: self.values.clone(),
+                shown: self.shown.clone(),
+                application_name: self.application_name.clone(),
+                retag: self.retag,
+            }));
+        }
+    }
+
+    /// The transaction ended (`ReadyForQuery` `I`): its changes hold.
+    pub fn transaction_ended(&mut self) {
+        self.before = None;
+    }
+
+    /// The transaction was lost with its connection, uncommitted: its
+    /// changes are undone, and the reports the client must get to know it
+    /// (PostgreSQL reports a setting a rollback restores) are written to
+    /// `out`.
+    pub fn roll_back(&mut self, out: &mut bytes::BytesMut) {
+        let Some(before) = self.before.take() else {
+            return;
+        };
+        for (name, value) in &before.shown {
+            if self.shown.iter().all(|(k, v)| k != name || v != value) {
+                crate::protocol::messages::parameter_status(out, name, value);
+            }
+        }
+        self.values = before.values;
+        self.shown = before.shown;
+        self.application_name = before.application_name;
+        self.retag = before.retag;
     }
 
     /// The settings every connection that serves the client gets.

@@ -300,3 +300,39 @@ async fn a_batch_lost_before_its_sync_gets_an_error() {
     let inserted = record(&records, insert);
     assert_eq!(s(inserted, "tx"), "rolled_back", "{inserted}");
 }
+
+/// A setting changed inside a transaction lost with its connection is
+/// rolled back with it, and the client told, as PostgreSQL reports a
+/// setting a rollback restores: it neither keeps the value nor believes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_setting_changed_in_a_lost_transaction_is_rolled_back() {
+    let gw = gateway().await;
+    let mut c = RawClient::login(gw.addr).await;
+    c.send(
+        b'Q',
+        &cstr("BEGIN; SET DateStyle = 'German'; SELECT pg_backend_pid()"),
+    )
+    .await;
+    let pid = c.first_value_until_ready().await.expect("a pid");
+    terminate(&pid).await;
+    c.send(b'Q', &cstr("ROLLBACK")).await;
+    let mut reported = Vec::new();
+    loop {
+        let (tag, body) = c.read_message().await;
+        if tag == b'S' {
+            reported.push(String::from_utf8_lossy(&body).replace('\0', " "));
+        }
+        if tag == b'Z' {
+            break;
+        }
+    }
+    assert!(
+        reported.iter().any(|r| r.trim() == "DateStyle ISO, MDY"),
+        "the restored value is reported: {reported:?}"
+    );
+    c.send(b'Q', &cstr("SHOW DateStyle")).await;
+    assert_eq!(
+        c.first_value_until_ready().await.as_deref(),
+        Some("ISO, MDY")
+    );
+}

@@ -90,8 +90,11 @@ impl Core<'_> {
                 statements::found_stale();
             }
         }
-        if tag == b'Z' && route == Route::Forward && frame.get(5) == Some(&b'I') {
-            self.counts.0 += 1;
+        if tag == b'Z' && frame.get(5) == Some(&b'I') {
+            self.carried.transaction_ended();
+            if route == Route::Forward {
+                self.counts.0 += 1;
+            }
         }
         fatal
     }

@@ -75,6 +75,11 @@ impl QueryLoop<'_> {
             format!("the server connection was lost ({why}); the request's outcome is unknown"),
         );
         let status = if in_block { b'E' } else { b'I' };
+        if rolled_back {
+            // Settings it changed are undone, as a rollback undoes them.
+            let core = &mut self.core;
+            core.carried.roll_back(core.seq.client_out());
+        }
         if untold_batch {
             error.encode(self.core.seq.client_out());
         }

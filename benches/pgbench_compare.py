@@ -142,6 +142,8 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
                 f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n'
                 f'[admin]\nlisten = "127.0.0.1:{admin}"\n')
     binary = binary or os.path.join(ROOT, "target", "release", "pgwarden")
+    if not os.path.exists(binary):
+        sys.exit(f"{binary} not found: build it first (cargo build --release)")
     if isolation == "role":
         out = subprocess.run([binary, "migrate", "-c", os.path.join(d, "pgwarden.toml"), "--admin-url",
                               f"postgres://postgres@127.0.0.1:{pg_port}/postgres"], capture_output=True, text=True)

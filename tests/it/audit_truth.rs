@@ -40,20 +40,7 @@ fn query_record<'a>(records: &'a [Value], statement: &str) -> &'a Value {
 /// Parse, Bind, Describe, Execute and Sync of an unnamed statement, as
 /// psycopg, asyncpg and node-postgres send one statement.
 fn extended(sql: &str) -> Vec<u8> {
-    let mut parse = cstr("");
-    parse.extend_from_slice(&cstr(sql));
-    parse.extend_from_slice(&0i16.to_be_bytes());
-    let mut out = message(b'P', &parse);
-    let mut bind = cstr("");
-    bind.extend_from_slice(&cstr(""));
-    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    out.extend(message(b'B', &bind));
-    out.extend(message(b'D', b"P\0"));
-    let mut execute = cstr("");
-    execute.extend_from_slice(&0i32.to_be_bytes());
-    out.extend(message(b'E', &execute));
-    out.extend(message(b'S', &[]));
-    out
+    crate::raw::unnamed(sql, true, b'S')
 }
 
 /// An error at `Parse` (a missing table) or at `Bind` (permission denied

@@ -236,16 +236,7 @@ async fn a_refusal_then_a_lost_connection_keeps_the_session() {
 /// Parse, Bind and Execute of `sql` (unnamed), then `Flush`: no `Sync`, so
 /// its implicit transaction stays open on the server.
 fn unsynced(sql: &str) -> Vec<u8> {
-    let mut parse = cstr("");
-    parse.extend_from_slice(&cstr(sql));
-    parse.extend_from_slice(&0i16.to_be_bytes());
-    let mut out = message(b'P', &parse);
-    out.extend(message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
-    let mut execute = cstr("");
-    execute.extend_from_slice(&0i32.to_be_bytes());
-    out.extend(message(b'E', &execute));
-    out.extend(message(b'H', &[]));
-    out
+    crate::raw::unnamed(sql, false, b'H')
 }
 
 /// An extended batch whose statement was answered (`INSERT 0 1`, after a

@@ -103,6 +103,25 @@ impl RawClient {
     }
 }
 
+/// Parse, Bind, (`describe`: Describe of the portal,) Execute of an
+/// unnamed statement of `sql` without parameters, then a message `end`
+/// (`Sync`, `Flush`) with no body.
+pub fn unnamed(sql: &str, describe: bool, end: u8) -> Vec<u8> {
+    let mut parse = cstr("");
+    parse.extend_from_slice(&cstr(sql));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    let mut out = message(b'P', &parse);
+    out.extend(message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+    if describe {
+        out.extend(message(b'D', b"P\0"));
+    }
+    let mut execute = cstr("");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    out.extend(message(b'E', &execute));
+    out.extend(message(end, &[]));
+    out
+}
+
 /// One frontend message: tag, length, body.
 pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![tag];

@@ -5,12 +5,12 @@
 //!
 //! Every host is checked, all at once, each `health_check_interval_ms`
 //! (at once when a connection to the primary fails, and every 50 ms while
-//! there is none) over a connection of the service user's kept open for it. Two hosts
-//! that both say they are primary are a split brain: neither is used
-//! until only one says so, and the log says so loudly. A host primary on
-//! an older timeline than one seen since (a former primary back without
-//! following the promotion) is never used either. A move of the primary to
-//! another host is a `backend_failover` record.
+//! there is none) over a connection of the service user's kept open for
+//! it. Two hosts that both say they are primary are a split brain: neither
+//! is used until only one says so, and the log says so loudly. A host
+//! primary on an older timeline than one seen since (a former primary back
+//! without following the promotion) is never used either. A move of the
+//! primary to another host is a `backend_failover` record.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};

@@ -78,7 +78,8 @@ impl Carried {
     /// connection taking on the client's own settings, its application
     /// name with the client's name added) is not.
     pub fn news(&mut self, name: &str, value: &str) -> bool {
-        if let Some((_, shown)) = self.shown.iter().find(|(k, _)| k == name) {
+        let seen = self.shown.iter().position(|(k, _)| k == name);
+        if let Some(shown) = seen.map(|i| &self.shown[i].1) {
             let decorated = match shown.is_empty() {
                 true => format!("[{}]", self.client_user),
                 false => format!("{shown} [{}]", self.client_user),
@@ -88,9 +89,8 @@ impl Carried {
             }
         }
         self.remember_before();
-        let seen = self.shown.iter_mut().find(|(k, _)| k == name);
         match seen {
-            Some((_, shown)) => *shown = value.to_string(),
+            Some(i) => self.shown[i].1 = value.to_string(),
             None => self.shown.push((name.to_string(), value.to_string())),
         }
         true

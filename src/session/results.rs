@@ -107,8 +107,8 @@ impl Results {
 
     /// The server connection is gone with the transaction open (a block,
     /// or an unsynced batch) and nothing that could end it in flight: it
-    /// cannot have committed (`tx =
-    /// rolled_back`, unless code the ledger cannot see made it unknowable).
+    /// cannot have committed (`tx = rolled_back`, unless code the ledger
+    /// cannot see made it unknowable).
     pub fn lost_open(&mut self, event: impl Fn(Pending, Outcome) -> Event) -> Vec<Event> {
         let mut out = self.drain(event);
         out.extend(self.ledger.lost());

@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--transactions", type=int, default=1000, help="per client")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--keep", help="copy the callgrind output file here")
+    ap.add_argument("--binary", help="the pgwarden build to count (default: target/release/pgwarden)")
     ap.add_argument("pgbench_args", nargs="*", default=["-S"])
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="pgwarden-callgrind-")
@@ -40,7 +41,8 @@ def main():
         pg = bench.Cluster(tmp, 8)
         out = os.path.join(tmp, "callgrind.out")
         os.environ["PGWARDEN_WRAPPER"] = f"valgrind --tool=callgrind --callgrind-out-file={out}"
-        proc, port = bench.start_pgwarden(tmp, pg.port, 8, a.audit, wrapper=os.environ["PGWARDEN_WRAPPER"].split(), wait=120)
+        proc, port = bench.start_pgwarden(tmp, pg.port, 8, a.audit, wrapper=os.environ["PGWARDEN_WRAPPER"].split(), wait=120,
+                                         binary=a.binary)
         # Warm up: logins, pools, caches.
         run_pgbench(port, a.clients, 50, a.pgbench_args)
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)

@@ -120,12 +120,13 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
     by "+verify" (verify = transaction), "+role" (isolation = role; runs
     `pgwarden migrate`, which makes the per-role login and a tag key, so
     every gateway of the run then signs its client tag) and "+plain"
-    (signed_tag = false).
+    (signed_tag = false) and "+wN" ([server] worker_threads = N).
     `wrapper` is a command that runs the binary (e.g. valgrind)."""
     audit, *extras = variant.split("+")
     verify = "transaction" if "verify" in extras else "off"
     isolation = "role" if "role" in extras else "shared"
     signed = "false" if "plain" in extras else "true"
+    threads = next((int(e[1:]) for e in extras if e[:1] == "w" and e[1:].isdigit()), 0)
     d = os.path.join(tmp, f"pgwarden-{variant}")
     os.makedirs(os.path.join(d, "policies"), exist_ok=True)
     with open(os.path.join(d, "policies", "bench.toml"), "w") as f:
@@ -136,7 +137,7 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
     enabled = "false" if audit == "off" else "true"
     durability = "group" if audit == "off" else audit
     with open(os.path.join(d, "pgwarden.toml"), "w") as f:
-        f.write(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
+        f.write(f'[server]\nlisten = "127.0.0.1:{port}"\nworker_threads = {threads}\n[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
                 f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\nisolation = "{isolation}"\n'
                 f'[identity]\nverify = "{verify}"\nsigned_tag = {signed}\n'
                 f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n'
@@ -158,6 +159,17 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
         proc.kill()
         with open(os.path.join(d, "log")) as log:
             sys.exit(f"pgwarden ({variant}) did not start:\n{log.read()[-2000:]}")
+    return proc, port
+
+
+def start_floor(pg_port):
+    """examples/relay_floor in front of the cluster: (process, port)."""
+    binary = os.path.join(ROOT, "target", "release", "examples", "relay_floor")
+    if not os.path.exists(binary):
+        sys.exit(f"{binary} not found: build it first (cargo build --release --example relay_floor)")
+    port = free_port()
+    proc = subprocess.Popen([binary, f"127.0.0.1:{port}", f"127.0.0.1:{pg_port}"], stdout=subprocess.DEVNULL)
+    wait_port(port)
     return proc, port
 
 
@@ -264,9 +276,10 @@ def pgbench(port, clients, duration, args, pid=None):
         outs.append((r.returncode, out, err))
     cpu = cpu_seconds(pid) - cpu_before
     counters_after = scrape(port)
-    if any(code != 0 for code, _, _ in outs):
+    # A pgbench that lost clients may still exit 0, without a tps line.
+    if any(code != 0 or "tps = " not in out for code, out, _ in outs):
         shutil.rmtree(logdir)
-        err = next(e for code, _, e in outs if code != 0)
+        err = next(e for code, out, e in outs if code != 0 or "tps = " not in out)
         return {"tps": 0.0, "cpu_us": 0.0, "avg_ms": 0.0, "p99_ms": 0.0, "failed": True,
                 "handoff": None, "asserts": None,
                 "err": err.strip()[-300:]}
@@ -298,7 +311,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pool-size", type=int, default=20)
     ap.add_argument("--audit", default="off,async,group",
-                    help="pgwarden variants: audit modes off|async|group|sync, each optionally +verify, +role, +plain")
+                    help="pgwarden variants: audit modes off|async|group|sync, each optionally +verify, +role, +plain, +wN (N worker threads)")
     ap.add_argument("--workloads", default="select", help="comma list: select,select-extended,select-prepared,tpcb,connect")
     ap.add_argument("--users", type=int, default=1,
                     help="client users (bench1..N), one pgbench each, the clients split among them")
@@ -307,6 +320,9 @@ def main():
     ap.add_argument("--baseline", metavar="BINARY",
                     help="also run this pgwarden build (e.g. a copy of the previous release build) in every audit mode, "
                          "as before/<mode>, in the same rounds")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run examples/relay_floor (a bare tokio byte relay, one server connection per client, "
+                         "nothing parsed) as tokio-relay: the CPU per transaction no tokio relay can go under")
     a = ap.parse_args()
     if a.users > 1:
         USERS[:] = [f"bench{i}" for i in range(1, a.users + 1)]
@@ -327,6 +343,11 @@ def main():
             procs.append(bouncer)
             targets.append(("pgbouncer", bport))
             pids["pgbouncer"] = bouncer_pid(bouncer)
+        if a.floor:
+            floor = start_floor(pg.port)
+            procs.append(floor[0])
+            targets.append(("tokio-relay", floor[1]))
+            pids["tokio-relay"] = floor[0].pid
         builds = [("pgwarden", tmp, None)]
         if a.baseline:
             os.makedirs(os.path.join(tmp, "baseline"))

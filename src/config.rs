@@ -148,6 +148,8 @@ pub struct ServerConfig {
     /// This gateway's id among its `[[peers]]` (1 to 255), carried in the
     /// cancel keys it hands out; 0: no peers.
     pub peer_id: u8,
+    /// Threads that run sessions; 0: one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -164,6 +166,7 @@ impl Default for ServerConfig {
             query_timeout_ms: 0,
             shutdown_timeout_ms: 30_000,
             peer_id: 0,
+            worker_threads: 0,
         }
     }
 }

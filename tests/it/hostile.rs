@@ -522,7 +522,50 @@ async fn opaque_code_cannot_commit_and_go_on_in_one_request() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_huge_statement_does_not_stall_other_sessions() {
     let gw = start_gateway(Opts::default()).await;
-    let addr = gw.addr;
+    huge_statements_do_not_stall(gw.addr).await;
+}
+
+/// The same with `worker_threads = 1`: the gateway's one worker thread
+/// hands its sessions to another thread while it reads a huge statement.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_huge_statement_does_not_stall_a_gateway_of_one_worker_thread() {
+    let gw =
+        support::BinaryGateway::start_with(support::TEST_POLICY, "worker_threads = 1", "").await;
+    let pid = gw.child.as_ref().expect("running").id();
+    let addr: SocketAddr = ([127, 0, 0, 1], gw.port).into();
+    let first = connect_at(addr, "alice").await;
+    assert_eq!(support::one(&first, "SELECT 1").await, "1");
+    assert_eq!(
+        workers(pid),
+        1,
+        "the setting gives the gateway one worker thread"
+    );
+    huge_statements_do_not_stall(addr).await;
+}
+
+/// How many tokio worker threads process `pid` runs.
+fn workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "tokio-rt-worker")
+        .count()
+}
+
+async fn connect_at(addr: SocketAddr, user: &str) -> tokio_postgres::Client {
+    let url = format!(
+        "host=127.0.0.1 port={} user={user} password={} dbname=app",
+        addr.port(),
+        support::password_of(user)
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+async fn huge_statements_do_not_stall(addr: SocketAddr) {
     let mut big = b"DO $$ ".to_vec();
     while big.len() < 1_000_000 {
         big.extend_from_slice(b"begin a ");
@@ -536,13 +579,13 @@ async fn a_huge_statement_does_not_stall_other_sessions() {
             c.until_ready().await;
         }
     });
-    let other = gw.connect("bob").await;
+    let other = connect_at(addr, "bob").await;
     let started = std::time::Instant::now();
     let mut slowest = std::time::Duration::ZERO;
     while !hog.is_finished() && started.elapsed() < std::time::Duration::from_secs(60) {
         let t = std::time::Instant::now();
         assert_eq!(support::one(&other, "SELECT 1").await, "1");
-        let fresh = gw.connect("alice").await;
+        let fresh = connect_at(addr, "alice").await;
         assert_eq!(support::one(&fresh, "SELECT 2").await, "2");
         slowest = slowest.max(t.elapsed());
     }

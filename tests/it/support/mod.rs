@@ -337,7 +337,7 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> String {
 /// The `pgwarden serve` binary running as a child process; killed on drop
 /// if a test ends without waiting for it.
 pub struct BinaryGateway {
-    child: Option<std::process::Child>,
+    pub child: Option<std::process::Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
 }
@@ -347,6 +347,11 @@ impl BinaryGateway {
     /// `[server]` and `[backend]` (the service password comes from the
     /// environment, as an operator would pass it), and waits until it listens.
     pub async fn start(policy: &str, extra: &str) -> BinaryGateway {
+        BinaryGateway::start_with(policy, "", extra).await
+    }
+
+    /// [`BinaryGateway::start`] with `server` lines in its `[server]` table.
+    pub async fn start_with(policy: &str, server: &str, extra: &str) -> BinaryGateway {
         let pg = cluster();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("policies")).unwrap();
@@ -355,7 +360,7 @@ impl BinaryGateway {
         std::fs::write(
             dir.path().join("pgwarden.toml"),
             format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\n{extra}",
+                "[server]\nlisten = \"127.0.0.1:{port}\"\n{server}\n[backend]\nport = {}\nservice_user = \"pgwarden_svc\"\n{extra}",
                 pg.port
             ),
         )

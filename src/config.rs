@@ -122,6 +122,9 @@ impl Default for LogConfig {
     }
 }
 
+/// Most `[server] worker_threads`: more is a typo, not a machine.
+const MAX_WORKER_THREADS: usize = 1024;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -379,6 +382,11 @@ impl Config {
         if self.pool.size == 0 {
             return Err("[pool] size must be at least 1".into());
         }
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return Err(format!(
+                "[server] worker_threads must be 0 (one per CPU core) to {MAX_WORKER_THREADS}"
+            ));
+        }
         if !self.pool.role_login.contains("{role}") {
             return Err("[pool] role_login must contain {role}".into());
         }
@@ -497,6 +505,19 @@ mod tests {
         ] {
             assert!(parse(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn worker_threads_are_bounded() {
+        let with = |n: usize| {
+            parse(&format!(
+                "[server]\nworker_threads = {n}\n[backend]\nservice_user = \"svc\"\n"
+            ))
+        };
+        assert_eq!(with(0).unwrap().server.worker_threads, 0);
+        assert_eq!(with(1).unwrap().server.worker_threads, 1);
+        let err = with(MAX_WORKER_THREADS + 1).unwrap_err();
+        assert!(err.to_string().contains("worker_threads"), "{err}");
     }
 
     #[test]

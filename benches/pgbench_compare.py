@@ -127,6 +127,8 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
     isolation = "role" if "role" in extras else "shared"
     signed = "false" if "plain" in extras else "true"
     threads = next((int(e[1:]) for e in extras if e[:1] == "w" and e[1:].isdigit()), 0)
+    # Only when asked: a baseline build older than the setting refuses the key.
+    threads_line = f"worker_threads = {threads}\n" if threads else ""
     d = os.path.join(tmp, f"pgwarden-{variant}")
     os.makedirs(os.path.join(d, "policies"), exist_ok=True)
     with open(os.path.join(d, "policies", "bench.toml"), "w") as f:
@@ -137,7 +139,7 @@ def start_pgwarden(tmp, pg_port, pool_size, variant, wrapper=(), wait=20, binary
     enabled = "false" if audit == "off" else "true"
     durability = "group" if audit == "off" else audit
     with open(os.path.join(d, "pgwarden.toml"), "w") as f:
-        f.write(f'[server]\nlisten = "127.0.0.1:{port}"\nworker_threads = {threads}\n[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
+        f.write(f'[server]\nlisten = "127.0.0.1:{port}"\n{threads_line}[backend]\nport = {pg_port}\nservice_user = "pgwarden_svc"\n'
                 f'service_password = "{PASSWORD}"\n[pool]\nsize = {pool_size}\nisolation = "{isolation}"\n'
                 f'[identity]\nverify = "{verify}"\nsigned_tag = {signed}\n'
                 f'[audit]\nenabled = {enabled}\ndurability = "{durability}"\nstore = "audit"\n'

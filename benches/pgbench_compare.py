@@ -21,6 +21,8 @@ PASSWORD = "bench-pw"
 # The client users pgbench logs in as (`--users N`: bench1..benchN, one
 # pgbench process each, side by side).
 USERS = ["bench"]
+# `--pin`: the CPU pgbench runs on (with PostgreSQL); None runs it anywhere.
+PGBENCH_CPU = None
 
 
 def free_port():
@@ -175,6 +177,21 @@ def start_floor(pg_port):
     return proc, port
 
 
+def pin(pg, pooler_pids):
+    """`--pin`: every thread of the poolers on CPU 1; the postmaster and
+    its processes (and so every backend forked later) and pgbench on CPU 0."""
+    global PGBENCH_CPU
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("--pin needs two CPUs")
+    postmaster = open(os.path.join(pg.data, "postmaster.pid")).readline().strip()
+    children = subprocess.run(["pgrep", "-P", postmaster], capture_output=True, text=True).stdout.split()
+    for pid in [postmaster, *children]:
+        subprocess.run(["taskset", "-a", "-cp", "0", pid], capture_output=True)
+    for pid in pooler_pids:
+        run(["taskset", "-a", "-cp", "1", str(pid)])
+    PGBENCH_CPU = 0
+
+
 def bouncer_pid(proc):
     """PgBouncer runs under runuser when we are root: find the real process."""
     for _ in range(20):
@@ -267,7 +284,8 @@ def pgbench(port, clients, duration, args, pid=None):
     cpu_before = cpu_seconds(pid)
     counters_before = scrape(port)
     for user in USERS:
-        cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-c", str(per_user),
+        pin = ["taskset", "-c", str(PGBENCH_CPU)] if PGBENCH_CPU is not None else []
+        cmd = pin + ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-c", str(per_user),
                "-j", str(min(per_user, 2)), "-T", str(duration), "-r", "--log",
                "--log-prefix", os.path.join(logdir, user)] + args + ["postgres"]
         runs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -325,6 +343,9 @@ def main():
     ap.add_argument("--floor", action="store_true",
                     help="also run examples/relay_floor (a bare tokio byte relay, one server connection per client, "
                          "nothing parsed) as tokio-relay: the CPU per transaction no tokio relay can go under")
+    ap.add_argument("--pin", action="store_true",
+                    help="give the poolers CPU 1 to themselves, PostgreSQL and pgbench CPU 0 (taskset): "
+                         "measures latency and throughput without the poolers' CPU taken from the load")
     a = ap.parse_args()
     if a.users > 1:
         USERS[:] = [f"bench{i}" for i in range(1, a.users + 1)]
@@ -360,6 +381,8 @@ def main():
                 procs.append(proc)
                 targets.append((f"{label}/{mode}", port))
                 pids[f"{label}/{mode}"] = proc.pid
+        if a.pin:
+            pin(pg, list(pids.values()))
         results = {}
         for wl in a.workloads.split(","):
             for clients in [int(c) for c in a.clients.split(",")]:

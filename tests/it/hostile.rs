@@ -533,7 +533,7 @@ async fn a_huge_statement_does_not_stall_a_gateway_of_one_worker_thread() {
         support::BinaryGateway::start_with(support::TEST_POLICY, "worker_threads = 1", "").await;
     let pid = gw.child.as_ref().expect("running").id();
     let addr: SocketAddr = ([127, 0, 0, 1], gw.port).into();
-    let first = connect_at(addr, "alice").await;
+    let first = support::connect_at(addr.port(), "alice").await;
     assert_eq!(support::one(&first, "SELECT 1").await, "1");
     assert_eq!(
         workers(pid),
@@ -552,19 +552,6 @@ fn workers(pid: u32) -> usize {
         .count()
 }
 
-async fn connect_at(addr: SocketAddr, user: &str) -> tokio_postgres::Client {
-    let url = format!(
-        "host=127.0.0.1 port={} user={user} password={} dbname=app",
-        addr.port(),
-        support::password_of(user)
-    );
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
-    tokio::spawn(conn);
-    client
-}
-
 async fn huge_statements_do_not_stall(addr: SocketAddr) {
     let mut big = b"DO $$ ".to_vec();
     while big.len() < 1_000_000 {
@@ -579,13 +566,13 @@ async fn huge_statements_do_not_stall(addr: SocketAddr) {
             c.until_ready().await;
         }
     });
-    let other = connect_at(addr, "bob").await;
+    let other = support::connect_at(addr.port(), "bob").await;
     let started = std::time::Instant::now();
     let mut slowest = std::time::Duration::ZERO;
     while !hog.is_finished() && started.elapsed() < std::time::Duration::from_secs(60) {
         let t = std::time::Instant::now();
         assert_eq!(support::one(&other, "SELECT 1").await, "1");
-        let fresh = connect_at(addr, "alice").await;
+        let fresh = support::connect_at(addr.port(), "alice").await;
         assert_eq!(support::one(&fresh, "SELECT 2").await, "2");
         slowest = slowest.max(t.elapsed());
     }

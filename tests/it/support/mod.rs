@@ -149,29 +149,18 @@ impl TestGateway {
 
     /// A libpq-style connection string for `user` through the gateway.
     pub fn url(&self, user: &str, password: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={user} password={password} dbname=app",
-            self.port()
-        )
+        url_at(self.port(), user, password)
     }
 
     pub async fn connect(&self, user: &str) -> tokio_postgres::Client {
-        self.try_connect(user)
-            .await
-            .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+        connect_at(self.port(), user).await
     }
 
     pub async fn try_connect(
         &self,
         user: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let password = password_of(user);
-        let (client, conn) =
-            tokio_postgres::connect(&self.url(user, password), tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(client)
+        try_connect_at(self.port(), user).await
     }
 
     /// Stops the gateway gracefully and waits for it; returns its directory
@@ -456,6 +445,32 @@ pub fn migrate(config_dir: &std::path::Path, db: &str, args: &[&str]) -> Output 
         .args(args)
         .output()
         .unwrap()
+}
+
+/// A libpq-style connection string for `user` through the gateway
+/// listening on `port`.
+pub fn url_at(port: u16, user: &str, password: &str) -> String {
+    format!("host=127.0.0.1 port={port} user={user} password={password} dbname=app")
+}
+
+/// Connects `user` (with its test password) through the gateway listening
+/// on `port`, in-process or a [`BinaryGateway`].
+pub async fn connect_at(port: u16, user: &str) -> tokio_postgres::Client {
+    try_connect_at(port, user)
+        .await
+        .unwrap_or_else(|e| panic!("connect as {user}: {e}"))
+}
+
+pub async fn try_connect_at(
+    port: u16,
+    user: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let url = url_at(port, user, password_of(user));
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
 }
 
 /// A fresh database of the shared cluster (each test's own).

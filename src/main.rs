@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use pgwarden::config::Config;
 use pgwarden::server::Gateway;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "pgwarden",

@@ -130,6 +130,40 @@ fn timestamps_have_microseconds() {
     assert!(parse_ts("yesterday").is_err());
 }
 
+proptest::proptest! {
+    /// The hand-written timestamp writes what `time`'s formatter writes, for
+    /// any instant and offset (years outside 0-9999 take the formatter itself).
+    #[test]
+    fn timestamps_match_the_general_formatter(
+        secs in -250_000_000_000i64..250_000_000_000,
+        nanos in 0u32..1_000_000_000,
+        offset in -86_399i32..86_399,
+    ) {
+        let offset = time::UtcOffset::from_whole_seconds(offset).unwrap();
+        let t = OffsetDateTime::from_unix_timestamp(secs)
+            .unwrap()
+            .replace_nanosecond(nanos)
+            .unwrap()
+            .to_offset(offset);
+        let expected = t
+            .to_offset(time::UtcOffset::UTC)
+            .format(TS_FORMAT)
+            .unwrap();
+        proptest::prop_assert_eq!(format_ts(t), expected);
+    }
+}
+
+#[test]
+fn timestamps_at_the_edges_of_four_digit_years() {
+    for (t, text) in [
+        (time::macros::datetime!(0000-01-01 00:00:00 UTC), "0000-01-01T00:00:00.000000Z"),
+        (time::macros::datetime!(9999-12-31 23:59:59.999999999 UTC), "9999-12-31T23:59:59.999999Z"),
+        (time::macros::datetime!(1970-01-01 00:00:00.000001 UTC), "1970-01-01T00:00:00.000001Z"),
+    ] {
+        assert_eq!(format_ts(t), text);
+    }
+}
+
 #[test]
 fn kinds_parse_by_name() {
     for k in Kind::ALL {

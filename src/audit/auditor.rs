@@ -81,15 +81,36 @@ impl Auditor {
         Auditor::with_store_at(store, cfg, "")
     }
 
+    /// [`Auditor::with_store`] whose writer lets a patient `group` batch
+    /// gather for `gather` instead of [`super::writer::GROUP_GATHER`].
+    #[cfg(test)]
+    pub(super) fn with_store_gathering(
+        store: Box<dyn Store>,
+        cfg: &AuditConfig,
+        gather: Duration,
+    ) -> Result<Auditor, AuditError> {
+        Auditor::launch(store, cfg, "", |writer| writer.set_group_gather(gather))
+    }
+
     fn with_store_at(
         store: Box<dyn Store>,
         cfg: &AuditConfig,
         origin: &str,
     ) -> Result<Auditor, AuditError> {
+        Auditor::launch(store, cfg, origin, |_| {})
+    }
+
+    fn launch(
+        store: Box<dyn Store>,
+        cfg: &AuditConfig,
+        origin: &str,
+        adjust: impl FnOnce(&mut Writer),
+    ) -> Result<Auditor, AuditError> {
         let counters = Arc::new(Counters::default());
         let shared = store.shared();
         let interval = Duration::from_millis(cfg.flush_interval_ms.max(1));
         let mut writer = Writer::recover(store, cfg.durability, interval, counters.clone())?;
+        adjust(&mut writer);
         let mut start = Event::new(Kind::GatewayStart);
         let mut message = format!(
             "pgwarden {} durability {}",
@@ -161,6 +182,11 @@ impl Auditor {
     /// Cancel-safe in the sense that matters: if this future is dropped, the
     /// record is still stored once queued, and nothing else is affected.
     pub async fn append(&self, event: Event) -> Result<u64, AuditError> {
+        self.append_waiting(event, false).await
+    }
+
+    /// [`Auditor::append`]; `patient`: see [`Msg::Append`].
+    async fn append_waiting(&self, event: Event, patient: bool) -> Result<u64, AuditError> {
         let Some(inner) = &self.inner else {
             return Ok(0);
         };
@@ -168,6 +194,7 @@ impl Auditor {
         let msg = Msg::Append {
             event,
             reply: Some(tx),
+            patient,
         };
         inner.tx.send(msg).await.map_err(|_| AuditError::Closed)?;
         rx.await.map_err(|_| AuditError::Closed)?
@@ -192,6 +219,19 @@ impl Auditor {
     /// behind, when it waits for its record to be stored. `Err` means the
     /// statement must not be forwarded (unless `on_failure = "allow"`).
     pub async fn append_ahead(&self, event: Event) -> Result<(), AuditError> {
+        self.append_ahead_as(event, false).await
+    }
+
+    /// [`Auditor::append_ahead`] for a session that will queue for a busy
+    /// pool once its record is stored: in `group` mode the writer may hold
+    /// the record's fsync up to [`super::writer::GROUP_GATHER`] so that more
+    /// records share it. The record is still on disk before the statement
+    /// is forwarded; only the fsync count per record goes down.
+    pub async fn append_ahead_patient(&self, event: Event) -> Result<(), AuditError> {
+        self.append_ahead_as(event, true).await
+    }
+
+    async fn append_ahead_as(&self, event: Event, patient: bool) -> Result<(), AuditError> {
         let Some(inner) = &self.inner else {
             return Ok(());
         };
@@ -200,10 +240,14 @@ impl Auditor {
             && !inner.counters.failing.load(Ordering::Relaxed)
             && backlog < ASYNC_BACKLOG
         {
-            let msg = Msg::Append { event, reply: None };
+            let msg = Msg::Append {
+                event,
+                reply: None,
+                patient,
+            };
             return inner.tx.send(msg).await.map_err(|_| AuditError::Closed);
         }
-        self.append(event).await.map(|_| ())
+        self.append_waiting(event, patient).await.map(|_| ())
     }
 
     /// Same ordering and chaining as [`Auditor::append`] without waiting for
@@ -215,7 +259,11 @@ impl Auditor {
             return;
         };
         let kind = event.kind;
-        let msg = Msg::Append { event, reply: None };
+        let msg = Msg::Append {
+            event,
+            reply: None,
+            patient: true,
+        };
         if inner.tx.send(msg).await.is_err() {
             inner.counters.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(

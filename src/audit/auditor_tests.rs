@@ -66,6 +66,87 @@ async fn group_commit_shares_one_fsync_among_queued_records() {
     assert_eq!(auditor.counters().syncs, syncs);
 }
 
+fn open_gathering(store: &MemoryStore, durability: Durability, gather: Duration) -> Auditor {
+    let copy = MemoryStore {
+        records: store.records.clone(),
+        control: store.control.clone(),
+    };
+    Auditor::with_store_gathering(Box::new(copy), &cfg(durability), gather).unwrap()
+}
+
+fn statement(sql: &str) -> Event {
+    let mut ev = Event::new(Kind::Query);
+    ev.statement = Some(sql.into());
+    ev
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_record_waits_for_one_that_is_not_and_both_share_an_fsync() {
+    let store = MemoryStore::default();
+    let auditor = open_gathering(&store, Durability::Group, Duration::from_secs(60));
+    let before = store.control.syncs.load(Ordering::SeqCst);
+    let patient = {
+        let a = auditor.clone();
+        tokio::spawn(async move { a.append_ahead_patient(statement("select 1")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !patient.is_finished(),
+        "a patient record was stored alone at once"
+    );
+    assert_eq!(store.control.syncs.load(Ordering::SeqCst), before);
+    let started = std::time::Instant::now();
+    auditor.append_ahead(statement("select 2")).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a record that is not patient waited for the gathering to end"
+    );
+    patient.await.unwrap().unwrap();
+    assert_eq!(store.control.syncs.load(Ordering::SeqCst), before + 1);
+    let statements: Vec<_> = stored(&store)
+        .into_iter()
+        .filter_map(|r| r.statement)
+        .collect();
+    assert_eq!(statements, ["select 1", "select 2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patient_record_alone_is_stored_when_the_gathering_ends() {
+    let store = MemoryStore::default();
+    let gather = Duration::from_millis(400);
+    let auditor = open_gathering(&store, Durability::Group, gather);
+    let before = store.control.syncs.load(Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    auditor
+        .append_ahead_patient(statement("select 1"))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= gather,
+        "stored after {waited:?}, before the gathering ended"
+    );
+    assert!(waited < Duration::from_secs(10), "stored after {waited:?}");
+    assert_eq!(store.control.syncs.load(Ordering::SeqCst), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_group_mode_gathers_patient_records() {
+    for durability in [Durability::Sync, Durability::Async] {
+        let store = MemoryStore::default();
+        let auditor = open_gathering(&store, durability, Duration::from_secs(60));
+        let started = std::time::Instant::now();
+        auditor
+            .append_ahead_patient(statement("select 1"))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{durability:?} held a patient record back"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_mode_fsyncs_every_record() {
     let store = MemoryStore::default();

@@ -532,7 +532,15 @@ pub fn format_ts(t: OffsetDateTime) -> String {
     put(14, 2, t.minute().into());
     put(17, 2, t.second().into());
     put(20, 6, t.microsecond());
-    for (at, sep) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (26, b'Z')] {
+    for (at, sep) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
         out[at] = sep;
     }
     std::str::from_utf8(&out)

@@ -156,9 +156,18 @@ proptest::proptest! {
 #[test]
 fn timestamps_at_the_edges_of_four_digit_years() {
     for (t, text) in [
-        (time::macros::datetime!(0000-01-01 00:00:00 UTC), "0000-01-01T00:00:00.000000Z"),
-        (time::macros::datetime!(9999-12-31 23:59:59.999999999 UTC), "9999-12-31T23:59:59.999999Z"),
-        (time::macros::datetime!(1970-01-01 00:00:00.000001 UTC), "1970-01-01T00:00:00.000001Z"),
+        (
+            time::macros::datetime!(0000-01-01 00:00:00 UTC),
+            "0000-01-01T00:00:00.000000Z",
+        ),
+        (
+            time::macros::datetime!(9999-12-31 23:59:59.999999999 UTC),
+            "9999-12-31T23:59:59.999999Z",
+        ),
+        (
+            time::macros::datetime!(1970-01-01 00:00:00.000001 UTC),
+            "1970-01-01T00:00:00.000001Z",
+        ),
     ] {
         assert_eq!(format_ts(t), text);
     }

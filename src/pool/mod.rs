@@ -27,6 +27,20 @@ use crate::tls::BackendTls;
 /// before the checkout looks for an idle connection to close again.
 const CAP_RETRY: Duration = Duration::from_millis(100);
 
+/// A pool is crowded when at least this many sessions per connection wait
+/// for one: a session that queues behind them waits longer for a connection
+/// than its audit record's fsync could be delayed (`audit::writer::GROUP_GATHER`),
+/// however the connections are passed on.
+const CROWDED_WAITERS_PER_CONNECTION: usize = 8;
+
+/// Whether a pool in `status` is crowded (see [`CROWDED_WAITERS_PER_CONNECTION`]).
+fn crowded(status: deadpool::Status) -> bool {
+    status.max_size > 0
+        && status.size >= status.max_size
+        && status.available == 0
+        && status.waiting >= CROWDED_WAITERS_PER_CONNECTION * status.max_size
+}
+
 /// Creates and recycles connections of one login to one database.
 pub struct ServerManager {
     backend: Arc<BackendConfig>,
@@ -234,6 +248,13 @@ impl Pools {
         got
     }
 
+    /// Whether `pool` is crowded: every connection is out and many sessions
+    /// wait for one, so a session that is about to wait too can let its
+    /// audit record's fsync be shared ([`crate::audit::Auditor::append_ahead_patient`]).
+    pub fn crowded(&self, pool: &PoolRef) -> bool {
+        crowded(pool.pool.status())
+    }
+
     /// A session of identity `who` is done with `conn`, idle and fit for
     /// reuse: it goes to a session waiting for the same identity, if one
     /// waits (and it has not passed between sessions too often, and no
@@ -426,5 +447,37 @@ fn acquire_error(e: PoolError<BackendError>, config: &PoolConfig) -> AcquireErro
         },
         PoolError::Closed => AcquireError::Closed,
         other => AcquireError::Unreachable(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(size: usize, available: usize, waiting: usize) -> deadpool::Status {
+        deadpool::Status {
+            max_size: 4,
+            size,
+            available,
+            waiting,
+        }
+    }
+
+    #[test]
+    fn a_pool_is_crowded_only_when_full_and_many_wait_per_connection() {
+        let many = CROWDED_WAITERS_PER_CONNECTION * 4;
+        assert!(crowded(status(4, 0, many)));
+        assert!(crowded(status(4, 0, 10 * many)));
+        // Fewer waiters than that: a delayed fsync could idle a connection.
+        assert!(!crowded(status(4, 0, many - 1)));
+        // A connection is idle, or the pool can still grow: nobody queues.
+        assert!(!crowded(status(4, 1, many)));
+        assert!(!crowded(status(3, 0, many)));
+        assert!(!crowded(deadpool::Status {
+            max_size: 0,
+            size: 0,
+            available: 0,
+            waiting: 0,
+        }));
     }
 }

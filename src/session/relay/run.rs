@@ -117,7 +117,15 @@ impl QueryLoop<'_> {
         event.backend_pid = self.server.as_ref().map(|s| s.pid);
         event.link = Link::Query(ticket);
         let started = Instant::now();
-        let appended = self.shared.auditor.append_ahead(event).await;
+        // About to queue behind many others for a connection: its fsync can
+        // wait for company without delaying the statement.
+        let patient = self.server.is_none()
+            && (self.pool.as_ref()).is_some_and(|pool| self.shared.pools.crowded(pool));
+        let appended = if patient {
+            self.shared.auditor.append_ahead_patient(event).await
+        } else {
+            self.shared.auditor.append_ahead(event).await
+        };
         self.shared.metrics.audit_append(started.elapsed());
         match appended {
             Ok(()) => Ok(Some(Pending {

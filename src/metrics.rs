@@ -255,6 +255,12 @@ const AUDIT: &[(&str, &str, Type, ValueOf)] = &[
         |s| s.audit.syncs,
     ),
     (
+        "pgwarden_audit_gathered_batches_total",
+        "group: commits whose fsync waited up to 1 ms for more records because their sessions queue for a crowded pool.",
+        Type::Counter,
+        |s| s.audit.gathered,
+    ),
+    (
         "pgwarden_audit_ship_lag_records",
         "Durable audit records not yet delivered to the syslog server (0 without shipping).",
         Type::Gauge,
@@ -453,6 +459,7 @@ mod tests {
                 appended: 7,
                 failed: 0,
                 syncs: 3,
+                gathered: 2,
             },
             audit_queue_depth: 1,
             ship: None,
@@ -469,6 +476,7 @@ mod tests {
             "# TYPE pgwarden_clients gauge",
             "pgwarden_audit_appended_total 7",
             "pgwarden_audit_fsyncs_total 3",
+            "pgwarden_audit_gathered_batches_total 2",
             "pgwarden_server_connections{database=\"app\",state=\"active\"} 3",
             "pgwarden_statements_total{client_user=\"a\\\"lice\"} 5",
             "pgwarden_transactions_total{client_user=\"a\\\"lice\"} 2",

@@ -53,6 +53,8 @@ pub struct AuditCounters {
     pub failed: u64,
     /// fsyncs done; with `group`, far fewer than `appended` under load.
     pub syncs: u64,
+    /// `group` batches whose fsync waited for company (a crowded pool).
+    pub gathered: u64,
 }
 
 impl Auditor {
@@ -320,6 +322,7 @@ impl Auditor {
                 appended: i.counters.appended.load(Ordering::Relaxed),
                 failed: i.counters.failed.load(Ordering::Relaxed),
                 syncs: i.counters.syncs.load(Ordering::Relaxed),
+                gathered: i.counters.gathered.load(Ordering::Relaxed),
             })
     }
 }

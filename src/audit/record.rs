@@ -295,6 +295,35 @@ pub const FIELDS: [&str; 22] = [
     "hash",
 ];
 
+/// What precedes each field's value in the canonical bytes: `{` or `,`, then
+/// its quoted name and `:` (so the writer appends one string per field).
+const MEMBER_OPENINGS: [&str; 22] = [
+    "{\"seq\":",
+    ",\"ts\":",
+    ",\"kind\":",
+    ",\"session_id\":",
+    ",\"client_user\":",
+    ",\"role\":",
+    ",\"database\":",
+    ",\"client_addr\":",
+    ",\"application_name\":",
+    ",\"statement\":",
+    ",\"params\":",
+    ",\"status\":",
+    ",\"sqlstate\":",
+    ",\"message\":",
+    ",\"command_tag\":",
+    ",\"rows\":",
+    ",\"duration_us\":",
+    ",\"backend_pid\":",
+    ",\"ref_seq\":",
+    ",\"tx\":",
+    ",\"prev_hash\":",
+    ",\"hash\":",
+];
+/// Where `tx` is in [`FIELDS`]: the one member left out when absent.
+const TX_FIELD: usize = 19;
+
 /// One field value, as the encoders see it.
 pub enum Value<'a> {
     Null,
@@ -378,20 +407,19 @@ impl Record {
     pub fn canonical_string(&self) -> String {
         let values = self.values();
         let mut out = String::with_capacity(stored_size_hint(&values));
-        out.push('{');
         let without_hash = FIELDS.len() - 1;
-        for (i, (name, value)) in FIELDS.iter().zip(values).take(without_hash).enumerate() {
+        for (i, (opening, value)) in MEMBER_OPENINGS
+            .iter()
+            .zip(values)
+            .take(without_hash)
+            .enumerate()
+        {
             // `tx` is written only when present, so records that have none
             // (all of them before it existed) keep their canonical bytes.
-            if *name == "tx" && matches!(value, Value::Null) {
+            if i == TX_FIELD && matches!(value, Value::Null) {
                 continue;
             }
-            if i > 0 {
-                out.push(',');
-            }
-            out.push('"');
-            out.push_str(name);
-            out.push_str("\":");
+            out.push_str(opening);
             write_json_value(&mut out, &value);
         }
         out.push('}');

@@ -174,6 +174,15 @@ fn timestamps_at_the_edges_of_four_digit_years() {
 }
 
 #[test]
+fn member_openings_spell_the_fields_in_order() {
+    for (i, (opening, name)) in MEMBER_OPENINGS.iter().zip(FIELDS).enumerate() {
+        let separator = if i == 0 { "{" } else { "," };
+        assert_eq!(*opening, format!("{separator}\"{name}\":"));
+    }
+    assert_eq!(FIELDS[TX_FIELD], "tx");
+}
+
+#[test]
 fn kinds_parse_by_name() {
     for k in Kind::ALL {
         assert_eq!(k.as_str().parse::<Kind>().unwrap(), k);

@@ -105,6 +105,9 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// fsyncs that succeeded.
     pub syncs: AtomicU64,
+    /// `group` batches whose fsync waited for more records because their
+    /// sessions queue for a crowded pool ([`GROUP_GATHER`]).
+    pub gathered: AtomicU64,
     /// The last insert or fsync failed and none has succeeded since: `async`
     /// appenders wait for their record's verdict instead of only queueing it.
     pub failing: AtomicBool,
@@ -327,6 +330,7 @@ impl Writer {
     /// record: a wake-up per record cost more than the fsyncs it saved.
     fn gather_patient(&self, rx: &mut mpsc::Receiver<Msg>, gathered: &mut Vec<Msg>) {
         let until = Instant::now() + self.group_gather;
+        let mut waited = false;
         while gathered.len() < MAX_BATCH && gathered.last().is_some_and(Msg::is_patient) {
             match rx.try_recv() {
                 Ok(msg) => gathered.push(msg),
@@ -336,9 +340,13 @@ impl Writer {
                     if left.is_zero() {
                         break;
                     }
+                    waited = true;
                     std::thread::sleep(GATHER_SLICE.min(left));
                 }
             }
+        }
+        if waited {
+            self.counters.gathered.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -415,35 +415,63 @@ async fn kill_9_loses_no_acknowledged_statement() {
         ("sync", Duration::ZERO),
         ("async", Duration::from_secs(1)),
     ] {
-        kill_9_run(durability, grace).await;
+        kill_9_run(durability, grace, 4, "", None).await;
     }
 }
 
-/// Runs load through the real binary, kills it with SIGKILL, and checks that
-/// every statement acknowledged more than `grace` before the kill is in the
-/// audit log and the chain verifies.
-async fn kill_9_run(durability: &str, grace: Duration) {
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_no_acknowledged_statement_of_a_crowded_pool() {
+    // 48 clients on a pool of 2: sessions queue many deep for a connection,
+    // so `group` lets their records' fsyncs gather for more records. Still,
+    // no statement may run before its record is on disk.
+    let admin = cluster::free_port();
+    let gathered = kill_9_run(
+        "group",
+        Duration::ZERO,
+        48,
+        &format!("[pool]\nsize = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
+        Some(admin),
+    )
+    .await;
+    assert!(
+        gathered > 0,
+        "no commit gathered: the crowded path was not taken"
+    );
+}
+
+/// Runs load through the real binary from `clients` clients, kills it with
+/// SIGKILL, and checks that every statement acknowledged more than `grace`
+/// before the kill is in the audit log and the chain verifies. `extra`
+/// configures it further; with its `[admin]` listener on `admin`, returns
+/// the `group` commits that gathered for a crowded pool before the kill.
+async fn kill_9_run(
+    durability: &str,
+    grace: Duration,
+    clients: usize,
+    extra: &str,
+    admin: Option<u16>,
+) -> u64 {
     let gw = support::BinaryGateway::start(
         support::TEST_POLICY,
-        &format!("[audit]\nstore = \"audit\"\ndurability = \"{durability}\"\n"),
+        &format!("[audit]\nstore = \"audit\"\ndurability = \"{durability}\"\n{extra}"),
     )
     .await;
     let url = format!(
         "host=127.0.0.1 port={} user=alice password=alice-pw dbname=app",
         gw.port
     );
-    let mut clients = Vec::new();
-    for _ in 0..4 {
+    let mut connected = Vec::new();
+    for _ in 0..clients {
         let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .unwrap();
         tokio::spawn(conn);
-        clients.push(c);
+        connected.push(c);
     }
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let tag = rand::random::<u32>();
     let mut tasks = Vec::new();
-    for (w, c) in clients.into_iter().enumerate() {
+    for (w, c) in connected.into_iter().enumerate() {
         let acked = acked.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0.. {
@@ -456,6 +484,14 @@ async fn kill_9_run(durability: &str, grace: Duration) {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let gathered = match admin {
+        Some(port) => support::scrape_metrics(port)
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("pgwarden_audit_gathered_batches_total "))
+            .map_or(0, |n| n.trim().parse().unwrap()),
+        None => 0,
+    };
     let killed_at = std::time::Instant::now();
     gw.signal(libc::SIGKILL);
     let (_, dir) = gw.wait().await;
@@ -492,9 +528,10 @@ async fn kill_9_run(durability: &str, grace: Duration) {
         );
     }
     eprintln!(
-        "{durability}: {} statements acknowledged, {within_grace} of the last {grace:?} not stored",
+        "{durability}: {} statements acknowledged, {within_grace} of the last {grace:?} not stored, {gathered} commits gathered",
         acked.len()
     );
+    gathered
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -103,6 +103,7 @@ async fn a_patient_record_waits_for_one_that_is_not_and_both_share_an_fsync() {
     );
     patient.await.unwrap().unwrap();
     assert_eq!(store.control.syncs.load(Ordering::SeqCst), before + 1);
+    assert_eq!(auditor.counters().gathered, 1);
     let statements: Vec<_> = stored(&store)
         .into_iter()
         .filter_map(|r| r.statement)
@@ -128,6 +129,23 @@ async fn a_patient_record_alone_is_stored_when_the_gathering_ends() {
     );
     assert!(waited < Duration::from_secs(10), "stored after {waited:?}");
     assert_eq!(store.control.syncs.load(Ordering::SeqCst), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_nobody_waits_for_start_no_gathering() {
+    // Results and other records appended without waiting may share a
+    // gathering, but are no reason for one: a pool that is not crowded
+    // sends no patient waiter, and its commits must not wait.
+    let store = MemoryStore::default();
+    let auditor = open_gathering(&store, Durability::Group, Duration::from_secs(60));
+    let before = stored(&store).len();
+    auditor.append_nowait(Event::new(Kind::Result)).await;
+    assert!(
+        eventually(|| stored(&store).len() == before + 1).await,
+        "a record nobody waits for was held back"
+    );
+    auditor.append_ahead(statement("select 1")).await.unwrap();
+    assert_eq!(auditor.counters().gathered, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,11 +7,12 @@
 //! mode defines it:
 //! - `group`: every record of a batch (all that queued up while the previous
 //!   fsync ran) is inserted, then one fsync, then all waiters are answered;
-//!   A batch whose waiters all said they are patient (their session queues
-//!   for a busy pool next, [`super::Auditor::append_ahead_patient`]) may
-//!   gather for up to [`GROUP_GATHER`] before its fsync, until a record
-//!   that is not patient arrives: fewer fsyncs per record, and nobody it
-//!   delays could have had a server connection sooner;
+//!   A batch with a waiter whose session queues for a crowded pool next
+//!   ([`super::Auditor::append_ahead_patient`]) may gather for up to
+//!   [`GROUP_GATHER`] before its fsync, until a waiter that is not patient
+//!   arrives: fewer fsyncs per record, and nobody it delays could have had
+//!   a server connection sooner. Records nobody waits for never start a
+//!   gathering, nor end one;
 //! - `sync`: insert, fsync, answer, one record at a time;
 //! - `async`: appenders only queue their record ([`super::Auditor::append_ahead`]);
 //!   the writer lets records gather for up to a millisecond, inserts them
@@ -88,11 +89,24 @@ pub enum Msg {
 impl Msg {
     /// Whether storing it may wait for more records: nobody waits for it,
     /// or whoever waits said it can.
-    fn is_patient(&self) -> bool {
+    fn may_wait(&self) -> bool {
         match self {
             Msg::Append { reply, patient, .. } => reply.is_none() || *patient,
             Msg::Shutdown { .. } => false,
         }
+    }
+
+    /// Whether it is a reason to gather: its appender waits for it and
+    /// queues for a crowded pool next.
+    fn is_patient_waiter(&self) -> bool {
+        matches!(
+            self,
+            Msg::Append {
+                reply: Some(_),
+                patient: true,
+                ..
+            }
+        )
     }
 }
 
@@ -323,26 +337,32 @@ impl Writer {
         }
     }
 
-    /// `group`: while every record gathered is patient, waits for more, up
-    /// to [`GROUP_GATHER`] after the first and [`MAX_BATCH`] records; a
-    /// record that is not patient (or a shutdown) ends the wait within a
-    /// [`GATHER_SLICE`]. It sleeps in slices rather than awaiting each
-    /// record: a wake-up per record cost more than the fsyncs it saved.
+    /// `group`: while a waiter of the batch queues for a crowded pool and
+    /// no waiter that is not patient (nor a shutdown) has come, waits for
+    /// more records, up to [`GROUP_GATHER`] after the first and
+    /// [`MAX_BATCH`] records; a waiter that is not patient ends the wait
+    /// within a [`GATHER_SLICE`]. It sleeps in slices rather than awaiting
+    /// each record: a wake-up per record cost more than the fsyncs it saved.
     fn gather_patient(&self, rx: &mut mpsc::Receiver<Msg>, gathered: &mut Vec<Msg>) {
         let until = Instant::now() + self.group_gather;
+        let mut reason = gathered.iter().any(Msg::is_patient_waiter);
         let mut waited = false;
-        while gathered.len() < MAX_BATCH && gathered.last().is_some_and(Msg::is_patient) {
+        while gathered.len() < MAX_BATCH
+            && gathered.last().is_some_and(Msg::may_wait)
+            && Instant::now() < until
+        {
             match rx.try_recv() {
-                Ok(msg) => gathered.push(msg),
+                Ok(msg) => {
+                    reason |= msg.is_patient_waiter();
+                    gathered.push(msg);
+                }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
+                Err(mpsc::error::TryRecvError::Empty) if reason => {
                     waited = true;
+                    let left = until.saturating_duration_since(Instant::now());
                     std::thread::sleep(GATHER_SLICE.min(left));
                 }
+                Err(mpsc::error::TryRecvError::Empty) => break,
             }
         }
         if waited {

@@ -10,7 +10,8 @@
 //!
 //! Layout: [`record`] (fields and canonical bytes), [`chain`] (hashing),
 //! [`store`] (sled and the `Store` trait), [`writer`] (the thread that owns
-//! the store), [`auditor`] (the handle sessions use), [`export`], [`join`],
+//! the store; `links` turns a result's ticket into its query's seq),
+//! [`auditor`] (the handle sessions use), [`export`], [`join`],
 //! [`verify`], [`stats`] and [`cli`] (the offline commands).
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ pub mod export;
 pub mod follow;
 pub mod heads;
 pub mod join;
+mod links;
 pub mod reader;
 pub mod record;
 pub mod retention;

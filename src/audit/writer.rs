@@ -31,7 +31,6 @@
 //! continues the chain after its last durable record, so a full disk that
 //! gets space again heals without a restart.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::chain::{compute_hash, Chain};
+use super::links::Links;
 use super::record::{format_ts, Event, Kind, Link};
 use super::store::{decode, Store, RUN_BYTES};
 use super::AuditError;
@@ -47,9 +47,6 @@ use crate::config::Durability;
 
 /// Most records committed with one fsync; bounds the wait of the first one.
 const MAX_BATCH: usize = 4096;
-/// Redeemed tickets remembered for [`Event::cause`]: a skipped statement's
-/// result follows the failed one's within its batch.
-const REDEEMED_KEPT: usize = 1024;
 /// `async`: how long the writer lets records gather before storing them
 /// (at most half of `flush_interval_ms`).
 const ASYNC_GATHER: Duration = Duration::from_millis(1);
@@ -152,10 +149,8 @@ pub struct Writer {
     degraded: bool,
     /// When the store last failed (or a reopen failed); `None` when healthy.
     broken_at: Option<Instant>,
-    /// Seqs of stored `query` records by ticket, until their `result` comes.
-    links: HashMap<u64, u64>,
-    /// The last [`REDEEMED_KEPT`] tickets redeemed, with their seqs.
-    redeemed: std::collections::VecDeque<(u64, u64)>,
+    /// Tickets of stored `query` records, until their `result` comes.
+    links: Links,
 }
 
 /// The chain continuing after `store`'s last record, whose own hash is
@@ -203,8 +198,7 @@ impl Writer {
             unsynced_since: None,
             degraded: false,
             broken_at: None,
-            links: HashMap::new(),
-            redeemed: std::collections::VecDeque::new(),
+            links: Links::default(),
         })
     }
 
@@ -391,13 +385,13 @@ impl Writer {
                 let Some((mut event, reply)) = batch.next() else {
                     break;
                 };
-                self.resolve_links(&mut event);
+                self.links.resolve(&mut event);
                 let link = event.link;
                 let ts = format_ts(event.at);
                 let sealed = chain.seal(event, ts);
                 chain.advance(&sealed);
                 if let Link::Query(ticket) = link {
-                    self.links.insert(ticket, sealed.record.seq);
+                    self.links.stored(ticket, sealed.record.seq);
                     tickets.push(ticket);
                 }
                 size += sealed.bytes.len();
@@ -408,7 +402,7 @@ impl Writer {
             if let Err(e) = self.store.insert_run(self.chain.next_seq, &run) {
                 self.broke();
                 for ticket in tickets {
-                    self.links.remove(&ticket);
+                    self.links.forget(ticket);
                 }
                 for (_, reply) in replies {
                     self.answer(reply, Err(AuditError::Write(e.to_string())));
@@ -439,19 +433,6 @@ impl Writer {
         }
     }
 
-    /// A result names the seq of its `query` record, and a statement that
-    /// did not run because of another names that one's seq.
-    fn resolve_links(&mut self, event: &mut Event) {
-        if let Link::Result(ticket) = event.link {
-            event.ref_seq = event.ref_seq.or_else(|| self.redeem(ticket));
-        }
-        if let Some(seq) = event.cause.and_then(|t| self.redeemed_seq(t)) {
-            if let Some(message) = event.message.as_mut() {
-                message.push_str(&format!(" (the statement of seq {seq})"));
-            }
-        }
-    }
-
     /// One fsync for the records that wait for it, then their answers.
     fn sync_and_answer(&mut self, waiting: Vec<(u64, Reply)>) {
         if waiting.is_empty() {
@@ -469,37 +450,6 @@ impl Writer {
             };
             self.answer(reply, result);
         }
-    }
-
-    /// The seq of the `query` that took `ticket`, forgetting it: each
-    /// result redeems its ticket once.
-    /// The query seq of a ticket redeemed lately (a skipped statement's
-    /// result names the statement that failed, whose result came first).
-    fn redeemed_seq(&self, ticket: u64) -> Option<u64> {
-        self.links.get(&ticket).copied().or_else(|| {
-            self.redeemed
-                .iter()
-                .rev()
-                .find(|(t, _)| *t == ticket)
-                .map(|(_, seq)| *seq)
-        })
-    }
-
-    fn redeem(&mut self, ticket: u64) -> Option<u64> {
-        let seq = self.links.remove(&ticket);
-        if let Some(seq) = seq {
-            if self.redeemed.len() == REDEEMED_KEPT {
-                self.redeemed.pop_front();
-            }
-            self.redeemed.push_back((ticket, seq));
-        }
-        if seq.is_none() {
-            tracing::warn!(
-                ticket,
-                "audit result whose query record was not stored; ref_seq left null"
-            );
-        }
-        seq
     }
 
     /// Notes a failed insert or fsync: appenders stop trusting the queue.

@@ -224,8 +224,8 @@ impl Auditor {
         self.append_ahead_as(event, false).await
     }
 
-    /// [`Auditor::append_ahead`] for a session that will queue for a busy
-    /// pool once its record is stored: in `group` mode the writer may hold
+    /// [`Auditor::append_ahead`] for a session that will queue for a
+    /// crowded pool once its record is stored: in `group` mode the writer may hold
     /// the record's fsync up to [`super::writer::GROUP_GATHER`] so that more
     /// records share it. The record is still on disk before the statement
     /// is forwarded; only the fsync count per record goes down.

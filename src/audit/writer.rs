@@ -6,7 +6,7 @@
 //! waiter hears `Ok(seq)` only once its record is "stored" as the durability
 //! mode defines it:
 //! - `group`: every record of a batch (all that queued up while the previous
-//!   fsync ran) is inserted, then one fsync, then all waiters are answered;
+//!   fsync ran) is inserted, then one fsync, then all waiters are answered.
 //!   A batch with a waiter whose session queues for a crowded pool next
 //!   ([`super::Auditor::append_ahead_patient`]) may gather for up to
 //!   [`GROUP_GATHER`] before its fsync, until a waiter that is not patient
@@ -70,8 +70,8 @@ pub type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
 )]
 pub enum Msg {
     /// Store `event`; answer on `reply` when stored. `patient`: whoever
-    /// waits for `reply` will queue for a busy pool next, so its fsync may
-    /// wait [`GROUP_GATHER`] for other records.
+    /// waits for `reply` will queue for a crowded pool next, so its fsync
+    /// may wait [`GROUP_GATHER`] for other records.
     Append {
         event: Event,
         reply: Reply,

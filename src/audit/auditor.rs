@@ -178,6 +178,15 @@ impl Auditor {
             .map_or(OnFailure::Allow, |i| i.on_failure)
     }
 
+    /// Whether a patient record can be stored later than another
+    /// ([`Auditor::append_ahead_patient`]): only `group` gathers, so in the
+    /// other modes (and when disabled) nobody need ask whether it waits.
+    pub fn gathers(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|i| i.durability == Durability::Group)
+    }
+
     /// Write-ahead append: returns the record's seq once it is stored as
     /// `durability` defines (see [`super::writer`]). Waits while the queue
     /// is full. `Err` if the store cannot be written or the writer stopped.

@@ -84,6 +84,7 @@ fn statement(sql: &str) -> Event {
 async fn a_patient_record_waits_for_one_that_is_not_and_both_share_an_fsync() {
     let store = MemoryStore::default();
     let auditor = open_gathering(&store, Durability::Group, Duration::from_secs(60));
+    assert!(auditor.gathers());
     let before = store.control.syncs.load(Ordering::SeqCst);
     let patient = {
         let a = auditor.clone();
@@ -153,6 +154,7 @@ async fn only_group_mode_gathers_patient_records() {
     for durability in [Durability::Sync, Durability::Async] {
         let store = MemoryStore::default();
         let auditor = open_gathering(&store, durability, Duration::from_secs(60));
+        assert!(!auditor.gathers(), "{durability:?}");
         let started = std::time::Instant::now();
         auditor
             .append_ahead_patient(statement("select 1"))
@@ -463,6 +465,7 @@ async fn disabled_auditor_is_a_no_op() {
     })
     .unwrap();
     assert!(!auditor.enabled());
+    assert!(!auditor.gathers());
     assert_eq!(auditor.append(Event::new(Kind::Query)).await.unwrap(), 0);
     assert_eq!(auditor.queue_depth(), 0);
     assert_eq!(auditor.shutdown().await.unwrap(), "");

@@ -133,6 +133,16 @@ pub struct PoolRef {
     login: String,
 }
 
+impl PoolRef {
+    /// Whether the pool is crowded: every connection is out and many
+    /// sessions wait for one, so a session that is about to wait too can
+    /// let its audit record's fsync be shared
+    /// ([`crate::audit::Auditor::append_ahead_patient`]).
+    pub fn crowded(&self) -> bool {
+        crowded(self.pool.status())
+    }
+}
+
 /// One pool per (database, login), created on first use: with
 /// `isolation = "shared"` the login is always the service user, with
 /// `"role"` it is the mapped role's own login.
@@ -246,13 +256,6 @@ impl Pools {
         // without this; the next offer forgets it.)
         drop(self.affinity.leave(ticket));
         got
-    }
-
-    /// Whether `pool` is crowded: every connection is out and many sessions
-    /// wait for one, so a session that is about to wait too can let its
-    /// audit record's fsync be shared ([`crate::audit::Auditor::append_ahead_patient`]).
-    pub fn crowded(&self, pool: &PoolRef) -> bool {
-        crowded(pool.pool.status())
     }
 
     /// A session of identity `who` is done with `conn`, idle and fit for

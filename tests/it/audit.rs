@@ -424,13 +424,12 @@ async fn kill_9_loses_no_acknowledged_statement_of_a_crowded_pool() {
     // 48 clients on a pool of 2: sessions queue many deep for a connection,
     // so `group` lets their records' fsyncs gather for more records. Still,
     // no statement may run before its record is on disk.
-    let admin = cluster::free_port();
     let gathered = kill_9_run(
         "group",
         Duration::ZERO,
         48,
-        &format!("[pool]\nsize = 2\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
-        Some(admin),
+        "[pool]\nsize = 2\n",
+        Some(cluster::free_port()),
     )
     .await;
     assert!(
@@ -442,7 +441,7 @@ async fn kill_9_loses_no_acknowledged_statement_of_a_crowded_pool() {
 /// Runs load through the real binary from `clients` clients, kills it with
 /// SIGKILL, and checks that every statement acknowledged more than `grace`
 /// before the kill is in the audit log and the chain verifies. `extra`
-/// configures it further; with its `[admin]` listener on `admin`, returns
+/// configures it further; with an `[admin]` listener on `admin`, returns
 /// the `group` commits that gathered for a crowded pool before the kill.
 async fn kill_9_run(
     durability: &str,
@@ -451,22 +450,17 @@ async fn kill_9_run(
     extra: &str,
     admin: Option<u16>,
 ) -> u64 {
+    let listener = admin.map_or(String::new(), |port| {
+        format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n")
+    });
     let gw = support::BinaryGateway::start(
         support::TEST_POLICY,
-        &format!("[audit]\nstore = \"audit\"\ndurability = \"{durability}\"\n{extra}"),
+        &format!("[audit]\nstore = \"audit\"\ndurability = \"{durability}\"\n{extra}{listener}"),
     )
     .await;
-    let url = format!(
-        "host=127.0.0.1 port={} user=alice password=alice-pw dbname=app",
-        gw.port
-    );
     let mut connected = Vec::new();
     for _ in 0..clients {
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        connected.push(c);
+        connected.push(support::connect_at(gw.port, "alice").await);
     }
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let tag = rand::random::<u32>();

@@ -118,9 +118,11 @@ impl QueryLoop<'_> {
         event.link = Link::Query(ticket);
         let started = Instant::now();
         // About to queue behind many others for a connection: its fsync can
-        // wait for company without delaying the statement.
-        let patient = self.server.is_none()
-            && (self.pool.as_ref()).is_some_and(|pool| self.shared.pools.crowded(pool));
+        // wait for company without delaying the statement. (Only `group`
+        // asks: the pool's status takes its lock.)
+        let patient = self.shared.auditor.gathers()
+            && self.server.is_none()
+            && self.pool.as_ref().is_some_and(pool::PoolRef::crowded);
         let appended = if patient {
             self.shared.auditor.append_ahead_patient(event).await
         } else {

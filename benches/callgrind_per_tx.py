@@ -28,6 +28,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--audit", default="off", help="off|async|group|sync, optionally +verify")
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--pool-size", type=int, default=8,
+                    help="fewer than --clients: sessions wait for connections and take handoffs")
     ap.add_argument("--transactions", type=int, default=1000, help="per client")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--keep", help="copy the callgrind output file here")
@@ -38,10 +40,10 @@ def main():
     pg = None
     proc = None
     try:
-        pg = bench.Cluster(tmp, 8)
+        pg = bench.Cluster(tmp, a.pool_size)
         out = os.path.join(tmp, "callgrind.out")
         os.environ["PGWARDEN_WRAPPER"] = f"valgrind --tool=callgrind --callgrind-out-file={out}"
-        proc, port = bench.start_pgwarden(tmp, pg.port, 8, a.audit, wrapper=os.environ["PGWARDEN_WRAPPER"].split(), wait=120,
+        proc, port = bench.start_pgwarden(tmp, pg.port, a.pool_size, a.audit, wrapper=os.environ["PGWARDEN_WRAPPER"].split(), wait=120,
                                          binary=a.binary)
         # Warm up: logins, pools, caches.
         run_pgbench(port, a.clients, 50, a.pgbench_args)

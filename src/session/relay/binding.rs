@@ -142,14 +142,14 @@ impl QueryLoop<'_> {
         crate::metrics::Metrics::inc(&self.shared.metrics.pool_waits);
         let pool = match self.pool.take() {
             Some(pool) => pool,
-            None => self
-                .shared
-                .pools
-                .pool_for(&self.ident.database, &self.ident.role)?,
+            None => self.shared.pools.pool_for(
+                &self.ident.database,
+                &self.ident.role,
+                &self.ident.client_user,
+            )?,
         };
-        let who = (&self.ident.role, &self.ident.client_user);
         let waiting = Instant::now();
-        let acquired = self.shared.pools.acquire(&pool, who).await;
+        let acquired = self.shared.pools.acquire(&pool).await;
         self.stats.wait_us += waiting.elapsed().as_micros() as u64;
         self.bound_at = Some(Instant::now());
         self.pool = Some(pool);
@@ -328,9 +328,8 @@ impl QueryLoop<'_> {
                 pool::discard(conn);
                 return;
             }
-            let who = (&self.ident.role, &self.ident.client_user);
             let handed = match self.pool.as_ref() {
-                Some(pool) => self.shared.pools.release(pool, who, conn),
+                Some(pool) => self.shared.pools.release(pool, conn),
                 None => {
                     drop(conn);
                     false

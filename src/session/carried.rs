@@ -176,15 +176,9 @@ impl Carried {
     /// encoding, non-ASCII text behind it is recorded as its bytes until
     /// the server has answered everything ([`Self::settled`]).
     pub fn note_text(&mut self, sql: &[u8]) {
-        let names_encoding = crate::session::state::any_word_start(sql, |pair, rest| {
-            use crate::identity::guard::starts_with_ci as sw;
-            match pair {
-                [b'e', b'n'] => sw(rest, b"encoding"),
-                [b'n', b'a'] => sw(rest, b"names"),
-                _ => false,
-            }
-        });
-        self.encoding_in_flux |= names_encoding;
+        static ENCODING: crate::session::keywords::Keywords =
+            crate::session::keywords::Keywords::new(&["encoding", "names"]);
+        self.encoding_in_flux |= ENCODING.in_text(sql);
     }
 
     /// The server has answered everything the client sent.

@@ -8,7 +8,6 @@
 //! the statements (most of them) that name no transaction control.
 
 use crate::identity::decode::string_value;
-use crate::identity::guard::starts_with_ci;
 use crate::identity::lexer::{Dialect, Kind, Lexer};
 
 /// What the statements of one text do to transactions.
@@ -119,15 +118,11 @@ fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
 /// Whether `sql` may control transactions: it contains `commit`, `end`,
 /// `chain`, `prepare`, `rollback` or `abort`, ignoring ASCII case.
 fn mentions_transaction_control(sql: &[u8]) -> bool {
-    crate::session::state::any_word_start(sql, |pair, rest| match pair {
-        [b'c', b'o'] => starts_with_ci(rest, b"commit"),
-        [b'e', b'n'] => starts_with_ci(rest, b"end"),
-        [b'c', b'h'] => starts_with_ci(rest, b"chain"),
-        [b'p', b'r'] => starts_with_ci(rest, b"prepare"),
-        [b'r', b'o'] => starts_with_ci(rest, b"rollback"),
-        [b'a', b'b'] => starts_with_ci(rest, b"abort"),
-        _ => false,
-    })
+    static CONTROL: crate::session::keywords::Keywords =
+        crate::session::keywords::Keywords::new(&[
+            "commit", "end", "chain", "prepare", "rollback", "abort",
+        ]);
+    CONTROL.in_text(sql)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use crate::backend::conn::{BackendError, ServerConn};
 use crate::identity::lexer::{tokens, Kind, Token};
 use crate::protocol::frame::{ProtocolError, Reader};
 use crate::protocol::messages;
-use crate::session::state::{any_word_start, TRACKED};
+use crate::session::state::TRACKED;
 
 /// At most this many settings are kept per client: each is applied on every
 /// connection that serves it.
@@ -26,12 +26,9 @@ pub const MAX_KEPT: usize = 64;
 /// `SET SESSION CHARACTERISTICS`, `RESET name`, and `set_config('name',
 /// ..., <anything but true>)`. Unquoted names are lower-cased.
 pub fn session_sets(sql: &[u8]) -> Vec<String> {
-    let prefilter = any_word_start(sql, |pair, rest| match pair {
-        [b's', b'e'] => crate::identity::guard::starts_with_ci(rest, b"set"),
-        [b'r', b'e'] => crate::identity::guard::starts_with_ci(rest, b"reset"),
-        _ => false,
-    });
-    if !prefilter {
+    static SETS: crate::session::keywords::Keywords =
+        crate::session::keywords::Keywords::new(&["set", "reset"]);
+    if !SETS.in_text(sql) {
         return Vec::new();
     }
     let toks = tokens(sql);

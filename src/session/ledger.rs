@@ -57,16 +57,9 @@ impl Control {
         if several && (commits.more_after || controls_transactions(sql)) {
             return Control::Mixed;
         }
-        let names_savepoints = crate::session::state::any_word_start(sql, |pair, rest| {
-            use crate::identity::guard::starts_with_ci as sw;
-            match pair {
-                [b's', b'a'] => sw(rest, b"savepoint"),
-                [b'r', b'o'] => sw(rest, b"rollback"),
-                [b'r', b'e'] => sw(rest, b"release"),
-                _ => false,
-            }
-        });
-        if !names_savepoints {
+        static SAVEPOINTS: crate::session::keywords::Keywords =
+            crate::session::keywords::Keywords::new(&["savepoint", "rollback", "release"]);
+        if !SAVEPOINTS.in_text(sql) {
             return Control::Other;
         }
         let toks = tokens(sql);

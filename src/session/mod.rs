@@ -15,6 +15,7 @@ mod console;
 mod controls;
 pub mod core;
 pub mod kept;
+pub mod keywords;
 pub mod latch;
 pub mod ledger;
 pub mod opaque;

@@ -251,8 +251,9 @@ pub fn settings_transparent(settings: &[(String, String)]) -> bool {
 /// resolves to (a function of the client's own could come before the
 /// real one). Any other `SET` runs no code: pg_catalog stays first.
 fn names_the_catalog(text: &[u8]) -> bool {
-    let ci = crate::session::state::contains_ci;
-    ci(text, b"pg_catalog") || ci(text, b"pg_temp")
+    static CATALOG: crate::session::keywords::Keywords =
+        crate::session::keywords::Keywords::new(&["pg_catalog", "pg_temp"]);
+    CATALOG.in_text(text)
 }
 
 fn one_of(list: &[&[u8]], word: &[u8]) -> bool {

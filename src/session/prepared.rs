@@ -199,7 +199,9 @@ impl Statement {
 /// server folds them.
 pub fn declared_cursors(sql: &[u8]) -> Vec<(Vec<u8>, &[u8])> {
     use crate::identity::lexer::{tokens, Kind};
-    if !crate::session::state::contains_ci(sql, b"declare") {
+    static DECLARE: crate::session::keywords::Keywords =
+        crate::session::keywords::Keywords::new(&["declare"]);
+    if !DECLARE.in_text(sql) {
         return Vec::new();
     }
     let toks = tokens(sql);

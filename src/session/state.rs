@@ -8,8 +8,8 @@
 //! a different client; a client's own startup and reported parameters are
 //! applied to every connection that serves it.
 
-use crate::identity::guard::starts_with_ci;
 use crate::identity::lexer::{tokens, Kind};
+use crate::session::keywords::Keywords;
 
 /// Reportable parameters a client may change with SET; their new values
 /// arrive as `ParameterStatus` and follow the client to its next connection.
@@ -221,7 +221,8 @@ pub fn effect(sql: &[u8]) -> Effect {
 /// (`DEALLOCATE` at the start of any statement): the server may then lack
 /// shared statements the gateway believes it holds.
 pub fn deallocates(sql: &[u8]) -> bool {
-    if !contains_ci(sql, b"deallocate") {
+    static DEALLOCATE: Keywords = Keywords::new(&["deallocate"]);
+    if !DEALLOCATE.in_text(sql) {
         return false;
     }
     let mut at_start = true;
@@ -241,66 +242,39 @@ pub fn deallocates(sql: &[u8]) -> bool {
 /// Whether `sql` may leave anything on its server connection ([`effect`])
 /// or deallocate statements ([`deallocates`]): false for most statements,
 /// which need no closer look. A case-insensitive search for the beginnings
-/// every stateful word (and `deallocate`) has, one match on each pair of
-/// bytes, so it costs a few instructions per byte.
+/// every stateful word (and `deallocate`) has.
 pub fn may_leave_state(sql: &[u8]) -> bool {
-    any_word_start(sql, |pair, rest| match pair {
-        [b's', b'e'] => starts_with_ci(rest, b"set"),
-        [b'd', b'i'] => starts_with_ci(rest, b"disc"),
-        [b'l', b'i'] => starts_with_ci(rest, b"listen"),
-        [b'p', b'r'] => starts_with_ci(rest, b"prep"),
-        [b'd', b'e'] => starts_with_ci(rest, b"decl") || starts_with_ci(rest, b"deallocate"),
-        [b'l', b'o'] => starts_with_ci(rest, b"load"),
-        [b't', b'e'] => starts_with_ci(rest, b"temp"),
-        [b'h', b'o'] => starts_with_ci(rest, b"hold"),
-        [b'a', b'd'] => starts_with_ci(rest, b"advis"),
-        _ => false,
-    })
+    static STATEFUL: Keywords = Keywords::new(&[
+        "set",
+        "disc",
+        "listen",
+        "prep",
+        "decl",
+        "deallocate",
+        "load",
+        "temp",
+        "hold",
+        "advis",
+    ]);
+    STATEFUL.in_text(sql)
 }
 
 /// Whether `sql` may start a `COPY ... FROM STDIN` (copy-in). `STDIN` is a
 /// keyword, which can only be written as such, so a text without the word
 /// starts none.
 pub fn may_copy_in(sql: &[u8]) -> bool {
-    any_word_start(sql, |pair, rest| match pair {
-        [b's', b't'] => starts_with_ci(rest, b"stdin"),
-        _ => false,
-    })
+    static STDIN: Keywords = Keywords::new(&["stdin"]);
+    STDIN.in_text(sql)
 }
 
 /// Whether `sql` may call `nextval` (explicitly, or through a column
 /// default or a trigger of a statement that writes), leaving `currval` and
 /// `lastval` state on the connection.
 pub fn may_use_sequences(sql: &[u8]) -> bool {
-    any_word_start(sql, |pair, rest| match pair {
-        [b'i', b'n'] => starts_with_ci(rest, b"insert"),
-        [b'u', b'p'] => starts_with_ci(rest, b"update"),
-        [b'd', b'e'] => starts_with_ci(rest, b"delete") || starts_with_ci(rest, b"default"),
-        [b'm', b'e'] => starts_with_ci(rest, b"merge"),
-        [b'c', b'o'] => starts_with_ci(rest, b"copy"),
-        [b'n', b'e'] => starts_with_ci(rest, b"nextval"),
-        [b's', b'e'] => starts_with_ci(rest, b"setval"),
-        _ => false,
-    })
-}
-
-/// Whether `sql` contains `word` (lowercase ASCII letters, at least two),
-/// ignoring ASCII case.
-pub fn contains_ci(sql: &[u8], word: &[u8]) -> bool {
-    any_word_start(sql, |pair, rest| {
-        pair == word[..2] && starts_with_ci(rest, word)
-    })
-}
-
-/// The keyword prefilters' one pass: whether `found` holds at some byte of
-/// `sql`, given the two bytes there lower-cased (`| 0x20` lower-cases
-/// letters; a non-letter never becomes a letter) and the text from there.
-/// Each filter compares a word only where its first two letters are, so
-/// the pass costs a few instructions per byte.
-pub fn any_word_start(sql: &[u8], found: impl Fn([u8; 2], &[u8]) -> bool) -> bool {
-    sql.windows(2)
-        .enumerate()
-        .any(|(i, pair)| found([pair[0] | 0x20, pair[1] | 0x20], &sql[i..]))
+    static SEQUENCES: Keywords = Keywords::new(&[
+        "insert", "update", "delete", "default", "merge", "copy", "nextval", "setval",
+    ]);
+    SEQUENCES.in_text(sql)
 }
 
 /// The statement that clears what a client may have left behind.
@@ -392,7 +366,8 @@ mod tests {
                 may_leave_state(&sql),
                 needles.iter().any(|n| plain(n)) || plain(b"deallocate")
             );
-            proptest::prop_assert_eq!(contains_ci(&sql, b"deallocate"), plain(b"deallocate"));
+            static DEALLOCATE_WORD: Keywords = Keywords::new(&["deallocate"]);
+            proptest::prop_assert_eq!(DEALLOCATE_WORD.in_text(&sql), plain(b"deallocate"));
             let sequence_words: [&[u8]; 8] = [
                 b"insert", b"update", b"delete", b"merge", b"copy", b"default", b"nextval", b"setval",
             ];
@@ -400,7 +375,7 @@ mod tests {
                 may_use_sequences(&sql),
                 sequence_words.iter().any(|w| plain(w))
             );
-            proptest::prop_assert_eq!(contains_ci(&noise, b"deallocate"), {
+            proptest::prop_assert_eq!(DEALLOCATE_WORD.in_text(&noise), {
                 noise.windows(10).any(|x| x.eq_ignore_ascii_case(b"deallocate"))
             });
         }

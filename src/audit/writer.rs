@@ -151,6 +151,14 @@ pub struct Writer {
     broken_at: Option<Instant>,
     /// Tickets of stored `query` records, until their `result` comes.
     links: Links,
+    /// The messages of the batch being gathered, and its records, in
+    /// vectors kept from batch to batch. Made afresh for each batch, they
+    /// grew while records kept arriving, and each growth copied the batch
+    /// onto pages the kernel had to zero first (perf of the writer thread,
+    /// `async` at 20 clients: memmove 7.8% and page zeroing 7.2% of its
+    /// samples before, 7.4% and 4.4% after).
+    gathered: Vec<Msg>,
+    batch: Vec<(Event, Reply)>,
 }
 
 /// The chain continuing after `store`'s last record, whose own hash is
@@ -199,6 +207,8 @@ impl Writer {
             degraded: false,
             broken_at: None,
             links: Links::default(),
+            gathered: Vec::new(),
+            batch: Vec::new(),
         })
     }
 
@@ -295,17 +305,16 @@ impl Writer {
                 self.unsynced_since.get_or_insert_with(Instant::now);
                 std::thread::sleep(ASYNC_GATHER.min(self.flush_interval / 2));
             }
-            let mut gathered = vec![first];
+            let mut gathered = std::mem::take(&mut self.gathered);
+            let mut batch = std::mem::take(&mut self.batch);
+            gathered.push(first);
             if self.durability == Durability::Group {
                 self.gather_patient(&mut rx, &mut gathered);
             }
-            // Sized for what is queued: an Event is large, and growing the
-            // vector by doubling would copy a busy batch several times.
-            let mut batch = Vec::with_capacity((rx.len() + gathered.len()).min(MAX_BATCH));
             let mut shutdown = None;
-            let mut gathered = gathered.into_iter();
+            let mut gathering = gathered.drain(..);
             loop {
-                let msg = match gathered.next() {
+                let msg = match gathering.next() {
                     Some(msg) => msg,
                     None if batch.len() < MAX_BATCH => match rx.try_recv() {
                         Ok(msg) => msg,
@@ -322,8 +331,11 @@ impl Writer {
                 }
             }
             // A shutdown ends the gathering, so nothing was gathered after it.
-            debug_assert!(gathered.next().is_none());
-            self.commit(batch);
+            debug_assert!(gathering.next().is_none());
+            drop(gathering);
+            self.gathered = gathered;
+            self.commit(&mut batch);
+            self.batch = batch;
             if let Some(reply) = shutdown {
                 self.stop(reply, rx);
                 return;
@@ -367,14 +379,14 @@ impl Writer {
     /// Stores a batch and answers it according to the durability mode. The
     /// records go to the store in runs of about [`RUN_BYTES`] (one record
     /// per run with `sync`), each stored all or nothing.
-    fn commit(&mut self, batch: Vec<(Event, Reply)>) {
+    fn commit(&mut self, batch: &mut Vec<(Event, Reply)>) {
         self.heal();
         let run_records = match self.durability {
             Durability::Sync => 1,
             Durability::Group | Durability::Async => usize::MAX,
         };
         let mut waiting_for_sync = Vec::new();
-        let mut batch = batch.into_iter().peekable();
+        let mut batch = batch.drain(..).peekable();
         while batch.peek().is_some() {
             let mut chain = self.chain.clone();
             let mut values = Vec::new();

@@ -256,9 +256,13 @@ impl Auditor {
                 reply: None,
                 patient,
             };
-            return inner.tx.send(msg).await.map_err(|_| AuditError::Closed);
+            return queue(&inner.tx, msg).await.map_err(|_| AuditError::Closed);
         }
-        self.append_waiting(event, patient).await.map(|_| ())
+        // Boxed, like `queue`'s wait (see there); `group` and `sync` wait
+        // for the fsync anyway.
+        Box::pin(self.append_waiting(event, patient))
+            .await
+            .map(|_| ())
     }
 
     /// Same ordering and chaining as [`Auditor::append`] without waiting for
@@ -275,7 +279,7 @@ impl Auditor {
             reply: None,
             patient: true,
         };
-        if inner.tx.send(msg).await.is_err() {
+        if queue(&inner.tx, msg).await.is_err() {
             inner.counters.failed.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 kind = kind.as_str(),
@@ -333,6 +337,19 @@ impl Auditor {
                 syncs: i.counters.syncs.load(Ordering::Relaxed),
                 gathered: i.counters.gathered.load(Ordering::Relaxed),
             })
+    }
+}
+
+/// Queues `msg` for the writer: at once when the queue has room, else
+/// waiting for room in a boxed future. A session's futures hold what they
+/// await, and `Sender::send`'s holds the message: unboxed, every future on
+/// the way from a client message to its record (one per message of an
+/// extended-protocol batch) carried and copied it.
+async fn queue(tx: &mpsc::Sender<Msg>, msg: Msg) -> Result<(), ()> {
+    match tx.try_send(msg) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(msg)) => Box::pin(tx.send(msg)).await.map_err(|_| ()),
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
     }
 }
 

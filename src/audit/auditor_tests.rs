@@ -470,3 +470,45 @@ async fn disabled_auditor_is_a_no_op() {
     assert_eq!(auditor.queue_depth(), 0);
     assert_eq!(auditor.shutdown().await.unwrap(), "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appenders_wait_for_room_when_the_queue_is_full_and_nothing_is_lost() {
+    let store = MemoryStore::default();
+    let auditor = open(&store, Durability::Async);
+    let statement = |i: usize| {
+        let mut ev = Event::new(Kind::Query);
+        ev.statement = Some(format!("select {i}"));
+        ev
+    };
+    auditor.append(statement(0)).await.unwrap();
+    // The async mode's background fsync of that record (due 20 ms after
+    // it) now takes 400 ms, and the writer takes nothing off the queue
+    // meanwhile.
+    store.control.sync_delay_us.store(400_000, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let n = super::QUEUE_CAPACITY + 50;
+    let started = std::time::Instant::now();
+    for i in 1..=n {
+        auditor.append_nowait(statement(i)).await;
+    }
+    let waited = started.elapsed();
+    store.control.sync_delay_us.store(0, Ordering::SeqCst);
+    assert!(
+        waited >= Duration::from_millis(150),
+        "the last {} records waited for room ({waited:?})",
+        n - super::QUEUE_CAPACITY
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let statements = loop {
+        let statements: Vec<String> = stored(&store)
+            .into_iter()
+            .filter_map(|r| r.statement)
+            .collect();
+        if statements.len() > n || std::time::Instant::now() > deadline {
+            break statements;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let expected: Vec<String> = (0..=n).map(|i| format!("select {i}")).collect();
+    assert!(statements == expected, "every record, in the order sent");
+}

@@ -262,6 +262,14 @@ impl TagKeys {
         if let Some(key) = self.cached(database) {
             return key;
         }
+        // Boxed: the read is rare and its future large, and a session's
+        // futures hold what they await (see `audit::auditor::queue`).
+        Box::pin(self.read_key(user, password, database)).await
+    }
+
+    /// Reads `database`'s key (one reader per database at a time) and
+    /// caches it.
+    async fn read_key(&self, user: &str, password: &str, database: &str) -> Option<TagKey> {
         let one = {
             let mut reading = self.reading.lock().unwrap_or_else(|e| e.into_inner());
             reading.entry(database.to_string()).or_default().clone()

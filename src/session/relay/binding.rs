@@ -263,6 +263,12 @@ impl QueryLoop<'_> {
     /// connection can go to anyone else, confirm it still carries this
     /// client's identity. One round trip.
     pub(super) async fn verify_identity(&mut self) -> Result<(), End> {
+        // Boxed: only with `verify = "transaction"`, where it is a round
+        // trip (see `audit::auditor::queue` for why size matters).
+        Box::pin(self.verify_identity_now()).await
+    }
+
+    async fn verify_identity_now(&mut self) -> Result<(), End> {
         self.core.verify_due = false;
         let Some(mut server) = self.server.take() else {
             return Ok(());

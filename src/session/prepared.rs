@@ -191,6 +191,29 @@ impl Statement {
             unnamed_parse: None,
         }
     }
+
+    /// [`Statement::new`], taking what `previous` worked out when it has
+    /// the same text: both are functions of the text alone. A driver that
+    /// sends the same unnamed `Parse` for every execution (pgbench `-M
+    /// extended`, most drivers' unprepared queries) has it analysed once.
+    pub fn new_after(
+        previous: Option<&Statement>,
+        sql: Bytes,
+        shared: Option<(u128, Bytes)>,
+        setting_params: Vec<u16>,
+    ) -> Statement {
+        match previous.filter(|p| p.sql == sql) {
+            Some(p) => Statement {
+                nature: p.nature,
+                session_sets: p.session_sets.clone(),
+                sql,
+                shared,
+                setting_params,
+                unnamed_parse: None,
+            },
+            None => Statement::new(sql, shared, setting_params),
+        }
+    }
 }
 
 /// The cursors `sql` declares (`DECLARE name ... CURSOR ... FOR ...`), as
@@ -237,6 +260,40 @@ pub fn declared_cursors(sql: &[u8]) -> Vec<(Vec<u8>, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_statement_takes_the_previous_analysis_only_for_the_same_text() {
+        let sets = Statement::new(
+            Bytes::from_static(b"SET work_mem = '1MB'"),
+            None,
+            Vec::new(),
+        );
+        assert_eq!(sets.session_sets, ["work_mem"]);
+        let again = Statement::new_after(
+            Some(&sets),
+            Bytes::from_static(b"SET work_mem = '1MB'"),
+            None,
+            vec![1],
+        );
+        assert_eq!(again.session_sets, ["work_mem"]);
+        assert_eq!(again.setting_params, [1]);
+        // Another text is analysed afresh, whatever came before.
+        let select = Statement::new_after(
+            Some(&sets),
+            Bytes::from_static(b"SELECT 1"),
+            None,
+            Vec::new(),
+        );
+        assert!(select.session_sets.is_empty());
+        assert!(select.nature.transparent);
+        let copy = Statement::new_after(
+            Some(&select),
+            Bytes::from_static(b"COPY t FROM STDIN"),
+            None,
+            Vec::new(),
+        );
+        assert!(copy.nature.copies_in && !copy.nature.transparent);
+    }
 
     #[test]
     fn declared_cursors_by_portal_name() {

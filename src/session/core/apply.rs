@@ -143,7 +143,8 @@ impl Core<'_> {
         self.note_cursors(&sql);
         self.seq.sent_extended();
         if name.is_empty() || own_name {
-            let mut statement = prepared::Statement::new(sql, None, setting_params);
+            let previous = self.seq.names.statements.get(&name);
+            let mut statement = prepared::Statement::new_after(previous, sql, None, setting_params);
             if name.is_empty() {
                 statement.unnamed_parse = Some(frame.slice(6..));
                 self.seq.unnamed_parsed();
@@ -158,7 +159,13 @@ impl Core<'_> {
             return;
         }
         let key = statements::key(&rest);
-        let statement = prepared::Statement::new(sql, Some((key, rest.clone())), setting_params);
+        let previous = self.seq.names.statements.get(&name);
+        let statement = prepared::Statement::new_after(
+            previous,
+            sql,
+            Some((key, rest.clone())),
+            setting_params,
+        );
         self.note_parsed(statement.nature, &mut conn);
         let previous = self.seq.names.statements.insert(name.clone(), statement);
         if let Some(conn) = conn {

@@ -54,8 +54,14 @@ impl QueryLoop<'_> {
         bound
     }
 
-    async fn bind_server_now(&mut self) -> Result<(), Refusal> {
+    /// What binding does on a connection bound already: whether the end of
+    /// the transaction is verified follows the live setting.
+    pub(super) fn note_bound(&mut self) {
         self.core.verify_due = self.shared.live().verify == VerifyMode::Transaction;
+    }
+
+    async fn bind_server_now(&mut self) -> Result<(), Refusal> {
+        self.note_bound();
         if self.server.is_some() {
             return self.rebind_kept().await;
         }

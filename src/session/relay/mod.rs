@@ -32,7 +32,7 @@ use tokio::sync::watch;
 
 use super::cancel::{BackendKey, CancelSlot};
 use super::checks::Rules;
-use super::core::Core;
+use super::core::{Core, Step};
 use super::refusal::Refusal;
 use super::sequencer::{ClientStep, Flow, ServerStep};
 use super::tracker::{Outcome, Pending};
@@ -287,7 +287,15 @@ impl<'a> QueryLoop<'a> {
             match step.map_err(|e| End::Fatal(e.into()))? {
                 ClientStep::Frame(frame) => {
                     let tag = frame[0];
-                    self.on_client_frame(frame).await?;
+                    // Most messages need no waiting (no record to store, no
+                    // connection to bind) and are taken without starting the
+                    // future that may wait, which is large (it may store
+                    // records and bind) and copied at each start.
+                    if let Some(step) = self.on_client_frame(frame)? {
+                        let result = self.perform(step).await;
+                        self.core.seq.emit_synthetic();
+                        result?;
+                    }
                     // PostgreSQL skips what follows a failed assertion only
                     // up to a `Sync`: nothing beyond goes before it is read.
                     if self.confirming.is_some() && matches!(tag, b'S' | b'Q' | b'F') {
@@ -313,15 +321,22 @@ impl<'a> QueryLoop<'a> {
         }
     }
 
-    async fn on_client_frame(&mut self, frame: Bytes) -> Result<(), End> {
+    /// Plans a client message and performs it if that needs no waiting;
+    /// otherwise returns the step for [`Self::perform`] (after which
+    /// `emit_synthetic` is the caller's).
+    fn on_client_frame(&mut self, frame: Bytes) -> Result<Option<Step>, End> {
         self.rollback_tells(&frame);
         let step = self
             .core
             .client_frame(frame, &self.client.rbuf)
             .map_err(End::Fatal)?;
-        let result = self.perform(step).await;
-        self.core.seq.emit_synthetic();
-        result
+        match self.perform_now(step) {
+            Ok(()) => {
+                self.core.seq.emit_synthetic();
+                Ok(None)
+            }
+            Err(step) => Ok(Some(step)),
+        }
     }
 
     async fn flush_server(&mut self) -> Result<(), End> {

@@ -30,6 +30,37 @@ impl QueryLoop<'_> {
         }
     }
 
+    /// [`Self::perform`] of a step that needs no waiting: nothing to do, or
+    /// a plan with no record to store whose connection, if it needs one, is
+    /// bound already mid-transaction (where binding only notes whether the
+    /// transaction's end is verified). Any other step comes back.
+    pub(super) fn perform_now(&mut self, step: Step) -> Result<(), Step> {
+        let plan = match step {
+            Step::Done => return Ok(()),
+            Step::Run(plan) => plan,
+            other => return Err(other),
+        };
+        let bound_already = self.server.is_some() && !self.core.seq.between_transactions();
+        if !plan.records.is_empty() || plan.after_bind.is_some() || (plan.bind && !bound_already) {
+            return Err(Step::Run(plan));
+        }
+        let Plan {
+            mut stored,
+            bind,
+            then,
+            ..
+        } = *plan;
+        if bind {
+            self.note_bound();
+            if let Some(Some(first)) = stored.first_mut() {
+                first.started = Instant::now();
+            }
+        }
+        let conn = self.server.as_mut().map(|s| s.state());
+        self.core.apply(then, stored, None, conn);
+        Ok(())
+    }
+
     /// Stores the plan's records, binds a connection if it needs one, and
     /// has the core write the message. If a record cannot be stored or no
     /// connection can be had, the message is refused and the records

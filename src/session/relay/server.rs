@@ -54,7 +54,10 @@ impl QueryLoop<'_> {
                 Duty::Resume => {
                     self.flush_client().await?;
                     self.core.seq.resume();
-                    return self.on_client_data().await;
+                    // Boxed: this future is started at every read from the
+                    // server, and the client side's would more than double
+                    // its size (and the bytes copied at each start).
+                    return Box::pin(self.on_client_data()).await;
                 }
             }
         }

@@ -30,12 +30,42 @@ pub struct Commits {
 }
 
 impl Commits {
-    /// What `sql` does to transactions.
+    /// What `sql` does to transactions, under either setting of
+    /// `standard_conforming_strings`: with it off, a backslash in `'...'`
+    /// escapes, so `'a\'; COMMIT; ...'` is no longer one string, and a
+    /// session can turn it off in the very request it sends the text in
+    /// (the gateway learns the setting only from the server's answer). A
+    /// text with a backslash counts what either reading does, as the
+    /// statement guard reads both.
     pub fn of(sql: &[u8]) -> Commits {
-        let mut c = Commits::default();
         if !mentions_transaction_control(sql) {
-            return c;
+            return Commits::default();
         }
+        let standard = Commits::read(sql, Dialect::DEFAULT);
+        if !sql.contains(&b'\\') {
+            return standard;
+        }
+        let escaping = Dialect {
+            standard_strings: false,
+            ..Dialect::DEFAULT
+        };
+        standard.or(Commits::read(sql, escaping))
+    }
+
+    /// What either of `self` and `other` does.
+    fn or(self, other: Commits) -> Commits {
+        Commits {
+            ends: self.ends || other.ends,
+            more_after: self.more_after || other.more_after,
+            chains: self.chains || other.chains,
+            block_commits: self.block_commits || other.block_commits,
+            rolls_back: self.rolls_back || other.rolls_back,
+        }
+    }
+
+    /// What `sql`, read in `dialect`, does to transactions.
+    fn read(sql: &[u8], dialect: Dialect) -> Commits {
+        let mut c = Commits::default();
         // The current statement: its first token, whether it ends its
         // transaction, whether it is a `DO`; the token before this one.
         let mut first: Option<&[u8]> = None;
@@ -43,7 +73,7 @@ impl Commits {
         let mut rolls_back = false;
         let mut in_do = false;
         let mut prev: &[u8] = b"";
-        for tok in Lexer::new(sql, Dialect::DEFAULT) {
+        for tok in Lexer::new(sql, dialect) {
             let text = tok.text(sql);
             if tok.is_punct(sql, b";") {
                 c.ends |= ends;
@@ -76,8 +106,8 @@ impl Commits {
                 rolls_back = false;
             }
             if in_do && matches!(tok.kind, Kind::Str(_)) {
-                let body = string_value(sql, &tok, Dialect::DEFAULT, b'\\');
-                c.block_commits |= Lexer::new(&body, Dialect::DEFAULT)
+                let body = string_value(sql, &tok, dialect, b'\\');
+                c.block_commits |= Lexer::new(&body, dialect)
                     .any(|b| b.is_word(&body, b"commit") || b.is_word(&body, b"rollback"));
             }
             prev = text;
@@ -190,6 +220,24 @@ mod tests {
         assert!(ends_transaction(b"COMMIT AND CHAIN"));
         assert!(!ends_transaction(b"SELECT 1"));
         assert!(!ends_transaction(b"ROLLBACK"));
+    }
+
+    #[test]
+    fn a_backslash_counts_both_readings_of_a_string() {
+        // With standard_conforming_strings off the server reads
+        // `'a\'; SELECT '` as one string, then COMMIT, then a SELECT in a
+        // new transaction (red team, stop 33).
+        let hidden = br"SELECT 'a\'; SELECT '; COMMIT; SELECT current_user --'";
+        assert!(continues_after_commit(hidden));
+        assert!(ends_transaction(hidden));
+        // Read with the setting on: a COMMIT in one of the readings.
+        assert!(continues_after_commit(
+            br"SELECT 'a\'; COMMIT; SELECT 1 --'"
+        ));
+        // Neither reading commits: nothing to count.
+        let plain = br"SELECT 'a\b'; SELECT 'commit'";
+        assert!(!continues_after_commit(plain));
+        assert!(!ends_transaction(plain));
     }
 
     #[test]

@@ -515,6 +515,39 @@ async fn opaque_code_cannot_commit_and_go_on_in_one_request() {
     );
 }
 
+/// With `standard_conforming_strings` off a backslash escapes inside
+/// `'...'`, so the server reads `'a\'; SELECT '` as one string, then a
+/// COMMIT and a statement in a new transaction, where the default reading
+/// sees a single string and no COMMIT. The request is refused all the same,
+/// and nothing of it runs (red team, stop 33: it ran before).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_hidden_by_an_escaping_backslash_cannot_go_on() {
+    support::cluster().psql(
+        "app",
+        "CREATE TABLE IF NOT EXISTS hostile_hidden (who text);
+         GRANT SELECT, INSERT ON hostile_hidden TO analyst;",
+    );
+    let gw = start_gateway(Opts::default()).await;
+    let alice = gw.connect("alice").await;
+    alice
+        .batch_execute("SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    let err = alice
+        .batch_execute(
+            r"BEGIN; SELECT 'a\'; SELECT '; COMMIT; INSERT INTO hostile_hidden VALUES (current_user) --'",
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(support::sqlstate(&err), "42501");
+    assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
+    assert_eq!(
+        support::one(&alice, "SELECT count(*) FROM hostile_hidden").await,
+        "0",
+        "nothing after the hidden COMMIT ran"
+    );
+}
+
 /// One client sending megabyte statements that the guard must read whole
 /// does not stall anyone else: another client's `SELECT 1` and a new login
 /// proceed meanwhile. (Generous bounds: the point is that they are not

@@ -53,8 +53,10 @@ struct Waiting<K, T> {
     /// longer in `order` is skipped). Hashed with foldhash, not SipHash:
     /// every release looks its identity up two or three times, and SipHash
     /// over the identity's four strings was a sixteenth of the gateway's
-    /// instructions per transaction at 20 clients on a pool of 4. foldhash
-    /// is seeded per process, and only sessions that logged in can add keys.
+    /// instructions per transaction at 20 clients on a pool of 4. The
+    /// pool's keys now hash as one number (`pool::key`), which foldhash
+    /// mixes in a few instructions. foldhash is seeded per process, and
+    /// only sessions that logged in can add keys.
     by_key: HashMap<K, VecDeque<u64>, foldhash::fast::RandomState>,
 }
 

@@ -38,6 +38,13 @@ struct Hashed {
     parts: KeyParts,
 }
 
+impl IdentityKey {
+    /// The pool: (database, login).
+    pub(super) fn pool(&self) -> &PoolKey {
+        &self.0.parts.pool
+    }
+}
+
 impl PartialEq for IdentityKey {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)

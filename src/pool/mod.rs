@@ -132,12 +132,11 @@ pub fn discard(conn: PooledConn) {
 /// Which pool: a database and the login its connections use.
 type PoolKey = (String, String);
 
-/// One pool, as a session holds it, with the session's identity.
+/// One pool, as a session holds it, with the session's identity (whose
+/// key names the pool's database and login).
 #[derive(Clone)]
 pub struct PoolRef {
     pool: managed::Pool<ServerManager>,
-    database: String,
-    login: String,
     key: IdentityKey,
 }
 
@@ -240,19 +239,15 @@ impl Pools {
         client_user: &Arc<str>,
     ) -> Result<PoolRef, AcquireError> {
         let login = self.login_for(role)?;
+        let pool = self.pool(database, &login);
         let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
         let key = keys.key(KeyParts {
-            pool: (database.to_string(), login.clone()),
+            pool: (database.to_string(), login),
             role: role.clone(),
             client_user: client_user.clone(),
         });
         drop(keys);
-        Ok(PoolRef {
-            pool: self.pool(database, &login),
-            database: database.to_string(),
-            login,
-            key,
-        })
+        Ok(PoolRef { pool, key })
     }
 
     /// Checks out a connection of `pool` for a session of identity `who`,
@@ -322,7 +317,8 @@ impl Pools {
         let started = std::time::Instant::now();
         loop {
             if capped && pool.pool.status().available == 0 {
-                self.make_room(&pool.database, &pool.login);
+                let (database, login) = pool.key.pool();
+                self.make_room(database, login);
             }
             let cap_wait = if capped { CAP_RETRY } else { Duration::ZERO };
             let timeouts = Timeouts {

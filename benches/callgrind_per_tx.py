@@ -15,6 +15,7 @@ the gateway may also not finish starting under valgrind within the
 
     python3 benches/callgrind_per_tx.py --audit off --transactions 2000
     python3 benches/callgrind_per_tx.py --audit off -- -S -M extended
+    python3 benches/callgrind_per_tx.py --users 8 --clients 40 --pool-size 4
 
 Not part of CI.
 """
@@ -31,6 +32,9 @@ def main():
     ap.add_argument("--pool-size", type=int, default=8,
                     help="fewer than --clients: sessions wait for connections and take handoffs")
     ap.add_argument("--transactions", type=int, default=1000, help="per client")
+    ap.add_argument("--users", type=int, default=1,
+                    help="client users (bench1..N), one pgbench each, the clients split among them: "
+                         "connections change hands between identities")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--keep", help="copy the callgrind output file here")
     ap.add_argument("--binary", help="the pgwarden build to count (default: target/release/pgwarden)")
@@ -41,6 +45,9 @@ def main():
     proc = None
     try:
         pg = bench.Cluster(tmp, a.pool_size)
+        if a.users > 1:
+            bench.USERS = [f"bench{i}" for i in range(1, a.users + 1)]
+            pg.add_users(bench.USERS)
         out = os.path.join(tmp, "callgrind.out")
         os.environ["PGWARDEN_WRAPPER"] = f"valgrind --tool=callgrind --callgrind-out-file={out}"
         proc, port = bench.start_pgwarden(tmp, pg.port, a.pool_size, a.audit, wrapper=os.environ["PGWARDEN_WRAPPER"].split(), wait=120,
@@ -62,12 +69,22 @@ def main():
 
 
 def run_pgbench(port, clients, per_client, args):
-    cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", "bench", "-c", str(clients),
-           "-j", str(min(clients, 2)), "-t", str(per_client)] + args + ["postgres"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PGPASSWORD=bench.PASSWORD))
-    if res.returncode != 0:
-        sys.exit(f"pgbench failed: {res.stderr[-500:]}")
-    return int(re.search(r"number of transactions actually processed: (\d+)", res.stdout).group(1))
+    """One pgbench per user in bench.USERS, side by side, the clients split
+    among them; returns the transactions they processed."""
+    per_user = max(1, clients // len(bench.USERS))
+    runs = []
+    for user in bench.USERS:
+        cmd = ["pgbench", "-n", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-c", str(per_user),
+               "-j", str(min(per_user, 2)), "-t", str(per_client)] + args + ["postgres"]
+        runs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, PGPASSWORD=bench.PASSWORD)))
+    txns = 0
+    for run in runs:
+        out, err = run.communicate()
+        if run.returncode != 0:
+            sys.exit(f"pgbench failed: {err[-500:]}")
+        txns += int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
+    return txns
 
 
 def report(dump, txns, top):

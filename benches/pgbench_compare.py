@@ -7,6 +7,12 @@ binary; transaction mode, identity assertion on) in each requested audit mode,
 then runs pgbench against every target, interleaved, for several rounds, and
 prints the median TPS, mean and p99 latency and the ratios.
 
+CPU columns, per transaction: `cpu us/tx` is the pooler's own CPU (user +
+kernel), `sys` its kernel share, and `box us/tx` the whole machine's busy
+CPU (pgbench, PostgreSQL, the pooler, interrupts). On a machine whose cores
+are all busy, TPS is about cores x busy fraction / `box us/tx`, so a
+pooler's ratio to PgBouncer is set by how much `box us/tx` it adds.
+
     python3 benches/pgbench_compare.py --clients 20 --duration 10 --rounds 3
 
 Not part of CI (it measures, it does not assert). `--smoke` runs it tiny.
@@ -230,13 +236,23 @@ def start_pgbouncer(tmp, pg_port, pool_size):
 
 
 def cpu_seconds(pid):
-    """utime + stime of a process (and its reaped children), in seconds."""
+    """(utime + stime, stime) of a process (and its reaped children), in seconds."""
     if pid is None:
-        return 0.0
+        return (0.0, 0.0)
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = sum(int(x) for x in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    sys_ticks = int(fields[12]) + int(fields[14])
+    return (ticks / os.sysconf("SC_CLK_TCK"), sys_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def machine_busy_seconds():
+    """CPU seconds the whole machine spent not idle (all processes, all
+    cores, interrupts included), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid):
@@ -282,6 +298,7 @@ def pgbench(port, clients, duration, args, pid=None):
     logdir = tempfile.mkdtemp()
     runs = []
     cpu_before = cpu_seconds(pid)
+    busy_before = machine_busy_seconds()
     counters_before = scrape(port)
     for user in USERS:
         pin = ["taskset", "-c", str(PGBENCH_CPU)] if PGBENCH_CPU is not None else []
@@ -294,13 +311,14 @@ def pgbench(port, clients, duration, args, pid=None):
     for r in runs:
         out, err = r.communicate()
         outs.append((r.returncode, out, err))
-    cpu = cpu_seconds(pid) - cpu_before
+    cpu, sys_cpu = (after - before for after, before in zip(cpu_seconds(pid), cpu_before))
+    busy = machine_busy_seconds() - busy_before
     counters_after = scrape(port)
     # A pgbench that lost clients may still exit 0, without a tps line.
     if any(code != 0 or "tps = " not in out for code, out, _ in outs):
         shutil.rmtree(logdir)
         err = next(e for code, out, e in outs if code != 0 or "tps = " not in out)
-        return {"tps": 0.0, "cpu_us": 0.0, "avg_ms": 0.0, "p99_ms": 0.0, "failed": True,
+        return {"tps": 0.0, "cpu_us": 0.0, "sys_us": 0.0, "box_us": 0.0, "avg_ms": 0.0, "p99_ms": 0.0, "failed": True,
                 "handoff": None, "asserts": None,
                 "err": err.strip()[-300:]}
     tps = sum(float(re.search(r"tps = ([\d.]+)", o).group(1)) for _, o, _ in outs)
@@ -317,6 +335,8 @@ def pgbench(port, clients, duration, args, pid=None):
         handoff = delta["pgwarden_pool_handoffs_total"] / checkouts if checkouts else 0.0
         asserts = delta["pgwarden_identity_assertions_total"] / txns
     return {"tps": tps, "cpu_us": cpu * 1e6 / txns if pid and txns else 0.0,
+            "sys_us": sys_cpu * 1e6 / txns if pid and txns else 0.0,
+            "box_us": busy * 1e6 / txns if txns else 0.0,
             "handoff": handoff, "asserts": asserts,
             "avg_ms": statistics.mean(lat) / 1000 if lat else 0,
             "p99_ms": lat[int(len(lat) * 0.99) - 1] / 1000 if lat else 0,
@@ -390,13 +410,13 @@ def main():
                     for name, port in targets:
                         res = pgbench(port, clients, a.duration, workloads[wl], pids.get(name))
                         results.setdefault((wl, clients, name), []).append(res)
-        print(f"\n{'workload':16} {'clients':>7} {'target':18} {'tps':>10} {'avg ms':>8} {'p99 ms':>8} {'cpu us/tx':>9} {'/pgbouncer':>10} {'/postgres':>9} {'handoff':>8} {'assert/tx':>9}")
+        print(f"\n{'workload':16} {'clients':>7} {'target':18} {'tps':>10} {'avg ms':>8} {'p99 ms':>8} {'cpu us/tx':>9} {'sys':>5} {'box us/tx':>9} {'/pgbouncer':>10} {'/postgres':>9} {'handoff':>8} {'assert/tx':>9}")
         for wl in a.workloads.split(","):
             for clients in [int(c) for c in a.clients.split(",")]:
                 med = {}
                 for name, _ in targets:
                     rs = results[(wl, clients, name)]
-                    med[name] = {k: statistics.median([r[k] for r in rs]) for k in ("tps", "avg_ms", "p99_ms", "cpu_us")}
+                    med[name] = {k: statistics.median([r[k] for r in rs]) for k in ("tps", "avg_ms", "p99_ms", "cpu_us", "sys_us", "box_us")}
                     med[name]["failed"] = any(r["failed"] for r in rs)
                     for k in ("handoff", "asserts"):
                         vals = [r[k] for r in rs if r[k] is not None]
@@ -407,9 +427,10 @@ def main():
                     vs_p = f"{m['tps'] / med['postgres']['tps']:.2f}" if med["postgres"]["tps"] else "-"
                     flag = " FAILED" if m["failed"] else ""
                     cpu = f"{m['cpu_us']:.1f}" if m["cpu_us"] else "-"
+                    sys_cpu = f"{m['sys_us']:.1f}" if m["cpu_us"] else "-"
                     handoff = f"{m['handoff']:.0%}" if m["handoff"] is not None else "-"
                     asserts = f"{m['asserts']:.2f}" if m["asserts"] is not None else "-"
-                    print(f"{wl:16} {clients:>7} {name:18} {m['tps']:>10.0f} {m['avg_ms']:>8.3f} {m['p99_ms']:>8.3f} {cpu:>9} {vs_b:>10} {vs_p:>9}"
+                    print(f"{wl:16} {clients:>7} {name:18} {m['tps']:>10.0f} {m['avg_ms']:>8.3f} {m['p99_ms']:>8.3f} {cpu:>9} {sys_cpu:>5} {m['box_us']:>9.1f} {vs_b:>10} {vs_p:>9}"
                           f" {handoff:>8} {asserts:>9}{flag}")
         if a.idle_clients:
             print(f"\nRSS with {a.idle_clients} idle clients (KiB): before -> peak, per client")

@@ -477,7 +477,18 @@ async fn kill_9_run(
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // At least 1.5 s of load, and on a loaded machine until 200 statements
+    // were acknowledged (at most 30 s): the kill must land mid-load.
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let enough = acked.lock().unwrap().len() >= 200;
+        let elapsed = started.elapsed();
+        if (enough && elapsed >= Duration::from_millis(1500)) || elapsed >= Duration::from_secs(30)
+        {
+            break;
+        }
+    }
     let gathered = match admin {
         Some(port) => support::scrape_metrics(port)
             .await

@@ -291,21 +291,31 @@ async fn admins_pause_kill_and_shut_down() {
     let carol = connect("alice").await;
     let sleeping = tokio::spawn(async move {
         carol
-            .simple_query("SELECT pg_sleep(1)")
+            .simple_query("SELECT pg_sleep(2)")
             .await
             .map(|_| carol)
     });
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    let clients = console(port, "alice", "alice-pw", "SHOW CLIENTS");
-    let active = said(&clients)
-        .lines()
-        .find(|l| l.starts_with("C|alice|app|active|"))
-        .map(|l| l.split('|').nth(9).unwrap_or("").to_string())
-        .unwrap_or_default();
+    // Polled until the request has run a while (on a loaded machine it may
+    // start late): its age grows past 0.2 s while it runs.
+    let asked = std::time::Instant::now();
+    let clients = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let clients = console(port, "alice", "alice-pw", "SHOW CLIENTS");
+        let active = said(&clients)
+            .lines()
+            .find(|l| l.starts_with("C|alice|app|active|"))
+            .map(|l| l.split('|').nth(9).unwrap_or("").to_string())
+            .unwrap_or_default();
+        if active.parse::<f64>().is_ok_and(|age| age > 0.2)
+            || asked.elapsed() > std::time::Duration::from_millis(1800)
+        {
+            break (clients, active);
+        }
+    };
     assert!(
-        active.parse::<f64>().is_ok_and(|age| age > 0.2),
+        clients.1.parse::<f64>().is_ok_and(|age| age > 0.2),
         "{}",
-        said(&clients)
+        said(&clients.0)
     );
     sleeping.await.unwrap().unwrap();
     bob.batch_execute("BEGIN; SELECT 1").await.unwrap();

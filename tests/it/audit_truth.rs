@@ -251,8 +251,10 @@ async fn cancel_and_session_end_records_and_csv_cells() {
     let store = gw.dir.path().join("audit");
     let alice = alice_as(&gw, "=HYPERLINK(\"http://x\")").await;
     let token = alice.cancel_token();
-    let sleeper = tokio::spawn(async move { alice.simple_query("SELECT pg_sleep(10)").await });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let marker = support::marked("SELECT pg_sleep(10)");
+    let sleep = marker.clone();
+    let sleeper = tokio::spawn(async move { alice.simple_query(&sleep).await });
+    support::until_running(&marker).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     assert!(sleeper.await.unwrap().is_err(), "cancelled");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;

@@ -44,16 +44,9 @@ async fn cancel_with(addr: SocketAddr, code: i32, (pid, secret): (i32, i32)) {
 /// cancel before that finds nothing to cancel; on a loaded machine a fixed
 /// wait was not always enough).
 pub(crate) async fn start_running(c: &mut RawClient, seconds: u32) {
-    let marker = format!("SELECT pg_sleep({seconds}) -- {}", rand::random::<u32>());
+    let marker = crate::support::marked(&format!("SELECT pg_sleep({seconds})"));
     c.stream.write_all(&query(&marker)).await.unwrap();
-    let running = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = '{marker}'"
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while crate::support::cluster().psql("app", &running) != "1" {
-        assert!(Instant::now() < deadline, "the statement never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::until_running(&marker).await;
 }
 
 pub(crate) async fn run(c: &mut RawClient, sql: &str) -> Option<String> {

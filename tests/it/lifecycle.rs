@@ -249,21 +249,10 @@ async fn clients_beyond_max_client_connections_get_fatal_53300() {
     assert_eq!(support::sqlstate(&err), "53300");
     // Cancel requests are still served while full.
     let token = a.cancel_token();
-    let marker = format!("SELECT pg_sleep(20) -- {}", rand::random::<u32>());
+    let marker = support::marked("SELECT pg_sleep(20)");
     let sleep = marker.clone();
     let sleeper = tokio::spawn(async move { a.simple_query(&sleep).await.map(|_| ()) });
-    // Cancelled once PostgreSQL runs it: a cancel before that finds nothing.
-    let running = format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = '{marker}'"
-    );
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while support::cluster().psql("app", &running) != "1" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the statement never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::until_running(&marker).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     assert_eq!(
         support::sqlstate(&sleeper.await.unwrap().unwrap_err()),

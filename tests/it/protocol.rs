@@ -244,9 +244,10 @@ async fn cancel_request_stops_pg_sleep() {
     let c = gw.connect("alice").await;
     let token = c.cancel_token();
     let started = Instant::now();
-    let sleeper =
-        tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await.map(|_| ()) });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let marker = support::marked("SELECT pg_sleep(30)");
+    let sleep = marker.clone();
+    let sleeper = tokio::spawn(async move { c.simple_query(&sleep).await.map(|_| ()) });
+    support::until_running(&marker).await;
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let err = sleeper.await.unwrap().expect_err("cancelled");
     assert_eq!(support::sqlstate(&err), "57014");

@@ -106,6 +106,25 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// A statement text no other test sends: `sql` with a random comment.
+pub fn marked(sql: &str) -> String {
+    format!("{sql} -- {}", rand::random::<u32>())
+}
+
+/// Returns once PostgreSQL runs `query` (exactly that text, e.g. from
+/// [`marked`]) on database `app`: a cancel sent before that finds nothing
+/// to cancel, and on a loaded machine a fixed wait is not always enough.
+pub async fn until_running(query: &str) {
+    let running = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = '{}'",
+        query.replace('\'', "''")
+    );
+    eventually("the statement runs", || {
+        cluster().psql("app", &running) == "1"
+    })
+    .await;
+}
+
 /// psql (no psqlrc, unaligned, tuples only) on 127.0.0.1:`port`, database
 /// `database`, as `user` with `password`; add the rest and run it.
 pub fn psql_command(port: u16, user: &str, password: &str, database: &str) -> Command {

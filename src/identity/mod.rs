@@ -68,6 +68,7 @@ mod bodies;
 pub mod decode;
 pub mod guard;
 pub mod guard_cases;
+pub mod keywords;
 pub mod lexer;
 pub mod policy;
 mod prefilter;

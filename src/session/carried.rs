@@ -176,8 +176,8 @@ impl Carried {
     /// encoding, non-ASCII text behind it is recorded as its bytes until
     /// the server has answered everything ([`Self::settled`]).
     pub fn note_text(&mut self, sql: &[u8]) {
-        static ENCODING: crate::session::keywords::Keywords =
-            crate::session::keywords::Keywords::new(&["encoding", "names"]);
+        static ENCODING: crate::identity::keywords::Keywords =
+            crate::identity::keywords::Keywords::new(&["encoding", "names"]);
         self.encoding_in_flux |= ENCODING.in_text(sql);
     }
 

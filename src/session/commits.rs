@@ -148,8 +148,8 @@ fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
 /// Whether `sql` may control transactions: it contains `commit`, `end`,
 /// `chain`, `prepare`, `rollback` or `abort`, ignoring ASCII case.
 fn mentions_transaction_control(sql: &[u8]) -> bool {
-    static CONTROL: crate::session::keywords::Keywords =
-        crate::session::keywords::Keywords::new(&[
+    static CONTROL: crate::identity::keywords::Keywords =
+        crate::identity::keywords::Keywords::new(&[
             "commit", "end", "chain", "prepare", "rollback", "abort",
         ]);
     CONTROL.in_text(sql)

@@ -26,8 +26,8 @@ pub const MAX_KEPT: usize = 64;
 /// `SET SESSION CHARACTERISTICS`, `RESET name`, and `set_config('name',
 /// ..., <anything but true>)`. Unquoted names are lower-cased.
 pub fn session_sets(sql: &[u8]) -> Vec<String> {
-    static SETS: crate::session::keywords::Keywords =
-        crate::session::keywords::Keywords::new(&["set", "reset"]);
+    static SETS: crate::identity::keywords::Keywords =
+        crate::identity::keywords::Keywords::new(&["set", "reset"]);
     if !SETS.in_text(sql) {
         return Vec::new();
     }

@@ -57,8 +57,8 @@ impl Control {
         if several && (commits.more_after || controls_transactions(sql)) {
             return Control::Mixed;
         }
-        static SAVEPOINTS: crate::session::keywords::Keywords =
-            crate::session::keywords::Keywords::new(&["savepoint", "rollback", "release"]);
+        static SAVEPOINTS: crate::identity::keywords::Keywords =
+            crate::identity::keywords::Keywords::new(&["savepoint", "rollback", "release"]);
         if !SAVEPOINTS.in_text(sql) {
             return Control::Other;
         }

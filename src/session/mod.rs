@@ -15,7 +15,6 @@ mod console;
 mod controls;
 pub mod core;
 pub mod kept;
-pub mod keywords;
 pub mod latch;
 pub mod ledger;
 pub mod opaque;

@@ -251,8 +251,8 @@ pub fn settings_transparent(settings: &[(String, String)]) -> bool {
 /// resolves to (a function of the client's own could come before the
 /// real one). Any other `SET` runs no code: pg_catalog stays first.
 fn names_the_catalog(text: &[u8]) -> bool {
-    static CATALOG: crate::session::keywords::Keywords =
-        crate::session::keywords::Keywords::new(&["pg_catalog", "pg_temp"]);
+    static CATALOG: crate::identity::keywords::Keywords =
+        crate::identity::keywords::Keywords::new(&["pg_catalog", "pg_temp"]);
     CATALOG.in_text(text)
 }
 
@@ -262,7 +262,10 @@ fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
 
 /// Words (lower case) in a set built once: the lists above are long, and a
 /// statement may ask about every word it has.
-type WordSet = std::sync::LazyLock<std::collections::HashSet<&'static [u8]>>;
+/// Hashed with foldhash, not SipHash: the sets are built once from the
+/// lists above, so a client's words can only look up, never crowd a bucket.
+type WordSet =
+    std::sync::LazyLock<std::collections::HashSet<&'static [u8], foldhash::fast::RandomState>>;
 
 static COMMAND_SET: WordSet = WordSet::new(|| COMMANDS.iter().copied().collect());
 static BEFORE_PAREN: WordSet = WordSet::new(|| KEYWORDS.iter().chain(FUNCTIONS).copied().collect());
@@ -286,7 +289,8 @@ fn in_set(set: &WordSet, word: &[u8]) -> bool {
 /// operators and punctuation (no quotes or comments) are read by a byte
 /// scanner; anything else by the guard's lexer.
 pub fn transparent(sql: &[u8]) -> bool {
-    if sql.iter().any(|&b| b == b'\\' || b >= 0x80) {
+    // Two word-at-a-time scans; one byte-by-byte test of both costs more.
+    if !sql.is_ascii() || sql.contains(&b'\\') {
         return false;
     }
     if let Some(verdict) = classify(SimpleTokens { src: sql, pos: 0 }) {

@@ -222,8 +222,8 @@ impl Statement {
 /// server folds them.
 pub fn declared_cursors(sql: &[u8]) -> Vec<(Vec<u8>, &[u8])> {
     use crate::identity::lexer::{tokens, Kind};
-    static DECLARE: crate::session::keywords::Keywords =
-        crate::session::keywords::Keywords::new(&["declare"]);
+    static DECLARE: crate::identity::keywords::Keywords =
+        crate::identity::keywords::Keywords::new(&["declare"]);
     if !DECLARE.in_text(sql) {
         return Vec::new();
     }

@@ -8,8 +8,8 @@
 //! a different client; a client's own startup and reported parameters are
 //! applied to every connection that serves it.
 
+use crate::identity::keywords::Keywords;
 use crate::identity::lexer::{tokens, Kind};
-use crate::session::keywords::Keywords;
 
 /// Reportable parameters a client may change with SET; their new values
 /// arrive as `ParameterStatus` and follow the client to its next connection.

@@ -1,8 +1,9 @@
-//! The session's keyword prefilters: whether a statement contains any of a
-//! few words, ignoring ASCII case, anywhere (inside identifiers too:
+//! The keyword prefilters: whether a statement contains any of a few
+//! words, ignoring ASCII case, anywhere (inside identifiers too:
 //! `pg_advisory_lock` contains `advis`). Each statement goes through several
-//! of them (what it may leave on the connection, whether it may use
-//! sequences, copy in, control its transaction, set encodings...), and most
+//! of them (the guard's fast path, what it may leave on the connection,
+//! whether it may use sequences, copy in, control its transaction, set
+//! encodings...), and most
 //! statements contain none of their words, so they decide whether the
 //! statement is lexed at all.
 //!
@@ -33,6 +34,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 const WORDS: &[&str] = &[
     "abort",
     "advis",
+    "aggregate",
     "chain",
     "commit",
     "copy",
@@ -42,8 +44,11 @@ const WORDS: &[&str] = &[
     "default",
     "delete",
     "disc",
+    "discard",
+    "do",
     "encoding",
     "end",
+    "function",
     "hold",
     "insert",
     "listen",
@@ -53,8 +58,11 @@ const WORDS: &[&str] = &[
     "nextval",
     "pg_catalog",
     "pg_temp",
+    "pgwarden_",
     "prep",
     "prepare",
+    "procedure",
+    "query_to",
     "release",
     "reset",
     "rollback",
@@ -63,6 +71,9 @@ const WORDS: &[&str] = &[
     "setval",
     "stdin",
     "temp",
+    "ts_rewrite",
+    "ts_stat",
+    "u&",
     "update",
 ];
 
@@ -291,7 +302,10 @@ mod tests {
                         } else {
                             format!("SELECT {n}; DEALLOCATE x{n}")
                         };
-                        assert_eq!(SOME_SET.in_text(text.as_bytes()), naive(SOME, text.as_bytes()));
+                        assert_eq!(
+                            SOME_SET.in_text(text.as_bytes()),
+                            naive(SOME, text.as_bytes())
+                        );
                     }
                 })
             })

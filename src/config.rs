@@ -16,7 +16,7 @@ mod backend;
 pub mod primary;
 pub use audit::{
     shown_instance, valid_instance, AuditConfig, Durability, OnFailure, ShipConfig, ShipFormat,
-    ShipTransport, MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES,
+    ShipTransport, DEFAULT_MAX_VALUE_BYTES, MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES,
 };
 pub use backend::BackendConfig;
 

@@ -23,6 +23,7 @@ pub mod cef;
 pub mod chain;
 pub mod checkpoint;
 pub mod cli;
+mod cut;
 pub mod export;
 pub mod follow;
 pub mod heads;

@@ -34,6 +34,10 @@ pub struct AuditConfig {
     pub flush_interval_ms: u64,
     pub on_failure: OnFailure,
     pub log_parameters: bool,
+    /// The most bytes of a statement text, or of a parameter value, that a
+    /// record keeps; a longer one is stored cut, with its length and
+    /// SHA-256 in the record's `message` (0: no limit).
+    pub max_value_bytes: usize,
     /// This gateway's id in shipped records; default: one made when the
     /// store is created, kept in it.
     pub instance: Option<String>,
@@ -139,6 +143,9 @@ pub const MIN_MESSAGE_BYTES: usize = 2048;
 /// The largest: RELP's frame limit is 9 digits, rsyslog's far lower.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// `[audit] max_value_bytes` by default: 1 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1 << 20;
+
 fn default_max_message_bytes() -> usize {
     8192
 }
@@ -156,6 +163,7 @@ impl Default for AuditConfig {
             flush_interval_ms: 5,
             on_failure: OnFailure::Deny,
             log_parameters: false,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             instance: None,
             ship: None,
             archive_dir: None,

@@ -616,6 +616,99 @@ async fn huge_statements_do_not_stall(addr: SocketAddr) {
     );
 }
 
+/// From the rt34 red team: four 200 MB statements from one client held
+/// every other session's `group` commit for 11 s, each record being
+/// chained, compressed and fsynced whole. A record keeps at most
+/// `max_value_bytes` of a statement text or a parameter value, and says in
+/// its `message` how long the whole was and its SHA-256; another session's
+/// statements run meanwhile. (A generous bound on their wait, as above:
+/// the record's content is what fails without the cut.)
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_values_are_recorded_cut_and_hold_up_no_other_commit() {
+    use sha2::Digest;
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "max_value_bytes = 65536\nlog_parameters = true\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    // Two bytes per character: the cut lands on a character boundary.
+    let statement = format!("SELECT 1 /*x {} */", "\u{e9}".repeat(3_000_000));
+    let param = "p".repeat(1_000_000);
+    let mut hogs = Vec::new();
+    for _ in 0..3 {
+        let (statement, param) = (statement.clone(), param.clone());
+        let c = gw.connect("alice").await;
+        hogs.push(tokio::spawn(async move {
+            for _ in 0..2 {
+                c.simple_query(&statement).await.unwrap();
+                let n: i32 = c
+                    .query_one("SELECT length($1::text)", &[&param])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(n, 1_000_000);
+            }
+        }));
+    }
+    let other = gw.connect("bob").await;
+    let mut slowest = std::time::Duration::ZERO;
+    while hogs.iter().any(|h| !h.is_finished()) {
+        let t = std::time::Instant::now();
+        assert_eq!(support::one(&other, "SELECT 1").await, "1");
+        slowest = slowest.max(t.elapsed());
+    }
+    for h in hogs {
+        h.await.unwrap();
+    }
+    drop(other);
+    gw.until_clients(0).await;
+    let _dir = gw.stop().await;
+    assert!(
+        slowest < std::time::Duration::from_secs(5),
+        "another session's statement waited {slowest:?} behind huge records"
+    );
+    let sha = |text: &str| {
+        let digest: [u8; 32] = sha2::Sha256::digest(text.as_bytes()).into();
+        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let records = crate::audit::export(&store, &["--raw", "--kind", "query"]);
+    let cut_statements: Vec<_> = records
+        .iter()
+        .filter(|r| crate::audit::s(r, "statement").starts_with("SELECT 1 /*x \u{e9}"))
+        .collect();
+    assert_eq!(cut_statements.len(), 6);
+    for r in cut_statements {
+        assert_eq!(crate::audit::s(r, "statement"), statement[..65535]);
+        assert_eq!(
+            crate::audit::s(r, "message"),
+            format!(
+                "stored cut: statement to its first 65535 of {} bytes (SHA-256 of the whole: {})",
+                statement.len(),
+                sha(&statement)
+            )
+        );
+    }
+    // tokio-postgres binds text in binary format: recorded as `\x` hex.
+    let whole = format!("\\x{}", "70".repeat(1_000_000));
+    let cut_params: Vec<_> = records
+        .iter()
+        .filter(|r| crate::audit::s(r, "statement") == "SELECT length($1::text)")
+        .collect();
+    assert_eq!(cut_params.len(), 6);
+    for r in cut_params {
+        assert_eq!(r["params"][0].as_str(), Some(&whole[..65536]));
+        assert_eq!(
+            crate::audit::s(r, "message"),
+            format!(
+                "stored cut: parameter $1 to its first 65536 of 2000002 bytes (SHA-256 of the whole: {})",
+                sha(&whole)
+            )
+        );
+    }
+}
+
 /// From a second red-team pass: after opaque code in a transaction,
 /// `COMMIT AND CHAIN` (in the same request or a later one) and a `DO`
 /// block that commits inside would start a new transaction with the

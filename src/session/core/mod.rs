@@ -32,7 +32,7 @@ use crate::backend::conn::ConnState;
 use crate::protocol::messages::{self, PgError};
 use crate::protocol::sqlstate;
 use crate::session::carried::Carried;
-use crate::session::checks::{Checks, Refused, Rules};
+use crate::session::checks::{off_thread, Checks, Refused, Rules};
 use crate::session::clock::Clock;
 use crate::session::ledger::Control;
 use crate::session::outcome::{Outcome, Pending};
@@ -99,6 +99,9 @@ pub struct Core<'a> {
     auditing: bool,
     /// `[audit] log_parameters`, as the driver last read it (reloadable).
     pub log_parameters: bool,
+    /// `[audit] max_value_bytes`: longer statement texts and parameter
+    /// values are recorded cut (see `audit::cut`).
+    pub max_value_bytes: usize,
     /// The largest client message accepted.
     max_message_size: usize,
     /// The protocol state.
@@ -138,6 +141,7 @@ impl<'a> Core<'a> {
             rules,
             auditing,
             log_parameters: false,
+            max_value_bytes: crate::config::DEFAULT_MAX_VALUE_BYTES,
             max_message_size,
             seq: Sequencer::default().with_code(crate::session::sequencer::Code::new(opaque_start)),
             carried: Carried::new(
@@ -252,8 +256,12 @@ impl<'a> Core<'a> {
             return None;
         }
         let mut event = self.event(Kind::Query);
-        event.statement = Some(self.carried.client_text(sql).into_owned());
-        event.params = params;
+        // Copying, hashing and cutting a huge text is work for another thread.
+        off_thread(sql.len(), || {
+            event.statement = Some(self.carried.client_text(sql).into_owned());
+            event.params = params;
+            event.cut_long_values(self.max_value_bytes);
+        });
         // From the bytes the server runs, not the recorded text (which may
         // be the bytes in hex).
         Some(ToRecord {
@@ -266,7 +274,10 @@ impl<'a> Core<'a> {
     /// initiative, with `note` saying why.
     pub fn own_record(&self, sql: &str, note: &str) -> Option<ToRecord> {
         let mut record = self.record(sql.as_bytes(), None)?;
-        record.event.message = Some(note.to_string());
+        record.event.message = Some(match record.event.message.take() {
+            Some(cut) => format!("{note}; {cut}"),
+            None => note.to_string(),
+        });
         Some(record)
     }
 
@@ -280,10 +291,13 @@ impl<'a> Core<'a> {
             return None;
         }
         let mut ev = self.event(Kind::GuardBlocked);
-        ev.statement = Some(self.carried.client_text(sql).into_owned());
         ev.status = Some(Status::Error);
         ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
         ev.message = Some(why.to_string());
+        off_thread(sql.len(), || {
+            ev.statement = Some(self.carried.client_text(sql).into_owned());
+            ev.cut_long_values(self.max_value_bytes);
+        });
         Some(ev)
     }
 

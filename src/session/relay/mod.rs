@@ -134,12 +134,13 @@ impl<'a> QueryLoop<'a> {
             mode: shared.config.pool.mode,
             session_set: shared.config.pool.session_set,
         };
-        let core = Core::new(
+        let mut core = Core::new(
             ident,
             rules,
             shared.auditor.enabled(),
             (client.max_message_size, client_pid),
         );
+        core.max_value_bytes = shared.config.audit.max_value_bytes;
         QueryLoop {
             shared,
             ident,

@@ -9,7 +9,7 @@ use super::{Conn, Core, Then};
 use crate::backend::conn::ConnState;
 use crate::backend::statements;
 use crate::protocol::messages;
-use crate::session::checks::Passed;
+use crate::session::checks::{off_thread, Passed};
 use crate::session::outcome::{Outcome, Pending, Portal};
 use crate::session::prepared::{self, Nature};
 use crate::session::sequencer::Marking;
@@ -20,6 +20,21 @@ impl Core<'_> {
     /// (`stored`, in order; `after_bind`: the one stored once bound) and,
     /// when it needed one, a connection is bound (`conn`).
     pub fn apply(
+        &mut self,
+        then: Then,
+        stored: Vec<Option<Pending>>,
+        after_bind: Option<Pending>,
+        conn: Conn<'_>,
+    ) {
+        // Applying reads the text again (what it leaves on the connection,
+        // sequences, transaction control): four 200 MB queries held both
+        // worker threads here for seconds (red team rt34).
+        off_thread(then.weight(), move || {
+            self.apply_now(then, stored, after_bind, conn);
+        });
+    }
+
+    fn apply_now(
         &mut self,
         then: Then,
         stored: Vec<Option<Pending>>,

@@ -42,6 +42,22 @@ pub enum Then {
     FunctionCall(Bytes),
 }
 
+impl Then {
+    /// The bytes applying it reads: a large message is applied off the
+    /// threads other sessions run on (see [`crate::session::checks::off_thread`]).
+    pub fn weight(&self) -> usize {
+        match self {
+            Then::Query { frame, .. } | Then::Parse { frame, .. } => frame.len(),
+            Then::Bind { frame, sql, .. } => frame.len() + sql.len(),
+            Then::Describe(frame)
+            | Then::Close(frame)
+            | Then::Execute(frame)
+            | Then::FunctionCall(frame) => frame.len(),
+            Then::Deallocate(_) => 0,
+        }
+    }
+}
+
 impl Plan {
     fn new(flow: Flow, then: Then) -> Plan {
         Plan {

@@ -574,6 +574,25 @@ async fn a_huge_statement_does_not_stall_a_gateway_of_one_worker_thread() {
         "the setting gives the gateway one worker thread"
     );
     huge_statements_do_not_stall(addr).await;
+    // A plain statement the guard passes at once is still read again when
+    // it is applied (what it leaves on the connection, sequences,
+    // transaction control): that too happens off the one worker thread
+    // (red team rt34: four 200 MB queries held others for 4 s there).
+    let sql = format!("SELECT 1 /* {} */", "x".repeat(32 << 20));
+    let hog_client = support::connect_at(addr.port(), "alice").await;
+    let hog = tokio::spawn(async move { hog_client.simple_query(&sql).await.map(drop) });
+    let other = support::connect_at(addr.port(), "bob").await;
+    let mut slowest = std::time::Duration::ZERO;
+    while !hog.is_finished() {
+        let t = std::time::Instant::now();
+        assert_eq!(support::one(&other, "SELECT 1").await, "1");
+        slowest = slowest.max(t.elapsed());
+    }
+    hog.await.unwrap().unwrap();
+    assert!(
+        slowest < std::time::Duration::from_millis(1500),
+        "a statement waited {slowest:?} while the gateway applied a 32 MB one"
+    );
 }
 
 /// How many tokio worker threads process `pid` runs.
@@ -671,7 +690,10 @@ async fn huge_values_are_recorded_cut_and_hold_up_no_other_commit() {
     );
     let sha = |text: &str| {
         let digest: [u8; 32] = sha2::Sha256::digest(text.as_bytes()).into();
-        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
     let records = crate::audit::export(&store, &["--raw", "--kind", "query"]);
     let cut_statements: Vec<_> = records

@@ -199,12 +199,16 @@ impl Checks<'_> {
 /// run on (the checks are linear, but a megabyte still takes milliseconds).
 const LARGE: usize = 64 * 1024;
 
-/// Runs `check` of a statement of `len` bytes, off the runtime's worker
-/// threads when it is large (and the runtime has several).
+/// Runs `check` of a message of `len` bytes, off the runtime's worker
+/// threads when it is large (and the runtime has several): planning,
+/// recording and applying a message are linear in its size.
 pub fn off_thread<R>(len: usize, check: impl FnOnce() -> R) -> R {
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if len > LARGE && multi_thread {
+    // The length first: asking for the runtime clones its handle.
+    let multi_thread = || {
+        tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+    };
+    if len > LARGE && multi_thread() {
         tokio::task::block_in_place(check)
     } else {
         check()

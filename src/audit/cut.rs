@@ -1,7 +1,10 @@
 //! Long values are stored cut: a record keeps at most `[audit]
-//! max_value_bytes` of its statement text and of each parameter value, and
-//! its `message` says what was cut, how long the whole value was and its
-//! SHA-256, so whoever holds the whole text can prove it is the one that ran.
+//! max_value_bytes` of its message (a server's error, a refusal's reason, a
+//! returned value), of its statement text (only a refused statement's can
+//! be that long: a longer one does not run, see
+//! `Refusal::TooLongToRecord`) and of each parameter value, and its
+//! `message` says what was cut, how long the whole value was and its
+//! SHA-256, so whoever holds the whole value can prove it is the one.
 //!
 //! Why: a record is chained, compressed and (with `group` or `sync`)
 //! fsynced before every record after it is, other sessions' included. One
@@ -13,14 +16,19 @@ use sha2::{Digest, Sha256};
 use super::record::Event;
 
 impl Event {
-    /// Cuts the statement text and the parameter values longer than
-    /// `limit` bytes (0: no limit) at the last character boundary within
-    /// it, and appends to `message` what was cut.
+    /// Cuts the message, the statement text and the parameter values
+    /// longer than `limit` bytes (0: no limit) at the last character
+    /// boundary within it, and appends to `message` what was cut.
     pub fn cut_long_values(&mut self, limit: usize) {
         if limit == 0 {
             return;
         }
         let mut notes = Vec::new();
+        // A server's error may quote the client's input, a guard's reason
+        // a name from it, a `FunctionCall` return its value.
+        if let Some(note) = self.message.as_mut().and_then(|m| cut(m, limit)) {
+            notes.push(format!("message {note}"));
+        }
         if let Some(note) = self.statement.as_mut().and_then(|s| cut(s, limit)) {
             notes.push(format!("statement {note}"));
         }
@@ -110,15 +118,35 @@ mod tests {
     }
 
     #[test]
+    fn a_long_message_is_cut_too() {
+        let error = format!(
+            "invalid input syntax for type integer: \"{}\"",
+            "x".repeat(50)
+        );
+        let mut ev = Event::new(Kind::Result);
+        ev.message = Some(error.clone());
+        ev.cut_long_values(20);
+        assert_eq!(
+            ev.message.unwrap(),
+            format!(
+                "{}; stored cut: message to its first 20 of {} bytes (SHA-256 of the whole: {})",
+                &error[..20],
+                error.len(),
+                sha(&error)
+            )
+        );
+    }
+
+    #[test]
     fn a_message_already_there_is_kept_first() {
         let mut ev = Event::new(Kind::GuardBlocked);
         ev.statement = Some("SET ROLE admin -- padding".into());
         ev.message = Some("changes the role".into());
-        ev.cut_long_values(8);
+        ev.cut_long_values(20);
         let message = ev.message.unwrap();
         assert!(
             message
-                .starts_with("changes the role; stored cut: statement to its first 8 of 25 bytes"),
+                .starts_with("changes the role; stored cut: statement to its first 20 of 25 bytes"),
             "{message}"
         );
     }

@@ -34,9 +34,10 @@ pub struct AuditConfig {
     pub flush_interval_ms: u64,
     pub on_failure: OnFailure,
     pub log_parameters: bool,
-    /// The most bytes of a statement text, or of a parameter value, that a
-    /// record keeps; a longer one is stored cut, with its length and
-    /// SHA-256 in the record's `message` (0: no limit).
+    /// The most bytes of a statement text, a parameter value or a message
+    /// that a record keeps: a longer statement is refused, a longer value
+    /// or message stored cut, with its length and SHA-256 in the record's
+    /// `message` (0: no limit).
     pub max_value_bytes: usize,
     /// This gateway's id in shipped records; default: one made when the
     /// store is created, kept in it.

@@ -44,6 +44,15 @@ pub struct Refused {
 }
 
 impl Refused {
+    /// A statement text longer than its record may keep: refused, with a
+    /// `guard_blocked` record of its start.
+    pub fn too_long(sql: &[u8], len: usize, max: usize) -> Refused {
+        Refused {
+            refusal: Refusal::TooLongToRecord { len, max },
+            blocked: Some(sql.to_vec()),
+        }
+    }
+
     fn guard(sql: &[u8], why: impl ToString) -> Refused {
         Refused {
             refusal: Refusal::Guard(why.to_string()),

@@ -45,6 +45,9 @@ pub enum Refusal {
     SessionSet,
     /// A setting beyond the ones kept per session (`max` of them).
     TooManyKept { name: String, max: usize },
+    /// A statement text longer than a record keeps (`[audit]
+    /// max_value_bytes`): refused rather than run with part of it recorded.
+    TooLongToRecord { len: usize, max: usize },
     /// The gateway is shutting down and the session is idle.
     Shutdown,
     /// The server connection failed under the client's session.
@@ -141,6 +144,12 @@ impl Refusal {
                 sqlstate::PROGRAM_LIMIT_EXCEEDED,
                 format!(
                     "pgwarden keeps at most {max} settings per session; set \"{name}\" with SET LOCAL instead"
+                ),
+            ),
+            Refusal::TooLongToRecord { len, max } => PgError::error(
+                sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                format!(
+                    "statement of {len} bytes is longer than pgwarden's audit log records ([audit] max_value_bytes = {max})"
                 ),
             ),
             Refusal::Shutdown => PgError::fatal(
@@ -391,6 +400,7 @@ mod tests {
                 "54000",
                 false,
             ),
+            (Refusal::TooLongToRecord { len: 9, max: 8 }, "54000", false),
             (Refusal::ServerLost, "08006", true),
             (Refusal::IdentityChanged("x".into()), "42501", true),
             (Refusal::ClientIdle, "57P05", true),

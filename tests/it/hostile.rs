@@ -562,8 +562,13 @@ async fn a_huge_statement_does_not_stall_other_sessions() {
 /// hands its sessions to another thread while it reads a huge statement.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_huge_statement_does_not_stall_a_gateway_of_one_worker_thread() {
-    let gw =
-        support::BinaryGateway::start_with(support::TEST_POLICY, "worker_threads = 1", "").await;
+    // Records keep whole statements: the 32 MB one below must run.
+    let gw = support::BinaryGateway::start_with(
+        support::TEST_POLICY,
+        "worker_threads = 1",
+        "[audit]\nmax_value_bytes = 0\n",
+    )
+    .await;
     let pid = gw.child.as_ref().expect("running").id();
     let addr: SocketAddr = ([127, 0, 0, 1], gw.port).into();
     let first = support::connect_at(addr.port(), "alice").await;
@@ -635,15 +640,19 @@ async fn huge_statements_do_not_stall(addr: SocketAddr) {
     );
 }
 
-/// From the rt34 red team: four 200 MB statements from one client held
-/// every other session's `group` commit for 11 s, each record being
-/// chained, compressed and fsynced whole. A record keeps at most
-/// `max_value_bytes` of a statement text or a parameter value, and says in
-/// its `message` how long the whole was and its SHA-256; another session's
-/// statements run meanwhile. (A generous bound on their wait, as above:
-/// the record's content is what fails without the cut.)
+/// From the rt34 and rt35 red teams: four 200 MB statements from one client
+/// held every other session's `group` commit for 11 s, each record being
+/// chained, compressed and fsynced whole; a record that kept only the start
+/// of a statement could hide what followed (`/*<1 MiB>*/ UPDATE ...`); a
+/// 33-byte statement made PostgreSQL quote 40 MB of input in its error.
+/// Now a statement text longer than `max_value_bytes` is refused (54000)
+/// with a `guard_blocked` record of its start, and a parameter value or a
+/// message that long is stored cut; either way the record says how long the
+/// whole was and its SHA-256. Another session's statements run meanwhile.
+/// (A generous bound on their wait: the records are what fail without the
+/// limit.)
 #[tokio::test(flavor = "multi_thread")]
-async fn huge_values_are_recorded_cut_and_hold_up_no_other_commit() {
+async fn huge_values_are_refused_or_recorded_cut_and_hold_up_no_other_commit() {
     use sha2::Digest;
     let gw = start_gateway(Opts {
         audit: true,
@@ -653,7 +662,7 @@ async fn huge_values_are_recorded_cut_and_hold_up_no_other_commit() {
     .await;
     let store = gw.dir.path().join("audit");
     // Two bytes per character: the cut lands on a character boundary.
-    let statement = format!("SELECT 1 /*x {} */", "\u{e9}".repeat(3_000_000));
+    let statement = format!("/*xy {} */ SELECT 1", "\u{e9}".repeat(3_000_000));
     let param = "p".repeat(1_000_000);
     let mut hogs = Vec::new();
     for _ in 0..3 {
@@ -661,13 +670,19 @@ async fn huge_values_are_recorded_cut_and_hold_up_no_other_commit() {
         let c = gw.connect("alice").await;
         hogs.push(tokio::spawn(async move {
             for _ in 0..2 {
-                c.simple_query(&statement).await.unwrap();
+                let err = c.simple_query(&statement).await.unwrap_err();
+                assert_eq!(support::sqlstate(&err), "54000");
                 let n: i32 = c
                     .query_one("SELECT length($1::text)", &[&param])
                     .await
                     .unwrap()
                     .get(0);
                 assert_eq!(n, 1_000_000);
+                let err = c
+                    .simple_query("SELECT repeat('y', 200000)::int")
+                    .await
+                    .unwrap_err();
+                assert_eq!(support::sqlstate(&err), "22P02");
             }
         }));
     }
@@ -695,37 +710,67 @@ async fn huge_values_are_recorded_cut_and_hold_up_no_other_commit() {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     };
-    let records = crate::audit::export(&store, &["--raw", "--kind", "query"]);
-    let cut_statements: Vec<_> = records
+    let records = crate::audit::export(&store, &["--raw"]);
+    let s = crate::audit::s;
+    let blocked: Vec<_> = records
         .iter()
-        .filter(|r| crate::audit::s(r, "statement").starts_with("SELECT 1 /*x \u{e9}"))
+        .filter(|r| s(r, "kind") == "guard_blocked")
         .collect();
-    assert_eq!(cut_statements.len(), 6);
-    for r in cut_statements {
-        assert_eq!(crate::audit::s(r, "statement"), statement[..65535]);
+    assert_eq!(blocked.len(), 6);
+    for r in blocked {
+        assert_eq!(s(r, "sqlstate"), "54000");
+        assert_eq!(s(r, "statement"), statement[..65535]);
         assert_eq!(
-            crate::audit::s(r, "message"),
+            s(r, "message"),
             format!(
-                "stored cut: statement to its first 65535 of {} bytes (SHA-256 of the whole: {})",
-                statement.len(),
-                sha(&statement)
+                "statement of {len} bytes is longer than pgwarden's audit log records ([audit] max_value_bytes = 65536); \
+                 stored cut: statement to its first 65535 of {len} bytes (SHA-256 of the whole: {})",
+                sha(&statement),
+                len = statement.len(),
             )
         );
     }
+    assert!(
+        !records
+            .iter()
+            .any(|r| s(r, "kind") == "query" && s(r, "statement").starts_with("/*xy ")),
+        "a statement too long to record ran"
+    );
     // tokio-postgres binds text in binary format: recorded as `\x` hex.
     let whole = format!("\\x{}", "70".repeat(1_000_000));
     let cut_params: Vec<_> = records
         .iter()
-        .filter(|r| crate::audit::s(r, "statement") == "SELECT length($1::text)")
+        .filter(|r| s(r, "kind") == "query" && s(r, "statement") == "SELECT length($1::text)")
         .collect();
     assert_eq!(cut_params.len(), 6);
     for r in cut_params {
         assert_eq!(r["params"][0].as_str(), Some(&whole[..65536]));
         assert_eq!(
-            crate::audit::s(r, "message"),
+            s(r, "message"),
             format!(
                 "stored cut: parameter $1 to its first 65536 of 2000002 bytes (SHA-256 of the whole: {})",
                 sha(&whole)
+            )
+        );
+    }
+    // PostgreSQL quotes the whole input in its error: the result's message.
+    let error = format!(
+        "invalid input syntax for type integer: \"{}\"",
+        "y".repeat(200_000)
+    );
+    let cut_errors: Vec<_> = records
+        .iter()
+        .filter(|r| s(r, "kind") == "result" && s(r, "sqlstate") == "22P02")
+        .collect();
+    assert_eq!(cut_errors.len(), 6);
+    for r in cut_errors {
+        assert_eq!(
+            s(r, "message"),
+            format!(
+                "{}; stored cut: message to its first 65536 of {} bytes (SHA-256 of the whole: {})",
+                &error[..65536],
+                error.len(),
+                sha(&error)
             )
         );
     }

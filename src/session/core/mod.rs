@@ -92,6 +92,9 @@ pub struct Plan {
     pub then: Then,
 }
 
+/// How much of a refusal's reason the gateway's log shows.
+const LOGGED_REASON: usize = 1024;
+
 /// The session's state, without its sockets.
 pub struct Core<'a> {
     ident: &'a Identity,
@@ -289,19 +292,36 @@ impl<'a> Core<'a> {
         Some(record)
     }
 
+    /// A statement text longer than its record may keep (`[audit]
+    /// max_value_bytes`, counted as recorded), refused: a statement whose
+    /// record kept only its start could hide what ran after it.
+    pub fn too_long(&self, sql: &[u8]) -> Option<Refused> {
+        let max = self.max_value_bytes;
+        // Recorded text is at most 3 bytes per byte sent, plus a prefix.
+        if !self.auditing || max == 0 || sql.len().saturating_mul(3) + 64 <= max {
+            return None;
+        }
+        let len = self.carried.client_text(sql).len();
+        (len > max).then(|| Refused::too_long(sql, len, max))
+    }
+
     /// The `guard_blocked` record of a refused message, if it has one.
     pub fn blocked_record(&self, refused: &Refused) -> Option<Event> {
-        let (Some(sql), Refusal::Guard(why)) = (&refused.blocked, &refused.refusal) else {
+        let Some(sql) = &refused.blocked else {
             return None;
         };
-        tracing::info!(parent: &self.span, "statement guard: {why}");
+        let error = refused.refusal.to_wire();
+        // The reason may quote the client's text (a language name...).
+        let why = &error.message;
+        let shown = &why[..crate::audit::table::floor_char_boundary(why, LOGGED_REASON)];
+        tracing::info!(parent: &self.span, "statement refused: {shown}");
         if !self.auditing {
             return None;
         }
         let mut ev = self.event(Kind::GuardBlocked);
         ev.status = Some(Status::Error);
-        ev.sqlstate = Some(sqlstate::INSUFFICIENT_PRIVILEGE.code().to_string());
-        ev.message = Some(why.to_string());
+        ev.sqlstate = Some(error.code.code().to_string());
+        ev.message = Some(why.clone());
         off_thread(sql.len(), || {
             ev.statement = Some(self.carried.client_text(sql).into_owned());
             ev.cut_long_values(self.max_value_bytes);
@@ -347,6 +367,8 @@ impl<'a> Core<'a> {
                 ev.message = Some("not executed: an earlier message of the pipeline failed".into());
             }
         }
+        let len = ev.message.as_ref().map_or(0, String::len);
+        off_thread(len, || ev.cut_long_values(self.max_value_bytes));
         ev
     }
 

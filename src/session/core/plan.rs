@@ -84,6 +84,9 @@ impl Core<'_> {
         // for the client (PostgreSQL defines it so).
         self.seq.names.statements.remove(&b""[..]);
         self.seq.unnamed_lost();
+        if let Some(refused) = self.too_long(sql) {
+            return Ok(Step::Refuse(Flow::Simple, refused));
+        }
         let transparent = crate::session::opaque::transparent(sql);
         let mut checks = self.checks();
         let passed = match off_thread(sql.len(), || checks.query(sql, transparent)) {
@@ -168,6 +171,9 @@ impl Core<'_> {
 
     pub(super) fn plan_parse(&mut self, frame: Bytes) -> Result<Step, Refusal> {
         let parse = messages::parse_parse(&frame[5..])?;
+        if let Some(refused) = self.too_long(parse.query) {
+            return Ok(Step::Refuse(Flow::Extended, refused));
+        }
         let mut checks = self.checks();
         let plan = match off_thread(parse.query.len(), || checks.parse(&parse)) {
             Ok(plan) => plan,

@@ -11,7 +11,7 @@
 use super::keywords::Keywords;
 
 /// The patterns, but `do`, which counts only as a whole word.
-static PATTERNS: Keywords = Keywords::new(&[
+const PATTERN_WORDS: &[&str] = &[
     "set",
     "discard",
     "function",
@@ -22,7 +22,8 @@ static PATTERNS: Keywords = Keywords::new(&[
     "ts_stat",
     "ts_rewrite",
     "u&",
-]);
+];
+static PATTERNS: Keywords = Keywords::new(PATTERN_WORDS);
 static DO: Keywords = Keywords::new(&["do"]);
 
 /// The fast path: could `sql` contain anything the guard refuses?
@@ -98,18 +99,8 @@ mod tests {
 
     #[test]
     fn every_pattern_in_any_case_and_place_is_suspicious() {
-        for pattern in [
-            "set",
-            "discard",
-            "function",
-            "procedure",
-            "pgwarden_",
-            "aggregate",
-            "query_to",
-            "ts_stat",
-            "ts_rewrite",
-            "u&",
-        ] {
+        // Each also against the reference, which spells them itself.
+        for pattern in PATTERN_WORDS {
             for text in [
                 pattern.to_string(),
                 pattern.to_ascii_uppercase(),

@@ -102,8 +102,9 @@ pub struct Core<'a> {
     auditing: bool,
     /// `[audit] log_parameters`, as the driver last read it (reloadable).
     pub log_parameters: bool,
-    /// `[audit] max_value_bytes`: longer statement texts and parameter
-    /// values are recorded cut (see `audit::cut`).
+    /// `[audit] max_value_bytes`: longer statement texts are refused
+    /// ([`Core::too_long`]), longer parameter values and messages are
+    /// recorded cut (see `audit::cut`).
     pub max_value_bytes: usize,
     /// The largest client message accepted.
     max_message_size: usize,

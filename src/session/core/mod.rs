@@ -268,8 +268,10 @@ impl<'a> Core<'a> {
             return None;
         }
         let mut event = self.event(Kind::Query);
-        // Copying, hashing and cutting a huge text is work for another thread.
-        off_thread(sql.len(), || {
+        // Copying, hashing and cutting a huge text or parameter is work for
+        // another thread.
+        let values: usize = params.iter().flatten().flatten().map(String::len).sum();
+        off_thread(sql.len() + values, || {
             event.statement = Some(self.carried.client_text(sql).into_owned());
             event.params = params;
             event.cut_long_values(self.max_value_bytes);

@@ -1,8 +1,8 @@
 //! Long values are stored cut: a record keeps at most `[audit]
 //! max_value_bytes` of its message (a server's error, a refusal's reason, a
-//! returned value), of its statement text (only a refused statement's can
-//! be that long: a longer one does not run, see
-//! `Refusal::TooLongToRecord`) and of each parameter value, and its
+//! returned value), of a refused statement's text (a longer statement does
+//! not run, see `Refusal::TooLongToRecord`; the text of one that runs is
+//! never cut) and of each parameter value, and its
 //! `message` says what was cut, how long the whole value was and its
 //! SHA-256, so whoever holds the whole value can prove it is the one.
 //!

@@ -28,7 +28,27 @@ pub fn client_text<'a>(bytes: &'a [u8], encoding: &str) -> Cow<'a, str> {
         }
         other => single_byte_table(other).and_then(|table| single_byte(table, bytes)),
     };
-    decoded.unwrap_or_else(|| Cow::Owned(format!("pgwarden:hex:{encoding}:{}", hex::encode(bytes))))
+    decoded.unwrap_or_else(|| {
+        let label = label(encoding);
+        Cow::Owned(format!("pgwarden:hex:{label}:{}", hex::encode(bytes)))
+    })
+}
+
+/// The encoding's name as the record shows it. PostgreSQL reads a name
+/// ignoring case and every character but letters and digits (`S_J_I_S` is
+/// SJIS), so the client's own spelling, which a startup packet may pad to
+/// kilobytes, is not kept: letters and digits, upper case, at most 16 of
+/// them (PostgreSQL's names have 14 at most). `unknown` stays itself.
+fn label(encoding: &str) -> String {
+    if encoding == "unknown" {
+        return encoding.to_string();
+    }
+    encoding
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_uppercase())
+        .take(16)
+        .collect()
 }
 
 fn single_byte<'a>(table: &'static encoding_rs::Encoding, bytes: &'a [u8]) -> Option<Cow<'a, str>> {
@@ -95,5 +115,12 @@ mod tests {
             "pgwarden:hex:SJIS:2782a027"
         );
         assert_eq!(client_text(b"\x80", "LATIN5"), "pgwarden:hex:LATIN5:80");
+        // The client's spelling of the name is not kept (red team rt36).
+        let padded = format!("S_J_I_S{}", "_".repeat(1500));
+        assert_eq!(
+            client_text(b"'\x82\xa0'", &padded),
+            "pgwarden:hex:SJIS:2782a027"
+        );
+        assert_eq!(client_text(b"\xff", "euc_jp"), "pgwarden:hex:EUCJP:ff");
     }
 }

@@ -776,6 +776,61 @@ async fn huge_values_are_refused_or_recorded_cut_and_hold_up_no_other_commit() {
     }
 }
 
+/// From the rt36 red team: a named statement whose text was measured at
+/// its `Parse` ran with a record cut to `max_value_bytes` once
+/// `client_encoding` changed (read again as LATIN1, its text grew past the
+/// limit), and the INSERT at its end was not in the record. A statement
+/// that runs is recorded whole; only a refused one's text is cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_that_runs_is_recorded_whole_whatever_the_encoding_became() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "max_value_bytes = 1000\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let store = gw.dir.path().join("audit");
+    let mut c = raw(gw.addr).await;
+    // 600 bytes of `é` in UTF-8 (within the limit); 1,200 read as LATIN1.
+    let sql = format!("SELECT '{}' AS pad, 'tail-recorded'", "\u{e9}".repeat(300));
+    let mut parse = cstr("s1");
+    parse.extend_from_slice(&cstr(&sql));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    c.send(b'P', &parse).await;
+    c.send(b'S', &[]).await;
+    assert_eq!(c.until_ready().await.1, None);
+    c.send(b'Q', &cstr("SET client_encoding TO 'LATIN1'")).await;
+    assert_eq!(c.until_ready().await.1, None);
+    let mut bind = cstr("");
+    bind.extend_from_slice(&cstr("s1"));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    c.send(b'B', &bind).await;
+    let mut execute = cstr("");
+    execute.extend_from_slice(&0i32.to_be_bytes());
+    c.send(b'E', &execute).await;
+    c.send(b'S', &[]).await;
+    assert_eq!(c.until_ready().await.1, None, "the statement runs");
+    drop(c);
+    gw.until_clients(0).await;
+    let _dir = gw.stop().await;
+    let records = crate::audit::export(&store, &["--raw", "--kind", "query"]);
+    let ran: Vec<_> = records
+        .iter()
+        .filter(|r| crate::audit::s(r, "statement").contains("AS pad"))
+        .collect();
+    assert!(!ran.is_empty());
+    for r in ran {
+        let statement = crate::audit::s(r, "statement");
+        assert!(
+            statement.ends_with("'tail-recorded'"),
+            "recorded without its end: {} bytes",
+            statement.len()
+        );
+        assert!(statement.len() > 1000, "read again as LATIN1");
+        assert_eq!(r["message"], serde_json::Value::Null);
+    }
+}
+
 /// From a second red-team pass: after opaque code in a transaction,
 /// `COMMIT AND CHAIN` (in the same request or a later one) and a `DO`
 /// block that commits inside would start a new transaction with the

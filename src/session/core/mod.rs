@@ -272,9 +272,13 @@ impl<'a> Core<'a> {
         // another thread.
         let values: usize = params.iter().flatten().flatten().map(String::len).sum();
         off_thread(sql.len() + values, || {
-            event.statement = Some(self.carried.client_text(sql).into_owned());
             event.params = params;
             event.cut_long_values(self.max_value_bytes);
+            // The statement is kept whole: this one is going to run, and
+            // its text was measured when it came (`too_long`). Read again
+            // now, it may be longer (`client_encoding` changed since its
+            // `Parse`: red team rt36), never cut.
+            event.statement = Some(self.carried.client_text(sql).into_owned());
         });
         // From the bytes the server runs, not the recorded text (which may
         // be the bytes in hex).

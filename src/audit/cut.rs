@@ -55,10 +55,7 @@ fn cut(text: &mut String, limit: usize) -> Option<String> {
         return None;
     }
     let (len, hash) = (text.len(), hex::encode(Sha256::digest(text.as_bytes())));
-    let mut end = limit;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = super::table::floor_char_boundary(text, limit);
     text.truncate(end);
     text.shrink_to_fit();
     Some(format!(

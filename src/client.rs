@@ -53,8 +53,14 @@ impl ClientConn {
 
     /// Reads one whole frame; `Ok(None)` when the client hung up.
     pub async fn read_frame(&mut self) -> Result<Option<BytesMut>, ClientError> {
+        self.read_frame_within(self.max_message_size).await
+    }
+
+    /// [`Self::read_frame`] for a message that may be at most `max` bytes
+    /// long (its declared length, which counts itself).
+    pub async fn read_frame_within(&mut self, max: usize) -> Result<Option<BytesMut>, ClientError> {
         loop {
-            if let Some(frame) = split_frame(&mut self.rbuf, self.max_message_size)? {
+            if let Some(frame) = split_frame(&mut self.rbuf, max)? {
                 return Ok(Some(frame));
             }
             if self.fill().await? == 0 {

@@ -156,6 +156,14 @@ async fn relay_auth_request(
     }
 }
 
+/// The longest answer to an authentication request, its declared length:
+/// PostgreSQL reads a password or SASL message whose length (which counts
+/// itself) is at most `PG_MAX_AUTH_TOKEN_LENGTH`, 65,535, and closes the
+/// connection on a longer one. The gateway reads no more from a client
+/// nobody has authenticated yet, not `max_message_size`, which is for
+/// statements.
+const MAX_ANSWER: usize = 65_535;
+
 /// Sends what `out` holds, then relays the client's answer.
 async fn relay_client_answer(
     client: &mut ClientConn,
@@ -164,7 +172,7 @@ async fn relay_client_answer(
 ) -> Result<Option<Outcome>, RelayError> {
     client.write_all(out).await?;
     out.clear();
-    let answer = match client.read_frame().await {
+    let answer = match client.read_frame_within(MAX_ANSWER).await {
         Ok(Some(frame)) => frame,
         Ok(None) => return Ok(Some(Outcome::ClientGone)),
         Err(ClientError::Io(_)) => return Ok(Some(Outcome::ClientGone)),

@@ -248,6 +248,54 @@ async fn hostile_first_packets_are_refused_and_others_unaffected() {
     still_serves(gw.addr).await;
 }
 
+/// Before a client is authenticated, its answer to a password or SASL
+/// request is held to PostgreSQL's own limit (65,535 bytes), not to
+/// `max_message_size`: a stranger announcing a 200 MB password got the
+/// gateway to wait for it, and to hold whatever it sent, until the login
+/// timed out.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unauthenticated_client_cannot_send_a_large_message() {
+    let gw = start_gateway(Opts::default()).await;
+    for (user, method) in [("clear_user", 3), ("bob", 10)] {
+        let mut c = RawClient {
+            stream: TcpStream::connect(gw.addr).await.unwrap(),
+            key: (0, 0),
+        };
+        c.stream.write_all(&startup_packet(user)).await.unwrap();
+        let (tag, body) = c.read_message().await;
+        assert_eq!((tag, &body[..4]), (b'R', &i32::to_be_bytes(method)[..]));
+        // 'p' announcing 200 MB, and the first 64 KiB of it.
+        let mut head = vec![b'p'];
+        head.extend_from_slice(&(200_000_000i32).to_be_bytes());
+        head.extend(std::iter::repeat_n(b'x', 65_536));
+        c.stream.write_all(&head).await.unwrap();
+        let (tag, body) = c.read_message().await;
+        assert_eq!(
+            (tag, error_code(&body)),
+            (b'E', "08P01".to_string()),
+            "{user}"
+        );
+    }
+    // The longest answer PostgreSQL reads (its length, which counts
+    // itself, 65,535) is still relayed, and refused by PostgreSQL as a
+    // wrong password.
+    let mut c = RawClient {
+        stream: TcpStream::connect(gw.addr).await.unwrap(),
+        key: (0, 0),
+    };
+    c.stream
+        .write_all(&startup_packet("clear_user"))
+        .await
+        .unwrap();
+    c.read_message().await;
+    let mut pw = vec![b'y'; 65_535 - 4 - 1];
+    pw.push(0);
+    c.send(b'p', &pw).await;
+    let (tag, body) = c.read_message().await;
+    assert_eq!((tag, error_code(&body)), (b'E', "28P01".to_string()));
+    still_serves(gw.addr).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_messages_after_login() {
     let gw = start_gateway(Opts {

@@ -134,6 +134,10 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// Largest frame a client may send, in bytes; larger gets FATAL 08P01.
     pub max_message_size: usize,
+    /// Bytes that client messages over 64 KiB may hold at once, across
+    /// all sessions; a session whose message would pass it waits. 0: no
+    /// limit.
+    pub large_message_memory: usize,
     /// How long a client may take to finish startup and authentication.
     pub login_timeout_ms: u64,
     /// Clients served at once; more get FATAL 53300.
@@ -162,6 +166,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             max_message_size: 256 * 1024 * 1024,
+            large_message_memory: 1024 * 1024 * 1024,
             login_timeout_ms: 60_000,
             max_client_connections: 5_000,
             client_idle_timeout_ms: 0,
@@ -457,6 +462,13 @@ impl Config {
         if self.server.max_message_size < 1024 {
             return Err("[server] max_message_size must be at least 1024".into());
         }
+        let memory = self.server.large_message_memory;
+        if memory != 0 && memory < self.server.max_message_size {
+            // A message the budget can never hold would wait forever.
+            return Err(
+                "[server] large_message_memory must be 0 or at least max_message_size".into(),
+            );
+        }
         if self.identity.client_user_setting.is_empty()
             || !self.identity.client_user_setting.contains('.')
         {
@@ -568,6 +580,18 @@ mod tests {
             "[backend]\nservice_user = \"svc\"\n[identity]\nallow_dynamic_sql = \"yes\"\n"
         )
         .is_err());
+    }
+
+    #[test]
+    fn large_message_memory_holds_a_largest_message_or_is_unlimited() {
+        let with = |memory: &str| {
+            let toml = "[server]\nmax_message_size = 2048\nlarge_message_memory = ";
+            parse(&format!(
+                "{toml}{memory}\n[backend]\nservice_user = \"s\"\n"
+            ))
+        };
+        assert!(with("2047").is_err());
+        assert!(with("2048").is_ok() && with("0").is_ok());
     }
 
     #[test]

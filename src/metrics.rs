@@ -150,6 +150,9 @@ pub struct Snapshot {
     /// `[backend] hosts`: each host and whether it is the primary in use,
     /// and the failovers so far (empty for a single host).
     pub backend: (Vec<(String, bool)>, u64),
+    /// Bytes of `large_message_memory` held by messages now, and the
+    /// messages that waited for it.
+    pub large_messages: (u64, u64),
 }
 
 /// Prometheus metric types used here.
@@ -228,6 +231,23 @@ const COUNTERS: &[(&str, &str, Type, CounterOf)] = &[
     ),
 ];
 
+/// The gateway's numbers kept outside [`Metrics`]: name, help, type, where
+/// the value is.
+const SNAPSHOT: &[(&str, &str, Type, ValueOf)] = &[
+    (
+        "pgwarden_large_message_bytes",
+        "Bytes of [server] large_message_memory held by client messages over 64 KiB being read or handled.",
+        Type::Gauge,
+        |s| s.large_messages.0,
+    ),
+    (
+        "pgwarden_large_message_waits_total",
+        "Client messages over 64 KiB that waited for large_message_memory.",
+        Type::Counter,
+        |s| s.large_messages.1,
+    ),
+];
+
 /// The audit log's numbers: name, help, type, where the value is.
 const AUDIT: &[(&str, &str, Type, ValueOf)] = &[
     (
@@ -298,7 +318,7 @@ pub fn render(m: &Metrics, snapshot: &Snapshot) -> String {
         header(&mut out, name, help, type_name(*kind));
         let _ = writeln!(out, "{name} {}", value(m).load(Ordering::Relaxed));
     }
-    for (name, help, kind, value) in AUDIT {
+    for (name, help, kind, value) in SNAPSHOT.iter().chain(AUDIT) {
         header(&mut out, name, help, type_name(*kind));
         let _ = writeln!(out, "{name} {}", value(snapshot));
     }
@@ -468,6 +488,7 @@ mod tests {
                 vec![("db1:5432".into(), false), ("db2:5432".into(), true)],
                 1,
             ),
+            large_messages: (70_000, 2),
         };
         let text = render(&m, &snapshot);
         for line in [
@@ -482,6 +503,9 @@ mod tests {
             "pgwarden_transactions_total{client_user=\"a\\\"lice\"} 2",
             "pgwarden_backend_primary{host=\"db2:5432\"} 1",
             "pgwarden_backend_failovers_total 1",
+            "# TYPE pgwarden_large_message_bytes gauge",
+            "pgwarden_large_message_bytes 70000",
+            "pgwarden_large_message_waits_total 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }
@@ -489,6 +513,6 @@ mod tests {
         let types = text.lines().filter(|l| l.starts_with("# TYPE")).count();
         assert_eq!(helps, types);
         // And the backend's two series, as hosts are given.
-        assert_eq!(helps, COUNTERS.len() + AUDIT.len() + 4 + 2);
+        assert_eq!(helps, COUNTERS.len() + SNAPSHOT.len() + AUDIT.len() + 4 + 2);
     }
 }

@@ -237,6 +237,9 @@ impl Gateway {
             client_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.max_client_connections,
             )),
+            message_budget: crate::session::budget::MessageBudget::new(
+                config.server.large_message_memory,
+            ),
             ship,
             anchor,
             draining: Default::default(),

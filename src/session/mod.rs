@@ -5,6 +5,7 @@
 //! accepted its credentials and a policy mapped it to a role; every way out
 //! of a session (refusal, failure, disconnect) leaves an audit record.
 
+pub mod budget;
 pub mod cancel;
 mod cancelling;
 pub mod carried;
@@ -72,6 +73,9 @@ pub struct Shared {
     pub client_slots: Arc<tokio::sync::Semaphore>,
     /// One permit per login being relayed (`max_auth_connections`).
     pub auth_slots: Arc<tokio::sync::Semaphore>,
+    /// The memory large client messages may hold at once
+    /// (`large_message_memory`).
+    pub message_budget: budget::MessageBudget,
     pub metrics: crate::metrics::Metrics,
     /// Reloadable settings (SIGHUP); `config` keeps the ones that need a restart.
     pub live: RwLock<Arc<Live>>,
@@ -107,6 +111,12 @@ impl Shared {
         crate::metrics::Snapshot {
             audit: self.auditor.counters(),
             audit_queue_depth: self.auditor.queue_depth() as u64,
+            large_messages: {
+                let budget = &self.message_budget;
+                let load =
+                    |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+                (load(&budget.held), load(&budget.waits))
+            },
             ship: self.ship.as_ref().map(|s| {
                 (
                     s.lag_records.load(std::sync::atomic::Ordering::Relaxed),

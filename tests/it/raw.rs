@@ -296,6 +296,87 @@ async fn an_unauthenticated_client_cannot_send_a_large_message() {
     still_serves(gw.addr).await;
 }
 
+/// Client messages over 64 KiB hold at most `large_message_memory` at
+/// once: a session whose message does not fit reads no more of it until
+/// others are done, small messages never wait, and the memory comes back
+/// when a message is handled or its client leaves. Before, four clients
+/// each sending 200 MB took 2.5 GB, and nothing bounded more of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_messages_wait_for_the_memory_others_hold() {
+    const MIB: usize = 1 << 20;
+    let gw = start_gateway(Opts {
+        server_extra: format!(
+            "max_message_size = {}\nlarge_message_memory = {}\n",
+            4 * MIB,
+            8 * MIB
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let budget = &gw.shared.message_budget;
+    let held = || budget.held.load(std::sync::atomic::Ordering::Relaxed);
+    // `SELECT length('xx…')`, 3 MiB in all: two fit in the budget, not three.
+    let mut text = b"SELECT length('".to_vec();
+    text.resize(3 * MIB - 3, b'x');
+    text.extend_from_slice(b"')");
+    let query = message(b'Q', &cstr(std::str::from_utf8(&text).unwrap()));
+    let expected = (3 * MIB - 3 - "SELECT length('".len()).to_string();
+    // Two clients send the start of theirs and stop.
+    let mut a = RawClient::login(gw.addr).await;
+    let mut b = RawClient::login(gw.addr).await;
+    for c in [&mut a, &mut b] {
+        c.stream.write_all(&query[..MIB]).await.unwrap();
+    }
+    support::eventually("both hold a grant", || held() == 2 * query.len() as u64).await;
+    // A third sends all of its own: it is not read while they hold theirs.
+    let mut c = RawClient::login(gw.addr).await;
+    let (mut c_read, mut c_write) = c.stream.into_split();
+    let writer = {
+        let query = query.clone();
+        tokio::spawn(async move { c_write.write_all(&query).await.map(|()| c_write) })
+    };
+    support::eventually("the third waits", || {
+        budget.waits.load(std::sync::atomic::Ordering::Relaxed) >= 1
+    })
+    .await;
+    still_serves(gw.addr).await;
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), c_read.read(&mut byte)).await;
+    assert!(early.is_err(), "answered past the budget: {early:?}");
+    // The first finishes its message: answered, and the third goes on.
+    a.stream.write_all(&query[MIB..]).await.unwrap();
+    assert_eq!(data_row(&mut a).await, expected);
+    let c_write = writer.await.unwrap().unwrap();
+    c = RawClient {
+        stream: c_read.reunite(c_write).unwrap(),
+        key: (0, 0),
+    };
+    assert_eq!(data_row(&mut c).await, expected);
+    // The second leaves in the middle of its message: its grant is back.
+    drop(b);
+    support::eventually("every grant back", || held() == 0).await;
+    still_serves(gw.addr).await;
+}
+
+/// The first column of the first row of a simple query's answer, read up
+/// to `ReadyForQuery`.
+async fn data_row(c: &mut RawClient) -> String {
+    let mut value = None;
+    loop {
+        let (tag, body) = c.read_message().await;
+        match tag {
+            b'D' => {
+                let len = i32::from_be_bytes(body[2..6].try_into().unwrap()) as usize;
+                value
+                    .get_or_insert_with(|| String::from_utf8_lossy(&body[6..6 + len]).into_owned());
+            }
+            b'E' => panic!("error {}", error_code(&body)),
+            b'Z' => return value.expect("a row"),
+            _ => {}
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_messages_after_login() {
     let gw = start_gateway(Opts {

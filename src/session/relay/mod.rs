@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
+use super::budget::{self, Grant, Need};
 use super::cancel::{BackendKey, CancelSlot};
 use super::checks::Rules;
 use super::core::{Core, Step};
@@ -108,15 +109,20 @@ pub struct QueryLoop<'a> {
     stats: crate::metrics::DbStats,
     request_at: Option<Instant>,
     bound_at: Option<Instant>,
+    /// The share of `large_message_memory` held for the large message
+    /// being read or handled (`session::budget`).
+    grant: Option<Grant<'a>>,
 }
 
-enum Wake {
+enum Wake<'a> {
     Client(Result<usize, ClientError>),
     Server(Result<usize, crate::backend::conn::BackendError>),
     Shutdown,
     Timer,
     /// An admin ended the session (console KILL).
     Killed,
+    /// The large message being read may be read on.
+    Granted(Grant<'a>),
 }
 
 impl<'a> QueryLoop<'a> {
@@ -161,6 +167,7 @@ impl<'a> QueryLoop<'a> {
             stats: Default::default(),
             request_at: None,
             bound_at: None,
+            grant: None,
         }
     }
 
@@ -207,6 +214,8 @@ impl<'a> QueryLoop<'a> {
                 return End::Fatal(Refusal::Shutdown);
             }
             let idle = self.idle();
+            let reading = !self.core.seq.deferred() && !self.hold_client;
+            let needs_grant = self.grant_needed();
             let timer = self.next_timeout();
             let deadline = timer
                 .as_ref()
@@ -216,10 +225,12 @@ impl<'a> QueryLoop<'a> {
                 let server = &mut self.server;
                 let shutdown = &mut self.shutdown;
                 let cancel = &self.cancel;
+                let budget = &self.shared.message_budget;
                 tokio::select! {
                     _ = cancel.killed() => Wake::Killed,
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
-                    r = client.fill(), if !self.core.seq.deferred() && !self.hold_client => Wake::Client(r),
+                    r = client.fill(), if reading && needs_grant.is_none() => Wake::Client(r),
+                    g = budget.grant(needs_grant.unwrap_or(0)), if reading && needs_grant.is_some() => Wake::Granted(g),
                     r = shutdown.changed(), if idle && !self.shutting_down => {
                         if r.is_err() { self.shutting_down = true; }
                         Wake::Shutdown
@@ -238,6 +249,10 @@ impl<'a> QueryLoop<'a> {
                 Wake::Server(Ok(_)) => self.on_server_data().await,
                 Wake::Server(Err(e)) => self.server_gone(&e.to_string()).await,
                 Wake::Shutdown => Ok(()),
+                Wake::Granted(grant) => {
+                    self.grant = Some(grant);
+                    Ok(())
+                }
                 // Ended by an admin, as pg_terminate_backend ends one.
                 Wake::Killed => Err(End::Fatal(Refusal::Shutdown)),
                 Wake::Timer => match timer {
@@ -259,6 +274,30 @@ impl<'a> QueryLoop<'a> {
     }
 
     // ----- client to server -------------------------------------------------
+
+    /// The grant the message at the front of the client's buffer needs
+    /// before more of it is read, if it has none (`session::budget`). When
+    /// no large message is being read or waits, the grant is given back,
+    /// with the memory the buffers grew to for it.
+    fn grant_needed(&mut self) -> Option<usize> {
+        let raw = self.core.seq.raw_from_client();
+        let max = self.client.max_message_size;
+        match budget::need(&self.client.rbuf, max, raw, self.grant.as_ref()) {
+            Need::Keep => None,
+            Need::Grant(bytes) => {
+                // Nothing is held while waiting for more.
+                self.grant = None;
+                Some(bytes)
+            }
+            Need::Release => {
+                if self.grant.take().is_some() {
+                    budget::renew(&mut self.client.rbuf);
+                    self.core.seq.shrink_buffers();
+                }
+                None
+            }
+        }
+    }
 
     async fn on_client_data(&mut self) -> Result<(), End> {
         // Reloadable (SIGHUP): read once per read from the client.

@@ -325,6 +325,18 @@ impl Sequencer {
         self.client_passthrough > 0
     }
 
+    /// The client's buffer holds the rest of a `CopyData` being passed on
+    /// or dropped, not the start of a message.
+    pub fn raw_from_client(&self) -> bool {
+        self.client_passthrough > 0 || self.client_discard > 0
+    }
+
+    /// Gives back the memory the wire buffers grew to for a large message.
+    pub fn shrink_buffers(&mut self) {
+        crate::session::budget::shrink(&mut self.to_server);
+        crate::session::budget::shrink(&mut self.to_client);
+    }
+
     /// Client frames wait for the server.
     pub fn deferred(&self) -> bool {
         self.deferred

@@ -1,0 +1,235 @@
+//! The memory that large client messages may hold at once, across every
+//! session (`[server] large_message_memory`).
+//!
+//! The gateway reads a client's message whole before it relays it (the
+//! guard and the audit log read statements whole), so without a bound a
+//! few clients each announcing a message of `max_message_size` could take
+//! all of the machine's memory, and every session with it.
+//!
+//! Invariant: a session reads no more of a message longer than [`LARGE`]
+//! until it holds a [`Grant`] of the message's length; the grant is held
+//! while the message waits in the session's buffer and given back once it
+//! has been handled. A session that cannot have one waits, reading nothing
+//! more from its client; messages of at most [`LARGE`] bytes never wait.
+//! `CopyData` is not counted: a long one is passed on as it arrives.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::protocol::frame::FrameHeader;
+use crate::session::sequencer::STREAM_THRESHOLD;
+
+/// Messages longer than this need a grant (the length from which a
+/// `CopyData` is streamed rather than buffered).
+pub const LARGE: usize = STREAM_THRESHOLD;
+
+/// Permits count kibibytes, so that one message's fit in a `u32`.
+const UNIT: usize = 1024;
+
+/// The gateway's budget for large client messages.
+pub struct MessageBudget {
+    permits: Semaphore,
+    /// All the permits there are.
+    units: u32,
+    /// Bytes granted now, and grants that had to wait (for `/metrics`).
+    pub held: AtomicU64,
+    pub waits: AtomicU64,
+}
+
+/// A share of the budget, given back when dropped.
+pub struct Grant<'a> {
+    _permit: SemaphorePermit<'a>,
+    bytes: usize,
+    held: &'a AtomicU64,
+}
+
+impl Drop for Grant<'_> {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes as u64, Ordering::Relaxed);
+    }
+}
+
+/// What a session must do about the message at the front of its buffer
+/// before it reads more from its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing large is buffered or being read: any grant goes back.
+    Release,
+    /// A large message is buffered whole, or its grant is held: keep it.
+    Keep,
+    /// A large message is being read: a grant of this many bytes first.
+    Grant(usize),
+}
+
+impl MessageBudget {
+    /// A budget of `bytes` (0: no limit).
+    pub fn new(bytes: usize) -> MessageBudget {
+        let units = match bytes {
+            0 => u32::MAX,
+            n => u32::try_from(n.div_ceil(UNIT)).unwrap_or(u32::MAX),
+        };
+        MessageBudget {
+            permits: Semaphore::new(units as usize),
+            units,
+            held: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+        }
+    }
+
+    /// A grant of `bytes`, waiting for other sessions to give theirs back
+    /// if it must. Cancel-safe (a dropped wait holds nothing). A message
+    /// longer than the whole budget waits for all of it.
+    pub async fn grant(&self, bytes: usize) -> Grant<'_> {
+        let units = u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX);
+        let units = units.min(self.units);
+        let permit = match self.permits.try_acquire_many(units) {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.waits.fetch_add(1, Ordering::Relaxed);
+                self.permits
+                    .acquire_many(units)
+                    .await
+                    .expect("the budget's semaphore is never closed")
+            }
+        };
+        self.held.fetch_add(bytes as u64, Ordering::Relaxed);
+        Grant {
+            _permit: permit,
+            bytes,
+            held: &self.held,
+        }
+    }
+}
+
+/// What the message at the front of `rbuf` needs, given the grant the
+/// session holds. `raw`: the buffer's front is the rest of a `CopyData`
+/// being passed on, not a message. A header that is not valid needs
+/// nothing: reading it fails the session.
+pub fn need(rbuf: &[u8], max: usize, raw: bool, held: Option<&Grant<'_>>) -> Need {
+    let header = match FrameHeader::peek(rbuf, max) {
+        Ok(Some(header)) if !raw && header.total > LARGE => header,
+        _ => return Need::Release,
+    };
+    let granted = held.is_some_and(|g| g.bytes >= header.total);
+    match (rbuf.len() >= header.total, header.tag) {
+        (true, _) => Need::Keep,
+        // Passed on as it arrives (or dropped), never held whole.
+        (false, b'd') => Need::Release,
+        (false, _) if granted => Need::Keep,
+        (false, _) => Need::Grant(header.total),
+    }
+}
+
+/// Buffers that grew for a large message are given back once it is gone;
+/// a buffer keeps its memory otherwise, for the life of its session.
+const KEEP: usize = 2 * LARGE;
+
+/// Gives `buf`'s memory back when it is far larger than what it holds,
+/// keeping what it holds.
+pub fn shrink(buf: &mut BytesMut) {
+    if buf.capacity() > KEEP {
+        renew(buf);
+    }
+}
+
+/// Moves what `buf` holds (at most [`LARGE`] bytes) to a buffer of its
+/// own. A read buffer that a large message was split from still shares
+/// that message's memory, though its own capacity is small: the message
+/// is freed only when both are gone.
+pub fn renew(buf: &mut BytesMut) {
+    if buf.len() <= LARGE {
+        let mut fresh = BytesMut::with_capacity(buf.len().max(8 * 1024));
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(tag: u8, total: usize) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&((total - 1) as i32).to_be_bytes());
+        out
+    }
+
+    #[tokio::test]
+    async fn a_large_message_needs_a_grant_of_its_length_until_it_is_handled() {
+        let budget = MessageBudget::new(1 << 20);
+        let max = 1 << 30;
+        assert_eq!(need(b"", max, false, None), Need::Release);
+        assert_eq!(need(&header(b'Q', LARGE), max, false, None), Need::Release);
+        let big = header(b'Q', LARGE + 1);
+        assert_eq!(need(&big, max, false, None), Need::Grant(LARGE + 1));
+        assert_eq!(need(&big, max, true, None), Need::Release, "raw copy bytes");
+        assert_eq!(
+            need(&header(b'd', LARGE + 1), max, false, None),
+            Need::Release
+        );
+        let grant = budget.grant(LARGE + 1).await;
+        assert_eq!(budget.held.load(Ordering::Relaxed), LARGE as u64 + 1);
+        assert_eq!(need(&big, max, false, Some(&grant)), Need::Keep);
+        let bigger = header(b'Q', LARGE + 2);
+        assert_eq!(
+            need(&bigger, max, false, Some(&grant)),
+            Need::Grant(LARGE + 2)
+        );
+        let mut whole = big.clone();
+        whole.resize(LARGE + 1, b'x');
+        assert_eq!(need(&whole, max, false, None), Need::Keep, "buffered whole");
+        drop(grant);
+        assert_eq!(budget.held.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_grant_waits_while_others_hold_the_budget() {
+        let budget = MessageBudget::new(3 * LARGE);
+        let first = budget.grant(2 * LARGE).await;
+        let mut second = Box::pin(budget.grant(2 * LARGE));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut second).await;
+        assert!(waited.is_err(), "granted past the budget");
+        assert_eq!(budget.waits.load(Ordering::Relaxed), 1);
+        drop(first);
+        let second = second.await;
+        assert_eq!(budget.held.load(Ordering::Relaxed), 2 * LARGE as u64);
+        drop(second);
+        // A message longer than the budget waits for all of it, not for ever.
+        let small = MessageBudget::new(2 * LARGE);
+        let whole = small.grant(2 * LARGE + 1).await;
+        let mut next = Box::pin(small.grant(LARGE + 1));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut next).await;
+        assert!(waited.is_err(), "granted past the budget");
+        drop(whole);
+        next.await;
+        // No limit: anything is granted at once.
+        let unlimited = MessageBudget::new(0);
+        let _a = unlimited.grant(1 << 30).await;
+        let _b = unlimited.grant(1 << 30).await;
+        assert_eq!(unlimited.waits.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn shrinking_keeps_what_the_buffer_holds() {
+        let mut buf = BytesMut::with_capacity(10 * LARGE);
+        buf.extend_from_slice(b"abc");
+        shrink(&mut buf);
+        assert_eq!((&buf[..], buf.capacity() <= KEEP), (&b"abc"[..], true));
+        let mut busy = BytesMut::with_capacity(10 * LARGE);
+        busy.resize(LARGE + 1, b'x');
+        shrink(&mut busy);
+        assert!(
+            busy.capacity() >= 10 * LARGE,
+            "a large message being read stays"
+        );
+        // What is split off a buffer shares its memory; renewing the rest
+        // leaves the message the only owner.
+        let mut rbuf = BytesMut::with_capacity(10 * LARGE);
+        rbuf.resize(10 * LARGE, b'x');
+        let message = rbuf.split_to(10 * LARGE - 3).freeze();
+        renew(&mut rbuf);
+        assert_eq!((rbuf.len(), message.is_unique()), (3, true));
+    }
+}

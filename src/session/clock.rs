@@ -19,6 +19,11 @@ pub enum Timeout {
 pub enum Phase {
     /// The server is working for the client.
     Working,
+    /// The server waits for the client's `COPY` data. The request's time
+    /// runs, and so does the client's silence, as inside a transaction:
+    /// PostgreSQL acts on a cancel only when more data comes, so a client
+    /// that sends none would hold the connection for ever.
+    CopyIn,
     /// A connection is held inside a transaction, or an extended batch the
     /// client has not synced.
     InTransaction,
@@ -64,7 +69,9 @@ impl Clock {
         }
     }
 
-    /// The client sent something.
+    /// The client sent a whole message (the bytes of one it has not
+    /// finished do not count, as in PostgreSQL, whose idle timers run
+    /// until a message is read whole).
     pub fn client_moved(&mut self, now: Instant) {
         self.last_activity = now;
     }
@@ -106,16 +113,24 @@ impl Clock {
     /// The next timeout that applies in `phase`, if configured.
     pub fn next_timeout(&self, phase: Phase, limits: Limits) -> Option<(Timeout, Instant)> {
         let after = |ms: u64, from: Instant| (ms > 0).then(|| from + Duration::from_millis(ms));
-        match phase {
-            Phase::Working => {
-                let started = self.started?;
-                if self.cancel.as_ref().is_some_and(|c| c.by_timeout) {
-                    return None;
-                }
-                after(limits.query_ms, started).map(|at| (Timeout::Query, at))
+        let query = || {
+            let started = self.started?;
+            if self.cancel.as_ref().is_some_and(|c| c.by_timeout) {
+                return None;
             }
-            Phase::InTransaction => after(limits.idle_in_transaction_ms, self.last_activity)
-                .map(|at| (Timeout::IdleInTransaction, at)),
+            after(limits.query_ms, started).map(|at| (Timeout::Query, at))
+        };
+        let idle_in_transaction = || {
+            after(limits.idle_in_transaction_ms, self.last_activity)
+                .map(|at| (Timeout::IdleInTransaction, at))
+        };
+        match phase {
+            Phase::Working => query(),
+            Phase::CopyIn => [query(), idle_in_transaction()]
+                .into_iter()
+                .flatten()
+                .min_by_key(|&(_, at)| at),
+            Phase::InTransaction => idle_in_transaction(),
             Phase::Idle => {
                 after(limits.client_idle_ms, self.last_activity).map(|at| (Timeout::ClientIdle, at))
             }
@@ -160,9 +175,46 @@ mod tests {
     }
 
     #[test]
+    fn in_a_copy_the_request_and_the_clients_silence_both_count() {
+        let t0 = Instant::now();
+        let mut clock = Clock::new(t0);
+        clock.request_sent(t0);
+        let limits = |query_ms, idle_in_transaction_ms| Limits {
+            query_ms,
+            idle_in_transaction_ms,
+            ..LIMITS
+        };
+        let next = |clock: &Clock, limits| clock.next_timeout(Phase::CopyIn, limits);
+        assert_eq!(
+            next(&clock, limits(50, 200)),
+            Some((Timeout::Query, t0 + ms(50)))
+        );
+        assert_eq!(
+            next(&clock, limits(0, 200)),
+            Some((Timeout::IdleInTransaction, t0 + ms(200)))
+        );
+        clock.client_moved(t0 + ms(100));
+        assert_eq!(
+            next(&clock, limits(400, 200)),
+            Some((Timeout::IdleInTransaction, t0 + ms(300)))
+        );
+        clock.cancelled("query_timeout_ms elapsed".into(), true);
+        assert_eq!(
+            next(&clock, limits(50, 200)),
+            Some((Timeout::IdleInTransaction, t0 + ms(300)))
+        );
+        assert_eq!(next(&clock, limits(50, 0)), None);
+    }
+
+    #[test]
     fn a_zero_limit_is_no_timeout() {
         let clock = Clock::new(Instant::now());
-        for phase in [Phase::Idle, Phase::InTransaction, Phase::Working] {
+        for phase in [
+            Phase::Idle,
+            Phase::InTransaction,
+            Phase::Working,
+            Phase::CopyIn,
+        ] {
             assert_eq!(clock.next_timeout(phase, Limits::default()), None);
         }
     }

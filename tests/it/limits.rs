@@ -270,3 +270,113 @@ async fn a_long_statement_in_a_transaction_is_not_idle_time() {
     assert_eq!(support::one(&alice, "SELECT 1").await, "1");
     alice.batch_execute("COMMIT").await.unwrap();
 }
+
+/// A client that starts `COPY … FROM STDIN` and then sends nothing held
+/// its server connection for ever, whatever the timeouts: PostgreSQL acts
+/// on a cancel only when more data comes, and no idle timeout applied
+/// while the server waited for the copy. Now the client's silence counts
+/// against `idle_in_transaction_timeout_ms` (FATAL 25P03), and
+/// `query_timeout_ms` fails the copy (`CopyFail`: ERROR 57014, the session
+/// goes on). In the middle of a `CopyData` the server cannot be told, and
+/// the connection is given up (FATAL).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_copy_is_ended_by_the_timeouts() {
+    use crate::raw::{cstr, error_code, RawClient};
+    use tokio::io::AsyncWriteExt;
+    for (timeout, code, mid_message) in [
+        ("idle_in_transaction_timeout_ms", "25P03", false),
+        ("idle_in_transaction_timeout_ms", "25P03", true),
+        ("query_timeout_ms", "57014", false),
+        ("query_timeout_ms", "57014", true),
+    ] {
+        let case = format!("{timeout}, in the middle of a message: {mid_message}");
+        let gw = start_gateway(Opts {
+            pool_size: 1,
+            acquire_timeout_ms: 10_000,
+            server_extra: format!("{timeout} = 500\n"),
+            ..Opts::default()
+        })
+        .await;
+        let mut c = RawClient::login(gw.addr).await;
+        c.send(b'Q', &cstr("COPY items (id, owner) FROM STDIN"))
+            .await;
+        while c.read_message().await.0 != b'G' {}
+        if mid_message {
+            // The start of a CopyData over 64 KiB, passed on as it comes.
+            let mut start = vec![b'd'];
+            start.extend_from_slice(&200_000i32.to_be_bytes());
+            start.extend(std::iter::repeat_n(b'x', 70_000));
+            c.stream.write_all(&start).await.unwrap();
+        }
+        // The only server connection is freed for another client.
+        let bob = gw.connect("bob").await;
+        assert_eq!(support::one(&bob, "SELECT 1").await, "1", "{case}");
+        let (tag, body) = c.read_message().await;
+        assert_eq!((tag, error_code(&body)), (b'E', code.into()), "{case}");
+        let fatal = body.windows(6).any(|w| w == b"SFATAL");
+        assert_eq!(fatal, mid_message || code == "25P03", "{case}");
+        if !fatal {
+            assert_eq!(c.read_message().await.0, b'Z', "{case}");
+            c.send(b'Q', &cstr("SELECT 1")).await;
+            let (tags, code, _) = c.until_ready().await;
+            assert_eq!(code, None, "{case}: the session goes on: {tags:?}");
+        }
+    }
+}
+
+/// Only whole messages count as the client moving, as in PostgreSQL: a
+/// message trickled a byte at a time kept a transaction (and its server
+/// connection) past `idle_in_transaction_timeout_ms`, and an idle client
+/// past `client_idle_timeout_ms`, for as long as the trickle lasted.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_trickled_a_byte_at_a_time_is_idle_time() {
+    use crate::raw::{cstr, error_code, RawClient};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (timeout, begin, code) in [
+        ("idle_in_transaction_timeout_ms", true, "25P03"),
+        ("client_idle_timeout_ms", false, "57P05"),
+    ] {
+        let gw = start_gateway(Opts {
+            pool_size: 1,
+            acquire_timeout_ms: 10_000,
+            server_extra: format!("{timeout} = 500\n"),
+            ..Opts::default()
+        })
+        .await;
+        let mut c = RawClient::login(gw.addr).await;
+        if begin {
+            c.send(b'Q', &cstr("BEGIN")).await;
+            c.until_ready().await;
+        }
+        let (mut read, mut write) = c.stream.into_split();
+        let trickle = tokio::spawn(async move {
+            let _ = write.write_all(&[b'Q', 0, 0, 0x03, 0xe8]).await;
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if write.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Read on this side while the other trickles.
+        let started = Instant::now();
+        let mut head = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), read.read_exact(&mut head))
+            .await
+            .expect("ended within 5 s")
+            .unwrap();
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        read.read_exact(&mut body).await.unwrap();
+        assert_eq!(
+            (head[0], error_code(&body)),
+            (b'E', code.into()),
+            "{timeout}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3), "{timeout}");
+        trickle.abort();
+        // The server connection went back to the pool.
+        let bob = gw.connect("bob").await;
+        assert_eq!(support::one(&bob, "SELECT 1").await, "1");
+    }
+}

@@ -238,8 +238,7 @@ impl<'a> QueryLoop<'a> {
                     _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => Wake::Timer,
                 }
             };
-            if let Wake::Client(Ok(n @ 1..)) = wake {
-                self.core.clock.client_moved(Instant::now());
+            if let Wake::Client(Ok(n)) = wake {
                 self.stats.received += n as u64;
             }
             let step = match wake {
@@ -303,14 +302,18 @@ impl<'a> QueryLoop<'a> {
         // Reloadable (SIGHUP): read once per read from the client.
         self.core.log_parameters = self.shared.live().log_parameters;
         self.audit_ahead().await;
+        let taken = self.core.seq.client_messages();
         self.take_client_frames().await?;
+        // Only whole messages are the client moving: a message trickled a
+        // byte at a time holds nothing past the idle timeouts.
+        if self.core.seq.client_messages() != taken {
+            self.core.clock.client_moved(Instant::now());
+        }
         self.flush_client().await?;
         self.record_results().await;
         self.flush_server().await
     }
 
-    /// Handles the client's buffered frames, up to one that must wait
-    /// ([`Self::must_wait`]).
     /// Handles the client's buffered frames, up to one that must wait for
     /// the server (see `Sequencer::next_client`).
     async fn take_client_frames(&mut self) -> Result<(), End> {

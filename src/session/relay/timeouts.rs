@@ -17,7 +17,9 @@ impl QueryLoop<'_> {
     }
 
     fn phase(&self) -> Phase {
-        if !self.core.seq.owes_nothing() {
+        if self.core.seq.copy_in() {
+            Phase::CopyIn
+        } else if !self.core.seq.owes_nothing() {
             Phase::Working
         } else if self.core.seq.is_bound()
             && (self.core.seq.tx_status() != b'I' || self.core.seq.unsynced())
@@ -28,19 +30,46 @@ impl QueryLoop<'_> {
         }
     }
 
+    /// Ends a `COPY` the server waits on, if one runs: PostgreSQL acts on a
+    /// cancel only when the client sends more, so the gateway fails the
+    /// copy itself (`CopyFail`, which PostgreSQL answers with 57014). In
+    /// the middle of a `CopyData` the server cannot be told, and the
+    /// connection is given up. False when it was.
+    async fn end_copy(&mut self, why: &str) -> bool {
+        if !self.core.seq.copy_in() {
+            return true;
+        }
+        if self.core.seq.streaming_from_client() {
+            let why = format!("{why} in the middle of a CopyData message");
+            self.abandon_server(&why).await;
+            return false;
+        }
+        self.core.seq.fail_copy(&format!("pgwarden: {why}"));
+        true
+    }
+
     pub(super) async fn on_timeout(&mut self, which: Timeout) -> Result<(), End> {
         match which {
             Timeout::ClientIdle => Err(End::Fatal(Refusal::ClientIdle)),
             Timeout::IdleInTransaction => {
-                self.roll_back("idle_in_transaction_timeout_ms elapsed")
-                    .await;
+                let why = "idle_in_transaction_timeout_ms elapsed";
+                if self.end_copy(why).await {
+                    self.roll_back(why).await;
+                }
                 Err(End::Fatal(Refusal::IdleInTransaction))
             }
             Timeout::Query => {
-                self.core.clock.cancelled(
-                    "cancelled by pgwarden: query_timeout_ms elapsed".into(),
-                    true,
-                );
+                let note = "cancelled by pgwarden: query_timeout_ms elapsed";
+                self.core.clock.cancelled(note.into(), true);
+                if self.core.seq.copy_in() {
+                    return match self.end_copy("query_timeout_ms elapsed").await {
+                        true => self.flush_server().await,
+                        false => Err(End::Fatal(Refusal::Answer(PgError::fatal(
+                            sqlstate::QUERY_CANCELED,
+                            "canceling COPY: query_timeout_ms elapsed in the middle of a CopyData message",
+                        )))),
+                    };
+                }
                 if let Some(backend) = self.cancel.backend() {
                     tracing::info!(parent: &self.span, "query_timeout: cancelling the running statement");
                     crate::session::cancel_backend(self.shared, backend).await;

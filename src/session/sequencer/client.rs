@@ -25,13 +25,19 @@ impl Sequencer {
                     rbuf,
                     Some(&mut self.to_server),
                 ) {
-                    true => continue,
+                    true => {
+                        self.client_messages += u64::from(self.client_passthrough == 0);
+                        continue;
+                    }
                     false => return Ok(ClientStep::Idle),
                 }
             }
             if self.client_discard > 0 {
                 match stream(&mut self.client_discard, rbuf, None) {
-                    true => continue,
+                    true => {
+                        self.client_messages += u64::from(self.client_discard == 0);
+                        continue;
+                    }
                     false => return Ok(ClientStep::Idle),
                 }
             }
@@ -78,7 +84,10 @@ impl Sequencer {
                 continue;
             }
             return Ok(match split_frame(rbuf, max)? {
-                Some(frame) => ClientStep::Frame(frame.freeze()),
+                Some(frame) => {
+                    self.client_messages += 1;
+                    ClientStep::Frame(frame.freeze())
+                }
                 None => ClientStep::Idle,
             });
         }

@@ -129,6 +129,9 @@ pub struct Sequencer {
     unnamed_here: bool,
     to_server: BytesMut,
     to_client: BytesMut,
+    /// Client messages taken whole so far (a streamed `CopyData` when its
+    /// last byte is): what the idle timers count as the client moving.
+    client_messages: u64,
     /// The client's statements and portals by its names.
     pub names: Names,
     /// Where code pgwarden cannot see into ran.
@@ -161,6 +164,7 @@ impl Default for Sequencer {
             unnamed_here: false,
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
+            client_messages: 0,
             names: Names::default(),
             code: Code::default(),
             void: BytesMut::new(),
@@ -323,6 +327,11 @@ impl Sequencer {
     /// A large client frame is half passed through.
     pub fn streaming_from_client(&self) -> bool {
         self.client_passthrough > 0
+    }
+
+    /// Client messages taken whole so far.
+    pub fn client_messages(&self) -> u64 {
+        self.client_messages
     }
 
     /// The client's buffer holds the rest of a `CopyData` being passed on

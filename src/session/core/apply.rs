@@ -315,7 +315,7 @@ impl Core<'_> {
             prepared::statement_message(self.seq.wire(), b'C', &statements::server_name(key));
             self.seq.expect().close(true);
         }
-        if let Some(evicted) = conn.statements.insert(key) {
+        for evicted in conn.statements.insert(key, rest.len()) {
             prepared::statement_message(self.seq.wire(), b'C', &statements::server_name(evicted));
             self.seq.expect().close(true);
         }

@@ -349,3 +349,42 @@ async fn a_stale_statement_is_invalidated_on_every_connection() {
     bob.batch_execute("ROLLBACK").await.unwrap();
     drop(st_a);
 }
+
+/// A pooled connection outlives the clients whose statements it holds:
+/// it keeps at most 16 MiB of their text, not 512 statements of any size
+/// (one client's 512 statements of 1 MB each kept 1.5 GB of PostgreSQL's
+/// memory after it left).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_keeps_a_bounded_size_of_statements_after_their_client_left() {
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let padding = "x".repeat(1024 * 1024);
+    for i in 0..24 {
+        let text = format!("SELECT {i}, length('{padding}')");
+        let statement = alice.prepare(&text).await.unwrap();
+        alice.query_one(&statement, &[]).await.unwrap();
+    }
+    drop(alice);
+    gw.until_clients(0).await;
+    let bob = gw.connect("bob").await;
+    let (count, bytes) = {
+        let row = bob
+            .query_one(
+                "SELECT count(*)::int, coalesce(sum(length(statement)), 0)::int \
+                 FROM pg_prepared_statements WHERE name LIKE 'pgwarden\\_%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i32>(0), row.get::<_, i32>(1))
+    };
+    assert!(count >= 1, "the newest stays");
+    assert!(
+        bytes <= 16 * 1024 * 1024,
+        "{count} statements, {bytes} bytes"
+    );
+}

@@ -229,8 +229,13 @@ impl<'a> QueryLoop<'a> {
                 tokio::select! {
                     _ = cancel.killed() => Wake::Killed,
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
-                    r = client.fill(), if reading && needs_grant.is_none() => Wake::Client(r),
-                    g = budget.grant(needs_grant.unwrap_or(0)), if reading && needs_grant.is_some() => Wake::Granted(g),
+                    // A large message is read on only with its grant.
+                    w = async {
+                        match needs_grant {
+                            None => Wake::Client(client.fill().await),
+                            Some(bytes) => Wake::Granted(budget.grant(bytes).await),
+                        }
+                    }, if reading => w,
                     r = shutdown.changed(), if idle && !self.shutting_down => {
                         if r.is_err() { self.shutting_down = true; }
                         Wake::Shutdown
@@ -279,6 +284,10 @@ impl<'a> QueryLoop<'a> {
     /// no large message is being read or waits, the grant is given back,
     /// with the memory the buffers grew to for it.
     fn grant_needed(&mut self) -> Option<usize> {
+        if self.grant.is_none() && self.client.rbuf.len() < 5 {
+            // Mostly so: no message started, nothing held.
+            return None;
+        }
         let raw = self.core.seq.raw_from_client();
         let max = self.client.max_message_size;
         match budget::need(&self.client.rbuf, max, raw, self.grant.as_ref()) {

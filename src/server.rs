@@ -237,6 +237,7 @@ impl Gateway {
             client_slots: Arc::new(tokio::sync::Semaphore::new(
                 config.server.max_client_connections,
             )),
+            conn_counts: Default::default(),
             message_budget: crate::session::budget::MessageBudget::new(
                 config.server.large_message_memory,
             ),

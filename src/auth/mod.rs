@@ -5,6 +5,7 @@
 //! PostgreSQL decides, over a temporary connection that is closed as soon as
 //! it has answered.
 
+pub mod limits;
 pub mod logins;
 pub mod relay;
 pub mod service;

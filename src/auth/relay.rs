@@ -17,6 +17,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::codes;
+use super::limits::{self, Limits};
 use crate::backend::conn::{BackendError, ServerConn};
 use crate::client::{ClientConn, ClientError};
 use crate::config::BackendConfig;
@@ -29,7 +30,8 @@ use crate::protocol::startup::StartupMessage;
 pub enum Outcome {
     /// PostgreSQL accepted the client; `AuthenticationOk` and the
     /// `ParameterStatus` messages wait in the caller's `greeting` buffer.
-    Authenticated,
+    /// The connection limits PostgreSQL states for the client come with it.
+    Authenticated(Limits),
     /// PostgreSQL refused; its `ErrorResponse` has been relayed verbatim.
     Refused(ErrorFields),
     /// The client hung up before the exchange finished (psql does this to
@@ -79,7 +81,10 @@ pub async fn relay(
     slot: OwnedSemaphorePermit,
 ) -> Result<Outcome, RelayError> {
     let mut server = ServerConn::connect(backend, tls).await?;
-    let outcome = exchange(client, &mut server, startup, greeting).await;
+    let mut outcome = exchange(client, &mut server, startup, greeting).await;
+    if let Ok(Outcome::Authenticated(limits)) = &mut outcome {
+        *limits = limits_of(&mut server).await;
+    }
     // Terminate costs the temporary backend's wake-up on this core; the
     // client's answer need not wait for it, and nothing else uses `server`.
     tokio::spawn(async move {
@@ -87,6 +92,20 @@ pub async fn relay(
         drop(slot);
     });
     outcome
+}
+
+/// The connection limits PostgreSQL states for the client just logged in
+/// on `server` (none when they cannot be read, which is logged).
+async fn limits_of(server: &mut ServerConn) -> Limits {
+    match server.simple_rows(limits::QUERY).await {
+        Ok(rows) => rows
+            .first()
+            .map_or_else(Limits::default, |row| Limits::from_row(row)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the client's connection limits; none applied");
+            Limits::default()
+        }
+    }
 }
 
 async fn exchange(
@@ -118,7 +137,7 @@ async fn exchange(
             }
             // The gateway issues its own key; the temporary backend's is useless.
             b'K' => {}
-            b'Z' => return Ok(Outcome::Authenticated),
+            b'Z' => return Ok(Outcome::Authenticated(Limits::default())),
             b'S' | b'N' | b'v' => out.extend_from_slice(&frame),
             other => {
                 return Err(BackendError::Protocol(

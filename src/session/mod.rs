@@ -12,6 +12,7 @@ pub mod carried;
 pub mod checks;
 pub mod clock;
 pub mod commits;
+pub mod conn_limits;
 mod console;
 mod controls;
 pub mod core;
@@ -40,6 +41,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{Auditor, Event, Kind, Status};
+use crate::auth::limits::Limits;
 use crate::auth::relay::{self as auth_relay, Outcome as AuthOutcome, RelayError};
 use crate::client::{ClientConn, ClientError};
 use crate::config::Config;
@@ -76,6 +78,9 @@ pub struct Shared {
     /// The memory large client messages may hold at once
     /// (`large_message_memory`).
     pub message_budget: budget::MessageBudget,
+    /// Sessions open per client user and database, for PostgreSQL's
+    /// connection limits.
+    pub conn_counts: Arc<conn_limits::Counts>,
     pub metrics: crate::metrics::Metrics,
     /// Reloadable settings (SIGHUP); `config` keeps the ones that need a restart.
     pub live: RwLock<Arc<Live>>,
@@ -290,7 +295,7 @@ async fn serve_in_span(
         }
         Ok(Ok(Some((Admitted::Client(s), slot)))) => (s, slot),
     };
-    let ((client, ident, key), _client_slot) = logged_in;
+    let ((client, ident, key, _seat), _client_slot) = logged_in;
     let (pid, secret, slot) = key;
     span.record("id", &*ident.session_id)
         .record("user", &*ident.client_user)
@@ -318,7 +323,14 @@ async fn serve_in_span(
     tracing::info!(parent: &span, "session ended: {end:?}");
 }
 
-type LoggedIn = (ClientConn, Identity, (i32, i32, Arc<cancel::CancelSlot>));
+/// A client let in: its connection, who it is, its cancel key, and its
+/// place under PostgreSQL's connection limits (held for the session).
+type LoggedIn = (
+    ClientConn,
+    Identity,
+    (i32, i32, Arc<cancel::CancelSlot>),
+    conn_limits::Seat,
+);
 
 /// Most cancels sent on to peers at once; more are dropped (logged).
 pub const PEER_FORWARDS: usize = 64;
@@ -370,8 +382,24 @@ async fn login(
         &ident.client_user,
         &shared.config.identity.client_user_setting,
     );
-    let Some(mut greeting) = relay_login(shared, &mut client, &startup, &ident).await? else {
+    let Some((mut greeting, limits)) = relay_login(shared, &mut client, &startup, &ident).await?
+    else {
         return Ok(None);
+    };
+    let seat = match shared
+        .conn_counts
+        .admit(&ident.client_user, &ident.database, limits)
+    {
+        Ok(seat) => seat,
+        Err(over) => {
+            let refusal = Refusal::ConnectionLimit(
+                over,
+                ident.client_user.to_string(),
+                ident.database.to_string(),
+            );
+            refuse_denied(shared, &ident, &mut client, refusal).await;
+            return Ok(None);
+        }
     };
     ident.reported = messages::parameter_statuses(&greeting);
     let (pid, secret, slot) = shared.cancels.register(ident.event(Kind::Cancel));
@@ -386,7 +414,12 @@ async fn login(
     let mut start = ident.event(Kind::SessionStart);
     start.message = Some(format!("policy {}", shared.policy().digest()));
     shared.auditor.append_nowait(start).await;
-    Ok(Some(Admitted::Client((client, ident, (pid, secret, slot)))))
+    Ok(Some(Admitted::Client((
+        client,
+        ident,
+        (pid, secret, slot),
+        seat,
+    ))))
 }
 
 /// No policy rule maps this client: FATAL 28000, recorded as `denied`.
@@ -424,14 +457,15 @@ async fn refuse_login(client: &mut ClientConn, refusal: Refusal) {
 
 /// Relays `startup`'s login to PostgreSQL (one of `max_auth_connections`
 /// at a time): the greeting to send on (authentication ok, the server's
-/// parameters) when it succeeded, `None` when it did not (recorded and
-/// told to the client by [`authenticated`]).
+/// parameters) and the connection limits PostgreSQL states for the client
+/// when it succeeded, `None` when it did not (recorded and told to the
+/// client by [`authenticated`]).
 async fn relay_login(
     shared: &Shared,
     client: &mut ClientConn,
     startup: &StartupMessage,
     ident: &Identity,
-) -> Result<Option<BytesMut>, ClientError> {
+) -> Result<Option<(BytesMut, Limits)>, ClientError> {
     // Closed only when the gateway stops; then the login cannot proceed.
     let Ok(slot) = shared.auth_slots.clone().acquire_owned().await else {
         return Ok(None);
@@ -446,12 +480,12 @@ async fn relay_login(
         slot,
     )
     .await;
-    Ok(authenticated(shared, ident, client, relayed)
-        .await?
-        .then_some(greeting))
+    let limits = authenticated(shared, ident, client, relayed).await?;
+    Ok(limits.map(|limits| (greeting, limits)))
 }
 
-/// Whether the relayed login succeeded; a refusal is recorded as
+/// The connection limits of a relayed login that succeeded, `None` when
+/// it did not: a refusal is recorded as
 /// `auth_failed` (PostgreSQL's error already reached the client), a
 /// gateway failure is sent to the client.
 async fn authenticated(
@@ -459,12 +493,12 @@ async fn authenticated(
     ident: &Identity,
     client: &mut ClientConn,
     relayed: Result<AuthOutcome, RelayError>,
-) -> Result<bool, ClientError> {
+) -> Result<Option<Limits>, ClientError> {
     match relayed {
-        Ok(AuthOutcome::Authenticated) => Ok(true),
+        Ok(AuthOutcome::Authenticated(limits)) => Ok(Some(limits)),
         Ok(AuthOutcome::ClientGone) => {
             tracing::debug!(user = %ident.client_user, "client hung up during authentication");
-            Ok(false)
+            Ok(None)
         }
         Ok(AuthOutcome::Refused(fields)) => {
             crate::metrics::Metrics::inc(&shared.metrics.auth_failures);
@@ -473,16 +507,16 @@ async fn authenticated(
             ev.sqlstate = Some(fields.code);
             ev.message = Some(fields.message);
             shared.auditor.append_nowait(ev).await;
-            Ok(false)
+            Ok(None)
         }
         Err(RelayError::Gateway(e)) => {
             tracing::warn!(user = %ident.client_user, "authentication relay failed: {e:?}");
             refuse_login(client, Refusal::Relay(e)).await;
-            Ok(false)
+            Ok(None)
         }
         Err(RelayError::Client(ClientError::Protocol(e))) => {
             refuse_login(client, Refusal::Protocol(e)).await;
-            Ok(false)
+            Ok(None)
         }
         Err(RelayError::Client(e)) => Err(e),
     }

@@ -13,6 +13,7 @@ use crate::pool::AcquireError;
 use crate::protocol::frame::ProtocolError;
 use crate::protocol::messages::PgError;
 use crate::protocol::sqlstate;
+use crate::session::conn_limits::Over;
 
 /// Why `[pool] session_set = "error"` refuses a statement.
 const SESSION_SET_REFUSED: &str = "a setting changed for the session lasts only until the end of the transaction in transaction pooling, and pgwarden is configured to refuse it ([pool] session_set = \"error\"): use SET LOCAL inside a transaction, or pass the setting when connecting (options=-c name=value)";
@@ -33,6 +34,9 @@ pub enum Refusal {
     NotAdmin { user: String },
     /// `max_client_connections` clients are connected.
     TooManyClients,
+    /// The client's role, or its database, has as many sessions as
+    /// PostgreSQL's connection limit for it (the client user, the database).
+    ConnectionLimit(crate::session::conn_limits::Over, String, String),
     /// A startup packet the gateway cannot serve.
     Startup(StartupRefusal),
     /// The statement guard refused the statement (why).
@@ -130,6 +134,13 @@ impl Refusal {
             Refusal::TooManyClients => PgError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
                 "sorry, too many clients already",
+            ),
+            Refusal::ConnectionLimit(over, user, database) => PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                match over {
+                    Over::Role => format!("too many connections for role \"{user}\""),
+                    Over::Database => format!("too many connections for database \"{database}\""),
+                },
             ),
             Refusal::Guard(why) => PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, why.clone()),
             Refusal::Audit(why) => PgError::error(

@@ -212,3 +212,53 @@ async fn greeting_after_login_is_complete_and_in_order() {
     let (tags, error, _) = c.until_ready().await;
     assert_eq!((tags, error), (b"TDCZ".to_vec(), None));
 }
+
+/// PostgreSQL's connection limits apply to the gateway's sessions: a
+/// client's login runs on a temporary connection closed at once, so
+/// PostgreSQL counted nothing, and one user limited to 2 connections held
+/// every one of `max_client_connections`. The gateway now reads the
+/// role's and the database's limits at login and refuses as PostgreSQL
+/// does (FATAL 53300), recorded as `denied`.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgresql_connection_limits_hold_through_the_gateway() {
+    let user = format!("limited_{}", rand::random::<u32>());
+    cluster().psql(
+        "postgres",
+        &format!("CREATE ROLE {user} LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 2"),
+    );
+    let gw = start_gateway(Opts {
+        policy: "[[map]]\nclients = [\"limited_*\", \"alice\"]\nrole = \"analyst\"\n",
+        ..Opts::default()
+    })
+    .await;
+    let url = format!(
+        "host=127.0.0.1 port={} user={user} password=limited-pw dbname=app",
+        gw.port()
+    );
+    let connect = || async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok::<_, tokio_postgres::Error>(client)
+    };
+    let first = connect().await.unwrap();
+    let second = connect().await.unwrap();
+    let third = connect().await.err().expect("a third is over the limit");
+    assert_eq!(support::sqlstate(&third), "53300", "{third:?}");
+    assert_eq!(
+        third.as_db_error().map(|e| e.message().to_string()),
+        Some(format!("too many connections for role \"{user}\""))
+    );
+
+    // Others are not held to it; a session that ends gives its place back.
+    let alice = gw.connect("alice").await;
+    assert_eq!(support::one(&alice, "SELECT 1").await, "1");
+    drop(first);
+    support::eventually_async("a place is free", || async { connect().await.is_ok() }).await;
+    assert_eq!(support::one(&second, "SELECT 1").await, "1");
+    cluster().psql(
+        "postgres",
+        &format!("ALTER ROLE {user} CONNECTION LIMIT -1"),
+    );
+    let many: Vec<_> = futures_util::future::join_all((0..4).map(|_| connect())).await;
+    assert!(many.iter().all(Result::is_ok), "no limit: {many:?}");
+}

@@ -46,7 +46,9 @@ pub(super) async fn login(
     params.retain(|(k, _)| k != "database");
     params.push(("database".into(), live.admin_auth_database.clone()));
     let checked = encode_startup(startup.version, &params);
-    let Some(mut greeting) = relay_login(shared, &mut client, &checked, ident).await? else {
+    // An admin's console is not held to PostgreSQL's connection limits.
+    let Some((mut greeting, _limits)) = relay_login(shared, &mut client, &checked, ident).await?
+    else {
         return Ok(None);
     };
     messages::ready_for_query(&mut greeting, b'I');

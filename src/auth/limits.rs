@@ -1,0 +1,66 @@
+//! The connection limits PostgreSQL states for a client: its role's
+//! (`ALTER ROLE … CONNECTION LIMIT`) and its database's (`ALTER DATABASE …
+//! CONNECTION LIMIT`), read on the temporary login connection, as the
+//! client, right after PostgreSQL accepted the login
+//! (`session::conn_limits` applies them).
+
+/// The limits PostgreSQL states for a client (`None`: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub role: Option<usize>,
+    pub database: Option<usize>,
+}
+
+/// What the gateway asks, as the client, on its temporary login connection.
+pub const QUERY: &str = "SELECT r.rolconnlimit, r.rolsuper, d.datconnlimit \
+     FROM pg_catalog.pg_roles r, pg_catalog.pg_database d \
+     WHERE r.rolname = current_user AND d.datname = current_database()";
+
+impl Limits {
+    /// The limits from [`QUERY`]'s row; no row or a value it cannot read
+    /// is no limit.
+    pub fn from_row(row: &[Option<String>]) -> Limits {
+        let limit = |i: usize| {
+            let value = row.get(i)?.as_deref()?.parse::<i64>().ok()?;
+            usize::try_from(value).ok()
+        };
+        if row.get(1).and_then(|s| s.as_deref()) == Some("t") {
+            return Limits::default();
+        }
+        Limits {
+            role: limit(0),
+            database: limit(2),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(values: &[Option<&str>]) -> Vec<Option<String>> {
+        values.iter().map(|v| v.map(str::to_string)).collect()
+    }
+
+    #[test]
+    fn limits_are_read_as_postgresql_states_them() {
+        let read = |v: &[Option<&str>]| Limits::from_row(&row(v));
+        assert_eq!(
+            read(&[Some("2"), Some("f"), Some("-1")]),
+            Limits {
+                role: Some(2),
+                database: None
+            }
+        );
+        assert_eq!(
+            read(&[Some("-1"), Some("f"), Some("0")]),
+            Limits {
+                role: None,
+                database: Some(0)
+            }
+        );
+        // Superusers are held to neither; no row is no limit.
+        assert_eq!(read(&[Some("2"), Some("t"), Some("3")]), Limits::default());
+        assert_eq!(read(&[]), Limits::default());
+    }
+}

@@ -242,7 +242,9 @@ async fn postgresql_connection_limits_hold_through_the_gateway() {
     };
     let first = connect().await.unwrap();
     let second = connect().await.unwrap();
-    let third = connect().await.err().expect("a third is over the limit");
+    let Err(third) = connect().await else {
+        panic!("a third is over the limit");
+    };
     assert_eq!(support::sqlstate(&third), "53300", "{third:?}");
     assert_eq!(
         third.as_db_error().map(|e| e.message().to_string()),

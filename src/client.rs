@@ -23,6 +23,9 @@ pub enum ClientError {
     Protocol(#[from] ProtocolError),
 }
 
+/// How long a client may take to read the error it is sent last.
+const SEND_ERROR_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A client's byte stream, with or without TLS.
 pub type ClientStream = crate::tls::MaybeTls<TlsStream<TcpStream>>;
 
@@ -75,11 +78,12 @@ impl ClientConn {
     }
 
     /// Sends a gateway error. Write failures are ignored: the client is
-    /// either gone or about to be disconnected.
+    /// either gone or about to be disconnected. A client that reads
+    /// nothing gets [`SEND_ERROR_WAIT`] to take it, not the session's life.
     pub async fn send_error(&mut self, error: &PgError) {
         let mut out = BytesMut::new();
         error.encode(&mut out);
-        let _ = self.stream.write_all(&out).await;
+        let _ = tokio::time::timeout(SEND_ERROR_WAIT, self.stream.write_all(&out)).await;
     }
 
     /// Flushes and shuts the connection down.

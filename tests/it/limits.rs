@@ -380,3 +380,32 @@ async fn a_message_trickled_a_byte_at_a_time_is_idle_time() {
         assert_eq!(support::one(&bob, "SELECT 1").await, "1");
     }
 }
+
+/// A client that reads nothing of a large result held its server
+/// connection for ever: the gateway's write to it waited, PostgreSQL's
+/// send waited for the gateway, and no timeout or cancel could act on
+/// either. Now a client that reads nothing for `query_timeout_ms` is
+/// ended and the connection given up; another client gets one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_reads_nothing_is_ended_after_query_timeout() {
+    use crate::raw::{cstr, RawClient};
+    let gw = start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 10_000,
+        server_extra: "query_timeout_ms = 500\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    // About 100 MB of rows, none of which it reads.
+    c.send(
+        b'Q',
+        &cstr("SELECT repeat('x', 1000) FROM generate_series(1, 100000)"),
+    )
+    .await;
+    let started = Instant::now();
+    let bob = gw.connect("bob").await;
+    assert_eq!(support::one(&bob, "SELECT 1").await, "1");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    drop(c);
+}

@@ -112,6 +112,21 @@ pub struct QueryLoop<'a> {
     /// The share of `large_message_memory` held for the large message
     /// being read or handled (`session::budget`).
     grant: Option<Grant<'a>>,
+    /// How long a write to the client may wait for it to read
+    /// ([`write_limit`]).
+    write_limit: Option<Duration>,
+}
+
+/// A client that reads nothing of what it is sent for `query_timeout_ms`
+/// (or `idle_in_transaction_timeout_ms`, the shorter of those set) is
+/// ended: the gateway's write waits, and the server's with it, so no
+/// timeout or cancel could act.
+fn write_limit(live: &super::Live) -> Option<Duration> {
+    [live.query_timeout_ms, live.idle_in_transaction_timeout_ms]
+        .into_iter()
+        .filter(|&ms| ms > 0)
+        .min()
+        .map(Duration::from_millis)
 }
 
 enum Wake<'a> {
@@ -168,6 +183,7 @@ impl<'a> QueryLoop<'a> {
             request_at: None,
             bound_at: None,
             grant: None,
+            write_limit: write_limit(&shared.live()),
         }
     }
 
@@ -309,7 +325,9 @@ impl<'a> QueryLoop<'a> {
 
     async fn on_client_data(&mut self) -> Result<(), End> {
         // Reloadable (SIGHUP): read once per read from the client.
-        self.core.log_parameters = self.shared.live().log_parameters;
+        let live = self.shared.live();
+        self.core.log_parameters = live.log_parameters;
+        self.write_limit = write_limit(&live);
         self.audit_ahead().await;
         let taken = self.core.seq.client_messages();
         self.take_client_frames().await?;
@@ -438,8 +456,35 @@ impl<'a> QueryLoop<'a> {
             return Ok(());
         }
         self.stats.sent += out.len() as u64;
-        let result = self.client.write_all(out).await;
+        let result = match self.write_limit {
+            None => self.client.write_all(out).await,
+            Some(limit) => match tokio::time::timeout(limit, self.client.write_all(out)).await {
+                Ok(result) => result,
+                Err(_) => return Err(self.client_not_reading(limit).await),
+            },
+        };
         self.core.seq.client_out().clear();
         result.map_err(End::from)
+    }
+
+    /// The client took nothing of what it was sent for `limit`: while the
+    /// gateway waits for it, the server waits for the gateway (PostgreSQL
+    /// acts on no cancel while it cannot send), so the server connection
+    /// is given up and the session ended.
+    async fn client_not_reading(&mut self, limit: Duration) -> End {
+        let why = format!(
+            "the client read nothing of its results for {} ms",
+            limit.as_millis()
+        );
+        tracing::info!(parent: &self.span, "{why}: the session ends and its server connection is given up");
+        self.core.seq.client_out().clear();
+        self.client_gone = true;
+        if self.server.is_some() {
+            self.abandon_server(&why).await;
+        }
+        End::Fatal(Refusal::Answer(PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("terminating connection: {why}"),
+        )))
     }
 }

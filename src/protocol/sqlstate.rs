@@ -30,6 +30,7 @@ pub const INVALID_SQL_STATEMENT_NAME: SqlState = SqlState("26000");
 pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
 pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
+pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState("53400");
 pub const IO_ERROR: SqlState = SqlState("58030");
 pub const SYNTAX_ERROR: SqlState = SqlState("42601");
 pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");

@@ -180,6 +180,15 @@ fn split_word(s: &str) -> Option<(&str, &str)> {
 }
 
 impl Statement {
+    /// The bytes of the client's `Parse` it keeps: its text, and the body
+    /// kept to prepare it again, which holds the text (slices of one
+    /// message).
+    pub fn size(&self) -> usize {
+        let shared = self.shared.as_ref().map_or(0, |(_, rest)| rest.len());
+        let unnamed = self.unnamed_parse.as_ref().map_or(0, Bytes::len);
+        self.sql.len().max(shared).max(unnamed)
+    }
+
     /// A statement and what pgwarden knows of what it does.
     pub fn new(sql: Bytes, shared: Option<(u128, Bytes)>, setting_params: Vec<u16>) -> Statement {
         Statement {

@@ -52,6 +52,9 @@ pub enum Refusal {
     /// A statement text longer than a record keeps (`[audit]
     /// max_value_bytes`): refused rather than run with part of it recorded.
     TooLongToRecord { len: usize, max: usize },
+    /// A session's prepared statements would keep `bytes`, more than
+    /// `[server] prepared_statement_memory` (`max`).
+    TooMuchPrepared { bytes: usize, max: usize },
     /// The gateway is shutting down and the session is idle.
     Shutdown,
     /// The server connection failed under the client's session.
@@ -155,6 +158,12 @@ impl Refusal {
                 sqlstate::PROGRAM_LIMIT_EXCEEDED,
                 format!(
                     "pgwarden keeps at most {max} settings per session; set \"{name}\" with SET LOCAL instead"
+                ),
+            ),
+            Refusal::TooMuchPrepared { bytes, max } => PgError::error(
+                sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+                format!(
+                    "prepared statements of this session would keep {bytes} bytes, more than pgwarden's [server] prepared_statement_memory ({max}); close some first"
                 ),
             ),
             Refusal::TooLongToRecord { len, max } => PgError::error(
@@ -412,6 +421,11 @@ mod tests {
                 false,
             ),
             (Refusal::TooLongToRecord { len: 9, max: 8 }, "54000", false),
+            (
+                Refusal::TooMuchPrepared { bytes: 9, max: 8 },
+                "53400",
+                false,
+            ),
             (Refusal::ServerLost, "08006", true),
             (Refusal::IdentityChanged("x".into()), "42501", true),
             (Refusal::ClientIdle, "57P05", true),

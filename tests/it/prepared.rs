@@ -388,3 +388,39 @@ async fn a_connection_keeps_a_bounded_size_of_statements_after_their_client_left
         "{count} statements, {bytes} bytes"
     );
 }
+
+/// The gateway keeps every statement a client prepares (to prepare it
+/// again on whichever connection serves it): one client's 1 MB named
+/// statements grew the gateway by 1.1 MB each, without bound. A session
+/// keeps at most `prepared_statement_memory` of them; a `Parse` past it
+/// is refused (53400) and the session goes on, and closing statements
+/// makes room.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sessions_prepared_statements_are_bounded_in_bytes() {
+    let gw = start_gateway(Opts {
+        server_extra: "prepared_statement_memory = 1048576\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let padding = "x".repeat(300 * 1024);
+    let text = |i: usize| format!("SELECT {i}, length('{padding}')");
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        kept.push(alice.prepare(&text(i)).await.unwrap());
+    }
+    let refused = alice.prepare(&text(3)).await.unwrap_err();
+    assert_eq!(support::sqlstate(&refused), "53400", "{refused:?}");
+    assert_eq!(support::one(&alice, "SELECT 1").await, "1");
+    let row = alice.query_one(&kept[0], &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 0);
+    // tokio-postgres closes a statement it drops.
+    kept.pop();
+    support::eventually_async("room again", || async {
+        alice.prepare(&text(4)).await.is_ok()
+    })
+    .await;
+    // Others have their own.
+    let bob = gw.connect("bob").await;
+    bob.prepare(&text(5)).await.unwrap();
+}

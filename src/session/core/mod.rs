@@ -106,6 +106,8 @@ pub struct Core<'a> {
     /// ([`Core::too_long`]), longer parameter values and messages are
     /// recorded cut (see `audit::cut`).
     pub max_value_bytes: usize,
+    /// `[server] prepared_statement_memory` (0: no limit).
+    pub prepared_statement_memory: usize,
     /// The largest client message accepted.
     max_message_size: usize,
     /// The protocol state.
@@ -146,6 +148,7 @@ impl<'a> Core<'a> {
             auditing,
             log_parameters: false,
             max_value_bytes: crate::config::DEFAULT_MAX_VALUE_BYTES,
+            prepared_statement_memory: 0,
             max_message_size,
             seq: Sequencer::default().with_code(crate::session::sequencer::Code::new(opaque_start)),
             carried: Carried::new(
@@ -310,6 +313,21 @@ impl<'a> Core<'a> {
         }
         let len = self.carried.client_text(sql).len();
         (len > max).then(|| Refused::too_long(sql, len, max))
+    }
+
+    /// A named `Parse` of `len` bytes that would take the session's
+    /// statements past `prepared_statement_memory`: refused (the gateway
+    /// keeps every statement a client prepares, to prepare it again on
+    /// whichever connection serves it).
+    pub fn too_many_prepared(&self, name: &[u8], sql: &[u8], len: usize) -> Option<Refused> {
+        let max = self.prepared_statement_memory;
+        let statements = &self.seq.names.statements;
+        let replaced = statements.get(name).map_or(0, |s| s.size());
+        let bytes = (statements.bytes() - replaced).saturating_add(len);
+        (max != 0 && !name.is_empty() && bytes > max).then(|| Refused {
+            refusal: Refusal::TooMuchPrepared { bytes, max },
+            blocked: Some(sql.to_vec()),
+        })
     }
 
     /// The `guard_blocked` record of a refused message, if it has one.

@@ -174,6 +174,10 @@ impl Core<'_> {
         if let Some(refused) = self.too_long(parse.query) {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }
+        // What the statement keeps of the message is at most all of it.
+        if let Some(refused) = self.too_many_prepared(parse.name, parse.query, frame.len()) {
+            return Ok(Step::Refuse(Flow::Extended, refused));
+        }
         let mut checks = self.checks();
         let plan = match off_thread(parse.query.len(), || checks.parse(&parse)) {
             Ok(plan) => plan,

@@ -162,6 +162,7 @@ impl<'a> QueryLoop<'a> {
             (client.max_message_size, client_pid),
         );
         core.max_value_bytes = shared.config.audit.max_value_bytes;
+        core.prepared_statement_memory = shared.config.server.prepared_statement_memory;
         QueryLoop {
             shared,
             ident,

@@ -35,11 +35,64 @@ impl std::hash::Hasher for Fnv1a {
     }
 }
 
+/// The client's prepared statements by name, and the bytes they hold
+/// (`[server] prepared_statement_memory` bounds them).
+#[derive(Default)]
+pub struct Statements {
+    map: NameMap<Statement>,
+    bytes: usize,
+}
+
+impl Statements {
+    pub fn get(&self, name: &[u8]) -> Option<&Statement> {
+        self.map.get(name)
+    }
+
+    pub fn contains_key(&self, name: &[u8]) -> bool {
+        self.map.contains_key(name)
+    }
+
+    pub fn insert(&mut self, name: Bytes, statement: Statement) -> Option<Statement> {
+        self.bytes += statement.size();
+        let previous = self.map.insert(name, statement);
+        if let Some(previous) = &previous {
+            self.bytes -= previous.size();
+        }
+        previous
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> Option<Statement> {
+        let removed = self.map.remove(name);
+        if let Some(removed) = &removed {
+            self.bytes -= removed.size();
+        }
+        removed
+    }
+
+    pub fn retain(&mut self, keep: impl FnMut(&Bytes, &mut Statement) -> bool) {
+        self.map.retain(keep);
+        self.bytes = self.map.values().map(Statement::size).sum();
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The bytes the statements hold ([`Statement::size`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 /// The client's names.
 #[derive(Default)]
 pub struct Names {
     /// Prepared statements ("" = unnamed).
-    pub statements: NameMap<Statement>,
+    pub statements: Statements,
     /// Portals: their statement's text (and parameters for the record,
     /// when auditing), and whether it may start a COPY from the client.
     pub portals: NameMap<Portal>,
@@ -178,7 +231,30 @@ mod tests {
             .portals
             .push(Box::new((Bytes::from_static(b"p"), None)));
         names.restore(&mut cache);
-        assert_eq!(&names.statements[&b"s"[..]].sql[..], b"SELECT 1");
+        assert_eq!(&names.statements.get(b"s").unwrap().sql[..], b"SELECT 1");
         assert!(!names.portals.contains_key(&b"p"[..]));
+        assert_eq!(names.statements.bytes(), "SELECT 1".len());
+    }
+
+    #[test]
+    fn the_bytes_of_statements_follow_every_change() {
+        let mut statements = Statements::default();
+        let of = |sql: &'static str| {
+            Statement::new(Bytes::from_static(sql.as_bytes()), None, Vec::new())
+        };
+        statements.insert(Bytes::from_static(b"a"), of("SELECT 1"));
+        statements.insert(Bytes::from_static(b"b"), of("SELECT 22"));
+        assert_eq!(statements.bytes(), 17);
+        statements.insert(Bytes::from_static(b"a"), of("SELECT 333"));
+        assert_eq!(statements.bytes(), 19);
+        statements.remove(b"b");
+        assert_eq!(statements.bytes(), 10);
+        // Text and `Parse` body are slices of one message: counted once.
+        let rest = Bytes::from_static(b"SELECT 4444\0\0\0");
+        let shared = Statement::new(rest.slice(..11), Some((7, rest)), Vec::new());
+        statements.insert(Bytes::from_static(b"c"), shared);
+        assert_eq!(statements.bytes(), 10 + 14);
+        statements.retain(|name, _| name.is_empty());
+        assert_eq!((statements.bytes(), statements.len()), (0, 0));
     }
 }

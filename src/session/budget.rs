@@ -19,11 +19,10 @@ use bytes::BytesMut;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::protocol::frame::FrameHeader;
-use crate::session::sequencer::STREAM_THRESHOLD;
 
-/// Messages longer than this need a grant (the length from which a
-/// `CopyData` is streamed rather than buffered).
-pub const LARGE: usize = STREAM_THRESHOLD;
+/// Messages longer than this need a grant; a `CopyData` this long is
+/// streamed rather than buffered (`sequencer::STREAM_THRESHOLD`).
+pub const LARGE: usize = 64 * 1024;
 
 /// Permits count kibibytes, so that one message's fit in a `u32`.
 const UNIT: usize = 1024;

@@ -40,8 +40,9 @@ use crate::session::tracker::Tracker;
 /// Text sent in place of a refused statement: it fails at parse time, so the
 /// server aborts exactly as it would for a refused statement of its own.
 pub const REFUSED_SQL: &str = "pgwarden refused this statement";
-/// Larger row and copy frames are streamed through instead of buffered whole.
-pub const STREAM_THRESHOLD: usize = 64 * 1024;
+/// Larger row and copy frames are streamed through instead of buffered
+/// whole: the length of a large message (`session::budget`).
+pub const STREAM_THRESHOLD: usize = crate::session::budget::LARGE;
 /// The largest server message the gateway accepts.
 pub const MAX_SERVER_FRAME: usize = 1 << 30;
 

@@ -290,13 +290,7 @@ async fn a_silent_copy_is_ended_by_the_timeouts() {
         ("query_timeout_ms", "57014", true),
     ] {
         let case = format!("{timeout}, in the middle of a message: {mid_message}");
-        let gw = start_gateway(Opts {
-            pool_size: 1,
-            acquire_timeout_ms: 10_000,
-            server_extra: format!("{timeout} = 500\n"),
-            ..Opts::default()
-        })
-        .await;
+        let gw = one_connection_after(&format!("{timeout} = 500")).await;
         let mut c = RawClient::login(gw.addr).await;
         c.send(b'Q', &cstr("COPY items (id, owner) FROM STDIN"))
             .await;
@@ -336,13 +330,7 @@ async fn a_message_trickled_a_byte_at_a_time_is_idle_time() {
         ("idle_in_transaction_timeout_ms", true, "25P03"),
         ("client_idle_timeout_ms", false, "57P05"),
     ] {
-        let gw = start_gateway(Opts {
-            pool_size: 1,
-            acquire_timeout_ms: 10_000,
-            server_extra: format!("{timeout} = 500\n"),
-            ..Opts::default()
-        })
-        .await;
+        let gw = one_connection_after(&format!("{timeout} = 500")).await;
         let mut c = RawClient::login(gw.addr).await;
         if begin {
             c.send(b'Q', &cstr("BEGIN")).await;
@@ -389,13 +377,7 @@ async fn a_message_trickled_a_byte_at_a_time_is_idle_time() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_reads_nothing_is_ended_after_query_timeout() {
     use crate::raw::{cstr, RawClient};
-    let gw = start_gateway(Opts {
-        pool_size: 1,
-        acquire_timeout_ms: 10_000,
-        server_extra: "query_timeout_ms = 500\n".into(),
-        ..Opts::default()
-    })
-    .await;
+    let gw = one_connection_after("query_timeout_ms = 500").await;
     let mut c = RawClient::login(gw.addr).await;
     // About 100 MB of rows, none of which it reads.
     c.send(
@@ -408,4 +390,16 @@ async fn a_client_that_reads_nothing_is_ended_after_query_timeout() {
     assert_eq!(support::one(&bob, "SELECT 1").await, "1");
     assert!(started.elapsed() < Duration::from_secs(8));
     drop(c);
+}
+
+/// A gateway of one server connection, with `timeout` (a `[server]`
+/// setting): another client waits up to 10 s for the connection it holds.
+async fn one_connection_after(timeout: &str) -> crate::support::TestGateway {
+    start_gateway(Opts {
+        pool_size: 1,
+        acquire_timeout_ms: 10_000,
+        server_extra: format!("{timeout}\n"),
+        ..Opts::default()
+    })
+    .await
 }

@@ -12,9 +12,13 @@ pub struct Limits {
 }
 
 /// What the gateway asks, as the client, on its temporary login connection.
-pub const QUERY: &str = "SELECT r.rolconnlimit, r.rolsuper, d.datconnlimit \
+/// The login role is `session_user` (a client's startup `options` may set
+/// `role`, which changes `current_user`), and its `statement_timeout`
+/// (which it may set too) is lifted first.
+pub const QUERY: &str = "SET statement_timeout = 0; \
+     SELECT r.rolconnlimit, r.rolsuper, d.datconnlimit \
      FROM pg_catalog.pg_roles r, pg_catalog.pg_database d \
-     WHERE r.rolname = current_user AND d.datname = current_database()";
+     WHERE r.rolname = session_user AND d.datname = current_database()";
 
 impl Limits {
     /// The limits from [`QUERY`]'s row; no row or a value it cannot read

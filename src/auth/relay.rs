@@ -83,7 +83,12 @@ pub async fn relay(
     let mut server = ServerConn::connect(backend, tls).await?;
     let mut outcome = exchange(client, &mut server, startup, greeting).await;
     if let Ok(Outcome::Authenticated(limits)) = &mut outcome {
-        *limits = limits_of(&mut server).await;
+        match limits_of(&mut server).await {
+            Ok(read) => *limits = read,
+            // Fails closed: a client must not get past a limit by making
+            // it unreadable.
+            Err(e) => outcome = Err(RelayError::Gateway(RelayFailure::Backend(e))),
+        }
     }
     // Terminate costs the temporary backend's wake-up on this core; the
     // client's answer need not wait for it, and nothing else uses `server`.
@@ -95,16 +100,13 @@ pub async fn relay(
 }
 
 /// The connection limits PostgreSQL states for the client just logged in
-/// on `server` (none when they cannot be read, which is logged).
-async fn limits_of(server: &mut ServerConn) -> Limits {
+/// on `server`.
+async fn limits_of(server: &mut ServerConn) -> Result<Limits, String> {
     match server.simple_rows(limits::QUERY).await {
-        Ok(rows) => rows
+        Ok(rows) => Ok(rows
             .first()
-            .map_or_else(Limits::default, |row| Limits::from_row(row)),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the client's connection limits; none applied");
-            Limits::default()
-        }
+            .map_or_else(Limits::default, |row| Limits::from_row(row))),
+        Err(e) => Err(format!("cannot read the client's connection limits: {e}")),
     }
 }
 

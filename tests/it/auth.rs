@@ -224,7 +224,10 @@ async fn postgresql_connection_limits_hold_through_the_gateway() {
     let user = format!("limited_{}", rand::random::<u32>());
     cluster().psql(
         "postgres",
-        &format!("CREATE ROLE {user} LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 2"),
+        &format!(
+            "CREATE ROLE {user} LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 2; \
+             GRANT other_role TO {user}"
+        ),
     );
     let gw = start_gateway(Opts {
         policy: "[[map]]\nclients = [\"limited_*\", \"alice\"]\nrole = \"analyst\"\n",
@@ -235,11 +238,15 @@ async fn postgresql_connection_limits_hold_through_the_gateway() {
         "host=127.0.0.1 port={} user={user} password=limited-pw dbname=app",
         gw.port()
     );
-    let connect = || async {
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        Ok::<_, tokio_postgres::Error>(client)
+    let connect_with = |options: &'static str| {
+        let url = format!("{url} options='{options}'");
+        async move {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            Ok::<_, tokio_postgres::Error>(client)
+        }
     };
+    let connect = || connect_with("");
     let first = connect().await.unwrap();
     let second = connect().await.unwrap();
     let Err(third) = connect().await else {
@@ -250,6 +257,18 @@ async fn postgresql_connection_limits_hold_through_the_gateway() {
         third.as_db_error().map(|e| e.message().to_string()),
         Some(format!("too many connections for role \"{user}\""))
     );
+    // The client's own startup settings change nothing: the limit is the
+    // login role's (not a role it sets), read whatever its timeout.
+    for options in ["-c role=other_role", "-c statement_timeout=1"] {
+        let Err(refused) = connect_with(options).await else {
+            panic!("{options}: over the limit");
+        };
+        assert_eq!(
+            support::sqlstate(&refused),
+            "53300",
+            "{options}: {refused:?}"
+        );
+    }
 
     // Others are not held to it; a session that ends gives its place back.
     let alice = gw.connect("alice").await;

@@ -322,7 +322,7 @@ impl<'a> Core<'a> {
     pub fn too_many_prepared(&self, name: &[u8], sql: &[u8], len: usize) -> Option<Refused> {
         let max = self.prepared_statement_memory;
         let statements = &self.seq.names.statements;
-        let replaced = statements.get(name).map_or(0, |s| s.size());
+        let replaced = statements.get(name).map_or(0, |s| name.len() + s.size());
         let bytes = (statements.bytes() - replaced).saturating_add(len);
         (max != 0 && !name.is_empty() && bytes > max).then(|| Refused {
             refusal: Refusal::TooMuchPrepared { bytes, max },

@@ -53,25 +53,23 @@ impl Statements {
     }
 
     pub fn insert(&mut self, name: Bytes, statement: Statement) -> Option<Statement> {
-        self.bytes += statement.size();
-        let previous = self.map.insert(name, statement);
+        self.bytes += size(&name, &statement);
+        let previous = self.map.insert(name.clone(), statement);
         if let Some(previous) = &previous {
-            self.bytes -= previous.size();
+            self.bytes -= size(&name, previous);
         }
         previous
     }
 
     pub fn remove(&mut self, name: &[u8]) -> Option<Statement> {
-        let removed = self.map.remove(name);
-        if let Some(removed) = &removed {
-            self.bytes -= removed.size();
-        }
-        removed
+        let (name, removed) = self.map.remove_entry(name)?;
+        self.bytes -= size(&name, &removed);
+        Some(removed)
     }
 
     pub fn retain(&mut self, keep: impl FnMut(&Bytes, &mut Statement) -> bool) {
         self.map.retain(keep);
-        self.bytes = self.map.values().map(Statement::size).sum();
+        self.bytes = self.map.iter().map(|(name, s)| size(name, s)).sum();
     }
 
     pub fn len(&self) -> usize {
@@ -82,10 +80,16 @@ impl Statements {
         self.map.is_empty()
     }
 
-    /// The bytes the statements hold ([`Statement::size`]).
+    /// The bytes the statements and their names hold.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+}
+
+/// What a statement keeps of the client's messages: its name, which may be
+/// as long as the message, too ([`Statement::size`]).
+fn size(name: &[u8], statement: &Statement) -> usize {
+    name.len() + statement.size()
 }
 
 /// The client's names.
@@ -233,7 +237,7 @@ mod tests {
         names.restore(&mut cache);
         assert_eq!(&names.statements.get(b"s").unwrap().sql[..], b"SELECT 1");
         assert!(!names.portals.contains_key(&b"p"[..]));
-        assert_eq!(names.statements.bytes(), "SELECT 1".len());
+        assert_eq!(names.statements.bytes(), "sSELECT 1".len());
     }
 
     #[test]
@@ -244,16 +248,20 @@ mod tests {
         };
         statements.insert(Bytes::from_static(b"a"), of("SELECT 1"));
         statements.insert(Bytes::from_static(b"b"), of("SELECT 22"));
-        assert_eq!(statements.bytes(), 17);
-        statements.insert(Bytes::from_static(b"a"), of("SELECT 333"));
         assert_eq!(statements.bytes(), 19);
+        statements.insert(Bytes::from_static(b"a"), of("SELECT 333"));
+        assert_eq!(statements.bytes(), 21);
         statements.remove(b"b");
-        assert_eq!(statements.bytes(), 10);
+        assert_eq!(statements.bytes(), 11);
+        // A name is counted, however long.
+        statements.insert(Bytes::from(vec![b'n'; 1000]), of("SELECT 1"));
+        assert_eq!(statements.bytes(), 11 + 1008);
+        statements.remove(&[b'n'; 1000]);
         // Text and `Parse` body are slices of one message: counted once.
         let rest = Bytes::from_static(b"SELECT 4444\0\0\0");
         let shared = Statement::new(rest.slice(..11), Some((7, rest)), Vec::new());
         statements.insert(Bytes::from_static(b"c"), shared);
-        assert_eq!(statements.bytes(), 10 + 14);
+        assert_eq!(statements.bytes(), 11 + 15);
         statements.retain(|name, _| name.is_empty());
         assert_eq!((statements.bytes(), statements.len()), (0, 0));
     }

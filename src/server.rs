@@ -240,6 +240,7 @@ impl Gateway {
             conn_counts: Default::default(),
             message_budget: crate::session::budget::MessageBudget::new(
                 config.server.large_message_memory,
+                config.server.max_message_size,
             ),
             ship,
             anchor,

@@ -12,11 +12,18 @@
 //! has been handled. A session that cannot have one waits, reading nothing
 //! more from its client; messages of at most [`LARGE`] bytes never wait.
 //! `CopyData` is not counted: a long one is passed on as it arrives.
+//!
+//! One client user holds at most a quarter of the budget (or one largest
+//! message, if that is more): four connections of one login, each sending
+//! the first bytes of a 256 MB message and nothing more, took the whole
+//! budget, and every other client's large message waited for ever.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 
 use crate::protocol::frame::FrameHeader;
 
@@ -32,6 +39,10 @@ pub struct MessageBudget {
     permits: Semaphore,
     /// All the permits there are.
     units: u32,
+    /// The most one client user may hold, and each one's permits (made
+    /// when it first sends a large message).
+    share: u32,
+    users: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
     /// Bytes granted now, and grants that had to wait (for `/metrics`).
     pub held: AtomicU64,
     pub waits: AtomicU64,
@@ -40,6 +51,7 @@ pub struct MessageBudget {
 /// A share of the budget, given back when dropped.
 pub struct Grant<'a> {
     _permit: SemaphorePermit<'a>,
+    _user: OwnedSemaphorePermit,
     bytes: usize,
     held: &'a AtomicU64,
 }
@@ -63,26 +75,50 @@ pub enum Need {
 }
 
 impl MessageBudget {
-    /// A budget of `bytes` (0: no limit).
-    pub fn new(bytes: usize) -> MessageBudget {
+    /// A budget of `bytes` (0: no limit) for messages of at most
+    /// `max_message` bytes.
+    pub fn new(bytes: usize, max_message: usize) -> MessageBudget {
+        let units_of = |n: usize| u32::try_from(n.div_ceil(UNIT)).unwrap_or(u32::MAX);
         let units = match bytes {
             0 => u32::MAX,
-            n => u32::try_from(n.div_ceil(UNIT)).unwrap_or(u32::MAX),
+            n => units_of(n),
         };
+        // A message's grant counts its tag byte too.
+        let share = (units / 4).max(units_of(max_message.saturating_add(1)));
         MessageBudget {
             permits: Semaphore::new(units as usize),
             units,
+            share: share.min(units),
+            users: Mutex::default(),
             held: AtomicU64::new(0),
             waits: AtomicU64::new(0),
         }
     }
 
-    /// A grant of `bytes`, waiting for other sessions to give theirs back
-    /// if it must. Cancel-safe (a dropped wait holds nothing). A message
-    /// longer than the whole budget waits for all of it.
-    pub async fn grant(&self, bytes: usize) -> Grant<'_> {
+    /// A grant of `bytes` for a message of `user`, waiting for its other
+    /// sessions, then for anyone's, to give theirs back if it must.
+    /// Cancel-safe (a dropped wait holds nothing). A message longer than
+    /// the share waits for all of it.
+    pub async fn grant(&self, user: &Arc<str>, bytes: usize) -> Grant<'_> {
         let units = u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX);
-        let units = units.min(self.units);
+        let units = units.min(self.share);
+        let mine = {
+            let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            let share = self.share as usize;
+            users
+                .entry(user.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(share)))
+                .clone()
+        };
+        let user_permit = match mine.clone().try_acquire_many_owned(units) {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.waits.fetch_add(1, Ordering::Relaxed);
+                mine.acquire_many_owned(units)
+                    .await
+                    .expect("a user's semaphore is never closed")
+            }
+        };
         let permit = match self.permits.try_acquire_many(units) {
             Ok(permit) => permit,
             Err(_) => {
@@ -96,6 +132,7 @@ impl MessageBudget {
         self.held.fetch_add(bytes as u64, Ordering::Relaxed);
         Grant {
             _permit: permit,
+            _user: user_permit,
             bytes,
             held: &self.held,
         }
@@ -155,9 +192,13 @@ mod tests {
         out
     }
 
+    fn user(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
     #[tokio::test]
     async fn a_large_message_needs_a_grant_of_its_length_until_it_is_handled() {
-        let budget = MessageBudget::new(1 << 20);
+        let budget = MessageBudget::new(1 << 20, 1 << 20);
         let max = 1 << 30;
         assert_eq!(need(b"", max, false, None), Need::Release);
         assert_eq!(need(&header(b'Q', LARGE), max, false, None), Need::Release);
@@ -168,7 +209,7 @@ mod tests {
             need(&header(b'd', LARGE + 1), max, false, None),
             Need::Release
         );
-        let grant = budget.grant(LARGE + 1).await;
+        let grant = budget.grant(&user("a"), LARGE + 1).await;
         assert_eq!(budget.held.load(Ordering::Relaxed), LARGE as u64 + 1);
         assert_eq!(need(&big, max, false, Some(&grant)), Need::Keep);
         let bigger = header(b'Q', LARGE + 2);
@@ -185,9 +226,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_grant_waits_while_others_hold_the_budget() {
-        let budget = MessageBudget::new(3 * LARGE);
-        let first = budget.grant(2 * LARGE).await;
-        let mut second = Box::pin(budget.grant(2 * LARGE));
+        let budget = MessageBudget::new(3 * LARGE, 2 * LARGE);
+        let (a, b) = (user("a"), user("b"));
+        let first = budget.grant(&a, 2 * LARGE).await;
+        let mut second = Box::pin(budget.grant(&b, 2 * LARGE));
         let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut second).await;
         assert!(waited.is_err(), "granted past the budget");
         assert_eq!(budget.waits.load(Ordering::Relaxed), 1);
@@ -196,18 +238,37 @@ mod tests {
         assert_eq!(budget.held.load(Ordering::Relaxed), 2 * LARGE as u64);
         drop(second);
         // A message longer than the budget waits for all of it, not for ever.
-        let small = MessageBudget::new(2 * LARGE);
-        let whole = small.grant(2 * LARGE + 1).await;
-        let mut next = Box::pin(small.grant(LARGE + 1));
+        let small = MessageBudget::new(2 * LARGE, 2 * LARGE);
+        let whole = small.grant(&a, 2 * LARGE + 1).await;
+        let mut next = Box::pin(small.grant(&b, LARGE + 1));
         let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut next).await;
         assert!(waited.is_err(), "granted past the budget");
         drop(whole);
         next.await;
         // No limit: anything is granted at once.
-        let unlimited = MessageBudget::new(0);
-        let _a = unlimited.grant(1 << 30).await;
-        let _b = unlimited.grant(1 << 30).await;
+        let unlimited = MessageBudget::new(0, 1 << 30);
+        let _a = unlimited.grant(&a, 1 << 30).await;
+        let _b = unlimited.grant(&a, 1 << 30).await;
         assert_eq!(unlimited.waits.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn one_user_holds_at_most_a_quarter_of_the_budget() {
+        let budget = MessageBudget::new(8 * LARGE, LARGE);
+        let (a, b) = (user("a"), user("b"));
+        let first = budget.grant(&a, 2 * LARGE).await;
+        let mut more = Box::pin(budget.grant(&a, LARGE + 1));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(50), &mut more).await;
+        assert!(waited.is_err(), "a user took more than its share");
+        // Another user is not held up by it.
+        let other = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            budget.grant(&b, 2 * LARGE),
+        )
+        .await;
+        assert!(other.is_ok(), "another user waited");
+        drop(first);
+        more.await;
     }
 
     #[test]

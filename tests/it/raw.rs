@@ -305,10 +305,11 @@ async fn an_unauthenticated_client_cannot_send_a_large_message() {
 async fn large_messages_wait_for_the_memory_others_hold() {
     const MIB: usize = 1 << 20;
     let gw = start_gateway(Opts {
+        // The budget is one largest message: a user's share is all of it.
         server_extra: format!(
             "max_message_size = {}\nlarge_message_memory = {}\n",
-            4 * MIB,
-            8 * MIB
+            7 * MIB,
+            7 * MIB
         ),
         ..Opts::default()
     })
@@ -316,11 +317,7 @@ async fn large_messages_wait_for_the_memory_others_hold() {
     let budget = &gw.shared.message_budget;
     let held = || budget.held.load(std::sync::atomic::Ordering::Relaxed);
     // `SELECT length('xx…')`, 3 MiB in all: two fit in the budget, not three.
-    let mut text = b"SELECT length('".to_vec();
-    text.resize(3 * MIB - 3, b'x');
-    text.extend_from_slice(b"')");
-    let query = message(b'Q', &cstr(std::str::from_utf8(&text).unwrap()));
-    let expected = (3 * MIB - 3 - "SELECT length('".len()).to_string();
+    let (query, expected) = three_mib_query();
     // Two clients send the start of theirs and stop.
     let mut a = RawClient::login(gw.addr).await;
     let mut b = RawClient::login(gw.addr).await;
@@ -356,6 +353,56 @@ async fn large_messages_wait_for_the_memory_others_hold() {
     drop(b);
     support::eventually("every grant back", || held() == 0).await;
     still_serves(gw.addr).await;
+}
+
+/// One client user holds at most a quarter of `large_message_memory` (or
+/// one largest message): four connections of one login, each sending the
+/// first bytes of a 256 MB message and nothing more, took all of it, and
+/// every other client's large message waited for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_holds_at_most_a_share_of_the_large_message_memory() {
+    const MIB: usize = 1 << 20;
+    let gw = start_gateway(Opts {
+        server_extra: format!(
+            "max_message_size = {}\nlarge_message_memory = {}\n",
+            4 * MIB,
+            32 * MIB
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let waits = || {
+        let waits = &gw.shared.message_budget.waits;
+        waits.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (query, expected) = three_mib_query();
+    // Two of the share of 8 MiB, then a third of the same user.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = RawClient::login(gw.addr).await;
+        c.stream.write_all(&query[..MIB]).await.unwrap();
+        held.push(c);
+    }
+    support::eventually("the user's third waits", || waits() >= 1).await;
+    // Another user's large message goes through.
+    let alice = gw.connect("alice").await;
+    let sql = std::str::from_utf8(&query[5..query.len() - 1]).unwrap();
+    assert_eq!(support::one(&alice, sql).await, expected);
+    // The first finishes: the third is read on.
+    held[0].stream.write_all(&query[MIB..]).await.unwrap();
+    assert_eq!(data_row(&mut held[0]).await, expected);
+    held[2].stream.write_all(&query[MIB..]).await.unwrap();
+    assert_eq!(data_row(&mut held[2]).await, expected);
+}
+
+/// `SELECT length('xx…')` as a simple query of 3 MiB in all, and its answer.
+fn three_mib_query() -> (Vec<u8>, String) {
+    const MIB: usize = 1 << 20;
+    let mut text = b"SELECT length('".to_vec();
+    text.resize(3 * MIB - 3, b'x');
+    text.extend_from_slice(b"')");
+    let query = message(b'Q', &cstr(std::str::from_utf8(&text).unwrap()));
+    (query, (3 * MIB - 3 - "SELECT length('".len()).to_string())
 }
 
 /// The first column of the first row of a simple query's answer, read up

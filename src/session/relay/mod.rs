@@ -243,6 +243,7 @@ impl<'a> QueryLoop<'a> {
                 let shutdown = &mut self.shutdown;
                 let cancel = &self.cancel;
                 let budget = &self.shared.message_budget;
+                let user = &self.ident.client_user;
                 tokio::select! {
                     _ = cancel.killed() => Wake::Killed,
                     r = async { server.as_mut().expect("guarded").fill().await }, if server.is_some() => Wake::Server(r),
@@ -250,7 +251,7 @@ impl<'a> QueryLoop<'a> {
                     w = async {
                         match needs_grant {
                             None => Wake::Client(client.fill().await),
-                            Some(bytes) => Wake::Granted(budget.grant(bytes).await),
+                            Some(bytes) => Wake::Granted(budget.grant(user, bytes).await),
                         }
                     }, if reading => w,
                     r = shutdown.changed(), if idle && !self.shutting_down => {

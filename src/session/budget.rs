@@ -37,8 +37,6 @@ const UNIT: usize = 1024;
 /// The gateway's budget for large client messages.
 pub struct MessageBudget {
     permits: Semaphore,
-    /// All the permits there are.
-    units: u32,
     /// The most one client user may hold, and each one's permits (made
     /// when it first sends a large message).
     share: u32,
@@ -87,7 +85,6 @@ impl MessageBudget {
         let share = (units / 4).max(units_of(max_message.saturating_add(1)));
         MessageBudget {
             permits: Semaphore::new(units as usize),
-            units,
             share: share.min(units),
             users: Mutex::default(),
             held: AtomicU64::new(0),

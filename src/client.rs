@@ -77,6 +77,53 @@ impl ClientConn {
         Ok(())
     }
 
+    /// [`Self::write_all`] to a client that must take some of what it is
+    /// sent every `limit`; `None` when it took nothing for that long. A
+    /// write waits until half the socket's send buffer is free, which a
+    /// client reading slowly but steadily may take longer than `limit` to
+    /// free: what it took is read from the bytes the kernel still holds
+    /// for it, from the first `limit` a write waits to the next.
+    pub async fn write_all_reading(
+        &mut self,
+        mut bytes: &[u8],
+        limit: std::time::Duration,
+    ) -> Option<Result<(), ClientError>> {
+        let mut unsent = None;
+        while !bytes.is_empty() {
+            match tokio::time::timeout(limit, self.stream.write(bytes)).await {
+                Err(_) => {
+                    let now = self.unsent()?;
+                    if unsent.is_some_and(|before| now >= before) {
+                        return None;
+                    }
+                    unsent = Some(now);
+                }
+                Ok(Err(e)) => return Some(Err(e.into())),
+                Ok(Ok(0)) => return Some(Err(io::Error::from(io::ErrorKind::WriteZero).into())),
+                Ok(Ok(n)) => {
+                    bytes = &bytes[n..];
+                    unsent = None;
+                }
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// The bytes the kernel holds for the client, not yet taken by it
+    /// (`TIOCOUTQ`).
+    fn unsent(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        let fd = match &self.stream {
+            ClientStream::Plain(tcp) => tcp.as_raw_fd(),
+            ClientStream::Tls(tls) => tls.get_ref().0.as_raw_fd(),
+        };
+        let mut unsent: libc::c_int = 0;
+        // SAFETY: `fd` is this connection's open socket, and TIOCOUTQ
+        // writes one int to the pointer given.
+        let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut unsent) };
+        (rc == 0).then_some(unsent)
+    }
+
     /// Sends a gateway error. Write failures are ignored: the client is
     /// either gone or about to be disconnected. A client that reads
     /// nothing gets [`SEND_ERROR_WAIT`] to take it, not the session's life.

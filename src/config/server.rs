@@ -33,6 +33,9 @@ pub struct ServerConfig {
     pub idle_in_transaction_timeout_ms: u64,
     /// A statement running this long is cancelled (ERROR 57014); 0 = never.
     pub query_timeout_ms: u64,
+    /// A client that takes nothing of what it is sent this long is closed
+    /// (FATAL 08006) and its server connection given up; 0 = never.
+    pub client_write_timeout_ms: u64,
     /// How long a graceful shutdown waits for in-flight transactions.
     pub shutdown_timeout_ms: u64,
     /// This gateway's id among its `[[peers]]` (1 to 255), carried in the
@@ -56,6 +59,7 @@ impl Default for ServerConfig {
             client_idle_timeout_ms: 0,
             idle_in_transaction_timeout_ms: 0,
             query_timeout_ms: 0,
+            client_write_timeout_ms: 0,
             shutdown_timeout_ms: 30_000,
             peer_id: 0,
             worker_threads: 0,

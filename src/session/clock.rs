@@ -76,6 +76,16 @@ impl Clock {
         self.last_activity = now;
     }
 
+    /// The gateway could not read from the client from `from` to `to`: it
+    /// waited for the server to take what the client sent (a `COPY` into
+    /// a table whose rows wait on a lock). That time is not the client's
+    /// silence.
+    pub fn gateway_waited(&mut self, from: Instant, to: Instant) {
+        if to > from {
+            self.last_activity = (self.last_activity + (to - from)).min(to);
+        }
+    }
+
     /// Bytes went to the server for the client: the request's time starts,
     /// unless it already runs.
     pub fn request_sent(&mut self, now: Instant) {
@@ -204,6 +214,13 @@ mod tests {
             Some((Timeout::IdleInTransaction, t0 + ms(300)))
         );
         assert_eq!(next(&clock, limits(50, 0)), None);
+        // 250 ms waiting for the server to take the client's data: not
+        // the client's silence.
+        clock.gateway_waited(t0 + ms(150), t0 + ms(400));
+        assert_eq!(
+            next(&clock, limits(0, 200)),
+            Some((Timeout::IdleInTransaction, t0 + ms(550)))
+        );
     }
 
     #[test]

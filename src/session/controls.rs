@@ -14,6 +14,7 @@ pub struct Live {
     pub client_idle_timeout_ms: u64,
     pub idle_in_transaction_timeout_ms: u64,
     pub query_timeout_ms: u64,
+    pub client_write_timeout_ms: u64,
     pub verify: crate::config::VerifyMode,
     pub log_parameters: bool,
     /// Who may open the admin console, and where their logins are checked.
@@ -27,6 +28,7 @@ impl Live {
             client_idle_timeout_ms: config.server.client_idle_timeout_ms,
             idle_in_transaction_timeout_ms: config.server.idle_in_transaction_timeout_ms,
             query_timeout_ms: config.server.query_timeout_ms,
+            client_write_timeout_ms: config.server.client_write_timeout_ms,
             verify: config.identity.verify,
             log_parameters: config.audit.log_parameters,
             admin_users: config.admin.users.clone(),
@@ -103,6 +105,7 @@ impl Shared {
             c.server.client_idle_timeout_ms = 0;
             c.server.idle_in_transaction_timeout_ms = 0;
             c.server.query_timeout_ms = 0;
+            c.server.client_write_timeout_ms = 0;
             c.identity.verify = crate::config::VerifyMode::Off;
             c.identity.policy_dir = Default::default();
             c.audit.log_parameters = false;

@@ -372,19 +372,35 @@ async fn a_message_trickled_a_byte_at_a_time_is_idle_time() {
 /// A client that reads nothing of a large result held its server
 /// connection for ever: the gateway's write to it waited, PostgreSQL's
 /// send waited for the gateway, and no timeout or cancel could act on
-/// either. Now a client that reads nothing for `query_timeout_ms` is
-/// ended and the connection given up; another client gets one.
+/// either. Now a client that takes nothing for `client_write_timeout_ms`
+/// is ended and the connection given up; another client gets one. A
+/// client reading slowly but steadily is not ended: a first version,
+/// which timed each write, ended one reading 390 KB/s (a write waits for
+/// half the socket's send buffer to be free).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_client_that_reads_nothing_is_ended_after_query_timeout() {
+async fn a_client_that_reads_nothing_is_ended_after_client_write_timeout() {
     use crate::raw::{cstr, RawClient};
-    let gw = one_connection_after("query_timeout_ms = 500").await;
+    use tokio::io::AsyncReadExt;
+    let gw = one_connection_after("client_write_timeout_ms = 300").await;
+    // About 8 MB of rows, read 16 KB every 10 ms.
+    let rows = "SELECT repeat('x', 1000) FROM generate_series(1, 8000)";
+    let mut slow = RawClient::login(gw.addr).await;
+    slow.send(b'Q', &cstr(rows)).await;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut tail = Vec::new();
+    loop {
+        let n = slow.stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "a steady reader was ended");
+        tail.extend_from_slice(&buf[..n]);
+        tail.drain(..tail.len().saturating_sub(6));
+        if tail == b"Z\0\0\0\x05I" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One that reads nothing.
     let mut c = RawClient::login(gw.addr).await;
-    // About 100 MB of rows, none of which it reads.
-    c.send(
-        b'Q',
-        &cstr("SELECT repeat('x', 1000) FROM generate_series(1, 100000)"),
-    )
-    .await;
+    c.send(b'Q', &cstr(&rows.replace("8000", "100000"))).await;
     let started = Instant::now();
     let bob = gw.connect("bob").await;
     assert_eq!(support::one(&bob, "SELECT 1").await, "1");
@@ -402,4 +418,56 @@ async fn one_connection_after(timeout: &str) -> crate::support::TestGateway {
         ..Opts::default()
     })
     .await
+}
+
+/// During a COPY, the time the gateway waits for PostgreSQL to take the
+/// client's data is not the client's silence: a COPY whose rows waited on
+/// another client's lock was ended by `idle_in_transaction_timeout_ms`
+/// though its client never paused, where PostgreSQL would have let it
+/// finish.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_waiting_on_postgresql_is_not_idle() {
+    use crate::raw::{cstr, message, RawClient};
+    use tokio::io::AsyncWriteExt;
+    let gw = start_gateway(Opts {
+        pool_size: 2,
+        server_extra: "idle_in_transaction_timeout_ms = 1000\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let base = 20_000_000 + i32::from(rand::random::<u16>()) * 1_000;
+    // bob holds the first row's key for 2.5 s, working all the while.
+    let bob = gw.connect("bob").await;
+    bob.batch_execute(&format!(
+        "BEGIN; INSERT INTO items (id, owner) VALUES ({base}, 'bob')"
+    ))
+    .await
+    .unwrap();
+    let holder = tokio::spawn(async move {
+        bob.batch_execute("SELECT pg_sleep(2.5); ROLLBACK")
+            .await
+            .unwrap();
+    });
+    let mut c = RawClient::login(gw.addr).await;
+    c.send(b'Q', &cstr("COPY items (id, owner) FROM STDIN"))
+        .await;
+    while c.read_message().await.0 != b'G' {}
+    // 8 MB of rows, more than PostgreSQL's socket takes while it waits.
+    let mut data = Vec::new();
+    for id in base..base + 400_000 {
+        data.extend(message(b'd', format!("{id}\tcopied\n").as_bytes()));
+    }
+    data.extend(message(b'c', b""));
+    // It blocks until PostgreSQL takes the rows again.
+    c.stream.write_all(&data).await.unwrap();
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code, None, "the COPY was ended: {tags:?}");
+    holder.await.unwrap();
+    cluster().psql(
+        "app",
+        &format!(
+            "DELETE FROM items WHERE id >= {base} AND id < {}",
+            base + 400_000
+        ),
+    );
 }

@@ -117,16 +117,11 @@ pub struct QueryLoop<'a> {
     write_limit: Option<Duration>,
 }
 
-/// A client that reads nothing of what it is sent for `query_timeout_ms`
-/// (or `idle_in_transaction_timeout_ms`, the shorter of those set) is
-/// ended: the gateway's write waits, and the server's with it, so no
-/// timeout or cancel could act.
+/// A client that takes nothing of what it is sent for
+/// `client_write_timeout_ms` is ended: the gateway's write waits, and the
+/// server's with it, so no timeout or cancel could act.
 fn write_limit(live: &super::Live) -> Option<Duration> {
-    [live.query_timeout_ms, live.idle_in_transaction_timeout_ms]
-        .into_iter()
-        .filter(|&ms| ms > 0)
-        .min()
-        .map(Duration::from_millis)
+    (live.client_write_timeout_ms > 0).then(|| Duration::from_millis(live.client_write_timeout_ms))
 }
 
 enum Wake<'a> {
@@ -434,6 +429,9 @@ impl<'a> QueryLoop<'a> {
         }
         let written = server.write_all(self.core.seq.to_server()).await;
         self.core.seq.clear_to_server();
+        if self.core.seq.copy_in() {
+            self.core.clock.gateway_waited(now, Instant::now());
+        }
         if let Err(e) = written {
             return self.server_gone(&e.to_string()).await;
         }
@@ -460,9 +458,9 @@ impl<'a> QueryLoop<'a> {
         self.stats.sent += out.len() as u64;
         let result = match self.write_limit {
             None => self.client.write_all(out).await,
-            Some(limit) => match tokio::time::timeout(limit, self.client.write_all(out)).await {
-                Ok(result) => result,
-                Err(_) => return Err(self.client_not_reading(limit).await),
+            Some(limit) => match self.client.write_all_reading(out, limit).await {
+                Some(result) => result,
+                None => return Err(self.client_not_reading(limit).await),
             },
         };
         self.core.seq.client_out().clear();
@@ -475,7 +473,7 @@ impl<'a> QueryLoop<'a> {
     /// is given up and the session ended.
     async fn client_not_reading(&mut self, limit: Duration) -> End {
         let why = format!(
-            "the client read nothing of its results for {} ms",
+            "the client took nothing of what it was sent for {} ms (client_write_timeout_ms)",
             limit.as_millis()
         );
         tracing::info!(parent: &self.span, "{why}: the session ends and its server connection is given up");

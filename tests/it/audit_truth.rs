@@ -907,3 +907,48 @@ async fn text_behind_an_encoding_change_is_never_misread() {
         ),
     );
 }
+
+/// PostgreSQL drops every portal when a transaction ends; the gateway kept
+/// them for the session's life. An `Execute` of a portal of an ended
+/// transaction (which fails with 34000) was recorded with that portal's
+/// old statement, as if it had been tried again; and a client binding
+/// portals of new names, as pgjdbc does for each fetch, grew the map
+/// without bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn portals_end_with_their_transaction() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    let old = "SELECT 'only once'";
+    let mut parse = cstr("");
+    parse.extend(cstr(old));
+    parse.extend(0i16.to_be_bytes());
+    let mut bind = cstr("p1");
+    bind.extend(cstr(""));
+    bind.extend([0, 0, 0, 0, 0, 0]);
+    let mut execute = cstr("p1");
+    execute.extend(0i32.to_be_bytes());
+    let mut batch = message(b'P', &parse);
+    batch.extend(message(b'B', &bind));
+    batch.extend(message(b'E', &execute));
+    batch.extend(message(b'S', &[]));
+    c.send_raw(&batch).await;
+    assert_eq!(c.until_ready().await.1, None);
+    let mut again = message(b'E', &execute);
+    again.extend(message(b'S', &[]));
+    c.send_raw(&again).await;
+    assert_eq!(c.until_ready().await.1.as_deref(), Some("34000"));
+    drop(c);
+    let records = stop_and_export(gw, &[]).await;
+    let tried = records
+        .iter()
+        .filter(|r| s(r, "kind") == "query" && s(r, "statement") == old)
+        .count();
+    assert_eq!(
+        tried, 1,
+        "the dead portal's Execute recorded as its statement"
+    );
+}

@@ -82,8 +82,9 @@ impl Core<'_> {
             Then::Describe(frame) => self.apply_describe(frame, conn),
             Then::Close(frame) => {
                 let (kind, name) = messages::parse_close_or_describe(&frame[5..]).expect("planned");
-                if kind == b'S' {
-                    self.seq.names.statements.remove(name);
+                match kind {
+                    b'S' => drop(self.seq.names.statements.remove(name)),
+                    _ => drop(self.seq.names.portals.remove(name)),
                 }
                 self.seq.forward_extended(&frame);
                 self.seq.expect().close(false);

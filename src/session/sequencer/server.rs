@@ -87,6 +87,13 @@ impl Sequencer {
         self.names.restore(cache);
         if self.tracker.is_empty() {
             self.copy_maybe = false;
+            // A transaction ended and nothing bound after it is in flight:
+            // PostgreSQL has dropped every portal (a client binding portals
+            // of new names, as pgjdbc does for each fetch, grew the map for
+            // the session's life).
+            if tag == b'Z' && self.tx_status == b'I' {
+                self.names.portals.clear();
+            }
         }
         if tag == b'E' && self.tracker.server_skips() {
             // The server skips what the client sends until its `Sync`, and

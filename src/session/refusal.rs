@@ -163,7 +163,7 @@ impl Refusal {
             Refusal::TooMuchPrepared { bytes, max } => PgError::error(
                 sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
                 format!(
-                    "prepared statements of this session would keep {bytes} bytes, more than pgwarden's [server] prepared_statement_memory ({max}); close some first"
+                    "prepared statements and portals of this session would keep {bytes} bytes, more than pgwarden's [server] prepared_statement_memory ({max}); close some first"
                 ),
             ),
             Refusal::TooLongToRecord { len, max } => PgError::error(

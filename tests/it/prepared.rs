@@ -424,3 +424,61 @@ async fn a_sessions_prepared_statements_are_bounded_in_bytes() {
     let bob = gw.connect("bob").await;
     bob.prepare(&text(5)).await.unwrap();
 }
+
+/// Named portals count too: inside one transaction, 3000 portals bound
+/// with parameters of 100 KB (kept for their records) took 733 MB of the
+/// gateway. A named `Bind` past `prepared_statement_memory` is refused
+/// (53400), and the transaction's portals end with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sessions_portals_are_bounded_in_bytes_too() {
+    use crate::raw::{cstr, message, RawClient};
+    let gw = start_gateway(Opts {
+        audit: true,
+        audit_extra: "log_parameters = true\n".into(),
+        server_extra: "prepared_statement_memory = 1048576\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    let value = "v".repeat(300 * 1024);
+    let bind = |portal: &str| {
+        let mut body = cstr(portal);
+        body.extend(cstr("big"));
+        body.extend(0i16.to_be_bytes());
+        body.extend(1i16.to_be_bytes());
+        body.extend((value.len() as i32).to_be_bytes());
+        body.extend(value.as_bytes());
+        body.extend(0i16.to_be_bytes());
+        message(b'B', &body)
+    };
+    let mut parse = cstr("big");
+    parse.extend(cstr("SELECT length($1::text)"));
+    parse.extend(0i16.to_be_bytes());
+    let mut batch = message(b'Q', &cstr("BEGIN"));
+    batch.extend(message(b'P', &parse));
+    for i in 0..3 {
+        batch.extend(bind(&format!("p{i}")));
+    }
+    batch.extend(message(b'S', &[]));
+    c.send_raw(&batch).await;
+    c.until_ready().await;
+    let (_, code, _) = c.until_ready().await;
+    assert_eq!(code, None);
+    let mut fourth = bind("p3");
+    fourth.extend(message(b'S', &[]));
+    c.send_raw(&fourth).await;
+    let (_, code, _) = c.until_ready().await;
+    assert_eq!(code.as_deref(), Some("53400"));
+    // The transaction (aborted by the refusal) ends, and its portals with it.
+    c.send_raw(&message(b'Q', &cstr("ROLLBACK"))).await;
+    c.until_ready().await;
+    let mut again = message(b'Q', &cstr("BEGIN"));
+    for i in 0..3 {
+        again.extend(bind(&format!("q{i}")));
+    }
+    again.extend(message(b'S', &[]));
+    c.send_raw(&again).await;
+    c.until_ready().await;
+    let (_, code, _) = c.until_ready().await;
+    assert_eq!(code, None, "room again after the transaction");
+}

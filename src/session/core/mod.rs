@@ -315,15 +315,22 @@ impl<'a> Core<'a> {
         (len > max).then(|| Refused::too_long(sql, len, max))
     }
 
-    /// A named `Parse` of `len` bytes that would take the session's
-    /// statements past `prepared_statement_memory`: refused (the gateway
-    /// keeps every statement a client prepares, to prepare it again on
-    /// whichever connection serves it).
-    pub fn too_many_prepared(&self, name: &[u8], sql: &[u8], len: usize) -> Option<Refused> {
+    /// A named `Parse` or `Bind` of `len` bytes, replacing an entry that
+    /// kept `replaced`, that would take the session's statements and
+    /// portals past `prepared_statement_memory`: refused (the gateway keeps
+    /// every statement a client prepares, to prepare it again on whichever
+    /// connection serves it, and a portal's parameters for its record).
+    /// `sql`: the statement, for the refusal's record.
+    pub fn too_much_kept(
+        &self,
+        name: &[u8],
+        (replaced, len): (usize, usize),
+        sql: &[u8],
+    ) -> Option<Refused> {
         let max = self.prepared_statement_memory;
-        let statements = &self.seq.names.statements;
-        let replaced = statements.get(name).map_or(0, |s| name.len() + s.size());
-        let bytes = (statements.bytes() - replaced).saturating_add(len);
+        let names = &self.seq.names;
+        let held = names.statements.bytes() + names.portals.bytes();
+        let bytes = held.saturating_sub(replaced).saturating_add(len);
         (max != 0 && !name.is_empty() && bytes > max).then(|| Refused {
             refusal: Refusal::TooMuchPrepared { bytes, max },
             blocked: Some(sql.to_vec()),

@@ -12,6 +12,7 @@ use crate::session::outcome::Pending;
 use crate::session::prepared::{self, Nature};
 use crate::session::refusal::Refusal;
 use crate::session::sequencer::Flow;
+use crate::session::sequencer::Kept;
 
 /// How a planned message goes out once its needs are met.
 #[derive(Debug)]
@@ -175,7 +176,10 @@ impl Core<'_> {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }
         // What the statement keeps of the message is at most all of it.
-        if let Some(refused) = self.too_many_prepared(parse.name, parse.query, frame.len()) {
+        let replaced = self.seq.names.statements.get(parse.name);
+        let replaced = replaced.map_or(0, |s| parse.name.len() + s.size());
+        let sizes = (replaced, frame.len());
+        if let Some(refused) = self.too_much_kept(parse.name, sizes, parse.query) {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }
         let mut checks = self.checks();
@@ -204,6 +208,19 @@ impl Core<'_> {
             true => self.audited_params(&bind)?,
             false => None,
         };
+        // A named portal keeps the parameters for its record.
+        let replaced = self.seq.names.portals.get(bind.portal);
+        let replaced = replaced.map_or(0, |p| bind.portal.len() + Kept::size(p));
+        let logged = params
+            .iter()
+            .flatten()
+            .flatten()
+            .map(String::len)
+            .sum::<usize>();
+        let kept = bind.portal.len() + logged;
+        if let Some(refused) = self.too_much_kept(bind.portal, (replaced, kept), &sql) {
+            return Ok(Step::Refuse(Flow::Extended, refused));
+        }
         // Planning may run its functions, and no Execute of this portal is
         // in the batch whose record would be stored before the Bind is sent.
         let after_bind = match !nature.transparent && !self.execute_follows(bind.portal, rest) {

@@ -35,16 +35,43 @@ impl std::hash::Hasher for Fnv1a {
     }
 }
 
-/// The client's prepared statements by name, and the bytes they hold
-/// (`[server] prepared_statement_memory` bounds them).
-#[derive(Default)]
-pub struct Statements {
-    map: NameMap<Statement>,
+/// What an entry keeps of the client's messages, in bytes.
+pub trait Kept {
+    fn size(&self) -> usize;
+}
+
+impl Kept for Statement {
+    fn size(&self) -> usize {
+        Statement::size(self)
+    }
+}
+
+impl Kept for Portal {
+    /// The parameters kept for its record (its text is its statement's).
+    fn size(&self) -> usize {
+        let params = self.params.iter().flatten();
+        params.map(|p| p.as_ref().map_or(0, String::len)).sum()
+    }
+}
+
+/// A client's statements or portals by name, and the bytes they and their
+/// names keep (`[server] prepared_statement_memory` bounds them).
+pub struct Named<V> {
+    map: NameMap<V>,
     bytes: usize,
 }
 
-impl Statements {
-    pub fn get(&self, name: &[u8]) -> Option<&Statement> {
+impl<V> Default for Named<V> {
+    fn default() -> Self {
+        Named {
+            map: NameMap::default(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<V: Kept> Named<V> {
+    pub fn get(&self, name: &[u8]) -> Option<&V> {
         self.map.get(name)
     }
 
@@ -52,24 +79,29 @@ impl Statements {
         self.map.contains_key(name)
     }
 
-    pub fn insert(&mut self, name: Bytes, statement: Statement) -> Option<Statement> {
-        self.bytes += size(&name, &statement);
-        let previous = self.map.insert(name.clone(), statement);
+    pub fn insert(&mut self, name: Bytes, value: V) -> Option<V> {
+        self.bytes += name.len() + value.size();
+        let previous = self.map.insert(name.clone(), value);
         if let Some(previous) = &previous {
-            self.bytes -= size(&name, previous);
+            self.bytes -= name.len() + previous.size();
         }
         previous
     }
 
-    pub fn remove(&mut self, name: &[u8]) -> Option<Statement> {
+    pub fn remove(&mut self, name: &[u8]) -> Option<V> {
         let (name, removed) = self.map.remove_entry(name)?;
-        self.bytes -= size(&name, &removed);
+        self.bytes -= name.len() + removed.size();
         Some(removed)
     }
 
-    pub fn retain(&mut self, keep: impl FnMut(&Bytes, &mut Statement) -> bool) {
+    pub fn retain(&mut self, keep: impl FnMut(&Bytes, &mut V) -> bool) {
         self.map.retain(keep);
-        self.bytes = self.map.iter().map(|(name, s)| size(name, s)).sum();
+        self.bytes = self.map.iter().map(|(name, v)| name.len() + v.size()).sum();
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
     }
 
     pub fn len(&self) -> usize {
@@ -80,17 +112,14 @@ impl Statements {
         self.map.is_empty()
     }
 
-    /// The bytes the statements and their names hold.
+    /// The bytes the entries and their names keep.
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 }
 
-/// What a statement keeps of the client's messages: its name, which may be
-/// as long as the message, too ([`Statement::size`]).
-fn size(name: &[u8], statement: &Statement) -> usize {
-    name.len() + statement.size()
-}
+/// The client's prepared statements by name.
+pub type Statements = Named<Statement>;
 
 /// The client's names.
 #[derive(Default)]
@@ -99,7 +128,7 @@ pub struct Names {
     pub statements: Statements,
     /// Portals: their statement's text (and parameters for the record,
     /// when auditing), and whether it may start a COPY from the client.
-    pub portals: NameMap<Portal>,
+    pub portals: Named<Portal>,
 }
 
 impl std::fmt::Debug for Names {

@@ -11,18 +11,24 @@ pub struct Limits {
     pub database: Option<usize>,
 }
 
-/// What the gateway asks, as the client, on its temporary login connection.
-/// The login role is `session_user` (a client's startup `options` may set
-/// `role`, which changes `current_user`), and its `statement_timeout`
-/// (which it may set too) is lifted first.
-pub const QUERY: &str = "SET statement_timeout = 0; \
+/// What the gateway asks, as the client, on its temporary login connection,
+/// which has the client's startup `options`:
+/// - the login role is `session_user` (`options` may set `role`, which
+///   changes `current_user`);
+/// - `search_path` is set to `pg_catalog` first, and every function and
+///   operator is named with its schema: with `-c search_path=public,
+///   pg_catalog`, a client's own `public.current_database()` ran at login,
+///   unaudited, and chose which limits were read;
+/// - `statement_timeout` (which `options` may set) is lifted.
+pub const QUERY: &str = "SET search_path = pg_catalog, pg_temp; SET statement_timeout = 0; \
      SELECT r.rolconnlimit, r.rolsuper, d.datconnlimit \
      FROM pg_catalog.pg_roles r, pg_catalog.pg_database d \
-     WHERE r.rolname = session_user AND d.datname = current_database()";
+     WHERE r.rolname OPERATOR(pg_catalog.=) session_user \
+     AND d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()";
 
 impl Limits {
-    /// The limits from [`QUERY`]'s row; no row or a value it cannot read
-    /// is no limit.
+    /// The limits from [`QUERY`]'s row; a value it cannot read is no
+    /// limit.
     pub fn from_row(row: &[Option<String>]) -> Limits {
         let limit = |i: usize| {
             let value = row.get(i)?.as_deref()?.parse::<i64>().ok()?;
@@ -63,7 +69,7 @@ mod tests {
                 database: Some(0)
             }
         );
-        // Superusers are held to neither; no row is no limit.
+        // Superusers are held to neither; what cannot be read is no limit.
         assert_eq!(read(&[Some("2"), Some("t"), Some("3")]), Limits::default());
         assert_eq!(read(&[]), Limits::default());
     }

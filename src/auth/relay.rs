@@ -103,9 +103,10 @@ pub async fn relay(
 /// on `server`.
 async fn limits_of(server: &mut ServerConn) -> Result<Limits, String> {
     match server.simple_rows(limits::QUERY).await {
-        Ok(rows) => Ok(rows
-            .first()
-            .map_or_else(Limits::default, |row| Limits::from_row(row))),
+        Ok(rows) => match rows.first() {
+            Some(row) => Ok(Limits::from_row(row)),
+            None => Err("the client's role or database is not in the catalog".into()),
+        },
         Err(e) => Err(format!("cannot read the client's connection limits: {e}")),
     }
 }

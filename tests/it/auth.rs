@@ -223,10 +223,12 @@ async fn greeting_after_login_is_complete_and_in_order() {
 async fn postgresql_connection_limits_hold_through_the_gateway() {
     let user = format!("limited_{}", rand::random::<u32>());
     cluster().psql(
-        "postgres",
+        "app",
         &format!(
             "CREATE ROLE {user} LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 2; \
-             GRANT other_role TO {user}"
+             GRANT other_role TO {user}; CREATE SCHEMA {user} AUTHORIZATION {user}; \
+             CREATE FUNCTION {user}.current_database() RETURNS name \
+             LANGUAGE sql AS $$ SELECT 'no_such_database'::name $$"
         ),
     );
     let gw = start_gateway(Opts {
@@ -238,7 +240,7 @@ async fn postgresql_connection_limits_hold_through_the_gateway() {
         "host=127.0.0.1 port={} user={user} password=limited-pw dbname=app",
         gw.port()
     );
-    let connect_with = |options: &'static str| {
+    let connect_with = |options: &str| {
         let url = format!("{url} options='{options}'");
         async move {
             let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
@@ -258,8 +260,10 @@ async fn postgresql_connection_limits_hold_through_the_gateway() {
         Some(format!("too many connections for role \"{user}\""))
     );
     // The client's own startup settings change nothing: the limit is the
-    // login role's (not a role it sets), read whatever its timeout.
-    for options in ["-c role=other_role", "-c statement_timeout=1"] {
+    // login role's (not a role it sets), read whatever its timeout, and
+    // with no function of the client's (a search_path ahead of pg_catalog).
+    let search_path = format!("-c search_path={user},pg_catalog");
+    for options in ["-c role=other_role", "-c statement_timeout=1", &search_path] {
         let Err(refused) = connect_with(options).await else {
             panic!("{options}: over the limit");
         };

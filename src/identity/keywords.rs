@@ -36,6 +36,7 @@ const WORDS: &[&str] = &[
     "advis",
     "aggregate",
     "chain",
+    "close",
     "commit",
     "copy",
     "deallocate",

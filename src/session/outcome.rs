@@ -68,6 +68,8 @@ pub struct Portal {
     pub params: Option<Vec<Option<String>>>,
     /// Its statement may start a COPY from the client.
     pub copies_in: bool,
+    /// A cursor declared `WITH HOLD`: it outlives its transaction.
+    pub holdable: bool,
 }
 
 /// A portal name and the gateway's entry for it before a `Bind` replaced

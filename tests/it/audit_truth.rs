@@ -952,3 +952,61 @@ async fn portals_end_with_their_transaction() {
         "the dead portal's Execute recorded as its statement"
     );
 }
+
+/// An `Execute` is never recorded with the text of another portal that
+/// had its name: after an SQL `CLOSE` (or a `ROLLBACK`, or opaque code,
+/// any of which may close a portal and open another of the same name) the
+/// gateway forgets the portals it knew, and such an `Execute` is recorded
+/// as unknown. A cursor declared `WITH HOLD` outlives its transaction,
+/// and is still recorded with its `DECLARE` (rt39).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execute_never_borrows_another_portals_text() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    let simple = |sql: &str| message(b'Q', &cstr(sql));
+    let execute = |portal: &str| {
+        let mut body = cstr(portal);
+        body.extend(0i32.to_be_bytes());
+        let mut out = message(b'E', &body);
+        out.extend(message(b'S', &[]));
+        out
+    };
+    for sql in [
+        "BEGIN",
+        "DECLARE c1 CURSOR FOR SELECT 'decoy'",
+        "CLOSE c1",
+        "DO $$ DECLARE r refcursor := 'c1'; BEGIN OPEN r FOR SELECT 'what ran'; END $$",
+    ] {
+        c.send_raw(&simple(sql)).await;
+        assert_eq!(c.until_ready().await.1, None, "{sql}");
+    }
+    c.send_raw(&execute("c1")).await;
+    assert_eq!(c.until_ready().await.1, None);
+    c.send_raw(&simple("COMMIT")).await;
+    c.until_ready().await;
+    let held = "DECLARE c4 CURSOR WITH HOLD FOR SELECT 'held'";
+    c.send_raw(&simple(&format!("BEGIN; {held}; COMMIT"))).await;
+    c.until_ready().await;
+    c.send_raw(&execute("c4")).await;
+    assert_eq!(c.until_ready().await.1, None);
+    drop(c);
+    let records = stop_and_export(gw, &[]).await;
+    let statements: Vec<String> = records
+        .iter()
+        .filter(|r| s(r, "kind") == "query")
+        .map(|r| s(r, "statement"))
+        .collect();
+    let decoys = statements.iter().filter(|t| t.contains("'decoy'")).count();
+    assert_eq!(
+        decoys, 1,
+        "the Execute borrowed the decoy's text: {statements:?}"
+    );
+    let unknown = "-- Execute of portal \"c1\" (opened by code pgwarden cannot see)";
+    assert!(statements.iter().any(|t| t == unknown), "{statements:?}");
+    let declared = statements.iter().filter(|t| *t == held).count();
+    assert_eq!(declared, 2, "{statements:?}");
+}

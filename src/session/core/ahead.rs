@@ -186,8 +186,8 @@ impl Core<'_> {
     pub(super) fn portal_audited(&self, name: &[u8]) -> Audited {
         match self.seq.names.portals.get(name) {
             Some(p) => (p.sql.clone(), p.params.clone()),
-            // A portal opened by code the gateway cannot see (a cursor a
-            // function returned): say which.
+            // A portal opened, or closed and opened again, by code the
+            // gateway cannot see (a cursor a function returned): say which.
             None => (
                 Bytes::from(format!(
                     "-- Execute of portal \"{}\" (opened by code pgwarden cannot see)",
@@ -198,17 +198,31 @@ impl Core<'_> {
         }
     }
 
+    /// A query about to run that may close or open portals the gateway
+    /// cannot follow (opaque code, which may close one and open another of
+    /// the same name; an SQL `CLOSE`) makes it forget them all: an
+    /// `Execute` of one is then recorded as unknown, never with the text of
+    /// another that had its name.
+    pub(super) fn forget_portals(&mut self, sql: &[u8], transparent: bool) {
+        if !transparent || crate::session::prepared::closes_portals(sql) {
+            self.seq.names.portals.clear();
+        }
+    }
+
     /// Remembers the cursors a statement declares, so that an `Execute` of
     /// such a portal is recorded with the statement it runs.
     pub(super) fn note_cursors(&mut self, sql: &Bytes) {
         if !self.auditing {
             return;
         }
+        static HOLD: crate::identity::keywords::Keywords =
+            crate::identity::keywords::Keywords::new(&["hold"]);
         for (name, text) in crate::session::prepared::declared_cursors(sql) {
             let portal = Portal {
                 sql: sql.slice_ref(text),
                 params: None,
                 copies_in: false,
+                holdable: HOLD.in_text(text),
             };
             self.seq.names.portals.insert(Bytes::from(name), portal);
         }

@@ -119,6 +119,7 @@ impl Core<'_> {
             self.note_sequences(&mut conn);
         }
         self.note_code(transparent, &mut conn);
+        self.forget_portals(&sql, transparent);
         self.note_cursors(&sql);
         self.seq.forward_simple(&frame);
         self.seq.expect().query(first, None);
@@ -223,6 +224,7 @@ impl Core<'_> {
             sql,
             params,
             copies_in: nature.copies_in,
+            holdable: false,
         };
         let previous = self.seq.names.portals.insert(name.clone(), portal);
         let server_name = conn.and_then(|conn| self.server_statement(bind.statement, conn));

@@ -254,6 +254,7 @@ mod tests {
                 sql: Bytes::from_static(b"SELECT 2"),
                 params: None,
                 copies_in: false,
+                holdable: false,
             },
         );
         let mut cache = CacheEffects::default();

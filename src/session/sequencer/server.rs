@@ -92,7 +92,7 @@ impl Sequencer {
             // of new names, as pgjdbc does for each fetch, grew the map for
             // the session's life).
             if tag == b'Z' && self.tx_status == b'I' {
-                self.names.portals.clear();
+                self.names.portals.retain(|_, p| p.holdable);
             }
         }
         if tag == b'E' && self.tracker.server_skips() {

@@ -287,3 +287,30 @@ async fn postgresql_connection_limits_hold_through_the_gateway() {
     let many: Vec<_> = futures_util::future::join_all((0..4).map(|_| connect())).await;
     assert!(many.iter().all(Result::is_ok), "no limit: {many:?}");
 }
+
+/// A database's `CONNECTION LIMIT` holds through the gateway too, for
+/// every client together.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_databases_connection_limit_holds_through_the_gateway() {
+    let db = format!("limited_db_{}", rand::random::<u32>());
+    support::create_db(&db);
+    cluster().psql(
+        "postgres",
+        &format!("ALTER DATABASE {db} CONNECTION LIMIT 1"),
+    );
+    let gw = start_gateway(Opts::default()).await;
+    let alice = support::connect_to(&gw, "alice", &db).await;
+    let url = gw
+        .url("bob", support::password_of("bob"))
+        .replace("dbname=app", &format!("dbname={db}"));
+    let Err(refused) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+        panic!("a second client of {db} is over its limit");
+    };
+    assert_eq!(
+        refused.as_db_error().map(|e| e.message().to_string()),
+        Some(format!("too many connections for database \"{db}\""))
+    );
+    drop(alice);
+    gw.until_clients(0).await;
+    support::connect_to(&gw, "bob", &db).await;
+}

@@ -34,6 +34,11 @@ pub const LARGE: usize = 64 * 1024;
 /// Permits count kibibytes, so that one message's fit in a `u32`.
 const UNIT: usize = 1024;
 
+/// The permits `bytes` take.
+fn units(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX)
+}
+
 /// The gateway's budget for large client messages.
 pub struct MessageBudget {
     permits: Semaphore,
@@ -76,16 +81,15 @@ impl MessageBudget {
     /// A budget of `bytes` (0: no limit) for messages of at most
     /// `max_message` bytes.
     pub fn new(bytes: usize, max_message: usize) -> MessageBudget {
-        let units_of = |n: usize| u32::try_from(n.div_ceil(UNIT)).unwrap_or(u32::MAX);
-        let units = match bytes {
+        let all = match bytes {
             0 => u32::MAX,
-            n => units_of(n),
+            n => units(n),
         };
         // A message's grant counts its tag byte too.
-        let share = (units / 4).max(units_of(max_message.saturating_add(1)));
+        let share = (all / 4).max(units(max_message.saturating_add(1)));
         MessageBudget {
-            permits: Semaphore::new(units as usize),
-            share: share.min(units),
+            permits: Semaphore::new(all as usize),
+            share: share.min(all),
             users: Mutex::default(),
             held: AtomicU64::new(0),
             waits: AtomicU64::new(0),
@@ -97,8 +101,7 @@ impl MessageBudget {
     /// Cancel-safe (a dropped wait holds nothing). A message longer than
     /// the share waits for all of it.
     pub async fn grant(&self, user: &Arc<str>, bytes: usize) -> Grant<'_> {
-        let units = u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX);
-        let units = units.min(self.share);
+        let units = units(bytes).min(self.share);
         let mine = {
             let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
             let share = self.share as usize;

@@ -229,21 +229,6 @@ impl Statement {
 /// (portal name, the DECLARE statement's text): an `Execute` of such a
 /// portal runs that statement. Unquoted names are lower-cased, as the
 /// server folds them.
-/// Whether one of the statements of `sql` starts with `CLOSE`.
-pub fn closes_portals(sql: &[u8]) -> bool {
-    use crate::identity::lexer::tokens;
-    static WORDS: crate::identity::keywords::Keywords =
-        crate::identity::keywords::Keywords::new(&["close"]);
-    if !WORDS.in_text(sql) {
-        return false;
-    }
-    let toks = tokens(sql);
-    toks.iter().enumerate().any(|(i, t)| {
-        let at_start = i == 0 || toks[i - 1].is_punct(sql, b";");
-        at_start && t.is_word(sql, b"close")
-    })
-}
-
 pub fn declared_cursors(sql: &[u8]) -> Vec<(Vec<u8>, &[u8])> {
     use crate::identity::lexer::{tokens, Kind};
     static DECLARE: crate::identity::keywords::Keywords =

@@ -222,16 +222,25 @@ pub fn effect(sql: &[u8]) -> Effect {
 /// shared statements the gateway believes it holds.
 pub fn deallocates(sql: &[u8]) -> bool {
     static DEALLOCATE: Keywords = Keywords::new(&["deallocate"]);
-    if !DEALLOCATE.in_text(sql) {
-        return false;
-    }
+    DEALLOCATE.in_text(sql) && a_statement_starts_with(sql, b"deallocate")
+}
+
+/// Whether one of the statements of `sql` starts with `CLOSE` (of a
+/// cursor, or of all of them).
+pub fn closes_portals(sql: &[u8]) -> bool {
+    static CLOSE: Keywords = Keywords::new(&["close"]);
+    CLOSE.in_text(sql) && a_statement_starts_with(sql, b"close")
+}
+
+/// Whether one of the statements of `sql` starts with `word`.
+fn a_statement_starts_with(sql: &[u8], word: &[u8]) -> bool {
     let mut at_start = true;
     for t in tokens(sql) {
         if t.is_punct(sql, b";") {
             at_start = true;
             continue;
         }
-        if at_start && t.is_word(sql, b"deallocate") {
+        if at_start && t.is_word(sql, word) {
             return true;
         }
         at_start = false;
@@ -333,6 +342,8 @@ mod tests {
         assert!(deallocates(b"select 1; deallocate prepare pgwarden_x"));
         assert!(!deallocates(b"SELECT 'deallocate all'"));
         assert!(!deallocates(b"SELECT 1"));
+        assert!(closes_portals(b"select 1; CLOSE c1"));
+        assert!(!closes_portals(b"SELECT closed FROM t"));
     }
 
     proptest::proptest! {

@@ -204,7 +204,7 @@ impl Core<'_> {
     /// `Execute` of one is then recorded as unknown, never with the text of
     /// another that had its name.
     pub(super) fn forget_portals(&mut self, sql: &[u8], transparent: bool) {
-        if !transparent || crate::session::prepared::closes_portals(sql) {
+        if !transparent || crate::session::state::closes_portals(sql) {
             self.seq.names.portals.clear();
         }
     }

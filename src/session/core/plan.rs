@@ -11,8 +11,8 @@ use crate::session::checks::{off_thread, Passed};
 use crate::session::outcome::Pending;
 use crate::session::prepared::{self, Nature};
 use crate::session::refusal::Refusal;
+use crate::session::sequencer::logged_size;
 use crate::session::sequencer::Flow;
-use crate::session::sequencer::Kept;
 
 /// How a planned message goes out once its needs are met.
 #[derive(Debug)]
@@ -176,9 +176,7 @@ impl Core<'_> {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }
         // What the statement keeps of the message is at most all of it.
-        let replaced = self.seq.names.statements.get(parse.name);
-        let replaced = replaced.map_or(0, |s| parse.name.len() + s.size());
-        let sizes = (replaced, frame.len());
+        let sizes = (self.seq.names.statements.kept_by(parse.name), frame.len());
         if let Some(refused) = self.too_much_kept(parse.name, sizes, parse.query) {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }
@@ -209,15 +207,8 @@ impl Core<'_> {
             false => None,
         };
         // A named portal keeps the parameters for its record.
-        let replaced = self.seq.names.portals.get(bind.portal);
-        let replaced = replaced.map_or(0, |p| bind.portal.len() + Kept::size(p));
-        let logged = params
-            .iter()
-            .flatten()
-            .flatten()
-            .map(String::len)
-            .sum::<usize>();
-        let kept = bind.portal.len() + logged;
+        let replaced = self.seq.names.portals.kept_by(bind.portal);
+        let kept = bind.portal.len() + logged_size(&params);
         if let Some(refused) = self.too_much_kept(bind.portal, (replaced, kept), &sql) {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }

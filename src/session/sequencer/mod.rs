@@ -30,7 +30,7 @@ mod names;
 mod server;
 
 pub use code::{Code, Marking, COMMIT_THEN_MORE};
-pub use names::{Kept, Names};
+pub use names::{logged_size, Names};
 
 use bytes::{Bytes, BytesMut};
 

@@ -49,9 +49,14 @@ impl Kept for Statement {
 impl Kept for Portal {
     /// The parameters kept for its record (its text is its statement's).
     fn size(&self) -> usize {
-        let params = self.params.iter().flatten();
-        params.map(|p| p.as_ref().map_or(0, String::len)).sum()
+        logged_size(&self.params)
     }
+}
+
+/// The bytes of the parameters a portal keeps for its record.
+pub fn logged_size(params: &Option<Vec<Option<String>>>) -> usize {
+    let params = params.iter().flatten();
+    params.map(|p| p.as_ref().map_or(0, String::len)).sum()
 }
 
 /// A client's statements or portals by name, and the bytes they and their
@@ -73,6 +78,11 @@ impl<V> Default for Named<V> {
 impl<V: Kept> Named<V> {
     pub fn get(&self, name: &[u8]) -> Option<&V> {
         self.map.get(name)
+    }
+
+    /// The bytes the entry of `name`, if any, and its name keep.
+    pub fn kept_by(&self, name: &[u8]) -> usize {
+        self.get(name).map_or(0, |v| name.len() + v.size())
     }
 
     pub fn contains_key(&self, name: &[u8]) -> bool {

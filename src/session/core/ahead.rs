@@ -204,6 +204,10 @@ impl Core<'_> {
     /// `Execute` of one is then recorded as unknown, never with the text of
     /// another that had its name.
     pub(super) fn forget_portals(&mut self, sql: &[u8], transparent: bool) {
+        // Mostly so: a client of simple queries has none.
+        if self.seq.names.portals.is_empty() {
+            return;
+        }
         if !transparent || crate::session::state::closes_portals(sql) {
             self.seq.names.portals.clear();
         }

@@ -315,23 +315,29 @@ impl<'a> Core<'a> {
         (len > max).then(|| Refused::too_long(sql, len, max))
     }
 
-    /// A named `Parse` or `Bind` of `len` bytes, replacing an entry that
-    /// kept `replaced`, that would take the session's statements and
+    /// A named `Parse` or `Bind` keeping `len` bytes, replacing an entry
+    /// that kept `replaced`, that would take the session's statements and
     /// portals past `prepared_statement_memory`: refused (the gateway keeps
     /// every statement a client prepares, to prepare it again on whichever
     /// connection serves it, and a portal's parameters for its record).
     /// `sql`: the statement, for the refusal's record.
+    /// `sizes` gives (`replaced`, `len`), worked out only for a named
+    /// message under a limit.
     pub fn too_much_kept(
         &self,
         name: &[u8],
-        (replaced, len): (usize, usize),
+        sizes: impl FnOnce(&crate::session::sequencer::Names) -> (usize, usize),
         sql: &[u8],
     ) -> Option<Refused> {
         let max = self.prepared_statement_memory;
+        if max == 0 || name.is_empty() {
+            return None;
+        }
         let names = &self.seq.names;
+        let (replaced, len) = sizes(names);
         let held = names.statements.bytes() + names.portals.bytes();
         let bytes = held.saturating_sub(replaced).saturating_add(len);
-        (max != 0 && !name.is_empty() && bytes > max).then(|| Refused {
+        (bytes > max).then(|| Refused {
             refusal: Refusal::TooMuchPrepared { bytes, max },
             blocked: Some(sql.to_vec()),
         })

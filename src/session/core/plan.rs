@@ -11,8 +11,8 @@ use crate::session::checks::{off_thread, Passed};
 use crate::session::outcome::Pending;
 use crate::session::prepared::{self, Nature};
 use crate::session::refusal::Refusal;
-use crate::session::sequencer::logged_size;
 use crate::session::sequencer::Flow;
+use crate::session::sequencer::{logged_size, Names};
 
 /// How a planned message goes out once its needs are met.
 #[derive(Debug)]
@@ -176,7 +176,7 @@ impl Core<'_> {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }
         // What the statement keeps of the message is at most all of it.
-        let sizes = (self.seq.names.statements.kept_by(parse.name), frame.len());
+        let sizes = |names: &Names| (names.statements.kept_by(parse.name), frame.len());
         if let Some(refused) = self.too_much_kept(parse.name, sizes, parse.query) {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }
@@ -207,9 +207,11 @@ impl Core<'_> {
             false => None,
         };
         // A named portal keeps the parameters for its record.
-        let replaced = self.seq.names.portals.kept_by(bind.portal);
-        let kept = bind.portal.len() + logged_size(&params);
-        if let Some(refused) = self.too_much_kept(bind.portal, (replaced, kept), &sql) {
+        let sizes = |names: &Names| {
+            let kept = bind.portal.len() + logged_size(&params);
+            (names.portals.kept_by(bind.portal), kept)
+        };
+        if let Some(refused) = self.too_much_kept(bind.portal, sizes, &sql) {
             return Ok(Step::Refuse(Flow::Extended, refused));
         }
         // Planning may run its functions, and no Execute of this portal is

@@ -90,10 +90,11 @@ impl<V: Kept> Named<V> {
     }
 
     pub fn insert(&mut self, name: Bytes, value: V) -> Option<V> {
-        self.bytes += name.len() + value.size();
-        let previous = self.map.insert(name.clone(), value);
+        let len = name.len();
+        self.bytes += len + value.size();
+        let previous = self.map.insert(name, value);
         if let Some(previous) = &previous {
-            self.bytes -= name.len() + previous.size();
+            self.bytes -= len + previous.size();
         }
         previous
     }
@@ -104,9 +105,15 @@ impl<V: Kept> Named<V> {
         Some(removed)
     }
 
-    pub fn retain(&mut self, keep: impl FnMut(&Bytes, &mut V) -> bool) {
-        self.map.retain(keep);
-        self.bytes = self.map.iter().map(|(name, v)| name.len() + v.size()).sum();
+    pub fn retain(&mut self, mut keep: impl FnMut(&Bytes, &mut V) -> bool) {
+        let bytes = &mut self.bytes;
+        self.map.retain(|name, v| {
+            let kept = keep(name, v);
+            if !kept {
+                *bytes -= name.len() + v.size();
+            }
+            kept
+        });
     }
 
     pub fn clear(&mut self) {

@@ -91,7 +91,7 @@ impl Sequencer {
             // PostgreSQL has dropped every portal (a client binding portals
             // of new names, as pgjdbc does for each fetch, grew the map for
             // the session's life).
-            if tag == b'Z' && self.tx_status == b'I' {
+            if tag == b'Z' && self.tx_status == b'I' && !self.names.portals.is_empty() {
                 self.names.portals.retain(|_, p| p.holdable);
             }
         }

@@ -31,6 +31,7 @@ pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
 pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
 pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState("53400");
+pub const OUT_OF_MEMORY: SqlState = SqlState("53200");
 pub const IO_ERROR: SqlState = SqlState("58030");
 pub const SYNTAX_ERROR: SqlState = SqlState("42601");
 pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");

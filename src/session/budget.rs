@@ -17,10 +17,17 @@
 //! message, if that is more): four connections of one login, each sending
 //! the first bytes of a 256 MB message and nothing more, took the whole
 //! budget, and every other client's large message waited for ever.
+//!
+//! A grant must also be used: while another session waits for the budget,
+//! a message must arrive whole within [`allowance`] of its grant (at
+//! least [`MIN_RATE`]), or its session is ended. Four logins each sending
+//! the first bytes of a 256 MB message and nothing more held the whole
+//! default budget for as long as they liked.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
@@ -39,13 +46,26 @@ fn units(bytes: usize) -> u32 {
     u32::try_from(bytes.div_ceil(UNIT)).unwrap_or(u32::MAX)
 }
 
+/// While others wait, a message holding a grant must arrive at least
+/// this fast (bytes a second), or in [`MIN_ALLOWANCE`].
+pub const MIN_RATE: usize = 1 << 20;
+pub const MIN_ALLOWANCE: Duration = Duration::from_secs(10);
+
+/// How long a message of `bytes` may take to arrive once granted, while
+/// others wait for the budget.
+pub fn allowance(bytes: usize) -> Duration {
+    Duration::from_secs((bytes / MIN_RATE) as u64).max(MIN_ALLOWANCE)
+}
+
 /// The gateway's budget for large client messages.
 pub struct MessageBudget {
     permits: Semaphore,
-    /// The most one client user may hold, and each one's permits (made
-    /// when it first sends a large message).
+    /// The most one client user may hold, and the permits of each one
+    /// that holds or waits for a grant now.
     share: u32,
     users: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
+    /// Sessions waiting for a grant now.
+    waiting: AtomicUsize,
     /// Bytes granted now, and grants that had to wait (for `/metrics`).
     pub held: AtomicU64,
     pub waits: AtomicU64,
@@ -53,15 +73,53 @@ pub struct MessageBudget {
 
 /// A share of the budget, given back when dropped.
 pub struct Grant<'a> {
-    _permit: SemaphorePermit<'a>,
-    _user: OwnedSemaphorePermit,
+    permit: Option<(SemaphorePermit<'a>, OwnedSemaphorePermit)>,
+    budget: &'a MessageBudget,
+    user: Arc<str>,
     bytes: usize,
-    held: &'a AtomicU64,
+    /// When the message must be whole if others wait ([`allowance`]).
+    pub until: Instant,
+}
+
+impl Grant<'_> {
+    /// The length of the message it was granted for.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 impl Drop for Grant<'_> {
     fn drop(&mut self) {
-        self.held.fetch_sub(self.bytes as u64, Ordering::Relaxed);
+        self.budget
+            .held
+            .fetch_sub(self.bytes as u64, Ordering::Relaxed);
+        self.permit = None;
+        self.budget.forget_idle(&self.user);
+    }
+}
+
+/// Forgets a user's permits, if unused, when dropped.
+struct Forget<'a>(&'a MessageBudget, &'a Arc<str>);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.forget_idle(self.1);
+    }
+}
+
+/// Counts a session among those waiting for a grant while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -91,6 +149,7 @@ impl MessageBudget {
             permits: Semaphore::new(all as usize),
             share: share.min(all),
             users: Mutex::default(),
+            waiting: AtomicUsize::new(0),
             held: AtomicU64::new(0),
             waits: AtomicU64::new(0),
         }
@@ -102,6 +161,9 @@ impl MessageBudget {
     /// the share waits for all of it.
     pub async fn grant(&self, user: &Arc<str>, bytes: usize) -> Grant<'_> {
         let units = units(bytes).min(self.share);
+        // Declared first so that it runs last, when `mine` is gone: a wait
+        // dropped half way (its client left) leaves no entry behind.
+        let _forget = Forget(self, user);
         let mine = {
             let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
             let share = self.share as usize;
@@ -110,9 +172,11 @@ impl MessageBudget {
                 .or_insert_with(|| Arc::new(Semaphore::new(share)))
                 .clone()
         };
+        let mut waiting = None;
         let user_permit = match mine.clone().try_acquire_many_owned(units) {
             Ok(permit) => permit,
             Err(_) => {
+                waiting = Some(Waiting::new(&self.waiting));
                 self.waits.fetch_add(1, Ordering::Relaxed);
                 mine.acquire_many_owned(units)
                     .await
@@ -122,6 +186,7 @@ impl MessageBudget {
         let permit = match self.permits.try_acquire_many(units) {
             Ok(permit) => permit,
             Err(_) => {
+                waiting.get_or_insert_with(|| Waiting::new(&self.waiting));
                 self.waits.fetch_add(1, Ordering::Relaxed);
                 self.permits
                     .acquire_many(units)
@@ -129,13 +194,35 @@ impl MessageBudget {
                     .expect("the budget's semaphore is never closed")
             }
         };
+        drop(waiting);
         self.held.fetch_add(bytes as u64, Ordering::Relaxed);
         Grant {
-            _permit: permit,
-            _user: user_permit,
+            permit: Some((permit, user_permit)),
+            budget: self,
+            user: user.clone(),
             bytes,
-            held: &self.held,
+            until: Instant::now() + allowance(bytes),
         }
+    }
+
+    /// Whether a session waits for a grant now.
+    pub fn others_wait(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// Forgets `user`'s permits when no session holds or waits for them
+    /// (the map would otherwise keep every user that ever sent a large
+    /// message).
+    fn forget_idle(&self, user: &Arc<str>) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if users.get(user).is_some_and(|s| Arc::strong_count(s) == 1) {
+            users.remove(user);
+        }
+    }
+
+    #[cfg(test)]
+    fn users(&self) -> usize {
+        self.users.lock().unwrap().len()
     }
 }
 
@@ -156,6 +243,11 @@ pub fn need(rbuf: &[u8], max: usize, raw: bool, held: Option<&Grant<'_>>) -> Nee
         (false, _) if granted => Need::Keep,
         (false, _) => Need::Grant(header.total),
     }
+}
+
+/// Whether the message at the front of `rbuf` is still arriving.
+pub fn arriving(rbuf: &[u8], max: usize) -> bool {
+    matches!(FrameHeader::peek(rbuf, max), Ok(Some(h)) if rbuf.len() < h.total)
 }
 
 /// Buffers that grew for a large message are given back once it is gone;
@@ -269,6 +361,37 @@ mod tests {
         assert!(other.is_ok(), "another user waited");
         drop(first);
         more.await;
+    }
+
+    #[tokio::test]
+    async fn waits_are_counted_and_users_forgotten_when_done() {
+        let budget = MessageBudget::new(2 * LARGE, 2 * LARGE);
+        let (a, b) = (user("a"), user("b"));
+        let first = budget.grant(&a, 2 * LARGE).await;
+        assert!(!budget.others_wait());
+        assert!(first.until >= Instant::now() + allowance(2 * LARGE) - Duration::from_secs(1));
+        let mut second = Box::pin(budget.grant(&b, 2 * LARGE));
+        let waited = tokio::time::timeout(Duration::from_millis(50), &mut second).await;
+        assert!(waited.is_err(), "granted past the budget");
+        assert!(budget.others_wait());
+        assert_eq!(budget.users(), 2);
+        // The waiting client leaves: neither its wait nor its user stays.
+        drop(second);
+        assert!(!budget.others_wait());
+        assert_eq!(budget.users(), 1);
+        drop(first);
+        assert_eq!(budget.users(), 0, "a user is kept after its last grant");
+        // Many users one after the other leave nothing behind.
+        for n in 0..100 {
+            drop(budget.grant(&user(&format!("u{n}")), LARGE + 1).await);
+        }
+        assert_eq!(budget.users(), 0);
+    }
+
+    #[test]
+    fn a_message_may_take_longer_the_longer_it_is() {
+        assert_eq!(allowance(LARGE + 1), MIN_ALLOWANCE);
+        assert_eq!(allowance(256 * MIN_RATE), Duration::from_secs(256));
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub enum Timeout {
     ClientIdle,
     IdleInTransaction,
     Query,
+    /// A large message's [`allowance`](crate::session::budget::allowance)
+    /// (the relay's own: the clock never names it).
+    LargeMessage,
 }
 
 /// Where the session is, as the timeouts see it.

@@ -13,7 +13,46 @@ impl QueryLoop<'_> {
             idle_in_transaction_ms: live.idle_in_transaction_timeout_ms,
             query_ms: live.query_timeout_ms,
         };
-        self.core.clock.next_timeout(self.phase(), limits)
+        let timeout = self.core.clock.next_timeout(self.phase(), limits);
+        match self.large_message_due() {
+            Some(at) if timeout.is_none_or(|(_, t)| at < t) => Some((Timeout::LargeMessage, at)),
+            _ => timeout,
+        }
+    }
+
+    /// When the large message being read must be whole, if others wait
+    /// for the budget by then (`session::budget`). Not while the gateway
+    /// reads nothing from the client.
+    fn large_message_due(&self) -> Option<Instant> {
+        let grant = self.grant.as_ref()?;
+        let reading = !self.core.seq.deferred() && !self.hold_client;
+        let max = self.client.max_message_size;
+        let arriving = reading && crate::session::budget::arriving(&self.client.rbuf, max);
+        arriving.then_some(grant.until)
+    }
+
+    /// A large message was not whole in its allowance: its session is
+    /// ended if another waits for the memory it holds, and looked at again
+    /// in a second if not.
+    fn large_message_late(&mut self) -> Result<(), End> {
+        let budget = &self.shared.message_budget;
+        let Some(grant) = self.grant.as_mut() else {
+            return Ok(());
+        };
+        if !budget.others_wait() {
+            grant.until = Instant::now() + std::time::Duration::from_secs(1);
+            return Ok(());
+        }
+        let why = format!(
+            "a message of {} bytes did not arrive within {} s while other sessions waited for large_message_memory",
+            grant.bytes(),
+            crate::session::budget::allowance(grant.bytes()).as_secs()
+        );
+        tracing::info!(parent: &self.span, "{why}: the session ends");
+        Err(End::Fatal(Refusal::Answer(PgError::fatal(
+            sqlstate::OUT_OF_MEMORY,
+            format!("terminating connection: {why}"),
+        ))))
     }
 
     fn phase(&self) -> Phase {
@@ -51,6 +90,7 @@ impl QueryLoop<'_> {
     pub(super) async fn on_timeout(&mut self, which: Timeout) -> Result<(), End> {
         match which {
             Timeout::ClientIdle => Err(End::Fatal(Refusal::ClientIdle)),
+            Timeout::LargeMessage => self.large_message_late(),
             Timeout::IdleInTransaction => {
                 let why = "idle_in_transaction_timeout_ms elapsed";
                 if self.end_copy(why).await {

@@ -70,6 +70,9 @@ pub struct Portal {
     pub copies_in: bool,
     /// A cursor declared `WITH HOLD`: it outlives its transaction.
     pub holdable: bool,
+    /// Its place among the portals the session opened
+    /// ([`Names::open_portal`](crate::session::sequencer::names::Names::open_portal)).
+    pub opened: u64,
 }
 
 /// A portal name and the gateway's entry for it before a `Bind` replaced

@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use crate::audit::{export, s};
-use crate::raw::{cstr, message, RawClient};
+use crate::raw::{bind, cstr, execute, message, parse, sync, RawClient};
 use crate::support::{self, start_gateway, Opts, TestGateway};
 
 /// alice, connected with this application name.
@@ -818,19 +818,6 @@ async fn an_execute_is_recorded_with_the_portal_the_server_ran() {
         ..Opts::default()
     })
     .await;
-    let parse = |name: &str, sql: &str| {
-        let mut body = cstr(name);
-        body.extend(cstr(sql));
-        body.extend(0i16.to_be_bytes());
-        message(b'P', &body)
-    };
-    let bind = |portal: &str, statement: &str| {
-        let mut body = cstr(portal);
-        body.extend(cstr(statement));
-        body.extend([0, 0, 0, 0, 0, 0]);
-        message(b'B', &body)
-    };
-    let sync = || message(b'S', &[]);
     let mut c = RawClient::login(gw.addr).await;
     let delete = "DELETE FROM items WHERE id = 700601";
     c.send_raw(&message(b'Q', &cstr("BEGIN"))).await;
@@ -850,9 +837,7 @@ async fn an_execute_is_recorded_with_the_portal_the_server_ran() {
     c.send_raw(&message(b'Q', &cstr("ROLLBACK TO SAVEPOINT s")))
         .await;
     c.until_ready().await;
-    let mut execute = cstr("p");
-    execute.extend(0i32.to_be_bytes());
-    let mut batch = message(b'E', &execute);
+    let mut batch = execute("p");
     batch.extend(sync());
     c.send_raw(&batch).await;
     let (tags, code, _) = c.until_ready().await;
@@ -923,22 +908,14 @@ async fn portals_end_with_their_transaction() {
     .await;
     let mut c = RawClient::login(gw.addr).await;
     let old = "SELECT 'only once'";
-    let mut parse = cstr("");
-    parse.extend(cstr(old));
-    parse.extend(0i16.to_be_bytes());
-    let mut bind = cstr("p1");
-    bind.extend(cstr(""));
-    bind.extend([0, 0, 0, 0, 0, 0]);
-    let mut execute = cstr("p1");
-    execute.extend(0i32.to_be_bytes());
-    let mut batch = message(b'P', &parse);
-    batch.extend(message(b'B', &bind));
-    batch.extend(message(b'E', &execute));
-    batch.extend(message(b'S', &[]));
+    let mut batch = parse("", old);
+    batch.extend(bind("p1", ""));
+    batch.extend(execute("p1"));
+    batch.extend(sync());
     c.send_raw(&batch).await;
     assert_eq!(c.until_ready().await.1, None);
-    let mut again = message(b'E', &execute);
-    again.extend(message(b'S', &[]));
+    let mut again = execute("p1");
+    again.extend(sync());
     c.send_raw(&again).await;
     assert_eq!(c.until_ready().await.1.as_deref(), Some("34000"));
     drop(c);
@@ -968,13 +945,7 @@ async fn an_execute_never_borrows_another_portals_text() {
     .await;
     let mut c = RawClient::login(gw.addr).await;
     let simple = |sql: &str| message(b'Q', &cstr(sql));
-    let execute = |portal: &str| {
-        let mut body = cstr(portal);
-        body.extend(0i32.to_be_bytes());
-        let mut out = message(b'E', &body);
-        out.extend(message(b'S', &[]));
-        out
-    };
+    let execute = |portal: &str| [execute(portal), sync()].concat();
     for sql in [
         "BEGIN",
         "DECLARE c1 CURSOR FOR SELECT 'decoy'",
@@ -1005,8 +976,64 @@ async fn an_execute_never_borrows_another_portals_text() {
         decoys, 1,
         "the Execute borrowed the decoy's text: {statements:?}"
     );
-    let unknown = "-- Execute of portal \"c1\" (opened by code pgwarden cannot see)";
+    let unknown = "-- Execute of portal \"c1\" (unknown to pgwarden: opened by code it cannot see, or dropped)";
     assert!(statements.iter().any(|t| t == unknown), "{statements:?}");
     let declared = statements.iter().filter(|t| *t == held).count();
     assert_eq!(declared, 2, "{statements:?}");
+}
+
+/// PostgreSQL drops the portals opened after a savepoint when the
+/// transaction rolls back to it (a cursor declared `WITH HOLD` too); an
+/// `Execute` of one fails with 34000, and was recorded with the dropped
+/// portal's text, as if it had run again. One opened before the savepoint
+/// is still recorded with its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_to_savepoint_drops_the_portals_opened_after_it() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = RawClient::login(gw.addr).await;
+    let simple = |sql: &str| message(b'Q', &cstr(sql));
+    let opened = |portal: &str, sql: &str| [parse("", sql), bind(portal, ""), sync()].concat();
+    let held = "DECLARE held CURSOR WITH HOLD FOR SELECT 'held after'";
+    for batch in [
+        simple("BEGIN"),
+        opened("before", "SELECT 'before'"),
+        simple("SAVEPOINT s"),
+        opened("after", "SELECT 'after'"),
+        simple(held),
+        simple("ROLLBACK TO SAVEPOINT s"),
+    ] {
+        c.send_raw(&batch).await;
+        assert_eq!(c.until_ready().await.1, None);
+    }
+    for (portal, code) in [("before", None), ("after", Some("34000"))] {
+        c.send_raw(&[execute(portal), sync()].concat()).await;
+        assert_eq!(c.until_ready().await.1.as_deref(), code, "{portal}");
+    }
+    c.send_raw(&simple("ROLLBACK TO SAVEPOINT s")).await;
+    assert_eq!(c.until_ready().await.1, None);
+    c.send_raw(&[execute("held"), sync()].concat()).await;
+    assert_eq!(c.until_ready().await.1.as_deref(), Some("34000"));
+    c.send_raw(&simple("COMMIT")).await;
+    c.until_ready().await;
+    drop(c);
+    let records = stop_and_export(gw, &[]).await;
+    let statements: Vec<String> = records
+        .iter()
+        .filter(|r| s(r, "kind") == "query")
+        .map(|r| s(r, "statement"))
+        .collect();
+    let count = |text: &str| statements.iter().filter(|t| *t == text).count();
+    assert_eq!(count("SELECT 'before'"), 1, "{statements:?}");
+    assert_eq!(count("SELECT 'after'"), 0, "{statements:?}");
+    assert_eq!(count(held), 1, "the DECLARE only: {statements:?}");
+    for portal in ["after", "held"] {
+        let unknown = format!(
+            "-- Execute of portal \"{portal}\" (unknown to pgwarden: opened by code it cannot see, or dropped)"
+        );
+        assert_eq!(count(&unknown), 1, "{statements:?}");
+    }
 }

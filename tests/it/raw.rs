@@ -123,6 +123,33 @@ pub fn unnamed(sql: &str, describe: bool, end: u8) -> Vec<u8> {
 }
 
 /// One frontend message: tag, length, body.
+/// `Parse` of `sql` as statement `name`, with no parameter types.
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = cstr(name);
+    body.extend(cstr(sql));
+    body.extend(0i16.to_be_bytes());
+    message(b'P', &body)
+}
+
+/// `Bind` of `statement` to `portal`, with no parameters, results in text.
+pub fn bind(portal: &str, statement: &str) -> Vec<u8> {
+    let mut body = cstr(portal);
+    body.extend(cstr(statement));
+    body.extend([0, 0, 0, 0, 0, 0]);
+    message(b'B', &body)
+}
+
+/// `Execute` of `portal`, every row.
+pub fn execute(portal: &str) -> Vec<u8> {
+    let mut body = cstr(portal);
+    body.extend(0i32.to_be_bytes());
+    message(b'E', &body)
+}
+
+pub fn sync() -> Vec<u8> {
+    message(b'S', &[])
+}
+
 pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![tag];
     out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());

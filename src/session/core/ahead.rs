@@ -187,10 +187,11 @@ impl Core<'_> {
         match self.seq.names.portals.get(name) {
             Some(p) => (p.sql.clone(), p.params.clone()),
             // A portal opened, or closed and opened again, by code the
-            // gateway cannot see (a cursor a function returned): say which.
+            // gateway cannot see (a cursor a function returned), or one
+            // already dropped: say which.
             None => (
                 Bytes::from(format!(
-                    "-- Execute of portal \"{}\" (opened by code pgwarden cannot see)",
+                    "-- Execute of portal \"{}\" (unknown to pgwarden: opened by code it cannot see, or dropped)",
                     String::from_utf8_lossy(name)
                 )),
                 None,
@@ -227,8 +228,9 @@ impl Core<'_> {
                 params: None,
                 copies_in: false,
                 holdable: HOLD.in_text(text),
+                opened: 0,
             };
-            self.seq.names.portals.insert(Bytes::from(name), portal);
+            self.seq.names.open_portal(Bytes::from(name), portal);
         }
     }
 }

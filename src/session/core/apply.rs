@@ -90,6 +90,9 @@ impl Core<'_> {
                 self.seq.expect().close(false);
             }
             Then::Execute(frame) => {
+                if let Some(pending) = &first {
+                    self.seq.names.follow(&pending.control);
+                }
                 self.seq.forward_extended(&frame);
                 self.seq.expect().execute(first);
                 let portal = messages::parse_execute(&frame[5..]).expect("planned");
@@ -120,6 +123,8 @@ impl Core<'_> {
         }
         self.note_code(transparent, &mut conn);
         self.forget_portals(&sql, transparent);
+        let controls = first.iter().chain(more.iter().flatten());
+        controls.for_each(|p| self.seq.names.follow(&p.control));
         self.note_cursors(&sql);
         self.seq.forward_simple(&frame);
         self.seq.expect().query(first, None);
@@ -225,8 +230,9 @@ impl Core<'_> {
             params,
             copies_in: nature.copies_in,
             holdable: false,
+            opened: 0,
         };
-        let previous = self.seq.names.portals.insert(name.clone(), portal);
+        let previous = self.seq.names.open_portal(name.clone(), portal);
         let server_name = conn.and_then(|conn| self.server_statement(bind.statement, conn));
         match server_name {
             Some(server_name) => {

@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use crate::protocol::messages::PgError;
 use crate::protocol::sqlstate;
+use crate::session::ledger::Control;
 use crate::session::outcome::{CacheEffects, Portal};
 use crate::session::prepared::Statement;
 
@@ -138,6 +139,9 @@ impl<V: Kept> Named<V> {
 /// The client's prepared statements by name.
 pub type Statements = Named<Statement>;
 
+/// Savepoints followed per transaction at most.
+const MAX_SAVEPOINTS: usize = 4096;
+
 /// The client's names.
 #[derive(Default)]
 pub struct Names {
@@ -146,6 +150,10 @@ pub struct Names {
     /// Portals: their statement's text (and parameters for the record,
     /// when auditing), and whether it may start a COPY from the client.
     pub portals: Named<Portal>,
+    /// Portals opened so far, and the savepoints of the open transaction
+    /// with that count when each was set (when auditing).
+    opened: u64,
+    savepoints: Vec<(Box<str>, u64)>,
 }
 
 impl std::fmt::Debug for Names {
@@ -158,6 +166,62 @@ impl std::fmt::Debug for Names {
 }
 
 impl Names {
+    /// Opens portal `name`, replacing any of that name (returned).
+    pub fn open_portal(&mut self, name: Bytes, mut portal: Portal) -> Option<Portal> {
+        self.opened += 1;
+        portal.opened = self.opened;
+        self.portals.insert(name, portal)
+    }
+
+    /// Follows a statement's `control` (in the order the server runs
+    /// them): PostgreSQL drops every portal opened after a savepoint when
+    /// the transaction rolls back to it, `WITH HOLD` cursors too, and an
+    /// `Execute` of one then fails; it must not be recorded with the text
+    /// of the portal that had its name. A savepoint the gateway did not see
+    /// set, or a text of several statements, forgets them all.
+    pub fn follow(&mut self, control: &Control) {
+        let find = |savepoints: &[(Box<str>, u64)], name: &str| {
+            savepoints.iter().rposition(|(n, _)| **n == *name)
+        };
+        match control {
+            Control::Savepoint(name) => {
+                // Bounded: a rollback to a savepoint forgotten here forgets
+                // every portal, which is only ever safe.
+                if self.savepoints.len() >= MAX_SAVEPOINTS {
+                    self.savepoints.remove(0);
+                }
+                self.savepoints.push((name.clone(), self.opened));
+            }
+            Control::Release(name) => {
+                if let Some(i) = find(&self.savepoints, name) {
+                    self.savepoints.truncate(i);
+                }
+            }
+            Control::RollbackTo(name) => match find(&self.savepoints, name) {
+                Some(i) => {
+                    let set_at = self.savepoints[i].1;
+                    self.savepoints.truncate(i + 1);
+                    self.portals.retain(|_, p| p.opened <= set_at);
+                }
+                None => self.portals.clear(),
+            },
+            Control::Mixed => {
+                self.portals.clear();
+                self.savepoints.clear();
+            }
+            Control::Other | Control::Unseen => {}
+        }
+    }
+
+    /// A transaction ended and nothing bound after it is in flight: its
+    /// portals are gone (not `WITH HOLD` cursors), and its savepoints.
+    pub fn end_transaction(&mut self) {
+        if !self.portals.is_empty() {
+            self.portals.retain(|_, p| p.holdable);
+        }
+        self.savepoints.clear();
+    }
+
     /// Puts back the entries whose `Parse` or `Bind` the server refused or
     /// skipped (newest first, so the oldest ends up in place).
     pub fn restore(&mut self, cache: &mut CacheEffects) {
@@ -260,6 +324,58 @@ mod tests {
     }
 
     #[test]
+    fn portals_opened_after_a_savepoint_go_when_it_is_rolled_back_to() {
+        let portal = |holdable| Portal {
+            sql: Bytes::from_static(b"SELECT 1"),
+            params: None,
+            copies_in: false,
+            holdable,
+            opened: 0,
+        };
+        let mut names = Names::default();
+        let open = |names: &mut Names, name: &'static str, holdable| {
+            names.open_portal(Bytes::from_static(name.as_bytes()), portal(holdable));
+        };
+        let point = |name: &str| Control::Savepoint(name.into());
+        let to = |name: &str| Control::RollbackTo(name.into());
+        open(&mut names, "p0", false);
+        names.follow(&point("a"));
+        open(&mut names, "p1", true);
+        names.follow(&point("b"));
+        open(&mut names, "p2", false);
+        names.follow(&Control::Release("b".into()));
+        names.follow(&to("b"));
+        assert_eq!(
+            names.portals.len(),
+            0,
+            "a savepoint not seen set forgets all"
+        );
+        open(&mut names, "p0", false);
+        names.follow(&point("a"));
+        open(&mut names, "p1", true);
+        names.follow(&point("b"));
+        open(&mut names, "p2", false);
+        names.follow(&to("b"));
+        assert!(names.portals.contains_key(b"p1") && !names.portals.contains_key(b"p2"));
+        // Released into `a`: its portals go with a rollback to `a`.
+        names.follow(&Control::Release("b".into()));
+        open(&mut names, "p3", false);
+        names.follow(&to("a"));
+        let left: Vec<&[u8]> = ["p0", "p1", "p3"]
+            .into_iter()
+            .map(str::as_bytes)
+            .filter(|p| names.portals.contains_key(p))
+            .collect();
+        assert_eq!(left, [b"p0"]);
+        // `a` stays: a portal opened since goes with the next rollback.
+        open(&mut names, "p4", false);
+        names.follow(&to("a"));
+        assert!(!names.portals.contains_key(b"p4"));
+        names.end_transaction();
+        assert_eq!(names.portals.len(), 0);
+    }
+
+    #[test]
     fn a_refused_parse_or_bind_puts_the_old_entry_back() {
         let mut names = Names::default();
         let old = Statement::new(Bytes::from_static(b"SELECT 1"), None, Vec::new());
@@ -272,6 +388,7 @@ mod tests {
                 params: None,
                 copies_in: false,
                 holdable: false,
+                opened: 0,
             },
         );
         let mut cache = CacheEffects::default();

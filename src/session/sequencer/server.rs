@@ -91,8 +91,8 @@ impl Sequencer {
             // PostgreSQL has dropped every portal (a client binding portals
             // of new names, as pgjdbc does for each fetch, grew the map for
             // the session's life).
-            if tag == b'Z' && self.tx_status == b'I' && !self.names.portals.is_empty() {
-                self.names.portals.retain(|_, p| p.holdable);
+            if tag == b'Z' && self.tx_status == b'I' {
+                self.names.end_transaction();
             }
         }
         if tag == b'E' && self.tracker.server_skips() {

@@ -241,7 +241,8 @@ impl Core<'_> {
             }
             None => self.seq.forward(&frame),
         }
-        self.seq.expect().bind(after_bind, key);
+        let opened = self.seq.names.opened();
+        self.seq.expect().bind(after_bind, key, opened);
         self.seq
             .expect()
             .restore_if_not_bound(Box::new((name, previous)));

@@ -486,3 +486,38 @@ fn a_statement_name_the_gateway_does_not_know_is_recorded_as_such() {
         "{text}"
     );
 }
+
+/// A transaction's end drops its portals even while the client's next
+/// batches are in flight, but not the portals those batches bind (red
+/// team rt39: a pipeline that never drained kept every portal counted).
+#[test]
+fn a_transactions_portals_end_with_it_while_the_next_batch_flows() {
+    let f = Fixture::new();
+    let mut core = f.core(PoolMode::Transaction);
+    let mut server = Server::default();
+    for message in [
+        parse("s", "SELECT 1"),
+        bind("p1", "s"),
+        execute("p1"),
+        sync(),
+        bind("p2", "s"),
+        execute("p2"),
+        sync(),
+    ] {
+        if let Step::Run(plan) = core.client_frame(message, b"").unwrap() {
+            apply(&mut core, &mut server, *plan);
+        }
+    }
+    let answer = |tag: u8, body: &[u8]| BytesMut::from(&frame(tag, body)[..]);
+    for message in [
+        answer(b'1', b""),
+        answer(b'2', b""),
+        answer(b'C', b"SELECT 1\0"),
+        answer(b'Z', b"I"),
+    ] {
+        core.server_frame(message, Some((server.state().unwrap(), 77)));
+    }
+    let portals = &core.seq.names.portals;
+    assert!(!portals.contains_key(b"p1"), "the ended transaction's");
+    assert!(portals.contains_key(b"p2"), "bound after it");
+}

@@ -213,12 +213,26 @@ impl Names {
         }
     }
 
-    /// A transaction ended and nothing bound after it is in flight: its
-    /// portals are gone (not `WITH HOLD` cursors), and its savepoints.
-    pub fn end_transaction(&mut self) {
+    /// The number of the last portal opened.
+    pub fn opened(&self) -> u64 {
+        self.opened
+    }
+
+    /// A transaction ended: its portals are gone (not `WITH HOLD`
+    /// cursors). `first_unanswered`: the first portal opened by a `Bind`
+    /// the server has not answered yet (a client that pipelines its next
+    /// batches): it and those after it are not the transaction's. With
+    /// nothing in flight, its savepoints are gone too.
+    pub fn end_transaction(&mut self, first_unanswered: Option<u64>) {
         if !self.portals.is_empty() {
-            self.portals.retain(|_, p| p.holdable);
+            let first_unanswered = first_unanswered.unwrap_or(u64::MAX);
+            self.portals
+                .retain(|_, p| p.holdable || p.opened >= first_unanswered);
         }
+    }
+
+    /// A transaction ended with nothing in flight: no savepoint is set.
+    pub fn forget_savepoints(&mut self) {
         self.savepoints.clear();
     }
 
@@ -371,7 +385,11 @@ mod tests {
         open(&mut names, "p4", false);
         names.follow(&to("a"));
         assert!(!names.portals.contains_key(b"p4"));
-        names.end_transaction();
+        open(&mut names, "p5", false);
+        open(&mut names, "p6", false);
+        names.end_transaction(Some(names.opened()));
+        assert_eq!(names.portals.len(), 1, "p6's Bind is not answered yet");
+        names.end_transaction(None);
         assert_eq!(names.portals.len(), 0);
     }
 

@@ -85,15 +85,20 @@ impl Sequencer {
         let copy_failed = tag == b'E' && std::mem::take(&mut self.copy_in);
         let route = self.tracker.on_server(tag, &frame[5..], resolved, cache);
         self.names.restore(cache);
+        // A transaction ended: PostgreSQL has dropped its portals (a client
+        // binding portals of new names, as pgjdbc does for each fetch, grew
+        // the map for the session's life), but not those of Binds still in
+        // flight (red team rt39: a client that never let its pipeline drain
+        // kept every ended transaction's portals counted).
+        if tag == b'Z' && self.tx_status == b'I' {
+            let first_unanswered = self.tracker.first_unanswered_portal();
+            self.names.end_transaction(first_unanswered);
+            if self.tracker.is_empty() {
+                self.names.forget_savepoints();
+            }
+        }
         if self.tracker.is_empty() {
             self.copy_maybe = false;
-            // A transaction ended and nothing bound after it is in flight:
-            // PostgreSQL has dropped every portal (a client binding portals
-            // of new names, as pgjdbc does for each fetch, grew the map for
-            // the session's life).
-            if tag == b'Z' && self.tx_status == b'I' {
-                self.names.end_transaction();
-            }
         }
         if tag == b'E' && self.tracker.server_skips() {
             // The server skips what the client sends until its `Sync`, and

@@ -149,7 +149,7 @@ pub(super) fn client(seq: &mut Sequencer, bytes: &[u8], driver: &mut Driver) {
         b'B' => {
             bind(seq);
             seq.forward_extended(bytes);
-            seq.expect().bind(None, None);
+            seq.expect().bind(None, None, 0);
         }
         b'D' => {
             bind(seq);

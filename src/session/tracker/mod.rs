@@ -44,6 +44,8 @@ enum Expect {
         key: Option<u128>,
         /// The portal entry it replaced.
         portal: Option<PortalRestore>,
+        /// The number of the portal it opens (`Portal::opened`).
+        opened: u64,
     },
     /// `Describe`: ends at `RowDescription` or `NoData`.
     Describe,
@@ -143,12 +145,23 @@ impl Tracker {
             *r = Some(restore);
         }
     }
-    pub fn bind(&mut self, pending: Option<Pending>, key: Option<u128>) {
+    pub fn bind(&mut self, pending: Option<Pending>, key: Option<u128>, opened: u64) {
         self.queue.push_back(Expect::Bind {
             pending,
             key,
             portal: None,
+            opened,
         });
+    }
+
+    /// The number of the oldest portal a `Bind` not yet answered opens:
+    /// it, and those opened after it, are not of a transaction the server
+    /// has ended so far.
+    pub fn first_unanswered_portal(&self) -> Option<u64> {
+        self.queue.iter().find_map(|e| match e {
+            Expect::Bind { opened, .. } => Some(*opened),
+            _ => None,
+        })
     }
     /// The last `Bind` (the newest entry) replaced the gateway's entry for
     /// a portal: put it back if the server refuses or skips the `Bind`.

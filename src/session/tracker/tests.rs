@@ -30,7 +30,7 @@ fn parse_and_bind_errors_belong_to_their_statement() {
         let mut r = Vec::new();
         for seq in 1..=2 {
             t.parse(false, None);
-            t.bind(None, None);
+            t.bind(None, None, 0);
             t.execute(p(seq));
         }
         t.sync();
@@ -53,7 +53,7 @@ fn pipeline_error_skips_rest_until_sync() {
     let mut r = Vec::new();
     for seq in 1..=3 {
         t.parse(false, None);
-        t.bind(None, None);
+        t.bind(None, None, 0);
         t.execute(p(seq));
     }
     t.sync();
@@ -84,7 +84,7 @@ fn pipeline_error_skips_rest_until_sync() {
 fn syncs_sent_into_a_copy_in_are_not_awaited() {
     let mut t = Tracker::default();
     let mut r = Vec::new();
-    t.bind(None, None);
+    t.bind(None, None, 0);
     t.execute(p(1));
     t.sync();
     route(&mut t, b'2', b"", &mut r);
@@ -138,7 +138,7 @@ fn synthetic_answers_wait_for_their_turn() {
     let mut out = BytesMut::new();
     t.parse(false, Some(1));
     t.synth_parse();
-    t.bind(None, None);
+    t.bind(None, None, 0);
     t.sync();
     t.emit_synthetic(b'I', &mut out);
     assert!(out.is_empty(), "the first Parse is still owed");
@@ -155,7 +155,7 @@ fn injected_messages_answers_are_dropped_and_failed_parses_uncached() {
     let mut t = Tracker::default();
     let mut cache = CacheEffects::default();
     t.parse(true, Some(9));
-    t.bind(None, None);
+    t.bind(None, None, 0);
     t.parse(false, Some(10));
     t.sync();
     assert_eq!(
@@ -240,7 +240,7 @@ fn each_statement_of_a_simple_query_resolves_in_turn() {
 
     let mut t = Tracker::default();
     let mut cache = CacheEffects::default();
-    t.bind(None, None);
+    t.bind(None, None, 0);
     t.parse(false, None);
     t.restore_if_not_parsed(Box::new((bytes::Bytes::from_static(b"s1"), None)));
     t.parse(false, None);

@@ -35,6 +35,7 @@ const WORDS: &[&str] = &[
     "abort",
     "advis",
     "aggregate",
+    "call",
     "chain",
     "close",
     "commit",

@@ -9,6 +9,7 @@
 
 use crate::identity::decode::string_value;
 use crate::identity::lexer::{Dialect, Kind, Lexer};
+use crate::session::split::{Bodies, Place};
 
 /// What the statements of one text do to transactions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -16,13 +17,22 @@ pub struct Commits {
     /// A statement ends its transaction keeping its effects (`COMMIT`,
     /// `END`, `PREPARE TRANSACTION`, `... AND CHAIN`).
     pub ends: bool,
+    /// The text is one statement, a `CALL`: outside a transaction block
+    /// its procedure may commit, and what follows it then runs in a new
+    /// transaction. (In a text of several statements PostgreSQL lets no
+    /// procedure commit: 2D000.)
+    pub calls: bool,
+    /// The text starts with `BEGIN` or `START`: a transaction block, where
+    /// no procedure may commit, follows.
+    pub begins: bool,
     /// Another statement follows one that ends its transaction.
     pub more_after: bool,
     /// A statement commits and at once starts a new transaction (`COMMIT
     /// AND CHAIN`, `END AND CHAIN`; not `AND NO CHAIN`).
     pub chains: bool,
-    /// A `DO` block controls transactions inside (`COMMIT` or `ROLLBACK`):
-    /// its code after the `COMMIT` runs in a new transaction.
+    /// A `DO` block controls transactions inside (`COMMIT` or `ROLLBACK`,
+    /// or a `CALL` of a procedure that may): its code after the `COMMIT`
+    /// runs in a new transaction.
     pub block_commits: bool,
     /// A statement ends its transaction undoing it (`ROLLBACK`, `ABORT`;
     /// not `ROLLBACK TO SAVEPOINT` or `ROLLBACK PREPARED`).
@@ -39,7 +49,10 @@ impl Commits {
     /// statement guard reads both.
     pub fn of(sql: &[u8]) -> Commits {
         if !mentions_transaction_control(sql) {
-            return Commits::default();
+            return Commits {
+                begins: begins(sql),
+                ..Commits::default()
+            };
         }
         let standard = Commits::read(sql, Dialect::DEFAULT);
         if !sql.contains(&b'\\') {
@@ -56,6 +69,8 @@ impl Commits {
     fn or(self, other: Commits) -> Commits {
         Commits {
             ends: self.ends || other.ends,
+            calls: self.calls || other.calls,
+            begins: self.begins || other.begins,
             more_after: self.more_after || other.more_after,
             chains: self.chains || other.chains,
             block_commits: self.block_commits || other.block_commits,
@@ -65,17 +80,40 @@ impl Commits {
 
     /// What `sql`, read in `dialect`, does to transactions.
     fn read(sql: &[u8], dialect: Dialect) -> Commits {
+        let (commits, balanced) = Commits::read_as(sql, dialect, true);
+        match balanced {
+            true => commits,
+            // A body left open (the server refuses such a text): what its
+            // statements would do counts too.
+            false => commits.or(Commits::read_as(sql, dialect, false).0),
+        }
+    }
+
+    /// What `sql` does to transactions, the statements inside routine
+    /// bodies left out when `bodies` ([`Bodies`]); and whether the text
+    /// ends outside every body.
+    fn read_as(sql: &[u8], dialect: Dialect, bodies: bool) -> (Commits, bool) {
+        let mut places = Bodies::default();
         let mut c = Commits::default();
         // The current statement: its first token, whether it ends its
         // transaction, whether it is a `DO`; the token before this one.
         let mut first: Option<&[u8]> = None;
+        let mut statements = 0usize;
         let mut ends = false;
         let mut rolls_back = false;
         let mut in_do = false;
         let mut prev: &[u8] = b"";
         for tok in Lexer::new(sql, dialect) {
             let text = tok.text(sql);
-            if tok.is_punct(sql, b";") {
+            let place = match bodies {
+                true => places.place(&tok, sql),
+                false if tok.is_punct(sql, b";") => Place::End,
+                false => Place::Statement,
+            };
+            if place == Place::Body {
+                continue;
+            }
+            if place == Place::End {
                 c.ends |= ends;
                 c.rolls_back |= rolls_back;
                 (first, ends, rolls_back, in_do) = (None, false, false, false);
@@ -85,6 +123,9 @@ impl Commits {
                 Some(first) => first,
                 None => {
                     c.more_after |= c.ends;
+                    statements += 1;
+                    c.calls = statements == 1 && tok.is_word(sql, b"call");
+                    c.begins |= statements == 1 && one_of(&[b"begin", b"start"], text);
                     ends = one_of(&[b"commit", b"end"], text);
                     rolls_back = one_of(&[b"rollback", b"abort"], text);
                     in_do = tok.is_word(sql, b"do");
@@ -107,14 +148,16 @@ impl Commits {
             }
             if in_do && matches!(tok.kind, Kind::Str(_)) {
                 let body = string_value(sql, &tok, dialect, b'\\');
-                c.block_commits |= Lexer::new(&body, dialect)
-                    .any(|b| b.is_word(&body, b"commit") || b.is_word(&body, b"rollback"));
+                c.block_commits |= Lexer::new(&body, dialect).any(|b| {
+                    let word = |w: &[u8]| b.is_word(&body, w);
+                    word(b"commit") || word(b"rollback") || word(b"call")
+                });
             }
             prev = text;
         }
         c.ends |= ends;
         c.rolls_back |= rolls_back;
-        c
+        (c, places.balanced())
     }
 
     /// A statement ends its transaction block, committed or not.
@@ -141,16 +184,27 @@ impl Commits {
     }
 }
 
+/// Whether `sql` starts with `BEGIN` or `START` (most texts start with
+/// neither letter, and need no lexing).
+fn begins(sql: &[u8]) -> bool {
+    let first = sql.iter().find(|b| !b.is_ascii_whitespace());
+    if !first.is_some_and(|b| matches!(b.to_ascii_lowercase(), b'b' | b's' | b'/' | b'-')) {
+        return false;
+    }
+    let first = Lexer::new(sql, Dialect::DEFAULT).next();
+    first.is_some_and(|t| t.is_word(sql, b"begin") || t.is_word(sql, b"start"))
+}
+
 fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
     list.iter().any(|k| word.eq_ignore_ascii_case(k))
 }
 
 /// Whether `sql` may control transactions: it contains `commit`, `end`,
-/// `chain`, `prepare`, `rollback` or `abort`, ignoring ASCII case.
+/// `chain`, `prepare`, `rollback`, `abort` or `call`, ignoring ASCII case.
 fn mentions_transaction_control(sql: &[u8]) -> bool {
     static CONTROL: crate::identity::keywords::Keywords =
         crate::identity::keywords::Keywords::new(&[
-            "commit", "end", "chain", "prepare", "rollback", "abort",
+            "commit", "end", "chain", "prepare", "rollback", "abort", "call",
         ]);
     CONTROL.in_text(sql)
 }
@@ -277,5 +331,39 @@ mod tests {
             b"DO $$BEGIN RAISE NOTICE 'commit'; END$$"
         ));
         assert!(!do_block_commits(b"SELECT 'do $$ commit $$'"));
+    }
+
+    /// Red team rt40: a procedure may commit, and what follows its `CALL`
+    /// in the same unsynced batch then runs in a new transaction.
+    #[test]
+    fn a_call_alone_may_commit() {
+        let calls = |sql: &[u8]| Commits::of(sql).calls;
+        assert!(calls(b"CALL p()"));
+        assert!(calls(b"/* x */ call p(1);"));
+        // Several statements: PostgreSQL lets no procedure commit.
+        assert!(!calls(b"SELECT f(); CALL p()"));
+        assert!(!calls(b"CALL p(); SELECT 1"));
+        assert!(!calls(b"SELECT recall FROM called"));
+        let begins = |sql: &[u8]| Commits::of(sql).begins;
+        assert!(begins(b"BEGIN") && begins(b" -- x\n start transaction"));
+        assert!(begins(b"BEGIN; COMMIT") && !begins(b"SELECT 1; BEGIN"));
+        assert!(!begins(b"SELECT 'begin'") && !begins(b"set x = 1"));
+        // A DO block that calls a procedure may commit inside.
+        assert!(do_block_commits(b"DO $$BEGIN CALL pg_temp.p(); END$$"));
+    }
+
+    /// Statements inside a routine's body run when it is called, not now:
+    /// its `END` commits nothing (read as PostgreSQL's grammar reads it).
+    #[test]
+    fn a_routine_body_is_not_run_by_its_creation() {
+        let create = b"CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 AS end; COMMIT; SELECT 2; END";
+        assert!(!ends_transaction(create));
+        let mut after = create.to_vec();
+        after.extend_from_slice(b"; COMMIT; SELECT 1");
+        assert!(continues_after_commit(&after));
+        // A body left open counts its statements, as a plain text would.
+        assert!(continues_after_commit(
+            b"CREATE FUNCTION f() BEGIN ATOMIC SELECT 1; COMMIT; SELECT 1;"
+        ));
     }
 }

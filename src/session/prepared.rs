@@ -58,6 +58,8 @@ impl Nature {
         uses_sequences: true,
         commits: Commits {
             ends: false,
+            calls: false,
+            begins: false,
             more_after: false,
             chains: false,
             block_commits: false,

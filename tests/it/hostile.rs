@@ -878,6 +878,68 @@ async fn chained_and_in_block_commits_after_opaque_code_are_refused() {
     assert_eq!(support::one(&alice, WHO).await, "analyst/alice");
 }
 
+/// Red team rt40: a procedure may commit, and what followed its `CALL` in
+/// the same request or unsynced batch ran in a new transaction with no
+/// fresh assertion: after an escape earlier in the batch, as the escaped
+/// role, recorded as the mapped one. Nothing may follow a `CALL` there
+/// (42501), as nothing may follow a `COMMIT` after opaque code; a `DO`
+/// block that calls a procedure is refused as one that commits is.
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_runs_after_a_call_in_the_same_request() {
+    use crate::raw::{bind, execute, parse, sync};
+    let gw = start_gateway(Opts::default()).await;
+    let mut c = raw(gw.addr).await;
+    for sql in [
+        "CREATE PROCEDURE pg_temp.commits() LANGUAGE plpgsql AS $$BEGIN COMMIT; END$$",
+        "CREATE PROCEDURE pg_temp.noop() LANGUAGE plpgsql AS $$BEGIN END$$",
+    ] {
+        c.send(b'Q', &cstr(sql)).await;
+        assert_eq!(c.until_ready().await.1, None, "{sql}");
+    }
+    let mut batch = Vec::new();
+    for sql in ["SELECT sneaky_switch()", "CALL pg_temp.commits()", WHO] {
+        batch.extend([parse("", sql), bind("", ""), execute("")].concat());
+    }
+    batch.extend(sync());
+    c.stream_write(&batch).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code.as_deref(), Some("42501"), "{tags:?}");
+    let rows = tags.iter().filter(|t| **t == b'D').count();
+    assert!(rows <= 1, "the statement after the CALL ran: {tags:?}");
+    let sql = "DO $$BEGIN PERFORM sneaky_switch(); CALL pg_temp.commits(); INSERT INTO guard_t VALUES (1, current_user); END$$";
+    c.send(b'Q', &cstr(sql)).await;
+    assert_eq!(c.until_ready().await.1.as_deref(), Some("42501"));
+    // In a query of several statements PostgreSQL lets no procedure
+    // commit (2D000): nothing to refuse.
+    let sql = "SELECT sneaky_switch(); CALL pg_temp.commits(); SELECT current_user";
+    c.send(b'Q', &cstr(sql)).await;
+    assert_eq!(c.until_ready().await.1.as_deref(), Some("2D000"));
+    // A CALL that ends its batch runs, and so does one in a block, where
+    // a procedure cannot commit, followed by more.
+    let mut batch = [
+        parse("", "CALL pg_temp.commits()"),
+        bind("", ""),
+        execute(""),
+        sync(),
+    ]
+    .concat();
+    for sql in ["BEGIN", "CALL pg_temp.noop()", "SELECT 1"] {
+        batch.extend([parse("", sql), bind("", ""), execute("")].concat());
+    }
+    batch.extend(sync());
+    c.stream_write(&batch).await;
+    assert_eq!(c.until_ready().await.1, None);
+    let (tags, code, status) = c.until_ready().await;
+    assert_eq!((code, status), (None, b'T'), "{tags:?}");
+    c.send(b'Q', &cstr("COMMIT")).await;
+    assert_eq!(c.until_ready().await.1, None);
+    c.send(b'Q', &cstr(WHO)).await;
+    assert_eq!(
+        c.first_value_until_ready().await.as_deref(),
+        Some("analyst/clear_user")
+    );
+}
+
 /// The gateway's server-side statement names belong to it: a client that
 /// read one from `pg_prepared_statements` can neither bind nor describe it
 /// (26000), and its `Close` never reaches the server, so the owner's

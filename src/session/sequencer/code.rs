@@ -8,15 +8,16 @@
 //!   afresh before the next transaction, and the connection is reset
 //!   before another session gets it;
 //! - after opaque code, no request may commit and go on running in a new
-//!   transaction (`COMMIT AND CHAIN`, a `DO` block that commits, anything
-//!   after `COMMIT` in one request or unsynced batch): the gateway asserts
+//!   transaction (`COMMIT AND CHAIN`, a `DO` block that commits or calls
+//!   a procedure, anything after `COMMIT`, or after a `CALL` outside a
+//!   block, in one request or unsynced batch): the gateway asserts
 //!   identity between transactions, and could not in the middle of one
 //!   request.
 
 use crate::session::commits::Commits;
 
 /// Why a request that commits after opaque code and goes on is refused.
-pub const COMMIT_THEN_MORE: &str = "a request must not start another transaction after COMMIT once code pgwarden cannot see has run in it (COMMIT AND CHAIN, a DO block that commits, statements after COMMIT): pgwarden asserts identity afresh between transactions; send them separately";
+pub const COMMIT_THEN_MORE: &str = "a request must not start another transaction after COMMIT once code pgwarden cannot see has run in it (COMMIT AND CHAIN, a DO block that commits or calls a procedure, statements after COMMIT or after a CALL outside a block): pgwarden asserts identity afresh between transactions; send them separately";
 
 /// Where opaque code ran.
 #[derive(Debug, Default)]
@@ -33,6 +34,9 @@ pub struct Code {
     /// A request that ends the transaction block (`COMMIT`, `ROLLBACK`...)
     /// went out since the server last said the client was idle.
     ending: bool,
+    /// The server last said the client was in a transaction block, where
+    /// no procedure may commit.
+    in_block: bool,
 }
 
 /// What a message about to be forwarded does to its connection.
@@ -85,15 +89,21 @@ impl Code {
         if self.batch_committed || (opaque && chains) {
             return Err(());
         }
+        // A procedure called outside a block may commit (red team rt40:
+        // what followed its CALL in the batch ran in a new transaction, as
+        // the role an escape before it switched to).
+        let may_commit = commits.ends || (commits.calls && !self.in_block);
+        // A block the batch begins: until the server says otherwise.
+        self.in_block |= commits.begins;
         self.batch |= opaque;
-        self.batch_committed |= opaque && commits.ends;
+        self.batch_committed |= opaque && may_commit;
         self.sent(commits);
         Ok(())
     }
 
     /// A request doing `commits` goes out.
     pub fn sent(&mut self, commits: Commits) {
-        self.ending |= commits.ends_block();
+        self.ending |= commits.ends_block() || (commits.calls && !self.in_block);
     }
 
     /// Whether a request that ends the transaction block is unanswered:
@@ -112,6 +122,7 @@ impl Code {
     pub fn ready(&mut self, status: u8) {
         self.transaction &= status != b'I';
         self.ending &= status != b'I';
+        self.in_block = status != b'I';
     }
 }
 
@@ -121,6 +132,8 @@ mod tests {
 
     const NONE: Commits = Commits {
         ends: false,
+        calls: false,
+        begins: false,
         more_after: false,
         chains: false,
         block_commits: false,
@@ -225,6 +238,34 @@ mod tests {
             ..NONE
         };
         assert!(Code::default().bind(false, block).is_err());
+    }
+
+    #[test]
+    fn nothing_may_follow_a_call_in_its_batch_outside_a_block() {
+        let call = Commits {
+            calls: true,
+            ..NONE
+        };
+        let mut code = Code::default();
+        code.bind(false, call).unwrap();
+        assert!(code.bind(true, NONE).is_err());
+        code.sync();
+        // In a transaction block no procedure commits.
+        code.ready(b'T');
+        code.bind(false, call).unwrap();
+        assert!(code.bind(true, NONE).is_ok());
+        code.sync();
+        code.ready(b'I');
+        let begin = Commits {
+            begins: true,
+            ..NONE
+        };
+        code.bind(true, begin).unwrap();
+        code.bind(false, call).unwrap();
+        assert!(
+            code.bind(true, NONE).is_ok(),
+            "in the block the batch began"
+        );
     }
 
     #[test]

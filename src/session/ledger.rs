@@ -77,33 +77,40 @@ impl Control {
             .filter(|t| !t.is_punct(sql, b";"))
             .collect();
         let word = |i: usize, w: &[u8]| t.get(i).is_some_and(|t| t.is_word(sql, w));
-        let name = |t: Option<&&Token>| -> Box<str> {
-            let Some(t) = t else { return "".into() };
+        // A name exactly as PostgreSQL reads it, or none when the gateway
+        // cannot be certain (red team rt40): a Unicode escape (`U&"\0061"`
+        // is `a`), or a byte outside ASCII, which PostgreSQL reads in the
+        // client's encoding (two LATIN1 names were one name read lossily).
+        // A savepoint statement with such a name makes the outcome unknown.
+        let name = |t: Option<&&Token>| -> Option<Box<str>> {
+            let t = t?;
             let text = t.text(sql);
             let mut name = match t.kind {
-                Kind::QuotedIdent => {
-                    String::from_utf8_lossy(&text[1..text.len() - 1]).replace("\"\"", "\"")
-                }
+                Kind::QuotedIdent => std::str::from_utf8(&text[1..text.len() - 1])
+                    .ok()?
+                    .replace("\"\"", "\""),
                 // PostgreSQL folds unquoted identifiers in ASCII only.
-                _ => String::from_utf8_lossy(&text[..text.len().min(256)]).to_ascii_lowercase(),
+                Kind::Word => std::str::from_utf8(text).ok()?.to_ascii_lowercase(),
+                _ => return None,
             };
-            // PostgreSQL keeps 63 bytes of an identifier (NAMEDATALEN - 1):
-            // a name is never held longer than that.
-            let mut end = name.len().min(63);
-            while !name.is_char_boundary(end) {
-                end -= 1;
+            if !name.is_ascii() {
+                return None;
             }
-            name.truncate(end);
-            name.into()
+            // PostgreSQL keeps 63 bytes of an identifier (NAMEDATALEN - 1).
+            name.truncate(name.len().min(63));
+            Some(name.into())
+        };
+        let control = |name: Option<Box<str>>, make: fn(Box<str>) -> Control| {
+            name.map_or(Control::Unseen, make)
         };
         if word(0, b"savepoint") {
-            return Control::Savepoint(name(t.get(1)));
+            return control(name(t.get(1)), Control::Savepoint);
         }
         if word(0, b"release") {
-            return Control::Release(name(t.last()));
+            return control(name(t.last()), Control::Release);
         }
         if word(0, b"rollback") && t.iter().any(|x| x.is_word(sql, b"to")) {
-            return Control::RollbackTo(name(t.last()));
+            return control(name(t.last()), Control::RollbackTo);
         }
         Control::Other
     }
@@ -116,8 +123,21 @@ fn starts_with_word(sql: &[u8], word: &[u8]) -> bool {
 }
 
 /// Whether `sql` names a transaction-control word anywhere.
+/// Not inside a routine's body, which runs when it is called (its `END`
+/// controls nothing); a body left open counts.
 fn controls_transactions(sql: &[u8]) -> bool {
-    tokens(sql).iter().any(|t| {
+    let mut bodies = crate::session::split::Bodies::default();
+    let toks = tokens(sql);
+    let outside: Vec<&Token> = toks
+        .iter()
+        .filter(|t| bodies.place(t, sql) != crate::session::split::Place::Body)
+        .collect();
+    let words = if bodies.balanced() {
+        outside
+    } else {
+        toks.iter().collect()
+    };
+    words.into_iter().any(|t| {
         [
             &b"rollback"[..],
             b"abort",
@@ -248,6 +268,12 @@ impl Ledger {
     /// `ROLLBACK TO SAVEPOINT name`: the results after the savepoint (not
     /// the `ROLLBACK TO` itself) were undone. The savepoint stays.
     fn rewind(&mut self, name: &str) {
+        if self.unknowable {
+            // A savepoint may have been set that the list lacks (a name
+            // the gateway could not read for certain): the rewind may be
+            // to it.
+            return;
+        }
         let Some(i) = self.savepoints.iter().rposition(|(n, ..)| **n == *name) else {
             // Set by code pgwarden cannot see: which statements it undid
             // cannot be told.

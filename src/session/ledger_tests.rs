@@ -188,6 +188,20 @@ fn control_reads_the_last_statement() {
         Control::Mixed
     );
     assert_eq!(Control::of(b"CALL p_commits()"), Control::Unseen);
+    // Red team rt40: names the gateway cannot read for certain make the
+    // outcome unknown (U&"\0061" is `a`; LATIN1 bytes read lossily were
+    // one name).
+    assert_eq!(Control::of(b"SAVEPOINT U&\"\\0061\""), Control::Unseen);
+    assert_eq!(Control::of(b"ROLLBACK TO \"x\xc9\""), Control::Unseen);
+    assert_eq!(Control::of(b"release caf\xc3\xa9"), Control::Unseen);
+    // A routine's body runs when it is called: its END controls nothing.
+    let body =
+        b"CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 AS end; SELECT 2; END";
+    assert_eq!(Control::of(body), Control::Other);
+    assert_eq!(
+        Control::of(b"DO $$BEGIN CALL pg_temp.p(); END$$"),
+        Control::Unseen
+    );
     assert_eq!(Control::of(b"DO $$BEGIN COMMIT; END$$"), Control::Unseen);
     // Several statements kept as one record (the gateway splits texts
     // it can): which of them controls the transaction cannot be told.

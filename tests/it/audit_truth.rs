@@ -1037,3 +1037,83 @@ async fn a_rollback_to_savepoint_drops_the_portals_opened_after_it() {
         assert_eq!(count(&unknown), 1, "{statements:?}");
     }
 }
+
+/// Red team rt40: the split into statements follows PostgreSQL's grammar
+/// for routine bodies. A column labelled `end` closed a `BEGIN ATOMIC`
+/// body: the committed INSERT before it was recorded as rolled back, and a
+/// DELETE of the body (which never ran) as run. A CTE named `begin`
+/// aliased `atomic` opened one: a DELETE's record said `SELECT 1`.
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_are_split_as_the_server_runs_them() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let insert = "INSERT INTO items (id, owner) VALUES (700701, 'alice')";
+    let create = "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 AS end; DELETE FROM items WHERE id = 700701 RETURNING 1; END";
+    alice
+        .batch_execute(&format!("{insert}; {create}"))
+        .await
+        .unwrap();
+    let delete = "DELETE FROM items WHERE id IN (700701, 700702)";
+    alice
+        .batch_execute(&format!("INSERT INTO items (id, owner) VALUES (700702, 'alice'); WITH begin AS (SELECT 1) SELECT * FROM begin atomic; {delete}; SELECT 1 AS end"))
+        .await
+        .unwrap();
+    drop(alice);
+    let records = stop_and_export(gw, &[]).await;
+    let line = |sql: &str| {
+        let r = query_record(&records, sql);
+        (s(r, "status"), s(r, "command_tag"), s(r, "tx"))
+    };
+    let ok = |tag: &str| ("ok".to_string(), tag.to_string(), "committed".to_string());
+    assert_eq!(line(insert), ok("INSERT 0 1"));
+    assert_eq!(line(create), ok("CREATE FUNCTION"));
+    assert_eq!(line(delete), ok("DELETE 2"));
+    let body = records
+        .iter()
+        .filter(|r| s(r, "statement").starts_with("DELETE FROM items WHERE id = 700701"))
+        .count();
+    assert_eq!(body, 0, "a statement of the body recorded as run");
+}
+
+/// Red team rt40: a savepoint name the gateway read otherwise than
+/// PostgreSQL (`U&"\0061"` is `a`) rewound the wrong savepoint, and a
+/// committed INSERT was exported as rolled back. A name it cannot read for
+/// certain now makes the transaction's outcome unknown, never wrong.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_savepoint_name_read_otherwise_never_makes_a_wrong_outcome() {
+    let gw = start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await;
+    let alice = gw.connect("alice").await;
+    let insert = "INSERT INTO items (id, owner) VALUES (700801, 'alice')";
+    for sql in [
+        "BEGIN",
+        "SAVEPOINT a",
+        insert,
+        "SAVEPOINT U&\"\\0061\"",
+        "ROLLBACK TO a",
+        "COMMIT",
+    ] {
+        alice.batch_execute(sql).await.unwrap();
+    }
+    let kept: i64 = alice
+        .query_one("SELECT count(*) FROM items WHERE id = 700801", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "PostgreSQL rolled back to the newer a");
+    drop(alice);
+    let records = stop_and_export(gw, &[]).await;
+    let r = query_record(&records, insert);
+    assert_eq!(
+        (s(r, "status"), s(r, "tx")),
+        ("ok".into(), "unknown".into()),
+        "{r}"
+    );
+}

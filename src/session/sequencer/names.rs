@@ -178,7 +178,8 @@ impl Names {
     /// the transaction rolls back to it, `WITH HOLD` cursors too, and an
     /// `Execute` of one then fails; it must not be recorded with the text
     /// of the portal that had its name. A savepoint the gateway did not see
-    /// set, or a text of several statements, forgets them all.
+    /// set or cannot name for certain, or a text of several statements,
+    /// forgets them all.
     pub fn follow(&mut self, control: &Control) {
         let find = |savepoints: &[(Box<str>, u64)], name: &str| {
             savepoints.iter().rposition(|(n, _)| **n == *name)
@@ -205,11 +206,14 @@ impl Names {
                 }
                 None => self.portals.clear(),
             },
-            Control::Mixed => {
+            // Several statements, or a savepoint name the gateway cannot
+            // read for certain (or a CALL, whose opaque code forgot them
+            // already).
+            Control::Mixed | Control::Unseen => {
                 self.portals.clear();
                 self.savepoints.clear();
             }
-            Control::Other | Control::Unseen => {}
+            Control::Other => {}
         }
     }
 

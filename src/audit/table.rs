@@ -95,8 +95,27 @@ fn line(cells: &[String], width: usize) -> String {
     out.trim_end().to_string()
 }
 
+/// Characters that change how a terminal shows the text around them
+/// without showing themselves (Unicode's format characters): bidirectional
+/// overrides and isolates, zero-width characters, the byte order mark. Red
+/// team rt40: `DELETE FROM t /*\u{202e} ... */` read as a harmless SELECT
+/// on a terminal that lays out right-to-left text.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{61c}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+    )
+}
+
 /// `text` on one line: whitespace runs become one space, other control
-/// characters an escape.
+/// and invisible format characters an escape.
 pub fn flat(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut space = false;
@@ -109,7 +128,7 @@ pub fn flat(text: &str) -> String {
             continue;
         }
         space = false;
-        if c.is_control() {
+        if c.is_control() || invisible(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -199,6 +218,16 @@ mod tests {
             !row.contains('\n') && !row.contains('\u{1b}') && !row.contains('\t'),
             "{row:?}"
         );
+        // Nor lay the line out backwards (red team rt40).
+        let row = super::row(
+            &query("DELETE FROM t /*\u{202e} ;)'kcehc'(tceles \u{2066}\u{200b}*/"),
+            0,
+        );
+        assert!(
+            !row.contains(['\u{202e}', '\u{2066}', '\u{200b}']),
+            "{row:?}"
+        );
+        assert!(row.contains("\\u{202e}"), "{row:?}");
         let narrow = super::row(&query(&"x".repeat(500)), 100);
         assert_eq!(narrow.chars().count(), 100, "{narrow}");
         assert!(narrow.ends_with('…'));

@@ -80,10 +80,8 @@ impl Carried {
     pub fn news(&mut self, name: &str, value: &str) -> bool {
         let seen = self.shown.iter().position(|(k, _)| k == name);
         if let Some(shown) = seen.map(|i| &self.shown[i].1) {
-            let decorated = match shown.is_empty() {
-                true => format!("[{}]", self.client_user),
-                false => format!("{shown} [{}]", self.client_user),
-            };
+            let decorated =
+                crate::session::state::decorated_application_name(shown, &self.client_user);
             if shown == value || (name == "application_name" && value == decorated) {
                 return false;
             }

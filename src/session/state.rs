@@ -81,13 +81,27 @@ pub fn set_application_name(
             .map(|(_, v)| v.clone())
             .unwrap_or_default(),
     };
-    let decorated = if base.is_empty() {
-        format!("[{client_user}]")
-    } else {
-        format!("{base} [{client_user}]")
-    };
+    let decorated = decorated_application_name(&base, client_user);
     settings.retain(|(k, _)| k != "application_name");
     settings.push(("application_name".into(), decorated));
+}
+
+/// `name [client]`. PostgreSQL keeps 63 bytes of an application name
+/// (`NAMEDATALEN` - 1): the client's own part is cut so that its name
+/// always shows in full (red team rt40: a 63-byte name ending in `[bob]`
+/// pushed ` [alice]` off, and `pg_stat_activity` named bob).
+pub fn decorated_application_name(base: &str, client_user: &str) -> String {
+    const KEPT: usize = 63;
+    let tag = format!("[{client_user}]");
+    let room = KEPT.saturating_sub(tag.len() + 1);
+    if base.is_empty() || room == 0 {
+        return tag;
+    }
+    let mut end = base.len().min(room);
+    while !base.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} {tag}", &base[..end])
 }
 
 /// Records a reported parameter change; returns whether it is tracked.
@@ -431,5 +445,18 @@ mod tests {
             vec![("application_name".to_string(), "etl [alice]".to_string())]
         );
         assert!(!track(&mut s, "server_version", "15", "alice"));
+    }
+
+    #[test]
+    fn the_clients_name_always_fits_in_the_application_name() {
+        use super::decorated_application_name as decorated;
+        assert_eq!(decorated("etl", "alice"), "etl [alice]");
+        assert_eq!(decorated("", "alice"), "[alice]");
+        let spoof = format!("{}nightly-etl [bob]", " ".repeat(46));
+        let shown = decorated(&spoof, "alice");
+        assert!(shown.len() <= 63 && shown.ends_with(" [alice]"), "{shown}");
+        // Cut at a character boundary.
+        let shown = decorated(&"é".repeat(40), "alice");
+        assert!(shown.len() <= 63 && shown.ends_with("é [alice]"), "{shown}");
     }
 }

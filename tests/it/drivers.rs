@@ -343,6 +343,19 @@ async fn set_application_name_keeps_the_client_tag() {
         .await,
         "renamed [alice]"
     );
+    // PostgreSQL keeps 63 bytes: a long name is cut so that the client's
+    // own name still shows, not one the client spelled (red team rt40).
+    let spoof = format!("{}nightly-etl [bob]", " ".repeat(46));
+    alice
+        .batch_execute(&format!("SET application_name = '{spoof}'"))
+        .await
+        .unwrap();
+    let shown = support::one(
+        &alice,
+        "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+    )
+    .await;
+    assert!(shown.ends_with(" [alice]"), "{shown:?}");
 }
 
 /// psql through the gateway: the catalog queries behind `\d`, `\copy` in

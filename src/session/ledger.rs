@@ -175,8 +175,12 @@ impl Ledger {
     pub fn statement(&mut self, result: Event, control: &Control) -> Vec<Event> {
         self.open = true;
         let ok = result.status == Some(crate::audit::Status::Ok);
+        let unknown = result.status == Some(crate::audit::Status::Unknown);
         let tag = result.command_tag.clone().unwrap_or_default();
-        self.failed |= !ok;
+        // What a statement of unknown outcome did cannot be told, nor so
+        // its transaction's outcome.
+        self.failed |= !ok && !unknown;
+        self.unknowable |= unknown;
         self.held.push(result);
         if matches!(control, Control::Mixed | Control::Unseen) {
             self.unknowable = true;

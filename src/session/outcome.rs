@@ -37,6 +37,9 @@ pub enum Outcome {
     NotExecuted {
         after: Option<u64>,
     },
+    /// The server's answers to a query did not match the statements
+    /// pgwarden split it into: which statement did what cannot be told.
+    Unknown,
 }
 
 /// A statement resolved by the last server message.

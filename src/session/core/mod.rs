@@ -404,6 +404,12 @@ impl<'a> Core<'a> {
                 ev.status = Some(Status::Error);
                 ev.message = Some("not executed: an earlier message of the pipeline failed".into());
             }
+            Outcome::Unknown => {
+                ev.status = Some(Status::Unknown);
+                ev.message = Some(
+                    "the server's answers to this query did not match the statements pgwarden split it into: which statement did what cannot be told".into(),
+                );
+            }
         }
         let len = ev.message.as_ref().map_or(0, String::len);
         off_thread(len, || ev.cut_long_values(self.max_value_bytes));

@@ -23,6 +23,21 @@ pub use crate::session::outcome::{
     CacheEffects, Outcome, Pending, PortalRestore, Resolved, Restore, Route,
 };
 
+/// The statements of a split query answered so far. Their results wait for
+/// the query's `ReadyForQuery`: if the server's answers did not match the
+/// split (a `CommandComplete` more, or fewer without an error), the split
+/// was wrong, and no record may say which statement did what: every one of
+/// the query's is then `unknown`. The split follows PostgreSQL's grammar
+/// (`session::split`); this holds even where it missed something.
+#[derive(Debug, Default)]
+pub struct Pieces {
+    done: Vec<Resolved>,
+    /// The last statement's `CommandComplete` came.
+    last_done: bool,
+    /// Another came after it.
+    extra: bool,
+}
+
 #[derive(Debug)]
 enum Expect {
     /// `ParseComplete` expected. `injected`: the gateway sent this Parse
@@ -76,6 +91,9 @@ enum Expect {
         error: Option<Box<ErrorFields>>,
         /// A `FunctionCall`'s result, as the audit log shows it.
         returned: Option<String>,
+        /// A query split into statements: how the server's answers matched
+        /// the split ([`Pieces`]).
+        pieces: Option<Box<Pieces>>,
     },
     /// A simple query the gateway answers itself: `CommandComplete` with
     /// this tag, then `ReadyForQuery` with the current status.
@@ -197,13 +215,18 @@ impl Tracker {
             rows: None,
             error: None,
             returned: None,
+            pieces: None,
         });
     }
     /// The statements after the first of the last `query` (each with its
     /// own record), in order.
     pub fn more_statements(&mut self, statements: Vec<Option<Pending>>) {
-        if let Some(Expect::Query { more, .. }) = self.queue.back_mut() {
+        if statements.is_empty() {
+            return;
+        }
+        if let Some(Expect::Query { more, pieces, .. }) = self.queue.back_mut() {
             more.extend(statements);
+            pieces.get_or_insert_with(Box::default);
         }
     }
     pub fn synth_query(&mut self, tag: &'static str) {
@@ -242,7 +265,15 @@ impl Tracker {
         let mut taken = Vec::new();
         for expect in self.queue.iter_mut() {
             match expect {
-                Expect::Query { pending, more, .. } => {
+                Expect::Query {
+                    pending,
+                    more,
+                    pieces,
+                    ..
+                } => {
+                    if let Some(pieces) = pieces {
+                        taken.extend(pieces.done.drain(..).map(|r| r.pending));
+                    }
                     taken.extend(pending.take());
                     taken.extend(more.iter_mut().filter_map(Option::take));
                 }

@@ -17,6 +17,7 @@ impl Tracker {
                 more,
                 tag: t,
                 rows: r,
+                pieces,
                 ..
             }) => match more.pop_front() {
                 Some(mut next) => {
@@ -24,13 +25,21 @@ impl Tracker {
                         next.started = Instant::now();
                     }
                     if let Some(done) = std::mem::replace(pending, next) {
-                        resolved.push(Resolved {
+                        let done = Resolved {
                             pending: done,
                             outcome: Outcome::Ok { tag, rows },
-                        });
+                        };
+                        match pieces {
+                            Some(pieces) => pieces.done.push(done),
+                            None => resolved.push(done),
+                        }
                     }
                 }
                 None => {
+                    if let Some(pieces) = pieces {
+                        pieces.extra |= pieces.last_done;
+                        pieces.last_done = true;
+                    }
                     *t = tag;
                     *r = rows;
                 }
@@ -153,8 +162,15 @@ impl Tracker {
                 return true;
             }
             match self.queue.pop_front() {
-                Some(Expect::Query { pending, more, .. }) => {
-                    for pending in pending.into_iter().chain(more.into_iter().flatten()) {
+                Some(Expect::Query {
+                    pending,
+                    more,
+                    pieces,
+                    ..
+                }) => {
+                    let done = pieces.into_iter().flat_map(|p| p.done).map(|r| r.pending);
+                    let all = done.chain(pending).chain(more.into_iter().flatten());
+                    for pending in all {
                         resolved.push(Resolved {
                             pending,
                             outcome: Outcome::NotExecuted { after: *after },
@@ -210,8 +226,22 @@ impl Tracker {
                     rows,
                     error,
                     returned,
+                    pieces,
                     ..
                 } => {
+                    if let Some(pieces) = pieces {
+                        let fewer = error.is_none() && !pieces.last_done;
+                        if pieces.extra || fewer {
+                            let done = pieces.done.into_iter().map(|r| r.pending);
+                            let all = done.chain(pending).chain(more.into_iter().flatten());
+                            resolved.extend(all.map(|pending| Resolved {
+                                pending,
+                                outcome: Outcome::Unknown,
+                            }));
+                            return;
+                        }
+                        resolved.extend(pieces.done);
+                    }
                     let after = pending.as_ref().map(|p| p.ticket);
                     if let Some(pending) = pending {
                         let outcome = match (error, returned) {
@@ -252,8 +282,16 @@ impl Tracker {
         self.queue
             .drain(..)
             .flat_map(|e| match e {
-                Expect::Query { pending, more, .. } => pending
+                Expect::Query {
+                    pending,
+                    more,
+                    pieces,
+                    ..
+                } => pieces
                     .into_iter()
+                    .flat_map(|p| p.done)
+                    .map(|r| r.pending)
+                    .chain(pending)
                     .chain(more.into_iter().flatten())
                     .collect(),
                 Expect::Execute { pending } | Expect::Bind { pending, .. } => {

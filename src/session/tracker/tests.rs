@@ -206,35 +206,22 @@ fn each_statement_of_a_simple_query_resolves_in_turn() {
     route(&mut t, b'C', b"INSERT 0 1\0", &mut r);
     route(&mut t, b'C', b"UPDATE 3\0", &mut r);
     route(&mut t, b'E', &error_body("22012"), &mut r);
-    assert_eq!(r.len(), 2);
-    assert_eq!(
-        (r[0].pending.ticket, &r[0].outcome),
-        (
-            1,
-            &Outcome::Ok {
-                tag: Some("INSERT 0 1".into()),
-                rows: Some(1)
-            }
-        )
-    );
-    assert_eq!(
-        (r[1].pending.ticket, &r[1].outcome),
-        (
-            2,
-            &Outcome::Ok {
-                tag: Some("UPDATE 3".into()),
-                rows: Some(3)
-            }
-        )
-    );
-    r.clear();
+    assert!(r.is_empty(), "held until the query's ReadyForQuery");
     route(&mut t, b'Z', b"I", &mut r);
+    let ok = |tag: &str, rows| Outcome::Ok {
+        tag: Some(tag.into()),
+        rows: Some(rows),
+    };
     // The third statement (unaudited, so no ticket to name) failed; the
     // fourth never ran.
-    assert_eq!(r.len(), 1);
+    let got: Vec<(u64, &Outcome)> = r.iter().map(|r| (r.pending.ticket, &r.outcome)).collect();
     assert_eq!(
-        (r[0].pending.ticket, &r[0].outcome),
-        (4, &Outcome::NotExecuted { after: None })
+        got,
+        [
+            (1, &ok("INSERT 0 1", 1)),
+            (2, &ok("UPDATE 3", 3)),
+            (4, &Outcome::NotExecuted { after: None })
+        ]
     );
     assert!(t.is_empty());
 
@@ -263,4 +250,44 @@ fn a_function_calls_result_is_recorded_as_a_number_or_a_length() {
     assert_eq!(value(-1, b"").as_deref(), Some("NULL"));
     assert_eq!(value(3, b"abc").as_deref(), Some("3 bytes"));
     assert_eq!(function_result(b"\0\0"), None);
+}
+
+/// The server's answers did not match the split (a `CommandComplete` more
+/// than statements, or fewer without an error): which statement did what
+/// cannot be told, and every record of the query says so.
+#[test]
+fn answers_that_do_not_match_the_split_make_every_statement_unknown() {
+    for completes in [1, 3] {
+        let mut t = Tracker::default();
+        let mut r = Vec::new();
+        t.query(p(1), None);
+        t.more_statements(vec![p(2)]);
+        for _ in 0..completes {
+            route(&mut t, b'C', b"DELETE 5\0", &mut r);
+        }
+        route(&mut t, b'Z', b"I", &mut r);
+        let got: Vec<(u64, &Outcome)> = r.iter().map(|r| (r.pending.ticket, &r.outcome)).collect();
+        assert_eq!(
+            got,
+            [(1, &Outcome::Unknown), (2, &Outcome::Unknown)],
+            "{completes}"
+        );
+    }
+    // As many as statements: each its own.
+    let mut t = Tracker::default();
+    let mut r = Vec::new();
+    t.query(p(1), None);
+    t.more_statements(vec![p(2)]);
+    route(&mut t, b'C', b"SELECT 1\0", &mut r);
+    route(&mut t, b'C', b"DELETE 5\0", &mut r);
+    route(&mut t, b'Z', b"I", &mut r);
+    assert!(r.iter().all(|r| matches!(r.outcome, Outcome::Ok { .. })));
+    // A query kept whole answers as many as it holds.
+    let mut t = Tracker::default();
+    t.query(p(1), None);
+    route(&mut t, b'C', b"SELECT 1\0", &mut r);
+    route(&mut t, b'C', b"DELETE 5\0", &mut r);
+    r.clear();
+    route(&mut t, b'Z', b"I", &mut r);
+    assert!(matches!(r[0].outcome, Outcome::Ok { .. }));
 }

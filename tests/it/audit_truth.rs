@@ -37,6 +37,24 @@ fn query_record<'a>(records: &'a [Value], statement: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("a record of {statement}: {records:?}"))
 }
 
+/// A gateway that records every statement.
+async fn audited() -> TestGateway {
+    start_gateway(Opts {
+        audit: true,
+        ..Opts::default()
+    })
+    .await
+}
+
+/// The statements of the `query` records, in order.
+fn statements(records: &[Value]) -> Vec<String> {
+    records
+        .iter()
+        .filter(|r| s(r, "kind") == "query")
+        .map(|r| s(r, "statement"))
+        .collect()
+}
+
 /// Parse, Bind, Describe, Execute and Sync of an unnamed statement, as
 /// psycopg, asyncpg and node-postgres send one statement.
 fn extended(sql: &str) -> Vec<u8> {
@@ -53,11 +71,7 @@ async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
         "app",
         "CREATE TABLE IF NOT EXISTS audit_secret (x int); REVOKE ALL ON audit_secret FROM PUBLIC",
     );
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let mut c = RawClient::login(gw.addr).await;
     let cases = [
         ("SELECT * FROM audit_no_such_table", "42P01"),
@@ -108,11 +122,7 @@ async fn parse_and_bind_errors_are_recorded_with_their_sqlstate() {
 /// opened is recorded with the DECLARE's text, not an empty statement.
 #[tokio::test(flavor = "multi_thread")]
 async fn binds_and_cursor_portals_are_recorded() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let mut c = RawClient::login(gw.addr).await;
     // Parse, Bind, Sync: no Execute.
     let mut batch = extended("SELECT pg_catalog.abs(-7)");
@@ -243,11 +253,7 @@ async fn a_vanished_client_leaves_true_outcomes_and_a_usable_connection() {
 /// export neutralises cells a spreadsheet would run as formulas.
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_and_session_end_records_and_csv_cells() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let store = gw.dir.path().join("audit");
     let alice = alice_as(&gw, "=HYPERLINK(\"http://x\")").await;
     let token = alice.cancel_token();
@@ -416,11 +422,7 @@ async fn records_carry_the_time_of_their_event() {
 /// now, not the one it started with.
 #[tokio::test(flavor = "multi_thread")]
 async fn records_follow_the_clients_application_name() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let c = alice_as(&gw, "first").await;
     c.simple_query("SELECT 'before'").await.unwrap();
     c.simple_query("SET application_name = 'second'")
@@ -448,11 +450,7 @@ async fn records_follow_the_clients_application_name() {
 /// COMMIT of a failed transaction, a client that vanishes mid-transaction.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_statement_says_whether_its_transaction_committed() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let insert = |id: u32| format!("INSERT INTO items (id, owner) VALUES ({id}, 'alice')");
     // A pipeline in one implicit transaction: the duplicate undoes both.
     let mut c = RawClient::login(gw.addr).await;
@@ -530,11 +528,7 @@ async fn each_statement_says_whether_its_transaction_committed() {
 /// after an error say they were not executed.
 #[tokio::test(flavor = "multi_thread")]
 async fn each_statement_of_a_multi_statement_query_has_its_own_record() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let alice = gw.connect("alice").await;
     alice
         .batch_execute("INSERT INTO items (id, owner) VALUES (700511, 'alice'), (700512, 'alice')")
@@ -619,11 +613,7 @@ async fn each_statement_of_a_multi_statement_query_has_its_own_record() {
 /// record with the rows it sent (no tag while the portal is suspended).
 #[tokio::test(flavor = "multi_thread")]
 async fn row_limited_executes_record_the_rows_each_sent() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let mut c = RawClient::login(gw.addr).await;
     let sql = "SELECT g FROM generate_series(1, 10) g";
     let mut batch = extended(sql);
@@ -660,11 +650,7 @@ async fn row_limited_executes_record_the_rows_each_sent() {
 /// bytes otherwise (SJIS), never with a replacement character.
 #[tokio::test(flavor = "multi_thread")]
 async fn statements_of_non_utf8_clients_are_recorded_exactly() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let mut latin1 = crate::hostile::raw_with(gw.addr, &[("client_encoding", "LATIN1")]).await;
     latin1
         .send_raw(&message(b'Q', b"SELECT 'caf\xe9' AS latin1_text\0"))
@@ -813,11 +799,7 @@ async fn the_export_reconciles_with_the_database() {
 /// the old portal (a DELETE) was recorded with the refused one's text.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_execute_is_recorded_with_the_portal_the_server_ran() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let mut c = RawClient::login(gw.addr).await;
     let delete = "DELETE FROM items WHERE id = 700601";
     c.send_raw(&message(b'Q', &cstr("BEGIN"))).await;
@@ -901,11 +883,7 @@ async fn text_behind_an_encoding_change_is_never_misread() {
 /// without bound.
 #[tokio::test(flavor = "multi_thread")]
 async fn portals_end_with_their_transaction() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let mut c = RawClient::login(gw.addr).await;
     let old = "SELECT 'only once'";
     let mut batch = parse("", old);
@@ -938,11 +916,7 @@ async fn portals_end_with_their_transaction() {
 /// and is still recorded with its `DECLARE` (rt39).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_execute_never_borrows_another_portals_text() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let mut c = RawClient::login(gw.addr).await;
     let simple = |sql: &str| message(b'Q', &cstr(sql));
     let execute = |portal: &str| [execute(portal), sync()].concat();
@@ -966,11 +940,7 @@ async fn an_execute_never_borrows_another_portals_text() {
     assert_eq!(c.until_ready().await.1, None);
     drop(c);
     let records = stop_and_export(gw, &[]).await;
-    let statements: Vec<String> = records
-        .iter()
-        .filter(|r| s(r, "kind") == "query")
-        .map(|r| s(r, "statement"))
-        .collect();
+    let statements = statements(&records);
     let decoys = statements.iter().filter(|t| t.contains("'decoy'")).count();
     assert_eq!(
         decoys, 1,
@@ -989,11 +959,7 @@ async fn an_execute_never_borrows_another_portals_text() {
 /// is still recorded with its own.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rollback_to_savepoint_drops_the_portals_opened_after_it() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let mut c = RawClient::login(gw.addr).await;
     let simple = |sql: &str| message(b'Q', &cstr(sql));
     let opened = |portal: &str, sql: &str| [parse("", sql), bind(portal, ""), sync()].concat();
@@ -1021,11 +987,7 @@ async fn a_rollback_to_savepoint_drops_the_portals_opened_after_it() {
     c.until_ready().await;
     drop(c);
     let records = stop_and_export(gw, &[]).await;
-    let statements: Vec<String> = records
-        .iter()
-        .filter(|r| s(r, "kind") == "query")
-        .map(|r| s(r, "statement"))
-        .collect();
+    let statements = statements(&records);
     let count = |text: &str| statements.iter().filter(|t| *t == text).count();
     assert_eq!(count("SELECT 'before'"), 1, "{statements:?}");
     assert_eq!(count("SELECT 'after'"), 0, "{statements:?}");
@@ -1045,11 +1007,7 @@ async fn a_rollback_to_savepoint_drops_the_portals_opened_after_it() {
 /// aliased `atomic` opened one: a DELETE's record said `SELECT 1`.
 #[tokio::test(flavor = "multi_thread")]
 async fn statements_are_split_as_the_server_runs_them() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let alice = gw.connect("alice").await;
     let insert = "INSERT INTO items (id, owner) VALUES (700701, 'alice')";
     let create = "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1 AS end; DELETE FROM items WHERE id = 700701 RETURNING 1; END";
@@ -1085,11 +1043,7 @@ async fn statements_are_split_as_the_server_runs_them() {
 /// certain now makes the transaction's outcome unknown, never wrong.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_savepoint_name_read_otherwise_never_makes_a_wrong_outcome() {
-    let gw = start_gateway(Opts {
-        audit: true,
-        ..Opts::default()
-    })
-    .await;
+    let gw = audited().await;
     let alice = gw.connect("alice").await;
     let insert = "INSERT INTO items (id, owner) VALUES (700801, 'alice')";
     for sql in [

@@ -331,16 +331,8 @@ async fn an_unauthenticated_client_cannot_send_a_large_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn large_messages_wait_for_the_memory_others_hold() {
     const MIB: usize = 1 << 20;
-    let gw = start_gateway(Opts {
-        // The budget is one largest message: a user's share is all of it.
-        server_extra: format!(
-            "max_message_size = {}\nlarge_message_memory = {}\n",
-            7 * MIB,
-            7 * MIB
-        ),
-        ..Opts::default()
-    })
-    .await;
+    // The budget is one largest message: a user's share is all of it.
+    let gw = with_budget(7 * MIB, 7 * MIB).await;
     let budget = &gw.shared.message_budget;
     let held = || budget.held.load(std::sync::atomic::Ordering::Relaxed);
     // `SELECT length('xx…')`, 3 MiB in all: two fit in the budget, not three.
@@ -389,15 +381,7 @@ async fn large_messages_wait_for_the_memory_others_hold() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_user_holds_at_most_a_share_of_the_large_message_memory() {
     const MIB: usize = 1 << 20;
-    let gw = start_gateway(Opts {
-        server_extra: format!(
-            "max_message_size = {}\nlarge_message_memory = {}\n",
-            4 * MIB,
-            32 * MIB
-        ),
-        ..Opts::default()
-    })
-    .await;
+    let gw = with_budget(4 * MIB, 32 * MIB).await;
     let waits = || {
         let waits = &gw.shared.message_budget.waits;
         waits.load(std::sync::atomic::Ordering::Relaxed)
@@ -430,15 +414,7 @@ async fn one_user_holds_at_most_a_share_of_the_large_message_memory() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_that_stops_arriving_gives_its_memory_to_those_waiting() {
     const MIB: usize = 1 << 20;
-    let gw = start_gateway(Opts {
-        server_extra: format!(
-            "max_message_size = {}\nlarge_message_memory = {}\n",
-            4 * MIB,
-            32 * MIB
-        ),
-        ..Opts::default()
-    })
-    .await;
+    let gw = with_budget(4 * MIB, 32 * MIB).await;
     let budget = &gw.shared.message_budget;
     let held = || budget.held.load(std::sync::atomic::Ordering::Relaxed);
     let (query, expected) = three_mib_query();
@@ -465,6 +441,17 @@ async fn a_message_that_stops_arriving_gives_its_memory_to_those_waiting() {
     second.stream.write_all(&query[MIB..]).await.unwrap();
     assert_eq!(data_row(&mut second).await, expected);
     still_serves(gw.addr).await;
+}
+
+/// A gateway with `max_message_size` and `large_message_memory` set.
+async fn with_budget(max_message: usize, budget: usize) -> support::TestGateway {
+    start_gateway(Opts {
+        server_extra: format!(
+            "max_message_size = {max_message}\nlarge_message_memory = {budget}\n"
+        ),
+        ..Opts::default()
+    })
+    .await
 }
 
 /// `SELECT length('xx…')` as a simple query of 3 MiB in all, and its answer.

@@ -30,7 +30,7 @@ fn all(archive: &Archive, from: u64) -> Vec<u64> {
 #[test]
 fn old_records_move_to_an_archive_that_reads_back_the_same() {
     let dir = sample_store(40, 5);
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::audit::testutil::open_plain(dir.path());
     let before: Vec<RawEntry> = crate::audit::reader::scan_tree(&db, 1)
         .map(Result::unwrap)
         .collect();
@@ -73,7 +73,7 @@ fn old_records_move_to_an_archive_that_reads_back_the_same() {
 #[test]
 fn nothing_recent_and_nothing_tampered_is_archived() {
     let dir = sample_store(10, 1);
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::audit::testutil::open_plain(dir.path());
     let out = tempfile::tempdir().unwrap();
     let long_ago = OffsetDateTime::UNIX_EPOCH;
     assert!(
@@ -118,7 +118,7 @@ fn edit_manifest(path: &Path, edit: impl FnOnce(&mut Manifest)) {
 #[test]
 fn a_manifest_that_lies_about_its_records_is_named() {
     let dir = sample_store(40, 5);
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::audit::testutil::open_plain(dir.path());
     let out = tempfile::tempdir().unwrap();
     let path = out.path().join("a.pgwarchive");
     let far = OffsetDateTime::now_utc() + time::Duration::days(1);
@@ -149,7 +149,7 @@ fn a_manifest_that_lies_about_its_records_is_named() {
 #[test]
 fn the_temporary_file_never_follows_a_link() {
     let dir = sample_store(20, 5);
-    let db = sled::open(dir.path()).unwrap();
+    let db = crate::audit::testutil::open_plain(dir.path());
     let out = tempfile::tempdir().unwrap();
     let victim = out.path().join("victim");
     std::fs::write(&victim, b"keep me").unwrap();

@@ -155,21 +155,25 @@ pub fn sample_store_in_runs(dir: &Path, run: usize) -> String {
     )
 }
 
-/// Opens the store with plain sled (as an attacker would) and lets `edit`
-/// change it.
-pub fn tamper(dir: &Path, edit: impl FnOnce(&sled::Db)) {
-    // Another test forking a child at the wrong moment can hold the lock
-    // for an instant (the child inherits the descriptor until it execs).
+/// Opens the store with plain sled (as an attacker would). Another test
+/// forking a child at the wrong moment can hold the lock for an instant
+/// (the child inherits the descriptor until it execs): retried.
+pub fn open_plain(dir: &Path) -> sled::Db {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let db = loop {
+    loop {
         match sled::open(dir) {
-            Ok(db) => break db,
+            Ok(db) => return db,
             Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(e) => panic!("open for tampering: {e:?}"),
+            Err(e) => panic!("open with plain sled: {e:?}"),
         }
-    };
+    }
+}
+
+/// Opens the store with plain sled and lets `edit` change it.
+pub fn tamper(dir: &Path, edit: impl FnOnce(&sled::Db)) {
+    let db = open_plain(dir);
     edit(&db);
     db.flush().expect("flush tampering");
 }

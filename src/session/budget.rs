@@ -172,11 +172,9 @@ impl MessageBudget {
                 .or_insert_with(|| Arc::new(Semaphore::new(share)))
                 .clone()
         };
-        let mut waiting = None;
         let user_permit = match mine.clone().try_acquire_many_owned(units) {
             Ok(permit) => permit,
             Err(_) => {
-                waiting = Some(Waiting::new(&self.waiting));
                 self.waits.fetch_add(1, Ordering::Relaxed);
                 mine.acquire_many_owned(units)
                     .await
@@ -186,7 +184,11 @@ impl MessageBudget {
         let permit = match self.permits.try_acquire_many(units) {
             Ok(permit) => permit,
             Err(_) => {
-                waiting.get_or_insert_with(|| Waiting::new(&self.waiting));
+                // Only a wait for everyone's memory counts: one for the
+                // user's own share is not helped by ending another user's
+                // session (and a login must not be able to make others'
+                // allowances count by waiting on itself).
+                let _waiting = Waiting::new(&self.waiting);
                 self.waits.fetch_add(1, Ordering::Relaxed);
                 self.permits
                     .acquire_many(units)
@@ -194,7 +196,6 @@ impl MessageBudget {
                     .expect("the budget's semaphore is never closed")
             }
         };
-        drop(waiting);
         self.held.fetch_add(bytes as u64, Ordering::Relaxed);
         Grant {
             permit: Some((permit, user_permit)),
@@ -205,7 +206,7 @@ impl MessageBudget {
         }
     }
 
-    /// Whether a session waits for a grant now.
+    /// Whether a session waits for a grant of everyone's memory now.
     pub fn others_wait(&self) -> bool {
         self.waiting.load(Ordering::Relaxed) > 0
     }
@@ -381,6 +382,12 @@ mod tests {
         assert_eq!(budget.users(), 1);
         drop(first);
         assert_eq!(budget.users(), 0, "a user is kept after its last grant");
+        // A wait for the user's own share is not a wait for everyone's.
+        let shared = MessageBudget::new(8 * LARGE, LARGE);
+        let _mine = shared.grant(&a, 2 * LARGE).await;
+        let mut more = Box::pin(shared.grant(&a, LARGE + 1));
+        let waited = tokio::time::timeout(Duration::from_millis(50), &mut more).await;
+        assert!(waited.is_err() && !shared.others_wait());
         // Many users one after the other leave nothing behind.
         for n in 0..100 {
             drop(budget.grant(&user(&format!("u{n}")), LARGE + 1).await);

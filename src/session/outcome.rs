@@ -76,6 +76,13 @@ pub struct Portal {
     /// Its place among the portals the session opened
     /// ([`Names::open_portal`](crate::session::sequencer::names::Names::open_portal)).
     pub opened: u64,
+    /// What its statement does to transactions, and whether it declares
+    /// cursors: learnt when it runs.
+    pub commits: crate::session::commits::Commits,
+    pub declares: bool,
+    /// Its statement runs code pgwarden cannot see, which may close and
+    /// open portals.
+    pub opaque: bool,
 }
 
 /// A portal name and the gateway's entry for it before a `Bind` replaced

@@ -48,6 +48,8 @@ pub struct Nature {
     /// It may start a `COPY ... FROM STDIN`
     /// ([`crate::session::state::may_copy_in`]).
     pub copies_in: bool,
+    /// It may declare cursors ([`declared_cursors`]).
+    pub declares: bool,
 }
 
 impl Nature {
@@ -67,6 +69,7 @@ impl Nature {
         },
         // `PREPARE` takes no COPY.
         copies_in: false,
+        declares: false,
     };
 
     pub fn of(sql: &[u8]) -> Nature {
@@ -75,9 +78,13 @@ impl Nature {
             uses_sequences: crate::session::state::may_use_sequences(sql),
             copies_in: crate::session::state::may_copy_in(sql),
             commits: Commits::of(sql),
+            declares: DECLARE.in_text(sql),
         }
     }
 }
+
+static DECLARE: crate::identity::keywords::Keywords =
+    crate::identity::keywords::Keywords::new(&["declare"]);
 
 /// `Parse` of `rest` (query and parameter types) under `name`.
 pub fn parse(out: &mut BytesMut, name: &str, rest: &[u8]) {
@@ -233,8 +240,6 @@ impl Statement {
 /// server folds them.
 pub fn declared_cursors(sql: &[u8]) -> Vec<(Vec<u8>, &[u8])> {
     use crate::identity::lexer::{tokens, Kind};
-    static DECLARE: crate::identity::keywords::Keywords =
-        crate::identity::keywords::Keywords::new(&["declare"]);
     if !DECLARE.in_text(sql) {
         return Vec::new();
     }

@@ -913,7 +913,8 @@ async fn portals_end_with_their_transaction() {
 /// any of which may close a portal and open another of the same name) the
 /// gateway forgets the portals it knew, and such an `Execute` is recorded
 /// as unknown. A cursor declared `WITH HOLD` outlives its transaction,
-/// and is still recorded with its `DECLARE` (rt39).
+/// and is still recorded with its `DECLARE` (rt39), in a session that
+/// never ran opaque code.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_execute_never_borrows_another_portals_text() {
     let gw = audited().await;
@@ -933,23 +934,58 @@ async fn an_execute_never_borrows_another_portals_text() {
     assert_eq!(c.until_ready().await.1, None);
     c.send_raw(&simple("COMMIT")).await;
     c.until_ready().await;
+    // The same by a function run through the extended protocol (rt41).
+    let alice = gw.connect("alice").await;
+    alice
+        .batch_execute("CREATE OR REPLACE FUNCTION reopen_c2() RETURNS void LANGUAGE plpgsql AS $f$ DECLARE r refcursor := 'c2'; BEGIN CLOSE r; OPEN r FOR SELECT 'what ran 2'; END $f$")
+        .await
+        .unwrap();
+    let mut ext = RawClient::login(gw.addr).await;
+    drop(alice);
+    let run = [
+        parse("", "SELECT reopen_c2()"),
+        bind("", ""),
+        crate::raw::execute(""),
+        sync(),
+    ];
+    for batch in [
+        simple("BEGIN"),
+        simple("DECLARE c2 CURSOR FOR SELECT 'decoy2'"),
+        run.concat(),
+        execute("c2"),
+        simple("COMMIT"),
+    ] {
+        ext.send_raw(&batch).await;
+        assert_eq!(ext.until_ready().await.1, None);
+    }
+    drop(ext);
+    // Opaque code may open cursors WITH HOLD, which outlive its
+    // transaction: in this session a DECLARE's name may be taken without
+    // the gateway knowing, and no cursor is noted any more (unknown).
     let held = "DECLARE c4 CURSOR WITH HOLD FOR SELECT 'held'";
-    c.send_raw(&simple(&format!("BEGIN; {held}; COMMIT"))).await;
-    c.until_ready().await;
-    c.send_raw(&execute("c4")).await;
-    assert_eq!(c.until_ready().await.1, None);
-    drop(c);
+    let mut fresh = RawClient::login(gw.addr).await;
+    for c in [&mut c, &mut fresh] {
+        c.send_raw(&simple(&format!("BEGIN; {held}; COMMIT"))).await;
+        c.until_ready().await;
+        c.send_raw(&execute("c4")).await;
+        assert_eq!(c.until_ready().await.1, None);
+    }
+    drop((c, fresh));
     let records = stop_and_export(gw, &[]).await;
     let statements = statements(&records);
-    let decoys = statements.iter().filter(|t| t.contains("'decoy'")).count();
-    assert_eq!(
-        decoys, 1,
-        "the Execute borrowed the decoy's text: {statements:?}"
-    );
+    for decoy in ["'decoy'", "'decoy2'"] {
+        let decoys = statements.iter().filter(|t| t.contains(decoy)).count();
+        assert_eq!(
+            decoys, 1,
+            "the Execute borrowed the decoy's text: {statements:?}"
+        );
+    }
     let unknown = "-- Execute of portal \"c1\" (unknown to pgwarden: opened by code it cannot see, or dropped)";
     assert!(statements.iter().any(|t| t == unknown), "{statements:?}");
     let declared = statements.iter().filter(|t| *t == held).count();
-    assert_eq!(declared, 2, "{statements:?}");
+    assert_eq!(declared, 3, "{statements:?}");
+    let unknown = unknown.replace("c1", "c4");
+    assert!(statements.contains(&unknown), "{statements:?}");
 }
 
 /// PostgreSQL drops the portals opened after a savepoint when the
@@ -1070,4 +1106,49 @@ async fn a_savepoint_name_read_otherwise_never_makes_a_wrong_outcome() {
         ("ok".into(), "unknown".into()),
         "{r}"
     );
+}
+
+/// Red team rt41: a `DECLARE` lent its text to the portal of its cursor's
+/// name before it ran (noted at its `Parse`), and when it failed because
+/// the name was taken: an `Execute` of the real portal was recorded as
+/// the harmless DECLARE. A cursor is noted when its DECLARE runs, and only
+/// under a name no known portal holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declare_never_lends_its_text_to_another_portal() {
+    let gw = audited().await;
+    let mut c = RawClient::login(gw.addr).await;
+    let real = "SELECT owner FROM items WHERE id = -41";
+    let decoy = "DECLARE c CURSOR FOR SELECT 'nothing to see'";
+    // Bound, then a DECLARE of its name parsed but never run.
+    let batch = [
+        parse("s", real),
+        bind("c", "s"),
+        parse("d", decoy),
+        execute("c"),
+        sync(),
+    ];
+    c.send_raw(&batch.concat()).await;
+    assert_eq!(c.until_ready().await.1, None);
+    // Bound in a block, then a DECLARE of its name that fails (42P03),
+    // undone by a rollback to a savepoint set after the Bind.
+    let simple = |sql: &str| message(b'Q', &cstr(sql));
+    for (batch, code) in [
+        (simple("BEGIN"), None),
+        ([bind("c", "s"), sync()].concat(), None),
+        (simple("SAVEPOINT s"), None),
+        (simple(decoy), Some("42P03")),
+        (simple("ROLLBACK TO SAVEPOINT s"), None),
+        ([execute("c"), sync()].concat(), None),
+        (simple("COMMIT"), None),
+    ] {
+        c.send_raw(&batch).await;
+        assert_eq!(c.until_ready().await.1.as_deref(), code);
+    }
+    drop(c);
+    let records = stop_and_export(gw, &[]).await;
+    let statements = statements(&records);
+    let runs = statements.iter().filter(|t| *t == real).count();
+    assert_eq!(runs, 2, "{statements:?}");
+    let decoys = statements.iter().filter(|t| *t == decoy).count();
+    assert_eq!(decoys, 1, "only the failed DECLARE itself: {statements:?}");
 }

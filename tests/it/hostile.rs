@@ -906,6 +906,23 @@ async fn nothing_runs_after_a_call_in_the_same_request() {
     assert_eq!(code.as_deref(), Some("42501"), "{tags:?}");
     let rows = tags.iter().filter(|t| **t == b'D').count();
     assert!(rows <= 1, "the statement after the CALL ran: {tags:?}");
+    // Red team rt41: a BEGIN only bound, or one a ROLLBACK of the batch
+    // ended, opens no block the CALL could not commit in.
+    let run = |sql: &str| [parse("", sql), bind("", ""), execute("")].concat();
+    let begin_bound = [parse("", "BEGIN"), bind("", "")].concat();
+    let rolled_back = [run("BEGIN"), run("ROLLBACK")].concat();
+    for start in [begin_bound, rolled_back] {
+        let mut batch = start;
+        for sql in ["SELECT sneaky_switch()", "CALL pg_temp.commits()", WHO] {
+            batch.extend(run(sql));
+        }
+        batch.extend(sync());
+        c.stream_write(&batch).await;
+        let (tags, code, _) = c.until_ready().await;
+        assert_eq!(code.as_deref(), Some("42501"), "{tags:?}");
+        let rows = tags.iter().filter(|t| **t == b'D').count();
+        assert!(rows <= 1, "the statement after the CALL ran: {tags:?}");
+    }
     let sql = "DO $$BEGIN PERFORM sneaky_switch(); CALL pg_temp.commits(); INSERT INTO guard_t VALUES (1, current_user); END$$";
     c.send(b'Q', &cstr(sql)).await;
     assert_eq!(c.until_ready().await.1.as_deref(), Some("42501"));

@@ -205,30 +205,46 @@ impl Core<'_> {
     /// `Execute` of one is then recorded as unknown, never with the text of
     /// another that had its name.
     pub(super) fn forget_portals(&mut self, sql: &[u8], transparent: bool) {
-        // Mostly so: a client of simple queries has none.
-        if self.seq.names.portals.is_empty() {
+        // Even with none known: the code may open some (`WITH HOLD`).
+        if !transparent {
+            self.seq.names.forget_portals();
             return;
         }
-        if !transparent || crate::session::state::closes_portals(sql) {
-            self.seq.names.portals.clear();
+        // Mostly so: a client of simple queries has none.
+        if !self.seq.names.portals.is_empty() && crate::session::state::closes_portals(sql) {
+            self.seq.names.forget_portals();
         }
     }
 
-    /// Remembers the cursors a statement declares, so that an `Execute` of
-    /// such a portal is recorded with the statement it runs.
+    /// Remembers the cursors a statement about to run declares, so that an
+    /// `Execute` of such a portal is recorded with the statement it runs.
+    /// Not a name the gateway knows a portal of: the `DECLARE` fails (the
+    /// name is taken), and the portal stays what it was; nor any while
+    /// the gateway may not know every portal (opaque code ran): red team
+    /// rt41 had a failing `DECLARE` lend its text to the portal of that
+    /// name.
     pub(super) fn note_cursors(&mut self, sql: &Bytes) {
         if !self.auditing {
             return;
         }
         static HOLD: crate::identity::keywords::Keywords =
             crate::identity::keywords::Keywords::new(&["hold"]);
+        if !self.seq.names.knows_every_portal() {
+            return;
+        }
         for (name, text) in crate::session::prepared::declared_cursors(sql) {
+            if self.seq.names.portals.contains_key(&name) {
+                continue;
+            }
             let portal = Portal {
                 sql: sql.slice_ref(text),
                 params: None,
                 copies_in: false,
                 holdable: HOLD.in_text(text),
                 opened: 0,
+                commits: Default::default(),
+                declares: false,
+                opaque: !crate::session::opaque::transparent(text),
             };
             self.seq.names.open_portal(Bytes::from(name), portal);
         }

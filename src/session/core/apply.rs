@@ -95,10 +95,26 @@ impl Core<'_> {
                 }
                 self.seq.forward_extended(&frame);
                 self.seq.expect().execute(first);
-                let portal = messages::parse_execute(&frame[5..]).expect("planned");
-                let names = &self.seq.names;
-                if names.portals.get(portal).is_some_and(|p| p.copies_in) {
+                let name = messages::parse_execute(&frame[5..]).expect("planned");
+                let Some(portal) = self.seq.names.portals.get(name) else {
+                    return;
+                };
+                let declared = portal.declares.then(|| portal.sql.clone());
+                let opaque = portal.opaque;
+                if portal.copies_in {
                     self.seq.may_copy_in();
+                }
+                // Its code may close portals and open others of the same
+                // names: an Execute of one is then recorded as unknown.
+                if opaque {
+                    let name = frame.slice_ref(name);
+                    self.seq.names.forget_portals_but(&name);
+                }
+                // The cursors it declares exist from now on (red team
+                // rt41: noted at the DECLARE's Parse, an Execute of the
+                // real portal of that name was recorded as the DECLARE).
+                if let Some(sql) = declared {
+                    self.note_cursors(&sql);
                 }
             }
             Then::FunctionCall(frame) => {
@@ -162,7 +178,6 @@ impl Core<'_> {
         let sql = frame.slice_ref(parse.query);
         let rest = frame.slice(5 + parse.name.len() + 1..);
         self.note_state(&sql, &mut conn);
-        self.note_cursors(&sql);
         self.seq.sent_extended();
         if name.is_empty() || own_name {
             let previous = self.seq.names.statements.get(&name);
@@ -231,6 +246,9 @@ impl Core<'_> {
             copies_in: nature.copies_in,
             holdable: false,
             opened: 0,
+            commits: nature.commits,
+            declares: nature.declares,
+            opaque: !nature.transparent,
         };
         let previous = self.seq.names.open_portal(name.clone(), portal);
         let server_name = conn.and_then(|conn| self.server_statement(bind.statement, conn));

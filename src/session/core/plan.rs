@@ -260,6 +260,10 @@ impl Core<'_> {
 
     pub(super) fn plan_execute(&mut self, frame: Bytes) -> Result<Step, Refusal> {
         let name = messages::parse_execute(&frame[5..])?;
+        if let Some(portal) = self.seq.names.portals.get(name) {
+            let commits = portal.commits;
+            self.seq.code.executed(commits);
+        }
         let mut stored: Vec<Option<Pending>> = Vec::new();
         let mut records = Vec::new();
         match self.take_ahead() {

@@ -34,8 +34,13 @@ pub struct Code {
     /// A request that ends the transaction block (`COMMIT`, `ROLLBACK`...)
     /// went out since the server last said the client was idle.
     ending: bool,
-    /// The server last said the client was in a transaction block, where
-    /// no procedure may commit.
+    /// The connection is in a transaction block, where no procedure may
+    /// commit, as far as the gateway is certain, in the order it sends:
+    /// set by a `BEGIN` that runs (not one only bound) and by a
+    /// `ReadyForQuery` that answers everything sent; cleared by anything
+    /// sent that may end the block (red team rt41: a `BEGIN` bound and
+    /// never run, or a `ROLLBACK` earlier in the batch, left it set, and a
+    /// committing `CALL` went on).
     in_block: bool,
 }
 
@@ -93,17 +98,26 @@ impl Code {
         // what followed its CALL in the batch ran in a new transaction, as
         // the role an escape before it switched to).
         let may_commit = commits.ends || (commits.calls && !self.in_block);
-        // A block the batch begins: until the server says otherwise.
-        self.in_block |= commits.begins;
         self.batch |= opaque;
         self.batch_committed |= opaque && may_commit;
-        self.sent(commits);
+        self.ending |= commits.ends_block() || may_commit;
+        self.in_block &= !commits.ends_block();
         Ok(())
     }
 
-    /// A request doing `commits` goes out.
+    /// An `Execute` of a portal whose statement does `commits` goes out.
+    pub fn executed(&mut self, commits: Commits) {
+        if commits.ends_block() {
+            self.in_block = false;
+        } else if commits.begins {
+            self.in_block = true;
+        }
+    }
+
+    /// A simple query doing `commits` goes out.
     pub fn sent(&mut self, commits: Commits) {
         self.ending |= commits.ends_block() || (commits.calls && !self.in_block);
+        self.executed(commits);
     }
 
     /// Whether a request that ends the transaction block is unanswered:
@@ -122,6 +136,11 @@ impl Code {
     pub fn ready(&mut self, status: u8) {
         self.transaction &= status != b'I';
         self.ending &= status != b'I';
+    }
+
+    /// `ReadyForQuery` with `status`, with nothing sent after it still
+    /// unanswered: the block is as the server says.
+    pub fn settled(&mut self, status: u8) {
         self.in_block = status != b'I';
     }
 }
@@ -251,16 +270,31 @@ mod tests {
         assert!(code.bind(true, NONE).is_err());
         code.sync();
         // In a transaction block no procedure commits.
-        code.ready(b'T');
+        code.settled(b'T');
         code.bind(false, call).unwrap();
         assert!(code.bind(true, NONE).is_ok());
         code.sync();
-        code.ready(b'I');
+        // Unless something sent before may have ended it (rt41).
+        let rollback = Commits {
+            rolls_back: true,
+            ..NONE
+        };
+        code.bind(true, rollback).unwrap();
+        code.bind(false, call).unwrap();
+        assert!(code.bind(true, NONE).is_err(), "after a ROLLBACK");
+        code.sync();
+        code.settled(b'I');
         let begin = Commits {
             begins: true,
             ..NONE
         };
+        // A BEGIN only bound opens nothing; one that runs does.
         code.bind(true, begin).unwrap();
+        code.bind(false, call).unwrap();
+        assert!(code.bind(true, NONE).is_err(), "BEGIN bound, not run");
+        code.sync();
+        code.bind(true, begin).unwrap();
+        code.executed(begin);
         code.bind(false, call).unwrap();
         assert!(
             code.bind(true, NONE).is_ok(),

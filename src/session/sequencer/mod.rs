@@ -209,6 +209,7 @@ impl Sequencer {
         self.tracker = Tracker::default();
         self.tx_status = status;
         self.code.ready(status);
+        self.code.settled(status);
         self.deferred = false;
         self.copy_maybe = false;
         self.aborted_locally = false;

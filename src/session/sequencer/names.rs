@@ -154,6 +154,10 @@ pub struct Names {
     /// with that count when each was set (when auditing).
     opened: u64,
     savepoints: Vec<(Box<str>, u64)>,
+    /// Portals were forgotten: the server may have some the map lacks
+    /// (for the session's life: code that opened one `WITH HOLD` may have
+    /// run).
+    forgot: bool,
 }
 
 impl std::fmt::Debug for Names {
@@ -204,17 +208,35 @@ impl Names {
                     self.savepoints.truncate(i + 1);
                     self.portals.retain(|_, p| p.opened <= set_at);
                 }
-                None => self.portals.clear(),
+                None => self.forget_portals(),
             },
             // Several statements, or a savepoint name the gateway cannot
             // read for certain (or a CALL, whose opaque code forgot them
             // already).
             Control::Mixed | Control::Unseen => {
-                self.portals.clear();
+                self.forget_portals();
                 self.savepoints.clear();
             }
             Control::Other => {}
         }
+    }
+
+    /// Forgets every portal: code the gateway cannot see may have closed
+    /// or opened some.
+    pub fn forget_portals(&mut self) {
+        self.portals.clear();
+        self.forgot = true;
+    }
+
+    /// [`Names::forget_portals`], but for the portal `name` being run.
+    pub fn forget_portals_but(&mut self, name: &[u8]) {
+        self.portals.retain(|n, _| &n[..] == name);
+        self.forgot = true;
+    }
+
+    /// Whether every portal on the server is in the map.
+    pub fn knows_every_portal(&self) -> bool {
+        !self.forgot
     }
 
     /// The number of the last portal opened.
@@ -349,6 +371,9 @@ mod tests {
             copies_in: false,
             holdable,
             opened: 0,
+            commits: Default::default(),
+            declares: false,
+            opaque: false,
         };
         let mut names = Names::default();
         let open = |names: &mut Names, name: &'static str, holdable| {
@@ -411,6 +436,9 @@ mod tests {
                 copies_in: false,
                 holdable: false,
                 opened: 0,
+                commits: Default::default(),
+                declares: false,
+                opaque: false,
             },
         );
         let mut cache = CacheEffects::default();

@@ -99,6 +99,9 @@ impl Sequencer {
         }
         if self.tracker.is_empty() {
             self.copy_maybe = false;
+            if tag == b'Z' {
+                self.code.settled(self.tx_status);
+            }
         }
         if tag == b'E' && self.tracker.server_skips() {
             // The server skips what the client sends until its `Sync`, and

@@ -247,8 +247,7 @@ impl Names {
     /// A transaction ended: its portals are gone (not `WITH HOLD`
     /// cursors). `first_unanswered`: the first portal opened by a `Bind`
     /// the server has not answered yet (a client that pipelines its next
-    /// batches): it and those after it are not the transaction's. With
-    /// nothing in flight, its savepoints are gone too.
+    /// batches): it and those after it are not the transaction's.
     pub fn end_transaction(&mut self, first_unanswered: Option<u64>) {
         if !self.portals.is_empty() {
             let first_unanswered = first_unanswered.unwrap_or(u64::MAX);

@@ -226,7 +226,16 @@ pub fn off_thread<R>(len: usize, check: impl FnOnce() -> R) -> R {
 
 /// A `FunctionCall` of function `oid`: the name it is recorded by, if the
 /// function is allowed. `text`: how the refused call is recorded.
-pub fn function_call(oid: i32, text: impl FnOnce() -> String) -> Result<&'static str, Refused> {
+/// `batch_committed`: its unsynced batch committed after opaque code
+/// ([`Code::batch_committed`]): nothing more may run before its `Sync`.
+pub fn function_call(
+    oid: i32,
+    batch_committed: bool,
+    text: impl FnOnce() -> String,
+) -> Result<&'static str, Refused> {
+    if batch_committed {
+        return Err(Refused::guard(text().as_bytes(), COMMIT_THEN_MORE));
+    }
     match FUNCTION_CALL_ALLOWED.iter().find(|(o, _)| *o == oid) {
         Some((_, name)) => Ok(name),
         None => {

@@ -236,10 +236,13 @@ fn describe_checks_statement_names_only() {
 #[test]
 fn function_call_allows_only_the_large_object_functions() {
     assert_eq!(
-        function_call(952, String::new).unwrap(),
+        function_call(952, false, String::new).unwrap(),
         "pg_catalog.lo_open"
     );
-    let refusal = function_call(1, || "FunctionCall oid=1".into()).unwrap_err();
+    let refusal = function_call(1, false, || "FunctionCall oid=1".into()).unwrap_err();
     assert_eq!(refusal.blocked.as_deref(), Some(&b"FunctionCall oid=1"[..]));
     assert!(matches!(refusal.refusal, Refusal::Guard(why) if why.contains("OID 1 ")));
+    // Nothing runs after its unsynced batch committed (red team rt42).
+    let refusal = function_call(952, true, || "lo_open".into()).unwrap_err();
+    assert!(matches!(refusal.refusal, Refusal::Guard(why) if why.contains("after COMMIT")));
 }

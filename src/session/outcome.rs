@@ -83,6 +83,9 @@ pub struct Portal {
     /// Its statement runs code pgwarden cannot see, which may close and
     /// open portals.
     pub opaque: bool,
+    /// Noted from a `DECLARE` sent, which may have failed: whether it
+    /// exists is not known.
+    pub noted: bool,
 }
 
 /// A portal name and the gateway's entry for it before a `Bind` replaced

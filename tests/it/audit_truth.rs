@@ -1152,3 +1152,49 @@ async fn a_declare_never_lends_its_text_to_another_portal() {
     let decoys = statements.iter().filter(|t| *t == decoy).count();
     assert_eq!(decoys, 1, "only the failed DECLARE itself: {statements:?}");
 }
+
+/// Red team rt42: a DECLARE that failed (or was skipped) was still noted,
+/// and the successful DECLARE of its name after it was not: an Execute
+/// of the cursor was recorded as the failed one. And a `Close` the server
+/// skipped made the name look free, so a failing DECLARE of it was noted.
+/// Such an Execute is now recorded as unknown.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_or_skipped_cursor_statement_never_lends_its_text() {
+    let gw = audited().await;
+    let mut c = RawClient::login(gw.addr).await;
+    let simple = |sql: &str| message(b'Q', &cstr(sql));
+    let failed = "DECLARE c CURSOR WITH HOLD FOR SELECT 'decoy1' FROM no_such_table";
+    let decoy = "DECLARE x CURSOR WITH HOLD FOR SELECT 'decoy2'";
+    let close_skipped = [
+        parse("", "SELECT 1/0"),
+        bind("", ""),
+        execute(""),
+        message(b'C', b"Px\0"),
+        sync(),
+    ];
+    for (batch, code) in [
+        (simple(failed), Some("42P01")),
+        (
+            simple("DECLARE c CURSOR WITH HOLD FOR SELECT 'ran 1'"),
+            None,
+        ),
+        ([execute("c"), sync()].concat(), None),
+        (
+            simple("DECLARE x CURSOR WITH HOLD FOR SELECT 'ran 2'"),
+            None,
+        ),
+        (close_skipped.concat(), Some("22012")),
+        (simple(decoy), Some("42P03")),
+        ([execute("x"), sync()].concat(), None),
+    ] {
+        c.send_raw(&batch).await;
+        assert_eq!(c.until_ready().await.1.as_deref(), code);
+    }
+    drop(c);
+    let records = stop_and_export(gw, &[]).await;
+    let statements = statements(&records);
+    for text in [failed, decoy] {
+        let uses = statements.iter().filter(|t| *t == text).count();
+        assert_eq!(uses, 1, "{text} lent to an Execute: {statements:?}");
+    }
+}

@@ -923,6 +923,20 @@ async fn nothing_runs_after_a_call_in_the_same_request() {
         let rows = tags.iter().filter(|t| **t == b'D').count();
         assert!(rows <= 1, "the statement after the CALL ran: {tags:?}");
     }
+    // Red team rt42: nor a simple query sent inside the batch after it.
+    let mut batch = Vec::new();
+    for sql in ["SELECT sneaky_switch()", "CALL pg_temp.commits()"] {
+        batch.extend(run(sql));
+    }
+    batch.extend(message(b'Q', &cstr(WHO)));
+    batch.extend(sync());
+    c.stream_write(&batch).await;
+    let (tags, code, _) = c.until_ready().await;
+    assert_eq!(code.as_deref(), Some("42501"), "{tags:?}");
+    let rows = tags.iter().filter(|t| **t == b'D').count();
+    assert!(rows <= 1, "the query after the CALL ran: {tags:?}");
+    let (tags, _, _) = c.until_ready().await;
+    assert!(!tags.contains(&b'D'), "{tags:?}");
     let sql = "DO $$BEGIN PERFORM sneaky_switch(); CALL pg_temp.commits(); INSERT INTO guard_t VALUES (1, current_user); END$$";
     c.send(b'Q', &cstr(sql)).await;
     assert_eq!(c.until_ready().await.1.as_deref(), Some("42501"));

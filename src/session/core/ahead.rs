@@ -218,11 +218,13 @@ impl Core<'_> {
 
     /// Remembers the cursors a statement about to run declares, so that an
     /// `Execute` of such a portal is recorded with the statement it runs.
-    /// Not a name the gateway knows a portal of: the `DECLARE` fails (the
-    /// name is taken), and the portal stays what it was; nor any while
-    /// the gateway may not know every portal (opaque code ran): red team
-    /// rt41 had a failing `DECLARE` lend its text to the portal of that
-    /// name.
+    /// Not a name a bound portal holds: the `DECLARE` fails (the name is
+    /// taken), and the portal stays what it was. Not a name an earlier
+    /// `DECLARE` was noted under: that one may have failed, so which of
+    /// the two holds it cannot be told, and it is forgotten. Nor any
+    /// while the gateway may not know every portal (opaque code ran). Red
+    /// teams rt41 and rt42 had a failing `DECLARE` lend its text to the
+    /// portal of that name.
     pub(super) fn note_cursors(&mut self, sql: &Bytes) {
         if !self.auditing {
             return;
@@ -233,8 +235,13 @@ impl Core<'_> {
             return;
         }
         for (name, text) in crate::session::prepared::declared_cursors(sql) {
-            if self.seq.names.portals.contains_key(&name) {
-                continue;
+            match self.seq.names.portals.get(&name) {
+                Some(bound) if !bound.noted => continue,
+                Some(_) => {
+                    self.seq.names.portals.remove(&name);
+                    continue;
+                }
+                None => {}
             }
             let portal = Portal {
                 sql: sql.slice_ref(text),
@@ -245,6 +252,7 @@ impl Core<'_> {
                 commits: Default::default(),
                 declares: false,
                 opaque: !crate::session::opaque::transparent(text),
+                noted: true,
             };
             self.seq.names.open_portal(Bytes::from(name), portal);
         }

@@ -82,12 +82,20 @@ impl Core<'_> {
             Then::Describe(frame) => self.apply_describe(frame, conn),
             Then::Close(frame) => {
                 let (kind, name) = messages::parse_close_or_describe(&frame[5..]).expect("planned");
-                match kind {
-                    b'S' => drop(self.seq.names.statements.remove(name)),
-                    _ => drop(self.seq.names.portals.remove(name)),
-                }
+                let closed = match kind {
+                    b'S' => {
+                        self.seq.names.statements.remove(name);
+                        None
+                    }
+                    _ => self.seq.names.portals.remove(name),
+                };
+                let name = frame.slice_ref(name);
                 self.seq.forward_extended(&frame);
                 self.seq.expect().close(false);
+                if let Some(portal) = closed {
+                    let restore = Box::new((name, Some(portal)));
+                    self.seq.expect().restore_if_not_closed(restore);
+                }
             }
             Then::Execute(frame) => {
                 if let Some(pending) = &first {
@@ -249,6 +257,7 @@ impl Core<'_> {
             commits: nature.commits,
             declares: nature.declares,
             opaque: !nature.transparent,
+            noted: false,
         };
         let previous = self.seq.names.open_portal(name.clone(), portal);
         let server_name = conn.and_then(|conn| self.server_statement(bind.statement, conn));

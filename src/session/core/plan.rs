@@ -285,7 +285,8 @@ impl Core<'_> {
     pub(super) fn plan_function_call(&mut self, frame: Bytes) -> Result<Step, Refusal> {
         let oid = crate::protocol::frame::Reader::new(&frame[5..], "FunctionCall").i32()?;
         let encoding = self.carried.client_encoding();
-        let checked = crate::session::checks::function_call(oid, || {
+        let committed = self.seq.code.batch_committed();
+        let checked = crate::session::checks::function_call(oid, committed, || {
             // The refused call is evidence: its arguments are recorded.
             function_call_text(oid, &frame[5..], encoding)
         });

@@ -82,7 +82,15 @@ impl Code {
     /// its transaction) must be refused with [`COMMIT_THEN_MORE`].
     pub fn refuses_query(&self, transparent: bool, commits: Commits) -> bool {
         let opaque = !transparent || self.ever || self.transaction;
-        opaque && commits.starts_another_transaction()
+        self.batch_committed || (opaque && commits.starts_another_transaction())
+    }
+
+    /// Whether the unsynced batch committed (or called a procedure that
+    /// may) after opaque code: nothing more may run before its `Sync`, a
+    /// simple query or `FunctionCall` no more than a `Bind` (red team
+    /// rt42: a `Query` after such a `CALL` ran as the escaped role).
+    pub fn batch_committed(&self) -> bool {
+        self.batch_committed
     }
 
     /// A `Bind` of a statement that is `transparent` or not and does
@@ -268,6 +276,7 @@ mod tests {
         let mut code = Code::default();
         code.bind(false, call).unwrap();
         assert!(code.bind(true, NONE).is_err());
+        assert!(code.refuses_query(true, NONE), "a simple query neither");
         code.sync();
         // In a transaction block no procedure commits.
         code.settled(b'T');

@@ -373,6 +373,7 @@ mod tests {
             commits: Default::default(),
             declares: false,
             opaque: false,
+            noted: false,
         };
         let mut names = Names::default();
         let open = |names: &mut Names, name: &'static str, holdable| {
@@ -438,6 +439,7 @@ mod tests {
                 commits: Default::default(),
                 declares: false,
                 opaque: false,
+                noted: false,
             },
         );
         let mut cache = CacheEffects::default();

@@ -67,9 +67,11 @@ enum Expect {
     Execute {
         pending: Option<Pending>,
     },
-    /// `CloseComplete` expected; `injected` as for `Parse`.
+    /// `CloseComplete` expected; `injected` as for `Parse`. `portal`: the
+    /// entry of the portal it closes, put back if the server skips it.
     Close {
         injected: bool,
+        portal: Option<PortalRestore>,
     },
     /// The gateway answers `CloseComplete` itself (client-side close).
     SynthClose,
@@ -188,6 +190,15 @@ impl Tracker {
             *portal = Some(restore);
         }
     }
+    /// The last `Close` (the newest entry) dropped the gateway's entry for
+    /// a portal: put it back if the server skips the `Close` (red team
+    /// rt42: the name looked free, and a failed DECLARE of it lent its
+    /// text to the portal).
+    pub fn restore_if_not_closed(&mut self, restore: PortalRestore) {
+        if let Some(Expect::Close { portal, .. }) = self.queue.back_mut() {
+            *portal = Some(restore);
+        }
+    }
     pub fn describe(&mut self) {
         self.queue.push_back(Expect::Describe);
     }
@@ -195,7 +206,10 @@ impl Tracker {
         self.queue.push_back(Expect::Execute { pending });
     }
     pub fn close(&mut self, injected: bool) {
-        self.queue.push_back(Expect::Close { injected });
+        self.queue.push_back(Expect::Close {
+            injected,
+            portal: None,
+        });
     }
     pub fn synth_close(&mut self) {
         self.queue.push_back(Expect::SynthClose);
@@ -332,7 +346,7 @@ impl Tracker {
                 Route::Forward
             }
             b'3' => match self.pop_if(|e| matches!(e, Expect::Close { .. })) {
-                Some(Expect::Close { injected: true }) => Route::Drop,
+                Some(Expect::Close { injected: true, .. }) => Route::Drop,
                 _ => Route::Forward,
             },
             b'C' | b'I' | b's' => {

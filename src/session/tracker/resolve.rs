@@ -93,7 +93,7 @@ impl Tracker {
         // failure of the statement the batch goes on to execute: its
         // `Execute` gets this error, not "not executed".
         let mut failed = self.queue.pop_front();
-        if let Some(Expect::Bind { portal, .. }) = failed.as_mut() {
+        if let Some(Expect::Bind { portal, .. } | Expect::Close { portal, .. }) = failed.as_mut() {
             cache.portals.extend(portal.take());
         }
         if matches!(failed, Some(Expect::Bind { key: Some(_), .. }))
@@ -202,6 +202,10 @@ impl Tracker {
                         });
                     }
                 }
+                Some(Expect::Close {
+                    portal: Some(portal),
+                    ..
+                }) => cache.portals.insert(0, portal),
                 Some(Expect::Parse { key, restore, .. }) => cache.not_parsed(key, restore, false),
                 Some(Expect::SynthParse { restore }) => cache.not_parsed(None, restore, false),
                 _ => {}

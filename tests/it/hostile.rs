@@ -896,47 +896,33 @@ async fn nothing_runs_after_a_call_in_the_same_request() {
         c.send(b'Q', &cstr(sql)).await;
         assert_eq!(c.until_ready().await.1, None, "{sql}");
     }
-    let mut batch = Vec::new();
-    for sql in ["SELECT sneaky_switch()", "CALL pg_temp.commits()", WHO] {
-        batch.extend([parse("", sql), bind("", ""), execute("")].concat());
-    }
-    batch.extend(sync());
-    c.stream_write(&batch).await;
-    let (tags, code, _) = c.until_ready().await;
-    assert_eq!(code.as_deref(), Some("42501"), "{tags:?}");
-    let rows = tags.iter().filter(|t| **t == b'D').count();
-    assert!(rows <= 1, "the statement after the CALL ran: {tags:?}");
-    // Red team rt41: a BEGIN only bound, or one a ROLLBACK of the batch
-    // ended, opens no block the CALL could not commit in.
+    // The escape, the CALL, then more: alone, after a BEGIN only bound, or
+    // after one a ROLLBACK of the batch ended (red team rt41), and the
+    // more as a simple query inside the batch (rt42).
     let run = |sql: &str| [parse("", sql), bind("", ""), execute("")].concat();
+    let escape_and_call = [run("SELECT sneaky_switch()"), run("CALL pg_temp.commits()")].concat();
     let begin_bound = [parse("", "BEGIN"), bind("", "")].concat();
     let rolled_back = [run("BEGIN"), run("ROLLBACK")].concat();
-    for start in [begin_bound, rolled_back] {
-        let mut batch = start;
-        for sql in ["SELECT sneaky_switch()", "CALL pg_temp.commits()", WHO] {
-            batch.extend(run(sql));
-        }
-        batch.extend(sync());
-        c.stream_write(&batch).await;
+    let query = message(b'Q', &cstr(WHO));
+    for (start, then) in [
+        (Vec::new(), run(WHO)),
+        (begin_bound, run(WHO)),
+        (rolled_back, run(WHO)),
+        (Vec::new(), query),
+    ] {
+        let simple = then[0] == b'Q';
+        c.stream_write(&[start, escape_and_call.clone(), then, sync()].concat())
+            .await;
         let (tags, code, _) = c.until_ready().await;
         assert_eq!(code.as_deref(), Some("42501"), "{tags:?}");
         let rows = tags.iter().filter(|t| **t == b'D').count();
         assert!(rows <= 1, "the statement after the CALL ran: {tags:?}");
+        if simple {
+            // The refused query's ReadyForQuery, then the Sync's.
+            let (tags, _, _) = c.until_ready().await;
+            assert!(!tags.contains(&b'D'), "{tags:?}");
+        }
     }
-    // Red team rt42: nor a simple query sent inside the batch after it.
-    let mut batch = Vec::new();
-    for sql in ["SELECT sneaky_switch()", "CALL pg_temp.commits()"] {
-        batch.extend(run(sql));
-    }
-    batch.extend(message(b'Q', &cstr(WHO)));
-    batch.extend(sync());
-    c.stream_write(&batch).await;
-    let (tags, code, _) = c.until_ready().await;
-    assert_eq!(code.as_deref(), Some("42501"), "{tags:?}");
-    let rows = tags.iter().filter(|t| **t == b'D').count();
-    assert!(rows <= 1, "the query after the CALL ran: {tags:?}");
-    let (tags, _, _) = c.until_ready().await;
-    assert!(!tags.contains(&b'D'), "{tags:?}");
     let sql = "DO $$BEGIN PERFORM sneaky_switch(); CALL pg_temp.commits(); INSERT INTO guard_t VALUES (1, current_user); END$$";
     c.send(b'Q', &cstr(sql)).await;
     assert_eq!(c.until_ready().await.1.as_deref(), Some("42501"));

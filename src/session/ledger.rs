@@ -41,6 +41,11 @@ pub enum Control {
     /// (`CALL` of a procedure, a `DO` block that commits or rolls back):
     /// the transaction's outcome is unknown.
     Unseen,
+    /// `PREPARE TRANSACTION`: its tag `ROLLBACK` cannot tell what
+    /// happened. Outside a block PostgreSQL ignores it (WARNING 25P01) and
+    /// the transaction goes on to commit; in a failed block it did roll
+    /// back (red team rt43: a committed INSERT was exported rolled_back).
+    PrepareTransaction,
 }
 
 impl Control {
@@ -56,6 +61,9 @@ impl Control {
         // or rewinds the transaction, the record cannot say for which.
         if several && (commits.more_after || controls_transactions(sql)) {
             return Control::Mixed;
+        }
+        if commits.ends && starts_with_word(sql, b"prepare") {
+            return Control::PrepareTransaction;
         }
         static SAVEPOINTS: crate::identity::keywords::Keywords =
             crate::identity::keywords::Keywords::new(&["savepoint", "rollback", "release"]);
@@ -192,6 +200,10 @@ impl Ledger {
             ("COMMIT", _) => self.end(TxOutcome::Committed),
             ("ROLLBACK", Control::RollbackTo(name)) => {
                 self.rewind(name);
+                self.spill()
+            }
+            ("ROLLBACK", Control::PrepareTransaction) => {
+                self.unknowable = true;
                 self.spill()
             }
             ("ROLLBACK", _) => self.end(TxOutcome::RolledBack),

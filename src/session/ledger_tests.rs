@@ -181,6 +181,11 @@ fn control_reads_the_last_statement() {
         Control::Release("c".into())
     );
     assert_eq!(Control::of(b"ROLLBACK"), Control::Other);
+    assert_eq!(
+        Control::of(b"prepare transaction 'x'"),
+        Control::PrepareTransaction
+    );
+    assert_eq!(Control::of(b"PREPARE s AS SELECT 1"), Control::Other);
     assert_eq!(Control::of(b"SELECT 'savepoint x'"), Control::Other);
     assert_eq!(Control::of(b"COMMIT; SELECT 1"), Control::Mixed);
     assert_eq!(
@@ -209,4 +214,22 @@ fn control_reads_the_last_statement() {
         Control::of(b"BEGIN; INSERT INTO t VALUES (1); SAVEPOINT s"),
         Control::Mixed
     );
+}
+
+/// Red team rt43: `PREPARE TRANSACTION` outside a block is ignored (tag
+/// `ROLLBACK`) and the batch commits; in a failed block the same tag
+/// means rolled back. The tag cannot tell: unknown, never wrong.
+#[test]
+fn a_prepare_transaction_tagged_rollback_is_unknown() {
+    let out = run(&[
+        ("INSERT a", Some("INSERT 0 1")),
+        ("PREPARE TRANSACTION 'x'", Some("ROLLBACK")),
+        ("ZI", None),
+        ("BEGIN", Some("BEGIN")),
+        ("INSERT b", Some("INSERT 0 1")),
+        ("PREPARE TRANSACTION 'y'", Some("PREPARE TRANSACTION")),
+        ("ZI", None),
+    ]);
+    assert_eq!(tx(&out, "INSERT a"), Some(Unknown));
+    assert_eq!(tx(&out, "INSERT b"), Some(Prepared));
 }

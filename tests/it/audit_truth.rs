@@ -1198,3 +1198,50 @@ async fn a_failed_or_skipped_cursor_statement_never_lends_its_text() {
         assert_eq!(uses, 1, "{text} lent to an Execute: {statements:?}");
     }
 }
+
+/// Red team rt43: a client that sends its next batch before the last one
+/// is answered had a new cursor's `Execute` recorded as the portal of the
+/// same name its last batch bound (which PostgreSQL dropped when that
+/// transaction ended). And `PREPARE TRANSACTION` outside a block, which
+/// PostgreSQL ignores (tag `ROLLBACK`) before committing the batch, made
+/// a committed INSERT `rolled_back`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelined_batch_never_borrows_the_last_ones_portal() {
+    let gw = audited().await;
+    let mut c = RawClient::login(gw.addr).await;
+    let decoy = "SELECT 'decoy'";
+    let cursor = "DECLARE p CURSOR WITH HOLD FOR SELECT owner FROM items WHERE id = -43";
+    let batches = [
+        [parse("", decoy), bind("p", ""), sync()].concat(),
+        [
+            parse("", cursor),
+            bind("", ""),
+            execute(""),
+            execute("p"),
+            sync(),
+        ]
+        .concat(),
+    ];
+    c.send_raw(&batches.concat()).await;
+    for _ in 0..2 {
+        assert_eq!(c.until_ready().await.1, None);
+    }
+    let insert = "INSERT INTO items (id, owner) VALUES (700901, 'alice')";
+    let batch = [
+        parse("", insert),
+        bind("", ""),
+        execute(""),
+        parse("", "PREPARE TRANSACTION 'rt43'"),
+        bind("", ""),
+        execute(""),
+        sync(),
+    ];
+    c.send_raw(&batch.concat()).await;
+    assert_eq!(c.until_ready().await.1, None);
+    drop(c);
+    let records = stop_and_export(gw, &[]).await;
+    let statements = statements(&records);
+    assert!(!statements.iter().any(|t| t == decoy), "{statements:?}");
+    let r = query_record(&records, insert);
+    assert_ne!(s(r, "tx"), "rolled_back", "it committed: {r}");
+}

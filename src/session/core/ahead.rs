@@ -184,7 +184,8 @@ impl Core<'_> {
 
     /// What the `query` record of an `Execute` of portal `name` shows.
     pub(super) fn portal_audited(&self, name: &[u8]) -> Audited {
-        match self.seq.names.portals.get(name) {
+        let names = &self.seq.names;
+        match names.portals.get(name).filter(|p| !names.may_be_gone(p)) {
             Some(p) => (p.sql.clone(), p.params.clone()),
             // A portal opened, or closed and opened again, by code the
             // gateway cannot see (a cursor a function returned), or one
@@ -235,8 +236,9 @@ impl Core<'_> {
             return;
         }
         for (name, text) in crate::session::prepared::declared_cursors(sql) {
-            match self.seq.names.portals.get(&name) {
-                Some(bound) if !bound.noted => continue,
+            let names = &self.seq.names;
+            match names.portals.get(&name) {
+                Some(bound) if !bound.noted && !names.may_be_gone(bound) => continue,
                 Some(_) => {
                     self.seq.names.portals.remove(&name);
                     continue;

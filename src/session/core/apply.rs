@@ -141,6 +141,12 @@ impl Core<'_> {
         mut conn: Conn<'_>,
     ) {
         let sql = frame.slice_ref(messages::parse_query(&frame[5..]).expect("planned"));
+        // Outside a block a query is a transaction of its own; in one, it
+        // may end it.
+        let commits = crate::session::commits::Commits::of(&sql);
+        if !self.seq.code.in_block() || commits.ends_block() || commits.calls {
+            self.seq.names.may_end_transaction();
+        }
         self.note_state(&sql, &mut conn);
         if crate::session::state::may_use_sequences(&sql) {
             self.note_sequences(&mut conn);

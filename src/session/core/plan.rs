@@ -260,10 +260,6 @@ impl Core<'_> {
 
     pub(super) fn plan_execute(&mut self, frame: Bytes) -> Result<Step, Refusal> {
         let name = messages::parse_execute(&frame[5..])?;
-        if let Some(portal) = self.seq.names.portals.get(name) {
-            let commits = portal.commits;
-            self.seq.code.executed(commits);
-        }
         let mut stored: Vec<Option<Pending>> = Vec::new();
         let mut records = Vec::new();
         match self.take_ahead() {
@@ -276,6 +272,14 @@ impl Core<'_> {
                 records.extend(self.record(&sql, params));
             }
             None => {}
+        }
+        // After its own record: what it ends is what ran before it.
+        if let Some(portal) = self.seq.names.portals.get(name) {
+            let commits = portal.commits;
+            self.seq.code.executed(commits);
+            if commits.ends_block() || commits.calls {
+                self.seq.names.may_end_transaction();
+            }
         }
         let mut plan = Plan::new(Flow::Extended, Then::Execute(frame.clone())).recording(records);
         plan.stored = stored;

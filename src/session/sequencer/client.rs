@@ -203,6 +203,9 @@ impl Sequencer {
     /// Answered by the gateway when the batch's error was its own or
     /// nothing ran on a server; forwarded otherwise.
     pub fn sync(&mut self) {
+        if !self.code.in_block() {
+            self.names.may_end_transaction();
+        }
         self.code.sync();
         self.discard_until_sync = false;
         if self.local_sync || (!self.bound && self.tracker.is_empty()) {

@@ -113,6 +113,12 @@ impl Code {
         Ok(())
     }
 
+    /// Whether the connection is in a transaction block, as far as the
+    /// gateway is certain.
+    pub fn in_block(&self) -> bool {
+        self.in_block
+    }
+
     /// An `Execute` of a portal whose statement does `commits` goes out.
     pub fn executed(&mut self, commits: Commits) {
         if commits.ends_block() {

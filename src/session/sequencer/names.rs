@@ -158,6 +158,10 @@ pub struct Names {
     /// (for the session's life: code that opened one `WITH HOLD` may have
     /// run).
     forgot: bool,
+    /// The portals opened up to this number may be gone (not `WITH HOLD`
+    /// ones): a message that may end their transaction was sent, and the
+    /// server's `ReadyForQuery` that clears them has not come yet.
+    ended_before: u64,
 }
 
 impl std::fmt::Debug for Names {
@@ -217,7 +221,7 @@ impl Names {
                 self.forget_portals();
                 self.savepoints.clear();
             }
-            Control::Other => {}
+            Control::Other | Control::PrepareTransaction => {}
         }
     }
 
@@ -232,6 +236,19 @@ impl Names {
     pub fn forget_portals_but(&mut self, name: &[u8]) {
         self.portals.retain(|n, _| &n[..] == name);
         self.forgot = true;
+    }
+
+    /// A message that may end the transaction goes out: the portals opened
+    /// so far may be gone by the time the next message runs (red team
+    /// rt43: a client pipelining its next batch had a new cursor's Execute
+    /// recorded as a portal of the same name its last batch left).
+    pub fn may_end_transaction(&mut self) {
+        self.ended_before = self.opened;
+    }
+
+    /// Whether `portal` may no longer exist on the server.
+    pub fn may_be_gone(&self, portal: &Portal) -> bool {
+        !portal.holdable && portal.opened <= self.ended_before
     }
 
     /// Whether every portal on the server is in the map.

@@ -184,15 +184,23 @@ impl Commits {
     }
 }
 
-/// Whether `sql` starts with `BEGIN` or `START` (most texts start with
-/// neither letter, and need no lexing).
+/// Whether `sql` starts with `BEGIN` or `START` (read without lexing
+/// unless a comment comes first: every simple query asks).
 fn begins(sql: &[u8]) -> bool {
-    let first = sql.iter().find(|b| !b.is_ascii_whitespace());
-    if !first.is_some_and(|b| matches!(b.to_ascii_lowercase(), b'b' | b's' | b'/' | b'-')) {
-        return false;
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace());
+    let rest = &sql[start.unwrap_or(sql.len())..];
+    if rest.starts_with(b"--") || rest.starts_with(b"/*") {
+        let first = Lexer::new(sql, Dialect::DEFAULT).next();
+        return first.is_some_and(|t| t.is_word(sql, b"begin") || t.is_word(sql, b"start"));
     }
-    let first = Lexer::new(sql, Dialect::DEFAULT).next();
-    first.is_some_and(|t| t.is_word(sql, b"begin") || t.is_word(sql, b"start"))
+    let word = |w: &[u8]| {
+        rest.len() >= w.len()
+            && rest[..w.len()].eq_ignore_ascii_case(w)
+            && !rest.get(w.len()).is_some_and(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$') || *b >= 0x80
+            })
+    };
+    word(b"begin") || word(b"start")
 }
 
 fn one_of(list: &[&[u8]], word: &[u8]) -> bool {
@@ -348,6 +356,8 @@ mod tests {
         assert!(begins(b"BEGIN") && begins(b" -- x\n start transaction"));
         assert!(begins(b"BEGIN; COMMIT") && !begins(b"SELECT 1; BEGIN"));
         assert!(!begins(b"SELECT 'begin'") && !begins(b"set x = 1"));
+        assert!(begins(b"begin;") && begins(b"START\tTRANSACTION") && !begins(b"started"));
+        assert!(!begins(b"begin_x") && !begins(b"BEGIN\xc3\xa9"));
         // A DO block that calls a procedure may commit inside.
         assert!(do_block_commits(b"DO $$BEGIN CALL pg_temp.p(); END$$"));
     }

@@ -1226,6 +1226,29 @@ async fn a_pipelined_batch_never_borrows_the_last_ones_portal() {
     for _ in 0..2 {
         assert_eq!(c.until_ready().await.1, None);
     }
+    // Red team rt44: a BEGIN sent but never run (its Bind fails) hid the
+    // end of the transaction, and of the portal bound in it.
+    let mut bad_bind = cstr("pb");
+    bad_bind.extend(cstr("b"));
+    bad_bind.extend([0, 0, 0, 1, 0, 0, 0, 1, b'x', 0, 0]);
+    let decoy3 = "SELECT 'decoy3'";
+    let cursor3 = "DECLARE p3 CURSOR WITH HOLD FOR SELECT owner FROM items WHERE id = -44";
+    let batches = [
+        parse("s3", decoy3),
+        bind("p3", "s3"),
+        parse("b", "BEGIN"),
+        message(b'B', &bad_bind),
+        execute("pb"),
+        sync(),
+        parse("", cursor3),
+        bind("", ""),
+        execute(""),
+        execute("p3"),
+        sync(),
+    ];
+    c.send_raw(&batches.concat()).await;
+    assert_eq!(c.until_ready().await.1.as_deref(), Some("08P01"));
+    assert_eq!(c.until_ready().await.1, None);
     let insert = "INSERT INTO items (id, owner) VALUES (700901, 'alice')";
     let batch = [
         parse("", insert),
@@ -1241,7 +1264,9 @@ async fn a_pipelined_batch_never_borrows_the_last_ones_portal() {
     drop(c);
     let records = stop_and_export(gw, &[]).await;
     let statements = statements(&records);
-    assert!(!statements.iter().any(|t| t == decoy), "{statements:?}");
+    for decoy in [decoy, decoy3] {
+        assert!(!statements.iter().any(|t| t == decoy), "{statements:?}");
+    }
     let r = query_record(&records, insert);
     assert_ne!(s(r, "tx"), "rolled_back", "it committed: {r}");
 }

@@ -144,7 +144,7 @@ impl Core<'_> {
         // Outside a block a query is a transaction of its own; in one, it
         // may end it.
         let commits = crate::session::commits::Commits::of(&sql);
-        if !self.seq.code.in_block() || commits.ends_block() || commits.calls {
+        if !self.seq.code.confirmed_block() || commits.ends_block() || commits.calls {
             self.seq.names.may_end_transaction();
         }
         self.note_state(&sql, &mut conn);

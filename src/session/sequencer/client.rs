@@ -203,7 +203,7 @@ impl Sequencer {
     /// Answered by the gateway when the batch's error was its own or
     /// nothing ran on a server; forwarded otherwise.
     pub fn sync(&mut self) {
-        if !self.code.in_block() {
+        if !self.code.confirmed_block() {
             self.names.may_end_transaction();
         }
         self.code.sync();

@@ -42,6 +42,10 @@ pub struct Code {
     /// never run, or a `ROLLBACK` earlier in the batch, left it set, and a
     /// committing `CALL` went on).
     in_block: bool,
+    /// The same, but only as the server said it (a `BEGIN` sent may yet
+    /// be skipped): red team rt44 had a skipped `BEGIN` hide the end of
+    /// a transaction, and with it the end of its portals.
+    confirmed: bool,
 }
 
 /// What a message about to be forwarded does to its connection.
@@ -110,19 +114,15 @@ impl Code {
         self.batch_committed |= opaque && may_commit;
         self.ending |= commits.ends_block() || may_commit;
         self.in_block &= !commits.ends_block();
+        self.confirmed &= !commits.ends_block();
         Ok(())
-    }
-
-    /// Whether the connection is in a transaction block, as far as the
-    /// gateway is certain.
-    pub fn in_block(&self) -> bool {
-        self.in_block
     }
 
     /// An `Execute` of a portal whose statement does `commits` goes out.
     pub fn executed(&mut self, commits: Commits) {
         if commits.ends_block() {
             self.in_block = false;
+            self.confirmed = false;
         } else if commits.begins {
             self.in_block = true;
         }
@@ -156,6 +156,13 @@ impl Code {
     /// unanswered: the block is as the server says.
     pub fn settled(&mut self, status: u8) {
         self.in_block = status != b'I';
+        self.confirmed = self.in_block;
+    }
+
+    /// Whether the server said the connection is in a transaction block,
+    /// and nothing sent since may have ended it.
+    pub fn confirmed_block(&self) -> bool {
+        self.confirmed
     }
 }
 

@@ -48,21 +48,25 @@ impl Commits {
     /// text with a backslash counts what either reading does, as the
     /// statement guard reads both.
     pub fn of(sql: &[u8]) -> Commits {
+        let begins = begins(sql);
         if !mentions_transaction_control(sql) {
             return Commits {
-                begins: begins(sql),
+                begins,
                 ..Commits::default()
             };
         }
         let standard = Commits::read(sql, Dialect::DEFAULT);
-        if !sql.contains(&b'\\') {
-            return standard;
-        }
-        let escaping = Dialect {
-            standard_strings: false,
-            ..Dialect::DEFAULT
+        let commits = match sql.contains(&b'\\') {
+            false => standard,
+            true => {
+                let escaping = Dialect {
+                    standard_strings: false,
+                    ..Dialect::DEFAULT
+                };
+                standard.or(Commits::read(sql, escaping))
+            }
         };
-        standard.or(Commits::read(sql, escaping))
+        Commits { begins, ..commits }
     }
 
     /// What either of `self` and `other` does.
@@ -125,7 +129,6 @@ impl Commits {
                     c.more_after |= c.ends;
                     statements += 1;
                     c.calls = statements == 1 && tok.is_word(sql, b"call");
-                    c.begins |= statements == 1 && one_of(&[b"begin", b"start"], text);
                     ends = one_of(&[b"commit", b"end"], text);
                     rolls_back = one_of(&[b"rollback", b"abort"], text);
                     in_do = tok.is_word(sql, b"do");

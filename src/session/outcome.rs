@@ -65,7 +65,7 @@ pub type Restore = Box<(bytes::Bytes, Option<crate::session::prepared::Statement
 
 /// What an `Execute` of a portal is recorded as: the statement it runs and
 /// the audited parameters.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Portal {
     pub sql: bytes::Bytes,
     pub params: Option<Vec<Option<String>>>,

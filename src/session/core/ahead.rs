@@ -247,14 +247,10 @@ impl Core<'_> {
             }
             let portal = Portal {
                 sql: sql.slice_ref(text),
-                params: None,
-                copies_in: false,
                 holdable: HOLD.in_text(text),
-                opened: 0,
-                commits: Default::default(),
-                declares: false,
                 opaque: !crate::session::opaque::transparent(text),
                 noted: true,
+                ..Portal::default()
             };
             self.seq.names.open_portal(Bytes::from(name), portal);
         }

@@ -258,12 +258,10 @@ impl Core<'_> {
             sql,
             params,
             copies_in: nature.copies_in,
-            holdable: false,
-            opened: 0,
             commits: nature.commits,
             declares: nature.declares,
             opaque: !nature.transparent,
-            noted: false,
+            ..Portal::default()
         };
         let previous = self.seq.names.open_portal(name.clone(), portal);
         let server_name = conn.and_then(|conn| self.server_statement(bind.statement, conn));

@@ -196,6 +196,12 @@ impl<'a> QueryLoop<'a> {
         self.core.seq.idle() && self.confirming.is_none()
     }
 
+    /// Whether the client's bytes are read now (not while its messages
+    /// wait for the server, or behind an identity assertion).
+    fn reading(&self) -> bool {
+        !self.core.seq.deferred() && !self.hold_client
+    }
+
     /// Runs until the client leaves or the session must end.
     pub async fn run(mut self) -> End {
         let end = self.relay().await;
@@ -226,7 +232,7 @@ impl<'a> QueryLoop<'a> {
                 return End::Fatal(Refusal::Shutdown);
             }
             let idle = self.idle();
-            let reading = !self.core.seq.deferred() && !self.hold_client;
+            let reading = self.reading();
             let needs_grant = self.grant_needed();
             let timer = self.next_timeout();
             let deadline = timer
@@ -482,9 +488,14 @@ impl<'a> QueryLoop<'a> {
         if self.server.is_some() {
             self.abandon_server(&why).await;
         }
-        End::Fatal(Refusal::Answer(PgError::fatal(
-            sqlstate::CONNECTION_FAILURE,
-            format!("terminating connection: {why}"),
-        )))
+        terminating(sqlstate::CONNECTION_FAILURE, &why)
     }
+}
+
+/// The session ends with FATAL `code`, saying `why`.
+fn terminating(code: sqlstate::SqlState, why: &str) -> End {
+    End::Fatal(Refusal::Answer(PgError::fatal(
+        code,
+        format!("terminating connection: {why}"),
+    )))
 }

@@ -25,9 +25,8 @@ impl QueryLoop<'_> {
     /// reads nothing from the client.
     fn large_message_due(&self) -> Option<Instant> {
         let grant = self.grant.as_ref()?;
-        let reading = !self.core.seq.deferred() && !self.hold_client;
         let max = self.client.max_message_size;
-        let arriving = reading && crate::session::budget::arriving(&self.client.rbuf, max);
+        let arriving = self.reading() && crate::session::budget::arriving(&self.client.rbuf, max);
         arriving.then_some(grant.until)
     }
 
@@ -49,10 +48,7 @@ impl QueryLoop<'_> {
             crate::session::budget::allowance(grant.bytes()).as_secs()
         );
         tracing::info!(parent: &self.span, "{why}: the session ends");
-        Err(End::Fatal(Refusal::Answer(PgError::fatal(
-            sqlstate::OUT_OF_MEMORY,
-            format!("terminating connection: {why}"),
-        ))))
+        Err(terminating(sqlstate::OUT_OF_MEMORY, &why))
     }
 
     fn phase(&self) -> Phase {

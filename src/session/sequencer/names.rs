@@ -383,14 +383,8 @@ mod tests {
     fn portals_opened_after_a_savepoint_go_when_it_is_rolled_back_to() {
         let portal = |holdable| Portal {
             sql: Bytes::from_static(b"SELECT 1"),
-            params: None,
-            copies_in: false,
             holdable,
-            opened: 0,
-            commits: Default::default(),
-            declares: false,
-            opaque: false,
-            noted: false,
+            ..Portal::default()
         };
         let mut names = Names::default();
         let open = |names: &mut Names, name: &'static str, holdable| {
@@ -449,14 +443,7 @@ mod tests {
             Bytes::from_static(b"p"),
             Portal {
                 sql: Bytes::from_static(b"SELECT 2"),
-                params: None,
-                copies_in: false,
-                holdable: false,
-                opened: 0,
-                commits: Default::default(),
-                declares: false,
-                opaque: false,
-                noted: false,
+                ..Portal::default()
             },
         );
         let mut cache = CacheEffects::default();

@@ -251,6 +251,13 @@ pub async fn run_demo() -> Result<(), DemoError> {
         })
         .await;
     println!("\nstopped. The audit log of this demo, one line per statement:");
+    // The store's lock goes with the last handle to it, which tasks still
+    // ending may hold a moment after the gateway stops (under load, longer
+    // than the export's own retry: the demo then printed no audit at all).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while crate::audit::store::is_locked(&audit_dir) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let mut export = crate::audit::cli::ExportArgs::for_store(&audit_dir);
     export.format = crate::audit::export::Format::Table;
     crate::audit::cli::export(&export);
